@@ -1,0 +1,6 @@
+"""flowbench: density estimation with normalizing flows, benchmarked the way the papers did it.
+
+Reproduces the protocols of Papamakarios et al. 2017 (MAF) and Gresele et al. 2020 (relative gradient).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from flowbench.cli import main
+
+sys.exit(main())

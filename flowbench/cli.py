@@ -1,0 +1,66 @@
+"""The ``flowbench`` command line.
+
+Each subcommand lives in ``flowbench/commands/<name>.py`` and exposes ``configure(parser)`` and
+``main(args) -> int``; they only parse, merge configuration and dispatch. Modules are imported lazily so
+that ``flowbench --help`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from flowbench import __version__
+from flowbench.errors import FlowbenchError
+
+# Explicit registry: subcommand -> (module, one-line help).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "download": ("flowbench.commands.download", "fetch, verify and prepare the MAF datasets"),
+    "datasets": ("flowbench.commands.datasets", "list datasets with dimension, split sizes and status"),
+    "run": ("flowbench.commands.run", "train one model on one dataset and record the result"),
+    "table": ("flowbench.commands.table", "Markdown table of run records beside the published numbers"),
+    "bench": ("flowbench.commands.bench", "speed benchmarks: gradients, optim, train"),
+    "sanity": ("flowbench.commands.sanity", "1-D and 2-D sanity tasks (JacNet, pseudo-inverse, toy2d, ...)"),
+    "sweep": ("flowbench.commands.sweep", "run a grid of runs locally or on Ray"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only ``command``'s module is imported and configured."""
+    parser = argparse.ArgumentParser(
+        prog="flowbench",
+        description="Normalizing-flow density estimation benchmarks (MAF and relative-gradient protocols).",
+    )
+    parser.add_argument("--version", action="version", version=f"flowbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        return int(module.main(args) or 0)
+    except FlowbenchError as e:
+        print(f"flowbench {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flowbench {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

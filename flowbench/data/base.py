@@ -1,0 +1,54 @@
+"""The dataset object every loader returns."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Dataset:
+    """Train/validation/test splits of one prepared dataset (float32 arrays of shape (N, D)).
+
+    ``logit_alpha`` and ``levels`` are set for image data modelled in logit space (MNIST, digits): the
+    pixel-space log-likelihood and bits/pixel are derived from them (MAF paper, section 4.3).
+    """
+
+    name: str
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    logit_alpha: float | None = None
+    levels: int | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.train.shape[1])
+
+    @property
+    def image(self) -> bool:
+        return self.logit_alpha is not None
+
+    def pixel_log_prob(self, log_prob_logit: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Per-example log-likelihood in pixel space [0, 1)^D from the logit-space one.
+
+        ``log p_pixel = log p_logit + D·log(1 − 2α) − Σ (log s + log(1 − s))`` with ``s = sigmoid(y)``
+        (change of variables through the logit transform).
+        """
+        if self.logit_alpha is None:
+            raise ValueError(f"{self.name} is not modelled in logit space")
+        y = np.asarray(y, dtype=np.float64)
+        # log s + log(1 - s) = -softplus(-y) - softplus(y), stable for large |y|
+        log_s = -np.logaddexp(0.0, -y)
+        log_1ms = -np.logaddexp(0.0, y)
+        d = y.shape[1]
+        return np.asarray(log_prob_logit, np.float64) + d * math.log(1 - 2 * self.logit_alpha) - (log_s + log_1ms).sum(1)
+
+    def bits_per_pixel(self, log_prob_pixel: np.ndarray | float) -> np.ndarray | float:
+        """``−log p_pixel / (D ln 2) + log2(levels)``: bits per pixel of the discrete image (8 for 256 levels)."""
+        if self.levels is None:
+            raise ValueError(f"{self.name} has no pixel levels")
+        return -np.asarray(log_prob_pixel) / (self.dim * math.log(2)) + math.log2(self.levels)

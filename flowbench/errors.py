@@ -1,0 +1,34 @@
+"""User-facing errors.
+
+Everything a user can cause (bad input, missing data, corrupt archive) raises a subclass of
+:class:`FlowbenchError` whose message says what is wrong and what to do. The CLI prints the message
+without a traceback and exits with status 2.
+"""
+
+
+class FlowbenchError(Exception):
+    """Base class for errors whose message is meant for the user."""
+
+
+class ConfigError(FlowbenchError, ValueError):
+    """An unknown or invalid option, hyperparameter or config key."""
+
+
+class DatasetNotFoundError(FlowbenchError, FileNotFoundError):
+    """Raw or prepared data is missing; the message carries the `flowbench download` command."""
+
+
+class DataIntegrityError(FlowbenchError):
+    """Data is corrupt: checksum mismatch, NaN/inf, zero-variance column, unexpected archive member."""
+
+
+class DownloadError(FlowbenchError):
+    """The archive could not be fetched (network, HTTP status, disk)."""
+
+
+class UnsafePickleError(DataIntegrityError):
+    """A pickle referenced a global that the restricted unpickler does not allow."""
+
+
+class InverseNotAvailable(FlowbenchError, NotImplementedError):
+    """The transform has no (cheap or closed-form) inverse."""

@@ -1,0 +1,144 @@
+"""The flow interface: transforms, composition, base densities and the :class:`Flow` the trainer sees.
+
+Conventions (as in nflows): ``forward`` maps data to latent and returns ``(z, logdet)`` with ``logdet`` of
+shape ``(batch,)`` equal to log|det ∂z/∂x|; ``inverse`` maps latent to data and returns ``(x, logdet)`` with
+the log-determinant of the inverse map, or raises :class:`InverseNotAvailable`.
+
+The trainer only ever calls the :class:`Flow` methods below, so it never needs to know which model it trains:
+``initialize`` once before training, ``train_log_prob`` for the loss, ``adjust_gradients`` after
+``backward()``, ``prepare_for_eval`` before every evaluation, ``log_prob`` to evaluate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from flowbench.errors import ConfigError, InverseNotAvailable
+
+__all__ = [
+    "Transform",
+    "CompositeTransform",
+    "InverseNotAvailable",
+    "Flow",
+    "StandardNormal",
+    "check_input",
+]
+
+
+class Transform(nn.Module):
+    """A bijection (or a map with a tractable Jacobian determinant): data → latent."""
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        raise InverseNotAvailable(f"{type(self).__name__} has no inverse")
+
+
+class CompositeTransform(Transform):
+    """``t_n ∘ … ∘ t_1``: applies the transforms in order, accumulating log-determinants."""
+
+    def __init__(self, transforms: list[Transform]):
+        super().__init__()
+        self.transforms = nn.ModuleList(transforms)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        total = x.new_zeros(x.shape[0])
+        for t in self.transforms:
+            x, logdet = t(x)
+            total = total + logdet
+        return x, total
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        total = z.new_zeros(z.shape[0])
+        for t in reversed(self.transforms):
+            z, logdet = t.inverse(z)
+            total = total + logdet
+        return z, total
+
+
+class StandardNormal(nn.Module):
+    """N(0, I) on R^D."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("_dummy", torch.zeros(()), persistent=False)  # tracks device/dtype
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        return -0.5 * (z.pow(2).sum(-1) + self.dim * math.log(2 * math.pi))
+
+    def sample(self, n: int) -> Tensor:
+        return torch.randn(n, self.dim, device=self._dummy.device, dtype=self._dummy.dtype)
+
+
+def check_input(x: Tensor, dim: int, name: str = "input") -> None:
+    """Clear errors for the two commonest mistakes: wrong shape and non-finite values."""
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ConfigError(f"{name} must have shape (batch, {dim}); got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ConfigError(f"{name} contains NaN or inf; clean or standardise the data before the model sees it")
+
+
+class Flow(nn.Module):
+    """A density model: ``log p(x) = log p_base(z) + log|det ∂z/∂x|`` with ``(z, logdet) = transform(x)``.
+
+    ``base`` is any module with ``log_prob(z) -> (batch,)`` and ``sample(n) -> (n, D)``; it may itself be a
+    conditional density (MADE MoG in MAF MoG) as long as it has those two methods.
+    """
+
+    #: False for closed-form models (the Gaussian baseline) that ``initialize`` fits completely.
+    trainable: bool = True
+
+    def __init__(self, transform: Transform, base: nn.Module, dim: int):
+        super().__init__()
+        self.transform = transform
+        self.base = base
+        self.dim = dim
+
+    # -- density -------------------------------------------------------------------------------------
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log-density of each row of ``x`` (nats), shape ``(batch,)``."""
+        check_input(x, self.dim)
+        z, logdet = self.transform(x)
+        return self.base.log_prob(z) + logdet
+
+    def train_log_prob(self, x: Tensor) -> Tensor:
+        """The per-example objective whose gradient, after :meth:`adjust_gradients`, is the ascent direction.
+
+        Equal to :meth:`log_prob` except where a model adds part of the gradient analytically
+        (relgrad leaves out log|det W| here and adds its relative gradient in ``adjust_gradients``).
+        """
+        return self.log_prob(x)
+
+    def sample(self, n: int) -> Tensor:
+        with torch.no_grad():
+            z = self.base.sample(n)
+            x, _ = self.transform.inverse(z)
+        return x
+
+    # -- trainer hooks -------------------------------------------------------------------------------
+    def initialize(self, train_x: Tensor) -> None:
+        """Data-dependent set-up, called once before training (closed-form fits). Default: nothing."""
+
+    def adjust_gradients(self) -> None:
+        """Called after ``backward()`` and before the optimiser step. Default: nothing."""
+
+    @torch.no_grad()
+    def prepare_for_eval(self, train_x: Tensor, batch_size: int = 10_000) -> None:
+        """Before validation/test: batch norm layers take their statistics from the whole training set.
+
+        Layers that need it implement ``set_stats_from(x)`` (see ``layers.BatchNorm``); the input of each
+        such layer is obtained by pushing ``train_x`` through the layers before it, in batches.
+        """
+        from flowbench.models.layers import recompute_batchnorm_stats
+
+        recompute_batchnorm_stats(self, train_x, batch_size)
+
+    # -- bookkeeping ---------------------------------------------------------------------------------
+    def num_params(self) -> int:
+        """Stored parameters (see :func:`flowbench.models.params.count_params` for the convention)."""
+        return sum(p.numel() for p in self.parameters())

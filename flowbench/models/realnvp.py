@@ -1,0 +1,80 @@
+"""Real NVP with affine coupling layers, configured as in the MAF paper's experiments.
+
+Coupling (data → noise), mask ``b`` (1 = passed through unchanged):
+``u = b·x + (1 − b)·exp(−s(b·x))·(x − t(b·x))``, ``log|det| = −Σ (1 − b)·s``.
+``s`` is an MLP with tanh hidden units, ``t`` one with ReLU units, both with a linear output of size D and
+the same hidden sizes; the masks alternate, starting from ``arange(D) % 2``; a batch norm follows every
+coupling layer, the last included (switchable).
+
+References:
+    Dinh, Sohl-Dickstein, Bengio. "Density estimation using Real NVP", ICLR 2017.
+    Papamakarios, Pavlakou, Murray. "Masked Autoregressive Flow for Density Estimation", NeurIPS 2017
+    (code: gpapamak/maf, ml/models/nvps.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flowbench.errors import ConfigError
+from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
+from flowbench.models.layers import BatchNorm, maf_linear_init_
+
+__all__ = ["REALNVP_HPARAMS", "CouplingLayer", "build_realnvp"]
+
+REALNVP_HPARAMS: dict = {"layers": 5, "hidden": 100, "hidden_layers": 1, "batch_norm": True}
+
+
+def _mlp(dim: int, hidden: int, hidden_layers: int, activation: type[nn.Module]) -> nn.Sequential:
+    sizes = [dim] + [hidden] * hidden_layers
+    mods: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        mods += [nn.Linear(n_in, n_out), activation()]
+    mods.append(nn.Linear(hidden, dim))
+    for m in mods:
+        if isinstance(m, nn.Linear):
+            maf_linear_init_(m.weight, m.bias)
+    return nn.Sequential(*mods)
+
+
+class CouplingLayer(Transform):
+    """Affine coupling layer of Real NVP (MAF-code variant: both nets read the masked input ``b·x``)."""
+
+    def __init__(self, mask: Tensor, hidden: int, hidden_layers: int):
+        super().__init__()
+        dim = mask.numel()
+        self.register_buffer("mask", mask.to(torch.get_default_dtype()), persistent=False)
+        self.scale_net = _mlp(dim, hidden, hidden_layers, nn.Tanh)
+        self.translate_net = _mlp(dim, hidden, hidden_layers, nn.ReLU)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mx = self.mask * x
+        s, t = self.scale_net(mx), self.translate_net(mx)
+        inv = 1.0 - self.mask
+        return mx + inv * torch.exp(-s) * (x - t), -(inv * s).sum(-1)
+
+    def inverse(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        mu = self.mask * u  # the passed-through half is the same on both sides
+        s, t = self.scale_net(mu), self.translate_net(mu)
+        inv = 1.0 - self.mask
+        return mu + inv * (u * torch.exp(s) + t), (inv * s).sum(-1)
+
+
+def build_realnvp(
+    dim: int, layers: int = 5, hidden: int = 100, hidden_layers: int = 1, batch_norm: bool = True
+) -> Flow:
+    """Real NVP(K) with a standard normal base (Dinh et al. 2017; MAF paper's configuration)."""
+    if layers < 1 or hidden < 1 or hidden_layers < 1:
+        raise ConfigError(
+            f"layers, hidden and hidden_layers must be ≥ 1; got layers={layers}, hidden={hidden}, "
+            f"hidden_layers={hidden_layers}"
+        )
+    mask = torch.arange(dim) % 2
+    steps: list[Transform] = []
+    for _ in range(layers):
+        steps.append(CouplingLayer(mask, hidden, hidden_layers))
+        if batch_norm:
+            steps.append(BatchNorm(dim))
+        mask = 1 - mask
+    return Flow(CompositeTransform(steps), StandardNormal(dim), dim)

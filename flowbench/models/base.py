@@ -75,11 +75,11 @@ class StandardNormal(nn.Module):
         return torch.randn(n, self.dim, device=self._dummy.device, dtype=self._dummy.dtype)
 
 
-def check_input(x: Tensor, dim: int, name: str = "input") -> None:
+def check_input(x: Tensor, dim: int, name: str = "input", check_finite: bool = True) -> None:
     """Clear errors for the two commonest mistakes: wrong shape and non-finite values."""
     if x.dim() != 2 or x.shape[1] != dim:
         raise ConfigError(f"{name} must have shape (batch, {dim}); got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    if check_finite and not torch.isfinite(x).all():
         raise ConfigError(f"{name} contains NaN or inf; clean or standardise the data before the model sees it")
 
 
@@ -103,6 +103,9 @@ class Flow(nn.Module):
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log-density of each row of ``x`` (nats), shape ``(batch,)``."""
         check_input(x, self.dim)
+        return self._log_prob(x)
+
+    def _log_prob(self, x: Tensor) -> Tensor:
         z, logdet = self.transform(x)
         return self.base.log_prob(z) + logdet
 
@@ -111,8 +114,11 @@ class Flow(nn.Module):
 
         Equal to :meth:`log_prob` except where a model adds part of the gradient analytically
         (relgrad leaves out log|det W| here and adds its relative gradient in ``adjust_gradients``).
+        Only the shape is checked: the NaN scan would force a device sync on every training step, and
+        training data were checked once when they were prepared.
         """
-        return self.log_prob(x)
+        check_input(x, self.dim, check_finite=False)
+        return self._log_prob(x)
 
     def sample(self, n: int) -> Tensor:
         with torch.no_grad():

@@ -1,0 +1,86 @@
+"""``flowbench sweep``: run a sweep file's grid of runs, locally (sequential or N processes) or on Ray.
+
+Examples::
+
+    flowbench sweep configs/sweeps/tiny-digits.toml --dry-run
+    flowbench sweep configs/sweeps/tiny-digits.toml --workers 2
+    flowbench sweep configs/sweeps/maf-table1.toml --executor ray --address auto --gpus-per-run 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_file", metavar="SWEEP.toml", help="sweep file (see configs/sweeps/)")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: this machine (default); ray: Ray tasks on a cluster or a local Ray instance")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="local: N worker processes (default 1: sequential, in this process); "
+                        "ray: at most N runs at a time (default: as many as the cluster fits), and a local Ray "
+                        "instance started for the sweep gets N x --cpus-per-run CPUs")
+    parser.add_argument("--address", metavar="ADDR",
+                        help="ray: cluster to connect to (auto, HOST:PORT or ray://HOST:10001); "
+                        "default: start a local Ray instance")
+    parser.add_argument("--cpus-per-run", type=int, default=1, metavar="C",
+                        help="CPU cores (torch threads) per run: Ray resource request / local worker threads (default 1)")
+    parser.add_argument("--gpus-per-run", type=float, default=0, metavar="G",
+                        help="ray: GPUs per run (Ray resource request; fractions share a GPU; default 0)")
+    parser.add_argument("--out", default="results", metavar="DIR",
+                        help="results folder: records go to DIR/runs/..., the sweep report to DIR/sweeps/ (default results/)")
+    parser.add_argument("--retries", type=int, default=2, metavar="N",
+                        help="retries of a run that crashed before it is reported as failed (default 2)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the runs and which are already recorded (skipped), then stop")
+
+
+def dry_run_text(sweep, out: str) -> str:
+    """The ``--dry-run`` listing: one line per run with ``run`` or ``skip``, then the totals."""
+    from tabulate import tabulate
+
+    from flowbench.sweep.runner import plan, preflight
+
+    states = plan(sweep.runs, out)
+    preflight(states, out)  # a dry run also checks every run's options
+    rows = [("skip" if s.status == "skipped" else "run", s.run.dataset, s.run.model, s.run.tag, s.run.seed)
+            for s in states]
+    n_skip = sum(s.status == "skipped" for s in states)
+    lines = [f"sweep {sweep.name}: {len(states)} runs ({len(sweep.datasets)} datasets x {len(sweep.models)} models "
+             f"x grid); {n_skip} already recorded in {out}/runs (skip), {len(states) - n_skip} to run"]
+    if sweep.description:
+        lines.append(sweep.description.strip())
+    if rows:
+        lines.append(tabulate(rows, headers=["action", "dataset", "model", "tag", "seed"], tablefmt="plain"))
+    for model, keys in sorted(sweep.ignored.items()):
+        lines.append(f"note: {model} does not take {', '.join(keys)}; those grid values are not applied to it")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    from flowbench.sweep import load_sweep, run_sweep, summary
+
+    sweep = load_sweep(args.sweep_file)
+    if args.dry_run:
+        print(dry_run_text(sweep, args.out))
+        return 0
+    if args.executor == "ray":  # fail before anything starts, with the install command
+        from flowbench.sweep.ray_backend import import_ray
+
+        import_ray()
+    report = run_sweep(
+        sweep,
+        args.out,
+        executor=args.executor,
+        workers=args.workers,
+        retries=args.retries,
+        address=args.address,
+        cpus_per_run=args.cpus_per_run,
+        gpus_per_run=args.gpus_per_run,
+        stream=sys.stderr,
+    )
+    print(summary(report, sweep, args.out))
+    if report.interrupted:
+        return 130
+    return 0 if report.ok else 1

@@ -1,0 +1,101 @@
+"""Local executors: in this process, or in N spawned worker processes.
+
+An executor has ``capacity`` (runs at once), ``submit(run, options, out) -> token``,
+``wait(tokens, timeout) -> [(token, outcome)]`` and ``shutdown(cancel)``; optionally ``finish`` (write a
+record the worker returned) and ``save_log``. Outcomes are :func:`flowbench.sweep.worker.execute_run` dicts.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any, Callable
+
+from flowbench.errors import ConfigError
+from flowbench.sweep.spec import SweepRun
+from flowbench.sweep.worker import RunFn, execute_run, init_worker
+
+__all__ = ["SequentialExecutor", "ProcessExecutor", "make_backend"]
+
+
+class SequentialExecutor:
+    """In this process, one run at a time, with the trainer's own progress output."""
+
+    capacity = 1
+    announce_start = True  # the trainer's output follows: say which run it belongs to
+
+    def __init__(self, run_fn: str | RunFn):
+        self.run_fn = run_fn
+        self._results: dict[int, dict] = {}
+        self._next = 0
+
+    def submit(self, run: SweepRun, options: dict[str, Any], out: str | Path) -> int:
+        token, self._next = self._next, self._next + 1
+        self._results[token] = execute_run(options, self.run_fn, log_path=None, progress=True)
+        return token
+
+    def wait(self, tokens: list, timeout: float) -> list[tuple[Any, dict]]:
+        return [(t, self._results.pop(t)) for t in tokens if t in self._results]
+
+    def shutdown(self, cancel: bool = False) -> None:
+        pass
+
+
+class ProcessExecutor:
+    """``workers`` spawned processes; spawn (not fork) because forking a process that holds torch threads is
+    unsafe, and it starts workers with a clean interpreter on every platform."""
+
+    def __init__(self, run_fn: str | RunFn, workers: int, threads: int = 1):
+        import multiprocessing
+
+        self.run_fn, self.capacity, self.threads = run_fn, workers, threads
+        self._ctx = multiprocessing.get_context("spawn")
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.capacity, mp_context=self._ctx, initializer=init_worker,
+                                   initargs=(self.threads,))
+
+    def submit(self, run: SweepRun, options: dict[str, Any], out: str | Path) -> Future:
+        log = str(run.log_path(out))
+        try:
+            return self._pool.submit(execute_run, options, self.run_fn, log, False)
+        except BrokenProcessPool:
+            self._pool = self._new_pool()  # a worker died earlier; later runs get a fresh pool
+            return self._pool.submit(execute_run, options, self.run_fn, log, False)
+
+    def wait(self, tokens: list, timeout: float) -> list[tuple[Any, dict]]:
+        done, _ = wait(tokens, timeout=timeout, return_when=FIRST_COMPLETED)
+        out = []
+        for fut in done:
+            try:
+                out.append((fut, fut.result()))
+            except BrokenProcessPool as e:  # the worker process died (killed, out of memory, segfault)
+                out.append((fut, {"ok": False, "error": f"worker process died: {e}", "traceback": ""}))
+            except Exception as e:  # noqa: BLE001 - e.g. options that cannot be pickled
+                out.append((fut, {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": ""}))
+        return out
+
+    def shutdown(self, cancel: bool = False) -> None:
+        self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+
+
+def make_backend(executor: str, run_fn: str | RunFn, workers: int, address: str | None, cpus_per_run: int,
+                  gpus_per_run: float, announce: Callable[[str], None] | None = None) -> Any:
+    """The executor object for ``--executor`` / ``--workers``."""
+    if executor == "local":
+        if address is not None or gpus_per_run:
+            raise ConfigError("--address and --gpus-per-run are for --executor ray")
+        return SequentialExecutor(run_fn) if workers == 1 else ProcessExecutor(run_fn, workers, cpus_per_run)
+    if executor == "ray":
+        from flowbench.sweep.ray_backend import RayExecutor
+
+        if not isinstance(run_fn, str):
+            raise ConfigError("the Ray executor needs run_fn as an importable 'module:function' string")
+        # --workers N: at most N runs at once; a local instance started here then gets N x C CPUs.
+        limit = workers if workers > 1 else None
+        return RayExecutor(run_fn, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
+                           max_concurrent=limit, num_cpus=limit * cpus_per_run if limit else None,
+                           announce=announce)
+    raise ConfigError(f"unknown executor {executor!r}; choose local or ray")

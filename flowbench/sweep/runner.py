@@ -1,0 +1,304 @@
+"""Running a sweep: skip what is recorded, schedule the rest on an executor, retry, report progress.
+
+The executors (``flowbench.sweep.executors`` and ``flowbench.sweep.ray_backend``) only start runs and
+collect their outcomes; everything else happens here, the same way for all of them.
+
+Retries are the driver's business for every executor: a run whose attempt raised (or whose worker died) is
+queued again, at most ``retries`` more times, then reported as failed while the rest of the sweep goes on.
+Re-running the same sweep is the resume mechanism: recorded runs are skipped, and a local run that left a
+checkpoint continues from it.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Iterable
+
+from flowbench.errors import ConfigError
+from flowbench.sweep.spec import Sweep, SweepRun
+from flowbench.sweep.executors import make_backend
+from flowbench.sweep.worker import DEFAULT_RUN_FN, RunFn
+
+__all__ = ["RunState", "SweepReport", "Progress", "run_sweep", "plan", "preflight", "report_path", "summary"]
+
+#: How often the live line is refreshed while nothing finishes (seconds).
+TICK_S = 1.0
+
+
+def report_path(name: str, out: str | Path) -> Path:
+    return Path(out) / "sweeps" / f"{name}.json"
+
+
+@dataclass
+class RunState:
+    """What happened to one run in this sweep invocation."""
+
+    run: SweepRun
+    status: str = "pending"  # pending | skipped | done | failed
+    attempts: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+    record: dict[str, Any] | None = field(default=None, repr=False)
+    options: dict[str, Any] | None = field(default=None, repr=False)  # resolved by preflight()
+    resumed: bool = False  # the current attempt continues from a checkpoint
+    resume_failed: bool = False  # an attempt from the checkpoint failed: the next one starts afresh
+
+    def as_dict(self, out: str | Path) -> dict[str, Any]:
+        r = self.run
+        d = {"dataset": r.dataset, "model": r.model, "tag": r.tag, "seed": r.seed, "status": self.status,
+             "attempts": self.attempts, "error": self.error, "record": str(r.record_path(out))}
+        if self.record is not None:
+            d.update({k: self.record.get(k) for k in ("best_val_ll", "test_ll", "test_ll_se2", "status")
+                      if k in self.record})
+            d["record_status"] = d.pop("status")
+            d["status"] = self.status
+        return d
+
+
+@dataclass
+class SweepReport:
+    """The outcome of :func:`run_sweep`."""
+
+    states: list[RunState]
+    seconds: float
+    interrupted: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(s.status == status for s in self.states)
+
+    @property
+    def failed(self) -> list[RunState]:
+        return [s for s in self.states if s.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.interrupted
+
+
+def plan(runs: Iterable[SweepRun], out: str | Path) -> list[RunState]:
+    """One state per run; those whose record already exists are ``skipped`` (the resume rule)."""
+    return [RunState(r, "skipped" if r.record_path(out).is_file() else "pending") for r in runs]
+
+
+def preflight(states: list[RunState], out: str | Path) -> None:
+    """Resolve and check every pending run's options before anything starts.
+
+    A bad value (``activation = "gelu"``) then stops the sweep at once with the run it concerns, instead of
+    failing that run (three times) hours into the sweep.
+    """
+    from flowbench.config import model_hparams_from_options
+    from flowbench.models import resolve_hparams
+
+    for state in states:
+        if state.status != "pending":
+            continue
+        try:
+            options = state.run.options(out)
+            resolve_hparams(options["model"], **model_hparams_from_options(options))
+        except ConfigError as e:
+            raise ConfigError(f"run {state.run.label}: {e}") from e
+        state.options = options
+
+
+class Progress:
+    """done / running / failed / left: a live line on a terminal, one line per change otherwise."""
+
+    def __init__(self, total: int, skipped: int, stream: IO[str] | None, live: bool | None = None):
+        self.total, self.skipped, self.stream = total, skipped, stream
+        self.live = bool(stream is not None and getattr(stream, "isatty", lambda: False)()) if live is None else live
+        self.t0 = time.monotonic()
+        self._last = ""
+        self._shown = False
+
+    def line(self, done: int, running: int, failed: int, left: int) -> str:
+        secs = int(time.monotonic() - self.t0)
+        return (f"sweep: {done} done, {running} running, {failed} failed, {left} left "
+                f"(of {self.total}; {self.skipped} already recorded) [{secs // 60}m{secs % 60:02d}s]")
+
+    def update(self, done: int, running: int, failed: int, left: int) -> None:
+        if self.stream is None:
+            return
+        text = self.line(done, running, failed, left)
+        if self.live:
+            self.stream.write("\r\033[K" + text)
+            self._shown = True
+        elif text.split(" [")[0] != self._last:  # non-terminals (CI logs) get a line per change only
+            self.stream.write(text + "\n")
+        self._last = text.split(" [")[0]
+        self.stream.flush()
+
+    def event(self, message: str) -> None:
+        """A full line (a run finished or failed) above the live line."""
+        if self.stream is None:
+            return
+        if self.live and self._shown:
+            self.stream.write("\r\033[K")
+            self._shown = False
+        self.stream.write(message + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None and self.live and self._shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# ----------------------------------------------------------------------------------------------- driver
+def _fmt_time(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
+
+
+def _done_message(state: RunState) -> str:
+    rec = state.record or {}
+    bits = []
+    for key, label in (("best_val_ll", "val LL"), ("test_ll", "test LL")):
+        if isinstance(rec.get(key), (int, float)):
+            bits.append(f"{label} {rec[key]:.3f}")
+    if rec.get("status") not in (None, "ok"):
+        bits.append(f"status {rec['status']}")
+    return f"done   {state.run.label}: {', '.join(bits) or 'recorded'} ({_fmt_time(state.seconds)})"
+
+
+def run_sweep(
+    sweep: Sweep,
+    out: str | Path = "results",
+    *,
+    executor: str = "local",
+    workers: int = 1,
+    retries: int = 2,
+    run_fn: str | RunFn = DEFAULT_RUN_FN,
+    stream: IO[str] | None = sys.stderr,
+    live: bool | None = None,
+    address: str | None = None,
+    cpus_per_run: int = 1,
+    gpus_per_run: float = 0,
+    backend: Any = None,
+) -> SweepReport:
+    """Run every run of ``sweep`` whose record is missing; returns what happened to each.
+
+    ``run_fn`` trains one run from its options dict and returns the record (default: the trainer's
+    ``run_experiment``); tests inject a fake. ``backend`` replaces the executor object (tests).
+    """
+    if retries < 0:
+        raise ConfigError("--retries must be >= 0")
+    if workers < 1:
+        raise ConfigError("--workers must be >= 1")
+    out = str(out)
+    t0 = time.monotonic()
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    states = plan(sweep.runs, out)
+    preflight(states, out)
+    todo = collections.deque(s for s in states if s.status == "pending")
+    progress = Progress(len(states), len(states) - len(todo), stream, live)
+    inflight: dict[Any, RunState] = {}
+    report = SweepReport(states, 0.0)
+
+    def counts() -> tuple[int, int, int, int]:
+        done = sum(s.status == "done" for s in states)
+        failed = sum(s.status == "failed" for s in states)
+        return done, len(inflight), failed, len(todo)
+
+    if todo and backend is None:
+        backend = make_backend(executor, run_fn, workers, address, cpus_per_run, gpus_per_run, progress.event)
+    if getattr(backend, "announce_start", False):
+        progress.live = False  # the trainer's own output would overwrite a live line: print lines instead
+    try:
+        progress.update(*counts())
+        while todo or inflight:
+            while todo and len(inflight) < backend.capacity:
+                state = todo.popleft()
+                state.attempts += 1
+                options = dict(state.options or state.run.options(out))
+                # An earlier attempt or sweep was cut short and left a checkpoint: continue it (local only;
+                # Ray runs keep no checkpoints). If that fails, the retry starts from scratch.
+                state.resumed = (executor == "local" and not state.resume_failed
+                                 and state.run.checkpoint_path(out).is_file())
+                options["resume"] = state.resumed
+                done, running, failed, left = counts()
+                progress.update(done, running + 1, failed, left)  # before submit: sequential runs inside it
+                if getattr(backend, "announce_start", False):
+                    progress.event(f"start  {state.run.label}" + (" (resuming)" if state.resumed else ""))
+                inflight[backend.submit(state.run, options, out)] = state
+            for token, outcome in backend.wait(list(inflight), TICK_S):
+                state = inflight.pop(token)
+                state.seconds += float(outcome.get("seconds", 0.0))
+                if outcome["ok"] and hasattr(backend, "finish"):
+                    try:
+                        backend.finish(state, outcome, out)  # Ray: the driver writes the record
+                    except Exception as e:  # noqa: BLE001 - e.g. a record written meanwhile by another sweep
+                        outcome = {"ok": False, "error": f"could not write the record: {type(e).__name__}: {e}"}
+                if outcome["ok"]:
+                    state.record = outcome["record"]
+                    state.status, state.error = "done", None
+                    progress.event(_done_message(state))
+                elif state.attempts <= retries:
+                    state.error = outcome["error"]
+                    state.resume_failed = state.resume_failed or state.resumed
+                    todo.append(state)  # to the back: other runs go first, a transient cause may pass
+                    progress.event(f"retry  {state.run.label}: attempt {state.attempts}/{retries + 1} failed: "
+                                   f"{outcome['error']}")
+                else:
+                    state.status, state.error = "failed", outcome["error"]
+                    if hasattr(backend, "save_log"):
+                        backend.save_log(state, outcome, out)
+                    progress.event(f"FAILED {state.run.label} after {state.attempts} attempt(s): {outcome['error']}")
+            progress.update(*counts())
+    except KeyboardInterrupt:
+        # Ctrl-C: stop cleanly and report; running runs stay "pending" (their checkpoints let a rerun resume).
+        report.interrupted = True
+        if backend is not None:
+            backend.shutdown(cancel=True)
+    except BaseException:
+        report.interrupted = True
+        if backend is not None:
+            backend.shutdown(cancel=True)
+        raise
+    else:
+        if backend is not None:
+            backend.shutdown()
+    finally:
+        progress.close()
+        report.seconds = time.monotonic() - t0
+        _write_report(sweep, report, out, executor, started)
+    return report
+
+
+def _write_report(sweep: Sweep, report: SweepReport, out: str, executor: str, started: str) -> None:
+    """``<out>/sweeps/<name>.json``: every run's status, attempts and last error (a record of the sweep)."""
+    from flowbench.results import json_safe
+    from flowbench.utils import atomic_write_json
+
+    counts = {k: report.count(k) for k in ("done", "skipped", "failed", "pending")}
+    atomic_write_json(report_path(sweep.name, out), json_safe({
+        "sweep": str(sweep.path) if sweep.path else sweep.name,
+        "executor": executor,
+        "started": started,
+        "seconds": round(report.seconds, 3),
+        "interrupted": report.interrupted,
+        "counts": counts,
+        "runs": [s.as_dict(out) for s in report.states],
+    }))
+
+
+def summary(report: SweepReport, sweep: Sweep, out: str | Path) -> str:
+    """The end-of-sweep text: counts, every failure with its error, and where to look next."""
+    lines = [
+        f"sweep {sweep.name} {'interrupted' if report.interrupted else 'finished'} in {_fmt_time(report.seconds)}: "
+        f"{report.count('done')} done, {report.count('skipped')} skipped (already recorded), "
+        f"{report.count('failed')} failed, {report.count('pending')} left"
+    ]
+    for s in report.failed:
+        lines.append(f"  FAILED {s.run.label} after {s.attempts} attempt(s): {s.error}")
+    if report.failed:
+        lines.append("  (logs of parallel and Ray runs: <out>/sweeps/logs/; run the sweep again to retry the failures)")
+    if report.interrupted or report.count("pending"):
+        lines.append("  run the same command again to continue: recorded runs are skipped")
+    lines.append(f"report: {report_path(sweep.name, out)}")
+    lines.append(f"table:  flowbench table --results {out} --select best-val")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""What runs inside a worker (the driver's own process, a local worker process, or a Ray task).
+
+Kept free of top-level torch imports: a spawned worker must be able to set its thread count before torch
+loads. Failures are returned as values (type, message, traceback text) rather than raised, so that every
+executor reports them the same way and nothing depends on an exception surviving pickling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["RunFn", "DEFAULT_RUN_FN", "resolve_run_fn", "execute_run", "init_worker", "ray_execute"]
+
+RunFn = Callable[..., dict]
+#: ``module:function`` of the function that trains one run (the trainer's entry point).
+DEFAULT_RUN_FN = "flowbench.training:run_experiment"
+#: How much of a Ray task's captured output is sent back to the driver for its log file.
+LOG_TAIL_CHARS = 20_000
+
+
+def resolve_run_fn(run_fn: str | RunFn) -> RunFn:
+    """A callable, or ``"module:function"`` imported here (so it can cross process boundaries by name)."""
+    if callable(run_fn):
+        return run_fn
+    module, _, name = run_fn.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def init_worker(threads: int) -> None:
+    """Process-pool initializer: ``threads`` torch threads per worker, so N workers don't oversubscribe."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _call(fn: RunFn, options: dict[str, Any], progress: bool) -> dict:
+    try:
+        takes_progress = "progress" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        takes_progress = False
+    return fn(options, progress=progress) if takes_progress else fn(options)
+
+
+def execute_run(
+    options: dict[str, Any],
+    run_fn: str | RunFn = DEFAULT_RUN_FN,
+    log_path: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one run; returns ``{"ok": True, "record": ...}`` or ``{"ok": False, "error": ..., "traceback": ...}``.
+
+    With ``log_path`` the run's output (progress bars, epoch lines) goes to that file instead of the
+    terminal, so parallel runs don't interleave. KeyboardInterrupt is not caught: it stops the sweep.
+    """
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if log_path is not None:
+            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+            log = stack.enter_context(open(log_path, "w", buffering=1))
+            stack.enter_context(contextlib.redirect_stdout(log))
+            stack.enter_context(contextlib.redirect_stderr(log))
+        try:
+            record = _call(resolve_run_fn(run_fn), options, progress)
+        except Exception as e:  # noqa: BLE001 - any failure of one run is reported, the sweep goes on
+            tb = traceback.format_exc()
+            if log_path is not None:
+                print(tb, file=sys.stderr)
+            return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": tb,
+                    "seconds": time.perf_counter() - t0}
+    return {"ok": True, "record": record, "seconds": time.perf_counter() - t0}
+
+
+def ray_execute(options: dict[str, Any], run_fn: str, threads: int) -> dict[str, Any]:
+    """Body of a Ray task: train into a node-local scratch folder and return the record to the driver.
+
+    Results strategy (one, on purpose): records travel back to the driver, which writes them into its own
+    results folder. Nodes need no shared filesystem, only flowbench and the prepared data (``data-root``).
+    The price: checkpoints stay on the node and are deleted with the scratch folder, so a run that is
+    retried on Ray starts again from epoch 0.
+    """
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    scratch = tempfile.mkdtemp(prefix="flowbench-sweep-")
+    try:
+        opts = dict(options, out=scratch, resume=False)
+        log = os.path.join(scratch, "run.log")
+        outcome = execute_run(opts, run_fn, log_path=log, progress=False)
+        with contextlib.suppress(OSError):
+            outcome["log"] = Path(log).read_text(errors="replace")[-LOG_TAIL_CHARS:]
+        if outcome["ok"]:
+            # The record describes the driver's results folder, as if the run had been made there.
+            rec = outcome["record"]
+            if isinstance(rec.get("config"), dict):
+                rec["config"]["out"] = options["out"]
+        outcome["node"] = os.uname().nodename
+        return outcome
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,378 @@
+"""Sweeps without real training: grid expansion, tags, skipping, retries, selection, progress, --dry-run.
+
+A fake run function (injected into ``run_sweep``) writes records the way the trainer does, so everything
+but the training itself is exercised; tests/test_sweep_e2e.py runs the real trainer, locally and on Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from flowbench.errors import ConfigError
+from flowbench.sweep import Progress, load_sweep, make_tag, parse_sweep, plan, run_sweep, summary
+from flowbench.sweep.runner import preflight
+
+CALLS: list[str] = []
+ATTEMPTS: dict[str, int] = {}
+
+
+def fake_val_ll(options: dict) -> float:
+    """A known validation score: best at 2 hidden layers and lr 1e-3 (so the selection has one answer)."""
+    hl = options.get("hidden_layers") or 1
+    return -10.0 - abs(hl - 2) - 1000 * abs(options["lr"] - 1e-3) + 0.01 * options["seed"]
+
+
+def fake_run(options: dict) -> dict:
+    """Stands in for run_experiment: fails for hidden=13 always, for hidden=7 on the first attempt only."""
+    from flowbench.config import model_hparams_from_options
+    from flowbench.models import display_name
+    from flowbench.results import record_path, write_record
+
+    label = f"{options['model']}/{options['tag']}/seed{options['seed']}"
+    CALLS.append(label)
+    ATTEMPTS[label] = ATTEMPTS.get(label, 0) + 1
+    if options.get("hidden") == 13:
+        raise RuntimeError("boom: this configuration always crashes")
+    if options.get("hidden") == 7 and ATTEMPTS[label] == 1:
+        raise RuntimeError("transient failure")
+    hp = model_hparams_from_options(options)
+    val = fake_val_ll(options)
+    record = {
+        "dataset": options["dataset"], "model": options["model"], "display_name": display_name(options["model"], **hp),
+        "tag": options["tag"], "seed": options["seed"], "config": dict(options), "params": 1, "match_target": None,
+        "epochs": 1, "best_epoch": 1, "best_val_ll": val, "test_ll": val - 1.0, "test_ll_se2": 0.1, "n_test": 100,
+        "wall_time_s": 0.0, "device": "cpu", "torch": "x", "python": "x", "git_commit": None, "timestamp": "x",
+        "status": "ok", "failure": None, "jacobian_spectral_norm": None,
+    }
+    write_record(record_path(options["out"], options["dataset"], options["model"], options["seed"], options["tag"]), record)
+    return record
+
+
+@pytest.fixture(autouse=True)
+def _reset():
+    CALLS.clear()
+    ATTEMPTS.clear()
+
+
+def small(**grid) -> dict:
+    return {"datasets": ["digits"], "models": ["gaussian", "made"], "grid": {"seed": [0, 1], **grid}}
+
+
+# ------------------------------------------------------------------------------------------- expansion
+def test_grid_expansion_product_tags_and_inapplicable_options():
+    sweep = parse_sweep({
+        "datasets": ["digits"], "models": ["gaussian", "made", "maf"],
+        "grid": {"seed": [0, 1, 2], "hidden-layers": [1, 2], "max_epochs": 3},
+        "override": {"maf": {"layers": [5, 10]}, "digits/made": {"lr": [1e-3, 1e-4]}},
+    })
+    by_model: dict[str, list] = {}
+    for r in sweep.runs:
+        by_model.setdefault(r.model, []).append(r)
+    # gaussian takes no hidden-layers: 1 configuration x 3 seeds; made: 2 x 2 lrs; maf: 2 x 2 layers.
+    assert len(by_model["gaussian"]) == 3
+    assert len(by_model["made"]) == 2 * 2 * 3
+    assert len(by_model["maf"]) == 2 * 2 * 3
+    assert len(sweep.runs) == 3 + 12 + 12
+    assert {r.tag for r in by_model["gaussian"]} == {"default"}  # nothing of the grid applies to it
+    assert {r.tag for r in by_model["maf"]} == {
+        f"hidden-layers={h},layers={k},max-epochs=3" for h in (1, 2) for k in (5, 10)}
+    assert "made/hidden-layers=2,lr=0.0001,max-epochs=3/seed2" in {f"{r.model}/{r.tag}/seed{r.seed}" for r in sweep.runs}
+    assert sweep.ignored == {"gaussian": ["hidden-layers", "max-epochs"]}
+    # The seeds of one configuration share a tag, and every (model, tag, seed) is unique.
+    assert len({(r.model, r.tag, r.seed) for r in sweep.runs}) == len(sweep.runs)
+    # Resolved options carry the tag and the grid values (explicit values beat configs and defaults).
+    run = next(r for r in by_model["maf"] if r.tag.startswith("hidden-layers=2,layers=10") and r.seed == 1)
+    opts = run.options("res")
+    assert (opts["hidden_layers"], opts["layers"], opts["max_epochs"], opts["seed"]) == (2, 10, 3, 1)
+    assert (opts["tag"], opts["out"], opts["dataset"], opts["model"]) == (run.tag, "res", "digits", "maf")
+    assert run.record_path("res") == Path("res/runs/digits/maf") / run.tag / "seed1.json"
+
+
+def test_match_params_applies_to_models_with_a_size_knob_but_not_to_the_target_itself():
+    sweep = parse_sweep({"datasets": ["power"], "models": ["relgrad", "gaussian", "maf"],
+                         "grid": {"match-params": "relgrad", "hidden-layers": [1, 2]}})
+    tags = {(r.model, r.tag) for r in sweep.runs}
+    assert tags == {("relgrad", "default"), ("gaussian", "default"),
+                    ("maf", "hidden-layers=1,match-params=relgrad"), ("maf", "hidden-layers=2,match-params=relgrad")}
+    # Explicitly per model, any target works, e.g. relgrad matched to a number of parameters.
+    sweep = parse_sweep({"datasets": ["power"], "models": ["relgrad"], "override": {"relgrad": {"match-params": 500}}})
+    assert [r.tag for r in sweep.runs] == ["match-params=500"]
+
+
+def test_tags_are_stable_when_the_grid_grows():
+    a = parse_sweep(small(**{"hidden-layers": [1]}))
+    b = parse_sweep(small(**{"hidden-layers": [1, 2], "lr": 1e-4}))
+    c = parse_sweep(small(**{"hidden-layers": [1, 2]}))
+    tags_a = {r.tag for r in a.runs if r.model == "made"}
+    assert tags_a == {"hidden-layers=1"}
+    assert tags_a < {r.tag for r in c.runs if r.model == "made"}  # adding a value keeps the old tags
+    assert not tags_a & {r.tag for r in b.runs}  # a new fixed setting is a new configuration
+
+
+def test_make_tag_format():
+    assert make_tag([]) == "default"
+    assert make_tag([("seed", 3), ("device", "cpu")]) == "default"
+    assert make_tag([("lr", 1e-05), ("batch_norm", False), ("activation", "tanh")]) == (
+        "activation=tanh,batch-norm=false,lr=1e-05")
+    assert make_tag([("match_params", "relgrad"), ("lr", 0.0001)]) == "lr=0.0001,match-params=relgrad"
+    long = make_tag([(f"k{i}", "x" * 20) for i in range(10)])
+    assert len(long) <= 120 and "+" in long
+    assert long == make_tag([(f"k{i}", "x" * 20) for i in range(10)])
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (small(**{"hiden-layers": [1]}), "hiden-layers"),  # typo: the error names the key
+        (small(lr=["fast"]), "lr"),
+        (small(tag="x"), "set by the sweep"),
+        (small(model=["maf"]), "datasets`/`models"),
+        (small(seed=[]), "non-empty"),
+        ({**small(), "models": ["maff"]}, "maff"),
+        ({**small(), "datasets": ["powre"]}, "powre"),
+        ({**small(), "datasets": "digits"}, "non-empty list"),
+        ({**small(), "grids": {}}, "grids"),
+        ({**small(), "override": {"nvp": {"lr": 1e-3}}}, "override.nvp"),
+        ({**small(), "override": {"gaussian": {"hidden-layers": 2}}}, "does not take"),
+        ({"models": ["maf"]}, "datasets"),
+    ],
+)
+def test_bad_sweep_files_raise_config_errors(raw, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        parse_sweep(raw)
+
+
+def test_shipped_sweep_files_parse(repo_root):
+    files = sorted((repo_root / "configs" / "sweeps").glob("*.toml"))
+    assert {f.stem for f in files} >= {"tiny-digits", "maf-table1", "relgrad-table1"}
+    counts = {f.stem: load_sweep(f) for f in files}
+    maf = counts["maf-table1"]
+    assert set(maf.datasets) == {"power", "gas", "hepmass", "miniboone", "bsds300"}
+    assert set(maf.models) == {"gaussian", "made", "made-mog", "realnvp", "maf", "maf-mog"}
+    # Every row on every dataset with 1 and 2 hidden layers; flows with 5 and 10 layers; paper learning rates.
+    seen: dict[tuple, set] = {}
+    for r in maf.runs:
+        v = dict(r.values)
+        seen.setdefault((r.dataset, r.model), set()).add((v.get("hidden_layers"), v.get("layers"), v.get("lr")))
+    for ds in maf.datasets:
+        assert seen[(ds, "gaussian")] == {(None, None, None)}
+        assert {h for h, _, _ in seen[(ds, "made")]} == {1, 2}
+        assert seen[(ds, "maf")] >= {(h, k, 1e-4) for h in (1, 2) for k in (5, 10)}
+        assert {k for _, k, _ in seen[(ds, "realnvp")]} == {5, 10}
+        assert {(k, lr) for _, k, lr in seen[(ds, "maf-mog")]} == {(5, 1e-4)}
+        assert {lr for _, _, lr in seen[(ds, "made-mog")]} == {1e-3}
+    gas = {dict(r.values).get("activation") for r in maf.runs if r.dataset == "gas" and r.model == "maf"}
+    assert gas == {"tanh"}
+    for sweep in counts.values():  # every run's options resolve and its model accepts them
+        preflight(plan(sweep.runs, "unused-results-dir"), "unused-results-dir")
+    rel = counts["relgrad-table1"]
+    baselines = [r for r in rel.runs if r.model not in ("relgrad", "gaussian")]
+    assert baselines and all("match-params=relgrad" in r.tag for r in baselines)
+    assert all("match-params" not in r.tag for r in rel.runs if r.model == "relgrad")
+
+
+# ------------------------------------------------------------------------------ running (fake trainer)
+def test_skips_recorded_runs_and_resumes(tmp_path):
+    sweep = parse_sweep(small(**{"hidden-layers": [1, 2]}))
+    assert len(sweep.runs) == 2 + 4
+    first = sweep.runs[:3]
+    for run in first:  # as if an earlier, interrupted sweep had recorded these
+        fake_run(run.options(tmp_path))
+    CALLS.clear()
+    assert [s.status for s in plan(sweep.runs, tmp_path)] == ["skipped"] * 3 + ["pending"] * 3
+    report = run_sweep(sweep, tmp_path, run_fn=fake_run, stream=None)
+    assert report.ok and report.count("skipped") == 3 and report.count("done") == 3
+    assert sorted(CALLS) == sorted(f"{r.model}/{r.tag}/seed{r.seed}" for r in sweep.runs[3:])
+    CALLS.clear()
+    again = run_sweep(sweep, tmp_path, run_fn=fake_run, stream=None)
+    assert CALLS == [] and again.count("skipped") == 6
+
+
+def test_failing_run_is_retried_then_reported_and_the_sweep_goes_on(tmp_path):
+    raw = small()
+    raw["models"] = ["made"]
+    raw["grid"]["hidden"] = [13, 7, 20]  # 13 always fails, 7 fails once, 20 works
+    sweep = parse_sweep(raw)
+    out = io.StringIO()
+    report = run_sweep(sweep, tmp_path, run_fn=fake_run, retries=2, stream=out, live=False)
+    assert not report.ok
+    failed = {s.run.tag: s for s in report.failed}
+    assert set(failed) == {"hidden=13"} and report.count("done") == 4
+    for s in failed.values():
+        assert s.attempts == 3 and "boom" in s.error
+    assert ATTEMPTS["made/hidden=13/seed0"] == 3  # 1 + 2 retries, then given up
+    assert ATTEMPTS["made/hidden=7/seed0"] == 2  # transient: retried once, then recorded
+    assert ATTEMPTS["made/hidden=20/seed1"] == 1
+    text = out.getvalue()
+    assert "retry  digits/made/hidden=7/seed0: attempt 1/3 failed: RuntimeError: transient failure" in text
+    assert "FAILED digits/made/hidden=13/seed1 after 3 attempt(s)" in text
+    assert "sweep: 4 done, 0 running, 2 failed, 0 left" in text
+    saved = json.loads((tmp_path / "sweeps" / "sweep.json").read_text())
+    assert saved["counts"] == {"done": 4, "skipped": 0, "failed": 2, "pending": 0}
+    assert {r["tag"] for r in saved["runs"] if r["status"] == "failed"} == {"hidden=13"}
+    assert "FAILED digits/made/hidden=13/seed0 after 3 attempt(s): RuntimeError: boom" in summary(report, sweep, tmp_path)
+    # No retries at all: the first failure is final.
+    ATTEMPTS.clear()
+    report = run_sweep(sweep, tmp_path, run_fn=fake_run, retries=0, stream=None)
+    assert report.count("failed") == 2 and report.count("skipped") == 4 and ATTEMPTS["made/hidden=13/seed0"] == 1
+
+
+def test_best_validation_selection_in_the_table(tmp_path):
+    from flowbench.results import iter_records
+    from flowbench.tables import build_table
+
+    sweep = parse_sweep(small(**{"hidden-layers": [1, 2], "lr": [1e-3, 2e-3]}))
+    assert run_sweep(sweep, tmp_path, run_fn=fake_run, stream=None).ok
+    records = list(iter_records(tmp_path))
+    assert len(records) == 2 + 8
+    made = [r for r in records if r["model"] == "made"]
+    best_tag = max({r["tag"] for r in made},
+                   key=lambda t: sum(r["best_val_ll"] for r in made if r["tag"] == t))
+    assert best_tag == "hidden-layers=2,lr=0.001"  # by construction of fake_val_ll
+    table = build_table(records, sources=[], select="best-val")
+    assert f"best of 4 configurations by mean validation LL: tag {best_tag}" in table
+    # The cell is the mean test LL of the chosen configuration's two seeds, (-11 + -10.99) / 2; the other
+    # configurations score -12 and below.
+    made_row = next(line for line in table.splitlines() if line.startswith("| MADE ") and "ours" in line)
+    assert "-11.00 ± 0.10" in made_row
+    assert "range -11.00 to -10.99" in table
+
+
+def test_progress_line_counts():
+    buf = io.StringIO()
+    p = Progress(total=5, skipped=1, stream=buf, live=False)
+    p.update(0, 1, 0, 3)
+    p.update(0, 1, 0, 3)  # unchanged: no new line off a terminal
+    p.event("done   x")
+    p.update(1, 1, 0, 2)
+    lines = buf.getvalue().splitlines()
+    assert lines[0].startswith("sweep: 0 done, 1 running, 0 failed, 3 left (of 5; 1 already recorded)")
+    assert lines[1] == "done   x" and lines[2].startswith("sweep: 1 done, 1 running") and len(lines) == 3
+    live = io.StringIO()
+    p = Progress(total=2, skipped=0, stream=live, live=True)
+    p.update(0, 1, 0, 1)
+    p.update(1, 1, 0, 0)
+    p.close()
+    assert live.getvalue().count("\r\033[K") == 2 and live.getvalue().endswith("\n")
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def test_cli_dry_run_lists_runs_and_skips(tmp_path, repo_root, capsys):
+    from flowbench.cli import main
+
+    path = repo_root / "configs" / "sweeps" / "tiny-digits.toml"
+    sweep = load_sweep(path)
+    recorded = sweep.runs[0]
+    fake_run(recorded.options(tmp_path))
+    assert main(["sweep", str(path), "--dry-run", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    n = len(sweep.runs)
+    assert f"{n} runs" in text and f"1 already recorded in {tmp_path}/runs (skip), {n - 1} to run" in text
+    rows = [line.split() for line in text.splitlines() if line.split()[:1] in (["run"], ["skip"])]
+    assert len(rows) == n
+    assert rows[0][:4] == ["skip", "digits", recorded.model, recorded.tag]
+    assert {tuple(r[2:5]) for r in rows} == {(r.model, r.tag, str(r.seed)) for r in sweep.runs}
+    assert not (tmp_path / "sweeps").exists()  # a dry run writes nothing
+
+
+def test_cli_bad_key_and_missing_ray(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from flowbench.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('datasets = ["digits"]\nmodels = ["made"]\n[grid]\nmax-epoch = [1]\n')
+    assert main(["sweep", str(bad), "--dry-run"]) == 2
+    assert "max-epoch" in capsys.readouterr().err
+    good = tmp_path / "good.toml"
+    good.write_text('datasets = ["digits"]\nmodels = ["gaussian"]\n')
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if it were not installed
+    assert main(["sweep", str(good), "--executor", "ray", "--out", str(tmp_path)]) == 2
+    assert 'pip install -e ".[ray]"' in capsys.readouterr().err
+
+
+def test_checkpoint_resumes_and_a_failed_resume_restarts(tmp_path):
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": {"hidden": [7, 20]}})
+    seen: list[tuple[int, bool]] = []
+
+    def run(options):
+        seen.append((options["hidden"], options["resume"]))
+        return fake_run(options)
+
+    for r in sweep.runs:  # as if a killed sweep had left checkpoints behind
+        r.checkpoint_path(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+        r.checkpoint_path(tmp_path).write_bytes(b"")
+    assert run_sweep(sweep, tmp_path, run_fn=run, stream=None).ok
+    # hidden=20 resumed; hidden=7 failed when resumed (fake: first attempt fails), so its retry started afresh.
+    assert sorted(seen) == [(7, False), (7, True), (20, True)]
+
+
+def test_ctrl_c_stops_the_sweep_and_reports(tmp_path):
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": {"hidden": [20, 21, 22]}})
+
+    def run(options):
+        if options["hidden"] == 21:
+            raise KeyboardInterrupt
+        return fake_run(options)
+
+    report = run_sweep(sweep, tmp_path, run_fn=run, stream=None)
+    assert report.interrupted and not report.ok
+    assert [s.status for s in report.states] == ["done", "pending", "pending"]
+    assert "run the same command again to continue" in summary(report, sweep, tmp_path)
+    saved = json.loads((tmp_path / "sweeps" / "sweep.json").read_text())
+    assert saved["interrupted"] and saved["counts"]["pending"] == 2
+
+
+def test_bad_value_stops_the_sweep_before_any_run(tmp_path):
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": {"activation": ["relu", "gelu"]}})
+    with pytest.raises(ConfigError, match=r"run digits/made/activation=gelu/seed0: .*gelu"):
+        run_sweep(sweep, tmp_path, run_fn=fake_run, stream=None)
+    assert CALLS == []
+
+
+class ReturningBackend:
+    """Executor stand-in with 2 slots that completes runs out of order and, like the Ray executor, gets
+    records back from the 'worker' (written to a scratch folder there) and writes them on the driver."""
+
+    capacity = 2
+
+    def __init__(self, scratch: Path):
+        self.scratch, self.pending, self.max_inflight, self.submitted = scratch, {}, 0, 0
+
+    def submit(self, run, options, out):
+        token = self.submitted = self.submitted + 1
+        self.pending[token] = dict(options, out=str(self.scratch))
+        self.max_inflight = max(self.max_inflight, len(self.pending))
+        return token
+
+    def wait(self, tokens, timeout):
+        token = max(tokens)  # the latest submitted finishes first
+        options = self.pending.pop(token)
+        from flowbench.sweep.worker import execute_run
+
+        return [(token, execute_run(options, fake_run))]
+
+    def finish(self, state, outcome, out):
+        from flowbench.results import write_record
+
+        outcome["record"]["config"]["out"] = out
+        write_record(state.run.record_path(out), outcome["record"])
+
+    def shutdown(self, cancel=False):
+        pass
+
+
+def test_scheduler_with_parallel_slots_and_records_written_by_the_driver(tmp_path):
+    sweep = parse_sweep(small(**{"hidden-layers": [1, 2]}))
+    backend = ReturningBackend(tmp_path / "scratch")
+    buf = io.StringIO()
+    report = run_sweep(sweep, tmp_path / "res", backend=backend, stream=buf, live=False)
+    assert report.ok and report.count("done") == 6 and backend.max_inflight == 2
+    assert "2 running" in buf.getvalue()
+    for run in sweep.runs:  # every record is in the driver's folder, describing it
+        rec = json.loads(run.record_path(tmp_path / "res").read_text())
+        assert rec["config"]["out"] == str(tmp_path / "res") and rec["tag"] == run.tag

@@ -1,0 +1,96 @@
+"""Shared preprocessing steps of the MAF recipes (Papamakarios et al. 2017, gpapamak/maf ``datasets/``).
+
+Every recipe is numpy-only and computes in float64; the result is cast to float32 at the very end, as
+the original code effectively did when feeding Theano/TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from flowbench.errors import DataIntegrityError
+
+Splits = dict[str, np.ndarray]
+SPLITS: tuple[str, str, str] = ("train", "val", "test")
+
+
+def tail_split_sizes(n: int) -> tuple[int, int, int]:
+    """MAF's "tail split" sizes: test = int(0.1·N), val = int(0.1·(N − test)), train = the rest."""
+    n_test = int(0.1 * n)
+    n_val = int(0.1 * (n - n_test))
+    return n - n_test - n_val, n_val, n_test
+
+
+def tail_split(data: np.ndarray) -> Splits:
+    """Split rows in file order: the last 10 % are test, the last 10 % of the rest validation."""
+    n_train, n_val, _ = tail_split_sizes(data.shape[0])
+    return {
+        "train": data[:n_train],
+        "val": data[n_train : n_train + n_val],
+        "test": data[n_train + n_val :],
+    }
+
+
+def column_label(columns: Sequence[str] | None, j: int) -> str:
+    """``column 3 ('CO')`` when names are known, else ``column 3``."""
+    if columns is not None and j < len(columns):
+        return f"column {j} ({columns[j]!r})"
+    return f"column {j}"
+
+
+def check_finite(x: np.ndarray, what: str, columns: Sequence[str] | None = None) -> None:
+    """Raise :class:`DataIntegrityError` naming the first column holding a NaN or an inf."""
+    bad = ~np.isfinite(x).all(axis=0) if x.ndim == 2 else np.array([not np.isfinite(x).all()])
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        col = x[:, j] if x.ndim == 2 else x
+        n_nan, n_inf = int(np.isnan(col).sum()), int(np.isinf(col).sum())
+        raise DataIntegrityError(
+            f"{what}: {column_label(columns, j)} contains {n_nan} NaN and {n_inf} inf values; the raw file "
+            "is corrupt or not the MAF archive's — re-fetch it with `flowbench download --force`"
+        )
+
+
+def safe_std(x: np.ndarray, what: str, ddof: int, columns: Sequence[str] | None = None) -> np.ndarray:
+    """Column standard deviations; a zero one would turn the column into NaN, so it is an error."""
+    s = x.std(axis=0, ddof=ddof)
+    zero = ~(s > 0)
+    if zero.any():
+        j = int(np.flatnonzero(zero)[0])
+        raise DataIntegrityError(
+            f"{what}: {column_label(columns, j)} has zero variance (every value is {x[0, j]!r}); standardising "
+            "it would divide by zero. The raw file is not the expected one — re-fetch it with "
+            "`flowbench download --force`"
+        )
+    return s
+
+
+def check_splits(name: str, splits: Splits, dim: int | None = None) -> None:
+    """Every split is 2-D with the same width (``dim`` when given), finite, and train has no constant column."""
+    widths = {k: v.shape[1] if v.ndim == 2 else None for k, v in splits.items()}
+    if None in widths.values() or len(set(widths.values())) != 1:
+        raise DataIntegrityError(f"{name}: prepared splits have inconsistent shapes {widths}")
+    if dim is not None and splits["train"].shape[1] != dim:
+        raise DataIntegrityError(
+            f"{name}: prepared data has {splits['train'].shape[1]} columns, expected {dim}; the raw files "
+            "differ from the MAF archive's"
+        )
+    for k in SPLITS:
+        check_finite(splits[k], f"{name} {k} split")
+    train = splits["train"]
+    if train.shape[0] > 1:
+        const = (train.max(axis=0) == train.min(axis=0))
+        if const.any():
+            j = int(np.flatnonzero(const)[0])
+            raise DataIntegrityError(f"{name} train split: column {j} has zero variance")
+
+
+def logit(x: np.ndarray) -> np.ndarray:
+    """``log(x / (1 − x))`` as in MAF's ``util.logit``."""
+    return np.log(x / (1.0 - x))
+
+
+def to_float32(splits: Splits) -> Splits:
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in splits.items()}

@@ -1,0 +1,271 @@
+"""A restricted unpickler for the two pickles in the MAF archive; no pandas needed.
+
+``gas/ethylene_CO.pickle`` is a pandas DataFrame pickled by an old pandas, and ``mnist/mnist.pkl.gz`` a
+(possibly Python 2) pickle of numpy arrays. Unpickling runs code named by the file, so a file from the
+internet goes through :class:`RestrictedUnpickler`: every global the pickle names is looked up in an
+allow-list *by its name and top-level package* (module paths moved between pandas 0.x and 1.x/2.x:
+``pandas.core.internals.BlockManager`` → ``pandas.core.internals.managers.BlockManager``,
+``pandas.indexes.base._new_Index`` → ``pandas.core.indexes.base._new_Index``, …) and replaced by an inert
+stand-in that only records its arguments and state. numpy arrays are rebuilt by numpy's own reconstructors.
+Anything else (``os.system``, ``builtins.eval``, …) raises :class:`UnsafePickleError`.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import io
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flowbench.errors import DataIntegrityError, UnsafePickleError
+
+
+def _numpy_attr(submodule: str, name: str) -> Any:
+    """``numpy._core.<sub>.<name>`` (numpy 2) or ``numpy.core.<sub>.<name>`` (numpy 1)."""
+    import importlib
+
+    for base in ("numpy._core", "numpy.core"):
+        try:
+            return getattr(importlib.import_module(f"{base}.{submodule}"), name)
+        except (ImportError, AttributeError):
+            continue
+    raise ImportError(f"numpy has no {submodule}.{name}")
+
+
+class _Stub:
+    """Inert stand-in for a pandas class: records constructor arguments and pickled state, runs nothing."""
+
+    pandas_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Stub":
+        obj = object.__new__(cls)
+        obj.args = args
+        obj.state = None
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _FrameStub(_Stub):
+    pandas_name = "DataFrame"
+
+
+class _ManagerStub(_Stub):
+    pandas_name = "BlockManager"
+
+
+class _IndexClassStub(_Stub):
+    pandas_name = "Index"
+
+
+class _BlockStub(_Stub):
+    pandas_name = "Block"
+
+
+@dataclass
+class _IndexValue:
+    values: np.ndarray
+    name: Any = None
+
+
+def _new_index(cls: Any, d: dict) -> _IndexValue:
+    """Stand-in for pandas' ``_new_Index(cls, d)``: keeps the labels only."""
+    if not isinstance(d, dict):
+        raise DataIntegrityError("unexpected pandas Index pickle layout")
+    if "data" in d:
+        return _IndexValue(np.asarray(d["data"]), d.get("name"))
+    if "start" in d or "stop" in d:  # RangeIndex
+        return _IndexValue(np.arange(d.get("start") or 0, d["stop"], d.get("step") or 1), d.get("name"))
+    raise DataIntegrityError(f"unexpected pandas Index pickle layout (keys {sorted(d)})")
+
+
+def _unpickle_block(values: Any, mgr_locs: Any, ndim: int = 2) -> _BlockStub:
+    """Stand-in for ``pandas._libs.internals._unpickle_block`` (pandas ≥ 1.3)."""
+    b = _BlockStub()
+    b.state = {"values": values, "mgr_locs": mgr_locs}
+    return b
+
+
+def _safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise UnsafePickleError(f"pickle asks numpy to rebuild an array of type {subtype!r}; only plain ndarrays are allowed")
+    return _numpy_attr("multiarray", "_reconstruct")(subtype, shape, dtype)
+
+
+def _safe_reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """``copyreg._reconstructor`` (protocol 0/1 objects), allowed for our stand-ins only."""
+    if isinstance(cls, type) and issubclass(cls, _Stub) and base is object:
+        return cls.__new__(cls)
+    raise UnsafePickleError(f"pickle asks copyreg to build {cls!r} from {base!r}; refused")
+
+
+def _codecs_encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode``: how Python 3 writes ``bytes`` at protocol 2; only str → bytes is allowed."""
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+        raise UnsafePickleError(f"pickle calls _codecs.encode with {type(obj).__name__}, {encoding!r}; refused")
+    return obj.encode(encoding, errors)
+
+
+def _numpy_globals() -> dict[str, Any]:
+    return {
+        "_reconstruct": _safe_reconstruct,
+        "ndarray": np.ndarray,
+        "dtype": np.dtype,
+        "scalar": _numpy_attr("multiarray", "scalar"),
+        "_frombuffer": _numpy_attr("numeric", "_frombuffer"),
+    }
+
+
+_PANDAS_CLASSES: dict[str, type] = {
+    "DataFrame": _FrameStub,
+    "BlockManager": _ManagerStub,
+    **{n: _IndexClassStub for n in ("Index", "Int64Index", "UInt64Index", "Float64Index", "RangeIndex", "NumericIndex")},
+    **{n: _BlockStub for n in ("Block", "FloatBlock", "IntBlock", "ObjectBlock", "NumericBlock", "NumpyBlock")},
+}
+_PANDAS_FUNCTIONS: dict[str, Any] = {"_new_Index": _new_index, "_unpickle_block": _unpickle_block}
+_BUILTINS: dict[str, Any] = {"slice": slice, "object": object, "_reconstructor": _safe_reconstructor}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only allow-listed globals (numpy arrays; pandas DataFrame parts if ``allow_pandas``)."""
+
+    def __init__(self, file: io.BufferedIOBase, *, allow_pandas: bool, encoding: str = "ASCII") -> None:
+        super().__init__(file, encoding=encoding)
+        self.allow_pandas = allow_pandas
+        self._numpy = _numpy_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Python 2 names (copy_reg, __builtin__) are mapped the way pickle's fix_imports would.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        top = module.split(".")[0]
+        if top == "numpy" and name in self._numpy:
+            return self._numpy[name]
+        if top in ("builtins", "copyreg") and name in _BUILTINS:
+            return _BUILTINS[name]
+        if module == "_codecs" and name == "encode":
+            return _codecs_encode
+        if top == "pandas" and self.allow_pandas:
+            if name in _PANDAS_CLASSES:
+                return _PANDAS_CLASSES[name]
+            if name in _PANDAS_FUNCTIONS:
+                return _PANDAS_FUNCTIONS[name]
+        raise UnsafePickleError(
+            f"the pickle references the global {module}.{name}, which flowbench's restricted unpickler does not "
+            "allow (it rebuilds only numpy arrays" + (" and pandas DataFrame columns" if self.allow_pandas else "")
+            + "). The file is not the expected one and may be malicious: do not open it with plain pickle; "
+            "re-fetch the data with `flowbench download --force`"
+        )
+
+
+def _load(data: bytes, allow_pandas: bool) -> Any:
+    """Default encoding first; Python 2 pickles of numpy arrays need ``latin1``."""
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas).load()
+    except UnicodeDecodeError:
+        return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, encoding="latin1").load()
+
+
+def load_numpy_pickle(data: bytes) -> Any:
+    """Unpickle ``data`` allowing numpy arrays (and tuples, lists, dicts, scalars) only."""
+    try:
+        return _load(data, allow_pandas=False)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        raise DataIntegrityError(f"not a readable pickle of numpy arrays ({type(e).__name__}: {e})") from e
+
+
+@dataclass
+class Frame:
+    """The numeric content of a pickled DataFrame: column labels and a (rows, columns) float64 array."""
+
+    columns: list[str]
+    values: np.ndarray
+
+
+def _labels(index: Any) -> list:
+    if isinstance(index, _IndexValue):
+        return [x.decode("latin1") if isinstance(x, bytes) else x for x in index.values.tolist()]
+    raise DataIntegrityError(f"unexpected DataFrame axis object {type(index).__name__}")
+
+
+def _positions(locs: Any, n: int) -> np.ndarray:
+    if isinstance(locs, slice):
+        return np.arange(n)[locs]
+    return np.asarray(locs, dtype=np.int64).reshape(-1)
+
+
+def _frame_from_stub(obj: Any) -> Frame:
+    if not isinstance(obj, _FrameStub):
+        raise DataIntegrityError(f"the pickle holds a {type(obj).__name__}, expected a pandas DataFrame")
+    st = obj.state
+    mgr = st.get("_mgr", st.get("_data")) if isinstance(st, dict) else st
+    if not isinstance(mgr, _ManagerStub):
+        raise DataIntegrityError("unsupported pandas DataFrame pickle layout (no BlockManager)")
+    blocks: list[tuple[Any, np.ndarray]] = []
+    if isinstance(mgr.state, tuple) and len(mgr.state) >= 3:  # __getstate__ layouts (pandas 0.x)
+        axes_array, block_values, block_items = mgr.state[:3]
+        extra = mgr.state[3] if len(mgr.state) > 3 else None
+        if isinstance(extra, dict) and "0.14.1" in extra:  # pandas ≥ 0.14.1: values + positional mgr_locs
+            axes_array = extra["0.14.1"]["axes"]
+            columns = _labels(axes_array[0])
+            for b in extra["0.14.1"]["blocks"]:
+                blocks.append((b["values"], _positions(b["mgr_locs"], len(columns))))
+        else:  # pandas 0.13 layout: each block names its columns
+            columns = _labels(axes_array[0])
+            for vals, items in zip(block_values, block_items):
+                blocks.append((vals, np.array([columns.index(c) for c in _labels(items)], dtype=np.int64)))
+    elif len(mgr.args) >= 2:  # pandas ≥ 1.3: BlockManager(blocks, axes), blocks from _unpickle_block
+        block_objs, axes_array = mgr.args[0], mgr.args[1]
+        columns = _labels(axes_array[0])
+        for b in block_objs:
+            if not isinstance(b, _BlockStub) or not isinstance(b.state, dict):
+                raise DataIntegrityError(f"unexpected DataFrame block object {type(b).__name__}")
+            blocks.append((b.state["values"], _positions(b.state["mgr_locs"], len(columns))))
+    else:
+        raise DataIntegrityError("unsupported pandas DataFrame pickle layout (BlockManager without state)")
+    n_rows = None
+    for vals, _ in blocks:
+        if isinstance(vals, _BlockStub):
+            vals = vals.state["values"]
+        if isinstance(vals, np.ndarray) and vals.ndim == 2:
+            n_rows = vals.shape[1]
+            break
+    if n_rows is None:
+        n_rows = len(_labels(axes_array[1])) if len(axes_array) > 1 else 0
+    out = np.empty((n_rows, len(columns)), dtype=np.float64)
+    filled = np.zeros(len(columns), dtype=bool)
+    for vals, pos in blocks:
+        if isinstance(vals, _BlockStub):
+            vals = vals.state["values"]
+        vals = np.asarray(vals)
+        if vals.ndim == 1:
+            vals = vals[None, :]
+        if vals.dtype.kind not in "fiub" or vals.shape != (len(pos), n_rows):
+            raise DataIntegrityError(
+                f"DataFrame block for columns {[columns[i] for i in pos]} has dtype {vals.dtype} and shape "
+                f"{vals.shape}; expected numeric ({len(pos)}, {n_rows})"
+            )
+        out[:, pos] = vals.T
+        filled[pos] = True
+    if not filled.all():
+        raise DataIntegrityError(f"DataFrame pickle lacks data for columns {[c for c, f in zip(columns, filled) if not f]}")
+    return Frame([str(c) for c in columns], out)
+
+
+def load_dataframe_pickle(data: bytes) -> Frame:
+    """Rebuild the numeric columns of a pickled pandas DataFrame (pandas 0.x–1.x layouts) without pandas."""
+    try:
+        obj = _load(data, allow_pandas=True)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        raise DataIntegrityError(f"not a readable DataFrame pickle ({type(e).__name__}: {e})") from e
+    try:
+        return _frame_from_stub(obj)
+    except (TypeError, KeyError, IndexError, AttributeError) as e:
+        raise DataIntegrityError(f"unsupported pandas DataFrame pickle layout ({type(e).__name__}: {e})") from e

@@ -1,0 +1,128 @@
+"""Registry, load_dataset, the processed cache and the `flowbench datasets` table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flowbench import cli
+from flowbench.data import DATASETS, cache, default_root, load_dataset
+from flowbench.errors import ConfigError, DataIntegrityError, DatasetNotFoundError
+
+RAW = Path(__file__).resolve().parent / "fixtures" / "raw"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    shutil.copytree(RAW, tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_registry_names_and_sizes():
+    assert list(DATASETS) == ["power", "gas", "hepmass", "miniboone", "bsds300", "mnist", "digits"]
+    assert DATASETS["hepmass"].dim == 21 and DATASETS["hepmass"].sizes == (315_123, 35_013, 174_987)
+    assert DATASETS["digits"].builtin and not DATASETS["power"].builtin
+
+
+def test_unknown_name_lists_choices():
+    with pytest.raises(ConfigError, match="power, gas, hepmass, miniboone, bsds300, mnist, digits"):
+        load_dataset("cifar")
+
+
+def test_default_root_env(monkeypatch):
+    monkeypatch.delenv("FLOWBENCH_DATA", raising=False)
+    assert default_root() == Path("data")
+    monkeypatch.setenv("FLOWBENCH_DATA", "/somewhere")
+    assert default_root() == Path("/somewhere")
+
+
+def test_missing_raw_files_print_the_download_command(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("FLOWBENCH_DATA", raising=False)
+    with pytest.raises(DatasetNotFoundError, match=rf"flowbench download --dataset gas --root {tmp_path}"):
+        load_dataset("gas", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetNotFoundError) as e:
+        load_dataset("power")
+    assert str(e.value).endswith("flowbench download --dataset power")
+
+
+def test_cache_written_then_memory_mapped(root: Path, monkeypatch):
+    first = load_dataset("miniboone", root)
+    m = json.loads((root / "processed" / "miniboone" / "manifest.json").read_text())
+    assert m["shapes"] == {"train": [41, 43], "val": [4, 43], "test": [5, 43]}
+    assert m["recipe_version"] == 1 and m["dtype"] == "float32"
+    raw_sha = hashlib.sha256((root / "miniboone" / "data.npy").read_bytes()).hexdigest()
+    assert m["sources"]["miniboone/data.npy"]["sha256"] == raw_sha
+
+    from flowbench.data import miniboone
+
+    monkeypatch.setattr(miniboone, "prepare", lambda r: pytest.fail("cache not used"))
+    second = load_dataset("miniboone", root)
+    assert isinstance(second.train, np.memmap) and second.train.dtype == np.float32
+    np.testing.assert_array_equal(second.train, first.train)
+    second.train[0, 0] = 1e9  # copy-on-write: the cache on disk is untouched
+    assert load_dataset("miniboone", root).train[0, 0] != 1e9
+
+
+def test_cache_rebuilt_when_raw_or_recipe_changes(root: Path, monkeypatch):
+    load_dataset("miniboone", root)
+    raw = np.load(root / "miniboone" / "data.npy")
+    np.save(root / "miniboone" / "data.npy", raw[:40])  # different size -> stale cache
+    assert load_dataset("miniboone", root).train.shape[0] == 40 - 4 - 3
+    from flowbench.data import miniboone
+
+    monkeypatch.setattr(miniboone, "RECIPE_VERSION", 2)
+    assert not cache.is_valid(root, "miniboone", 2) or cache.read_manifest(root, "miniboone")["recipe_version"] == 2
+    load_dataset("miniboone", root)
+    assert cache.read_manifest(root, "miniboone")["recipe_version"] == 2
+
+
+def test_cache_without_manifest_is_not_used(root: Path):
+    load_dataset("power", root)
+    (root / "processed" / "power" / "manifest.json").unlink()
+    assert not cache.is_valid(root, "power", 1)
+
+
+def test_cache_survives_deleting_raw_files(root: Path):
+    a = load_dataset("power", root).test.copy()
+    shutil.rmtree(root / "power")
+    np.testing.assert_array_equal(load_dataset("power", root).test, a)
+
+
+def test_nan_and_constant_column_in_raw_data(root: Path):
+    raw = np.load(root / "miniboone" / "data.npy")
+    raw[3, 5] = np.inf
+    np.save(root / "miniboone" / "data.npy", raw)
+    with pytest.raises(DataIntegrityError, match=r"column 5 contains 0 NaN and 1 inf"):
+        load_dataset("miniboone", root)
+    raw[3, 5] = 0.0
+    raw[:, 7] = 2.0
+    np.save(root / "miniboone" / "data.npy", raw)
+    with pytest.raises(DataIntegrityError, match=r"column 7 has zero variance"):
+        load_dataset("miniboone", root)
+    assert not (root / "processed" / "miniboone").exists()
+
+
+def test_bsds300_nan_in_prepared_split_is_refused(root: Path):
+    import h5py
+
+    with h5py.File(root / "BSDS300" / "BSDS300.hdf5", "r+") as f:
+        f["test"][1, 4] = np.nan
+    with pytest.raises(DataIntegrityError, match=r"bsds300 test split: column 4 contains 1 NaN"):
+        load_dataset("bsds300", root)
+
+
+def test_datasets_command_shows_status(root: Path, capsys):
+    load_dataset("power", root)
+    (root / "gas" / "ethylene_CO.pickle").unlink()
+    assert cli.main(["datasets", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line and line.split()[0] in DATASETS}
+    assert "prepared" in lines["power"] and "17" in lines["power"]
+    assert "missing" in lines["gas"] and "852,174" in lines["gas"]
+    assert "raw" in lines["hepmass"] and "built-in" in lines["digits"]

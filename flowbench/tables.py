@@ -1,0 +1,207 @@
+"""Markdown results table from run records, beside the published numbers (MAF paper Table 1 layout).
+
+Rows are models (display names), columns datasets, cells ``mean ± 2 SE`` of the test log-likelihood in nats.
+Several seeds of one configuration: the cell is the mean over seeds, ± the mean per-run 2 SE, and the seed
+spread goes to a footnote (it is a different quantity and is never folded into the ± 2 SE). Several
+configurations (tags) of one model on one dataset: ``select="best-val"`` keeps the one with the best mean
+validation log-likelihood and a footnote says how many were tried (model selection on validation data only,
+as in the MAF paper). The output is a pure function of the records: same records, same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from tabulate import tabulate
+
+from flowbench.errors import ConfigError
+from flowbench.published import SOURCES, UNVERIFIED_NOTE, PublishedResult, published
+
+__all__ = ["DATASET_ORDER", "MODEL_ORDER", "build_table", "parse_sources"]
+
+DATASET_ORDER = ("power", "gas", "hepmass", "miniboone", "bsds300", "mnist", "digits")
+MODEL_ORDER = (
+    "Gaussian",
+    "MADE",
+    "MADE MoG",
+    "Real NVP (5)",
+    "Real NVP (10)",
+    "MAF (5)",
+    "MAF (10)",
+    "MAF MoG (5)",
+    "Relgrad dense flow",
+)
+_SOURCE_ORDER = {"maf": 0, "relgrad": 1, "beyond": 2, "ours": 3}
+
+
+@dataclass
+class _Cell:
+    mean: float
+    se2: float | None
+    decimals: int
+    notes: list[str] = field(default_factory=list)
+    unverified: bool = False
+
+
+@dataclass
+class _Row:
+    label: str
+    source: str  # "ours" or a published source key
+    cells: dict[str, _Cell] = field(default_factory=dict)
+
+
+def parse_sources(text: str | None) -> list[str]:
+    """``"maf,relgrad"`` → ``["maf", "relgrad"]``; ``"none"`` or empty → ``[]``."""
+    if text is None or text.strip().lower() in ("", "none"):
+        return []
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _fmt(x: float, decimals: int) -> str:
+    s = f"{x:.{decimals}f}"
+    return "0" + s[2:] if s.startswith("-0") and float(s) == 0 else s  # no "-0.00"
+
+
+def _our_decimals(se2: float | None) -> int:
+    return 2 if se2 is None or not math.isfinite(se2) or se2 >= 0.01 else 3
+
+
+def _select(records: list[dict[str, Any]], select: str) -> list[_Row]:
+    """Group records into our rows (one per display name, or per display name and tag with ``all``)."""
+    if select not in ("best-val", "all"):
+        raise ConfigError(f"unknown --select {select!r}; use best-val or all")
+    groups: dict[tuple[str, str], dict[str | None, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        label = r["display_name"]
+        against = (r.get("match_target") or {}).get("against")
+        if against:  # parameter-matched baselines (relgrad Table 1) are rows of their own
+            label += f" [matched to {against}]"
+        groups[(label, r["dataset"])][r["tag"]].append(r)
+    rows: dict[str, _Row] = {}
+    for (label, dataset), by_tag in sorted(groups.items()):
+        tags = sorted(by_tag, key=lambda t: (t is not None, t or ""))
+        if select == "best-val":
+
+            def val(tag: str | None) -> float:
+                vals = [r["best_val_ll"] for r in by_tag[tag] if r["best_val_ll"] is not None]
+                return statistics.fmean(vals) if vals else -math.inf
+
+            # Highest mean validation LL; ties go to the first tag in sorted order (deterministic).
+            best = max(tags, key=lambda t: (val(t), -tags.index(t)))
+            chosen = [(label, best)]
+        else:
+            chosen = [(f"{label} [{t}]" if t else label, t) for t in tags]
+        for row_label, tag in chosen:
+            runs = sorted(by_tag[tag], key=lambda r: r["seed"])
+            cell = _cell_from_runs(runs, dataset)
+            if select == "best-val" and len(tags) > 1:
+                cell.notes.append(
+                    f"best of {len(tags)} configurations by mean validation LL: tag {tag or '(none)'}"
+                )
+            rows.setdefault(row_label, _Row(row_label, "ours")).cells[dataset] = cell
+    return list(rows.values())
+
+
+def _cell_from_runs(runs: list[dict[str, Any]], dataset: str) -> _Cell:
+    finite = [r for r in runs if r["test_ll"] is not None and math.isfinite(r["test_ll"])]
+    notes = []
+    for r in runs:
+        if r["status"] != "ok":
+            notes.append(f"seed {r['seed']}: status {r['status']} ({r['failure']})")
+    if not finite:
+        return _Cell(math.nan, None, 2, notes)
+    means = [r["test_ll"] for r in finite]
+    se2s = [r["test_ll_se2"] for r in finite if r["test_ll_se2"] is not None]
+    mean = statistics.fmean(means)
+    se2 = statistics.fmean(se2s) if se2s else None
+    dec = _our_decimals(se2)
+    if len(finite) > 1:
+        seeds = ", ".join(str(r["seed"]) for r in finite)
+        notes.append(
+            f"mean of {len(finite)} seeds ({seeds}); ± is the mean per-run 2 SE; seed spread: "
+            f"std {_fmt(statistics.stdev(means), dec + 1)}, range {_fmt(min(means), dec)} to {_fmt(max(means), dec)}"
+        )
+    return _Cell(mean, se2, dec, notes)
+
+
+def _published_rows(cells: Iterable[PublishedResult]) -> list[_Row]:
+    rows: dict[tuple[str, str], _Row] = {}
+    for p in cells:
+        row = rows.setdefault((p.model, p.source), _Row(p.model, p.source))
+        row.cells[p.dataset] = _Cell(p.mean, p.se2, p.decimals, [p.note] if p.note else [], p.unverified)
+    return list(rows.values())
+
+
+def _row_key(row: _Row) -> tuple:
+    base = row.label.split(" [")[0]
+    known = MODEL_ORDER.index(base) if base in MODEL_ORDER else len(MODEL_ORDER)
+    return (known, base if known == len(MODEL_ORDER) else "", _SOURCE_ORDER.get(row.source, 9), row.label)
+
+
+def build_table(
+    records: list[dict[str, Any]],
+    sources: list[str] | tuple[str, ...] = ("maf", "relgrad"),
+    select: str = "best-val",
+) -> str:
+    """The Markdown table (with a heading line and footnotes) for ``records`` and published ``sources``."""
+    ours = _select(records, select)
+    pub = _published_rows(published(sources))
+    rows = sorted(ours + pub, key=_row_key)
+    present = {d for r in rows for d in r.cells}
+    ours_datasets = {d for r in ours for d in r.cells}
+    extra = sorted(ours_datasets - set(DATASET_ORDER))
+    # Published-only datasets outside flowbench's list (CIFAR-10) are left out: nothing of ours to compare.
+    columns = [d for d in DATASET_ORDER if d in present] + extra
+
+    best: dict[str, float] = {}
+    for d in columns:
+        vals = [r.cells[d].mean for r in rows if d in r.cells and math.isfinite(r.cells[d].mean)]
+        if vals:
+            best[d] = max(vals)
+
+    footnotes: list[str] = []
+    any_unverified = False
+    body = []
+    for row in rows:
+        source = "ours" if row.source == "ours" else f"published: {SOURCES[row.source][0]}"
+        line = [row.label, source]
+        for d in columns:
+            cell = row.cells.get(d)
+            if cell is None or not math.isfinite(cell.mean):
+                text = "N/A"
+            else:
+                text = _fmt(cell.mean, cell.decimals)
+                if cell.se2 is not None:
+                    text += f" ± {_fmt(cell.se2, cell.decimals)}"
+                if d in best and cell.mean == best[d]:
+                    text = f"**{text}**"
+            marks = ""
+            if cell is not None and cell.unverified:
+                marks += "?"
+                any_unverified = True
+            for note in cell.notes if cell is not None else []:
+                if note not in footnotes:
+                    footnotes.append(note)
+                marks += f"[{footnotes.index(note) + 1}]"
+            line.append(text + (" " + marks if marks else ""))
+        body.append(line)
+
+    headers = ["Model", "Source"] + [d.upper() for d in columns]
+    out = [
+        "Average test log-likelihood in nats (higher is better), mean ± 2 standard errors over the test points. "
+        "MNIST and digits in logit space. **Bold**: best in its column. N/A: no result.",
+        "",
+        tabulate(body, headers=headers, tablefmt="github", disable_numparse=True, stralign="left"),
+    ]
+    notes = [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
+    if any_unverified:
+        notes.append(f"? {UNVERIFIED_NOTE}")
+    cited = [s for s in sources if s in SOURCES]
+    notes += [f"{SOURCES[s][0]}: {SOURCES[s][1]}" for s in cited]
+    if notes:
+        out += [""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"

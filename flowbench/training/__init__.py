@@ -1,0 +1,17 @@
+"""Training, evaluation and records: :func:`run_experiment` is the one entry point (``flowbench run``, sweeps)."""
+
+from flowbench.training.early_stopping import EarlyStopping
+from flowbench.training.evaluate import evaluate_test, log_prob_batches, mean_se2
+from flowbench.training.experiment import run_experiment
+from flowbench.training.trainer import EpochInfo, Trainer, TrainResult
+
+__all__ = [
+    "run_experiment",
+    "Trainer",
+    "TrainResult",
+    "EpochInfo",
+    "EarlyStopping",
+    "evaluate_test",
+    "log_prob_batches",
+    "mean_se2",
+]

@@ -1,0 +1,275 @@
+"""The training loop of the MAF protocol (Papamakarios et al. 2017, section 4; maf-protocol.md section 3).
+
+Adam (β 0.9/0.999, ε 1e-8), minibatches of 100 reshuffled every epoch from a seeded generator, L2 penalty
+1e-6, validation every epoch after the model's ``prepare_for_eval`` (batch-norm statistics from the whole
+training set), patience early stopping with the best parameters restored. Every epoch ends with an atomic
+checkpoint holding everything that influences later epochs, so a resumed run is bit-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flowbench.errors import ConfigError
+from flowbench.models.base import Flow
+from flowbench.training.early_stopping import EarlyStopping
+from flowbench.training.evaluate import log_prob_batches
+from flowbench.utils import atomic_torch_save
+
+__all__ = ["TrainResult", "Trainer", "EpochInfo"]
+
+#: Options that may differ between a run and its resumption (they do not change the trajectory).
+RESUME_MAY_CHANGE = ("max_epochs", "resume", "force", "device", "out", "data_root", "eval_batch_size", "config")
+
+
+@dataclass
+class EpochInfo:
+    """What a callback sees after each epoch (1-based ``epoch``)."""
+
+    epoch: int
+    train_nll: float
+    val_ll: float
+    best_val_ll: float
+    best_epoch: int | None
+    patience_left: int
+
+
+@dataclass
+class TrainResult:
+    epochs: int = 0
+    best_epoch: int | None = None
+    best_val_ll: float = math.nan
+    status: str = "ok"
+    failure: str | None = None
+    stop_reason: str = "not trained"
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_time_s: float = 0.0
+    resumed_from_epoch: int | None = None
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "shuffle": gen.get_state(),
+        # numpy's state holds an ndarray: stored as a tensor so that torch.load(weights_only=True) reads it.
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["shuffle"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Trains one :class:`Flow` on device-resident tensors; see the module docstring for the protocol."""
+
+    def __init__(
+        self,
+        flow: Flow,
+        train_x: Tensor,
+        val_x: Tensor,
+        *,
+        lr: float,
+        weight_decay: float = 1e-6,
+        batch_size: int = 100,
+        patience: int = 30,
+        max_epochs: int | None = None,
+        seed: int = 0,
+        eval_batch_size: int = 2000,
+        checkpoint_path: str | Path | None = None,
+        fingerprint: dict[str, Any] | None = None,
+        callbacks: list[Callable[[EpochInfo], None]] | None = None,
+        progress: bool = True,
+    ):
+        self.flow = flow
+        self.train_x = train_x
+        self.val_x = val_x
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.eval_batch_size = eval_batch_size
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
+        self.fingerprint = fingerprint or {}
+        self.callbacks = list(callbacks or [])
+        self.progress = progress
+        # torch's Adam adds weight_decay·w to the gradient inside step(): exactly the gradient of the MAF L2
+        # penalty (1e-6/2)·Σ‖w‖² (not AdamW's decoupled decay). Because it happens in step(), i.e. after
+        # flow.adjust_gradients(), relgrad's relative-gradient transform acts on the likelihood gradient only
+        # and the penalty stays an ordinary Euclidean L2 term, as in the MAF protocol.
+        self.optimizer = torch.optim.Adam(
+            flow.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
+        )
+        self.stopper = EarlyStopping(patience)
+        # Shuffling has its own generator so that nothing else drawing random numbers changes the batch order.
+        self.generator = torch.Generator().manual_seed(seed)
+        self.result = TrainResult()
+        self._epoch = 0  # epochs completed
+        self._finished = False
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "epoch": self._epoch,
+            "finished": self._finished,
+            "model": self.flow.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "early_stopping": self.stopper.state_dict(),
+            "rng": _rng_state(self.generator),
+            "result": {
+                "status": self.result.status,
+                "failure": self.result.failure,
+                "stop_reason": self.result.stop_reason,
+                "history": self.result.history,
+                "train_time_s": self.result.train_time_s,
+            },
+            "fingerprint": self.fingerprint,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is not None:
+            atomic_torch_save(self.checkpoint_path, self.state_dict())
+
+    def load_checkpoint(self, path: str | Path | None = None) -> None:
+        """Restore the state saved at the end of an epoch (``--resume``)."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None or not path.is_file():
+            raise ConfigError(f"no checkpoint to resume from at {path}; run without --resume to start afresh")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        old = {k: v for k, v in state.get("fingerprint", {}).items() if k not in RESUME_MAY_CHANGE}
+        new = {k: v for k, v in self.fingerprint.items() if k not in RESUME_MAY_CHANGE}
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(
+                f"checkpoint {path} was made with different options ({', '.join(diff)}); "
+                "resume with the same options, or use --force without --resume to start again"
+            )
+        self.flow.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stopper.load_state_dict(state["early_stopping"])
+        _set_rng_state(state["rng"], self.generator)
+        r = state["result"]
+        self.result.status, self.result.failure = r["status"], r["failure"]
+        self.result.stop_reason, self.result.history = r["stop_reason"], list(r["history"])
+        self.result.train_time_s = float(r["train_time_s"])
+        self._epoch = int(state["epoch"])
+        self._finished = bool(state["finished"])
+        self.result.resumed_from_epoch = self._epoch
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def _validate(self) -> float:
+        self.flow.eval()
+        self.flow.prepare_for_eval(self.train_x)
+        ll = float(np.mean(log_prob_batches(self.flow, self.val_x, self.eval_batch_size)))
+        return ll
+
+    def _train_epoch(self, epoch: int) -> tuple[float, str | None]:
+        """One pass over the shuffled training set; returns (mean train NLL, failure message or None)."""
+        self.flow.train()
+        n = self.train_x.shape[0]
+        perm = torch.randperm(n, generator=self.generator).to(self.train_x.device)
+        total, count = 0.0, 0
+        bar = tqdm(
+            range(0, n, self.batch_size),
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=None if self.progress else True,  # None: no bar when stderr is not a terminal (logs)
+            file=sys.stderr,
+            mininterval=0.5,
+        )
+        for i in bar:
+            batch = self.train_x[perm[i : i + self.batch_size]]
+            loss = -self.flow.train_log_prob(batch).mean()
+            if not torch.isfinite(loss):
+                bar.close()
+                return math.nan, f"non-finite training loss ({loss.item()}) at epoch {epoch}, batch {i // self.batch_size + 1}"
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.flow.adjust_gradients()
+            self.optimizer.step()
+            # The relgrad objective omits log|det W|, so its "loss" is not the NLL; it is still what is optimised.
+            total += loss.item() * batch.shape[0]
+            count += batch.shape[0]
+            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
+        bar.close()
+        return total / max(count, 1), None
+
+    def fit(self) -> TrainResult:
+        """Train until patience runs out, ``max_epochs`` is reached or the loss turns non-finite."""
+        res = self.result
+        start = time.perf_counter()
+        base_time = res.train_time_s
+        while not self._finished:
+            if self.max_epochs is not None and self._epoch >= self.max_epochs:
+                res.stop_reason = f"reached max_epochs={self.max_epochs}"
+                break
+            epoch = self._epoch + 1
+            train_nll, failure = self._train_epoch(epoch)
+            val_ll = math.nan
+            if failure is None:
+                val_ll = self._validate()
+                if not math.isfinite(val_ll):
+                    failure = f"non-finite validation log-likelihood ({val_ll}) at epoch {epoch}"
+            if failure is not None:
+                # Keep the last good state: the stopper's best, restored below; the record notes the failure.
+                res.status, res.failure, res.stop_reason = "nonfinite", failure, "non-finite loss"
+                self._finished = True
+                self._log(f"epoch {epoch}: {failure}; stopping and keeping the best model so far")
+                self._epoch = epoch
+                res.train_time_s = base_time + time.perf_counter() - start
+                self.save_checkpoint()
+                break
+            self.stopper.step(val_ll, epoch, self.flow)
+            self._epoch = epoch
+            res.history.append({"epoch": epoch, "train_loss": train_nll, "val_ll": val_ll})
+            info = EpochInfo(
+                epoch, train_nll, val_ll, self.stopper.best_value, self.stopper.best_epoch, self.stopper.patience_left
+            )
+            self._log(
+                f"epoch {epoch:4d}  train loss {train_nll:10.4f}  val LL {val_ll:10.4f}  "
+                f"best {info.best_val_ll:10.4f} (epoch {info.best_epoch})  patience left {info.patience_left}"
+            )
+            if self.stopper.should_stop:
+                res.stop_reason = f"no improvement for {self.stopper.patience} epochs"
+                self._finished = True
+            res.train_time_s = base_time + time.perf_counter() - start
+            self.save_checkpoint()
+            for cb in self.callbacks:  # after the checkpoint: a callback that raises simulates a kill
+                cb(info)
+        res.train_time_s = base_time + time.perf_counter() - start
+        res.epochs = self._epoch
+        if self.stopper.restore(self.flow):
+            # The best state was saved right after its prepare_for_eval; recomputing is the protocol's
+            # "and at the end" and costs one pass.
+            self.flow.prepare_for_eval(self.train_x)
+        res.best_epoch = self.stopper.best_epoch
+        res.best_val_ll = self.stopper.best_value if self.stopper.best_epoch is not None else math.nan
+        self.flow.eval()
+        return res
+
+    def _log(self, line: str) -> None:
+        if self.progress:
+            tqdm.write(line, file=sys.stderr)

@@ -1,0 +1,124 @@
+"""`flowbench table`: selection, seed averaging, bold best, N/A, published rows, golden output."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from flowbench.errors import ConfigError
+from flowbench.published import PUBLISHED, published
+from flowbench.results import REQUIRED_KEYS, iter_records, record_path, write_record
+from flowbench.tables import build_table
+
+GOLDEN = Path(__file__).parent / "golden" / "table.md"
+
+
+def fake_record(dataset, model, display, seed, test_ll, se2, val, tag=None, status="ok", failure=None):
+    rec = {k: None for k in REQUIRED_KEYS}
+    rec.update(
+        dataset=dataset, model=model, display_name=display, tag=tag, seed=seed, config={}, params=10,
+        epochs=3, best_epoch=2, best_val_ll=val, test_ll=test_ll, test_ll_se2=se2, n_test=100,
+        wall_time_s=1.0, device="cpu", torch="x", python="3", timestamp="t", status=status, failure=failure,
+    )
+    return rec
+
+
+def write_fixture(out: Path) -> None:
+    recs = [
+        # two seeds of one configuration → mean and a spread footnote
+        fake_record("power", "maf", "MAF (5)", 0, 0.20, 0.01, 0.21),
+        fake_record("power", "maf", "MAF (5)", 1, 0.30, 0.01, 0.31),
+        # relgrad on power: two tags; best-val must pick lr=1e-3 (higher val) although its test is lower
+        fake_record("power", "relgrad", "Relgrad dense flow", 0, 0.01, 0.012, 0.50, tag="lr=1e-3"),
+        fake_record("power", "relgrad", "Relgrad dense flow", 0, 0.90, 0.012, 0.10, tag="lr=1e-4"),
+        fake_record("digits", "relgrad", "Relgrad dense flow", 0, -30.123, 0.5, -29.0),
+        fake_record("digits", "gaussian", "Gaussian", 0, -45.5, 0.8, -44.0),
+    ]
+    for r in recs:
+        write_record(record_path(out, r["dataset"], r["model"], r["seed"], r["tag"]), r)
+
+
+def test_golden_table(tmp_path):
+    write_fixture(tmp_path)
+    text = build_table(list(iter_records(tmp_path)), ["maf", "relgrad"], "best-val")
+    if os.environ.get("FLOWBENCH_UPDATE_GOLDEN"):  # regenerate deliberately, then review the diff
+        GOLDEN.write_text(text)
+    assert text == GOLDEN.read_text()
+    # deterministic: same records, same bytes
+    assert build_table(list(iter_records(tmp_path)), ["maf", "relgrad"], "best-val") == text
+
+
+def test_selection_seeds_bold_and_na(tmp_path):
+    write_fixture(tmp_path)
+    text = build_table(list(iter_records(tmp_path)), [], "best-val")
+    lines = {ln.split("|")[1].strip() + "/" + ln.split("|")[2].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    maf = lines["MAF (5)/ours"]
+    assert "**0.25 ± 0.01**" in maf  # mean of 0.20 and 0.30; ± stays the per-run 2 SE, spread goes to a note
+    assert "mean of 2 seeds (0, 1)" in text and "std 0.071" in text
+    rel = lines["Relgrad dense flow/ours"]
+    assert "0.01 ± 0.01 [" in rel and "0.90" not in rel  # best validation wins, not best test
+    assert "best of 2 configurations by mean validation LL: tag lr=1e-3" in text
+    assert "N/A" in lines["Gaussian/ours"]  # no power result for the Gaussian
+    assert "**-30.12 ± 0.50**" in rel  # best digits cell in bold
+    text_all = build_table(list(iter_records(tmp_path)), [], "all")
+    assert "Relgrad dense flow [lr=1e-4]" in text_all and "Relgrad dense flow [lr=1e-3]" in text_all
+
+
+def test_published_rows_marked_and_best_across_all(tmp_path):
+    write_fixture(tmp_path)
+    text = build_table(list(iter_records(tmp_path)), ["maf", "relgrad", "beyond"], "best-val")
+    assert "| MAF (5)" in text and "published: MAF paper" in text and "published: relgrad paper" in text
+    assert "96.67 ± 0.25 ?" in text  # the unverified Gaussian BSDS300 number keeps its mark
+    assert "**0.66 ± 0.01** ?" in text  # RQ-NSF (AR) is the best POWER number shown, and unverified
+    assert "CIFAR10" not in text
+
+
+def test_published_data_complete():
+    maf = [p for p in PUBLISHED if p.source == "maf"]
+    assert len(maf) == 8 * 5 + 8 * 2
+    cell = next(p for p in maf if p.model == "MAF MoG (5)" and p.dataset == "bsds300")
+    assert (cell.mean, cell.se2, cell.decimals) == (156.36, 0.28, 2)
+    rel = [p for p in PUBLISHED if p.source == "relgrad"]
+    assert {p.dataset: p.mean for p in rel}["hepmass"] == -21.958
+    assert sum(p.unverified for p in PUBLISHED) == 11
+    with pytest.raises(ConfigError, match="unknown published source"):
+        published(["nope"])
+
+
+def test_table_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no run records"):
+        list(iter_records(tmp_path))
+    write_fixture(tmp_path)
+    with pytest.raises(ConfigError, match="--select"):
+        build_table(list(iter_records(tmp_path)), [], "worst")
+    with pytest.raises(ConfigError, match="already exists"):
+        r = fake_record("power", "maf", "MAF (5)", 0, 0.2, 0.01, 0.2)
+        write_record(record_path(tmp_path, "power", "maf", 0), r)
+    with pytest.raises(ConfigError, match="file name"):
+        record_path(tmp_path, "power", "maf", 0, tag="../evil")
+
+
+def test_failed_runs_are_footnoted(tmp_path):
+    r = fake_record("gas", "made", "MADE", 0, 1.5, 0.02, 1.4, status="nonfinite", failure="non-finite training loss")
+    write_record(record_path(tmp_path, "gas", "made", 0), r)
+    r2 = fake_record("gas", "maf", "MAF (5)", 0, None, None, None, status="nonfinite", failure="diverged at once")
+    write_record(record_path(tmp_path, "gas", "maf", 0), r2)
+    text = build_table(list(iter_records(tmp_path)), [], "best-val")
+    assert "**1.50 ± 0.02** [1]" in text and "[1] seed 0: status nonfinite (non-finite training loss)" in text
+    assert "| MAF (5) | ours     | N/A [2]" in text
+
+
+def test_matched_baselines_are_rows_of_their_own(tmp_path):
+    # A MAF matched to relgrad's parameter count must not compete with the MAF-table configuration.
+    plain = fake_record("power", "maf", "MAF (5)", 0, 0.20, 0.01, 0.90)
+    matched = fake_record("power", "maf", "MAF (5)", 0, 0.05, 0.01, 0.10, tag="match-params=relgrad")
+    matched["match_target"] = {"against": "relgrad", "target": 84, "achieved": 215}
+    for r in (plain, matched):
+        write_record(record_path(tmp_path, r["dataset"], r["model"], r["seed"], r["tag"]), r)
+    text = build_table(list(iter_records(tmp_path)), [], "best-val")
+    rows = [ln for ln in text.splitlines() if ln.startswith("| MAF (5)")]
+    assert len(rows) == 2
+    assert any("[matched to relgrad]" in ln and "0.05 ± 0.01" in ln for ln in rows)
+    assert any("[matched to relgrad]" not in ln and "0.20 ± 0.01" in ln for ln in rows)

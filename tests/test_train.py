@@ -1,0 +1,269 @@
+"""Trainer and run_experiment: early stopping, batch-norm statistics, resume, NaN guard, sanity vs truth."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import multivariate_normal
+from torch import Tensor, nn
+
+import flowbench.models as models
+from flowbench.data.base import Dataset
+from flowbench.errors import ConfigError
+from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
+from flowbench.results import checkpoint_path, record_path
+from flowbench.training import EarlyStopping, Trainer, run_experiment
+from flowbench.training.evaluate import mean_se2
+
+COV = np.array([[1.0, 0.6, 0.2], [0.6, 2.0, -0.4], [0.2, -0.4, 0.5]])
+MEAN = np.array([0.5, -1.0, 2.0])
+
+
+def gaussian_data(n_train=1500, n_val=300, n_test=1500, seed=1) -> Dataset:
+    rng = np.random.RandomState(seed)
+    x = rng.multivariate_normal(MEAN, COV, size=n_train + n_val + n_test).astype(np.float32)
+    return Dataset("toy", x[:n_train], x[n_train : n_train + n_val], x[n_train + n_val :])
+
+
+class ShiftScale(Transform):
+    """z = (x − m)·exp(−s): the smallest trainable flow."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.m = nn.Parameter(torch.zeros(dim))
+        self.s = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return (x - self.m) * torch.exp(-self.s), (-self.s).sum().expand(x.shape[0])
+
+
+def tiny_flow(dim: int) -> Flow:
+    return Flow(CompositeTransform([ShiftScale(dim)]), StandardNormal(dim), dim)
+
+
+class NaNFlow(Flow):
+    """Becomes non-finite after ``after`` training steps (a model that diverges)."""
+
+    def __init__(self, dim: int, after: int = 25):
+        super().__init__(CompositeTransform([ShiftScale(dim)]), StandardNormal(dim), dim)
+        self.calls, self.after = 0, after
+
+    def train_log_prob(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        lp = self.log_prob(x)
+        return lp * math.nan if self.calls > self.after else lp
+
+
+@pytest.fixture
+def tiny_models(monkeypatch):
+    """Register test-only models 'tiny' and 'nanflow' beside the real registry."""
+    real_build, real_hp, real_name = models.build_model, models.model_hparams, models.display_name
+    builders = {"tiny": tiny_flow, "nanflow": NaNFlow}
+    monkeypatch.setattr(models, "build_model", lambda n, d, **h: builders[n](d) if n in builders else real_build(n, d, **h))
+    monkeypatch.setattr(models, "model_hparams", lambda n: {} if n in builders else real_hp(n))
+    monkeypatch.setattr(models, "display_name", lambda n, **h: n.upper() if n in builders else real_name(n, **h))
+
+
+def opts(tmp_path, **kw):
+    return {"out": str(tmp_path), "batch_size": 100, "device": "cpu", **kw}
+
+
+# -- early stopping --------------------------------------------------------------------------------------
+def test_early_stopping_counts_restores_stops():
+    lin = nn.Linear(2, 2)
+    es = EarlyStopping(patience=3)
+    snapshots = {}
+    for epoch, v in enumerate([1.0, 2.0, 1.5, 1.9, 1.8], start=1):
+        with torch.no_grad():
+            lin.weight.fill_(epoch)
+        snapshots[epoch] = lin.weight.clone()
+        improved = es.step(v, epoch, lin)
+        assert improved == (epoch in (1, 2))
+        assert es.should_stop == (epoch == 5)
+    assert (es.best_epoch, es.best_value, es.bad_epochs, es.patience_left) == (2, 2.0, 3, 0)
+    assert es.restore(lin) and torch.equal(lin.weight, snapshots[2])
+    es2 = EarlyStopping(3)
+    es2.load_state_dict(es.state_dict())
+    assert (es2.best_epoch, es2.bad_epochs) == (2, 3)
+    assert not EarlyStopping(2).step(math.nan, 1, lin)  # NaN is never an improvement
+
+
+class ScriptedVal(Flow):
+    """Validation LL follows a script (one value per prepare_for_eval call); training is real."""
+
+    def __init__(self, dim: int, script: list[float]):
+        super().__init__(CompositeTransform([ShiftScale(dim)]), StandardNormal(dim), dim)
+        self.script, self.k, self.events = script, -1, []
+
+    def prepare_for_eval(self, train_x: Tensor, batch_size: int = 10_000) -> None:
+        self.k += 1
+        self.events.append(("prepare", train_x))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        if self.training:
+            return super().log_prob(x)
+        self.events.append(("eval", x.shape[0]))
+        return x.new_full((x.shape[0],), self.script[self.k])
+
+
+def test_trainer_stops_after_patience_and_restores_best():
+    data = gaussian_data(300, 50, 50)
+    train_x, val_x = torch.tensor(data.train), torch.tensor(data.val)
+    flow = ScriptedVal(3, [0.0, 1.0, 3.0, 2.0, 2.5, 2.9, 9.0, 9.0])
+    states = {}
+    tr = Trainer(flow, train_x, val_x, lr=1e-2, patience=3, progress=False,
+                 callbacks=[lambda info: states.__setitem__(info.epoch, {k: v.clone() for k, v in flow.state_dict().items()})])
+    res = tr.fit()
+    assert (res.epochs, res.best_epoch, res.best_val_ll) == (6, 3, 3.0)  # epochs 4, 5, 6 did not improve
+    assert "no improvement for 3 epochs" in res.stop_reason
+    for k, v in flow.state_dict().items():
+        assert torch.equal(v, states[3][k])  # the best parameters are back
+    assert not torch.equal(states[3]["transform.transforms.0.m"], states[6]["transform.transforms.0.m"])
+    # validation always comes right after prepare_for_eval on the *whole* training set; once more at the end
+    prepares = [e for e in flow.events if e[0] == "prepare"]
+    assert len(prepares) == 6 + 1 and all(e[1] is train_x for e in prepares)
+    assert all(flow.events[i - 1][0] == "prepare" for i, e in enumerate(flow.events) if e[0] == "eval" and
+               (i == 0 or flow.events[i - 1][0] != "eval"))
+
+
+def test_batchnorm_statistics_from_full_training_set():
+    layers = pytest.importorskip("flowbench.models.layers")
+    data = gaussian_data(500, 100, 100)
+    train_x, val_x = torch.tensor(data.train), torch.tensor(data.val)
+    shift = ShiftScale(3)
+    bn = layers.BatchNorm(3)
+    flow = Flow(CompositeTransform([shift, bn]), StandardNormal(3), 3)
+    checked = []
+
+    def check(info):
+        with torch.no_grad():
+            h = shift(train_x)[0].double()
+        torch.testing.assert_close(bn.stat_mean.double(), h.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(bn.stat_var.double(), h.var(0, unbiased=False) + 1e-5, atol=1e-5, rtol=1e-5)
+        # ... and not the statistics of the last minibatch (batch 100 of 500)
+        assert not torch.allclose(bn.stat_mean.double(), h[-100:].mean(0), atol=1e-3)
+        checked.append(info.epoch)
+
+    Trainer(flow, train_x, val_x, lr=1e-2, max_epochs=2, patience=5, progress=False, callbacks=[check]).fit()
+    assert checked == [1, 2]
+
+
+# -- resume ------------------------------------------------------------------------------------------------
+class Kill(Exception):
+    pass
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    data = gaussian_data(400, 100, 200)
+    o = dict(model="maf", layers=2, hidden=8, max_epochs=5, patience=50, seed=3, lr=3e-3)
+    full = run_experiment(opts(tmp_path / "a", **o), data, progress=False)
+
+    def kill(info):
+        if info.epoch == 2:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run_experiment(opts(tmp_path / "b", **o), data, progress=False, callbacks=[kill])
+    assert checkpoint_path(tmp_path / "b", "toy", "maf", 3).is_file()
+    assert not record_path(tmp_path / "b", "toy", "maf", 3).exists()
+    with pytest.raises(ConfigError, match="different options.*lr"):
+        run_experiment(opts(tmp_path / "b", **dict(o, lr=1e-3), resume=True), data, progress=False)
+    resumed = run_experiment(opts(tmp_path / "b", **o, resume=True), data, progress=False)
+    assert resumed["history"] == full["history"]  # every epoch's numbers, bit for bit
+    assert resumed["test_ll"] == full["test_ll"] and resumed["best_epoch"] == full["best_epoch"]
+    assert resumed["epochs"] == 5 and any("resumed" in n for n in resumed["notes"])
+    # A finished run can be continued to a later epoch cap (the record is then replaced: --force).
+    longer = run_experiment(opts(tmp_path / "b", **dict(o, max_epochs=6), resume=True, force=True), data, progress=False)
+    again = run_experiment(opts(tmp_path / "c", **dict(o, max_epochs=6)), data, progress=False)
+    assert longer["history"] == again["history"] and longer["test_ll"] == again["test_ll"]
+
+
+def test_record_refuses_overwrite(tmp_path, tiny_models):
+    data = gaussian_data(200, 50, 50)
+    run_experiment(opts(tmp_path, model="tiny", max_epochs=1), data, progress=False)
+    with pytest.raises(ConfigError, match="already exists.*--force"):
+        run_experiment(opts(tmp_path, model="tiny", max_epochs=1), data, progress=False)
+    run_experiment(opts(tmp_path, model="tiny", max_epochs=1, force=True), data, progress=False)
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        run_experiment(opts(tmp_path, model="tiny", seed=9, resume=True), data, progress=False)
+
+
+# -- NaN guard ---------------------------------------------------------------------------------------------
+def test_nan_guard_stops_keeps_best_and_records(tmp_path, tiny_models):
+    data = gaussian_data(500, 100, 100)  # 5 batches per epoch; NaN from step 26 = epoch 6
+    rec = run_experiment(opts(tmp_path, model="nanflow", max_epochs=20, lr=1e-2), data, progress=False)
+    assert rec["status"] == "nonfinite"
+    assert "non-finite training loss" in rec["failure"] and "epoch 6" in rec["failure"]
+    assert rec["epochs"] == 6 and rec["best_epoch"] == 5
+    assert math.isfinite(rec["test_ll"]) and math.isfinite(rec["best_val_ll"])
+    on_disk = json.loads(record_path(tmp_path, "toy", "nanflow", 0).read_text())
+    assert on_disk["status"] == "nonfinite" and on_disk["failure"] == rec["failure"]
+
+
+# -- evaluation --------------------------------------------------------------------------------------------
+def test_mean_se2_matches_maf_formula():
+    v = np.array([1.0, 2.0, 4.0, 7.0])
+    assert mean_se2(v) == (3.5, 2 * np.std(v) / 2.0)
+
+
+def test_no_model_beats_the_true_density(tmp_path):
+    """On data from a known Gaussian, test LL ≤ the true density's LL + the model's error bar."""
+    data = gaussian_data()
+    true_ll = multivariate_normal(MEAN, COV).logpdf(data.test.astype(np.float64)).mean()
+    configs = [
+        dict(model="gaussian"),
+        dict(model="made", hidden=16, lr=1e-2),
+        dict(model="made-mog", hidden=16, components=3, lr=1e-2),
+        dict(model="maf", layers=2, hidden=16, lr=1e-2),
+        dict(model="realnvp", layers=2, hidden=16, lr=1e-2),
+        dict(model="relgrad", lr=1e-2),
+    ]
+    for c in configs:
+        rec = run_experiment(opts(tmp_path, max_epochs=4, **c), data, progress=False)
+        assert rec["status"] == "ok", rec["failure"]
+        assert rec["test_ll"] <= true_ll + rec["test_ll_se2"], (c, rec["test_ll"], true_ll)
+        assert rec["test_ll"] > true_ll - 3.0, (c, rec["test_ll"], true_ll)  # and it did learn something
+        if c["model"] == "gaussian":
+            assert rec["epochs"] == 0 and abs(rec["test_ll"] - true_ll) < rec["test_ll_se2"]
+
+
+def test_match_params(tmp_path):
+    data = gaussian_data(200, 50, 50)
+    rec = run_experiment(opts(tmp_path, model="maf", layers=2, match_params=2000, max_epochs=1), data, progress=False)
+    m = rec["match_target"]
+    assert m["target"] == 2000 and m["achieved"] == rec["params"] and abs(m["achieved"] - 2000) < 200
+    rec = run_experiment(opts(tmp_path, model="made", match_params="relgrad", max_epochs=1), data, progress=False)
+    # relgrad with 2 layers and biases on D = 3: L(D² + D) = 24
+    assert rec["match_target"]["target"] == 24 and rec["match_target"]["against"] == "relgrad"
+    with pytest.raises(ConfigError, match="does not apply"):
+        run_experiment(opts(tmp_path, model="relgrad", hidden=8, max_epochs=1, tag="x"), data, progress=False)
+
+
+class ZeroGrad(Flow):
+    """adjust_gradients wipes the likelihood gradient: only the L2 term can move the parameters."""
+
+    def __init__(self, dim: int):
+        super().__init__(CompositeTransform([ShiftScale(dim)]), StandardNormal(dim), dim)
+        with torch.no_grad():
+            self.transform.transforms[0].m.fill_(1.0)
+
+    def adjust_gradients(self) -> None:
+        for p in self.parameters():
+            p.grad.zero_()
+
+
+@pytest.mark.parametrize("wd", [0.0, 1e-2])
+def test_l2_penalty_is_applied_after_adjust_gradients(wd):
+    data = gaussian_data(200, 50, 50)
+    flow = ZeroGrad(3)
+    Trainer(flow, torch.tensor(data.train), torch.tensor(data.val), lr=1e-2, weight_decay=wd, max_epochs=1,
+            progress=False).fit()
+    m = flow.transform.transforms[0].m.detach()
+    if wd == 0:
+        assert torch.equal(m, torch.ones(3))  # nothing but the (wiped) likelihood gradient
+    else:
+        assert (m < 1).all()  # the penalty's gradient wd·w survived the model's gradient transform

@@ -59,6 +59,24 @@ class TrainResult:
     resumed_from_epoch: int | None = None
 
 
+#: On a GPU the running loss is read back (and checked for NaN/inf) every this many steps.
+SYNC_EVERY = 50
+
+
+def make_adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
+    """Adam (β 0.9/0.999, ε 1e-8) as in the MAF protocol, with the fused kernel where torch has one.
+
+    The fused step is the same algorithm in one kernel per dtype/device instead of several per tensor;
+    on small flows (MAF on POWER, 30 parameter tensors) it cut a training step by about a fifth on CPU.
+    """
+    params = list(params)
+    kwargs = dict(lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # older torch, or a device/dtype without a fused kernel
+        return torch.optim.Adam(params, **kwargs)
+
+
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
@@ -119,9 +137,7 @@ class Trainer:
         # penalty (1e-6/2)·Σ‖w‖² (not AdamW's decoupled decay). Because it happens in step(), i.e. after
         # flow.adjust_gradients(), relgrad's relative-gradient transform acts on the likelihood gradient only
         # and the penalty stays an ordinary Euclidean L2 term, as in the MAF protocol.
-        self.optimizer = torch.optim.Adam(
-            flow.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay
-        )
+        self.optimizer = make_adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
         self.stopper = EarlyStopping(patience)
         # Shuffling has its own generator so that nothing else drawing random numbers changes the batch order.
         self.generator = torch.Generator().manual_seed(seed)
@@ -191,7 +207,10 @@ class Trainer:
         self.flow.train()
         n = self.train_x.shape[0]
         perm = torch.randperm(n, generator=self.generator).to(self.train_x.device)
-        total, count = 0.0, 0
+        total, count = self.train_x.new_zeros((), dtype=torch.float64), 0
+        # Reading the loss on the host forces a device sync; on a GPU do it every SYNC_EVERY steps only (a
+        # non-finite loss is then caught a few steps late, which is harmless: the best state is restored).
+        sync_every = 1 if self.train_x.device.type == "cpu" else SYNC_EVERY
         bar = tqdm(
             range(0, n, self.batch_size),
             desc=f"epoch {epoch}",
@@ -200,22 +219,27 @@ class Trainer:
             file=sys.stderr,
             mininterval=0.5,
         )
-        for i in bar:
+        for step, i in enumerate(bar, 1):
             batch = self.train_x[perm[i : i + self.batch_size]]
             loss = -self.flow.train_log_prob(batch).mean()
-            if not torch.isfinite(loss):
-                bar.close()
-                return math.nan, f"non-finite training loss ({loss.item()}) at epoch {epoch}, batch {i // self.batch_size + 1}"
+            # The relgrad objective omits log|det W|, so its "loss" is not the NLL; it is still what is optimised.
+            total += loss.detach() * batch.shape[0]
+            count += batch.shape[0]
+            if step % sync_every == 0 or i + self.batch_size >= n:
+                running = total.item() / count
+                if not math.isfinite(running):
+                    bar.close()
+                    return math.nan, (
+                        f"non-finite training loss ({loss.item()}) at epoch {epoch}, batch {step} "
+                        "(lower --lr, or check the data for outliers)"
+                    )
+                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.flow.adjust_gradients()
             self.optimizer.step()
-            # The relgrad objective omits log|det W|, so its "loss" is not the NLL; it is still what is optimised.
-            total += loss.item() * batch.shape[0]
-            count += batch.shape[0]
-            bar.set_postfix(loss=f"{total / count:.4f}", refresh=False)
         bar.close()
-        return total / max(count, 1), None
+        return total.item() / max(count, 1), None
 
     def fit(self) -> TrainResult:
         """Train until patience runs out, ``max_epochs`` is reached or the loss turns non-finite."""

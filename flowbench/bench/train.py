@@ -1,0 +1,162 @@
+"""Training throughput of one model on one dataset's shape: samples/s and seconds per epoch.
+
+The step timed is the trainer's: Adam, ``-train_log_prob(x).mean()``, ``backward()``, ``adjust_gradients()``,
+``step()``, on random minibatches. When the dataset is not prepared, standard-normal data of the right shape
+(D and N train from :data:`flowbench.data.DATASETS`) stands in, and the result says so. Optionally the same
+measurement for zuko's ``MAF`` with (as nearly as possible) the same parameter count, interleaved with ours
+in one run (zuko is a dev/benchmark extra: ``pip install 'flowbench[bench]'``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from flowbench.errors import ConfigError, DatasetNotFoundError
+
+
+def dataset_tensor(name: str, data_root=None, max_rows: int = 200_000) -> tuple[torch.Tensor, int, bool]:
+    """(training rows, N train, synthetic?) — the prepared data if present, else N(0, I) of the right shape."""
+    from flowbench.data import DATASETS, load_dataset
+
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    info = DATASETS[name]
+    try:
+        ds = load_dataset(name, data_root)
+        x = torch.as_tensor(ds.train[:max_rows], dtype=torch.float32)
+        return x, int(ds.train.shape[0]), False
+    except DatasetNotFoundError:
+        gen = torch.Generator().manual_seed(0)
+        n = int(info.sizes[0])
+        return torch.randn(min(n, max_rows), int(info.dim), generator=gen), n, True
+
+
+#: torch.optim.Adam implementations: the trainer's default (a per-tensor loop on CPU), foreach, fused.
+ADAM_IMPLS = ("default", "foreach", "fused")
+
+
+def _adam(params, lr: float, impl: str) -> torch.optim.Optimizer:
+    kw = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
+    return torch.optim.Adam(params, lr=lr, **kw)
+
+
+def _trainer_step(model, opt, batch: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    (-model.train_log_prob(batch).mean()).backward()
+    model.adjust_gradients()
+    opt.step()
+
+
+def _zuko_step(flow, opt, batch: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    (-flow().log_prob(batch).mean()).backward()
+    opt.step()
+
+
+def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
+    """zuko MAF with ``layers`` transforms whose hidden width makes its parameter count closest to target."""
+    try:
+        import zuko
+    except ImportError as e:  # a benchmark-only dependency, never imported at runtime
+        raise ConfigError("the zuko comparison needs zuko: pip install 'flowbench[bench]' (or pip install zuko)") from e
+
+    def build(h: int):
+        return zuko.flows.MAF(features=dim, transforms=layers, hidden_features=[h] * hidden_layers)
+
+    def count(h: int) -> int:
+        return sum(p.numel() for p in build(h).parameters())
+
+    lo, hi = 1, 8
+    while count(hi) < target_params:
+        hi *= 2
+    while hi - lo > 1:  # count is increasing in h
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) < target_params else (lo, mid)
+    h = min((lo, hi), key=lambda v: abs(count(v) - target_params))
+    return build(h), h, count(h)
+
+
+def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100, lr: float = 1e-4,
+              device: str | torch.device = "cpu", hparams: dict | None = None, compare_zuko: bool = False,
+              warmup: int = 10, rounds: int = 5, data_root=None, seed: int = 0, adam: str = "default",
+              log: Callable[[str], None] = print) -> dict:
+    """Time ``steps`` training steps (in ``rounds`` blocks, alternating with zuko when asked)."""
+    from flowbench.models import build_model, display_name
+
+    if adam not in ADAM_IMPLS:
+        raise ConfigError(f"--adam must be one of {', '.join(ADAM_IMPLS)}; got {adam!r}")
+    if steps < 1 or batch_size < 1:
+        raise ConfigError(f"--steps and --batch-size must be ≥ 1; got {steps}, {batch_size}")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    x, n_train, synthetic = dataset_tensor(dataset, data_root)
+    x = x.to(device)
+    dim = x.shape[1]
+    hparams = dict(hparams or {})
+    ours = build_model(model, dim, **hparams).to(device)
+    ours.train()
+    if hasattr(ours, "initialize"):
+        ours.initialize(x)
+    contenders: dict[str, tuple] = {
+        "flowbench": (ours, _adam(ours.parameters(), lr, adam), _trainer_step)}
+    result: dict = {"dataset": dataset, "model": model, "display_name": display_name(model, **hparams),
+                    "hparams": hparams, "dim": dim, "n_train": n_train, "synthetic_data": synthetic,
+                    "batch_size": batch_size, "steps": steps, "device": str(device), "adam": adam,
+                    "params": {"flowbench": sum(p.numel() for p in ours.parameters())}}
+    if not ours.trainable:
+        raise ConfigError(f"model {model!r} has nothing to train (closed form); pick a trainable model")
+    if compare_zuko:
+        if model != "maf":
+            raise ConfigError("--compare-zuko is implemented for --model maf only")
+        from flowbench.models import resolve_hparams
+
+        hp = resolve_hparams(model, **hparams)
+        zflow, zh, zcount = zuko_maf(dim, hp["layers"], hp["hidden_layers"], result["params"]["flowbench"])
+        zflow = zflow.to(device)
+        contenders["zuko"] = (zflow, _adam(zflow.parameters(), lr, adam), _zuko_step)
+        result["params"]["zuko"] = zcount
+        result["zuko_hidden"] = zh
+        import zuko
+
+        result["zuko_version"] = zuko.__version__
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randint(0, x.shape[0], (warmup + steps, batch_size), generator=gen).to(device)
+    for name, (m, opt, step) in contenders.items():
+        for i in range(warmup):
+            step(m, opt, x[idx[i]])
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    per_round = max(1, steps // rounds)
+    done = 0
+    while done < steps:  # alternate blocks so that load changes hit every contender alike
+        k = min(per_round, steps - done)
+        for name, (m, opt, step) in contenders.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for i in range(warmup + done, warmup + done + k):
+                step(m, opt, x[idx[i]])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - t0) / k)
+        done += k
+    result["step_s"] = {}
+    result["samples_per_s"] = {}
+    result["epoch_s"] = {}
+    for name, ts in times.items():
+        step_s = statistics.median(ts)  # median over rounds of the mean step time
+        result["step_s"][name] = step_s
+        result["samples_per_s"][name] = batch_size / step_s
+        result["epoch_s"][name] = n_train / (batch_size / step_s)
+        log(f"{name:>9}: {batch_size / step_s:10.0f} samples/s   {step_s * 1e3:8.3f} ms/step   "
+            f"{n_train / (batch_size / step_s):9.1f} s/epoch ({n_train} samples)   "
+            f"{result['params'][name]} params")
+    if compare_zuko:
+        result["throughput_ratio_flowbench_over_zuko"] = result["samples_per_s"]["flowbench"] / result["samples_per_s"]["zuko"]
+        log(f"flowbench / zuko throughput: {result['throughput_ratio_flowbench_over_zuko']:.2f}×")
+    if synthetic:
+        log(f"note: {dataset} is not prepared; timed on synthetic N(0, I) data of shape ({n_train}, {dim})")
+    return result

@@ -1,0 +1,191 @@
+"""``flowbench bench``: speed benchmarks (Gresele et al. 2020, Fig. 1 and appendix H.1).
+
+- ``bench gradients`` — time/memory of one exact-NLL gradient of a dense flow vs D: relative, ordinary,
+  autodiff, and a plain-MLP floor; table + JSON + CSV + log–log PNG.
+- ``bench optim`` — full-batch GD, relative vs ordinary gradient, shared random initialisations; PNG + JSON.
+- ``bench train`` — training samples/s and s/epoch of one model on one dataset's shape (optionally vs zuko).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import platform
+import time
+from pathlib import Path
+
+from flowbench.errors import ConfigError
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda (default auto)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: torch's choice); on a shared machine 1 gives steadier numbers")
+    p.add_argument("--out", default="results", metavar="DIR", help="results folder; files go to DIR/bench/ (default results)")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    g = sub.add_parser("gradients", help="time and memory of one exact-NLL gradient vs dimension",
+                       description="One gradient of the exact NLL of a dense flow by three methods plus a plain-MLP floor.")
+    g.add_argument("--dims", type=_ints, default=[16, 64, 256, 784, 2048, 4096], help="comma-separated D values")
+    g.add_argument("--batch", type=int, default=100, help="batch size B (default 100)")
+    g.add_argument("--layers", type=int, default=2, help="dense layers L (default 2)")
+    g.add_argument("--methods", default="relative,ordinary,autodiff,mlp", help="subset of relative,ordinary,autodiff,mlp")
+    g.add_argument("--repeats", type=int, default=10, help="timed calls per method and D; the median is reported")
+    g.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2; 1 for calls over 1 s)")
+    g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    g.add_argument("--memory-limit-gb", type=float, default=None,
+                   help="skip a method whose predicted memory exceeds this (default 80%% of free memory)")
+    g.add_argument("--max-call-s", type=float, default=60.0,
+                   help="skip a method whose extrapolated time per call exceeds this (default 60)")
+    g.add_argument("--budget-s", type=float, default=60.0, help="cap on timed seconds per method and D (fewer repeats)")
+    g.add_argument("--cpu-memory", choices=("predicted", "rss"), default="predicted",
+                   help="CPU memory: the predicted-bytes model, or the measured peak RSS increase in a subprocess")
+    g.add_argument("--no-check", action="store_true", help="skip the float64 agreement check (not recommended)")
+    _common(g)
+    o = sub.add_parser("optim", help="relative vs ordinary gradient descent: loss vs epoch",
+                       description="Full-batch GD on a 2-D toy set with a two-layer relgrad flow, shared inits.")
+    o.add_argument("--points", type=int, default=1000)
+    o.add_argument("--inits", type=int, default=10)
+    o.add_argument("--epochs", type=int, default=1000)
+    o.add_argument("--lr", type=float, default=0.1, help="step size, the same for both methods (default 0.1)")
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--no-bias", action="store_true", help="dense layers without biases")
+    o.add_argument("--bias-logdet", action="store_true",
+                   help="give the biases the log-det's relative-gradient term −b too (the reference code does not)")
+    _common(o)
+    t = sub.add_parser("train", help="training samples/s and time per epoch for one model and dataset",
+                       description="Training throughput on the dataset (synthetic data of its shape if not prepared).")
+    t.add_argument("--dataset", required=True)
+    t.add_argument("--model", required=True)
+    t.add_argument("--steps", type=int, default=200, help="timed training steps (default 200)")
+    t.add_argument("--batch-size", type=int, default=100)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                   help="model hyperparameter, repeatable (e.g. --hparam hidden=100 --hparam hidden_layers=2)")
+    t.add_argument("--compare-zuko", action="store_true", help="also time zuko's MAF with matched parameter count")
+    t.add_argument("--adam", choices=("default", "foreach", "fused"), default="default",
+                   help="torch Adam implementation for every contender (default: torch's default, as the trainer)")
+    t.add_argument("--data-root", default=None)
+    _common(t)
+
+
+def _hparams(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--hparam expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        low = v.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+        else:
+            for conv in (int, float):
+                try:
+                    out[k] = conv(v)
+                    break
+                except ValueError:
+                    continue
+            else:
+                out[k] = v
+    return out
+
+
+def _machine() -> dict:
+    import torch
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(), "loadavg": load,
+            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from flowbench.utils import atomic_write, atomic_write_json, resolve_device
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be ≥ 1; got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    out = Path(args.out) / "bench"
+    machine = _machine()
+    print(f"torch {machine['torch']}, {machine['threads']} threads, device {device}, load average {machine['loadavg']}")
+
+    if args.bench_command == "gradients":
+        from tabulate import tabulate
+
+        from flowbench.bench import gradients as G
+
+        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        bad = [m for m in methods if m not in G.METHODS]
+        if bad or not methods:
+            raise ConfigError(f"unknown method(s) {bad}; choose from {', '.join(G.METHODS)}")
+        if args.batch < 1 or args.layers < 1 or args.repeats < 1:
+            raise ConfigError("--batch, --layers and --repeats must be ≥ 1")
+        agreement = None
+        if not args.no_check:
+            agreement = G.check_agreement(layers=args.layers)
+            print(f"agreement check (float64, D=12): {agreement}")
+        limit = int(args.memory_limit_gb * 2**30) if args.memory_limit_gb is not None else None
+        cells = G.run_gradients(args.dims, batch=args.batch, layers=args.layers, device=device,
+                                repeats=args.repeats, warmup=args.warmup, methods=methods,
+                                dtype=getattr(torch, args.dtype), memory_limit=limit, max_call_s=args.max_call_s,
+                                budget_s=args.budget_s, cpu_memory=args.cpu_memory)
+        rows = G.summary_rows(cells)
+        print(tabulate(rows, headers="keys", tablefmt="github"))
+        record = {"machine": machine, "device": str(device), "batch": args.batch, "layers": args.layers,
+                  "dtype": args.dtype, "agreement": agreement, "cells": G.cells_to_dicts(cells), "summary": rows}
+        atomic_write_json(out / "gradients.json", record)
+        buf = io.StringIO()
+        fields = ["method", "dim", "status", "median_s", "memory_bytes", "memory_method", "predicted_bytes", "note"]
+        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(G.cells_to_dicts(cells))
+        with atomic_write(out / "gradients.csv", "w") as f:
+            f.write(buf.getvalue())
+        G.plot(cells, out / "gradients.png",
+               f"one exact-NLL gradient, L={args.layers}, B={args.batch}, {device}, {machine['threads']} threads")
+        print(f"wrote {out / 'gradients.json'}, {out / 'gradients.csv'}, {out / 'gradients.png'}")
+        return 0
+
+    if args.bench_command == "optim":
+        from flowbench.bench import optim as O
+
+        if min(args.points, args.inits, args.epochs) < 1 or args.lr <= 0:
+            raise ConfigError("--points, --inits, --epochs must be ≥ 1 and --lr > 0")
+        res = O.run_optim(args.points, args.inits, args.epochs, args.lr, seed=args.seed, bias=not args.no_bias,
+                          bias_logdet=args.bias_logdet)
+        res["machine"] = machine
+        atomic_write_json(out / "optim.json", res)
+        O.plot(res, out / "optim.png")
+        print(f"wrote {out / 'optim.json'}, {out / 'optim.png'}")
+        return 0
+
+    from flowbench.bench import train as T
+
+    res = T.run_train(args.dataset, args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      device=device, hparams=_hparams(args.hparam), compare_zuko=args.compare_zuko,
+                      data_root=args.data_root, adam=args.adam)
+    res["machine"] = machine
+    suffix = "" if args.adam == "default" else f"-adam-{args.adam}"
+    path = out / f"train-{args.dataset}-{args.model}{suffix}.json"
+    atomic_write_json(path, res)
+    print(f"wrote {path}")
+    return 0

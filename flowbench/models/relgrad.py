@@ -1,0 +1,419 @@
+"""The relative-gradient dense flow (Gresele et al., 2020, "Relative gradient optimization of the Jacobian
+term in unsupervised deep learning", NeurIPS; sections 3–4, appendices D, F, H).
+
+z = g(x): L square D×D layers ``y_k = h_{k-1} W_kᵀ + b_k`` (torch row convention, ``W_k`` of shape (out, in)),
+``h_k = s(y_k)`` for k < L, ``z = y_L`` (no activation after the last layer)::
+
+    log p(x) = Σ_i log p_z(z_i) + Σ_{k<L} Σ_i log s'(y_k,i) + Σ_k log|det W_k|
+
+Relative gradient (section 4; derived here in the row convention and tested against an explicit float64
+computation): the Euclidean gradient ``G_W`` is replaced by ``G_W WᵀW``. For the data terms ``G_W = Δᵀh``
+with Δ = ∂loss/∂Y, so ``G_W WᵀW = Δᵀ (h Wᵀ) W``. With a bias, the projected relative gradient of the
+augmented matrix ``[[W, b], [0, 1]]`` (appendix F) keeps the W and b blocks of ``[G_W, g_b] ÂᵀÂ``::
+
+    dW = Δᵀ (Y W),   db = Δᵀ (Y b + 1),   Y = h Wᵀ + b  (the full pre-activation, bias included)
+
+which equals the reference code's ``dW = W Wᵀ G_W + W bᵀ g_b, db = b Wᵀ G_W + (1 + b bᵀ) g_b`` in its
+transposed convention. Cost: two extra B×D×D products per layer, O(B·D²), no inverse or determinant.
+For log|det W| the relative gradient is W⁻ᵀWᵀW = W.
+
+Where the adjustment happens: inside ``backward`` (custom autograd functions), not in
+``adjust_gradients``. The layer's backward returns the relative data-term gradient directly (it has Δ and Y
+at hand, so no extra memory), and the log-det term is a node whose backward adds ``(Σ upstream) · W``. The
+result is therefore exact for any loss reduction (mean, sum, accumulation over several backward calls), and
+``adjust_gradients`` has nothing left to do. After ``(-log_prob(x).mean()).backward()`` each weight's
+``.grad`` is ``(∇_W L_data) WᵀW − W`` and each bias's is the projected rule above.
+
+``relative=False`` gives ordinary autograd gradients with ``slogdet`` in the graph (the benchmarks' "ordinary"
+method).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowbench.errors import ConfigError
+from flowbench.models.base import Flow, StandardNormal, Transform, check_input
+
+__all__ = ["RELGRAD_HPARAMS", "build_relgrad", "RelgradFlow", "RelgradTransform", "Logistic"]
+
+#: Defaults (H.3; alpha = 0.3 as in the reference PyTorch notebook — the JAX code uses 0.01).
+RELGRAD_HPARAMS: dict = {
+    "layers": 2,
+    "bias": True,
+    "activation": "smooth-leaky-relu",
+    "alpha": 0.3,
+    "base": "normal",
+}
+ACTIVATIONS = ("smooth-leaky-relu", "tanh")
+BASES = {"normal": "normal", "logistic": "logistic", "hyperbolic-secant": "logistic"}  # alias kept (ref. code)
+TANH_A, TANH_B = 1.0, 0.1  # tanh(a·y) + b·y, fixed to these values in the paper (H.3)
+COND_WARN_FACTOR = 0.01  # warn when cond(W) > COND_WARN_FACTOR / eps(dtype): 8e4 (float32), 5e13 (float64)
+INVERSE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-6}  # |s(y) - t| ≤ rtol·(1 + |t|) after inversion
+
+
+class Logistic(nn.Module):
+    """Logistic density with scale ½, per dimension: p(s) = ½ sech²(s).
+
+    The reference code calls it "hyperbolic secant", but sech² (not sech) is the logistic density with
+    scale ½; log p(s) = log ½ + 2 log sech(s), computed as ``log 2 − 2|s| − 2 softplus(−2|s|)`` (stable).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("_dummy", torch.zeros(()), persistent=False)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        a = z.abs()
+        return (math.log(2.0) - 2.0 * a - 2.0 * F.softplus(-2.0 * a)).sum(-1)
+
+    def sample(self, n: int) -> Tensor:
+        u = torch.rand(n, self.dim, device=self._dummy.device, dtype=self._dummy.dtype)
+        tiny = torch.finfo(u.dtype).tiny
+        return 0.5 * (torch.log(u.clamp_min(tiny)) - torch.log1p(-u))
+
+
+class _RelativeDense(torch.autograd.Function):
+    """Y = h Wᵀ + b whose backward returns the (projected) relative gradient for W and b (module docstring).
+
+    New-style Function (setup_context, vmap rule, jvp) so that torch.func tools (Jacobians w.r.t. x) work.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        h, weight, bias = inputs
+        ctx.save_for_backward(weight, bias, output)
+        ctx.h = h  # only for jvp; a reference, not a copy
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        weight, bias, y = ctx.saved_tensors
+        grad_h = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # One (2B)×D×D product instead of two B×D×D ones: better GEMM efficiency at small batch.
+            both = torch.cat([dy, y]) @ weight
+            grad_h, yw = both[: dy.shape[0]], both[dy.shape[0]:]
+        else:
+            yw = y @ weight
+        grad_w = dy.t() @ yw  # Δᵀ (Y W)
+        if bias is not None:
+            grad_b = dy.t() @ torch.addmv(torch.ones_like(y[:, 0]), y, bias)  # Δᵀ (Y b + 1)
+        return grad_h, grad_w, grad_b
+
+    @staticmethod
+    def jvp(ctx, dh, dw, db):
+        weight, _, _ = ctx.saved_tensors
+        out = dh @ weight.t() if dh is not None else torch.zeros_like(ctx.h @ weight.t())
+        if dw is not None:
+            out = out + ctx.h @ dw.t()
+        if db is not None:
+            out = out + db
+        return out
+
+
+class _RelativeLogDet(torch.autograd.Function):
+    """Σ_k log|det W_k| broadcast to the batch, with the relative gradient W_k (no inverse, no determinant).
+
+    ``value`` is the cached exact value (evaluation) or 0.0 (training: the value is not needed for the
+    gradient, so ``train_log_prob`` leaves it out). Constant in x, so its tangent w.r.t. x is zero.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(ref: Tensor, value: float, *weights: Tensor) -> Tensor:
+        return ref.new_full(ref.shape[:-1], value)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[2:])
+        ctx.ref = inputs[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        s = grad.sum()
+        return (None, None, *(s * w for w in ctx.saved_tensors))
+
+    @staticmethod
+    def jvp(ctx, dref, dvalue, *dweights):
+        return torch.zeros_like(ctx.ref[..., 0])
+
+
+class _RelgradNet(torch.autograd.Function):
+    """The whole training-time forward (all layers, activations, Σ log s') in one autograd node.
+
+    Training hot path (relative mode only): no per-op autograd bookkeeping, each hidden activation's
+    sigmoid/tanh computed once and reused in backward, one (2B)×D×D product for [Δ; Y]·W per layer, and the
+    log-det's relative gradient (Σ_i ∂loss/∂logdet_i)·W folded into the same backward. Inputs h are not
+    saved: the relative gradient needs only Y and Δ. Returns (z, Σ_k<L Σ_i log s'(y_k,i)).
+    """
+
+    @staticmethod
+    def forward(ctx, x, activation: str, alpha: float, n: int, bias_logdet: bool, *params):
+        weights, biases = params[:n], params[n:] if len(params) > n else [None] * n
+        ys, auxs = [], []
+        ld = x.new_zeros(x.shape[0])
+        h = x
+        for k in range(n):
+            b = biases[k]
+            y = torch.addmm(b, h, weights[k].t()) if b is not None else h @ weights[k].t()
+            ys.append(y)
+            if k < n - 1:
+                if activation == "tanh":
+                    a = torch.tanh(TANH_A * y)
+                    h = torch.add(a, y, alpha=TANH_B)
+                    sech2 = (1 - a * a)
+                    d = sech2.mul(TANH_A).add_(TANH_B)
+                    curv = sech2.mul_(a).mul_(-2 * TANH_A * TANH_A).div_(d)  # s''/s' for backward
+                else:
+                    a = torch.sigmoid(y)
+                    h = F.softplus(y).mul_(1 - alpha).add_(y, alpha=alpha)
+                    d = a.mul(1 - alpha).add_(alpha)
+                    curv = (1 - a).mul_(a).mul_(1 - alpha).div_(d)  # s''/s' = (1−α)σ(1−σ)/s'
+                ld += d.log().sum(-1)
+                auxs.append((d, curv))
+            else:
+                h = y
+        ctx.activation, ctx.alpha, ctx.n, ctx.auxs = activation, alpha, n, auxs
+        ctx.has_bias, ctx.bias_logdet = biases[0] is not None, bias_logdet
+        ctx.save_for_backward(*weights, *(b for b in biases if b is not None), *ys)
+        return h, ld
+
+    @staticmethod
+    def backward(ctx, dz, dld):
+        n = ctx.n
+        saved = ctx.saved_tensors
+        weights = saved[:n]
+        biases = saved[n:2 * n] if ctx.has_bias else [None] * n
+        ys = saved[2 * n:] if ctx.has_bias else saved[n:]
+        gws, gbs = [None] * n, [None] * n
+        s = None if dld is None else dld.sum() if dld.is_cuda else float(dld.sum())  # no device sync on CUDA
+        delta = dz
+        for k in reversed(range(n)):
+            w, y = weights[k], ys[k]
+            if k > 0 or ctx.needs_input_grad[0]:
+                both = torch.cat([delta, y]) @ w
+                gh, yw = both[: y.shape[0]], both[y.shape[0]:]
+            else:
+                gh, yw = None, y @ w
+            if isinstance(s, float):  # Δᵀ (Y W) plus the log-det term (Σ_i ∂loss/∂logdet_i)·W, one fused addmm
+                gws[k] = torch.addmm(w, delta.t(), yw, beta=s)
+            elif s is not None:
+                gws[k] = (delta.t() @ yw).add_(w * s)
+            else:
+                gws[k] = delta.t() @ yw  # Δᵀ (Y W)
+            if biases[k] is not None:
+                gbs[k] = delta.t() @ torch.addmv(torch.ones_like(y[:, 0]), y, biases[k])  # Δᵀ (Y b + 1)
+                if ctx.bias_logdet and s is not None:
+                    gbs[k] = gbs[k] + s * biases[k]
+            if k > 0:
+                d, curv = ctx.auxs[k - 1]
+                delta = gh.mul_(d)  # gh is a private slice of `both`: in place is safe
+                if dld is not None:  # + ∂loss/∂ld · ∂ log s'(y)/∂y
+                    delta.addcmul_(dld[:, None], curv)
+        grads = gws + (gbs if ctx.has_bias else [])
+        return (gh if ctx.needs_input_grad[0] else None, None, None, None, None, *grads)
+
+
+class RelgradTransform(Transform):
+    """The dense transform x → z with exact log-determinant (see the module docstring)."""
+
+    def __init__(self, dim: int, layers: int, bias: bool, activation: str, alpha: float, relative: bool = True):
+        super().__init__()
+        self.dim, self.activation, self.alpha, self.relative = dim, activation, float(alpha), relative
+        self.weights = nn.ParameterList(
+            [nn.Parameter(nn.init.orthogonal_(torch.empty(dim, dim))) for _ in range(layers)]
+        )
+        self.biases = nn.ParameterList([nn.Parameter(torch.zeros(dim)) for _ in range(layers)]) if bias else None
+        # The reference code adds the log-det's relative gradient −W to W only. The augmented-matrix algebra
+        # also gives the bias a −b term; without it a stationary point of the update is not one of the
+        # likelihood when b ≠ 0 (see `flowbench bench optim --bias-logdet`). False = the reference, as published.
+        self.bias_logdet = False
+        self._logdet_cache: tuple | None = None  # (key, value)
+        self._inverse_cache: tuple | None = None  # (key, [W_k⁻¹])
+
+    # -- activation ----------------------------------------------------------------------------------
+    def _act(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """h = s(y) and log s'(y) summed over features."""
+        if self.activation == "tanh":
+            t = torch.tanh(TANH_A * y)
+            return t + TANH_B * y, torch.log(TANH_A * (1 - t * t) + TANH_B).sum(-1)
+        a = self.alpha  # s(y) = αy + (1−α) softplus(y), s'(y) = α + (1−α) sigmoid(y)
+        h = torch.add(F.softplus(y), y, alpha=a / (1 - a)).mul_(1 - a) if a < 1 else y.clone()
+        return h, torch.log(torch.sigmoid(y).mul(1 - a).add_(a)).sum(-1)
+
+    def _act_inverse(self, t: Tensor) -> Tensor:
+        """y with s(y) = t: safeguarded Newton inside a bracket, bisection when a step leaves it."""
+        if self.activation == "tanh":
+            lo, hi = (t - 1) / TANH_B, (t + 1) / TANH_B  # |tanh| ≤ 1
+        else:
+            a = self.alpha  # max(y, αy) ≤ s(y) ≤ max(y, αy) + (1−α) log 2
+            u = t - (1 - a) * math.log(2.0)
+            lo, hi = torch.where(u >= 0, u, u / a), t.clone()
+        y = t.clone()
+        tol = INVERSE_RTOL.get(t.dtype, 1e-6) * (1 + t.abs())
+        for _ in range(200):
+            h, _ = self._act(y)
+            r = h - t
+            if bool((r.abs() <= tol).all()):
+                break
+            lo, hi = torch.where(r < 0, y, lo), torch.where(r > 0, y, hi)
+            y_new = y - r / self._act_deriv(y)
+            y = torch.where((y_new > lo) & (y_new < hi), y_new, 0.5 * (lo + hi))
+        else:
+            warnings.warn("relgrad: activation inverse did not reach its tolerance in 200 iterations", RuntimeWarning)
+        return y
+
+    def _act_deriv(self, y: Tensor) -> Tensor:
+        if self.activation == "tanh":
+            return TANH_A * (1 - torch.tanh(TANH_A * y) ** 2) + TANH_B
+        return self.alpha + (1 - self.alpha) * torch.sigmoid(y)
+
+    # -- exact log|det W| (evaluation only), cached while the weights do not change ------------------
+    def _key(self) -> tuple:
+        # In-place optimiser updates and load_state_dict bump _version; .to()/.double() change data_ptr.
+        return tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in self.weights)
+
+    @torch.no_grad()
+    def logabsdet(self) -> float:
+        """Σ_k log|det W_k| (slogdet, O(D³)); recomputed only when a weight has changed."""
+        key = self._key()
+        if self._logdet_cache is None or self._logdet_cache[0] != key:
+            total = 0.0
+            for k, w in enumerate(self.weights):
+                sign, lad = torch.linalg.slogdet(w)
+                _check_conditioning(k, w, float(sign), float(lad))
+                total += float(lad)
+            self._logdet_cache = (key, total)
+        return self._logdet_cache[1]
+
+    def train(self, mode: bool = True):
+        self._logdet_cache = self._inverse_cache = None  # cheap and safe: recompute after mode switches
+        return super().train(mode)
+
+    # -- forward / inverse ---------------------------------------------------------------------------
+    def forward(self, x: Tensor, exact: bool = True) -> tuple[Tensor, Tensor]:
+        """(z, log|det ∂z/∂x|). ``exact=False`` (relative mode only) leaves out Σ log|det W| (training)."""
+        n = len(self.weights)
+        biases = self.biases if self.biases is not None else [None] * n
+        logdet = x.new_zeros(x.shape[0])
+        h = x
+        for k, (w, b) in enumerate(zip(self.weights, biases)):
+            if self.relative and torch.is_grad_enabled():
+                y = _RelativeDense.apply(h, w, b)
+            else:
+                y = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
+            if k < n - 1:
+                h, ld = self._act(y)
+                logdet = logdet + ld
+            else:
+                h = y
+        if self.relative:
+            value = self.logabsdet() if exact else 0.0
+            logdet = logdet + _RelativeLogDet.apply(x, value, *self.weights)
+            if self.bias_logdet and self.biases is not None:  # gives each b the term (Σ ∂loss/∂logdet)·b
+                logdet = logdet + _RelativeLogDet.apply(x, 0.0, *self.biases)
+        else:  # ordinary gradients: slogdet in the graph (its backward needs an inverse, O(D³))
+            logdet = logdet + sum(torch.linalg.slogdet(w)[1] for w in self.weights)
+        return h, logdet
+
+    @torch.no_grad()
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(x, log|det ∂x/∂z|). Each W is inverted once (cached); the activation numerically."""
+        key = self._key()
+        if self._inverse_cache is None or self._inverse_cache[0] != key:
+            self._inverse_cache = (key, [torch.linalg.inv(w) for w in self.weights])
+        inv = self._inverse_cache[1]
+        n = len(self.weights)
+        logdet = z.new_full((z.shape[0],), -self.logabsdet())
+        y = z
+        for k in reversed(range(n)):
+            if k < n - 1:  # y currently holds h_k = s(y_k)
+                y = self._act_inverse(y)
+                logdet = logdet - torch.log(self._act_deriv(y)).sum(-1)
+            if self.biases is not None:
+                y = y - self.biases[k]
+            y = y @ inv[k].t()  # h_{k-1} = (y_k − b_k) W_k⁻ᵀ
+        return y, logdet
+
+
+def _check_conditioning(k: int, w: Tensor, sign: float, lad: float) -> None:
+    """Warn when W_k is singular or drifting toward it (evaluation only: an SVD is O(D³))."""
+    eps = torch.finfo(w.dtype).eps
+    if sign == 0 or not math.isfinite(lad):
+        warnings.warn(f"relgrad layer {k}: weight matrix is singular (log|det W| = {lad}); the flow is no longer "
+                      "invertible — lower the learning rate or restart from a checkpoint", RuntimeWarning)
+        return
+    s = torch.linalg.svdvals(w)
+    cond = float(s[0] / s[-1]) if float(s[-1]) > 0 else math.inf
+    if cond > COND_WARN_FACTOR / eps:
+        warnings.warn(f"relgrad layer {k}: weight matrix is close to singular (condition number {cond:.3g}, "
+                      f"threshold {COND_WARN_FACTOR / eps:.3g}); log-likelihoods and samples lose accuracy — "
+                      "lower the learning rate or use float64", RuntimeWarning)
+
+
+class RelgradFlow(Flow):
+    """Dense flow trained with the relative gradient (``relative=True``) or ordinary autograd (``False``)."""
+
+    def __init__(self, transform: RelgradTransform, base: nn.Module, dim: int):
+        super().__init__(transform, base, dim)
+
+    @property
+    def relative(self) -> bool:
+        return self.transform.relative
+
+    @relative.setter
+    def relative(self, value: bool) -> None:
+        self.transform.relative = bool(value)
+
+    def train_log_prob(self, x: Tensor) -> Tensor:
+        """log p(x) without Σ log|det W| in relative mode (its relative gradient −W still reaches W)."""
+        if x.dim() != 2 or x.shape[1] != self.dim or not bool(torch.isfinite(x.sum())):
+            check_input(x, self.dim)  # one reduction on the hot path; the full check only to word the error
+        t = self.transform
+        if not (self.relative and torch.is_grad_enabled()):
+            z, logdet = t(x, exact=not self.relative)
+            return self.base.log_prob(z) + logdet
+        params = list(t.weights) + (list(t.biases) if t.biases is not None else [])
+        z, ld = _RelgradNet.apply(x, t.activation, t.alpha, len(t.weights), t.bias_logdet, *params)
+        return self.base.log_prob(z) + ld
+
+    def adjust_gradients(self) -> None:
+        """Nothing to do: the relative gradient is formed inside backward (see the module docstring)."""
+
+    @torch.no_grad()
+    def prepare_for_eval(self, train_x: Tensor | None = None, batch_size: int = 10_000) -> None:
+        """No batch norm here; compute (and cache) log|det W_k| once, warning if a W_k is near-singular."""
+        self.transform.logabsdet()
+
+
+def build_relgrad(dim: int, *, relative: bool = True, **hparams) -> RelgradFlow:
+    """Build the relative-gradient dense flow; ``hparams`` ⊆ :data:`RELGRAD_HPARAMS` (defaults there)."""
+    unknown = sorted(set(hparams) - set(RELGRAD_HPARAMS))
+    if unknown:
+        raise ConfigError(f"unknown relgrad hyperparameter(s) {unknown}; choices: {sorted(RELGRAD_HPARAMS)}")
+    hp = {**RELGRAD_HPARAMS, **hparams}
+    if hp["activation"] not in ACTIVATIONS:
+        raise ConfigError(f"relgrad activation {hp['activation']!r} unknown; choices: {list(ACTIVATIONS)}")
+    if hp["base"] not in BASES:
+        raise ConfigError(f"relgrad base {hp['base']!r} unknown; choices: {list(BASES)}")
+    if int(hp["layers"]) < 1 or int(dim) < 1:
+        raise ConfigError(f"relgrad needs layers ≥ 1 and dim ≥ 1; got layers={hp['layers']}, dim={dim}")
+    if not 0.0 < float(hp["alpha"]) <= 1.0:
+        raise ConfigError(f"relgrad alpha (smooth leaky ReLU slope) must be in (0, 1]; got {hp['alpha']}")
+    transform = RelgradTransform(int(dim), int(hp["layers"]), bool(hp["bias"]), hp["activation"],
+                                 float(hp["alpha"]), relative)
+    base = StandardNormal(dim) if BASES[hp["base"]] == "normal" else Logistic(dim)
+    return RelgradFlow(transform, base, int(dim))

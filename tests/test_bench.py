@@ -1,0 +1,123 @@
+"""`flowbench bench`: the harness end to end at tiny sizes (correctness, never timing)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from flowbench.bench import gradients as G
+from flowbench.cli import main as cli_main
+from flowbench.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()  # --threads sets torch's global thread count; keep other tests unaffected
+    yield
+    torch.set_num_threads(n)
+
+
+def test_bench_gradients_cli_end_to_end(tmp_path, capsys):
+    rc = cli_main(["bench", "gradients", "--dims", "4,8", "--repeats", "2", "--warmup", "1", "--threads", "1",
+                   "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    out = tmp_path / "bench"
+    rec = json.loads((out / "gradients.json").read_text())
+    assert max(rec["agreement"].values()) < 1e-8
+    cells = rec["cells"]
+    assert {(c["method"], c["dim"]) for c in cells} == {(m, d) for m in G.METHODS for d in (4, 8)}
+    assert all(c["status"] == "ok" and c["median_s"] > 0 and len(c["times_s"]) == 2 for c in cells)
+    assert all(c["memory_method"] == "predicted" and c["memory_bytes"] == c["predicted_bytes"] for c in cells)
+    assert [r["D"] for r in rec["summary"]] == [4, 8] and "speedup_vs_autodiff" in rec["summary"][0]
+    rows = list(csv.DictReader((out / "gradients.csv").open()))
+    assert len(rows) == 8
+    assert (out / "gradients.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "relative" in capsys.readouterr().out
+
+
+def test_oversized_and_too_slow_methods_are_skipped_with_prediction():
+    dim, batch = 8, 100
+    limit = (G.predicted_bytes("ordinary", dim, batch, 2) + G.predicted_bytes("autodiff", dim, batch, 2)) // 2
+    cells = G.run_gradients([dim], batch=batch, repeats=1, warmup=1, memory_limit=limit, log=lambda s: None)
+    by = {c.method: c for c in cells}
+    assert by["autodiff"].status == "skipped-memory" and by["autodiff"].median_s is None
+    assert "predicted" in by["autodiff"].note and "GiB" in by["autodiff"].note
+    assert all(by[m].status == "ok" for m in ("relative", "ordinary", "mlp"))
+    # a method whose extrapolated time per call exceeds the cap is not run at the larger D
+    cells = G.run_gradients([4, 64], methods=("relative", "autodiff"), repeats=1, warmup=1, max_call_s=1e-9,
+                            log=lambda s: None)
+    big = {c.method: c for c in cells if c.dim == 64}
+    assert big["autodiff"].status == "skipped-time" and big["relative"].status == "skipped-time"
+    assert all(c.status == "ok" for c in cells if c.dim == 4)
+
+
+def test_agreement_check_catches_a_wrong_gradient(monkeypatch):
+    from flowbench.models.relgrad import RelgradFlow
+
+    assert max(G.check_agreement().values()) < 1e-10
+
+    def broken(self):
+        for w in self.transform.weights:
+            if self.relative:
+                w.grad.mul_(1.01)
+
+    monkeypatch.setattr(RelgradFlow, "adjust_gradients", broken)
+    with pytest.raises(G.AgreementError, match="disagree"):
+        G.check_agreement()
+
+
+def test_rss_memory_is_measured_in_a_subprocess():
+    cells = G.run_gradients([16], methods=("relative",), repeats=1, warmup=1, cpu_memory="rss", log=lambda s: None)
+    c = cells[0]
+    assert c.status == "ok" and "RSS" in c.memory_method
+    assert c.memory_bytes is not None and 0 <= c.memory_bytes < 2**30
+
+
+def test_bench_optim_shared_inits(tmp_path):
+    rc = cli_main(["bench", "optim", "--points", "64", "--inits", "2", "--epochs", "5", "--out", str(tmp_path)])
+    assert rc == 0
+    rec = json.loads((tmp_path / "bench" / "optim.json").read_text())
+    for i in range(2):  # same initialisation → same starting loss; then the directions differ
+        r, o = rec["curves"]["relative"][i], rec["curves"]["ordinary"][i]
+        assert len(r) == len(o) == 5 and r[0] == pytest.approx(o[0], abs=1e-12) and r[1] != o[1]
+    assert (tmp_path / "bench" / "optim.png").exists()
+
+
+def test_bench_train_synthetic_shape_and_errors(tmp_path):
+    from flowbench.bench.train import run_train
+
+    res = run_train("power", "relgrad", steps=4, warmup=1, rounds=2, batch_size=16, data_root=tmp_path,
+                    log=lambda s: None)
+    assert res["synthetic_data"] and res["dim"] == 6 and res["n_train"] > 1_000_000
+    assert res["samples_per_s"]["flowbench"] > 0
+    assert res["epoch_s"]["flowbench"] == pytest.approx(res["n_train"] / res["samples_per_s"]["flowbench"])
+    with pytest.raises(ConfigError, match="maf only"):
+        run_train("power", "relgrad", steps=1, compare_zuko=True, data_root=tmp_path)
+    with pytest.raises(ConfigError):
+        run_train("nosuchdata", "relgrad", steps=1, data_root=tmp_path)
+    rc = cli_main(["bench", "train", "--dataset", "power", "--model", "relgrad", "--steps", "2", "--hparam", "bias=false",
+                   "--data-root", str(tmp_path), "--out", str(tmp_path), "--device", "cpu"])
+    assert rc == 0
+    rec = json.loads((tmp_path / "bench" / "train-power-relgrad.json").read_text())
+    assert rec["hparams"] == {"bias": False}
+
+
+def test_bench_train_zuko_side_by_side(tmp_path):
+    pytest.importorskip("zuko")
+    from flowbench.bench.train import run_train
+
+    res = run_train("power", "maf", steps=2, warmup=1, rounds=1, batch_size=8, data_root=tmp_path,
+                    hparams={"hidden": 16, "hidden_layers": 2, "layers": 2}, compare_zuko=True, log=lambda s: None)
+    ours, theirs = res["params"]["flowbench"], res["params"]["zuko"]
+    assert abs(theirs - ours) / ours < 0.1  # matched parameter counts
+    assert res["throughput_ratio_flowbench_over_zuko"] > 0
+
+
+def test_cli_rejects_bad_input(tmp_path, capsys):
+    assert cli_main(["bench", "gradients", "--dims", "4", "--methods", "relative,magic", "--out", str(tmp_path)]) == 2
+    assert "magic" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "gradients", "--dims", "four"])

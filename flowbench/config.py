@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "tag": None,
     "data_root": None,
     "eval_batch_size": 2000,
+    "compile": False,
 }
 
 #: Run options that are model hyperparameters (passed to ``build_model`` under the same name, only when set).
@@ -105,6 +106,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "tag": (str,),
     "data_root": (str,),
     "eval_batch_size": (int,),
+    "compile": (bool,),
 }
 
 _POSITIVE = ("max_epochs", "patience", "batch_size", "hidden", "hidden_layers", "layers", "components", "eval_batch_size")

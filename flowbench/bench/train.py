@@ -44,17 +44,31 @@ def _adam(params, lr: float, impl: str) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=lr, **kw)
 
 
-def _trainer_step(model, opt, batch: torch.Tensor) -> None:
+def _trainer_step(model, opt, loss_fn, batch: torch.Tensor) -> None:
+    """One step exactly as flowbench's trainer takes it (loss, backward, adjust_gradients, Adam)."""
     opt.zero_grad(set_to_none=True)
-    (-model.train_log_prob(batch).mean()).backward()
+    loss_fn(batch).backward()
     model.adjust_gradients()
     opt.step()
 
 
-def _zuko_step(flow, opt, batch: torch.Tensor) -> None:
+def _zuko_step(flow, opt, loss_fn, batch: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
-    (-flow().log_prob(batch).mean()).backward()
+    loss_fn(batch).backward()
     opt.step()
+
+
+def _loss_fns(ours, zflow=None, compile_ours: bool = False, compile_zuko: bool = False):
+    def ours_loss(b):
+        return -ours.train_log_prob(b).mean()
+
+    def zuko_loss(b):
+        return -zflow().log_prob(b).mean()
+
+    return (
+        torch.compile(ours_loss, dynamic=False) if compile_ours else ours_loss,
+        torch.compile(zuko_loss, dynamic=False) if compile_zuko else zuko_loss,
+    )
 
 
 def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
@@ -82,9 +96,14 @@ def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
 
 def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100, lr: float = 1e-4,
               device: str | torch.device = "cpu", hparams: dict | None = None, compare_zuko: bool = False,
-              warmup: int = 10, rounds: int = 5, data_root=None, seed: int = 0, adam: str = "default",
+              warmup: int = 10, rounds: int = 5, data_root=None, seed: int = 0, adam: str = "fused",
+              compile: bool = False, compile_zuko: bool = False,
               log: Callable[[str], None] = print) -> dict:
-    """Time ``steps`` training steps (in ``rounds`` blocks, alternating with zuko when asked)."""
+    """Time ``steps`` training steps (in ``rounds`` blocks, alternating with zuko when asked).
+
+    ``compile`` / ``compile_zuko`` put flowbench's / zuko's training objective through ``torch.compile``
+    (the compile happens in the warm-up and is not timed).
+    """
     from flowbench.models import build_model, display_name
 
     if adam not in ADAM_IMPLS:
@@ -101,11 +120,13 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
     ours.train()
     if hasattr(ours, "initialize"):
         ours.initialize(x)
+    ours_loss, _ = _loss_fns(ours, compile_ours=compile)
     contenders: dict[str, tuple] = {
-        "flowbench": (ours, _adam(ours.parameters(), lr, adam), _trainer_step)}
+        "flowbench": (ours, _adam(ours.parameters(), lr, adam), ours_loss, _trainer_step)}
     result: dict = {"dataset": dataset, "model": model, "display_name": display_name(model, **hparams),
                     "hparams": hparams, "dim": dim, "n_train": n_train, "synthetic_data": synthetic,
                     "batch_size": batch_size, "steps": steps, "device": str(device), "adam": adam,
+                    "compile": {"flowbench": compile, "zuko": compile_zuko if compare_zuko else None},
                     "params": {"flowbench": sum(p.numel() for p in ours.parameters())}}
     if not ours.trainable:
         raise ConfigError(f"model {model!r} has nothing to train (closed form); pick a trainable model")
@@ -117,7 +138,8 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
         hp = resolve_hparams(model, **hparams)
         zflow, zh, zcount = zuko_maf(dim, hp["layers"], hp["hidden_layers"], result["params"]["flowbench"])
         zflow = zflow.to(device)
-        contenders["zuko"] = (zflow, _adam(zflow.parameters(), lr, adam), _zuko_step)
+        _, zuko_loss = _loss_fns(ours, zflow, compile_zuko=compile_zuko)
+        contenders["zuko"] = (zflow, _adam(zflow.parameters(), lr, adam), zuko_loss, _zuko_step)
         result["params"]["zuko"] = zcount
         result["zuko_hidden"] = zh
         import zuko
@@ -125,20 +147,20 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
         result["zuko_version"] = zuko.__version__
     gen = torch.Generator(device="cpu").manual_seed(seed)
     idx = torch.randint(0, x.shape[0], (warmup + steps, batch_size), generator=gen).to(device)
-    for name, (m, opt, step) in contenders.items():
+    for name, (m, opt, loss_fn, step) in contenders.items():
         for i in range(warmup):
-            step(m, opt, x[idx[i]])
+            step(m, opt, loss_fn, x[idx[i]])
     times: dict[str, list[float]] = {name: [] for name in contenders}
     per_round = max(1, steps // rounds)
     done = 0
     while done < steps:  # alternate blocks so that load changes hit every contender alike
         k = min(per_round, steps - done)
-        for name, (m, opt, step) in contenders.items():
+        for name, (m, opt, loss_fn, step) in contenders.items():
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             for i in range(warmup + done, warmup + done + k):
-                step(m, opt, x[idx[i]])
+                step(m, opt, loss_fn, x[idx[i]])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times[name].append((time.perf_counter() - t0) / k)

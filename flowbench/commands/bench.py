@@ -77,8 +77,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="model hyperparameter, repeatable (e.g. --hparam hidden=100 --hparam hidden_layers=2)")
     t.add_argument("--compare-zuko", action="store_true", help="also time zuko's MAF with matched parameter count")
-    t.add_argument("--adam", choices=("default", "foreach", "fused"), default="default",
-                   help="torch Adam implementation for every contender (default: torch's default, as the trainer)")
+    t.add_argument("--adam", choices=("default", "foreach", "fused"), default="fused",
+                   help="torch Adam implementation for every contender (default: fused, as the trainer uses)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile flowbench's training objective, as `flowbench run --compile` does")
+    t.add_argument("--compile-zuko", action="store_true", help="torch.compile zuko's objective too")
     t.add_argument("--data-root", default=None)
     _common(t)
 
@@ -182,9 +185,10 @@ def main(args: argparse.Namespace) -> int:
 
     res = T.run_train(args.dataset, args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                       device=device, hparams=_hparams(args.hparam), compare_zuko=args.compare_zuko,
-                      data_root=args.data_root, adam=args.adam)
+                      data_root=args.data_root, adam=args.adam,
+                      compile=args.compile, compile_zuko=args.compile_zuko)
     res["machine"] = machine
-    suffix = "" if args.adam == "default" else f"-adam-{args.adam}"
+    suffix = ("" if args.adam == "fused" else f"-adam-{args.adam}") + ("-compiled" if args.compile else "")
     path = out / f"train-{args.dataset}-{args.model}{suffix}.json"
     atomic_write_json(path, res)
     print(f"wrote {path}")

@@ -149,6 +149,7 @@ def run_experiment(
             fingerprint={k: v for k, v in opts.items()},
             callbacks=callbacks,
             progress=progress,
+            compile=bool(opts["compile"]),
         )
         if opts["resume"]:
             trainer.load_checkpoint()

@@ -31,7 +31,9 @@ from flowbench.utils import atomic_torch_save
 __all__ = ["TrainResult", "Trainer", "EpochInfo"]
 
 #: Options that may differ between a run and its resumption (they do not change the trajectory).
-RESUME_MAY_CHANGE = ("max_epochs", "resume", "force", "device", "out", "data_root", "eval_batch_size", "config")
+RESUME_MAY_CHANGE = (
+    "max_epochs", "resume", "force", "device", "out", "data_root", "eval_batch_size", "config", "compile",
+)
 
 
 @dataclass
@@ -122,8 +124,15 @@ class Trainer:
         fingerprint: dict[str, Any] | None = None,
         callbacks: list[Callable[[EpochInfo], None]] | None = None,
         progress: bool = True,
+        compile: bool = False,
     ):
         self.flow = flow
+        # The training objective, optionally through torch.compile: at small D a step is mostly per-operation
+        # overhead, which compiling fuses away (MAF(5) on POWER's shape: 3.0 → 1.7 ms/step on one CPU thread,
+        # after a one-off compile of about 30 s). Off by default: the compile time dominates short runs.
+        self._objective = self._batch_loss
+        if compile:
+            self._objective = torch.compile(self._batch_loss, dynamic=False)
         self.train_x = train_x
         self.val_x = val_x
         self.batch_size = batch_size
@@ -202,6 +211,9 @@ class Trainer:
         ll = float(np.mean(log_prob_batches(self.flow, self.val_x, self.eval_batch_size)))
         return ll
 
+    def _batch_loss(self, batch: Tensor) -> Tensor:
+        return -self.flow.train_log_prob(batch).mean()
+
     def _train_epoch(self, epoch: int) -> tuple[float, str | None]:
         """One pass over the shuffled training set; returns (mean train NLL, failure message or None)."""
         self.flow.train()
@@ -221,7 +233,7 @@ class Trainer:
         )
         for step, i in enumerate(bar, 1):
             batch = self.train_x[perm[i : i + self.batch_size]]
-            loss = -self.flow.train_log_prob(batch).mean()
+            loss = self._objective(batch)
             # The relgrad objective omits log|det W|, so its "loss" is not the NLL; it is still what is optimised.
             total += loss.detach() * batch.shape[0]
             count += batch.shape[0]

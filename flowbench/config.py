@@ -54,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "alpha": None,
     "base": None,
     "bias": None,
+    "bias_logdet": None,
     "match_params": None,
     "weight_decay": 1e-6,  # MAF: L2 penalty (1e-6/2)·Σ‖w‖², i.e. gradient 1e-6·w
     "out": "results",
@@ -76,6 +77,7 @@ MODEL_OPTIONS: tuple[str, ...] = (
     "alpha",
     "base",
     "bias",
+    "bias_logdet",
 )
 
 # Expected value types, so a config file with ``lr = "fast"`` fails here and not deep inside Adam.
@@ -98,6 +100,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "alpha": (float, int),
     "base": (str,),
     "bias": (bool,),
+    "bias_logdet": (bool,),
     "match_params": (int, str),
     "weight_decay": (float, int),
     "out": (str,),

@@ -237,3 +237,10 @@ def test_state_dict_round_trip_and_errors():
             build_relgrad(D, **bad)
     with pytest.raises(ConfigError):
         f.log_prob(torch.randn(3, D + 1, dtype=torch.float64))
+
+
+def test_bias_logdet_is_a_hyperparameter_and_defaults_to_the_reference_rule():
+    from flowbench.models import build_model
+
+    assert build_model("relgrad", 3).transform.bias_logdet is False
+    assert build_model("relgrad", 3, bias_logdet=True).transform.bias_logdet is True

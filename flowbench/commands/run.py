@@ -51,6 +51,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--alpha", type=float, help="smooth leaky ReLU slope (relgrad)")
     m.add_argument("--base", help="relgrad base density: normal or logistic (alias hyperbolic-secant)")
     m.add_argument("--bias", action=_BOOL, help="biases in relgrad's dense layers")
+    m.add_argument("--bias-logdet", action=_BOOL,
+                   help="relgrad: give the biases the log-det's relative-gradient term too (the full augmented-matrix "
+                   "rule; default off = the reference code's rule, with which the published numbers were made)")
     m.add_argument("--match-params", metavar="N|MODEL",
                    help="choose the hidden width so the parameter count matches N, or MODEL as configured for this dataset")
     o = parser.add_argument_group("output")

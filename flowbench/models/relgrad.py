@@ -49,6 +49,8 @@ RELGRAD_HPARAMS: dict = {
     "activation": "smooth-leaky-relu",
     "alpha": 0.3,
     "base": "normal",
+    # False: the reference code's bias rule (the published numbers); True: the full augmented-matrix rule.
+    "bias_logdet": False,
 }
 ACTIVATIONS = ("smooth-leaky-relu", "tanh")
 BASES = {"normal": "normal", "logistic": "logistic", "hyperbolic-secant": "logistic"}  # alias kept (ref. code)
@@ -415,5 +417,6 @@ def build_relgrad(dim: int, *, relative: bool = True, **hparams) -> RelgradFlow:
         raise ConfigError(f"relgrad alpha (smooth leaky ReLU slope) must be in (0, 1]; got {hp['alpha']}")
     transform = RelgradTransform(int(dim), int(hp["layers"]), bool(hp["bias"]), hp["activation"],
                                  float(hp["alpha"]), relative)
+    transform.bias_logdet = bool(hp["bias_logdet"])
     base = StandardNormal(dim) if BASES[hp["base"]] == "normal" else Logistic(dim)
     return RelgradFlow(transform, base, int(dim))

@@ -231,7 +231,7 @@ def test_state_dict_round_trip_and_errors():
     x = torch.randn(3, D, dtype=torch.float64)
     torch.testing.assert_close(g.log_prob(x), f.log_prob(x))
     assert f.num_params() == 2 * (D * D + D)
-    assert set(RELGRAD_HPARAMS) == {"layers", "bias", "activation", "alpha", "base"}
+    assert set(RELGRAD_HPARAMS) == {"layers", "bias", "activation", "alpha", "base", "bias_logdet"}
     for bad in [{"depth": 2}, {"activation": "relu"}, {"base": "cauchy"}, {"alpha": 0.0}]:
         with pytest.raises(ConfigError):
             build_relgrad(D, **bad)

@@ -166,16 +166,21 @@ def normalize(options: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file (flat table; keys = run flag names) into validated options."""
+def read_toml(path: str | Path, kind: str, hint: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a ConfigError naming it (``hint`` says what to do)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing TOML file to --config")
+        raise ConfigError(f"{kind} {str(path)!r} does not exist; {hint}")
     try:
         with path.open("rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from e
+        raise ConfigError(f"{kind} {str(path)!r} is not valid TOML: {e}") from e
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a TOML config file (flat table; keys = run flag names) into validated options."""
+    raw = read_toml(path, "config file", "pass an existing TOML file to --config")
     nested = [k for k, v in raw.items() if isinstance(v, dict)]
     if nested:
         raise ConfigError(f"config file {str(path)!r} has tables {nested}; use flat keys named like the run flags")

@@ -26,17 +26,12 @@ import functools
 import hashlib
 import itertools
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from flowbench.config import read_toml
 from flowbench.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 __all__ = ["Sweep", "SweepRun", "load_sweep", "parse_sweep", "expand", "make_tag", "RESERVED", "UNTAGGED"]
 
@@ -231,13 +226,7 @@ def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = No
 def load_sweep(path: str | Path) -> Sweep:
     """Read and validate a sweep file; the sweep's name is the file's stem."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {str(path)!r} does not exist; see configs/sweeps/ for examples")
-    try:
-        with path.open("rb") as f:
-            raw = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"sweep file {str(path)!r} is not valid TOML: {e}") from e
+    raw = read_toml(path, "sweep file", "see configs/sweeps/ for examples")
     return parse_sweep(raw, path.stem, path)
 
 

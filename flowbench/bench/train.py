@@ -4,7 +4,7 @@ The step timed is the trainer's: Adam, ``-train_log_prob(x).mean()``, ``backward
 ``step()``, on random minibatches. When the dataset is not prepared, standard-normal data of the right shape
 (D and N train from :data:`flowbench.data.DATASETS`) stands in, and the result says so. Optionally the same
 measurement for zuko's ``MAF`` with (as nearly as possible) the same parameter count, interleaved with ours
-in one run (zuko is a dev/benchmark extra: ``pip install 'flowbench[bench]'``).
+in one run (zuko is a dev/benchmark extra: ``pip install -e ".[bench]"``).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
     try:
         import zuko
     except ImportError as e:  # a benchmark-only dependency, never imported at runtime
-        raise ConfigError("the zuko comparison needs zuko: pip install 'flowbench[bench]' (or pip install zuko)") from e
+        raise ConfigError("the zuko comparison needs zuko: pip install -e '.[bench]' in the checkout (or pip install zuko)") from e
 
     def build(h: int):
         return zuko.flows.MAF(features=dim, transforms=layers, hidden_features=[h] * hidden_layers)

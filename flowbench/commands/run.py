@@ -1,7 +1,7 @@
 """``flowbench run``: train one model on one dataset with the MAF protocol and write its record.
 
 With no arguments it trains the relative-gradient dense flow on the bundled ``digits`` data
-(``configs/digits/relgrad.toml``): offline, about a minute on two CPU cores.
+(``configs/digits/relgrad.toml``): offline, about 30 s on two CPU cores.
 """
 
 from __future__ import annotations

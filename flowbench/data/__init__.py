@@ -117,12 +117,12 @@ def prepare_dataset(name: str, root: str | Path | None = None, *, write_cache: b
         return _dataset(info, module, splits, meta)
     sources = {f: cache.fingerprint(root / f) for f in info.raw_files}
     try:
-        d = cache.write(root, name, splits, module.RECIPE_VERSION, sources)
+        manifest = cache.write(root, name, splits, module.RECIPE_VERSION, sources)
     except OSError as e:  # read-only data root: still usable, just not cached
         warnings.warn(f"could not write the processed cache for {name} under {root} ({e}); using it in memory")
         return _dataset(info, module, splits, meta)
-    manifest = cache.read_manifest(root, name)
-    return _dataset(info, module, cache.load(root, name, manifest), {**meta, "cache": str(d), "manifest": manifest})
+    meta = {**meta, "cache": str(cache.cache_dir(root, name)), "manifest": manifest}
+    return _dataset(info, module, cache.load(root, name, manifest), meta)
 
 
 def load_dataset(name: str, root: str | Path | None = None) -> Dataset:

@@ -67,16 +67,11 @@ def safe_std(x: np.ndarray, what: str, ddof: int, columns: Sequence[str] | None 
     return s
 
 
-def check_splits(name: str, splits: Splits, dim: int | None = None) -> None:
-    """Every split is 2-D with the same width (``dim`` when given), finite, and train has no constant column."""
+def check_splits(name: str, splits: Splits) -> None:
+    """Every split is 2-D with the same width, finite, and train has no constant column."""
     widths = {k: v.shape[1] if v.ndim == 2 else None for k, v in splits.items()}
     if None in widths.values() or len(set(widths.values())) != 1:
         raise DataIntegrityError(f"{name}: prepared splits have inconsistent shapes {widths}")
-    if dim is not None and splits["train"].shape[1] != dim:
-        raise DataIntegrityError(
-            f"{name}: prepared data has {splits['train'].shape[1]} columns, expected {dim}; the raw files "
-            "differ from the MAF archive's"
-        )
     for k in SPLITS:
         check_finite(splits[k], f"{name} {k} split")
     train = splits["train"]

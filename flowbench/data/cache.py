@@ -19,6 +19,7 @@ import numpy as np
 
 from flowbench import __version__
 from flowbench.data._common import SPLITS, Splits
+from flowbench.errors import DataIntegrityError
 from flowbench.utils import atomic_save_npy, atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -36,35 +37,30 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def fingerprint(path: Path, with_hash: bool = True) -> dict[str, Any]:
+def fingerprint(path: Path) -> dict[str, Any]:
     st = path.stat()
-    fp: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    if with_hash:
-        fp["sha256"] = sha256_file(path)
-    return fp
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
 
 
-def write(root: Path, name: str, splits: Splits, recipe_version: int, sources: dict[str, dict]) -> Path:
-    """Write the splits and then the manifest; returns the cache directory."""
+def write(root: Path, name: str, splits: Splits, recipe_version: int, sources: dict[str, dict]) -> dict:
+    """Write the splits and then the manifest; returns the manifest (as :func:`read_manifest` would)."""
     d = cache_dir(root, name)
     manifest_path = d / MANIFEST
     # invalidate first: a crash mid-write must not leave an old manifest beside new arrays
     manifest_path.unlink(missing_ok=True)
     for k in SPLITS:
         atomic_save_npy(d / f"{k}.npy", np.ascontiguousarray(splits[k], dtype=np.float32))
-    atomic_write_json(
-        manifest_path,
-        {
-            "dataset": name,
-            "recipe_version": recipe_version,
-            "flowbench_version": __version__,
-            "dtype": "float32",
-            "shapes": {k: list(splits[k].shape) for k in SPLITS},
-            "sources": sources,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    )
-    return d
+    manifest = {
+        "dataset": name,
+        "recipe_version": recipe_version,
+        "flowbench_version": __version__,
+        "dtype": "float32",
+        "shapes": {k: list(splits[k].shape) for k in SPLITS},
+        "sources": sources,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_json(manifest_path, manifest)
+    return manifest
 
 
 def read_manifest(root: Path, name: str) -> dict | None:
@@ -99,10 +95,9 @@ def load(root: Path, name: str, manifest: dict) -> Splits:
     for k in SPLITS:
         a = np.load(d / f"{k}.npy", mmap_mode="c", allow_pickle=False)
         if list(a.shape) != manifest["shapes"][k] or a.dtype != np.float32:
-            from flowbench.errors import DataIntegrityError
-
             raise DataIntegrityError(
-                f"{name}: cached {k}.npy in {d} has shape {list(a.shape)}, manifest says {manifest['shapes'][k]}; "
+                f"{name}: cached {k}.npy in {d} is {a.dtype} {list(a.shape)}, manifest says float32 "
+                f"{manifest['shapes'][k]}; "
                 f"delete {d} (or run `flowbench download --dataset {name} --force`)"
             )
         out[k] = a

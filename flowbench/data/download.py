@@ -254,8 +254,10 @@ def check_member(m: tarfile.TarInfo) -> str:
     return name
 
 
-def extract(archive: Path, root: Path, members: dict[str, str]) -> list[str]:
+def extract(archive: Path, root: Path, members: dict[str, str]) -> dict[str, str]:
     """Extract ``members`` (archive name → root-relative path) into ``root`` via a temporary folder.
+
+    Returns root-relative path → SHA-256 of each extracted file (hashed while it is written, not re-read).
 
     Every member of the archive is checked by :func:`check_member` (a single unsafe member rejects the
     archive). The wanted files must be regular files. Once all are extracted, each dataset's top folder
@@ -265,7 +267,7 @@ def extract(archive: Path, root: Path, members: dict[str, str]) -> list[str]:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=root))
     try:
-        found: set[str] = set()
+        hashes: dict[str, str] = {}
         try:
             with tarfile.open(archive, "r|*") as tar:  # stream: one pass over the gzip data
                 for m in tar:
@@ -276,12 +278,14 @@ def extract(archive: Path, root: Path, members: dict[str, str]) -> list[str]:
                         raise DataIntegrityError(f"archive member {m.name!r} should be a regular file")
                     out = tmp / members[name]
                     out.parent.mkdir(parents=True, exist_ok=True)
-                    src = tar.extractfile(m)
+                    src, sha = tar.extractfile(m), hashlib.sha256()
                     with open(out, "wb") as f:
-                        shutil.copyfileobj(src, f, CHUNK)
+                        while block := src.read(CHUNK):
+                            sha.update(block)
+                            f.write(block)
                     if out.stat().st_size != m.size:
                         raise DataIntegrityError(f"archive member {m.name!r} is truncated")
-                    found.add(name)
+                    hashes[members[name]] = sha.hexdigest()
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
                 raise DownloadError(f"disk full while extracting into {root}; free space or use --root elsewhere") from e
@@ -289,11 +293,11 @@ def extract(archive: Path, root: Path, members: dict[str, str]) -> list[str]:
                 f"{archive} is truncated or not a valid tar.gz ({type(e).__name__}: {e}); nothing was changed. "
                 "Rerun with --force to fetch it again (or check the file given to --from-archive)"
             ) from e
-        missing = sorted(set(members) - found)
+        missing = sorted(n for n, rel in members.items() if rel not in hashes)
         if missing:
             raise DataIntegrityError(f"{archive} lacks the expected member(s) {missing}; is it the MAF data.tar.gz?")
         _install(tmp, root, sorted({PurePosixPath(rel).parts[0] for rel in members.values()}))
-        return sorted(members.values())
+        return dict(sorted(hashes.items()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -388,15 +392,15 @@ def download_and_prepare(
         echo(f"  sha256 {c.sha256}  md5 {c.md5}  ({c.verified_by})")
         members = archive_members(f for i in todo for f in i.raw_files)
         echo(f"extracting {len(members)} file(s) into {root} ...")
-        extracted = extract(archive, root, members)
+        extracted = extract(archive, root, members)  # root-relative path -> SHA-256
         for i in todo:
             cache.remove(root, i.name)
         record["archive"] = {"name": ARCHIVE_NAME, "source": source, "sha256": c.sha256, "md5": c.md5,
                              "size": c.size, "verified_by": c.verified_by,
                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         files = record.setdefault("files", {})
-        for rel in extracted:
-            files[rel] = {"sha256": cache.sha256_file(root / rel), "size": (root / rel).stat().st_size}
+        for rel, sha in extracted.items():
+            files[rel] = {"sha256": sha, "size": (root / rel).stat().st_size}
         atomic_write_json(root / MANIFEST, record)
     for i in infos:
         mod = i.load_module()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from flowbench.data._common import Splits, check_finite, safe_std, tail_split
+from flowbench.errors import DataIntegrityError
 
 RECIPE_VERSION = 1
 RAW_FILES = ("miniboone/data.npy",)
@@ -29,7 +30,5 @@ def transform(data: np.ndarray) -> Splits:
 def prepare(root: Path) -> Splits:
     data = np.load(Path(root) / RAW_FILES[0], allow_pickle=False)
     if data.ndim != 2:
-        from flowbench.errors import DataIntegrityError
-
         raise DataIntegrityError(f"miniboone/data.npy has shape {data.shape}, expected (N, 43)")
     return transform(np.asarray(data, dtype=np.float64))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowbench.data._common import Splits, logit
+from flowbench.data._common import SPLITS, Splits, logit
 from flowbench.data.safe_pickle import load_numpy_pickle
 from flowbench.errors import DataIntegrityError
 
@@ -55,8 +55,8 @@ def read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def prepare(root: Path, chunk_rows: int = 5000) -> Splits:
     train, val, test = read_pickle(Path(root) / RAW_FILES[0])
-    for k, x in zip(("train", "val", "test"), (train, val, test)):
+    for k, x in zip(SPLITS, (train, val, test)):
         if x.size and (x.min() < 0 or x.max() >= 1):
             raise DataIntegrityError(f"mnist {k} pixels lie in [{x.min()}, {x.max()}], expected [0, 1)")
     rng = np.random.RandomState(SEED)  # one stream: train, then val, then test
-    return {k: transform_split(x, rng, chunk_rows) for k, x in zip(("train", "val", "test"), (train, val, test))}
+    return {k: transform_split(x, rng, chunk_rows) for k, x in zip(SPLITS, (train, val, test))}

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from flowbench.data._common import Splits, check_finite, safe_std, tail_split
+from flowbench.errors import DataIntegrityError
 
 RECIPE_VERSION = 1
 RAW_FILES = ("power/data.npy",)
@@ -27,8 +28,6 @@ SEED = 42
 def transform(data: np.ndarray) -> Splits:
     """The recipe on the raw (N, 8) float64 array (modified in place, as the original does)."""
     if data.ndim != 2 or data.shape[1] != 8:
-        from flowbench.errors import DataIntegrityError
-
         raise DataIntegrityError(f"power/data.npy has shape {data.shape}, expected (N, 8)")
     check_finite(data, "power/data.npy")
     rng = np.random.RandomState(SEED)

@@ -98,6 +98,8 @@ def test_bench_train_synthetic_shape_and_errors(tmp_path):
         run_train("power", "relgrad", steps=1, compare_zuko=True, data_root=tmp_path)
     with pytest.raises(ConfigError):
         run_train("nosuchdata", "relgrad", steps=1, data_root=tmp_path)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        run_train("power", "gaussian", steps=1, data_root=tmp_path)
     rc = cli_main(["bench", "train", "--dataset", "power", "--model", "relgrad", "--steps", "2", "--hparam", "bias=false",
                    "--data-root", str(tmp_path), "--out", str(tmp_path), "--device", "cpu"])
     assert rc == 0

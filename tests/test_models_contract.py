@@ -6,7 +6,6 @@ built small (hidden 8, ≤ 2 layers, 3 components) and their parameters perturbe
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
 
@@ -17,12 +16,7 @@ from flowbench.errors import FlowbenchError, InverseNotAvailable
 from flowbench.models import MODELS, build_model, display_name, model_hparams
 from flowbench.models.layers import BatchNorm
 
-RELGRAD_PRESENT = importlib.util.find_spec("flowbench.models.relgrad") is not None
 NAMES = list(MODELS)
-if not RELGRAD_PRESENT:
-    NAMES.append(
-        pytest.param("relgrad", marks=pytest.mark.skip(reason="flowbench/models/relgrad.py not written yet"))
-    )
 
 SHRINK = {"hidden": 8, "hidden_layers": 2, "components": 3, "layers": 2}
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from flowbench.errors import ConfigError
 from flowbench.models import build_model, display_name, model_hparams
 from flowbench.models.params import MATCH_KNOB, count_params, match_params, param_count
-
-RELGRAD = importlib.util.find_spec("flowbench.models.relgrad") is not None
-needs_relgrad = pytest.mark.skipif(not RELGRAD, reason="flowbench/models/relgrad.py not written yet")
 
 
 def test_published_example_counts_power():
@@ -20,7 +15,6 @@ def test_published_example_counts_power():
     assert count_params(build_model("maf", 6, layers=5, hidden=100, hidden_layers=2)) == 60_120
 
 
-@needs_relgrad
 def test_relgrad_count_is_L_times_D2_plus_D():
     assert count_params(build_model("relgrad", 6, layers=2)) == 84
     assert count_params(build_model("relgrad", 5, layers=3)) == 3 * (25 + 5)
@@ -72,7 +66,6 @@ def test_match_params_is_the_closest_achievable(name, target):
     assert res["relative_error"] == pytest.approx((res["achieved"] - target) / target)
 
 
-@needs_relgrad
 def test_baselines_matched_to_a_relgrad_model():
     # the relative-gradient paper's use: size a baseline to the dense flow's L(D² + D) parameters
     target = count_params(build_model("relgrad", 43, layers=10))

@@ -244,3 +244,19 @@ def test_bias_logdet_is_a_hyperparameter_and_defaults_to_the_reference_rule():
 
     assert build_model("relgrad", 3).transform.bias_logdet is False
     assert build_model("relgrad", 3, bias_logdet=True).transform.bias_logdet is True
+
+
+def test_logdet_is_not_stale_after_a_fused_adam_step_in_training_mode():
+    # fused Adam updates weights without bumping their version counter; the cache must not be trusted then.
+    from flowbench.models import build_model
+
+    torch.manual_seed(0)
+    f = build_model("relgrad", 4).double()
+    f.train()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    f.log_prob(x)  # fills the cache
+    opt = torch.optim.Adam(f.parameters(), lr=0.1, fused=True)
+    (-f.train_log_prob(x).mean()).backward()
+    opt.step()
+    fresh = sum(torch.linalg.slogdet(w)[1].item() for w in f.transform.weights)
+    assert abs(f.transform.logabsdet() - fresh) < 1e-10

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from flowbench.errors import FlowbenchError
 from flowbench.models.relgrad import build_relgrad
+from flowbench.models.relgrad_autograd import TANH_A, TANH_B
 
 METHODS = ("relative", "ordinary", "autodiff", "mlp")
 # Exponent of D in each method's cost (B fixed), used to predict whether the next D is too slow.
@@ -107,7 +108,9 @@ def _net(flow, x: Tensor) -> Tensor:
     for k in range(n):
         h = F.linear(h, t.weights[k], t.biases[k] if t.biases is not None else None)
         if k < n - 1:
-            h = t.alpha * h + (1 - t.alpha) * F.softplus(h) if t.activation != "tanh" else t._act(h)[0]
+            # s(y) only: t._act would also compute Σ log s'(y), which neither autodiff nor the floor uses
+            h = t.alpha * h + (1 - t.alpha) * F.softplus(h) if t.activation != "tanh" else (
+                torch.tanh(TANH_A * h) + TANH_B * h)
     return h
 
 

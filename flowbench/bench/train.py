@@ -117,9 +117,10 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
     dim = x.shape[1]
     hparams = dict(hparams or {})
     ours = build_model(model, dim, **hparams).to(device)
+    if not ours.trainable:
+        raise ConfigError(f"model {model!r} has nothing to train (closed form); pick a trainable model")
     ours.train()
-    if hasattr(ours, "initialize"):
-        ours.initialize(x)
+    ours.initialize(x)
     ours_loss, _ = _loss_fns(ours, compile_ours=compile)
     contenders: dict[str, tuple] = {
         "flowbench": (ours, _adam(ours.parameters(), lr, adam), ours_loss, _trainer_step)}
@@ -128,8 +129,6 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
                     "batch_size": batch_size, "steps": steps, "device": str(device), "adam": adam,
                     "compile": {"flowbench": compile, "zuko": compile_zuko if compare_zuko else None},
                     "params": {"flowbench": sum(p.numel() for p in ours.parameters())}}
-    if not ours.trainable:
-        raise ConfigError(f"model {model!r} has nothing to train (closed form); pick a trainable model")
     if compare_zuko:
         if model != "maf":
             raise ConfigError("--compare-zuko is implemented for --model maf only")

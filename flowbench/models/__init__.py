@@ -18,12 +18,7 @@ from flowbench.models.made import MADE_HPARAMS, MADE_MOG_HPARAMS, build_made, bu
 from flowbench.models.maf import MAF_HPARAMS, MAF_MOG_HPARAMS, build_maf, build_maf_mog
 from flowbench.models.realnvp import REALNVP_HPARAMS, build_realnvp
 
-try:  # written by the relgrad area; imported whenever the file exists, errors inside it are not hidden
-    from flowbench.models.relgrad import RELGRAD_HPARAMS, build_relgrad
-except ModuleNotFoundError as _e:
-    if _e.name != "flowbench.models.relgrad":
-        raise
-    RELGRAD_HPARAMS, build_relgrad = None, None
+from flowbench.models.relgrad import RELGRAD_HPARAMS, build_relgrad
 
 __all__ = [
     "MODELS",
@@ -61,21 +56,18 @@ MODELS: dict[str, ModelInfo] = {
     "realnvp": ModelInfo(build_realnvp, REALNVP_HPARAMS, "Real NVP ({layers})", "Dinh et al. 2017, Real NVP"),
     "maf": ModelInfo(build_maf, MAF_HPARAMS, "MAF ({layers})", _MAF, _ACT),
     "maf-mog": ModelInfo(build_maf_mog, MAF_MOG_HPARAMS, "MAF MoG ({layers})", _MAF, _ACT),
-}
-if build_relgrad is not None:
-    MODELS["relgrad"] = ModelInfo(
+    "relgrad": ModelInfo(
         build_relgrad,
         RELGRAD_HPARAMS,
         "Relgrad dense flow",
         "Gresele et al. 2020, Relative gradient optimization of the Jacobian term in unsupervised deep learning",
-    )
+    ),
+}
 
 
 def _info(name: str) -> ModelInfo:
     if name in MODELS:
         return MODELS[name]
-    if name == "relgrad":
-        raise ConfigError("model 'relgrad' is not available: flowbench/models/relgrad.py is missing")
     raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 

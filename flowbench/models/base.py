@@ -113,7 +113,7 @@ class Flow(nn.Module):
         """The per-example objective whose gradient, after :meth:`adjust_gradients`, is the ascent direction.
 
         Equal to :meth:`log_prob` except where a model adds part of the gradient analytically
-        (relgrad leaves out log|det W| here and adds its relative gradient in ``adjust_gradients``).
+        (relgrad leaves out the value of log|det W| here; its relative gradient is added inside backward).
         Only the shape is checked: the NaN scan would force a device sync on every training step, and
         training data were checked once when they were prepared.
         """

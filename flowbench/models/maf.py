@@ -29,7 +29,7 @@ MAF_MOG_HPARAMS: dict = {**MAF_HPARAMS, "components": 10}
 def _maf_transform(
     dim: int, layers: int, hidden: int, hidden_layers: int, activation: str, batch_norm: bool
 ) -> tuple[CompositeTransform, Tensor]:
-    """The K MADEs (+ batch norms) and the input degrees of the last MADE."""
+    """The K MADEs (+ batch norms) and the input degrees a next layer would use (the last MADE's, reversed)."""
     if layers < 1:
         raise ConfigError(f"layers (the number of MADEs) must be ≥ 1; got {layers}")
     steps: list[Transform] = []
@@ -39,9 +39,8 @@ def _maf_transform(
         steps.append(made)
         if batch_norm:
             steps.append(BatchNorm(dim))
-        last = degrees
         degrees = degrees.flip(0)
-    return CompositeTransform(steps), last
+    return CompositeTransform(steps), degrees
 
 
 def build_maf(
@@ -67,6 +66,6 @@ def build_maf_mog(
     components: int = 10,
 ) -> Flow:
     """MAF MoG(K): MAF(K) on a MADE MoG base density (Papamakarios et al. 2017)."""
-    transform, last = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm)
-    base = MADEMoG(dim, hidden, hidden_layers, activation, components, input_degrees=last.flip(0))
+    transform, next_degrees = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm)
+    base = MADEMoG(dim, hidden, hidden_layers, activation, components, input_degrees=next_degrees)
     return Flow(transform, base, dim)

@@ -17,9 +17,10 @@ which equals the reference code's ``dW = W Wᵀ G_W + W bᵀ g_b, db = b Wᵀ G_
 transposed convention. Cost: two extra B×D×D products per layer, O(B·D²), no inverse or determinant.
 For log|det W| the relative gradient is W⁻ᵀWᵀW = W.
 
-Where the adjustment happens: inside ``backward`` (custom autograd functions), not in
-``adjust_gradients``. The layer's backward returns the relative data-term gradient directly (it has Δ and Y
-at hand, so no extra memory), and the log-det term is a node whose backward adds ``(Σ upstream) · W``. The
+Where the adjustment happens: inside ``backward`` (the custom autograd functions in
+:mod:`flowbench.models.relgrad_autograd`), not in ``adjust_gradients``. The layer's backward returns the
+relative data-term gradient directly (it has Δ and Y at hand, so no extra memory), and the log-det term is a
+node whose backward adds ``(Σ upstream) · W``. The
 result is therefore exact for any loss reduction (mean, sum, accumulation over several backward calls), and
 ``adjust_gradients`` has nothing left to do. After ``(-log_prob(x).mean()).backward()`` each weight's
 ``.grad`` is ``(∇_W L_data) WᵀW − W`` and each bias's is the projected rule above.
@@ -39,6 +40,7 @@ from torch import Tensor, nn
 
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow, StandardNormal, Transform, check_input
+from flowbench.models.relgrad_autograd import TANH_A, TANH_B, RelativeDense, RelativeLogDet, RelgradNet
 
 __all__ = ["RELGRAD_HPARAMS", "build_relgrad", "RelgradFlow", "RelgradTransform", "Logistic"]
 
@@ -54,7 +56,6 @@ RELGRAD_HPARAMS: dict = {
 }
 ACTIVATIONS = ("smooth-leaky-relu", "tanh")
 BASES = {"normal": "normal", "logistic": "logistic", "hyperbolic-secant": "logistic"}  # alias kept (ref. code)
-TANH_A, TANH_B = 1.0, 0.1  # tanh(a·y) + b·y, fixed to these values in the paper (H.3)
 COND_WARN_FACTOR = 0.01  # warn when cond(W) > COND_WARN_FACTOR / eps(dtype): 8e4 (float32), 5e13 (float64)
 INVERSE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-6}  # |s(y) - t| ≤ rtol·(1 + |t|) after inversion
 
@@ -81,158 +82,11 @@ class Logistic(nn.Module):
         return 0.5 * (torch.log(u.clamp_min(tiny)) - torch.log1p(-u))
 
 
-class _RelativeDense(torch.autograd.Function):
-    """Y = h Wᵀ + b whose backward returns the (projected) relative gradient for W and b (module docstring).
-
-    New-style Function (setup_context, vmap rule, jvp) so that torch.func tools (Jacobians w.r.t. x) work.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        h, weight, bias = inputs
-        ctx.save_for_backward(weight, bias, output)
-        ctx.h = h  # only for jvp; a reference, not a copy
-
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        weight, bias, y = ctx.saved_tensors
-        grad_h = grad_b = None
-        if ctx.needs_input_grad[0]:
-            # One (2B)×D×D product instead of two B×D×D ones: better GEMM efficiency at small batch.
-            both = torch.cat([dy, y]) @ weight
-            grad_h, yw = both[: dy.shape[0]], both[dy.shape[0]:]
-        else:
-            yw = y @ weight
-        grad_w = dy.t() @ yw  # Δᵀ (Y W)
-        if bias is not None:
-            grad_b = dy.t() @ torch.addmv(torch.ones_like(y[:, 0]), y, bias)  # Δᵀ (Y b + 1)
-        return grad_h, grad_w, grad_b
-
-    @staticmethod
-    def jvp(ctx, dh, dw, db):
-        weight, _, _ = ctx.saved_tensors
-        out = dh @ weight.t() if dh is not None else torch.zeros_like(ctx.h @ weight.t())
-        if dw is not None:
-            out = out + ctx.h @ dw.t()
-        if db is not None:
-            out = out + db
-        return out
-
-
-class _RelativeLogDet(torch.autograd.Function):
-    """Σ_k log|det W_k| broadcast to the batch, with the relative gradient W_k (no inverse, no determinant).
-
-    ``value`` is the cached exact value (evaluation) or 0.0 (training: the value is not needed for the
-    gradient, so ``train_log_prob`` leaves it out). Constant in x, so its tangent w.r.t. x is zero.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(ref: Tensor, value: float, *weights: Tensor) -> Tensor:
-        return ref.new_full(ref.shape[:-1], value)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs[2:])
-        ctx.ref = inputs[0]
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        s = grad.sum()
-        return (None, None, *(s * w for w in ctx.saved_tensors))
-
-    @staticmethod
-    def jvp(ctx, dref, dvalue, *dweights):
-        return torch.zeros_like(ctx.ref[..., 0])
-
-
-class _RelgradNet(torch.autograd.Function):
-    """The whole training-time forward (all layers, activations, Σ log s') in one autograd node.
-
-    Training hot path (relative mode only): no per-op autograd bookkeeping, each hidden activation's
-    sigmoid/tanh computed once and reused in backward, one (2B)×D×D product for [Δ; Y]·W per layer, and the
-    log-det's relative gradient (Σ_i ∂loss/∂logdet_i)·W folded into the same backward. Inputs h are not
-    saved: the relative gradient needs only Y and Δ. Returns (z, Σ_k<L Σ_i log s'(y_k,i)).
-    """
-
-    @staticmethod
-    def forward(ctx, x, activation: str, alpha: float, n: int, bias_logdet: bool, *params):
-        weights, biases = params[:n], params[n:] if len(params) > n else [None] * n
-        ys, auxs = [], []
-        ld = x.new_zeros(x.shape[0])
-        h = x
-        for k in range(n):
-            b = biases[k]
-            y = torch.addmm(b, h, weights[k].t()) if b is not None else h @ weights[k].t()
-            ys.append(y)
-            if k < n - 1:
-                if activation == "tanh":
-                    a = torch.tanh(TANH_A * y)
-                    h = torch.add(a, y, alpha=TANH_B)
-                    sech2 = (1 - a * a)
-                    d = sech2.mul(TANH_A).add_(TANH_B)
-                    curv = sech2.mul_(a).mul_(-2 * TANH_A * TANH_A).div_(d)  # s''/s' for backward
-                else:
-                    a = torch.sigmoid(y)
-                    h = F.softplus(y).mul_(1 - alpha).add_(y, alpha=alpha)
-                    d = a.mul(1 - alpha).add_(alpha)
-                    curv = (1 - a).mul_(a).mul_(1 - alpha).div_(d)  # s''/s' = (1−α)σ(1−σ)/s'
-                ld += d.log().sum(-1)
-                auxs.append((d, curv))
-            else:
-                h = y
-        ctx.activation, ctx.alpha, ctx.n, ctx.auxs = activation, alpha, n, auxs
-        ctx.has_bias, ctx.bias_logdet = biases[0] is not None, bias_logdet
-        ctx.save_for_backward(*weights, *(b for b in biases if b is not None), *ys)
-        return h, ld
-
-    @staticmethod
-    def backward(ctx, dz, dld):
-        n = ctx.n
-        saved = ctx.saved_tensors
-        weights = saved[:n]
-        biases = saved[n:2 * n] if ctx.has_bias else [None] * n
-        ys = saved[2 * n:] if ctx.has_bias else saved[n:]
-        gws, gbs = [None] * n, [None] * n
-        s = None if dld is None else dld.sum() if dld.is_cuda else float(dld.sum())  # no device sync on CUDA
-        delta = dz
-        for k in reversed(range(n)):
-            w, y = weights[k], ys[k]
-            if k > 0 or ctx.needs_input_grad[0]:
-                both = torch.cat([delta, y]) @ w
-                gh, yw = both[: y.shape[0]], both[y.shape[0]:]
-            else:
-                gh, yw = None, y @ w
-            if isinstance(s, float):  # Δᵀ (Y W) plus the log-det term (Σ_i ∂loss/∂logdet_i)·W, one fused addmm
-                gws[k] = torch.addmm(w, delta.t(), yw, beta=s)
-            elif s is not None:
-                gws[k] = (delta.t() @ yw).add_(w * s)
-            else:
-                gws[k] = delta.t() @ yw  # Δᵀ (Y W)
-            if biases[k] is not None:
-                gbs[k] = delta.t() @ torch.addmv(torch.ones_like(y[:, 0]), y, biases[k])  # Δᵀ (Y b + 1)
-                if ctx.bias_logdet and s is not None:
-                    gbs[k] = gbs[k] + s * biases[k]
-            if k > 0:
-                d, curv = ctx.auxs[k - 1]
-                delta = gh.mul_(d)  # gh is a private slice of `both`: in place is safe
-                if dld is not None:  # + ∂loss/∂ld · ∂ log s'(y)/∂y
-                    delta.addcmul_(dld[:, None], curv)
-        grads = gws + (gbs if ctx.has_bias else [])
-        return (gh if ctx.needs_input_grad[0] else None, None, None, None, None, *grads)
-
-
 class RelgradTransform(Transform):
     """The dense transform x → z with exact log-determinant (see the module docstring)."""
 
-    def __init__(self, dim: int, layers: int, bias: bool, activation: str, alpha: float, relative: bool = True):
+    def __init__(self, dim: int, layers: int, bias: bool, activation: str, alpha: float, relative: bool = True,
+                 bias_logdet: bool = False):
         super().__init__()
         self.dim, self.activation, self.alpha, self.relative = dim, activation, float(alpha), relative
         self.weights = nn.ParameterList(
@@ -242,7 +96,7 @@ class RelgradTransform(Transform):
         # The reference code adds the log-det's relative gradient −W to W only. The augmented-matrix algebra
         # also gives the bias a −b term; without it a stationary point of the update is not one of the
         # likelihood when b ≠ 0 (see `flowbench bench optim --bias-logdet`). False = the reference, as published.
-        self.bias_logdet = False
+        self.bias_logdet = bias_logdet
         self._logdet_cache: tuple | None = None  # (key, value)
         self._inverse_cache: tuple | None = None  # (key, [W_k⁻¹])
 
@@ -285,14 +139,17 @@ class RelgradTransform(Transform):
 
     # -- exact log|det W| (evaluation only), cached while the weights do not change ------------------
     def _key(self) -> tuple:
-        # In-place optimiser updates and load_state_dict bump _version; .to()/.double() change data_ptr.
+        # load_state_dict and most in-place updates bump _version; .to()/.double() change data_ptr. Fused Adam
+        # does NOT bump _version (checked with torch 2.13, CPU), which is why train() below also drops the caches.
         return tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in self.weights)
 
     @torch.no_grad()
     def logabsdet(self) -> float:
         """Σ_k log|det W_k| (slogdet, O(D³)); recomputed only when a weight has changed."""
         key = self._key()
-        if self._logdet_cache is None or self._logdet_cache[0] != key:
+        # In training mode the weights may have been stepped in place without a version bump (fused Adam), so
+        # the cache is only trusted in evaluation mode, where the trainer never steps.
+        if self.training or self._logdet_cache is None or self._logdet_cache[0] != key:
             total = 0.0
             for k, w in enumerate(self.weights):
                 sign, lad = torch.linalg.slogdet(w)
@@ -302,7 +159,8 @@ class RelgradTransform(Transform):
         return self._logdet_cache[1]
 
     def train(self, mode: bool = True):
-        self._logdet_cache = self._inverse_cache = None  # cheap and safe: recompute after mode switches
+        # Needed, not just cautious: weights stepped by fused Adam keep their _version, so _key() misses them.
+        self._logdet_cache = self._inverse_cache = None
         return super().train(mode)
 
     # -- forward / inverse ---------------------------------------------------------------------------
@@ -314,7 +172,7 @@ class RelgradTransform(Transform):
         h = x
         for k, (w, b) in enumerate(zip(self.weights, biases)):
             if self.relative and torch.is_grad_enabled():
-                y = _RelativeDense.apply(h, w, b)
+                y = RelativeDense.apply(h, w, b)
             else:
                 y = torch.addmm(b, h, w.t()) if b is not None else h @ w.t()
             if k < n - 1:
@@ -324,9 +182,9 @@ class RelgradTransform(Transform):
                 h = y
         if self.relative:
             value = self.logabsdet() if exact else 0.0
-            logdet = logdet + _RelativeLogDet.apply(x, value, *self.weights)
+            logdet = logdet + RelativeLogDet.apply(x, value, *self.weights)
             if self.bias_logdet and self.biases is not None:  # gives each b the term (Σ ∂loss/∂logdet)·b
-                logdet = logdet + _RelativeLogDet.apply(x, 0.0, *self.biases)
+                logdet = logdet + RelativeLogDet.apply(x, 0.0, *self.biases)
         else:  # ordinary gradients: slogdet in the graph (its backward needs an inverse, O(D³))
             logdet = logdet + sum(torch.linalg.slogdet(w)[1] for w in self.weights)
         return h, logdet
@@ -369,9 +227,6 @@ def _check_conditioning(k: int, w: Tensor, sign: float, lad: float) -> None:
 class RelgradFlow(Flow):
     """Dense flow trained with the relative gradient (``relative=True``) or ordinary autograd (``False``)."""
 
-    def __init__(self, transform: RelgradTransform, base: nn.Module, dim: int):
-        super().__init__(transform, base, dim)
-
     @property
     def relative(self) -> bool:
         return self.transform.relative
@@ -382,14 +237,13 @@ class RelgradFlow(Flow):
 
     def train_log_prob(self, x: Tensor) -> Tensor:
         """log p(x) without Σ log|det W| in relative mode (its relative gradient −W still reaches W)."""
-        if x.dim() != 2 or x.shape[1] != self.dim or not bool(torch.isfinite(x.sum())):
-            check_input(x, self.dim)  # one reduction on the hot path; the full check only to word the error
+        check_input(x, self.dim, check_finite=False)  # no NaN scan: it would sync the device every step
         t = self.transform
         if not (self.relative and torch.is_grad_enabled()):
             z, logdet = t(x, exact=not self.relative)
             return self.base.log_prob(z) + logdet
         params = list(t.weights) + (list(t.biases) if t.biases is not None else [])
-        z, ld = _RelgradNet.apply(x, t.activation, t.alpha, len(t.weights), t.bias_logdet, *params)
+        z, ld = RelgradNet.apply(x, t.activation, t.alpha, len(t.weights), t.bias_logdet, *params)
         return self.base.log_prob(z) + ld
 
     def adjust_gradients(self) -> None:
@@ -416,7 +270,6 @@ def build_relgrad(dim: int, *, relative: bool = True, **hparams) -> RelgradFlow:
     if not 0.0 < float(hp["alpha"]) <= 1.0:
         raise ConfigError(f"relgrad alpha (smooth leaky ReLU slope) must be in (0, 1]; got {hp['alpha']}")
     transform = RelgradTransform(int(dim), int(hp["layers"]), bool(hp["bias"]), hp["activation"],
-                                 float(hp["alpha"]), relative)
-    transform.bias_logdet = bool(hp["bias_logdet"])
+                                 float(hp["alpha"]), relative, bool(hp["bias_logdet"]))
     base = StandardNormal(dim) if BASES[hp["base"]] == "normal" else Logistic(dim)
     return RelgradFlow(transform, base, int(dim))

@@ -1,0 +1,167 @@
+"""The custom autograd Functions of the relgrad dense flow (:mod:`flowbench.models.relgrad`).
+
+Each backward returns the (projected) relative gradient directly instead of the Euclidean one, so that
+``adjust_gradients`` has nothing left to do (derivation and conventions in the relgrad module docstring):
+
+- :class:`RelativeDense` — one layer ``Y = h Wᵀ + b``; backward gives ``Δᵀ (Y W)`` and ``Δᵀ (Y b + 1)``.
+- :class:`RelativeLogDet` — Σ_k log|det W_k| as a node whose backward adds ``(Σ upstream) · W_k``.
+- :class:`RelgradNet` — the whole training-time forward in one node (the training hot path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["TANH_A", "TANH_B", "RelativeDense", "RelativeLogDet", "RelgradNet"]
+
+TANH_A, TANH_B = 1.0, 0.1  # tanh(a·y) + b·y, fixed to these values in the paper (H.3)
+
+
+class RelativeDense(torch.autograd.Function):
+    """Y = h Wᵀ + b whose backward returns the (projected) relative gradient for W and b (see relgrad.py).
+
+    New-style Function (setup_context, vmap rule, jvp) so that torch.func tools (Jacobians w.r.t. x) work.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        h, weight, bias = inputs
+        ctx.save_for_backward(weight, bias, output)
+        ctx.h = h  # only for jvp; a reference, not a copy
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        weight, bias, y = ctx.saved_tensors
+        grad_h = grad_b = None
+        if ctx.needs_input_grad[0]:
+            # One (2B)×D×D product instead of two B×D×D ones: better GEMM efficiency at small batch.
+            both = torch.cat([dy, y]) @ weight
+            grad_h, yw = both[: dy.shape[0]], both[dy.shape[0]:]
+        else:
+            yw = y @ weight
+        grad_w = dy.t() @ yw  # Δᵀ (Y W)
+        if bias is not None:
+            grad_b = dy.t() @ torch.addmv(torch.ones_like(y[:, 0]), y, bias)  # Δᵀ (Y b + 1)
+        return grad_h, grad_w, grad_b
+
+    @staticmethod
+    def jvp(ctx, dh, dw, db):
+        weight, _, _ = ctx.saved_tensors
+        out = dh @ weight.t() if dh is not None else torch.zeros_like(ctx.h @ weight.t())
+        if dw is not None:
+            out = out + ctx.h @ dw.t()
+        if db is not None:
+            out = out + db
+        return out
+
+
+class RelativeLogDet(torch.autograd.Function):
+    """Σ_k log|det W_k| broadcast to the batch, with the relative gradient W_k (no inverse, no determinant).
+
+    ``value`` is the cached exact value (evaluation) or 0.0 (training: the value is not needed for the
+    gradient, so ``train_log_prob`` leaves it out). Constant in x, so its tangent w.r.t. x is zero.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(ref: Tensor, value: float, *weights: Tensor) -> Tensor:
+        return ref.new_full(ref.shape[:-1], value)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs[2:])
+        ctx.ref = inputs[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        s = grad.sum()
+        return (None, None, *(s * w for w in ctx.saved_tensors))
+
+    @staticmethod
+    def jvp(ctx, dref, dvalue, *dweights):
+        return torch.zeros_like(ctx.ref[..., 0])
+
+
+class RelgradNet(torch.autograd.Function):
+    """The whole training-time forward (all layers, activations, Σ log s') in one autograd node.
+
+    Training hot path (relative mode only): no per-op autograd bookkeeping, each hidden activation's
+    sigmoid/tanh computed once and reused in backward, one (2B)×D×D product for [Δ; Y]·W per layer, and the
+    log-det's relative gradient (Σ_i ∂loss/∂logdet_i)·W folded into the same backward. Inputs h are not
+    saved: the relative gradient needs only Y and Δ. Returns (z, Σ_k<L Σ_i log s'(y_k,i)).
+    """
+
+    @staticmethod
+    def forward(ctx, x, activation: str, alpha: float, n: int, bias_logdet: bool, *params):
+        weights, biases = params[:n], params[n:] if len(params) > n else [None] * n
+        ys, auxs = [], []
+        ld = x.new_zeros(x.shape[0])
+        h = x
+        for k in range(n):
+            b = biases[k]
+            y = torch.addmm(b, h, weights[k].t()) if b is not None else h @ weights[k].t()
+            ys.append(y)
+            if k < n - 1:
+                if activation == "tanh":
+                    a = torch.tanh(TANH_A * y)
+                    h = torch.add(a, y, alpha=TANH_B)
+                    sech2 = (1 - a * a)
+                    d = sech2.mul(TANH_A).add_(TANH_B)
+                    curv = sech2.mul_(a).mul_(-2 * TANH_A * TANH_A).div_(d)  # s''/s' for backward
+                else:
+                    a = torch.sigmoid(y)
+                    h = F.softplus(y).mul_(1 - alpha).add_(y, alpha=alpha)
+                    d = a.mul(1 - alpha).add_(alpha)
+                    curv = (1 - a).mul_(a).mul_(1 - alpha).div_(d)  # s''/s' = (1−α)σ(1−σ)/s'
+                ld += d.log().sum(-1)
+                auxs.append((d, curv))
+            else:
+                h = y
+        ctx.n, ctx.auxs = n, auxs
+        ctx.has_bias, ctx.bias_logdet = biases[0] is not None, bias_logdet
+        ctx.save_for_backward(*weights, *(b for b in biases if b is not None), *ys)
+        return h, ld
+
+    @staticmethod
+    def backward(ctx, dz, dld):
+        n = ctx.n
+        saved = ctx.saved_tensors
+        weights = saved[:n]
+        biases = saved[n:2 * n] if ctx.has_bias else [None] * n
+        ys = saved[2 * n:] if ctx.has_bias else saved[n:]
+        gws, gbs = [None] * n, [None] * n
+        s = None if dld is None else dld.sum() if dld.is_cuda else float(dld.sum())  # no device sync on CUDA
+        delta = dz
+        for k in reversed(range(n)):
+            w, y = weights[k], ys[k]
+            if k > 0 or ctx.needs_input_grad[0]:
+                both = torch.cat([delta, y]) @ w
+                gh, yw = both[: y.shape[0]], both[y.shape[0]:]
+            else:
+                gh, yw = None, y @ w
+            if isinstance(s, float):  # Δᵀ (Y W) plus the log-det term (Σ_i ∂loss/∂logdet_i)·W, one fused addmm
+                gws[k] = torch.addmm(w, delta.t(), yw, beta=s)
+            elif s is not None:
+                gws[k] = (delta.t() @ yw).add_(w * s)
+            else:
+                gws[k] = delta.t() @ yw  # Δᵀ (Y W)
+            if biases[k] is not None:
+                gbs[k] = delta.t() @ torch.addmv(torch.ones_like(y[:, 0]), y, biases[k])  # Δᵀ (Y b + 1)
+                if ctx.bias_logdet and s is not None:
+                    gbs[k] = gbs[k] + s * biases[k]
+            if k > 0:
+                d, curv = ctx.auxs[k - 1]
+                delta = gh.mul_(d)  # gh is a private slice of `both`: in place is safe
+                if dld is not None:  # + ∂loss/∂ld · ∂ log s'(y)/∂y
+                    delta.addcmul_(dld[:, None], curv)
+        grads = gws + (gbs if ctx.has_bias else [])
+        return (gh if ctx.needs_input_grad[0] else None, None, None, None, None, *grads)

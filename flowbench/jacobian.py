@@ -45,10 +45,12 @@ def _make_jtj(fn: Fn, x: Tensor, method: str) -> Callable[[Tensor], tuple[Tensor
         return lambda v: batched(x, v)
 
     # "batched": the batched map's Jacobian is block-diagonal, so one jvp/vjp of the whole batch applies
-    # every block at once. Used when fn cannot be vmapped (data-dependent Python control flow).
+    # every block at once. Used when fn cannot be vmapped (data-dependent Python control flow). x is fixed,
+    # so the reverse pass is recorded once and its vjp reused by every iteration.
+    _, vjp_fn = torch.func.vjp(fn, x)
+
     def step_batched(v: Tensor) -> tuple[Tensor, Tensor]:
         _, jv = torch.func.jvp(fn, (x,), (v,))
-        _, vjp_fn = torch.func.vjp(fn, x)
         return jv, vjp_fn(jv)[0]
 
     return step_batched

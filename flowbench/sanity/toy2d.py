@@ -77,10 +77,10 @@ def _load_trained(record: dict[str, Any], options: dict[str, Any], data: Dataset
     elif not path.is_file():
         raise ConfigError(f"the trainer left no checkpoint at {path}; cannot plot the learned density")
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        # The record's test LL is the best-validation model's: the checkpoint keeps it in the stopper state.
-        best = (state.get("early_stopping") or {}).get("best_state") or state["model"]
-        flow.load_state_dict(best)
+        # The record's test LL is the best-validation model's, which the checkpoint keeps beside the last state.
+        from flowbench.training.trainer import best_model_state
+
+        flow.load_state_dict(best_model_state(path))
     flow.eval()
     flow.prepare_for_eval(train)
     return flow
@@ -111,10 +111,13 @@ def run_toy2d(name: str, model: str = "relgrad", out: str | Path = "results/sani
     with torch.no_grad():
         logp = torch.cat([flow.log_prob(b) for b in pts.split(10_000)]).numpy().reshape(grid, grid)
     # The full-covariance Gaussian's test LL: a model that does not beat it has learned nothing non-Gaussian.
-    from scipy.stats import multivariate_normal
+    from flowbench.models import build_model
 
-    gauss = multivariate_normal(data.train.mean(0), np.cov(data.train.T, ddof=0))
-    gaussian_ll = float(gauss.logpdf(data.test).mean())
+    gauss = build_model("gaussian", data.dim)
+    gauss.initialize(torch.as_tensor(data.train))
+    gauss.eval()
+    with torch.no_grad():
+        gaussian_ll = float(gauss.log_prob(test).double().mean())
     mass = float(np.exp(np.where(np.isfinite(logp), logp, -np.inf)).sum() * (gx[0, 1] - gx[0, 0]) * (gy[1, 0] - gy[0, 0]))
     result = {"data": name, "model": model, "display_name": record.get("display_name"), "seed": seed,
               "test_ll": record["test_ll"], "test_ll_se2": record.get("test_ll_se2"), "test_ll_plotted_model":

@@ -200,9 +200,7 @@ def run_sweep(
     report = SweepReport(states, 0.0)
 
     def counts() -> tuple[int, int, int, int]:
-        done = sum(s.status == "done" for s in states)
-        failed = sum(s.status == "failed" for s in states)
-        return done, len(inflight), failed, len(todo)
+        return report.count("done"), len(inflight), report.count("failed"), len(todo)
 
     if todo and backend is None:
         backend = make_backend(executor, run_fn, workers, address, cpus_per_run, gpus_per_run, progress.event)
@@ -249,16 +247,13 @@ def run_sweep(
                         backend.save_log(state, outcome, out)
                     progress.event(f"FAILED {state.run.label} after {state.attempts} attempt(s): {outcome['error']}")
             progress.update(*counts())
-    except KeyboardInterrupt:
+    except BaseException as e:
+        report.interrupted = True
+        if backend is not None:
+            backend.shutdown(cancel=True)
         # Ctrl-C: stop cleanly and report; running runs stay "pending" (their checkpoints let a rerun resume).
-        report.interrupted = True
-        if backend is not None:
-            backend.shutdown(cancel=True)
-    except BaseException:
-        report.interrupted = True
-        if backend is not None:
-            backend.shutdown(cancel=True)
-        raise
+        if not isinstance(e, KeyboardInterrupt):
+            raise
     else:
         if backend is not None:
             backend.shutdown()

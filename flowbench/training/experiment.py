@@ -18,6 +18,7 @@ import torch
 from flowbench.config import DEFAULTS, default_lr, model_hparams_from_options, normalize, parse_match_params
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
+from flowbench.models.params import count_params
 from flowbench.results import checkpoint_path, record_path, system_info, write_record
 from flowbench.training.evaluate import evaluate_test, log_prob_batches, spectral_norm_summary
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult
@@ -31,7 +32,7 @@ JACOBIAN_POINTS = 64
 
 def complete_options(options: dict[str, Any]) -> dict[str, Any]:
     """Fill missing options with the defaults (callers such as sweeps may pass a partial dict)."""
-    given = normalize({k: v for k, v in options.items()}, "run options")
+    given = normalize(options, "run options")
     full = dict(DEFAULTS)
     full.update({k: v for k, v in given.items() if v is not None or k not in full})
     if full["lr"] is None:
@@ -44,7 +45,6 @@ def _target_count(target: int | str, dataset: str, dim: int) -> tuple[int, str]:
     """The parameter count to match: a number, or the count of model ``target`` as configured for ``dataset``."""
     from flowbench.config import resolve_options
     from flowbench.models import build_model
-    from flowbench.models.params import count_params
 
     if isinstance(target, int):
         return target, str(target)
@@ -76,17 +76,15 @@ def build_from_options(options: dict[str, Any], dim: int) -> tuple[torch.nn.Modu
     flow = build_model(options["model"], dim, **hparams)
     from flowbench import models
 
-    if options["model"] in getattr(models, "MODELS", {}):
+    if options["model"] in models.MODELS:
         # Record every hyperparameter, defaults included, so the record alone reproduces the model.
         hparams = models.resolve_hparams(options["model"], **hparams)
     return flow, hparams, match
 
 
 def _display_name(model: str, hparams: dict[str, Any]) -> str:
-    try:
-        from flowbench.models import display_name
-    except ImportError:
-        return model
+    from flowbench.models import display_name
+
     return display_name(model, **hparams)
 
 
@@ -146,7 +144,7 @@ def run_experiment(
             seed=opts["seed"],
             eval_batch_size=opts["eval_batch_size"],
             checkpoint_path=ckpt_path,
-            fingerprint={k: v for k, v in opts.items()},
+            fingerprint=dict(opts),
             callbacks=callbacks,
             progress=progress,
             compile=bool(opts["compile"]),
@@ -181,9 +179,9 @@ def run_experiment(
         "display_name": _display_name(opts["model"], hparams),
         "tag": opts["tag"],
         "seed": opts["seed"],
-        "config": {k: v for k, v in opts.items()},
+        "config": dict(opts),
         "hparams": hparams,
-        "params": int(sum(p.numel() for p in flow.parameters())),
+        "params": count_params(flow),
         "match_target": match,
         "epochs": result.epochs,
         "best_epoch": result.best_epoch,
@@ -203,12 +201,6 @@ def run_experiment(
         "notes": notes,
         "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
     }
-    try:
-        from flowbench.models.params import count_params
-
-        record["params"] = int(count_params(flow))
-    except ImportError:
-        pass
     write_record(rec_path, record, force=opts["force"])
     return record
 

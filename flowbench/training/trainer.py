@@ -28,7 +28,7 @@ from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import log_prob_batches
 from flowbench.utils import atomic_torch_save
 
-__all__ = ["TrainResult", "Trainer", "EpochInfo"]
+__all__ = ["TrainResult", "Trainer", "EpochInfo", "best_model_state"]
 
 #: Options that may differ between a run and its resumption (they do not change the trajectory).
 RESUME_MAY_CHANGE = (
@@ -102,6 +102,16 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def best_model_state(path: str | Path) -> dict[str, Tensor]:
+    """The best-validation model state kept in a run's checkpoint (the last epoch's when no epoch was finite).
+
+    This is the state :meth:`Trainer.fit` restores before the test evaluation, so a model rebuilt from the
+    record's hyperparameters and loaded with it is the recorded model.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return (state.get("early_stopping") or {}).get("best_state") or state["model"]
 
 
 class Trainer:
@@ -208,8 +218,7 @@ class Trainer:
     def _validate(self) -> float:
         self.flow.eval()
         self.flow.prepare_for_eval(self.train_x)
-        ll = float(np.mean(log_prob_batches(self.flow, self.val_x, self.eval_batch_size)))
-        return ll
+        return float(np.mean(log_prob_batches(self.flow, self.val_x, self.eval_batch_size)))
 
     def _batch_loss(self, batch: Tensor) -> Tensor:
         return -self.flow.train_log_prob(batch).mean()

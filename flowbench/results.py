@@ -24,6 +24,7 @@ __all__ = [
     "run_dir",
     "record_path",
     "checkpoint_path",
+    "check_overwrite",
     "write_record",
     "read_record",
     "iter_records",
@@ -98,11 +99,16 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def check_overwrite(path: str | Path, force: bool) -> None:
+    """Refuse to replace an existing record unless ``force`` (callers check before spending compute too)."""
+    if Path(path).exists() and not force:
+        raise ConfigError(f"a record already exists at {path}; pass --force to overwrite it or choose another --seed/--tag")
+
+
 def write_record(path: str | Path, record: dict[str, Any], force: bool = False) -> Path:
     """Write ``record`` as JSON atomically; refuse to replace an existing record unless ``force``."""
     path = Path(path)
-    if path.exists() and not force:
-        raise ConfigError(f"a record already exists at {path}; pass --force to overwrite it or choose another --seed/--tag")
+    check_overwrite(path, force)
     missing = [k for k in REQUIRED_KEYS if k not in record]
     if missing:
         raise ValueError(f"record is missing keys {missing}")

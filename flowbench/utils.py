@@ -70,6 +70,17 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
         torch.save(obj, f)
 
 
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads`` with a clear error for a non-positive count (``--threads``)."""
+    import torch
+
+    from flowbench.errors import ConfigError
+
+    if threads < 1:
+        raise ConfigError(f"--threads must be a positive integer; got {threads}")
+    torch.set_num_threads(threads)
+
+
 def resolve_device(device: str = "auto"):
     """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given (checked)."""
     import torch

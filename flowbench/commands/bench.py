@@ -12,8 +12,6 @@ import argparse
 import csv
 import io
 import os
-import platform
-import time
 from pathlib import Path
 
 from flowbench.errors import ConfigError
@@ -110,22 +108,20 @@ def _hparams(items: list[str]) -> dict:
 def _machine() -> dict:
     import torch
 
+    from flowbench.results import system_info
+
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(), "loadavg": load,
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    return {**system_info(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "loadavg": load,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from flowbench.utils import atomic_write, atomic_write_json, resolve_device
+    from flowbench.utils import atomic_write, atomic_write_json, resolve_device, set_threads
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be ≥ 1; got {args.threads}")
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     device = resolve_device(args.device)
     out = Path(args.out) / "bench"
     machine = _machine()

@@ -73,12 +73,10 @@ def _set_threads(threads: int | None, dataset: str) -> None:
 
     import torch
 
-    from flowbench.errors import ConfigError
+    from flowbench.utils import set_threads
 
     if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"--threads must be a positive integer; got {threads}")
-        torch.set_num_threads(threads)
+        set_threads(threads)
         return
     if os.environ.get("OMP_NUM_THREADS"):
         return

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from flowbench.data.base import Dataset
+from flowbench.jacobian import jacobian_spectral_norm
 from flowbench.models.base import Flow
 
 __all__ = ["log_prob_batches", "mean_se2", "evaluate_test", "spectral_norm_summary"]
@@ -60,13 +61,9 @@ def evaluate_test(flow: Flow, data: Dataset, test_x: Tensor, batch_size: int = 2
 def spectral_norm_summary(flow: Flow, x: Tensor, n_iter: int = 20) -> tuple[dict[str, Any] | None, str | None]:
     """Spectral norm of the flow's Jacobian ∂z/∂x at the rows of ``x`` (power iteration).
 
-    Returns ``(summary, note)``: the summary is None (with a note saying why) when
-    ``flowbench.jacobian`` is not available or the computation fails for this model.
+    Returns ``(summary, note)``: the summary is None (with a note saying why) when the computation fails
+    for this model.
     """
-    try:
-        from flowbench.jacobian import jacobian_spectral_norm
-    except ImportError as e:
-        return None, f"jacobian spectral norm skipped: flowbench.jacobian not available ({e})"
     was_training = flow.training
     flow.eval()
 

@@ -19,7 +19,7 @@ from flowbench.config import DEFAULTS, default_lr, model_hparams_from_options, n
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
 from flowbench.models.params import count_params
-from flowbench.results import checkpoint_path, record_path, system_info, write_record
+from flowbench.results import check_overwrite, checkpoint_path, record_path, system_info, write_record
 from flowbench.training.evaluate import evaluate_test, log_prob_batches, spectral_norm_summary
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult
 from flowbench.utils import resolve_device
@@ -107,8 +107,7 @@ def run_experiment(
         opts["dataset"] = data.name
     rec_path = record_path(opts["out"], opts["dataset"], opts["model"], opts["seed"], opts["tag"])
     ckpt_path = checkpoint_path(opts["out"], opts["dataset"], opts["model"], opts["seed"], opts["tag"])
-    if rec_path.exists() and not opts["force"]:  # refuse before spending any compute
-        raise ConfigError(f"a record already exists at {rec_path}; pass --force to overwrite it or choose another --seed/--tag")
+    check_overwrite(rec_path, opts["force"])  # before spending any compute
     if opts["resume"] and not ckpt_path.is_file():
         raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
     if data is None:

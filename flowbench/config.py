@@ -1,17 +1,24 @@
-"""Run options for ``flowbench run``: defaults, TOML config files, and their merge with explicit flags.
+"""Run options: one typed, immutable :class:`RunOptions` built in one place (defaults < config file < flags).
 
-Precedence (lowest first): built-in defaults < the config file < explicit command-line flags. The config
-file is ``--config FILE`` or, when none is given, ``configs/<dataset>/<model>.toml`` if it exists (the
-paper's settings for that pair; MAF paper section 4 and Gresele et al. 2020, appendix H). Config keys are the
-``flowbench run`` flag names (``max-epochs``; ``max_epochs`` is accepted too); an unknown key is an error
-that names it, so a typo never silently falls back to a default.
+The general options are declared once in :data:`OPTIONS`; model hyperparameters come from the model specs
+(:mod:`flowbench.models.spec`). ``flowbench run``'s flags, config files, sweep grids and the resume
+fingerprint all read these declarations. The config file is ``--config FILE`` or, when none is given,
+``configs/<dataset>/<model>.toml`` if it exists (the paper's settings for that pair; MAF paper section 4 and
+Gresele et al. 2020, appendix H). Config keys are the ``flowbench run`` flag names (``max-epochs``;
+``max_epochs`` is accepted too); an unknown key is an error that names it, so a typo never silently falls
+back to a default. A config file may end with a ``[provenance]`` table (``verified``, ``source``) saying
+whether its values are a paper's, confirmed; it travels into the record and the table.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from flowbench.errors import ConfigError
 
@@ -22,141 +29,200 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = [
     "CONFIG_DIR",
-    "DEFAULTS",
-    "MODEL_OPTIONS",
-    "default_lr",
+    "OPTIONS",
+    "Option",
+    "RunOptions",
+    "RESUME_MAY_CHANGE",
+    "UNTAGGED",
+    "hparam_declarations",
     "default_config_path",
     "load_config",
+    "normalize",
+    "read_toml",
     "resolve_options",
-    "model_hparams_from_options",
+    "parse_match_params",
 ]
 
 #: The repository's ``configs/`` folder (the package is installed in editable mode from the checkout).
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-#: Every run option (argparse dest) with its default. ``None`` means "not set": per-model defaults apply.
-DEFAULTS: dict[str, Any] = {
-    "dataset": "digits",
-    "model": "relgrad",
-    "config": None,
-    "seed": 0,
-    "device": "auto",
-    "max_epochs": None,  # the MAF protocol has no cap: patience alone stops training
-    "patience": 30,
-    "lr": None,  # per model, see default_lr
-    "batch_size": 100,
-    "hidden": None,
-    "hidden_layers": None,
-    "layers": None,
-    "activation": None,
-    "components": None,
-    "batch_norm": None,
-    "alpha": None,
-    "base": None,
-    "bias": None,
-    "bias_logdet": None,
-    "match_params": None,
-    "weight_decay": 1e-6,  # MAF: L2 penalty (1e-6/2)·Σ‖w‖², i.e. gradient 1e-6·w
-    "out": "results",
-    "resume": False,
-    "force": False,
-    "tag": None,
-    "data_root": None,
-    "eval_batch_size": 2000,
-    "compile": False,
-}
-
-#: Run options that are model hyperparameters (passed to ``build_model`` under the same name, only when set).
-MODEL_OPTIONS: tuple[str, ...] = (
-    "hidden",
-    "hidden_layers",
-    "layers",
-    "activation",
-    "components",
-    "batch_norm",
-    "alpha",
-    "base",
-    "bias",
-    "bias_logdet",
-)
-
-# Expected value types, so a config file with ``lr = "fast"`` fails here and not deep inside Adam.
-_TYPES: dict[str, tuple[type, ...]] = {
-    "dataset": (str,),
-    "model": (str,),
-    "config": (str,),
-    "seed": (int,),
-    "device": (str,),
-    "max_epochs": (int,),
-    "patience": (int,),
-    "lr": (float, int),
-    "batch_size": (int,),
-    "hidden": (int,),
-    "hidden_layers": (int,),
-    "layers": (int,),
-    "activation": (str,),
-    "components": (int,),
-    "batch_norm": (bool,),
-    "alpha": (float, int),
-    "base": (str,),
-    "bias": (bool,),
-    "bias_logdet": (bool,),
-    "match_params": (int, str),
-    "weight_decay": (float, int),
-    "out": (str,),
-    "resume": (bool,),
-    "force": (bool,),
-    "tag": (str,),
-    "data_root": (str,),
-    "eval_batch_size": (int,),
-    "compile": (bool,),
-}
-
-_POSITIVE = ("max_epochs", "patience", "batch_size", "hidden", "hidden_layers", "layers", "components", "eval_batch_size")
-
-# MAF paper section 4: 1e-3 for MADE / MADE MoG, 1e-4 for the flows. relgrad: 1e-3, the reference code's
-# default (fissoreg/relative-gradient-jacobian, experiments/args.py); the paper's per-dataset table 4 values
-# are not legible in our copy of the paper (unverified), so the per-dataset configs state theirs explicitly.
-_LR = {"made": 1e-3, "made-mog": 1e-3, "relgrad": 1e-3}
-_FLOW_LR = 1e-4
+#: Above this many parameters ``--match-params N`` is refused: no model of the zoo is meant to be that large,
+#: and building one would exhaust memory before saying so.
+MAX_MATCH_TARGET = 10**8
 
 
-def default_lr(model: str) -> float:
-    """The MAF-protocol learning rate for ``model``."""
-    return _LR.get(model, _FLOW_LR)
+@dataclass(frozen=True)
+class Option:
+    """One general run option (not a model hyperparameter).
+
+    ``tagged``: part of a sweep run's tag (it changes the result). ``resume_may_change``: may differ between a
+    run and its ``--resume`` (it does not change the trajectory). ``training_only``: meaningless for
+    closed-form models such as the Gaussian.
+    """
+
+    name: str
+    default: Any
+    types: tuple[type, ...]
+    help: str
+    group: str
+    metavar: str | None = None
+    low: float | None = None
+    low_open: bool = False
+    tagged: bool = True
+    resume_may_change: bool = False
+    training_only: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+_WHAT, _TRAIN, _OUT = "what to run", "training (MAF protocol)", "output"
+
+OPTIONS: dict[str, Option] = {o.name: o for o in (
+    Option("dataset", "digits", (str,), "dataset name (see `flowbench datasets`)", _WHAT),
+    Option("model", "relgrad", (str,), "model name", _WHAT),
+    Option("config", None, (str,), "TOML file of run options (keys = these flag names); default "
+           "configs/<dataset>/<model>.toml when it exists", _WHAT, "FILE", resume_may_change=True),
+    Option("seed", 0, (int,), "random seed (initial weights, shuffling)", _WHAT, low=0, tagged=False),
+    Option("device", "auto", (str,), "auto (GPU if present), cpu or cuda", _WHAT, tagged=False,
+           resume_may_change=True),
+    Option("tag", None, (str,), "label for this configuration; records go to runs/<dataset>/<model>/<tag>/", _WHAT),
+    Option("max_epochs", None, (int,), "epoch cap (default: none, patience alone stops)", _TRAIN, "N", low=1,
+           resume_may_change=True, training_only=True),
+    Option("patience", 30, (int,), "epochs without validation improvement before stopping", _TRAIN, "N", low=1,
+           training_only=True),
+    Option("lr", None, (float, int), "Adam learning rate (default: the model's, MAF protocol: 1e-3 MADE/MADE "
+           "MoG/relgrad, 1e-4 flows)", _TRAIN, low=0.0, low_open=True, training_only=True),
+    Option("batch_size", 100, (int,), "minibatch size", _TRAIN, "N", low=1, training_only=True),
+    Option("weight_decay", 1e-6, (float, int), "L2 penalty coefficient: gradient weight_decay·w (MAF: 1e-6)",
+           _TRAIN, "W", low=0.0, training_only=True),
+    Option("compile", False, (bool,), "compile the training objective with torch.compile (faster steps for small "
+           "models after a one-off compile of ~30 s; needs a C++ compiler on CPU)", _TRAIN, resume_may_change=True),
+    Option("eval_batch_size", 2000, (int,), "batch size for evaluation", _TRAIN, "N", low=1, tagged=False,
+           resume_may_change=True),
+    Option("match_params", None, (int, str), "size the model (its spec's knob: the hidden width, or relgrad's "
+           "depth) so its parameter count matches N, or MODEL as configured for this dataset", _TRAIN, "N|MODEL"),
+    Option("out", "results", (str,), "results folder", _OUT, "DIR", tagged=False, resume_may_change=True),
+    Option("data_root", None, (str,), "prepared data folder (default $FLOWBENCH_DATA or data/)", _OUT, "DIR",
+           tagged=False, resume_may_change=True),
+    Option("resume", False, (bool,), "continue from this run's last checkpoint", _OUT, resume_may_change=True),
+    Option("force", False, (bool,), "overwrite an existing record", _OUT, resume_may_change=True),
+    Option("quiet", False, (bool,), "no progress bar or per-epoch lines", _OUT, tagged=False,
+           resume_may_change=True),
+    Option("threads", None, (int,), "CPU threads for torch. Default: $OMP_NUM_THREADS if set, else 1 for datasets "
+           "of fewer than 256 dimensions (all but MNIST) and torch's default otherwise", _OUT, "N", low=1,
+           tagged=False, resume_may_change=True),
+)}
+
+#: Options that may differ between a run and its resumption (they do not change the trajectory).
+RESUME_MAY_CHANGE: tuple[str, ...] = tuple(o.name for o in OPTIONS.values() if o.resume_may_change)
+#: Options left out of a sweep run's tag: the seed (replicates share a tag) and where/how it runs.
+UNTAGGED: tuple[str, ...] = tuple(o.name for o in OPTIONS.values() if not o.tagged)
+
+
+def hparam_declarations() -> dict[str, dict[str, Any]]:
+    """Every model hyperparameter name → ``{"type": type, "models": {model: HParam}}`` across the registry.
+
+    A name shared by several models (``hidden``, ``layers``) is one flag; its type must agree (a test checks).
+    """
+    from flowbench.models import MODELS
+
+    out: dict[str, dict[str, Any]] = {}
+    for spec in MODELS.values():
+        for key, hp in spec.hparams.items():
+            entry = out.setdefault(key, {"type": hp.type, "models": {}})
+            entry["models"][spec.name] = hp
+    return out
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Fully resolved options of one run. ``hparams`` holds only the model hyperparameters that were set
+    (the spec supplies the rest); ``provenance`` is the config file's ``[provenance]`` table, if any."""
+
+    dataset: str = "digits"
+    model: str = "relgrad"
+    config: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    tag: str | None = None
+    max_epochs: int | None = None
+    patience: int = 30
+    lr: float = 1e-3
+    batch_size: int = 100
+    weight_decay: float = 1e-6
+    compile: bool = False
+    eval_batch_size: int = 2000
+    match_params: int | str | None = None
+    out: str = "results"
+    data_root: str | None = None
+    resume: bool = False
+    force: bool = False
+    quiet: bool = False
+    threads: int | None = None
+    hparams: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat ``{option: value}`` with the set hyperparameters beside the general options (records, checkpoints)."""
+        flat = {name: getattr(self, name) for name in OPTIONS}
+        flat.update(self.hparams)
+        return flat
+
+    def replace(self, **changes: Any) -> RunOptions:
+        """A copy with some general options changed (values checked as a config file's would be)."""
+        checked = normalize(changes, "run options")
+        unknown = [k for k in checked if k not in OPTIONS]
+        if unknown:
+            raise ConfigError(f"RunOptions.replace takes general options only; got {unknown}")
+        return dataclasses.replace(self, **checked)
 
 
 def _key(raw: str, source: str) -> str:
     """Map a flag-style key (``max-epochs``) or its underscore synonym to the option name."""
-    key = raw.strip().lstrip("-").replace("-", "_")
-    if key not in DEFAULTS:
-        known = ", ".join(k.replace("_", "-") for k in DEFAULTS)
+    key = str(raw).strip().lstrip("-").replace("-", "_")
+    if key not in OPTIONS and key not in hparam_declarations():
+        known = ", ".join(k.replace("_", "-") for k in [*OPTIONS, *hparam_declarations()])
         raise ConfigError(f"unknown option {raw!r} in {source}; valid keys (the `flowbench run` flags): {known}")
     return key
 
 
+def _name(key: str, source: str) -> str:
+    """How an error names an option: the flag on the command line, the key (and file) elsewhere."""
+    flag = key.replace("_", "-")
+    return f"--{flag}" if source == "the command line" else f"option {flag!r} in {source}"
+
+
 def _check_value(key: str, value: Any, source: str) -> Any:
-    types = _TYPES[key]
-    if isinstance(value, bool) and bool not in types:  # bool is an int subclass: `seed = true` is a mistake
-        ok = False
+    """Type and bound check of one value; model hyperparameters are checked per model later (specs)."""
+    if key not in OPTIONS:
+        want = hparam_declarations()[key]["type"]
+        types: tuple[type, ...] = (float, int) if want is float else (want,)
+        low, low_open = None, False
     else:
-        ok = isinstance(value, types)
-    if not ok:
-        want = " or ".join(t.__name__ for t in types)
-        raise ConfigError(f"option {key.replace('_', '-')!r} in {source} must be {want}; got {value!r}")
-    if key in ("lr", "alpha", "weight_decay") and isinstance(value, int):
+        opt = OPTIONS[key]
+        types, low, low_open = opt.types, opt.low, opt.low_open
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:  # bool is an int subclass: `seed = true` is a mistake
+        want_text = " or ".join(t.__name__ for t in types)
+        raise ConfigError(f"{_name(key, source)} must be {want_text}; got {value!r}")
+    if float in types and isinstance(value, (int, float)):
         value = float(value)
-    if key in _POSITIVE and value <= 0:
-        raise ConfigError(f"option {key.replace('_', '-')!r} in {source} must be positive; got {value!r}")
-    if key == "lr" and value <= 0:
-        raise ConfigError(f"option 'lr' in {source} must be positive; got {value!r}")
-    if key == "weight_decay" and value < 0:
-        raise ConfigError(f"option 'weight-decay' in {source} must be >= 0; got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{_name(key, source)} must be a finite number; got {value!r}")
+    if low is not None and isinstance(value, (int, float)):
+        if value < low or (low_open and value == low):
+            if float not in types:
+                rel = "a positive integer" if low == 1 else f"an integer ≥ {low:g}"
+            else:
+                rel = "a positive number" if low_open and low == 0 else f"≥ {low:g}"
+            raise ConfigError(f"{_name(key, source)} must be {rel}; got {value!r}")
     return value
 
 
-def normalize(options: dict[str, Any], source: str) -> dict[str, Any]:
-    """Validate keys and value types of a partial option dict; returns it with underscore keys."""
+def normalize(options: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Validate keys and value types of a partial option mapping; returns it with underscore keys."""
     out: dict[str, Any] = {}
     for raw, value in options.items():
         key = _key(raw, source)
@@ -167,24 +233,48 @@ def normalize(options: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def read_toml(path: str | Path, kind: str, hint: str) -> dict[str, Any]:
-    """Parse a TOML file; a missing or malformed file is a ConfigError naming it (``hint`` says what to do)."""
+    """Parse a TOML file; a missing, unreadable or malformed file is a ConfigError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{kind} {str(path)!r} does not exist; {hint}")
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{kind} {str(path)!r} {what}; {hint}")
     try:
         with path.open("rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{kind} {str(path)!r} is not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{kind} {str(path)!r} is not UTF-8 text ({e}); save it as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"{kind} {str(path)!r} cannot be read: {e.strerror or e}") from e
+
+
+def _provenance(table: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(table, dict) or set(table) - {"verified", "source"} or not isinstance(table.get("verified"), bool):
+        raise ConfigError(f"config file {str(path)!r}: [provenance] must hold `verified = true|false` and "
+                          "`source = \"...\"` only")
+    return {"verified": table["verified"], "source": str(table.get("source", ""))}
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file (flat table; keys = run flag names) into validated options."""
+    """Read a TOML config file (flat keys = run flag names, plus an optional ``[provenance]`` table).
+
+    Returns validated options; the provenance table, if present, under the key ``"_provenance"``.
+    """
+    path = Path(path)
     raw = read_toml(path, "config file", "pass an existing TOML file to --config")
+    prov = raw.pop("provenance", None)
     nested = [k for k, v in raw.items() if isinstance(v, dict)]
     if nested:
-        raise ConfigError(f"config file {str(path)!r} has tables {nested}; use flat keys named like the run flags")
-    return normalize(raw, f"config file {path}")
+        raise ConfigError(f"config file {str(path)!r} has tables {nested}; use flat keys named like the run flags "
+                          "(the only table allowed is [provenance])")
+    if "config" in raw:
+        raise ConfigError(f"config file {str(path)!r} sets `config`; a config file cannot name another one — "
+                          "pass the file you want with --config")
+    opts = normalize(raw, f"config file {path}")
+    if prov is not None:
+        opts["_provenance"] = _provenance(prov, path)
+    return opts
 
 
 def default_config_path(dataset: str, model: str) -> Path | None:
@@ -193,72 +283,86 @@ def default_config_path(dataset: str, model: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def resolve_options(cli: dict[str, Any], config_path: str | Path | None = None) -> dict[str, Any]:
-    """Merge defaults < config file < explicit options (``cli``: only the flags the user gave, non-None).
-
-    The config file is ``config_path``, else ``cli['config']``, else the bundled
-    ``configs/<dataset>/<model>.toml`` for the dataset and model chosen by the flags (or defaults). The
-    resolved ``config`` option records the file actually used. ``lr`` left unset gets the model's default.
-    """
-    explicit = normalize({k: v for k, v in cli.items() if v is not None}, "the command line")
-    path = config_path if config_path is not None else explicit.get("config")
-    file_opts: dict[str, Any] = {}
-    if path is not None:
-        file_opts = load_config(path)
-        file_opts.pop("config", None)
-    else:
-        dataset = explicit.get("dataset", DEFAULTS["dataset"])
-        model = explicit.get("model", DEFAULTS["model"])
-        found = default_config_path(dataset, model)
-        if found is not None:
-            file_opts = load_config(found)
-            file_opts.pop("config", None)
-            path = found
-            # A bundled config is for exactly this dataset/model pair; it must not switch either.
-            for k in ("dataset", "model"):
-                if k in file_opts and file_opts[k] != (dataset if k == "dataset" else model):
-                    raise ConfigError(f"bundled config {found} sets {k} = {file_opts[k]!r}; fix the file")
-    options = dict(DEFAULTS)
-    options.update({k: v for k, v in file_opts.items() if v is not None})
-    options.update(explicit)
-    options["config"] = str(path) if path is not None else None
-    if options["lr"] is None:
-        options["lr"] = default_lr(options["model"])
-    options["match_params"] = parse_match_params(options["match_params"])
-    return options
-
-
 def parse_match_params(value: int | str | None) -> int | str | None:
-    """``--match-params`` is a parameter count (``5000``) or a model name (``maf``)."""
-    if value is None or isinstance(value, int):
-        return value
+    """``--match-params`` is a positive whole parameter count (``5000``) or a registered model name (``maf``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"--match-params must be a parameter count or a model name; got {value!r}")
     text = str(value).strip()
-    if text.isdigit():
-        return int(text)
-    return text
+    try:
+        number = float(text)
+    except ValueError:
+        from flowbench.models import MODELS
+
+        if text not in MODELS:
+            raise ConfigError(f"--match-params {text!r} is neither a parameter count nor a model; give a positive "
+                              f"whole number such as 5000, or one of {', '.join(MODELS)}") from None
+        return text
+    if not math.isfinite(number) or number != int(number) or number < 1:
+        raise ConfigError(f"--match-params {text!r}: a parameter count must be a positive whole number (e.g. 5000)")
+    if number > MAX_MATCH_TARGET:
+        raise ConfigError(f"--match-params {text!r} is more than {MAX_MATCH_TARGET:,} parameters; no model of the zoo "
+                          "is meant to be that large")
+    return int(number)
 
 
-def model_hparams_from_options(options: dict[str, Any], accepted: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``build_model`` keyword arguments for the model options that are set.
+def _file_options(explicit: dict[str, Any], use_bundled: bool) -> tuple[dict[str, Any], Path | None]:
+    """The config file's options and its path: ``--config``, else the bundled file for the pair, else none."""
+    path = explicit.get("config")
+    if path is not None:
+        opts = load_config(path)
+        for key in ("dataset", "model"):
+            if key in explicit and key in opts and opts[key] != explicit[key]:
+                warnings.warn(f"config file {path} sets {key} = {opts[key]!r}; the command line's "
+                              f"--{key} {explicit[key]} wins", stacklevel=3)
+        return opts, Path(path)
+    if not use_bundled:
+        return {}, None
+    dataset = explicit.get("dataset", OPTIONS["dataset"].default)
+    model = explicit.get("model", OPTIONS["model"].default)
+    found = default_config_path(dataset, model)
+    if found is None:
+        return {}, None
+    opts = load_config(found)
+    # A bundled config is for exactly this dataset/model pair; it must not switch either.
+    for key, want in (("dataset", dataset), ("model", model)):
+        if key in opts and opts[key] != want:
+            raise ConfigError(f"bundled config {found} sets {key} = {opts[key]!r}; fix the file")
+    return opts, found
 
-    ``accepted`` is ``flowbench.models.model_hparams(model)`` (looked up when not given). An option that was
-    set but that the model does not take is an error rather than being silently ignored.
+
+def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config: bool = True) -> RunOptions:
+    """The one place run options are completed: defaults < config file < ``explicit`` (non-None values).
+
+    ``explicit`` uses flag names or option names (the flags the user gave, a sweep's values, a test's dict).
+    The config file is ``explicit['config']``, else (when ``bundled_config``) the bundled
+    ``configs/<dataset>/<model>.toml``. The model's hyperparameters are checked against its spec; ``lr`` left
+    unset gets the model's default.
     """
-    model = options["model"]
-    if accepted is None:
-        from flowbench.models import model_hparams
+    from flowbench.models import get_spec
 
-        accepted = model_hparams(model)
+    given = normalize({k: v for k, v in (explicit or {}).items() if v is not None}, "the command line")
+    file_opts, path = _file_options(given, bundled_config)
+    provenance = file_opts.pop("_provenance", None)
+    merged = {name: opt.default for name, opt in OPTIONS.items()}
     hparams: dict[str, Any] = {}
-    for key in MODEL_OPTIONS:
-        value = options.get(key)
-        if value is None:
-            continue
-        if key not in accepted:
-            takes = ", ".join("--" + k.replace("_", "-") for k in accepted) or "no hyperparameters"
-            raise ConfigError(
-                f"--{key.replace('_', '-')} does not apply to model {model!r} (it takes {takes}); "
-                "remove it from the command line or the config file"
-            )
-        hparams[key] = value
-    return hparams
+    for source in (file_opts, given):
+        for key, value in source.items():
+            if value is None:
+                continue
+            (merged if key in OPTIONS else hparams)[key] = value
+    merged["config"] = str(path) if path is not None else None
+    spec = get_spec(merged["model"])
+    spec.resolve(hparams)  # every set hyperparameter must apply to this model, with a valid value
+    if merged["lr"] is None:
+        merged["lr"] = spec.lr
+    merged["match_params"] = parse_match_params(merged["match_params"])
+    return RunOptions(**merged, hparams=hparams, provenance=provenance)
+
+
+def coerce_options(options: RunOptions | Mapping[str, Any]) -> RunOptions:
+    """``options`` as :class:`RunOptions`; a mapping is resolved over the defaults, without a bundled config."""
+    if isinstance(options, RunOptions):
+        return options
+    return resolve_options(options, bundled_config=False)

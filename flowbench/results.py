@@ -13,6 +13,7 @@ import math
 import platform
 import re
 import subprocess
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,7 +21,8 @@ from flowbench.errors import ConfigError
 from flowbench.utils import atomic_write_json
 
 __all__ = [
-    "REQUIRED_KEYS",
+    "FORMAT_VERSION",
+    "RunRecord",
     "run_dir",
     "record_path",
     "checkpoint_path",
@@ -32,32 +34,111 @@ __all__ = [
     "json_safe",
 ]
 
-#: Keys every record has (validated on read, so the table never meets a half-formed record).
-REQUIRED_KEYS = (
-    "dataset",
-    "model",
-    "display_name",
-    "tag",
-    "seed",
-    "config",
-    "params",
-    "match_target",
-    "epochs",
-    "best_epoch",
-    "best_val_ll",
-    "test_ll",
-    "test_ll_se2",
-    "n_test",
-    "wall_time_s",
-    "device",
-    "torch",
-    "python",
-    "git_commit",
-    "timestamp",
-    "status",
-    "failure",
-    "jacobian_spectral_norm",
-)
+#: Version 2 renamed the ``*_se2`` fields (twice the standard error, not its square) to ``*_2se``.
+FORMAT_VERSION = 2
+_RENAMED_V1 = {
+    "test_ll_se2": "test_ll_2se",
+    "test_ll_pixel_se2": "test_ll_pixel_2se",
+    "bits_per_pixel_se2": "bits_per_pixel_2se",
+}
+_NUMBERS = ("test_ll", "test_ll_2se", "best_val_ll", "test_ll_pixel", "test_ll_pixel_2se", "bits_per_pixel",
+            "bits_per_pixel_2se", "train_time_s", "wall_time_s")
+
+
+@dataclass
+class RunRecord:
+    """One run's result: what was trained, how, and what it scored (test LL in nats, ± 2 standard errors).
+
+    Written as JSON (``to_json``) with ``format`` = :data:`FORMAT_VERSION`; ``from_json`` reads format 1
+    (``*_se2`` names) and 2. Fields a writer added that this version does not know are kept in ``extra``.
+    """
+
+    dataset: str
+    model: str
+    display_name: str
+    seed: int
+    config: dict[str, Any]
+    hparams: dict[str, Any]
+    params: int
+    epochs: int
+    best_epoch: int | None
+    best_val_ll: float | None
+    test_ll: float | None
+    test_ll_2se: float | None
+    n_test: int
+    status: str
+    tag: str | None = None
+    match_target: dict[str, Any] | None = None
+    stop_reason: str = ""
+    test_ll_pixel: float | None = None
+    test_ll_pixel_2se: float | None = None
+    bits_per_pixel: float | None = None
+    bits_per_pixel_2se: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_time_s: float = 0.0
+    wall_time_s: float = 0.0
+    device: str = "cpu"
+    threads: int | None = None
+    torch: str | None = None
+    python: str | None = None
+    platform: str | None = None
+    git_commit: str | None = None
+    timestamp: str | None = None
+    failure: str | None = None
+    jacobian_spectral_norm: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+    command: str | None = None
+    provenance: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None  # where it was read from (not written)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object (NaN/inf as null), ``format`` first."""
+        out: dict[str, Any] = {"format": FORMAT_VERSION}
+        for f in fields(self):
+            if f.name not in ("extra", "path"):
+                out[f.name] = getattr(self, f.name)
+        out.update(self.extra)
+        return json_safe(out)
+
+    @classmethod
+    def from_json(cls, data: Any, source: str = "record") -> RunRecord:
+        """Build from a parsed JSON object of format 1 or 2; a ConfigError names what is wrong."""
+        bad = f"{source} is not a valid run record"
+        if not isinstance(data, dict):
+            raise ConfigError(f"{bad} (not a JSON object); delete or re-run it")
+        data = dict(data)
+        version = data.pop("format", 1)
+        if version not in (1, FORMAT_VERSION):
+            raise ConfigError(f"{source} has record format {version!r}; this flowbench reads formats 1 and "
+                              f"{FORMAT_VERSION} — upgrade flowbench")
+        if version == 1:
+            data = {_RENAMED_V1.get(k, k): v for k, v in data.items()}
+        names = {f.name for f in fields(cls)} - {"extra", "path"}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ConfigError(f"{bad} (missing {', '.join(missing)}); delete or re-run it")
+        for key in _NUMBERS:
+            value = data.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConfigError(f"{bad} ({key} is {value!r}, not a number); delete or re-run it")
+        known = {k: v for k, v in data.items() if k in names}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names})
+
+    @classmethod
+    def example(cls, **overrides: Any) -> RunRecord:
+        """A complete, plausible record (MAF (5) on POWER) for tests; ``overrides`` replace fields."""
+        base: dict[str, Any] = dict(
+            dataset="power", model="maf", display_name="MAF (5)", seed=0, tag=None,
+            config={"dataset": "power", "model": "maf", "seed": 0}, hparams={"layers": 5}, params=9620,
+            epochs=10, best_epoch=8, best_val_ll=0.1, test_ll=0.1, test_ll_2se=0.01, n_test=1000, status="ok",
+            stop_reason="no improvement for 30 epochs",
+            history=[{"epoch": i, "train_loss": 1.0 / i, "val_ll": 0.01 * i} for i in range(1, 11)],
+        )
+        base.update(overrides)
+        return cls(**base)
+
 
 _SAFE = re.compile(r"^[A-Za-z0-9._=,+-]+$")
 
@@ -105,33 +186,34 @@ def check_overwrite(path: str | Path, force: bool) -> None:
         raise ConfigError(f"a record already exists at {path}; pass --force to overwrite it or choose another --seed/--tag")
 
 
-def write_record(path: str | Path, record: dict[str, Any], force: bool = False) -> Path:
+def write_record(path: str | Path, record: RunRecord, force: bool = False) -> Path:
     """Write ``record`` as JSON atomically; refuse to replace an existing record unless ``force``."""
     path = Path(path)
     check_overwrite(path, force)
-    missing = [k for k in REQUIRED_KEYS if k not in record]
-    if missing:
-        raise ValueError(f"record is missing keys {missing}")
-    atomic_write_json(path, json_safe(record))
+    atomic_write_json(path, record.to_json())
     return path
 
 
-def read_record(path: str | Path) -> dict[str, Any]:
-    """Load one record, checking it has every required key."""
+def read_record(path: str | Path) -> RunRecord:
+    """Load one record (format 1 or 2), checking it is complete; errors name the file and what to do."""
     path = Path(path)
     try:
-        record = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a valid run record (not UTF-8 text: {e}); delete or re-run it") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not a valid run record (bad JSON: {e}); delete or re-run it") from e
-    missing = [k for k in REQUIRED_KEYS if k not in record]
-    if missing:
-        raise ConfigError(f"{path} is not a valid run record (missing {', '.join(missing)}); delete or re-run it")
-    record["_path"] = str(path)
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read: {e.strerror or e}") from e
+    record = RunRecord.from_json(data, str(path))
+    record.path = str(path)
     return record
 
 
-def iter_records(results: str | Path) -> Iterator[dict[str, Any]]:
+def iter_records(results: str | Path) -> Iterator[RunRecord]:
     """Every record under ``<results>/runs`` in sorted path order (deterministic)."""
+    if Path(results).exists() and not Path(results).is_dir():
+        raise ConfigError(f"--results {results} is a file; pass the results folder that holds runs/")
     root = Path(results) / "runs"
     if not root.is_dir():
         raise ConfigError(f"no run records under {root}; train something first with `flowbench run`")

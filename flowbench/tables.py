@@ -10,7 +10,9 @@ as in the MAF paper). The output is a pure function of the records: same records
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -18,23 +20,14 @@ from typing import Any, Iterable
 
 from tabulate import tabulate
 
+from flowbench.data import DATASETS
+
 from flowbench.errors import ConfigError
+from flowbench.results import RunRecord
 from flowbench.published import SOURCES, UNVERIFIED_NOTE, PublishedResult, published
 
-__all__ = ["DATASET_ORDER", "MODEL_ORDER", "build_table", "parse_sources"]
+__all__ = ["build_table", "parse_sources", "row_order_key"]
 
-DATASET_ORDER = ("power", "gas", "hepmass", "miniboone", "bsds300", "mnist", "digits")
-MODEL_ORDER = (
-    "Gaussian",
-    "MADE",
-    "MADE MoG",
-    "Real NVP (5)",
-    "Real NVP (10)",
-    "MAF (5)",
-    "MAF (10)",
-    "MAF MoG (5)",
-    "Relgrad dense flow",
-)
 _SOURCE_ORDER = {"maf": 0, "relgrad": 1, "beyond": 2, "ours": 3}
 
 
@@ -70,24 +63,24 @@ def _our_decimals(se2: float | None) -> int:
     return 2 if se2 is None or not math.isfinite(se2) or se2 >= 0.01 else 3
 
 
-def _select(records: list[dict[str, Any]], select: str) -> list[_Row]:
+def _select(records: list[RunRecord], select: str) -> list[_Row]:
     """Group records into our rows (one per display name, or per display name and tag with ``all``)."""
     if select not in ("best-val", "all"):
         raise ConfigError(f"unknown --select {select!r}; use best-val or all")
-    groups: dict[tuple[str, str], dict[str | None, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[tuple[str, str], dict[str | None, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        label = r["display_name"]
-        against = (r.get("match_target") or {}).get("against")
+        label = r.display_name
+        against = (r.match_target or {}).get("against")
         if against:  # parameter-matched baselines (relgrad Table 1) are rows of their own
             label += f" [matched to {against}]"
-        groups[(label, r["dataset"])][r["tag"]].append(r)
+        groups[(label, r.dataset)][r.tag].append(r)
     rows: dict[str, _Row] = {}
     for (label, dataset), by_tag in sorted(groups.items()):
         tags = sorted(by_tag, key=lambda t: (t is not None, t or ""))
         if select == "best-val":
 
             def val(tag: str | None) -> float:
-                vals = [r["best_val_ll"] for r in by_tag[tag] if r["best_val_ll"] is not None]
+                vals = [r.best_val_ll for r in by_tag[tag] if r.best_val_ll is not None]
                 return statistics.fmean(vals) if vals else -math.inf
 
             # Highest mean validation LL; ties go to the first tag in sorted order (deterministic).
@@ -96,7 +89,7 @@ def _select(records: list[dict[str, Any]], select: str) -> list[_Row]:
         else:
             chosen = [(f"{label} [{t}]" if t else label, t) for t in tags]
         for row_label, tag in chosen:
-            runs = sorted(by_tag[tag], key=lambda r: r["seed"])
+            runs = sorted(by_tag[tag], key=lambda r: r.seed)
             cell = _cell_from_runs(runs, dataset)
             if select == "best-val" and len(tags) > 1:
                 cell.notes.append(
@@ -106,21 +99,21 @@ def _select(records: list[dict[str, Any]], select: str) -> list[_Row]:
     return list(rows.values())
 
 
-def _cell_from_runs(runs: list[dict[str, Any]], dataset: str) -> _Cell:
-    finite = [r for r in runs if r["test_ll"] is not None and math.isfinite(r["test_ll"])]
+def _cell_from_runs(runs: list[RunRecord], dataset: str) -> _Cell:
+    finite = [r for r in runs if r.test_ll is not None and math.isfinite(r.test_ll)]
     notes = []
     for r in runs:
-        if r["status"] != "ok":
-            notes.append(f"seed {r['seed']}: status {r['status']} ({r['failure']})")
+        if r.status != "ok":
+            notes.append(f"seed {r.seed}: status {r.status} ({r.failure})")
     if not finite:
         return _Cell(math.nan, None, 2, notes)
-    means = [r["test_ll"] for r in finite]
-    se2s = [r["test_ll_se2"] for r in finite if r["test_ll_se2"] is not None]
+    means = [r.test_ll for r in finite]
+    se2s = [r.test_ll_2se for r in finite if r.test_ll_2se is not None]
     mean = statistics.fmean(means)
     se2 = statistics.fmean(se2s) if se2s else None
     dec = _our_decimals(se2)
     if len(finite) > 1:
-        seeds = ", ".join(str(r["seed"]) for r in finite)
+        seeds = ", ".join(str(r.seed) for r in finite)
         notes.append(
             f"mean of {len(finite)} seeds ({seeds}); ± is the mean per-run 2 SE; seed spread: "
             f"std {_fmt(statistics.stdev(means), dec + 1)}, range {_fmt(min(means), dec)} to {_fmt(max(means), dec)}"
@@ -136,14 +129,36 @@ def _published_rows(cells: Iterable[PublishedResult]) -> list[_Row]:
     return list(rows.values())
 
 
+@functools.lru_cache(maxsize=None)
+def _label_patterns() -> tuple[tuple[re.Pattern, ...], ...]:
+    """Per registered model, in registry order: its label template as a regex (``MAF ({layers})`` → ``MAF \\((.+)\\)``)."""
+    from flowbench.models import MODELS
+
+    pats = []
+    for spec in MODELS.values():
+        parts = re.split(r"\{[^}]*\}", spec.label)
+        pats.append((re.compile("^" + "(.+?)".join(map(re.escape, parts)) + "$"),))
+    return tuple(pats)
+
+
+def row_order_key(label: str) -> tuple:
+    """Rows in the order of the model registry, then by the label's numbers (``Real NVP (5)`` before ``(10)``);
+    labels of no registered model (published rows such as Glow) come after, alphabetically."""
+    base = label.split(" [")[0]
+    for index, (pattern,) in enumerate(_label_patterns()):
+        m = pattern.match(base)
+        if m:
+            values = tuple((0, float(v), "") if re.fullmatch(r"-?\d+(\.\d*)?", v) else (1, 0.0, v) for v in m.groups())
+            return (index, values, "")
+    return (len(_label_patterns()), (), base)
+
+
 def _row_key(row: _Row) -> tuple:
-    base = row.label.split(" [")[0]
-    known = MODEL_ORDER.index(base) if base in MODEL_ORDER else len(MODEL_ORDER)
-    return (known, base if known == len(MODEL_ORDER) else "", _SOURCE_ORDER.get(row.source, 9), row.label)
+    return (*row_order_key(row.label), _SOURCE_ORDER.get(row.source, 9), row.label)
 
 
 def build_table(
-    records: list[dict[str, Any]],
+    records: list[RunRecord],
     sources: list[str] | tuple[str, ...] = ("maf", "relgrad"),
     select: str = "best-val",
 ) -> str:
@@ -153,9 +168,10 @@ def build_table(
     rows = sorted(ours + pub, key=_row_key)
     present = {d for r in rows for d in r.cells}
     ours_datasets = {d for r in ours for d in r.cells}
-    extra = sorted(ours_datasets - set(DATASET_ORDER))
+    order = list(DATASETS)
+    extra = sorted(ours_datasets - set(order))
     # Published-only datasets outside flowbench's list (CIFAR-10) are left out: nothing of ours to compare.
-    columns = [d for d in DATASET_ORDER if d in present] + extra
+    columns = [d for d in order if d in present] + extra
 
     best: dict[str, float] = {}
     for d in columns:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flowbench.config import CONFIG_DIR, DEFAULTS, load_config, model_hparams_from_options, resolve_options
+from flowbench.config import CONFIG_DIR, OPTIONS, load_config, resolve_options
 from flowbench.errors import ConfigError
 
 
@@ -17,23 +17,23 @@ def write(tmp_path, text, name="c.toml"):
 def test_precedence_defaults_file_flags(tmp_path):
     cfg = write(tmp_path, 'dataset = "power"\nmodel = "maf"\nmax-epochs = 7\nhidden_layers = 2\npatience = 5\n')
     opts = resolve_options({"config": str(cfg), "patience": 9})
-    assert opts["max_epochs"] == 7 and opts["hidden_layers"] == 2  # file over defaults, underscores accepted
-    assert opts["patience"] == 9  # flag over file
-    assert opts["batch_size"] == DEFAULTS["batch_size"] == 100  # default
-    assert opts["lr"] == 1e-4  # flows: MAF protocol default
-    assert opts["config"] == str(cfg)
-    assert resolve_options({"config": str(cfg), "lr": 0.5})["lr"] == 0.5
+    assert opts.max_epochs == 7 and opts.hparams["hidden_layers"] == 2  # file over defaults, underscores accepted
+    assert opts.patience == 9  # flag over file
+    assert opts.batch_size == OPTIONS["batch_size"].default == 100  # default
+    assert opts.lr == 1e-4  # flows: MAF protocol default
+    assert opts.config == str(cfg)
+    assert resolve_options({"config": str(cfg), "lr": 0.5}).lr == 0.5
 
 
 def test_per_model_lr_and_bundled_default(tmp_path):
-    assert resolve_options({"model": "made", "dataset": "nowhere"})["lr"] == 1e-3
-    assert resolve_options({"model": "made-mog", "dataset": "nowhere"})["lr"] == 1e-3
-    assert resolve_options({"model": "realnvp", "dataset": "nowhere"})["lr"] == 1e-4
+    assert resolve_options({"model": "made", "dataset": "nowhere"}).lr == 1e-3
+    assert resolve_options({"model": "made-mog", "dataset": "nowhere"}).lr == 1e-3
+    assert resolve_options({"model": "realnvp", "dataset": "nowhere"}).lr == 1e-4
     # no arguments: relgrad on digits with its bundled config
     opts = resolve_options({})
-    assert (opts["dataset"], opts["model"]) == ("digits", "relgrad")
-    assert opts["config"].endswith("configs/digits/relgrad.toml")
-    assert opts["max_epochs"] is not None and opts["lr"] == load_config(opts["config"])["lr"]
+    assert (opts.dataset, opts.model) == ("digits", "relgrad")
+    assert opts.config.endswith("configs/digits/relgrad.toml")
+    assert opts.max_epochs is not None and opts.lr == load_config(opts.config)["lr"]
 
 
 def test_unknown_key_is_named(tmp_path):
@@ -66,11 +66,10 @@ def test_missing_config_file(tmp_path):
 
 
 def test_hparams_only_set_and_accepted():
-    accepted = {"layers": 2, "bias": True, "alpha": 0.3}
-    opts = dict(DEFAULTS, model="relgrad", layers=3, alpha=None)
-    assert model_hparams_from_options(opts, accepted) == {"layers": 3}  # unset options are not passed
+    opts = resolve_options({"model": "relgrad", "dataset": "nowhere", "layers": 3, "alpha": None})
+    assert opts.hparams == {"layers": 3}  # unset options are not passed
     with pytest.raises(ConfigError, match="--hidden does not apply to model 'relgrad'"):
-        model_hparams_from_options(dict(opts, hidden=10), accepted)
+        resolve_options({"model": "relgrad", "dataset": "nowhere", "layers": 3, "hidden": 10})
 
 
 def test_bundled_configs_are_valid():
@@ -80,15 +79,15 @@ def test_bundled_configs_are_valid():
     assert len(files) >= 7 * 7
     for path in files:
         opts = resolve_options({"config": str(path)})
-        assert opts["dataset"] == path.parent.name and opts["model"] == path.stem, path
-        if opts["model"] in models.MODELS:
-            hp = model_hparams_from_options(opts)
-            models.resolve_hparams(opts["model"], **hp)  # types and choices checked by the registry
+        assert opts.dataset == path.parent.name and opts.model == path.stem, path
+        if opts.model in models.MODELS:
+            models.resolve_hparams(opts.model, **opts.hparams)  # types and choices checked by the registry
     # the paper's settings for a few cells
     gas = resolve_options({"dataset": "gas", "model": "maf"})
-    assert (gas["hidden"], gas["activation"], gas["lr"], gas["layers"]) == (100, "tanh", 1e-4, 5)
+    hp = gas.hparams
+    assert (hp["hidden"], hp["activation"], gas.lr, hp["layers"]) == (100, "tanh", 1e-4, 5)
     hep = resolve_options({"dataset": "hepmass", "model": "made"})
-    assert (hep["hidden"], hep["activation"], hep["lr"]) == (512, "relu", 1e-3)
-    assert resolve_options({"dataset": "mnist", "model": "maf"})["hidden_layers"] == 2
+    assert (hep.hparams["hidden"], hep.hparams["activation"], hep.lr) == (512, "relu", 1e-3)
+    assert resolve_options({"dataset": "mnist", "model": "maf"}).hparams["hidden_layers"] == 2
     rg = resolve_options({"dataset": "bsds300", "model": "relgrad"})
-    assert (rg["base"], rg["bias"]) == ("hyperbolic-secant", False)
+    assert (rg.hparams["base"], rg.hparams["bias"]) == ("hyperbolic-secant", False)

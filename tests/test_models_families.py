@@ -33,7 +33,7 @@ def made_masks(made: MADE | MADEMoG) -> list[torch.Tensor]:
 def test_masks_equal_the_maf_code(hidden_layers, reverse):
     dim, hidden = 5, 7
     order = np.arange(1, dim + 1)[::-1].copy() if reverse else np.arange(1, dim + 1)
-    made = MADE(dim, hidden, hidden_layers, input_degrees=torch.from_numpy(order))
+    made = MADE(dim, hidden, hidden_layers, "relu", input_degrees=torch.from_numpy(order))
     ours = made_masks(made)
     ref = maf_code_masks(dim, [hidden] * hidden_layers, order)
     for m, r in zip(ours[:-1], ref[:-1]):
@@ -84,7 +84,7 @@ def test_made_density_is_the_maf_formula():
 
 def test_made_mog_in_one_dimension_is_a_plain_mixture():
     # D = 1: no input reaches the outputs, so the density is the mixture given by the output biases.
-    mog = MADEMoG(1, 4, 1, components=3).double()
+    mog = MADEMoG(1, 4, 1, "relu", components=3).double()
     b = mog.out.bias.detach().view(3, 3)  # (means, log precisions, logits) × components
     mix = torch.distributions.MixtureSameFamily(
         torch.distributions.Categorical(logits=b[2]),
@@ -96,7 +96,7 @@ def test_made_mog_in_one_dimension_is_a_plain_mixture():
 
 def test_made_mog_samples_follow_the_density():
     torch.manual_seed(3)
-    mog = MADEMoG(1, 4, 1, components=3).double()
+    mog = MADEMoG(1, 4, 1, "relu", components=3).double()
     s = mog.sample(40_000)[:, 0]
     b = mog.out.bias.detach().view(3, 3)
     w = torch.softmax(b[2], 0)
@@ -108,12 +108,12 @@ def test_made_mog_samples_follow_the_density():
 
 def test_initialisation_follows_the_maf_code():
     torch.manual_seed(0)
-    made = MADE(20, 400, 2)
+    made = MADE(20, 400, 2, "relu")
     for lin in [m for m in made.modules() if isinstance(m, MaskedLinear)]:
         fan_in = lin.weight.shape[1]
         assert abs(lin.weight.std().item() * math.sqrt(fan_in + 1) - 1) < 0.05
         assert (lin.bias == 0).all()
-    mog = MADEMoG(20, 400, 1, components=10)
+    mog = MADEMoG(20, 400, 1, "relu", components=10)
     assert abs(mog.out.bias.std().item() - 1) < 0.1 and abs(mog.out.bias.mean().item()) < 0.1
 
 

@@ -6,7 +6,8 @@ import pytest
 
 from flowbench.errors import ConfigError
 from flowbench.models import build_model, display_name, model_hparams
-from flowbench.models.params import MATCH_KNOB, count_params, match_params, param_count
+from flowbench.models import MODELS
+from flowbench.models.params import count_params, match_params, param_count
 
 
 def test_published_example_counts_power():
@@ -87,7 +88,7 @@ def test_match_params_errors():
     assert match_params("gaussian", 4, 10) == {
         "hparams": {}, "target": 10, "achieved": 14, "knob": None, "relative_error": 0.4
     }
-    assert MATCH_KNOB["maf"] == "hidden"
+    assert MODELS["maf"].match_knob == "hidden"
 
 
 def test_registry_errors_and_labels():

@@ -10,7 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from flowbench.errors import ConfigError
-from flowbench.models.relgrad import RELGRAD_HPARAMS, build_relgrad
+from flowbench.models import build_model
+from flowbench.models.relgrad import RELGRAD_HPARAMS
+
+
+def build_relgrad(dim, **hp):
+    return build_model("relgrad", dim, **hp)
 
 D, B = 5, 32
 

@@ -22,33 +22,29 @@ ATTEMPTS: dict[str, int] = {}
 
 def fake_val_ll(options: dict) -> float:
     """A known validation score: best at 2 hidden layers and lr 1e-3 (so the selection has one answer)."""
-    hl = options.get("hidden_layers") or 1
-    return -10.0 - abs(hl - 2) - 1000 * abs(options["lr"] - 1e-3) + 0.01 * options["seed"]
+    hl = options.hparams.get("hidden_layers") or 1
+    return -10.0 - abs(hl - 2) - 1000 * abs(options.lr - 1e-3) + 0.01 * options.seed
 
 
-def fake_run(options: dict) -> dict:
+def fake_run(options):
     """Stands in for run_experiment: fails for hidden=13 always, for hidden=7 on the first attempt only."""
-    from flowbench.config import model_hparams_from_options
     from flowbench.models import display_name
-    from flowbench.results import record_path, write_record
+    from flowbench.results import RunRecord, record_path, write_record
 
-    label = f"{options['model']}/{options['tag']}/seed{options['seed']}"
+    label = f"{options.model}/{options.tag}/seed{options.seed}"
     CALLS.append(label)
     ATTEMPTS[label] = ATTEMPTS.get(label, 0) + 1
-    if options.get("hidden") == 13:
+    if options.hparams.get("hidden") == 13:
         raise RuntimeError("boom: this configuration always crashes")
-    if options.get("hidden") == 7 and ATTEMPTS[label] == 1:
+    if options.hparams.get("hidden") == 7 and ATTEMPTS[label] == 1:
         raise RuntimeError("transient failure")
-    hp = model_hparams_from_options(options)
     val = fake_val_ll(options)
-    record = {
-        "dataset": options["dataset"], "model": options["model"], "display_name": display_name(options["model"], **hp),
-        "tag": options["tag"], "seed": options["seed"], "config": dict(options), "params": 1, "match_target": None,
-        "epochs": 1, "best_epoch": 1, "best_val_ll": val, "test_ll": val - 1.0, "test_ll_se2": 0.1, "n_test": 100,
-        "wall_time_s": 0.0, "device": "cpu", "torch": "x", "python": "x", "git_commit": None, "timestamp": "x",
-        "status": "ok", "failure": None, "jacobian_spectral_norm": None,
-    }
-    write_record(record_path(options["out"], options["dataset"], options["model"], options["seed"], options["tag"]), record)
+    record = RunRecord.example(
+        dataset=options.dataset, model=options.model, display_name=display_name(options.model, **options.hparams),
+        tag=options.tag, seed=options.seed, config=options.to_dict(), params=1, epochs=1, best_epoch=1,
+        best_val_ll=val, test_ll=val - 1.0, test_ll_2se=0.1, n_test=100,
+    )
+    write_record(record_path(options.out, options.dataset, options.model, options.seed, options.tag), record)
     return record
 
 
@@ -87,8 +83,8 @@ def test_grid_expansion_product_tags_and_inapplicable_options():
     # Resolved options carry the tag and the grid values (explicit values beat configs and defaults).
     run = next(r for r in by_model["maf"] if r.tag.startswith("hidden-layers=2,layers=10") and r.seed == 1)
     opts = run.options("res")
-    assert (opts["hidden_layers"], opts["layers"], opts["max_epochs"], opts["seed"]) == (2, 10, 3, 1)
-    assert (opts["tag"], opts["out"], opts["dataset"], opts["model"]) == (run.tag, "res", "digits", "maf")
+    assert (opts.hparams["hidden_layers"], opts.hparams["layers"], opts.max_epochs, opts.seed) == (2, 10, 3, 1)
+    assert (opts.tag, opts.out, opts.dataset, opts.model) == (run.tag, "res", "digits", "maf")
     assert run.record_path("res") == Path("res/runs/digits/maf") / run.tag / "seed1.json"
 
 
@@ -229,9 +225,9 @@ def test_best_validation_selection_in_the_table(tmp_path):
     assert run_sweep(sweep, tmp_path, run_fn=fake_run, stream=None).ok
     records = list(iter_records(tmp_path))
     assert len(records) == 2 + 8
-    made = [r for r in records if r["model"] == "made"]
-    best_tag = max({r["tag"] for r in made},
-                   key=lambda t: sum(r["best_val_ll"] for r in made if r["tag"] == t))
+    made = [r for r in records if r.model == "made"]
+    best_tag = max({r.tag for r in made},
+                   key=lambda t: sum(r.best_val_ll for r in made if r.tag == t))
     assert best_tag == "hidden-layers=2,lr=0.001"  # by construction of fake_val_ll
     table = build_table(records, sources=[], select="best-val")
     assert f"best of 4 configurations by mean validation LL: tag {best_tag}" in table
@@ -300,7 +296,7 @@ def test_checkpoint_resumes_and_a_failed_resume_restarts(tmp_path):
     seen: list[tuple[int, bool]] = []
 
     def run(options):
-        seen.append((options["hidden"], options["resume"]))
+        seen.append((options.hparams["hidden"], options.resume))
         return fake_run(options)
 
     for r in sweep.runs:  # as if a killed sweep had left checkpoints behind
@@ -315,7 +311,7 @@ def test_ctrl_c_stops_the_sweep_and_reports(tmp_path):
     sweep = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": {"hidden": [20, 21, 22]}})
 
     def run(options):
-        if options["hidden"] == 21:
+        if options.hparams["hidden"] == 21:
             raise KeyboardInterrupt
         return fake_run(options)
 
@@ -345,7 +341,7 @@ class ReturningBackend:
 
     def submit(self, run, options, out):
         token = self.submitted = self.submitted + 1
-        self.pending[token] = dict(options, out=str(self.scratch))
+        self.pending[token] = options.replace(out=str(self.scratch))
         self.max_inflight = max(self.max_inflight, len(self.pending))
         return token
 
@@ -359,7 +355,7 @@ class ReturningBackend:
     def finish(self, state, outcome, out):
         from flowbench.results import write_record
 
-        outcome["record"]["config"]["out"] = out
+        outcome["record"].config["out"] = out
         write_record(state.run.record_path(out), outcome["record"])
 
     def shutdown(self, cancel=False):

@@ -22,9 +22,9 @@ def comparable(results: Path) -> dict[str, dict]:
     """Records by run label, without the fields that may differ, and without the results folder itself."""
     out = {}
     for r in iter_records(results):
-        rec = {k: v for k, v in r.items() if k not in NONDETERMINISTIC}
+        rec = {k: v for k, v in r.to_json().items() if k not in NONDETERMINISTIC}
         rec["config"] = {k: v for k, v in rec["config"].items() if k != "out"}
-        out[f"{r['dataset']}/{r['model']}/{r['tag']}/seed{r['seed']}"] = rec
+        out[f"{r.dataset}/{r.model}/{r.tag}/seed{r.seed}"] = rec
     return out
 
 
@@ -95,7 +95,7 @@ def test_ray_sweep_matches_local(sweep, local_results, tmp_path, monkeypatch):
     ray_records, local_records = comparable(tmp_path), comparable(local_results)
     assert ray_records == local_records
     for rec in iter_records(tmp_path):
-        assert rec["config"]["out"] == str(tmp_path) and "default_worker" not in (rec["command"] or "")
+        assert rec.config["out"] == str(tmp_path) and "default_worker" not in (rec.command or "")
     table = build_table(list(iter_records(tmp_path)), sources=["maf"], select="best-val")
     assert table == build_table(list(iter_records(local_results)), sources=["maf"], select="best-val")
     assert "best of 2 configurations" in table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,20 +10,18 @@ import pytest
 
 from flowbench.errors import ConfigError
 from flowbench.published import PUBLISHED, published
-from flowbench.results import REQUIRED_KEYS, iter_records, record_path, write_record
+from flowbench.results import RunRecord, iter_records, record_path, write_record
 from flowbench.tables import build_table
 
 GOLDEN = Path(__file__).parent / "golden" / "table.md"
 
 
 def fake_record(dataset, model, display, seed, test_ll, se2, val, tag=None, status="ok", failure=None):
-    rec = {k: None for k in REQUIRED_KEYS}
-    rec.update(
+    return RunRecord.example(
         dataset=dataset, model=model, display_name=display, tag=tag, seed=seed, config={}, params=10,
-        epochs=3, best_epoch=2, best_val_ll=val, test_ll=test_ll, test_ll_se2=se2, n_test=100,
+        epochs=3, best_epoch=2, best_val_ll=val, test_ll=test_ll, test_ll_2se=se2, n_test=100,
         wall_time_s=1.0, device="cpu", torch="x", python="3", timestamp="t", status=status, failure=failure,
     )
-    return rec
 
 
 def write_fixture(out: Path) -> None:
@@ -37,7 +36,7 @@ def write_fixture(out: Path) -> None:
         fake_record("digits", "gaussian", "Gaussian", 0, -45.5, 0.8, -44.0),
     ]
     for r in recs:
-        write_record(record_path(out, r["dataset"], r["model"], r["seed"], r["tag"]), r)
+        write_record(record_path(out, r.dataset, r.model, r.seed, r.tag), r)
 
 
 def test_golden_table(tmp_path):
@@ -114,11 +113,41 @@ def test_matched_baselines_are_rows_of_their_own(tmp_path):
     # A MAF matched to relgrad's parameter count must not compete with the MAF-table configuration.
     plain = fake_record("power", "maf", "MAF (5)", 0, 0.20, 0.01, 0.90)
     matched = fake_record("power", "maf", "MAF (5)", 0, 0.05, 0.01, 0.10, tag="match-params=relgrad")
-    matched["match_target"] = {"against": "relgrad", "target": 84, "achieved": 215}
+    matched.match_target = {"against": "relgrad", "target": 84, "achieved": 215}
     for r in (plain, matched):
-        write_record(record_path(tmp_path, r["dataset"], r["model"], r["seed"], r["tag"]), r)
+        write_record(record_path(tmp_path, r.dataset, r.model, r.seed, r.tag), r)
     text = build_table(list(iter_records(tmp_path)), [], "best-val")
     rows = [ln for ln in text.splitlines() if ln.startswith("| MAF (5)")]
     assert len(rows) == 2
     assert any("[matched to relgrad]" in ln and "0.05 ± 0.01" in ln for ln in rows)
     assert any("[matched to relgrad]" not in ln and "0.20 ± 0.01" in ln for ln in rows)
+
+
+def test_format_1_records_still_load_and_give_the_same_table(tmp_path):
+    """Records written before the format bump (``*_se2`` names, no ``format`` key) read as format 2."""
+    write_fixture(tmp_path / "v2")
+    for rec in iter_records(tmp_path / "v2"):
+        old = rec.to_json()
+        del old["format"]
+        for new_name, old_name in (("test_ll_2se", "test_ll_se2"), ("bits_per_pixel_2se", "bits_per_pixel_se2")):
+            old[old_name] = old.pop(new_name)
+        path = Path(rec.path.replace(str(tmp_path / "v2"), str(tmp_path / "v1")))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(old))
+    v1 = list(iter_records(tmp_path / "v1"))
+    assert v1[0].test_ll_2se is not None and "test_ll_se2" not in v1[0].extra
+    assert build_table(v1, ["maf", "relgrad"]) == GOLDEN.read_text()
+    written = json.loads(next((tmp_path / "v2").rglob("seed*.json")).read_text())
+    assert written["format"] == 2 and "test_ll_2se" in written and "test_ll_se2" not in written
+
+
+def test_bad_records_are_named(tmp_path):
+    path = record_path(tmp_path, "power", "maf", 0)
+    path.parent.mkdir(parents=True)
+    good = fake_record("power", "maf", "MAF (5)", 0, 0.2, 0.01, 0.2).to_json()
+    for content, match in [(b"\xff\xfe{", "not UTF-8"), (b"{", "bad JSON"), (b"[]", "not a JSON object"),
+                           (json.dumps(dict(good, test_ll="high")).encode(), "test_ll is 'high', not a number"),
+                           (json.dumps(dict(good, format=9)).encode(), "format 9")]:
+        path.write_bytes(content)
+        with pytest.raises(ConfigError, match=match):
+            list(iter_records(tmp_path))

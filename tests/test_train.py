@@ -12,12 +12,13 @@ from scipy.stats import multivariate_normal
 from torch import Tensor, nn
 
 import flowbench.models as models
+from flowbench.models.spec import ModelSpec
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
 from flowbench.results import checkpoint_path, record_path
 from flowbench.training import EarlyStopping, Trainer, run_experiment
-from flowbench.training.evaluate import mean_se2
+from flowbench.training.evaluate import mean_2se
 
 COV = np.array([[1.0, 0.6, 0.2], [0.6, 2.0, -0.4], [0.2, -0.4, 0.5]])
 MEAN = np.array([0.5, -1.0, 2.0])
@@ -61,11 +62,9 @@ class NaNFlow(Flow):
 @pytest.fixture
 def tiny_models(monkeypatch):
     """Register test-only models 'tiny' and 'nanflow' beside the real registry."""
-    real_build, real_hp, real_name = models.build_model, models.model_hparams, models.display_name
-    builders = {"tiny": tiny_flow, "nanflow": NaNFlow}
-    monkeypatch.setattr(models, "build_model", lambda n, d, **h: builders[n](d) if n in builders else real_build(n, d, **h))
-    monkeypatch.setattr(models, "model_hparams", lambda n: {} if n in builders else real_hp(n))
-    monkeypatch.setattr(models, "display_name", lambda n, **h: n.upper() if n in builders else real_name(n, **h))
+    for name, build in {"tiny": tiny_flow, "nanflow": NaNFlow}.items():
+        spec = ModelSpec(name=name, build=build, hparams={}, label=name.upper(), paper="test", lr=1e-3)
+        monkeypatch.setitem(models.MODELS, name, spec)
 
 
 def opts(tmp_path, **kw):
@@ -173,13 +172,13 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(ConfigError, match="different options.*lr"):
         run_experiment(opts(tmp_path / "b", **dict(o, lr=1e-3), resume=True), data, progress=False)
     resumed = run_experiment(opts(tmp_path / "b", **o, resume=True), data, progress=False)
-    assert resumed["history"] == full["history"]  # every epoch's numbers, bit for bit
-    assert resumed["test_ll"] == full["test_ll"] and resumed["best_epoch"] == full["best_epoch"]
-    assert resumed["epochs"] == 5 and any("resumed" in n for n in resumed["notes"])
+    assert resumed.history == full.history  # every epoch's numbers, bit for bit
+    assert resumed.test_ll == full.test_ll and resumed.best_epoch == full.best_epoch
+    assert resumed.epochs == 5 and any("resumed" in n for n in resumed.notes)
     # A finished run can be continued to a later epoch cap (the record is then replaced: --force).
     longer = run_experiment(opts(tmp_path / "b", **dict(o, max_epochs=6), resume=True, force=True), data, progress=False)
     again = run_experiment(opts(tmp_path / "c", **dict(o, max_epochs=6)), data, progress=False)
-    assert longer["history"] == again["history"] and longer["test_ll"] == again["test_ll"]
+    assert longer.history == again.history and longer.test_ll == again.test_ll
 
 
 def test_record_refuses_overwrite(tmp_path, tiny_models):
@@ -196,18 +195,18 @@ def test_record_refuses_overwrite(tmp_path, tiny_models):
 def test_nan_guard_stops_keeps_best_and_records(tmp_path, tiny_models):
     data = gaussian_data(500, 100, 100)  # 5 batches per epoch; NaN from step 26 = epoch 6
     rec = run_experiment(opts(tmp_path, model="nanflow", max_epochs=20, lr=1e-2), data, progress=False)
-    assert rec["status"] == "nonfinite"
-    assert "non-finite training loss" in rec["failure"] and "epoch 6" in rec["failure"]
-    assert rec["epochs"] == 6 and rec["best_epoch"] == 5
-    assert math.isfinite(rec["test_ll"]) and math.isfinite(rec["best_val_ll"])
+    assert rec.status == "nonfinite"
+    assert "non-finite training loss" in rec.failure and "epoch 6" in rec.failure
+    assert rec.epochs == 6 and rec.best_epoch == 5
+    assert math.isfinite(rec.test_ll) and math.isfinite(rec.best_val_ll)
     on_disk = json.loads(record_path(tmp_path, "toy", "nanflow", 0).read_text())
-    assert on_disk["status"] == "nonfinite" and on_disk["failure"] == rec["failure"]
+    assert on_disk["status"] == "nonfinite" and on_disk["failure"] == rec.failure
 
 
 # -- evaluation --------------------------------------------------------------------------------------------
-def test_mean_se2_matches_maf_formula():
+def test_mean_2se_matches_maf_formula():
     v = np.array([1.0, 2.0, 4.0, 7.0])
-    assert mean_se2(v) == (3.5, 2 * np.std(v) / 2.0)
+    assert mean_2se(v) == (3.5, 2 * np.std(v) / 2.0)
 
 
 def test_no_model_beats_the_true_density(tmp_path):
@@ -224,21 +223,21 @@ def test_no_model_beats_the_true_density(tmp_path):
     ]
     for c in configs:
         rec = run_experiment(opts(tmp_path, max_epochs=4, **c), data, progress=False)
-        assert rec["status"] == "ok", rec["failure"]
-        assert rec["test_ll"] <= true_ll + rec["test_ll_se2"], (c, rec["test_ll"], true_ll)
-        assert rec["test_ll"] > true_ll - 3.0, (c, rec["test_ll"], true_ll)  # and it did learn something
+        assert rec.status == "ok", rec.failure
+        assert rec.test_ll <= true_ll + rec.test_ll_2se, (c, rec.test_ll, true_ll)
+        assert rec.test_ll > true_ll - 3.0, (c, rec.test_ll, true_ll)  # and it did learn something
         if c["model"] == "gaussian":
-            assert rec["epochs"] == 0 and abs(rec["test_ll"] - true_ll) < rec["test_ll_se2"]
+            assert rec.epochs == 0 and abs(rec.test_ll - true_ll) < rec.test_ll_2se
 
 
 def test_match_params(tmp_path):
     data = gaussian_data(200, 50, 50)
     rec = run_experiment(opts(tmp_path, model="maf", layers=2, match_params=2000, max_epochs=1), data, progress=False)
-    m = rec["match_target"]
-    assert m["target"] == 2000 and m["achieved"] == rec["params"] and abs(m["achieved"] - 2000) < 200
+    m = rec.match_target
+    assert m["target"] == 2000 and m["achieved"] == rec.params and abs(m["achieved"] - 2000) < 200
     rec = run_experiment(opts(tmp_path, model="made", match_params="relgrad", max_epochs=1), data, progress=False)
     # relgrad with 2 layers and biases on D = 3: L(D² + D) = 24
-    assert rec["match_target"]["target"] == 24 and rec["match_target"]["against"] == "relgrad"
+    assert rec.match_target["target"] == 24 and rec.match_target["against"] == "relgrad"
     with pytest.raises(ConfigError, match="does not apply"):
         run_experiment(opts(tmp_path, model="relgrad", hidden=8, max_epochs=1, tag="x"), data, progress=False)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowbench.errors import FlowbenchError
-from flowbench.models.relgrad import build_relgrad
+from flowbench.models import build_model
 from flowbench.models.relgrad_autograd import TANH_A, TANH_B
 
 METHODS = ("relative", "ordinary", "autodiff", "mlp")
@@ -89,7 +89,7 @@ def available_bytes(device: torch.device) -> int:
 def make_problem(dim: int, batch: int, layers: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
     """A relgrad flow moved away from its orthogonal init (so WᵀW ≠ I) and a standard-normal batch."""
     gen = torch.Generator().manual_seed(seed)
-    flow = build_relgrad(dim, layers=layers)
+    flow = build_model("relgrad", dim, layers=layers)
     with torch.no_grad():
         for w in flow.transform.weights:
             w.add_(torch.randn(w.shape, generator=gen) * (0.3 / math.sqrt(dim)))

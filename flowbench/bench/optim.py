@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from flowbench.models.relgrad import build_relgrad
+from flowbench.models import build_model
 
 
 def toy_data(n: int = 1000, seed: int = 0) -> torch.Tensor:
@@ -35,9 +35,10 @@ def run_optim(n_points: int = 1000, inits: int = 10, epochs: int = 1000, lr: flo
     curves: dict[str, list[list[float]]] = {"relative": [], "ordinary": []}
     for i in range(inits):
         torch.manual_seed(seed + 1000 + i)  # shared initialisation i for both methods
-        init = build_relgrad(2, layers=layers, bias=bias).double().state_dict()
+        init = build_model("relgrad", 2, layers=layers, bias=bias).double().state_dict()
         for method in curves:
-            flow = build_relgrad(2, layers=layers, bias=bias, relative=method == "relative").double()
+            flow = build_model("relgrad", 2, layers=layers, bias=bias).double()
+            flow.relative = method == "relative"
             flow.transform.bias_logdet = bias_logdet
             flow.load_state_dict(init)
             losses = []

@@ -15,10 +15,9 @@ from torch import Tensor
 
 from flowbench.errors import DataIntegrityError
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform, check_input
+from flowbench.models.spec import ModelSpec
 
-__all__ = ["GAUSSIAN_HPARAMS", "GaussianWhitening", "GaussianFlow", "build_gaussian"]
-
-GAUSSIAN_HPARAMS: dict = {}
+__all__ = ["GAUSSIAN_SPEC", "GaussianWhitening", "GaussianFlow", "build_gaussian"]
 
 
 class GaussianWhitening(Transform):
@@ -80,3 +79,15 @@ class GaussianFlow(Flow):
 def build_gaussian(dim: int) -> Flow:
     """Closed-form full-covariance Gaussian; call ``initialize(train_x)`` to fit it."""
     return GaussianFlow(dim)
+
+
+GAUSSIAN_SPEC = ModelSpec(
+    name="gaussian",
+    build=build_gaussian,
+    hparams={},
+    label="Gaussian",
+    paper="Papamakarios et al. 2017, Masked Autoregressive Flow for Density Estimation",
+    lr=1e-4,  # unused: nothing is trained
+    count=lambda d, hp: d + d * (d + 1) // 2,
+    trainable=False,
+)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from flowbench.errors import ConfigError
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
 from flowbench.models.layers import MaskedLinear
+from flowbench.models.spec import HParam, ModelSpec
 
 __all__ = [
     "ACTIVATIONS",
@@ -30,15 +31,22 @@ __all__ = [
     "MADE",
     "MADEMoG",
     "MADE_HPARAMS",
-    "MADE_MOG_HPARAMS",
+    "MADE_SPEC",
+    "MADE_MOG_SPEC",
     "build_made",
     "build_made_mog",
 ]
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": torch.relu, "tanh": torch.tanh}
 
-MADE_HPARAMS: dict = {"hidden": 100, "hidden_layers": 1, "activation": "relu"}
-MADE_MOG_HPARAMS: dict = {**MADE_HPARAMS, "components": 10}
+#: The MADE hyperparameters (MAF paper section 4: 100 hidden units, 1 or 2 hidden layers, ReLU); MAF and its
+#: relatives reuse them.
+MADE_HPARAMS: dict[str, HParam] = {
+    "hidden": HParam(100, "hidden units per layer of each MADE / coupling net", low=1),
+    "hidden_layers": HParam(1, "hidden layers per MADE / coupling net (the MAF paper used 1 or 2)", low=1),
+    "activation": HParam("relu", "hidden-layer nonlinearity", choices=("relu", "tanh")),
+}
+COMPONENTS = HParam(10, "mixture components per conditional (MoG models)", low=1)
 
 
 def create_degrees(dim: int, hidden: list[int], input_degrees: Tensor | None = None) -> list[Tensor]:
@@ -98,9 +106,9 @@ class MADE(Transform):
     def __init__(
         self,
         dim: int,
-        hidden: int = 100,
-        hidden_layers: int = 1,
-        activation: str = "relu",
+        hidden: int,
+        hidden_layers: int,
+        activation: str,
         input_degrees: Tensor | None = None,
     ):
         super().__init__()
@@ -140,10 +148,10 @@ class MADEMoG(nn.Module):
     def __init__(
         self,
         dim: int,
-        hidden: int = 100,
-        hidden_layers: int = 1,
-        activation: str = "relu",
-        components: int = 10,
+        hidden: int,
+        hidden_layers: int,
+        activation: str,
+        components: int,
         input_degrees: Tensor | None = None,
     ):
         super().__init__()
@@ -185,13 +193,46 @@ class MADEMoG(nn.Module):
         return x
 
 
-def build_made(dim: int, hidden: int = 100, hidden_layers: int = 1, activation: str = "relu") -> Flow:
+def build_made(dim: int, *, hidden: int, hidden_layers: int, activation: str) -> Flow:
     """MADE density (Germain et al. 2015) with Gaussian conditionals, as in the MAF paper's Table 1."""
     return Flow(CompositeTransform([MADE(dim, hidden, hidden_layers, activation)]), StandardNormal(dim), dim)
 
 
-def build_made_mog(
-    dim: int, hidden: int = 100, hidden_layers: int = 1, activation: str = "relu", components: int = 10
-) -> Flow:
+def build_made_mog(dim: int, *, hidden: int, hidden_layers: int, activation: str, components: int) -> Flow:
     """MADE MoG density: the identity transform on a :class:`MADEMoG` base."""
     return Flow(CompositeTransform([]), MADEMoG(dim, hidden, hidden_layers, activation, components), dim)
+
+
+def made_count(d: int, h: int, hl: int) -> int:
+    """Parameters of one Gaussian MADE: 3DH + (L−1)H² + LH + 2D (masked entries are stored, as in MAF)."""
+    return 3 * d * h + (hl - 1) * h * h + hl * h + 2 * d
+
+
+def made_mog_count(d: int, h: int, hl: int, c: int) -> int:
+    """Parameters of one MADE MoG: DH + (L−1)H² + LH + 3C(HD + D)."""
+    return d * h + (hl - 1) * h * h + hl * h + 3 * c * (h * d + d)
+
+
+MAF_PAPER = "Papamakarios et al. 2017, Masked Autoregressive Flow for Density Estimation"
+
+MADE_SPEC = ModelSpec(
+    name="made",
+    build=build_made,
+    hparams=MADE_HPARAMS,
+    label="MADE",
+    paper="Germain et al. 2015, MADE",
+    lr=1e-3,  # MAF paper section 4: 1e-3 for MADE and MADE MoG
+    match_knob="hidden",
+    count=lambda d, hp: made_count(d, hp["hidden"], hp["hidden_layers"]),
+)
+
+MADE_MOG_SPEC = ModelSpec(
+    name="made-mog",
+    build=build_made_mog,
+    hparams={**MADE_HPARAMS, "components": COMPONENTS},
+    label="MADE MoG",
+    paper=MAF_PAPER,
+    lr=1e-3,
+    match_knob="hidden",
+    count=lambda d, hp: made_mog_count(d, hp["hidden"], hp["hidden_layers"], hp["components"]),
+)

@@ -18,12 +18,17 @@ from torch import Tensor
 from flowbench.errors import ConfigError
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
 from flowbench.models.layers import BatchNorm
-from flowbench.models.made import MADE, MADE_HPARAMS, MADEMoG
+from flowbench.models.made import COMPONENTS, MADE, MADE_HPARAMS, MAF_PAPER, MADEMoG, made_count, made_mog_count
+from flowbench.models.spec import HParam, ModelSpec
 
-__all__ = ["MAF_HPARAMS", "MAF_MOG_HPARAMS", "build_maf", "build_maf_mog"]
+__all__ = ["MAF_HPARAMS", "MAF_SPEC", "MAF_MOG_SPEC", "build_maf", "build_maf_mog"]
 
-MAF_HPARAMS: dict = {"layers": 5, **MADE_HPARAMS, "batch_norm": True}
-MAF_MOG_HPARAMS: dict = {**MAF_HPARAMS, "components": 10}
+#: MAF(K): K MADEs (MAF paper: K = 5 or 10) with batch norm between them.
+MAF_HPARAMS: dict[str, HParam] = {
+    "layers": HParam(5, "flow depth: the number of MADEs / coupling layers (the MAF paper used 5 or 10)", low=1),
+    **MADE_HPARAMS,
+    "batch_norm": HParam(True, "batch norm after every flow layer (MAF paper section 3.4)"),
+}
 
 
 def _maf_transform(
@@ -43,29 +48,45 @@ def _maf_transform(
     return CompositeTransform(steps), degrees
 
 
-def build_maf(
-    dim: int,
-    layers: int = 5,
-    hidden: int = 100,
-    hidden_layers: int = 1,
-    activation: str = "relu",
-    batch_norm: bool = True,
-) -> Flow:
+def build_maf(dim: int, *, layers: int, hidden: int, hidden_layers: int, activation: str, batch_norm: bool) -> Flow:
     """MAF(K) with a standard normal base (Papamakarios et al. 2017)."""
     transform, _ = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm)
     return Flow(transform, StandardNormal(dim), dim)
 
 
 def build_maf_mog(
-    dim: int,
-    layers: int = 5,
-    hidden: int = 100,
-    hidden_layers: int = 1,
-    activation: str = "relu",
-    batch_norm: bool = True,
-    components: int = 10,
+    dim: int, *, layers: int, hidden: int, hidden_layers: int, activation: str, batch_norm: bool, components: int
 ) -> Flow:
     """MAF MoG(K): MAF(K) on a MADE MoG base density (Papamakarios et al. 2017)."""
     transform, next_degrees = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm)
     base = MADEMoG(dim, hidden, hidden_layers, activation, components, input_degrees=next_degrees)
     return Flow(transform, base, dim)
+
+
+def _maf_count(d: int, hp: dict) -> int:
+    """K·MADE + 2KD for the batch norms (log γ and β)."""
+    bn = 2 * hp["layers"] * d if hp["batch_norm"] else 0
+    return hp["layers"] * made_count(d, hp["hidden"], hp["hidden_layers"]) + bn
+
+
+MAF_SPEC = ModelSpec(
+    name="maf",
+    build=build_maf,
+    hparams=MAF_HPARAMS,
+    label="MAF ({layers})",
+    paper=MAF_PAPER,
+    lr=1e-4,  # MAF paper section 4: 1e-4 for the flows
+    match_knob="hidden",
+    count=_maf_count,
+)
+
+MAF_MOG_SPEC = ModelSpec(
+    name="maf-mog",
+    build=build_maf_mog,
+    hparams={**MAF_HPARAMS, "components": COMPONENTS},
+    label="MAF MoG ({layers})",
+    paper=MAF_PAPER,
+    lr=1e-4,
+    match_knob="hidden",
+    count=lambda d, hp: _maf_count(d, hp) + made_mog_count(d, hp["hidden"], hp["hidden_layers"], hp["components"]),
+)

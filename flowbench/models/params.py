@@ -17,18 +17,7 @@ from torch import nn
 
 from flowbench.errors import ConfigError
 
-__all__ = ["count_params", "param_count", "match_params", "MATCH_KNOB"]
-
-#: The hyperparameter :func:`match_params` tunes for each family (None: nothing to tune).
-MATCH_KNOB: dict[str, str | None] = {
-    "gaussian": None,
-    "made": "hidden",
-    "made-mog": "hidden",
-    "maf": "hidden",
-    "maf-mog": "hidden",
-    "realnvp": "hidden",
-    "relgrad": "layers",
-}
+__all__ = ["count_params", "param_count", "match_params"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -37,45 +26,23 @@ def count_params(model: nn.Module) -> int:
     return int(num()) if callable(num) else sum(p.numel() for p in model.parameters())
 
 
-def _made(d: int, h: int, hl: int) -> int:
-    return 3 * d * h + (hl - 1) * h * h + hl * h + 2 * d
-
-
-def _made_mog(d: int, h: int, hl: int, c: int) -> int:
-    return d * h + (hl - 1) * h * h + hl * h + 3 * c * (h * d + d)
-
-
 def param_count(name: str, dim: int, **hparams: Any) -> int:
-    """Parameter count of ``build_model(name, dim, **hparams)`` without building it where a formula exists.
+    """Parameter count of ``build_model(name, dim, **hparams)``, from the spec's closed form where it has one.
 
-    Formulas (MAF paper's models, maf-protocol.md section 3; tests check them against built models):
-    MADE 3DH + (L−1)H² + LH + 2D; MADE MoG DH + (L−1)H² + LH + 3C(HD + D); MAF(K) K·MADE + 2KD with batch
-    norm; MAF MoG(K) MAF(K) + MADE MoG; RealNVP(K) K·[4DH + 2(L−1)H² + 2LH + 2D] + 2KD with batch norm.
-    Other models (relgrad) are built and counted.
+    The formulas live beside each model (its spec's ``count``; the MAF paper's models have them) and the
+    tests check them against built models; other models (relgrad) are built and counted.
     """
-    from flowbench.models import build_model, resolve_hparams
+    from flowbench.models import build_model, get_spec
 
-    hp = resolve_hparams(name, **hparams)
-    d = dim
-    if name == "gaussian":
-        return d + d * (d + 1) // 2
-    if name in ("made", "made-mog", "maf", "maf-mog", "realnvp"):
-        h, hl = hp["hidden"], hp["hidden_layers"]
-        bn = 2 * hp["layers"] * d if hp.get("batch_norm") else 0
-        if name == "made":
-            return _made(d, h, hl)
-        if name == "made-mog":
-            return _made_mog(d, h, hl, hp["components"])
-        if name == "maf":
-            return hp["layers"] * _made(d, h, hl) + bn
-        if name == "maf-mog":
-            return hp["layers"] * _made(d, h, hl) + bn + _made_mog(d, h, hl, hp["components"])
-        return hp["layers"] * (4 * d * h + 2 * (hl - 1) * h * h + 2 * hl * h + 2 * d) + bn
+    spec = get_spec(name)
+    hp = spec.resolve(hparams)
+    if spec.count is not None:
+        return int(spec.count(dim, hp))
     return count_params(build_model(name, dim, **hp))
 
 
 def match_params(name: str, dim: int, target: int, **fixed: Any) -> dict:
-    """Find the value of the family's knob (:data:`MATCH_KNOB`) whose count is closest to ``target``.
+    """Find the value of the model's size knob (its spec's ``match_knob``) whose count is closest to ``target``.
 
     The other hyperparameters are taken from ``fixed`` (defaults otherwise); a value of the knob in
     ``fixed`` is replaced. Counts grow with the knob, so the smallest value reaching ``target`` and its
@@ -86,14 +53,11 @@ def match_params(name: str, dim: int, target: int, **fixed: Any) -> dict:
         ``{"hparams": resolved hyperparameters, "target": target, "achieved": count, "knob": name or None,
         "relative_error": (achieved − target)/target}``.
     """
-    from flowbench.models import resolve_hparams
+    from flowbench.models import get_spec, resolve_hparams
 
     if isinstance(target, bool) or not isinstance(target, int) or target < 1:
         raise ConfigError(f"match_params: target must be a positive integer parameter count; got {target!r}")
-    if name not in MATCH_KNOB:
-        resolve_hparams(name)  # raises the registry's "unknown model" error
-        raise ConfigError(f"match_params does not know which hyperparameter to tune for {name!r}")
-    knob = MATCH_KNOB[name]
+    knob = get_spec(name).match_knob
     fixed = {k: v for k, v in fixed.items() if k != knob}
 
     def count(v: int) -> int:

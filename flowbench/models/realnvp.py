@@ -20,10 +20,10 @@ from torch import Tensor, nn
 from flowbench.errors import ConfigError
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
 from flowbench.models.layers import BatchNorm, maf_linear_init_
+from flowbench.models.maf import MAF_HPARAMS
+from flowbench.models.spec import ModelSpec
 
-__all__ = ["REALNVP_HPARAMS", "CouplingLayer", "build_realnvp"]
-
-REALNVP_HPARAMS: dict = {"layers": 5, "hidden": 100, "hidden_layers": 1, "batch_norm": True}
+__all__ = ["REALNVP_SPEC", "CouplingLayer", "build_realnvp"]
 
 
 def _mlp(dim: int, hidden: int, hidden_layers: int, activation: type[nn.Module]) -> nn.Sequential:
@@ -61,9 +61,7 @@ class CouplingLayer(Transform):
         return mu + inv * (u * torch.exp(s) + t), (inv * s).sum(-1)
 
 
-def build_realnvp(
-    dim: int, layers: int = 5, hidden: int = 100, hidden_layers: int = 1, batch_norm: bool = True
-) -> Flow:
+def build_realnvp(dim: int, *, layers: int, hidden: int, hidden_layers: int, batch_norm: bool) -> Flow:
     """Real NVP(K) with a standard normal base (Dinh et al. 2017; MAF paper's configuration)."""
     if layers < 1 or hidden < 1 or hidden_layers < 1:
         raise ConfigError(
@@ -78,3 +76,22 @@ def build_realnvp(
             steps.append(BatchNorm(dim))
         mask = 1 - mask
     return Flow(CompositeTransform(steps), StandardNormal(dim), dim)
+
+
+def _realnvp_count(d: int, hp: dict) -> int:
+    """K·[4DH + 2(L−1)H² + 2LH + 2D] (scale and translation nets) + 2KD for the batch norms."""
+    h, hl, k = hp["hidden"], hp["hidden_layers"], hp["layers"]
+    bn = 2 * k * d if hp["batch_norm"] else 0
+    return k * (4 * d * h + 2 * (hl - 1) * h * h + 2 * hl * h + 2 * d) + bn
+
+
+REALNVP_SPEC = ModelSpec(
+    name="realnvp",
+    build=build_realnvp,
+    hparams={k: MAF_HPARAMS[k] for k in ("layers", "hidden", "hidden_layers", "batch_norm")},
+    label="Real NVP ({layers})",
+    paper="Dinh et al. 2017, Real NVP",
+    lr=1e-4,
+    match_knob="hidden",
+    count=_realnvp_count,
+)

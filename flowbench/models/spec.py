@@ -24,8 +24,8 @@ _TYPES = (bool, int, float, str)
 class HParam:
     """One hyperparameter: its default, type (that of the default), allowed values and help text.
 
-    ``choices`` restricts a value to a list; ``low``/``high`` bound a number (inclusive). ``aliases`` maps an
-    accepted spelling to the canonical value (kept as given in the record only after mapping).
+    ``choices`` restricts a value to a list; ``low``/``high`` bound a number (inclusive; ``low_open`` makes the
+    lower bound strict). ``aliases`` maps an accepted spelling to its canonical value.
     """
 
     default: Any
@@ -33,6 +33,7 @@ class HParam:
     choices: tuple | None = None
     low: float | None = None
     high: float | None = None
+    low_open: bool = False
     aliases: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -63,17 +64,20 @@ class HParam:
                 raise ConfigError(f"model {model!r}: {flag} must be a finite number; got {value!r}")
         elif not isinstance(value, str):
             raise bad
-        if isinstance(value, str):
-            value = self.aliases.get(value, value)
-        if self.choices is not None and value not in self.choices:
+        if self.choices is not None and value not in self.choices and value not in self.aliases:
             raise ConfigError(
-                f"model {model!r}: {flag} {value!r} is not allowed; choose one of {', '.join(map(str, self.choices))}"
+                f"model {model!r}: {flag} {value!r} is not allowed; choose one of {self.choices_text()}"
             )
-        if self.low is not None and value < self.low:
-            raise ConfigError(f"model {model!r}: {flag} must be ≥ {self.low:g}; got {value!r}")
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            rel = ">" if self.low_open else "≥"
+            raise ConfigError(f"model {model!r}: {flag} must be {rel} {self.low:g}; got {value!r}")
         if self.high is not None and value > self.high:
             raise ConfigError(f"model {model!r}: {flag} must be ≤ {self.high:g}; got {value!r}")
         return value
+
+    def choices_text(self) -> str:
+        names = list(self.choices or ()) + [f"{a} (= {c})" for a, c in self.aliases.items()]
+        return ", ".join(map(str, names))
 
 
 @dataclass(frozen=True)
@@ -117,8 +121,9 @@ class ModelSpec:
             flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
             takes = ", ".join("--" + k.replace("_", "-") for k in self.hparams) or "no hyperparameters"
             raise ConfigError(
-                f"{flags} does not apply to model {self.name!r} (it takes {takes}); "
-                "remove it from the command line, the config file or the sweep grid"
+                f"{flags} does not apply to model {self.name!r}: it does not accept hyperparameter(s) "
+                f"{', '.join(unknown)} (it takes {takes}); remove {'it' if len(unknown) == 1 else 'them'} from the command line, "
+                "the config file or the sweep grid"
             )
         out = self.defaults()
         for key, value in given.items():

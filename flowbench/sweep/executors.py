@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flowbench.errors import ConfigError
+from flowbench.config import RunOptions
 from flowbench.sweep.spec import SweepRun
 from flowbench.sweep.worker import RunFn, execute_run, init_worker
 
@@ -30,7 +31,7 @@ class SequentialExecutor:
         self._results: dict[int, dict] = {}
         self._next = 0
 
-    def submit(self, run: SweepRun, options: dict[str, Any], out: str | Path) -> int:
+    def submit(self, run: SweepRun, options: RunOptions, out: str | Path) -> int:
         token, self._next = self._next, self._next + 1
         self._results[token] = execute_run(options, self.run_fn, log_path=None, progress=True)
         return token
@@ -57,7 +58,7 @@ class ProcessExecutor:
         return ProcessPoolExecutor(self.capacity, mp_context=self._ctx, initializer=init_worker,
                                    initargs=(self.threads,))
 
-    def submit(self, run: SweepRun, options: dict[str, Any], out: str | Path) -> Future:
+    def submit(self, run: SweepRun, options: RunOptions, out: str | Path) -> Future:
         log = str(run.log_path(out))
         try:
             return self._pool.submit(execute_run, options, self.run_fn, log, False)

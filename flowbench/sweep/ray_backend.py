@@ -15,6 +15,7 @@ import tempfile
 from typing import Any, Callable
 
 from flowbench.errors import ConfigError
+from flowbench.config import RunOptions
 from flowbench.sweep.spec import SweepRun
 
 __all__ = ["RayExecutor", "import_ray", "RAY_INSTALL_HINT"]
@@ -88,7 +89,7 @@ class RayExecutor:
             announce(f"ray: {where}, {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
                      f"{self.capacity} runs at a time ({cpus_per_run} CPU, {gpus_per_run:g} GPU each)")
 
-    def submit(self, run: SweepRun, options: dict[str, Any], out: str) -> Any:
+    def submit(self, run: SweepRun, options: RunOptions, out: str) -> Any:
         ref = self._task.remote(options, self.run_fn, self.cpus)
         self._inflight.add(ref)
         return ref
@@ -111,8 +112,8 @@ class RayExecutor:
 
         self.save_log(state, outcome, out)
         record = outcome["record"]
-        if "command" in record:  # the user's command, as in local records, not the Ray worker's argv
-            record["command"] = " ".join(sys.argv) if sys.argv and sys.argv[0] else None
+        # the user's command, as in local records, not the Ray worker's argv
+        record.command = " ".join(sys.argv) if sys.argv and sys.argv[0] else None
         write_record(state.run.record_path(out), record)
 
     def save_log(self, state: Any, outcome: dict, out: str) -> None:

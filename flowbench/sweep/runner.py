@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable
 
+from flowbench.config import RunOptions
 from flowbench.errors import ConfigError
+from flowbench.results import RunRecord
 from flowbench.sweep.spec import Sweep, SweepRun
 from flowbench.sweep.executors import make_backend
 from flowbench.sweep.worker import DEFAULT_RUN_FN, RunFn
@@ -43,8 +45,8 @@ class RunState:
     attempts: int = 0
     error: str | None = None
     seconds: float = 0.0
-    record: dict[str, Any] | None = field(default=None, repr=False)
-    options: dict[str, Any] | None = field(default=None, repr=False)  # resolved by preflight()
+    record: RunRecord | None = field(default=None, repr=False)
+    options: RunOptions | None = field(default=None, repr=False)  # resolved by preflight()
     resumed: bool = False  # the current attempt continues from a checkpoint
     resume_failed: bool = False  # an attempt from the checkpoint failed: the next one starts afresh
 
@@ -53,8 +55,7 @@ class RunState:
         d = {"dataset": r.dataset, "model": r.model, "tag": r.tag, "seed": r.seed, "status": self.status,
              "attempts": self.attempts, "error": self.error, "record": str(r.record_path(out))}
         if self.record is not None:
-            d.update({k: self.record.get(k) for k in ("best_val_ll", "test_ll", "test_ll_se2", "status")
-                      if k in self.record})
+            d.update({k: getattr(self.record, k) for k in ("best_val_ll", "test_ll", "test_ll_2se", "status")})
             d["record_status"] = d.pop("status")
             d["status"] = self.status
         return d
@@ -91,15 +92,11 @@ def preflight(states: list[RunState], out: str | Path) -> None:
     A bad value (``activation = "gelu"``) then stops the sweep at once with the run it concerns, instead of
     failing that run (three times) hours into the sweep.
     """
-    from flowbench.config import model_hparams_from_options
-    from flowbench.models import resolve_hparams
-
     for state in states:
         if state.status != "pending":
             continue
         try:
-            options = state.run.options(out)
-            resolve_hparams(options["model"], **model_hparams_from_options(options))
+            options = state.run.options(out)  # checks every value against the options and the model's spec
         except ConfigError as e:
             raise ConfigError(f"run {state.run.label}: {e}") from e
         state.options = options
@@ -155,13 +152,14 @@ def _fmt_time(seconds: float) -> str:
 
 
 def _done_message(state: RunState) -> str:
-    rec = state.record or {}
+    rec = state.record
     bits = []
     for key, label in (("best_val_ll", "val LL"), ("test_ll", "test LL")):
-        if isinstance(rec.get(key), (int, float)):
-            bits.append(f"{label} {rec[key]:.3f}")
-    if rec.get("status") not in (None, "ok"):
-        bits.append(f"status {rec['status']}")
+        value = getattr(rec, key, None)
+        if isinstance(value, (int, float)):
+            bits.append(f"{label} {value:.3f}")
+    if rec is not None and rec.status != "ok":
+        bits.append(f"status {rec.status}")
     return f"done   {state.run.label}: {', '.join(bits) or 'recorded'} ({_fmt_time(state.seconds)})"
 
 
@@ -212,12 +210,12 @@ def run_sweep(
             while todo and len(inflight) < backend.capacity:
                 state = todo.popleft()
                 state.attempts += 1
-                options = dict(state.options or state.run.options(out))
+                options = state.options or state.run.options(out)
                 # An earlier attempt or sweep was cut short and left a checkpoint: continue it (local only;
                 # Ray runs keep no checkpoints). If that fails, the retry starts from scratch.
                 state.resumed = (executor == "local" and not state.resume_failed
                                  and state.run.checkpoint_path(out).is_file())
-                options["resume"] = state.resumed
+                options = options.replace(resume=state.resumed)
                 done, running, failed, left = counts()
                 progress.update(done, running + 1, failed, left)  # before submit: sequential runs inside it
                 if getattr(backend, "announce_start", False):

@@ -22,7 +22,6 @@ records already written under them) valid.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import itertools
 import re
@@ -30,16 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from flowbench.config import read_toml
+from flowbench.config import OPTIONS, UNTAGGED, RunOptions, normalize, read_toml, resolve_options
 from flowbench.errors import ConfigError
 
 __all__ = ["Sweep", "SweepRun", "load_sweep", "parse_sweep", "expand", "make_tag", "RESERVED", "UNTAGGED"]
 
 #: Options the sweep sets itself for every run: a sweep file may not set them.
 RESERVED = ("dataset", "model", "tag", "out", "resume", "force")
-#: Options that do not change the result (where and how it runs), left out of the tag. ``seed`` is left out
-#: because the seeds of one configuration are replicates that the table averages.
-UNTAGGED = ("seed", "device", "data_root", "eval_batch_size")
+# UNTAGGED (from flowbench.config): options that do not change the result (where and how it runs) are left
+# out of the tag; so is ``seed``, because the seeds of one configuration are replicates that the table averages.
 #: Top-level keys of a sweep file.
 TOP_LEVEL = ("description", "datasets", "models", "grid", "override")
 #: Tags longer than this are shortened with a digest (file-name limits; the full values are in the record).
@@ -67,13 +65,11 @@ class SweepRun:
         opts.update(dataset=self.dataset, model=self.model, seed=self.seed, tag=self.tag, out=str(out))
         return opts
 
-    def options(self, out: str | Path) -> dict[str, Any]:
+    def options(self, out: str | Path) -> RunOptions:
         """Fully resolved run options: defaults < ``configs/<dataset>/<model>.toml`` < the sweep's values.
 
         Resolved on the driver, so workers (Ray nodes included) need neither the sweep file nor configs/.
         """
-        from flowbench.config import resolve_options
-
         return resolve_options(self.cli_options(out))
 
     def record_path(self, out: str | Path) -> Path:
@@ -139,8 +135,6 @@ def make_tag(values: Iterable[tuple[str, Any]]) -> str:
 
 def _axes(table: Any, source: str) -> dict[str, list[Any]]:
     """Validate one ``[grid]``/``[override.X]`` table: run-flag keys; scalar or non-empty list values."""
-    from flowbench.config import normalize
-
     if not isinstance(table, dict):
         raise ConfigError(f"{source} must be a table of `flowbench run` options, e.g. `seed = [0, 1]`")
     axes: dict[str, list[Any]] = {}
@@ -177,14 +171,6 @@ def _names(raw: Any, what: str, source: str, known: Iterable[str] | None) -> lis
     return list(raw)
 
 
-def _known_datasets() -> list[str] | None:
-    try:
-        from flowbench.data import DATASETS
-    except ImportError:  # the data layer is missing: load_dataset reports unknown names at run time
-        return None
-    return list(DATASETS)
-
-
 def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = None) -> Sweep:
     """Validate a sweep given as a dict (the parsed TOML) and expand it into runs."""
     from flowbench.models import MODELS
@@ -199,7 +185,9 @@ def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = No
     for key in ("datasets", "models"):
         if key not in raw:
             raise ConfigError(f"{source}: `{key}` is missing; e.g. datasets = ['digits'] and models = ['maf']")
-    datasets = _names(raw["datasets"], "datasets", source, _known_datasets())
+    from flowbench.data import DATASETS
+
+    datasets = _names(raw["datasets"], "datasets", source, DATASETS)
     models = _names(raw["models"], "models", source, MODELS)
     grid = _axes(raw.get("grid", {}), f"{source}, [grid]")
     override_raw = raw.get("override", {})
@@ -230,37 +218,23 @@ def load_sweep(path: str | Path) -> Sweep:
     return parse_sweep(raw, path.stem, path)
 
 
-#: Options that only matter to gradient training (meaningless for a closed-form fit such as the Gaussian).
-TRAINING_ONLY = ("lr", "batch_size", "max_epochs", "patience", "weight_decay")
-
-
-@functools.lru_cache(maxsize=None)
-def _trainable(model: str) -> bool:
-    from flowbench.models import build_model
-
-    return bool(getattr(build_model(model, 2), "trainable", True))  # a 2-d instance is cheap to build
-
-
 def _applicable(model: str, key: str) -> bool:
-    """Whether grid option ``key`` means anything for ``model``.
+    """Whether grid option ``key`` means anything for ``model`` (read from its spec).
 
     Model hyperparameters apply only to the models that take them (``layers`` is meaningless for the
     Gaussian), ``match-params`` only to models with a size knob to solve for (Gresele et al. 2020, appendix
     H.3, match the baselines' width to relgrad's parameter count), and training options only to trainable
     models (otherwise a learning-rate axis would fit the same Gaussian several times under different tags).
     """
-    from flowbench.config import MODEL_OPTIONS
-    from flowbench.models import model_hparams
+    from flowbench.models import get_spec
 
-    accepted = model_hparams(model)
-    if key in MODEL_OPTIONS:
-        return key in accepted
+    spec = get_spec(model)
+    if key not in OPTIONS:
+        return key in spec.hparams
     if key == "match_params":
-        from flowbench.models.params import MATCH_KNOB
-
-        return MATCH_KNOB.get(model) is not None
-    if key in TRAINING_ONLY:
-        return _trainable(model)
+        return spec.match_knob is not None
+    if OPTIONS[key].training_only:
+        return spec.trainable
     return True
 
 

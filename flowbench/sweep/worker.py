@@ -17,11 +17,15 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # workers import this module first; keep it light
+    from flowbench.config import RunOptions
+    from flowbench.results import RunRecord
 
 __all__ = ["RunFn", "DEFAULT_RUN_FN", "resolve_run_fn", "execute_run", "init_worker", "ray_execute"]
 
-RunFn = Callable[..., dict]
+RunFn = Callable[..., "RunRecord"]
 #: ``module:function`` of the function that trains one run (the trainer's entry point).
 DEFAULT_RUN_FN = "flowbench.training:run_experiment"
 #: How much of a Ray task's captured output is sent back to the driver for its log file.
@@ -45,7 +49,7 @@ def init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _call(fn: RunFn, options: dict[str, Any], progress: bool) -> dict:
+def _call(fn: RunFn, options: RunOptions, progress: bool) -> RunRecord:
     try:
         takes_progress = "progress" in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -54,7 +58,7 @@ def _call(fn: RunFn, options: dict[str, Any], progress: bool) -> dict:
 
 
 def execute_run(
-    options: dict[str, Any],
+    options: RunOptions,
     run_fn: str | RunFn = DEFAULT_RUN_FN,
     log_path: str | None = None,
     progress: bool = True,
@@ -82,7 +86,7 @@ def execute_run(
     return {"ok": True, "record": record, "seconds": time.perf_counter() - t0}
 
 
-def ray_execute(options: dict[str, Any], run_fn: str, threads: int) -> dict[str, Any]:
+def ray_execute(options: RunOptions, run_fn: str, threads: int) -> dict[str, Any]:
     """Body of a Ray task: train into a node-local scratch folder and return the record to the driver.
 
     Results strategy (one, on purpose): records travel back to the driver, which writes them into its own
@@ -95,16 +99,14 @@ def ray_execute(options: dict[str, Any], run_fn: str, threads: int) -> dict[str,
     torch.set_num_threads(max(1, threads))
     scratch = tempfile.mkdtemp(prefix="flowbench-sweep-")
     try:
-        opts = dict(options, out=scratch, resume=False)
+        opts = options.replace(out=scratch, resume=False)
         log = os.path.join(scratch, "run.log")
         outcome = execute_run(opts, run_fn, log_path=log, progress=False)
         with contextlib.suppress(OSError):
             outcome["log"] = Path(log).read_text(errors="replace")[-LOG_TAIL_CHARS:]
         if outcome["ok"]:
             # The record describes the driver's results folder, as if the run had been made there.
-            rec = outcome["record"]
-            if isinstance(rec.get("config"), dict):
-                rec["config"]["out"] = options["out"]
+            outcome["record"].config["out"] = options.out
         outcome["node"] = os.uname().nodename
         return outcome
     finally:

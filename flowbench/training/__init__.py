@@ -1,7 +1,7 @@
 """Training, evaluation and records: :func:`run_experiment` is the one entry point (``flowbench run``, sweeps)."""
 
 from flowbench.training.early_stopping import EarlyStopping
-from flowbench.training.evaluate import evaluate_test, log_prob_batches, mean_se2
+from flowbench.training.evaluate import evaluate_test, log_prob_batches, mean_2se
 from flowbench.training.experiment import run_experiment
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult
 
@@ -13,5 +13,5 @@ __all__ = [
     "EarlyStopping",
     "evaluate_test",
     "log_prob_batches",
-    "mean_se2",
+    "mean_2se",
 ]

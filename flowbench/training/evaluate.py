@@ -17,7 +17,7 @@ from flowbench.data.base import Dataset
 from flowbench.jacobian import jacobian_spectral_norm
 from flowbench.models.base import Flow
 
-__all__ = ["log_prob_batches", "mean_se2", "evaluate_test", "spectral_norm_summary"]
+__all__ = ["log_prob_batches", "mean_2se", "evaluate_test", "spectral_norm_summary"]
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def log_prob_batches(flow: Flow, x: Tensor, batch_size: int = 2000) -> np.ndarra
     return torch.cat(parts).numpy() if parts else np.zeros(0)
 
 
-def mean_se2(values: np.ndarray) -> tuple[float, float]:
+def mean_2se(values: np.ndarray) -> tuple[float, float]:
     """Mean and twice the standard error, ``2·std/sqrt(N)`` with numpy's ddof=0 as in the MAF code."""
     values = np.asarray(values, dtype=np.float64)
     n = values.size
@@ -44,17 +44,17 @@ def mean_se2(values: np.ndarray) -> tuple[float, float]:
 def evaluate_test(flow: Flow, data: Dataset, test_x: Tensor, batch_size: int = 2000) -> dict[str, Any]:
     """Test log-likelihood (nats) ± 2 SE; for image data also pixel-space LL and bits/pixel."""
     logp = log_prob_batches(flow, test_x, batch_size)
-    mean, se2 = mean_se2(logp)
-    out: dict[str, Any] = {"test_ll": mean, "test_ll_se2": se2, "n_test": int(logp.size)}
+    mean, err2se = mean_2se(logp)
+    out: dict[str, Any] = {"test_ll": mean, "test_ll_2se": err2se, "n_test": int(logp.size)}
     if data.image:
         pixel = data.pixel_log_prob(logp, data.test)
-        pmean, pse2 = mean_se2(pixel)
+        pmean, perr2se = mean_2se(pixel)
         out["test_ll_pixel"] = pmean
-        out["test_ll_pixel_se2"] = pse2
+        out["test_ll_pixel_2se"] = perr2se
         if data.levels is not None:
             out["bits_per_pixel"] = float(data.bits_per_pixel(pmean))
             # bits/pixel is affine in log p, so its error bar is the pixel LL's scaled by 1/(D ln 2).
-            out["bits_per_pixel_se2"] = pse2 / (data.dim * math.log(2))
+            out["bits_per_pixel_2se"] = perr2se / (data.dim * math.log(2))
     return out
 
 

@@ -1,4 +1,4 @@
-"""One experiment end to end: options → data → model → training → evaluation → JSON record.
+"""One experiment end to end: options → data → model → training → evaluation → :class:`RunRecord`.
 
 This is what ``flowbench run`` and the sweeps call. The protocol is MAF's (Papamakarios et al. 2017, §4);
 the parameter matching of baselines to another model follows Gresele et al. 2020, appendix H.3.
@@ -10,213 +10,254 @@ import math
 import random
 import sys
 import time
-from typing import Any, Callable
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from flowbench.config import DEFAULTS, default_lr, model_hparams_from_options, normalize, parse_match_params
+from flowbench import models
+from flowbench.config import RunOptions, coerce_options, resolve_options
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
-from flowbench.models.params import count_params
-from flowbench.results import check_overwrite, checkpoint_path, record_path, system_info, write_record
+from flowbench.models.params import count_params, match_params
+from flowbench.results import RunRecord, check_overwrite, checkpoint_path, record_path, system_info, write_record
 from flowbench.training.evaluate import evaluate_test, log_prob_batches, spectral_norm_summary
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult
 from flowbench.utils import resolve_device
 
-__all__ = ["run_experiment", "complete_options", "build_from_options"]
+__all__ = ["run_experiment", "run_and_report", "build_from_options", "summary_line", "SMALL_DIM"]
 
 #: Test points used for the Jacobian spectral norm (power iteration per point; a summary, not a statistic).
 JACOBIAN_POINTS = 64
+#: Below this data dimension the matrices are too small for intra-op threads to pay; on a machine whose
+#: cores are busy, torch's default threads even slow training down many times over (measured: the default
+#: digits run took 270 s with 2 threads and 22 s with 1 on a loaded 2-core machine).
+SMALL_DIM = 256
+#: ``--match-params`` warns when the achieved count is further than this from the target (relative).
+MATCH_WARN = 0.1
 
 
-def complete_options(options: dict[str, Any]) -> dict[str, Any]:
-    """Fill missing options with the defaults (callers such as sweeps may pass a partial dict)."""
-    given = normalize(options, "run options")
-    full = dict(DEFAULTS)
-    full.update({k: v for k, v in given.items() if v is not None or k not in full})
-    if full["lr"] is None:
-        full["lr"] = default_lr(full["model"])
-    full["match_params"] = parse_match_params(full["match_params"])
-    return full
+@dataclass
+class _Tensors:
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
 
 
 def _target_count(target: int | str, dataset: str, dim: int) -> tuple[int, str]:
     """The parameter count to match: a number, or the count of model ``target`` as configured for ``dataset``."""
-    from flowbench.config import resolve_options
-    from flowbench.models import build_model
-
     if isinstance(target, int):
         return target, str(target)
     other = resolve_options({"dataset": dataset, "model": target})
-    hp = model_hparams_from_options(other)
-    return count_params(build_model(target, dim, **hp)), target
+    return count_params(models.build_model(target, dim, **other.hparams)), target
 
 
-def build_from_options(options: dict[str, Any], dim: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
-    """Build the model; returns ``(flow, hparams used, match info or None)``."""
-    from flowbench.models import build_model
-
-    hparams = model_hparams_from_options(options)
+def build_from_options(opts: RunOptions, dim: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
+    """Build the model; returns ``(flow, every hyperparameter resolved, match info or None)``."""
+    spec = models.get_spec(opts.model)
+    hparams = dict(opts.hparams)
     match = None
-    if options["match_params"] is not None:
-        from flowbench.models.params import match_params
-
-        target, label = _target_count(options["match_params"], options["dataset"], dim)
+    if opts.match_params is not None:
+        if spec.match_knob is None:
+            raise ConfigError(f"--match-params does not apply to model {opts.model!r}: it has no size knob "
+                              "(nothing to solve for); remove the option")
+        target, label = _target_count(opts.match_params, opts.dataset, dim)
         # Matching solves for the model's knob (the hidden width for the MAF family, as in Gresele et al.
         # 2020, H.3); a configured value of the knob yields to it, everything else stays fixed.
-        result = match_params(options["model"], dim, target, **hparams)
+        result = match_params(opts.model, dim, target, **hparams)
         hparams = dict(result["hparams"])
-        match = {
-            "target": int(result["target"]),
-            "achieved": int(result["achieved"]),
-            "against": label,
-            "knob": result.get("knob"),
-        }
-    flow = build_model(options["model"], dim, **hparams)
-    from flowbench import models
+        match = {"target": int(result["target"]), "achieved": int(result["achieved"]), "against": label,
+                 "knob": result["knob"]}
+        if abs(result["relative_error"]) > MATCH_WARN:
+            smallest = match_params(opts.model, dim, 1, **hparams)["achieved"]
+            warnings.warn(
+                f"--match-params {target}: the closest {opts.model} has {result['achieved']:,} parameters "
+                f"({result['relative_error']:+.0%}); the smallest reachable at D = {dim} is {smallest:,}",
+                stacklevel=2,
+            )
+    # Every hyperparameter is recorded, defaults included, so the record alone reproduces the model.
+    hparams = spec.resolve(hparams)
+    return models.build_model(opts.model, dim, **hparams), hparams, match
 
-    if options["model"] in models.MODELS:
-        # Record every hyperparameter, defaults included, so the record alone reproduces the model.
-        hparams = models.resolve_hparams(options["model"], **hparams)
-    return flow, hparams, match
+
+def _paths(opts: RunOptions) -> tuple[Path, Path]:
+    return (record_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag),
+            checkpoint_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag))
 
 
-def _display_name(model: str, hparams: dict[str, Any]) -> str:
-    from flowbench.models import display_name
+def _check_before_compute(opts: RunOptions, rec_path: Path, ckpt_path: Path) -> None:
+    check_overwrite(rec_path, opts.force)  # before spending any compute
+    if opts.resume and not ckpt_path.is_file():
+        raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
 
-    return display_name(model, **hparams)
+
+def _seed_everything(seed: int) -> None:
+    """Before the model is built, so that initial weights depend on the seed only."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_device(data: Dataset, device: torch.device) -> _Tensors:
+    """Data moved to the device once; batches are index views of these tensors."""
+    def move(a: Any) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)
+
+    return _Tensors(move(data.train), move(data.val), move(data.test))
+
+
+def _train(flow: torch.nn.Module, x: _Tensors, opts: RunOptions, ckpt_path: Path,
+           callbacks: list[Callable[[EpochInfo], None]] | None,
+           progress: bool) -> tuple[TrainResult, list[str], float]:
+    """Gradient training under the MAF protocol (or the closed-form fit).
+
+    Returns the result, notes for the record, and the training time of earlier sessions (``--resume``).
+    """
+    notes: list[str] = []
+    if not flow.trainable:
+        # Closed-form models (the Gaussian baseline) are fitted completely by initialize().
+        result = TrainResult(stop_reason="closed-form fit (not trainable)")
+        flow.eval()
+        flow.prepare_for_eval(x.train)
+        result.best_val_ll = float(np.mean(log_prob_batches(flow, x.val, opts.eval_batch_size)))
+        return result, notes, 0.0
+    trainer = Trainer(
+        flow, x.train, x.val, lr=opts.lr, weight_decay=opts.weight_decay, batch_size=opts.batch_size,
+        patience=opts.patience, max_epochs=opts.max_epochs, seed=opts.seed, eval_batch_size=opts.eval_batch_size,
+        checkpoint_path=ckpt_path, fingerprint=opts.to_dict(), callbacks=callbacks, progress=progress,
+        compile=opts.compile,
+    )
+    prior = 0.0
+    if opts.resume:
+        trainer.load_checkpoint()
+        prior = trainer.result.train_time_s
+        notes.append(f"resumed from the checkpoint after epoch {trainer.result.resumed_from_epoch}")
+    elif ckpt_path.exists():
+        notes.append("an older checkpoint was replaced (run with --resume to continue one instead)")
+    return trainer.fit(), notes, prior
+
+
+def _make_record(opts: RunOptions, flow: torch.nn.Module, hparams: dict[str, Any], match: dict[str, Any] | None,
+                 result: TrainResult, evaluation: dict[str, Any], jac: dict[str, Any] | None, notes: list[str],
+                 device: torch.device, wall_time_s: float) -> RunRecord:
+    return RunRecord(
+        dataset=opts.dataset,
+        model=opts.model,
+        display_name=models.display_name(opts.model, **hparams),
+        tag=opts.tag,
+        seed=opts.seed,
+        config=opts.to_dict(),
+        hparams=hparams,
+        params=count_params(flow),
+        match_target=match,
+        epochs=result.epochs,
+        best_epoch=result.best_epoch,
+        best_val_ll=result.best_val_ll,
+        stop_reason=result.stop_reason,
+        **evaluation,
+        history=result.history,
+        train_time_s=result.train_time_s,
+        wall_time_s=wall_time_s,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        **system_info(),
+        status=result.status,
+        failure=result.failure,
+        jacobian_spectral_norm=jac,
+        notes=notes,
+        command=" ".join(sys.argv) if sys.argv and sys.argv[0] else None,
+        provenance=opts.provenance,
+    )
 
 
 def run_experiment(
-    options: dict[str, Any],
+    options: RunOptions | Mapping[str, Any],
     data: Dataset | None = None,
     *,
     callbacks: list[Callable[[EpochInfo], None]] | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> RunRecord:
     """Train, evaluate and record one run; returns the record (also written to the record path).
 
-    ``data`` replaces loading ``options['dataset']`` (in-memory data for toy problems and tests); the record
-    then carries ``data.name``. ``callbacks`` are called after each epoch's checkpoint with an
-    :class:`EpochInfo`.
+    ``options`` is a :class:`RunOptions` or a mapping of option values resolved over the defaults (no bundled
+    config). ``data`` replaces loading ``options.dataset`` (in-memory data for toy problems and tests); the
+    record then carries ``data.name``. ``callbacks`` are called after each epoch's checkpoint.
     """
     t0 = time.perf_counter()
-    opts = complete_options(options)
+    opts = coerce_options(options)
     if data is not None:
-        opts["dataset"] = data.name
-    rec_path = record_path(opts["out"], opts["dataset"], opts["model"], opts["seed"], opts["tag"])
-    ckpt_path = checkpoint_path(opts["out"], opts["dataset"], opts["model"], opts["seed"], opts["tag"])
-    check_overwrite(rec_path, opts["force"])  # before spending any compute
-    if opts["resume"] and not ckpt_path.is_file():
-        raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+        opts = opts.replace(dataset=data.name)
+    rec_path, ckpt_path = _paths(opts)
+    _check_before_compute(opts, rec_path, ckpt_path)
     if data is None:
         from flowbench.data import load_dataset
 
-        data = load_dataset(opts["dataset"], opts["data_root"])
-    device = resolve_device(opts["device"])
-
-    # Seed everything before the model is built, so initial weights depend on the seed only.
-    random.seed(opts["seed"])
-    np.random.seed(opts["seed"])
-    torch.manual_seed(opts["seed"])
+        data = load_dataset(opts.dataset, opts.data_root)
+    device = resolve_device(opts.device)
+    _seed_everything(opts.seed)
     flow, hparams, match = build_from_options(opts, data.dim)
     flow = flow.to(device)
-    # Data moved to the device once; batches are index views of these tensors.
-    train_x = torch.as_tensor(np.asarray(data.train), dtype=torch.float32, device=device)
-    val_x = torch.as_tensor(np.asarray(data.val), dtype=torch.float32, device=device)
-    test_x = torch.as_tensor(np.asarray(data.test), dtype=torch.float32, device=device)
-    flow.initialize(train_x)
+    x = _to_device(data, device)
+    flow.initialize(x.train)
+    result, notes, prior_time = _train(flow, x, opts, ckpt_path, callbacks, progress)
 
-    notes: list[str] = []
-    prior_time = 0.0
-    if flow.trainable:
-        trainer = Trainer(
-            flow,
-            train_x,
-            val_x,
-            lr=opts["lr"],
-            weight_decay=opts["weight_decay"],
-            batch_size=opts["batch_size"],
-            patience=opts["patience"],
-            max_epochs=opts["max_epochs"],
-            seed=opts["seed"],
-            eval_batch_size=opts["eval_batch_size"],
-            checkpoint_path=ckpt_path,
-            fingerprint=dict(opts),
-            callbacks=callbacks,
-            progress=progress,
-            compile=bool(opts["compile"]),
-        )
-        if opts["resume"]:
-            trainer.load_checkpoint()
-            prior_time = trainer.result.train_time_s
-            notes.append(f"resumed from the checkpoint after epoch {trainer.result.resumed_from_epoch}")
-        elif ckpt_path.exists():
-            notes.append("an older checkpoint was replaced (run with --resume to continue one instead)")
-        result = trainer.fit()
-        best_val_ll = result.best_val_ll
-    else:
-        # Closed-form models (the Gaussian baseline) are fitted completely by initialize().
-        result = TrainResult()
-        result.stop_reason = "closed-form fit (not trainable)"
-        flow.eval()
-        flow.prepare_for_eval(train_x)
-        best_val_ll = float(np.mean(log_prob_batches(flow, val_x, opts["eval_batch_size"])))
-
-    evaluation = evaluate_test(flow, data, test_x, opts["eval_batch_size"])
-    jac, note = spectral_norm_summary(flow, test_x[:JACOBIAN_POINTS])
+    evaluation = evaluate_test(flow, data, x.test, opts.eval_batch_size)
+    jac, note = spectral_norm_summary(flow, x.test[:JACOBIAN_POINTS])
     if note:
         notes.append(note)
     if result.status == "ok" and not math.isfinite(evaluation["test_ll"]):
         result.status, result.failure = "nonfinite", "test log-likelihood is not finite"
-
-    info = system_info()
-    record: dict[str, Any] = {
-        "dataset": opts["dataset"],
-        "model": opts["model"],
-        "display_name": _display_name(opts["model"], hparams),
-        "tag": opts["tag"],
-        "seed": opts["seed"],
-        "config": dict(opts),
-        "hparams": hparams,
-        "params": count_params(flow),
-        "match_target": match,
-        "epochs": result.epochs,
-        "best_epoch": result.best_epoch,
-        "best_val_ll": best_val_ll,
-        "stop_reason": result.stop_reason,
-        **evaluation,
-        "history": result.history,
-        "train_time_s": result.train_time_s,
-        # Includes the training time of earlier sessions when resumed (wall time of the whole run).
-        "wall_time_s": prior_time + time.perf_counter() - t0,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        **info,
-        "status": result.status,
-        "failure": result.failure,
-        "jacobian_spectral_norm": jac,
-        "notes": notes,
-        "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
-    }
-    write_record(rec_path, record, force=opts["force"])
+    # Wall time includes the training time of earlier sessions when resumed (the whole run's).
+    wall = prior_time + time.perf_counter() - t0
+    record = _make_record(opts, flow, hparams, match, result, evaluation, jac, notes, device, wall)
+    write_record(rec_path, record, force=opts.force)
     return record
 
 
-def summary_line(record: dict[str, Any], path: Any) -> str:
+def summary_line(record: RunRecord, path: Any) -> str:
     """One human line: the headline result and where the record went."""
     trained = (
-        f"best val LL {record['best_val_ll']:.3f} at epoch {record['best_epoch']}, {record['epochs']} epochs"
-        if record["best_epoch"] is not None
-        else f"val LL {record['best_val_ll']:.3f}, {record['stop_reason']}"
+        f"best val LL {record.best_val_ll:.3f} at epoch {record.best_epoch}, {record.epochs} epochs"
+        if record.best_epoch is not None
+        else f"val LL {record.best_val_ll:.3f}, {record.stop_reason}"
     )
     line = (
-        f"{record['display_name']} on {record['dataset']}: test LL {record['test_ll']:.3f} ± {record['test_ll_se2']:.3f} "
-        f"nats ({trained}, {record['params']} params, {record['wall_time_s']:.1f} s)"
+        f"{record.display_name} on {record.dataset}: test LL {record.test_ll:.3f} ± {record.test_ll_2se:.3f} "
+        f"nats ({trained}, {record.params} params, {record.wall_time_s:.1f} s)"
     )
-    if "bits_per_pixel" in record:
-        line += f"; {record['bits_per_pixel']:.3f} bits/pixel"
-    if record["status"] != "ok":
-        line += f"\nstatus {record['status']}: {record['failure']}"
+    if record.bits_per_pixel is not None:
+        line += f"; {record.bits_per_pixel:.3f} bits/pixel"
+    if record.status != "ok":
+        line += f"\nstatus {record.status}: {record.failure}"
     return line + f"\nrecord: {path}"
+
+
+def _set_threads(opts: RunOptions) -> None:
+    """Apply ``--threads`` or the default rule (see :data:`SMALL_DIM`)."""
+    import os
+
+    from flowbench.data import DATASETS
+    from flowbench.utils import set_threads
+
+    if opts.threads is not None:
+        set_threads(opts.threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        info = DATASETS.get(opts.dataset)
+        if info is not None and info.dim < SMALL_DIM:
+            torch.set_num_threads(1)
+
+
+def run_and_report(opts: RunOptions) -> int:
+    """``flowbench run``: set threads, train, print the summary line; exit status 0 when the run is ok."""
+    _set_threads(opts)
+    try:
+        record = run_experiment(opts, progress=not opts.quiet)
+    except KeyboardInterrupt:
+        print("training interrupted; the last completed epoch is checkpointed: "
+              "run the same command with --resume to continue", file=sys.stderr)
+        raise
+    print(summary_line(record, _paths(opts.replace(dataset=record.dataset))[0]))
+    return 0 if record.status == "ok" else 1

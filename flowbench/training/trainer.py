@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from flowbench.config import RESUME_MAY_CHANGE
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.training.early_stopping import EarlyStopping
@@ -29,11 +30,6 @@ from flowbench.training.evaluate import log_prob_batches
 from flowbench.utils import atomic_torch_save
 
 __all__ = ["TrainResult", "Trainer", "EpochInfo", "best_model_state"]
-
-#: Options that may differ between a run and its resumption (they do not change the trajectory).
-RESUME_MAY_CHANGE = (
-    "max_epochs", "resume", "force", "device", "out", "data_root", "eval_batch_size", "config", "compile",
-)
 
 
 @dataclass

@@ -14,6 +14,15 @@ class ConfigError(FlowbenchError, ValueError):
     """An unknown or invalid option, hyperparameter or config key."""
 
 
+class InputError(FlowbenchError, ValueError):
+    """Data handed to a model or tool is unusable: wrong shape, NaN/inf values."""
+
+
+class UsageError(FlowbenchError):
+    """The request conflicts with what is on disk or running: a record exists, a checkpoint would be lost,
+    another process holds the run's lock."""
+
+
 class DatasetNotFoundError(FlowbenchError, FileNotFoundError):
     """Raw or prepared data is missing; the message carries the `flowbench download` command."""
 

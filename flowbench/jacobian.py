@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, InputError
 
 __all__ = ["jacobian_spectral_norm", "lipschitz_bound", "logdet_autograd"]
 
@@ -27,7 +27,7 @@ Fn = Callable[[Tensor], Tensor]
 
 def _check_batch(x: Tensor, name: str = "x") -> None:
     if x.dim() != 2 or x.shape[0] == 0:
-        raise ConfigError(f"{name} must be a non-empty batch of shape (batch, D); got {tuple(x.shape)}")
+        raise InputError(f"{name} must be a non-empty batch of shape (batch, D); got {tuple(x.shape)}")
 
 
 def _make_jtj(fn: Fn, x: Tensor, method: str) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
@@ -98,7 +98,7 @@ def jacobian_spectral_norm(
     if method in ("auto", "vmap"):
         try:
             return _power_iteration(_make_jtj(fn, x, "vmap"), v0, n_iter)
-        except (RuntimeError, NotImplementedError, ConfigError):
+        except (RuntimeError, NotImplementedError, ConfigError, InputError):
             if method == "vmap":
                 raise
     return _power_iteration(_make_jtj(fn, x, "batched"), v0, n_iter)
@@ -128,5 +128,5 @@ def logdet_autograd(fn: Fn, x: Tensor, create_graph: bool = False) -> Tensor:
 
     jac = torch.autograd.functional.jacobian(summed, x, create_graph=create_graph)  # (D_out, B, D_in)
     if jac.shape[0] != d:
-        raise ConfigError(f"log|det J| needs a square Jacobian; fn maps D={d} to D={jac.shape[0]}")
+        raise InputError(f"log|det J| needs a square Jacobian; fn maps D={d} to D={jac.shape[0]}")
     return torch.linalg.slogdet(jac.permute(1, 0, 2)).logabsdet

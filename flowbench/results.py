@@ -17,7 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, UsageError
 from flowbench.utils import atomic_write_json
 
 __all__ = [
@@ -183,7 +183,7 @@ def json_safe(obj: Any) -> Any:
 def check_overwrite(path: str | Path, force: bool) -> None:
     """Refuse to replace an existing record unless ``force`` (callers check before spending compute too)."""
     if Path(path).exists() and not force:
-        raise ConfigError(f"a record already exists at {path}; pass --force to overwrite it or choose another --seed/--tag")
+        raise UsageError(f"a record already exists at {path}; pass --force to overwrite it or choose another --seed/--tag")
 
 
 def write_record(path: str | Path, record: RunRecord, force: bool = False) -> Path:

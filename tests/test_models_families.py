@@ -12,7 +12,7 @@ from scipy.stats import multivariate_normal
 from flowbench.errors import ConfigError, DataIntegrityError
 from flowbench.models import build_model
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal
-from flowbench.models.layers import BatchNorm, MaskedLinear, ReversePermutation, recompute_batchnorm_stats
+from flowbench.models.layers import BatchNorm, MaskedLinear, recompute_batchnorm_stats
 from flowbench.models.made import MADE, MADEMoG
 from flowbench.models.realnvp import CouplingLayer
 
@@ -175,12 +175,8 @@ def test_recompute_refuses_nested_batchnorm():
         flow.prepare_for_eval(torch.randn(10, 2))
 
 
-def test_reverse_permutation_and_masked_linear():
+def test_masked_linear():
     x = torch.randn(4, 3)
-    z, ld = ReversePermutation()(x)
-    torch.testing.assert_close(z, x[:, [2, 1, 0]])
-    assert (ld == 0).all()
-    torch.testing.assert_close(ReversePermutation().inverse(z)[0], x)
     lin = MaskedLinear(torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
     torch.testing.assert_close(lin(x), x @ (lin.weight * lin.mask).T + lin.bias)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, UsageError
 from flowbench.published import PUBLISHED, published
 from flowbench.results import RunRecord, iter_records, record_path, write_record
 from flowbench.tables import build_table
@@ -92,7 +92,7 @@ def test_table_errors(tmp_path):
     write_fixture(tmp_path)
     with pytest.raises(ConfigError, match="--select"):
         build_table(list(iter_records(tmp_path)), [], "worst")
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(UsageError, match="already exists"):
         r = fake_record("power", "maf", "MAF (5)", 0, 0.2, 0.01, 0.2)
         write_record(record_path(tmp_path, "power", "maf", 0), r)
     with pytest.raises(ConfigError, match="file name"):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import flowbench.models as models
 from flowbench.models.spec import ModelSpec
 from flowbench.data.base import Dataset
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, UsageError
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
 from flowbench.results import checkpoint_path, record_path
 from flowbench.training import EarlyStopping, Trainer, run_experiment
@@ -184,7 +184,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 def test_record_refuses_overwrite(tmp_path, tiny_models):
     data = gaussian_data(200, 50, 50)
     run_experiment(opts(tmp_path, model="tiny", max_epochs=1), data, progress=False)
-    with pytest.raises(ConfigError, match="already exists.*--force"):
+    with pytest.raises(UsageError, match="already exists.*--force"):
         run_experiment(opts(tmp_path, model="tiny", max_epochs=1), data, progress=False)
     run_experiment(opts(tmp_path, model="tiny", max_epochs=1, force=True), data, progress=False)
     with pytest.raises(ConfigError, match="no checkpoint"):

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flowbench.errors import ConfigError, InverseNotAvailable
+from flowbench.errors import ConfigError, InputError, InverseNotAvailable
 
 __all__ = [
     "Transform",
@@ -25,6 +25,7 @@ __all__ = [
     "Flow",
     "StandardNormal",
     "check_input",
+    "recompute_batchnorm_stats",
 ]
 
 
@@ -78,9 +79,9 @@ class StandardNormal(nn.Module):
 def check_input(x: Tensor, dim: int, name: str = "input", check_finite: bool = True) -> None:
     """Clear errors for the two commonest mistakes: wrong shape and non-finite values."""
     if x.dim() != 2 or x.shape[1] != dim:
-        raise ConfigError(f"{name} must have shape (batch, {dim}); got {tuple(x.shape)}")
+        raise InputError(f"{name} must have shape (batch, {dim}); got {tuple(x.shape)}")
     if check_finite and not torch.isfinite(x).all():
-        raise ConfigError(f"{name} contains NaN or inf; clean or standardise the data before the model sees it")
+        raise InputError(f"{name} contains NaN or inf; clean or standardise the data before the model sees it")
 
 
 class Flow(nn.Module):
@@ -140,11 +141,50 @@ class Flow(nn.Module):
         Layers that need it implement ``set_stats_from(x)`` (see ``layers.BatchNorm``); the input of each
         such layer is obtained by pushing ``train_x`` through the layers before it, in batches.
         """
-        from flowbench.models.layers import recompute_batchnorm_stats
-
         recompute_batchnorm_stats(self, train_x, batch_size)
 
     # -- bookkeeping ---------------------------------------------------------------------------------
     def num_params(self) -> int:
         """Stored parameters (see :func:`flowbench.models.params.count_params` for the convention)."""
         return sum(p.numel() for p in self.parameters())
+
+
+@torch.no_grad()
+def recompute_batchnorm_stats(flow: Flow, train_x: Tensor, batch_size: int = 10_000) -> None:
+    """Set every batch norm of ``flow`` (layers with ``set_stats_from``, e.g. ``layers.BatchNorm``) from the
+    entire training set, as the MAF code does.
+
+    One pass, layer by layer through ``flow.transform``: the training set is pushed through the layers in
+    order (in batches of ``batch_size``, every layer in evaluation mode); each batch-norm layer first takes
+    the statistics of its own input, then transforms it with them. This equals a training-mode forward pass
+    with the whole training set as one batch. Modules' train/eval flags are restored afterwards.
+    """
+    bns = [m for m in flow.modules() if hasattr(m, "set_stats_from")]
+    if not bns:
+        return
+    t = flow.transform
+    steps = list(t.transforms) if isinstance(t, CompositeTransform) else [t]
+    direct = {id(s) for s in steps if hasattr(s, "set_stats_from")}
+    if any(id(b) not in direct for b in bns):
+        raise ConfigError(
+            "recompute_batchnorm_stats: BatchNorm layers must be direct steps of flow.transform "
+            "(a CompositeTransform); nested or base-density batch norm is not supported"
+        )
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive; got {batch_size}")
+    # the training set may live elsewhere (CPU copy, numpy, float64): bring it to the layers' device/dtype
+    ref = next(iter(bns[0].buffers()))  # the statistics' device and dtype
+    train_x = torch.as_tensor(train_x).to(device=ref.device, dtype=ref.dtype)
+    modes = {m: m.training for m in flow.modules()}
+    flow.eval()
+    try:
+        last = max(i for i, s in enumerate(steps) if hasattr(s, "set_stats_from"))
+        h = train_x
+        for i, step in enumerate(steps[: last + 1]):
+            if hasattr(step, "set_stats_from"):
+                step.set_stats_from(h)
+            if i < last:  # the layers after the last batch norm need no statistics
+                h = torch.cat([step(h[j : j + batch_size])[0] for j in range(0, h.shape[0], batch_size)])
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowbench.errors import ConfigError
-from flowbench.models.base import CompositeTransform, Flow, Transform
+from flowbench.errors import InputError
+from flowbench.models.base import Transform, recompute_batchnorm_stats
 
-__all__ = ["BatchNorm", "recompute_batchnorm_stats", "ReversePermutation", "MaskedLinear", "maf_linear_init_"]
+__all__ = ["BatchNorm", "recompute_batchnorm_stats", "MaskedLinear", "maf_linear_init_"]
 
 
 def maf_linear_init_(weight: Tensor, bias: Tensor | None) -> None:
@@ -50,16 +50,6 @@ class MaskedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
-
-
-class ReversePermutation(Transform):
-    """Reverses the order of the coordinates (volume preserving, its own inverse)."""
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return x.flip(-1), x.new_zeros(x.shape[0])
-
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return z.flip(-1), z.new_zeros(z.shape[0])
 
 
 class BatchNorm(Transform):
@@ -109,7 +99,7 @@ class BatchNorm(Transform):
         of millions of rows gives the same statistics as a float64 computation.
         """
         if x.dim() != 2 or x.shape[1] != self.dim or x.shape[0] == 0:
-            raise ConfigError(f"BatchNorm statistics need a non-empty (N, {self.dim}) tensor; got {tuple(x.shape)}")
+            raise InputError(f"BatchNorm statistics need a non-empty (N, {self.dim}) tensor; got {tuple(x.shape)}")
         n = x.shape[0]
         total = torch.zeros(self.dim, dtype=torch.float64, device=x.device)
         for i in range(0, n, chunk):
@@ -123,43 +113,3 @@ class BatchNorm(Transform):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, eps={self.eps}"
-
-
-@torch.no_grad()
-def recompute_batchnorm_stats(flow: Flow, train_x: Tensor, batch_size: int = 10_000) -> None:
-    """Set every :class:`BatchNorm` of ``flow`` from the entire training set, as the MAF code does.
-
-    One pass, layer by layer through ``flow.transform``: the training set is pushed through the layers in
-    order (in batches of ``batch_size``, every layer in evaluation mode); each batch-norm layer first takes
-    the statistics of its own input, then transforms it with them. This equals a training-mode forward pass
-    with the whole training set as one batch. Modules' train/eval flags are restored afterwards.
-    """
-    bns = [m for m in flow.modules() if isinstance(m, BatchNorm)]
-    if not bns:
-        return
-    t = flow.transform
-    steps = list(t.transforms) if isinstance(t, CompositeTransform) else [t]
-    direct = {id(s) for s in steps if isinstance(s, BatchNorm)}
-    if any(id(b) not in direct for b in bns):
-        raise ConfigError(
-            "recompute_batchnorm_stats: BatchNorm layers must be direct steps of flow.transform "
-            "(a CompositeTransform); nested or base-density batch norm is not supported"
-        )
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be positive; got {batch_size}")
-    # the training set may live elsewhere (CPU copy, numpy, float64): bring it to the layers' device/dtype
-    ref = bns[0].stat_mean
-    train_x = torch.as_tensor(train_x).to(device=ref.device, dtype=ref.dtype)
-    modes = {m: m.training for m in flow.modules()}
-    flow.eval()
-    try:
-        last = max(i for i, s in enumerate(steps) if isinstance(s, BatchNorm))
-        h = train_x
-        for i, step in enumerate(steps[: last + 1]):
-            if isinstance(step, BatchNorm):
-                step.set_stats_from(h)
-            if i < last:  # the layers after the last batch norm need no statistics
-                h = torch.cat([step(h[j : j + batch_size])[0] for j in range(0, h.shape[0], batch_size)])
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)

@@ -192,61 +192,15 @@ def run_sweep(
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     states = plan(sweep.runs, out)
     preflight(states, out)
-    todo = collections.deque(s for s in states if s.status == "pending")
-    progress = Progress(len(states), len(states) - len(todo), stream, live)
-    inflight: dict[Any, RunState] = {}
-    report = SweepReport(states, 0.0)
-
-    def counts() -> tuple[int, int, int, int]:
-        return report.count("done"), len(inflight), report.count("failed"), len(todo)
-
-    if todo and backend is None:
-        backend = make_backend(executor, run_fn, workers, address, cpus_per_run, gpus_per_run, progress.event)
-    if getattr(backend, "announce_start", False):
-        progress.live = False  # the trainer's own output would overwrite a live line: print lines instead
+    skipped = sum(s.status == "skipped" for s in states)
+    sched = _Scheduler(states, out, executor, retries, Progress(len(states), skipped, stream, live))
+    if sched.todo and backend is None:
+        backend = make_backend(executor, run_fn, workers, address, cpus_per_run, gpus_per_run, sched.progress.event)
+    sched.backend = backend
     try:
-        progress.update(*counts())
-        while todo or inflight:
-            while todo and len(inflight) < backend.capacity:
-                state = todo.popleft()
-                state.attempts += 1
-                options = state.options or state.run.options(out)
-                # An earlier attempt or sweep was cut short and left a checkpoint: continue it (local only;
-                # Ray runs keep no checkpoints). If that fails, the retry starts from scratch.
-                state.resumed = (executor == "local" and not state.resume_failed
-                                 and state.run.checkpoint_path(out).is_file())
-                options = options.replace(resume=state.resumed)
-                done, running, failed, left = counts()
-                progress.update(done, running + 1, failed, left)  # before submit: sequential runs inside it
-                if getattr(backend, "announce_start", False):
-                    progress.event(f"start  {state.run.label}" + (" (resuming)" if state.resumed else ""))
-                inflight[backend.submit(state.run, options, out)] = state
-            for token, outcome in backend.wait(list(inflight), TICK_S):
-                state = inflight.pop(token)
-                state.seconds += float(outcome.get("seconds", 0.0))
-                if outcome["ok"] and hasattr(backend, "finish"):
-                    try:
-                        backend.finish(state, outcome, out)  # Ray: the driver writes the record
-                    except Exception as e:  # noqa: BLE001 - e.g. a record written meanwhile by another sweep
-                        outcome = {"ok": False, "error": f"could not write the record: {type(e).__name__}: {e}"}
-                if outcome["ok"]:
-                    state.record = outcome["record"]
-                    state.status, state.error = "done", None
-                    progress.event(_done_message(state))
-                elif state.attempts <= retries:
-                    state.error = outcome["error"]
-                    state.resume_failed = state.resume_failed or state.resumed
-                    todo.append(state)  # to the back: other runs go first, a transient cause may pass
-                    progress.event(f"retry  {state.run.label}: attempt {state.attempts}/{retries + 1} failed: "
-                                   f"{outcome['error']}")
-                else:
-                    state.status, state.error = "failed", outcome["error"]
-                    if hasattr(backend, "save_log"):
-                        backend.save_log(state, outcome, out)
-                    progress.event(f"FAILED {state.run.label} after {state.attempts} attempt(s): {outcome['error']}")
-            progress.update(*counts())
+        sched.run()
     except BaseException as e:
-        report.interrupted = True
+        sched.report.interrupted = True
         if backend is not None:
             backend.shutdown(cancel=True)
         # Ctrl-C: stop cleanly and report; running runs stay "pending" (their checkpoints let a rerun resume).
@@ -256,10 +210,72 @@ def run_sweep(
         if backend is not None:
             backend.shutdown()
     finally:
-        progress.close()
-        report.seconds = time.monotonic() - t0
-        _write_report(sweep, report, out, executor, started)
-    return report
+        sched.progress.close()
+        sched.report.seconds = time.monotonic() - t0
+        _write_report(sweep, sched.report, out, executor, started)
+    return sched.report
+
+
+class _Scheduler:
+    """The sweep loop: keep the executor's slots busy, then record, retry or fail each finished run."""
+
+    def __init__(self, states: list[RunState], out: str, executor: str, retries: int, progress: Progress):
+        self.out, self.executor, self.retries, self.progress = out, executor, retries, progress
+        self.todo = collections.deque(s for s in states if s.status == "pending")
+        self.inflight: dict[Any, RunState] = {}
+        self.report = SweepReport(states, 0.0)
+        self.backend: Any = None
+
+    def counts(self) -> tuple[int, int, int, int]:
+        return self.report.count("done"), len(self.inflight), self.report.count("failed"), len(self.todo)
+
+    def run(self) -> None:
+        if getattr(self.backend, "announce_start", False):
+            self.progress.live = False  # the trainer's own output would overwrite a live line: print lines
+        self.progress.update(*self.counts())
+        while self.todo or self.inflight:
+            while self.todo and len(self.inflight) < self.backend.capacity:
+                self.submit(self.todo.popleft())
+            for token, outcome in self.backend.wait(list(self.inflight), TICK_S):
+                self.finished(self.inflight.pop(token), outcome)
+            self.progress.update(*self.counts())
+
+    def submit(self, state: RunState) -> None:
+        state.attempts += 1
+        options = state.options or state.run.options(self.out)
+        # An earlier attempt or sweep was cut short and left a checkpoint: continue it (local only; Ray runs
+        # keep no checkpoints). If that fails, the retry starts from scratch.
+        state.resumed = (self.executor == "local" and not state.resume_failed
+                         and state.run.checkpoint_path(self.out).is_file())
+        options = options.replace(resume=state.resumed)
+        done, running, failed, left = self.counts()
+        self.progress.update(done, running + 1, failed, left)  # before submit: sequential runs inside it
+        if getattr(self.backend, "announce_start", False):
+            self.progress.event(f"start  {state.run.label}" + (" (resuming)" if state.resumed else ""))
+        self.inflight[self.backend.submit(state.run, options, self.out)] = state
+
+    def finished(self, state: RunState, outcome: dict[str, Any]) -> None:
+        state.seconds += float(outcome.get("seconds", 0.0))
+        if outcome["ok"] and hasattr(self.backend, "finish"):
+            try:
+                self.backend.finish(state, outcome, self.out)  # Ray: the driver writes the record
+            except Exception as e:  # noqa: BLE001 - e.g. a record written meanwhile by another sweep
+                outcome = {"ok": False, "error": f"could not write the record: {type(e).__name__}: {e}"}
+        if outcome["ok"]:
+            state.record = outcome["record"]
+            state.status, state.error = "done", None
+            self.progress.event(_done_message(state))
+        elif state.attempts <= self.retries:
+            state.error = outcome["error"]
+            state.resume_failed = state.resume_failed or state.resumed
+            self.todo.append(state)  # to the back: other runs go first, a transient cause may pass
+            self.progress.event(f"retry  {state.run.label}: attempt {state.attempts}/{self.retries + 1} failed: "
+                                f"{outcome['error']}")
+        else:
+            state.status, state.error = "failed", outcome["error"]
+            if hasattr(self.backend, "save_log"):
+                self.backend.save_log(state, outcome, self.out)
+            self.progress.event(f"FAILED {state.run.label} after {state.attempts} attempt(s): {outcome['error']}")
 
 
 def _write_report(sweep: Sweep, report: SweepReport, out: str, executor: str, started: str) -> None:

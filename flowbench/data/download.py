@@ -76,7 +76,9 @@ def check_hex(value: str | None, algorithm: str) -> str | None:
     n = hashlib.new(algorithm).digest_size * 2
     v = value.strip().lower()
     if len(v) != n or any(c not in "0123456789abcdef" for c in v):
-        raise ConfigError(f"--{algorithm} {value!r} is not a {algorithm.upper()} checksum: expected {n} hex digits")
+        label = {"sha256": "a SHA-256", "md5": "an MD5"}.get(algorithm, algorithm)
+        raise ConfigError(f"--{algorithm} {value!r} is not {label} checksum: expected {n} hex digits, got {len(v)} "
+                          "characters" + ("" if len(v) != n else " that are not all hex digits"))
     return v
 
 

@@ -11,7 +11,7 @@ hash (and that every value is finite) is checked whenever a split file is not th
 i.e. its stat stamp (size, mtime, ctime, inode) differs from the stamp recorded in ``verified.json`` when it
 was written or last verified; a successful check records the new stamp. Rewriting a file's bytes in place
 changes its stamp (ctime cannot be set back), so same-size corruption is caught, while a load stays O(1)
-and lazy. Hashing is cheap anyway (SHA-256 of POWER's 40 MB train split: 0.03 s on the 2-core dev machine),
+and lazy. Hashing is cheap anyway (SHA-256 of POWER's 40 MB train split: 0.03–0.07 s on the shared 2-core machine),
 so a read-only data root, where no stamp can be recorded, simply verifies on every load.
 
 A cache that fails a check is *broken*; the loader rebuilds it from the raw files (see
@@ -224,9 +224,9 @@ def _first_nonfinite_row(a: np.ndarray, block_bytes: int = 1 << 24) -> int | Non
     """Index of the first row of the 2-D ``a`` holding a NaN or inf; row blocks bound the mask's memory."""
     rows = max(1, block_bytes // max(1, a.itemsize * a.shape[1]))
     for i in range(0, a.shape[0], rows):
-        ok = np.isfinite(a[i : i + rows]).all(axis=1)
-        if not ok.all():
-            return i + int(np.argmin(ok))
+        finite = np.isfinite(a[i : i + rows])
+        if not finite.all():  # the per-row reduction is slow on narrow rows: only where something is wrong
+            return i + int(np.argmin(finite.all(axis=1)))
     return None
 
 

@@ -76,7 +76,7 @@ def check_root(root: str | Path | None, *, create: bool = False) -> Path:
         ConfigError: ``root`` is a file, or lies under one; with ``create``, it cannot be created or written.
     """
     root = Path(root) if root is not None else default_root()
-    how = "give a folder with --root (or $FLOWBENCH_DATA)"
+    how = "give a folder (--root, --data-root or $FLOWBENCH_DATA)"
     if root.exists() and not root.is_dir():
         raise ConfigError(f"data root {root} is a file, not a folder; {how}")
     if not root.exists():

@@ -11,8 +11,8 @@ hash (and that every value is finite) is checked whenever a split file is not th
 i.e. its stat stamp (size, mtime, ctime, inode) differs from the stamp recorded in ``verified.json`` when it
 was written or last verified; a successful check records the new stamp. Rewriting a file's bytes in place
 changes its stamp (ctime cannot be set back), so same-size corruption is caught, while a load stays O(1)
-and lazy. Hashing is cheap anyway (SHA-256 of POWER's 40 MB train split: 0.03–0.07 s on the shared 2-core machine),
-so a read-only data root, where no stamp can be recorded, simply verifies on every load.
+and lazy. Hashing is cheap anyway (SHA-256 of POWER's 40 MB train split: 0.03–0.07 s on the shared 2-core
+machine), so a read-only data root, where no stamp can be recorded, simply verifies on every load.
 
 A cache that fails a check is *broken*; the loader rebuilds it from the raw files (see
 :func:`flowbench.data.load_dataset`). Loads are memory-mapped copy-on-write (``mmap_mode="c"``): writable

@@ -10,12 +10,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flowbench import cli
-from flowbench.data import download, load_dataset
+from flowbench.data import download, load_dataset, status
 from flowbench.data.download import download_and_prepare
-from flowbench.errors import DataIntegrityError, DownloadError
+from flowbench.errors import ConfigError, DataIntegrityError, DownloadError
 
 RAW = Path(__file__).resolve().parent / "fixtures" / "raw"
 RAW_FILES = sorted(str(p.relative_to(RAW)) for p in RAW.rglob("*") if p.is_file())
@@ -310,3 +311,57 @@ def test_missing_member_is_reported(tmp_path: Path):
         download_and_prepare(tmp_path / "d", ["power", "gas"], from_archive=arc,
                              sha256=hashlib.sha256(arc.read_bytes()).hexdigest(), progress=False, echo=lambda m: None)
     assert not (tmp_path / "d" / "power").exists()
+
+
+# ------------------------------------------------------------------------------ arguments checked up front
+@pytest.mark.parametrize("kw, why", [
+    ({"sha256": "abc"}, r"--sha256 'abc' is not a SHA-256 checksum: expected 64 hex digits, got 3"),
+    ({"sha256": "g" * 64}, r"not a SHA-256 checksum.*not all hex digits"),
+    ({"sha256": None, "md5": SHA}, r"--md5 '[0-9a-f]{64}' is not an MD5 checksum: expected 32 hex digits, got 64"),
+], ids=["sha256-short", "sha256-not-hex", "md5-wrong-length"])
+def test_checksum_format_is_checked_before_any_download(server: Server, tmp_path: Path, kw: dict, why: str):
+    with pytest.raises(ConfigError, match=why):
+        fetch_all(server, tmp_path / "data", **kw)
+    assert server.log == [] and not (tmp_path / "data").exists()
+
+
+def test_from_archive_that_is_not_a_regular_file_says_what_it_is(tmp_path: Path, capsys):
+    root = tmp_path / "d"
+    for arc, why in ((tmp_path, "is a folder; give the data.tar.gz file itself"),
+                     (Path("/dev/null"), "is not a regular file (a device, pipe or socket)"),
+                     (tmp_path / "nope.tar.gz", "no such file")):
+        assert cli.main(["download", "--root", str(root), "--from-archive", str(arc), "--dataset", "power"]) == 2
+        assert why in capsys.readouterr().err
+    assert not root.exists()
+
+
+def test_url_beside_from_archive_is_refused(server: Server, tmp_path: Path, capsys):
+    arc = tmp_path / "data.tar.gz"
+    arc.write_bytes(ARCHIVE)
+    argv = ["download", "--root", str(tmp_path / "d"), "--from-archive", str(arc), "--url", server.url + "/data.tar.gz",
+            "--sha256", SHA, "--dataset", "power"]
+    assert cli.main(argv) == 2
+    assert "--url and --from-archive exclude each other" in capsys.readouterr().err
+    assert server.log == [] and not (tmp_path / "d").exists()
+
+
+def test_404_says_not_found_not_no_network(server: Server, tmp_path: Path):
+    with pytest.raises(DownloadError) as e:
+        fetch_all(server, tmp_path / "a", urls=[server.url + "/nothere", server.url + "/gone"])
+    msg = str(e.value)
+    assert "No network" not in msg and "could not reach" not in msg
+    assert msg.count("HTTP 404 Not Found: the archive is not at this URL") == 2 and "--url URL" in msg
+
+
+def test_download_rebuilds_a_broken_cache_without_downloading(server: Server, tmp_path: Path):
+    root = tmp_path / "data"
+    fetch_all(server, root, ["power"])
+    good = np.array(load_dataset("power", root).train)
+    n = len(server.log)
+    npy = root / "processed" / "power" / "train.npy"
+    npy.write_bytes(npy.read_bytes()[:64])
+    msgs = fetch_all(server, root, ["power"])
+    assert len(server.log) == n  # nothing fetched
+    assert any("broken (train.npy has 64 bytes" in m and "rebuilding it from the raw files" in m for m in msgs)
+    assert msgs[-1].endswith("nothing downloaded") and status("power", root) == "prepared"
+    np.testing.assert_array_equal(load_dataset("power", root).train, good)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -23,14 +25,14 @@ def root(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-def test_registry_names_and_sizes():
-    assert list(DATASETS) == ["power", "gas", "hepmass", "miniboone", "bsds300", "mnist", "digits"]
+def test_registry_attributes_others_use():
     assert DATASETS["hepmass"].dim == 21 and DATASETS["hepmass"].sizes == (315_123, 35_013, 174_987)
     assert DATASETS["digits"].builtin and not DATASETS["power"].builtin
+    assert DATASETS["gas"].raw_files == ("gas/ethylene_CO.pickle",)
 
 
 def test_unknown_name_lists_choices():
-    with pytest.raises(ConfigError, match="power, gas, hepmass, miniboone, bsds300, mnist, digits"):
+    with pytest.raises(ConfigError, match=re.escape(", ".join(DATASETS))):
         load_dataset("cifar")
 
 
@@ -59,12 +61,11 @@ def test_cache_written_then_memory_mapped(root: Path, monkeypatch):
     raw_sha = hashlib.sha256((root / "miniboone" / "data.npy").read_bytes()).hexdigest()
     assert m["sources"]["miniboone/data.npy"]["sha256"] == raw_sha
 
-    from flowbench.data import miniboone
-
     # `first` is itself memory-mapped from the new cache: compare with the recipe's own output instead
-    expected = miniboone.prepare(root)["train"].astype(np.float32)
+    expected = DATASETS["miniboone"].prepare(root)["train"].astype(np.float32)
     np.testing.assert_array_equal(first.train, expected)
-    monkeypatch.setattr(miniboone, "prepare", lambda r: pytest.fail("cache not used"))
+    monkeypatch.setitem(DATASETS, "miniboone",
+                        dataclasses.replace(DATASETS["miniboone"], prepare=lambda r: pytest.fail("cache not used")))
     second = load_dataset("miniboone", root)
     assert isinstance(second.train, np.memmap) and second.train.dtype == np.float32
     np.testing.assert_array_equal(second.train, expected)
@@ -77,9 +78,7 @@ def test_cache_rebuilt_when_raw_or_recipe_changes(root: Path, monkeypatch):
     raw = np.load(root / "miniboone" / "data.npy")
     np.save(root / "miniboone" / "data.npy", raw[:40])  # different size -> stale cache
     assert load_dataset("miniboone", root).train.shape[0] == 40 - 4 - 3
-    from flowbench.data import miniboone
-
-    monkeypatch.setattr(miniboone, "RECIPE_VERSION", 2)
+    monkeypatch.setitem(DATASETS, "miniboone", dataclasses.replace(DATASETS["miniboone"], recipe_version=2))
     assert not cache.is_valid(root, "miniboone", 2)  # the cache on disk says recipe 1
     load_dataset("miniboone", root)
     assert cache.read_manifest(root, "miniboone")["recipe_version"] == 2

@@ -11,30 +11,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def rows(root: Path) -> list[list]:
+    """One row per registered dataset: name, D, train/val/test sizes, status, source, description.
+
+    D and the sizes are the prepared cache's where it is ok (small fixtures differ), else the spec's.
+    """
     from flowbench.data import DATASETS, cache, status
 
     out = []
-    for name, info in DATASETS.items():
+    for name, spec in DATASETS.items():
         st = status(name, root)
         m = cache.read_manifest(root, name) if st == "prepared" else None
-        sizes = [m["shapes"][k][0] for k in ("train", "val", "test")] if m else list(info.sizes)
-        dim = m["shapes"]["train"][1] if m else info.dim
-        source = ", ".join(info.raw_files) if info.raw_files else "scikit-learn (bundled)"
-        out.append([name, dim, *sizes, st, source])
+        sizes = [m["shapes"][k][0] for k in ("train", "val", "test")] if m else list(spec.sizes)
+        dim = m["shapes"]["train"][1] if m else spec.dim
+        out.append([name, dim, *sizes, st, ", ".join(spec.raw_files) or spec.source, spec.description])
     return out
 
 
 def main(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from flowbench.data import default_root, download_command
+    from flowbench.data import check_root, download_command
 
-    root = args.root if args.root is not None else default_root()
+    root = check_root(args.root)
     table = rows(root)
     print(f"data root: {root}")
-    print(tabulate(table, headers=["dataset", "D", "train", "val", "test", "status", "raw files"],
-                   intfmt=",", colalign=("left", "right", "right", "right", "right", "left", "left")))
+    print(tabulate(table, headers=["dataset", "D", "train", "val", "test", "status", "raw files", "description"],
+                   intfmt=",", colalign=("left", "right", "right", "right", "right", "left", "left", "left")))
+    notes = []
     if any(r[5] in ("missing", "raw") for r in table):
-        print(f"\nmissing → `{download_command('NAME', root)}` (or without --dataset for all); "
-              "raw → prepared on first load")
+        notes.append(f"missing → `{download_command('NAME', root)}` (or without --dataset for all); "
+                     "raw → prepared on first load")
+    if any(r[5].startswith("broken") for r in table):
+        notes.append("broken → rebuilt from the raw files on the next load or `flowbench download`, without "
+                     "downloading; where the raw files are missing too, `flowbench download --dataset NAME` fetches them")
+    if notes:
+        print("\n" + "\n".join(notes))
     return 0

@@ -19,11 +19,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"prepare only this dataset (repeatable): {', '.join(DATASETS)}")
     parser.add_argument("--url", default=None, help="download from this URL (a mirror) instead of Zenodo")
     parser.add_argument("--from-archive", type=Path, default=None, metavar="PATH",
-                        help="use a data.tar.gz you already have (no network)")
+                        help="use a data.tar.gz you already have (no network; not with --url)")
     parser.add_argument("--force", action="store_true",
                         help="download, extract and prepare again even if everything is in place")
-    parser.add_argument("--sha256", default=None, help="expected SHA-256 of the archive (overrides the reference MD5)")
-    parser.add_argument("--md5", default=None, help="expected MD5 of the archive (overrides the unverified reference MD5)")
+    parser.add_argument("--sha256", default=None, metavar="HEX",
+                        help="expected SHA-256 of the archive, 64 hex digits (overrides the reference MD5)")
+    parser.add_argument("--md5", default=None, metavar="HEX",
+                        help="expected MD5 of the archive, 32 hex digits (overrides the unverified reference MD5)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -1,10 +1,13 @@
-"""Datasets: an explicit registry, ``load_dataset`` and the processed cache.
+"""Datasets: the registry, ``load_dataset`` and the processed cache.
 
 Six datasets of the MAF paper (Papamakarios et al. 2017), preprocessed exactly as its code does (see each
 module's docstring), plus ``digits`` (scikit-learn's bundled 8×8 digits; no download) so that everything
 runs offline. Raw files live under ``ROOT`` in the layout of the MAF archive (``ROOT/power/data.npy``, …);
-``flowbench download`` puts them there. Adding a dataset = one module exposing ``RECIPE_VERSION``,
-``RAW_FILES`` and ``prepare(root) -> {"train", "val", "test"}`` plus one line in :data:`DATASETS`.
+``flowbench download`` puts them there.
+
+Each dataset module ends with ``SPEC = DatasetSpec(...)`` (:mod:`flowbench.data.spec`): its one declaration,
+read by everything else. Adding a dataset = one module ``flowbench/data/<name>.py`` plus one line in
+:data:`_MODULES`.
 
 Example::
 
@@ -18,56 +21,45 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 from flowbench.data import cache
 from flowbench.data._common import check_splits, to_float32
 from flowbench.data.base import Dataset
+from flowbench.data.spec import DatasetSpec, ImageSpec
 from flowbench.errors import ConfigError, DatasetNotFoundError
 
-__all__ = ["DATASETS", "DatasetInfo", "Dataset", "default_root", "load_dataset", "prepare_dataset", "status"]
+__all__ = [
+    "DATASETS", "Dataset", "DatasetSpec", "ImageSpec", "check_root", "default_root", "download_command",
+    "get_info", "load_dataset", "prepare_dataset", "status",
+]
+
+# The registry: one line per dataset, in the order of the MAF paper's tables.
+_MODULES: tuple[str, ...] = (
+    "power",
+    "gas",
+    "hepmass",
+    "miniboone",
+    "bsds300",
+    "mnist",
+    "digits",
+)
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What the registry knows without reading any data: module, dimension, split sizes, raw files."""
-
-    name: str
-    module: str
-    dim: int
-    sizes: tuple[int, int, int]  # train, val, test
-    raw_files: tuple[str, ...]  # relative to the data root, in the MAF archive's layout
-    description: str
-
-    @property
-    def builtin(self) -> bool:
-        return not self.raw_files
-
-    def load_module(self) -> ModuleType:
-        return importlib.import_module(self.module)
+def _register(modules: tuple[str, ...]) -> dict[str, DatasetSpec]:
+    out: dict[str, DatasetSpec] = {}
+    for m in modules:
+        spec = getattr(importlib.import_module(f"{__name__}.{m}"), "SPEC", None)
+        if not isinstance(spec, DatasetSpec):
+            raise TypeError(f"flowbench/data/{m}.py must end with SPEC = DatasetSpec(...)")
+        if spec.name != m or m in out:  # one file per dataset, named for it
+            raise ValueError(f"flowbench/data/{m}.py declares the dataset {spec.name!r}; name it {m!r}")
+        out[m] = spec
+    return out
 
 
-def _info(name: str, dim: int, sizes: tuple[int, int, int], raw: tuple[str, ...], desc: str) -> DatasetInfo:
-    return DatasetInfo(name, f"flowbench.data.{name}", dim, sizes, raw, desc)
-
-
-# Explicit registry (sizes: MAF paper table 4 / maf-protocol.md; digits: 1,797 rows tail-split).
-DATASETS: dict[str, DatasetInfo] = {
-    "power": _info("power", 6, (1_659_917, 184_435, 204_928), ("power/data.npy",), "UCI household power"),
-    "gas": _info("gas", 8, (852_174, 94_685, 105_206), ("gas/ethylene_CO.pickle",), "UCI gas sensors (ethylene/CO)"),
-    "hepmass": _info(
-        "hepmass", 21, (315_123, 35_013, 174_987), ("hepmass/1000_train.csv", "hepmass/1000_test.csv"),
-        "UCI HEPMASS (signal, mass 1000)",
-    ),
-    "miniboone": _info("miniboone", 43, (29_556, 3_284, 3_648), ("miniboone/data.npy",), "UCI MiniBooNE"),
-    "bsds300": _info(
-        "bsds300", 63, (1_000_000, 50_000, 250_000), ("BSDS300/BSDS300.hdf5",), "BSDS300 8×8 patches (63 d)"
-    ),
-    "mnist": _info("mnist", 784, (50_000, 10_000, 10_000), ("mnist/mnist.pkl.gz",), "MNIST, logit space"),
-    "digits": _info("digits", 64, (1_457, 161, 179), (), "sklearn 8×8 digits, logit space (built in)"),
-}
+#: name → :class:`DatasetSpec` of every registered dataset.
+DATASETS: dict[str, DatasetSpec] = _register(_MODULES)
 
 ENV_VAR = "FLOWBENCH_DATA"
 
@@ -77,7 +69,34 @@ def default_root() -> Path:
     return Path(os.environ.get(ENV_VAR) or "data")
 
 
-def get_info(name: str) -> DatasetInfo:
+def check_root(root: str | Path | None, *, create: bool = False) -> Path:
+    """The data root as a Path (``None`` → :func:`default_root`), refusing one that cannot be a folder.
+
+    Raises:
+        ConfigError: ``root`` is a file, or lies under one; with ``create``, it cannot be created or written.
+    """
+    root = Path(root) if root is not None else default_root()
+    how = "give a folder (--root, --data-root or $FLOWBENCH_DATA)"
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"data root {root} is a file, not a folder; {how}")
+    if not root.exists():
+        parent = next((p for p in root.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise ConfigError(f"data root {root} cannot be created: {parent} is a file; {how}")
+    if create:
+        import tempfile
+
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=root):
+                pass
+        except OSError as e:
+            raise ConfigError(f"data root {root} cannot be created or written ({e.strerror or e}); {how}") from e
+    return root
+
+
+def get_info(name: str) -> DatasetSpec:
+    """The spec of ``name``; ConfigError listing the registered names if it is unknown."""
     try:
         return DATASETS[name]
     except KeyError:
@@ -92,70 +111,94 @@ def download_command(name: str, root: Path) -> str:
     return cmd
 
 
-def _dataset(info: DatasetInfo, module: ModuleType, splits: dict, meta: dict) -> Dataset:
+def _dataset(spec: DatasetSpec, splits: dict, meta: dict) -> Dataset:
     return Dataset(
-        name=info.name, train=splits["train"], val=splits["val"], test=splits["test"],
-        logit_alpha=getattr(module, "LOGIT_ALPHA", None), levels=getattr(module, "LEVELS", None), meta=meta,
+        name=spec.name, train=splits["train"], val=splits["val"], test=splits["test"],
+        logit_alpha=spec.logit_alpha, levels=spec.levels, image_shape=spec.image.shape if spec.image else None,
+        meta=meta,
     )
+
+
+def _missing_raw(spec: DatasetSpec, root: Path) -> list[Path]:
+    return [root / f for f in spec.raw_files if not (root / f).is_file()]
 
 
 def prepare_dataset(name: str, root: str | Path | None = None, *, write_cache: bool = True) -> Dataset:
     """Run the recipe on the raw files under ``root`` (always, ignoring any cache) and write the cache."""
-    info = get_info(name)
-    root = Path(root) if root is not None else default_root()
-    missing = [f for f in info.raw_files if not (root / f).is_file()]
+    spec = get_info(name)
+    root = check_root(root)
+    missing = _missing_raw(spec, root)
     if missing:
         raise DatasetNotFoundError(
-            f"dataset {name!r} is not in {root}: missing {', '.join(str(root / f) for f in missing)}. "
+            f"dataset {name!r} is not in {root}: missing {', '.join(map(str, missing))}. "
             f"Fetch it with: {download_command(name, root)}"
         )
-    module = info.load_module()
-    splits = to_float32(module.prepare(root))
+    splits = to_float32(spec.prepare(root))
     check_splits(name, splits)  # D is not enforced: small test fixtures have fewer columns
-    meta: dict = {"recipe_version": module.RECIPE_VERSION, "root": str(root)}
-    if info.builtin or not write_cache:
-        return _dataset(info, module, splits, meta)
-    sources = {f: cache.fingerprint(root / f) for f in info.raw_files}
+    meta: dict = {"recipe_version": spec.recipe_version, "root": str(root)}
+    if spec.builtin or not write_cache:
+        return _dataset(spec, splits, meta)
+    sources = {f: cache.fingerprint(root / f) for f in spec.raw_files}
     try:
-        manifest = cache.write(root, name, splits, module.RECIPE_VERSION, sources)
+        manifest = cache.write(root, name, splits, spec.recipe_version, sources)
     except OSError as e:  # read-only data root: still usable, just not cached
         warnings.warn(f"could not write the processed cache for {name} under {root} ({e}); using it in memory")
-        return _dataset(info, module, splits, meta)
-    meta = {**meta, "cache": str(cache.cache_dir(root, name)), "manifest": manifest}
-    return _dataset(info, module, cache.load(root, name, manifest), meta)
+        return _dataset(spec, splits, meta)
+    state = cache.check(root, name, spec.recipe_version)
+    if state.kind != "ok":  # changed under our feet (another process?): the arrays in memory are right
+        warnings.warn(f"the processed cache of {name} just written under {root} does not check ({state.reason}); "
+                      "using the prepared data in memory")
+        return _dataset(spec, splits, meta)
+    return _dataset(spec, state.splits, {**meta, "cache": str(cache.cache_dir(root, name)), "manifest": manifest})
 
 
 def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     """Load a prepared dataset: memory-mapped from the processed cache, else prepared from the raw files.
+
+    A broken cache (truncated, overwritten, unreadable; see :mod:`flowbench.data.cache`) is rebuilt from the
+    raw files with a warning saying what was wrong; nothing is downloaded.
 
     Args:
         name: one of :data:`DATASETS` (``power, gas, hepmass, miniboone, bsds300, mnist, digits``).
         root: data root; ``None`` → ``$FLOWBENCH_DATA`` or ``data``.
 
     Raises:
-        ConfigError: unknown name. DatasetNotFoundError: raw files missing (message has the download command).
-        DataIntegrityError: NaN/inf, zero-variance column or malformed raw file.
+        ConfigError: unknown name, or a data root that is a file. DatasetNotFoundError: raw files missing
+        (also when the cache is broken; the message has the download command). DataIntegrityError: NaN/inf,
+        zero-variance column or malformed raw file.
     """
-    info = get_info(name)
-    root = Path(root) if root is not None else default_root()
-    if not info.builtin:
-        module = info.load_module()
-        manifest = cache.read_manifest(root, name)
-        if manifest is not None and cache.is_valid(root, name, module.RECIPE_VERSION, manifest):
-            meta = {"recipe_version": module.RECIPE_VERSION, "root": str(root), "cache": str(cache.cache_dir(root, name)),
-                    "manifest": manifest}
-            return _dataset(info, module, cache.load(root, name, manifest), meta)
+    spec = get_info(name)
+    root = check_root(root)
+    if not spec.builtin:
+        state = cache.check(root, name, spec.recipe_version)
+        if state.kind == "ok":
+            meta = {"recipe_version": spec.recipe_version, "root": str(root),
+                    "cache": str(cache.cache_dir(root, name)), "manifest": state.manifest}
+            return _dataset(spec, state.splits, meta)
+        if state.kind == "broken":
+            where = cache.cache_dir(root, name)
+            missing = _missing_raw(spec, root)
+            if missing:
+                raise DatasetNotFoundError(
+                    f"the processed cache of {name!r} in {where} is broken ({state.reason}) and cannot be rebuilt: "
+                    f"its raw files are missing ({', '.join(map(str, missing))}). "
+                    f"Fetch them with: {download_command(name, root)}"
+                )
+            warnings.warn(f"the processed cache of {name!r} in {where} is broken ({state.reason}); "
+                          f"rebuilding it from the raw files in {root}", stacklevel=2)
     return prepare_dataset(name, root)
 
 
 def status(name: str, root: str | Path | None = None) -> str:
-    """``built-in``, ``prepared``, ``raw`` (files present, cache not built) or ``missing``."""
-    info = get_info(name)
-    root = Path(root) if root is not None else default_root()
-    if info.builtin:
+    """``built-in``, ``prepared``, ``broken (REASON)``, ``raw`` (files present, cache not built or stale) or
+    ``missing``."""
+    spec = get_info(name)
+    root = check_root(root)
+    if spec.builtin:
         return "built-in"
-    if cache.is_valid(root, name, info.load_module().RECIPE_VERSION):
+    state = cache.check(root, name, spec.recipe_version)
+    if state.kind == "ok":
         return "prepared"
-    if all((root / f).is_file() for f in info.raw_files):
-        return "raw"
-    return "missing"
+    if state.kind == "broken":
+        return f"broken ({state.reason}{'; raw files missing' if _missing_raw(spec, root) else ''})"
+    return "missing" if _missing_raw(spec, root) else "raw"

@@ -6,6 +6,7 @@ the original code effectively did when feeding Theano/TensorFlow.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -80,6 +81,20 @@ def check_splits(name: str, splits: Splits) -> None:
         if const.any():
             j = int(np.flatnonzero(const)[0])
             raise DataIntegrityError(f"{name} train split: column {j} has zero variance")
+
+
+def refetch_hint(rel: str) -> str:
+    """How to replace a corrupt raw file ``rel`` (``power/data.npy``) of the MAF archive."""
+    return f"re-fetch it with `flowbench download --dataset {rel.split('/')[0].lower()} --force`"
+
+
+def load_raw_npy(root: Path, rel: str) -> np.ndarray:
+    """``ROOT/rel`` as an array; an unreadable file is a :class:`DataIntegrityError`, not a numpy traceback."""
+    path = Path(root) / rel
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataIntegrityError(f"{path} is not a readable .npy file ({e}); {refetch_hint(rel)}") from e
 
 
 def logit(x: np.ndarray) -> np.ndarray:

@@ -12,8 +12,9 @@ import numpy as np
 class Dataset:
     """Train/validation/test splits of one prepared dataset (float32 arrays of shape (N, D)).
 
-    ``logit_alpha`` and ``levels`` are set for image data modelled in logit space (MNIST, digits): the
-    pixel-space log-likelihood and bits/pixel are derived from them (MAF paper, section 4.3).
+    ``logit_alpha``, ``levels`` and ``image_shape`` are set for image data modelled in logit space (MNIST,
+    digits; from the dataset's :class:`~flowbench.data.spec.ImageSpec`): the pixel-space log-likelihood and
+    bits/pixel are derived from them (MAF paper, section 4.3).
     """
 
     name: str
@@ -23,6 +24,7 @@ class Dataset:
     logit_alpha: float | None = None
     levels: int | None = None
     meta: dict = field(default_factory=dict)
+    image_shape: tuple[int, ...] | None = None
 
     @property
     def dim(self) -> int:

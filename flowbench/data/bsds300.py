@@ -12,17 +12,16 @@ from pathlib import Path
 import numpy as np
 
 from flowbench.data._common import Splits
+from flowbench.data.spec import ARCHIVE, DatasetSpec
 from flowbench.errors import DataIntegrityError
 
-RECIPE_VERSION = 1
-RAW_FILES = ("BSDS300/BSDS300.hdf5",)
 KEYS = {"train": "train", "val": "validation", "test": "test"}
 
 
 def prepare(root: Path) -> Splits:
     import h5py  # imported here: only this dataset needs it
 
-    path = Path(root) / RAW_FILES[0]
+    path = Path(root) / SPEC.raw_files[0]
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -33,3 +32,15 @@ def prepare(root: Path) -> Splits:
         if missing:
             raise DataIntegrityError(f"{path} lacks the HDF5 dataset(s) {missing}; found {list(f.keys())}")
         return {k: np.asarray(f[key][:], dtype=np.float32) for k, key in KEYS.items()}
+
+
+SPEC = DatasetSpec(
+    name="bsds300",
+    dim=63,
+    sizes=(1_000_000, 50_000, 250_000),  # MAF paper; val and test unverified
+    raw_files=("BSDS300/BSDS300.hdf5",),
+    source=ARCHIVE,
+    description="BSDS300 8×8 patches (63 d)",
+    recipe_version=1,
+    prepare=prepare,
+)

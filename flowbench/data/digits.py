@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from flowbench.data._common import Splits, logit, tail_split
+from flowbench.data.spec import DatasetSpec, ImageSpec
 
-RECIPE_VERSION = 1
-RAW_FILES: tuple[str, ...] = ()  # bundled with scikit-learn
 LOGIT_ALPHA = 1e-6
 LEVELS = 17
 SEED = 42
@@ -39,3 +38,16 @@ def prepare(root: Path | None = None) -> Splits:
     from sklearn.datasets import load_digits  # bundled file, no network
 
     return transform(load_digits().data, np.random.RandomState(SEED))
+
+
+SPEC = DatasetSpec(
+    name="digits",
+    dim=64,
+    sizes=(1_457, 161, 179),  # 1,797 rows, tail split
+    raw_files=(),
+    source="scikit-learn (bundled)",
+    description="8×8 handwritten digits, logit space",
+    recipe_version=1,
+    prepare=prepare,
+    image=ImageSpec(logit_alpha=LOGIT_ALPHA, levels=LEVELS, shape=(8, 8)),
+)

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Iterable
 
-from flowbench.errors import DataIntegrityError, DownloadError
+from flowbench.data.spec import DatasetSpec
+from flowbench.errors import ConfigError, DataIntegrityError, DownloadError
 
 ARCHIVE_NAME = "data.tar.gz"
 DEFAULT_URLS: tuple[str, ...] = (
@@ -58,9 +59,40 @@ class _Fatal(Exception):
     pass
 
 
-def archive_members(raw_files: Iterable[str]) -> dict[str, str]:
-    """Archive member name → path under the data root (``data/power/data.npy`` → ``power/data.npy``)."""
-    return {f"{ARCHIVE_TOP}/{rel}": rel for rel in raw_files}
+class _NotFound(_Fatal):
+    pass
+
+
+def archive_members(specs: Iterable[DatasetSpec]) -> dict[str, str]:
+    """Archive member name → path under the data root (``data/power/data.npy`` → ``power/data.npy``) for the
+    raw files the datasets' specs declare."""
+    return {f"{ARCHIVE_TOP}/{rel}": rel for s in specs for rel in s.raw_files}
+
+
+def check_hex(value: str | None, algorithm: str) -> str | None:
+    """``--sha256``/``--md5`` as lower-case hex, refused up front unless it has the digest's length."""
+    if value is None:
+        return None
+    n = hashlib.new(algorithm).digest_size * 2
+    v = value.strip().lower()
+    if len(v) != n or any(c not in "0123456789abcdef" for c in v):
+        label = {"sha256": "a SHA-256", "md5": "an MD5"}.get(algorithm, algorithm)
+        raise ConfigError(f"--{algorithm} {value!r} is not {label} checksum: expected {n} hex digits, got {len(v)} "
+                          "characters" + ("" if len(v) != n else " that are not all hex digits"))
+    return v
+
+
+def check_archive(path: Path) -> Path:
+    """``--from-archive PATH`` must name an existing regular file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"--from-archive {path}: no such file")
+    if path.is_dir():
+        raise ConfigError(f"--from-archive {path} is a folder; give the data.tar.gz file itself")
+    if not path.is_file():
+        raise ConfigError(f"--from-archive {path} is not a regular file (a device, pipe or socket); give the "
+                          "data.tar.gz file itself")
+    return path
 
 
 # --------------------------------------------------------------------------------------------- download
@@ -73,16 +105,24 @@ def fetch(urls: Iterable[str], dest: Path, *, retries: int | None = None, progre
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     failures: list[str] = []
+    not_found = False
     with requests.Session() as session:
         for url in urls:
             try:
                 _fetch_one(session, url, dest, part, retries, progress)
                 return url
+            except _NotFound as e:
+                not_found = True
+                failures.append(f"  {url}: {e}")
             except (_Fatal, _Retryable) as e:
                 failures.append(f"  {url}: {e}")
     offline = all("could not connect" in f for f in failures)
-    hint = ("No network? Download data.tar.gz on a machine with internet (Zenodo record 1161203) and run "
-            "`flowbench download --from-archive PATH`; or give a mirror with --url URL.")
+    if offline:
+        hint = ("No network? Download data.tar.gz on a machine with internet (Zenodo record 1161203) and run "
+                "`flowbench download --from-archive PATH`; or give a mirror with --url URL.")
+    else:  # the server answered: the network is fine, so no "No network?"
+        by_hand = "download data.tar.gz by hand (Zenodo record 1161203) and use --from-archive PATH"
+        hint = f"Or {by_hand}." if not_found else f"Rerun to retry, give a mirror with --url URL, or {by_hand}."
     raise DownloadError(
         ("could not reach any source" if offline else "download failed") + ":\n" + "\n".join(failures)
         + f"\n{hint}" + (f"\nThe partial file {part} is kept; rerunning resumes it." if part.exists() else "")
@@ -110,8 +150,9 @@ def _fetch_one(session, url: str, dest: Path, part: Path, retries: int, progress
                     part.unlink()  # our .part is not a prefix the server can continue
                     last = "HTTP 416 on resume; restarting from zero"
                     continue
-                if r.status_code == 404:
-                    raise _Fatal("HTTP 404 Not Found (wrong URL, or the record moved: give a mirror with --url)")
+                if r.status_code in (404, 410):
+                    raise _NotFound(f"HTTP {r.status_code} {r.reason}: the archive is not at this URL (wrong URL, "
+                                    "or the record moved: give a mirror with --url URL)")
                 if r.status_code >= 500:
                     last = f"HTTP {r.status_code} {r.reason}"
                     continue
@@ -354,25 +395,39 @@ def download_and_prepare(
     echo=print,
 ) -> None:
     """Everything ``flowbench download`` does: check what is in place, fetch/verify/extract what is not,
-    record checksums in ``ROOT/download.json`` and build the processed caches."""
-    from flowbench.data import cache, get_info, prepare_dataset
+    record checksums in ``ROOT/download.json`` and build the processed caches.
+
+    A broken processed cache whose raw files are in place is rebuilt from them, without downloading.
+
+    Raises:
+        ConfigError: bad arguments (checksum format, ``--from-archive`` not a file, ``--url`` beside
+            ``--from-archive``, a data root that is a file or cannot be created), checked before any network
+            access. DownloadError, DataIntegrityError: as their names say.
+    """
+    from flowbench.data import cache, check_root, get_info, prepare_dataset
     from flowbench.utils import atomic_write_json
 
-    root = Path(root)
-    infos = [get_info(n) for n in names]
-    for i in infos:
-        if i.builtin:
-            echo(f"{i.name}: built in (scikit-learn), nothing to download")
-    infos = [i for i in infos if not i.builtin]
-    if not infos:
+    urls = list(urls) if urls is not None else None
+    if urls and from_archive is not None:
+        raise ConfigError("--url and --from-archive exclude each other: --from-archive reads a local archive and "
+                          "downloads nothing; give one of them")
+    sha256, md5 = check_hex(sha256, "sha256"), check_hex(md5, "md5")
+    if from_archive is not None:
+        from_archive = check_archive(from_archive)
+    root = check_root(root)
+    specs = [get_info(n) for n in names]
+    for s in specs:
+        if s.builtin:
+            echo(f"{s.name}: built in ({s.source}), nothing to download")
+    specs = [s for s in specs if not s.builtin]
+    if not specs:
         return
+    root = check_root(root, create=True)
     record = _read_record(root)
-    todo = infos if force else [i for i in infos if not _raw_in_place(root, i.raw_files, record, echo)]
+    todo = specs if force else [s for s in specs if not _raw_in_place(root, s.raw_files, record, echo)]
     if todo:
         if from_archive is not None:
-            archive = Path(from_archive)
-            if not archive.is_file():
-                raise DownloadError(f"--from-archive {archive}: no such file")
+            archive = from_archive
             source = str(archive.resolve())
         else:
             archive = root / ".download" / ARCHIVE_NAME
@@ -386,15 +441,15 @@ def download_and_prepare(
                     sha256 = record["archive"]["sha256"]  # accepted (and recorded) by an earlier run
             else:
                 echo(f"downloading {ARCHIVE_NAME} into {archive.parent} ...")
-                source = fetch(list(urls or DEFAULT_URLS), archive, progress=progress)
+                source = fetch(urls or list(DEFAULT_URLS), archive, progress=progress)
         echo(f"verifying {archive} ...")
         c = verify(archive, sha256=sha256, md5=md5)
         echo(f"  sha256 {c.sha256}  md5 {c.md5}  ({c.verified_by})")
-        members = archive_members(f for i in todo for f in i.raw_files)
+        members = archive_members(todo)
         echo(f"extracting {len(members)} file(s) into {root} ...")
         extracted = extract(archive, root, members)  # root-relative path -> SHA-256
-        for i in todo:
-            cache.remove(root, i.name)
+        for s in todo:
+            cache.remove(root, s.name)
         record["archive"] = {"name": ARCHIVE_NAME, "source": source, "sha256": c.sha256, "md5": c.md5,
                              "size": c.size, "verified_by": c.verified_by,
                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -402,14 +457,20 @@ def download_and_prepare(
         for rel, sha in extracted.items():
             files[rel] = {"sha256": sha, "size": (root / rel).stat().st_size}
         atomic_write_json(root / MANIFEST, record)
-    for i in infos:
-        mod = i.load_module()
-        if cache.is_valid(root, i.name, mod.RECIPE_VERSION) and i not in todo:
-            echo(f"{i.name}: prepared (in place)")
+    rebuilt = False
+    for s in specs:
+        state = cache.check(root, s.name, s.recipe_version)
+        if state.kind == "ok" and s not in todo:
+            echo(f"{s.name}: prepared (in place)")
             continue
+        if state.kind == "broken" and s not in todo:
+            echo(f"{s.name}: the processed cache in {cache.cache_dir(root, s.name)} is broken ({state.reason}); "
+                 "rebuilding it from the raw files (nothing to download)")
+            rebuilt = True
         t0 = time.perf_counter()
-        ds = prepare_dataset(i.name, root)
-        echo(f"{i.name}: prepared D={ds.dim} train/val/test = {len(ds.train)}/{len(ds.val)}/{len(ds.test)} "
+        ds = prepare_dataset(s.name, root)
+        echo(f"{s.name}: prepared D={ds.dim} train/val/test = {len(ds.train)}/{len(ds.val)}/{len(ds.test)} "
              f"in {time.perf_counter() - t0:.1f} s")
     if not todo:
-        echo(f"everything in place under {root}: nothing downloaded")
+        echo(f"raw files in place under {root}: nothing downloaded" if rebuilt
+             else f"everything in place under {root}: nothing downloaded")

@@ -18,10 +18,9 @@ import numpy as np
 
 from flowbench.data._common import Splits, check_finite, safe_std, tail_split
 from flowbench.data.safe_pickle import Frame, load_dataframe_pickle
+from flowbench.data.spec import ARCHIVE, DatasetSpec
 from flowbench.errors import DataIntegrityError
 
-RECIPE_VERSION = 1
-RAW_FILES = ("gas/ethylene_CO.pickle",)
 DROP = ("Meth", "Eth", "Time")
 THRESHOLD = 0.98
 
@@ -56,5 +55,18 @@ def transform(frame: Frame) -> tuple[Splits, list[str]]:
 
 
 def prepare(root: Path) -> Splits:
-    frame = load_dataframe_pickle((Path(root) / RAW_FILES[0]).read_bytes())
+    path = Path(root) / SPEC.raw_files[0]
+    frame = load_dataframe_pickle(path.read_bytes(), source=str(path))
     return transform(frame)[0]
+
+
+SPEC = DatasetSpec(
+    name="gas",
+    dim=8,
+    sizes=(852_174, 94_685, 105_206),  # train, val, test of the MAF paper
+    raw_files=("gas/ethylene_CO.pickle",),
+    source=ARCHIVE,
+    description="UCI gas sensors (ethylene/CO)",
+    recipe_version=1,
+    prepare=prepare,
+)

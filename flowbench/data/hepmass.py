@@ -24,21 +24,22 @@ from pathlib import Path
 import numpy as np
 
 from flowbench.data._common import Splits, check_finite, safe_std
+from flowbench.data.spec import ARCHIVE, DatasetSpec
 from flowbench.errors import DataIntegrityError
 
-RECIPE_VERSION = 1
-RAW_FILES = ("hepmass/1000_train.csv", "hepmass/1000_test.csv")
 MAX_MIN_COUNT = 5
 
 
 def read_csv(path: Path) -> tuple[list[str], np.ndarray]:
     """Header names and the (rows, columns) float64 values of a HEPMASS CSV."""
-    with open(path, "r") as f:
-        header = [h.strip() for h in f.readline().rstrip("\n").split(",")]
+    header: list[str] = []
     try:
+        with open(path, "r") as f:
+            header = [h.strip() for h in f.readline().rstrip("\n").split(",")]
         values = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-    except ValueError as e:
-        raise DataIntegrityError(f"{path} is not a numeric CSV with {len(header)} columns: {e}") from e
+    except ValueError as e:  # UnicodeDecodeError included: a binary file
+        cols = f" with {len(header)} columns" if header else ""
+        raise DataIntegrityError(f"{path} is not a numeric CSV{cols}: {e}") from e
     if values.shape[1] != len(header):
         raise DataIntegrityError(f"{path}: header has {len(header)} names but rows have {values.shape[1]} values")
     return header, values
@@ -75,6 +76,18 @@ def transform(train_header: list[str], train: np.ndarray, test_header: list[str]
 
 
 def prepare(root: Path) -> Splits:
-    th, tr = read_csv(Path(root) / RAW_FILES[0])
-    sh, te = read_csv(Path(root) / RAW_FILES[1])
+    th, tr = read_csv(Path(root) / SPEC.raw_files[0])
+    sh, te = read_csv(Path(root) / SPEC.raw_files[1])
     return transform(th, tr, sh, te)
+
+
+SPEC = DatasetSpec(
+    name="hepmass",
+    dim=21,
+    sizes=(315_123, 35_013, 174_987),  # train, val, test of the MAF paper
+    raw_files=("hepmass/1000_train.csv", "hepmass/1000_test.csv"),
+    source=ARCHIVE,
+    description="UCI HEPMASS (signal, mass 1000)",
+    recipe_version=1,
+    prepare=prepare,
+)

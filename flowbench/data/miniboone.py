@@ -11,11 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from flowbench.data._common import Splits, check_finite, safe_std, tail_split
+from flowbench.data._common import Splits, check_finite, load_raw_npy, safe_std, tail_split
+from flowbench.data.spec import ARCHIVE, DatasetSpec
 from flowbench.errors import DataIntegrityError
 
-RECIPE_VERSION = 1
-RAW_FILES = ("miniboone/data.npy",)
 
 
 def transform(data: np.ndarray) -> Splits:
@@ -28,7 +27,19 @@ def transform(data: np.ndarray) -> Splits:
 
 
 def prepare(root: Path) -> Splits:
-    data = np.load(Path(root) / RAW_FILES[0], allow_pickle=False)
+    data = load_raw_npy(root, SPEC.raw_files[0])
     if data.ndim != 2:
         raise DataIntegrityError(f"miniboone/data.npy has shape {data.shape}, expected (N, 43)")
     return transform(np.asarray(data, dtype=np.float64))
+
+
+SPEC = DatasetSpec(
+    name="miniboone",
+    dim=43,
+    sizes=(29_556, 3_284, 3_648),  # train, val, test of the MAF paper
+    raw_files=("miniboone/data.npy",),
+    source=ARCHIVE,
+    description="UCI MiniBooNE",
+    recipe_version=1,
+    prepare=prepare,
+)

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flowbench.data._common import SPLITS, Splits, logit
+from flowbench.data._common import SPLITS, Splits, logit, refetch_hint
 from flowbench.data.safe_pickle import load_numpy_pickle
+from flowbench.data.spec import ARCHIVE, DatasetSpec, ImageSpec
 from flowbench.errors import DataIntegrityError
 
-RECIPE_VERSION = 1
-RAW_FILES = ("mnist/mnist.pkl.gz",)
 LOGIT_ALPHA = 1e-6
 LEVELS = 256
 SEED = 42
@@ -41,9 +40,12 @@ def transform_split(x: np.ndarray, rng: np.random.RandomState, chunk_rows: int =
 
 
 def read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    obj = load_numpy_pickle(raw)
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # not gzip, or cut short
+        raise DataIntegrityError(f"{path} is not a readable gzip file ({e}); {refetch_hint('mnist/mnist.pkl.gz')}") from e
+    obj = load_numpy_pickle(raw, source=str(path))
     try:
         xs = tuple(np.asarray(part[0]) for part in obj)
         if len(xs) != 3 or any(x.ndim != 2 for x in xs):
@@ -54,9 +56,22 @@ def read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def prepare(root: Path, chunk_rows: int = 5000) -> Splits:
-    train, val, test = read_pickle(Path(root) / RAW_FILES[0])
+    train, val, test = read_pickle(Path(root) / SPEC.raw_files[0])
     for k, x in zip(SPLITS, (train, val, test)):
         if x.size and (x.min() < 0 or x.max() >= 1):
             raise DataIntegrityError(f"mnist {k} pixels lie in [{x.min()}, {x.max()}], expected [0, 1)")
     rng = np.random.RandomState(SEED)  # one stream: train, then val, then test
     return {k: transform_split(x, rng, chunk_rows) for k, x in zip(SPLITS, (train, val, test))}
+
+
+SPEC = DatasetSpec(
+    name="mnist",
+    dim=784,
+    sizes=(50_000, 10_000, 10_000),  # train, val, test of the MAF paper
+    raw_files=("mnist/mnist.pkl.gz",),
+    source=ARCHIVE,
+    description="MNIST, logit space",
+    recipe_version=1,
+    prepare=prepare,
+    image=ImageSpec(logit_alpha=LOGIT_ALPHA, levels=LEVELS, shape=(28, 28)),
+)

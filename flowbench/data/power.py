@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from flowbench.data._common import Splits, check_finite, safe_std, tail_split
+from flowbench.data._common import Splits, check_finite, load_raw_npy, safe_std, tail_split
+from flowbench.data.spec import ARCHIVE, DatasetSpec
 from flowbench.errors import DataIntegrityError
 
-RECIPE_VERSION = 1
-RAW_FILES = ("power/data.npy",)
 SEED = 42
 
 
@@ -49,5 +48,17 @@ def transform(data: np.ndarray) -> Splits:
 
 
 def prepare(root: Path) -> Splits:
-    data = np.load(Path(root) / RAW_FILES[0], allow_pickle=False)
+    data = load_raw_npy(root, SPEC.raw_files[0])
     return transform(np.array(data, dtype=np.float64))
+
+
+SPEC = DatasetSpec(
+    name="power",
+    dim=6,
+    sizes=(1_659_917, 184_435, 204_928),  # train, val, test of the MAF paper
+    raw_files=("power/data.npy",),
+    source=ARCHIVE,
+    description="UCI household power",
+    recipe_version=1,
+    prepare=prepare,
+)

@@ -13,8 +13,10 @@ Anything else (``os.system``, ``builtins.eval``, …) raises :class:`UnsafePickl
 from __future__ import annotations
 
 import _compat_pickle
+import contextlib
 import io
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,12 +175,27 @@ def _load(data: bytes, allow_pandas: bool) -> Any:
         return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, encoding="latin1").load()
 
 
-def load_numpy_pickle(data: bytes) -> Any:
-    """Unpickle ``data`` allowing numpy arrays (and tuples, lists, dicts, scalars) only."""
+@contextlib.contextmanager
+def _named(source: str | None) -> Iterator[None]:
+    """Prefix the message of any DataIntegrityError (UnsafePickleError included) with the file it came from."""
     try:
-        return _load(data, allow_pandas=False)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise DataIntegrityError(f"not a readable pickle of numpy arrays ({type(e).__name__}: {e})") from e
+        yield
+    except DataIntegrityError as e:
+        if source is None:
+            raise
+        raise type(e)(f"{source}: {e}") from e
+
+
+def load_numpy_pickle(data: bytes, source: str | None = None) -> Any:
+    """Unpickle ``data`` allowing numpy arrays (and tuples, lists, dicts, scalars) only.
+
+    ``source`` (the file's path) starts every error message, so a refusal names the file.
+    """
+    with _named(source):
+        try:
+            return _load(data, allow_pandas=False)
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise DataIntegrityError(f"not a readable pickle of numpy arrays ({type(e).__name__}: {e})") from e
 
 
 @dataclass
@@ -259,13 +276,17 @@ def _frame_from_stub(obj: Any) -> Frame:
     return Frame([str(c) for c in columns], out)
 
 
-def load_dataframe_pickle(data: bytes) -> Frame:
-    """Rebuild the numeric columns of a pickled pandas DataFrame (pandas 0.x–1.x layouts) without pandas."""
-    try:
-        obj = _load(data, allow_pandas=True)
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
-        raise DataIntegrityError(f"not a readable DataFrame pickle ({type(e).__name__}: {e})") from e
-    try:
-        return _frame_from_stub(obj)
-    except (TypeError, KeyError, IndexError, AttributeError) as e:
-        raise DataIntegrityError(f"unsupported pandas DataFrame pickle layout ({type(e).__name__}: {e})") from e
+def load_dataframe_pickle(data: bytes, source: str | None = None) -> Frame:
+    """Rebuild the numeric columns of a pickled pandas DataFrame (pandas 0.x–1.x layouts) without pandas.
+
+    ``source`` (the file's path) starts every error message, so a refusal names the file.
+    """
+    with _named(source):
+        try:
+            obj = _load(data, allow_pandas=True)
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+            raise DataIntegrityError(f"not a readable DataFrame pickle ({type(e).__name__}: {e})") from e
+        try:
+            return _frame_from_stub(obj)
+        except (TypeError, KeyError, IndexError, AttributeError) as e:
+            raise DataIntegrityError(f"unsupported pandas DataFrame pickle layout ({type(e).__name__}: {e})") from e

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, InputError
 from flowbench.jacobian import jacobian_spectral_norm, lipschitz_bound, logdet_autograd
 
 
@@ -67,12 +67,12 @@ def test_logdet_autograd_matches_slogdet_of_explicit_jacobian():
     torch.testing.assert_close(logdet_autograd(lambda v: v**3 + v, x), torch.log(3 * x**2 + 1).sum(1))
 
 
-def test_bad_input_is_a_config_error():
-    with pytest.raises(ConfigError):
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(InputError):  # unusable tensors
         jacobian_spectral_norm(lambda v: v, torch.zeros(3))
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError):  # unusable options
         jacobian_spectral_norm(lambda v: v, torch.zeros(2, 2), n_iter=0)
-    with pytest.raises(ConfigError, match="square"):
+    with pytest.raises(InputError, match="square"):
         logdet_autograd(lambda v: v[:, :1], torch.zeros(2, 2))
 
 

@@ -57,16 +57,32 @@ def test_jacnet_training_draws_a_bar_with_loss_and_tolerance():
     assert len(hist["loss"]) == 2 and "exp jacnet" in text and "2/2" in text and "tol=" in text
 
 
-def test_each_part_reports_when_it_ends_and_quiet_silences_it(tmp_path, capsys):
+def test_each_part_reports_when_it_ends(tmp_path, capsys):
     assert main(["sanity", "pseudo-inverse", "--quick", "--activation", "silu", "--out", str(tmp_path)]) == 0
     cap = capsys.readouterr()
     lines = cap.err.splitlines()
     assert any(line.startswith("silu, unconstrained: loss") for line in lines)
     assert any(line.startswith("silu, λ = μ = 1: loss") for line in lines)
     assert "| silu | unconstrained |" in cap.out  # the results stay on stdout
-    assert main(["sanity", "pseudo-inverse", "--quick", "--activation", "silu", "--quiet", "--out", str(tmp_path)]) == 0
-    cap = capsys.readouterr()
-    assert cap.err == "" and "| silu | unconstrained |" in cap.out
+
+
+@pytest.mark.parametrize("task, module, fn", [
+    ("jacnet", "jacnet_tasks", "run_jacnet_tasks"), ("pseudo-inverse", "pseudo_inverse", "run_pseudo_inverse"),
+    ("toy2d", "toy2d", "run_toy2d_all"), ("invertibility", "invertibility", "run_invertibility"),
+])
+def test_quiet_turns_the_progress_display_off(tmp_path, monkeypatch, task, module, fn):
+    import importlib
+
+    seen = []
+
+    def fake(*args, progress, **kwargs):
+        seen.append(progress.enabled)
+        return {"table": ""}
+
+    monkeypatch.setattr(importlib.import_module(f"flowbench.sanity.{module}"), fn, fake)
+    assert main(["sanity", task, "--out", str(tmp_path)]) == 0
+    assert main(["sanity", task, "--quiet", "--out", str(tmp_path)]) == 0
+    assert seen == [True, False]
 
 
 # -- options and the output folder -------------------------------------------------------------------------

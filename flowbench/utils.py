@@ -96,3 +96,42 @@ def resolve_device(device: str = "auto"):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device auto or cpu")
     return dev
+
+
+def output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Create the output folder ``path`` (and its parents) before any work, or say why it cannot be.
+
+    A path that is a file, a parent that is a file, or a folder without write permission is a
+    :class:`~flowbench.errors.ConfigError` naming ``flag``, instead of a traceback after the compute.
+    """
+    from flowbench.errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file, not a folder; pass a folder path (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot create the folder ({e.strerror or e}); "
+                          "pass a folder you can write to") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: the folder is not writable; pass a folder you can write to")
+    return path
+
+
+def check_number(flag: str, value: float | None, *, minimum: float = 0.0, strict: bool = True,
+                 allow_inf: bool = False) -> None:
+    """Refuse a numeric option that is NaN, infinite (unless ``allow_inf``) or below ``minimum``
+    (``strict``: at or below) with a :class:`~flowbench.errors.ConfigError` naming ``flag``; None passes."""
+    import math
+
+    from flowbench.errors import ConfigError
+
+    if value is None:
+        return
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+    if math.isnan(value) or (math.isinf(value) and not (allow_inf and value > 0)):
+        kind = "a number" if allow_inf else "a finite number"
+        raise ConfigError(f"{flag} must be {kind} {bound}; got {value}")
+    if value < minimum or (strict and value == minimum):
+        raise ConfigError(f"{flag} must be {bound}; got {value}")

@@ -10,7 +10,7 @@ import torch
 
 from flowbench.bench import gradients as G
 from flowbench.cli import main as cli_main
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, FlowbenchError
 
 
 @pytest.fixture(autouse=True)
@@ -69,6 +69,7 @@ def test_agreement_check_catches_a_wrong_gradient(monkeypatch):
         G.check_agreement()
 
 
+@pytest.mark.slow  # spawns a fresh interpreter that imports torch
 def test_rss_memory_is_measured_in_a_subprocess():
     cells = G.run_gradients([16], methods=("relative",), repeats=1, warmup=1, cpu_memory="rss", log=lambda s: None)
     c = cells[0]
@@ -123,3 +124,87 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
     assert "magic" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["bench", "gradients", "--dims", "four"])
+
+
+# -- options refused up front (issue 12) -------------------------------------------------------------------
+
+POWER = ["--dataset", "power", "--model", "relgrad", "--steps", "2", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", *POWER, "--lr", "-1"], "--lr"),
+    (["train", *POWER, "--lr", "nan"], "--lr"),
+    (["train", *POWER, "--lr", "inf"], "--lr"),
+    (["train", *POWER, "--lr", "0"], "--lr"),
+    (["optim", "--lr", "nan"], "--lr"),
+    (["optim", "--epochs", "0"], "--epochs"),
+    (["optim", "--seed", "-1"], "--seed"),
+    (["gradients", "--dims", "4", "--budget-s", "nan"], "--budget-s"),
+    (["gradients", "--dims", "4", "--budget-s", "inf"], "--budget-s"),
+    (["gradients", "--dims", "4", "--memory-limit-gb", "-1"], "--memory-limit-gb"),
+    (["gradients", "--dims", "4", "--max-call-s", "nan"], "--max-call-s"),
+    (["gradients", "--dims", "4", "--warmup", "-1"], "--warmup"),
+])
+def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, argv, flag):
+    data = ["--data-root", str(tmp_path / "data")] if argv[0] == "train" else []
+    assert cli_main(["bench", *argv, *data, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flowbench bench: error:") and flag in err
+    assert not (tmp_path / "out").exists()  # refused before the output folder was made
+
+
+def test_bad_out_folder_is_a_clean_error(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli_main(["bench", "optim", "--points", "8", "--inits", "1", "--epochs", "1", "--out", str(afile)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and str(afile) in err
+    assert cli_main(["bench", "optim", "--points", "8", "--inits", "1", "--epochs", "1",
+                     "--out", str(afile / "sub")]) == 2
+    assert "cannot create the folder" in capsys.readouterr().err
+    assert afile.read_text() == "x"
+
+
+# -- gradients.png: skipped methods are marked, an empty plot is refused (issue 12) -------------------------
+
+def _ok(method: str, dim: int, t: float) -> G.Cell:
+    return G.Cell(method, dim, median_s=t, times_s=[t])
+
+
+def _cells():
+    ok = _ok
+    return [ok("relative", 4, 1e-3), ok("relative", 8, 2e-3), ok("autodiff", 4, 3e-3),
+            G.Cell("autodiff", 8, status="skipped-memory", note="predicted 9 GiB > limit 1 GiB"),
+            G.Cell("autodiff", 16, status="skipped-memory", note="predicted 99 GiB > limit 1 GiB"),
+            G.Cell("ordinary", 8, status="skipped-time", note="predicted 99 s per call > --max-call-s 1")]
+
+
+def test_gradients_plot_marks_skipped_methods():
+    from flowbench.plotting import pyplot
+
+    fig, ax = pyplot().subplots()
+    labels = G.draw(ax, _cells())
+    assert "relative" in labels and "autodiff" in labels
+    assert "autodiff skipped (memory): D = 8, 16" in labels
+    assert "ordinary skipped (time): D = 8" in labels  # a method with no measured point still shows
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == labels
+    marks = {c.get_label(): c.get_offsets()[:, 0].tolist() for c in ax.collections}
+    assert marks["autodiff skipped (memory): D = 8, 16"] == [8, 16]
+    pyplot().close(fig)
+
+
+def test_gradients_plot_refuses_an_empty_plot(tmp_path, capsys):
+    skipped = [c for c in _cells() if c.status != "ok"]
+    with pytest.raises(FlowbenchError, match="nothing to plot"):
+        G.plot(skipped, tmp_path / "g.png", "t")
+    assert not (tmp_path / "g.png").exists()
+    # end to end: every method predicted too big for a 1-byte limit; JSON and CSV still say why
+    rc = cli_main(["bench", "gradients", "--dims", "4", "--no-check", "--memory-limit-gb", "1e-9", "--device", "cpu",
+                   "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "nothing to plot" in err and "--memory-limit-gb" in err and "gradients.json" in err
+    cells = json.loads((tmp_path / "bench" / "gradients.json").read_text())["cells"]
+    assert {c["status"] for c in cells} == {"skipped-memory"}
+    assert not (tmp_path / "bench" / "gradients.png").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -15,8 +16,11 @@ def _png(path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG and path.stat().st_size > 5000
 
 
-def test_jacnet_quick(tmp_path):
+@pytest.mark.slow
+def test_jacnet_quick(tmp_path, capsys):
     assert main(["sanity", "jacnet", "--quick", "--task", "exp", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err  # a line as each model finishes training, before its evaluation
+    assert "exp jacnet: 3 iterations" in err and "exp unconstrained: 3 iterations" in err
     assert main(["sanity", "jacnet", "--quick", "--task", "abs", "--out", str(tmp_path)]) == 0
     assert main(["sanity", "jacnet", "--iters", "2", "--task", "path", "--out", str(tmp_path)]) == 0
     exp = json.loads((tmp_path / "jacnet_exp.json").read_text())
@@ -40,16 +44,24 @@ def test_pseudo_inverse_quick(tmp_path):
     assert _png(tmp_path / "pseudo_inverse_silu.png")
 
 
-def test_invertibility_quick(tmp_path):
+@pytest.mark.slow
+def test_invertibility_quick(tmp_path, capsys):
     assert main(["sanity", "invertibility", "--quick", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert all(m in err for m in ("JacNet (invertible): trained", "pair (λ=μ=1): trained", "layers): trained"))
     table = (tmp_path / "invertibility.md").read_text()
     assert "JacNet" in table and "pseudo-invertible" in table and "relgrad" in table
+    rows = [r for r in table.splitlines() if r.startswith("|")]
+    assert len(rows) == 5 and all(len(re.split(r"(?<!\\)\|", r)) == 8 for r in rows)  # 6 cells: |W_k| escaped
+    assert r"min \|W_k\|" in table
     res = json.loads((tmp_path / "invertibility.json").read_text())
     assert len(res["models"]) == 3 and _png(tmp_path / "invertibility.png")
 
 
-def test_toy2d_quick(tmp_path):
+def test_toy2d_quick(tmp_path, capsys):
     assert main(["sanity", "toy2d", "--quick", "--data", "moons", "--model", "relgrad", "--out", str(tmp_path)]) == 0
+    err = capsys.readouterr().err  # the trainer's own epoch lines, then the grid evaluation
+    assert "epoch    1" in err and "epoch    2" in err and "evaluating the density on a 60×60 grid" in err
     res = json.loads((tmp_path / "toy2d_moons_relgrad.json").read_text())
     assert res["test_ll"] == pytest.approx(res["test_ll_plotted_model"], abs=1e-3)  # the plotted model is the recorded one
     assert _png(tmp_path / "toy2d_moons_relgrad.png")

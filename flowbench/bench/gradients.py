@@ -23,7 +23,8 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -239,6 +240,56 @@ def rss_peak(method: str, dim: int, batch: int, layers: int, dtype: torch.dtype)
     return q.get() if p.exitcode == 0 and not q.empty() else None
 
 
+def _plan(dim: int, batch: int, layers: int, methods: tuple[str, ...], dtype: torch.dtype, limit: int,
+          last: dict[str, tuple[int, float]], max_call_s: float) -> dict[str, Cell]:
+    """One cell per method at ``dim``; those predicted not to fit in ``limit`` bytes, or (from the time at
+    the previous D and the method's exponent) to take longer than ``max_call_s`` a call, marked skipped."""
+    row: dict[str, Cell] = {}
+    for m in methods:
+        c = row[m] = Cell(m, dim, predicted_bytes=predicted_bytes(m, dim, batch, layers, dtype.itemsize))
+        if c.predicted_bytes > limit:
+            c.status, c.note = "skipped-memory", f"predicted {c.predicted_bytes / 2**30:.3g} GiB > limit {limit / 2**30:.3g} GiB"
+        elif m in last:
+            d0, t0 = last[m]
+            guess = t0 * (dim / d0) ** _TIME_EXPONENT[m]
+            if guess > max_call_s:
+                c.status, c.note = "skipped-time", f"predicted {guess:.3g} s per call > --max-call-s {max_call_s:g}"
+    return row
+
+
+def _warm_up(c: Cell, fn: Callable[[], None], device: torch.device, warmup: int, cpu_memory: str,
+             problem: tuple[int, int, torch.dtype]) -> float | None:
+    """Untimed calls and the memory measurement; returns the last call's time, or None (cell marked
+    failed) when the method ran out of memory despite the prediction."""
+    batch, layers, dtype = problem
+    try:
+        t_first = _timed(fn, device)  # first call: allocations, kernel selection
+        for _ in range(warmup - 1 if t_first < 1.0 else 0):  # slow methods need no further warm-up
+            t_first = _timed(fn, device)
+        if device.type == "cuda":
+            c.memory_bytes, c.memory_method = _cuda_peak(fn, device), "cuda max_memory_allocated"
+        elif cpu_memory == "rss":
+            c.memory_bytes, c.memory_method = rss_peak(c.method, c.dim, batch, layers, dtype), "peak RSS increase (subprocess)"
+        else:
+            c.memory_bytes, c.memory_method = c.predicted_bytes, "predicted"
+    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # OOM despite the prediction
+        c.status, c.note = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        return None
+    return t_first
+
+
+def _time_round_robin(row: dict[str, Cell], active: dict[str, Callable[[], None]], first: dict[str, float],
+                      reps: dict[str, int], device: torch.device) -> None:
+    """Round-robin over the fast methods so that load changes hit them alike; methods slower than 1 s a
+    call are timed afterwards on their own (their large allocations would disturb the fast ones)."""
+    slow = {m for m in active if first[m] >= 1.0}
+    for group in ([m for m in active if m not in slow], [m for m in active if m in slow]):
+        for r in range(max((reps[m] for m in group), default=0)):
+            for m in group:
+                if r < reps[m]:
+                    row[m].times_s.append(_timed(active[m], device))
+
+
 def run_gradients(dims: list[int], batch: int = 100, layers: int = 2, device: str | torch.device = "cpu",
                   repeats: int = 10, warmup: int = 2, methods: tuple[str, ...] = METHODS,
                   dtype: torch.dtype = torch.float32, memory_limit: int | None = None,
@@ -251,47 +302,18 @@ def run_gradients(dims: list[int], batch: int = 100, layers: int = 2, device: st
     cells: list[Cell] = []
     for dim in dims:
         flow, x = make_problem(dim, batch, layers, device, dtype)
-        active: dict[str, Callable[[], None]] = {}
-        row: dict[str, Cell] = {}
-        for m in methods:
-            c = row[m] = Cell(m, dim, predicted_bytes=predicted_bytes(m, dim, batch, layers, dtype.itemsize))
-            if c.predicted_bytes > limit:
-                c.status, c.note = "skipped-memory", f"predicted {c.predicted_bytes / 2**30:.2f} GiB > limit {limit / 2**30:.2f} GiB"
-            elif m in last:
-                d0, t0 = last[m]
-                guess = t0 * (dim / d0) ** _TIME_EXPONENT[m]
-                if guess > max_call_s:
-                    c.status, c.note = "skipped-time", f"predicted {guess:.0f} s per call > --max-call-s {max_call_s:g}"
-            if c.status == "ok":
-                active[m] = step_fn(m, flow, x)
-        reps: dict[str, int] = {}
+        row = _plan(dim, batch, layers, methods, dtype, limit, last, max_call_s)
+        active = {m: step_fn(m, flow, x) for m, c in row.items() if c.status == "ok"}
         first: dict[str, float] = {}
-        for m, fn in list(active.items()):
-            c = row[m]
-            try:
-                t_first = _timed(fn, device)  # first call: allocations, kernel selection
-                for _ in range(warmup - 1 if t_first < 1.0 else 0):  # slow methods need no further warm-up
-                    t_first = _timed(fn, device)
-                if device.type == "cuda":
-                    c.memory_bytes, c.memory_method = _cuda_peak(fn, device), "cuda max_memory_allocated"
-                elif cpu_memory == "rss":
-                    c.memory_bytes, c.memory_method = rss_peak(m, dim, batch, layers, dtype), "peak RSS increase (subprocess)"
-                else:
-                    c.memory_bytes, c.memory_method = c.predicted_bytes, "predicted"
-            except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # OOM despite the prediction
-                c.status, c.note = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        reps: dict[str, int] = {}
+        for m in list(active):
+            t = _warm_up(row[m], active[m], device, warmup, cpu_memory, (batch, layers, dtype))
+            if t is None:
                 del active[m]
                 continue
-            first[m] = t_first
-            reps[m] = max(1, min(repeats, int(budget_s / max(t_first, 1e-9))))
-        # Round-robin over the fast methods so that load changes hit them alike; methods slower than 1 s a
-        # call are timed afterwards on their own (their large allocations would disturb the fast ones).
-        slow = {m for m in active if row[m].status == "ok" and first[m] >= 1.0}
-        for group in ([m for m in active if m not in slow], [m for m in active if m in slow]):
-            for r in range(max((reps[m] for m in group), default=0)):
-                for m in group:
-                    if r < reps[m]:
-                        row[m].times_s.append(_timed(active[m], device))
+            first[m] = t
+            reps[m] = max(1, min(repeats, int(budget_s / max(t, 1e-9))))
+        _time_round_robin(row, active, first, reps, device)
         for m in methods:
             c = row[m]
             if c.times_s:
@@ -332,28 +354,145 @@ def cells_to_dicts(cells: list[Cell]) -> list[dict]:
     return [asdict(c) for c in cells]
 
 
-def plot(cells: list[Cell], path, title: str) -> None:
-    """Log–log time vs D, one line per method (skipped points left out), like the paper's Figure 1."""
-    import matplotlib
+#: Marker of a skipped / failed (method, D) on the plot's top edge, by kind of status.
+_SKIP_MARKERS = {"skipped-memory": "v", "skipped-time": "x", "failed": "X"}
+_SKIP_WORDS = {"skipped-memory": "memory", "skipped-time": "time", "failed": "failed"}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def draw(ax, cells: list[Cell]) -> list[str]:
+    """Log–log time vs D, one line per method, like the paper's Figure 1. A (method, D) that was skipped or
+    failed is a marker at its D along the top edge (one row per method, in its colour), with a legend
+    entry saying why ("autodiff skipped (memory): D = 4096"). Returns the legend labels; raises
+    :class:`~flowbench.errors.FlowbenchError` when no cell was measured (an empty plot says nothing)."""
+    if not any(c.median_s for c in cells):
+        reasons = sorted({f"{c.method} at D={c.dim}: {c.status} ({c.note})" for c in cells})
+        raise FlowbenchError("nothing to plot: no (method, D) was measured; " + "; ".join(reasons[:4])
+                             + ("; ..." if len(reasons) > 4 else "")
+                             + ". Raise --memory-limit-gb or --max-call-s, or pick smaller --dims")
+    import matplotlib.transforms as mtransforms
+
+    top = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in axes units
+    labels = []
+    for i, m in enumerate(METHODS):
+        mine = [c for c in cells if c.method == m]
+        color = f"C{i}"
+        pts = sorted((c.dim, c.median_s) for c in mine if c.median_s)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=color, label=m)
+            labels.append(m)
+        for status, marker in _SKIP_MARKERS.items():
+            dims = sorted(c.dim for c in mine if c.status == status)
+            if dims:
+                label = f"{m} skipped ({_SKIP_WORDS[status]}): D = {', '.join(map(str, dims))}"
+                ax.scatter(dims, [0.96 - 0.04 * i] * len(dims), transform=top, marker=marker, color=color, s=36,
+                           label=label)
+                labels.append(label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    d = [c.dim for c in cells]
+    ax.set_xlim(min(d) / 1.5, max(d) * 1.5)  # the markers are not data points: autoscaling would miss them
+    ax.set_xticks(sorted(set(d)), [str(v) for v in sorted(set(d))])  # the measured D values, not powers of 10
+    ax.minorticks_off()
+    ax.set_xlabel("dimension D")
+    ax.set_ylabel("seconds per gradient (median)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside: the top edge has markers
+    return labels
+
+
+def plot(cells: list[Cell], path, title: str) -> None:
+    """:func:`draw` into the PNG ``path`` (atomically; nothing is written when there is nothing to plot)."""
+    from flowbench.plotting import figure
+
+    with figure(path, figsize=(8.5, 4.5), dpi=120) as (_fig, ax):
+        draw(ax, cells)
+        ax.set_title(title)
+
+
+CSV_FIELDS = ("method", "dim", "status", "median_s", "memory_bytes", "memory_method", "predicted_bytes", "note")
+
+
+def write_csv(cells: list[Cell], path) -> None:
+    """One row per (method, D) with :data:`CSV_FIELDS`, atomically."""
+    import csv
+    import io
 
     from flowbench.utils import atomic_write
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for m in METHODS:
-        pts = sorted((c.dim, c.median_s) for c in cells if c.method == m and c.median_s)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=m)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("dimension D")
-    ax.set_ylabel("seconds per gradient (median)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(cells_to_dicts(cells))
+    with atomic_write(path, "w") as f:
+        f.write(buf.getvalue())
+
+
+def parse_methods(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    """``"relative,mlp"`` → ``("relative", "mlp")``, checked against :data:`METHODS`."""
+    from flowbench.errors import ConfigError
+
+    methods = tuple(m.strip() for m in text.split(",") if m.strip()) if isinstance(text, str) else tuple(text)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ConfigError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def _check_options(dims: list[int], batch: int, layers: int, repeats: int, warmup: int,
+                   memory_limit_gb: float | None, max_call_s: float, budget_s: float, cpu_memory: str,
+                   dtype: str) -> None:
+    from flowbench.errors import ConfigError
+    from flowbench.utils import check_number
+
+    if not dims or min(dims) < 1:
+        raise ConfigError(f"--dims must be positive integers; got {dims}")
+    if batch < 1 or layers < 1 or repeats < 1:
+        raise ConfigError("--batch, --layers and --repeats must be ≥ 1")
+    if warmup < 0:
+        raise ConfigError(f"--warmup must be ≥ 0; got {warmup}")
+    check_number("--memory-limit-gb", memory_limit_gb)
+    check_number("--max-call-s", max_call_s, allow_inf=True)  # inf: no cap
+    check_number("--budget-s", budget_s)
+    if cpu_memory not in ("predicted", "rss"):
+        raise ConfigError(f"--cpu-memory must be predicted or rss; got {cpu_memory!r}")
+    if dtype not in ("float32", "float64"):
+        raise ConfigError(f"--dtype must be float32 or float64; got {dtype!r}")
+
+
+def bench_gradients(out: str | Path = "results", dims: list[int] = (16, 64, 256, 784, 2048, 4096), batch: int = 100,
+                    layers: int = 2, methods: str | tuple[str, ...] = METHODS, repeats: int = 10, warmup: int = 2,
+                    dtype: str = "float32", memory_limit_gb: float | None = None, max_call_s: float = 60.0,
+                    budget_s: float = 60.0, cpu_memory: str = "predicted", check: bool = True,
+                    device: str = "auto", threads: int | None = None,
+                    log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``flowbench bench gradients``: check the options, run the float64 agreement check (unless
+    ``check=False``), measure, and write ``gradients.json``, ``.csv`` and ``.png`` under ``out/bench``.
+    Returns the JSON record plus ``"files"``."""
+    from tabulate import tabulate
+
+    from flowbench.bench.common import setup
+    from flowbench.utils import atomic_write_json
+
+    methods = parse_methods(methods)
+    dims = list(dims)
+    _check_options(dims, batch, layers, repeats, warmup, memory_limit_gb, max_call_s, budget_s, cpu_memory, dtype)
+    folder, dev, machine = setup(out, device, threads, log)
+    agreement = None
+    if check:
+        agreement = check_agreement(layers=layers)
+        log(f"agreement check (float64, D=12): {agreement}")
+    limit = int(memory_limit_gb * 2**30) if memory_limit_gb is not None else None
+    cells = run_gradients(dims, batch=batch, layers=layers, device=dev, repeats=repeats, warmup=warmup,
+                          methods=methods, dtype=getattr(torch, dtype), memory_limit=limit, max_call_s=max_call_s,
+                          budget_s=budget_s, cpu_memory=cpu_memory, log=log)
+    rows = summary_rows(cells)
+    log(tabulate(rows, headers="keys", tablefmt="github"))
+    record = {"machine": machine, "device": str(dev), "batch": batch, "layers": layers, "dtype": dtype,
+              "agreement": agreement, "cells": cells_to_dicts(cells), "summary": rows}
+    files = [folder / "gradients.json", folder / "gradients.csv", folder / "gradients.png"]
+    atomic_write_json(files[0], record)
+    write_csv(cells, files[1])
+    try:
+        plot(cells, files[2], f"one exact-NLL gradient, L={layers}, B={batch}, {dev}, {machine['threads']} threads")
+    except FlowbenchError as e:
+        raise FlowbenchError(f"{e} (wrote {files[0]} and {files[1]}; no plot)") from e
+    return {**record, "files": [str(f) for f in files]}

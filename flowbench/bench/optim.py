@@ -7,6 +7,7 @@ both methods; the exact NLL (mean over the points, nats) recorded every epoch.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -27,10 +28,55 @@ def toy_data(n: int = 1000, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(pts)
 
 
+def _descend(flow, x: torch.Tensor, epochs: int, lr: float) -> list[float]:
+    """Full-batch gradient descent; the exact NLL before each step (a diverged run ends with NaN/inf)."""
+    losses = []
+    for _ in range(epochs):
+        flow.zero_grad(set_to_none=True)
+        loss = -flow.log_prob(x).mean()  # exact value; gradient relative or ordinary per the flow
+        value = float(loss.detach())
+        losses.append(value)
+        if not math.isfinite(value):
+            break
+        loss.backward()
+        flow.adjust_gradients()
+        with torch.no_grad():
+            for p in flow.parameters():
+                p.add_(p.grad, alpha=-lr)
+    return losses
+
+
+def _summary(curves: dict[str, list[list[float]]]) -> dict[str, dict]:
+    """Final NLLs, divergences, and epochs to get within 0.01 nats of the best loss any run reached."""
+    summary = {}
+    for method, runs in curves.items():
+        finals = [r[-1] for r in runs]
+        summary[method] = {"final_nll": finals, "diverged": sum(not math.isfinite(f) for f in finals)}
+    finite = [v for rs in curves.values() for r in rs for v in r if math.isfinite(v)]
+    target = min(finite) + 0.01 if finite else -math.inf
+    for method, runs in curves.items():
+        summary[method]["epochs_to_within_0.01_of_best"] = [
+            next((e for e, v in enumerate(r) if v <= target), None) for r in runs]
+    return summary
+
+
+def _check(n_points: int, inits: int, epochs: int, layers: int, lr: float, seed: int) -> None:
+    from flowbench.errors import ConfigError
+    from flowbench.utils import check_number
+
+    if min(n_points, inits, epochs, layers) < 1:
+        raise ConfigError(f"--points, --inits, --epochs and the depth must be ≥ 1; got {n_points}, {inits}, "
+                          f"{epochs}, {layers}")
+    check_number("--lr", lr)
+    if not 0 <= seed < 2**32:  # the data's numpy RandomState takes no other seeds
+        raise ConfigError(f"--seed must be an integer in [0, 2**32); got {seed}")
+
+
 def run_optim(n_points: int = 1000, inits: int = 10, epochs: int = 1000, lr: float = 0.1, layers: int = 2,
               seed: int = 0, bias: bool = True, bias_logdet: bool = False,
               log: Callable[[str], None] = print) -> dict:
     """Loss curves ``{"relative": [[...] × inits], "ordinary": [...]}``; a diverged run ends with NaN."""
+    _check(n_points, inits, epochs, layers, lr, seed)
     x = toy_data(n_points, seed)
     curves: dict[str, list[list[float]]] = {"relative": [], "ordinary": []}
     for i in range(inits):
@@ -41,57 +87,43 @@ def run_optim(n_points: int = 1000, inits: int = 10, epochs: int = 1000, lr: flo
             flow.relative = method == "relative"
             flow.transform.bias_logdet = bias_logdet
             flow.load_state_dict(init)
-            losses = []
-            for _ in range(epochs):
-                flow.zero_grad(set_to_none=True)
-                loss = -flow.log_prob(x).mean()  # exact value; gradient relative or ordinary per the flow
-                value = float(loss.detach())
-                losses.append(value)
-                if not math.isfinite(value):
-                    break
-                loss.backward()
-                flow.adjust_gradients()
-                with torch.no_grad():
-                    for p in flow.parameters():
-                        p.add_(p.grad, alpha=-lr)
-            curves[method].append(losses)
+            curves[method].append(_descend(flow, x, epochs, lr))
         log(f"init {i}: final NLL relative {curves['relative'][-1][-1]:.4f}  ordinary {curves['ordinary'][-1][-1]:.4f}")
-    summary = {}
-    for method, runs in curves.items():
-        finals = [r[-1] for r in runs]
-        summary[method] = {"final_nll": finals, "diverged": sum(not math.isfinite(f) for f in finals)}
-    # epochs to get within 0.01 nats of the best loss any run of either method reached
-    target = min(min(v for v in r if math.isfinite(v)) for rs in curves.values() for r in rs) + 0.01
-    for method, runs in curves.items():
-        summary[method]["epochs_to_within_0.01_of_best"] = [
-            next((e for e, v in enumerate(r) if v <= target), None) for r in runs]
     return {"n_points": n_points, "inits": inits, "epochs": epochs, "lr": lr, "layers": layers, "seed": seed,
             "bias": bias, "bias_logdet": bias_logdet,
-            "curves": curves, "summary": summary}
+            "curves": curves, "summary": _summary(curves)}
 
 
 def plot(result: dict, path) -> None:
-    import matplotlib
+    """NLL vs epoch, every initialisation, relative in blue and ordinary in orange (paper Fig. 1 right)."""
+    from flowbench.plotting import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with figure(path, figsize=(6, 4.5), dpi=120) as (_fig, ax):
+        colors = {"relative": "tab:blue", "ordinary": "tab:orange"}
+        for method, runs in result["curves"].items():
+            for i, r in enumerate(runs):
+                ax.plot(range(len(r)), r, color=colors[method], alpha=0.6, lw=1, label=method if i == 0 else None)
+        ax.set_xlabel("epoch (full-batch gradient descent)")
+        ax.set_ylabel("negative log-likelihood (nats)")
+        rule = "no bias" if not result.get("bias", True) else (
+            "bias rule: augmented (−b)" if result.get("bias_logdet") else "bias rule: reference (no −b)")
+        ax.set_title(f"relative vs ordinary gradient, {result['inits']} shared inits, lr={result['lr']:g}, {rule}")
+        ax.legend()
 
-    from flowbench.utils import atomic_write
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    colors = {"relative": "tab:blue", "ordinary": "tab:orange"}
-    for method, runs in result["curves"].items():
-        for i, r in enumerate(runs):
-            ax.plot(range(len(r)), r, color=colors[method], alpha=0.6, lw=1, label=method if i == 0 else None)
-    ax.set_xlabel("epoch (full-batch gradient descent)")
-    ax.set_ylabel("negative log-likelihood (nats)")
-    rule = "no bias" if not result.get("bias", True) else (
-        "bias rule: augmented (−b)" if result.get("bias_logdet") else "bias rule: reference (no −b)")
-    ax.set_title(f"relative vs ordinary gradient, {result['inits']} shared inits, lr={result['lr']:g}, {rule}",
-                 fontsize=9)
-    ax.legend()
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+def bench_optim(out: str | Path = "results", points: int = 1000, inits: int = 10, epochs: int = 1000,
+                lr: float = 0.1, seed: int = 0, bias: bool = True, bias_logdet: bool = False, device: str = "auto",
+                threads: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """``flowbench bench optim``: :func:`run_optim` (on the CPU, float64, whatever ``device`` says: the
+    problem is 2-D), written to ``out/bench/optim.json`` and ``optim.png``; returns the record + ``"files"``."""
+    from flowbench.bench.common import setup
+    from flowbench.utils import atomic_write_json
+
+    _check(points, inits, epochs, 2, lr, seed)
+    folder, _, machine = setup(out, device, threads, log)
+    res = run_optim(points, inits, epochs, lr, seed=seed, bias=bias, bias_logdet=bias_logdet, log=log)
+    res["machine"] = machine
+    files = [folder / "optim.json", folder / "optim.png"]
+    atomic_write_json(files[0], res)
+    plot(res, files[1])
+    return {**res, "files": [str(f) for f in files]}

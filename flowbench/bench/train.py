@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from flowbench.errors import ConfigError, DatasetNotFoundError
+from flowbench.utils import check_number
 
 
 def dataset_tensor(name: str, data_root=None, max_rows: int = 200_000) -> tuple[torch.Tensor, int, bool]:
@@ -94,6 +96,82 @@ def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
     return build(h), h, count(h)
 
 
+#: One timed contender: (module, optimiser, loss function, step function).
+Contender = tuple[torch.nn.Module, torch.optim.Optimizer, Callable, Callable]
+
+
+def _check(adam: str, steps: int, batch_size: int, lr: float, warmup: int, rounds: int) -> None:
+    if adam not in ADAM_IMPLS:
+        raise ConfigError(f"--adam must be one of {', '.join(ADAM_IMPLS)}; got {adam!r}")
+    if steps < 1 or batch_size < 1:
+        raise ConfigError(f"--steps and --batch-size must be ≥ 1; got {steps}, {batch_size}")
+    if warmup < 0 or rounds < 1:
+        raise ConfigError(f"warmup must be ≥ 0 and rounds ≥ 1; got {warmup}, {rounds}")
+    check_number("--lr", lr)
+
+
+def _zuko_contender(model: str, hparams: dict, dim: int, target_params: int, lr: float, adam: str,
+                    compile_zuko: bool, device: torch.device) -> tuple[Contender, dict]:
+    """zuko's MAF matched to our parameter count, and what the result records about it."""
+    from flowbench.models import resolve_hparams
+
+    hp = resolve_hparams(model, **hparams)
+    zflow, zh, zcount = zuko_maf(dim, hp["layers"], hp["hidden_layers"], target_params)
+    import zuko  # importable: zuko_maf has just used it
+
+    zflow = zflow.to(device)
+    _, zuko_loss = _loss_fns(None, zflow, compile_zuko=compile_zuko)
+    return ((zflow, _adam(zflow.parameters(), lr, adam), zuko_loss, _zuko_step),
+            {"zuko_params": zcount, "zuko_hidden": zh, "zuko_version": zuko.__version__})
+
+
+def _time_contenders(contenders: dict[str, Contender], x: torch.Tensor, steps: int, batch_size: int, warmup: int,
+                     rounds: int, seed: int, device: torch.device) -> dict[str, list[float]]:
+    """Mean step time of each of ``rounds`` blocks per contender, after ``warmup`` untimed steps; the
+    contenders alternate block by block so that load changes hit every one alike. All see the same
+    minibatches."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    idx = torch.randint(0, x.shape[0], (warmup + steps, batch_size), generator=gen).to(device)
+    for m, opt, loss_fn, step in contenders.values():
+        for i in range(warmup):
+            step(m, opt, loss_fn, x[idx[i]])
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    per_round = max(1, steps // rounds)
+    done = 0
+    while done < steps:
+        k = min(per_round, steps - done)
+        for name, (m, opt, loss_fn, step) in contenders.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for i in range(warmup + done, warmup + done + k):
+                step(m, opt, loss_fn, x[idx[i]])
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - t0) / k)
+        done += k
+    return times
+
+
+def _report(result: dict, times: dict[str, list[float]], log: Callable[[str], None]) -> None:
+    """Fill step_s / samples_per_s / epoch_s (median over rounds of the mean step time) and log them."""
+    batch_size, n_train = result["batch_size"], result["n_train"]
+    result["step_s"], result["samples_per_s"], result["epoch_s"] = {}, {}, {}
+    for name, ts in times.items():
+        step_s = statistics.median(ts)
+        result["step_s"][name] = step_s
+        result["samples_per_s"][name] = batch_size / step_s
+        result["epoch_s"][name] = n_train / (batch_size / step_s)
+        log(f"{name:>9}: {batch_size / step_s:10.0f} samples/s   {step_s * 1e3:8.3f} ms/step   "
+            f"{n_train / (batch_size / step_s):9.1f} s/epoch ({n_train} samples)   "
+            f"{result['params'][name]} params")
+    if "zuko" in times:
+        result["throughput_ratio_flowbench_over_zuko"] = result["samples_per_s"]["flowbench"] / result["samples_per_s"]["zuko"]
+        log(f"flowbench / zuko throughput: {result['throughput_ratio_flowbench_over_zuko']:.2f}×")
+    if result["synthetic_data"]:
+        log(f"note: {result['dataset']} is not prepared; timed on synthetic N(0, I) data of shape ({n_train}, {result['dim']})")
+
+
 def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100, lr: float = 1e-4,
               device: str | torch.device = "cpu", hparams: dict | None = None, compare_zuko: bool = False,
               warmup: int = 10, rounds: int = 5, data_root=None, seed: int = 0, adam: str = "fused",
@@ -106,10 +184,9 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
     """
     from flowbench.models import build_model, display_name
 
-    if adam not in ADAM_IMPLS:
-        raise ConfigError(f"--adam must be one of {', '.join(ADAM_IMPLS)}; got {adam!r}")
-    if steps < 1 or batch_size < 1:
-        raise ConfigError(f"--steps and --batch-size must be ≥ 1; got {steps}, {batch_size}")
+    _check(adam, steps, batch_size, lr, warmup, rounds)
+    if compare_zuko and model != "maf":
+        raise ConfigError("--compare-zuko is implemented for --model maf only")
     device = torch.device(device)
     torch.manual_seed(seed)
     x, n_train, synthetic = dataset_tensor(dataset, data_root)
@@ -122,7 +199,7 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
     ours.train()
     ours.initialize(x)
     ours_loss, _ = _loss_fns(ours, compile_ours=compile)
-    contenders: dict[str, tuple] = {
+    contenders: dict[str, Contender] = {
         "flowbench": (ours, _adam(ours.parameters(), lr, adam), ours_loss, _trainer_step)}
     result: dict = {"dataset": dataset, "model": model, "display_name": display_name(model, **hparams),
                     "hparams": hparams, "dim": dim, "n_train": n_train, "synthetic_data": synthetic,
@@ -130,54 +207,30 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
                     "compile": {"flowbench": compile, "zuko": compile_zuko if compare_zuko else None},
                     "params": {"flowbench": sum(p.numel() for p in ours.parameters())}}
     if compare_zuko:
-        if model != "maf":
-            raise ConfigError("--compare-zuko is implemented for --model maf only")
-        from flowbench.models import resolve_hparams
-
-        hp = resolve_hparams(model, **hparams)
-        zflow, zh, zcount = zuko_maf(dim, hp["layers"], hp["hidden_layers"], result["params"]["flowbench"])
-        zflow = zflow.to(device)
-        _, zuko_loss = _loss_fns(ours, zflow, compile_zuko=compile_zuko)
-        contenders["zuko"] = (zflow, _adam(zflow.parameters(), lr, adam), zuko_loss, _zuko_step)
-        result["params"]["zuko"] = zcount
-        result["zuko_hidden"] = zh
-        import zuko
-
-        result["zuko_version"] = zuko.__version__
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    idx = torch.randint(0, x.shape[0], (warmup + steps, batch_size), generator=gen).to(device)
-    for name, (m, opt, loss_fn, step) in contenders.items():
-        for i in range(warmup):
-            step(m, opt, loss_fn, x[idx[i]])
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    per_round = max(1, steps // rounds)
-    done = 0
-    while done < steps:  # alternate blocks so that load changes hit every contender alike
-        k = min(per_round, steps - done)
-        for name, (m, opt, loss_fn, step) in contenders.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            for i in range(warmup + done, warmup + done + k):
-                step(m, opt, loss_fn, x[idx[i]])
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append((time.perf_counter() - t0) / k)
-        done += k
-    result["step_s"] = {}
-    result["samples_per_s"] = {}
-    result["epoch_s"] = {}
-    for name, ts in times.items():
-        step_s = statistics.median(ts)  # median over rounds of the mean step time
-        result["step_s"][name] = step_s
-        result["samples_per_s"][name] = batch_size / step_s
-        result["epoch_s"][name] = n_train / (batch_size / step_s)
-        log(f"{name:>9}: {batch_size / step_s:10.0f} samples/s   {step_s * 1e3:8.3f} ms/step   "
-            f"{n_train / (batch_size / step_s):9.1f} s/epoch ({n_train} samples)   "
-            f"{result['params'][name]} params")
-    if compare_zuko:
-        result["throughput_ratio_flowbench_over_zuko"] = result["samples_per_s"]["flowbench"] / result["samples_per_s"]["zuko"]
-        log(f"flowbench / zuko throughput: {result['throughput_ratio_flowbench_over_zuko']:.2f}×")
-    if synthetic:
-        log(f"note: {dataset} is not prepared; timed on synthetic N(0, I) data of shape ({n_train}, {dim})")
+        contenders["zuko"], info = _zuko_contender(model, hparams, dim, result["params"]["flowbench"], lr, adam,
+                                                   compile_zuko, device)
+        result["params"]["zuko"] = info["zuko_params"]
+        result["zuko_hidden"], result["zuko_version"] = info["zuko_hidden"], info["zuko_version"]
+    _report(result, _time_contenders(contenders, x, steps, batch_size, warmup, rounds, seed, device), log)
     return result
+
+
+def bench_train(dataset: str, model: str, out: str | Path = "results", steps: int = 200, batch_size: int = 100,
+                lr: float = 1e-4, hparams: dict | None = None, compare_zuko: bool = False, adam: str = "fused",
+                compile: bool = False, compile_zuko: bool = False, data_root=None, device: str = "auto",
+                threads: int | None = None, log: Callable[[str], None] = print) -> dict:
+    """``flowbench bench train``: :func:`run_train` written to ``out/bench/train-<dataset>-<model>[-adam-<impl>]
+    [-compiled].json``; returns the record + ``"files"``."""
+    from flowbench.bench.common import setup
+    from flowbench.utils import atomic_write_json
+
+    _check(adam, steps, batch_size, lr, 0, 1)  # before the output folder and the machine line
+    folder, dev, machine = setup(out, device, threads, log)
+    res = run_train(dataset, model, steps=steps, batch_size=batch_size, lr=lr, device=dev, hparams=hparams,
+                    compare_zuko=compare_zuko, data_root=data_root, adam=adam, compile=compile,
+                    compile_zuko=compile_zuko, log=log)
+    res["machine"] = machine
+    suffix = ("" if adam == "fused" else f"-adam-{adam}") + ("-compiled" if compile else "")
+    path = folder / f"train-{dataset}-{model}{suffix}.json"
+    atomic_write_json(path, res)
+    return {**res, "files": [str(path)]}

@@ -4,15 +4,14 @@
   autodiff, and a plain-MLP floor; table + JSON + CSV + log–log PNG.
 - ``bench optim`` — full-batch GD, relative vs ordinary gradient, shared random initialisations; PNG + JSON.
 - ``bench train`` — training samples/s and s/epoch of one model on one dataset's shape (optionally vs zuko).
+
+The measurements are in :mod:`flowbench.bench`; this module parses the command line and calls one
+function per benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import os
-from pathlib import Path
 
 from flowbench.errors import ConfigError
 
@@ -40,7 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        description="One gradient of the exact NLL of a dense flow by three methods plus a plain-MLP floor.")
     g.add_argument("--dims", type=_ints, default=[16, 64, 256, 784, 2048, 4096], help="comma-separated D values")
     g.add_argument("--batch", type=int, default=100, help="batch size B (default 100)")
-    g.add_argument("--layers", type=int, default=2, help="dense layers L (default 2)")
+    g.add_argument("--layers", type=int, default=2,
+                   help="dense layers L of the relgrad flow, as `flowbench run --layers` for relgrad (default 2)")
     g.add_argument("--methods", default="relative,ordinary,autodiff,mlp", help="subset of relative,ordinary,autodiff,mlp")
     g.add_argument("--repeats", type=int, default=10, help="timed calls per method and D; the median is reported")
     g.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2; 1 for calls over 1 s)")
@@ -48,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--memory-limit-gb", type=float, default=None,
                    help="skip a method whose predicted memory exceeds this (default 80%% of free memory)")
     g.add_argument("--max-call-s", type=float, default=60.0,
-                   help="skip a method whose extrapolated time per call exceeds this (default 60)")
+                   help="skip a method whose extrapolated time per call exceeds this (default 60; inf: no cap)")
     g.add_argument("--budget-s", type=float, default=60.0, help="cap on timed seconds per method and D (fewer repeats)")
     g.add_argument("--cpu-memory", choices=("predicted", "rss"), default="predicted",
                    help="CPU memory: the predicted-bytes model, or the measured peak RSS increase in a subprocess")
@@ -105,87 +105,25 @@ def _hparams(items: list[str]) -> dict:
     return out
 
 
-def _machine() -> dict:
-    import torch
-
-    from flowbench.results import system_info
-
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {**system_info(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "loadavg": load,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
 def main(args: argparse.Namespace) -> int:
-    import torch
-
-    from flowbench.utils import atomic_write, atomic_write_json, resolve_device, set_threads
-
-    if args.threads is not None:
-        set_threads(args.threads)
-    device = resolve_device(args.device)
-    out = Path(args.out) / "bench"
-    machine = _machine()
-    print(f"torch {machine['torch']}, {machine['threads']} threads, device {device}, load average {machine['loadavg']}")
-
+    common = {"out": args.out, "device": args.device, "threads": args.threads}
     if args.bench_command == "gradients":
-        from tabulate import tabulate
+        from flowbench.bench.gradients import bench_gradients
 
-        from flowbench.bench import gradients as G
+        res = bench_gradients(dims=args.dims, batch=args.batch, layers=args.layers, methods=args.methods,
+                              repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
+                              memory_limit_gb=args.memory_limit_gb, max_call_s=args.max_call_s,
+                              budget_s=args.budget_s, cpu_memory=args.cpu_memory, check=not args.no_check, **common)
+    elif args.bench_command == "optim":
+        from flowbench.bench.optim import bench_optim
 
-        methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-        bad = [m for m in methods if m not in G.METHODS]
-        if bad or not methods:
-            raise ConfigError(f"unknown method(s) {bad}; choose from {', '.join(G.METHODS)}")
-        if args.batch < 1 or args.layers < 1 or args.repeats < 1:
-            raise ConfigError("--batch, --layers and --repeats must be ≥ 1")
-        agreement = None
-        if not args.no_check:
-            agreement = G.check_agreement(layers=args.layers)
-            print(f"agreement check (float64, D=12): {agreement}")
-        limit = int(args.memory_limit_gb * 2**30) if args.memory_limit_gb is not None else None
-        cells = G.run_gradients(args.dims, batch=args.batch, layers=args.layers, device=device,
-                                repeats=args.repeats, warmup=args.warmup, methods=methods,
-                                dtype=getattr(torch, args.dtype), memory_limit=limit, max_call_s=args.max_call_s,
-                                budget_s=args.budget_s, cpu_memory=args.cpu_memory)
-        rows = G.summary_rows(cells)
-        print(tabulate(rows, headers="keys", tablefmt="github"))
-        record = {"machine": machine, "device": str(device), "batch": args.batch, "layers": args.layers,
-                  "dtype": args.dtype, "agreement": agreement, "cells": G.cells_to_dicts(cells), "summary": rows}
-        atomic_write_json(out / "gradients.json", record)
-        buf = io.StringIO()
-        fields = ["method", "dim", "status", "median_s", "memory_bytes", "memory_method", "predicted_bytes", "note"]
-        w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(G.cells_to_dicts(cells))
-        with atomic_write(out / "gradients.csv", "w") as f:
-            f.write(buf.getvalue())
-        G.plot(cells, out / "gradients.png",
-               f"one exact-NLL gradient, L={args.layers}, B={args.batch}, {device}, {machine['threads']} threads")
-        print(f"wrote {out / 'gradients.json'}, {out / 'gradients.csv'}, {out / 'gradients.png'}")
-        return 0
+        res = bench_optim(points=args.points, inits=args.inits, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                          bias=not args.no_bias, bias_logdet=args.bias_logdet, **common)
+    else:  # argparse allows only the three benchmarks
+        from flowbench.bench.train import bench_train
 
-    if args.bench_command == "optim":
-        from flowbench.bench import optim as O
-
-        if min(args.points, args.inits, args.epochs) < 1 or args.lr <= 0:
-            raise ConfigError("--points, --inits, --epochs must be ≥ 1 and --lr > 0")
-        res = O.run_optim(args.points, args.inits, args.epochs, args.lr, seed=args.seed, bias=not args.no_bias,
-                          bias_logdet=args.bias_logdet)
-        res["machine"] = machine
-        atomic_write_json(out / "optim.json", res)
-        O.plot(res, out / "optim.png")
-        print(f"wrote {out / 'optim.json'}, {out / 'optim.png'}")
-        return 0
-
-    from flowbench.bench import train as T
-
-    res = T.run_train(args.dataset, args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      device=device, hparams=_hparams(args.hparam), compare_zuko=args.compare_zuko,
-                      data_root=args.data_root, adam=args.adam,
-                      compile=args.compile, compile_zuko=args.compile_zuko)
-    res["machine"] = machine
-    suffix = ("" if args.adam == "fused" else f"-adam-{args.adam}") + ("-compiled" if args.compile else "")
-    path = out / f"train-{args.dataset}-{args.model}{suffix}.json"
-    atomic_write_json(path, res)
-    print(f"wrote {path}")
+        res = bench_train(args.dataset, args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                          hparams=_hparams(args.hparam), compare_zuko=args.compare_zuko, adam=args.adam,
+                          compile=args.compile, compile_zuko=args.compile_zuko, data_root=args.data_root, **common)
+    print(f"wrote {', '.join(res['files'])}")
     return 0

@@ -20,10 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from flowbench.errors import ConfigError
+from flowbench.plotting import figure
+from flowbench.sanity.common import QUIET, Progress, check_seed, pick
 from flowbench.sanity.jacnet import JacNet, train_jacnet
-from flowbench.sanity.plotting import markdown_table, pyplot, save_figure
+from flowbench.sanity.markdown import markdown_table
 from flowbench.sanity.pseudo_inverse import train_pair
-from flowbench.utils import atomic_write, atomic_write_json
+from flowbench.utils import atomic_write, atomic_write_json, output_dir
+
+#: One fitted model: (forward, inverse, its table row so far).
+Fit = tuple[Any, Any, dict[str, Any]]
 
 
 def target(x: Tensor) -> Tensor:
@@ -44,59 +50,83 @@ def _metrics(fn, inv, grid: Tensor, wide: Tensor) -> tuple[dict[str, Any], tuple
              "monotone_on_wide_grid": bool((d > 0).all() or (d < 0).all())}, (f_wide, back_wide))
 
 
-def run_invertibility(out: str | Path | None = None, seed: int = 0, jacnet_iters: int = 200, steps: int = 2000,
-                      relgrad_layers: int = 4) -> dict[str, Any]:
-    """Fit the three models; write invertibility.json, invertibility.md and invertibility.png under ``out``."""
-    gen = torch.Generator().manual_seed(seed)
-    x = -2 + 4 * torch.rand(64, 1, generator=gen, dtype=torch.float64)
-    y = target(x)
-    grid = torch.linspace(-2, 2, 201, dtype=torch.float64).unsqueeze(1)
-    wide = torch.linspace(-4, 4, 401, dtype=torch.float64).unsqueeze(1)
-    rows: dict[str, dict[str, Any]] = {}
-    fns: dict[str, tuple] = {}
-
+def _fit_jacnet(x: Tensor, y: Tensor, seed: int, iters: int, progress: Progress) -> Fit:
     torch.manual_seed(seed)
     # ε = 0.01 rather than the paper's 1e-4: the target's slope is ≥ 0.2, and the floor keeps the inverse ODE
     # (dx/dt = (y − y₀)/J) from turning stiff where J is barely trained (off the data, or in --quick runs).
     jac = JacNet(1, 1, activation="invertible", eps=1e-2).double()
     t0 = time.perf_counter()
-    hist = train_jacnet(jac, x, y, iters=jacnet_iters, lr=0.01)
+    hist = train_jacnet(jac, x, y, iters=iters, lr=0.01, progress=progress, desc="JacNet (invertible)")
     tol = 1e-6  # evaluation tolerance of both ODEs (the inverse's cost grows fast as it tightens)
-    fns["JacNet (invertible)"] = (lambda v: jac(v, tol, tol), lambda v: jac.inverse(v, tol, tol))
-    rows["JacNet (invertible)"] = {"guaranteed": "yes: J = a² + ε ≥ 0.01 everywhere", "train_time_s":
-                                   time.perf_counter() - t0, "final_train_loss": hist["loss"][-1]}
+    row = {"guaranteed": "yes: J = a² + ε ≥ 0.01 everywhere", "train_time_s": time.perf_counter() - t0,
+           "final_train_loss": hist["loss"][-1]}
+    return (lambda v: jac(v, tol, tol)), (lambda v: jac.inverse(v, tol, tol)), row
 
+
+def _fit_pair(x: Tensor, y: Tensor, seed: int, steps: int, progress: Progress) -> Fit:
     t0 = time.perf_counter()
-    f, g, m = train_pair(x.float(), y.float(), lam=1.0, steps=steps, seed=seed)
-    fns["pseudo-invertible pair (λ=μ=1)"] = (lambda v: f(v.float()).double(), lambda v: g(v.float()).double())
-    rows["pseudo-invertible pair (λ=μ=1)"] = {"guaranteed": "no: a penalty at the training points only",
-                                              "train_time_s": time.perf_counter() - t0,
-                                              "final_train_loss": m["final_loss"]}
+    f, g, m = train_pair(x.float(), y.float(), lam=1.0, steps=steps, seed=seed, progress=progress,
+                         desc="pseudo-invertible pair")
+    row = {"guaranteed": "no: a penalty at the training points only", "train_time_s": time.perf_counter() - t0,
+           "final_train_loss": m["final_loss"]}
+    return (lambda v: f(v.float()).double()), (lambda v: g(v.float()).double()), row
 
+
+def _fit_relgrad(x: Tensor, y: Tensor, seed: int, steps: int, layers: int, progress: Progress) -> Fit:
     from flowbench.models import build_model
 
     torch.manual_seed(seed)
-    flow = build_model("relgrad", 1, layers=relgrad_layers).double()
+    flow = build_model("relgrad", 1, layers=layers).double()
     flow.relative = False  # a regression loss: ordinary gradients (the relative gradient is for log|det W|)
     opt = torch.optim.Adam(flow.parameters(), lr=0.01)
     t0 = time.perf_counter()
-    for _ in range(steps):
+    bar = progress.range(steps, "relgrad flow")
+    for _ in bar:
         opt.zero_grad()
         loss = (flow.transform(x)[0] - y).pow(2).mean()
         loss.backward()
         opt.step()
+        bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
+    bar.close()
     flow.eval()
     min_w = min(float(w.detach().abs().min()) for w in flow.transform.weights)
-    fns[f"relgrad flow (1-D, {relgrad_layers} layers)"] = (lambda v: flow.transform(v)[0],
-                                                           lambda v: flow.transform.inverse(v)[0])
-    rows[f"relgrad flow (1-D, {relgrad_layers} layers)"] = {
-        "guaranteed": f"yes while every W_k ≠ 0 (min |W_k| = {min_w:.3g})", "min_abs_weight": min_w,
-        "train_time_s": time.perf_counter() - t0, "final_train_loss": float(loss.detach())}
+    row = {"guaranteed": f"yes while every W_k ≠ 0 (min |W_k| = {min_w:.3g})", "min_abs_weight": min_w,
+           "train_time_s": time.perf_counter() - t0, "final_train_loss": float(loss.detach())}
+    return (lambda v: flow.transform(v)[0]), (lambda v: flow.transform.inverse(v)[0]), row
 
+
+def run_invertibility(out: str | Path | None = None, seed: int | None = None, jacnet_iters: int | None = None,
+                      steps: int | None = None, relgrad_layers: int = 4, quick: bool = False,
+                      progress: Progress = QUIET) -> dict[str, Any]:
+    """Fit the three models; write invertibility.json, invertibility.md and invertibility.png under ``out``.
+
+    Defaults: seed 0, 200 JacNet iterations and 2000 Adam steps for the pair and the flow (``quick``: 3
+    and 5). ``progress`` shows each fit and a line when it ends.
+    """
+    seed = 0 if seed is None else seed
+    jacnet_iters, steps = pick(jacnet_iters, 200, 3, quick), pick(steps, 2000, 5, quick)
+    check_seed(seed)
+    if min(jacnet_iters, steps, relgrad_layers) < 1:
+        raise ConfigError(f"--iters, --steps and the relgrad depth must be ≥ 1; got {jacnet_iters}, {steps}, "
+                          f"{relgrad_layers}")
+    out = output_dir(out) if out is not None else None
+    gen = torch.Generator().manual_seed(seed)
+    x = -2 + 4 * torch.rand(64, 1, generator=gen, dtype=torch.float64)
+    y = target(x)
+    grid = torch.linspace(-2, 2, 201, dtype=torch.float64).unsqueeze(1)
+    wide = torch.linspace(-4, 4, 401, dtype=torch.float64).unsqueeze(1)
+    fits = {"JacNet (invertible)": lambda: _fit_jacnet(x, y, seed, jacnet_iters, progress),
+            "pseudo-invertible pair (λ=μ=1)": lambda: _fit_pair(x, y, seed, steps, progress),
+            f"relgrad flow (1-D, {relgrad_layers} layers)":
+                lambda: _fit_relgrad(x, y, seed, steps, relgrad_layers, progress)}
+    rows: dict[str, dict[str, Any]] = {}
     curves = {}
-    for name, (fn, inv) in fns.items():
+    for name, fit in fits.items():
+        fn, inv, rows[name] = fit()
         m, curves[name] = _metrics(fn, inv, grid, wide)
         rows[name].update(m)
+        progress.log(f"{name}: trained in {rows[name]['train_time_s']:.1f} s, fit MAE {m['fit_mae']:.3g}, "
+                     f"round trip max on [−4, 4] {m['roundtrip_wide_max']:.3g}")
     table = markdown_table(
         ["model", "fit MAE [−2,2]", "round-trip MAE [−2,2]", "round-trip max [−4,4]", "monotone on [−4,4]",
          "invertibility guaranteed"],
@@ -105,7 +135,6 @@ def run_invertibility(out: str | Path | None = None, seed: int = 0, jacnet_iters
     result = {"target": "x + 0.4 sin(2x)", "seed": seed, "n_train": 64, "jacnet_iters": jacnet_iters,
               "steps": steps, "models": rows, "table": table}
     if out is not None:
-        out = Path(out)
         atomic_write_json(out / "invertibility.json", result)
         with atomic_write(out / "invertibility.md", "w") as fh:
             fh.write("Target y = x + 0.4·sin(2x); 64 training points in [−2, 2]; fit on [−2, 2], round trip "
@@ -115,8 +144,11 @@ def run_invertibility(out: str | Path | None = None, seed: int = 0, jacnet_iters
 
 
 def _figure(curves: dict, x: Tensor, y: Tensor, wide: Tensor, path: Path) -> None:
-    plt = pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.6), layout="constrained")
+    with figure(path, 1, 2, figsize=(13, 4.6)) as (_fig, (a, b)):
+        _draw(a, b, curves, x, y, wide)
+
+
+def _draw(a, b, curves: dict, x: Tensor, y: Tensor, wide: Tensor) -> None:
     w = wide.flatten().numpy()
     a.plot(w, target(wide).flatten().numpy(), "k-", lw=3, alpha=0.3, label="target x + 0.4 sin 2x")
     a.plot(x.flatten().numpy(), y.flatten().numpy(), "k.", label="training points")
@@ -129,4 +161,3 @@ def _figure(curves: dict, x: Tensor, y: Tensor, wide: Tensor, path: Path) -> Non
         ax.legend(fontsize=8)
     a.set(xlabel="x", ylabel="f(x)", title="fits (shaded: training range)")
     b.set(xlabel="x", ylabel="|inverse(f(x)) − x|", title="round-trip error (log scale)")
-    save_figure(fig, path)

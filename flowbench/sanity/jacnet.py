@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint
 
 from flowbench.errors import ConfigError, InverseNotAvailable
+from flowbench.sanity.common import QUIET, Progress
 
 ACTIVATIONS = ("invertible", "lipschitz", "unconstrained")
 #: Solver options: the max-norm makes the step-size control per point (torchdiffeq's default RMS over the
@@ -163,15 +164,18 @@ class ToleranceSchedule:
 
 
 def train_jacnet(model: JacNet, x: Tensor, y: Tensor, iters: int = 50, lr: float = 0.01,
-                 tol: float = 0.1, anneal: bool = True) -> dict[str, list[float]]:
+                 tol: float = 0.1, anneal: bool = True, progress: Progress = QUIET,
+                 desc: str = "JacNet") -> dict[str, list[float]]:
     """Full-batch Adam on the mean error ‖ŷ − y‖ (paper §5); returns the per-iteration history.
 
     With ``anneal`` the solver tolerance follows :class:`ToleranceSchedule` from ``tol``; otherwise it stays.
+    ``progress`` shows the iterations under a bar labelled ``desc``.
     """
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = ToleranceSchedule(tol)
     loss_hist, nfe_hist = [], []
-    for _ in range(iters):
+    bar = progress.range(iters, desc)
+    for _ in bar:
         model.nfe = 0
         opt.zero_grad()
         loss = (model(x, rtol=schedule.tol, atol=schedule.tol) - y).norm(dim=1).mean()  # ‖ŷ − y‖ (|ŷ − y| in 1-D)
@@ -183,6 +187,8 @@ def train_jacnet(model: JacNet, x: Tensor, y: Tensor, iters: int = 50, lr: float
             schedule.step(loss_hist[-1])
         else:
             schedule.history.append(schedule.tol)
+        bar.set_postfix(loss=f"{loss_hist[-1]:.4g}", tol=f"{schedule.tol:.2g}", nfe=model.nfe, refresh=False)
+    bar.close()
     return {"loss": loss_hist, "tolerance": schedule.history, "nfe": nfe_hist, "final_tolerance": schedule.tol}
 
 

@@ -6,8 +6,11 @@ The penalty only asks for invertibility at the data, so nothing is guaranteed be
 λ = μ trades goodness of fit against invertibility (the sweep shows both ends). Data are post-nonlinear,
 y = ψ(φ(x) + ε), with random smooth cubic splines φ, ψ: in general not invertible at all.
 
+Protocol (the blog post's): 1,000 points, Linear(30)–ReLU–Linear(30)–ReLU–Linear(1) (and a SiLU variant),
+Adam lr 1e-3, 500 full-batch steps; λ = μ ∈ {0.01, 0.1, 1, 10, 100} plus the unconstrained pair.
+
 References:
-    "Pseudo-Invertible networks using JAX", Shae's Ramblings (blog post; maf-protocol.md §6).
+    "Pseudo-Invertible networks using JAX", Shae's Ramblings (blog post: the loss, the data, the sweep).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from flowbench.errors import ConfigError
-from flowbench.sanity.plotting import markdown_table, pyplot, save_figure
-from flowbench.utils import atomic_write, atomic_write_json
+from flowbench.plotting import figure
+from flowbench.sanity.common import QUIET, Progress, check_seed, pick
+from flowbench.sanity.markdown import markdown_table
+from flowbench.utils import atomic_write, atomic_write_json, output_dir
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 SWEEP = (0.0, 0.01, 0.1, 1.0, 10.0, 100.0)  # λ = μ; 0 is the unconstrained pair
@@ -59,8 +64,12 @@ def pair_losses(f: nn.Module, g: nn.Module, x: Tensor, y: Tensor) -> dict[str, T
 
 
 def train_pair(x: Tensor, y: Tensor, lam: float, mu: float | None = None, activation: str = "relu",
-               steps: int = 500, lr: float = 1e-3, seed: int = 0) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
-    """Full-batch Adam on the pair loss; ``lam = mu = 0`` is the unconstrained pair (two separate fits)."""
+               steps: int = 500, lr: float = 1e-3, seed: int = 0, progress: Progress = QUIET,
+               desc: str = "pair") -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+    """Full-batch Adam on the pair loss; ``lam = mu = 0`` is the unconstrained pair (two separate fits).
+
+    ``progress`` shows the steps under a bar labelled ``desc``.
+    """
     mu = lam if mu is None else mu
     if lam < 0 or mu < 0:
         raise ConfigError(f"lambda and mu must be >= 0; got {lam}, {mu}")
@@ -69,13 +78,16 @@ def train_pair(x: Tensor, y: Tensor, lam: float, mu: float | None = None, activa
     opt = torch.optim.Adam([*f.parameters(), *g.parameters()], lr=lr)
     history = []
     start = time.perf_counter()
-    for _ in range(steps):
+    bar = progress.range(steps, desc)
+    for _ in bar:
         opt.zero_grad()
         t = pair_losses(f, g, x, y)
         loss = t["fit_f"] + t["fit_g"] + mu * t["roundtrip_y"] + lam * t["roundtrip_x"]
         loss.backward()
         opt.step()
         history.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
+    bar.close()
     with torch.no_grad():
         final = {k: float(v) for k, v in pair_losses(f, g, x, y).items()}
     return f, g, {"lambda": lam, "mu": mu, "activation": activation, "steps": steps, "lr": lr,
@@ -83,16 +95,35 @@ def train_pair(x: Tensor, y: Tensor, lam: float, mu: float | None = None, activa
                   "train_time_s": time.perf_counter() - start, **final}
 
 
+def _label(lam: float) -> str:
+    return "unconstrained" if lam == 0 else f"λ = μ = {lam:g}"
+
+
 def run_pseudo_inverse(out: str | Path | None = None, sweep: bool = True, activations: tuple[str, ...] = ("relu", "silu"),
-                       steps: int = 500, seed: int = 0, n: int = 1000) -> dict[str, Any]:
+                       steps: int | None = None, seed: int | None = None, n: int = 1000, quick: bool = False,
+                       progress: Progress = QUIET) -> dict[str, Any]:
     """Train the pairs for every (activation, λ = μ) setting; write JSON, a Markdown table and one PNG per
-    activation (rows = settings; columns = f's fit, g's fit with axes swapped, g∘f and f∘g vs the identity)."""
+    activation (rows = settings; columns = f's fit, g's fit with axes swapped, g∘f and f∘g vs the identity).
+
+    ``steps`` defaults to 500 (5 with ``quick``), ``seed`` to 0; ``progress`` shows each pair's training.
+    """
+    steps = pick(steps, 500, 5, quick)
+    seed = 0 if seed is None else seed
+    check_seed(seed)
+    if steps < 1:
+        raise ConfigError(f"--steps must be a positive integer; got {steps}")
+    for act in activations:
+        mlp(act)  # unknown activations fail here, not after the first activation's pairs have trained
+    out = output_dir(out) if out is not None else None
     x, y = spline_data(n, seed)
     settings = SWEEP if sweep else (0.0, 1.0)
     runs, pairs = [], {}
     for act in activations:
         for lam in settings:
-            f, g, m = train_pair(x, y, lam, activation=act, steps=steps, seed=seed)
+            f, g, m = train_pair(x, y, lam, activation=act, steps=steps, seed=seed, progress=progress,
+                                 desc=f"{act}, {_label(lam)}")
+            progress.log(f"{act}, {_label(lam)}: loss {m['final_loss']:.4g} (fit f {m['fit_f']:.3g}, round trip "
+                         f"g∘f {m['roundtrip_x']:.3g}) after {steps} steps, {m['train_time_s']:.1f} s")
             runs.append(m)
             pairs[(act, lam)] = (f, g)
     rows = [[r["activation"], "unconstrained" if r["lambda"] == 0 else f"{r['lambda']:g}", r["fit_f"], r["fit_g"],
@@ -101,7 +132,6 @@ def run_pseudo_inverse(out: str | Path | None = None, sweep: bool = True, activa
                             "round trip MSE g(f(x))≈x", "round trip MSE f(g(y))≈y"], rows)
     result = {"seed": seed, "n": n, "steps": steps, "runs": runs, "table": table}
     if out is not None:
-        out = Path(out)
         atomic_write_json(out / "pseudo_inverse.json", result)
         with atomic_write(out / "pseudo_inverse.md", "w") as fh:
             fh.write(f"Pseudo-invertible pairs ({n} points, {steps} Adam steps, lr 1e-3, seed {seed}); "
@@ -112,15 +142,18 @@ def run_pseudo_inverse(out: str | Path | None = None, sweep: bool = True, activa
 
 
 def _figure(x: Tensor, y: Tensor, pairs: list, activation: str, path: Path) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(len(pairs), 4, figsize=(17, 3.2 * len(pairs)), squeeze=False, layout="constrained")
+    with figure(path, len(pairs), 4, figsize=(17, 3.2 * len(pairs)), squeeze=False, dpi=90) as (_fig, axes):
+        _draw(axes, x, y, pairs, activation)
+
+
+def _draw(axes, x: Tensor, y: Tensor, pairs: list, activation: str) -> None:
     xs, ys = x.flatten().numpy(), y.flatten().numpy()
     order = np.argsort(ys)
     for row, (lam, f, g) in zip(axes, pairs):
         with torch.no_grad():
             fx, gy = f(x).flatten().numpy(), g(y).flatten().numpy()
             gfx, fgy = g(f(x)).flatten().numpy(), f(g(y)).flatten().numpy()
-        label = "unconstrained" if lam == 0 else f"λ = μ = {lam:g}"
+        label = _label(lam)
         row[0].scatter(xs, ys, s=3, c="0.6")
         row[0].plot(xs, fx, "C0-", lw=2)
         row[0].set(xlabel="x", ylabel="y", title=f"{activation}, {label}: f(x)")
@@ -133,4 +166,3 @@ def _figure(x: Tensor, y: Tensor, pairs: list, activation: str, path: Path) -> N
             ax.plot(inp, rt, col + "-", lw=1.5, label=name)
             ax.set(xlabel=name.split(" vs ")[1], title=f"round trip {name.split(' vs ')[0]}")
             ax.legend(fontsize=7)
-    save_figure(fig, path, dpi=90)

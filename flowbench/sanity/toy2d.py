@@ -22,8 +22,9 @@ import torch
 
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
-from flowbench.sanity.plotting import pyplot, save_figure
-from flowbench.utils import atomic_write_json
+from flowbench.plotting import colormap, figure
+from flowbench.sanity.common import QUIET, Progress, check_seed, pick
+from flowbench.utils import atomic_write_json, check_number, output_dir
 
 
 def _mog(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -86,44 +87,58 @@ def _load_trained(record: dict[str, Any], options: dict[str, Any], data: Dataset
     return flow
 
 
-def run_toy2d(name: str, model: str = "relgrad", out: str | Path = "results/sanity", seed: int = 0,
-              max_epochs: int = 100, patience: int = 30, lr: float | None = None, batch_size: int = 100,
-              hparams: dict[str, Any] | None = None, grid: int = 200) -> dict[str, Any]:
-    """Train ``model`` on toy data ``name`` with :func:`flowbench.training.run_experiment`; write
-    ``toy2d_<name>_<model>.png`` (data | learned density) and ``.json`` (test LL, record path) under ``out``."""
-    from flowbench.results import record_path
-    from flowbench.training import run_experiment
-
-    out = Path(out)
-    data = make_toy(name, seed)
-    options: dict[str, Any] = {"model": model, "seed": seed, "max_epochs": max_epochs, "patience": patience,
-                               "batch_size": batch_size, "out": str(out), "force": True, "device": "cpu",
-                               **({"lr": lr} if lr is not None else {}), **(hparams or {})}
-    record = run_experiment(options, data=data, progress=False)
-    flow = _load_trained(record, options, data)
-    test = torch.as_tensor(data.test)
-    with torch.no_grad():
-        test_ll_plotted = float(flow.log_prob(test).mean())
+def _density_grid(flow, data: Dataset, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gx, gy, log p) on a grid × grid lattice covering the training and test points with a 0.5 margin."""
     lo = np.minimum(data.train.min(0), data.test.min(0)) - 0.5
     hi = np.maximum(data.train.max(0), data.test.max(0)) + 0.5
     gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], grid), np.linspace(lo[1], hi[1], grid))
     pts = torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float32)
     with torch.no_grad():
         logp = torch.cat([flow.log_prob(b) for b in pts.split(10_000)]).numpy().reshape(grid, grid)
-    # The full-covariance Gaussian's test LL: a model that does not beat it has learned nothing non-Gaussian.
+    return gx, gy, logp
+
+
+def _gaussian_test_ll(data: Dataset) -> float:
+    """The full-covariance Gaussian's test LL: a model that does not beat it has learned nothing non-Gaussian."""
     from flowbench.models import build_model
 
     gauss = build_model("gaussian", data.dim)
     gauss.initialize(torch.as_tensor(data.train))
     gauss.eval()
     with torch.no_grad():
-        gaussian_ll = float(gauss.log_prob(test).double().mean())
+        return float(gauss.log_prob(torch.as_tensor(data.test)).double().mean())
+
+
+def run_toy2d(name: str, model: str = "relgrad", out: str | Path = "results/sanity", seed: int = 0,
+              max_epochs: int = 100, patience: int = 30, lr: float | None = None, batch_size: int = 100,
+              hparams: dict[str, Any] | None = None, grid: int = 200, progress: Progress = QUIET) -> dict[str, Any]:
+    """Train ``model`` on toy data ``name`` with :func:`flowbench.training.run_experiment`; write
+    ``toy2d_<name>_<model>.png`` (data | learned density) and ``.json`` (test LL, record path) under ``out``.
+
+    ``progress`` turns on the trainer's own display (a bar per epoch, a line after each).
+    """
+    from flowbench.results import record_path
+    from flowbench.training import run_experiment
+
+    check_seed(seed)
+    check_number("--lr", lr)
+    out = output_dir(out)
+    data = make_toy(name, seed)
+    options: dict[str, Any] = {"model": model, "seed": seed, "max_epochs": max_epochs, "patience": patience,
+                               "batch_size": batch_size, "out": str(out), "force": True, "device": "cpu",
+                               **({"lr": lr} if lr is not None else {}), **(hparams or {})}
+    record = run_experiment(options, data=data, progress=progress.enabled)
+    flow = _load_trained(record, options, data)
+    progress.log(f"{data.name}: trained {record.get('epochs')} epochs; evaluating the density on a {grid}×{grid} grid")
+    with torch.no_grad():
+        test_ll_plotted = float(flow.log_prob(torch.as_tensor(data.test)).mean())
+    gx, gy, logp = _density_grid(flow, data, grid)
     mass = float(np.exp(np.where(np.isfinite(logp), logp, -np.inf)).sum() * (gx[0, 1] - gx[0, 0]) * (gy[1, 0] - gy[0, 0]))
     result = {"data": name, "model": model, "display_name": record.get("display_name"), "seed": seed,
               "test_ll": record["test_ll"], "test_ll_se2": record.get("test_ll_se2"), "test_ll_plotted_model":
               test_ll_plotted, "best_val_ll": record.get("best_val_ll"), "epochs": record.get("epochs"),
               "best_epoch": record.get("best_epoch"), "params": record.get("params"),
-              "status": record.get("status"), "mass_on_grid": mass, "gaussian_test_ll": gaussian_ll,
+              "status": record.get("status"), "mass_on_grid": mass, "gaussian_test_ll": _gaussian_test_ll(data),
               "nonfinite_grid_points": int((~np.isfinite(logp)).sum()), "grid_points": int(logp.size),
               "record": str(record_path(options["out"], data.name, model, seed, record.get("tag")))}
     stem = out / f"toy2d_{name}_{model}"
@@ -132,9 +147,42 @@ def run_toy2d(name: str, model: str = "relgrad", out: str | Path = "results/sani
     return result
 
 
+def run_toy2d_all(names: list[str] | None = None, model: str = "relgrad", out: str | Path = "results/sanity",
+                  seed: int | None = None, max_epochs: int | None = None, quick: bool = False,
+                  hparams: dict[str, Any] | None = None, progress: Progress = QUIET,
+                  log: Callable[[str], None] = print, **train: Any) -> list[dict[str, Any]]:
+    """:func:`run_toy2d` for each of ``names`` (default: all of :data:`TOY_DATA`), with the command line's
+    defaults: seed 0, at most 100 epochs on a 200-point grid (``quick``: 2 epochs, 60 points); one ``log``
+    line per data set as it ends. Options are checked before the first model trains; ``train`` passes
+    patience, lr and batch_size through."""
+    from flowbench.models import MODELS
+
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    names = list(TOY_DATA) if names is None else list(names)
+    for name in names:
+        if name not in TOY_DATA:
+            raise ConfigError(f"unknown toy data {name!r}; choose one of {', '.join(TOY_DATA)}")
+    seed = 0 if seed is None else seed
+    check_seed(seed)
+    check_number("--lr", train.get("lr"))
+    out = output_dir(out)
+    results = []
+    for name in names:
+        r = run_toy2d(name, model, out, seed=seed, max_epochs=pick(max_epochs, 100, 2, quick), hparams=hparams,
+                      grid=60 if quick else 200, progress=progress, **train)
+        log(f"{name}: {r['display_name']} test LL {r['test_ll']:.3f} ± {r['test_ll_se2']:.3f} nats "
+            f"({r['epochs']} epochs; Gaussian {r['gaussian_test_ll']:.3f}) → {out / f'toy2d_{name}_{model}.png'}")
+        results.append(r)
+    return results
+
+
 def _figure(data: Dataset, gx, gy, logp, result: dict[str, Any], path: Path) -> None:
-    plt = pyplot()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 5), layout="constrained")
+    with figure(path, 1, 2, figsize=(11, 5)) as (fig, (a, b)):
+        _draw(fig, a, b, data, gx, gy, logp, result)
+
+
+def _draw(fig, a, b, data: Dataset, gx, gy, logp, result: dict[str, Any]) -> None:
     extent = (gx.min(), gx.max(), gy.min(), gy.max())
     a.scatter(data.train[:, 0], data.train[:, 1], s=2, c="k", alpha=0.35)
     a.set(xlim=extent[:2], ylim=extent[2:], aspect="equal", title=f"{data.name}: {len(data.train)} training points")
@@ -142,10 +190,10 @@ def _figure(data: Dataset, gx, gy, logp, result: dict[str, Any], path: Path) -> 
     # Non-finite log-densities (a numerically broken model off the data) are masked and drawn in cyan.
     dens = np.ma.masked_invalid(np.exp(np.where(np.isnan(logp), np.nan, np.minimum(logp, 50.0))))
     finite = dens.compressed()
-    cmap = pyplot().get_cmap("magma").copy()
-    cmap.set_bad("cyan")
+    cmap = colormap("magma", bad="cyan")
     vmax = float(np.quantile(finite, 0.999)) if finite.size else 1.0
     im = b.imshow(dens, origin="lower", extent=extent, cmap=cmap, vmin=0.0, vmax=vmax, aspect="equal")
+    b.grid(False)  # grid lines over an image hide the density
     fig.colorbar(im, ax=b, shrink=0.8, label="learned density p(x)")
     b.set_title(f"{result['display_name'] or result['model']}: test LL {result['test_ll']:.3f} nats\n"
                 f"({result['epochs']} epochs; full-covariance Gaussian {result['gaussian_test_ll']:.3f})"
@@ -153,4 +201,3 @@ def _figure(data: Dataset, gx, gy, logp, result: dict[str, Any], path: Path) -> 
                    if result["nonfinite_grid_points"] else ""))
     for ax in (a, b):
         ax.set(xlabel="x₁ (standardised)", ylabel="x₂ (standardised)")
-    save_figure(fig, path)

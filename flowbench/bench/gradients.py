@@ -128,7 +128,6 @@ def step_fn(method: str, flow, x: Tensor) -> Callable[[], None]:
             zero()
             flow.relative = method == "relative"
             (-flow.train_log_prob(x).mean()).backward()
-            flow.adjust_gradients()
     elif method == "autodiff":
         from torch.func import jacrev, vmap
 

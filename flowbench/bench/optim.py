@@ -39,7 +39,6 @@ def _descend(flow, x: torch.Tensor, epochs: int, lr: float) -> list[float]:
         if not math.isfinite(value):
             break
         loss.backward()
-        flow.adjust_gradients()
         with torch.no_grad():
             for p in flow.parameters():
                 p.add_(p.grad, alpha=-lr)

@@ -1,6 +1,6 @@
 """Training throughput of one model on one dataset's shape: samples/s and seconds per epoch.
 
-The step timed is the trainer's: Adam, ``-train_log_prob(x).mean()``, ``backward()``, ``adjust_gradients()``,
+The step timed is the trainer's: Adam, ``-train_log_prob(x).mean()``, ``backward()``,
 ``step()``, on random minibatches. When the dataset is not prepared, standard-normal data of the right shape
 (D and N train from :data:`flowbench.data.DATASETS`) stands in, and the result says so. Optionally the same
 measurement for zuko's ``MAF`` with (as nearly as possible) the same parameter count, interleaved with ours
@@ -47,10 +47,9 @@ def _adam(params, lr: float, impl: str) -> torch.optim.Optimizer:
 
 
 def _trainer_step(model, opt, loss_fn, batch: torch.Tensor) -> None:
-    """One step exactly as flowbench's trainer takes it (loss, backward, adjust_gradients, Adam)."""
+    """One step exactly as flowbench's trainer takes it (loss, backward, Adam)."""
     opt.zero_grad(set_to_none=True)
     loss_fn(batch).backward()
-    model.adjust_gradients()
     opt.step()
 
 

@@ -5,8 +5,9 @@ shape ``(batch,)`` equal to log|det ∂z/∂x|; ``inverse`` maps latent to data 
 the log-determinant of the inverse map, or raises :class:`InverseNotAvailable`.
 
 The trainer only ever calls the :class:`Flow` methods below, so it never needs to know which model it trains:
-``initialize`` once before training, ``train_log_prob`` for the loss, ``adjust_gradients`` after
-``backward()``, ``prepare_for_eval`` before every evaluation, ``log_prob`` to evaluate.
+``initialize`` once before training, ``train_log_prob`` for the loss, ``prepare_for_eval`` before every
+evaluation, ``log_prob`` to evaluate. A model that needs a non-Euclidean gradient forms it inside its own
+backward (relgrad's custom autograd Functions), so the trainer has no gradient hook.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class Flow(nn.Module):
         return self.base.log_prob(z) + logdet
 
     def train_log_prob(self, x: Tensor) -> Tensor:
-        """The per-example objective whose gradient, after :meth:`adjust_gradients`, is the ascent direction.
+        """The per-example objective whose gradient is the model's ascent direction.
 
         Equal to :meth:`log_prob` except where a model adds part of the gradient analytically
         (relgrad leaves out the value of log|det W| here; its relative gradient is added inside backward).
@@ -130,9 +131,6 @@ class Flow(nn.Module):
     # -- trainer hooks -------------------------------------------------------------------------------
     def initialize(self, train_x: Tensor) -> None:
         """Data-dependent set-up, called once before training (closed-form fits). Default: nothing."""
-
-    def adjust_gradients(self) -> None:
-        """Called after ``backward()`` and before the optimiser step. Default: nothing."""
 
     @torch.no_grad()
     def prepare_for_eval(self, train_x: Tensor, batch_size: int = 10_000) -> None:

@@ -18,11 +18,11 @@ transposed convention. Cost: two extra B×D×D products per layer, O(B·D²), no
 For log|det W| the relative gradient is W⁻ᵀWᵀW = W.
 
 Where the adjustment happens: inside ``backward`` (the custom autograd functions in
-:mod:`flowbench.models.relgrad_autograd`), not in ``adjust_gradients``. The layer's backward returns the
+:mod:`flowbench.models.relgrad_autograd`), not in a separate gradient hook. The layer's backward returns the
 relative data-term gradient directly (it has Δ and Y at hand, so no extra memory), and the log-det term is a
 node whose backward adds ``(Σ upstream) · W``. The
 result is therefore exact for any loss reduction (mean, sum, accumulation over several backward calls), and
-``adjust_gradients`` has nothing left to do. After ``(-log_prob(x).mean()).backward()`` each weight's
+nothing is left to do after ``backward``. After ``(-log_prob(x).mean()).backward()`` each weight's
 ``.grad`` is ``(∇_W L_data) WᵀW − W`` and each bias's is the projected rule above.
 
 ``relative=False`` gives ordinary autograd gradients with ``slogdet`` in the graph (the benchmarks' "ordinary"
@@ -250,9 +250,6 @@ class RelgradFlow(Flow):
         params = list(t.weights) + (list(t.biases) if t.biases is not None else [])
         z, ld = RelgradNet.apply(x, t.activation, t.alpha, len(t.weights), t.bias_logdet, *params)
         return self.base.log_prob(z) + ld
-
-    def adjust_gradients(self) -> None:
-        """Nothing to do: the relative gradient is formed inside backward (see the module docstring)."""
 
     @torch.no_grad()
     def prepare_for_eval(self, train_x: Tensor | None = None, batch_size: int = 10_000) -> None:

@@ -1,7 +1,7 @@
 """The custom autograd Functions of the relgrad dense flow (:mod:`flowbench.models.relgrad`).
 
 Each backward returns the (projected) relative gradient directly instead of the Euclidean one, so that
-``adjust_gradients`` has nothing left to do (derivation and conventions in the relgrad module docstring):
+nothing is left to do after ``backward`` (derivation and conventions in the relgrad module docstring):
 
 - :class:`RelativeDense` — one layer ``Y = h Wᵀ + b``; backward gives ``Δᵀ (Y W)`` and ``Δᵀ (Y b + 1)``.
 - :class:`RelativeLogDet` — Σ_k log|det W_k| as a node whose backward adds ``(Σ upstream) · W_k``.

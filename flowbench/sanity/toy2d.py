@@ -70,9 +70,9 @@ def _load_trained(record: dict[str, Any], options: dict[str, Any], data: Dataset
     from flowbench.models import build_model
     from flowbench.results import checkpoint_path
 
-    flow = build_model(record["model"], data.dim, **record.get("hparams", {}))
+    flow = build_model(record.model, data.dim, **record.hparams)
     train = torch.as_tensor(data.train)
-    path = checkpoint_path(options["out"], data.name, record["model"], record["seed"], record.get("tag"))
+    path = checkpoint_path(options["out"], data.name, record.model, record.seed, record.tag)
     if not flow.trainable:  # closed-form models (the Gaussian) have no checkpoint: refit, deterministic
         flow.initialize(train)
     elif not path.is_file():
@@ -129,18 +129,18 @@ def run_toy2d(name: str, model: str = "relgrad", out: str | Path = "results/sani
                                **({"lr": lr} if lr is not None else {}), **(hparams or {})}
     record = run_experiment(options, data=data, progress=progress.enabled)
     flow = _load_trained(record, options, data)
-    progress.log(f"{data.name}: trained {record.get('epochs')} epochs; evaluating the density on a {grid}×{grid} grid")
+    progress.log(f"{data.name}: trained {record.epochs} epochs; evaluating the density on a {grid}×{grid} grid")
     with torch.no_grad():
         test_ll_plotted = float(flow.log_prob(torch.as_tensor(data.test)).mean())
     gx, gy, logp = _density_grid(flow, data, grid)
     mass = float(np.exp(np.where(np.isfinite(logp), logp, -np.inf)).sum() * (gx[0, 1] - gx[0, 0]) * (gy[1, 0] - gy[0, 0]))
-    result = {"data": name, "model": model, "display_name": record.get("display_name"), "seed": seed,
-              "test_ll": record["test_ll"], "test_ll_se2": record.get("test_ll_se2"), "test_ll_plotted_model":
-              test_ll_plotted, "best_val_ll": record.get("best_val_ll"), "epochs": record.get("epochs"),
-              "best_epoch": record.get("best_epoch"), "params": record.get("params"),
-              "status": record.get("status"), "mass_on_grid": mass, "gaussian_test_ll": _gaussian_test_ll(data),
+    result = {"data": name, "model": model, "display_name": record.display_name, "seed": seed,
+              "test_ll": record.test_ll, "test_ll_2se": record.test_ll_2se, "test_ll_plotted_model":
+              test_ll_plotted, "best_val_ll": record.best_val_ll, "epochs": record.epochs,
+              "best_epoch": record.best_epoch, "params": record.params,
+              "status": record.status, "mass_on_grid": mass, "gaussian_test_ll": _gaussian_test_ll(data),
               "nonfinite_grid_points": int((~np.isfinite(logp)).sum()), "grid_points": int(logp.size),
-              "record": str(record_path(options["out"], data.name, model, seed, record.get("tag")))}
+              "record": str(record_path(options["out"], data.name, model, seed, record.tag))}
     stem = out / f"toy2d_{name}_{model}"
     atomic_write_json(stem.with_suffix(".json"), result)
     _figure(data, gx, gy, logp, result, stem.with_suffix(".png"))
@@ -171,7 +171,7 @@ def run_toy2d_all(names: list[str] | None = None, model: str = "relgrad", out: s
     for name in names:
         r = run_toy2d(name, model, out, seed=seed, max_epochs=pick(max_epochs, 100, 2, quick), hparams=hparams,
                       grid=60 if quick else 200, progress=progress, **train)
-        log(f"{name}: {r['display_name']} test LL {r['test_ll']:.3f} ± {r['test_ll_se2']:.3f} nats "
+        log(f"{name}: {r['display_name']} test LL {r['test_ll']:.3f} ± {r['test_ll_2se']:.3f} nats "
             f"({r['epochs']} epochs; Gaussian {r['gaussian_test_ll']:.3f}) → {out / f'toy2d_{name}_{model}.png'}")
         results.append(r)
     return results

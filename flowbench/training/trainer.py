@@ -149,9 +149,9 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.progress = progress
         # torch's Adam adds weight_decay·w to the gradient inside step(): exactly the gradient of the MAF L2
-        # penalty (1e-6/2)·Σ‖w‖² (not AdamW's decoupled decay). Because it happens in step(), i.e. after
-        # flow.adjust_gradients(), relgrad's relative-gradient transform acts on the likelihood gradient only
-        # and the penalty stays an ordinary Euclidean L2 term, as in the MAF protocol.
+        # penalty (1e-6/2)·Σ‖w‖² (not AdamW's decoupled decay). Because it happens in step(), after relgrad's
+        # backward has formed the relative gradient, that transform acts on the likelihood gradient only and
+        # the penalty stays an ordinary Euclidean L2 term, as in the MAF protocol.
         self.optimizer = make_adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
         self.stopper = EarlyStopping(patience)
         # Shuffling has its own generator so that nothing else drawing random numbers changes the batch order.
@@ -253,7 +253,6 @@ class Trainer:
                 bar.set_postfix(loss=f"{running:.4f}", refresh=False)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.flow.adjust_gradients()
             self.optimizer.step()
         bar.close()
         return total.item() / max(count, 1), None

@@ -128,7 +128,7 @@ def _train(flow: torch.nn.Module, x: _Tensors, opts: RunOptions, ckpt_path: Path
         flow, x.train, x.val, lr=opts.lr, weight_decay=opts.weight_decay, batch_size=opts.batch_size,
         patience=opts.patience, max_epochs=opts.max_epochs, seed=opts.seed, eval_batch_size=opts.eval_batch_size,
         checkpoint_path=ckpt_path, fingerprint=opts.to_dict(), callbacks=callbacks, progress=progress,
-        compile=opts.compile,
+        compile=opts.compile, adam_epoch_step=opts.adam_epoch_step,
     )
     prior = 0.0
     if opts.resume:

@@ -27,6 +27,7 @@ from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import finite_mean, log_prob_batches
+from flowbench.training.optim import EpochStepAdam
 from flowbench.utils import atomic_torch_save
 
 __all__ = ["TrainResult", "Trainer", "EpochInfo", "best_model_state"]
@@ -132,6 +133,7 @@ class Trainer:
         callbacks: list[Callable[[EpochInfo], None]] | None = None,
         progress: bool = True,
         compile: bool = False,
+        adam_epoch_step: bool = False,
     ):
         self.flow = flow
         # The training objective, optionally through torch.compile: at small D a step is mostly per-operation
@@ -154,6 +156,8 @@ class Trainer:
         # flow.adjust_gradients(), relgrad's relative-gradient transform acts on the likelihood gradient only
         # and the penalty stays an ordinary Euclidean L2 term, as in the MAF protocol.
         self.optimizer = make_adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
+        if adam_epoch_step:  # the relgrad reference code's bias correction (see training/optim.py)
+            self.optimizer = EpochStepAdam(flow.parameters(), lr=lr, weight_decay=weight_decay)
         self.stopper = EarlyStopping(patience)
         # Shuffling has its own generator so that nothing else drawing random numbers changes the batch order.
         self.generator = torch.Generator().manual_seed(seed)
@@ -224,6 +228,8 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> tuple[float, str | None]:
         """One pass over the shuffled training set; returns (mean train NLL, failure message or None)."""
         self.flow.train()
+        if isinstance(self.optimizer, EpochStepAdam):
+            self.optimizer.epoch = epoch
         n = self.train_x.shape[0]
         perm = torch.randperm(n, generator=self.generator).to(self.train_x.device)
         total, count = self.train_x.new_zeros((), dtype=torch.float64), 0

@@ -99,6 +99,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            _TRAIN, "W", low=0.0, training_only=True),
     Option("compile", False, (bool,), "compile the training objective with torch.compile (faster steps for small "
            "models after a one-off compile of ~30 s; needs a C++ compiler on CPU)", _TRAIN, resume_may_change=True),
+    Option("adam_epoch_step", False, (bool,), "Adam's bias correction counts epochs, not steps: the relgrad "
+           "reference code's quirk (jax adam called with the epoch index), with which its published numbers were "
+           "made; default off = ordinary Adam", _TRAIN, training_only=True),
     Option("eval_batch_size", 2000, (int,), "batch size for evaluation", _TRAIN, "N", low=1, tagged=False,
            resume_may_change=True),
     Option("match_params", None, (int, str), "size the model (its spec's knob: the hidden width, or relgrad's "
@@ -153,6 +156,7 @@ class RunOptions:
     batch_size: int = 100
     weight_decay: float = 1e-6
     compile: bool = False
+    adam_epoch_step: bool = False
     eval_batch_size: int = 2000
     match_params: int | str | None = None
     out: str = "results"

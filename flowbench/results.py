@@ -42,7 +42,8 @@ _RENAMED_V1 = {
     "bits_per_pixel_se2": "bits_per_pixel_2se",
 }
 _NUMBERS = ("test_ll", "test_ll_2se", "best_val_ll", "test_ll_pixel", "test_ll_pixel_2se", "bits_per_pixel",
-            "bits_per_pixel_2se", "train_time_s", "wall_time_s")
+            "bits_per_pixel_2se", "train_time_s", "wall_time_s", "test_ll_finite", "test_ll_finite_2se",
+            "n_nonfinite_val", "n_nonfinite_test")
 
 
 @dataclass
@@ -74,6 +75,13 @@ class RunRecord:
     test_ll_pixel_2se: float | None = None
     bits_per_pixel: float | None = None
     bits_per_pixel_2se: float | None = None
+    #: Points whose log-density was not finite (−inf): on the validation set at the best epoch, on the test
+    #: set. With any on the test set ``test_ll`` is −inf (the protocol's mean over all points; JSON null,
+    #: read back as −inf) and ``test_ll_finite`` ± ``test_ll_finite_2se`` is the mean over the finite ones.
+    n_nonfinite_val: int = 0
+    n_nonfinite_test: int = 0
+    test_ll_finite: float | None = None
+    test_ll_finite_2se: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     train_time_s: float = 0.0
     wall_time_s: float = 0.0
@@ -124,6 +132,8 @@ class RunRecord:
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ConfigError(f"{bad} ({key} is {value!r}, not a number); delete or re-run it")
         known = {k: v for k, v in data.items() if k in names}
+        if known.get("test_ll") is None and (known.get("n_nonfinite_test") or 0) > 0:
+            known["test_ll"] = -math.inf  # JSON has no −inf; a mean over points that include −inf is −inf
         return cls(**known, extra={k: v for k, v in data.items() if k not in names})
 
     @classmethod

@@ -99,12 +99,26 @@ def _select(records: list[RunRecord], select: str) -> list[_Row]:
     return list(rows.values())
 
 
+def _nonfinite_note(r: RunRecord) -> str:
+    others = ""
+    if r.test_ll_finite is not None and math.isfinite(r.test_ll_finite):
+        se = f" ± {r.test_ll_finite_2se:.2f}" if r.test_ll_finite_2se is not None else ""
+        others = f"; over the other {r.n_test - r.n_nonfinite_test} it is {r.test_ll_finite:.2f}{se}"
+    return (f"seed {r.seed}: {r.n_nonfinite_test} of {r.n_test} test points have log-density −inf (below float "
+            f"range), so the mean over all points is −inf{others}")
+
+
 def _cell_from_runs(runs: list[RunRecord], dataset: str) -> _Cell:
     finite = [r for r in runs if r.test_ll is not None and math.isfinite(r.test_ll)]
     notes = []
     for r in runs:
         if r.status != "ok":
             notes.append(f"seed {r.seed}: status {r.status} ({r.failure})")
+        if r.n_nonfinite_test:
+            notes.append(_nonfinite_note(r))
+    if any(r.test_ll == -math.inf and r.status == "ok" for r in runs):
+        # The protocol's mean over test points (and then over seeds) is −inf: shown as such, never dropped.
+        return _Cell(-math.inf, None, 2, notes)
     if not finite:
         return _Cell(math.nan, None, 2, notes)
     means = [r.test_ll for r in finite]
@@ -187,7 +201,9 @@ def build_table(
         line = [row.label, source]
         for d in columns:
             cell = row.cells.get(d)
-            if cell is None or not math.isfinite(cell.mean):
+            if cell is not None and cell.mean == -math.inf:
+                text = "−∞"
+            elif cell is None or not math.isfinite(cell.mean):
                 text = "N/A"
             else:
                 text = _fmt(cell.mean, cell.decimals)

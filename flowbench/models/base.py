@@ -26,6 +26,7 @@ __all__ = [
     "Flow",
     "StandardNormal",
     "check_input",
+    "nan_to_neginf",
     "recompute_batchnorm_stats",
 ]
 
@@ -77,6 +78,11 @@ class StandardNormal(nn.Module):
         return torch.randn(n, self.dim, device=self._dummy.device, dtype=self._dummy.dtype)
 
 
+def nan_to_neginf(logp: Tensor) -> Tensor:
+    """NaN → −inf, everything else unchanged (no host sync: a ``where``, not a test)."""
+    return torch.where(torch.isnan(logp), torch.full_like(logp, -math.inf), logp)
+
+
 def check_input(x: Tensor, dim: int, name: str = "input", check_finite: bool = True) -> None:
     """Clear errors for the two commonest mistakes: wrong shape and non-finite values."""
     if x.dim() != 2 or x.shape[1] != dim:
@@ -103,9 +109,15 @@ class Flow(nn.Module):
 
     # -- density -------------------------------------------------------------------------------------
     def log_prob(self, x: Tensor) -> Tensor:
-        """Exact log-density of each row of ``x`` (nats), shape ``(batch,)``."""
+        """Exact log-density of each row of ``x`` (nats), shape ``(batch,)``: finite or −inf, never NaN.
+
+        Far outside the data a flow's scales grow (a ReLU MADE's log precision is linear in x), ``exp``
+        overflows to inf and a later layer or the base density forms inf − inf = NaN. The exact density
+        there is tiny, so the float answer is −inf: NaN results of finite rows become −inf. Every other
+        value is returned untouched (bit-identical to ``_log_prob``).
+        """
         check_input(x, self.dim)
-        return self._log_prob(x)
+        return nan_to_neginf(self._log_prob(x))
 
     def _log_prob(self, x: Tensor) -> Tensor:
         z, logdet = self.transform(x)

@@ -2,6 +2,13 @@
 
 Papamakarios et al. 2017, section 4: average test log-likelihood ± 2 standard errors over the test points;
 for images also the pixel-space log-likelihood and bits/pixel (see ``Dataset.pixel_log_prob``).
+
+Non-finite per-point values (−inf: a density below float range far from the data; ``Flow.log_prob`` never
+returns NaN for a finite row) are counted. The test mean stays the protocol's mean over *all* points, so one
+−inf point makes it −inf (reported as such, ``n_nonfinite_test`` > 0, and footnoted in the table); the mean
+and 2 SE over the finite points are recorded beside it as ``test_ll_finite``/``test_ll_finite_2se``.
+Validation uses the mean over the finite points plus their count (:func:`finite_mean`), so a −inf point
+does not end training.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from flowbench.data.base import Dataset
 from flowbench.jacobian import jacobian_spectral_norm
 from flowbench.models.base import Flow
 
-__all__ = ["log_prob_batches", "mean_2se", "evaluate_test", "spectral_norm_summary"]
+__all__ = ["log_prob_batches", "mean_2se", "finite_mean", "evaluate_test", "spectral_norm_summary"]
 
 
 @torch.no_grad()
@@ -41,11 +48,32 @@ def mean_2se(values: np.ndarray) -> tuple[float, float]:
     return float(values.mean()), float(2.0 * values.std() / math.sqrt(n))
 
 
+def finite_mean(values: np.ndarray) -> tuple[float, int]:
+    """``(mean over the finite values, number of non-finite values)``; the mean is NaN when none is finite.
+
+    The validation score: early stopping compares epochs by it, and the count goes into the history, so an
+    epoch whose score leaves points out says so.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    ok = np.isfinite(values)
+    n_bad = int(values.size - ok.sum())
+    return (float(values[ok].mean()) if ok.any() else math.nan), n_bad
+
+
 def evaluate_test(flow: Flow, data: Dataset, test_x: Tensor, batch_size: int = 2000) -> dict[str, Any]:
     """Test log-likelihood (nats) ± 2 SE; for image data also pixel-space LL and bits/pixel."""
     logp = log_prob_batches(flow, test_x, batch_size)
-    mean, err2se = mean_2se(logp)
-    out: dict[str, Any] = {"test_ll": mean, "test_ll_2se": err2se, "n_test": int(logp.size)}
+    finite = np.isfinite(logp)
+    n_bad = int(logp.size - finite.sum())
+    if n_bad:
+        # The protocol's mean over all points is −inf (its 2 SE undefined); the finite points' go beside it.
+        mean, err2se = float(logp.mean()), math.nan
+    else:
+        mean, err2se = mean_2se(logp)
+    out: dict[str, Any] = {"test_ll": mean, "test_ll_2se": err2se, "n_test": int(logp.size),
+                           "n_nonfinite_test": n_bad}
+    if n_bad:
+        out["test_ll_finite"], out["test_ll_finite_2se"] = mean_2se(logp[finite])
     if data.image:
         pixel = data.pixel_log_prob(logp, data.test)
         pmean, perr2se = mean_2se(pixel)

@@ -24,7 +24,7 @@ from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
 from flowbench.models.params import count_params, match_params
 from flowbench.results import RunRecord, check_overwrite, checkpoint_path, record_path, system_info, write_record
-from flowbench.training.evaluate import evaluate_test, log_prob_batches, spectral_norm_summary
+from flowbench.training.evaluate import evaluate_test, finite_mean, log_prob_batches, spectral_norm_summary
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult
 from flowbench.utils import resolve_device
 
@@ -122,13 +122,13 @@ def _train(flow: torch.nn.Module, x: _Tensors, opts: RunOptions, ckpt_path: Path
         result = TrainResult(stop_reason="closed-form fit (not trainable)")
         flow.eval()
         flow.prepare_for_eval(x.train)
-        result.best_val_ll = float(np.mean(log_prob_batches(flow, x.val, opts.eval_batch_size)))
+        result.best_val_ll, result.n_nonfinite_val = finite_mean(log_prob_batches(flow, x.val, opts.eval_batch_size))
         return result, notes, 0.0
     trainer = Trainer(
         flow, x.train, x.val, lr=opts.lr, weight_decay=opts.weight_decay, batch_size=opts.batch_size,
         patience=opts.patience, max_epochs=opts.max_epochs, seed=opts.seed, eval_batch_size=opts.eval_batch_size,
         checkpoint_path=ckpt_path, fingerprint=opts.to_dict(), callbacks=callbacks, progress=progress,
-        compile=opts.compile,
+        compile=opts.compile, adam_epoch_step=opts.adam_epoch_step,
     )
     prior = 0.0
     if opts.resume:
@@ -156,6 +156,7 @@ def _make_record(opts: RunOptions, flow: torch.nn.Module, hparams: dict[str, Any
         epochs=result.epochs,
         best_epoch=result.best_epoch,
         best_val_ll=result.best_val_ll,
+        n_nonfinite_val=result.n_nonfinite_val,
         stop_reason=result.stop_reason,
         **evaluation,
         history=result.history,
@@ -208,7 +209,12 @@ def run_experiment(
     jac, note = spectral_norm_summary(flow, x.test[:JACOBIAN_POINTS])
     if note:
         notes.append(note)
-    if result.status == "ok" and not math.isfinite(evaluation["test_ll"]):
+    n_bad = evaluation["n_nonfinite_test"]
+    if n_bad and evaluation["test_ll"] == -math.inf:
+        # A density below float range is a legitimate (worst) value, not a failure: said in a note and the table.
+        notes.append(f"{n_bad} of {evaluation['n_test']} test points have log-density −inf, so the test LL is −inf; "
+                     f"over the others it is {evaluation['test_ll_finite']:.4f} ± {evaluation['test_ll_finite_2se']:.4f}")
+    elif result.status == "ok" and not math.isfinite(evaluation["test_ll"]):
         result.status, result.failure = "nonfinite", "test log-likelihood is not finite"
     # Wall time includes the training time of earlier sessions when resumed (the whole run's).
     wall = prior_time + time.perf_counter() - t0

@@ -26,7 +26,8 @@ from flowbench.config import RESUME_MAY_CHANGE
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.training.early_stopping import EarlyStopping
-from flowbench.training.evaluate import log_prob_batches
+from flowbench.training.evaluate import finite_mean, log_prob_batches
+from flowbench.training.optim import EpochStepAdam
 from flowbench.utils import atomic_torch_save
 
 __all__ = ["TrainResult", "Trainer", "EpochInfo", "best_model_state"]
@@ -55,6 +56,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     train_time_s: float = 0.0
     resumed_from_epoch: int | None = None
+    n_nonfinite_val: int = 0  # −inf validation points at the best epoch (left out of best_val_ll)
 
 
 #: On a GPU the running loss is read back (and checked for NaN/inf) every this many steps.
@@ -131,6 +133,7 @@ class Trainer:
         callbacks: list[Callable[[EpochInfo], None]] | None = None,
         progress: bool = True,
         compile: bool = False,
+        adam_epoch_step: bool = False,
     ):
         self.flow = flow
         # The training objective, optionally through torch.compile: at small D a step is mostly per-operation
@@ -153,6 +156,8 @@ class Trainer:
         # backward has formed the relative gradient, that transform acts on the likelihood gradient only and
         # the penalty stays an ordinary Euclidean L2 term, as in the MAF protocol.
         self.optimizer = make_adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
+        if adam_epoch_step:  # the relgrad reference code's bias correction (see training/optim.py)
+            self.optimizer = EpochStepAdam(flow.parameters(), lr=lr, weight_decay=weight_decay)
         self.stopper = EarlyStopping(patience)
         # Shuffling has its own generator so that nothing else drawing random numbers changes the batch order.
         self.generator = torch.Generator().manual_seed(seed)
@@ -211,10 +216,11 @@ class Trainer:
         self.result.resumed_from_epoch = self._epoch
 
     # -- the loop --------------------------------------------------------------------------------------
-    def _validate(self) -> float:
+    def _validate(self) -> tuple[float, int]:
+        """(validation LL over the finite points, count of −inf points): see ``evaluate.finite_mean``."""
         self.flow.eval()
         self.flow.prepare_for_eval(self.train_x)
-        return float(np.mean(log_prob_batches(self.flow, self.val_x, self.eval_batch_size)))
+        return finite_mean(log_prob_batches(self.flow, self.val_x, self.eval_batch_size))
 
     def _batch_loss(self, batch: Tensor) -> Tensor:
         return -self.flow.train_log_prob(batch).mean()
@@ -222,6 +228,8 @@ class Trainer:
     def _train_epoch(self, epoch: int) -> tuple[float, str | None]:
         """One pass over the shuffled training set; returns (mean train NLL, failure message or None)."""
         self.flow.train()
+        if isinstance(self.optimizer, EpochStepAdam):
+            self.optimizer.epoch = epoch
         n = self.train_x.shape[0]
         perm = torch.randperm(n, generator=self.generator).to(self.train_x.device)
         total, count = self.train_x.new_zeros((), dtype=torch.float64), 0
@@ -268,9 +276,9 @@ class Trainer:
                 break
             epoch = self._epoch + 1
             train_nll, failure = self._train_epoch(epoch)
-            val_ll = math.nan
+            val_ll, n_bad = math.nan, 0
             if failure is None:
-                val_ll = self._validate()
+                val_ll, n_bad = self._validate()
                 if not math.isfinite(val_ll):
                     failure = f"non-finite validation log-likelihood ({val_ll}) at epoch {epoch}"
             if failure is not None:
@@ -284,7 +292,7 @@ class Trainer:
                 break
             self.stopper.step(val_ll, epoch, self.flow)
             self._epoch = epoch
-            res.history.append({"epoch": epoch, "train_loss": train_nll, "val_ll": val_ll})
+            res.history.append({"epoch": epoch, "train_loss": train_nll, "val_ll": val_ll, "n_nonfinite_val": n_bad})
             info = EpochInfo(
                 epoch, train_nll, val_ll, self.stopper.best_value, self.stopper.best_epoch, self.stopper.patience_left
             )
@@ -307,6 +315,8 @@ class Trainer:
             self.flow.prepare_for_eval(self.train_x)
         res.best_epoch = self.stopper.best_epoch
         res.best_val_ll = self.stopper.best_value if self.stopper.best_epoch is not None else math.nan
+        res.n_nonfinite_val = next((int(h.get("n_nonfinite_val", 0)) for h in res.history
+                                    if h["epoch"] == res.best_epoch), 0)
         self.flow.eval()
         return res
 

@@ -111,7 +111,10 @@ def test_status_kinds_and_convergence_note():
     assert "--max-epochs 3" in S.run_status(capped).text and not S.run_status(capped).comparable
     assert "at epoch 2, batch 7" in S.run_status(nonfinite).text
     assert S.convergence_note([converged, gauss]) is None
-    assert S.convergence_note([nonfinite]) is None  # already footnoted by its status, not "capped"
+    # a capped run whose test LL came out non-finite is footnoted by its status already, not as "capped"
+    bad_test = fake_record("power", "maf", "MAF (5)", 3, [1, 2], stop="reached max_epochs=2", status="nonfinite",
+                           failure="test log-likelihood is not finite")
+    assert S.convergence_note([nonfinite, bad_test]) is None and S.run_status(bad_test).kind == "nonfinite"
     note = S.convergence_note([converged, capped])
     assert note.startswith(S.NOT_CONVERGED) and "seed 1: --max-epochs 3" in note
     assert S.summary([converged, capped, capped]) == "1 converged, 2 capped"
@@ -335,12 +338,14 @@ def test_tensorboard_logs_the_record_values(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from flowbench.training import run_experiment
-    from flowbench.training.tensorboard import tensorboard_callback
+    from flowbench.training.tensorboard import run_log_dir, tensorboard_callback
 
-    with tensorboard_callback(tmp_path / "tb") as cb:
+    log_dir = run_log_dir(tmp_path / "tb", "digits", "maf", 0, "small")
+    assert log_dir == tmp_path / "tb" / "digits" / "maf" / "small" / "seed0"
+    with tensorboard_callback(log_dir) as cb:
         rec = run_experiment({"dataset": "digits", "model": "maf", "hidden": 8, "layers": 1, "max_epochs": 3, "lr": 1e-3,
                               "out": str(tmp_path), "device": "cpu"}, callbacks=[cb], progress=False)
-    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc = EventAccumulator(str(log_dir))
     acc.Reload()
     got = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in ("train_loss", "val_ll", "best_val_ll")}
     hist = rec["history"]

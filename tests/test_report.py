@@ -159,9 +159,12 @@ def test_format_seconds():
 
 def test_cli_and_errors(results, tmp_path, capsys):
     out = tmp_path / "x.md"
-    assert main(["report", "--results", str(results), "--out", str(out), "--no-samples", "--dataset", "power"]) == 0
+    assert main(["report", "--results", str(results), "--out", str(out), "--no-samples", "--dataset", "power",
+                 "--model", "maf", "made"]) == 0
     text = out.read_text()
     assert "## Samples" not in text and "### DIGITS" not in text and "report written to" in capsys.readouterr().out
+    runs = text.split("## Runs")[1]
+    assert "| MADE " in runs and "Real NVP" not in runs and "realnvp" not in runs  # the failed realnvp run too
     assert main(["report", "--results", str(results), "--out", str(tmp_path / "r.pdf")]) == 2
     assert "written as .md or .html" in capsys.readouterr().err
     assert main(["report", "--results", str(tmp_path / "none")]) == 2

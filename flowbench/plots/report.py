@@ -146,6 +146,8 @@ def report_markdown(
     sources = list(sources)
     records = R.select_runs(R.load_runs(results), datasets, models)
     failed, problems = R.failed_runs(results)
+    datasets, models = (list(x) if x else None for x in (datasets, models))
+    failed = [f for f in failed if (datasets is None or f.dataset in datasets) and (models is None or f.model in models)]
     shown = R.best_configurations(records) if select == "best-val" else records
     groups = R.group_configurations(shown)
     n_configs = len(R.group_configurations(records))

@@ -15,7 +15,7 @@ from pathlib import Path
 from flowbench.errors import FlowbenchError
 from flowbench.training.trainer import EpochInfo
 
-__all__ = ["SCALARS", "TensorBoardLogger", "tensorboard_callback"]
+__all__ = ["SCALARS", "TensorBoardLogger", "run_log_dir", "tensorboard_callback"]
 
 #: Scalar tag → EpochInfo attribute. The tags are the record's key names, so a curve reads like the record.
 SCALARS = {"train_loss": "train_nll", "val_ll": "val_ll", "best_val_ll": "best_val_ll"}
@@ -50,6 +50,15 @@ class TensorBoardLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def run_log_dir(base: str | Path, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
+    """``<base>/<dataset>/<model>[/<tag>]/seed<k>``: one event folder per run, laid out like the records, so
+    that ``tensorboard --logdir <base>`` shows the runs of a sweep side by side."""
+    from flowbench.results import run_dir
+
+    # run_dir validates the components (no separators, no ".."), so a tag cannot escape <base>.
+    return Path(base) / run_dir(".", dataset, model, tag).relative_to("runs") / f"seed{int(seed)}"
 
 
 def tensorboard_callback(log_dir: str | Path) -> TensorBoardLogger:

@@ -25,6 +25,7 @@ from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.plots import _records as R
 from flowbench.plots import status as S
 from flowbench.plots._mpl import png_bytes
+from flowbench.plots.curves import dataset_order, plot_curves
 from flowbench.utils import atomic_write
 
 __all__ = ["FORMATS", "build_report", "format_seconds", "markdown_to_html", "report_markdown"]
@@ -73,8 +74,9 @@ def _slug(text: str) -> str:
 
 def _runs_table(records: list[Any], failed: list[R.FailedRun]) -> str:
     rows = []
-    for runs in R.group_configurations(records).values():
-        for r in runs:
+    groups = R.group_configurations(records)
+    for ds in dataset_order(records):  # datasets in the table's column order, models in its row order
+        for r in (r for key, runs in groups.items() if key[0] == ds for r in runs):
             se = R.test_ll_2se(r)
             test = _num(R.test_ll(r)) + (f" ± {_num(se)}" if math.isfinite(se) else "")
             rows.append([R.dataset(r), _cell(R.label(r, with_tag=True)), R.seed(r), _cell(S.run_status(r).text),
@@ -137,7 +139,6 @@ def report_markdown(
     data_root: str | Path | None = None,
 ) -> tuple[str, dict[str, bytes]]:
     """The report as Markdown whose images are ``<folder>/<name>.png``, and those PNGs by name."""
-    from flowbench.plots.curves import dataset_order, plot_curves
     from flowbench.plots.samples import choose_run
     from flowbench.tables import build_table
 

@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("flowbench.commands.bench", "speed benchmarks: gradients, optim, train"),
     "sanity": ("flowbench.commands.sanity", "1-D and 2-D sanity tasks (JacNet, pseudo-inverse, toy2d, ...)"),
     "sweep": ("flowbench.commands.sweep", "run a grid of runs locally or on Ray"),
+    "plot": ("flowbench.commands.plot", "figures from run records: training curves, samples"),
+    "report": ("flowbench.commands.report", "one page (HTML or Markdown) with table, curves, samples and run status"),
 }
 
 

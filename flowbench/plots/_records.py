@@ -1,0 +1,296 @@
+"""The one place where figures and reports read run records.
+
+Records are plain dicts today (:mod:`flowbench.results`) and are becoming a typed ``RunRecord`` with the same
+field names. Every read goes through :func:`field`, which accepts both a mapping and an object with
+attributes, so that switch (and the ``*_se2`` → ``*_2se`` rename, handled in :func:`test_ll_2se`) is an edit
+to this file only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowbench.errors import ConfigError
+
+__all__ = [
+    "FailedRun",
+    "History",
+    "best_configurations",
+    "checkpoint",
+    "config_key",
+    "failed_runs",
+    "field",
+    "group_configurations",
+    "history",
+    "label",
+    "load_runs",
+    "published_ll",
+    "replace",
+    "select_runs",
+]
+
+Record = Any  # a dict today, a RunRecord soon
+
+
+def field(rec: Record, key: str, default: Any = None) -> Any:
+    """``rec[key]`` for a dict record, ``rec.key`` for a typed one; ``default`` when absent."""
+    if isinstance(rec, Mapping):
+        return rec.get(key, default)
+    return getattr(rec, key, default)
+
+
+def replace(rec: Record, **changes: Any) -> Record:
+    """A copy of ``rec`` with some fields changed (the record on disk is untouched)."""
+    if isinstance(rec, Mapping):
+        return {**rec, **changes}
+    import dataclasses
+
+    return dataclasses.replace(rec, **changes)
+
+
+def _float(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def dataset(rec: Record) -> str:
+    return field(rec, "dataset")
+
+
+def model(rec: Record) -> str:
+    return field(rec, "model")
+
+
+def tag(rec: Record) -> str | None:
+    return field(rec, "tag")
+
+
+def seed(rec: Record) -> int:
+    return int(field(rec, "seed"))
+
+
+def status(rec: Record) -> str:
+    return field(rec, "status") or "ok"
+
+
+def failure(rec: Record) -> str | None:
+    return field(rec, "failure")
+
+
+def stop_reason(rec: Record) -> str:
+    return field(rec, "stop_reason") or ""
+
+
+def epochs(rec: Record) -> int:
+    return int(field(rec, "epochs") or 0)
+
+
+def best_epoch(rec: Record) -> int | None:
+    b = field(rec, "best_epoch")
+    return None if b is None else int(b)
+
+
+def best_val_ll(rec: Record) -> float:
+    return _float(field(rec, "best_val_ll"))
+
+
+def test_ll(rec: Record) -> float:
+    return _float(field(rec, "test_ll"))
+
+
+def test_ll_2se(rec: Record) -> float:
+    value = field(rec, "test_ll_2se")
+    return _float(field(rec, "test_ll_se2") if value is None else value)
+
+
+def wall_time_s(rec: Record) -> float:
+    return _float(field(rec, "wall_time_s"))
+
+
+def params(rec: Record) -> int | None:
+    return field(rec, "params")
+
+
+def hparams(rec: Record) -> dict[str, Any]:
+    return dict(field(rec, "hparams") or {})
+
+
+def data_root(rec: Record) -> str | None:
+    return (field(rec, "config") or {}).get("data_root")
+
+
+def record_path(rec: Record) -> Path | None:
+    p = field(rec, "_path") or field(rec, "path")
+    return Path(p) if p else None
+
+
+def label(rec: Record, with_tag: bool = False) -> str:
+    """The table's row label (``MAF (5)``, ``MAF (5) [matched to relgrad]``), optionally with ``[tag]``."""
+    text = field(rec, "display_name") or model(rec)
+    against = (field(rec, "match_target") or {}).get("against")
+    if against:
+        text += f" [matched to {against}]"
+    if with_tag and tag(rec):
+        text += f" [{tag(rec)}]"
+    return text
+
+
+@dataclass(frozen=True)
+class History:
+    """Per-epoch values of one run, as arrays (NaN where the record has null)."""
+
+    epoch: np.ndarray
+    train_loss: np.ndarray
+    val_ll: np.ndarray
+
+
+def history(rec: Record) -> History:
+    rows = field(rec, "history") or []
+    get = (lambda r, k: r.get(k)) if rows and isinstance(rows[0], Mapping) else (lambda r, k: getattr(r, k))
+    return History(
+        np.array([int(get(r, "epoch")) for r in rows], dtype=int),
+        np.array([_float(get(r, "train_loss")) for r in rows]),
+        np.array([_float(get(r, "val_ll")) for r in rows]),
+    )
+
+
+def checkpoint(rec: Record) -> Path:
+    """The run's checkpoint ``seed<k>.ckpt`` (beside the record; else where ``config.out`` puts it)."""
+    path = record_path(rec)
+    if path is not None:
+        return path.with_suffix(".ckpt")
+    from flowbench.results import checkpoint_path
+
+    out = (field(rec, "config") or {}).get("out") or "results"
+    return checkpoint_path(out, dataset(rec), model(rec), seed(rec), tag(rec))
+
+
+def load_runs(results: str | Path) -> list[Record]:
+    """Every record under ``<results>/runs`` (sorted by path: deterministic)."""
+    from flowbench.results import iter_records
+
+    return list(iter_records(results))
+
+
+def _check_present(what: str, wanted: Iterable[str] | None, present: set[str]) -> None:
+    missing = sorted(set(wanted or ()) - present)
+    if missing:
+        have = ", ".join(sorted(present)) or "none"
+        raise ConfigError(f"no records for {what} {', '.join(missing)}; the results hold: {have}")
+
+
+def select_runs(
+    records: list[Record],
+    datasets: Iterable[str] | None = None,
+    models: Iterable[str] | None = None,
+    tags: Iterable[str] | None = None,
+) -> list[Record]:
+    """The records of the given datasets, models (registry names) and tags; ``None`` keeps all.
+
+    Raises:
+        ConfigError: a requested dataset, model or tag has no record, or nothing is left.
+    """
+    datasets, models, tags = (list(x) if x else None for x in (datasets, models, tags))
+    _check_present("dataset", datasets, {dataset(r) for r in records})
+    kept = [r for r in records if datasets is None or dataset(r) in datasets]
+    _check_present("model", models, {model(r) for r in kept})
+    kept = [r for r in kept if models is None or model(r) in models]
+    _check_present("tag", tags, {tag(r) for r in kept if tag(r)})
+    kept = [r for r in kept if tags is None or tag(r) in tags]
+    if not kept:
+        raise ConfigError("no run records match the selection")
+    return kept
+
+
+def config_key(rec: Record) -> tuple[str, str, str, str]:
+    """Seeds of one configuration share this key: (dataset, model, tag or '', row label)."""
+    return (dataset(rec), model(rec), tag(rec) or "", label(rec))
+
+
+def group_configurations(records: Iterable[Record]) -> dict[tuple[str, str, str, str], list[Record]]:
+    """Records by configuration, seeds sorted; keys in table order (model order of the MAF paper's tables)."""
+    from flowbench.tables import MODEL_ORDER
+
+    groups: dict[tuple[str, str, str, str], list[Record]] = defaultdict(list)
+    for r in records:
+        groups[config_key(r)].append(r)
+
+    def order(key: tuple[str, str, str, str]) -> tuple:
+        base = key[3].split(" [")[0]
+        return (MODEL_ORDER.index(base) if base in MODEL_ORDER else len(MODEL_ORDER), key[3], key[2])
+
+    return {k: sorted(groups[k], key=seed) for k in sorted(groups, key=order)}
+
+
+def _mean_val(runs: list[Record]) -> float:
+    vals = [best_val_ll(r) for r in runs if math.isfinite(best_val_ll(r))]
+    return statistics.fmean(vals) if vals else -math.inf
+
+
+def best_configurations(records: Iterable[Record]) -> list[Record]:
+    """For each (dataset, row label) keep the tag with the best mean validation LL (the table's ``best-val``).
+
+    Model selection on validation data only, as in the MAF paper; ties go to the first tag in sorted order.
+    """
+    by_row: dict[tuple[str, str], dict[str, list[Record]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_row[(dataset(r), label(r))][tag(r) or ""].append(r)
+    kept: list[Record] = []
+    for _, by_tag in sorted(by_row.items()):
+        tags = sorted(by_tag)
+        best = max(tags, key=lambda t: (_mean_val(by_tag[t]), -tags.index(t)))
+        kept += by_tag[best]
+    return kept
+
+
+def published_ll(rec: Record, sources: Iterable[str]) -> float | None:
+    """The published test LL for this row label and dataset (first source that has it), or None."""
+    from flowbench.published import published
+
+    for p in published(list(sources)):
+        if p.model == label(rec) and p.dataset == dataset(rec):
+            return p.mean
+    return None
+
+
+@dataclass(frozen=True)
+class FailedRun:
+    """A sweep run that failed and left no record (from ``<results>/sweeps/<name>.json``)."""
+
+    dataset: str
+    model: str
+    tag: str | None
+    seed: int
+    error: str
+    sweep: str
+
+
+def failed_runs(results: str | Path) -> tuple[list[FailedRun], list[str]]:
+    """Failed sweep runs without a record, and the sweep reports that could not be read (as messages)."""
+    from flowbench.results import record_path as record_file
+
+    failed: list[FailedRun] = []
+    problems: list[str] = []
+    for path in sorted((Path(results) / "sweeps").glob("*.json")):
+        try:
+            runs = json.loads(path.read_text())["runs"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"could not read sweep report {path} ({type(e).__name__}: {e})")
+            continue
+        for r in runs:
+            if r.get("status") != "failed":
+                continue
+            # A later sweep may have retried it successfully: the record is then the truth.
+            if record_file(results, r["dataset"], r["model"], int(r["seed"]), r.get("tag")).is_file():
+                continue
+            failed.append(FailedRun(r["dataset"], r["model"], r.get("tag"), int(r["seed"]),
+                                    r.get("error") or "unknown error", path.stem))
+    return failed, problems

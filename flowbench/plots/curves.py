@@ -1,0 +1,181 @@
+"""Training curves: validation log-likelihood and training loss against epoch, one row of panels per dataset.
+
+What a reader checks here is the MAF protocol's early stopping (Papamakarios et al. 2017, section 4): the
+star marks the epoch whose parameters were restored; a run that converged shows a plateau of ``patience``
+epochs after it, a run cut short by ``--max-epochs`` ends on a rising curve. Seeds of one configuration are
+drawn together: the mean over the seeds that reached that epoch, with their min–max band. The published test
+LL of the same model (dashed) is the level a converged run should approach.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flowbench.plots import _records as R
+from flowbench.plots import status as S
+from flowbench.plots._mpl import color, pyplot, save_figure
+
+__all__ = ["LOSS_LABEL", "VAL_LABEL", "dataset_order", "plot_curves", "save_curves"]
+
+VAL_LABEL = "validation log-likelihood (nats)"
+LOSS_LABEL = "training loss (nats per example)"
+_IMAGE_SETS = ("mnist", "digits")
+
+
+def dataset_order(records: Iterable[Any]) -> list[str]:
+    """Datasets in the table's column order, unknown ones after them alphabetically."""
+    from flowbench.tables import DATASET_ORDER
+
+    present = {R.dataset(r) for r in records}
+    return [d for d in DATASET_ORDER if d in present] + sorted(present - set(DATASET_ORDER))
+
+
+def _stack(values: list[np.ndarray], epochs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds × epochs matrix (NaN where a seed stopped earlier) and the epoch axis 1..max."""
+    n = max((int(e.max()) for e in epochs if e.size), default=0)
+    m = np.full((len(values), n), np.nan)
+    for i, (v, e) in enumerate(zip(values, epochs)):
+        m[i, e - 1] = v
+    return m, np.arange(1, n + 1)
+
+
+def _mean_band(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over the seeds present at each epoch; min–max where at least two seeds are present."""
+    present = np.isfinite(m).sum(0)
+    with np.errstate(all="ignore"):
+        mean = np.where(present > 0, np.nansum(m, 0) / np.maximum(present, 1), np.nan)
+        lo = np.where(present > 1, np.nanmin(np.where(np.isfinite(m), m, np.inf), 0), np.nan)
+        hi = np.where(present > 1, np.nanmax(np.where(np.isfinite(m), m, -np.inf), 0), np.nan)
+    return mean, lo, hi, present
+
+
+def _limits(values: list[np.ndarray], keep: list[float], upper_tail: bool) -> tuple[float, float] | None:
+    """Axis limits that show the end of training, not the first epochs.
+
+    The first epochs of a flow sit orders of magnitude below its plateau (MNIST: −10⁴ → −10³ nats), which
+    would flatten everything that matters; the 5 % of values farthest from the plateau are left off-axis.
+    ``keep`` (best epochs, published levels) is always inside.
+    """
+    flat = np.concatenate([v[np.isfinite(v)] for v in values] + [np.zeros(0)])
+    if flat.size == 0 and not keep:
+        return None
+    pts = list(keep)
+    if flat.size:
+        pts += [float(np.percentile(flat, 95 if upper_tail else 5)), float(flat.min() if upper_tail else flat.max())]
+    lo, hi = min(pts), max(pts)
+    pad = 0.06 * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 1.0)
+    return lo - pad, hi + pad
+
+
+def plot_curves(
+    records: list[Any],
+    *,
+    sources: Iterable[str] = ("maf", "relgrad"),
+    train_loss: bool = True,
+    with_tag: bool = False,
+) -> Any:
+    """A figure with one row per dataset: validation LL (left) and training loss (right) against epoch.
+
+    Args:
+        records: the runs to draw (several datasets allowed); seeds of one configuration are averaged.
+        sources: published sources for the reference lines (keys of :data:`flowbench.published.SOURCES`).
+        train_loss: also draw the training-loss panel.
+        with_tag: put the configuration's tag in the legend (several tags of one model drawn).
+
+    Returns:
+        The matplotlib ``Figure`` (not saved; see :func:`save_curves`).
+    """
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    sources = list(sources)
+    groups = R.group_configurations(records)
+    # One colour per row label across all datasets, so a model is the same colour in every panel.
+    labels = list(dict.fromkeys(R.label(runs[0], with_tag) for runs in groups.values()))
+    colors = {lab: color(i) for i, lab in enumerate(labels)}
+    datasets = dataset_order(records)
+    ncols = 2 if train_loss else 1
+    fig, axes = plt.subplots(
+        len(datasets), ncols, figsize=(6.2 * ncols + 3.0, 3.4 * len(datasets)), squeeze=False, layout="constrained"
+    )
+    for row, ds in enumerate(datasets):
+        ax_val, ax_loss = axes[row, 0], axes[row, 1] if train_loss else None
+        handles: list[Any] = []
+        val_values, loss_values, keep = [], [], []
+        has_published = has_relgrad = False
+        for key, runs in groups.items():
+            if key[0] != ds:
+                continue
+            lab = R.label(runs[0], with_tag)
+            c = colors[lab]
+            hists = [R.history(r) for r in runs]
+            legend = f"{lab} · {len(runs)} seed{'s' if len(runs) > 1 else ''} · {S.summary(runs)}"
+            has_relgrad |= R.model(runs[0]) == "relgrad"
+            ref = R.published_ll(runs[0], sources)
+            if ref is not None:
+                ax_val.axhline(ref, color=c, ls="--", lw=1.0, alpha=0.9, gid="published")
+                keep.append(ref)
+                has_published = True
+            if not any(h.epoch.size for h in hists):
+                # Closed-form fits (the Gaussian) have no epochs: their validation LL is a level, not a curve.
+                level = float(np.nanmean([R.best_val_ll(r) for r in runs]))
+                if np.isfinite(level):
+                    ax_val.axhline(level, color=c, ls=":", lw=1.5, gid="closed-form")
+                    keep.append(level)
+                handles.append(Line2D([], [], color=c, ls=":", lw=1.5, label=legend))
+                continue
+            m, ep = _stack([h.val_ll for h in hists], [h.epoch for h in hists])
+            mean, lo, hi, present = _mean_band(m)
+            marker = "o" if ep.size == 1 else None
+            (line,) = ax_val.plot(ep, mean, color=c, lw=1.6, marker=marker, label=legend, gid="val-mean")
+            if (present > 1).any():
+                ax_val.fill_between(ep, lo, hi, color=c, alpha=0.18, lw=0, gid="val-band")
+            handles.append(line)
+            val_values.append(mean)
+            # The epoch each seed's early stopping restored, at that seed's validation LL.
+            bx, by = [], []
+            for r, h in zip(runs, hists):
+                b = R.best_epoch(r)
+                if b is not None and b in h.epoch:
+                    bx.append(b)
+                    by.append(float(h.val_ll[h.epoch == b][0]))
+            if bx:
+                ax_val.plot(bx, by, ls="none", marker="*", ms=11, color=c, mec="black", mew=0.6, zorder=5,
+                            gid="best-epoch")
+                keep += by
+            if ax_loss is not None:
+                ml, ep_l = _stack([h.train_loss for h in hists], [h.epoch for h in hists])
+                mean_l, lo_l, hi_l, present_l = _mean_band(ml)
+                ax_loss.plot(ep_l, mean_l, color=c, lw=1.6, marker=marker, gid="loss-mean")
+                if (present_l > 1).any():
+                    ax_loss.fill_between(ep_l, lo_l, hi_l, color=c, alpha=0.18, lw=0, gid="loss-band")
+                loss_values.append(mean_l)
+        space = " (logit space)" if ds in _IMAGE_SETS else ""
+        ax_val.set(title=f"{ds.upper()}: validation LL{space}", xlabel="epoch", ylabel=VAL_LABEL)
+        if (lim := _limits(val_values, keep, upper_tail=False)) is not None:
+            ax_val.set_ylim(*lim)
+        extra = [Line2D([], [], ls="none", marker="*", ms=11, color="0.6", mec="black", mew=0.6,
+                        label="best epoch (restored)")]
+        if has_published:
+            extra.append(Line2D([], [], ls="--", color="0.3", lw=1.0, label="published test LL"))
+        if ax_loss is not None:
+            note = "\nrelgrad: objective without log|det W|, not its NLL" if has_relgrad else ""
+            ax_loss.set(title=f"{ds.upper()}: training loss{space}{note}", xlabel="epoch", ylabel=LOSS_LABEL)
+            if (lim := _limits(loss_values, [], upper_tail=True)) is not None:
+                ax_loss.set_ylim(*lim)
+        for ax in axes[row]:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3, lw=0.5)
+        axes[row, -1].legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
+                             frameon=False, title="mean over seeds, band: min–max", title_fontsize=8)
+    return fig
+
+
+def save_curves(records: list[Any], path: str | Path, **kwargs: Any) -> Path:
+    """:func:`plot_curves` written as a PNG at ``path``."""
+    return save_figure(plot_curves(records, **kwargs), path)

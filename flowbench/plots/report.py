@@ -1,0 +1,288 @@
+"""``flowbench report``: one page with the comparison table, the curves, the samples and every run's status.
+
+The page is written as Markdown (PNGs in a ``<name>_files/`` folder beside it) or as a single HTML file with
+the PNGs embedded, from the same Markdown source, so both say the same thing. Configurations are selected as
+in the table (``best-val``: the tag with the best mean validation LL, as in the MAF paper; ``all``). Runs capped
+by ``--max-epochs`` are footnoted in the table as not converged: they are not comparable with published numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+from flowbench import __version__
+from flowbench.errors import ConfigError, FlowbenchError
+from flowbench.plots import _records as R
+from flowbench.plots import status as S
+from flowbench.plots._mpl import png_bytes
+from flowbench.plots.curves import dataset_order, plot_curves
+from flowbench.utils import atomic_write
+
+__all__ = ["FORMATS", "build_report", "format_seconds", "markdown_to_html", "report_markdown"]
+
+FORMATS = (".md", ".html")
+
+
+def format_seconds(s: float) -> str:
+    """``12.3 s``, ``4 min 05 s``, ``2 h 03 min``."""
+    if not math.isfinite(s):
+        return "?"
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def _num(x: float, decimals: int = 2) -> str:
+    return f"{x:.{decimals}f}" if math.isfinite(x) else "N/A"
+
+
+def _cell(text: str) -> str:
+    """Table cell text: pipes escaped (log|det W| in a failure message must not split the row)."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+@dataclass
+class _Page:
+    """The Markdown lines and the figures they refer to (file name → PNG bytes)."""
+
+    lines: list[str] = field(default_factory=list)
+    figures: dict[str, bytes] = field(default_factory=dict)
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+    def figure(self, name: str, png: bytes, alt: str, folder: str) -> None:
+        self.figures[name] = png
+        self.add(f"![{alt}]({folder}/{name})", "")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_")
+
+
+def _runs_table(records: list[Any], failed: list[R.FailedRun]) -> str:
+    rows = []
+    groups = R.group_configurations(records)
+    for ds in dataset_order(records):  # datasets in the table's column order, models in its row order
+        for r in (r for key, runs in groups.items() if key[0] == ds for r in runs):
+            se = R.test_ll_2se(r)
+            test = _num(R.test_ll(r)) + (f" ± {_num(se)}" if math.isfinite(se) else "")
+            rows.append([R.dataset(r), _cell(R.label(r, with_tag=True)), R.seed(r), _cell(S.run_status(r).text),
+                         R.epochs(r), _num(R.best_val_ll(r)), test, R.params(r) or "", format_seconds(R.wall_time_s(r))])
+    for f in failed:
+        tag = f" [{f.tag}]" if f.tag else ""
+        rows.append([f.dataset, _cell(f.model + tag), f.seed, _cell(f"failed (sweep {f.sweep}): {f.error}"),
+                     "", "", "", "", ""])
+    headers = ["dataset", "model", "seed", "status", "epochs", "best val LL", "test LL ± 2 SE (nats)", "params",
+               "wall time"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, stralign="left")
+
+
+class _Data:
+    """Each dataset loaded once for all the sample figures (a failure to load is remembered too)."""
+
+    def __init__(self, data_root: str | Path | None):
+        self.data_root = data_root
+        self._cache: dict[tuple, Any] = {}
+
+    def __call__(self, rec: Any) -> Any:
+        from flowbench.plots.samples import TOY_PREFIX, load_dataset_for
+
+        toy = R.dataset(rec).startswith(TOY_PREFIX)
+        key = (R.dataset(rec), R.seed(rec) if toy else None)  # toy data are drawn with the run's seed
+        if key not in self._cache:
+            try:
+                self._cache[key] = load_dataset_for(rec, self.data_root)
+            except FlowbenchError as e:
+                self._cache[key] = e
+        if isinstance(self._cache[key], FlowbenchError):
+            raise self._cache[key]
+        return self._cache[key]
+
+
+def _sample_png(rec: Any, data: _Data) -> bytes:
+    from flowbench.plots.samples import (
+        TOY_PREFIX,
+        check_checkpoint,
+        plot_samples,
+        save_samples,
+    )
+
+    check_checkpoint(rec)  # before loading any data
+    if R.dataset(rec).startswith(TOY_PREFIX):  # the toy figure is written by flowbench.sanity.toy2d itself
+        with tempfile.TemporaryDirectory() as tmp:
+            return save_samples(rec, Path(tmp) / "toy.png", data=data(rec)).read_bytes()
+    return png_bytes(plot_samples(rec, data(rec)))
+
+
+def report_markdown(
+    results: str | Path,
+    *,
+    folder: str = "report_files",
+    sources: Iterable[str] = ("maf", "relgrad"),
+    select: str = "best-val",
+    datasets: Iterable[str] | None = None,
+    models: Iterable[str] | None = None,
+    samples: bool = True,
+    data_root: str | Path | None = None,
+) -> tuple[str, dict[str, bytes]]:
+    """The report as Markdown whose images are ``<folder>/<name>.png``, and those PNGs by name."""
+    from flowbench.plots.samples import choose_run
+    from flowbench.tables import build_table
+
+    if select not in ("best-val", "all"):
+        raise ConfigError(f"unknown --select {select!r}; use best-val or all")
+    sources = list(sources)
+    records = R.select_runs(R.load_runs(results), datasets, models)
+    failed, problems = R.failed_runs(results)
+    datasets, models = (list(x) if x else None for x in (datasets, models))
+    failed = [f for f in failed if (datasets is None or f.dataset in datasets) and (models is None or f.model in models)]
+    shown = R.best_configurations(records) if select == "best-val" else records
+    groups = R.group_configurations(shown)
+    n_configs = len(R.group_configurations(records))
+
+    page = _Page()
+    page.add("# flowbench report", "")
+    summary = (f"Results folder `{results}`: {len(records)} runs of {n_configs} configurations on "
+               f"{len(dataset_order(records))} datasets")
+    if failed:
+        summary += f", and {len(failed)} failed sweep runs that left no record"
+    page.add(summary + f". Generated by flowbench {__version__}.", "")
+    for p in problems:
+        page.add(f"- warning: {p}")
+    if problems:
+        page.add("")
+
+    page.add("## Comparison table", "")
+    page.add(build_table(S.mark_not_converged(records), sources, select).rstrip("\n"), "")
+
+    page.add("## Runs", "")
+    page.add("Status: *converged*: early stopping ended the run (the MAF protocol); *capped*: stopped by "
+             "`--max-epochs` before that, not converged; *non-finite*: a non-finite loss stopped training and the "
+             "best model so far was evaluated; *failed*: a sweep run that raised and left no record.", "")
+    page.add(_runs_table(records, failed), "")
+    total = sum(R.wall_time_s(r) for r in records if math.isfinite(R.wall_time_s(r)))
+    page.add(f"Total wall time of the recorded runs: {format_seconds(total)}.", "")
+
+    page.add("## Training curves", "")
+    page.add("Validation log-likelihood and training loss per epoch; line: mean over seeds, band: min–max over "
+             "seeds, star: the best epoch of each seed (the parameters early stopping restored), dashed: the "
+             "published test LL of the same model.", "")
+    for ds in dataset_order(shown):
+        runs = [r for r in shown if R.dataset(r) == ds]
+        page.add(f"### {ds.upper()}", "")
+        png = png_bytes(plot_curves(runs, sources=sources, with_tag=select == "all"))
+        page.figure(f"curves_{_slug(ds)}.png", png, f"training curves on {ds}", folder)
+
+    if samples:
+        page.add("## Samples", "")
+        page.add("Drawn from the best-validation seed of each configuration, with its best state from the "
+                 "checkpoint. Images: samples mapped from logit space to pixels beside test images; tabular data: "
+                 "pairwise marginals of samples against test points; 2-D toys: the learned density.", "")
+        data = _Data(data_root)
+        for ds in dataset_order(shown):
+            page.add(f"### {ds.upper()}", "")
+            for key, runs in groups.items():
+                if key[0] != ds:
+                    continue
+                rec = choose_run(runs)
+                name = R.label(rec, with_tag=True)
+                page.add(f"**{name}**, seed {R.seed(rec)}", "")
+                try:
+                    png = _sample_png(rec, data)
+                except FlowbenchError as e:  # missing checkpoint or data: the rest of the report still stands
+                    page.add(f"Samples not drawn: {e}", "")
+                    continue
+                fname = f"samples_{_slug(ds)}_{_slug(R.model(rec))}_{_slug(R.tag(rec) or '')}_seed{R.seed(rec)}.png"
+                page.figure(fname.replace("__", "_"), png, f"samples from {name} on {ds}", folder)
+    return "\n".join(page.lines).rstrip("\n") + "\n", page.figures
+
+
+# -- a Markdown → HTML converter for exactly the subset report_markdown writes ----------------------------
+
+_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}table{border-collapse:collapse;margin:1em 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}
+img{max-width:100%}code{background:#f3f3f3;padding:0 .2em}"""
+
+_PIPE = re.compile(r"(?<!\\)\|")
+
+
+def _inline(text: str) -> str:
+    out = html.escape(text.replace("\\|", "|"), quote=False)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<em>\1</em>", out)
+
+
+def _table(lines: list[str]) -> str:
+    rows = [[c.strip() for c in _PIPE.split(ln.strip())[1:-1]] for ln in lines]
+    head, body = rows[0], [r for r in rows[2:]]
+    th = "".join(f"<th>{_inline(c)}</th>" for c in head)
+    trs = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def markdown_to_html(text: str, images: dict[str, bytes], title: str = "flowbench report") -> str:
+    """A self-contained HTML page: headings, paragraphs, lists, tables, and images embedded as data URIs."""
+    parts: list[str] = []
+    for block in re.split(r"\n\s*\n", text.strip()):
+        lines = block.splitlines()
+        first = lines[0]
+        if m := re.match(r"^(#{1,6}) (.*)$", first):
+            parts.append(f"<h{len(m.group(1))}>{_inline(m.group(2))}</h{len(m.group(1))}>")
+        elif m := re.match(r"^!\[(.*)\]\((.*)\)$", first):
+            name = m.group(2).rsplit("/", 1)[-1]
+            if name not in images:
+                raise ValueError(f"image {m.group(2)} has no PNG")
+            data = base64.b64encode(images[name]).decode("ascii")
+            parts.append(f'<p><img alt="{html.escape(m.group(1))}" src="data:image/png;base64,{data}"></p>')
+        elif all(ln.startswith("|") for ln in lines):
+            parts.append(_table(lines))
+        elif all(ln.startswith("- ") for ln in lines):
+            parts.append("<ul>" + "".join(f"<li>{_inline(ln[2:])}</li>" for ln in lines) + "</ul>")
+        else:
+            parts.append(f"<p>{_inline(' '.join(lines))}</p>")
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def build_report(results: str | Path = "results", out: str | Path | None = None, **kwargs: Any) -> Path:
+    """Write the report to ``out`` (``.md``: Markdown + ``<stem>_files/*.png``; ``.html``: one file).
+
+    ``out`` defaults to ``<results>/report.html``; ``kwargs`` go to :func:`report_markdown`.
+    """
+    out = Path(out) if out is not None else Path(results) / "report.html"
+    if out.suffix not in FORMATS:
+        raise ConfigError(f"--out {out}: the report is written as .md or .html, not {out.suffix or 'no suffix'}")
+    folder = f"{out.stem}_files"
+    text, figures = report_markdown(results, folder=folder, **kwargs)
+    if out.suffix == ".html":
+        page = markdown_to_html(text, figures)
+        with atomic_write(out, "w") as f:
+            f.write(page)
+        return out
+    figdir = out.parent / folder
+    # Figures of an earlier report of other runs would otherwise linger beside the new ones.
+    for old in figdir.glob("*.png") if figdir.is_dir() else ():
+        if old.name not in figures and old.name.startswith(("curves_", "samples_")):
+            old.unlink()
+    for name, png in figures.items():
+        with atomic_write(figdir / name, "wb") as f:
+            f.write(png)
+    with atomic_write(out, "w") as f:
+        f.write(text)
+    return out

@@ -1,0 +1,274 @@
+"""Samples from a recorded model beside real test data.
+
+The model is rebuilt from the record (``build_model(model, dim, **hparams)``) and loaded with the best state
+kept in its checkpoint, i.e. the model whose test LL the record reports. Three kinds of figure:
+
+- images (mnist, digits): a grid of samples mapped from logit space back to pixels,
+  ``x = (sigmoid(y) − α) / (1 − 2α)`` (the inverse of MAF's ``y = logit(α + (1 − 2α)·x)``, section 4.3),
+  beside as many test images;
+- 2-D toy data (``toy2d-*``): the data beside the learned density, as ``flowbench sanity toy2d`` draws it;
+- tabular data: pairwise marginal scatter of samples against test points for a few dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowbench.data.base import Dataset
+from flowbench.errors import ConfigError
+from flowbench.plots import _records as R
+from flowbench.plots._mpl import pyplot, save_figure
+
+__all__ = [
+    "TOY_PREFIX",
+    "check_checkpoint",
+    "choose_run",
+    "draw",
+    "image_grid_figure",
+    "load_dataset_for",
+    "load_flow",
+    "logit_to_pixels",
+    "pairwise_figure",
+    "plot_samples",
+    "save_samples",
+    "tile",
+]
+
+TOY_PREFIX = "toy2d-"
+SAMPLE_COLOR, DATA_COLOR = "#D55E00", "#0072B2"
+
+
+def choose_run(records: list[Any], seed: int | None = None) -> Any:
+    """The run to sample from: ``seed`` if given, else the best validation LL (model selection on validation)."""
+    if seed is not None:
+        runs = [r for r in records if R.seed(r) == seed]
+        if not runs:
+            raise ConfigError(f"no record with seed {seed}; recorded seeds: {sorted({R.seed(r) for r in records})}")
+        records = runs
+
+    def key(r: Any) -> tuple:
+        v = R.best_val_ll(r)
+        return (math.isfinite(v), v if math.isfinite(v) else 0.0, -R.seed(r))
+
+    return max(records, key=key)
+
+
+def load_dataset_for(rec: Any, data_root: str | Path | None = None) -> Dataset:
+    """The record's dataset: toy data rebuilt from its seed, else ``load_dataset`` under ``data_root``."""
+    name = R.dataset(rec)
+    if name.startswith(TOY_PREFIX):
+        from flowbench.sanity.toy2d import make_toy
+
+        # flowbench sanity toy2d draws the data with the run's seed (run_toy2d: make_toy(name, seed)).
+        return make_toy(name[len(TOY_PREFIX):], R.seed(rec))
+    from flowbench.data import load_dataset
+
+    return load_dataset(name, data_root if data_root is not None else R.data_root(rec))
+
+
+def load_flow(rec: Any, data: Dataset) -> Any:
+    """The recorded model: rebuilt from the record, best-validation state loaded from its checkpoint.
+
+    Raises:
+        ConfigError: the checkpoint is missing (a closed-form model needs none: it is refitted, deterministic).
+    """
+    from flowbench.models import build_model
+
+    check_checkpoint(rec)
+    flow = build_model(R.model(rec), data.dim, **R.hparams(rec))
+    if not flow.trainable:
+        flow.initialize(torch.as_tensor(np.asarray(data.train)))
+    else:
+        from flowbench.training.trainer import best_model_state
+
+        # The best state was saved right after prepare_for_eval, so batch-norm statistics come with it.
+        flow.load_state_dict(best_model_state(R.checkpoint(rec)))
+    return flow.eval()
+
+
+def check_checkpoint(rec: Any) -> None:
+    """Raise ConfigError when a trained run's checkpoint is missing (checked before any data is loaded)."""
+    path = R.checkpoint(rec)
+    if R.epochs(rec) > 0 and not path.is_file():
+        raise ConfigError(f"no checkpoint at {path} for this record; cannot rebuild the trained model "
+                          "(re-run it, or sample another seed with --seed)")
+
+
+def draw(flow: Any, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` samples (float64 array) from a torch generator seeded with ``seed`` (the global state is restored)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return flow.sample(n).double().numpy()
+
+
+def logit_to_pixels(y: np.ndarray, alpha: float) -> np.ndarray:
+    """Pixel intensities in [0, 1] from logit-space values (MAF section 4.3); NaN stays NaN."""
+    with np.errstate(over="ignore"):
+        s = 1.0 / (1.0 + np.exp(-np.asarray(y, dtype=np.float64)))
+    return np.clip((s - alpha) / (1 - 2 * alpha), 0.0, 1.0)
+
+
+def tile(images: np.ndarray, cols: int, pad: float = 1.0) -> np.ndarray:
+    """``(n, h, w)`` images as one array, row-major, separated by one-pixel lines of value ``pad``."""
+    n, h, w = images.shape
+    rows = math.ceil(n / cols)
+    out = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), pad, dtype=np.float64)
+    for k in range(n):
+        i, j = divmod(k, cols)
+        out[1 + i * (h + 1): 1 + i * (h + 1) + h, 1 + j * (w + 1): 1 + j * (w + 1) + w] = images[k]
+    return out
+
+
+def image_grid_figure(samples: np.ndarray, test: np.ndarray, side: int, title: str) -> Any:
+    """Samples (left) beside test images (right), pixel values in [0, 1]; non-finite samples in red."""
+    plt = pyplot()
+    cols = math.ceil(math.sqrt(len(samples)))
+    cmap = plt.get_cmap("gray").with_extremes(bad="red")
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 5.2), layout="constrained")
+    bad = int((~np.isfinite(samples)).any(1).sum())
+    for ax, images, name in ((axes[0], samples, "samples"), (axes[1], test, "test images")):
+        grid = tile(images.reshape(-1, side, side), cols)
+        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(f"{len(images)} {name}" + (f" ({bad} non-finite, red)" if name == "samples" and bad else ""))
+    fig.suptitle(title)
+    return fig
+
+
+def pairwise_figure(samples: np.ndarray, test: np.ndarray, dims: Sequence[int], title: str) -> Any:
+    """Lower triangle: scatter of samples over test points for each pair of ``dims``; diagonal: histograms.
+
+    Axis limits come from the test data (0.5–99.5 % quantiles, widened), so that a few wild samples cannot
+    shrink the data to a dot; samples outside are counted in the title.
+    """
+    plt = pyplot()
+    k = len(dims)
+    fig, axes = plt.subplots(k, k, figsize=(2.3 * k + 1.2, 2.3 * k + 0.6), squeeze=False, layout="constrained")
+    finite = samples[np.isfinite(samples).all(1)]
+    lims = []
+    for d in dims:
+        lo, hi = np.quantile(test[:, d], [0.005, 0.995])
+        pad = 0.15 * (hi - lo) if hi > lo else 1.0
+        lims.append((lo - pad, hi + pad))
+    sub = finite[:, list(dims)]
+    outside = int((~((sub >= [a for a, _ in lims]) & (sub <= [b for _, b in lims])).all(1)).sum())
+    for i, di in enumerate(dims):
+        for j, dj in enumerate(dims):
+            ax = axes[i, j]
+            if j > i:
+                ax.set_axis_off()
+                continue
+            if i == j:
+                bins = np.linspace(*lims[i], 40)
+                ax.hist(test[:, di], bins=bins, density=True, color=DATA_COLOR, alpha=0.45, label="test data")
+                ax.hist(finite[:, di], bins=bins, density=True, histtype="step", color=SAMPLE_COLOR, lw=1.4,
+                        label="samples")
+                ax.set_yticks([])
+            else:
+                ax.scatter(test[:, dj], test[:, di], s=3, color=DATA_COLOR, alpha=0.35, lw=0, label="test data")
+                ax.scatter(finite[:, dj], finite[:, di], s=3, color=SAMPLE_COLOR, alpha=0.35, lw=0, label="samples")
+                ax.set_ylim(*lims[i])
+            ax.set_xlim(*lims[j])
+            ax.tick_params(labelsize=7)
+            if i == k - 1:
+                ax.set_xlabel(f"dim {dj}", fontsize=8)
+            if j == 0 and i > 0:
+                ax.set_ylabel(f"dim {di}", fontsize=8)
+    # In the empty upper-right corner: a legend beside a panel would widen its column in the layout.
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    (axes[0, -1] if k > 1 else axes[0, 0]).legend(handles, names, fontsize=8, loc="upper right", frameon=False)
+    lost = len(samples) - len(finite)
+    notes = []
+    if outside:
+        notes.append(f"{outside} samples outside the axes")
+    if lost:
+        notes.append(f"{lost} non-finite samples left out")
+    fig.suptitle(title + (f"\n({'; '.join(notes)})" if notes else ""))
+    return fig
+
+
+def _toy2d_density(rec: Any, flow: Any, data: Dataset, path: Path, grid: int = 200) -> Path:
+    """The data | learned density figure of ``flowbench sanity toy2d`` for a recorded toy run."""
+    from flowbench.models import build_model
+    from flowbench.sanity.toy2d import _figure
+
+    lo = np.minimum(data.train.min(0), data.test.min(0)) - 0.5
+    hi = np.maximum(data.train.max(0), data.test.max(0)) + 0.5
+    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], grid), np.linspace(lo[1], hi[1], grid))
+    pts = torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float32)
+    with torch.no_grad():
+        logp = torch.cat([flow.log_prob(b) for b in pts.split(10_000)]).numpy().reshape(grid, grid)
+    gauss = build_model("gaussian", data.dim)
+    gauss.initialize(torch.as_tensor(data.train))
+    with torch.no_grad():
+        gaussian_ll = float(gauss.eval().log_prob(torch.as_tensor(data.test)).double().mean())
+    result = {"display_name": R.label(rec), "model": R.model(rec), "test_ll": R.test_ll(rec), "epochs": R.epochs(rec),
+              "gaussian_test_ll": gaussian_ll, "nonfinite_grid_points": int((~np.isfinite(logp)).sum())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _figure(data, gx, gy, logp, result, path)
+    return path
+
+
+def _title(rec: Any) -> str:
+    where = f"best epoch {R.best_epoch(rec)}" if R.best_epoch(rec) is not None else "closed form"
+    tag = f" [{R.tag(rec)}]" if R.tag(rec) else ""
+    return (f"{R.label(rec)}{tag} on {R.dataset(rec)}, seed {R.seed(rec)} ({where}): "
+            f"test LL {R.test_ll(rec):.2f} nats")
+
+
+def plot_samples(
+    rec: Any,
+    data: Dataset | None = None,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    dims: Sequence[int] | None = None,
+    data_root: str | Path | None = None,
+) -> Any:
+    """The samples figure of one record (images or pairwise; toy data: use :func:`save_samples`).
+
+    Args:
+        rec: the run record; its checkpoint must sit beside it.
+        data: the dataset (default: loaded by the record's name under ``data_root``).
+        n: number of samples (default 64 for images, beside as many test images; 1000 for tabular data).
+        seed: seed of the sampling generator.
+        dims: tabular data: the dimensions to pair (default the first four).
+    """
+    if n is not None and n < 1:
+        raise ConfigError(f"the number of samples must be positive; got {n}")
+    check_checkpoint(rec)
+    data = data if data is not None else load_dataset_for(rec, data_root)
+    n = n or (64 if data.image else 1000)
+    flow = load_flow(rec, data)
+    samples = draw(flow, n, seed)
+    if data.image:
+        side = math.isqrt(data.dim)
+        if side * side != data.dim:
+            raise ConfigError(f"{data.name}: dimension {data.dim} is not a square image")
+        test = np.asarray(data.test[:n], dtype=np.float64)
+        return image_grid_figure(logit_to_pixels(samples, data.logit_alpha), logit_to_pixels(test, data.logit_alpha),
+                                 side, _title(rec))
+    dims = list(range(min(4, data.dim))) if dims is None else [int(d) for d in dims]
+    bad = [d for d in dims if not 0 <= d < data.dim]
+    if bad or len(set(dims)) != len(dims) or not dims:
+        raise ConfigError(f"--dims {dims}: give distinct dimensions in 0..{data.dim - 1}")
+    rng = np.random.default_rng(seed)
+    test = np.asarray(data.test, dtype=np.float64)
+    test = test[rng.choice(len(test), size=min(len(test), n), replace=False)]
+    return pairwise_figure(samples, test, dims, _title(rec))
+
+
+def save_samples(rec: Any, path: str | Path, data: Dataset | None = None, **kwargs: Any) -> Path:
+    """The samples figure of ``rec`` as a PNG at ``path`` (2-D toy data: the learned density figure)."""
+    path = Path(path)
+    if R.dataset(rec).startswith(TOY_PREFIX):
+        check_checkpoint(rec)
+        data = data if data is not None else load_dataset_for(rec, kwargs.get("data_root"))
+        return _toy2d_density(rec, load_flow(rec, data), data, path)
+    return save_figure(plot_samples(rec, data, **kwargs), path)

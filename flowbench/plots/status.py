@@ -1,0 +1,93 @@
+"""How a run ended, in the words of the MAF protocol: converged by patience, capped, non-finite, failed.
+
+A run only reproduces the protocol (Papamakarios et al. 2017, section 4: early stopping after 30 epochs
+without a better validation LL) when patience stopped it. A run cut off by ``--max-epochs`` has not converged
+and is not comparable with the published numbers; :func:`convergence_note` is the table footnote that says so.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from flowbench.plots import _records as R
+
+__all__ = ["NOT_CONVERGED", "RunStatus", "convergence_note", "is_capped", "mark_not_converged", "run_status"]
+
+#: Status kinds, in the order a summary lists them.
+KINDS = ("converged", "capped", "closed-form", "nonfinite", "failed", "other")
+
+NOT_CONVERGED = "not converged: stopped by --max-epochs before early stopping, so not comparable with published numbers"
+
+_CAP = re.compile(r"reached max_epochs=(\d+)")
+_PATIENCE = re.compile(r"no improvement for (\d+) epochs")
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """``kind`` is one of :data:`KINDS`; ``text`` is the line a report shows."""
+
+    kind: str
+    text: str
+
+    @property
+    def comparable(self) -> bool:
+        """Whether the test LL may be set beside published numbers (the run followed the protocol to its end)."""
+        return self.kind in ("converged", "closed-form")
+
+
+def is_capped(rec: Any) -> bool:
+    """Trained without failure but stopped by ``--max-epochs`` rather than by patience."""
+    return R.status(rec) == "ok" and bool(_CAP.match(R.stop_reason(rec)))
+
+
+def run_status(rec: Any) -> RunStatus:
+    """Classify one record (see the module docstring)."""
+    reason, best, n = R.stop_reason(rec), R.best_epoch(rec), R.epochs(rec)
+    where = f"best epoch {best} of {n}" if best is not None else f"{n} epochs, no finite epoch"
+    if R.status(rec) == "nonfinite":
+        return RunStatus("nonfinite", f"non-finite ({where}): {R.failure(rec) or reason}")
+    if R.status(rec) != "ok":
+        return RunStatus("failed", f"{R.status(rec)}: {R.failure(rec) or reason}")
+    if m := _CAP.match(reason):
+        return RunStatus("capped", f"capped by --max-epochs {m.group(1)} ({where}): not converged")
+    if m := _PATIENCE.match(reason):
+        return RunStatus("converged", f"converged: patience {m.group(1)} ran out ({where})")
+    if reason.startswith("closed-form"):
+        return RunStatus("closed-form", "closed-form fit (no training)")
+    return RunStatus("other", reason or "unknown")
+
+
+def summary(runs: Iterable[Any]) -> str:
+    """``"3 converged"``, ``"2 capped, 1 nonfinite"``: the status counts of several seeds."""
+    counts: dict[str, int] = {}
+    for r in runs:
+        kind = run_status(r).kind
+        counts[kind] = counts.get(kind, 0) + 1
+    return ", ".join(f"{counts[k]} {k}" for k in KINDS if k in counts)
+
+
+def convergence_note(runs: Iterable[Any]) -> str | None:
+    """The footnote for one table cell (the runs averaged into it), or None when every run converged.
+
+    For ``flowbench.tables._cell_from_runs``: ``if note := convergence_note(runs): notes.append(note)``.
+    """
+    capped = [r for r in runs if is_capped(r)]
+    if not capped:
+        return None
+    seeds = ", ".join(str(R.seed(r)) for r in capped)
+    caps = sorted({int(_CAP.match(R.stop_reason(r)).group(1)) for r in capped})
+    cap = "/".join(str(c) for c in caps)
+    return f"{NOT_CONVERGED} (seed{'s' if len(capped) > 1 else ''} {seeds}: --max-epochs {cap})"
+
+
+def mark_not_converged(records: list[Any]) -> list[Any]:
+    """Copies of the records in which capped runs carry status ``capped`` and the note as failure.
+
+    ``flowbench.tables.build_table`` footnotes every run whose status is not ``ok``, so this marks the
+    not-converged runs in today's table without changing it. Once :func:`convergence_note` is wired into
+    ``tables.py`` this function is no longer needed.
+    """
+    return [R.replace(r, status="capped", failure=NOT_CONVERGED) if is_capped(r) else r for r in records]

@@ -24,6 +24,7 @@ from flowbench.data import DATASETS
 
 from flowbench.errors import ConfigError
 from flowbench.results import RunRecord
+from flowbench.plots.status import convergence_note
 from flowbench.published import SOURCES, UNVERIFIED_NOTE, PublishedResult, published
 
 __all__ = ["build_table", "parse_sources", "row_order_key"]
@@ -116,6 +117,9 @@ def _cell_from_runs(runs: list[RunRecord], dataset: str) -> _Cell:
             notes.append(f"seed {r.seed}: status {r.status} ({r.failure})")
         if r.n_nonfinite_test:
             notes.append(_nonfinite_note(r))
+    capped = convergence_note(runs)  # stopped by --max-epochs: not comparable with published numbers
+    if capped:
+        notes.append(capped)
     if any(r.test_ll == -math.inf and r.status == "ok" for r in runs):
         # The protocol's mean over test points (and then over seeds) is −inf: shown as such, never dropped.
         return _Cell(-math.inf, None, 2, notes)

@@ -29,7 +29,7 @@ from flowbench.plots.samples import (
     save_samples,
     tile,
 )
-from flowbench.results import REQUIRED_KEYS, record_path, write_record
+from flowbench.results import RunRecord, record_path, write_record
 from flowbench.tables import build_table
 
 pytest.importorskip("sklearn")
@@ -44,20 +44,18 @@ def fake_record(dataset, model, display, seed, val, *, train=None, best_epoch=No
     train = list(train) if train is not None else [-v + 1.0 for v in val]
     if best_epoch is None and val:
         best_epoch = int(np.argmax(val)) + 1
-    rec = {k: None for k in REQUIRED_KEYS}
-    rec.update(
+    return RunRecord.example(
         dataset=dataset, model=model, display_name=display, tag=tag, seed=seed, config={}, hparams={}, params=100,
         epochs=len(val), best_epoch=best_epoch, best_val_ll=max(val) if val else -5.0,
-        test_ll=test_ll if test_ll is not None else (max(val) if val else -5.0) - 0.1, test_ll_se2=0.05, n_test=10,
+        test_ll=test_ll if test_ll is not None else (max(val) if val else -5.0) - 0.1, test_ll_2se=0.05, n_test=10,
         wall_time_s=wall, device="cpu", torch="x", python="3", timestamp="t", status=status, failure=failure,
         stop_reason=stop, history=[{"epoch": i + 1, "train_loss": t, "val_ll": v} for i, (t, v) in enumerate(zip(train, val))],
     )
-    return rec
 
 
 def write_fakes(out: Path, recs) -> list[dict]:
     for r in recs:
-        write_record(record_path(out, r["dataset"], r["model"], r["seed"], r["tag"]), r)
+        write_record(record_path(out, r.dataset, r.model, r.seed, r.tag), r)
     return R.load_runs(out)
 
 
@@ -70,7 +68,7 @@ def curve_records():
     recs = [fake_record("digits", "maf", "MAF (5)", s, v) for s, v in MAF_VAL.items()]
     recs.append(fake_record("digits", "made", "MADE", 0, [-80, -70, -60], stop="reached max_epochs=3"))
     recs.append(fake_record("digits", "gaussian", "Gaussian", 0, [], stop="closed-form fit (not trainable)"))
-    recs[-1]["best_val_ll"] = -45.0
+    recs[-1].best_val_ll = -45.0
     recs.append(fake_record("power", "maf", "MAF (5)", 0, [-1.0, -0.5, 0.1, 0.05]))
     return recs
 
@@ -125,25 +123,20 @@ def test_table_footnotes_only_the_capped_cell(tmp_path):
         fake_record("power", "maf", "MAF (5)", 0, [0.1, 0.2, 0.15], test_ll=0.19),
         fake_record("gas", "maf", "MAF (5)", 0, [1.0, 2.0], test_ll=1.9, stop="reached max_epochs=2"),
     ])
-    text = build_table(S.mark_not_converged(recs), [], "best-val")
+    text = build_table(recs, [], "best-val")
     row = next(ln for ln in text.splitlines() if ln.startswith("| MAF (5)"))
     power, gas = (c.strip() for c in row.split("|")[3:5])
     assert power == "**0.19 ± 0.05**"  # converged: no mark
-    assert gas == "**1.90 ± 0.05** [1]" and f"[1] seed 0: status capped ({S.NOT_CONVERGED})" in text
-    assert R.load_runs(tmp_path)[0]["status"] == "ok"  # the records on disk are untouched
+    assert gas == "**1.90 ± 0.05** [1]" and f"[1] {S.NOT_CONVERGED} (seed 0: --max-epochs 2)" in text
+    assert R.load_runs(tmp_path)[0].status == "ok"  # the records on disk are untouched
 
 
-def test_accessors_accept_typed_records():
-    """The lead's RunRecord: attributes instead of keys, test_ll_2se instead of test_ll_se2."""
-    from types import SimpleNamespace
-
+def test_accessors_read_run_records():
     d = fake_record("power", "maf", "MAF (5)", 3, [0.1, 0.3])
-    typed = SimpleNamespace(**{k: v for k, v in d.items() if k != "test_ll_se2"}, test_ll_2se=0.05)
-    typed.history = [SimpleNamespace(**h) for h in d["history"]]
-    assert R.label(typed) == R.label(d) == "MAF (5)" and R.seed(typed) == 3
-    assert R.test_ll_2se(typed) == R.test_ll_2se(d) == 0.05
-    np.testing.assert_array_equal(R.history(typed).val_ll, [0.1, 0.3])
-    assert S.run_status(typed) == S.run_status(d)
+    assert R.label(d) == "MAF (5)" and R.seed(d) == 3 and R.test_ll_2se(d) == 0.05
+    np.testing.assert_array_equal(R.history(d).val_ll, [0.1, 0.3])
+    again = RunRecord.from_json(d.to_json())
+    assert S.run_status(again) == S.run_status(d)
 
 
 def test_selection_errors_name_what_exists():
@@ -255,21 +248,21 @@ def test_rebuilt_model_is_the_recorded_one(real_runs):
     from flowbench.data import load_dataset
 
     out, _ = real_runs
-    rec = next(r for r in R.load_runs(out) if (r["dataset"], r["model"], r["seed"]) == ("digits", "maf", 1))
+    rec = next(r for r in R.load_runs(out) if (r.dataset, r.model, r.seed) == ("digits", "maf", 1))
     data = load_dataset("digits")
     flow = load_flow(rec, data)
     with torch.no_grad():
         ll = flow.log_prob(torch.as_tensor(data.test)).double().mean().item()
-    assert ll == pytest.approx(rec["test_ll"], abs=1e-4)  # best state, batch-norm statistics included
+    assert ll == pytest.approx(rec.test_ll, abs=1e-4)  # best state, batch-norm statistics included
 
 
 def test_image_grid_beside_test_images(real_runs):
     from flowbench.data import load_dataset
 
     out, _ = real_runs
-    runs = [r for r in R.load_runs(out) if r["dataset"] == "digits" and r["model"] == "maf"]
+    runs = [r for r in R.load_runs(out) if r.dataset == "digits" and r.model == "maf"]
     rec = choose_run(runs)
-    assert rec["best_val_ll"] == max(r["best_val_ll"] for r in runs)  # best validation seed
+    assert rec.best_val_ll == max(r.best_val_ll for r in runs)  # best validation seed
     fig = plot_samples(rec, n=16, seed=3)
     left, right = fig.axes
     (s_img,), (t_img,) = left.get_images(), right.get_images()
@@ -280,7 +273,7 @@ def test_image_grid_beside_test_images(real_runs):
     data = load_dataset("digits")
     np.testing.assert_allclose(t, tile(logit_to_pixels(data.test[:16], data.logit_alpha).reshape(-1, 8, 8), 4))
     assert "16 samples" in left.get_title() and "16 test images" in right.get_title()
-    assert f"seed {rec['seed']}" in fig._suptitle.get_text()
+    assert f"seed {rec.seed}" in fig._suptitle.get_text()
     # same sampling seed, same samples; another seed, others
     again = np.ma.getdata(plot_samples(rec, n=16, seed=3).axes[0].get_images()[0].get_array())
     other = np.ma.getdata(plot_samples(rec, n=16, seed=4).axes[0].get_images()[0].get_array())
@@ -290,7 +283,7 @@ def test_image_grid_beside_test_images(real_runs):
 
 def test_pairwise_samples_against_test_data(real_runs):
     out, tab = real_runs
-    rec = next(r for r in R.load_runs(out) if r["dataset"] == "tab3")
+    rec = next(r for r in R.load_runs(out) if r.dataset == "tab3")
     fig = plot_samples(rec, tab, n=150, dims=[0, 2])
     visible = [ax for ax in fig.axes if ax.axison]
     assert len(visible) == 3  # two histograms and one scatter (lower triangle of 2 × 2)
@@ -306,7 +299,7 @@ def test_pairwise_samples_against_test_data(real_runs):
 
 def test_toy2d_record_gets_the_density_figure(real_runs, tmp_path):
     out, _ = real_runs
-    rec = next(r for r in R.load_runs(out) if r["dataset"] == "toy2d-moons")
+    rec = next(r for r in R.load_runs(out) if r.dataset == "toy2d-moons")
     from flowbench.sanity.toy2d import make_toy
 
     path = save_samples(rec, tmp_path / "toy.png", data=make_toy("moons", 0, n_train=500, n_val=100, n_test=100))
@@ -326,7 +319,7 @@ def test_samples_cli(real_runs, tmp_path, capsys):
 
 def test_missing_checkpoint_is_a_clean_error(tmp_path):
     (rec,) = write_fakes(tmp_path, [fake_record("digits", "maf", "MAF (5)", 0, [1.0])])
-    rec["hparams"] = {"layers": 1, "hidden": 4}
+    rec.hparams = {"layers": 1, "hidden": 4}
     with pytest.raises(ConfigError, match="no checkpoint at .*seed0.ckpt"):
         plot_samples(rec)
 
@@ -338,23 +331,24 @@ def test_tensorboard_logs_the_record_values(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from flowbench.training import run_experiment
-    from flowbench.training.tensorboard import run_log_dir, tensorboard_callback
+    from flowbench.training.tensorboard import run_log_dir
 
     log_dir = run_log_dir(tmp_path / "tb", "digits", "maf", 0, "small")
     assert log_dir == tmp_path / "tb" / "digits" / "maf" / "small" / "seed0"
-    with tensorboard_callback(log_dir) as cb:
-        rec = run_experiment({"dataset": "digits", "model": "maf", "hidden": 8, "layers": 1, "max_epochs": 3, "lr": 1e-3,
-                              "out": str(tmp_path), "device": "cpu"}, callbacks=[cb], progress=False)
+    # `flowbench run --tensorboard DIR` is the option below
+    rec = run_experiment({"dataset": "digits", "model": "maf", "hidden": 8, "layers": 1, "max_epochs": 3, "lr": 1e-3,
+                          "out": str(tmp_path), "device": "cpu", "tag": "small", "tensorboard": str(tmp_path / "tb")},
+                         progress=False)
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     got = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in ("train_loss", "val_ll", "best_val_ll")}
-    hist = rec["history"]
+    hist = rec.history
     assert [s for s, _ in got["val_ll"]] == [1, 2, 3]
     np.testing.assert_allclose([v for _, v in got["train_loss"]], [h["train_loss"] for h in hist], rtol=1e-6)
     np.testing.assert_allclose([v for _, v in got["val_ll"]], [h["val_ll"] for h in hist], rtol=1e-6)
     np.testing.assert_allclose([v for _, v in got["best_val_ll"]], np.maximum.accumulate([h["val_ll"] for h in hist]),
                                rtol=1e-6)
-    assert got["best_val_ll"][-1][1] == pytest.approx(rec["best_val_ll"], rel=1e-6)
+    assert got["best_val_ll"][-1][1] == pytest.approx(rec.best_val_ll, rel=1e-6)
 
 
 def test_tensorboard_missing_package_says_how_to_install(monkeypatch, tmp_path):
@@ -367,6 +361,6 @@ def test_tensorboard_missing_package_says_how_to_install(monkeypatch, tmp_path):
 
 def test_nan_history_values_are_gaps_not_errors():
     rec = fake_record("power", "maf", "MAF (5)", 0, [0.1, 0.2])
-    rec["history"][0]["val_ll"] = None  # json_safe writes NaN as null
+    rec.history[0]["val_ll"] = None  # json_safe writes NaN as null
     assert math.isnan(R.history(rec).val_ll[0])
     pyplot().close(plot_curves([rec]))

@@ -1,9 +1,7 @@
 """The one place where figures and reports read run records.
 
-Records are plain dicts today (:mod:`flowbench.results`) and are becoming a typed ``RunRecord`` with the same
-field names. Every read goes through :func:`field`, which accepts both a mapping and an object with
-attributes, so that switch (and the ``*_se2`` → ``*_2se`` rename, handled in :func:`test_ll_2se`) is an edit
-to this file only.
+Records are :class:`flowbench.results.RunRecord` objects; every read goes through :func:`field` (which also
+takes a mapping, for the sweep reports' JSON), so a change of the record's fields is an edit to this file only.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ __all__ = [
     "select_runs",
 ]
 
-Record = Any  # a dict today, a RunRecord soon
+Record = Any  # a RunRecord (or a mapping with the same keys)
 
 
 def field(rec: Record, key: str, default: Any = None) -> Any:
@@ -216,16 +214,15 @@ def config_key(rec: Record) -> tuple[str, str, str, str]:
 
 
 def group_configurations(records: Iterable[Record]) -> dict[tuple[str, str, str, str], list[Record]]:
-    """Records by configuration, seeds sorted; keys in table order (model order of the MAF paper's tables)."""
-    from flowbench.tables import MODEL_ORDER
+    """Records by configuration, seeds sorted; keys in the table's row order (the model registry's)."""
+    from flowbench.tables import row_order_key
 
     groups: dict[tuple[str, str, str, str], list[Record]] = defaultdict(list)
     for r in records:
         groups[config_key(r)].append(r)
 
     def order(key: tuple[str, str, str, str]) -> tuple:
-        base = key[3].split(" [")[0]
-        return (MODEL_ORDER.index(base) if base in MODEL_ORDER else len(MODEL_ORDER), key[3], key[2])
+        return (row_order_key(key[3]), key[3], key[2])
 
     return {k: sorted(groups[k], key=seed) for k in sorted(groups, key=order)}
 

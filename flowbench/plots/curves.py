@@ -28,10 +28,10 @@ _IMAGE_SETS = ("mnist", "digits")
 
 def dataset_order(records: Iterable[Any]) -> list[str]:
     """Datasets in the table's column order, unknown ones after them alphabetically."""
-    from flowbench.tables import DATASET_ORDER
+    from flowbench.data import DATASETS
 
     present = {R.dataset(r) for r in records}
-    return [d for d in DATASET_ORDER if d in present] + sorted(present - set(DATASET_ORDER))
+    return [d for d in DATASETS if d in present] + sorted(present - set(DATASETS))
 
 
 def _stack(values: list[np.ndarray], epochs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

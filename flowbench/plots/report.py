@@ -166,7 +166,7 @@ def report_markdown(
         page.add("")
 
     page.add("## Comparison table", "")
-    page.add(build_table(S.mark_not_converged(records), sources, select).rstrip("\n"), "")
+    page.add(build_table(records, sources, select).rstrip("\n"), "")
 
     page.add("## Runs", "")
     page.add("Status: *converged*: early stopping ended the run (the MAF protocol); *capped*: stopped by "

@@ -14,7 +14,7 @@ from typing import Any
 
 from flowbench.plots import _records as R
 
-__all__ = ["NOT_CONVERGED", "RunStatus", "convergence_note", "is_capped", "mark_not_converged", "run_status"]
+__all__ = ["NOT_CONVERGED", "RunStatus", "convergence_note", "is_capped", "run_status"]
 
 #: Status kinds, in the order a summary lists them.
 KINDS = ("converged", "capped", "closed-form", "nonfinite", "failed", "other")
@@ -72,7 +72,7 @@ def summary(runs: Iterable[Any]) -> str:
 def convergence_note(runs: Iterable[Any]) -> str | None:
     """The footnote for one table cell (the runs averaged into it), or None when every run converged.
 
-    For ``flowbench.tables._cell_from_runs``: ``if note := convergence_note(runs): notes.append(note)``.
+    ``flowbench.tables`` adds it to the cell's footnotes.
     """
     capped = [r for r in runs if is_capped(r)]
     if not capped:
@@ -83,11 +83,3 @@ def convergence_note(runs: Iterable[Any]) -> str | None:
     return f"{NOT_CONVERGED} (seed{'s' if len(capped) > 1 else ''} {seeds}: --max-epochs {cap})"
 
 
-def mark_not_converged(records: list[Any]) -> list[Any]:
-    """Copies of the records in which capped runs carry status ``capped`` and the note as failure.
-
-    ``flowbench.tables.build_table`` footnotes every run whose status is not ``ok``, so this marks the
-    not-converged runs in today's table without changing it. Once :func:`convergence_note` is wired into
-    ``tables.py`` this function is no longer needed.
-    """
-    return [R.replace(r, status="capped", failure=NOT_CONVERGED) if is_capped(r) else r for r in records]

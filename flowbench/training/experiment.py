@@ -174,6 +174,15 @@ def _make_record(opts: RunOptions, flow: torch.nn.Module, hparams: dict[str, Any
     )
 
 
+def _tensorboard(opts: RunOptions) -> Callable[[EpochInfo], None] | None:
+    """``--tensorboard DIR``: a per-epoch logger in this run's own folder under DIR, or None."""
+    if opts.tensorboard is None:
+        return None
+    from flowbench.training.tensorboard import run_log_dir, tensorboard_callback
+
+    return tensorboard_callback(run_log_dir(opts.tensorboard, opts.dataset, opts.model, opts.seed, opts.tag))
+
+
 def run_experiment(
     options: RunOptions | Mapping[str, Any],
     data: Dataset | None = None,
@@ -203,7 +212,13 @@ def run_experiment(
     flow = flow.to(device)
     x = _to_device(data, device)
     flow.initialize(x.train)
-    result, notes, prior_time = _train(flow, x, opts, ckpt_path, callbacks, progress)
+    logger = _tensorboard(opts)
+    try:
+        result, notes, prior_time = _train(flow, x, opts, ckpt_path, [*(callbacks or []), *([logger] if logger else [])],
+                                           progress)
+    finally:
+        if logger is not None:
+            logger.close()
 
     evaluation = evaluate_test(flow, data, x.test, opts.eval_batch_size)
     jac, note = spectral_norm_summary(flow, x.test[:JACOBIAN_POINTS])

@@ -223,7 +223,6 @@ def fitted_2d():
                 loss = -model.train_log_prob(x[torch.randint(0, x.shape[0], (100,), generator=g)]).mean()
                 opt.zero_grad()
                 loss.backward()
-                model.adjust_gradients()
                 opt.step()
         model.prepare_for_eval(x)
         model.eval()

@@ -41,9 +41,6 @@ class LibraryFlow(nn.Module):
 
     train_log_prob = log_prob
 
-    def adjust_gradients(self):
-        pass
-
     def prepare_for_eval(self, train_x, batch_size=10_000):
         pass
 

@@ -160,3 +160,85 @@ def test_stack_refuses_different_shapes(digits):
     b = models.build_model("maf", 64, layers=1, hidden=9)
     with pytest.raises(ConfigError, match="same model shape"):
         StackedTrainer([RunSpec(a, 0, 1e-3), RunSpec(b, 1, 1e-3)], train_x.float(), val_x.float())
+
+
+# -- runs and records ------------------------------------------------------------------------------------
+from flowbench.data.base import Dataset  # noqa: E402
+from flowbench.training import run_experiment  # noqa: E402
+from flowbench.training.stacked import run_stacked  # noqa: E402
+
+
+def toy_data(n_train=600, n_val=150, n_test=300, seed=1) -> Dataset:
+    rng = np.random.RandomState(seed)
+    x = (rng.randn(n_train + n_val + n_test, 3) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]]))
+    x = x.astype(np.float32)
+    return Dataset("toy", x[:n_train], x[n_train:n_train + n_val], x[n_train + n_val:])
+
+
+def run_opts(out, **kw):
+    return {"out": str(out), "model": "maf", "layers": 2, "hidden": 8, "batch_norm": False, "batch_size": 50,
+            "patience": 2, "max_epochs": 8, "lr": 1e-2, "device": "cpu", **kw}
+
+
+def test_stacked_records_match_single_runs(tmp_path):
+    data = toy_data()
+    stacked = run_stacked([run_opts(tmp_path / "s", seed=s) for s in (0, 1, 2)], data, progress=False)
+    for seed, rec in zip((0, 1, 2), stacked):
+        single = run_experiment(run_opts(tmp_path / "1", seed=seed), data, progress=False)
+        assert rec.stack == {"seeds": [0, 1, 2], "size": 3} and single.stack is None
+        assert set(rec.to_json()) == set(single.to_json())  # same format
+        assert (rec.seed, rec.epochs, rec.best_epoch, rec.stop_reason) == (seed, single.epochs, single.best_epoch,
+                                                                          single.stop_reason)
+        assert {**rec.config, "out": None} == {**single.config, "out": None}  # its own options, seed included
+        assert rec.test_ll == pytest.approx(single.test_ll, abs=1e-4)  # float32: rounding only
+    assert len({r.test_ll for r in stacked}) == 3
+
+
+class Kill(Exception):
+    pass
+
+
+def test_stacked_kill_and_resume_equals_uninterrupted(tmp_path):
+    data = toy_data()
+    seeds = (0, 1)
+    full = run_stacked([run_opts(tmp_path / "a", seed=s) for s in seeds], data, progress=False)
+
+    def kill(info):
+        if info.epoch == 3 and info.seed == 1:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run_stacked([run_opts(tmp_path / "b", seed=s) for s in seeds], data, progress=False, callbacks=[kill])
+    with pytest.raises(ConfigError, match="different options.*lr"):
+        run_stacked([run_opts(tmp_path / "b", seed=s, resume=True, lr=2e-2) for s in seeds], data, progress=False)
+    resumed = run_stacked([run_opts(tmp_path / "b", seed=s, resume=True) for s in seeds], data, progress=False)
+    for a, b in zip(full, resumed):
+        assert any("resumed from the checkpoint after epoch 3" in n for n in b.notes)
+        assert a.history == b.history and a.test_ll == b.test_ll and a.best_epoch == b.best_epoch
+    # a stacked run's checkpoint is a single run's: seed 0 resumes alone too
+    with pytest.raises(Kill):
+        run_stacked([run_opts(tmp_path / "c", seed=s) for s in seeds], data, progress=False, callbacks=[kill])
+    alone = run_experiment(run_opts(tmp_path / "c", seed=0, resume=True), data, progress=False)
+    assert [h["epoch"] for h in alone.history] == [h["epoch"] for h in full[0].history]
+    assert alone.test_ll == pytest.approx(full[0].test_ll, abs=1e-4)
+
+
+def test_nan_guard_stops_one_run_the_others_go_on(tmp_path):
+    data = toy_data()
+    train_x, val_x = torch.tensor(data.train), torch.tensor(data.val)
+
+    def build(seed):
+        _seed_everything(seed)
+        return models.build_model("maf", 3, layers=1, hidden=8, batch_norm=False)
+
+    good, bad, ref = build(0), build(1), build(0)
+    with torch.no_grad():
+        bad.transform.transforms[0].out.bias.fill_(-1e4)  # log precision −1e4 … fine; +1e4 overflows exp
+        bad.transform.transforms[0].out.bias[3:].fill_(1e4)
+    res = StackedTrainer([RunSpec(good, 0, 1e-2, max_epochs=3), RunSpec(bad, 1, 1e-2, max_epochs=3)],
+                         train_x, val_x, batch_size=50, progress=False).fit()
+    single = Trainer(ref, train_x, val_x, lr=1e-2, max_epochs=3, seed=0, batch_size=50, progress=False).fit()
+    assert res[1].status == "nonfinite" and "epoch 1, batch 1" in res[1].failure and res[1].best_epoch is None
+    assert res[0].status == "ok" and res[0].epochs == 3
+    np.testing.assert_allclose([h["val_ll"] for h in res[0].history], [h["val_ll"] for h in single.history],
+                               rtol=1e-5)

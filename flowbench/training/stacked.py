@@ -38,7 +38,7 @@ from flowbench.training.evaluate import log_prob_batches
 from flowbench.training.trainer import SYNC_EVERY, EpochInfo, TrainResult, _rng_state, _set_rng_state, make_adam
 from flowbench.utils import atomic_torch_save
 
-__all__ = ["StackedTrainer", "RunSpec", "StackedEpochInfo", "parse_seeds"]
+__all__ = ["StackedTrainer", "RunSpec", "StackedEpochInfo", "parse_seeds", "run_stacked", "stack_key", "PER_RUN"]
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
@@ -340,3 +340,99 @@ class StackedTrainer:
     def _log(self, line: str) -> None:
         if self.progress:
             tqdm.write(line, file=sys.stderr)
+
+
+#: Options in which the runs of one stack may differ: they change no tensor shape (per-run Adam, stopper).
+PER_RUN = ("seed", "lr", "weight_decay", "patience", "max_epochs")
+
+
+def stack_key(opts) -> tuple:
+    """Runs with equal keys may share a stack: everything but :data:`PER_RUN` and the options that do not
+    change a trajectory (where results go, threads, progress output) is equal."""
+    from flowbench.config import RESUME_MAY_CHANGE, UNTAGGED
+
+    skip = set(PER_RUN) | set(RESUME_MAY_CHANGE) | set(UNTAGGED) | {"seeds", "tag"}
+    flat = opts.to_dict()
+    return tuple(sorted((k, repr(v)) for k, v in flat.items() if k not in skip))
+
+
+def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Callable] | None = None,
+                progress: bool = True) -> list:
+    """Train, evaluate and record R runs as one stack; returns their records (each also written).
+
+    Each record has the format of a single run's (:func:`flowbench.training.experiment.run_experiment`)
+    plus ``stack = {"seeds": [...], "size": R}``. ``options`` are :class:`RunOptions` or mappings.
+    """
+    from flowbench.config import coerce_options
+    from flowbench.training import experiment as ex
+    from flowbench.training.evaluate import evaluate_test, spectral_norm_summary
+    from flowbench.results import write_record
+    from flowbench.utils import resolve_device
+
+    t0 = time.perf_counter()
+    runs = [coerce_options(o) for o in options]
+    if data is not None:
+        runs = [o.replace(dataset=data.name) for o in runs]
+    if not runs:
+        raise ConfigError("a stack needs at least one run")
+    keys = {stack_key(o) for o in runs}
+    if len(keys) > 1 or len({o.batch_size for o in runs}) > 1:
+        raise ConfigError("runs of one stack may differ only in " + ", ".join(PER_RUN))
+    paths = [ex._paths(o) for o in runs]
+    if len({p[0] for p in paths}) != len(paths):
+        raise ConfigError("two runs of the stack would write the same record (same seed and tag)")
+    for o, (rec, ckpt) in zip(runs, paths):
+        ex._check_before_compute(o, rec, ckpt)
+    first = runs[0]
+    if data is None:
+        from flowbench.data import load_dataset
+
+        data = load_dataset(first.dataset, first.data_root)
+    device = resolve_device(first.device)
+    x = ex._to_device(data, device)
+    built = []
+    for o in runs:
+        ex._seed_everything(o.seed)
+        flow, hparams, match = ex.build_from_options(o, data.dim)
+        flow = flow.to(device)
+        flow.initialize(x.train)
+        built.append((flow, hparams, match))
+    stack = {"seeds": [o.seed for o in runs], "size": len(runs)}
+    notes: list[list[str]] = [[] for _ in runs]
+    prior = [0.0] * len(runs)
+    if not built[0][0].trainable:
+        results = []
+        for i, (o, (flow, _, _)) in enumerate(zip(runs, built)):
+            res, notes[i], prior[i] = ex._train(flow, x, o, paths[i][1], None, progress)
+            results.append(res)
+    else:
+        specs = [RunSpec(flow, o.seed, o.lr, o.weight_decay, o.patience, o.max_epochs, ckpt, o.to_dict())
+                 for o, (flow, _, _), (_, ckpt) in zip(runs, built, paths)]
+        trainer = StackedTrainer(specs, x.train, x.val, batch_size=first.batch_size,
+                                 eval_batch_size=first.eval_batch_size, callbacks=callbacks, progress=progress)
+        for i, (o, (_, ckpt)) in enumerate(zip(runs, paths)):
+            if o.resume:
+                trainer.load_checkpoint(i)
+                prior[i] = trainer.runs[i].result.train_time_s
+                notes[i].append(f"resumed from the checkpoint after epoch {trainer.runs[i].result.resumed_from_epoch}")
+            elif ckpt.exists():
+                notes[i].append("an older checkpoint was replaced (run with --resume to continue one instead)")
+        if first.compile:
+            notes[0].append("--compile does not apply to stacked runs; trained without it")
+        results = trainer.fit()
+    records = []
+    for i, (o, (flow, hparams, match), res) in enumerate(zip(runs, built, results)):
+        notes[i].append(f"trained in a stack of {len(runs)} (seeds {stack['seeds']})")
+        evaluation = evaluate_test(flow, data, x.test, o.eval_batch_size)
+        jac, note = spectral_norm_summary(flow, x.test[: ex.JACOBIAN_POINTS])
+        if note:
+            notes[i].append(note)
+        if res.status == "ok" and not math.isfinite(evaluation["test_ll"]):
+            res.status, res.failure = "nonfinite", "test log-likelihood is not finite"
+        # Wall time: the whole stack's (all its runs trained together), plus this run's earlier sessions.
+        wall = prior[i] + time.perf_counter() - t0
+        record = ex._make_record(o, flow, hparams, match, res, evaluation, jac, notes[i], device, wall)
+        record.stack = stack
+        write_record(paths[i][0], record, force=o.force)
+        records.append(record)
+    return records

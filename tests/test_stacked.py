@@ -242,3 +242,16 @@ def test_nan_guard_stops_one_run_the_others_go_on(tmp_path):
     assert res[0].status == "ok" and res[0].epochs == 3
     np.testing.assert_allclose([h["val_ll"] for h in res[0].history], [h["val_ll"] for h in single.history],
                                rtol=1e-5)
+
+
+def test_bench_stack_reports_both_and_ratio():
+    from flowbench.bench.stacked import run_stack_bench
+
+    lines: list[str] = []
+    res = run_stack_bench("digits", "made", 2, steps=2, batch_size=20, hparams={"hidden": 8}, rounds=1,
+                          log=lines.append)
+    assert set(res["samples_per_s"]) == {"sequential", "stacked"} and res["ratio"] > 0
+    assert res["ratio"] == pytest.approx(res["samples_per_s"]["stacked"] / res["samples_per_s"]["sequential"])
+    assert "stacked / sequential" in lines[-1]
+    with pytest.raises(ConfigError):
+        run_stack_bench("digits", "made", 0)

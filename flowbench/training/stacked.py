@@ -87,6 +87,21 @@ class StackedEpochInfo(EpochInfo):
     seed: int = 0
 
 
+def _fused_row(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, wd: float) -> None:
+    torch._fused_adam_([theta], [grad], [m], [v], [], [step.to(torch.float32)], lr=lr, beta1=BETA1, beta2=BETA2,
+                       weight_decay=wd, eps=EPS, amsgrad=False, maximize=False)
+
+
+def _has_fused(like: Tensor) -> bool:
+    """Whether torch's fused Adam kernel runs on this device and dtype (probed on scratch tensors)."""
+    try:
+        z = like.new_zeros(1)
+        _fused_row(z, z.clone(), z.clone(), z.clone(), z.new_ones(()).double(), 1e-3, 0.0)
+        return True
+    except (RuntimeError, TypeError, AttributeError, NotImplementedError):
+        return False
+
+
 class _Run:
     """Everything one run owns besides its rows of the stacked tensors."""
 
@@ -133,6 +148,7 @@ class StackedTrainer:
         self.steps = torch.zeros(len(self.runs), dtype=torch.float64, device=dev)
         self.lr = torch.tensor([r.spec.lr for r in self.runs], dtype=dt, device=dev)[:, None]
         self.wd = torch.tensor([r.spec.weight_decay for r in self.runs], dtype=dt, device=dev)[:, None]
+        self._fused = _has_fused(self.theta)
 
     # -- stacked ⇄ per-run ---------------------------------------------------------------------------
     @staticmethod
@@ -211,8 +227,18 @@ class StackedTrainer:
     @torch.no_grad()
     def _adam(self, theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, steps: Tensor, lr: Tensor, wd: Tensor,
               live: Tensor) -> None:
-        """torch's Adam (L2 added to the gradient, as the single-run trainer's) on rows with ``live``."""
+        """torch's Adam (L2 added to the gradient, as the single-run trainer's) on the rows with ``live``.
+
+        Row by row through torch's fused Adam kernel where there is one: bit-identical to the single-run
+        fused step, and one pass over memory (a broadcast elementwise version made relgrad at D = 784 four
+        times slower than sequential runs). Otherwise the same algorithm with per-run tensors.
+        """
         steps += live.to(steps.dtype)
+        rows = live.nonzero().flatten().tolist() if not bool(live.all()) else range(theta.shape[0])
+        if self._fused:
+            for j in rows:
+                _fused_row(theta[j], grad[j], m[j], v[j], steps[j], float(lr[j]), float(wd[j]))
+            return
         n = steps.clamp_min(1)[:, None]
         bc1 = (1 - BETA1 ** n).to(theta.dtype)
         bc2_sqrt = (1 - BETA2 ** n).sqrt().to(theta.dtype)

@@ -85,6 +85,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("config", None, (str,), "TOML file of run options (keys = these flag names); default "
            "configs/<dataset>/<model>.toml when it exists", _WHAT, "FILE", resume_may_change=True),
     Option("seed", 0, (int,), "random seed (initial weights, shuffling)", _WHAT, low=0, tagged=False),
+    Option("seeds", None, (str,), "train several seeds together as one stack (one batched computation, one "
+           "record per seed): a range 0-4 or a list 0,2,5; replaces --seed", _WHAT, "LIST", tagged=False,
+           resume_may_change=True),
     Option("device", "auto", (str,), "auto (GPU if present), cpu or cuda", _WHAT, tagged=False,
            resume_may_change=True),
     Option("tag", None, (str,), "label for this configuration; records go to runs/<dataset>/<model>/<tag>/", _WHAT),
@@ -151,6 +154,7 @@ class RunOptions:
     model: str = "relgrad"
     config: str | None = None
     seed: int = 0
+    seeds: str | None = None
     device: str = "auto"
     tag: str | None = None
     max_epochs: int | None = None

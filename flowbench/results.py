@@ -97,6 +97,7 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
     command: str | None = None
     provenance: dict[str, Any] | None = None
+    stack: dict[str, Any] | None = None  # stacked runs: {"seeds": [...], "size": R} of the stack it trained in
     extra: dict[str, Any] = field(default_factory=dict)
     path: str | None = None  # where it was read from (not written)
 

@@ -80,6 +80,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--compile", action="store_true",
                    help="torch.compile flowbench's training objective, as `flowbench run --compile` does")
     t.add_argument("--compile-zuko", action="store_true", help="torch.compile zuko's objective too")
+    t.add_argument("--stack", type=int, default=None, metavar="R",
+                   help="time R runs trained as one stack against the same R runs one after another (ratio printed)")
     t.add_argument("--data-root", default=None)
     _common(t)
 
@@ -119,6 +121,15 @@ def main(args: argparse.Namespace) -> int:
 
         res = bench_optim(points=args.points, inits=args.inits, epochs=args.epochs, lr=args.lr, seed=args.seed,
                           bias=not args.no_bias, bias_logdet=args.bias_logdet, **common)
+    elif args.stack is not None:
+        from flowbench.bench.stacked import run_stack_bench
+        from flowbench.utils import set_threads
+
+        if args.threads:
+            set_threads(args.threads)
+        run_stack_bench(args.dataset, args.model, args.stack, steps=args.steps, batch_size=args.batch_size,
+                        lr=args.lr, hparams=_hparams(args.hparam), data_root=args.data_root)
+        return 0
     else:  # argparse allows only the three benchmarks
         from flowbench.bench.train import bench_train
 

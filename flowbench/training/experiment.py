@@ -274,6 +274,14 @@ def _set_threads(opts: RunOptions) -> None:
 def run_and_report(opts: RunOptions) -> int:
     """``flowbench run``: set threads, train, print the summary line; exit status 0 when the run is ok."""
     _set_threads(opts)
+    if opts.seeds is not None:
+        from flowbench.training.stacked import parse_seeds, run_stacked
+
+        runs = [opts.replace(seed=s, seeds=None) for s in parse_seeds(opts.seeds)]
+        records = run_stacked(runs, progress=not opts.quiet)
+        for record, run in zip(records, runs):
+            print(summary_line(record, _paths(run.replace(dataset=record.dataset))[0]))
+        return 0 if all(r.status == "ok" for r in records) else 1
     try:
         record = run_experiment(opts, progress=not opts.quiet)
     except KeyboardInterrupt:

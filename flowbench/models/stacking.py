@@ -1,0 +1,148 @@
+"""The training objective of R same-shaped models at once (stacked runs, issue 11).
+
+The R runs' parameters are stacked along a leading axis (``{name: (R, *shape)}``, names as in
+``template.named_parameters()``) and the objective of run r on its own batch ``x[r]`` is computed for every r
+in one pass. Generic families go through ``torch.func.vmap`` over ``functional_call`` (MADE, MADE MoG, MAF,
+MAF MoG, Real NVP: no per-family code). The relgrad dense flow (Gresele et al. 2020) trains through a custom
+autograd Function whose backward forms the relative gradient; :class:`StackedRelgradNet` is the same
+O(B·D²) computation as :class:`~flowbench.models.relgrad_autograd.RelgradNet` with a leading run axis
+(batched matrix products), so each run receives exactly its own relative gradient.
+
+Measured (MAF(5), D = 6, H = 100, batch 100, R = 16, forward + backward, one loaded CPU thread): sequential
+122 ms, vmap 45 ms, hand-batched bmm layers 30 ms. vmap was kept: it stacks every family with no
+per-family code, and an optimiser step over one flat (R, P) tensor removes most of the remaining overhead.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from flowbench.models.relgrad_autograd import TANH_A, TANH_B
+
+__all__ = ["StackedRelgradNet", "stacked_train_log_prob"]
+
+
+class _Objective(nn.Module):
+    """``forward`` = the flow's ``train_log_prob`` (what functional_call calls)."""
+
+    def __init__(self, flow: nn.Module):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.flow.train_log_prob(x)
+
+
+def _t(a: Tensor) -> Tensor:
+    return a.transpose(-1, -2)
+
+
+class StackedRelgradNet(torch.autograd.Function):
+    """:class:`RelgradNet` with a leading run axis: ``x`` (R, B, D), ``W_k`` (R, D, D), ``b_k`` (R, D).
+
+    Backward returns run r's relative gradient ``Δ_rᵀ (Y_r W_r) + (Σ_i ∂loss/∂ld_ri) W_r`` and the projected
+    bias rule ``Δ_rᵀ (Y_r b_r + 1)`` for each r (Gresele et al. 2020, section 4 and appendix F).
+    """
+
+    @staticmethod
+    def forward(ctx, x, activation: str, alpha: float, n: int, bias_logdet: bool, *params):
+        weights, biases = params[:n], params[n:] if len(params) > n else [None] * n
+        ys, auxs = [], []
+        ld = x.new_zeros(x.shape[:-1])
+        h = x
+        for k in range(n):
+            b = biases[k]
+            y = torch.baddbmm(b.unsqueeze(1), h, _t(weights[k])) if b is not None else h @ _t(weights[k])
+            ys.append(y)
+            if k < n - 1:
+                if activation == "tanh":
+                    a = torch.tanh(TANH_A * y)
+                    h = torch.add(a, y, alpha=TANH_B)
+                    sech2 = 1 - a * a
+                    d = sech2.mul(TANH_A).add_(TANH_B)
+                    curv = sech2.mul_(a).mul_(-2 * TANH_A * TANH_A).div_(d)
+                else:
+                    a = torch.sigmoid(y)
+                    h = F.softplus(y).mul_(1 - alpha).add_(y, alpha=alpha)
+                    d = a.mul(1 - alpha).add_(alpha)
+                    curv = (1 - a).mul_(a).mul_(1 - alpha).div_(d)
+                ld += d.log().sum(-1)
+                auxs.append((d, curv))
+            else:
+                h = y
+        ctx.n, ctx.auxs = n, auxs
+        ctx.has_bias, ctx.bias_logdet = biases[0] is not None, bias_logdet
+        ctx.save_for_backward(*weights, *(b for b in biases if b is not None), *ys)
+        return h, ld
+
+    @staticmethod
+    def backward(ctx, dz, dld):
+        n = ctx.n
+        saved = ctx.saved_tensors
+        weights = saved[:n]
+        biases = saved[n:2 * n] if ctx.has_bias else [None] * n
+        ys = saved[2 * n:] if ctx.has_bias else saved[n:]
+        gws, gbs = [None] * n, [None] * n
+        s = None if dld is None else dld.sum(-1)  # (R,): Σ_i ∂loss/∂logdet_i per run
+        if dz is None:
+            dz = torch.zeros_like(ys[-1])
+        delta = dz
+        gh = None
+        for k in reversed(range(n)):
+            w, y = weights[k], ys[k]
+            rows = y.shape[-2]
+            if k > 0 or ctx.needs_input_grad[0]:
+                both = torch.cat([delta, y], dim=-2) @ w  # one (R, 2B, D) product for Δ·W and Y·W
+                gh, yw = both[:, :rows], both[:, rows:]
+            else:
+                gh, yw = None, y @ w
+            gw = _t(delta) @ yw  # Δᵀ (Y W)
+            gws[k] = gw if s is None else gw.add_(w * s[:, None, None])
+            if biases[k] is not None:
+                u = (y @ biases[k].unsqueeze(-1)).squeeze(-1) + 1  # Y b + 1, (R, B)
+                gbs[k] = (_t(delta) @ u.unsqueeze(-1)).squeeze(-1)
+                if ctx.bias_logdet and s is not None:
+                    gbs[k] = gbs[k] + s[:, None] * biases[k]
+            if k > 0:
+                d, curv = ctx.auxs[k - 1]
+                delta = gh * d
+                if dld is not None:
+                    delta = delta.addcmul_(dld.unsqueeze(-1), curv)
+        grads = gws + (gbs if ctx.has_bias else [])
+        return (gh if ctx.needs_input_grad[0] else None, None, None, None, None, *grads)
+
+
+def _relgrad_log_prob(template: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    t = template.transform
+    n = len(t.weights)
+    ps = [params[f"transform.weights.{k}"] for k in range(n)]
+    if t.biases is not None:
+        ps += [params[f"transform.biases.{k}"] for k in range(n)]
+    z, ld = StackedRelgradNet.apply(x, t.activation, t.alpha, n, t.bias_logdet, *ps)
+    return template.base.log_prob(z) + ld
+
+
+def stacked_train_log_prob(template: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
+                           x: Tensor) -> Tensor:
+    """``train_log_prob`` of run r's parameters on ``x[r]`` for every r: shape (R, B).
+
+    ``template`` is one of the runs' flows (its own tensors are not used); ``buffers`` are shared by all runs
+    (masks and the like: identical across runs of one shape; batch-norm statistics are unused in training).
+    """
+    from flowbench.models.relgrad import RelgradFlow
+
+    if isinstance(template, RelgradFlow) and template.relative:
+        return _relgrad_log_prob(template, params, x)
+    obj = _Objective(template)
+    params = {"flow." + k: v for k, v in params.items()}
+    buffers = {"flow." + k: v for k, v in buffers.items()}
+
+    def one(p, xb):
+        return functional_call(obj, (p, buffers), (xb,))
+
+    return vmap(one)(params, x)

@@ -1,0 +1,257 @@
+"""Stacked runs (issue 11): stacked run r follows the trajectory of a single run with seed r, per family."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import flowbench.models as models
+from flowbench.data import load_dataset
+from flowbench.errors import ConfigError
+from flowbench.models.stacking import StackedRelgradNet
+from flowbench.training.experiment import _seed_everything
+from flowbench.training.stacked import RunSpec, StackedTrainer, parse_seeds
+from flowbench.training.trainer import Trainer
+
+#: Small members of every trainable family (fast on CPU); float64 so that equality means the same trajectory.
+FAMILIES = {
+    "made": dict(hidden=16),
+    "made-mog": dict(hidden=16, components=3),
+    # batch_norm off for the exact comparison: the last batch norm's β has a gradient that is zero but for
+    # rounding, which Adam amplifies (a 1e-15 change of one weight moves it by 2.5e-3 in one epoch of a single
+    # run), so no reordering of sums can follow it; test_stacked_batchnorm_follows_rounding covers BN.
+    "maf": dict(layers=2, hidden=16, batch_norm=False),
+    "maf-mog": dict(layers=2, hidden=16, components=3, batch_norm=False),
+    "realnvp": dict(layers=2, hidden=16, batch_norm=False),
+    "relgrad": dict(layers=2),
+}
+LR = {"made": 3e-3, "made-mog": 3e-3, "maf": 3e-3, "maf-mog": 3e-3, "realnvp": 3e-3, "relgrad": 1e-3}
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_dataset("digits")
+    # 400 training rows in batches of 40: 10 steps an epoch, so ≥ 100 steps within the epoch cap
+    return (torch.tensor(np.asarray(data.train[:400]), dtype=torch.float64),
+            torch.tensor(np.asarray(data.val[:200]), dtype=torch.float64))
+
+
+def _build(model: str, seed: int, train_x, **hparams):
+    _seed_everything(seed)  # as run_experiment does: initial weights from the seed alone
+    flow = models.build_model(model, train_x.shape[1], **{**FAMILIES[model], **hparams}).double()
+    flow.initialize(train_x)
+    return flow
+
+
+def _snapshots():
+    snaps: dict = {}
+
+    def cb_for(flow_of):
+        def cb(info):
+            flow = flow_of(info)
+            snaps[(getattr(info, "seed", None), info.epoch)] = {k: v.detach().clone()
+                                                               for k, v in flow.named_parameters()}
+        return cb
+    return snaps, cb_for
+
+
+@pytest.mark.parametrize("model", list(FAMILIES))
+def test_stacked_run_equals_single_run(model, digits):
+    train_x, val_x = digits
+    kw = dict(batch_size=40, progress=False)
+    singles, single_snaps = {}, {}
+    for seed in SEEDS:
+        flow = _build(model, seed, train_x)
+        snaps: dict = {}
+        cb = lambda info, flow=flow, snaps=snaps: snaps.__setitem__(  # noqa: E731
+            info.epoch, {k: v.detach().clone() for k, v in flow.named_parameters()})
+        tr = Trainer(flow, train_x, val_x, lr=LR[model], patience=2, max_epochs=14, seed=seed, callbacks=[cb], **kw)
+        singles[seed], single_snaps[seed] = (tr.fit(), flow), snaps
+    flows = [_build(model, seed, train_x) for seed in SEEDS]
+    stacked_snaps: dict = {}
+    st = StackedTrainer(
+        [RunSpec(f, seed, LR[model], patience=2, max_epochs=14) for f, seed in zip(flows, SEEDS)], train_x, val_x,
+        callbacks=[lambda info: stacked_snaps.__setitem__(
+            (info.seed, info.epoch), {k: v.detach().clone() for k, v in flows[info.run].named_parameters()})],
+        **kw)
+    results = st.fit()
+    for r, seed in enumerate(SEEDS):
+        single, flow = singles[seed]
+        res = results[r]
+        assert (res.epochs, res.best_epoch, res.stop_reason) == (single.epochs, single.best_epoch, single.stop_reason)
+        assert res.epochs * 10 >= 100 or "no improvement" in res.stop_reason
+        np.testing.assert_allclose([h["val_ll"] for h in res.history], [h["val_ll"] for h in single.history],
+                                   rtol=0, atol=1e-9)
+        np.testing.assert_allclose([h["train_loss"] for h in res.history],
+                                   [h["train_loss"] for h in single.history], rtol=0, atol=1e-9)
+        for epoch, snap in single_snaps[seed].items():
+            for k, v in snap.items():
+                torch.testing.assert_close(stacked_snaps[(seed, epoch)][k], v, rtol=0, atol=1e-10)
+        for (k, v), (k2, v2) in zip(flows[r].state_dict().items(), flow.state_dict().items()):
+            torch.testing.assert_close(v, v2, rtol=0, atol=1e-10)  # the restored best state, BN statistics too
+    # the seeds really differ (a stack that trained one run twice would pass the above with one seed)
+    assert not torch.equal(next(flows[0].parameters()), next(flows[1].parameters()))
+
+
+def test_stacked_batchnorm_follows_rounding(digits):
+    """MAF with batch norm: stacking moves the trajectory no further than a 1e-15 nudge of one weight moves a
+    single run, and each run's batch-norm statistics are those of the whole training set."""
+    train_x, val_x = digits
+    kw = dict(batch_size=40, progress=False, max_epochs=3, patience=5)
+
+    def single(nudge):
+        flow = _build("maf", 0, train_x, batch_norm=True)
+        with torch.no_grad():
+            next(flow.parameters()).mul_(1 + nudge)
+        return flow, Trainer(flow, train_x, val_x, lr=3e-3, seed=0, **kw).fit()
+
+    (ref, res_ref), (nudged, _) = single(0.0), single(1e-15)
+    flows = [_build("maf", s, train_x, batch_norm=True) for s in (0, 1)]
+    results = StackedTrainer([RunSpec(f, s, 3e-3, patience=5, max_epochs=3) for f, s in zip(flows, (0, 1))],
+                             train_x, val_x, batch_size=40, progress=False).fit()
+    assert results[0].epochs == res_ref.epochs == 3
+    for (k, a), b, c in zip(ref.state_dict().items(), flows[0].state_dict().values(), nudged.state_dict().values()):
+        assert (a - b).abs().max() <= 10 * (a - c).abs().max() + 1e-10, k
+    bn = flows[1].transform.transforms[1]
+    with torch.no_grad():
+        h = flows[1].transform.transforms[0](train_x)[0]
+    torch.testing.assert_close(bn.stat_mean, h.mean(0), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(bn.stat_var, h.var(0, unbiased=False) + bn.eps, rtol=1e-10, atol=1e-10)
+
+
+def test_stacked_relgrad_gradient_is_each_runs_relative_gradient():
+    """The batched backward against the single-run RelgradNet in float64, run by run (bias_logdet both ways)."""
+    from flowbench.models.relgrad_autograd import RelgradNet
+
+    torch.manual_seed(0)
+    R, B, D, n = 3, 5, 4, 3
+    for act, bias_logdet in (("smooth-leaky-relu", False), ("tanh", True)):
+        ws = [torch.randn(R, D, D, dtype=torch.float64, requires_grad=True) for _ in range(n)]
+        bs = [torch.randn(R, D, dtype=torch.float64, requires_grad=True) for _ in range(n)]
+        x = torch.randn(R, B, D, dtype=torch.float64)
+        z, ld = StackedRelgradNet.apply(x, act, 0.3, n, bias_logdet, *ws, *bs)
+        ((z ** 2).sum(-1) * 0.5 - ld * torch.arange(1, B + 1)).sum().backward()
+        for r in range(R):
+            wr = [w[r].detach().clone().requires_grad_() for w in ws]
+            br = [b[r].detach().clone().requires_grad_() for b in bs]
+            z1, ld1 = RelgradNet.apply(x[r], act, 0.3, n, bias_logdet, *wr, *br)
+            torch.testing.assert_close(z[r], z1, rtol=0, atol=1e-12)
+            ((z1 ** 2).sum(-1) * 0.5 - ld1 * torch.arange(1, B + 1)).sum().backward()
+            for a, b in zip(ws + bs, wr + br):
+                torch.testing.assert_close(a.grad[r], b.grad, rtol=1e-13, atol=1e-12)
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("0,2,5") == [0, 2, 5]
+    assert parse_seeds("0-1,7") == [0, 1, 7]
+    for bad in ("", "a", "3-1", "1,1", "-2"):
+        with pytest.raises(ConfigError):
+            parse_seeds(bad)
+
+
+def test_stack_refuses_different_shapes(digits):
+    train_x, val_x = digits
+    a = models.build_model("maf", 64, layers=1, hidden=8)
+    b = models.build_model("maf", 64, layers=1, hidden=9)
+    with pytest.raises(ConfigError, match="same model shape"):
+        StackedTrainer([RunSpec(a, 0, 1e-3), RunSpec(b, 1, 1e-3)], train_x.float(), val_x.float())
+
+
+# -- runs and records ------------------------------------------------------------------------------------
+from flowbench.data.base import Dataset  # noqa: E402
+from flowbench.training import run_experiment  # noqa: E402
+from flowbench.training.stacked import run_stacked  # noqa: E402
+
+
+def toy_data(n_train=600, n_val=150, n_test=300, seed=1) -> Dataset:
+    rng = np.random.RandomState(seed)
+    x = (rng.randn(n_train + n_val + n_test, 3) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]]))
+    x = x.astype(np.float32)
+    return Dataset("toy", x[:n_train], x[n_train:n_train + n_val], x[n_train + n_val:])
+
+
+def run_opts(out, **kw):
+    return {"out": str(out), "model": "maf", "layers": 2, "hidden": 8, "batch_norm": False, "batch_size": 50,
+            "patience": 2, "max_epochs": 8, "lr": 1e-2, "device": "cpu", **kw}
+
+
+def test_stacked_records_match_single_runs(tmp_path):
+    data = toy_data()
+    stacked = run_stacked([run_opts(tmp_path / "s", seed=s) for s in (0, 1, 2)], data, progress=False)
+    for seed, rec in zip((0, 1, 2), stacked):
+        single = run_experiment(run_opts(tmp_path / "1", seed=seed), data, progress=False)
+        assert rec.stack == {"seeds": [0, 1, 2], "size": 3} and single.stack is None
+        assert set(rec.to_json()) == set(single.to_json())  # same format
+        assert (rec.seed, rec.epochs, rec.best_epoch, rec.stop_reason) == (seed, single.epochs, single.best_epoch,
+                                                                          single.stop_reason)
+        assert {**rec.config, "out": None} == {**single.config, "out": None}  # its own options, seed included
+        assert rec.test_ll == pytest.approx(single.test_ll, abs=1e-4)  # float32: rounding only
+    assert len({r.test_ll for r in stacked}) == 3
+
+
+class Kill(Exception):
+    pass
+
+
+def test_stacked_kill_and_resume_equals_uninterrupted(tmp_path):
+    data = toy_data()
+    seeds = (0, 1)
+    full = run_stacked([run_opts(tmp_path / "a", seed=s) for s in seeds], data, progress=False)
+
+    def kill(info):
+        if info.epoch == 3 and info.seed == 1:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run_stacked([run_opts(tmp_path / "b", seed=s) for s in seeds], data, progress=False, callbacks=[kill])
+    with pytest.raises(ConfigError, match="different options.*lr"):
+        run_stacked([run_opts(tmp_path / "b", seed=s, resume=True, lr=2e-2) for s in seeds], data, progress=False)
+    resumed = run_stacked([run_opts(tmp_path / "b", seed=s, resume=True) for s in seeds], data, progress=False)
+    for a, b in zip(full, resumed):
+        assert any("resumed from the checkpoint after epoch 3" in n for n in b.notes)
+        assert a.history == b.history and a.test_ll == b.test_ll and a.best_epoch == b.best_epoch
+    # a stacked run's checkpoint is a single run's: seed 0 resumes alone too
+    with pytest.raises(Kill):
+        run_stacked([run_opts(tmp_path / "c", seed=s) for s in seeds], data, progress=False, callbacks=[kill])
+    alone = run_experiment(run_opts(tmp_path / "c", seed=0, resume=True), data, progress=False)
+    assert [h["epoch"] for h in alone.history] == [h["epoch"] for h in full[0].history]
+    assert alone.test_ll == pytest.approx(full[0].test_ll, abs=1e-4)
+
+
+def test_nan_guard_stops_one_run_the_others_go_on(tmp_path):
+    data = toy_data()
+    train_x, val_x = torch.tensor(data.train), torch.tensor(data.val)
+
+    def build(seed):
+        _seed_everything(seed)
+        return models.build_model("maf", 3, layers=1, hidden=8, batch_norm=False)
+
+    good, bad, ref = build(0), build(1), build(0)
+    with torch.no_grad():
+        bad.transform.transforms[0].out.bias.fill_(-1e4)  # log precision −1e4 … fine; +1e4 overflows exp
+        bad.transform.transforms[0].out.bias[3:].fill_(1e4)
+    res = StackedTrainer([RunSpec(good, 0, 1e-2, max_epochs=3), RunSpec(bad, 1, 1e-2, max_epochs=3)],
+                         train_x, val_x, batch_size=50, progress=False).fit()
+    single = Trainer(ref, train_x, val_x, lr=1e-2, max_epochs=3, seed=0, batch_size=50, progress=False).fit()
+    assert res[1].status == "nonfinite" and "epoch 1, batch 1" in res[1].failure and res[1].best_epoch is None
+    assert res[0].status == "ok" and res[0].epochs == 3
+    np.testing.assert_allclose([h["val_ll"] for h in res[0].history], [h["val_ll"] for h in single.history],
+                               rtol=1e-5)
+
+
+def test_bench_stack_reports_both_and_ratio():
+    from flowbench.bench.stacked import run_stack_bench
+
+    lines: list[str] = []
+    res = run_stack_bench("digits", "made", 2, steps=2, batch_size=20, hparams={"hidden": 8}, rounds=1,
+                          log=lines.append)
+    assert set(res["samples_per_s"]) == {"sequential", "stacked"} and res["ratio"] > 0
+    assert res["ratio"] == pytest.approx(res["samples_per_s"]["stacked"] / res["samples_per_s"]["sequential"])
+    assert "stacked / sequential" in lines[-1]
+    with pytest.raises(ConfigError):
+        run_stack_bench("digits", "made", 0)

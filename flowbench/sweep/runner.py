@@ -245,8 +245,11 @@ class _Scheduler:
         options = state.options or state.run.options(self.out)
         # An earlier attempt or sweep was cut short and left a checkpoint: continue it (local only; Ray runs
         # keep no checkpoints). If that fails, the retry starts from scratch.
-        state.resumed = (self.executor == "local" and not state.resume_failed
-                         and state.run.checkpoint_path(self.out).is_file())
+        ckpt = state.run.checkpoint_path(self.out)
+        state.resumed = self.executor == "local" and not state.resume_failed and ckpt.is_file()
+        if self.executor == "local" and state.resume_failed:
+            # Continuing from it failed: this attempt starts afresh, which `run` refuses over a checkpoint.
+            ckpt.unlink(missing_ok=True)
         options = options.replace(resume=state.resumed)
         done, running, failed, left = self.counts()
         self.progress.update(done, running + 1, failed, left)  # before submit: sequential runs inside it

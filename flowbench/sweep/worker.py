@@ -107,6 +107,7 @@ def ray_execute(options: RunOptions, run_fn: str, threads: int) -> dict[str, Any
         if outcome["ok"]:
             # The record describes the driver's results folder, as if the run had been made there.
             outcome["record"].config["out"] = options.out
+            outcome["record"].model_state = None  # like the checkpoint, it stayed in the node's scratch folder
         outcome["node"] = os.uname().nodename
         return outcome
     finally:

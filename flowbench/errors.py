@@ -28,6 +28,9 @@ class DiskFullError(UsageError, OSError):
 
     Also an OSError, so code that tolerates an unwritable cache (``except OSError``) keeps doing so."""
 
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno 28] ...: filename"
+        return str(self.args[0]) if self.args else ""
+
 
 class DatasetNotFoundError(FlowbenchError, FileNotFoundError):
     """Raw or prepared data is missing; the message carries the `flowbench download` command."""

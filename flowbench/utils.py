@@ -44,8 +44,10 @@ def _disk_full(path: Path, needed: int | None, written: int | None, error: OSErr
     else:
         size = "its size is unknown"
     state = "the previous version is intact" if path.exists() else "nothing was written"
-    return DiskFullError(errno.ENOSPC, f"no space left on the device to write {path} ({size}; {free}); {state} "
-                         f"(writes go to a temporary file that is renamed at the end); free some space and run again")
+    err = DiskFullError(f"no space left on the device to write {path} ({size}; {free}); {state} (writes go to "
+                        "a temporary file that is renamed at the end); free some space and run again")
+    err.errno, err.filename = error.errno, str(path)
+    return err
 
 
 @contextlib.contextmanager

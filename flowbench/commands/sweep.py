@@ -60,7 +60,9 @@ def dry_run_text(sweep, out: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from flowbench.sweep import load_sweep, run_sweep, summary
+    from flowbench.sweep.runner import check_resources
 
+    check_resources(args.workers, args.retries, args.cpus_per_run, args.gpus_per_run)
     sweep = load_sweep(args.sweep_file)
     if args.dry_run:
         print(dry_run_text(sweep, args.out))

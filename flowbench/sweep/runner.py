@@ -3,8 +3,9 @@
 The executors (``flowbench.sweep.executors`` and ``flowbench.sweep.ray_backend``) only start runs and
 collect their outcomes; everything else happens here, the same way for all of them.
 
-Retries are the driver's business for every executor: a run whose attempt raised (or whose worker died) is
-queued again, at most ``retries`` more times, then reported as failed while the rest of the sweep goes on.
+Retries are the driver's business for every executor: a run whose attempt crashed (or whose worker died) is
+queued again, at most ``retries`` more times (a :class:`~flowbench.errors.FlowbenchError` is not a crash: it
+would fail the same way again, so the run fails at once), then reported as failed while the rest of the sweep goes on.
 Re-running the same sweep is the resume mechanism: recorded runs are skipped, and a local run that left a
 checkpoint continues from it.
 """
@@ -26,7 +27,8 @@ from flowbench.sweep.spec import Sweep, SweepRun
 from flowbench.sweep.executors import make_backend
 from flowbench.sweep.worker import DEFAULT_RUN_FN, RunFn
 
-__all__ = ["RunState", "SweepReport", "Progress", "run_sweep", "plan", "preflight", "report_path", "summary"]
+__all__ = ["RunState", "SweepReport", "Progress", "run_sweep", "check_resources", "plan", "preflight", "report_path",
+           "summary"]
 
 #: How often the live line is refreshed while nothing finishes (seconds).
 TICK_S = 1.0
@@ -163,6 +165,18 @@ def _done_message(state: RunState) -> str:
     return f"done   {state.run.label}: {', '.join(bits) or 'recorded'} ({_fmt_time(state.seconds)})"
 
 
+def check_resources(workers: int, retries: int, cpus_per_run: int, gpus_per_run: float) -> None:
+    """The sweep's own flags (``--dry-run`` checks them too, before any run is listed)."""
+    if retries < 0:
+        raise ConfigError(f"--retries must be >= 0; got {retries}")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1; got {workers}")
+    if cpus_per_run < 1:  # 0 threads per worker kills every worker with OpenMP errors
+        raise ConfigError(f"--cpus-per-run must be a positive integer; got {cpus_per_run}")
+    if not 0 <= gpus_per_run < float("inf"):
+        raise ConfigError(f"--gpus-per-run must be a number >= 0; got {gpus_per_run}")
+
+
 def run_sweep(
     sweep: Sweep,
     out: str | Path = "results",
@@ -183,10 +197,7 @@ def run_sweep(
     ``run_fn`` trains one run from its options dict and returns the record (default: the trainer's
     ``run_experiment``); tests inject a fake. ``backend`` replaces the executor object (tests).
     """
-    if retries < 0:
-        raise ConfigError("--retries must be >= 0")
-    if workers < 1:
-        raise ConfigError("--workers must be >= 1")
+    check_resources(workers, retries, cpus_per_run, gpus_per_run)
     out = str(out)
     t0 = time.monotonic()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -268,7 +279,9 @@ class _Scheduler:
             state.record = outcome["record"]
             state.status, state.error = "done", None
             self.progress.event(_done_message(state))
-        elif state.attempts <= self.retries:
+        elif state.attempts <= self.retries and (outcome.get("retry", True) or state.resumed):
+            # A flowbench error (a record in the way, a bad option) is deterministic: retrying cannot help,
+            # except from scratch when continuing a checkpoint was what failed.
             state.error = outcome["error"]
             state.resume_failed = state.resume_failed or state.resumed
             self.todo.append(state)  # to the back: other runs go first, a transient cause may pass

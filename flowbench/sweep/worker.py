@@ -63,7 +63,8 @@ def execute_run(
     log_path: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train one run; returns ``{"ok": True, "record": ...}`` or ``{"ok": False, "error": ..., "traceback": ...}``.
+    """Train one run; returns ``{"ok": True, "record": ...}`` or ``{"ok": False, "error": ..., "traceback": ...,
+    "retry": bool}`` (``retry`` False for a FlowbenchError, which is deterministic).
 
     With ``log_path`` the run's output (progress bars, epoch lines) goes to that file instead of the
     terminal, so parallel runs don't interleave. KeyboardInterrupt is not caught: it stops the sweep.
@@ -81,7 +82,10 @@ def execute_run(
             tb = traceback.format_exc()
             if log_path is not None:
                 print(tb, file=sys.stderr)
+            from flowbench.errors import FlowbenchError
+
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": tb,
+                    "retry": not isinstance(e, FlowbenchError),  # a usage error fails the same way again
                     "seconds": time.perf_counter() - t0}
     return {"ok": True, "record": record, "seconds": time.perf_counter() - t0}
 

@@ -347,3 +347,56 @@ def test_lock_wait_time_is_short(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+class DriverWritesBackend:
+    """Like the Ray executor: the 'worker' trains elsewhere and the driver writes the record (``finish``)."""
+
+    capacity = 1
+
+    def __init__(self):
+        self.pending: dict[int, object] = {}
+
+    def submit(self, run, options, out):
+        token = len(self.pending) + 100
+        self.pending[token] = options
+        return token
+
+    def wait(self, tokens, timeout):
+        from flowbench.results import RunRecord
+
+        out = []
+        for t in tokens:
+            o = self.pending.pop(t)
+            out.append((t, {"ok": True, "record": RunRecord.example(dataset=o.dataset, model=o.model, tag=o.tag,
+                                                                       seed=o.seed), "seconds": 0.0}))
+        return out
+
+    def finish(self, state, outcome, out):
+        from flowbench.results import write_record
+
+        write_record(state.run.record_path(out), outcome["record"])
+
+    def shutdown(self, cancel=False):
+        pass
+
+
+def test_driver_written_sweep_runs_hold_the_run_lock(tmp_path):
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": {"hidden": [7, 8]}})
+    r7 = next(r for r in sweep.runs if r.tag == "hidden=7")
+    lock = lock_path(tmp_path, r7.dataset, r7.model, r7.seed, r7.tag)
+    lock.parent.mkdir(parents=True)
+    proc = _start_holder(lock)
+    try:
+        report = run_sweep(sweep, tmp_path, backend=DriverWritesBackend(), retries=2, stream=None)
+    finally:
+        proc.kill()
+        proc.wait()
+    failed = {s.run.tag: s for s in report.failed}
+    assert set(failed) == {"hidden=7"} and failed["hidden=7"].attempts == 0
+    assert f"process {proc.pid} is already training this run" in failed["hidden=7"].error
+    assert report.count("done") == 1 and not r7.record_path(tmp_path).exists()
+    other = next(r for r in sweep.runs if r.tag == "hidden=8")
+    assert not lock_path(tmp_path, other.dataset, other.model, other.seed, other.tag).exists()  # released
+    again = run_sweep(sweep, tmp_path, backend=DriverWritesBackend(), stream=None)  # stale lock: no block
+    assert again.ok and again.count("done") == 1

@@ -13,6 +13,7 @@ checkpoint continues from it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import sys
 import time
@@ -221,6 +222,7 @@ def run_sweep(
         if backend is not None:
             backend.shutdown()
     finally:
+        sched.release_all()
         sched.progress.close()
         sched.report.seconds = time.monotonic() - t0
         _write_report(sweep, sched.report, out, executor, started)
@@ -236,6 +238,7 @@ class _Scheduler:
         self.inflight: dict[Any, RunState] = {}
         self.report = SweepReport(states, 0.0)
         self.backend: Any = None
+        self.locks: dict[int, contextlib.ExitStack] = {}  # id(state) -> the run's lock, held by the driver
 
     def counts(self) -> tuple[int, int, int, int]:
         return self.report.count("done"), len(self.inflight), self.report.count("failed"), len(self.todo)
@@ -251,7 +254,40 @@ class _Scheduler:
                 self.finished(self.inflight.pop(token), outcome)
             self.progress.update(*self.counts())
 
+    def _lock(self, state: RunState) -> bool:
+        """Runs whose record the driver writes (Ray) train elsewhere, so the driver holds their lock from the
+        first submit to the record; local runs take it themselves, in run_experiment. False: held elsewhere."""
+        if not hasattr(self.backend, "finish") or id(state) in self.locks:
+            return True
+        from flowbench.results import lock_path
+        from flowbench.utils import LockHeld, exclusive_lock
+
+        r, stack = state.run, contextlib.ExitStack()
+        path = lock_path(self.out, r.dataset, r.model, r.seed, r.tag)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(exclusive_lock(path))
+        except LockHeld as e:
+            state.status = "failed"
+            state.error = f"UsageError: process {e.pid} is already training this run (lock {path})"
+            self.progress.event(f"FAILED {r.label}: {state.error}")
+            return False
+        self.locks[id(state)] = stack
+        return True
+
+    def release(self, state: RunState) -> None:
+        stack = self.locks.pop(id(state), None)
+        if stack is not None:
+            stack.close()
+
+    def release_all(self) -> None:
+        for stack in self.locks.values():
+            stack.close()
+        self.locks.clear()
+
     def submit(self, state: RunState) -> None:
+        if not self._lock(state):
+            return
         state.attempts += 1
         options = state.options or state.run.options(self.out)
         # An earlier attempt or sweep was cut short and left a checkpoint: continue it (local only; Ray runs
@@ -278,6 +314,7 @@ class _Scheduler:
         if outcome["ok"]:
             state.record = outcome["record"]
             state.status, state.error = "done", None
+            self.release(state)
             self.progress.event(_done_message(state))
         elif state.attempts <= self.retries and (outcome.get("retry", True) or state.resumed):
             # A flowbench error (a record in the way, a bad option) is deterministic: retrying cannot help,
@@ -289,6 +326,7 @@ class _Scheduler:
                                 f"{outcome['error']}")
         else:
             state.status, state.error = "failed", outcome["error"]
+            self.release(state)
             if hasattr(self.backend, "save_log"):
                 self.backend.save_log(state, outcome, self.out)
             self.progress.event(f"FAILED {state.run.label} after {state.attempts} attempt(s): {outcome['error']}")

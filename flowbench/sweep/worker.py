@@ -96,7 +96,7 @@ def ray_execute(options: RunOptions, run_fn: str, threads: int) -> dict[str, Any
     Results strategy (one, on purpose): records travel back to the driver, which writes them into its own
     results folder. Nodes need no shared filesystem, only flowbench and the prepared data (``data-root``).
     The price: checkpoints stay on the node and are deleted with the scratch folder, so a run that is
-    retried on Ray starts again from epoch 0.
+    retried on Ray starts again from epoch 0. The small model-state file travels back with the record.
     """
     import torch
 
@@ -111,7 +111,15 @@ def ray_execute(options: RunOptions, run_fn: str, threads: int) -> dict[str, Any
         if outcome["ok"]:
             # The record describes the driver's results folder, as if the run had been made there.
             outcome["record"].config["out"] = options.out
-            outcome["record"].model_state = None  # like the checkpoint, it stayed in the node's scratch folder
+            # The model state (small, unlike the checkpoint) travels with the record; the driver writes both.
+            from flowbench.results import model_state_path
+
+            rec = outcome["record"]
+            outcome["model_state_bytes"] = None
+            if rec.model_state:
+                with contextlib.suppress(OSError):
+                    path = model_state_path(opts.out, rec.dataset, rec.model, rec.seed, rec.tag)
+                    outcome["model_state_bytes"] = path.read_bytes()
         outcome["node"] = os.uname().nodename
         return outcome
     finally:

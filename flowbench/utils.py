@@ -115,34 +115,6 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
     _write_bytes(path, buffer.getvalue())
 
 
-def set_threads(threads: int) -> None:
-    """``torch.set_num_threads`` with a clear error for a non-positive count (``--threads``)."""
-    import torch
-
-    from flowbench.errors import ConfigError
-
-    if threads < 1:
-        raise ConfigError(f"--threads must be a positive integer; got {threads}")
-    torch.set_num_threads(threads)
-
-
-def resolve_device(device: str = "auto"):
-    """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given (checked)."""
-    import torch
-
-    from flowbench.errors import ConfigError
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device auto or cpu")
-    return dev
-
-
 class LockHeld(Exception):
     """Raised by :func:`exclusive_lock` when another live process holds the lock; ``pid`` is its process id."""
 
@@ -192,3 +164,32 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # while still locked: nobody can take a file we are about to remove
         os.close(fd)
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads`` with a clear error for a non-positive count (``--threads``)."""
+    import torch
+
+    from flowbench.errors import ConfigError
+
+    if threads < 1:
+        raise ConfigError(f"--threads must be a positive integer; got {threads}")
+    torch.set_num_threads(threads)
+
+
+def resolve_device(device: str = "auto"):
+    """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given (checked)."""
+    import torch
+
+    from flowbench.errors import ConfigError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu or cuda") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device auto or cpu")
+    return dev
+

@@ -10,14 +10,19 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from torch import Tensor, nn
 
 import flowbench.models as models
 import flowbench.utils as utils
 from flowbench.cli import main
+from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError, DiskFullError, UsageError
+from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
 from flowbench.models.spec import ModelSpec
 from flowbench.results import checkpoint_path, lock_path, model_state_path, read_record, record_path
 from flowbench.sweep import parse_sweep, run_sweep
@@ -25,13 +30,6 @@ from flowbench.training import run_experiment
 from flowbench.training.evaluate import log_prob_batches
 from flowbench.training.trainer import best_model_state, checkpoint_epoch
 from flowbench.utils import LockHeld, atomic_torch_save, atomic_write_json, exclusive_lock
-from pathlib import Path
-
-import numpy as np
-from torch import Tensor, nn
-
-from flowbench.data.base import Dataset
-from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

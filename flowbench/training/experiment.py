@@ -24,8 +24,16 @@ from flowbench.config import RunOptions, coerce_options, resolve_options
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError, UsageError
 from flowbench.models.params import count_params, match_params
-from flowbench.results import (RunRecord, check_overwrite, checkpoint_path, lock_path, model_state_path, record_path,
-                               system_info, write_record)
+from flowbench.results import (
+    RunRecord,
+    check_overwrite,
+    checkpoint_path,
+    lock_path,
+    model_state_path,
+    record_path,
+    system_info,
+    write_record,
+)
 from flowbench.training.evaluate import evaluate_test, log_prob_batches, spectral_norm_summary
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult, checkpoint_epoch, save_model_state
 from flowbench.utils import LockHeld, exclusive_lock, resolve_device

@@ -31,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results", metavar="DIR",
                         help="results folder: records go to DIR/runs/..., the sweep report to DIR/sweeps/ (default results/)")
     parser.add_argument("--retries", type=int, default=2, metavar="N",
-                        help="retries of a run that crashed before it is reported as failed (default 2)")
+                        help="retries of a run that crashed before it is reported as failed (default 2); a flowbench "
+                        "error in a run (a record or lock in the way, bad data) fails it at once")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the runs and which are already recorded (skipped), then stop")
 

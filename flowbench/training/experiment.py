@@ -22,21 +22,12 @@ import torch
 from flowbench import models
 from flowbench.config import RunOptions, coerce_options, resolve_options
 from flowbench.data.base import Dataset
-from flowbench.errors import ConfigError, UsageError
+from flowbench.errors import ConfigError
 from flowbench.models.params import count_params, match_params
-from flowbench.results import (
-    RunRecord,
-    check_overwrite,
-    checkpoint_path,
-    lock_path,
-    model_state_path,
-    record_path,
-    system_info,
-    write_record,
-)
+from flowbench.results import RunRecord, check_overwrite, checkpoint_path, record_path, system_info, write_record
 from flowbench.training.evaluate import evaluate_test, log_prob_batches, spectral_norm_summary
-from flowbench.training.trainer import EpochInfo, Trainer, TrainResult, checkpoint_epoch, save_model_state
-from flowbench.utils import LockHeld, exclusive_lock, resolve_device
+from flowbench.training.trainer import EpochInfo, Trainer, TrainResult
+from flowbench.utils import resolve_device
 
 __all__ = ["run_experiment", "run_and_report", "build_from_options", "summary_line", "SMALL_DIM"]
 
@@ -99,6 +90,9 @@ def _paths(opts: RunOptions) -> tuple[Path, Path]:
 
 
 def _check_before_compute(opts: RunOptions, rec_path: Path, ckpt_path: Path) -> None:
+    from flowbench.errors import UsageError
+    from flowbench.training.trainer import checkpoint_epoch
+
     check_overwrite(rec_path, opts.force)  # before spending any compute
     if opts.resume and not ckpt_path.is_file():
         if ckpt_path.with_suffix(".model.pt").is_file():
@@ -134,6 +128,10 @@ def _prepare_out(opts: RunOptions, folder: Path) -> None:
 @contextlib.contextmanager
 def _run_lock(opts: RunOptions):
     """Hold the run's ``seed<k>.lock`` so that a second process training the same record stops at once."""
+    from flowbench.errors import UsageError
+    from flowbench.results import lock_path
+    from flowbench.utils import LockHeld, exclusive_lock
+
     path = lock_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
     try:
         with exclusive_lock(path):
@@ -151,6 +149,9 @@ def _run_lock(opts: RunOptions):
 
 def _keep_model_state(opts: RunOptions, flow: torch.nn.Module) -> str:
     """Write the evaluated model's state beside the record; returns its file name (the record's ``model_state``)."""
+    from flowbench.results import model_state_path
+    from flowbench.training.trainer import save_model_state
+
     path = model_state_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
     save_model_state(path, flow)
     return path.name
@@ -159,8 +160,7 @@ def _keep_model_state(opts: RunOptions, flow: torch.nn.Module) -> str:
 def _drop_checkpoint(opts: RunOptions, ckpt_path: Path) -> None:
     """After the record: the full checkpoint (optimizer, RNG) only serves --resume; keep it if asked to."""
     if not opts.keep_checkpoint:
-        with contextlib.suppress(FileNotFoundError):
-            ckpt_path.unlink()
+        ckpt_path.unlink(missing_ok=True)
 
 
 def _seed_everything(seed: int) -> None:

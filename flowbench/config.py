@@ -116,7 +116,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "for TensorBoard under DIR/<dataset>/<model>[/<tag>]/seed<k> (needs the tensorboard extra)", _OUT, "DIR",
            tagged=False, resume_may_change=True),
     Option("resume", False, (bool,), "continue from this run's last checkpoint", _OUT, resume_may_change=True),
-    Option("force", False, (bool,), "overwrite an existing record", _OUT, resume_may_change=True),
+    Option("force", False, (bool,), "overwrite an existing record, or start again over a checkpoint", _OUT,
+           resume_may_change=True),
+    Option("keep_checkpoint", False, (bool,), "keep the full training checkpoint (optimizer, RNG; needed to "
+           "--resume a finished run to more epochs) after the record is written; by default only the evaluated "
+           "model's state is kept (seed<k>.model.pt)", _OUT, tagged=False, resume_may_change=True),
     Option("quiet", False, (bool,), "no progress bar or per-epoch lines", _OUT, tagged=False,
            resume_may_change=True),
     Option("threads", None, (int,), "CPU threads for torch. Default: $OMP_NUM_THREADS if set, else 1 for datasets "
@@ -171,6 +175,7 @@ class RunOptions:
     tensorboard: str | None = None
     resume: bool = False
     force: bool = False
+    keep_checkpoint: bool = False
     quiet: bool = False
     threads: int | None = None
     hparams: dict[str, Any] = field(default_factory=dict)

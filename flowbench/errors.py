@@ -23,6 +23,15 @@ class UsageError(FlowbenchError):
     another process holds the run's lock."""
 
 
+class DiskFullError(UsageError, OSError):
+    """A write ran out of disk space (ENOSPC, EDQUOT); the file it would have replaced is intact.
+
+    Also an OSError, so code that tolerates an unwritable cache (``except OSError``) keeps doing so."""
+
+    def __str__(self) -> str:  # the message alone, not OSError's "[Errno 28] ...: filename"
+        return str(self.args[0]) if self.args else ""
+
+
 class DatasetNotFoundError(FlowbenchError, FileNotFoundError):
     """Raw or prepared data is missing; the message carries the `flowbench download` command."""
 

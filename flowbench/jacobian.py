@@ -13,7 +13,9 @@ is ``2·n_iter`` passes through ``fn`` whatever D is.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import warnings
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -30,6 +32,21 @@ def _check_batch(x: Tensor, name: str = "x") -> None:
         raise InputError(f"{name} must be a non-empty batch of shape (batch, D); got {tuple(x.shape)}")
 
 
+@contextlib.contextmanager
+def _quiet_jit_script() -> Iterator[None]:
+    """Hide the ``torch.jit.script`` deprecation notice that torch's own forward-mode code emits on the first
+    ``torch.func.jvp`` (it printed on every run, even with ``--quiet``); other warnings still show."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=category)
+        yield
+
+
+def _jvp(fn: Fn, primals: tuple, tangents: tuple):
+    with _quiet_jit_script():
+        return torch.func.jvp(fn, primals, tangents)
+
+
 def _make_jtj(fn: Fn, x: Tensor, method: str) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """Return ``v ↦ (J v, Jᵀ J v)`` per example, for ``v`` of shape (batch, D_in)."""
     if method == "vmap":
@@ -37,7 +54,7 @@ def _make_jtj(fn: Fn, x: Tensor, method: str) -> Callable[[Tensor], tuple[Tensor
             return fn(xi.unsqueeze(0)).squeeze(0)
 
         def step(xi: Tensor, vi: Tensor) -> tuple[Tensor, Tensor]:
-            _, jv = torch.func.jvp(single, (xi,), (vi,))
+            _, jv = _jvp(single, (xi,), (vi,))
             _, vjp_fn = torch.func.vjp(single, xi)
             return jv, vjp_fn(jv)[0]
 
@@ -50,7 +67,7 @@ def _make_jtj(fn: Fn, x: Tensor, method: str) -> Callable[[Tensor], tuple[Tensor
     _, vjp_fn = torch.func.vjp(fn, x)
 
     def step_batched(v: Tensor) -> tuple[Tensor, Tensor]:
-        _, jv = torch.func.jvp(fn, (x,), (v,))
+        _, jv = _jvp(fn, (x,), (v,))
         return jv, vjp_fn(jv)[0]
 
     return step_batched

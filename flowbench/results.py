@@ -2,7 +2,9 @@
 
 Path scheme: ``<out>/runs/<dataset>/<model>/seed<k>.json``, or ``<out>/runs/<dataset>/<model>/<tag>/seed<k>.json``
 when the run has a tag (sweeps tag each configuration so they don't collide). The checkpoint lives beside the
-record as ``seed<k>.ckpt``.
+record as ``seed<k>.ckpt`` while the run trains; once the record is written only the evaluated model's state
+is kept, in ``seed<k>.model.pt`` (the record's ``model_state``), unless ``--keep-checkpoint``. A run being
+trained holds ``seed<k>.lock`` (see :func:`flowbench.utils.exclusive_lock`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ __all__ = [
     "run_dir",
     "record_path",
     "checkpoint_path",
+    "model_state_path",
+    "lock_path",
     "check_overwrite",
     "write_record",
     "read_record",
@@ -98,6 +102,7 @@ class RunRecord:
     command: str | None = None
     provenance: dict[str, Any] | None = None
     stack: dict[str, Any] | None = None  # stacked runs: {"seeds": [...], "size": R} of the stack it trained in
+    model_state: str | None = None  # file name, beside the record, of the evaluated model's state_dict
     extra: dict[str, Any] = field(default_factory=dict)
     path: str | None = None  # where it was read from (not written)
 
@@ -174,6 +179,14 @@ def record_path(out: str | Path, dataset: str, model: str, seed: int, tag: str |
 
 def checkpoint_path(out: str | Path, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
     return run_dir(out, dataset, model, tag) / f"seed{int(seed)}.ckpt"
+
+
+def model_state_path(out: str | Path, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
+    return run_dir(out, dataset, model, tag) / f"seed{int(seed)}.model.pt"
+
+
+def lock_path(out: str | Path, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
+    return run_dir(out, dataset, model, tag) / f"seed{int(seed)}.lock"
 
 
 def json_safe(obj: Any) -> Any:

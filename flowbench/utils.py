@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes and device selection.
+"""Small shared helpers: atomic file writes, a per-run lock file and device selection.
 
 Every file flowbench writes goes through :func:`atomic_write`: a temporary file in the same directory,
 flushed and fsynced, then renamed over the target, so an interrupted run never leaves a half-written file.
@@ -7,8 +7,11 @@ flushed and fsynced, then renamed over the target, so an interrupted run never l
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -23,35 +26,76 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(path: Path, needed: int | None, written: int | None, error: OSError):
+    """The DiskFullError for a write of ``path`` that ran out of space (the temporary file is already gone)."""
+    from flowbench.errors import DiskFullError
+
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes are free"
+    except OSError:
+        free = "free space unknown"
+    if needed is not None:
+        size = f"it needs {needed:,} bytes"
+    elif written:
+        size = f"it needs more than the {written:,} bytes written before the disk filled"
+    else:
+        size = "its size is unknown"
+    state = "the previous version is intact" if path.exists() else "nothing was written"
+    err = DiskFullError(f"no space left on the device to write {path} ({size}; {free}); {state} (writes go to "
+                        "a temporary file that is renamed at the end); free some space and run again")
+    err.errno, err.filename = error.errno, str(path)
+    return err
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *, size_hint: int | None = None) -> Iterator[IO]:
     """Open a temporary sibling of ``path`` for writing; rename it onto ``path`` on success.
 
-    On any exception the temporary file is removed and ``path`` is left as it was.
+    On any exception the temporary file is removed and ``path`` is left as it was. Running out of disk space
+    raises :class:`flowbench.errors.DiskFullError` naming the file and the bytes needed (``size_hint`` when the
+    caller knows the size, else what had been written).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    written: int | None = None
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates the file 0600; give it the permissions a plain open() would have, so records in a
         # shared results folder stay readable by the rest of the group.
         os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                if e.errno in _NO_SPACE:
+                    with contextlib.suppress(OSError, ValueError):
+                        written = os.fstat(f.fileno()).st_size
+                raise
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        from flowbench.errors import DiskFullError
+
+        if isinstance(e, OSError) and e.errno in _NO_SPACE and not isinstance(e, DiskFullError):
+            raise _disk_full(path, size_hint, written, e) from e
         raise
+
+
+def _write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` atomically: serialised first, so a full disk can say how much space the file needs."""
+    with atomic_write(path, "wb", size_hint=len(data)) as f:
+        f.write(data)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON (deterministic output), atomically."""
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    _write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def atomic_save_npy(path: str | os.PathLike, array) -> None:
@@ -66,8 +110,60 @@ def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
     """``torch.save`` to ``path`` atomically (checkpoints)."""
     import torch
 
-    with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _write_bytes(path, buffer.getvalue())
+
+
+class LockHeld(Exception):
+    """Raised by :func:`exclusive_lock` when another live process holds the lock; ``pid`` is its process id."""
+
+    def __init__(self, path: Path, pid: int | None):
+        super().__init__(f"{path} is held by process {pid}")
+        self.path, self.pid = path, pid
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``path`` (created, holding our pid) for the ``with`` block; removed after.
+
+    The kernel drops a flock when its process dies, so a lock file left by a killed process does not block
+    anyone: the next process simply takes it. Raises :class:`LockHeld` (with the holder's pid when it could be
+    read) if a live process holds it. Without ``fcntl`` (Windows) there is no locking.
+    """
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield path
+        return
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = None
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(os.pread(fd, 32, 0).decode().strip())
+            os.close(fd)
+            raise LockHeld(path, pid) from None
+        # The holder before us may have unlinked the file after we opened it; then our lock is on a file
+        # nobody else can see, and a third process could lock a new one. Retry on the path's current file.
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # while still locked: nobody can take a file we are about to remove
+        os.close(fd)
 
 
 def set_threads(threads: int) -> None:

@@ -96,6 +96,7 @@ def test_ray_sweep_matches_local(sweep, local_results, tmp_path, monkeypatch):
     assert ray_records == local_records
     for rec in iter_records(tmp_path):
         assert rec.config["out"] == str(tmp_path) and "default_worker" not in (rec.command or "")
+        assert (Path(rec.path).parent / rec.model_state).is_file()  # the model state came back with it
     table = build_table(list(iter_records(tmp_path)), sources=["maf"], select="best-val")
     assert table == build_table(list(iter_records(local_results)), sources=["maf"], select="best-val")
     assert "best of 2 configurations" in table

@@ -171,7 +171,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert not record_path(tmp_path / "b", "toy", "maf", 3).exists()
     with pytest.raises(ConfigError, match="different options.*lr"):
         run_experiment(opts(tmp_path / "b", **dict(o, lr=1e-3), resume=True), data, progress=False)
-    resumed = run_experiment(opts(tmp_path / "b", **o, resume=True), data, progress=False)
+    resumed = run_experiment(opts(tmp_path / "b", **o, resume=True, keep_checkpoint=True), data, progress=False)
     assert resumed.history == full.history  # every epoch's numbers, bit for bit
     assert resumed.test_ll == full.test_ll and resumed.best_epoch == full.best_epoch
     assert resumed.epochs == 5 and any("resumed" in n for n in resumed.notes)

@@ -31,7 +31,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results", metavar="DIR",
                         help="results folder: records go to DIR/runs/..., the sweep report to DIR/sweeps/ (default results/)")
     parser.add_argument("--retries", type=int, default=2, metavar="N",
-                        help="retries of a run that crashed before it is reported as failed (default 2)")
+                        help="retries of a run that crashed before it is reported as failed (default 2); a flowbench "
+                        "error in a run (a record or lock in the way, bad data) fails it at once")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the runs and which are already recorded (skipped), then stop")
 
@@ -60,7 +61,9 @@ def dry_run_text(sweep, out: str) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from flowbench.sweep import load_sweep, run_sweep, summary
+    from flowbench.sweep.runner import check_resources
 
+    check_resources(args.workers, args.retries, args.cpus_per_run, args.gpus_per_run)
     sweep = load_sweep(args.sweep_file)
     if args.dry_run:
         print(dry_run_text(sweep, args.out))

@@ -23,15 +23,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_out(out: str) -> None:
+    """``--out FILE`` must name a file that can be (re)written; checked before the records are read."""
+    from pathlib import Path
+
+    from flowbench.errors import ConfigError
+
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {out} is a directory; --out takes the table's file name, e.g. {path / 'table.md'}")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"--out {out}: {blocker} is a file, not a folder; choose another --out")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create its folder {path.parent} ({e.strerror or e})") from e
+
+
 def main(args: argparse.Namespace) -> int:
+    from flowbench.errors import ConfigError
     from flowbench.results import iter_records
     from flowbench.tables import build_table, parse_sources
     from flowbench.utils import atomic_write
 
+    if args.out:
+        _check_out(args.out)
     text = build_table(list(iter_records(args.results)), parse_sources(args.published), args.select)
     if args.out:
-        with atomic_write(args.out, "w") as f:
-            f.write(text)
+        try:
+            with atomic_write(args.out, "w") as f:
+                f.write(text)
+        except (PermissionError, IsADirectoryError, NotADirectoryError) as e:
+            raise ConfigError(f"--out {args.out} cannot be written ({e.strerror or e}); choose another file") from e
         print(f"table written to {args.out}")
     else:
         print(text, end="")

@@ -95,7 +95,7 @@ def load_flow(rec: Any, data: Dataset) -> Any:
 def check_checkpoint(rec: Any) -> None:
     """Raise ConfigError when a trained run's checkpoint is missing (checked before any data is loaded)."""
     path = R.checkpoint(rec)
-    if R.epochs(rec) > 0 and not path.is_file():
+    if R.epochs(rec) > 0 and not path.is_file() and not path.with_suffix(".model.pt").is_file():
         raise ConfigError(f"no checkpoint at {path} for this record; cannot rebuild the trained model "
                           "(re-run it, or sample another seed with --seed)")
 

@@ -75,7 +75,7 @@ def _load_trained(record: dict[str, Any], options: dict[str, Any], data: Dataset
     path = checkpoint_path(options["out"], data.name, record.model, record.seed, record.tag)
     if not flow.trainable:  # closed-form models (the Gaussian) have no checkpoint: refit, deterministic
         flow.initialize(train)
-    elif not path.is_file():
+    elif not path.is_file() and not path.with_suffix(".model.pt").is_file():  # the record's model_state file
         raise ConfigError(f"the trainer left no checkpoint at {path}; cannot plot the learned density")
     else:
         # The record's test LL is the best-validation model's, which the checkpoint keeps beside the last state.

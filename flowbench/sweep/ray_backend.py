@@ -108,12 +108,21 @@ class RayExecutor:
 
     def finish(self, state: Any, outcome: dict, out: str) -> None:
         """Write the returned record (and the run's log) under the driver's results folder."""
-        from flowbench.results import write_record
+        from flowbench.results import model_state_path, write_record
+        from flowbench.utils import atomic_write
 
         self.save_log(state, outcome, out)
         record = outcome["record"]
         # the user's command, as in local records, not the Ray worker's argv
         record.command = " ".join(sys.argv) if sys.argv and sys.argv[0] else None
+        data = outcome.get("model_state_bytes")
+        if data is None:
+            record.model_state = None  # it could not be brought back from the node
+        else:
+            r = state.run
+            with atomic_write(model_state_path(out, r.dataset, r.model, r.seed, r.tag), "wb",
+                              size_hint=len(data)) as f:
+                f.write(data)  # before the record, which names it
         write_record(state.run.record_path(out), record)
 
     def save_log(self, state: Any, outcome: dict, out: str) -> None:

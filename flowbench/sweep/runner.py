@@ -3,8 +3,9 @@
 The executors (``flowbench.sweep.executors`` and ``flowbench.sweep.ray_backend``) only start runs and
 collect their outcomes; everything else happens here, the same way for all of them.
 
-Retries are the driver's business for every executor: a run whose attempt raised (or whose worker died) is
-queued again, at most ``retries`` more times, then reported as failed while the rest of the sweep goes on.
+Retries are the driver's business for every executor: a run whose attempt crashed (or whose worker died) is
+queued again, at most ``retries`` more times (a :class:`~flowbench.errors.FlowbenchError` is not a crash: it
+would fail the same way again, so the run fails at once), then reported as failed while the rest of the sweep goes on.
 Re-running the same sweep is the resume mechanism: recorded runs are skipped, and a local run that left a
 checkpoint continues from it.
 """
@@ -12,6 +13,7 @@ checkpoint continues from it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime as dt
 import sys
 import time
@@ -26,7 +28,8 @@ from flowbench.sweep.spec import Sweep, SweepRun
 from flowbench.sweep.executors import make_backend
 from flowbench.sweep.worker import DEFAULT_RUN_FN, RunFn
 
-__all__ = ["RunState", "SweepReport", "Progress", "run_sweep", "plan", "preflight", "report_path", "summary"]
+__all__ = ["RunState", "SweepReport", "Progress", "run_sweep", "check_resources", "plan", "preflight", "report_path",
+           "summary"]
 
 #: How often the live line is refreshed while nothing finishes (seconds).
 TICK_S = 1.0
@@ -163,6 +166,18 @@ def _done_message(state: RunState) -> str:
     return f"done   {state.run.label}: {', '.join(bits) or 'recorded'} ({_fmt_time(state.seconds)})"
 
 
+def check_resources(workers: int, retries: int, cpus_per_run: int, gpus_per_run: float) -> None:
+    """The sweep's own flags (``--dry-run`` checks them too, before any run is listed)."""
+    if retries < 0:
+        raise ConfigError(f"--retries must be >= 0; got {retries}")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1; got {workers}")
+    if cpus_per_run < 1:  # 0 threads per worker kills every worker with OpenMP errors
+        raise ConfigError(f"--cpus-per-run must be a positive integer; got {cpus_per_run}")
+    if not 0 <= gpus_per_run < float("inf"):
+        raise ConfigError(f"--gpus-per-run must be a number >= 0; got {gpus_per_run}")
+
+
 def run_sweep(
     sweep: Sweep,
     out: str | Path = "results",
@@ -183,10 +198,7 @@ def run_sweep(
     ``run_fn`` trains one run from its options dict and returns the record (default: the trainer's
     ``run_experiment``); tests inject a fake. ``backend`` replaces the executor object (tests).
     """
-    if retries < 0:
-        raise ConfigError("--retries must be >= 0")
-    if workers < 1:
-        raise ConfigError("--workers must be >= 1")
+    check_resources(workers, retries, cpus_per_run, gpus_per_run)
     out = str(out)
     t0 = time.monotonic()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -210,6 +222,7 @@ def run_sweep(
         if backend is not None:
             backend.shutdown()
     finally:
+        sched.release_all()
         sched.progress.close()
         sched.report.seconds = time.monotonic() - t0
         _write_report(sweep, sched.report, out, executor, started)
@@ -225,6 +238,7 @@ class _Scheduler:
         self.inflight: dict[Any, RunState] = {}
         self.report = SweepReport(states, 0.0)
         self.backend: Any = None
+        self.locks: dict[int, contextlib.ExitStack] = {}  # id(state) -> the run's lock, held by the driver
 
     def counts(self) -> tuple[int, int, int, int]:
         return self.report.count("done"), len(self.inflight), self.report.count("failed"), len(self.todo)
@@ -240,13 +254,49 @@ class _Scheduler:
                 self.finished(self.inflight.pop(token), outcome)
             self.progress.update(*self.counts())
 
+    def _lock(self, state: RunState) -> bool:
+        """Runs whose record the driver writes (Ray) train elsewhere, so the driver holds their lock from the
+        first submit to the record; local runs take it themselves, in run_experiment. False: held elsewhere."""
+        if not hasattr(self.backend, "finish") or id(state) in self.locks:
+            return True
+        from flowbench.results import lock_path
+        from flowbench.utils import LockHeld, exclusive_lock
+
+        r, stack = state.run, contextlib.ExitStack()
+        path = lock_path(self.out, r.dataset, r.model, r.seed, r.tag)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(exclusive_lock(path))
+        except LockHeld as e:
+            state.status = "failed"
+            state.error = f"UsageError: process {e.pid} is already training this run (lock {path})"
+            self.progress.event(f"FAILED {r.label}: {state.error}")
+            return False
+        self.locks[id(state)] = stack
+        return True
+
+    def release(self, state: RunState) -> None:
+        stack = self.locks.pop(id(state), None)
+        if stack is not None:
+            stack.close()
+
+    def release_all(self) -> None:
+        for stack in self.locks.values():
+            stack.close()
+        self.locks.clear()
+
     def submit(self, state: RunState) -> None:
+        if not self._lock(state):
+            return
         state.attempts += 1
         options = state.options or state.run.options(self.out)
         # An earlier attempt or sweep was cut short and left a checkpoint: continue it (local only; Ray runs
         # keep no checkpoints). If that fails, the retry starts from scratch.
-        state.resumed = (self.executor == "local" and not state.resume_failed
-                         and state.run.checkpoint_path(self.out).is_file())
+        ckpt = state.run.checkpoint_path(self.out)
+        state.resumed = self.executor == "local" and not state.resume_failed and ckpt.is_file()
+        if self.executor == "local" and state.resume_failed:
+            # Continuing from it failed: this attempt starts afresh, which `run` refuses over a checkpoint.
+            ckpt.unlink(missing_ok=True)
         options = options.replace(resume=state.resumed)
         done, running, failed, left = self.counts()
         self.progress.update(done, running + 1, failed, left)  # before submit: sequential runs inside it
@@ -264,8 +314,11 @@ class _Scheduler:
         if outcome["ok"]:
             state.record = outcome["record"]
             state.status, state.error = "done", None
+            self.release(state)
             self.progress.event(_done_message(state))
-        elif state.attempts <= self.retries:
+        elif state.attempts <= self.retries and (outcome.get("retry", True) or state.resumed):
+            # A flowbench error (a record in the way, a bad option) is deterministic: retrying cannot help,
+            # except from scratch when continuing a checkpoint was what failed.
             state.error = outcome["error"]
             state.resume_failed = state.resume_failed or state.resumed
             self.todo.append(state)  # to the back: other runs go first, a transient cause may pass
@@ -273,6 +326,7 @@ class _Scheduler:
                                 f"{outcome['error']}")
         else:
             state.status, state.error = "failed", outcome["error"]
+            self.release(state)
             if hasattr(self.backend, "save_log"):
                 self.backend.save_log(state, outcome, self.out)
             self.progress.event(f"FAILED {state.run.label} after {state.attempts} attempt(s): {outcome['error']}")

@@ -63,7 +63,8 @@ def execute_run(
     log_path: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train one run; returns ``{"ok": True, "record": ...}`` or ``{"ok": False, "error": ..., "traceback": ...}``.
+    """Train one run; returns ``{"ok": True, "record": ...}`` or ``{"ok": False, "error": ..., "traceback": ...,
+    "retry": bool}`` (``retry`` False for a FlowbenchError, which is deterministic).
 
     With ``log_path`` the run's output (progress bars, epoch lines) goes to that file instead of the
     terminal, so parallel runs don't interleave. KeyboardInterrupt is not caught: it stops the sweep.
@@ -81,7 +82,10 @@ def execute_run(
             tb = traceback.format_exc()
             if log_path is not None:
                 print(tb, file=sys.stderr)
+            from flowbench.errors import FlowbenchError
+
             return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": tb,
+                    "retry": not isinstance(e, FlowbenchError),  # a usage error fails the same way again
                     "seconds": time.perf_counter() - t0}
     return {"ok": True, "record": record, "seconds": time.perf_counter() - t0}
 
@@ -92,7 +96,7 @@ def ray_execute(options: RunOptions, run_fn: str, threads: int) -> dict[str, Any
     Results strategy (one, on purpose): records travel back to the driver, which writes them into its own
     results folder. Nodes need no shared filesystem, only flowbench and the prepared data (``data-root``).
     The price: checkpoints stay on the node and are deleted with the scratch folder, so a run that is
-    retried on Ray starts again from epoch 0.
+    retried on Ray starts again from epoch 0. The small model-state file travels back with the record.
     """
     import torch
 
@@ -107,6 +111,15 @@ def ray_execute(options: RunOptions, run_fn: str, threads: int) -> dict[str, Any
         if outcome["ok"]:
             # The record describes the driver's results folder, as if the run had been made there.
             outcome["record"].config["out"] = options.out
+            # The model state (small, unlike the checkpoint) travels with the record; the driver writes both.
+            from flowbench.results import model_state_path
+
+            rec = outcome["record"]
+            outcome["model_state_bytes"] = None
+            if rec.model_state:
+                with contextlib.suppress(OSError):
+                    path = model_state_path(opts.out, rec.dataset, rec.model, rec.seed, rec.tag)
+                    outcome["model_state_bytes"] = path.read_bytes()
         outcome["node"] = os.uname().nodename
         return outcome
     finally:

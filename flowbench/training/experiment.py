@@ -6,6 +6,7 @@ the parameter matching of baselines to another model follows Gresele et al. 2020
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import sys
@@ -89,9 +90,77 @@ def _paths(opts: RunOptions) -> tuple[Path, Path]:
 
 
 def _check_before_compute(opts: RunOptions, rec_path: Path, ckpt_path: Path) -> None:
+    from flowbench.errors import UsageError
+    from flowbench.training.trainer import checkpoint_epoch
+
     check_overwrite(rec_path, opts.force)  # before spending any compute
     if opts.resume and not ckpt_path.is_file():
+        if ckpt_path.with_suffix(".model.pt").is_file():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}: the run finished and kept only its model "
+                              "state; continuing a finished run needs its training run made with --keep-checkpoint "
+                              "(or start again with --force, without --resume)")
         raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+    if not opts.resume and not opts.force and ckpt_path.is_file():
+        # Starting at epoch 1 would overwrite it at the end of the first epoch: a forgotten --resume after a
+        # kill must not throw hours of training away.
+        epoch = checkpoint_epoch(ckpt_path)
+        after = f"after epoch {epoch}" if epoch is not None else "(unreadable)"
+        raise UsageError(f"this run has a checkpoint {after} at {ckpt_path} (an earlier run was interrupted); "
+                         "add --resume to continue from it, or --force to start again at epoch 1 and replace it")
+
+
+def _prepare_out(opts: RunOptions, folder: Path) -> None:
+    """Create the run's folder under ``--out``, with an error that says what to do when that is impossible."""
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {opts.out} is a file, not a folder; pass a folder (it is created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
+        raise ConfigError(f"--out {opts.out}: cannot create {folder} because {blocker} is a file; "
+                          "remove it or choose another --out") from None
+    except OSError as e:
+        raise ConfigError(f"--out {opts.out}: cannot create {folder} ({e.strerror or e}); choose a folder you "
+                          "can write to") from e
+
+
+@contextlib.contextmanager
+def _run_lock(opts: RunOptions):
+    """Hold the run's ``seed<k>.lock`` so that a second process training the same record stops at once."""
+    from flowbench.errors import UsageError
+    from flowbench.results import lock_path
+    from flowbench.utils import LockHeld, exclusive_lock
+
+    path = lock_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
+    try:
+        with exclusive_lock(path):
+            yield
+    except LockHeld as e:
+        holder = f"process {e.pid}" if e.pid is not None else "another process"
+        raise UsageError(f"{holder} is already training this run (lock {path}); wait for it to finish, or "
+                         "choose another --seed, --tag or --out") from None
+    except OSError as e:
+        if e.filename is None or Path(e.filename) != path:
+            raise
+        raise ConfigError(f"--out {opts.out}: cannot create the lock file {path} ({e.strerror or e}); choose a "
+                          "folder you can write to") from e
+
+
+def _keep_model_state(opts: RunOptions, flow: torch.nn.Module) -> str:
+    """Write the evaluated model's state beside the record; returns its file name (the record's ``model_state``)."""
+    from flowbench.results import model_state_path
+    from flowbench.training.trainer import save_model_state
+
+    path = model_state_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
+    save_model_state(path, flow)
+    return path.name
+
+
+def _drop_checkpoint(opts: RunOptions, ckpt_path: Path) -> None:
+    """After the record: the full checkpoint (optimizer, RNG) only serves --resume; keep it if asked to."""
+    if not opts.keep_checkpoint:
+        ckpt_path.unlink(missing_ok=True)
 
 
 def _seed_everything(seed: int) -> None:
@@ -194,8 +263,25 @@ def run_experiment(
 
     ``options`` is a :class:`RunOptions` or a mapping of option values resolved over the defaults (no bundled
     config). ``data`` replaces loading ``options.dataset`` (in-memory data for toy problems and tests); the
-    record then carries ``data.name``. ``callbacks`` are called after each epoch's checkpoint.
+    record then carries ``data.name``. ``callbacks`` are called after each epoch's checkpoint. The run holds
+    its lock file from the first check to the record; afterwards only the evaluated model's state is kept
+    (``seed<k>.model.pt``) unless ``keep_checkpoint``.
     """
+    opts = coerce_options(options)
+    if data is not None:
+        opts = opts.replace(dataset=data.name)
+    _prepare_out(opts, _paths(opts)[0].parent)
+    with _run_lock(opts):
+        return _run_experiment(opts, data, callbacks=callbacks, progress=progress)
+
+
+def _run_experiment(
+    options: RunOptions | Mapping[str, Any],
+    data: Dataset | None = None,
+    *,
+    callbacks: list[Callable[[EpochInfo], None]] | None = None,
+    progress: bool = True,
+) -> RunRecord:
     t0 = time.perf_counter()
     opts = coerce_options(options)
     if data is not None:
@@ -234,7 +320,9 @@ def run_experiment(
     # Wall time includes the training time of earlier sessions when resumed (the whole run's).
     wall = prior_time + time.perf_counter() - t0
     record = _make_record(opts, flow, hparams, match, result, evaluation, jac, notes, device, wall)
+    record.model_state = _keep_model_state(opts, flow)  # before the record, which names it
     write_record(rec_path, record, force=opts.force)
+    _drop_checkpoint(opts, ckpt_path)
     return record
 
 

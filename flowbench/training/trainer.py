@@ -1,4 +1,4 @@
-"""The training loop of the MAF protocol (Papamakarios et al. 2017, section 4; maf-protocol.md section 3).
+"""The training loop of the MAF protocol (Papamakarios et al. 2017, section 4).
 
 Adam (β 0.9/0.999, ε 1e-8), minibatches of 100 reshuffled every epoch from a seeded generator, L2 penalty
 1e-6, validation every epoch after the model's ``prepare_for_eval`` (batch-norm statistics from the whole
@@ -30,7 +30,7 @@ from flowbench.training.evaluate import finite_mean, log_prob_batches
 from flowbench.training.optim import EpochStepAdam
 from flowbench.utils import atomic_torch_save
 
-__all__ = ["TrainResult", "Trainer", "EpochInfo", "best_model_state"]
+__all__ = ["TrainResult", "Trainer", "EpochInfo", "best_model_state", "save_model_state", "checkpoint_epoch"]
 
 
 @dataclass
@@ -102,13 +102,67 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def best_model_state(path: str | Path) -> dict[str, Tensor]:
-    """The best-validation model state kept in a run's checkpoint (the last epoch's when no epoch was finite).
+#: ``kind`` of the small file that keeps a finished run's evaluated model (``seed<k>.model.pt``).
+MODEL_STATE_KIND = "flowbench-model-state"
+_CHECKPOINT_KEYS = ("epoch", "finished", "model", "optimizer", "early_stopping", "rng", "result")
 
-    This is the state :meth:`Trainer.fit` restores before the test evaluation, so a model rebuilt from the
-    record's hyperparameters and loaded with it is the recorded model.
+
+def _load(path: str | Path, what: str) -> dict[str, Any]:
+    """``torch.load`` of a file flowbench wrote; a truncated or foreign file is a ConfigError that says what to do."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ConfigError(f"no {what} at {path}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError... for bad files
+        raise ConfigError(f"{what} {path} is truncated or not a flowbench file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); delete it, or start the run "
+                          "again with --force (without --resume)") from e
+    if not isinstance(state, dict):
+        raise ConfigError(f"{what} {path} is not a flowbench file (it holds a {type(state).__name__}); delete it, "
+                          "or start the run again with --force (without --resume)")
+    return state
+
+
+def _checkpoint(path: str | Path) -> dict[str, Any]:
+    state = _load(path, "checkpoint")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise ConfigError(f"checkpoint {path} is not a flowbench training checkpoint (no {', '.join(missing)}); "
+                          "delete it, or start the run again with --force (without --resume)")
+    return state
+
+
+def checkpoint_epoch(path: str | Path) -> int | None:
+    """The number of epochs a checkpoint has completed, or None when it cannot be read."""
+    try:
+        return int(_checkpoint(path)["epoch"])
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
+def save_model_state(path: str | Path, flow: torch.nn.Module) -> None:
+    """Write ``flow``'s state (the model a record was evaluated with) to the small model-state file ``path``."""
+    atomic_torch_save(path, {"kind": MODEL_STATE_KIND, "model": flow.state_dict()})
+
+
+def best_model_state(path: str | Path) -> dict[str, Tensor]:
+    """The best-validation model state of a run: from its model-state file (``seed<k>.model.pt``) or its full
+    training checkpoint (``seed<k>.ckpt``; the last epoch's state when no epoch was finite).
+
+    A checkpoint path whose file was replaced by the model-state file after the record was written (the
+    default, without ``--keep-checkpoint``) reads that file. This is the state :meth:`Trainer.fit` restores
+    before the test evaluation, so a model rebuilt from the record's hyperparameters and loaded with it is
+    the recorded model.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    path = Path(path)
+    if not path.is_file() and path.suffix == ".ckpt" and path.with_suffix(".model.pt").is_file():
+        path = path.with_suffix(".model.pt")
+    state = _load(path, "model state")
+    if state.get("kind") == MODEL_STATE_KIND:
+        return state["model"]
+    if "model" not in state:
+        raise ConfigError(f"{path} holds neither a model state nor a training checkpoint; delete it and re-run")
     return (state.get("early_stopping") or {}).get("best_state") or state["model"]
 
 
@@ -194,8 +248,8 @@ class Trainer:
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None or not path.is_file():
             raise ConfigError(f"no checkpoint to resume from at {path}; run without --resume to start afresh")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        old = {k: v for k, v in state.get("fingerprint", {}).items() if k not in RESUME_MAY_CHANGE}
+        state = _checkpoint(path)
+        old = {k: v for k, v in (state.get("fingerprint") or {}).items() if k not in RESUME_MAY_CHANGE}
         new = {k: v for k, v in self.fingerprint.items() if k not in RESUME_MAY_CHANGE}
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -203,16 +257,21 @@ class Trainer:
                 f"checkpoint {path} was made with different options ({', '.join(diff)}); "
                 "resume with the same options, or use --force without --resume to start again"
             )
-        self.flow.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.stopper.load_state_dict(state["early_stopping"])
-        _set_rng_state(state["rng"], self.generator)
-        r = state["result"]
-        self.result.status, self.result.failure = r["status"], r["failure"]
-        self.result.stop_reason, self.result.history = r["stop_reason"], list(r["history"])
-        self.result.train_time_s = float(r["train_time_s"])
-        self._epoch = int(state["epoch"])
-        self._finished = bool(state["finished"])
+        try:
+            self.flow.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.stopper.load_state_dict(state["early_stopping"])
+            _set_rng_state(state["rng"], self.generator)
+            r = state["result"]
+            self.result.status, self.result.failure = r["status"], r["failure"]
+            self.result.stop_reason, self.result.history = r["stop_reason"], list(r["history"])
+            self.result.train_time_s = float(r["train_time_s"])
+            self._epoch = int(state["epoch"])
+            self._finished = bool(state["finished"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a model of another shape, a damaged state
+            raise ConfigError(f"checkpoint {path} does not fit this run ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else e!r}); delete it, or start the run again "
+                              "with --force (without --resume)") from e
         self.result.resumed_from_epoch = self._epoch
 
     # -- the loop --------------------------------------------------------------------------------------

@@ -1,0 +1,400 @@
+"""Faults around a run (issue 12): forgotten --resume, two processes on one record, --out that cannot be
+written, a full disk, damaged checkpoints, the disk use of finished runs, sweep retries of usage errors."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+import flowbench.models as models
+import flowbench.utils as utils
+from flowbench.cli import main
+from flowbench.data.base import Dataset
+from flowbench.errors import ConfigError, DiskFullError, UsageError
+from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
+from flowbench.models.spec import ModelSpec
+from flowbench.results import checkpoint_path, lock_path, model_state_path, read_record, record_path
+from flowbench.sweep import parse_sweep, run_sweep
+from flowbench.training import run_experiment
+from flowbench.training.evaluate import log_prob_batches
+from flowbench.training.trainer import best_model_state, checkpoint_epoch
+from flowbench.utils import LockHeld, atomic_torch_save, atomic_write_json, exclusive_lock
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def gaussian_data(n_train, n_val, n_test, seed=1) -> Dataset:
+    x = np.random.RandomState(seed).normal(size=(n_train + n_val + n_test, 3)).astype(np.float32) * 2 + 1
+    return Dataset("toy", x[:n_train], x[n_train : n_train + n_val], x[n_train + n_val :])
+
+
+class ShiftScale(Transform):
+    """z = (x − m)·exp(−s): the smallest trainable flow."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.m = nn.Parameter(torch.zeros(dim))
+        self.s = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return (x - self.m) * torch.exp(-self.s), (-self.s).sum().expand(x.shape[0])
+
+
+def tiny_flow(dim: int) -> Flow:
+    return Flow(CompositeTransform([ShiftScale(dim)]), StandardNormal(dim), dim)
+
+
+class Kill(Exception):
+    pass
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    spec = ModelSpec(name="tiny", build=tiny_flow, hparams={}, label="TINY", paper="test", lr=1e-2)
+    monkeypatch.setitem(models.MODELS, "tiny", spec)
+
+
+def opts(tmp_path, **kw):
+    return {"out": str(tmp_path), "model": "tiny", "batch_size": 100, "device": "cpu", "patience": 50, **kw}
+
+
+def kill_at(epoch):
+    def cb(info):
+        if info.epoch == epoch:
+            raise Kill
+
+    return cb
+
+
+DATA = gaussian_data(300, 100, 100)
+
+
+# -- item 2: a forgotten --resume ---------------------------------------------------------------------------
+def test_forgotten_resume_is_refused_and_the_checkpoint_kept(tmp_path, tiny):
+    with pytest.raises(Kill):
+        run_experiment(opts(tmp_path, max_epochs=6), DATA, progress=False, callbacks=[kill_at(3)])
+    ckpt = checkpoint_path(tmp_path, "toy", "tiny", 0)
+    before = ckpt.read_bytes()
+    assert checkpoint_epoch(ckpt) == 3
+    with pytest.raises(UsageError, match=r"checkpoint after epoch 3 at .*seed0\.ckpt.*--resume.*--force"):
+        run_experiment(opts(tmp_path, max_epochs=6), DATA, progress=False)
+    assert ckpt.read_bytes() == before  # nothing was overwritten
+    rec = run_experiment(opts(tmp_path, max_epochs=6, resume=True), DATA, progress=False)
+    assert rec.epochs == 6 and any("resumed" in n and "epoch 3" in n for n in rec.notes)
+    # --force starts again at epoch 1 over a checkpoint.
+    with pytest.raises(Kill):
+        run_experiment(opts(tmp_path, seed=1, max_epochs=6), DATA, progress=False, callbacks=[kill_at(2)])
+    fresh = run_experiment(opts(tmp_path, seed=1, max_epochs=4, force=True), DATA, progress=False)
+    assert fresh.epochs == 4 and not any("resumed" in n for n in fresh.notes)
+
+
+# -- item 3: one process per run ----------------------------------------------------------------------------
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from flowbench.utils import exclusive_lock
+    with exclusive_lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(120)
+""")
+
+
+def _start_holder(path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_process_on_the_same_run_is_refused_and_a_stale_lock_does_not_block(tmp_path, tiny):
+    lock = lock_path(tmp_path, "toy", "tiny", 0)
+    lock.parent.mkdir(parents=True)
+    proc = _start_holder(lock)
+    try:
+        with pytest.raises(UsageError, match=rf"process {proc.pid} is already training this run.*seed0\.lock"):
+            run_experiment(opts(tmp_path, max_epochs=1), DATA, progress=False)
+        assert not record_path(tmp_path, "toy", "tiny", 0).exists()
+        run_experiment(opts(tmp_path, seed=1, max_epochs=1), DATA, progress=False)  # other runs are free
+    finally:
+        proc.kill()  # SIGKILL: the lock file stays behind, as after a crash
+        proc.wait()
+    assert lock.exists()
+    rec = run_experiment(opts(tmp_path, max_epochs=1), DATA, progress=False)
+    assert rec.epochs == 1 and not lock.exists()  # the stale file did not block; released after the record
+
+
+def test_lock_is_exclusive_between_processes_and_released(tmp_path):
+    lock = tmp_path / "seed0.lock"
+    proc = _start_holder(lock)
+    try:
+        with pytest.raises(LockHeld) as info:
+            with exclusive_lock(lock):
+                pass
+        assert info.value.pid == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+    with exclusive_lock(lock):
+        assert lock.read_text().strip() == str(os.getpid())
+    assert not lock.exists()
+
+
+def test_cli_second_run_exits_2_while_the_lock_is_held(tmp_path):
+    # A real `flowbench run` process against a lock this process holds (flock is per open file).
+    lock = lock_path(tmp_path, "digits", "gaussian", 0)
+    lock.parent.mkdir(parents=True)
+    with exclusive_lock(lock):
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-m", "flowbench", "run", "--model", "gaussian", "--out",
+                              str(tmp_path), "--quiet"], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert f"process {os.getpid()} is already training this run" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- item 4: --out, a full disk, damaged checkpoints --------------------------------------------------------
+def test_out_that_is_a_file_or_under_a_file(tmp_path, tiny):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"--out .*afile is a file, not a folder"):
+        run_experiment(opts(blocker, max_epochs=1), DATA, progress=False)
+    with pytest.raises(ConfigError, match=r"cannot create .* because .*afile is a file"):
+        run_experiment(opts(blocker / "sub", max_epochs=1), DATA, progress=False)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_out_that_cannot_be_created(tmp_path, tiny):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o500)
+    with pytest.raises(ConfigError, match=r"--out .*ro/x: cannot create"):
+        run_experiment(opts(ro / "x", max_epochs=1), DATA, progress=False)
+
+
+def _full_disk_on(monkeypatch, suffix, after=0):
+    """Make the fsync of files whose target ends with ``suffix`` fail with ENOSPC, after ``after`` good ones."""
+    real = os.fsync
+    seen = {"n": 0}
+
+    def fsync(fd):
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if f"{suffix}." in target:
+            seen["n"] += 1
+            if seen["n"] > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(utils.os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_disk_full_while_checkpointing_names_the_file_and_keeps_the_previous(tmp_path, tiny, monkeypatch):
+    _full_disk_on(monkeypatch, ".ckpt", after=2)  # epochs 1 and 2 are saved, epoch 3's save fails
+    with pytest.raises(DiskFullError) as info:
+        run_experiment(opts(tmp_path, max_epochs=5), DATA, progress=False)
+    ckpt = checkpoint_path(tmp_path, "toy", "tiny", 0)
+    msg = str(info.value)
+    assert str(ckpt) in msg and "previous version is intact" in msg and "Errno" not in msg
+    assert re.search(r"it needs [\d,]+ bytes; [\d,]+ bytes are free", msg)
+    assert checkpoint_epoch(ckpt) == 2  # the previous checkpoint is whole and resumable
+    assert not [p for p in ckpt.parent.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
+
+
+def test_disk_full_reports_the_exact_size_and_keeps_the_old_record(tmp_path, monkeypatch):
+    path = tmp_path / "r.json"
+    atomic_write_json(path, {"old": 1})
+    monkeypatch.setattr(utils.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    obj = {"new": "x" * 100}
+    import json
+
+    want = len((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    with pytest.raises(DiskFullError, match=rf"write {path} \(it needs {want:,} bytes; [\d,]+ bytes are free\); "
+                                            r"the previous version is intact"):
+        atomic_write_json(path, obj)
+    assert json.loads(path.read_text()) == {"old": 1}
+    # Generic writes report what they had written; DiskFullError is an OSError for `except OSError` callers.
+    with pytest.raises(OSError, match="no space left"):
+        with utils.atomic_write(tmp_path / "t.md", "w") as f:
+            f.write("abc")
+    assert not (tmp_path / "t.md").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_cli_disk_full_exits_2(tmp_path, monkeypatch, capsys):
+    _full_disk_on(monkeypatch, ".json")
+    code = main(["run", "--model", "gaussian", "--out", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no space left on the device to write" in err and "seed0.json" in err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text", "foreign"])
+def test_damaged_checkpoint_on_resume(tmp_path, tiny, damage):
+    with pytest.raises(Kill):
+        run_experiment(opts(tmp_path, max_epochs=4), DATA, progress=False, callbacks=[kill_at(2)])
+    ckpt = checkpoint_path(tmp_path, "toy", "tiny", 0)
+    if damage == "truncated":
+        ckpt.write_bytes(ckpt.read_bytes()[: len(ckpt.read_bytes()) // 2])
+    elif damage == "text":
+        ckpt.write_text("not a checkpoint\n")
+    else:
+        torch.save({"weights": torch.zeros(3)}, ckpt)
+    want = "not a flowbench training checkpoint" if damage == "foreign" else "truncated or not a flowbench file"
+    with pytest.raises(ConfigError, match=rf"checkpoint .*seed0\.ckpt .*{want}.*--force"):
+        run_experiment(opts(tmp_path, max_epochs=4, resume=True), DATA, progress=False)
+    assert checkpoint_epoch(ckpt) is None
+    # The refusal without --resume still names it; --force starts again.
+    with pytest.raises(UsageError, match=r"checkpoint \(unreadable\)"):
+        run_experiment(opts(tmp_path, max_epochs=4), DATA, progress=False)
+    assert run_experiment(opts(tmp_path, max_epochs=2, force=True), DATA, progress=False).epochs == 2
+
+
+# -- item 7: only the model state is kept after the record --------------------------------------------------
+def test_finished_run_keeps_only_the_model_state(tmp_path):
+    data = gaussian_data(300, 100, 200)
+    o = dict(model="maf", layers=2, hidden=8, max_epochs=3, lr=3e-3)
+    rec = run_experiment(opts(tmp_path / "a", **o), data, progress=False)
+    ckpt = checkpoint_path(tmp_path / "a", "toy", "maf", 0)
+    small = model_state_path(tmp_path / "a", "toy", "maf", 0)
+    assert not ckpt.exists() and small.is_file() and not lock_path(tmp_path / "a", "toy", "maf", 0).exists()
+    assert rec.model_state == small.name == read_record(record_path(tmp_path / "a", "toy", "maf", 0)).model_state
+    kept = run_experiment(opts(tmp_path / "b", **o, keep_checkpoint=True), data, progress=False)
+    full = checkpoint_path(tmp_path / "b", "toy", "maf", 0)
+    assert full.is_file() and kept.model_state == small.name
+    assert small.stat().st_size < full.stat().st_size / 2  # no optimizer moments, no RNG, no history
+    # Both files (and the checkpoint path of a run that kept none) give the same, recorded model.
+    a, b, c = best_model_state(small), best_model_state(full), best_model_state(ckpt)
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+    flow = models.build_model("maf", 3, **rec.hparams)
+    flow.load_state_dict(a)
+    flow.eval()
+    ll = log_prob_batches(flow, torch.as_tensor(data.test), 1000)
+    assert abs(float(ll.mean()) - rec.test_ll) < 1e-5
+    with pytest.raises(ConfigError, match="kept only its model state.*--keep-checkpoint"):
+        run_experiment(opts(tmp_path / "a", **dict(o, max_epochs=4), resume=True, force=True), data, progress=False)
+    longer = run_experiment(opts(tmp_path / "b", **dict(o, max_epochs=4), resume=True, force=True), data,
+                            progress=False)
+    assert longer.epochs == 4
+
+
+def test_best_model_state_refuses_foreign_files(tmp_path):
+    p = tmp_path / "x.pt"
+    atomic_torch_save(p, {"something": 1})
+    with pytest.raises(ConfigError, match="neither a model state nor a training checkpoint"):
+        best_model_state(p)
+    with pytest.raises(ConfigError, match="no model state at"):
+        best_model_state(tmp_path / "missing.ckpt")
+
+
+# -- item 5: sweeps -----------------------------------------------------------------------------------------
+def test_usage_error_inside_a_sweep_run_is_not_retried(tmp_path):
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": {"hidden": [7, 8]}})
+    calls: list[int] = []
+
+    def run(options):
+        calls.append(options.hparams["hidden"])
+        if options.hparams["hidden"] == 7:
+            raise UsageError("a record already exists")
+        raise RuntimeError("crash")
+
+    report = run_sweep(sweep, tmp_path, run_fn=run, retries=2, stream=None)
+    states = {s.run.tag: s for s in report.failed}
+    assert states["hidden=7"].attempts == 1 and "UsageError" in states["hidden=7"].error
+    assert states["hidden=8"].attempts == 3  # a crash is still retried
+    assert calls.count(7) == 1 and calls.count(8) == 3
+
+
+@pytest.mark.parametrize("flags", [["--cpus-per-run", "0"], ["--cpus-per-run", "0", "--dry-run"],
+                                   ["--gpus-per-run", "-1"], ["--workers", "0", "--dry-run"]])
+def test_sweep_resource_flags_are_checked_first(tmp_path, capsys, flags):
+    good = REPO_ROOT / "configs" / "sweeps" / "tiny-digits.toml"
+    assert main(["sweep", str(good), "--out", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err
+    assert flags[0] in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+
+
+# -- item 8: no torch.jit.script notice from the Jacobian tools ---------------------------------------------
+def test_jacobian_does_not_print_torch_deprecation_notices():
+    code = ("import torch; from flowbench.jacobian import jacobian_spectral_norm; "
+            "print(jacobian_spectral_norm(lambda x: torch.sin(x) * 2, torch.randn(4, 3)).shape)")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-W", "error::FutureWarning", "-c",
+                          code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "jit" not in out.stderr
+
+
+def test_lock_wait_time_is_short(tmp_path):
+    # Refusal must be immediate (non-blocking flock), not a wait for the other run to end.
+    lock = tmp_path / "l.lock"
+    proc = _start_holder(lock)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(LockHeld):
+            with exclusive_lock(lock):
+                pass
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+class DriverWritesBackend:
+    """Like the Ray executor: the 'worker' trains elsewhere and the driver writes the record (``finish``)."""
+
+    capacity = 1
+
+    def __init__(self):
+        self.pending: dict[int, object] = {}
+
+    def submit(self, run, options, out):
+        token = len(self.pending) + 100
+        self.pending[token] = options
+        return token
+
+    def wait(self, tokens, timeout):
+        from flowbench.results import RunRecord
+
+        out = []
+        for t in tokens:
+            o = self.pending.pop(t)
+            out.append((t, {"ok": True, "record": RunRecord.example(dataset=o.dataset, model=o.model, tag=o.tag,
+                                                                       seed=o.seed), "seconds": 0.0}))
+        return out
+
+    def finish(self, state, outcome, out):
+        from flowbench.results import write_record
+
+        write_record(state.run.record_path(out), outcome["record"])
+
+    def shutdown(self, cancel=False):
+        pass
+
+
+def test_driver_written_sweep_runs_hold_the_run_lock(tmp_path):
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": {"hidden": [7, 8]}})
+    r7 = next(r for r in sweep.runs if r.tag == "hidden=7")
+    lock = lock_path(tmp_path, r7.dataset, r7.model, r7.seed, r7.tag)
+    lock.parent.mkdir(parents=True)
+    proc = _start_holder(lock)
+    try:
+        report = run_sweep(sweep, tmp_path, backend=DriverWritesBackend(), retries=2, stream=None)
+    finally:
+        proc.kill()
+        proc.wait()
+    failed = {s.run.tag: s for s in report.failed}
+    assert set(failed) == {"hidden=7"} and failed["hidden=7"].attempts == 0
+    assert f"process {proc.pid} is already training this run" in failed["hidden=7"].error
+    assert report.count("done") == 1 and not r7.record_path(tmp_path).exists()
+    other = next(r for r in sweep.runs if r.tag == "hidden=8")
+    assert not lock_path(tmp_path, other.dataset, other.model, other.seed, other.tag).exists()  # released
+    again = run_sweep(sweep, tmp_path, backend=DriverWritesBackend(), stream=None)  # stale lock: no block
+    assert again.ok and again.count("done") == 1

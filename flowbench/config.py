@@ -178,9 +178,23 @@ def read_toml(path: str | Path, kind: str, hint: str) -> dict[str, Any]:
         raise ConfigError(f"{kind} {str(path)!r} is not valid TOML: {e}") from e
 
 
+def _check_provenance(table: Any, path: str | Path) -> None:
+    """A ``[provenance]`` table: ``verified`` (bool, true only if every value is the paper's) and ``source``."""
+    where = f"config file {str(path)!r}, [provenance]"
+    if not isinstance(table, dict) or set(table) != {"verified", "source"}:
+        raise ConfigError(f"{where} must have exactly the keys verified (true/false) and source (text)")
+    if not isinstance(table["verified"], bool) or not isinstance(table["source"], str) or not table["source"]:
+        raise ConfigError(f"{where}: verified must be true or false and source a non-empty string")
+
+
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file (flat table; keys = run flag names) into validated options."""
+    """Read a TOML config file (flat table; keys = run flag names) into validated options.
+
+    An optional ``[provenance]`` table (where the values come from) is validated and left out of the options.
+    """
     raw = read_toml(path, "config file", "pass an existing TOML file to --config")
+    if "provenance" in raw:
+        _check_provenance(raw.pop("provenance"), path)
     nested = [k for k, v in raw.items() if isinstance(v, dict)]
     if nested:
         raise ConfigError(f"config file {str(path)!r} has tables {nested}; use flat keys named like the run flags")

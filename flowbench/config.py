@@ -267,10 +267,17 @@ def read_toml(path: str | Path, kind: str, hint: str) -> dict[str, Any]:
 
 
 def _provenance(table: Any, path: Path) -> dict[str, Any]:
-    if not isinstance(table, dict) or set(table) - {"verified", "source"} or not isinstance(table.get("verified"), bool):
-        raise ConfigError(f"config file {str(path)!r}: [provenance] must hold `verified = true|false` and "
-                          "`source = \"...\"` only")
-    return {"verified": table["verified"], "source": str(table.get("source", ""))}
+    _check_provenance(table, path)
+    return {"verified": table["verified"], "source": table["source"]}
+
+
+def _check_provenance(table: Any, path: str | Path) -> None:
+    """A ``[provenance]`` table: ``verified`` (bool, true only if every value is the paper's) and ``source``."""
+    where = f"config file {str(path)!r}, [provenance]"
+    if not isinstance(table, dict) or set(table) != {"verified", "source"}:
+        raise ConfigError(f"{where} must have exactly the keys verified (true/false) and source (text)")
+    if not isinstance(table["verified"], bool) or not isinstance(table["source"], str) or not table["source"]:
+        raise ConfigError(f"{where}: verified must be true or false and source a non-empty string")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

@@ -39,6 +39,8 @@ class _Cell:
     decimals: int
     notes: list[str] = field(default_factory=list)
     unverified: bool = False
+    #: our runs' config file is not confirmed to be the paper's (its ``[provenance]`` says so): its source text
+    config_unverified: str | None = None
 
 
 @dataclass
@@ -110,6 +112,14 @@ def _nonfinite_note(r: RunRecord) -> str:
 
 
 def _cell_from_runs(runs: list[RunRecord], dataset: str) -> _Cell:
+    cell = _cell_values(runs, dataset)
+    unverified = [r.provenance for r in runs if r.provenance and not r.provenance.get("verified")]
+    if unverified:
+        cell.config_unverified = str(unverified[0].get("source", ""))
+    return cell
+
+
+def _cell_values(runs: list[RunRecord], dataset: str) -> _Cell:
     finite = [r for r in runs if r.test_ll is not None and math.isfinite(r.test_ll)]
     notes = []
     for r in runs:
@@ -137,6 +147,13 @@ def _cell_from_runs(runs: list[RunRecord], dataset: str) -> _Cell:
             f"std {_fmt(statistics.stdev(means), dec + 1)}, range {_fmt(min(means), dec)} to {_fmt(max(means), dec)}"
         )
     return _Cell(mean, se2, dec, notes)
+
+
+#: Footnote of our cell when its config is not confirmed to be the paper's but a published number stands beside it.
+CONFIG_UNVERIFIED_NOTE = (
+    "ours, config unverified: the paper's settings for this cell could not be confirmed, so the run used ours "
+    "(the config file's [provenance] says where they come from); not a reproduction of the published number"
+)
 
 
 def _published_rows(cells: Iterable[PublishedResult]) -> list[_Row]:
@@ -199,6 +216,12 @@ def build_table(
 
     footnotes: list[str] = []
     any_unverified = False
+    published_cells = {(r.label, d) for r in pub for d in r.cells}
+    for row in ours:
+        for d, cell in row.cells.items():
+            if cell.config_unverified is not None and (row.label.split(" [")[0], d) in published_cells:
+                # The published number beside it came from settings we could not confirm: say ours are a guess.
+                cell.notes.append(CONFIG_UNVERIFIED_NOTE)
     body = []
     for row in rows:
         source = "ours" if row.source == "ours" else f"published: {SOURCES[row.source][0]}"

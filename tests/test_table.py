@@ -151,3 +151,22 @@ def test_bad_records_are_named(tmp_path):
         path.write_bytes(content)
         with pytest.raises(ConfigError, match=match):
             list(iter_records(tmp_path))
+
+
+def test_unverified_config_is_footnoted_beside_a_published_number(tmp_path):
+    prov = {"verified": False, "source": "ours: 8 layers, lr 1e-4 (paper's Table 4 not legible)"}
+    for dataset in ("power", "digits"):
+        r = fake_record(dataset, "relgrad", "Relgrad dense flow", 0, -1.0, 0.01, -1.0)
+        r.provenance = prov
+        write_record(record_path(tmp_path, dataset, "relgrad", 0), r)
+    ok = fake_record("power", "maf", "MAF (5)", 0, 0.2, 0.01, 0.2)
+    ok.provenance = {"verified": True, "source": "MAF paper section 4"}
+    write_record(record_path(tmp_path, "power", "maf", 0), ok)
+    text = build_table(list(iter_records(tmp_path)), ["maf", "relgrad"], "best-val")
+    ours = next(ln for ln in text.splitlines() if ln.startswith("| Relgrad dense flow") and "| ours" in ln)
+    power, digits = ours.split("|")[3].strip(), ours.split("|")[-2].strip()
+    mark = power.rsplit("[", 1)[1].rstrip("]")
+    assert f"- [{mark}] ours, config unverified" in text
+    assert "[" not in digits  # no published relgrad number on digits: nothing to caution against
+    maf = next(ln for ln in text.splitlines() if ln.startswith("| MAF (5)") and "| ours" in ln)
+    assert "[" not in maf  # verified config: no footnote

@@ -339,6 +339,8 @@ def summary_line(record: RunRecord, path: Any) -> str:
     )
     if record.bits_per_pixel is not None:
         line += f"; {record.bits_per_pixel:.3f} bits/pixel"
+    if record.provenance is not None and not record.provenance.get("verified"):
+        line += "\n(ours, config unverified: these settings are not confirmed to be the paper's; see the config's [provenance])"
     if record.status != "ok":
         line += f"\nstatus {record.status}: {record.failure}"
     return line + f"\nrecord: {path}"

@@ -266,3 +266,14 @@ def test_l2_penalty_is_applied_by_the_optimiser_step(wd):
         assert torch.equal(m, torch.ones(3))  # nothing but the (wiped) likelihood gradient
     else:
         assert (m < 1).all()  # the penalty's gradient wd·w survived the model's gradient transform
+
+
+def test_summary_line_says_when_the_config_is_unverified():
+    from flowbench.results import RunRecord
+    from flowbench.training.experiment import summary_line
+
+    ours = RunRecord.example(provenance={"verified": False, "source": "ours"})
+    assert "(ours, config unverified" in summary_line(ours, "x.json")
+    paper = RunRecord.example(provenance={"verified": True, "source": "MAF paper section 4"})
+    assert "unverified" not in summary_line(paper, "x.json")
+    assert "unverified" not in summary_line(RunRecord.example(), "x.json")

@@ -19,7 +19,7 @@ __all__ = ["NOT_CONVERGED", "RunStatus", "convergence_note", "is_capped", "run_s
 #: Status kinds, in the order a summary lists them.
 KINDS = ("converged", "capped", "closed-form", "nonfinite", "failed", "other")
 
-NOT_CONVERGED = "not converged: stopped by --max-epochs before early stopping, so not comparable with published numbers"
+NOT_CONVERGED = "not converged: stopped by --max-epochs before early stopping, so not comparable with the papers' numbers"
 
 _CAP = re.compile(r"reached max_epochs=(\d+)")
 _PATIENCE = re.compile(r"no improvement for (\d+) epochs")

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -34,7 +33,7 @@ from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.models.stacking import stacked_train_log_prob
 from flowbench.training.early_stopping import EarlyStopping
-from flowbench.training.evaluate import log_prob_batches
+from flowbench.training.evaluate import finite_mean, log_prob_batches
 from flowbench.training.trainer import SYNC_EVERY, EpochInfo, TrainResult, _rng_state, _set_rng_state, make_adam
 from flowbench.utils import atomic_torch_save
 
@@ -295,12 +294,13 @@ class StackedTrainer:
         means = (totals / max(count, 1)).tolist()
         return [math.nan if f else x for x, f in zip(means, failures)], failures
 
-    def _validate(self, i: int) -> float:
+    def _validate(self, i: int) -> tuple[float, int]:
+        """As the single-run trainer: (LL over the finite validation points, count of −inf points)."""
         run = self.runs[i]
         self._sync_module(i)
         run.flow.eval()
         run.flow.prepare_for_eval(self.train_x)
-        return float(np.mean(log_prob_batches(run.flow, self.val_x, self.eval_batch_size)))
+        return finite_mean(log_prob_batches(run.flow, self.val_x, self.eval_batch_size))
 
     def fit(self) -> list[TrainResult]:
         start = time.perf_counter()
@@ -322,9 +322,9 @@ class StackedTrainer:
             for j, i in enumerate(active):
                 run, res = self.runs[i], self.runs[i].result
                 epoch = run.epoch + 1
-                failure, val_ll = failures[j], math.nan
+                failure, val_ll, n_bad = failures[j], math.nan, 0
                 if failure is None:
-                    val_ll = self._validate(i)
+                    val_ll, n_bad = self._validate(i)
                     if not math.isfinite(val_ll):
                         failure = f"non-finite validation log-likelihood ({val_ll}) at epoch {epoch}"
                 run.epoch = epoch
@@ -336,7 +336,8 @@ class StackedTrainer:
                     self.save_checkpoint(i)
                     continue
                 run.stopper.step(val_ll, epoch, run.flow)
-                res.history.append({"epoch": epoch, "train_loss": losses[j], "val_ll": val_ll})
+                res.history.append({"epoch": epoch, "train_loss": losses[j], "val_ll": val_ll,
+                                    "n_nonfinite_val": n_bad})
                 st = run.stopper
                 infos.append(StackedEpochInfo(epoch, losses[j], val_ll, st.best_value, st.best_epoch,
                                               st.patience_left, run=i, seed=run.spec.seed))
@@ -359,6 +360,8 @@ class StackedTrainer:
                 run.flow.prepare_for_eval(self.train_x)
             res.best_epoch = run.stopper.best_epoch
             res.best_val_ll = run.stopper.best_value if run.stopper.best_epoch is not None else math.nan
+            res.n_nonfinite_val = next((int(h.get("n_nonfinite_val", 0)) for h in res.history
+                                        if h["epoch"] == res.best_epoch), 0)
             run.flow.eval()
             out.append(res)
         return out
@@ -370,6 +373,22 @@ class StackedTrainer:
 
 #: Options in which the runs of one stack may differ: they change no tensor shape (per-run Adam, stopper).
 PER_RUN = ("seed", "lr", "weight_decay", "patience", "max_epochs")
+#: Options the stacked trainer does not implement, with the value it behaves as; a run with another value is
+#: not stacked by a sweep and refused by ``run --seeds`` (a trainer option added later belongs here until
+#: :class:`StackedTrainer` implements it).
+UNSTACKABLE = {"adam_epoch_step": False, "compile": False, "tensorboard": None}
+
+
+def unstackable(opts) -> str | None:
+    """Why a run with options ``opts`` cannot train in a stack, or None."""
+    from flowbench.models import get_spec
+
+    if not get_spec(opts.model).trainable:
+        return f"{opts.model} is fitted in closed form"
+    for name, value in UNSTACKABLE.items():
+        if getattr(opts, name, value) != value:
+            return f"the stacked trainer does not implement --{name.replace('_', '-')}"
+    return None
 
 
 def stack_key(opts) -> tuple:
@@ -401,6 +420,10 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
         runs = [o.replace(dataset=data.name) for o in runs]
     if not runs:
         raise ConfigError("a stack needs at least one run")
+    for o in runs:
+        why = unstackable(o)
+        if why is not None and "closed form" not in why:
+            raise ConfigError(f"--seeds: {why}; run the seeds one by one instead")
     keys = {stack_key(o) for o in runs}
     if len(keys) > 1 or len({o.batch_size for o in runs}) > 1:
         raise ConfigError("runs of one stack may differ only in " + ", ".join(PER_RUN))
@@ -443,8 +466,6 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
                 notes[i].append(f"resumed from the checkpoint after epoch {trainer.runs[i].result.resumed_from_epoch}")
             elif ckpt.exists():
                 notes[i].append("an older checkpoint was replaced (run with --resume to continue one instead)")
-        if first.compile:
-            notes[0].append("--compile does not apply to stacked runs; trained without it")
         results = trainer.fit()
     records = []
     for i, (o, (flow, hparams, match), res) in enumerate(zip(runs, built, results)):
@@ -462,3 +483,70 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
         write_record(paths[i][0], record, force=o.force)
         records.append(record)
     return records
+
+
+#: A default stack never exceeds this many runs (beyond it the batched step gains little on a CPU, and one
+#: failure or kill costs that many runs' progress).
+MAX_STACK = 32
+#: Share of the memory available when the sweep starts that all stacks in flight together may use.
+MEMORY_SHARE = 0.25
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes free now on ``device``: CUDA's ``mem_get_info``, else ``MemAvailable`` of /proc/meminfo, else
+    physical memory (sysconf)."""
+    import os
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def run_memory(opts) -> int:
+    """Bytes one more run adds to a stack of runs like ``opts``, measured rather than guessed.
+
+    The model is built (not trained) for the dataset's dimension and one training step's objective is
+    evaluated on a batch of zeros, counting the bytes autograd saves for the backward pass (the activations,
+    which dominate). Per run the stack also holds parameters, gradient, two Adam moments, the stacked-view
+    copy and the best state: 6 × parameter bytes. Data are shared by the stack and not counted.
+    """
+    from flowbench.data import DATASETS
+    from flowbench.training.experiment import build_from_options
+
+    info = DATASETS.get(opts.dataset)
+    if info is None:
+        raise ConfigError(f"unknown dataset {opts.dataset!r}")
+    flow, _, _ = build_from_options(opts, info.dim)
+    params = sum(p.numel() * p.element_size() for p in flow.parameters())
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    flow.train()
+    x = torch.zeros(opts.batch_size, info.dim)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        flow.train_log_prob(x).sum()
+    return 6 * params + saved
+
+
+def stack_cap(opts, budget: int | None = None) -> int:
+    """The largest stack of runs like ``opts`` within ``budget`` bytes (default :data:`MEMORY_SHARE` of the
+    memory available on the run's device), at most :data:`MAX_STACK` and at least 1:
+    ``min(MAX_STACK, budget // run_memory(opts))``."""
+    if budget is None:
+        budget = int(MEMORY_SHARE * available_memory(opts.device if opts.device != "auto" else
+                                                     ("cuda" if torch.cuda.is_available() else "cpu")))
+    return max(1, min(MAX_STACK, budget // max(1, run_memory(opts))))

@@ -26,6 +26,7 @@ def comparable(results: Path) -> dict[str, dict]:
     for r in iter_records(results):
         rec = {k: v for k, v in r.to_json().items() if k not in EXECUTION}
         rec["config"] = {k: v for k, v in rec["config"].items() if k != "out"}
+        rec["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in rec["history"]]  # wall time
         rec["notes"] = [n for n in rec["notes"] if not n.startswith("trained in a stack of")]
         out[f"{r.dataset}/{r.model}/{r.tag}/seed{r.seed}"] = rec
     return out

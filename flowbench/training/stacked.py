@@ -112,6 +112,7 @@ class _Run:
         self.result = TrainResult()
         self.epoch = 0
         self.finished = False
+        self.saved_epoch = -1  # the epoch of its last checkpoint
         self.path = Path(spec.checkpoint_path) if spec.checkpoint_path is not None else None
         self.fingerprint = spec.fingerprint or {}
 
@@ -121,7 +122,7 @@ class StackedTrainer:
 
     def __init__(self, runs: Sequence[RunSpec], train_x: Tensor, val_x: Tensor, *, batch_size: int = 100,
                  eval_batch_size: int = 2000, callbacks: list[Callable[[StackedEpochInfo], None]] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, checkpoint_every_s: float = 0.0):
         if not runs:
             raise ConfigError("a stack needs at least one run")
         self.runs = [_Run(s) for s in runs]
@@ -140,6 +141,7 @@ class StackedTrainer:
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.callbacks = list(callbacks or [])
         self.progress = progress
+        self.checkpoint_every_s = checkpoint_every_s  # as the single-run Trainer's: 0 = every epoch
         dev, dt = train_x.device, next(self.template.parameters()).dtype
         self.theta = torch.stack([self._flat(r.flow) for r in self.runs])  # (R, P)
         self.exp_avg = torch.zeros_like(self.theta)
@@ -191,6 +193,7 @@ class StackedTrainer:
     def save_checkpoint(self, i: int) -> None:
         if self.runs[i].path is not None:
             atomic_torch_save(self.runs[i].path, self._state_dict(i))
+        self.runs[i].saved_epoch = self.runs[i].epoch
 
     def load_checkpoint(self, i: int) -> None:
         """Restore run i from its checkpoint (written by a stack or by a single run)."""
@@ -220,7 +223,7 @@ class StackedTrainer:
         run.result.stop_reason, run.result.history = r["stop_reason"], list(r["history"])
         run.result.train_time_s = float(r["train_time_s"])
         run.epoch, run.finished = int(state["epoch"]), bool(state["finished"])
-        run.result.resumed_from_epoch = run.epoch
+        run.result.resumed_from_epoch = run.saved_epoch = run.epoch
 
     # -- the loop --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -303,7 +306,7 @@ class StackedTrainer:
         return finite_mean(log_prob_batches(run.flow, self.val_x, self.eval_batch_size))
 
     def fit(self) -> list[TrainResult]:
-        start = time.perf_counter()
+        start = saved_at = time.perf_counter()
         base = [r.result.train_time_s for r in self.runs]
         while True:
             active = []
@@ -311,18 +314,26 @@ class StackedTrainer:
                 if run.finished:
                     continue
                 if run.spec.max_epochs is not None and run.epoch >= run.spec.max_epochs:
+                    if run.saved_epoch != run.epoch:  # the end: its last epoch goes to disk
+                        self.save_checkpoint(i)
                     run.result.stop_reason = f"reached max_epochs={run.spec.max_epochs}"
                     run.finished = True
                     continue
                 active.append(i)
             if not active:
                 break
+            t_epoch = time.perf_counter()
             losses, failures = self._train_epoch(active)
+            t_train = time.perf_counter() - t_epoch  # shared by the stack
+            due = self.checkpoint_every_s <= 0 or time.perf_counter() - saved_at >= self.checkpoint_every_s
+            if due:
+                saved_at = time.perf_counter()
             infos = []
             for j, i in enumerate(active):
                 run, res = self.runs[i], self.runs[i].result
                 epoch = run.epoch + 1
                 failure, val_ll, n_bad = failures[j], math.nan, 0
+                t_val = time.perf_counter()
                 if failure is None:
                     val_ll, n_bad = self._validate(i)
                     if not math.isfinite(val_ll):
@@ -337,7 +348,7 @@ class StackedTrainer:
                     continue
                 run.stopper.step(val_ll, epoch, run.flow)
                 res.history.append({"epoch": epoch, "train_loss": losses[j], "val_ll": val_ll,
-                                    "n_nonfinite_val": n_bad})
+                                    "n_nonfinite_val": n_bad, "seconds": t_train + time.perf_counter() - t_val})
                 st = run.stopper
                 infos.append(StackedEpochInfo(epoch, losses[j], val_ll, st.best_value, st.best_epoch,
                                               st.patience_left, run=i, seed=run.spec.seed))
@@ -347,7 +358,8 @@ class StackedTrainer:
                 if st.should_stop:
                     res.stop_reason = f"no improvement for {st.patience} epochs"
                     run.finished = True
-                self.save_checkpoint(i)
+                if due or run.finished:
+                    self.save_checkpoint(i)
             for info in infos:  # after every run's checkpoint: a callback that raises simulates a kill
                 for cb in self.callbacks:
                     cb(info)
@@ -458,7 +470,8 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
         specs = [RunSpec(flow, o.seed, o.lr, o.weight_decay, o.patience, o.max_epochs, ckpt, o.to_dict())
                  for o, (flow, _, _), (_, ckpt) in zip(runs, built, paths)]
         trainer = StackedTrainer(specs, x.train, x.val, batch_size=first.batch_size,
-                                 eval_batch_size=first.eval_batch_size, callbacks=callbacks, progress=progress)
+                                 eval_batch_size=first.eval_batch_size, callbacks=callbacks, progress=progress,
+                                 checkpoint_every_s=float(first.checkpoint_every_s))
         for i, (o, (_, ckpt)) in enumerate(zip(runs, paths)):
             if o.resume:
                 trainer.load_checkpoint(i)

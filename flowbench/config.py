@@ -105,6 +105,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("adam_epoch_step", False, (bool,), "Adam's bias correction counts epochs, not steps: the relgrad "
            "reference code's quirk (jax adam called with the epoch index), with which its published numbers were "
            "made; default off = ordinary Adam", _TRAIN, training_only=True),
+    Option("checkpoint_every_s", 30.0, (float, int), "write the resume checkpoint at most every S seconds (and "
+           "at the end of training); 0: after every epoch. A killed run redoes the epochs since the last one, with "
+           "the same numbers", _TRAIN, "S", low=0.0, tagged=False, resume_may_change=True, training_only=True),
     Option("eval_batch_size", 2000, (int,), "batch size for evaluation", _TRAIN, "N", low=1, tagged=False,
            resume_may_change=True),
     Option("match_params", None, (int, str), "size the model (its spec's knob: the hidden width, or relgrad's "
@@ -168,6 +171,7 @@ class RunOptions:
     weight_decay: float = 1e-6
     compile: bool = False
     adam_epoch_step: bool = False
+    checkpoint_every_s: float = 30.0
     eval_batch_size: int = 2000
     match_params: int | str | None = None
     out: str = "results"

@@ -1,8 +1,9 @@
 """Markdown results table from run records, beside the published numbers (MAF paper Table 1 layout).
 
 Rows are models (display names), columns datasets, cells ``mean ± 2 SE`` of the test log-likelihood in nats.
-Several seeds of one configuration: the cell is the mean over seeds, ± the mean per-run 2 SE, and the seed
-spread goes to a footnote (it is a different quantity and is never folded into the ± 2 SE). Several
+Several seeds of one configuration: the cell is the mean over seeds, ± the mean per-run 2 SE, followed by the
+seed spread ``(sd S, n=N)``: the standard deviation of the per-seed test LLs and their count (a different
+quantity, never folded into the ± 2 SE); a footnote says which is which and gives the range. Several
 configurations (tags) of one model on one dataset: ``select="best-val"`` keeps the one with the best mean
 validation log-likelihood and a footnote says how many were tried (model selection on validation data only,
 as in the MAF paper). The output is a pure function of the records: same records, same bytes.
@@ -41,6 +42,7 @@ class _Cell:
     unverified: bool = False
     #: our runs' config file is not confirmed to be the paper's (its ``[provenance]`` says so): its source text
     config_unverified: str | None = None
+    spread: tuple[float, int] | None = None  # (std of the per-seed test LLs, number of seeds) for n ≥ 2
 
 
 @dataclass
@@ -140,13 +142,17 @@ def _cell_values(runs: list[RunRecord], dataset: str) -> _Cell:
     mean = statistics.fmean(means)
     se2 = statistics.fmean(se2s) if se2s else None
     dec = _our_decimals(se2)
+    spread = None
     if len(finite) > 1:
         seeds = ", ".join(str(r.seed) for r in finite)
+        spread = (statistics.stdev(means), len(finite))
         notes.append(
-            f"mean of {len(finite)} seeds ({seeds}); ± is the mean per-run 2 SE; seed spread: "
-            f"std {_fmt(statistics.stdev(means), dec + 1)}, range {_fmt(min(means), dec)} to {_fmt(max(means), dec)}"
+            f"mean of {len(finite)} seeds ({seeds}): the value is the mean of the per-seed test LLs, ± the mean "
+            f"per-run 2 SE over test points; (sd, n) is the seed spread: the standard deviation of the per-seed "
+            f"test LLs ({_fmt(spread[0], dec + 1)}) and their count; range {_fmt(min(means), dec)} to "
+            f"{_fmt(max(means), dec)}"
         )
-    return _Cell(mean, se2, dec, notes)
+    return _Cell(mean, se2, dec, notes, spread=spread)
 
 
 #: Footnote of our cell when its config is not confirmed to be the paper's but a published number stands beside it.
@@ -238,6 +244,8 @@ def build_table(
                     text += f" ± {_fmt(cell.se2, cell.decimals)}"
                 if d in best and cell.mean == best[d]:
                     text = f"**{text}**"
+                if cell.spread is not None:
+                    text += f" (sd {_fmt(cell.spread[0], cell.decimals)}, n={cell.spread[1]})"
             marks = ""
             if cell is not None and cell.unverified:
                 marks += "?"
@@ -252,6 +260,7 @@ def build_table(
     headers = ["Model", "Source"] + [d.upper() for d in columns]
     out = [
         "Average test log-likelihood in nats (higher is better), mean ± 2 standard errors over the test points. "
+        "(sd S, n=N): standard deviation of the test LL over N seeds. "
         "MNIST and digits in logit space. **Bold**: best in its column. N/A: no result.",
         "",
         tabulate(body, headers=headers, tablefmt="github", disable_numparse=True, stralign="left"),

@@ -106,7 +106,20 @@ def test_bench_train_synthetic_shape_and_errors(tmp_path):
                    "--data-root", str(tmp_path), "--out", str(tmp_path), "--device", "cpu"])
     assert rc == 0
     rec = json.loads((tmp_path / "bench" / "train-power-relgrad.json").read_text())
-    assert rec["hparams"] == {"bias": False}
+    assert rec["hparams"]["bias"] is False  # --hparam over the run config's hyperparameters
+
+
+def test_bench_train_settings_come_from_the_run_config():
+    from flowbench.bench.train import run_settings
+
+    batch, lr, hparams, line = run_settings("mnist", "relgrad")
+    assert (batch, lr) == (10, 1e-4) and hparams["layers"] == 2  # configs/mnist/relgrad.toml, not batch 100
+    assert "configs/mnist/relgrad.toml" in line and "given here: none" in line
+    batch, lr, hparams, _ = run_settings("mnist", "relgrad", batch_size=50, lr=3e-4, hparams={"layers": 3})
+    assert (batch, lr, hparams["layers"]) == (50, 3e-4, 3)
+    assert run_settings("digits", "maf")[:2] == (100, 1e-4)
+    with pytest.raises(ConfigError):
+        run_settings("mnist", "relgrad", hparams={"nonsense": 1})
 
 
 def test_bench_train_zuko_side_by_side(tmp_path):

@@ -24,6 +24,7 @@ def comparable(results: Path) -> dict[str, dict]:
     for r in iter_records(results):
         rec = {k: v for k, v in r.to_json().items() if k not in NONDETERMINISTIC}
         rec["config"] = {k: v for k, v in rec["config"].items() if k != "out"}
+        rec["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in rec["history"]]  # wall time
         out[f"{r.dataset}/{r.model}/{r.tag}/seed{r.seed}"] = rec
     return out
 
@@ -50,7 +51,7 @@ def local_results(sweep, tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = run_sweep(sweep, out, executor="local", stream=None)
+        report = run_sweep(sweep, out, executor="local", stream=None, max_stack=1)  # the unstacked reference
     finally:
         torch.set_num_threads(threads)
     assert report.ok and report.count("done") == len(sweep.runs)
@@ -75,7 +76,7 @@ def test_local_sweep_writes_one_record_per_run_where_expected(sweep, local_resul
 
 def test_worker_processes_reproduce_the_sequential_sweep(sweep, local_results, tmp_path):
     half = seed0(sweep)
-    report = run_sweep(half, tmp_path, executor="local", workers=2, stream=None)
+    report = run_sweep(half, tmp_path, executor="local", workers=2, stream=None, max_stack=1)
     assert report.ok and report.count("done") == len(half.runs) == 5
     expected = {k: v for k, v in comparable(local_results).items() if k.endswith("/seed0")}
     assert comparable(tmp_path) == expected
@@ -88,7 +89,7 @@ def test_ray_sweep_matches_local(sweep, local_results, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'); CI installs it")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # offline sandbox: no usage reporting attempts
     assert not ray.is_initialized()
-    report = run_sweep(sweep, tmp_path, executor="ray", workers=2, stream=None)
+    report = run_sweep(sweep, tmp_path, executor="ray", workers=2, stream=None, max_stack=1)
     assert not ray.is_initialized()  # the instance started for the sweep was shut down
     assert report.ok and report.count("done") == len(sweep.runs)
     # Records were returned to the driver and written under its results folder, exactly as locally.

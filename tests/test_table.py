@@ -55,7 +55,11 @@ def test_selection_seeds_bold_and_na(tmp_path):
     lines = {ln.split("|")[1].strip() + "/" + ln.split("|")[2].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
     maf = lines["MAF (5)/ours"]
     assert "**0.25 ± 0.01**" in maf  # mean of 0.20 and 0.30; ± stays the per-run 2 SE, spread goes to a note
-    assert "mean of 2 seeds (0, 1)" in text and "std 0.071" in text
+    # the seed spread in the cell: std of the per-seed test LLs 0.20 and 0.30 (0.0707) and the seed count
+    assert "0.25 ± 0.01** (sd 0.07, n=2)" in maf
+    assert "mean of 2 seeds (0, 1): the value is the mean of the per-seed test LLs, ± the mean per-run 2 SE" in text
+    assert "(sd, n) is the seed spread" in text and "(0.071)" in text and "range 0.20 to 0.30" in text
+    assert "(sd" not in lines["Gaussian/ours"]  # one seed: no spread
     rel = lines["Relgrad dense flow/ours"]
     assert "0.01 ± 0.01 [" in rel and "0.90" not in rel  # best validation wins, not best test
     assert "best of 2 configurations by mean validation LL: tag lr=1e-3" in text

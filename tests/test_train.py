@@ -156,9 +156,14 @@ class Kill(Exception):
     pass
 
 
+def numbers(history):
+    """A history without each epoch's wall time (the one entry that differs between two identical runs)."""
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     data = gaussian_data(400, 100, 200)
-    o = dict(model="maf", layers=2, hidden=8, max_epochs=5, patience=50, seed=3, lr=3e-3)
+    o = dict(model="maf", layers=2, hidden=8, max_epochs=5, patience=50, seed=3, lr=3e-3, checkpoint_every_s=0)
     full = run_experiment(opts(tmp_path / "a", **o), data, progress=False)
 
     def kill(info):
@@ -172,13 +177,60 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     with pytest.raises(ConfigError, match="different options.*lr"):
         run_experiment(opts(tmp_path / "b", **dict(o, lr=1e-3), resume=True), data, progress=False)
     resumed = run_experiment(opts(tmp_path / "b", **o, resume=True, keep_checkpoint=True), data, progress=False)
-    assert resumed.history == full.history  # every epoch's numbers, bit for bit
+    assert numbers(resumed.history) == numbers(full.history)  # every epoch's numbers, bit for bit
+    assert all(h["seconds"] > 0 for h in full.history)
     assert resumed.test_ll == full.test_ll and resumed.best_epoch == full.best_epoch
     assert resumed.epochs == 5 and any("resumed" in n for n in resumed.notes)
     # A finished run can be continued to a later epoch cap (the record is then replaced: --force).
     longer = run_experiment(opts(tmp_path / "b", **dict(o, max_epochs=6), resume=True, force=True), data, progress=False)
     again = run_experiment(opts(tmp_path / "c", **dict(o, max_epochs=6)), data, progress=False)
-    assert longer.history == again.history and longer.test_ll == again.test_ll
+    assert numbers(longer.history) == numbers(again.history) and longer.test_ll == again.test_ll
+
+
+def test_checkpoints_on_a_time_cadence_still_resume_exactly(tmp_path, monkeypatch):
+    """Every epoch takes 10 s of a fake clock (it ticks after the epoch's checkpoint decision); with
+    checkpoint_every_s = 15 checkpoints follow epochs 3, 5 and 7 (the end); a kill after epoch 4 resumes from
+    epoch 3 and ends exactly as the uninterrupted run."""
+    import types
+
+    from flowbench.training import trainer as trainer_mod
+    from flowbench.utils import atomic_torch_save
+
+    clock = [0.0]
+    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    saved: list[int] = []
+
+    def save(path, state):
+        saved.append(state["epoch"])
+        atomic_torch_save(path, state)
+
+    monkeypatch.setattr(trainer_mod, "atomic_torch_save", save)
+
+    def tick(info):
+        clock[0] += 10.0
+
+    data = gaussian_data(400, 100, 200)
+    o = dict(model="maf", layers=2, hidden=8, max_epochs=7, patience=50, seed=3, lr=3e-3, checkpoint_every_s=15)
+    full = run_experiment(opts(tmp_path / "a", **o), data, progress=False, callbacks=[tick])
+    assert saved == [3, 5, 7]  # due 20 s after the start or the last checkpoint
+    assert [h["seconds"] for h in full.history] == [0.0] * 7  # the fake clock stands still within an epoch
+
+    def kill(info):
+        if info.epoch == 4:
+            raise Kill
+
+    saved.clear()
+    with pytest.raises(Kill):
+        run_experiment(opts(tmp_path / "b", **o), data, progress=False, callbacks=[tick, kill])
+    assert saved == [3]
+    resumed = run_experiment(opts(tmp_path / "b", **o, resume=True), data, progress=False, callbacks=[tick])
+    assert any("resumed from the checkpoint after epoch 3" in n for n in resumed.notes)
+    assert numbers(resumed.history) == numbers(full.history) and resumed.test_ll == full.test_ll
+    # every epoch (0) and never before the end (a huge cadence) give the same run
+    every = run_experiment(opts(tmp_path / "c", **dict(o, checkpoint_every_s=0)), data, progress=False)
+    saved.clear()
+    once = run_experiment(opts(tmp_path / "d", **dict(o, checkpoint_every_s=1e9)), data, progress=False)
+    assert saved == [7] and numbers(every.history) == numbers(once.history) == numbers(full.history)
 
 
 def test_record_refuses_overwrite(tmp_path, tiny_models):

@@ -233,3 +233,21 @@ def bench_train(dataset: str, model: str, out: str | Path = "results", steps: in
     path = folder / f"train-{dataset}-{model}{suffix}.json"
     atomic_write_json(path, res)
     return {**res, "files": [str(path)]}
+
+
+def run_settings(dataset: str, model: str, batch_size: int | None = None, lr: float | None = None,
+                 hparams: dict | None = None) -> tuple[int, float, dict, str]:
+    """Batch size, learning rate and hyperparameters a ``flowbench run`` of ``model`` on ``dataset`` trains
+    with (defaults < ``configs/<dataset>/<model>.toml``), with the given values overriding; plus a line saying
+    where they came from. So ``bench train`` times the step that run actually takes (relgrad on MNIST: batch 10).
+    """
+    from flowbench.config import resolve_options
+
+    explicit = {**(hparams or {}), **({"batch_size": batch_size} if batch_size is not None else {}),
+                **({"lr": lr} if lr is not None else {})}
+    opts = resolve_options({"dataset": dataset, "model": model, **explicit})
+    source = opts.config or "the defaults (no run config for this dataset and model)"
+    given = ", ".join(sorted(explicit)) or "none"
+    line = (f"settings of `flowbench run --dataset {dataset} --model {model}` from {source}; given here: {given} "
+            f"-> batch {opts.batch_size}, lr {opts.lr:g}")
+    return opts.batch_size, opts.lr, dict(opts.hparams), line

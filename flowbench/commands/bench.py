@@ -70,10 +70,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--dataset", required=True)
     t.add_argument("--model", required=True)
     t.add_argument("--steps", type=int, default=200, help="timed training steps (default 200)")
-    t.add_argument("--batch-size", type=int, default=100)
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--batch-size", type=int, default=None,
+                   help="default: the run config's (configs/<dataset>/<model>.toml, else flowbench run's default)")
+    t.add_argument("--lr", type=float, default=None, help="default: the run config's, as --batch-size")
     t.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
-                   help="model hyperparameter, repeatable (e.g. --hparam hidden=100 --hparam hidden_layers=2)")
+                   help="model hyperparameter over the run config's, repeatable (e.g. --hparam hidden=100 "
+                   "--hparam hidden_layers=2)")
     t.add_argument("--compare-zuko", action="store_true", help="also time zuko's MAF with matched parameter count")
     t.add_argument("--adam", choices=("default", "foreach", "fused"), default="fused",
                    help="torch Adam implementation for every contender (default: fused, as the trainer uses)")
@@ -123,18 +125,25 @@ def main(args: argparse.Namespace) -> int:
                           bias=not args.no_bias, bias_logdet=args.bias_logdet, **common)
     elif args.stack is not None:
         from flowbench.bench.stacked import run_stack_bench
+        from flowbench.bench.train import run_settings
         from flowbench.utils import set_threads
 
         if args.threads:
             set_threads(args.threads)
-        run_stack_bench(args.dataset, args.model, args.stack, steps=args.steps, batch_size=args.batch_size,
-                        lr=args.lr, hparams=_hparams(args.hparam), data_root=args.data_root)
+        batch_size, lr, hparams, line = run_settings(args.dataset, args.model, args.batch_size, args.lr,
+                                                     _hparams(args.hparam))
+        print(line)
+        run_stack_bench(args.dataset, args.model, args.stack, steps=args.steps, batch_size=batch_size,
+                        lr=lr, hparams=hparams, data_root=args.data_root)
         return 0
     else:  # argparse allows only the three benchmarks
-        from flowbench.bench.train import bench_train
+        from flowbench.bench.train import bench_train, run_settings
 
-        res = bench_train(args.dataset, args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                          hparams=_hparams(args.hparam), compare_zuko=args.compare_zuko, adam=args.adam,
+        batch_size, lr, hparams, line = run_settings(args.dataset, args.model, args.batch_size, args.lr,
+                                                     _hparams(args.hparam))
+        print(line)
+        res = bench_train(args.dataset, args.model, steps=args.steps, batch_size=batch_size, lr=lr,
+                          hparams=hparams, compare_zuko=args.compare_zuko, adam=args.adam,
                           compile=args.compile, compile_zuko=args.compile_zuko, data_root=args.data_root, **common)
     print(f"wrote {', '.join(res['files'])}")
     return 0

@@ -33,6 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retries", type=int, default=2, metavar="N",
                         help="retries of a run that crashed before it is reported as failed (default 2); a flowbench "
                         "error in a run (a record or lock in the way, bad data) fails it at once")
+    parser.add_argument("--max-stack", type=int, default=None, metavar="R",
+                        help="train at most R runs of one shape (differing in seed, lr, weight decay, patience or "
+                        "max-epochs) together as one stack, one record each; 1: no stacking (default: as many "
+                        "as fit in 1/workers of a quarter of the free memory, at most 32)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the runs and which are already recorded (skipped), then stop")
 
@@ -82,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
         cpus_per_run=args.cpus_per_run,
         gpus_per_run=args.gpus_per_run,
         stream=sys.stderr,
+        max_stack=args.max_stack,
     )
     print(summary(report, sweep, args.out))
     if report.interrupted:

@@ -2,7 +2,10 @@
 
 An executor has ``capacity`` (runs at once), ``submit(run, options, out) -> token``,
 ``wait(tokens, timeout) -> [(token, outcome)]`` and ``shutdown(cancel)``; optionally ``finish`` (write a
-record the worker returned) and ``save_log``. Outcomes are :func:`flowbench.sweep.worker.execute_run` dicts.
+record the worker returned), ``save_log`` and ``submit_stack(runs, options, out) -> token`` (several runs of
+one shape as one stack; the sweep stacks runs only on executors that have it). Outcomes are
+:func:`flowbench.sweep.worker.execute_run` dicts, or :func:`~flowbench.sweep.worker.execute_stack` dicts for
+stacks.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any, Callable
 from flowbench.errors import ConfigError
 from flowbench.config import RunOptions
 from flowbench.sweep.spec import SweepRun
-from flowbench.sweep.worker import RunFn, execute_run, init_worker
+from flowbench.sweep.worker import RunFn, execute_run, execute_stack, init_worker
 
 __all__ = ["SequentialExecutor", "ProcessExecutor", "make_backend"]
 
@@ -34,6 +37,11 @@ class SequentialExecutor:
     def submit(self, run: SweepRun, options: RunOptions, out: str | Path) -> int:
         token, self._next = self._next, self._next + 1
         self._results[token] = execute_run(options, self.run_fn, log_path=None, progress=True)
+        return token
+
+    def submit_stack(self, runs: list[SweepRun], options: list[RunOptions], out: str | Path) -> int:
+        token, self._next = self._next, self._next + 1
+        self._results[token] = execute_stack(options, None, progress=True)
         return token
 
     def wait(self, tokens: list, timeout: float) -> list[tuple[Any, dict]]:
@@ -65,6 +73,14 @@ class ProcessExecutor:
         except BrokenProcessPool:
             self._pool = self._new_pool()  # a worker died earlier; later runs get a fresh pool
             return self._pool.submit(execute_run, options, self.run_fn, log, False)
+
+    def submit_stack(self, runs: list[SweepRun], options: list[RunOptions], out: str | Path) -> Future:
+        logs = [str(r.log_path(out)) for r in runs]
+        try:
+            return self._pool.submit(execute_stack, options, logs, False)
+        except BrokenProcessPool:
+            self._pool = self._new_pool()
+            return self._pool.submit(execute_stack, options, logs, False)
 
     def wait(self, tokens: list, timeout: float) -> list[tuple[Any, dict]]:
         done, _ = wait(tokens, timeout=timeout, return_when=FIRST_COMPLETED)

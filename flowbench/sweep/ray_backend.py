@@ -46,7 +46,7 @@ class RayExecutor:
         announce: Callable[[str], None] | None = None,
     ):
         ray = self.ray = import_ray()
-        from flowbench.sweep.worker import ray_execute
+        from flowbench.sweep.worker import ray_execute, ray_execute_stack
 
         self.run_fn, self.cpus, self.gpus = run_fn, cpus_per_run, gpus_per_run
         self._started = False
@@ -84,6 +84,9 @@ class RayExecutor:
         # --workers N overrides this (e.g. for an autoscaling cluster that will grow beyond its current size).
         self.capacity = max_concurrent or max(1, fits)
         self._task = ray.remote(ray_execute).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+        # A stack is one task with one run's resources: that is the point of stacking.
+        self._stack_task = ray.remote(ray_execute_stack).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run,
+                                                                 max_retries=0)
         if announce is not None:
             where = address or "a local Ray instance"
             announce(f"ray: {where}, {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
@@ -91,6 +94,11 @@ class RayExecutor:
 
     def submit(self, run: SweepRun, options: RunOptions, out: str) -> Any:
         ref = self._task.remote(options, self.run_fn, self.cpus)
+        self._inflight.add(ref)
+        return ref
+
+    def submit_stack(self, runs: list[SweepRun], options: list[RunOptions], out: str) -> Any:
+        ref = self._stack_task.remote(list(options), self.cpus)
         self._inflight.add(ref)
         return ref
 

@@ -8,6 +8,14 @@ queued again, at most ``retries`` more times (a :class:`~flowbench.errors.Flowbe
 would fail the same way again, so the run fails at once), then reported as failed while the rest of the sweep goes on.
 Re-running the same sweep is the resume mechanism: recorded runs are skipped, and a local run that left a
 checkpoint continues from it.
+
+Stacking (issue 11): pending runs of one shape (equal :func:`~flowbench.training.stacked.stack_key`: they may
+differ in seed, lr, weight decay, patience and epoch cap) are submitted together as one unit that trains them
+as one batched computation (:func:`~flowbench.training.stacked.run_stacked`), on every executor that has
+``submit_stack``. Each run still gets its own record in the single-run format (plus its ``stack`` field), and
+its own state here: retries, failures and the report are per run. Stacks are at most ``max_stack`` runs; by
+default :func:`~flowbench.training.stacked.stack_cap` within 1/capacity of a quarter of the memory available,
+and a group is split so that free executor slots are not left idle.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime as dt
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -192,13 +201,18 @@ def run_sweep(
     cpus_per_run: int = 1,
     gpus_per_run: float = 0,
     backend: Any = None,
+    max_stack: int | None = None,
 ) -> SweepReport:
     """Run every run of ``sweep`` whose record is missing; returns what happened to each.
 
     ``run_fn`` trains one run from its options dict and returns the record (default: the trainer's
     ``run_experiment``); tests inject a fake. ``backend`` replaces the executor object (tests).
+    ``max_stack``: most runs per stack (1: no stacking; None: from memory). Runs are stacked only with the
+    default ``run_fn`` (a custom one trains one run at a time).
     """
     check_resources(workers, retries, cpus_per_run, gpus_per_run)
+    if max_stack is not None and max_stack < 1:
+        raise ConfigError("--max-stack must be >= 1 (1: no stacking)")
     out = str(out)
     t0 = time.monotonic()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
@@ -209,6 +223,8 @@ def run_sweep(
     if sched.todo and backend is None:
         backend = make_backend(executor, run_fn, workers, address, cpus_per_run, gpus_per_run, sched.progress.event)
     sched.backend = backend
+    sched.stacking = run_fn == DEFAULT_RUN_FN and hasattr(backend, "submit_stack") and max_stack != 1
+    sched.max_stack = max_stack
     try:
         sched.run()
     except BaseException as e:
@@ -236,22 +252,34 @@ class _Scheduler:
         self.out, self.executor, self.retries, self.progress = out, executor, retries, progress
         self.todo = collections.deque(s for s in states if s.status == "pending")
         self.inflight: dict[Any, RunState] = {}
+        self.stacks: dict[Any, list[RunState]] = {}  # token -> the runs of a stack in flight
         self.report = SweepReport(states, 0.0)
         self.backend: Any = None
         self.locks: dict[int, contextlib.ExitStack] = {}  # id(state) -> the run's lock, held by the driver
+        self.stacking, self.max_stack = False, None
+        self._keys: dict[int, tuple | None] = {}
+        self._caps: dict[tuple, int] = {}
 
     def counts(self) -> tuple[int, int, int, int]:
-        return self.report.count("done"), len(self.inflight), self.report.count("failed"), len(self.todo)
+        running = len(self.inflight) + sum(len(g) for g in self.stacks.values())
+        return self.report.count("done"), running, self.report.count("failed"), len(self.todo)
 
     def run(self) -> None:
         if getattr(self.backend, "announce_start", False):
             self.progress.live = False  # the trainer's own output would overwrite a live line: print lines
         self.progress.update(*self.counts())
-        while self.todo or self.inflight:
-            while self.todo and len(self.inflight) < self.backend.capacity:
-                self.submit(self.todo.popleft())
-            for token, outcome in self.backend.wait(list(self.inflight), TICK_S):
-                self.finished(self.inflight.pop(token), outcome)
+        while self.todo or self.inflight or self.stacks:
+            while self.todo and len(self.inflight) + len(self.stacks) < self.backend.capacity:
+                group = self.take()
+                if len(group) == 1:
+                    self.submit(group[0])
+                else:
+                    self.submit_stack(group)
+            for token, outcome in self.backend.wait([*self.inflight, *self.stacks], TICK_S):
+                if token in self.stacks:
+                    self.finished_stack(self.stacks.pop(token), outcome)
+                else:
+                    self.finished(self.inflight.pop(token), outcome)
             self.progress.update(*self.counts())
 
     def _lock(self, state: RunState) -> bool:
@@ -285,9 +313,75 @@ class _Scheduler:
             stack.close()
         self.locks.clear()
 
-    def submit(self, state: RunState) -> None:
-        if not self._lock(state):
+    # -- stacking -----------------------------------------------------------------------------------
+    def _key(self, state: RunState) -> tuple | None:
+        """The run's stack key, or None when it trains alone."""
+        if id(state) not in self._keys:
+            from flowbench.training.stacked import stack_key, unstackable
+
+            opts = state.options or state.run.options(self.out)
+            self._keys[id(state)] = None if unstackable(opts) else stack_key(opts)
+        return self._keys[id(state)]
+
+    def _cap(self, state: RunState, key: tuple) -> int:
+        if self.max_stack is not None:
+            return self.max_stack
+        if key not in self._caps:
+            from flowbench.training.stacked import MEMORY_SHARE, available_memory, stack_cap
+
+            opts = state.options or state.run.options(self.out)
+            device = opts.device if opts.device != "auto" else "cuda"
+            budget = int(MEMORY_SHARE * available_memory(device) / max(1, self.backend.capacity))
+            try:
+                self._caps[key] = stack_cap(opts, budget)
+            except Exception:  # noqa: BLE001 - a model that cannot be built fails as its own run, alone
+                self._caps[key] = 1
+        return self._caps[key]
+
+    def take(self) -> list[RunState]:
+        """The next unit to submit: the first pending run, with the pending runs that share its stack key
+        (up to the cap; fewer when that leaves free slots that the other pending groups cannot fill)."""
+        first = self.todo.popleft()
+        key = self._key(first) if self.stacking else None
+        if key is None:
+            return [first]
+        same = [s for s in self.todo if self._key(s) == key]
+        cap = self._cap(first, key)
+        if not same or cap <= 1:
+            return [first]
+        free = self.backend.capacity - len(self.inflight) - len(self.stacks)
+        others = len({self._key(s) if self._key(s) is not None else id(s) for s in self.todo} - {key})
+        spare, n = free - others, 1 + len(same)
+        size = min(cap, n if spare <= 1 else math.ceil(n / spare))
+        group = [first, *same[: size - 1]]
+        for s in group[1:]:
+            self.todo.remove(s)
+        return group
+
+    def submit_stack(self, group: list[RunState]) -> None:
+        group = [s for s in group if self._lock(s)]
+        if not group:
             return
+        options = [self._attempt(s) for s in group]
+        done, running, failed, left = self.counts()
+        self.progress.update(done, running + len(group), failed, left)
+        if getattr(self.backend, "announce_start", False):
+            self.progress.event(f"start  a stack of {len(group)}: " + ", ".join(
+                s.run.label + (" (resuming)" if s.resumed else "") for s in group))
+        self.stacks[self.backend.submit_stack([s.run for s in group], options, self.out)] = group
+
+    def finished_stack(self, group: list[RunState], outcome: dict[str, Any]) -> None:
+        """Each run of the stack as if it had finished alone (a stack's failure is each run's failure)."""
+        records = outcome.get("records") if outcome["ok"] else None
+        for i, state in enumerate(group):
+            one = {k: v for k, v in outcome.items() if k != "records"}
+            if records is not None:
+                one["record"] = records[i]
+            self.finished(state, one)
+
+    # -- single runs --------------------------------------------------------------------------------
+    def _attempt(self, state: RunState) -> RunOptions:
+        """Count an attempt and return the options it runs with."""
         state.attempts += 1
         options = state.options or state.run.options(self.out)
         # An earlier attempt or sweep was cut short and left a checkpoint: continue it (local only; Ray runs
@@ -298,6 +392,12 @@ class _Scheduler:
             # Continuing from it failed: this attempt starts afresh, which `run` refuses over a checkpoint.
             ckpt.unlink(missing_ok=True)
         options = options.replace(resume=state.resumed)
+        return options
+
+    def submit(self, state: RunState) -> None:
+        if not self._lock(state):
+            return
+        options = self._attempt(state)
         done, running, failed, left = self.counts()
         self.progress.update(done, running + 1, failed, left)  # before submit: sequential runs inside it
         if getattr(self.backend, "announce_start", False):

@@ -23,11 +23,14 @@ if TYPE_CHECKING:  # workers import this module first; keep it light
     from flowbench.config import RunOptions
     from flowbench.results import RunRecord
 
-__all__ = ["RunFn", "DEFAULT_RUN_FN", "resolve_run_fn", "execute_run", "init_worker", "ray_execute"]
+__all__ = ["RunFn", "DEFAULT_RUN_FN", "STACK_FN", "resolve_run_fn", "execute_run", "execute_stack", "init_worker",
+           "ray_execute", "ray_execute_stack"]
 
 RunFn = Callable[..., "RunRecord"]
 #: ``module:function`` of the function that trains one run (the trainer's entry point).
 DEFAULT_RUN_FN = "flowbench.training:run_experiment"
+#: ``module:function`` that trains several runs of one shape as one stack (used with the default run_fn).
+STACK_FN = "flowbench.training.stacked:run_stacked"
 #: How much of a Ray task's captured output is sent back to the driver for its log file.
 LOG_TAIL_CHARS = 20_000
 
@@ -120,6 +123,62 @@ def ray_execute(options: RunOptions, run_fn: str, threads: int) -> dict[str, Any
                 with contextlib.suppress(OSError):
                     path = model_state_path(opts.out, rec.dataset, rec.model, rec.seed, rec.tag)
                     outcome["model_state_bytes"] = path.read_bytes()
+        outcome["node"] = os.uname().nodename
+        return outcome
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def execute_stack(
+    options: list[RunOptions],
+    log_paths: list[str] | None = None,
+    progress: bool = True,
+    stack_fn: str | Callable = STACK_FN,
+) -> dict[str, Any]:
+    """Train runs of one shape as one stack (:func:`flowbench.training.stacked.run_stacked`); returns
+    ``{"ok": True, "records": [one per run, in order]}`` or the failure dict of :func:`execute_run`.
+
+    The stack's output goes to the first log path and is copied to the others (every run keeps its log).
+    """
+    t0 = time.perf_counter()
+    first = log_paths[0] if log_paths else None
+    with contextlib.ExitStack() as stack:
+        if first is not None:
+            Path(first).parent.mkdir(parents=True, exist_ok=True)
+            log = stack.enter_context(open(first, "w", buffering=1))
+            stack.enter_context(contextlib.redirect_stdout(log))
+            stack.enter_context(contextlib.redirect_stderr(log))
+            print(f"# a stack of {len(options)} runs (seeds {[o.seed for o in options]}): one log for all")
+        try:
+            records = resolve_run_fn(stack_fn)(list(options), progress=progress)
+            outcome = {"ok": True, "records": records}
+        except Exception as e:  # noqa: BLE001 - the stack's failure is each of its runs' failure
+            tb = traceback.format_exc()
+            if first is not None:
+                print(tb, file=sys.stderr)
+            outcome = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": tb}
+    for other in (log_paths or [])[1:]:
+        Path(other).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(first, other)
+    outcome["seconds"] = time.perf_counter() - t0
+    return outcome
+
+
+def ray_execute_stack(options: list[RunOptions], threads: int) -> dict[str, Any]:
+    """:func:`ray_execute` for a stack: train into a scratch folder, return every record to the driver."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    scratch = tempfile.mkdtemp(prefix="flowbench-sweep-")
+    try:
+        opts = [o.replace(out=scratch, resume=False) for o in options]
+        log = os.path.join(scratch, "run.log")
+        outcome = execute_stack(opts, [log], progress=False)
+        with contextlib.suppress(OSError):
+            outcome["log"] = Path(log).read_text(errors="replace")[-LOG_TAIL_CHARS:]
+        if outcome["ok"]:
+            for o, record in zip(options, outcome["records"]):
+                record.config["out"] = o.out
         outcome["node"] = os.uname().nodename
         return outcome
     finally:

@@ -198,6 +198,7 @@ def _train(flow: torch.nn.Module, x: _Tensors, opts: RunOptions, ckpt_path: Path
         patience=opts.patience, max_epochs=opts.max_epochs, seed=opts.seed, eval_batch_size=opts.eval_batch_size,
         checkpoint_path=ckpt_path, fingerprint=opts.to_dict(), callbacks=callbacks, progress=progress,
         compile=opts.compile, adam_epoch_step=opts.adam_epoch_step,
+        checkpoint_every_s=float(opts.checkpoint_every_s),
     )
     prior = 0.0
     if opts.resume:
@@ -375,8 +376,8 @@ def run_and_report(opts: RunOptions) -> int:
     try:
         record = run_experiment(opts, progress=not opts.quiet)
     except KeyboardInterrupt:
-        print("training interrupted; the last completed epoch is checkpointed: "
-              "run the same command with --resume to continue", file=sys.stderr)
+        print(f"training interrupted; the last checkpoint (written at most every {opts.checkpoint_every_s:g} s "
+              "and at the end of an epoch) is kept: run the same command with --resume to continue", file=sys.stderr)
         raise
     print(summary_line(record, _paths(opts.replace(dataset=record.dataset))[0]))
     return 0 if record.status == "ok" else 1

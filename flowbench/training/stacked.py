@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -34,7 +33,7 @@ from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.models.stacking import stacked_train_log_prob
 from flowbench.training.early_stopping import EarlyStopping
-from flowbench.training.evaluate import log_prob_batches
+from flowbench.training.evaluate import finite_mean, log_prob_batches
 from flowbench.training.trainer import SYNC_EVERY, EpochInfo, TrainResult, _rng_state, _set_rng_state, make_adam
 from flowbench.utils import atomic_torch_save
 
@@ -113,6 +112,7 @@ class _Run:
         self.result = TrainResult()
         self.epoch = 0
         self.finished = False
+        self.saved_epoch = -1  # the epoch of its last checkpoint
         self.path = Path(spec.checkpoint_path) if spec.checkpoint_path is not None else None
         self.fingerprint = spec.fingerprint or {}
 
@@ -122,7 +122,7 @@ class StackedTrainer:
 
     def __init__(self, runs: Sequence[RunSpec], train_x: Tensor, val_x: Tensor, *, batch_size: int = 100,
                  eval_batch_size: int = 2000, callbacks: list[Callable[[StackedEpochInfo], None]] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, checkpoint_every_s: float = 0.0):
         if not runs:
             raise ConfigError("a stack needs at least one run")
         self.runs = [_Run(s) for s in runs]
@@ -141,6 +141,7 @@ class StackedTrainer:
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.callbacks = list(callbacks or [])
         self.progress = progress
+        self.checkpoint_every_s = checkpoint_every_s  # as the single-run Trainer's: 0 = every epoch
         dev, dt = train_x.device, next(self.template.parameters()).dtype
         self.theta = torch.stack([self._flat(r.flow) for r in self.runs])  # (R, P)
         self.exp_avg = torch.zeros_like(self.theta)
@@ -192,6 +193,7 @@ class StackedTrainer:
     def save_checkpoint(self, i: int) -> None:
         if self.runs[i].path is not None:
             atomic_torch_save(self.runs[i].path, self._state_dict(i))
+        self.runs[i].saved_epoch = self.runs[i].epoch
 
     def load_checkpoint(self, i: int) -> None:
         """Restore run i from its checkpoint (written by a stack or by a single run)."""
@@ -221,7 +223,7 @@ class StackedTrainer:
         run.result.stop_reason, run.result.history = r["stop_reason"], list(r["history"])
         run.result.train_time_s = float(r["train_time_s"])
         run.epoch, run.finished = int(state["epoch"]), bool(state["finished"])
-        run.result.resumed_from_epoch = run.epoch
+        run.result.resumed_from_epoch = run.saved_epoch = run.epoch
 
     # -- the loop --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -295,15 +297,16 @@ class StackedTrainer:
         means = (totals / max(count, 1)).tolist()
         return [math.nan if f else x for x, f in zip(means, failures)], failures
 
-    def _validate(self, i: int) -> float:
+    def _validate(self, i: int) -> tuple[float, int]:
+        """As the single-run trainer: (LL over the finite validation points, count of −inf points)."""
         run = self.runs[i]
         self._sync_module(i)
         run.flow.eval()
         run.flow.prepare_for_eval(self.train_x)
-        return float(np.mean(log_prob_batches(run.flow, self.val_x, self.eval_batch_size)))
+        return finite_mean(log_prob_batches(run.flow, self.val_x, self.eval_batch_size))
 
     def fit(self) -> list[TrainResult]:
-        start = time.perf_counter()
+        start = saved_at = time.perf_counter()
         base = [r.result.train_time_s for r in self.runs]
         while True:
             active = []
@@ -311,20 +314,28 @@ class StackedTrainer:
                 if run.finished:
                     continue
                 if run.spec.max_epochs is not None and run.epoch >= run.spec.max_epochs:
+                    if run.saved_epoch != run.epoch:  # the end: its last epoch goes to disk
+                        self.save_checkpoint(i)
                     run.result.stop_reason = f"reached max_epochs={run.spec.max_epochs}"
                     run.finished = True
                     continue
                 active.append(i)
             if not active:
                 break
+            t_epoch = time.perf_counter()
             losses, failures = self._train_epoch(active)
+            t_train = time.perf_counter() - t_epoch  # shared by the stack
+            due = self.checkpoint_every_s <= 0 or time.perf_counter() - saved_at >= self.checkpoint_every_s
+            if due:
+                saved_at = time.perf_counter()
             infos = []
             for j, i in enumerate(active):
                 run, res = self.runs[i], self.runs[i].result
                 epoch = run.epoch + 1
-                failure, val_ll = failures[j], math.nan
+                failure, val_ll, n_bad = failures[j], math.nan, 0
+                t_val = time.perf_counter()
                 if failure is None:
-                    val_ll = self._validate(i)
+                    val_ll, n_bad = self._validate(i)
                     if not math.isfinite(val_ll):
                         failure = f"non-finite validation log-likelihood ({val_ll}) at epoch {epoch}"
                 run.epoch = epoch
@@ -336,7 +347,8 @@ class StackedTrainer:
                     self.save_checkpoint(i)
                     continue
                 run.stopper.step(val_ll, epoch, run.flow)
-                res.history.append({"epoch": epoch, "train_loss": losses[j], "val_ll": val_ll})
+                res.history.append({"epoch": epoch, "train_loss": losses[j], "val_ll": val_ll,
+                                    "n_nonfinite_val": n_bad, "seconds": t_train + time.perf_counter() - t_val})
                 st = run.stopper
                 infos.append(StackedEpochInfo(epoch, losses[j], val_ll, st.best_value, st.best_epoch,
                                               st.patience_left, run=i, seed=run.spec.seed))
@@ -346,7 +358,8 @@ class StackedTrainer:
                 if st.should_stop:
                     res.stop_reason = f"no improvement for {st.patience} epochs"
                     run.finished = True
-                self.save_checkpoint(i)
+                if due or run.finished:
+                    self.save_checkpoint(i)
             for info in infos:  # after every run's checkpoint: a callback that raises simulates a kill
                 for cb in self.callbacks:
                     cb(info)
@@ -359,6 +372,8 @@ class StackedTrainer:
                 run.flow.prepare_for_eval(self.train_x)
             res.best_epoch = run.stopper.best_epoch
             res.best_val_ll = run.stopper.best_value if run.stopper.best_epoch is not None else math.nan
+            res.n_nonfinite_val = next((int(h.get("n_nonfinite_val", 0)) for h in res.history
+                                        if h["epoch"] == res.best_epoch), 0)
             run.flow.eval()
             out.append(res)
         return out
@@ -370,6 +385,22 @@ class StackedTrainer:
 
 #: Options in which the runs of one stack may differ: they change no tensor shape (per-run Adam, stopper).
 PER_RUN = ("seed", "lr", "weight_decay", "patience", "max_epochs")
+#: Options the stacked trainer does not implement, with the value it behaves as; a run with another value is
+#: not stacked by a sweep and refused by ``run --seeds`` (a trainer option added later belongs here until
+#: :class:`StackedTrainer` implements it).
+UNSTACKABLE = {"adam_epoch_step": False, "compile": False, "tensorboard": None}
+
+
+def unstackable(opts) -> str | None:
+    """Why a run with options ``opts`` cannot train in a stack, or None."""
+    from flowbench.models import get_spec
+
+    if not get_spec(opts.model).trainable:
+        return f"{opts.model} is fitted in closed form"
+    for name, value in UNSTACKABLE.items():
+        if getattr(opts, name, value) != value:
+            return f"the stacked trainer does not implement --{name.replace('_', '-')}"
+    return None
 
 
 def stack_key(opts) -> tuple:
@@ -395,12 +426,31 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
     from flowbench.results import write_record
     from flowbench.utils import resolve_device
 
+    import contextlib
+
     t0 = time.perf_counter()
     runs = [coerce_options(o) for o in options]
     if data is not None:
         runs = [o.replace(dataset=data.name) for o in runs]
     if not runs:
         raise ConfigError("a stack needs at least one run")
+    with contextlib.ExitStack() as held:  # every run's lock, from the first check to its record
+        for o in runs:
+            ex._prepare_out(o, ex._paths(o)[0].parent)
+            held.enter_context(ex._run_lock(o))
+        return _run_stacked(runs, data, callbacks, progress, t0)
+
+
+def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progress: bool, t0: float) -> list:
+    from flowbench.training import experiment as ex
+    from flowbench.training.evaluate import evaluate_test, spectral_norm_summary
+    from flowbench.results import write_record
+    from flowbench.utils import resolve_device
+
+    for o in runs:
+        why = unstackable(o)
+        if why is not None and "closed form" not in why:
+            raise ConfigError(f"--seeds: {why}; run the seeds one by one instead")
     keys = {stack_key(o) for o in runs}
     if len(keys) > 1 or len({o.batch_size for o in runs}) > 1:
         raise ConfigError("runs of one stack may differ only in " + ", ".join(PER_RUN))
@@ -435,7 +485,8 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
         specs = [RunSpec(flow, o.seed, o.lr, o.weight_decay, o.patience, o.max_epochs, ckpt, o.to_dict())
                  for o, (flow, _, _), (_, ckpt) in zip(runs, built, paths)]
         trainer = StackedTrainer(specs, x.train, x.val, batch_size=first.batch_size,
-                                 eval_batch_size=first.eval_batch_size, callbacks=callbacks, progress=progress)
+                                 eval_batch_size=first.eval_batch_size, callbacks=callbacks, progress=progress,
+                                 checkpoint_every_s=float(first.checkpoint_every_s))
         for i, (o, (_, ckpt)) in enumerate(zip(runs, paths)):
             if o.resume:
                 trainer.load_checkpoint(i)
@@ -443,8 +494,6 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
                 notes[i].append(f"resumed from the checkpoint after epoch {trainer.runs[i].result.resumed_from_epoch}")
             elif ckpt.exists():
                 notes[i].append("an older checkpoint was replaced (run with --resume to continue one instead)")
-        if first.compile:
-            notes[0].append("--compile does not apply to stacked runs; trained without it")
         results = trainer.fit()
     records = []
     for i, (o, (flow, hparams, match), res) in enumerate(zip(runs, built, results)):
@@ -459,6 +508,75 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
         wall = prior[i] + time.perf_counter() - t0
         record = ex._make_record(o, flow, hparams, match, res, evaluation, jac, notes[i], device, wall)
         record.stack = stack
+        record.model_state = ex._keep_model_state(o, flow)  # before the record, which names it
         write_record(paths[i][0], record, force=o.force)
+        ex._drop_checkpoint(o, paths[i][1])
         records.append(record)
     return records
+
+
+#: A default stack never exceeds this many runs (beyond it the batched step gains little on a CPU, and one
+#: failure or kill costs that many runs' progress).
+MAX_STACK = 32
+#: Share of the memory available when the sweep starts that all stacks in flight together may use.
+MEMORY_SHARE = 0.25
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes free now on ``device``: CUDA's ``mem_get_info``, else ``MemAvailable`` of /proc/meminfo, else
+    physical memory (sysconf)."""
+    import os
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def run_memory(opts) -> int:
+    """Bytes one more run adds to a stack of runs like ``opts``, measured rather than guessed.
+
+    The model is built (not trained) for the dataset's dimension and one training step's objective is
+    evaluated on a batch of zeros, counting the bytes autograd saves for the backward pass (the activations,
+    which dominate). Per run the stack also holds parameters, gradient, two Adam moments, the stacked-view
+    copy and the best state: 6 × parameter bytes. Data are shared by the stack and not counted.
+    """
+    from flowbench.data import DATASETS
+    from flowbench.training.experiment import build_from_options
+
+    info = DATASETS.get(opts.dataset)
+    if info is None:
+        raise ConfigError(f"unknown dataset {opts.dataset!r}")
+    flow, _, _ = build_from_options(opts, info.dim)
+    params = sum(p.numel() * p.element_size() for p in flow.parameters())
+    saved = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    flow.train()
+    x = torch.zeros(opts.batch_size, info.dim)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        flow.train_log_prob(x).sum()
+    return 6 * params + saved
+
+
+def stack_cap(opts, budget: int | None = None) -> int:
+    """The largest stack of runs like ``opts`` within ``budget`` bytes (default :data:`MEMORY_SHARE` of the
+    memory available on the run's device), at most :data:`MAX_STACK` and at least 1:
+    ``min(MAX_STACK, budget // run_memory(opts))``."""
+    if budget is None:
+        budget = int(MEMORY_SHARE * available_memory(opts.device if opts.device != "auto" else
+                                                     ("cuda" if torch.cuda.is_available() else "cpu")))
+    return max(1, min(MAX_STACK, budget // max(1, run_memory(opts))))

@@ -66,7 +66,9 @@ def tiny(monkeypatch):
 
 
 def opts(tmp_path, **kw):
-    return {"out": str(tmp_path), "model": "tiny", "batch_size": 100, "device": "cpu", "patience": 50, **kw}
+    # checkpoint after every epoch (the default cadence, at most every 30 s, would skip the kill points)
+    return {"out": str(tmp_path), "model": "tiny", "batch_size": 100, "device": "cpu", "patience": 50,
+            "checkpoint_every_s": 0, **kw}
 
 
 def kill_at(epoch):

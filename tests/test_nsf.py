@@ -6,10 +6,14 @@ from __future__ import annotations
 import inspect
 import io
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from flowbench.config import DEFAULTS, MODEL_OPTIONS
+from flowbench.data import DATASETS
 from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.models.lu import LULinear, Permutation
 from flowbench.models.nsf import (
@@ -20,6 +24,12 @@ from flowbench.models.nsf import (
     ResidualNet,
 )
 from flowbench.models.params import count_params
+from flowbench.training.trainer import _check_schedule_options
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 SPECS = [NSF_AR_SPEC, NSF_C_SPEC]
 IDS = [s.name for s in SPECS]
@@ -311,3 +321,44 @@ def test_builders_reject_bad_values():
         NSF_AR_SPEC.build(3, **NSF_AR_SPEC.resolve({**SMALL, "dropout": 0.99}) | {"dropout": 1.0})
     with pytest.raises(ConfigError, match="at least 2 dimensions"):
         NSF_C_SPEC.build(1, **NSF_C_SPEC.resolve(SMALL))
+
+
+# -- the bundled configs ----------------------------------------------------------------------------------
+CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*/nsf-*.toml"))
+#: run options the NSF configs may set besides the model's hyperparameters (today's and the new ones)
+RUN_KEYS = (set(DEFAULTS) - set(MODEL_OPTIONS)) | {"protocol", "max_steps", "lr_schedule", "grad_clip", "eval_every"}
+
+
+def test_every_paper_dataset_and_digits_has_both_configs():
+    have = {(p.parent.name, p.stem) for p in CONFIGS}
+    want = {(d, m) for d in ("power", "gas", "hepmass", "miniboone", "bsds300", "digits") for m in IDS}
+    assert have == want
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_nsf_config_is_valid_for_the_spec_and_the_trainer(path):
+    raw = tomllib.loads(path.read_text())
+    opts = {k.replace("-", "_"): v for k, v in raw.items()}
+    assert (opts["dataset"], opts["model"]) == (path.parent.name, path.stem) and opts["dataset"] in DATASETS
+    spec = {s.name: s for s in SPECS}[opts["model"]]
+    unknown = set(opts) - set(spec.hparams) - RUN_KEYS
+    assert not unknown, f"{path}: unknown keys {unknown}"
+    hp = spec.resolve({k: v for k, v in opts.items() if k in spec.hparams})  # types and bounds
+    assert set(hp) == set(spec.hparams) and set(spec.hparams) <= set(opts)  # every hyperparameter stated
+    _check_schedule_options(opts["max_steps"], opts["lr_schedule"], opts["grad_clip"], opts["eval_every"])
+    assert opts["protocol"] == "nsf" and opts["lr_schedule"] == "cosine" and opts["weight_decay"] == 0.0
+    # the NSF code never stops early: patience covers every evaluation of the budget
+    assert opts["patience"] * opts["eval_every"] >= opts["max_steps"]
+    assert "UNVERIFIED" in path.read_text() or opts["dataset"] == "digits"
+
+
+def test_zuko_twin_for_the_throughput_benchmark_matches_the_count():
+    pytest.importorskip("zuko")
+    from flowbench.bench.train import ZUKO_TWINS
+
+    hp = NSF_AR_SPEC.resolve({"hidden": 32, "layers": 3, "blocks": 1, "bins": 6})
+    target = NSF_AR_SPEC.count(10, hp)
+    flow, width, count = ZUKO_TWINS["nsf-ar"](10, hp, target)
+    assert count == sum(p.numel() for p in flow.parameters()) and abs(count - target) / target < 0.02
+    assert len(flow.transform.transforms) == 3 and width > 0
+    assert flow().log_prob(torch.randn(4, 10)).shape == (4,)

@@ -3,7 +3,7 @@
 The step timed is the trainer's: Adam, ``-train_log_prob(x).mean()``, ``backward()``, ``adjust_gradients()``,
 ``step()``, on random minibatches. When the dataset is not prepared, standard-normal data of the right shape
 (D and N train from :data:`flowbench.data.DATASETS`) stands in, and the result says so. Optionally the same
-measurement for zuko's ``MAF`` with (as nearly as possible) the same parameter count, interleaved with ours
+measurement for zuko's ``MAF`` (or ``NSF`` for nsf-ar) with (as nearly as possible) the same parameter count, interleaved with ours
 in one run (zuko is a dev/benchmark extra: ``pip install -e ".[bench]"``).
 """
 
@@ -71,15 +71,16 @@ def _loss_fns(ours, zflow=None, compile_ours: bool = False, compile_zuko: bool =
     )
 
 
-def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
-    """zuko MAF with ``layers`` transforms whose hidden width makes its parameter count closest to target."""
+def _zuko():
     try:
         import zuko
     except ImportError as e:  # a benchmark-only dependency, never imported at runtime
         raise ConfigError("the zuko comparison needs zuko: pip install -e '.[bench]' in the checkout (or pip install zuko)") from e
+    return zuko
 
-    def build(h: int):
-        return zuko.flows.MAF(features=dim, transforms=layers, hidden_features=[h] * hidden_layers)
+
+def _zuko_matched(build: Callable[[int], torch.nn.Module], target_params: int):
+    """``(build(h), h, count)`` for the hidden width h whose parameter count is closest to the target."""
 
     def count(h: int) -> int:
         return sum(p.numel() for p in build(h).parameters())
@@ -92,6 +93,32 @@ def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
         lo, hi = (mid, hi) if count(mid) < target_params else (lo, mid)
     h = min((lo, hi), key=lambda v: abs(count(v) - target_params))
     return build(h), h, count(h)
+
+
+def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
+    """zuko MAF with ``layers`` transforms whose hidden width makes its parameter count closest to target."""
+    zuko = _zuko()
+    return _zuko_matched(lambda h: zuko.flows.MAF(features=dim, transforms=layers, hidden_features=[h] * hidden_layers),
+                         target_params)
+
+
+def zuko_nsf(dim: int, layers: int, bins: int, blocks: int, target_params: int):
+    """zuko NSF (autoregressive rational-quadratic splines) with ``layers`` transforms and ``bins`` bins, its
+    MADE as deep as our ResMADE (1 + 2·blocks hidden linear layers), the width matched to the target count.
+
+    zuko's version has no LU layers and no residual connections; the parameter count is what is matched.
+    """
+    zuko = _zuko()
+    return _zuko_matched(
+        lambda h: zuko.flows.NSF(features=dim, bins=bins, transforms=layers, hidden_features=[h] * (1 + 2 * blocks)),
+        target_params)
+
+
+#: ``model -> (dim, resolved hparams, target count) -> (zuko flow, width, count)`` for ``--compare-zuko``.
+ZUKO_TWINS: dict[str, Callable] = {
+    "maf": lambda dim, hp, n: zuko_maf(dim, hp["layers"], hp["hidden_layers"], n),
+    "nsf-ar": lambda dim, hp, n: zuko_nsf(dim, hp["layers"], hp["bins"], hp["blocks"], n),
+}
 
 
 def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100, lr: float = 1e-4,
@@ -130,12 +157,12 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
                     "compile": {"flowbench": compile, "zuko": compile_zuko if compare_zuko else None},
                     "params": {"flowbench": sum(p.numel() for p in ours.parameters())}}
     if compare_zuko:
-        if model != "maf":
-            raise ConfigError("--compare-zuko is implemented for --model maf only")
+        if model not in ZUKO_TWINS:
+            raise ConfigError(f"--compare-zuko is implemented for --model {' and '.join(reversed(ZUKO_TWINS))} only")
         from flowbench.models import resolve_hparams
 
         hp = resolve_hparams(model, **hparams)
-        zflow, zh, zcount = zuko_maf(dim, hp["layers"], hp["hidden_layers"], result["params"]["flowbench"])
+        zflow, zh, zcount = ZUKO_TWINS[model](dim, hp, result["params"]["flowbench"])
         zflow = zflow.to(device)
         _, zuko_loss = _loss_fns(ours, zflow, compile_zuko=compile_zuko)
         contenders["zuko"] = (zflow, _adam(zflow.parameters(), lr, adam), zuko_loss, _zuko_step)

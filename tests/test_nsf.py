@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowbench.config import DEFAULTS, MODEL_OPTIONS
 from flowbench.data import DATASETS
 from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.models.lu import LULinear, Permutation
@@ -325,8 +324,9 @@ def test_builders_reject_bad_values():
 
 # -- the bundled configs ----------------------------------------------------------------------------------
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*/nsf-*.toml"))
-#: run options the NSF configs may set besides the model's hyperparameters (today's and the new ones)
-RUN_KEYS = (set(DEFAULTS) - set(MODEL_OPTIONS)) | {"protocol", "max_steps", "lr_schedule", "grad_clip", "eval_every"}
+#: run options the NSF configs may set besides the model's hyperparameters (`flowbench run` flag names)
+RUN_KEYS = {"dataset", "model", "protocol", "lr", "batch_size", "weight_decay", "patience", "max_epochs",
+            "max_steps", "lr_schedule", "grad_clip", "eval_every"}
 
 
 def test_every_paper_dataset_and_digits_has_both_configs():

@@ -108,6 +108,17 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("checkpoint_every_s", 30.0, (float, int), "write the resume checkpoint at most every S seconds (and "
            "at the end of training); 0: after every epoch. A killed run redoes the epochs since the last one, with "
            "the same numbers", _TRAIN, "S", low=0.0, tagged=False, resume_may_change=True, training_only=True),
+    Option("max_steps", None, (int,), "a budget of optimiser steps (the NSF protocol); training stops when it is "
+           "spent", _TRAIN, "N", low=1, training_only=True),
+    Option("lr_schedule", "constant", (str,), "learning-rate schedule: constant (MAF) or cosine (annealed to 0 "
+           "over --max-steps, as the NSF code does)", _TRAIN, training_only=True),
+    Option("grad_clip", None, (float, int), "clip the gradient to this global L2 norm (NSF: 5)", _TRAIN, "NORM",
+           low=0.0, low_open=True, training_only=True),
+    Option("eval_every", None, (int,), "validate every N steps instead of every epoch; patience then counts "
+           "evaluations (NSF: 250)", _TRAIN, "N", low=1, training_only=True),
+    Option("protocol", None, (str,), "maf: train under the MAF protocol whatever the config file says (Adam at "
+           "the model's lr, batch 100, weight decay 1e-6, patience 30 epochs, no step budget, schedule or "
+           "clipping; flags still win); nsf: as the NSF configs set it", _TRAIN),
     Option("eval_batch_size", 2000, (int,), "batch size for evaluation", _TRAIN, "N", low=1, tagged=False,
            resume_may_change=True),
     Option("match_params", None, (int, str), "size the model (its spec's knob: the hidden width, or relgrad's "
@@ -172,6 +183,11 @@ class RunOptions:
     compile: bool = False
     adam_epoch_step: bool = False
     checkpoint_every_s: float = 30.0
+    max_steps: int | None = None
+    lr_schedule: str = "constant"
+    grad_clip: float | None = None
+    eval_every: int | None = None
+    protocol: str | None = None
     eval_batch_size: int = 2000
     match_params: int | str | None = None
     out: str = "results"
@@ -360,6 +376,26 @@ def _file_options(explicit: dict[str, Any], use_bundled: bool) -> tuple[dict[str
     return opts, found
 
 
+#: ``--protocol maf``: the MAF paper's training protocol (section 4), over whatever the config file set.
+MAF_PROTOCOL: dict[str, Any] = {"batch_size": 100, "patience": 30, "weight_decay": 1e-6, "max_epochs": None,
+                                "max_steps": None, "lr_schedule": "constant", "grad_clip": None, "eval_every": None}
+PROTOCOLS = ("maf", "nsf")
+
+
+def _apply_protocol(merged: dict[str, Any], given: dict[str, Any], model_lr: float) -> None:
+    """``--protocol maf`` replaces the config file's training settings by the MAF protocol's (flags still win);
+    ``nsf`` names the NSF configs' own settings and changes nothing."""
+    protocol = merged.get("protocol")
+    if protocol is None:
+        return
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"--protocol {protocol!r} is not known; choose one of {', '.join(PROTOCOLS)}")
+    if protocol == "maf":
+        for key, value in {**MAF_PROTOCOL, "lr": model_lr}.items():
+            if key not in given:
+                merged[key] = value
+
+
 def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config: bool = True) -> RunOptions:
     """The one place run options are completed: defaults < config file < ``explicit`` (non-None values).
 
@@ -382,6 +418,11 @@ def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config
             (merged if key in OPTIONS else hparams)[key] = value
     merged["config"] = str(path) if path is not None else None
     spec = get_spec(merged["model"])
+    _apply_protocol(merged, given, spec.lr)
+    if merged["lr_schedule"] not in ("constant", "cosine"):
+        raise ConfigError(f"--lr-schedule {merged['lr_schedule']!r} is not known; choose constant or cosine")
+    if merged["lr_schedule"] == "cosine" and merged["max_steps"] is None:
+        raise ConfigError("--lr-schedule cosine anneals over the step budget: give --max-steps too")
     spec.resolve(hparams)  # every set hyperparameter must apply to this model, with a valid value
     if merged["lr"] is None:
         merged["lr"] = spec.lr

@@ -75,6 +75,8 @@ class RunRecord:
     tag: str | None = None
     match_target: dict[str, Any] | None = None
     stop_reason: str = ""
+    steps: int | None = None  # optimiser steps taken (the step-budget protocols report it)
+    best_step: int | None = None
     test_ll_pixel: float | None = None
     test_ll_pixel_2se: float | None = None
     bits_per_pixel: float | None = None

@@ -96,7 +96,7 @@ def test_bench_train_synthetic_shape_and_errors(tmp_path):
     assert res["synthetic_data"] and res["dim"] == 6 and res["n_train"] > 1_000_000
     assert res["samples_per_s"]["flowbench"] > 0
     assert res["epoch_s"]["flowbench"] == pytest.approx(res["n_train"] / res["samples_per_s"]["flowbench"])
-    with pytest.raises(ConfigError, match="maf only"):
+    with pytest.raises(ConfigError, match="maf and nsf-ar only"):
         run_train("power", "relgrad", steps=1, compare_zuko=True, data_root=tmp_path)
     with pytest.raises(ConfigError):
         run_train("nosuchdata", "relgrad", steps=1, data_root=tmp_path)

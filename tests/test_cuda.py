@@ -46,22 +46,22 @@ def test_data_stay_on_the_device_and_no_per_step_host_sync():
     trainer = Trainer(flow, train_x, val_x, lr=1e-4, batch_size=batch, max_epochs=1, progress=False)
     steps = -(-train_x.shape[0] // batch)
     syncs: list = []
-    inner = trainer._train_epoch
+    inner = trainer._train_period
 
-    def counted(epoch):
+    def counted(steps_in_period):
         assert trainer.train_x.device.type == "cuda" and next(flow.parameters()).device.type == "cuda"
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                out = inner(epoch)
+                out = inner(steps_in_period)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         syncs.extend(w for w in caught if "synchroniz" in str(w.message).lower())
         return out
 
-    trainer._train_epoch = counted
+    trainer._train_period = counted
     trainer.fit()
     assert steps > 4 * SYNC_EVERY
     # reading the loss every SYNC_EVERY steps and at the end, plus a few per epoch (shuffle, NaN check)

@@ -201,7 +201,8 @@ def test_checkpoints_on_a_time_cadence_still_resume_exactly(tmp_path, monkeypatc
     saved: list[int] = []
 
     def save(path, state):
-        saved.append(state["epoch"])
+        if "epoch" in state:  # training checkpoints (not the model-state file kept after the record)
+            saved.append(state["epoch"])
         atomic_torch_save(path, state)
 
     monkeypatch.setattr(trainer_mod, "atomic_torch_save", save)

@@ -54,7 +54,7 @@ def run_stack_bench(dataset: str, model: str, stack: int, *, steps: int = 50, ba
     for rnd in range(rounds + 1):  # round 0 warms up
         t = time.perf_counter()
         for tr in trainers:
-            tr._train_epoch(rnd + 1)
+            tr._train_period(tr.batches_per_epoch)  # one epoch of steps
         seq = time.perf_counter() - t
         t = time.perf_counter()
         st._train_epoch(list(range(stack)))

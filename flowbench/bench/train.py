@@ -3,7 +3,7 @@
 The step timed is the trainer's: Adam, ``-train_log_prob(x).mean()``, ``backward()``,
 ``step()``, on random minibatches. When the dataset is not prepared, standard-normal data of the right shape
 (D and N train from :data:`flowbench.data.DATASETS`) stands in, and the result says so. Optionally the same
-measurement for zuko's ``MAF`` with (as nearly as possible) the same parameter count, interleaved with ours
+measurement for zuko's ``MAF`` (or ``NSF`` for nsf-ar) with (as nearly as possible) the same parameter count, interleaved with ours
 in one run (zuko is a dev/benchmark extra: ``pip install -e ".[bench]"``).
 """
 
@@ -72,15 +72,16 @@ def _loss_fns(ours, zflow=None, compile_ours: bool = False, compile_zuko: bool =
     )
 
 
-def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
-    """zuko MAF with ``layers`` transforms whose hidden width makes its parameter count closest to target."""
+def _zuko():
     try:
         import zuko
     except ImportError as e:  # a benchmark-only dependency, never imported at runtime
         raise ConfigError("the zuko comparison needs zuko: pip install -e '.[bench]' in the checkout (or pip install zuko)") from e
+    return zuko
 
-    def build(h: int):
-        return zuko.flows.MAF(features=dim, transforms=layers, hidden_features=[h] * hidden_layers)
+
+def _zuko_matched(build: Callable[[int], torch.nn.Module], target_params: int):
+    """``(build(h), h, count)`` for the hidden width h whose parameter count is closest to the target."""
 
     def count(h: int) -> int:
         return sum(p.numel() for p in build(h).parameters())
@@ -93,6 +94,32 @@ def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
         lo, hi = (mid, hi) if count(mid) < target_params else (lo, mid)
     h = min((lo, hi), key=lambda v: abs(count(v) - target_params))
     return build(h), h, count(h)
+
+
+def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
+    """zuko MAF with ``layers`` transforms whose hidden width makes its parameter count closest to target."""
+    zuko = _zuko()
+    return _zuko_matched(lambda h: zuko.flows.MAF(features=dim, transforms=layers, hidden_features=[h] * hidden_layers),
+                         target_params)
+
+
+def zuko_nsf(dim: int, layers: int, bins: int, blocks: int, target_params: int):
+    """zuko NSF (autoregressive rational-quadratic splines) with ``layers`` transforms and ``bins`` bins, its
+    MADE as deep as our ResMADE (1 + 2·blocks hidden linear layers), the width matched to the target count.
+
+    zuko's version has no LU layers and no residual connections; the parameter count is what is matched.
+    """
+    zuko = _zuko()
+    return _zuko_matched(
+        lambda h: zuko.flows.NSF(features=dim, bins=bins, transforms=layers, hidden_features=[h] * (1 + 2 * blocks)),
+        target_params)
+
+
+#: ``model -> (dim, resolved hparams, target count) -> (zuko flow, width, count)`` for ``--compare-zuko``.
+ZUKO_TWINS: dict[str, Callable] = {
+    "maf": lambda dim, hp, n: zuko_maf(dim, hp["layers"], hp["hidden_layers"], n),
+    "nsf-ar": lambda dim, hp, n: zuko_nsf(dim, hp["layers"], hp["bins"], hp["blocks"], n),
+}
 
 
 #: One timed contender: (module, optimiser, loss function, step function).
@@ -111,12 +138,13 @@ def _check(adam: str, steps: int, batch_size: int, lr: float, warmup: int, round
 
 def _zuko_contender(model: str, hparams: dict, dim: int, target_params: int, lr: float, adam: str,
                     compile_zuko: bool, device: torch.device) -> tuple[Contender, dict]:
-    """zuko's MAF matched to our parameter count, and what the result records about it."""
+    """zuko's twin of ``model`` (:data:`ZUKO_TWINS`) matched to our parameter count, and what the result
+    records about it."""
     from flowbench.models import resolve_hparams
 
     hp = resolve_hparams(model, **hparams)
-    zflow, zh, zcount = zuko_maf(dim, hp["layers"], hp["hidden_layers"], target_params)
-    import zuko  # importable: zuko_maf has just used it
+    zflow, zh, zcount = ZUKO_TWINS[model](dim, hp, target_params)
+    import zuko  # importable: the twin has just used it
 
     zflow = zflow.to(device)
     _, zuko_loss = _loss_fns(None, zflow, compile_zuko=compile_zuko)
@@ -184,8 +212,8 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
     from flowbench.models import build_model, display_name
 
     _check(adam, steps, batch_size, lr, warmup, rounds)
-    if compare_zuko and model != "maf":
-        raise ConfigError("--compare-zuko is implemented for --model maf only")
+    if compare_zuko and model not in ZUKO_TWINS:
+        raise ConfigError(f"--compare-zuko is implemented for --model {' and '.join(ZUKO_TWINS)} only")
     device = torch.device(device)
     torch.manual_seed(seed)
     x, n_train, synthetic = dataset_tensor(dataset, data_root)

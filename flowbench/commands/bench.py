@@ -76,7 +76,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
                    help="model hyperparameter over the run config's, repeatable (e.g. --hparam hidden=100 "
                    "--hparam hidden_layers=2)")
-    t.add_argument("--compare-zuko", action="store_true", help="also time zuko's MAF with matched parameter count")
+    t.add_argument("--compare-zuko", action="store_true", help="also time zuko's twin with matched parameter count (MAF for maf, NSF for nsf-ar)")
     t.add_argument("--adam", choices=("default", "foreach", "fused"), default="fused",
                    help="torch Adam implementation for every contender (default: fused, as the trainer uses)")
     t.add_argument("--compile", action="store_true",

@@ -41,6 +41,8 @@ REGISTRY = (
     "maf:MAF_SPEC",
     "maf:MAF_MOG_SPEC",
     "relgrad:RELGRAD_SPEC",
+    "nsf:NSF_AR_SPEC",
+    "nsf:NSF_C_SPEC",
 )
 
 

@@ -177,8 +177,17 @@ def ray_execute_stack(options: list[RunOptions], threads: int) -> dict[str, Any]
         with contextlib.suppress(OSError):
             outcome["log"] = Path(log).read_text(errors="replace")[-LOG_TAIL_CHARS:]
         if outcome["ok"]:
+            from flowbench.results import model_state_path
+
+            outcome["model_state_bytes"] = []
             for o, record in zip(options, outcome["records"]):
                 record.config["out"] = o.out
+                data = None  # each run's small model-state file travels with its record, as for single runs
+                if record.model_state:
+                    with contextlib.suppress(OSError):
+                        data = model_state_path(scratch, record.dataset, record.model, record.seed,
+                                                record.tag).read_bytes()
+                outcome["model_state_bytes"].append(data)
         outcome["node"] = os.uname().nodename
         return outcome
     finally:

@@ -198,7 +198,8 @@ def _train(flow: torch.nn.Module, x: _Tensors, opts: RunOptions, ckpt_path: Path
         patience=opts.patience, max_epochs=opts.max_epochs, seed=opts.seed, eval_batch_size=opts.eval_batch_size,
         checkpoint_path=ckpt_path, fingerprint=opts.to_dict(), callbacks=callbacks, progress=progress,
         compile=opts.compile, adam_epoch_step=opts.adam_epoch_step,
-        checkpoint_every_s=float(opts.checkpoint_every_s),
+        checkpoint_every_s=float(opts.checkpoint_every_s), max_steps=opts.max_steps, lr_schedule=opts.lr_schedule,
+        grad_clip=opts.grad_clip, eval_every=opts.eval_every,
     )
     prior = 0.0
     if opts.resume:
@@ -224,6 +225,8 @@ def _make_record(opts: RunOptions, flow: torch.nn.Module, hparams: dict[str, Any
         params=count_params(flow),
         match_target=match,
         epochs=result.epochs,
+        steps=result.steps,
+        best_step=result.best_step,
         best_epoch=result.best_epoch,
         best_val_ll=result.best_val_ll,
         n_nonfinite_val=result.n_nonfinite_val,

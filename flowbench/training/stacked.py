@@ -139,6 +139,7 @@ class StackedTrainer:
         self.buffers = {n: b for n, b in self.template.named_buffers()}
         self.train_x, self.val_x = train_x, val_x
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self._batches_per_epoch = max(1, math.ceil(train_x.shape[0] / batch_size))
         self.callbacks = list(callbacks or [])
         self.progress = progress
         self.checkpoint_every_s = checkpoint_every_s  # as the single-run Trainer's: 0 = every epoch
@@ -347,8 +348,9 @@ class StackedTrainer:
                     self.save_checkpoint(i)
                     continue
                 run.stopper.step(val_ll, epoch, run.flow)
-                res.history.append({"epoch": epoch, "train_loss": losses[j], "val_ll": val_ll,
-                                    "n_nonfinite_val": n_bad, "seconds": t_train + time.perf_counter() - t_val})
+                res.history.append({"epoch": epoch, "step": epoch * self._batches_per_epoch, "train_loss": losses[j],
+                                    "val_ll": val_ll, "n_nonfinite_val": n_bad,
+                                    "seconds": t_train + time.perf_counter() - t_val})
                 st = run.stopper
                 infos.append(StackedEpochInfo(epoch, losses[j], val_ll, st.best_value, st.best_epoch,
                                               st.patience_left, run=i, seed=run.spec.seed))
@@ -367,10 +369,13 @@ class StackedTrainer:
         for i, run in enumerate(self.runs):
             res = run.result
             res.epochs = run.epoch
+            # epoch-based only: every finished epoch took a full pass of batches (as the single-run trainer counts)
+            res.steps = res.history[-1]["step"] if res.history else 0
             self._sync_module(i)
             if run.stopper.restore(run.flow):
                 run.flow.prepare_for_eval(self.train_x)
             res.best_epoch = run.stopper.best_epoch
+            res.best_step = None if res.best_epoch is None else res.best_epoch * self._batches_per_epoch
             res.best_val_ll = run.stopper.best_value if run.stopper.best_epoch is not None else math.nan
             res.n_nonfinite_val = next((int(h.get("n_nonfinite_val", 0)) for h in res.history
                                         if h["epoch"] == res.best_epoch), 0)
@@ -388,7 +393,8 @@ PER_RUN = ("seed", "lr", "weight_decay", "patience", "max_epochs")
 #: Options the stacked trainer does not implement, with the value it behaves as; a run with another value is
 #: not stacked by a sweep and refused by ``run --seeds`` (a trainer option added later belongs here until
 #: :class:`StackedTrainer` implements it).
-UNSTACKABLE = {"adam_epoch_step": False, "compile": False, "tensorboard": None}
+UNSTACKABLE = {"adam_epoch_step": False, "compile": False, "tensorboard": None, "max_steps": None,
+               "lr_schedule": "constant", "grad_clip": None, "eval_every": None}
 
 
 def unstackable(opts) -> str | None:

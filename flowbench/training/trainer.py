@@ -2,11 +2,26 @@
 
 Adam (β 0.9/0.999, ε 1e-8), minibatches of 100 reshuffled every epoch from a seeded generator, L2 penalty
 1e-6, validation every epoch after the model's ``prepare_for_eval`` (batch-norm statistics from the whole
-training set), patience early stopping with the best parameters restored. An epoch ends with an atomic
-checkpoint holding everything that influences later epochs, so a resumed run is bit-identical to an
-uninterrupted one; checkpoints are written at most every ``checkpoint_every_s`` seconds (and always at the
-end of training), because writing one every epoch cost 18 % (MAF) to 40 % (relgrad) of a digits epoch. A
-run killed between checkpoints redoes the epochs since the last one, with the same numbers.
+training set), patience early stopping with the best parameters restored. Every evaluation is followed by
+an atomic checkpoint holding everything that influences later steps (mid-epoch too: the position in the
+epoch and the shuffle state that drew its order), so a resumed run is bit-identical to an uninterrupted one.
+Checkpoints are written at most every ``checkpoint_every_s`` seconds (and always at the end of training),
+because writing one at every evaluation cost 18 % (MAF) to 40 % (relgrad) of a digits epoch; a run killed
+between checkpoints redoes the steps since the last one, with the same numbers.
+
+General options, all off by default (the MAF protocol), which together give the NSF protocol (Durkan et al.
+2019, code bayesiains/nsf experiments/uci.py: a fixed number of steps, cosine annealing of the learning
+rate to 0, gradient-norm clipping at 5, validation every 250 steps keeping the best state):
+
+- ``max_steps``: a budget of optimiser steps; training stops when it is spent (mid-epoch if need be),
+  after one last evaluation.
+- ``lr_schedule="cosine"``: ``lr_t = lr·(1 + cos(π t/max_steps))/2`` at step t = 0 … max_steps − 1,
+  torch's ``CosineAnnealingLR(T_max=max_steps, eta_min=0)`` as the NSF code steps it. A function of the
+  step count alone, so the checkpoint's step count is the scheduler's whole state.
+- ``grad_clip``: rescale the gradient to at most this global L2 norm, after the model's backward has formed
+  its gradient (so it clips the direction Adam is given) and before the L2 penalty Adam adds.
+- ``eval_every``: validate every N steps instead of every epoch, across epoch boundaries; patience then
+  counts evaluations.
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ __all__ = ["TrainResult", "Trainer", "EpochInfo", "best_model_state", "save_mode
 
 @dataclass
 class EpochInfo:
-    """What a callback sees after each epoch (1-based ``epoch``)."""
+    """What a callback sees after each evaluation (``epoch``: the 1-based epoch it fell in)."""
 
     epoch: int
     train_nll: float
@@ -45,6 +60,7 @@ class EpochInfo:
     best_val_ll: float
     best_epoch: int | None
     patience_left: int
+    step: int = 0  # optimiser steps taken so far
 
 
 @dataclass
@@ -59,10 +75,14 @@ class TrainResult:
     train_time_s: float = 0.0
     resumed_from_epoch: int | None = None
     n_nonfinite_val: int = 0  # −inf validation points at the best epoch (left out of best_val_ll)
+    steps: int = 0
+    best_step: int | None = None
 
 
 #: On a GPU the running loss is read back (and checked for NaN/inf) every this many steps.
 SYNC_EVERY = 50
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 def make_adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
@@ -191,7 +211,12 @@ class Trainer:
         compile: bool = False,
         adam_epoch_step: bool = False,
         checkpoint_every_s: float = 0.0,
+        max_steps: int | None = None,
+        lr_schedule: str = "constant",
+        grad_clip: float | None = None,
+        eval_every: int | None = None,
     ):
+        _check_schedule_options(max_steps, lr_schedule, grad_clip, eval_every)
         self.flow = flow
         # The training objective, optionally through torch.compile: at small D a step is mostly per-operation
         # overhead, which compiling fuses away (MAF(5) on POWER's shape: 3.0 → 1.7 ms/step on one CPU thread,
@@ -203,6 +228,11 @@ class Trainer:
         self.val_x = val_x
         self.batch_size = batch_size
         self.max_epochs = max_epochs
+        self.max_steps = max_steps
+        self.lr = lr
+        self.lr_schedule = lr_schedule
+        self.grad_clip = grad_clip
+        self.eval_every = eval_every
         self.eval_batch_size = eval_batch_size
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path is not None else None
         self.fingerprint = fingerprint or {}
@@ -220,16 +250,35 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.result = TrainResult()
         self._epoch = 0  # epochs completed
+        self._step = 0  # optimiser steps taken
+        self._pos = 0  # batches of the current epoch already taken
+        self._perm: Tensor | None = None  # the current epoch's order (None between epochs)
+        self._epoch_rng: Tensor | None = None  # shuffle-generator state that drew it
+        self._best_step: int | None = None
         self._finished = False
         self.checkpoint_every_s = checkpoint_every_s
         self._saved_at: float | None = None  # perf_counter of the last checkpoint (None: none this session)
-        self._saved_epoch = -1
+        self._saved_step = -1
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return max(1, math.ceil(self.train_x.shape[0] / self.batch_size))
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of the optimiser step taken after ``step`` steps (0-based)."""
+        if self.lr_schedule == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * step / self.max_steps))
+        return self.lr
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": 1,
+            "format": 2,
             "epoch": self._epoch,
+            "step": self._step,
+            "pos": self._pos,
+            "epoch_rng": self._epoch_rng,
+            "best_step": self._best_step,
             "finished": self._finished,
             "model": self.flow.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -248,7 +297,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.checkpoint_path is not None:
             atomic_torch_save(self.checkpoint_path, self.state_dict())
-        self._saved_at, self._saved_epoch = time.perf_counter(), self._epoch
+        self._saved_at, self._saved_step = time.perf_counter(), self._step
 
     def _checkpoint_due(self) -> bool:
         """Whether this epoch's end writes a checkpoint: the run has finished, or none for
@@ -260,7 +309,7 @@ class Trainer:
         return time.perf_counter() - self._saved_at >= self.checkpoint_every_s
 
     def load_checkpoint(self, path: str | Path | None = None) -> None:
-        """Restore the state saved at the end of an epoch (``--resume``)."""
+        """Restore the state saved after an evaluation (``--resume``)."""
         path = Path(path) if path is not None else self.checkpoint_path
         if path is None or not path.is_file():
             raise ConfigError(f"no checkpoint to resume from at {path}; run without --resume to start afresh")
@@ -284,12 +333,23 @@ class Trainer:
             self.result.train_time_s = float(r["train_time_s"])
             self._epoch = int(state["epoch"])
             self._finished = bool(state["finished"])
+            # format 1 (epoch checkpoints only) had no step bookkeeping: it always stood at an epoch boundary
+            self._step = int(state.get("step", self._epoch * self.batches_per_epoch))
+            self._pos = int(state.get("pos", 0))
+            self._epoch_rng = state.get("epoch_rng")
+            best = self.stopper.best_epoch
+            self._best_step = state.get("best_step", None if best is None else best * self.batches_per_epoch)
+            self._perm = None
+            if self._epoch_rng is not None:  # stopped mid-epoch: redraw that epoch's order from its state
+                gen = torch.Generator()
+                gen.set_state(self._epoch_rng)
+                self._perm = torch.randperm(self.train_x.shape[0], generator=gen).to(self.train_x.device)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a model of another shape, a damaged state
             raise ConfigError(f"checkpoint {path} does not fit this run ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else e!r}); delete it, or start the run again "
                               "with --force (without --resume)") from e
         self.result.resumed_from_epoch = self._epoch
-        self._saved_epoch = self._epoch
+        self._saved_step = self._step
 
     # -- the loop --------------------------------------------------------------------------------------
     def _validate(self) -> tuple[float, int]:
@@ -301,87 +361,139 @@ class Trainer:
     def _batch_loss(self, batch: Tensor) -> Tensor:
         return -self.flow.train_log_prob(batch).mean()
 
-    def _train_epoch(self, epoch: int) -> tuple[float, str | None]:
-        """One pass over the shuffled training set; returns (mean train NLL, failure message or None)."""
+    def _budget_spent(self) -> str | None:
+        if self.max_epochs is not None and self._epoch >= self.max_epochs:
+            return f"reached max_epochs={self.max_epochs}"
+        if self.max_steps is not None and self._step >= self.max_steps:
+            return f"reached max_steps={self.max_steps}"
+        return None
+
+    def _period_steps(self) -> int:
+        """Steps until the next evaluation: the rest of the epoch, or ``eval_every``, within the budgets."""
+        bpe = self.batches_per_epoch
+        if self.eval_every is None:
+            k = bpe - self._pos
+        else:
+            k = self.eval_every
+            if self.max_epochs is not None:
+                k = min(k, (self.max_epochs - self._epoch) * bpe - self._pos)
+        if self.max_steps is not None:
+            k = min(k, self.max_steps - self._step)
+        return k
+
+    def _epoch_label(self) -> int:
+        """The 1-based epoch the current position falls in (an epoch just completed counts as its own)."""
+        return self._epoch if self._pos == 0 else self._epoch + 1
+
+    def _train_period(self, steps: int) -> tuple[float, str | None]:
+        """``steps`` optimiser steps from the current position; returns (mean train loss, failure or None)."""
         self.flow.train()
-        if isinstance(self.optimizer, EpochStepAdam):
-            self.optimizer.epoch = epoch
+        epoch_step = isinstance(self.optimizer, EpochStepAdam)
         n = self.train_x.shape[0]
-        perm = torch.randperm(n, generator=self.generator).to(self.train_x.device)
         total, count = self.train_x.new_zeros((), dtype=torch.float64), 0
         # Reading the loss on the host forces a device sync; on a GPU do it every SYNC_EVERY steps only (a
         # non-finite loss is then caught a few steps late, which is harmless: the best state is restored).
         sync_every = 1 if self.train_x.device.type == "cpu" else SYNC_EVERY
+        desc = f"epoch {self._epoch + 1}" if self.eval_every is None else f"steps {self._step + 1}-{self._step + steps}"
         bar = tqdm(
-            range(0, n, self.batch_size),
-            desc=f"epoch {epoch}",
+            total=steps,
+            desc=desc,
             leave=False,
             disable=None if self.progress else True,  # None: no bar when stderr is not a terminal (logs)
             file=sys.stderr,
             mininterval=0.5,
         )
-        for step, i in enumerate(bar, 1):
-            batch = self.train_x[perm[i : i + self.batch_size]]
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for j in range(steps):
+            if self._perm is None:  # a new epoch: its order, and the generator state that drew it
+                self._epoch_rng = self.generator.get_state()
+                self._perm = torch.randperm(n, generator=self.generator).to(self.train_x.device)
+            i = self._pos * self.batch_size
+            batch = self.train_x[self._perm[i : i + self.batch_size]]
             loss = self._objective(batch)
             # The relgrad objective omits log|det W|, so its "loss" is not the NLL; it is still what is optimised.
             total += loss.detach() * batch.shape[0]
             count += batch.shape[0]
-            if step % sync_every == 0 or i + self.batch_size >= n:
+            end_of_epoch = i + self.batch_size >= n
+            if (j + 1) % sync_every == 0 or end_of_epoch or j == steps - 1:
                 running = total.item() / count
                 if not math.isfinite(running):
                     bar.close()
                     return math.nan, (
-                        f"non-finite training loss ({loss.item()}) at epoch {epoch}, batch {step} "
-                        "(lower --lr, or check the data for outliers)"
+                        f"non-finite training loss ({loss.item()}) at epoch {self._epoch + 1}, batch "
+                        f"{self._pos + 1} (step {self._step + 1}) (lower --lr, or check the data for outliers)"
                     )
                 bar.set_postfix(loss=f"{running:.4f}", refresh=False)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if epoch_step:  # the reference code's bias correction counts the (1-based) epoch
+                self.optimizer.epoch = self._epoch + 1
+            if self.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            if self.lr_schedule != "constant":
+                lr = self.lr_at(self._step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
             self.optimizer.step()
+            self._step += 1
+            self._pos += 1
+            if end_of_epoch:
+                self._epoch += 1
+                self._pos, self._perm, self._epoch_rng = 0, None, None
+            bar.update()
         bar.close()
         return total.item() / max(count, 1), None
 
     def fit(self) -> TrainResult:
-        """Train until patience runs out, ``max_epochs`` is reached or the loss turns non-finite."""
+        """Train until patience runs out, a budget (``max_epochs``, ``max_steps``) is spent or the loss turns
+        non-finite."""
         res = self.result
         start = self._t_fit = time.perf_counter()
         base_time = res.train_time_s
         while not self._finished:
-            if self.max_epochs is not None and self._epoch >= self.max_epochs:
-                if self._saved_epoch != self._epoch:  # the end: the last epoch goes to disk
+            spent = self._budget_spent()
+            if spent is not None:
+                if self._saved_step != self._step:  # the end: the last evaluation goes to disk
                     self.save_checkpoint()
-                res.stop_reason = f"reached max_epochs={self.max_epochs}"
+                res.stop_reason = spent
                 break
-            epoch = self._epoch + 1
-            t_epoch = time.perf_counter()
-            train_nll, failure = self._train_epoch(epoch)
+            t_period = time.perf_counter()
+            train_nll, failure = self._train_period(self._period_steps())
+            # a failed step belongs to the epoch in progress; an evaluation to the epoch it ends or falls in
+            epoch = self._epoch + 1 if failure is not None else self._epoch_label()
             val_ll, n_bad = math.nan, 0
             if failure is None:
                 val_ll, n_bad = self._validate()
                 if not math.isfinite(val_ll):
-                    failure = f"non-finite validation log-likelihood ({val_ll}) at epoch {epoch}"
+                    failure = f"non-finite validation log-likelihood ({val_ll}) at epoch {epoch} (step {self._step})"
             if failure is not None:
                 # Keep the last good state: the stopper's best, restored below; the record notes the failure.
                 res.status, res.failure, res.stop_reason = "nonfinite", failure, "non-finite loss"
                 self._finished = True
                 self._log(f"epoch {epoch}: {failure}; stopping and keeping the best model so far")
-                self._epoch = epoch
+                self._epoch = epoch  # the epoch that failed counts as run
                 res.train_time_s = base_time + time.perf_counter() - start
                 self.save_checkpoint()
                 break
-            self.stopper.step(val_ll, epoch, self.flow)
-            self._epoch = epoch
-            res.history.append({"epoch": epoch, "train_loss": train_nll, "val_ll": val_ll, "n_nonfinite_val": n_bad,
-                                "seconds": time.perf_counter() - t_epoch})  # training and validation
-            info = EpochInfo(
-                epoch, train_nll, val_ll, self.stopper.best_value, self.stopper.best_epoch, self.stopper.patience_left
-            )
+            # epoch mode indexes evaluations by epoch (as the MAF protocol reports them), step mode by step
+            index = epoch if self.eval_every is None else self._step
+            if self.stopper.step(val_ll, index, self.flow):
+                self._best_step = self._step
+            res.history.append({"epoch": epoch, "step": self._step, "train_loss": train_nll, "val_ll": val_ll,
+                                "n_nonfinite_val": n_bad,
+                                "seconds": time.perf_counter() - t_period})  # training and validation
+            info = EpochInfo(epoch, train_nll, val_ll, self.stopper.best_value, self._best_epoch(),
+                             self.stopper.patience_left, self._step)
+            where = f"epoch {epoch:4d}" if self.eval_every is None else f"step {self._step:7d} (epoch {epoch})"
             self._log(
-                f"epoch {epoch:4d}  train loss {train_nll:10.4f}  val LL {val_ll:10.4f}  "
-                f"best {info.best_val_ll:10.4f} (epoch {info.best_epoch})  patience left {info.patience_left}"
+                f"{where}  train loss {train_nll:10.4f}  val LL {val_ll:10.4f}  best {info.best_val_ll:10.4f} "
+                f"(epoch {info.best_epoch}, step {self._best_step})  patience left {info.patience_left}"
             )
             if self.stopper.should_stop:
-                res.stop_reason = f"no improvement for {self.stopper.patience} epochs"
+                res.stop_reason = (
+                    f"no improvement for {self.stopper.patience} epochs" if self.eval_every is None else
+                    f"no improvement for {self.stopper.patience} evaluations ({self.eval_every} steps apart)"
+                )
                 self._finished = True
             res.train_time_s = base_time + time.perf_counter() - start
             if self._checkpoint_due():
@@ -390,17 +502,44 @@ class Trainer:
                 cb(info)
         res.train_time_s = base_time + time.perf_counter() - start
         res.epochs = self._epoch
+        res.steps = self._step
         if self.stopper.restore(self.flow):
             # The best state was saved right after its prepare_for_eval; recomputing is the protocol's
             # "and at the end" and costs one pass.
             self.flow.prepare_for_eval(self.train_x)
-        res.best_epoch = self.stopper.best_epoch
+        res.best_epoch = self._best_epoch()
+        res.best_step = self._best_step if self.stopper.best_epoch is not None else None
         res.best_val_ll = self.stopper.best_value if self.stopper.best_epoch is not None else math.nan
         res.n_nonfinite_val = next((int(h.get("n_nonfinite_val", 0)) for h in res.history
-                                    if h["epoch"] == res.best_epoch), 0)
+                                    if h.get("step", h["epoch"]) == (res.best_step if "step" in h else res.best_epoch)), 0)
         self.flow.eval()
         return res
+
+    def _best_epoch(self) -> int | None:
+        if self.stopper.best_epoch is None:
+            return None
+        if self.eval_every is None:
+            return self.stopper.best_epoch
+        return math.ceil(self._best_step / self.batches_per_epoch)
 
     def _log(self, line: str) -> None:
         if self.progress:
             tqdm.write(line, file=sys.stderr)
+
+
+def _check_schedule_options(max_steps: int | None, lr_schedule: str, grad_clip: float | None,
+                            eval_every: int | None) -> None:
+    """User errors in the step-budget options, in terms of the ``flowbench run`` flags."""
+    def bad_int(v: Any) -> bool:
+        return v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1)
+
+    if bad_int(max_steps):
+        raise ConfigError(f"--max-steps must be a positive integer; got {max_steps!r}")
+    if bad_int(eval_every):
+        raise ConfigError(f"--eval-every must be a positive integer; got {eval_every!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}; got {lr_schedule!r}")
+    if lr_schedule == "cosine" and max_steps is None:
+        raise ConfigError("--lr-schedule cosine anneals over the step budget: give --max-steps too")
+    if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and math.isfinite(grad_clip) and grad_clip > 0):
+        raise ConfigError(f"--grad-clip must be a positive number (the largest gradient norm); got {grad_clip!r}")

@@ -5,6 +5,8 @@ Everything a user can cause (bad input, missing data, corrupt archive) raises a 
 without a traceback and exits with status 2.
 """
 
+from __future__ import annotations
+
 
 class FlowbenchError(Exception):
     """Base class for errors whose message is meant for the user."""

@@ -17,16 +17,15 @@ import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Iterable
 
 from tabulate import tabulate
 
 from flowbench.data import DATASETS
-
 from flowbench.errors import ConfigError
-from flowbench.results import RunRecord
 from flowbench.plots.status import convergence_note
 from flowbench.published import SOURCES, UNVERIFIED_NOTE, PublishedResult, published
+from flowbench.results import RunRecord
 
 __all__ = ["build_table", "parse_sources", "row_order_key"]
 
@@ -68,6 +67,12 @@ def _our_decimals(se2: float | None) -> int:
     return 2 if se2 is None or not math.isfinite(se2) or se2 >= 0.01 else 3
 
 
+def _mean_val_ll(runs: list[RunRecord]) -> float:
+    """Mean best validation LL of ``runs`` (those without one left out); -inf when none has one."""
+    vals = [r.best_val_ll for r in runs if r.best_val_ll is not None]
+    return statistics.fmean(vals) if vals else -math.inf
+
+
 def _select(records: list[RunRecord], select: str) -> list[_Row]:
     """Group records into our rows (one per display name, or per display name and tag with ``all``)."""
     if select not in ("best-val", "all"):
@@ -83,13 +88,8 @@ def _select(records: list[RunRecord], select: str) -> list[_Row]:
     for (label, dataset), by_tag in sorted(groups.items()):
         tags = sorted(by_tag, key=lambda t: (t is not None, t or ""))
         if select == "best-val":
-
-            def val(tag: str | None) -> float:
-                vals = [r.best_val_ll for r in by_tag[tag] if r.best_val_ll is not None]
-                return statistics.fmean(vals) if vals else -math.inf
-
             # Highest mean validation LL; ties go to the first tag in sorted order (deterministic).
-            best = max(tags, key=lambda t: (val(t), -tags.index(t)))
+            best = max(tags, key=lambda t: (_mean_val_ll(by_tag[t]), -tags.index(t)))
             chosen = [(label, best)]
         else:
             chosen = [(f"{label} [{t}]" if t else label, t) for t in tags]

@@ -14,7 +14,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # for annotations only: the functions below import numpy and torch lazily
+    import numpy as np
+    import torch
 
 
 def _current_umask() -> int:
@@ -98,7 +102,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     _write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def atomic_save_npy(path: str | os.PathLike, array) -> None:
+def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """``numpy.save`` to ``path`` atomically."""
     import numpy as np
 
@@ -177,7 +181,7 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def resolve_device(device: str = "auto"):
+def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given (checked)."""
     import torch
 

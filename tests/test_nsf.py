@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import io
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,11 +23,6 @@ from flowbench.models.nsf import (
 )
 from flowbench.models.params import count_params
 from flowbench.training.trainer import _check_schedule_options
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
 
 SPECS = [NSF_AR_SPEC, NSF_C_SPEC]
 IDS = [s.name for s in SPECS]

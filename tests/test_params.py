@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flowbench.errors import ConfigError
-from flowbench.models import build_model, display_name, model_hparams
-from flowbench.models import MODELS
+from flowbench.models import MODELS, build_model, display_name, model_hparams
 from flowbench.models.params import count_params, match_params, param_count
 
 

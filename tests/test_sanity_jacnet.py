@@ -9,7 +9,13 @@ import torch
 
 from flowbench.errors import ConfigError, InverseNotAvailable
 from flowbench.sanity.jacnet import (
-    FixedJacNet, JacNet, ToleranceSchedule, derivative_range, lipschitz_certificate, path_gap, train_jacnet,
+    FixedJacNet,
+    JacNet,
+    ToleranceSchedule,
+    derivative_range,
+    lipschitz_certificate,
+    path_gap,
+    train_jacnet,
 )
 from flowbench.sanity.jacnet_tasks import make_data
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -91,7 +89,7 @@ def test_stacked_run_equals_single_run(model, digits):
         for epoch, snap in single_snaps[seed].items():
             for k, v in snap.items():
                 torch.testing.assert_close(stacked_snaps[(seed, epoch)][k], v, rtol=0, atol=1e-10)
-        for (k, v), (k2, v2) in zip(flows[r].state_dict().items(), flow.state_dict().items()):
+        for (_, v), (_, v2) in zip(flows[r].state_dict().items(), flow.state_dict().items()):
             torch.testing.assert_close(v, v2, rtol=0, atol=1e-10)  # the restored best state, BN statistics too
     # the seeds really differ (a stack that trained one run twice would pass the above with one seed)
     assert not torch.equal(next(flows[0].parameters()), next(flows[1].parameters()))

@@ -12,10 +12,10 @@ from scipy.stats import multivariate_normal
 from torch import Tensor, nn
 
 import flowbench.models as models
-from flowbench.models.spec import ModelSpec
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError, UsageError
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
+from flowbench.models.spec import ModelSpec
 from flowbench.results import checkpoint_path, record_path
 from flowbench.training import EarlyStopping, Trainer, run_experiment
 from flowbench.training.evaluate import mean_2se

@@ -24,7 +24,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,13 @@ from torch import Tensor
 from flowbench.errors import FlowbenchError
 from flowbench.models import build_model
 from flowbench.models.relgrad_autograd import TANH_A, TANH_B
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+
+    from matplotlib.axes import Axes
+
+    from flowbench.models.relgrad import RelgradFlow
 
 METHODS = ("relative", "ordinary", "autodiff", "mlp")
 # Exponent of D in each method's cost (B fixed), used to predict whether the next D is too slow.
@@ -87,7 +94,8 @@ def available_bytes(device: torch.device) -> int:
     return 8 << 30
 
 
-def make_problem(dim: int, batch: int, layers: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def make_problem(dim: int, batch: int, layers: int, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0) -> tuple[RelgradFlow, Tensor]:
     """A relgrad flow moved away from its orthogonal init (so WᵀW ≠ I) and a standard-normal batch."""
     gen = torch.Generator().manual_seed(seed)
     flow = build_model("relgrad", dim, layers=layers)
@@ -101,7 +109,7 @@ def make_problem(dim: int, batch: int, layers: int, device: torch.device, dtype:
     return flow, x
 
 
-def _net(flow, x: Tensor) -> Tensor:
+def _net(flow: RelgradFlow, x: Tensor) -> Tensor:
     """z = g(x) with plain differentiable ops (no custom autograd, no log-det): for autodiff and the MLP."""
     t = flow.transform
     n = len(t.weights)
@@ -115,7 +123,7 @@ def _net(flow, x: Tensor) -> Tensor:
     return h
 
 
-def step_fn(method: str, flow, x: Tensor) -> Callable[[], None]:
+def step_fn(method: str, flow: RelgradFlow, x: Tensor) -> Callable[[], None]:
     """A closure computing one full gradient into ``.grad`` of ``flow``'s parameters."""
     params = list(flow.parameters())
 
@@ -157,7 +165,7 @@ def check_agreement(dim: int = 12, batch: int = 16, layers: int = 2, tol: float 
     names = [n for n, _ in flow.named_parameters()]
     errors = {"autodiff_vs_ordinary": 0.0, "relative_vs_transformed_ordinary": 0.0}
     t = flow.transform
-    for i, name in enumerate(names):
+    for i, _ in enumerate(names):
         g_ord, g_ad = grads["ordinary"][i], grads["autodiff"][i]
         scale = max(1.0, float(g_ord.abs().max()))
         errors["autodiff_vs_ordinary"] = max(errors["autodiff_vs_ordinary"], float((g_ad - g_ord).abs().max()) / scale)
@@ -214,7 +222,8 @@ def _proc_status_kib(field_name: str) -> int:
     raise OSError(f"{field_name} not in /proc/self/status")
 
 
-def _rss_child(method: str, dim: int, batch: int, layers: int, dtype: str, threads: int, queue) -> None:  # pragma: no cover
+def _rss_child(method: str, dim: int, batch: int, layers: int, dtype: str, threads: int,  # pragma: no cover
+               queue: Queue[int]) -> None:
     torch.set_num_threads(threads)
     flow, x = make_problem(dim, batch, layers, torch.device("cpu"), getattr(torch, dtype))
     fn = step_fn(method, flow, x)
@@ -358,7 +367,7 @@ _SKIP_MARKERS = {"skipped-memory": "v", "skipped-time": "x", "failed": "X"}
 _SKIP_WORDS = {"skipped-memory": "memory", "skipped-time": "time", "failed": "failed"}
 
 
-def draw(ax, cells: list[Cell]) -> list[str]:
+def draw(ax: Axes, cells: list[Cell]) -> list[str]:
     """Log–log time vs D, one line per method, like the paper's Figure 1. A (method, D) that was skipped or
     failed is a marker at its D along the top edge (one row per method, in its colour), with a legend
     entry saying why ("autodiff skipped (memory): D = 4096"). Returns the legend labels; raises
@@ -398,7 +407,7 @@ def draw(ax, cells: list[Cell]) -> list[str]:
     return labels
 
 
-def plot(cells: list[Cell], path, title: str) -> None:
+def plot(cells: list[Cell], path: str | Path, title: str) -> None:
     """:func:`draw` into the PNG ``path`` (atomically; nothing is written when there is nothing to plot)."""
     from flowbench.plotting import figure
 
@@ -410,7 +419,7 @@ def plot(cells: list[Cell], path, title: str) -> None:
 CSV_FIELDS = ("method", "dim", "status", "median_s", "memory_bytes", "memory_method", "predicted_bytes", "note")
 
 
-def write_csv(cells: list[Cell], path) -> None:
+def write_csv(cells: list[Cell], path: str | Path) -> None:
     """One row per (method, D) with :data:`CSV_FIELDS`, atomically."""
     import csv
     import io

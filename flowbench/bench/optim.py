@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
 from flowbench.models import build_model
+
+if TYPE_CHECKING:
+    from flowbench.models.base import Flow
 
 
 def toy_data(n: int = 1000, seed: int = 0) -> torch.Tensor:
@@ -28,7 +31,7 @@ def toy_data(n: int = 1000, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(pts)
 
 
-def _descend(flow, x: torch.Tensor, epochs: int, lr: float) -> list[float]:
+def _descend(flow: Flow, x: torch.Tensor, epochs: int, lr: float) -> list[float]:
     """Full-batch gradient descent; the exact NLL before each step (a diverged run ends with NaN/inf)."""
     losses = []
     for _ in range(epochs):
@@ -93,7 +96,7 @@ def run_optim(n_points: int = 1000, inits: int = 10, epochs: int = 1000, lr: flo
             "curves": curves, "summary": _summary(curves)}
 
 
-def plot(result: dict, path) -> None:
+def plot(result: dict, path: str | Path) -> None:
     """NLL vs epoch, every initialisation, relative in blue and ordinary in orange (paper Fig. 1 right)."""
     from flowbench.plotting import figure
 

@@ -12,15 +12,22 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
 from flowbench.errors import ConfigError, DatasetNotFoundError
 from flowbench.utils import check_number
 
+if TYPE_CHECKING:
+    from flowbench.models.base import Flow
 
-def dataset_tensor(name: str, data_root=None, max_rows: int = 200_000) -> tuple[torch.Tensor, int, bool]:
+#: A training objective: a minibatch to the scalar loss.
+LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def dataset_tensor(name: str, data_root: str | Path | None = None,
+                   max_rows: int = 200_000) -> tuple[torch.Tensor, int, bool]:
     """(training rows, N train, synthetic?) — the prepared data if present, else N(0, I) of the right shape."""
     from flowbench.data import DATASETS, load_dataset
 
@@ -41,29 +48,30 @@ def dataset_tensor(name: str, data_root=None, max_rows: int = 200_000) -> tuple[
 ADAM_IMPLS = ("default", "foreach", "fused")
 
 
-def _adam(params, lr: float, impl: str) -> torch.optim.Optimizer:
+def _adam(params: Iterable[torch.Tensor], lr: float, impl: str) -> torch.optim.Optimizer:
     kw = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
     return torch.optim.Adam(params, lr=lr, **kw)
 
 
-def _trainer_step(model, opt, loss_fn, batch: torch.Tensor) -> None:
+def _trainer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, batch: torch.Tensor) -> None:
     """One step exactly as flowbench's trainer takes it (loss, backward, Adam)."""
     opt.zero_grad(set_to_none=True)
     loss_fn(batch).backward()
     opt.step()
 
 
-def _zuko_step(flow, opt, loss_fn, batch: torch.Tensor) -> None:
+def _zuko_step(flow: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, batch: torch.Tensor) -> None:
     opt.zero_grad(set_to_none=True)
     loss_fn(batch).backward()
     opt.step()
 
 
-def _loss_fns(ours, zflow=None, compile_ours: bool = False, compile_zuko: bool = False):
-    def ours_loss(b):
+def _loss_fns(ours: Flow | None, zflow: torch.nn.Module | None = None, compile_ours: bool = False,
+              compile_zuko: bool = False) -> tuple[LossFn, LossFn]:
+    def ours_loss(b: torch.Tensor) -> torch.Tensor:
         return -ours.train_log_prob(b).mean()
 
-    def zuko_loss(b):
+    def zuko_loss(b: torch.Tensor) -> torch.Tensor:
         return -zflow().log_prob(b).mean()
 
     return (
@@ -80,7 +88,7 @@ def _zuko():
     return zuko
 
 
-def _zuko_matched(build: Callable[[int], torch.nn.Module], target_params: int):
+def _zuko_matched(build: Callable[[int], torch.nn.Module], target_params: int) -> tuple[torch.nn.Module, int, int]:
     """``(build(h), h, count)`` for the hidden width h whose parameter count is closest to the target."""
 
     def count(h: int) -> int:
@@ -96,14 +104,14 @@ def _zuko_matched(build: Callable[[int], torch.nn.Module], target_params: int):
     return build(h), h, count(h)
 
 
-def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int):
+def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int) -> tuple[torch.nn.Module, int, int]:
     """zuko MAF with ``layers`` transforms whose hidden width makes its parameter count closest to target."""
     zuko = _zuko()
     return _zuko_matched(lambda h: zuko.flows.MAF(features=dim, transforms=layers, hidden_features=[h] * hidden_layers),
                          target_params)
 
 
-def zuko_nsf(dim: int, layers: int, bins: int, blocks: int, target_params: int):
+def zuko_nsf(dim: int, layers: int, bins: int, blocks: int, target_params: int) -> tuple[torch.nn.Module, int, int]:
     """zuko NSF (autoregressive rational-quadratic splines) with ``layers`` transforms and ``bins`` bins, its
     MADE as deep as our ResMADE (1 + 2·blocks hidden linear layers), the width matched to the target count.
 
@@ -201,7 +209,8 @@ def _report(result: dict, times: dict[str, list[float]], log: Callable[[str], No
 
 def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100, lr: float = 1e-4,
               device: str | torch.device = "cpu", hparams: dict | None = None, compare_zuko: bool = False,
-              warmup: int = 10, rounds: int = 5, data_root=None, seed: int = 0, adam: str = "fused",
+              warmup: int = 10, rounds: int = 5, data_root: str | Path | None = None, seed: int = 0,
+              adam: str = "fused",
               compile: bool = False, compile_zuko: bool = False,
               log: Callable[[str], None] = print) -> dict:
     """Time ``steps`` training steps (in ``rounds`` blocks, alternating with zuko when asked).
@@ -244,7 +253,8 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
 
 def bench_train(dataset: str, model: str, out: str | Path = "results", steps: int = 200, batch_size: int = 100,
                 lr: float = 1e-4, hparams: dict | None = None, compare_zuko: bool = False, adam: str = "fused",
-                compile: bool = False, compile_zuko: bool = False, data_root=None, device: str = "auto",
+                compile: bool = False, compile_zuko: bool = False, data_root: str | Path | None = None,
+                device: str = "auto",
                 threads: int | None = None, log: Callable[[str], None] = print) -> dict:
     """``flowbench bench train``: :func:`run_train` written to ``out/bench/train-<dataset>-<model>[-adam-<impl>]
     [-compiled].json``; returns the record + ``"files"``."""

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from flowbench.sweep.spec import Sweep
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="list the runs and which are already recorded (skipped), then stop")
 
 
-def dry_run_text(sweep, out: str) -> str:
+def dry_run_text(sweep: Sweep, out: str) -> str:
     """The ``--dry-run`` listing: one line per run with ``run`` or ``skip``, then the totals."""
     from tabulate import tabulate
 

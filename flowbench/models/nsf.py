@@ -28,7 +28,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -200,7 +200,7 @@ def _check(dim: int, layers: int, hidden: int, blocks: int, bins: int, tail_boun
         raise ConfigError(f"dropout must be in [0, 1); got {dropout}")
 
 
-def _flow(dim: int, layers: int, make_step) -> Flow:
+def _flow(dim: int, layers: int, make_step: Callable[[int], Transform]) -> Flow:
     steps: list[Transform] = []
     for i in range(layers):
         steps += [Permutation(dim), LULinear(dim), make_step(i)]

@@ -33,15 +33,18 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowbench.errors import ConfigError
 from flowbench.models.base import Flow, StandardNormal, Transform, check_input
-from flowbench.models.spec import HParam, ModelSpec
 from flowbench.models.relgrad_autograd import TANH_A, TANH_B, RelativeDense, RelativeLogDet, RelgradNet
+from flowbench.models.spec import HParam, ModelSpec
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 __all__ = ["RELGRAD_HPARAMS", "RELGRAD_SPEC", "build_relgrad", "RelgradFlow", "RelgradTransform", "Logistic"]
 
@@ -134,7 +137,8 @@ class RelgradTransform(Transform):
             y_new = y - r / self._act_deriv(y)
             y = torch.where((y_new > lo) & (y_new < hi), y_new, 0.5 * (lo + hi))
         else:
-            warnings.warn("relgrad: activation inverse did not reach its tolerance in 200 iterations", RuntimeWarning)
+            warnings.warn("relgrad: activation inverse did not reach its tolerance in 200 iterations", RuntimeWarning,
+                          stacklevel=2)
         return y
 
     def _act_deriv(self, y: Tensor) -> Tensor:
@@ -163,7 +167,7 @@ class RelgradTransform(Transform):
             self._logdet_cache = (key, total)
         return self._logdet_cache[1]
 
-    def train(self, mode: bool = True):
+    def train(self, mode: bool = True) -> Self:
         # Needed, not just cautious: weights stepped by fused Adam keep their _version, so _key() misses them.
         self._logdet_cache = self._inverse_cache = None
         return super().train(mode)
@@ -219,14 +223,15 @@ def _check_conditioning(k: int, w: Tensor, sign: float, lad: float) -> None:
     eps = torch.finfo(w.dtype).eps
     if sign == 0 or not math.isfinite(lad):
         warnings.warn(f"relgrad layer {k}: weight matrix is singular (log|det W| = {lad}); the flow is no longer "
-                      "invertible — lower the learning rate or restart from a checkpoint", RuntimeWarning)
+                      "invertible — lower the learning rate or restart from a checkpoint", RuntimeWarning,
+                      stacklevel=2)
         return
     s = torch.linalg.svdvals(w)
     cond = float(s[0] / s[-1]) if float(s[-1]) > 0 else math.inf
     if cond > COND_WARN_FACTOR / eps:
         warnings.warn(f"relgrad layer {k}: weight matrix is close to singular (condition number {cond:.3g}, "
                       f"threshold {COND_WARN_FACTOR / eps:.3g}); log-likelihoods and samples lose accuracy — "
-                      "lower the learning rate or use float64", RuntimeWarning)
+                      "lower the learning rate or use float64", RuntimeWarning, stacklevel=2)
 
 
 class RelgradFlow(Flow):

@@ -10,9 +10,14 @@ nothing is left to do after ``backward`` (derivation and conventions in the relg
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.autograd.function import FunctionCtx
 
 __all__ = ["TANH_A", "TANH_B", "RelativeDense", "RelativeLogDet", "RelgradNet"]
 
@@ -32,13 +37,13 @@ class RelativeDense(torch.autograd.Function):
         return torch.addmm(bias, h, weight.t()) if bias is not None else h @ weight.t()
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
+    def setup_context(ctx: FunctionCtx, inputs: tuple[Tensor, Tensor, Tensor | None], output: Tensor) -> None:
         h, weight, bias = inputs
         ctx.save_for_backward(weight, bias, output)
         ctx.h = h  # only for jvp; a reference, not a copy
 
     @staticmethod
-    def backward(ctx, dy: Tensor):
+    def backward(ctx: FunctionCtx, dy: Tensor) -> tuple[Tensor | None, Tensor, Tensor | None]:
         weight, bias, y = ctx.saved_tensors
         grad_h = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -53,7 +58,7 @@ class RelativeDense(torch.autograd.Function):
         return grad_h, grad_w, grad_b
 
     @staticmethod
-    def jvp(ctx, dh, dw, db):
+    def jvp(ctx: FunctionCtx, dh: Tensor | None, dw: Tensor | None, db: Tensor | None) -> Tensor:
         weight, _, _ = ctx.saved_tensors
         out = dh @ weight.t() if dh is not None else torch.zeros_like(ctx.h @ weight.t())
         if dw is not None:
@@ -77,17 +82,18 @@ class RelativeLogDet(torch.autograd.Function):
         return ref.new_full(ref.shape[:-1], value)
 
     @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
+    def setup_context(ctx: FunctionCtx, inputs: tuple[Any, ...], output: Tensor) -> None:
+        # inputs = (ref: Tensor, value: float, *weights: Tensor)
         ctx.save_for_backward(*inputs[2:])
         ctx.ref = inputs[0]
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:
         s = grad.sum()
         return (None, None, *(s * w for w in ctx.saved_tensors))
 
     @staticmethod
-    def jvp(ctx, dref, dvalue, *dweights):
+    def jvp(ctx: FunctionCtx, dref: Tensor | None, dvalue: None, *dweights: Tensor | None) -> Tensor:
         return torch.zeros_like(ctx.ref[..., 0])
 
 
@@ -101,7 +107,8 @@ class RelgradNet(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, activation: str, alpha: float, n: int, bias_logdet: bool, *params):
+    def forward(ctx: FunctionCtx, x: Tensor, activation: str, alpha: float, n: int, bias_logdet: bool,
+                *params: Tensor) -> tuple[Tensor, Tensor]:
         weights, biases = params[:n], params[n:] if len(params) > n else [None] * n
         ys, auxs = [], []
         ld = x.new_zeros(x.shape[0])
@@ -132,7 +139,7 @@ class RelgradNet(torch.autograd.Function):
         return h, ld
 
     @staticmethod
-    def backward(ctx, dz, dld):
+    def backward(ctx: FunctionCtx, dz: Tensor, dld: Tensor | None) -> tuple[Tensor | None, ...]:
         n = ctx.n
         saved = ctx.saved_tensors
         weights = saved[:n]

@@ -15,7 +15,7 @@ per-family code, and an optimiser step over one flat (R, P) tensor removes most 
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from flowbench.models.relgrad_autograd import TANH_A, TANH_B
+
+if TYPE_CHECKING:
+    from torch.autograd.function import FunctionCtx
 
 __all__ = ["StackedRelgradNet", "stacked_train_log_prob"]
 
@@ -50,7 +53,8 @@ class StackedRelgradNet(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, activation: str, alpha: float, n: int, bias_logdet: bool, *params):
+    def forward(ctx: FunctionCtx, x: Tensor, activation: str, alpha: float, n: int, bias_logdet: bool,
+                *params: Tensor) -> tuple[Tensor, Tensor]:
         weights, biases = params[:n], params[n:] if len(params) > n else [None] * n
         ys, auxs = [], []
         ld = x.new_zeros(x.shape[:-1])
@@ -81,7 +85,7 @@ class StackedRelgradNet(torch.autograd.Function):
         return h, ld
 
     @staticmethod
-    def backward(ctx, dz, dld):
+    def backward(ctx: FunctionCtx, dz: Tensor | None, dld: Tensor | None) -> tuple[Tensor | None, ...]:
         n = ctx.n
         saved = ctx.saved_tensors
         weights = saved[:n]
@@ -142,7 +146,7 @@ def stacked_train_log_prob(template: nn.Module, params: Mapping[str, Tensor], bu
     params = {"flow." + k: v for k, v in params.items()}
     buffers = {"flow." + k: v for k, v in buffers.items()}
 
-    def one(p, xb):
+    def one(p: dict[str, Tensor], xb: Tensor) -> Tensor:
         return functional_call(obj, (p, buffers), (xb,))
 
     return vmap(one)(params, x)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from flowbench.sanity.markdown import markdown_table
 from flowbench.sanity.pseudo_inverse import train_pair
 from flowbench.utils import atomic_write, atomic_write_json, output_dir
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
 #: One fitted model: (forward, inverse, its table row so far).
 Fit = tuple[Any, Any, dict[str, Any]]
 
@@ -36,7 +39,8 @@ def target(x: Tensor) -> Tensor:
     return x + 0.4 * torch.sin(2 * x)
 
 
-def _metrics(fn, inv, grid: Tensor, wide: Tensor) -> tuple[dict[str, Any], tuple[Tensor, Tensor]]:
+def _metrics(fn: Callable[[Tensor], Tensor], inv: Callable[[Tensor], Tensor], grid: Tensor,
+             wide: Tensor) -> tuple[dict[str, Any], tuple[Tensor, Tensor]]:
     """The table's numbers, plus (f(wide), inverse(f(wide))) for the figure."""
     with torch.no_grad():
         fit = (fn(grid) - target(grid)).abs()
@@ -148,7 +152,7 @@ def _figure(curves: dict, x: Tensor, y: Tensor, wide: Tensor, path: Path) -> Non
         _draw(a, b, curves, x, y, wide)
 
 
-def _draw(a, b, curves: dict, x: Tensor, y: Tensor, wide: Tensor) -> None:
+def _draw(a: Axes, b: Axes, curves: dict, x: Tensor, y: Tensor, wide: Tensor) -> None:
     w = wide.flatten().numpy()
     a.plot(w, target(wide).flatten().numpy(), "k-", lw=3, alpha=0.3, label="target x + 0.4 sin 2x")
     a.plot(x.flatten().numpy(), y.flatten().numpy(), "k.", label="training points")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -35,6 +35,9 @@ from flowbench.sanity.jacnet import (
     train_jacnet,
 )
 from flowbench.utils import atomic_write_json, check_number, output_dir
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 TASKS: dict[str, dict[str, Any]] = {
     "exp": {"target": torch.exp, "inverse": torch.log, "activation": "invertible", "label": "exp(x)"},
@@ -53,7 +56,8 @@ def make_data(seed: int, n_train: int = 5, n_test: int = 100, d: int = 1) -> tup
     return x_train, x_test
 
 
-def _evaluate(model: JacNet, target, x_train: Tensor, x_test: Tensor, cert_points: int) -> dict[str, Any]:
+def _evaluate(model: JacNet, target: Callable[[Tensor], Tensor], x_train: Tensor, x_test: Tensor,
+              cert_points: int) -> dict[str, Any]:
     with torch.no_grad():
         train_err = (model(x_train, EVAL_TOL, EVAL_TOL) - target(x_train)).abs()
         test_err = (model(x_test, EVAL_TOL, EVAL_TOL) - target(x_test)).abs()
@@ -194,13 +198,15 @@ def run_jacnet_tasks(out: str | Path, task: str = "all", iters: int | None = Non
     return results
 
 
-def _figure(task, spec, metrics, curves, grid, x_train, k, path) -> None:
+def _figure(task: str, spec: dict[str, Any], metrics: dict[str, Any], curves: dict[str, Any], grid: Tensor,
+            x_train: Tensor, k: float, path: Path) -> None:
     """Paper Figures 1–3 in one row: functions (+ inverse), derivatives, training dynamics."""
     with figure(path, 1, 3, figsize=(17, 4.8)) as (_fig, (a, b, c)):
         _draw(a, b, c, task, spec, metrics, curves, grid, x_train, k)
 
 
-def _draw(a, b, c, task, spec, metrics, curves, grid, x_train, k) -> None:
+def _draw(a: Axes, b: Axes, c: Axes, task: str, spec: dict[str, Any], metrics: dict[str, Any],
+          curves: dict[str, Any], grid: Tensor, x_train: Tensor, k: float) -> None:
     g = grid.flatten().numpy()
     target = spec["target"]
     jn, un = curves["jacnet"], curves["unconstrained"]

@@ -146,7 +146,8 @@ def _figure(x: Tensor, y: Tensor, pairs: list, activation: str, path: Path) -> N
         _draw(axes, x, y, pairs, activation)
 
 
-def _draw(axes, x: Tensor, y: Tensor, pairs: list, activation: str) -> None:
+def _draw(axes: np.ndarray, x: Tensor, y: Tensor, pairs: list, activation: str) -> None:
+    # axes: the (len(pairs), 4) object array of matplotlib Axes from plt.subplots(..., squeeze=False)
     xs, ys = x.flatten().numpy(), y.flatten().numpy()
     order = np.argsort(ys)
     for row, (lam, f, g) in zip(axes, pairs):

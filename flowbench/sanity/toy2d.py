@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -25,6 +25,12 @@ from flowbench.errors import ConfigError
 from flowbench.plotting import colormap, figure
 from flowbench.sanity.common import QUIET, Progress, check_seed, pick
 from flowbench.utils import atomic_write_json, check_number, output_dir
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from flowbench.models.base import Flow
 
 
 def _mog(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -65,7 +71,7 @@ def make_toy(name: str, seed: int = 0, n_train: int = 5000, n_val: int = 500, n_
                    meta={"standardised_with": {"mean": mu.tolist(), "std": sd.tolist()}})
 
 
-def _load_trained(record: dict[str, Any], options: dict[str, Any], data: Dataset):
+def _load_trained(record: dict[str, Any], options: dict[str, Any], data: Dataset) -> Flow:
     """Rebuild the model of ``record`` and load its best-validation weights from the run's checkpoint."""
     from flowbench.models import build_model
     from flowbench.results import checkpoint_path
@@ -87,7 +93,7 @@ def _load_trained(record: dict[str, Any], options: dict[str, Any], data: Dataset
     return flow
 
 
-def _density_grid(flow, data: Dataset, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _density_grid(flow: Flow, data: Dataset, grid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gx, gy, log p) on a grid × grid lattice covering the training and test points with a 0.5 margin."""
     lo = np.minimum(data.train.min(0), data.test.min(0)) - 0.5
     hi = np.maximum(data.train.max(0), data.test.max(0)) + 0.5
@@ -177,12 +183,14 @@ def run_toy2d_all(names: list[str] | None = None, model: str = "relgrad", out: s
     return results
 
 
-def _figure(data: Dataset, gx, gy, logp, result: dict[str, Any], path: Path) -> None:
+def _figure(data: Dataset, gx: np.ndarray, gy: np.ndarray, logp: np.ndarray, result: dict[str, Any],
+            path: Path) -> None:
     with figure(path, 1, 2, figsize=(11, 5)) as (fig, (a, b)):
         _draw(fig, a, b, data, gx, gy, logp, result)
 
 
-def _draw(fig, a, b, data: Dataset, gx, gy, logp, result: dict[str, Any]) -> None:
+def _draw(fig: Figure, a: Axes, b: Axes, data: Dataset, gx: np.ndarray, gy: np.ndarray, logp: np.ndarray,
+          result: dict[str, Any]) -> None:
     extent = (gx.min(), gx.max(), gy.min(), gy.max())
     a.scatter(data.train[:, 0], data.train[:, 1], s=2, c="k", alpha=0.35)
     a.set(xlim=extent[:2], ylim=extent[2:], aspect="equal", title=f"{data.name}: {len(data.train)} training points")

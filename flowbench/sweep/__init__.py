@@ -6,6 +6,8 @@ and returns a :class:`SweepReport`. Selection of the best configuration by valid
 Papamakarios et al. 2017 and Gresele et al. 2020, appendix H.3) happens in ``flowbench table --select best-val``.
 """
 
+from __future__ import annotations
+
 from flowbench.sweep.runner import Progress, RunState, SweepReport, plan, run_sweep, summary
 from flowbench.sweep.spec import Sweep, SweepRun, expand, load_sweep, make_tag, parse_sweep
 

@@ -15,8 +15,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable
 
-from flowbench.errors import ConfigError
 from flowbench.config import RunOptions
+from flowbench.errors import ConfigError
 from flowbench.sweep.spec import SweepRun
 from flowbench.sweep.worker import RunFn, execute_run, execute_stack, init_worker
 

@@ -14,8 +14,8 @@ import sys
 import tempfile
 from typing import Any, Callable
 
-from flowbench.errors import ConfigError
 from flowbench.config import RunOptions
+from flowbench.errors import ConfigError
 from flowbench.sweep.spec import SweepRun
 
 __all__ = ["RayExecutor", "import_ray", "RAY_INSTALL_HINT"]

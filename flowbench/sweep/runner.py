@@ -33,8 +33,8 @@ from typing import IO, Any, Iterable
 from flowbench.config import RunOptions
 from flowbench.errors import ConfigError
 from flowbench.results import RunRecord
-from flowbench.sweep.spec import Sweep, SweepRun
 from flowbench.sweep.executors import make_backend
+from flowbench.sweep.spec import Sweep, SweepRun
 from flowbench.sweep.worker import DEFAULT_RUN_FN, RunFn
 
 __all__ = ["RunState", "SweepReport", "Progress", "run_sweep", "check_resources", "plan", "preflight", "report_path",

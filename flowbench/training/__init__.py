@@ -1,5 +1,7 @@
 """Training, evaluation and records: :func:`run_experiment` is the one entry point (``flowbench run``, sweeps)."""
 
+from __future__ import annotations
+
 from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import evaluate_test, log_prob_batches, mean_2se
 from flowbench.training.experiment import run_experiment

@@ -10,7 +10,12 @@ the steps are smaller (2–7× on MNIST at batch 10, per issue 13). Their publis
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import torch
+
+if TYPE_CHECKING:
+    from torch.optim.optimizer import ParamsT
 
 __all__ = ["EpochStepAdam"]
 
@@ -23,13 +28,13 @@ class EpochStepAdam(torch.optim.Optimizer):
     ``weight_decay·x`` to g first, as torch's Adam does (the MAF protocol's L2 term; the jax code has none).
     """
 
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+    def __init__(self, params: ParamsT, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.epoch = 1
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowbench.config import RESUME_MAY_CHANGE
+from flowbench.config import RESUME_MAY_CHANGE, RunOptions
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.models.stacking import stacked_train_log_prob
@@ -397,7 +397,7 @@ UNSTACKABLE = {"adam_epoch_step": False, "compile": False, "tensorboard": None, 
                "lr_schedule": "constant", "grad_clip": None, "eval_every": None}
 
 
-def unstackable(opts) -> str | None:
+def unstackable(opts: RunOptions) -> str | None:
     """Why a run with options ``opts`` cannot train in a stack, or None."""
     from flowbench.models import get_spec
 
@@ -409,7 +409,7 @@ def unstackable(opts) -> str | None:
     return None
 
 
-def stack_key(opts) -> tuple:
+def stack_key(opts: RunOptions) -> tuple:
     """Runs with equal keys may share a stack: everything but :data:`PER_RUN` and the options that do not
     change a trajectory (where results go, threads, progress output) is equal."""
     from flowbench.config import RESUME_MAY_CHANGE, UNTAGGED
@@ -426,13 +426,10 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
     Each record has the format of a single run's (:func:`flowbench.training.experiment.run_experiment`)
     plus ``stack = {"seeds": [...], "size": R}``. ``options`` are :class:`RunOptions` or mappings.
     """
+    import contextlib
+
     from flowbench.config import coerce_options
     from flowbench.training import experiment as ex
-    from flowbench.training.evaluate import evaluate_test, spectral_norm_summary
-    from flowbench.results import write_record
-    from flowbench.utils import resolve_device
-
-    import contextlib
 
     t0 = time.perf_counter()
     runs = [coerce_options(o) for o in options]
@@ -448,9 +445,9 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
 
 
 def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progress: bool, t0: float) -> list:
+    from flowbench.results import write_record
     from flowbench.training import experiment as ex
     from flowbench.training.evaluate import evaluate_test, spectral_norm_summary
-    from flowbench.results import write_record
     from flowbench.utils import resolve_device
 
     for o in runs:
@@ -548,7 +545,7 @@ def available_memory(device: str = "cpu") -> int:
         return 8 << 30
 
 
-def run_memory(opts) -> int:
+def run_memory(opts: RunOptions) -> int:
     """Bytes one more run adds to a stack of runs like ``opts``, measured rather than guessed.
 
     The model is built (not trained) for the dataset's dimension and one training step's objective is
@@ -578,7 +575,7 @@ def run_memory(opts) -> int:
     return 6 * params + saved
 
 
-def stack_cap(opts, budget: int | None = None) -> int:
+def stack_cap(opts: RunOptions, budget: int | None = None) -> int:
     """The largest stack of runs like ``opts`` within ``budget`` bytes (default :data:`MEMORY_SHARE` of the
     memory available on the run's device), at most :data:`MAX_STACK` and at least 1:
     ``min(MAX_STACK, budget // run_memory(opts))``."""

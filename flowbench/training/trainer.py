@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -85,7 +85,7 @@ SYNC_EVERY = 50
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def make_adam(params, lr: float, weight_decay: float) -> torch.optim.Adam:
+def make_adam(params: Iterable[Tensor], lr: float, weight_decay: float) -> torch.optim.Adam:
     """Adam (β 0.9/0.999, ε 1e-8) as in the MAF protocol, with the fused kernel where torch has one.
 
     The fused step is the same algorithm in one kernel per dtype/device instead of several per tensor;

@@ -235,3 +235,23 @@ def check_number(flag: str, value: float | None, *, minimum: float = 0.0, strict
         raise ConfigError(f"{flag} must be {kind} {bound}; got {value}")
     if value < minimum or (strict and value == minimum):
         raise ConfigError(f"{flag} must be {bound}; got {value}")
+
+
+def available_memory(device: str = "cpu") -> int:
+    """Bytes free now on ``device``: CUDA's ``mem_get_info``, else ``MemAvailable`` of /proc/meminfo, else
+    physical memory (sysconf), else 8 GiB."""
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30

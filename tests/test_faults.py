@@ -15,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import Tensor, nn
+from toy_flows import tiny_flow
 
 import flowbench.models as models
 import flowbench.utils as utils
 from flowbench.cli import main
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError, DiskFullError, UsageError
-from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
 from flowbench.models.spec import ModelSpec
 from flowbench.results import checkpoint_path, lock_path, model_state_path, read_record, record_path
 from flowbench.sweep import parse_sweep, run_sweep
@@ -39,20 +38,7 @@ def gaussian_data(n_train, n_val, n_test, seed=1) -> Dataset:
     return Dataset("toy", x[:n_train], x[n_train : n_train + n_val], x[n_train + n_val :])
 
 
-class ShiftScale(Transform):
-    """z = (x − m)·exp(−s): the smallest trainable flow."""
 
-    def __init__(self, dim: int):
-        super().__init__()
-        self.m = nn.Parameter(torch.zeros(dim))
-        self.s = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return (x - self.m) * torch.exp(-self.s), (-self.s).sum().expand(x.shape[0])
-
-
-def tiny_flow(dim: int) -> Flow:
-    return Flow(CompositeTransform([ShiftScale(dim)]), StandardNormal(dim), dim)
 
 
 class Kill(Exception):

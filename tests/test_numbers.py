@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import multivariate_normal
-from torch import Tensor, nn
+from toy_flows import tiny_flow
 
 import flowbench.models as models
 from flowbench.data.base import Dataset
-from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
 from flowbench.models.spec import ModelSpec
 from flowbench.results import RunRecord, read_record, record_path
 from flowbench.tables import build_table
@@ -147,18 +146,7 @@ def test_gaussian_best_val_ll_is_computed_on_the_validation_split(tmp_path):
 
 
 # -- −inf points ------------------------------------------------------------------------------------------
-class ShiftScale(Transform):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.m = nn.Parameter(torch.zeros(dim))
-        self.s = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return (x - self.m) * torch.exp(-self.s), (-self.s).sum().expand(x.shape[0])
-
-
-def tiny_flow(dim: int) -> Flow:
-    return Flow(CompositeTransform([ShiftScale(dim)]), StandardNormal(dim), dim)
 
 
 FAR = 1e20  # z² overflows float32: the density's log is −inf there, as far outside the data of a real model

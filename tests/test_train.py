@@ -10,11 +10,12 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 from torch import Tensor, nn
+from toy_flows import ShiftScale, tiny_flow
 
 import flowbench.models as models
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError, UsageError
-from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
+from flowbench.models.base import CompositeTransform, Flow, StandardNormal
 from flowbench.models.spec import ModelSpec
 from flowbench.results import checkpoint_path, record_path
 from flowbench.training import EarlyStopping, Trainer, run_experiment
@@ -30,20 +31,7 @@ def gaussian_data(n_train=1500, n_val=300, n_test=1500, seed=1) -> Dataset:
     return Dataset("toy", x[:n_train], x[n_train : n_train + n_val], x[n_train + n_val :])
 
 
-class ShiftScale(Transform):
-    """z = (x − m)·exp(−s): the smallest trainable flow."""
 
-    def __init__(self, dim: int):
-        super().__init__()
-        self.m = nn.Parameter(torch.zeros(dim))
-        self.s = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return (x - self.m) * torch.exp(-self.s), (-self.s).sum().expand(x.shape[0])
-
-
-def tiny_flow(dim: int) -> Flow:
-    return Flow(CompositeTransform([ShiftScale(dim)]), StandardNormal(dim), dim)
 
 
 class NaNFlow(Flow):

@@ -8,25 +8,13 @@ import math
 import pytest
 import torch
 from torch import Tensor, nn
+from toy_flows import ShiftScale
+from toy_flows import tiny_flow as tiny
 
 from flowbench.errors import ConfigError
-from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
+from flowbench.models.base import CompositeTransform, Flow, StandardNormal
 from flowbench.models.nsf import NSF_AR_SPEC
 from flowbench.training import Trainer
-
-
-class ShiftScale(Transform):
-    def __init__(self, dim: int):
-        super().__init__()
-        self.m = nn.Parameter(torch.zeros(dim))
-        self.s = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return (x - self.m) * torch.exp(-self.s), (-self.s).sum().expand(x.shape[0])
-
-
-def tiny(dim: int = 2) -> Flow:
-    return Flow(CompositeTransform([ShiftScale(dim)]), StandardNormal(dim), dim)
 
 
 def data(n: int, dim: int = 2, seed: int = 0) -> Tensor:

@@ -33,6 +33,7 @@ from torch import Tensor
 from flowbench.errors import FlowbenchError
 from flowbench.models import build_model
 from flowbench.models.relgrad_autograd import TANH_A, TANH_B
+from flowbench.utils import available_memory
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -81,17 +82,8 @@ def predicted_bytes(method: str, dim: int, batch: int, layers: int, dtype_bytes:
 
 
 def available_bytes(device: torch.device) -> int:
-    """Free memory a method may use: CUDA free memory, else MemAvailable from /proc/meminfo (or 8 GiB)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
+    """Free memory a method may use (:func:`flowbench.utils.available_memory`)."""
+    return available_memory(str(device))
 
 
 def make_problem(dim: int, batch: int, layers: int, device: torch.device, dtype: torch.dtype,

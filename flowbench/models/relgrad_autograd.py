@@ -97,6 +97,21 @@ class RelativeLogDet(torch.autograd.Function):
         return torch.zeros_like(ctx.ref[..., 0])
 
 
+def activation_step(y: Tensor, activation: str, alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(s(y), s'(y), s''(y)/s'(y))`` of relgrad's activation, each computed once for forward and backward
+    (shared by :class:`RelgradNet` and the stacked version in :mod:`flowbench.models.stacking`)."""
+    if activation == "tanh":
+        a = torch.tanh(TANH_A * y)
+        h = torch.add(a, y, alpha=TANH_B)
+        sech2 = 1 - a * a
+        d = sech2.mul(TANH_A).add_(TANH_B)
+        return h, d, sech2.mul_(a).mul_(-2 * TANH_A * TANH_A).div_(d)
+    a = torch.sigmoid(y)
+    h = F.softplus(y).mul_(1 - alpha).add_(y, alpha=alpha)
+    d = a.mul(1 - alpha).add_(alpha)
+    return h, d, (1 - a).mul_(a).mul_(1 - alpha).div_(d)  # s''/s' = (1−α)σ(1−σ)/s'
+
+
 class RelgradNet(torch.autograd.Function):
     """The whole training-time forward (all layers, activations, Σ log s') in one autograd node.
 
@@ -118,17 +133,7 @@ class RelgradNet(torch.autograd.Function):
             y = torch.addmm(b, h, weights[k].t()) if b is not None else h @ weights[k].t()
             ys.append(y)
             if k < n - 1:
-                if activation == "tanh":
-                    a = torch.tanh(TANH_A * y)
-                    h = torch.add(a, y, alpha=TANH_B)
-                    sech2 = (1 - a * a)
-                    d = sech2.mul(TANH_A).add_(TANH_B)
-                    curv = sech2.mul_(a).mul_(-2 * TANH_A * TANH_A).div_(d)  # s''/s' for backward
-                else:
-                    a = torch.sigmoid(y)
-                    h = F.softplus(y).mul_(1 - alpha).add_(y, alpha=alpha)
-                    d = a.mul(1 - alpha).add_(alpha)
-                    curv = (1 - a).mul_(a).mul_(1 - alpha).div_(d)  # s''/s' = (1−α)σ(1−σ)/s'
+                h, d, curv = activation_step(y, activation, alpha)
                 ld += d.log().sum(-1)
                 auxs.append((d, curv))
             else:

@@ -18,11 +18,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from flowbench.models.relgrad_autograd import TANH_A, TANH_B
+from flowbench.models.relgrad_autograd import activation_step
 
 if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
@@ -64,17 +63,7 @@ class StackedRelgradNet(torch.autograd.Function):
             y = torch.baddbmm(b.unsqueeze(1), h, _t(weights[k])) if b is not None else h @ _t(weights[k])
             ys.append(y)
             if k < n - 1:
-                if activation == "tanh":
-                    a = torch.tanh(TANH_A * y)
-                    h = torch.add(a, y, alpha=TANH_B)
-                    sech2 = 1 - a * a
-                    d = sech2.mul(TANH_A).add_(TANH_B)
-                    curv = sech2.mul_(a).mul_(-2 * TANH_A * TANH_A).div_(d)
-                else:
-                    a = torch.sigmoid(y)
-                    h = F.softplus(y).mul_(1 - alpha).add_(y, alpha=alpha)
-                    d = a.mul(1 - alpha).add_(alpha)
-                    curv = (1 - a).mul_(a).mul_(1 - alpha).div_(d)
+                h, d, curv = activation_step(y, activation, alpha)
                 ld += d.log().sum(-1)
                 auxs.append((d, curv))
             else:

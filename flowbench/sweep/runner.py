@@ -327,7 +327,8 @@ class _Scheduler:
         if self.max_stack is not None:
             return self.max_stack
         if key not in self._caps:
-            from flowbench.training.stacked import MEMORY_SHARE, available_memory, stack_cap
+            from flowbench.training.stacked import MEMORY_SHARE, stack_cap
+            from flowbench.utils import available_memory
 
             opts = state.options or state.run.options(self.out)
             device = opts.device if opts.device != "auto" else "cuda"

@@ -525,26 +525,6 @@ MAX_STACK = 32
 MEMORY_SHARE = 0.25
 
 
-def available_memory(device: str = "cpu") -> int:
-    """Bytes free now on ``device``: CUDA's ``mem_get_info``, else ``MemAvailable`` of /proc/meminfo, else
-    physical memory (sysconf)."""
-    import os
-
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
 def run_memory(opts: RunOptions) -> int:
     """Bytes one more run adds to a stack of runs like ``opts``, measured rather than guessed.
 
@@ -580,6 +560,8 @@ def stack_cap(opts: RunOptions, budget: int | None = None) -> int:
     memory available on the run's device), at most :data:`MAX_STACK` and at least 1:
     ``min(MAX_STACK, budget // run_memory(opts))``."""
     if budget is None:
+        from flowbench.utils import available_memory
+
         budget = int(MEMORY_SHARE * available_memory(opts.device if opts.device != "auto" else
                                                      ("cuda" if torch.cuda.is_available() else "cpu")))
     return max(1, min(MAX_STACK, budget // max(1, run_memory(opts))))

@@ -313,8 +313,10 @@ def test_summary_line_says_when_the_config_is_unverified():
     from flowbench.results import RunRecord
     from flowbench.training.experiment import summary_line
 
-    ours = RunRecord.example(provenance={"verified": False, "source": "ours"})
-    assert "(ours, config unverified" in summary_line(ours, "x.json")
+    ours = RunRecord.example(provenance={"verified": False, "source": "ours"})  # MAF (5) on POWER: published
+    assert "(ours, config unverified" in summary_line(ours, "x.json") and "0.14" in summary_line(ours, "x.json")
+    digits = RunRecord.example(dataset="digits", provenance={"verified": False, "source": "ours"})
+    assert "unverified" not in summary_line(digits, "x.json")  # no published number to mistake it for
     paper = RunRecord.example(provenance={"verified": True, "source": "MAF paper section 4"})
     assert "unverified" not in summary_line(paper, "x.json")
     assert "unverified" not in summary_line(RunRecord.example(), "x.json")

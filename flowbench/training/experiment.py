@@ -344,7 +344,13 @@ def summary_line(record: RunRecord, path: Any) -> str:
     if record.bits_per_pixel is not None:
         line += f"; {record.bits_per_pixel:.3f} bits/pixel"
     if record.provenance is not None and not record.provenance.get("verified"):
-        line += "\n(ours, config unverified: these settings are not confirmed to be the paper's; see the config's [provenance])"
+        from flowbench.published import PUBLISHED, SOURCES
+
+        beside = [p for p in PUBLISHED if p.model == record.display_name and p.dataset == record.dataset]
+        if beside:  # a published number stands beside this cell: say ours is not its configuration
+            p = beside[0]
+            line += (f"\n(ours, config unverified: the {SOURCES[p.source][0]}'s settings for this cell could not be "
+                     f"confirmed, so this is not a reproduction of its {p.mean:g}; see the config's [provenance])")
     if record.status != "ok":
         line += f"\nstatus {record.status}: {record.failure}"
     return line + f"\nrecord: {path}"

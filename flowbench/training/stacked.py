@@ -1,6 +1,6 @@
 """Stacked runs: R runs of one shape trained in one process as one batched computation (issue 11).
 
-Each run stays a run of the MAF protocol (Papamakarios et al. 2017, section 4; maf-protocol.md section 3):
+Each run stays a run of the MAF protocol (Papamakarios et al. 2017, section 4):
 its own initialisation (the caller builds each flow after seeding with its seed), its own shuffling
 generator, Adam state, early stopping with best-state restore, NaN guard, batch-norm statistics from the
 whole training set, checkpoint and record. Only the training step is shared: the R parameter vectors are

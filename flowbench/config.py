@@ -286,18 +286,15 @@ def read_toml(path: str | Path, kind: str, hint: str) -> dict[str, Any]:
         raise ConfigError(f"{kind} {str(path)!r} cannot be read: {e.strerror or e}") from e
 
 
-def _provenance(table: Any, path: Path) -> dict[str, Any]:
-    _check_provenance(table, path)
-    return {"verified": table["verified"], "source": table["source"]}
-
-
-def _check_provenance(table: Any, path: str | Path) -> None:
-    """A ``[provenance]`` table: ``verified`` (bool, true only if every value is the paper's) and ``source``."""
+def _provenance(table: Any, path: str | Path) -> dict[str, Any]:
+    """A ``[provenance]`` table, checked: ``verified`` (bool, true only if every value is the paper's) and
+    ``source`` (text)."""
     where = f"config file {str(path)!r}, [provenance]"
     if not isinstance(table, dict) or set(table) != {"verified", "source"}:
         raise ConfigError(f"{where} must have exactly the keys verified (true/false) and source (text)")
     if not isinstance(table["verified"], bool) or not isinstance(table["source"], str) or not table["source"]:
         raise ConfigError(f"{where}: verified must be true or false and source a non-empty string")
+    return {"verified": table["verified"], "source": table["source"]}
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

@@ -195,19 +195,10 @@ def pairwise_figure(samples: np.ndarray, test: np.ndarray, dims: Sequence[int], 
 
 def _toy2d_density(rec: Any, flow: Any, data: Dataset, path: Path, grid: int = 200) -> Path:
     """The data | learned density figure of ``flowbench sanity toy2d`` for a recorded toy run."""
-    from flowbench.models import build_model
-    from flowbench.sanity.toy2d import _figure
+    from flowbench.sanity.toy2d import _density_grid, _figure, _gaussian_test_ll
 
-    lo = np.minimum(data.train.min(0), data.test.min(0)) - 0.5
-    hi = np.maximum(data.train.max(0), data.test.max(0)) + 0.5
-    gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], grid), np.linspace(lo[1], hi[1], grid))
-    pts = torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float32)
-    with torch.no_grad():
-        logp = torch.cat([flow.log_prob(b) for b in pts.split(10_000)]).numpy().reshape(grid, grid)
-    gauss = build_model("gaussian", data.dim)
-    gauss.initialize(torch.as_tensor(data.train))
-    with torch.no_grad():
-        gaussian_ll = float(gauss.eval().log_prob(torch.as_tensor(data.test)).double().mean())
+    gx, gy, logp = _density_grid(flow, data, grid)
+    gaussian_ll = _gaussian_test_ll(data)
     result = {"display_name": R.label(rec), "model": R.model(rec), "test_ll": R.test_ll(rec), "epochs": R.epochs(rec),
               "gaussian_test_ll": gaussian_ll, "nonfinite_grid_points": int((~np.isfinite(logp)).sum())}
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:  # workers import this module first; keep it light
     from flowbench.config import RunOptions
@@ -73,24 +73,35 @@ def execute_run(
     terminal, so parallel runs don't interleave. KeyboardInterrupt is not caught: it stops the sweep.
     """
     t0 = time.perf_counter()
-    with contextlib.ExitStack() as stack:
-        if log_path is not None:
-            Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-            log = stack.enter_context(open(log_path, "w", buffering=1))
-            stack.enter_context(contextlib.redirect_stdout(log))
-            stack.enter_context(contextlib.redirect_stderr(log))
+    with _output_to(log_path):
         try:
             record = _call(resolve_run_fn(run_fn), options, progress)
         except Exception as e:  # noqa: BLE001 - any failure of one run is reported, the sweep goes on
-            tb = traceback.format_exc()
-            if log_path is not None:
-                print(tb, file=sys.stderr)
-            from flowbench.errors import FlowbenchError
-
-            return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": tb,
-                    "retry": not isinstance(e, FlowbenchError),  # a usage error fails the same way again
-                    "seconds": time.perf_counter() - t0}
+            return {**_failure(e, log_path), "seconds": time.perf_counter() - t0}
     return {"ok": True, "record": record, "seconds": time.perf_counter() - t0}
+
+
+@contextlib.contextmanager
+def _output_to(log_path: str | None) -> Iterator[None]:
+    """The run's stdout and stderr (progress bars, epoch lines) into ``log_path``, line-buffered; None: as is."""
+    if log_path is None:
+        yield
+        return
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        yield
+
+
+def _failure(e: Exception, log_path: str | None) -> dict[str, Any]:
+    """The outcome of a run (or stack) that raised; ``retry`` is False for a FlowbenchError, which is
+    deterministic (a usage error fails the same way again)."""
+    from flowbench.errors import FlowbenchError
+
+    tb = traceback.format_exc()
+    if log_path is not None:
+        print(tb, file=sys.stderr)
+    return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": tb,
+            "retry": not isinstance(e, FlowbenchError)}
 
 
 def ray_execute(options: RunOptions, run_fn: str, threads: int) -> dict[str, Any]:
@@ -142,21 +153,14 @@ def execute_stack(
     """
     t0 = time.perf_counter()
     first = log_paths[0] if log_paths else None
-    with contextlib.ExitStack() as stack:
+    with _output_to(first):
         if first is not None:
-            Path(first).parent.mkdir(parents=True, exist_ok=True)
-            log = stack.enter_context(open(first, "w", buffering=1))
-            stack.enter_context(contextlib.redirect_stdout(log))
-            stack.enter_context(contextlib.redirect_stderr(log))
             print(f"# a stack of {len(options)} runs (seeds {[o.seed for o in options]}): one log for all")
         try:
             records = resolve_run_fn(stack_fn)(list(options), progress=progress)
             outcome = {"ok": True, "records": records}
         except Exception as e:  # noqa: BLE001 - the stack's failure is each of its runs' failure
-            tb = traceback.format_exc()
-            if first is not None:
-                print(tb, file=sys.stderr)
-            outcome = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": tb}
+            outcome = _failure(e, first)
     for other in (log_paths or [])[1:]:
         Path(other).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(first, other)

@@ -34,7 +34,15 @@ from flowbench.models.base import Flow
 from flowbench.models.stacking import stacked_train_log_prob
 from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import finite_mean, log_prob_batches
-from flowbench.training.trainer import SYNC_EVERY, EpochInfo, TrainResult, _rng_state, _set_rng_state, make_adam
+from flowbench.training.trainer import (
+    SYNC_EVERY,
+    EpochInfo,
+    TrainResult,
+    _rng_state,
+    _set_rng_state,
+    make_adam,
+    read_checkpoint,
+)
 from flowbench.utils import atomic_torch_save
 
 __all__ = ["StackedTrainer", "RunSpec", "StackedEpochInfo", "parse_seeds", "run_stacked", "stack_key", "PER_RUN"]
@@ -199,16 +207,7 @@ class StackedTrainer:
     def load_checkpoint(self, i: int) -> None:
         """Restore run i from its checkpoint (written by a stack or by a single run)."""
         run = self.runs[i]
-        path = run.path
-        if path is None or not path.is_file():
-            raise ConfigError(f"no checkpoint to resume from at {path}; run without --resume to start afresh")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        old = {k: v for k, v in state.get("fingerprint", {}).items() if k not in RESUME_MAY_CHANGE}
-        new = {k: v for k, v in run.fingerprint.items() if k not in RESUME_MAY_CHANGE}
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConfigError(f"checkpoint {path} was made with different options ({', '.join(diff)}); "
-                              "resume with the same options, or use --force without --resume to start again")
+        state = read_checkpoint(run.path, run.fingerprint)  # a truncated or foreign file: a clear error
         run.flow.load_state_dict(state["model"])
         with torch.no_grad():
             self.theta[i] = self._flat(run.flow).to(self.theta)
@@ -412,7 +411,7 @@ def unstackable(opts: RunOptions) -> str | None:
 def stack_key(opts: RunOptions) -> tuple:
     """Runs with equal keys may share a stack: everything but :data:`PER_RUN` and the options that do not
     change a trajectory (where results go, threads, progress output) is equal."""
-    from flowbench.config import RESUME_MAY_CHANGE, UNTAGGED
+    from flowbench.config import UNTAGGED
 
     skip = set(PER_RUN) | set(RESUME_MAY_CHANGE) | set(UNTAGGED) | {"seeds", "tag"}
     flat = opts.to_dict()

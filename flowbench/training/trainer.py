@@ -155,6 +155,23 @@ def _checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def read_checkpoint(path: str | Path | None, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint to ``--resume`` from, checked: present, readable, and made with the same options (those
+    in :data:`~flowbench.config.RESUME_MAY_CHANGE` may differ); errors say what to do."""
+    if path is None or not Path(path).is_file():
+        raise ConfigError(f"no checkpoint to resume from at {path}; run without --resume to start afresh")
+    state = _checkpoint(path)
+    old = {k: v for k, v in (state.get("fingerprint") or {}).items() if k not in RESUME_MAY_CHANGE}
+    new = {k: v for k, v in fingerprint.items() if k not in RESUME_MAY_CHANGE}
+    if old != new:
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ConfigError(
+            f"checkpoint {path} was made with different options ({', '.join(diff)}); "
+            "resume with the same options, or use --force without --resume to start again"
+        )
+    return state
+
+
 def checkpoint_epoch(path: str | Path) -> int | None:
     """The number of epochs a checkpoint has completed, or None when it cannot be read."""
     try:
@@ -311,17 +328,7 @@ class Trainer:
     def load_checkpoint(self, path: str | Path | None = None) -> None:
         """Restore the state saved after an evaluation (``--resume``)."""
         path = Path(path) if path is not None else self.checkpoint_path
-        if path is None or not path.is_file():
-            raise ConfigError(f"no checkpoint to resume from at {path}; run without --resume to start afresh")
-        state = _checkpoint(path)
-        old = {k: v for k, v in (state.get("fingerprint") or {}).items() if k not in RESUME_MAY_CHANGE}
-        new = {k: v for k, v in self.fingerprint.items() if k not in RESUME_MAY_CHANGE}
-        if old != new:
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConfigError(
-                f"checkpoint {path} was made with different options ({', '.join(diff)}); "
-                "resume with the same options, or use --force without --resume to start again"
-            )
+        state = read_checkpoint(path, self.fingerprint)
         try:
             self.flow.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])

@@ -280,16 +280,14 @@ def run_experiment(
 
 
 def _run_experiment(
-    options: RunOptions | Mapping[str, Any],
-    data: Dataset | None = None,
+    opts: RunOptions,
+    data: Dataset | None,
     *,
-    callbacks: list[Callable[[EpochInfo], None]] | None = None,
-    progress: bool = True,
+    callbacks: list[Callable[[EpochInfo], None]] | None,
+    progress: bool,
 ) -> RunRecord:
+    """The run itself, its lock held (``opts`` resolved, ``dataset`` already ``data.name`` when data is given)."""
     t0 = time.perf_counter()
-    opts = coerce_options(options)
-    if data is not None:
-        opts = opts.replace(dataset=data.name)
     rec_path, ckpt_path = _paths(opts)
     _check_before_compute(opts, rec_path, ckpt_path)
     if data is None:

@@ -34,6 +34,10 @@ __all__ = [
 class Transform(nn.Module):
     """A bijection (or a map with a tractable Jacobian determinant): data → latent."""
 
+    #: True where ``forward`` also evaluates R stacked runs at once: every parameter and the input carry a
+    #: leading run axis, (R, B, D) in, (R, B, D) and (R, B) out (:mod:`flowbench.models.stacking`).
+    stacks: bool = False
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -44,12 +48,14 @@ class Transform(nn.Module):
 class CompositeTransform(Transform):
     """``t_n ∘ … ∘ t_1``: applies the transforms in order, accumulating log-determinants."""
 
+    stacks = True  # forward takes (R, B, D) when its transforms do
+
     def __init__(self, transforms: list[Transform]):
         super().__init__()
         self.transforms = nn.ModuleList(transforms)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        total = x.new_zeros(x.shape[0])
+        total = x.new_zeros(x.shape[:-1])
         for t in self.transforms:
             x, logdet = t(x)
             total = total + logdet
@@ -65,6 +71,8 @@ class CompositeTransform(Transform):
 
 class StandardNormal(nn.Module):
     """N(0, I) on R^D."""
+
+    stacks = True
 
     def __init__(self, dim: int):
         super().__init__()

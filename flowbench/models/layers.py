@@ -16,7 +16,21 @@ from torch import Tensor, nn
 from flowbench.errors import InputError
 from flowbench.models.base import Transform, recompute_batchnorm_stats
 
-__all__ = ["BatchNorm", "recompute_batchnorm_stats", "MaskedLinear", "maf_linear_init_"]
+__all__ = ["BatchNorm", "recompute_batchnorm_stats", "Linear", "MaskedLinear", "linear", "maf_linear_init_"]
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear`` that also takes R runs' weights at once: ``x`` (R, B, I), ``weight`` (R, O, I), ``bias`` (R, O).
+
+    The layers of the stackable families call this, so one module evaluates a single run (``F.linear``, as
+    before) or a stack of R runs whose parameters carry a leading run axis (one batched product; stacked runs,
+    :mod:`flowbench.models.stacking`).
+    """
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return x @ weight.transpose(-1, -2)
+    return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(-1, -2))
 
 
 def maf_linear_init_(weight: Tensor, bias: Tensor | None) -> None:
@@ -45,11 +59,23 @@ class MaskedLinear(nn.Module):
         self.register_buffer("mask", mask.to(torch.get_default_dtype()), persistent=False)
         maf_linear_init_(self.weight, self.bias)
 
+    #: forward broadcasts over a leading run axis of its parameters and input (see :func:`linear`)
+    stacks = True
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight * self.mask, self.bias)
+        return linear(x, self.weight * self.mask, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward also evaluates R stacked runs at once (see :func:`linear`)."""
+
+    stacks = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 class BatchNorm(Transform):
@@ -62,7 +88,10 @@ class BatchNorm(Transform):
     constants in the log-determinant as in the MAF code. Evaluation mode: the stored ``m``, ``v`` set by
     :meth:`set_stats_from` over the *entire* training set (no running averages). Before the first call the
     stored statistics are ``m = 0``, ``v = 1`` (as in the MAF code). ``inverse`` always uses the stored ones.
+    ``forward`` also evaluates R stacked runs: parameters (R, D), input (R, B, D), statistics per run.
     """
+
+    stacks = True
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -74,16 +103,17 @@ class BatchNorm(Transform):
         self.register_buffer("stat_var", torch.ones(dim))  # already includes eps
 
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training:
-            var, mean = torch.var_mean(x, dim=0, unbiased=False)
+        if self.training:  # over the batch axis (of each run, when stacked)
+            var, mean = torch.var_mean(x, dim=-2, keepdim=True, unbiased=False)
             return mean, var + self.eps
         return self.stat_mean, self.stat_var
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mean, var = self._stats(x)
-        log_scale = self.log_gamma - 0.5 * torch.log(var)  # shared by y and the log-det: fewer kernels
-        y = torch.addcmul(self.beta, x - mean, torch.exp(log_scale))
-        return y, log_scale.sum().expand(x.shape[0])
+        # unsqueeze: a stacked run's (R, D) parameters meet its (R, 1, D) statistics (a no-op for one run)
+        log_scale = self.log_gamma.unsqueeze(-2) - 0.5 * torch.log(var)  # shared by y and the log-det
+        y = torch.addcmul(self.beta.unsqueeze(-2), x - mean, torch.exp(log_scale))
+        return y, log_scale.sum(-1).expand(x.shape[:-1])
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         mean, var = self.stat_mean, self.stat_var

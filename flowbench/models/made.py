@@ -17,12 +17,11 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowbench.errors import ConfigError
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
-from flowbench.models.layers import MaskedLinear
+from flowbench.models.layers import MaskedLinear, linear
 from flowbench.models.spec import HParam, ModelSpec
 
 __all__ = [
@@ -92,16 +91,19 @@ def _net(module: nn.Module, x: Tensor) -> Tensor:
     """Hidden layers then the output layer; functional calls keep per-step Python overhead low (MAF hot path)."""
     act = ACTIVATIONS[module.activation]
     for lin in module.hidden:
-        x = act(F.linear(x, lin.weight * lin.mask, lin.bias))
+        x = act(linear(x, lin.weight * lin.mask, lin.bias))
     out = module.out
-    return F.linear(x, out.weight * out.mask, out.bias)
+    return linear(x, out.weight * out.mask, out.bias)
 
 
 class MADE(Transform):
     """Gaussian MADE as a transform x → u, ``u = exp(½ logp)(x − m(x))``, log-det ``½ Σ logp``.
 
     The inverse (sampling) needs D sequential passes; the density is ``Flow(MADE, StandardNormal)``.
+    ``forward`` also evaluates R stacked runs (parameters and input with a leading run axis).
     """
+
+    stacks = True
 
     def __init__(
         self,
@@ -142,8 +144,11 @@ class MADEMoG(nn.Module):
 
     ``log p(x) = −½ D log 2π + Σ_d log Σ_c exp(log a_dc − ½ u_dc² + ½ logp_dc)``, with
     ``u_dc = exp(½ logp_dc)(x_d − m_dc)`` and ``log a`` normalised over components. Output biases are
-    initialised N(0, 1), as in the MAF code, so the components start apart.
+    initialised N(0, 1), as in the MAF code, so the components start apart. ``log_prob`` also evaluates R
+    stacked runs.
     """
+
+    stacks = True
 
     def __init__(
         self,
@@ -166,8 +171,8 @@ class MADEMoG(nn.Module):
             self.out.bias.normal_()
 
     def _params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        out = _net(self, x).view(x.shape[0], 3, self.dim, self.components)
-        m, logp, loga = out.unbind(1)
+        out = _net(self, x).view(*x.shape[:-1], 3, self.dim, self.components)
+        m, logp, loga = out.unbind(-3)
         return m, logp, torch.log_softmax(loga, dim=-1)
 
     def log_prob(self, x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from flowbench.errors import ConfigError
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
-from flowbench.models.layers import BatchNorm, maf_linear_init_
+from flowbench.models.layers import BatchNorm, Linear, maf_linear_init_
 from flowbench.models.maf import MAF_HPARAMS
 from flowbench.models.spec import ModelSpec
 
@@ -30,8 +30,8 @@ def _mlp(dim: int, hidden: int, hidden_layers: int, activation: type[nn.Module])
     sizes = [dim] + [hidden] * hidden_layers
     mods: list[nn.Module] = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-        mods += [nn.Linear(n_in, n_out), activation()]
-    mods.append(nn.Linear(hidden, dim))
+        mods += [Linear(n_in, n_out), activation()]
+    mods.append(Linear(hidden, dim))
     for m in mods:
         if isinstance(m, nn.Linear):
             maf_linear_init_(m.weight, m.bias)
@@ -39,7 +39,12 @@ def _mlp(dim: int, hidden: int, hidden_layers: int, activation: type[nn.Module])
 
 
 class CouplingLayer(Transform):
-    """Affine coupling layer of Real NVP (MAF-code variant: both nets read the masked input ``b·x``)."""
+    """Affine coupling layer of Real NVP (MAF-code variant: both nets read the masked input ``b·x``).
+
+    ``forward`` also evaluates R stacked runs (parameters and input with a leading run axis).
+    """
+
+    stacks = True
 
     def __init__(self, mask: Tensor, hidden: int, hidden_layers: int):
         super().__init__()

@@ -181,6 +181,41 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+#: glibc ``mallopt`` parameters (malloc.h) and the values :func:`keep_freed_memory` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest mmap threshold on 64-bit
+_TRIM_THRESHOLD = 2**31 - 1  # the largest int mallopt takes: in effect, never trim
+_kept_freed_memory: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Let this process reuse the memory torch frees on the CPU instead of handing it back to the OS.
+
+    A training step frees and re-allocates the same activation- and gradient-sized blocks every step. With
+    glibc's defaults, blocks over its (adaptive) mmap threshold are returned on free, and the heap top is
+    trimmed, so each step page-faults its tensors in again: measured on one CPU thread, 200–560 page faults
+    per step for 16 stacked MAF(5) runs (19–20 → 22–23 ms per step) and a stacked relgrad MNIST-shape step
+    1.5× slower (its 9.8 MB gradients were faulted in at every step). Fixing glibc's mmap threshold at its
+    maximum (32 MiB: larger blocks, such as datasets, are still mapped and returned) and never trimming keeps
+    the blocks for reuse: 0 faults per step; the resident memory stays at its peak. Idempotent; does
+    nothing but return False where the C library is not glibc. Called by the trainers on the CPU.
+    """
+    global _kept_freed_memory
+    if _kept_freed_memory is None:
+        import ctypes
+        import platform
+
+        _kept_freed_memory = False
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+            try:
+                libc = ctypes.CDLL(None)
+                _kept_freed_memory = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
+                    libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+            except (OSError, AttributeError):
+                _kept_freed_memory = False
+    return _kept_freed_memory
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given (checked)."""
     import torch

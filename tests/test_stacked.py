@@ -157,10 +157,14 @@ def test_stacked_modules_equal_vmap_and_single_runs(model, hp):
             torch.testing.assert_close(grads[0][n][r], p.grad, rtol=0, atol=1e-12, msg=n)
 
 
-def test_stacked_relgrad_gradient_is_each_runs_relative_gradient():
-    """The batched backward against the single-run RelgradNet in float64, run by run (bias_logdet both ways)."""
+@pytest.mark.parametrize("host_scalars", [("cpu",), ()])
+def test_stacked_relgrad_gradient_is_each_runs_relative_gradient(host_scalars, monkeypatch):
+    """The batched backward against the single-run RelgradNet in float64, run by run (bias_logdet both ways;
+    the CPU path that fuses the log-det term per run and the device path that keeps it on the device)."""
+    from flowbench.models import stacking
     from flowbench.models.relgrad_autograd import RelgradNet
 
+    monkeypatch.setattr(stacking, "HOST_SCALARS", host_scalars)
     torch.manual_seed(0)
     R, B, D, n = 3, 5, 4, 3
     for act, bias_logdet in (("smooth-leaky-relu", False), ("tanh", True)):
@@ -168,15 +172,48 @@ def test_stacked_relgrad_gradient_is_each_runs_relative_gradient():
         bs = [torch.randn(R, D, dtype=torch.float64, requires_grad=True) for _ in range(n)]
         x = torch.randn(R, B, D, dtype=torch.float64)
         z, ld = StackedRelgradNet.apply(x, act, 0.3, n, bias_logdet, *ws, *bs)
-        ((z ** 2).sum(-1) * 0.5 - ld * torch.arange(1, B + 1)).sum().backward()
+        c = torch.arange(1.0, R * B + 1, dtype=torch.float64).view(R, B) ** 1.5  # log-det weights differ per run
+        ((z ** 2).sum(-1) * 0.5 - ld * c).sum().backward()
         for r in range(R):
             wr = [w[r].detach().clone().requires_grad_() for w in ws]
             br = [b[r].detach().clone().requires_grad_() for b in bs]
             z1, ld1 = RelgradNet.apply(x[r], act, 0.3, n, bias_logdet, *wr, *br)
             torch.testing.assert_close(z[r], z1, rtol=0, atol=1e-12)
-            ((z1 ** 2).sum(-1) * 0.5 - ld1 * torch.arange(1, B + 1)).sum().backward()
+            ((z1 ** 2).sum(-1) * 0.5 - ld1 * c[r]).sum().backward()
             for a, b in zip(ws + bs, wr + br):
                 torch.testing.assert_close(a.grad[r], b.grad, rtol=1e-13, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_stacked_adam_is_each_runs_torch_adam(fused):
+    """One stacked Adam step against torch's fused Adam run by run: per-run learning rates and weight decay,
+    unequal step counts (a resumed run), a masked run; with the fused kernel and with the fallback algorithm."""
+    torch.manual_seed(0)
+    flows = [models.build_model("made", 4, hidden=6, hidden_layers=1, activation="relu").double() for _ in range(4)]
+    specs = [RunSpec(f, s, lr, weight_decay=wd) for s, (f, lr, wd) in
+             enumerate(zip(flows, (1e-2, 1e-2, 3e-2, 1e-2), (1e-6, 1e-6, 0.0, 1e-6)))]
+    x = torch.randn(20, 4, dtype=torch.float64)
+    st = StackedTrainer(specs, x, x, progress=False)
+    st._fused = fused and st._fused
+    opts = [torch.optim.Adam(f.parameters(), lr=s.lr, weight_decay=s.weight_decay, fused=True)
+            for f, s in zip(flows, specs)]
+    live = [True, True, True, False]
+    for step in range(3):
+        for p in st.params:
+            p.grad = torch.randn_like(p)
+        if step == 1:
+            live[3] = True  # run 3 rejoins one step behind the others: unequal step counts
+        for r, (f, opt) in enumerate(zip(flows, opts)):
+            if live[r]:
+                for p, g in zip(f.parameters(), st.params):
+                    p.grad = g.grad[r].clone()
+                opt.step()
+        st._adam(st.params, st.exp_avg, st.exp_avg_sq, st.steps, st.nsteps, [0, 1, 2, 3], live)
+    assert st.nsteps == [3, 3, 3, 2] and st.steps.tolist() == [3.0, 3.0, 3.0, 2.0]
+    for r, f in enumerate(flows):
+        for k, p in enumerate(f.parameters()):
+            torch.testing.assert_close(st.params[k][r], p.detach(), rtol=0, atol=0 if fused else 1e-14)
+            torch.testing.assert_close(st.exp_avg_sq[k][r], opts[r].state[p]["exp_avg_sq"], rtol=0, atol=1e-15)
 
 
 def test_parse_seeds():

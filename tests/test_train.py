@@ -320,3 +320,38 @@ def test_summary_line_says_when_the_config_is_unverified():
     paper = RunRecord.example(provenance={"verified": True, "source": "MAF paper section 4"})
     assert "unverified" not in summary_line(paper, "x.json")
     assert "unverified" not in summary_line(RunRecord.example(), "x.json")
+
+
+_FAULTS = """
+import resource, sys, torch
+from flowbench.utils import keep_freed_memory
+on = sys.argv[1] == "on" and keep_freed_memory()
+w = torch.randn(4, 784, 784)
+def step():
+    g = [w * 0.5 for _ in range(4)]  # a stacked relgrad step's 9.8 MB gradients, freed after the update
+    return sum(t.sum() for t in g)
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print(int(on), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("platform").libc_ver()[0] == "glibc", reason="glibc's mallopt")
+def test_keep_freed_memory_stops_per_step_page_faults():
+    """What the trainers set on the CPU: freed gradient-sized blocks are reused, not faulted in again (the
+    same loop faults without it: measured 40,689 faults in 20 steps, 0 with it)."""
+    import subprocess
+    import sys
+
+    faults = {}
+    for mode in ("on", "off"):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True)
+        on, n = map(int, out.stdout.split())
+        assert on == (mode == "on")
+        faults[mode] = n
+    pages = 20 * 4 * 4 * 784 * 784 // 4096
+    assert faults["off"] > pages // 50, faults  # the loop does fault without the setting (the test can fail)
+    assert faults["on"] * 20 < faults["off"], faults

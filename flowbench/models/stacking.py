@@ -58,6 +58,11 @@ def stacks_natively(flow: nn.Module) -> bool:
     return all(getattr(m, "stacks", False) or isinstance(m, _BROADCASTING) for m in flow.modules() if m is not flow)
 
 
+#: Devices where the relgrad backward reads its per-run log-det weights on the host (free there) to fuse them
+#: into one addmm per run; elsewhere (CUDA) they stay on the device (tests empty it to cover that path).
+HOST_SCALARS = ("cpu",)
+
+
 def _t(a: Tensor) -> Tensor:
     return a.transpose(-1, -2)
 
@@ -100,6 +105,7 @@ class StackedRelgradNet(torch.autograd.Function):
         ys = saved[2 * n:] if ctx.has_bias else saved[n:]
         gws, gbs = [None] * n, [None] * n
         s = None if dld is None else dld.sum(-1)  # (R,): Σ_i ∂loss/∂logdet_i per run
+        s_host = s.tolist() if s is not None and s.device.type in HOST_SCALARS else None  # no sync on CUDA
         if dz is None:
             dz = torch.zeros_like(ys[-1])
         delta = dz
@@ -112,8 +118,13 @@ class StackedRelgradNet(torch.autograd.Function):
                 gh, yw = both[:, :rows], both[:, rows:]
             else:
                 gh, yw = None, y @ w
-            gw = _t(delta) @ yw  # Δᵀ (Y W)
-            gws[k] = gw if s is None else gw.add_(w * s[:, None, None])
+            if s_host is not None:  # CPU: Δᵀ (Y W) + s_r·W in one addmm per run, as the single-run Function
+                gws[k] = torch.empty_like(w)
+                for r, s_r in enumerate(s_host):
+                    torch.addmm(w[r], delta[r].t(), yw[r], beta=s_r, out=gws[k][r])
+            else:
+                gw = _t(delta) @ yw  # Δᵀ (Y W)
+                gws[k] = gw if s is None else gw.addcmul_(w, s[:, None, None])
             if biases[k] is not None:
                 u = (y @ biases[k].unsqueeze(-1)).squeeze(-1) + 1  # Y b + 1, (R, B)
                 gbs[k] = (_t(delta) @ u.unsqueeze(-1)).squeeze(-1)

@@ -3,11 +3,13 @@
 Each run stays a run of the MAF protocol (Papamakarios et al. 2017, section 4):
 its own initialisation (the caller builds each flow after seeding with its seed), its own shuffling
 generator, Adam state, early stopping with best-state restore, NaN guard, batch-norm statistics from the
-whole training set, checkpoint and record. Only the training step is shared: the R parameter vectors are
-the rows of one (R, P) tensor, the objective of every run on its own minibatch is one batched pass
-(:func:`flowbench.models.stacking.stacked_train_log_prob`), and Adam is one elementwise update of the
-(R, P) tensor with per-run learning rate, weight decay and step count. A finished run leaves the stack at
-the end of the epoch; a run whose loss turns non-finite is masked from that step on.
+whole training set, checkpoint and record. Only the training step is shared: each parameter of the R runs
+is one (R, *shape) tensor, the objective of every run on its own minibatch is one batched pass
+(:func:`flowbench.models.stacking.stacked_train_log_prob`), and Adam is torch's fused kernel over those
+tensors (one call for the whole stack when the runs share learning rate, weight decay and step count, else
+one per group of runs that do). A finished run leaves the stack at the end of the epoch; a run whose loss
+turns non-finite is masked from then on (on a GPU the loss is read every ``SYNC_EVERY`` steps, so there it
+may take up to that many more steps, on its own rows only, before it is masked).
 
 Per-run checkpoints have the single-run format of :class:`~flowbench.training.trainer.Trainer` (torch Adam
 state included), so a stacked run resumes stacked or alone, and vice versa. Validation runs per run on a
@@ -43,7 +45,7 @@ from flowbench.training.trainer import (
     make_adam,
     read_checkpoint,
 )
-from flowbench.utils import atomic_torch_save
+from flowbench.utils import atomic_torch_save, keep_freed_memory
 
 __all__ = ["StackedTrainer", "RunSpec", "StackedEpochInfo", "parse_seeds", "run_stacked", "stack_key", "PER_RUN"]
 
@@ -94,16 +96,19 @@ class StackedEpochInfo(EpochInfo):
     seed: int = 0
 
 
-def _fused_row(theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, step: Tensor, lr: float, wd: float) -> None:
-    torch._fused_adam_([theta], [grad], [m], [v], [], [step.to(torch.float32)], lr=lr, beta1=BETA1, beta2=BETA2,
-                       weight_decay=wd, eps=EPS, amsgrad=False, maximize=False)
+def _fused_adam(params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], steps: list[Tensor],
+                lr: float, wd: float) -> None:
+    """torch's fused Adam kernel (the single-run trainer's optimiser) on these tensors; ``steps`` already
+    counts this step, as torch's Adam increments before its kernel."""
+    torch._fused_adam_(params, grads, m, v, [], steps, lr=lr, beta1=BETA1, beta2=BETA2, weight_decay=wd, eps=EPS,
+                       amsgrad=False, maximize=False)
 
 
 def _has_fused(like: Tensor) -> bool:
     """Whether torch's fused Adam kernel runs on this device and dtype (probed on scratch tensors)."""
     try:
         z = like.new_zeros(1)
-        _fused_row(z, z.clone(), z.clone(), z.clone(), z.new_ones(()).double(), 1e-3, 0.0)
+        _fused_adam([z], [z.clone()], [z.clone()], [z.clone()], [z.new_ones((), dtype=torch.float32)], 1e-3, 0.0)
         return True
     except (RuntimeError, TypeError, AttributeError, NotImplementedError):
         return False
@@ -133,6 +138,8 @@ class StackedTrainer:
                  progress: bool = True, checkpoint_every_s: float = 0.0):
         if not runs:
             raise ConfigError("a stack needs at least one run")
+        if train_x.device.type == "cpu":
+            keep_freed_memory()  # as the single-run trainer
         self.runs = [_Run(s) for s in runs]
         self.template = copy.deepcopy(runs[0].flow)
         names = [n for n, _ in self.template.named_parameters()]
@@ -142,8 +149,6 @@ class StackedTrainer:
                 raise ConfigError("runs of a stack must have the same model shape (only seeds, learning rates, "
                                   "weight decay, patience and epoch caps may differ)")
         self.names = names
-        self.shapes = [p.shape for _, p in self.template.named_parameters()]
-        self.sizes = [p.numel() for _, p in self.template.named_parameters()]
         self.buffers = {n: b for n, b in self.template.named_buffers()}
         self.train_x, self.val_x = train_x, val_x
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -151,39 +156,32 @@ class StackedTrainer:
         self.callbacks = list(callbacks or [])
         self.progress = progress
         self.checkpoint_every_s = checkpoint_every_s  # as the single-run Trainer's: 0 = every epoch
-        dev, dt = train_x.device, next(self.template.parameters()).dtype
-        self.theta = torch.stack([self._flat(r.flow) for r in self.runs])  # (R, P)
-        self.exp_avg = torch.zeros_like(self.theta)
-        self.exp_avg_sq = torch.zeros_like(self.theta)
-        self.steps = torch.zeros(len(self.runs), dtype=torch.float64, device=dev)
-        self.lr = torch.tensor([r.spec.lr for r in self.runs], dtype=dt, device=dev)[:, None]
-        self.wd = torch.tensor([r.spec.weight_decay for r in self.runs], dtype=dt, device=dev)[:, None]
-        self._fused = _has_fused(self.theta)
+        dev = train_x.device
+        # parameter k of every run: one (R, *shape) tensor (row r = run r), with its gradient and Adam moments
+        self.params = [torch.stack(ps).detach().clone() for ps in zip(*(r.flow.parameters() for r in self.runs))]
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        # Adam's step count per run: on the device for the kernel, mirrored on the host (no sync to read it)
+        self.steps = torch.zeros(len(self.runs), dtype=torch.float32, device=dev)
+        self.nsteps = [0] * len(self.runs)
+        self._fused = _has_fused(self.params[0])
 
     # -- stacked ⇄ per-run ---------------------------------------------------------------------------
-    @staticmethod
-    def _flat(flow: Flow) -> Tensor:
-        return torch.cat([p.detach().reshape(-1) for p in flow.parameters()])
-
-    def _unflat(self, row: Tensor) -> list[Tensor]:
-        return [c.view(s) for c, s in zip(row.split(self.sizes), self.shapes)]
-
     @torch.no_grad()
     def _sync_module(self, i: int) -> None:
         """Copy run i's rows into its module (before validation, checkpoints and at the end)."""
-        for p, v in zip(self.runs[i].flow.parameters(), self._unflat(self.theta[i])):
-            p.copy_(v)
+        for p, v in zip(self.runs[i].flow.parameters(), self.params):
+            p.copy_(v[i])
 
     # -- checkpoints (the single-run format) ------------------------------------------------------------
     def _optimizer_state(self, i: int) -> dict[str, Any]:
         run = self.runs[i]
         template = make_adam(run.flow.parameters(), lr=run.spec.lr, weight_decay=run.spec.weight_decay).state_dict()
-        step = float(self.steps[i])
+        step = self.nsteps[i]
         if step > 0:
-            ea, es = self._unflat(self.exp_avg[i]), self._unflat(self.exp_avg_sq[i])
-            template["state"] = {k: {"step": torch.tensor(step, dtype=torch.float32),
-                                     "exp_avg": ea[k].clone(), "exp_avg_sq": es[k].clone()}
-                                 for k in range(len(self.sizes))}
+            template["state"] = {k: {"step": torch.tensor(float(step), dtype=torch.float32),
+                                     "exp_avg": self.exp_avg[k][i].clone(), "exp_avg_sq": self.exp_avg_sq[k][i].clone()}
+                                 for k in range(len(self.params))}
         return template
 
     def _state_dict(self, i: int) -> dict[str, Any]:
@@ -210,12 +208,14 @@ class StackedTrainer:
         state = read_checkpoint(run.path, run.fingerprint)  # a truncated or foreign file: a clear error
         run.flow.load_state_dict(state["model"])
         with torch.no_grad():
-            self.theta[i] = self._flat(run.flow).to(self.theta)
+            for stacked, p in zip(self.params, run.flow.parameters()):
+                stacked[i] = p
             opt = state["optimizer"]["state"]
             if opt:
-                self.steps[i] = float(opt[0]["step"])
-                self.exp_avg[i] = torch.cat([opt[k]["exp_avg"].reshape(-1) for k in range(len(self.sizes))])
-                self.exp_avg_sq[i] = torch.cat([opt[k]["exp_avg_sq"].reshape(-1) for k in range(len(self.sizes))])
+                self.nsteps[i] = int(opt[0]["step"])
+                self.steps[i] = float(self.nsteps[i])
+                for k in range(len(self.params)):
+                    self.exp_avg[k][i], self.exp_avg_sq[k][i] = opt[k]["exp_avg"], opt[k]["exp_avg_sq"]
         run.stopper.load_state_dict(state["early_stopping"])
         _set_rng_state(state["rng"], run.generator)
         r = state["result"]
@@ -227,44 +227,73 @@ class StackedTrainer:
 
     # -- the loop --------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _adam(self, theta: Tensor, grad: Tensor, m: Tensor, v: Tensor, steps: Tensor, lr: Tensor, wd: Tensor,
-              live: Tensor) -> None:
+    def _adam(self, params: list[Tensor], m: list[Tensor], v: list[Tensor], steps: Tensor, nsteps: list[int],
+              active: list[int], live: list[bool]) -> None:
         """torch's Adam (L2 added to the gradient, as the single-run trainer's) on the rows with ``live``.
 
-        Row by row through torch's fused Adam kernel where there is one: bit-identical to the single-run
-        fused step, and one pass over memory (a broadcast elementwise version made relgrad at D = 784 four
-        times slower than sequential runs). Otherwise the same algorithm with per-run tensors.
+        Host-side lists decide the grouping (no device sync): the whole stack in one fused call when every row
+        is live and the rows share learning rate, weight decay and step count (the usual stack of seeds), else
+        one call per (learning rate, weight decay) group over its live rows. Bit-identical to the single-run
+        fused step. Without a fused kernel: the same algorithm with per-run tensors.
         """
-        steps += live.to(steps.dtype)
-        rows = live.nonzero().flatten().tolist() if not bool(live.all()) else range(theta.shape[0])
-        if self._fused:
-            for j in rows:
-                _fused_row(theta[j], grad[j], m[j], v[j], steps[j], float(lr[j]), float(wd[j]))
-            return
-        n = steps.clamp_min(1)[:, None]
-        bc1 = (1 - BETA1 ** n).to(theta.dtype)
-        bc2_sqrt = (1 - BETA2 ** n).sqrt().to(theta.dtype)
-        g = grad.add(theta * wd)
-        keep = live[:, None]
-        m.copy_(torch.where(keep, m.lerp(g, 1 - BETA1), m))
-        v.copy_(torch.where(keep, v * BETA2 + (1 - BETA2) * g * g, v))
-        upd = m / (v.sqrt() / bc2_sqrt + EPS) * (lr / bc1)
-        theta.sub_(torch.where(keep, upd, torch.zeros_like(upd)))
+        grads = [p.grad for p in params]
+        rows = [j for j, ok in enumerate(live) if ok]
+        for j in rows:
+            nsteps[j] += 1
+        if len(rows) == len(live):
+            steps.add_(1)
+        else:
+            steps.index_add_(0, torch.tensor(rows, device=steps.device), steps.new_ones(len(rows)))
+        specs = [self.runs[i].spec for i in active]
+        groups: dict[tuple[float, float], list[int]] = {}
+        for j in rows:
+            groups.setdefault((specs[j].lr, specs[j].weight_decay), []).append(j)
+        for (lr, wd), js in groups.items():
+            if not self._fused:
+                self._adam_reference(params, grads, m, v, steps, js, lr, wd)
+            elif len(js) == len(live) and len({nsteps[j] for j in js}) == 1:
+                _fused_adam(params, grads, m, v, [steps[0]] * len(params), lr, wd)
+            else:
+                flat = [[x[j] for j in js for x in ts] for ts in (params, grads, m, v)]  # run-major rows
+                _fused_adam(*flat, [steps[j] for j in js for _ in params], lr, wd)
+
+    @staticmethod
+    def _adam_reference(params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], steps: Tensor,
+                        js: list[int], lr: float, wd: float) -> None:
+        """torch's Adam algorithm (``foreach=False``) on rows ``js`` where no fused kernel exists."""
+        idx = torch.tensor(js, device=steps.device)
+        n = steps[idx].to(torch.float64)
+        for p, g, ma, va in zip(params, grads, m, v):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            bc1 = (1 - BETA1 ** n).to(p.dtype).view(shape)
+            bc2_sqrt = (1 - BETA2 ** n).sqrt().to(p.dtype).view(shape)
+            gj = g[idx].add(p[idx], alpha=wd)
+            mj = ma[idx].lerp_(gj, 1 - BETA1)
+            vj = va[idx].mul_(BETA2).addcmul_(gj, gj, value=1 - BETA2)
+            ma[idx], va[idx] = mj, vj
+            p[idx] = p[idx] - (lr / bc1) * mj / (vj.sqrt() / bc2_sqrt + EPS)
 
     def _train_epoch(self, active: list[int]) -> tuple[list[float], list[str | None]]:
         """One pass of every active run over its own shuffle; (mean train loss, failure or None) per run."""
         dev = self.train_x.device
+        whole = len(active) == len(self.runs)
         idx = torch.tensor(active, device=dev)
-        theta = self.theta[idx].clone().requires_grad_(True)
-        m, v, steps = self.exp_avg[idx].clone(), self.exp_avg_sq[idx].clone(), self.steps[idx].clone()
-        lr, wd = self.lr[idx], self.wd[idx]
+        # the whole stack trains in place; a part of it on copies of its rows, written back at the end
+        params = [p if whole else p[idx].clone() for p in self.params]
+        m = [t if whole else t[idx].clone() for t in self.exp_avg]
+        v = [t if whole else t[idx].clone() for t in self.exp_avg_sq]
+        steps = self.steps if whole else self.steps[idx].clone()
+        nsteps = [self.nsteps[i] for i in active]
+        for p in params:
+            p.requires_grad_(True)
         n = self.train_x.shape[0]
         perms = torch.stack([torch.randperm(n, generator=self.runs[i].generator) for i in active]).to(dev)
         for i in active:
             self.runs[i].flow.train()
         self.template.train()
         ra = len(active)
-        live = torch.ones(ra, dtype=torch.bool, device=dev)
+        live = [True] * ra  # host-side: which runs still train (changed only where the loss is read)
+        live_mask = torch.ones(ra, dtype=torch.bool, device=dev)
         totals = torch.zeros(ra, dtype=torch.float64, device=dev)
         count = 0
         failures: list[str | None] = [None] * ra
@@ -273,27 +302,36 @@ class StackedTrainer:
                    leave=False, disable=None if self.progress else True, file=sys.stderr, mininterval=0.5)
         for step, i in enumerate(bar, 1):
             batch = self.train_x[perms[:, i: i + self.batch_size]]  # (R, b, D): run r's own minibatch
-            views = dict(zip(self.names, (c.view(ra, *s) for c, s in zip(theta.split(self.sizes, 1), self.shapes))))
-            losses = -stacked_train_log_prob(self.template, views, self.buffers, batch).mean(-1)
+            losses = -stacked_train_log_prob(self.template, dict(zip(self.names, params)), self.buffers, batch).mean(-1)
             det = losses.detach()
-            totals += torch.where(live, det * batch.shape[1], torch.zeros_like(det)).to(torch.float64)
+            totals += torch.where(live_mask, det * batch.shape[1], torch.zeros_like(det)).to(torch.float64)
             count += batch.shape[1]
             if step % sync_every == 0 or i + self.batch_size >= n:
-                bad = live & ~torch.isfinite(totals)
-                if bool(bad.any()):
-                    for j in bad.nonzero().flatten().tolist():
-                        failures[j] = (f"non-finite training loss ({float(det[j])}) at epoch "
-                                       f"{self.runs[active[j]].epoch + 1}, batch {step} "
-                                       "(lower --lr, or check the data for outliers)")
-                    live &= ~bad
-                    if not bool(live.any()):
+                bad = torch.nonzero(live_mask & ~torch.isfinite(totals)).flatten().tolist()
+                for j in bad:
+                    failures[j] = (f"non-finite training loss ({float(det[j])}) at epoch "
+                                   f"{self.runs[active[j]].epoch + 1}, batch {step} "
+                                   "(lower --lr, or check the data for outliers)")
+                    live[j] = False
+                if bad:
+                    live_mask = torch.tensor(live, device=dev)
+                    if not any(live):
                         break
-            theta.grad = None
-            torch.where(live, losses, torch.zeros_like(losses)).sum().backward()
-            self._adam(theta.data, theta.grad, m, v, steps, lr, wd, live)
+            for p in params:
+                p.grad = None
+            torch.where(live_mask, losses, torch.zeros_like(losses)).sum().backward()
+            self._adam(params, m, v, steps, nsteps, active, live)
         bar.close()
         with torch.no_grad():
-            self.theta[idx], self.exp_avg[idx], self.exp_avg_sq[idx], self.steps[idx] = theta.detach(), m, v, steps
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+            if not whole:
+                for stacked, mine in zip((*self.params, *self.exp_avg, *self.exp_avg_sq), (*params, *m, *v)):
+                    stacked[idx] = mine
+                self.steps[idx] = steps
+        for i, k in zip(active, nsteps):
+            self.nsteps[i] = k
         means = (totals / max(count, 1)).tolist()
         return [math.nan if f else x for x, f in zip(means, failures)], failures
 

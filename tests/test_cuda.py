@@ -66,3 +66,50 @@ def test_data_stay_on_the_device_and_no_per_step_host_sync():
     assert steps > 4 * SYNC_EVERY
     # reading the loss every SYNC_EVERY steps and at the end, plus a few per epoch (shuffle, NaN check)
     assert len(syncs) <= steps // SYNC_EVERY + 10, f"{len(syncs)} host syncs in {steps} steps"
+
+
+def test_stacked_digits_on_cuda_matches_the_cpu_records(tmp_path):
+    from flowbench.training.stacked import run_stacked
+
+    seeds = (0, 1, 2)
+    cpu = run_stacked([{**OPTS, "seed": s, "device": "cpu", "out": str(tmp_path / "cpu")} for s in seeds],
+                      progress=False)
+    gpu = run_stacked([{**OPTS, "seed": s, "device": "cuda", "out": str(tmp_path / "gpu")} for s in seeds],
+                      progress=False)
+    for c, g in zip(cpu, gpu):
+        assert g.device.startswith("cuda") and g.stack == c.stack == {"seeds": list(seeds), "size": 3}
+        assert (g.epochs, g.best_epoch, g.params) == (c.epochs, c.best_epoch, c.params)
+        assert g.test_ll == pytest.approx(c.test_ll, abs=TEST_LL_TOL)
+
+
+@pytest.mark.parametrize("model", ["maf", "relgrad", "nsf-ar"])  # stacked modules, relgrad's Function, vmap
+def test_stacked_training_has_no_per_step_host_sync(model):
+    import flowbench.models as models
+    from flowbench.training.stacked import RunSpec, StackedTrainer
+
+    data = load_dataset("digits")
+    dev = torch.device("cuda")
+    train_x = torch.as_tensor(np.asarray(data.train), device=dev)
+    val_x = torch.as_tensor(np.asarray(data.val), device=dev)
+    hp = {"maf": dict(layers=2, hidden=32), "relgrad": dict(layers=2), "nsf-ar": dict(layers=2, hidden=16)}[model]
+    runs = []
+    for seed in range(3):
+        _seed_everything(seed)
+        flow = models.build_model(model, data.dim, **models.get_spec(model).resolve(hp)).to(dev)
+        flow.initialize(train_x)
+        runs.append(RunSpec(flow, seed, 1e-4, max_epochs=1))
+    batch = 10
+    trainer = StackedTrainer(runs, train_x, val_x, batch_size=batch, progress=False)
+    steps = -(-train_x.shape[0] // batch)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses, failures = trainer._train_epoch([0, 1, 2])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert failures == [None] * 3 and all(np.isfinite(losses))
+    assert steps > 4 * SYNC_EVERY
+    assert len(syncs) <= steps // SYNC_EVERY + 10, f"{len(syncs)} host syncs in {steps} steps"

@@ -25,8 +25,12 @@ FAMILIES = {
     "maf-mog": dict(layers=2, hidden=16, components=3, batch_norm=False),
     "realnvp": dict(layers=2, hidden=16, batch_norm=False),
     "relgrad": dict(layers=2),
+    # dropout 0: with dropout a stack cannot give each run its own masks, so such runs are not stacked
+    "nsf-ar": dict(layers=2, hidden=8, blocks=1, bins=4, dropout=0.0),
+    "nsf-c": dict(layers=2, hidden=8, blocks=1, bins=4, dropout=0.0),
 }
-LR = {"made": 3e-3, "made-mog": 3e-3, "maf": 3e-3, "maf-mog": 3e-3, "realnvp": 3e-3, "relgrad": 1e-3}
+LR = {"made": 3e-3, "made-mog": 3e-3, "maf": 3e-3, "maf-mog": 3e-3, "realnvp": 3e-3, "relgrad": 1e-3,
+      "nsf-ar": 1e-3, "nsf-c": 1e-3}
 SEEDS = (0, 1)
 
 

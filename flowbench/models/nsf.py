@@ -268,6 +268,14 @@ _COMMON = {
     "dropout": HParam(0.25, "dropout probability inside the residual blocks", low=0.0, high=0.99),
 }
 
+def _unstackable(hp: Mapping[str, Any]) -> str | None:
+    """A stack shares one random stream, so dropout masks would not be each run's own (its result would depend on
+    stacking); without dropout NSF stacks through vmap."""
+    if hp["dropout"] > 0:
+        return f"dropout {hp['dropout']} draws each run's masks from its own random stream (set --dropout 0 to stack)"
+    return None
+
+
 NSF_AR_SPEC = ModelSpec(
     name="nsf-ar",
     build=build_nsf_ar,
@@ -277,6 +285,7 @@ NSF_AR_SPEC = ModelSpec(
     lr=1e-4,
     match_knob="hidden",
     count=nsf_ar_count,
+    unstackable=_unstackable,
 )
 
 NSF_C_SPEC = ModelSpec(
@@ -291,4 +300,5 @@ NSF_C_SPEC = ModelSpec(
     lr=1e-4,
     match_knob="hidden",
     count=nsf_c_count,
+    unstackable=_unstackable,
 )

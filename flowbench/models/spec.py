@@ -94,6 +94,8 @@ class ModelSpec:
         match_knob: the hyperparameter ``--match-params`` solves for (None: the model has no size knob).
         count: closed-form parameter count ``count(dim, hparams) -> int``; None builds the model and counts.
         trainable: False for closed-form fits (the Gaussian), which skip gradient training.
+        unstackable: ``unstackable(hparams) -> str | None``: why runs with these hyperparameters cannot train
+            in a stack (:mod:`flowbench.training.stacked`), or None where they can.
     """
 
     name: str
@@ -105,6 +107,7 @@ class ModelSpec:
     match_knob: str | None = None
     count: Callable[[int, Mapping[str, Any]], int] | None = None
     trainable: bool = True
+    unstackable: Callable[[Mapping[str, Any]], str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.match_knob is not None and self.match_knob not in self.hparams:

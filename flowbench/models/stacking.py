@@ -30,7 +30,7 @@ from flowbench.models.relgrad_autograd import activation_step
 if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
 
-__all__ = ["StackedRelgradNet", "stacked_train_log_prob", "stacks_natively"]
+__all__ = ["StackedRelgradNet", "split_buffers", "stacked_train_log_prob", "stacks_natively"]
 
 
 class _Objective(nn.Module):
@@ -149,26 +149,42 @@ def _relgrad_log_prob(template: nn.Module, params: Mapping[str, Tensor], x: Tens
     return template.base.log_prob(z) + ld
 
 
+def split_buffers(flows: list[nn.Module]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The runs' buffers as (shared, per run): a buffer equal in every run (MADE's masks) is shared; one that
+    differs (NSF's random permutations, drawn from each run's seed) is stacked, (R, *shape)."""
+    mine = [dict(f.named_buffers()) for f in flows]
+    shared, per_run = {}, {}
+    for name, b in mine[0].items():
+        if all(torch.equal(b, m[name]) for m in mine[1:]):
+            shared[name] = b
+        else:
+            per_run[name] = torch.stack([m[name] for m in mine])
+    return shared, per_run
+
+
 def stacked_train_log_prob(template: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                           x: Tensor, *, use_vmap: bool | None = None) -> Tensor:
+                           x: Tensor, *, run_buffers: Mapping[str, Tensor] | None = None,
+                           use_vmap: bool | None = None) -> Tensor:
     """``train_log_prob`` of run r's parameters on ``x[r]`` for every r: shape (R, B).
 
-    ``template`` is one of the runs' flows (its own tensors are not used); ``buffers`` are shared by all runs
-    (masks and the like: identical across runs of one shape; batch-norm statistics are unused in training).
-    ``use_vmap``: None picks the fastest path; True forces vmap (tests compare the paths).
+    ``template`` is one of the runs' flows (its own tensors are not used); ``buffers`` are shared by all runs,
+    ``run_buffers`` (R, *shape) are each run's own (see :func:`split_buffers`). ``use_vmap``: None picks the
+    fastest path; True forces vmap (tests compare the paths).
     """
     from flowbench.models.relgrad import RelgradFlow
 
-    if isinstance(template, RelgradFlow) and template.relative and not use_vmap:
+    run_buffers = dict(run_buffers or {})
+    if isinstance(template, RelgradFlow) and template.relative and not use_vmap and not run_buffers:
         return _relgrad_log_prob(template, params, x)
-    native = stacks_natively(template) and not use_vmap
+    native = stacks_natively(template) and not use_vmap and not run_buffers
     obj = _Objective(template, native)
     params = {"flow." + k: v for k, v in params.items()}
     buffers = {"flow." + k: v for k, v in buffers.items()}
     if native:
         return functional_call(obj, (params, buffers), (x,))
+    run_buffers = {"flow." + k: v for k, v in run_buffers.items()}
 
-    def one(p: dict[str, Tensor], xb: Tensor) -> Tensor:
-        return functional_call(obj, (p, buffers), (xb,))
+    def one(p: dict[str, Tensor], own: dict[str, Tensor], xb: Tensor) -> Tensor:
+        return functional_call(obj, (p, {**buffers, **own}), (xb,))
 
-    return vmap(one)(params, x)
+    return vmap(one)(params, run_buffers, x)

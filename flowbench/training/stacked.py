@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from flowbench.config import RESUME_MAY_CHANGE, RunOptions
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
-from flowbench.models.stacking import stacked_train_log_prob
+from flowbench.models.stacking import split_buffers, stacked_train_log_prob
 from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import finite_mean, log_prob_batches
 from flowbench.training.trainer import (
@@ -149,7 +149,7 @@ class StackedTrainer:
                 raise ConfigError("runs of a stack must have the same model shape (only seeds, learning rates, "
                                   "weight decay, patience and epoch caps may differ)")
         self.names = names
-        self.buffers = {n: b for n, b in self.template.named_buffers()}
+        self.buffers, self.run_buffers = split_buffers([r.flow for r in self.runs])
         self.train_x, self.val_x = train_x, val_x
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self._batches_per_epoch = max(1, math.ceil(train_x.shape[0] / batch_size))
@@ -283,6 +283,7 @@ class StackedTrainer:
         m = [t if whole else t[idx].clone() for t in self.exp_avg]
         v = [t if whole else t[idx].clone() for t in self.exp_avg_sq]
         steps = self.steps if whole else self.steps[idx].clone()
+        own = self.run_buffers if whole else {k: b[idx] for k, b in self.run_buffers.items()}
         nsteps = [self.nsteps[i] for i in active]
         for p in params:
             p.requires_grad_(True)
@@ -302,7 +303,8 @@ class StackedTrainer:
                    leave=False, disable=None if self.progress else True, file=sys.stderr, mininterval=0.5)
         for step, i in enumerate(bar, 1):
             batch = self.train_x[perms[:, i: i + self.batch_size]]  # (R, b, D): run r's own minibatch
-            losses = -stacked_train_log_prob(self.template, dict(zip(self.names, params)), self.buffers, batch).mean(-1)
+            losses = -stacked_train_log_prob(self.template, dict(zip(self.names, params)), self.buffers, batch,
+                                             run_buffers=own).mean(-1)
             det = losses.detach()
             totals += torch.where(live_mask, det * batch.shape[1], torch.zeros_like(det)).to(torch.float64)
             count += batch.shape[1]
@@ -438,8 +440,12 @@ def unstackable(opts: RunOptions) -> str | None:
     """Why a run with options ``opts`` cannot train in a stack, or None."""
     from flowbench.models import get_spec
 
-    if not get_spec(opts.model).trainable:
+    spec = get_spec(opts.model)
+    if not spec.trainable:
         return f"{opts.model} is fitted in closed form"
+    why = spec.unstackable(spec.resolve(opts.hparams)) if spec.unstackable is not None else None
+    if why is not None:
+        return why
     for name, value in UNSTACKABLE.items():
         if getattr(opts, name, value) != value:
             return f"the stacked trainer does not implement --{name.replace('_', '-')}"

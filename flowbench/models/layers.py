@@ -8,6 +8,7 @@ References:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,9 @@ from torch import Tensor, nn
 
 from flowbench.errors import InputError
 from flowbench.models.base import Transform, recompute_batchnorm_stats
+
+if TYPE_CHECKING:
+    from torch.autograd.function import FunctionCtx
 
 __all__ = ["BatchNorm", "recompute_batchnorm_stats", "Linear", "MaskedLinear", "linear", "maf_linear_init_"]
 
@@ -28,9 +32,29 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
-    if bias is None:
-        return x @ weight.transpose(-1, -2)
-    return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(-1, -2))
+    return _StackedLinear.apply(x, weight, bias)
+
+
+class _StackedLinear(torch.autograd.Function):
+    """``x Wᵀ + b`` for R runs, (R, B, I) × (R, O, I) → (R, B, O), whose backward forms ``∂W = ∂Yᵀ x`` in W's own
+    (R, O, I) layout. (Autograd's rule for the transposed operand of a batched product returns a transposed
+    gradient, on which the mask multiply and the accumulation run 5–7× slower on a CPU.)"""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(x, weight.transpose(-1, -2))
+        return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(-1, -2))
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        gx = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(grad.transpose(-1, -2), x) if ctx.needs_input_grad[1] else None
+        gb = grad.sum(-2) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
 
 
 def maf_linear_init_(weight: Tensor, bias: Tensor | None) -> None:
@@ -102,17 +126,22 @@ class BatchNorm(Transform):
         self.register_buffer("stat_mean", torch.zeros(dim))
         self.register_buffer("stat_var", torch.ones(dim))  # already includes eps
 
-    def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.training:  # over the batch axis (of each run, when stacked)
-            var, mean = torch.var_mean(x, dim=-2, keepdim=True, unbiased=False)
-            return mean, var + self.eps
-        return self.stat_mean, self.stat_var
+    def _centred(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(x − m, v): over the batch axis (of each run, when stacked) in training, else the stored ones.
+
+        Two passes (mean, then the mean squared deviation) rather than ``torch.var_mean``, whose Welford
+        kernel took 72 µs for a (100, 64) batch on one CPU thread against 10 µs (565 against 78 µs stacked).
+        """
+        if self.training:
+            xc = x - x.mean(-2, keepdim=True)
+            return xc, xc.square().mean(-2, keepdim=True) + self.eps
+        return x - self.stat_mean, self.stat_var
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, var = self._stats(x)
+        xc, var = self._centred(x)
         # unsqueeze: a stacked run's (R, D) parameters meet its (R, 1, D) statistics (a no-op for one run)
         log_scale = self.log_gamma.unsqueeze(-2) - 0.5 * torch.log(var)  # shared by y and the log-det
-        y = torch.addcmul(self.beta.unsqueeze(-2), x - mean, torch.exp(log_scale))
+        y = torch.addcmul(self.beta.unsqueeze(-2), xc, torch.exp(log_scale))
         return y, log_scale.sum(-1).expand(x.shape[:-1])
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:

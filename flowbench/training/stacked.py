@@ -573,8 +573,8 @@ def run_memory(opts: RunOptions) -> int:
 
     The model is built (not trained) for the dataset's dimension and one training step's objective is
     evaluated on a batch of zeros, counting the bytes autograd saves for the backward pass (the activations,
-    which dominate). Per run the stack also holds parameters, gradient, two Adam moments, the stacked-view
-    copy and the best state: 6 × parameter bytes. Data are shared by the stack and not counted.
+    which dominate). Per run the stack also holds parameters, gradient, two Adam moments, its own module
+    and the best state: 6 × parameter bytes. Data are shared by the stack and not counted.
     """
     from flowbench.data import DATASETS
     from flowbench.training.experiment import build_from_options

@@ -188,6 +188,37 @@ def test_stacked_relgrad_gradient_is_each_runs_relative_gradient(host_scalars, m
                 torch.testing.assert_close(a.grad[r], b.grad, rtol=1e-13, atol=1e-12)
 
 
+@pytest.mark.parametrize("model,hp", [("maf", dict(layers=3, hidden=8)), ("maf-mog", dict(layers=2, hidden=8)),
+                                      ("realnvp", dict(layers=2, hidden=8)), ("made", dict(hidden=8))])
+def test_stacked_validation_equals_each_runs(model, hp, monkeypatch):
+    """Batch-norm statistics from the whole training set and validation log-probs of R runs at once equal
+    prepare_for_eval + log_prob run by run (float64; runs in groups and rows in chunks, as for big sets)."""
+    from flowbench.models import stacking
+    from flowbench.training.evaluate import log_prob_batches
+
+    R, D = 3, 5
+    train_x = torch.randn(103, D, dtype=torch.float64) * 2 + 1
+    val_x = torch.randn(37, D, dtype=torch.float64)
+    flows = []
+    for seed in range(R):
+        torch.manual_seed(seed)
+        flows.append(models.build_model(model, D, **models.get_spec(model).resolve(hp)).double())
+    names = [n for n, _ in flows[0].named_parameters()]
+    params = {n: torch.stack([dict(f.named_parameters())[n].detach() for f in flows]) for n in names}
+    shared = {k: v for k, v in flows[0].named_buffers() if "stat_" not in k}
+    monkeypatch.setattr(stacking, "EVAL_GROUP_BYTES", 2 * train_x.numel() * 8)  # groups of 2 runs
+    logp, stats = stacking.stacked_validation(flows[0], params, shared, train_x, val_x, batch_size=15,
+                                              stats_batch_size=40)
+    assert logp.shape == (R, 37)
+    for r, f in enumerate(flows):
+        f.prepare_for_eval(train_x, batch_size=40)
+        np.testing.assert_allclose(logp[r].numpy(), log_prob_batches(f, val_x, 15), rtol=0, atol=1e-11)
+        for k, v in stats.items():
+            torch.testing.assert_close(v[r], dict(f.named_buffers())[k], rtol=0, atol=1e-12)
+    assert len(stats) == 2 * sum(isinstance(m, stacking.nn.Module) and hasattr(m, "set_stats_from")
+                                 for m in flows[0].modules())
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_stacked_adam_is_each_runs_torch_adam(fused):
     """One stacked Adam step against torch's fused Adam run by run: per-run learning rates and weight decay,

@@ -135,7 +135,7 @@ class BatchNorm(Transform):
         if self.training:
             xc = x - x.mean(-2, keepdim=True)
             return xc, xc.square().mean(-2, keepdim=True) + self.eps
-        return x - self.stat_mean, self.stat_var
+        return x - self.stat_mean.unsqueeze(-2), self.stat_var.unsqueeze(-2)  # (R, 1, D) when stacked
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         xc, var = self._centred(x)

@@ -30,7 +30,7 @@ from flowbench.models.relgrad_autograd import activation_step
 if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
 
-__all__ = ["StackedRelgradNet", "split_buffers", "stacked_train_log_prob", "stacks_natively"]
+__all__ = ["StackedRelgradNet", "split_buffers", "stacked_train_log_prob", "stacked_validation", "stacks_natively"]
 
 
 class _Objective(nn.Module):
@@ -188,3 +188,76 @@ def stacked_train_log_prob(template: nn.Module, params: Mapping[str, Tensor], bu
         return functional_call(obj, (p, {**buffers, **own}), (xb,))
 
     return vmap(one)(params, run_buffers, x)
+
+
+#: Bytes of one layer's input that :func:`stacked_validation` keeps for a group of runs (the training set pushed
+#: through the layers, as ``recompute_batchnorm_stats`` keeps it for one run); more runs go in several groups.
+EVAL_GROUP_BYTES = 256 * 1024 * 1024
+
+
+@torch.no_grad()
+def stacked_validation(template: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
+                       train_x: Tensor, x: Tensor, batch_size: int = 2000,
+                       stats_batch_size: int = 10_000) -> tuple[Tensor, dict[str, Tensor]] | None:
+    """What validation does for each run, for R runs of a stacked-module family at once.
+
+    Each run's batch norms take their statistics from the whole training set, as
+    :func:`~flowbench.models.base.recompute_batchnorm_stats` sets them for one run (the set pushed through the
+    layers in evaluation mode; float64 two-pass mean and variance), then ``log_prob`` of every row of ``x`` in
+    evaluation mode, NaN → −inf as :meth:`Flow.log_prob`. Returns ``(log_prob (R, N), {statistic buffer name:
+    (R, D)})``, or None for a flow this does not cover (not stacks_natively, or batch norm not a direct step of
+    its transform): validate such runs one by one.
+    """
+    from flowbench.models.base import CompositeTransform, nan_to_neginf
+
+    if not stacks_natively(template) or not isinstance(template.transform, CompositeTransform):
+        return None
+    steps = list(template.transform.transforms)
+    bn_at = [k for k, s in enumerate(steps) if hasattr(s, "set_stats_from")]
+    if sum(hasattr(m, "set_stats_from") for m in template.modules()) != len(bn_at):
+        return None
+    n_runs = next(iter(params.values())).shape[0]
+    group = max(1, EVAL_GROUP_BYTES // max(1, train_x.numel() * train_x.element_size()))
+    modes = {m: m.training for m in template.modules()}
+    template.eval()
+    try:
+        out, stats = [], {}
+        for lo in range(0, n_runs, group):
+            mine = {k: v[lo: lo + group] for k, v in params.items()}
+            st = _stacked_bn_stats(steps, bn_at, mine, buffers, train_x, stats_batch_size)
+            obj = _Objective(template, native=True)
+            p = {"flow." + k: v for k, v in mine.items()}
+            b = {"flow." + k: v for k, v in {**buffers, **st}.items()}
+            rows = x.expand(next(iter(mine.values())).shape[0], *x.shape)
+            out.append(torch.cat([functional_call(obj, (p, b), (rows[:, i: i + batch_size],))
+                                  for i in range(0, x.shape[0], batch_size)], dim=1))
+            for k, v in st.items():
+                stats.setdefault(k, []).append(v)
+        return nan_to_neginf(torch.cat(out)), {k: torch.cat(v) for k, v in stats.items()}
+    finally:
+        for m, mode in modes.items():
+            m.train(mode)
+
+
+def _stacked_bn_stats(steps: list[nn.Module], bn_at: list[int], params: Mapping[str, Tensor],
+                      buffers: Mapping[str, Tensor], train_x: Tensor, batch_size: int) -> dict[str, Tensor]:
+    """The batch-norm statistics of each run (rows of ``params``), layer by layer as for one run."""
+    n_runs = next(iter(params.values())).shape[0]
+    stats: dict[str, Tensor] = {}
+    h = train_x.expand(n_runs, *train_x.shape)
+    n = train_x.shape[0]
+    for k, step in enumerate(steps[: max(bn_at, default=-1) + 1]):
+        prefix = f"transform.transforms.{k}."
+        if k in bn_at:
+            total = sum(h[:, i: i + batch_size].to(torch.float64).sum(1) for i in range(0, n, batch_size))
+            mean = total / n
+            sq = sum((h[:, i: i + batch_size].to(torch.float64) - mean[:, None]).pow(2).sum(1)
+                     for i in range(0, n, batch_size))
+            stats[prefix + "stat_mean"] = mean.to(h.dtype)
+            stats[prefix + "stat_var"] = (sq / n + step.eps).to(h.dtype)
+        if k < max(bn_at):
+            own = {key[len(prefix):]: v for key, v in params.items() if key.startswith(prefix)}
+            bufs = {key[len(prefix):]: v for key, v in {**buffers, **stats}.items() if key.startswith(prefix)}
+            h = torch.cat([functional_call(step, (own, bufs), (h[:, i: i + batch_size],))[0]
+                           for i in range(0, n, batch_size)], dim=1)
+    return stats

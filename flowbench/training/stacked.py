@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from flowbench.config import RESUME_MAY_CHANGE, RunOptions
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
-from flowbench.models.stacking import split_buffers, stacked_train_log_prob
+from flowbench.models.stacking import split_buffers, stacked_train_log_prob, stacked_validation
 from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import finite_mean, log_prob_batches
 from flowbench.training.trainer import (
@@ -345,6 +345,29 @@ class StackedTrainer:
         run.flow.prepare_for_eval(self.train_x)
         return finite_mean(log_prob_batches(run.flow, self.val_x, self.eval_batch_size))
 
+    def _validate_all(self, rows: list[int]) -> dict[int, tuple[float, int]]:
+        """:meth:`_validate` of runs ``rows``: all at once where the family allows it
+        (:func:`~flowbench.models.stacking.stacked_validation`), each module left as its own validation leaves it
+        (its parameters, evaluation mode, its batch-norm statistics); else run by run."""
+        if len(rows) > 1 and not self.run_buffers:
+            idx = torch.tensor(rows, device=self.train_x.device)
+            params = {n: p[idx] for n, p in zip(self.names, self.params)}
+            got = stacked_validation(self.template, params, self.buffers, self.train_x, self.val_x,
+                                     self.eval_batch_size)
+            if got is not None:
+                logp, stats = got
+                out = {}
+                for r, i in enumerate(rows):
+                    self._sync_module(i)
+                    flow = self.runs[i].flow.eval()
+                    mine = dict(flow.named_buffers())
+                    with torch.no_grad():
+                        for name, v in stats.items():
+                            mine[name].copy_(v[r])
+                    out[i] = finite_mean(logp[r].double().cpu().numpy())
+                return out
+        return {i: self._validate(i) for i in rows}
+
     def fit(self) -> list[TrainResult]:
         start = saved_at = time.perf_counter()
         base = [r.result.train_time_s for r in self.runs]
@@ -369,13 +392,15 @@ class StackedTrainer:
             if due:
                 saved_at = time.perf_counter()
             infos = []
+            t_val = time.perf_counter()
+            vals = self._validate_all([i for i, f in zip(active, failures) if f is None])
+            t_val = time.perf_counter() - t_val  # shared too
             for j, i in enumerate(active):
                 run, res = self.runs[i], self.runs[i].result
                 epoch = run.epoch + 1
                 failure, val_ll, n_bad = failures[j], math.nan, 0
-                t_val = time.perf_counter()
                 if failure is None:
-                    val_ll, n_bad = self._validate(i)
+                    val_ll, n_bad = vals[i]
                     if not math.isfinite(val_ll):
                         failure = f"non-finite validation log-likelihood ({val_ll}) at epoch {epoch}"
                 run.epoch = epoch
@@ -389,7 +414,7 @@ class StackedTrainer:
                 run.stopper.step(val_ll, epoch, run.flow)
                 res.history.append({"epoch": epoch, "step": epoch * self._batches_per_epoch, "train_loss": losses[j],
                                     "val_ll": val_ll, "n_nonfinite_val": n_bad,
-                                    "seconds": t_train + time.perf_counter() - t_val})
+                                    "seconds": t_train + t_val})
                 st = run.stopper
                 infos.append(StackedEpochInfo(epoch, losses[j], val_ll, st.best_value, st.best_epoch,
                                               st.patience_left, run=i, seed=run.spec.seed))

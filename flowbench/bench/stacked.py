@@ -23,7 +23,7 @@ __all__ = ["run_stack_bench"]
 
 
 def run_stack_bench(dataset: str, model: str, stack: int, *, steps: int = 50, batch_size: int = 100,
-                    lr: float = 1e-4, hparams: dict | None = None, rounds: int = 3, data_root: str | Path | None = None,
+                    lr: float = 1e-4, hparams: dict | None = None, rounds: int = 5, data_root: str | Path | None = None,
                     log: Callable[[str], None] = print) -> dict[str, Any]:
     """Samples/s of ``stack`` stacked runs and of the same runs trained sequentially; the ratio."""
     from flowbench.bench.train import dataset_tensor

@@ -365,3 +365,16 @@ def test_bench_stack_reports_both_and_ratio():
     assert "stacked / sequential" in lines[-1]
     with pytest.raises(ConfigError):
         run_stack_bench("digits", "made", 0)
+
+
+def test_runs_with_dropout_do_not_stack(tmp_path):
+    """A stack shares one random stream, so dropout could not give each run its own masks: such runs are
+    trained alone by sweeps and refused by --seeds (it was a vmap traceback)."""
+    from flowbench.config import coerce_options
+    from flowbench.training.stacked import unstackable
+
+    base = {"dataset": "digits", "model": "nsf-ar", "out": str(tmp_path)}
+    assert "dropout" in unstackable(coerce_options({**base, "dropout": 0.1}))
+    assert unstackable(coerce_options({**base, "dropout": 0.0})) is None
+    with pytest.raises(ConfigError, match="dropout"):
+        run_stacked([{**base, "dropout": 0.1, "seed": s} for s in (0, 1)], toy_data(), progress=False)

@@ -20,7 +20,8 @@ from flowbench.models.base import Transform, recompute_batchnorm_stats
 if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
 
-__all__ = ["BatchNorm", "recompute_batchnorm_stats", "Linear", "MaskedLinear", "linear", "maf_linear_init_"]
+__all__ = ["BatchNorm", "full_set_stats", "recompute_batchnorm_stats", "Linear", "MaskedLinear", "linear",
+           "maf_linear_init_"]
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -93,6 +94,21 @@ class MaskedLinear(nn.Module):
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
 
 
+@torch.no_grad()
+def full_set_stats(x: Tensor, chunk: int = 65_536) -> tuple[Tensor, Tensor]:
+    """Mean and population variance over the rows (axis −2) of ``x``, (N, D) or R runs' (R, N, D), in float64.
+
+    Two passes (mean, then squared deviations) accumulated in float64 over chunks of rows, so that a float32
+    training set of millions of rows gives the same statistics as a float64 computation.
+    """
+    n = x.shape[-2]
+    total = sum(x[..., i: i + chunk, :].to(torch.float64).sum(-2) for i in range(0, n, chunk))
+    mean = total / n
+    sq = sum((x[..., i: i + chunk, :].to(torch.float64) - mean.unsqueeze(-2)).pow(2).sum(-2)
+             for i in range(0, n, chunk))
+    return mean, sq / n
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` whose forward also evaluates R stacked runs at once (see :func:`linear`)."""
 
@@ -158,21 +174,13 @@ class BatchNorm(Transform):
     def set_stats_from(self, x: Tensor, chunk: int = 65_536) -> None:
         """Store the mean and population variance (+ eps) of all rows of ``x``.
 
-        Accumulated in float64 in two passes (mean, then squared deviations) so that a float32 training set
-        of millions of rows gives the same statistics as a float64 computation.
+        Accumulated in float64 in two passes (:func:`full_set_stats`).
         """
         if x.dim() != 2 or x.shape[1] != self.dim or x.shape[0] == 0:
             raise InputError(f"BatchNorm statistics need a non-empty (N, {self.dim}) tensor; got {tuple(x.shape)}")
-        n = x.shape[0]
-        total = torch.zeros(self.dim, dtype=torch.float64, device=x.device)
-        for i in range(0, n, chunk):
-            total += x[i : i + chunk].to(torch.float64).sum(0)
-        mean = total / n
-        sq = torch.zeros_like(total)
-        for i in range(0, n, chunk):
-            sq += (x[i : i + chunk].to(torch.float64) - mean).pow(2).sum(0)
+        mean, var = full_set_stats(x)
         self.stat_mean.copy_(mean)
-        self.stat_var.copy_(sq / n + self.eps)
+        self.stat_var.copy_(var + self.eps)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, eps={self.eps}"

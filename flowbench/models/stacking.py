@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from flowbench.models.layers import full_set_stats
 from flowbench.models.relgrad_autograd import activation_step
 
 if TYPE_CHECKING:
@@ -248,13 +249,10 @@ def _stacked_bn_stats(steps: list[nn.Module], bn_at: list[int], params: Mapping[
     n = train_x.shape[0]
     for k, step in enumerate(steps[: max(bn_at, default=-1) + 1]):
         prefix = f"transform.transforms.{k}."
-        if k in bn_at:
-            total = sum(h[:, i: i + batch_size].to(torch.float64).sum(1) for i in range(0, n, batch_size))
-            mean = total / n
-            sq = sum((h[:, i: i + batch_size].to(torch.float64) - mean[:, None]).pow(2).sum(1)
-                     for i in range(0, n, batch_size))
+        if k in bn_at:  # exactly as BatchNorm.set_stats_from, each run over its own rows
+            mean, var = full_set_stats(h)
             stats[prefix + "stat_mean"] = mean.to(h.dtype)
-            stats[prefix + "stat_var"] = (sq / n + step.eps).to(h.dtype)
+            stats[prefix + "stat_var"] = (var + step.eps).to(h.dtype)
         if k < max(bn_at):
             own = {key[len(prefix):]: v for key, v in params.items() if key.startswith(prefix)}
             bufs = {key[len(prefix):]: v for key, v in {**buffers, **stats}.items() if key.startswith(prefix)}

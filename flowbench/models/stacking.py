@@ -11,7 +11,11 @@ in one pass. Three paths, fastest first:
 - Families whose every module declares ``stacks = True`` (MADE, MADE MoG, MAF, MAF MoG, Real NVP: their
   layers call :func:`flowbench.models.layers.linear` and reduce over the last axes) are called once with the
   stacked tensors swapped in by ``functional_call``: the same module code, one batched op per op.
-- Any other family goes through ``torch.func.vmap`` over ``functional_call`` (no per-family code).
+- Any other family goes through ``torch.func.vmap`` over ``functional_call`` (no per-family code), and so does
+  any stack whose runs have different buffers (NSF's random permutations: :func:`split_buffers`).
+
+:func:`stacked_validation` is validation (batch-norm statistics of the whole training set, then the validation
+log-probs) of the stacked-module families for all runs at once.
 
 Measured (MAF(5), D = 6, H = 100, batch 100, R = 16, forward + backward, one CPU thread, medians of 7
 interleaved rounds): vmap 24.6 ms, the stacked modules 17.5 ms, gradients identical; 16 sequential runs ≈ 100 ms.

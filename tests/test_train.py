@@ -330,10 +330,10 @@ w = torch.randn(4, 784, 784)
 def step():
     g = [w * 0.5 for _ in range(4)]  # a stacked relgrad step's 9.8 MB gradients, freed after the update
     return sum(t.sum() for t in g)
-for _ in range(3):
+for _ in range(5):
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+for _ in range(40):
     step()
 print(int(on), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -342,7 +342,7 @@ print(int(on), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not __import__("platform").libc_ver()[0] == "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_stops_per_step_page_faults():
     """What the trainers set on the CPU: freed gradient-sized blocks are reused, not faulted in again (the
-    same loop faults without it: measured 40,689 faults in 20 steps, 0 with it)."""
+    same loop faults without it: measured 382,880 faults in 40 steps, 0–2,401 with it)."""
     import subprocess
     import sys
 
@@ -352,6 +352,6 @@ def test_keep_freed_memory_stops_per_step_page_faults():
         on, n = map(int, out.stdout.split())
         assert on == (mode == "on")
         faults[mode] = n
-    pages = 20 * 4 * 4 * 784 * 784 // 4096
+    pages = 40 * 4 * (4 * 784 * 784 * 4) // 4096  # every page the 40 measured steps allocate (384,160)
     assert faults["off"] > pages // 50, faults  # the loop does fault without the setting (the test can fail)
-    assert faults["on"] * 20 < faults["off"], faults
+    assert faults["on"] < pages // 40, faults  # at most a block or two while the heap settles

@@ -10,7 +10,7 @@ nothing is left to do after ``backward`` (derivation and conventions in the relg
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +112,45 @@ def activation_step(y: Tensor, activation: str, alpha: float) -> tuple[Tensor, T
     return h, d, (1 - a).mul_(a).mul_(1 - alpha).div_(d)  # s''/s' = (1−α)σ(1−σ)/s'
 
 
+def _affine(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """``h Wᵀ + b`` for one run, (B, D), or R runs, (R, B, D) with (R, D, D) weights."""
+    wt = w.transpose(-1, -2)
+    if b is None:
+        return h @ wt
+    return torch.addmm(b, h, wt) if h.dim() == 2 else torch.baddbmm(b.unsqueeze(-2), h, wt)
+
+
+def net_forward(ctx: FunctionCtx, x: Tensor, activation: str, alpha: float, n: int, bias_logdet: bool,
+                params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """The forward of :class:`RelgradNet` (one run) and of its stacked version (a leading run axis on ``x`` and
+    every parameter): ``(z, Σ_k<L Σ_i log s'(y_k,i))``, with what the backward needs saved on ``ctx``."""
+    weights, biases = params[:n], params[n:] if len(params) > n else [None] * n
+    ys, auxs = [], []
+    ld = x.new_zeros(x.shape[:-1])
+    h = x
+    for k in range(n):
+        y = _affine(h, weights[k], biases[k])
+        ys.append(y)
+        if k < n - 1:
+            h, d, curv = activation_step(y, activation, alpha)
+            ld += d.log().sum(-1)
+            auxs.append((d, curv))
+        else:
+            h = y
+    ctx.n, ctx.auxs = n, auxs
+    ctx.has_bias, ctx.bias_logdet = biases[0] is not None, bias_logdet
+    ctx.save_for_backward(*weights, *(b for b in biases if b is not None), *ys)
+    return h, ld
+
+
+def net_saved(ctx: FunctionCtx) -> tuple[tuple[Tensor, ...], Sequence[Tensor | None], tuple[Tensor, ...]]:
+    """(weights, biases or Nones, pre-activations) that :func:`net_forward` saved."""
+    n, saved = ctx.n, ctx.saved_tensors
+    if ctx.has_bias:
+        return saved[:n], saved[n:2 * n], saved[2 * n:]
+    return saved[:n], [None] * n, saved[n:]
+
+
 class RelgradNet(torch.autograd.Function):
     """The whole training-time forward (all layers, activations, Σ log s') in one autograd node.
 
@@ -124,32 +163,12 @@ class RelgradNet(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, activation: str, alpha: float, n: int, bias_logdet: bool,
                 *params: Tensor) -> tuple[Tensor, Tensor]:
-        weights, biases = params[:n], params[n:] if len(params) > n else [None] * n
-        ys, auxs = [], []
-        ld = x.new_zeros(x.shape[0])
-        h = x
-        for k in range(n):
-            b = biases[k]
-            y = torch.addmm(b, h, weights[k].t()) if b is not None else h @ weights[k].t()
-            ys.append(y)
-            if k < n - 1:
-                h, d, curv = activation_step(y, activation, alpha)
-                ld += d.log().sum(-1)
-                auxs.append((d, curv))
-            else:
-                h = y
-        ctx.n, ctx.auxs = n, auxs
-        ctx.has_bias, ctx.bias_logdet = biases[0] is not None, bias_logdet
-        ctx.save_for_backward(*weights, *(b for b in biases if b is not None), *ys)
-        return h, ld
+        return net_forward(ctx, x, activation, alpha, n, bias_logdet, params)
 
     @staticmethod
     def backward(ctx: FunctionCtx, dz: Tensor, dld: Tensor | None) -> tuple[Tensor | None, ...]:
         n = ctx.n
-        saved = ctx.saved_tensors
-        weights = saved[:n]
-        biases = saved[n:2 * n] if ctx.has_bias else [None] * n
-        ys = saved[2 * n:] if ctx.has_bias else saved[n:]
+        weights, biases, ys = net_saved(ctx)
         gws, gbs = [None] * n, [None] * n
         s = None if dld is None else dld.sum() if dld.is_cuda else float(dld.sum())  # no device sync on CUDA
         delta = dz

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from flowbench.models.layers import full_set_stats
-from flowbench.models.relgrad_autograd import activation_step
+from flowbench.models.relgrad_autograd import net_forward, net_saved
 
 if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
@@ -82,32 +82,12 @@ class StackedRelgradNet(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: Tensor, activation: str, alpha: float, n: int, bias_logdet: bool,
                 *params: Tensor) -> tuple[Tensor, Tensor]:
-        weights, biases = params[:n], params[n:] if len(params) > n else [None] * n
-        ys, auxs = [], []
-        ld = x.new_zeros(x.shape[:-1])
-        h = x
-        for k in range(n):
-            b = biases[k]
-            y = torch.baddbmm(b.unsqueeze(1), h, _t(weights[k])) if b is not None else h @ _t(weights[k])
-            ys.append(y)
-            if k < n - 1:
-                h, d, curv = activation_step(y, activation, alpha)
-                ld += d.log().sum(-1)
-                auxs.append((d, curv))
-            else:
-                h = y
-        ctx.n, ctx.auxs = n, auxs
-        ctx.has_bias, ctx.bias_logdet = biases[0] is not None, bias_logdet
-        ctx.save_for_backward(*weights, *(b for b in biases if b is not None), *ys)
-        return h, ld
+        return net_forward(ctx, x, activation, alpha, n, bias_logdet, params)
 
     @staticmethod
     def backward(ctx: FunctionCtx, dz: Tensor | None, dld: Tensor | None) -> tuple[Tensor | None, ...]:
         n = ctx.n
-        saved = ctx.saved_tensors
-        weights = saved[:n]
-        biases = saved[n:2 * n] if ctx.has_bias else [None] * n
-        ys = saved[2 * n:] if ctx.has_bias else saved[n:]
+        weights, biases, ys = net_saved(ctx)
         gws, gbs = [None] * n, [None] * n
         s = None if dld is None else dld.sum(-1)  # (R,): Σ_i ∂loss/∂logdet_i per run
         s_host = s.tolist() if s is not None and s.device.type in HOST_SCALARS else None  # no sync on CUDA

@@ -187,13 +187,11 @@ class StackedTrainer:
     def _state_dict(self, i: int) -> dict[str, Any]:
         run = self.runs[i]
         self._sync_module(i)
-        res = run.result
         return {
             "format": 1, "epoch": run.epoch, "finished": run.finished, "model": run.flow.state_dict(),
             "optimizer": self._optimizer_state(i), "early_stopping": run.stopper.state_dict(),
             "rng": _rng_state(run.generator),
-            "result": {"status": res.status, "failure": res.failure, "stop_reason": res.stop_reason,
-                       "history": res.history, "train_time_s": res.train_time_s},
+            "result": run.result.checkpoint_state(),
             "fingerprint": run.fingerprint,
         }
 
@@ -218,10 +216,7 @@ class StackedTrainer:
                     self.exp_avg[k][i], self.exp_avg_sq[k][i] = opt[k]["exp_avg"], opt[k]["exp_avg_sq"]
         run.stopper.load_state_dict(state["early_stopping"])
         _set_rng_state(state["rng"], run.generator)
-        r = state["result"]
-        run.result.status, run.result.failure = r["status"], r["failure"]
-        run.result.stop_reason, run.result.history = r["stop_reason"], list(r["history"])
-        run.result.train_time_s = float(r["train_time_s"])
+        run.result.load_checkpoint_state(state["result"])
         run.epoch, run.finished = int(state["epoch"]), bool(state["finished"])
         run.result.resumed_from_epoch = run.saved_epoch = run.epoch
 

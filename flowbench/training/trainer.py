@@ -78,6 +78,16 @@ class TrainResult:
     steps: int = 0
     best_step: int | None = None
 
+    #: What a checkpoint keeps of the result (the rest is derived when training ends).
+    CHECKPOINTED = ("status", "failure", "stop_reason", "history", "train_time_s")
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.CHECKPOINTED}
+
+    def load_checkpoint_state(self, r: dict[str, Any]) -> None:
+        self.status, self.failure, self.stop_reason = r["status"], r["failure"], r["stop_reason"]
+        self.history, self.train_time_s = list(r["history"]), float(r["train_time_s"])
+
 
 #: On a GPU the running loss is read back (and checked for NaN/inf) every this many steps.
 SYNC_EVERY = 50
@@ -303,13 +313,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "early_stopping": self.stopper.state_dict(),
             "rng": _rng_state(self.generator),
-            "result": {
-                "status": self.result.status,
-                "failure": self.result.failure,
-                "stop_reason": self.result.stop_reason,
-                "history": self.result.history,
-                "train_time_s": self.result.train_time_s,
-            },
+            "result": self.result.checkpoint_state(),
             "fingerprint": self.fingerprint,
         }
 
@@ -336,10 +340,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.stopper.load_state_dict(state["early_stopping"])
             _set_rng_state(state["rng"], self.generator)
-            r = state["result"]
-            self.result.status, self.result.failure = r["status"], r["failure"]
-            self.result.stop_reason, self.result.history = r["stop_reason"], list(r["history"])
-            self.result.train_time_s = float(r["train_time_s"])
+            self.result.load_checkpoint_state(state["result"])
             self._epoch = int(state["epoch"])
             self._finished = bool(state["finished"])
             # format 1 (epoch checkpoints only) had no step bookkeeping: it always stood at an epoch boundary

@@ -10,6 +10,7 @@ trained holds ``seed<k>.lock`` (see :func:`flowbench.utils.exclusive_lock`).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import platform
@@ -247,6 +248,7 @@ def iter_records(results: str | Path) -> Iterator[RunRecord]:
         yield read_record(path)
 
 
+@functools.lru_cache(maxsize=1)  # once per process, not a git process per record
 def _git_commit() -> str | None:
     """The checkout's commit (read-only ``git rev-parse``), or None outside a git checkout."""
     try:

@@ -39,6 +39,14 @@ def log_prob_batches(flow: Flow, x: Tensor, batch_size: int = 2000) -> np.ndarra
     return torch.cat(parts).numpy() if parts else np.zeros(0)
 
 
+def validation_ll(flow: Flow, train_x: Tensor, val_x: Tensor, batch_size: int = 2000) -> tuple[float, int]:
+    """The MAF protocol's validation score: batch norms from the whole training set, then (LL over the finite
+    validation points, count of −inf points); the flow is left in evaluation mode."""
+    flow.eval()
+    flow.prepare_for_eval(train_x)
+    return finite_mean(log_prob_batches(flow, val_x, batch_size))
+
+
 def mean_2se(values: np.ndarray) -> tuple[float, float]:
     """Mean and twice the standard error, ``2·std/sqrt(N)`` with numpy's ddof=0 as in the MAF code."""
     values = np.asarray(values, dtype=np.float64)

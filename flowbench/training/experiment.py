@@ -25,7 +25,11 @@ from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
 from flowbench.models.params import count_params, match_params
 from flowbench.results import RunRecord, check_overwrite, checkpoint_path, record_path, system_info, write_record
-from flowbench.training.evaluate import evaluate_test, finite_mean, log_prob_batches, spectral_norm_summary
+from flowbench.training.evaluate import (
+    evaluate_test,
+    spectral_norm_summary,
+    validation_ll,
+)
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult
 from flowbench.utils import resolve_device
 
@@ -189,9 +193,7 @@ def _train(flow: torch.nn.Module, x: _Tensors, opts: RunOptions, ckpt_path: Path
     if not flow.trainable:
         # Closed-form models (the Gaussian baseline) are fitted completely by initialize().
         result = TrainResult(stop_reason="closed-form fit (not trainable)")
-        flow.eval()
-        flow.prepare_for_eval(x.train)
-        result.best_val_ll, result.n_nonfinite_val = finite_mean(log_prob_batches(flow, x.val, opts.eval_batch_size))
+        result.best_val_ll, result.n_nonfinite_val = validation_ll(flow, x.train, x.val, opts.eval_batch_size)
         return result, notes, 0.0
     trainer = Trainer(
         flow, x.train, x.val, lr=opts.lr, weight_decay=opts.weight_decay, batch_size=opts.batch_size,
@@ -308,8 +310,18 @@ def _run_experiment(
         if logger is not None:
             logger.close()
 
-    evaluation = evaluate_test(flow, data, x.test, opts.eval_batch_size)
-    jac, note = spectral_norm_summary(flow, x.test[:JACOBIAN_POINTS])
+    # Wall time includes the training time of earlier sessions when resumed (the whole run's).
+    return finish_run(opts, data, x.test, flow, hparams, match, result, notes, device, t0 - prior_time,
+                      rec_path, ckpt_path)
+
+
+def finish_run(opts: RunOptions, data: Any, test_x: torch.Tensor, flow: torch.nn.Module, hparams: dict[str, Any],
+               match: dict[str, Any] | None, result: TrainResult, notes: list[str], device: torch.device,
+               t0: float, rec_path: Path, ckpt_path: Path, stack: dict[str, Any] | None = None) -> RunRecord:
+    """After training, for a single run or each run of a stack: test evaluation, the record (wall time since
+    ``t0``), the kept model state; the checkpoint goes unless kept."""
+    evaluation = evaluate_test(flow, data, test_x, opts.eval_batch_size)
+    jac, note = spectral_norm_summary(flow, test_x[:JACOBIAN_POINTS])
     if note:
         notes.append(note)
     n_bad = evaluation["n_nonfinite_test"]
@@ -319,9 +331,8 @@ def _run_experiment(
                      f"over the others it is {evaluation['test_ll_finite']:.4f} ± {evaluation['test_ll_finite_2se']:.4f}")
     elif result.status == "ok" and not math.isfinite(evaluation["test_ll"]):
         result.status, result.failure = "nonfinite", "test log-likelihood is not finite"
-    # Wall time includes the training time of earlier sessions when resumed (the whole run's).
-    wall = prior_time + time.perf_counter() - t0
-    record = _make_record(opts, flow, hparams, match, result, evaluation, jac, notes, device, wall)
+    record = _make_record(opts, flow, hparams, match, result, evaluation, jac, notes, device, time.perf_counter() - t0)
+    record.stack = stack
     record.model_state = _keep_model_state(opts, flow)  # before the record, which names it
     write_record(rec_path, record, force=opts.force)
     _drop_checkpoint(opts, ckpt_path)

@@ -35,7 +35,7 @@ from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.models.stacking import split_buffers, stacked_train_log_prob, stacked_validation
 from flowbench.training.early_stopping import EarlyStopping
-from flowbench.training.evaluate import finite_mean, log_prob_batches
+from flowbench.training.evaluate import finite_mean, validation_ll
 from flowbench.training.trainer import (
     SYNC_EVERY,
     EpochInfo,
@@ -334,11 +334,8 @@ class StackedTrainer:
 
     def _validate(self, i: int) -> tuple[float, int]:
         """As the single-run trainer: (LL over the finite validation points, count of −inf points)."""
-        run = self.runs[i]
         self._sync_module(i)
-        run.flow.eval()
-        run.flow.prepare_for_eval(self.train_x)
-        return finite_mean(log_prob_batches(run.flow, self.val_x, self.eval_batch_size))
+        return validation_ll(self.runs[i].flow, self.train_x, self.val_x, self.eval_batch_size)
 
     def _validate_all(self, rows: list[int]) -> dict[int, tuple[float, int]]:
         """:meth:`_validate` of runs ``rows``: all at once where the family allows it
@@ -508,9 +505,7 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
 
 
 def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progress: bool, t0: float) -> list:
-    from flowbench.results import write_record
     from flowbench.training import experiment as ex
-    from flowbench.training.evaluate import evaluate_test, spectral_norm_summary
     from flowbench.utils import resolve_device
 
     for o in runs:
@@ -564,20 +559,9 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
     records = []
     for i, (o, (flow, hparams, match), res) in enumerate(zip(runs, built, results)):
         notes[i].append(f"trained in a stack of {len(runs)} (seeds {stack['seeds']})")
-        evaluation = evaluate_test(flow, data, x.test, o.eval_batch_size)
-        jac, note = spectral_norm_summary(flow, x.test[: ex.JACOBIAN_POINTS])
-        if note:
-            notes[i].append(note)
-        if res.status == "ok" and not math.isfinite(evaluation["test_ll"]):
-            res.status, res.failure = "nonfinite", "test log-likelihood is not finite"
         # Wall time: the whole stack's (all its runs trained together), plus this run's earlier sessions.
-        wall = prior[i] + time.perf_counter() - t0
-        record = ex._make_record(o, flow, hparams, match, res, evaluation, jac, notes[i], device, wall)
-        record.stack = stack
-        record.model_state = ex._keep_model_state(o, flow)  # before the record, which names it
-        write_record(paths[i][0], record, force=o.force)
-        ex._drop_checkpoint(o, paths[i][1])
-        records.append(record)
+        records.append(ex.finish_run(o, data, x.test, flow, hparams, match, res, notes[i], device, t0 - prior[i],
+                                     paths[i][0], paths[i][1], stack))
     return records
 
 

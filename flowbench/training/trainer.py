@@ -43,7 +43,7 @@ from flowbench.config import RESUME_MAY_CHANGE
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.training.early_stopping import EarlyStopping
-from flowbench.training.evaluate import finite_mean, log_prob_batches
+from flowbench.training.evaluate import validation_ll
 from flowbench.training.optim import EpochStepAdam
 from flowbench.utils import atomic_torch_save, keep_freed_memory
 
@@ -173,8 +173,9 @@ def read_checkpoint(path: str | Path | None, fingerprint: dict[str, Any]) -> dic
     state = _checkpoint(path)
     old = {k: v for k, v in (state.get("fingerprint") or {}).items() if k not in RESUME_MAY_CHANGE}
     new = {k: v for k, v in fingerprint.items() if k not in RESUME_MAY_CHANGE}
-    if old != new:
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    # an option added since the checkpoint was made is missing from its fingerprint: equal when it is None
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
         raise ConfigError(
             f"checkpoint {path} was made with different options ({', '.join(diff)}); "
             "resume with the same options, or use --force without --resume to start again"
@@ -364,9 +365,7 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------------
     def _validate(self) -> tuple[float, int]:
         """(validation LL over the finite points, count of −inf points): see ``evaluate.finite_mean``."""
-        self.flow.eval()
-        self.flow.prepare_for_eval(self.train_x)
-        return finite_mean(log_prob_batches(self.flow, self.val_x, self.eval_batch_size))
+        return validation_ll(self.flow, self.train_x, self.val_x, self.eval_batch_size)
 
     def _batch_loss(self, batch: Tensor) -> Tensor:
         return -self.flow.train_log_prob(batch).mean()

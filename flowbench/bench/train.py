@@ -60,12 +60,6 @@ def _trainer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn: L
     opt.step()
 
 
-def _zuko_step(flow: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn: LossFn, batch: torch.Tensor) -> None:
-    opt.zero_grad(set_to_none=True)
-    loss_fn(batch).backward()
-    opt.step()
-
-
 def _loss_fns(ours: Flow | None, zflow: torch.nn.Module | None = None, compile_ours: bool = False,
               compile_zuko: bool = False) -> tuple[LossFn, LossFn]:
     def ours_loss(b: torch.Tensor) -> torch.Tensor:
@@ -156,7 +150,7 @@ def _zuko_contender(model: str, hparams: dict, dim: int, target_params: int, lr:
 
     zflow = zflow.to(device)
     _, zuko_loss = _loss_fns(None, zflow, compile_zuko=compile_zuko)
-    return ((zflow, _adam(zflow.parameters(), lr, adam), zuko_loss, _zuko_step),
+    return ((zflow, _adam(zflow.parameters(), lr, adam), zuko_loss, _trainer_step),
             {"zuko_params": zcount, "zuko_hidden": zh, "zuko_version": zuko.__version__})
 
 

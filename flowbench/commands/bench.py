@@ -126,16 +126,12 @@ def main(args: argparse.Namespace) -> int:
     elif args.stack is not None:
         from flowbench.bench.stacked import run_stack_bench
         from flowbench.bench.train import run_settings
-        from flowbench.utils import set_threads
 
-        if args.threads:
-            set_threads(args.threads)
         batch_size, lr, hparams, line = run_settings(args.dataset, args.model, args.batch_size, args.lr,
                                                      _hparams(args.hparam))
         print(line)
-        run_stack_bench(args.dataset, args.model, args.stack, steps=args.steps, batch_size=batch_size,
-                        lr=lr, hparams=hparams, data_root=args.data_root)
-        return 0
+        res = run_stack_bench(args.dataset, args.model, args.stack, steps=args.steps, batch_size=batch_size,
+                              lr=lr, hparams=hparams, data_root=args.data_root, **common)
     else:  # argparse allows only the three benchmarks
         from flowbench.bench.train import bench_train, run_settings
 

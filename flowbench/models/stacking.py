@@ -23,7 +23,7 @@ interleaved rounds): vmap 24.6 ms, the stacked modules 17.5 ms, gradients identi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -35,7 +35,7 @@ from flowbench.models.relgrad_autograd import net_forward, net_saved
 if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
 
-__all__ = ["StackedRelgradNet", "split_buffers", "stacked_train_log_prob", "stacked_validation", "stacks_natively"]
+__all__ = ["StackedRelgradNet", "split_buffers", "stacked_objective", "stacked_train_log_prob", "stacked_validation", "stacks_natively"]
 
 
 class _Objective(nn.Module):
@@ -147,32 +147,39 @@ def split_buffers(flows: list[nn.Module]) -> tuple[dict[str, Tensor], dict[str, 
     return shared, per_run
 
 
-def stacked_train_log_prob(template: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                           x: Tensor, *, run_buffers: Mapping[str, Tensor] | None = None,
-                           use_vmap: bool | None = None) -> Tensor:
-    """``train_log_prob`` of run r's parameters on ``x[r]`` for every r: shape (R, B).
+def stacked_objective(template: nn.Module, buffers: Mapping[str, Tensor], *,
+                      run_buffers: Mapping[str, Tensor] | None = None,
+                      use_vmap: bool | None = None) -> Callable[[Mapping[str, Tensor], Tensor], Tensor]:
+    """``objective(params, x)`` = ``train_log_prob`` of run r's parameters on ``x[r]`` for every r, (R, B).
 
     ``template`` is one of the runs' flows (its own tensors are not used); ``buffers`` are shared by all runs,
     ``run_buffers`` (R, *shape) are each run's own (see :func:`split_buffers`). ``use_vmap``: None picks the
-    fastest path; True forces vmap (tests compare the paths).
+    fastest path; True forces vmap (tests compare the paths). The path is chosen here, once, not every step.
     """
     from flowbench.models.relgrad import RelgradFlow
 
     run_buffers = dict(run_buffers or {})
     if isinstance(template, RelgradFlow) and template.relative and not use_vmap and not run_buffers:
-        return _relgrad_log_prob(template, params, x)
+        return lambda params, x: _relgrad_log_prob(template, params, x)
     native = stacks_natively(template) and not use_vmap and not run_buffers
     obj = _Objective(template, native)
-    params = {"flow." + k: v for k, v in params.items()}
-    buffers = {"flow." + k: v for k, v in buffers.items()}
+    shared = {"flow." + k: v for k, v in buffers.items()}
     if native:
-        return functional_call(obj, (params, buffers), (x,))
-    run_buffers = {"flow." + k: v for k, v in run_buffers.items()}
+        return lambda params, x: functional_call(obj, ({"flow." + k: v for k, v in params.items()}, shared), (x,))
+    own_buffers = {"flow." + k: v for k, v in run_buffers.items()}
 
     def one(p: dict[str, Tensor], own: dict[str, Tensor], xb: Tensor) -> Tensor:
-        return functional_call(obj, (p, {**buffers, **own}), (xb,))
+        return functional_call(obj, (p, {**shared, **own}), (xb,))
 
-    return vmap(one)(params, run_buffers, x)
+    batched = vmap(one)
+    return lambda params, x: batched({"flow." + k: v for k, v in params.items()}, own_buffers, x)
+
+
+def stacked_train_log_prob(template: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
+                           x: Tensor, *, run_buffers: Mapping[str, Tensor] | None = None,
+                           use_vmap: bool | None = None) -> Tensor:
+    """One call of :func:`stacked_objective`: (R, B)."""
+    return stacked_objective(template, buffers, run_buffers=run_buffers, use_vmap=use_vmap)(params, x)
 
 
 #: Bytes of one layer's input that :func:`stacked_validation` keeps for a group of runs (the training set pushed

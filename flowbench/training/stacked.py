@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from flowbench.config import RESUME_MAY_CHANGE, RunOptions
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
-from flowbench.models.stacking import split_buffers, stacked_train_log_prob, stacked_validation
+from flowbench.models.stacking import split_buffers, stacked_objective, stacked_validation
 from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import finite_mean, validation_ll
 from flowbench.training.trainer import (
@@ -279,6 +279,7 @@ class StackedTrainer:
         v = [t if whole else t[idx].clone() for t in self.exp_avg_sq]
         steps = self.steps if whole else self.steps[idx].clone()
         own = self.run_buffers if whole else {k: b[idx] for k, b in self.run_buffers.items()}
+        objective = stacked_objective(self.template, self.buffers, run_buffers=own)
         nsteps = [self.nsteps[i] for i in active]
         for p in params:
             p.requires_grad_(True)
@@ -298,8 +299,7 @@ class StackedTrainer:
                    leave=False, disable=None if self.progress else True, file=sys.stderr, mininterval=0.5)
         for step, i in enumerate(bar, 1):
             batch = self.train_x[perms[:, i: i + self.batch_size]]  # (R, b, D): run r's own minibatch
-            losses = -stacked_train_log_prob(self.template, dict(zip(self.names, params)), self.buffers, batch,
-                                             run_buffers=own).mean(-1)
+            losses = -objective(dict(zip(self.names, params)), batch).mean(-1)
             det = losses.detach()
             totals += torch.where(live_mask, det * batch.shape[1], torch.zeros_like(det)).to(torch.float64)
             count += batch.shape[1]

@@ -42,7 +42,7 @@ def test_data_stay_on_the_device_and_no_per_step_host_sync():
     _seed_everything(0)
     flow = models.build_model("maf", data.dim, layers=2, hidden=32).to(dev)
     flow.initialize(train_x)
-    batch = 10  # 1000+ rows: over 100 steps an epoch, so a per-step sync would show
+    batch = 4  # 1457 rows: 365 steps an epoch, so a per-step sync would show
     trainer = Trainer(flow, train_x, val_x, lr=1e-4, batch_size=batch, max_epochs=1, progress=False)
     steps = -(-train_x.shape[0] // batch)
     syncs: list = []
@@ -66,6 +66,8 @@ def test_data_stay_on_the_device_and_no_per_step_host_sync():
     assert steps > 4 * SYNC_EVERY
     # reading the loss every SYNC_EVERY steps and at the end, plus a few per epoch (shuffle, NaN check)
     assert len(syncs) <= steps // SYNC_EVERY + 10, f"{len(syncs)} host syncs in {steps} steps"
+    # the loss is read every SYNC_EVERY steps: the sync counter must see those (else it counts nothing)
+    assert len(syncs) >= steps // SYNC_EVERY, f"only {len(syncs)} host syncs seen in {steps} steps"
 
 
 def test_stacked_digits_on_cuda_matches_the_cpu_records(tmp_path):
@@ -98,7 +100,7 @@ def test_stacked_training_has_no_per_step_host_sync(model):
         flow = models.build_model(model, data.dim, **models.get_spec(model).resolve(hp)).to(dev)
         flow.initialize(train_x)
         runs.append(RunSpec(flow, seed, 1e-4, max_epochs=1))
-    batch = 10
+    batch = 4  # 365 steps an epoch
     trainer = StackedTrainer(runs, train_x, val_x, batch_size=batch, progress=False)
     steps = -(-train_x.shape[0] // batch)
     torch.cuda.synchronize()
@@ -113,3 +115,5 @@ def test_stacked_training_has_no_per_step_host_sync(model):
     assert failures == [None] * 3 and all(np.isfinite(losses))
     assert steps > 4 * SYNC_EVERY
     assert len(syncs) <= steps // SYNC_EVERY + 10, f"{len(syncs)} host syncs in {steps} steps"
+    # the loss is read every SYNC_EVERY steps: the sync counter must see those (else it counts nothing)
+    assert len(syncs) >= steps // SYNC_EVERY, f"only {len(syncs)} host syncs seen in {steps} steps"

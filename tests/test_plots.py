@@ -213,10 +213,17 @@ def test_curves_stay_readable_with_eight_models():
     pyplot().close(fig)
 
 
-def test_curves_cli_and_errors(tmp_path, capsys):
+def test_curves_cli_and_errors(tmp_path, capsys, monkeypatch):
+    from flowbench.plots import curves
+
     write_fakes(tmp_path, curve_records())
+    assert len({(r.dataset, r.model) for r in curve_records()}) > 1  # so that the filter has work to do
+    drawn: list = []
+    real = curves.save_curves
+    monkeypatch.setattr(curves, "save_curves", lambda records, *a, **k: drawn.extend(records) or real(records, *a, **k))
     out = tmp_path / "c.png"
     assert main(["plot", "curves", "--results", str(tmp_path), "--dataset", "digits", "--model", "maf", "--out", str(out)]) == 0
+    assert drawn and {(r.dataset, r.model) for r in drawn} == {("digits", "maf")}  # the CLI's filters reach the plot
     img = pyplot().imread(out)
     assert img.shape[0] > 200 and img.std() > 0.05
     assert main(["plot", "curves", "--results", str(tmp_path), "--model", "nsf"]) == 2

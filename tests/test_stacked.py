@@ -292,9 +292,12 @@ def numbers(history):
 
 def test_stacked_records_match_single_runs(tmp_path):
     data = toy_data()
-    stacked = run_stacked([run_opts(tmp_path / "s", seed=s) for s in (0, 1, 2)], data, progress=False)
+    # 30 epochs: the seeds stop early, at different epochs (one leaves the stack while the others go on)
+    stacked = run_stacked([run_opts(tmp_path / "s", seed=s, max_epochs=30) for s in (0, 1, 2)], data, progress=False)
+    assert len({r.epochs for r in stacked}) > 1
+    assert all("no improvement" in r.stop_reason and r.best_epoch < r.epochs for r in stacked)
     for seed, rec in zip((0, 1, 2), stacked):
-        single = run_experiment(run_opts(tmp_path / "1", seed=seed), data, progress=False)
+        single = run_experiment(run_opts(tmp_path / "1", seed=seed, max_epochs=30), data, progress=False)
         assert rec.stack == {"seeds": [0, 1, 2], "size": 3} and single.stack is None
         assert set(rec.to_json()) == set(single.to_json())  # same format
         assert (rec.seed, rec.epochs, rec.best_epoch, rec.stop_reason) == (seed, single.epochs, single.best_epoch,

@@ -355,3 +355,17 @@ def test_keep_freed_memory_stops_per_step_page_faults():
     pages = 40 * 4 * (4 * 784 * 784 * 4) // 4096  # every page the 40 measured steps allocate (384,160)
     assert faults["off"] > pages // 50, faults  # the loop does fault without the setting (the test can fail)
     assert faults["on"] < pages // 40, faults  # at most a block or two while the heap settles
+
+
+def test_both_trainers_keep_freed_memory_on_the_cpu(monkeypatch):
+    """The setting above is what the trainers ask for when their data are on the CPU (each, once built)."""
+    from flowbench.training import stacked, trainer
+    from flowbench.training.stacked import RunSpec, StackedTrainer
+
+    calls = []
+    for module in (trainer, stacked):
+        monkeypatch.setattr(module, "keep_freed_memory", lambda module=module: calls.append(module.__name__))
+    x = torch.randn(20, 2)
+    Trainer(tiny_flow(), x, x, lr=1e-3, progress=False)
+    StackedTrainer([RunSpec(tiny_flow(), 0, 1e-3)], x, x, progress=False)
+    assert calls == ["flowbench.training.trainer", "flowbench.training.stacked"]

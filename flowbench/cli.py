@@ -1,7 +1,8 @@
 """The ``flowbench`` command line.
 
 Each subcommand lives in ``flowbench/commands/<name>.py`` and exposes ``configure(parser)`` and
-``main(args) -> int``; they only parse, merge configuration and dispatch. Modules are imported lazily so
+``main(args) -> int`` (and optionally ``prepare(argv)``, run before the parser is built); they only parse,
+merge configuration and dispatch. Modules are imported lazily so
 that ``flowbench --help`` does not pay for importing torch.
 """
 
@@ -17,7 +18,8 @@ from flowbench.errors import FlowbenchError
 # Explicit registry: subcommand -> (module, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("flowbench.commands.download", "fetch, verify and prepare the MAF datasets"),
-    "datasets": ("flowbench.commands.datasets", "list datasets with dimension, split sizes and status"),
+    "datasets": ("flowbench.commands.datasets", "list datasets with dimension, split sizes, status and origin"),
+    "models": ("flowbench.commands.models", "list models with their origin (built-in, plugin, file) and hyperparameters"),
     "run": ("flowbench.commands.run", "train one model on one dataset and record the result"),
     "table": ("flowbench.commands.table", "Markdown table of run records beside the published numbers"),
     "bench": ("flowbench.commands.bench", "speed benchmarks: gradients, optim, train"),
@@ -48,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
+    if command is not None:
+        hook = getattr(importlib.import_module(COMMANDS[command][0]), "prepare", None)
+        if hook is not None:  # e.g. `run` resolves a plugged-in model first, so that its flags exist
+            try:
+                hook(argv)
+            except FlowbenchError as e:
+                print(f"flowbench {command}: error: {e}", file=sys.stderr)
+                return 2
     parser = build_parser(command)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -123,6 +123,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            resume_may_change=True),
     Option("match_params", None, (int, str), "size the model (its spec's knob: the hidden width, or relgrad's "
            "depth) so its parameter count matches N, or MODEL as configured for this dataset", _TRAIN, "N|MODEL"),
+    Option("match_knob", None, (str,), "the hyperparameter --match-params solves for (default: the model's own knob; "
+           "name one for a plugged-in flow, e.g. hidden_features: a list knob gets the same width in every entry)",
+           _TRAIN, "NAME"),
     Option("out", "results", (str,), "results folder", _OUT, "DIR", tagged=False, resume_may_change=True),
     Option("data_root", None, (str,), "prepared data folder (default $FLOWBENCH_DATA or data/)", _OUT, "DIR",
            tagged=False, resume_may_change=True),
@@ -149,14 +152,16 @@ UNTAGGED: tuple[str, ...] = tuple(o.name for o in OPTIONS.values() if not o.tagg
 
 
 def hparam_declarations() -> dict[str, dict[str, Any]]:
-    """Every model hyperparameter name → ``{"type": type, "models": {model: HParam}}`` across the registry.
+    """Every model hyperparameter name → ``{"type": type, "models": {model: HParam}}`` across the registry
+    (built-ins, plugins) and the references resolved in this process.
 
-    A name shared by several models (``hidden``, ``layers``) is one flag; its type must agree (a test checks).
+    A name shared by several built-in models (``hidden``, ``layers``) is one flag; its type must agree (a test
+    checks). A plugged-in model's values are checked against its own spec.
     """
     from flowbench.models import MODELS
 
     out: dict[str, dict[str, Any]] = {}
-    for spec in MODELS.values():
+    for _, spec, _ in MODELS.every():
         for key, hp in spec.hparams.items():
             entry = out.setdefault(key, {"type": hp.type, "models": {}})
             entry["models"][spec.name] = hp
@@ -190,6 +195,7 @@ class RunOptions:
     protocol: str | None = None
     eval_batch_size: int = 2000
     match_params: int | str | None = None
+    match_knob: str | None = None
     out: str = "results"
     data_root: str | None = None
     tensorboard: str | None = None
@@ -200,10 +206,27 @@ class RunOptions:
     threads: int | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] | None = None
+    #: The reference (``module:ATTR``, ``/abs/file.py:ATTR``) a plugged-in model or dataset was named by; then
+    #: ``model``/``dataset`` hold its spec's name, which names the records' folder.
+    model_ref: str | None = None
+    dataset_ref: str | None = None
+
+    @property
+    def model_key(self) -> str:
+        """What :func:`flowbench.models.get_spec` resolves in any process: the reference, else the name."""
+        return self.model_ref or self.model
+
+    @property
+    def dataset_key(self) -> str:
+        return self.dataset_ref or self.dataset
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat ``{option: value}`` with the set hyperparameters beside the general options (records, checkpoints)."""
+        """Flat ``{option: value}`` with the set hyperparameters beside the general options (records, checkpoints);
+        a plugged-in model's or dataset's reference as ``model_ref``/``dataset_ref`` where there is one."""
         flat = {name: getattr(self, name) for name in OPTIONS}
+        for key in ("model_ref", "dataset_ref"):
+            if getattr(self, key) is not None:
+                flat[key] = getattr(self, key)
         flat.update(self.hparams)
         return flat
 
@@ -231,10 +254,13 @@ def _name(key: str, source: str) -> str:
     return f"--{flag}" if source == "the command line" else f"option {flag!r} in {source}"
 
 
-def _check_value(key: str, value: Any, source: str) -> Any:
+def _check_value(key: str, value: Any, source: str, spec: Any = None) -> Any:
     """Type and bound check of one value; model hyperparameters are checked per model later (specs)."""
     if key not in OPTIONS:
-        want = hparam_declarations()[key]["type"]
+        hp = spec.hparams.get(key) if spec is not None else None
+        want = hp.type if hp is not None else hparam_declarations()[key]["type"]
+        if want not in (bool, int, float, str) or (hp is not None and isinstance(value, str)):
+            return value  # lists, untyped and command-line text: the model's spec parses and checks them
         types: tuple[type, ...] = (float, int) if want is float else (want,)
         low, low_open = None, False
     else:
@@ -258,15 +284,40 @@ def _check_value(key: str, value: Any, source: str) -> Any:
     return value
 
 
-def normalize(options: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Validate keys and value types of a partial option mapping; returns it with underscore keys."""
+def normalize(options: Mapping[str, Any], source: str, spec: Any = None) -> dict[str, Any]:
+    """Validate keys and value types of a partial option mapping; returns it with underscore keys.
+
+    ``spec``: the model's spec where it is known, whose own hyperparameter types then apply.
+    """
     out: dict[str, Any] = {}
     for raw, value in options.items():
         key = _key(raw, source)
         if key in out:
             raise ConfigError(f"option {key.replace('_', '-')!r} is given twice in {source}")
-        out[key] = _check_value(key, value, source) if value is not None else None
+        out[key] = _check_value(key, value, source, spec) if value is not None else None
     return out
+
+
+def resolve_references(options: dict[str, Any], base: str | Path | None = None) -> Any:
+    """Make ``model``/``dataset`` references in ``options`` absolute (files: relative to ``base``) and resolve
+    them, so that their hyperparameters are known; returns the model's spec where a model is given, else None.
+
+    A ``model_ref``/``dataset_ref`` key (a record's or a checkpoint's options) stands for the name beside it.
+    """
+    from flowbench.data import DATASETS
+    from flowbench.models import MODELS
+    from flowbench.plugins import is_reference, normalize_reference
+
+    for key, registry in (("model", MODELS), ("dataset", DATASETS)):
+        ref = options.pop(f"{key}_ref", None)
+        if ref is not None:
+            options[key] = ref
+        value = options.get(key)
+        if isinstance(value, str) and is_reference(value):
+            options[key] = normalize_reference(value, base)
+            registry.resolve(options[key])
+    model = options.get("model")
+    return MODELS.resolve(model)[0] if isinstance(model, str) and model.strip() else None
 
 
 def read_toml(path: str | Path, kind: str, hint: str) -> dict[str, Any]:
@@ -312,14 +363,17 @@ def load_config(path: str | Path) -> dict[str, Any]:
     if "config" in raw:
         raise ConfigError(f"config file {str(path)!r} sets `config`; a config file cannot name another one — "
                           "pass the file you want with --config")
-    opts = normalize(raw, f"config file {path}")
+    spec = resolve_references(raw, base=path.resolve().parent)  # file references: relative to the config's folder
+    opts = normalize(raw, f"config file {path}", spec)
     if prov is not None:
         opts["_provenance"] = _provenance(prov, path)
     return opts
 
 
 def default_config_path(dataset: str, model: str) -> Path | None:
-    """``configs/<dataset>/<model>.toml`` when it exists, else None."""
+    """``configs/<dataset>/<model>.toml`` when it exists, else None (always for a plugged-in model or dataset)."""
+    if ":" in dataset or ":" in model:
+        return None
     path = CONFIG_DIR / dataset / f"{model}.toml"
     return path if path.is_file() else None
 
@@ -335,10 +389,16 @@ def parse_match_params(value: int | str | None) -> int | str | None:
         number = float(text)
     except ValueError:
         from flowbench.models import MODELS
+        from flowbench.plugins import is_reference, normalize_reference
 
+        if is_reference(text):
+            text = normalize_reference(text)
+            MODELS.resolve(text)
+            return text
         if text not in MODELS:
             raise ConfigError(f"--match-params {text!r} is neither a parameter count nor a model; give a positive "
-                              f"whole number such as 5000, or one of {', '.join(MODELS)}") from None
+                              f"whole number such as 5000, one of {', '.join(MODELS)}, or MODULE:ATTR / "
+                              "FILE.py:ATTR") from None
         return text
     if not math.isfinite(number) or number != int(number) or number < 1:
         raise ConfigError(f"--match-params {text!r}: a parameter count must be a positive whole number (e.g. 5000)")
@@ -401,9 +461,14 @@ def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config
     ``configs/<dataset>/<model>.toml``. The model's hyperparameters are checked against its spec; ``lr`` left
     unset gets the model's default.
     """
-    from flowbench.models import get_spec
+    from flowbench.models import MODELS
+    from flowbench.plugins import is_reference
 
-    given = normalize({k: v for k, v in (explicit or {}).items() if v is not None}, "the command line")
+    raw = {k: v for k, v in (explicit or {}).items() if v is not None}
+    spec = resolve_references(raw)
+    if spec is None and raw.get("config") is not None:  # the file may name a plugged-in model whose flags follow
+        load_config(raw["config"])
+    given = normalize(raw, "the command line", spec)
     file_opts, path = _file_options(given, bundled_config)
     provenance = file_opts.pop("_provenance", None)
     merged = {name: opt.default for name, opt in OPTIONS.items()}
@@ -414,7 +479,17 @@ def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config
                 continue
             (merged if key in OPTIONS else hparams)[key] = value
     merged["config"] = str(path) if path is not None else None
-    spec = get_spec(merged["model"])
+    refs: dict[str, str | None] = {"model_ref": None, "dataset_ref": None}
+    spec = MODELS.resolve(merged["model"])[0]
+    if is_reference(merged["model"]):  # the spec's name names the records' folder; the reference finds the spec
+        refs["model_ref"], merged["model"] = merged["model"], spec.name
+    if is_reference(merged["dataset"]):
+        from flowbench.data import get_info
+
+        refs["dataset_ref"], merged["dataset"] = merged["dataset"], get_info(merged["dataset"]).name
+    if merged["match_knob"] is not None and merged["match_knob"] not in spec.hparams:
+        raise ConfigError(f"--match-knob {merged['match_knob']!r} is not a hyperparameter of model {spec.name!r}; "
+                          f"choose one of {', '.join(spec.hparams) or '(it has none)'}")
     _apply_protocol(merged, given, spec.lr)
     if merged["lr_schedule"] not in ("constant", "cosine"):
         raise ConfigError(f"--lr-schedule {merged['lr_schedule']!r} is not known; choose constant or cosine")
@@ -424,7 +499,7 @@ def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config
     if merged["lr"] is None:
         merged["lr"] = spec.lr
     merged["match_params"] = parse_match_params(merged["match_params"])
-    return RunOptions(**merged, hparams=hparams, provenance=provenance)
+    return RunOptions(**merged, hparams=hparams, provenance=provenance, **refs)
 
 
 def coerce_options(options: RunOptions | Mapping[str, Any]) -> RunOptions:

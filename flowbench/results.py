@@ -106,6 +106,12 @@ class RunRecord:
     provenance: dict[str, Any] | None = None
     stack: dict[str, Any] | None = None  # stacked runs: {"seeds": [...], "size": R} of the stack it trained in
     model_state: str | None = None  # file name, beside the record, of the evaluated model's state_dict
+    #: A plugged-in model's reference (``module:ATTR``, ``/abs/file.py:ATTR``; None for a registered name), by
+    #: which a resumed or re-plotted run finds the same spec, and where its spec came from
+    #: (``{"kind": "built-in" | "plugin" | "module" | "file", "detail", "reference", "sha256"}``).
+    model_ref: str | None = None
+    model_origin: dict[str, Any] | None = None
+    dataset_ref: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     path: str | None = None  # where it was read from (not written)
 

@@ -22,7 +22,7 @@ from typing import Iterable
 from tabulate import tabulate
 
 from flowbench.data import DATASETS
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.plots.status import convergence_note
 from flowbench.published import SOURCES, UNVERIFIED_NOTE, PublishedResult, published
 from flowbench.results import RunRecord
@@ -78,8 +78,13 @@ def _select(records: list[RunRecord], select: str) -> list[_Row]:
     if select not in ("best-val", "all"):
         raise ConfigError(f"unknown --select {select!r}; use best-val or all")
     groups: dict[tuple[str, str], dict[str | None, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
+    names: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        names[r.display_name].add(r.model)
     for r in records:
         label = r.display_name
+        if len(names[label]) > 1:  # two models with one label (a plugged-in flow named like a built-in's row)
+            label += f" ({r.model})"
         against = (r.match_target or {}).get("against")
         if against:  # parameter-matched baselines (relgrad Table 1) are rows of their own
             label += f" [matched to {against}]"
@@ -113,8 +118,34 @@ def _nonfinite_note(r: RunRecord) -> str:
             f"range), so the mean over all points is −inf{others}")
 
 
+@functools.lru_cache(maxsize=None)
+def _importable(ref: str) -> str | None:
+    """None when a plugged-in model's reference still resolves, else why not (one line)."""
+    from flowbench.models import MODELS
+
+    try:
+        MODELS.resolve(ref)
+    except FlowbenchError as e:
+        return str(e).split("\n")[0]
+    return None
+
+
+def plugged_in_note(r: RunRecord) -> str | None:
+    """The footnote of a row whose model was plugged in by reference: where from, and whether it still imports
+    (a record keeps its numbers either way)."""
+    if not r.model_ref:
+        return None
+    note = f"model {r.model!r} plugged in from {r.model_ref}"
+    why = _importable(r.model_ref)
+    if why is not None:
+        note += f"; it can no longer be imported ({why}), so this row shows the numbers its records hold"
+    return note
+
+
 def _cell_from_runs(runs: list[RunRecord], dataset: str) -> _Cell:
     cell = _cell_values(runs, dataset)
+    for note in dict.fromkeys(filter(None, map(plugged_in_note, runs))):
+        cell.notes.append(note)
     unverified = [r.provenance for r in runs if r.provenance and not r.provenance.get("verified")]
     if unverified:
         cell.config_unverified = str(unverified[0].get("source", ""))

@@ -90,7 +90,9 @@ def run_stack_bench(dataset: str, model: str, stack: int, *, steps: int = 50, ba
     log(f"  stacked / sequential: {res['ratio']:.2f}×")
     res["device"] = str(dev)
     if folder is not None:
-        path = folder / f"train-{dataset}-{model}-stack{stack}.json"
+        from flowbench.data import get_info
+
+        path = folder / f"train-{get_info(dataset).name}-{models.get_spec(model).name}-stack{stack}.json"
         atomic_write_json(path, res)
         res["files"] = [str(path)]
     return res

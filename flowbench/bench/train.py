@@ -29,11 +29,9 @@ LossFn = Callable[[torch.Tensor], torch.Tensor]
 def dataset_tensor(name: str, data_root: str | Path | None = None,
                    max_rows: int = 200_000) -> tuple[torch.Tensor, int, bool]:
     """(training rows, N train, synthetic?) — the prepared data if present, else N(0, I) of the right shape."""
-    from flowbench.data import DATASETS, load_dataset
+    from flowbench.data import get_info, load_dataset
 
-    if name not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    info = DATASETS[name]
+    info = get_info(name)  # a name or a reference; ConfigError saying what is wrong
     try:
         ds = load_dataset(name, data_root)
         x = torch.as_tensor(ds.train[:max_rows], dtype=torch.float32)
@@ -231,7 +229,11 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
     ours_loss, _ = _loss_fns(ours, compile_ours=compile)
     contenders: dict[str, Contender] = {
         "flowbench": (ours, _adam(ours.parameters(), lr, adam), ours_loss, _trainer_step)}
-    result: dict = {"dataset": dataset, "model": model, "display_name": display_name(model, **hparams),
+    from flowbench.data import get_info
+    from flowbench.models import get_spec
+
+    result: dict = {"dataset": get_info(dataset).name, "model": get_spec(model).name, "model_ref": model if ":" in model
+                    else None, "display_name": display_name(model, **hparams),
                     "hparams": hparams, "dim": dim, "n_train": n_train, "synthetic_data": synthetic,
                     "batch_size": batch_size, "steps": steps, "device": str(device), "adam": adam,
                     "compile": {"flowbench": compile, "zuko": compile_zuko if compare_zuko else None},
@@ -262,7 +264,7 @@ def bench_train(dataset: str, model: str, out: str | Path = "results", steps: in
                     compile_zuko=compile_zuko, log=log)
     res["machine"] = machine
     suffix = ("" if adam == "fused" else f"-adam-{adam}") + ("-compiled" if compile else "")
-    path = folder / f"train-{dataset}-{model}{suffix}.json"
+    path = folder / f"train-{res['dataset']}-{res['model']}{suffix}.json"
     atomic_write_json(path, res)
     return {**res, "files": [str(path)]}
 

@@ -11,7 +11,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def rows(root: Path) -> list[list]:
-    """One row per registered dataset: name, D, train/val/test sizes, status, source, description.
+    """One row per registered dataset: name, D, train/val/test sizes, status, source, origin, description.
 
     D and the sizes are the prepared cache's where it is ok (small fixtures differ), else the spec's.
     """
@@ -19,11 +19,12 @@ def rows(root: Path) -> list[list]:
 
     out = []
     for name, spec in DATASETS.items():
+        origin = DATASETS.origins[name].text() if name in DATASETS.origins else "built-in"
         st = status(name, root)
         m = cache.read_manifest(root, name) if st == "prepared" else None
         sizes = [m["shapes"][k][0] for k in ("train", "val", "test")] if m else list(spec.sizes)
         dim = m["shapes"]["train"][1] if m else spec.dim
-        out.append([name, dim, *sizes, st, ", ".join(spec.raw_files) or spec.source, spec.description])
+        out.append([name, dim, *sizes, st, ", ".join(spec.raw_files) or spec.source, origin, spec.description])
     return out
 
 
@@ -35,8 +36,9 @@ def main(args: argparse.Namespace) -> int:
     root = check_root(args.root)
     table = rows(root)
     print(f"data root: {root}")
-    print(tabulate(table, headers=["dataset", "D", "train", "val", "test", "status", "raw files", "description"],
-                   intfmt=",", colalign=("left", "right", "right", "right", "right", "left", "left", "left")))
+    print(tabulate(table, headers=["dataset", "D", "train", "val", "test", "status", "raw files", "origin",
+                                   "description"],
+                   intfmt=",", colalign=("left", "right", "right", "right", "right", "left", "left", "left", "left")))
     notes = []
     if any(r[5] in ("missing", "raw") for r in table):
         notes.append(f"missing → `{download_command('NAME', root)}` (or without --dataset for all); "

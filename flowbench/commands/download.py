@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     from flowbench.data import DATASETS, default_root, get_info
     from flowbench.data.download import download_and_prepare
 
-    names = args.dataset or [n for n, i in DATASETS.items() if not i.builtin]
+    names = args.dataset or [n for n, i in DATASETS.items() if i.source == "archive"]
     for n in names:
         get_info(n)  # unknown name -> ConfigError listing the choices
     download_and_prepare(

@@ -24,6 +24,32 @@ def _hparam_help(models: dict) -> str:
     return "; ".join(f"{', '.join(names)}: {text}" for text, names in parts.items())
 
 
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of ``--flag V`` or ``--flag=V`` in ``argv`` (the last one wins, as argparse does)."""
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def prepare(argv: list[str]) -> None:
+    """Resolve a plugged-in model (``--model REF``, or the ``model`` of ``--config FILE``) before the parser is
+    built, so that its hyperparameters are flags like a built-in's."""
+    from flowbench.config import load_config, resolve_references
+
+    model, config = _flag_value(argv, "--model"), _flag_value(argv, "--config")
+    if model is not None and ":" in model:
+        resolve_references({"model": model})
+    elif config is not None and model is None:
+        try:
+            load_config(config)
+        except Exception:  # reported with the rest of the options, after parsing
+            pass
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     from flowbench.config import OPTIONS, hparam_declarations
     from flowbench.models import MODELS
@@ -35,7 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         group = groups.setdefault(opt.group, parser.add_argument_group(opt.group))
         help_text = opt.help + (f" (default {opt.default})" if opt.default not in (None, False) else "")
         if opt.name == "model":
-            help_text += ": " + ", ".join(MODELS)
+            help_text += ": " + ", ".join(MODELS) + ", or MODULE:ATTR / FILE.py:ATTR (your own; `flowbench models`)"
         if bool in opt.types:
             group.add_argument(opt.flag, action="store_true", default=None, help=help_text)
         else:
@@ -45,6 +71,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     for key, decl in hparam_declarations().items():
         flag = "--" + key.replace("_", "-")
         kind = decl["type"]
+        if kind not in (bool, int, float) or len({h.type for h in decl["models"].values()}) > 1:
+            kind = str  # lists, untyped or per-model types: the model's spec parses the text
         if kind is bool:
             m.add_argument(flag, action=_BOOL, default=None, help=_hparam_help(decl["models"]))
         else:

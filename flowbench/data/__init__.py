@@ -24,14 +24,15 @@ import warnings
 from pathlib import Path
 
 from flowbench.data import cache
-from flowbench.data._common import check_splits, to_float32
+from flowbench.data._common import check_splits, maf_split, tail_split, to_float32
 from flowbench.data.base import Dataset
-from flowbench.data.spec import DatasetSpec, ImageSpec
+from flowbench.data.spec import ARCHIVE, DatasetSpec, ImageSpec
 from flowbench.errors import ConfigError, DatasetNotFoundError
+from flowbench.plugins import Origin, Registry
 
 __all__ = [
-    "DATASETS", "Dataset", "DatasetSpec", "ImageSpec", "check_root", "default_root", "download_command",
-    "get_info", "load_dataset", "prepare_dataset", "status",
+    "DATASETS", "Dataset", "DatasetSpec", "ImageSpec", "check_root", "dataset_origin", "default_root",
+    "download_command", "get_info", "load_dataset", "maf_split", "prepare_dataset", "status", "tail_split",
 ]
 
 # The registry: one line per dataset, in the order of the MAF paper's tables.
@@ -58,8 +59,24 @@ def _register(modules: tuple[str, ...]) -> dict[str, DatasetSpec]:
     return out
 
 
-#: name → :class:`DatasetSpec` of every registered dataset.
-DATASETS: dict[str, DatasetSpec] = _register(_MODULES)
+def _coerce(obj: object, ref: str) -> DatasetSpec:
+    """A loaded object as a DatasetSpec: the spec itself, or a function without arguments returning one."""
+    if callable(obj) and not isinstance(obj, (DatasetSpec, type)):
+        try:
+            obj = obj()
+        except TypeError as e:
+            raise ConfigError(f"dataset {ref!r}: calling it to get its spec failed ({e}); point at a DatasetSpec or "
+                              "a function without arguments that returns one") from e
+        except Exception as e:
+            raise ConfigError(f"dataset {ref!r}: calling it to get its spec failed: {type(e).__name__}: {e}") from e
+    if not isinstance(obj, DatasetSpec):
+        raise ConfigError(f"dataset {ref!r} is a {type(obj).__name__}, not a dataset: point at a "
+                          "flowbench.data.DatasetSpec (or a function returning one); see the tutorial in docs/")
+    return obj
+
+
+#: name → :class:`DatasetSpec`: the built-ins, then installed plugins (entry-point group ``flowbench.datasets``).
+DATASETS = Registry("dataset", "flowbench.datasets", _register(_MODULES), DatasetSpec, _coerce)
 
 ENV_VAR = "FLOWBENCH_DATA"
 
@@ -96,11 +113,14 @@ def check_root(root: str | Path | None, *, create: bool = False) -> Path:
 
 
 def get_info(name: str) -> DatasetSpec:
-    """The spec of ``name``; ConfigError listing the registered names if it is unknown."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}") from None
+    """The spec of a registered dataset, a plugin's, or a reference ``module:ATTR`` / ``file.py:ATTR``;
+    ConfigError listing the registered names if it is unknown, or saying what is wrong with the reference."""
+    return DATASETS.resolve(name)[0]
+
+
+def dataset_origin(name: str) -> Origin:
+    """Where the spec of ``name`` (name or reference) comes from: built-in, plugin, module or file."""
+    return DATASETS.resolve(name)[1]
 
 
 def download_command(name: str, root: Path) -> str:
@@ -109,6 +129,13 @@ def download_command(name: str, root: Path) -> str:
     if Path(root) != default_root():
         cmd += f" --root {root}"
     return cmd
+
+
+def _fetch_hint(spec: DatasetSpec, root: Path) -> str:
+    """How to get missing raw files: ``flowbench download`` for the MAF archive's, the spec's source otherwise."""
+    if spec.source == ARCHIVE:
+        return f"Fetch it with: {download_command(spec.name, root)}"
+    return f"Put the files there (their source: {spec.source}), or pass the folder that holds them as the data root"
 
 
 def _dataset(spec: DatasetSpec, splits: dict, meta: dict) -> Dataset:
@@ -126,12 +153,13 @@ def _missing_raw(spec: DatasetSpec, root: Path) -> list[Path]:
 def prepare_dataset(name: str, root: str | Path | None = None, *, write_cache: bool = True) -> Dataset:
     """Run the recipe on the raw files under ``root`` (always, ignoring any cache) and write the cache."""
     spec = get_info(name)
+    name = spec.name  # a reference resolves to its spec: the cache is named for the spec
     root = check_root(root)
     missing = _missing_raw(spec, root)
     if missing:
         raise DatasetNotFoundError(
             f"dataset {name!r} is not in {root}: missing {', '.join(map(str, missing))}. "
-            f"Fetch it with: {download_command(name, root)}"
+            f"{_fetch_hint(spec, root)}"
         )
     splits = to_float32(spec.prepare(root))
     check_splits(name, splits)  # D is not enforced: small test fixtures have fewer columns
@@ -168,6 +196,7 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
         zero-variance column or malformed raw file.
     """
     spec = get_info(name)
+    name = spec.name  # a reference resolves to its spec: the cache is named for the spec
     root = check_root(root)
     if not spec.builtin:
         state = cache.check(root, name, spec.recipe_version)
@@ -182,7 +211,7 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
                 raise DatasetNotFoundError(
                     f"the processed cache of {name!r} in {where} is broken ({state.reason}) and cannot be rebuilt: "
                     f"its raw files are missing ({', '.join(map(str, missing))}). "
-                    f"Fetch them with: {download_command(name, root)}"
+                    f"{_fetch_hint(spec, root)}"
                 )
             warnings.warn(f"the processed cache of {name!r} in {where} is broken ({state.reason}); "
                           f"rebuilding it from the raw files in {root}", stacklevel=2)
@@ -193,6 +222,7 @@ def status(name: str, root: str | Path | None = None) -> str:
     """``built-in``, ``prepared``, ``broken (REASON)``, ``raw`` (files present, cache not built or stale) or
     ``missing``."""
     spec = get_info(name)
+    name = spec.name  # a reference resolves to its spec: the cache is named for the spec
     root = check_root(root)
     if spec.builtin:
         return "built-in"

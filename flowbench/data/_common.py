@@ -34,6 +34,22 @@ def tail_split(data: np.ndarray) -> Splits:
     }
 
 
+def maf_split(data: np.ndarray, seed: int = 42, standardize: bool = True) -> Splits:
+    """A user's table under the MAF protocol: rows shuffled by ``RandomState(seed)``, :func:`tail_split`, then
+    (``standardize``) every split standardised with the mean and standard deviation of train + validation, as
+    MAF's POWER, GAS and MINIBOONE recipes do. Float64 in, float64 out (the loader casts and checks)."""
+    data = np.asarray(data, dtype=np.float64)
+    if data.ndim != 2 or data.shape[0] < 10:
+        raise DataIntegrityError(f"maf_split needs a 2-D table of at least 10 rows; got shape {data.shape}")
+    data = data[np.random.RandomState(seed).permutation(data.shape[0])]
+    splits = tail_split(data)
+    if standardize:
+        both = np.vstack([splits["train"], splits["val"]])
+        mu, s = both.mean(axis=0), safe_std(both, "maf_split", ddof=0)
+        splits = {k: (v - mu) / s for k, v in splits.items()}
+    return splits
+
+
 def column_label(columns: Sequence[str] | None, j: int) -> str:
     """``column 3 ('CO')`` when names are known, else ``column 3``."""
     if columns is not None and j < len(columns):

@@ -419,7 +419,9 @@ def download_and_prepare(
     for s in specs:
         if s.builtin:
             echo(f"{s.name}: built in ({s.source}), nothing to download")
-    specs = [s for s in specs if not s.builtin]
+        elif s.source != "archive":
+            echo(f"{s.name}: not in the MAF archive (its source: {s.source}); put its raw files under {root} by hand")
+    specs = [s for s in specs if not s.builtin and s.source == "archive"]
     if not specs:
         return
     root = check_root(root, create=True)

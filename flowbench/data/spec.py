@@ -56,7 +56,8 @@ class DatasetSpec:
         raw_files: the raw files, relative to the data root in the MAF archive's layout
             (``power/data.npy``; archive member ``data/power/data.npy``). Empty for a built-in dataset.
         source: where the raw files come from: ``"archive"`` (the MAF archive, fetched by
-            ``flowbench download``) or a description of a bundled source (``"scikit-learn (bundled)"``).
+            ``flowbench download``) or a description of any other source: a bundled one without raw files
+            (``"scikit-learn (bundled)"``), or a user's own files under the data root, placed there by hand.
         description: one line for ``flowbench datasets``.
         recipe_version: bump it whenever ``prepare`` changes its output, so that processed caches are rebuilt.
         prepare: ``prepare(root) -> {"train", "val", "test"}``: 2-D arrays (float64 is fine; the loader
@@ -94,8 +95,8 @@ class DatasetSpec:
                 raise bad(f"raw file {f!r} must be a normalised relative path FOLDER/FILE under the data root")
         if not (isinstance(self.source, str) and self.source):
             raise bad("source must be a non-empty str")
-        if (self.source == ARCHIVE) != bool(self.raw_files):
-            raise bad('source "archive" goes with raw files, a bundled source with none')
+        if self.source == ARCHIVE and not self.raw_files:
+            raise bad('source "archive" goes with raw files (a bundled source has none)')
         if not (isinstance(self.recipe_version, int) and self.recipe_version >= 1):
             raise bad(f"recipe_version must be an int ≥ 1; got {self.recipe_version!r}")
         if not callable(self.prepare):

@@ -9,18 +9,22 @@ config files, sweep grids, ``--match-params``, the table and the contract tests 
 from __future__ import annotations
 
 import importlib
+import inspect
 import numbers
-from typing import Any
+import re
+from typing import Any, Mapping
 
 from flowbench.errors import ConfigError
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform, check_input
 from flowbench.models.spec import HParam, ModelSpec
+from flowbench.plugins import Origin, Registry
 
 __all__ = [
     "MODELS",
     "ModelSpec",
     "HParam",
     "get_spec",
+    "model_origin",
     "build_model",
     "model_hparams",
     "resolve_hparams",
@@ -51,15 +55,88 @@ def _load(entry: str) -> ModelSpec:
     return getattr(importlib.import_module(f"flowbench.models.{module}"), attr)
 
 
-#: name → spec, in registry order.
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in map(_load, REGISTRY)}
+#: A spec's name is a folder of ``results/runs/<dataset>/``: lower-case letters, digits and ``- _ .``.
+_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+
+
+def _check_spec(spec: ModelSpec, where: str) -> ModelSpec:
+    """A spec from outside the package, checked before anything trains it (ConfigError says what is wrong)."""
+    bad = f"the model spec at {where!r} is not valid"
+    if not isinstance(spec.name, str) or not _NAME.fullmatch(spec.name):
+        raise ConfigError(f"{bad}: name {spec.name!r} must be lower-case letters, digits and - _ . (it names the "
+                          "records' folder)")
+    if not callable(spec.build):
+        raise ConfigError(f"{bad}: build must be a function build(dim, **hparams) -> Flow")
+    if not isinstance(spec.hparams, Mapping) or not all(
+            isinstance(k, str) and k.isidentifier() and isinstance(h, HParam) for k, h in spec.hparams.items()):
+        raise ConfigError(f"{bad}: hparams must map identifier names to HParam(default, help)")
+    clash = sorted(set(spec.hparams) & _option_names())
+    if clash:
+        raise ConfigError(f"{bad}: hyperparameter(s) {', '.join(clash)} have the names of run options "
+                          "(`flowbench run --help`); rename them")
+    if isinstance(spec.lr, bool) or not isinstance(spec.lr, numbers.Real) or not (0 < spec.lr < float("inf")):
+        raise ConfigError(f"{bad}: lr must be a positive number (the default Adam learning rate); got {spec.lr!r}")
+    if not isinstance(spec.label, str) or not isinstance(spec.paper, str):
+        raise ConfigError(f"{bad}: label and paper must be text")
+    try:
+        spec.label.format(**{k: h.default for k, h in spec.hparams.items()})
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"{bad}: label {spec.label!r} must be a str.format template over its hyperparameters "
+                          f"({e})") from None
+    return spec
+
+
+def _option_names() -> set[str]:
+    from flowbench.config import OPTIONS
+
+    return set(OPTIONS)
+
+
+def _coerce(obj: Any, ref: str) -> ModelSpec:
+    """A loaded object as a ModelSpec: a spec, a zuko/nflows flow or flow factory, or a function returning a spec."""
+    if isinstance(obj, ModelSpec):
+        return _check_spec(obj, ref)
+    from flowbench.models import adapters
+
+    spec = adapters.spec_for(obj, ref)
+    if spec is not None:
+        return _check_spec(spec, ref)
+    if callable(obj) and not isinstance(obj, type):
+        try:
+            required = [p for p in inspect.signature(obj).parameters.values()
+                        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        except (TypeError, ValueError):
+            required = []
+        if not required:
+            try:
+                made = obj()
+            except Exception as e:
+                raise ConfigError(f"model {ref!r}: calling it to get its spec failed: {type(e).__name__}: {e}") from e
+            if isinstance(made, ModelSpec):
+                return _check_spec(made, ref)
+            raise ConfigError(f"model {ref!r}: the function returned a {type(made).__name__}, not a ModelSpec; "
+                              "return flowbench.models.ModelSpec(...)")
+    raise ConfigError(f"model {ref!r} is a {type(obj).__name__}, not a model: point at a flowbench.models.ModelSpec, "
+                      "a function returning one, a zuko or nflows flow class, or a function that builds a flow from "
+                      "its first argument `features` (see the tutorial in docs/)")
+
+
+#: name → spec: the built-ins in registry order, then installed plugins (entry-point group ``flowbench.models``).
+MODELS = Registry("model", "flowbench.models", {spec.name: spec for spec in map(_load, REGISTRY)}, ModelSpec,
+                  _coerce)
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The spec of model ``name``, or a ConfigError listing the registered names."""
-    if name in MODELS:
-        return MODELS[name]
-    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    """The spec of a registered model, a plugin's, or a reference ``module:ATTR`` / ``file.py:ATTR``.
+
+    Raises ConfigError for an unknown name (listing the registered ones) and for every bad reference.
+    """
+    return MODELS.resolve(name)[0]
+
+
+def model_origin(name: str) -> Origin:
+    """Where the spec of ``name`` (name or reference) comes from: built-in, plugin, module or file."""
+    return MODELS.resolve(name)[1]
 
 
 def model_hparams(name: str) -> dict[str, Any]:

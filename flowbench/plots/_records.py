@@ -67,6 +67,15 @@ def model(rec: Record) -> str:
     return field(rec, "model")
 
 
+def model_key(rec: Record) -> str:
+    """What rebuilds the record's model in any process: a plugged-in model's reference, else its name."""
+    return field(rec, "model_ref") or model(rec)
+
+
+def dataset_key(rec: Record) -> str:
+    return field(rec, "dataset_ref") or dataset(rec)
+
+
 def tag(rec: Record) -> str | None:
     return field(rec, "tag")
 

@@ -69,7 +69,7 @@ def load_dataset_for(rec: Any, data_root: str | Path | None = None) -> Dataset:
         return make_toy(name[len(TOY_PREFIX):], R.seed(rec))
     from flowbench.data import load_dataset
 
-    return load_dataset(name, data_root if data_root is not None else R.data_root(rec))
+    return load_dataset(R.dataset_key(rec), data_root if data_root is not None else R.data_root(rec))
 
 
 def load_flow(rec: Any, data: Dataset) -> Any:
@@ -81,7 +81,8 @@ def load_flow(rec: Any, data: Dataset) -> Any:
     from flowbench.models import build_model
 
     check_checkpoint(rec)
-    flow = build_model(R.model(rec), data.dim, **R.hparams(rec))
+    _warn_if_changed(rec)
+    flow = build_model(R.model_key(rec), data.dim, **R.hparams(rec))
     if not flow.trainable:
         flow.initialize(torch.as_tensor(np.asarray(data.train)))
     else:
@@ -90,6 +91,23 @@ def load_flow(rec: Any, data: Dataset) -> Any:
         # The best state was saved right after prepare_for_eval, so batch-norm statistics come with it.
         flow.load_state_dict(best_model_state(R.checkpoint(rec)))
     return flow.eval()
+
+
+def _warn_if_changed(rec: Any) -> None:
+    """A plugged-in model's file that changed since the run may no longer build the recorded model: say so."""
+    import hashlib
+    import warnings
+
+    origin = R.field(rec, "model_origin") or {}
+    if origin.get("kind") != "file" or not origin.get("sha256"):
+        return
+    try:
+        now = hashlib.sha256(Path(origin["detail"]).read_bytes()).hexdigest()
+    except OSError:
+        return  # a missing file is reported when the model is rebuilt
+    if now != origin["sha256"]:
+        warnings.warn(f"{origin['detail']} changed since this run was trained; the model rebuilt from it may not be "
+                      "the one recorded (its state may not load)", stacklevel=3)
 
 
 def check_checkpoint(rec: Any) -> None:

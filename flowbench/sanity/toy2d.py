@@ -76,7 +76,7 @@ def _load_trained(record: dict[str, Any], options: dict[str, Any], data: Dataset
     from flowbench.models import build_model
     from flowbench.results import checkpoint_path
 
-    flow = build_model(record.model, data.dim, **record.hparams)
+    flow = build_model(record.model_ref or record.model, data.dim, **record.hparams)
     train = torch.as_tensor(data.train)
     path = checkpoint_path(options["out"], data.name, record.model, record.seed, record.tag)
     if not flow.trainable:  # closed-form models (the Gaussian) have no checkpoint: refit, deterministic
@@ -123,9 +123,11 @@ def run_toy2d(name: str, model: str = "relgrad", out: str | Path = "results/sani
 
     ``progress`` turns on the trainer's own display (a bar per epoch, a line after each).
     """
+    from flowbench.models import get_spec
     from flowbench.results import record_path
     from flowbench.training import run_experiment
 
+    mname = get_spec(model).name  # `model` may be a reference; records and files are named for the spec
     check_seed(seed)
     check_number("--lr", lr)
     out = output_dir(out)
@@ -140,14 +142,14 @@ def run_toy2d(name: str, model: str = "relgrad", out: str | Path = "results/sani
         test_ll_plotted = float(flow.log_prob(torch.as_tensor(data.test)).mean())
     gx, gy, logp = _density_grid(flow, data, grid)
     mass = float(np.exp(np.where(np.isfinite(logp), logp, -np.inf)).sum() * (gx[0, 1] - gx[0, 0]) * (gy[1, 0] - gy[0, 0]))
-    result = {"data": name, "model": model, "display_name": record.display_name, "seed": seed,
+    result = {"data": name, "model": mname, "display_name": record.display_name, "seed": seed,
               "test_ll": record.test_ll, "test_ll_2se": record.test_ll_2se, "test_ll_plotted_model":
               test_ll_plotted, "best_val_ll": record.best_val_ll, "epochs": record.epochs,
               "best_epoch": record.best_epoch, "params": record.params,
               "status": record.status, "mass_on_grid": mass, "gaussian_test_ll": _gaussian_test_ll(data),
               "nonfinite_grid_points": int((~np.isfinite(logp)).sum()), "grid_points": int(logp.size),
-              "record": str(record_path(options["out"], data.name, model, seed, record.tag))}
-    stem = out / f"toy2d_{name}_{model}"
+              "record": str(record_path(options["out"], data.name, mname, seed, record.tag))}
+    stem = out / f"toy2d_{name}_{mname}"
     atomic_write_json(stem.with_suffix(".json"), result)
     _figure(data, gx, gy, logp, result, stem.with_suffix(".png"))
     return result
@@ -161,10 +163,9 @@ def run_toy2d_all(names: list[str] | None = None, model: str = "relgrad", out: s
     defaults: seed 0, at most 100 epochs on a 200-point grid (``quick``: 2 epochs, 60 points); one ``log``
     line per data set as it ends. Options are checked before the first model trains; ``train`` passes
     patience, lr and batch_size through."""
-    from flowbench.models import MODELS
+    from flowbench.models import get_spec
 
-    if model not in MODELS:
-        raise ConfigError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    mname = get_spec(model).name  # a name or a reference (ConfigError saying what is wrong); files use the name
     names = list(TOY_DATA) if names is None else list(names)
     for name in names:
         if name not in TOY_DATA:
@@ -178,7 +179,7 @@ def run_toy2d_all(names: list[str] | None = None, model: str = "relgrad", out: s
         r = run_toy2d(name, model, out, seed=seed, max_epochs=pick(max_epochs, 100, 2, quick), hparams=hparams,
                       grid=60 if quick else 200, progress=progress, **train)
         log(f"{name}: {r['display_name']} test LL {r['test_ll']:.3f} ± {r['test_ll_2se']:.3f} nats "
-            f"({r['epochs']} epochs; Gaussian {r['gaussian_test_ll']:.3f}) → {out / f'toy2d_{name}_{model}.png'}")
+            f"({r['epochs']} epochs; Gaussian {r['gaussian_test_ll']:.3f}) → {out / f'toy2d_{name}_{mname}.png'}")
         results.append(r)
     return results
 

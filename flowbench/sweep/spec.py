@@ -54,6 +54,9 @@ class SweepRun:
     seed: int
     tag: str
     values: tuple[tuple[str, Any], ...]  # the sweep's own settings for this run (underscore keys, no seed)
+    #: a plugged-in model's or dataset's reference (absolute for files); ``model``/``dataset`` are the spec names
+    model_ref: str | None = None
+    dataset_ref: str | None = None
 
     @property
     def label(self) -> str:
@@ -62,7 +65,8 @@ class SweepRun:
     def cli_options(self, out: str | Path) -> dict[str, Any]:
         """The explicit options of this run, as ``flowbench run`` flags would give them."""
         opts = dict(self.values)
-        opts.update(dataset=self.dataset, model=self.model, seed=self.seed, tag=self.tag, out=str(out))
+        opts.update(dataset=self.dataset_ref or self.dataset, model=self.model_ref or self.model, seed=self.seed,
+                    tag=self.tag, out=str(out))
         return opts
 
     def options(self, out: str | Path) -> RunOptions:
@@ -101,6 +105,8 @@ class Sweep:
     runs: list[SweepRun] = field(default_factory=list)
     #: model -> option names of the grid that the model does not take (dropped for it), for --dry-run.
     ignored: dict[str, list[str]] = field(default_factory=dict)
+    #: spec name -> reference, for the plugged-in models and datasets the sweep names by reference
+    refs: dict[str, str] = field(default_factory=dict)
 
 
 def _flag(key: str) -> str:
@@ -171,8 +177,32 @@ def _names(raw: Any, what: str, source: str, known: Iterable[str] | None) -> lis
     return list(raw)
 
 
+def _resolve_refs(raw: Any, registry: Any, base: Path | None, refs: dict[str, str]) -> Any:
+    """``raw`` (a list of names) with every reference replaced by its spec's name; the references (files made
+    absolute, relative to the sweep file's folder) go into ``refs``. Anything else is left to :func:`_names`."""
+    from flowbench.plugins import is_reference, normalize_reference
+
+    if not isinstance(raw, list):
+        return raw
+    out = []
+    for x in raw:
+        if isinstance(x, str) and is_reference(x):
+            ref = normalize_reference(x, base)
+            name = registry.resolve(ref)[0].name
+            if refs.get(name, ref) != ref:
+                raise ConfigError(f"{refs[name]!r} and {ref!r} both declare {name!r}; give them different names")
+            refs[name] = ref
+            x = name
+        out.append(x)
+    return out
+
+
 def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = None) -> Sweep:
-    """Validate a sweep given as a dict (the parsed TOML) and expand it into runs."""
+    """Validate a sweep given as a dict (the parsed TOML) and expand it into runs.
+
+    ``models`` and ``datasets`` may hold references (``module:ATTR``, ``file.py:ATTR``; a file relative to the
+    sweep file's folder); such a model is named by its spec's name in ``[override.NAME]`` tables and tags.
+    """
     from flowbench.models import MODELS
 
     source = f"sweep file {path}" if path else f"sweep {name!r}"
@@ -187,8 +217,14 @@ def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = No
             raise ConfigError(f"{source}: `{key}` is missing; e.g. datasets = ['digits'] and models = ['maf']")
     from flowbench.data import DATASETS
 
-    datasets = _names(raw["datasets"], "datasets", source, DATASETS)
-    models = _names(raw["models"], "models", source, MODELS)
+    refs: dict[str, str] = {}
+    base = path.resolve().parent if path is not None else None
+    datasets = _names(_resolve_refs(raw["datasets"], DATASETS, base, refs), "datasets", source,
+                      [*DATASETS, *refs])
+    n_dataset_refs = len(refs)
+    models = _names(_resolve_refs(raw["models"], MODELS, base, refs), "models", source, [*MODELS, *refs])
+    if len(refs) - n_dataset_refs != len([m for m in models if m in refs]):
+        raise ConfigError(f"{source}: a model and a dataset share a name; rename one of them")
     grid = _axes(raw.get("grid", {}), f"{source}, [grid]")
     override_raw = raw.get("override", {})
     if not isinstance(override_raw, dict):
@@ -206,7 +242,7 @@ def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = No
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(f"{source}: `description` must be a string")
-    sweep = Sweep(name, path, datasets, models, grid, overrides, description)
+    sweep = Sweep(name, path, datasets, models, grid, overrides, description, refs=refs)
     expand(sweep)
     return sweep
 
@@ -218,7 +254,7 @@ def load_sweep(path: str | Path) -> Sweep:
     return parse_sweep(raw, path.stem, path)
 
 
-def _applicable(model: str, key: str) -> bool:
+def _applicable(model: str, key: str, refs: dict[str, str] | None = None) -> bool:
     """Whether grid option ``key`` means anything for ``model`` (read from its spec).
 
     Model hyperparameters apply only to the models that take them (``layers`` is meaningless for the
@@ -228,11 +264,13 @@ def _applicable(model: str, key: str) -> bool:
     """
     from flowbench.models import get_spec
 
-    spec = get_spec(model)
+    spec = get_spec((refs or {}).get(model, model))
     if key not in OPTIONS:
         return key in spec.hparams
     if key == "match_params":
         return spec.match_knob is not None
+    if key == "match_knob":
+        return True
     if OPTIONS[key].training_only:
         return spec.trainable
     return True
@@ -256,7 +294,7 @@ def expand(sweep: Sweep) -> list[SweepRun]:
                 if not axes["match_params"]:
                     del axes["match_params"]
             for key in list(axes):
-                if _applicable(model, key):
+                if _applicable(model, key, sweep.refs):
                     continue
                 if key in explicit:
                     raise ConfigError(
@@ -272,7 +310,8 @@ def expand(sweep: Sweep) -> list[SweepRun]:
                 values = tuple(zip(keys, combo))
                 tag = make_tag(values)
                 for seed in seeds:
-                    run = SweepRun(dataset, model, int(seed), tag, values)
+                    run = SweepRun(dataset, model, int(seed), tag, values, sweep.refs.get(model),
+                                   sweep.refs.get(dataset))
                     prev = runs.setdefault((dataset, model, tag, int(seed)), run)
                     if prev.values != values:  # two configurations whose tags collide after sanitising
                         raise ConfigError(

@@ -57,27 +57,29 @@ def _target_count(target: int | str, dataset: str, dim: int) -> tuple[int, str]:
     if isinstance(target, int):
         return target, str(target)
     other = resolve_options({"dataset": dataset, "model": target})
-    return count_params(models.build_model(target, dim, **other.hparams)), target
+    label = models.get_spec(target).name if ":" in target else target
+    return count_params(models.build_model(target, dim, **other.hparams)), label
 
 
 def build_from_options(opts: RunOptions, dim: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
     """Build the model; returns ``(flow, every hyperparameter resolved, match info or None)``."""
-    spec = models.get_spec(opts.model)
+    spec = models.get_spec(opts.model_key)
     hparams = dict(opts.hparams)
     match = None
     if opts.match_params is not None:
-        if spec.match_knob is None:
+        knob = opts.match_knob or spec.match_knob
+        if knob is None:
             raise ConfigError(f"--match-params does not apply to model {opts.model!r}: it has no size knob "
-                              "(nothing to solve for); remove the option")
-        target, label = _target_count(opts.match_params, opts.dataset, dim)
+                              "(nothing to solve for); name one with --match-knob, or remove the option")
+        target, label = _target_count(opts.match_params, opts.dataset_key, dim)
         # Matching solves for the model's knob (the hidden width for the MAF family, as in Gresele et al.
         # 2020, H.3); a configured value of the knob yields to it, everything else stays fixed.
-        result = match_params(opts.model, dim, target, **hparams)
+        result = match_params(opts.model_key, dim, target, knob=knob, **hparams)
         hparams = dict(result["hparams"])
         match = {"target": int(result["target"]), "achieved": int(result["achieved"]), "against": label,
                  "knob": result["knob"]}
         if abs(result["relative_error"]) > MATCH_WARN:
-            smallest = match_params(opts.model, dim, 1, **hparams)["achieved"]
+            smallest = match_params(opts.model_key, dim, 1, knob=knob, **hparams)["achieved"]
             warnings.warn(
                 f"--match-params {target}: the closest {opts.model} has {result['achieved']:,} parameters "
                 f"({result['relative_error']:+.0%}); the smallest reachable at D = {dim} is {smallest:,}",
@@ -85,7 +87,7 @@ def build_from_options(opts: RunOptions, dim: int) -> tuple[torch.nn.Module, dic
             )
     # Every hyperparameter is recorded, defaults included, so the record alone reproduces the model.
     hparams = spec.resolve(hparams)
-    return models.build_model(opts.model, dim, **hparams), hparams, match
+    return models.build_model(opts.model_key, dim, **hparams), hparams, match
 
 
 def _paths(opts: RunOptions) -> tuple[Path, Path]:
@@ -219,7 +221,10 @@ def _make_record(opts: RunOptions, flow: torch.nn.Module, hparams: dict[str, Any
     return RunRecord(
         dataset=opts.dataset,
         model=opts.model,
-        display_name=models.display_name(opts.model, **hparams),
+        display_name=models.display_name(opts.model_key, **hparams),
+        model_ref=opts.model_ref,
+        model_origin=models.model_origin(opts.model_key).to_json(),
+        dataset_ref=opts.dataset_ref,
         tag=opts.tag,
         seed=opts.seed,
         config=opts.to_dict(),
@@ -295,7 +300,7 @@ def _run_experiment(
     if data is None:
         from flowbench.data import load_dataset
 
-        data = load_dataset(opts.dataset, opts.data_root)
+        data = load_dataset(opts.dataset_key, opts.data_root)
     device = resolve_device(opts.device)
     _seed_everything(opts.seed)
     flow, hparams, match = build_from_options(opts, data.dim)
@@ -369,13 +374,16 @@ def _set_threads(opts: RunOptions) -> None:
     """Apply ``--threads`` or the default rule (see :data:`SMALL_DIM`)."""
     import os
 
-    from flowbench.data import DATASETS
+    from flowbench.data import get_info
     from flowbench.utils import set_threads
 
     if opts.threads is not None:
         set_threads(opts.threads)
     elif not os.environ.get("OMP_NUM_THREADS"):
-        info = DATASETS.get(opts.dataset)
+        try:
+            info = get_info(opts.dataset_key)
+        except ConfigError:  # an unknown dataset is reported when it is loaded
+            info = None
         if info is not None and info.dim < SMALL_DIM:
             torch.set_num_threads(1)
 

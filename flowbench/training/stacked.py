@@ -457,7 +457,7 @@ def unstackable(opts: RunOptions) -> str | None:
     """Why a run with options ``opts`` cannot train in a stack, or None."""
     from flowbench.models import get_spec
 
-    spec = get_spec(opts.model)
+    spec = get_spec(opts.model_key)
     if not spec.trainable:
         return f"{opts.model} is fitted in closed form"
     why = spec.unstackable(spec.resolve(opts.hparams)) if spec.unstackable is not None else None
@@ -524,7 +524,7 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
     if data is None:
         from flowbench.data import load_dataset
 
-        data = load_dataset(first.dataset, first.data_root)
+        data = load_dataset(first.dataset_key, first.data_root)
     device = resolve_device(first.device)
     x = ex._to_device(data, device)
     built = []
@@ -580,12 +580,10 @@ def run_memory(opts: RunOptions) -> int:
     which dominate). Per run the stack also holds parameters, gradient, two Adam moments, its own module
     and the best state: 6 × parameter bytes. Data are shared by the stack and not counted.
     """
-    from flowbench.data import DATASETS
+    from flowbench.data import get_info
     from flowbench.training.experiment import build_from_options
 
-    info = DATASETS.get(opts.dataset)
-    if info is None:
-        raise ConfigError(f"unknown dataset {opts.dataset!r}")
+    info = get_info(opts.dataset_key)
     flow, _, _ = build_from_options(opts, info.dim)
     params = sum(p.numel() * p.element_size() for p in flow.parameters())
     saved = 0

@@ -194,6 +194,17 @@ class Registry(dict):
         self.origins: dict[str, Origin] = {name: BUILTIN for name in builtins}
         self.broken: dict[str, str] = {}  # name -> why it cannot be used (plugin import error, clash)
         self.referenced: dict[str, tuple[Any, Origin]] = {}  # normalized reference -> (spec, origin)
+        self._builtins = dict(builtins)
+        self._loaded = False
+
+    def reset(self) -> None:
+        """Forget plugins and resolved references (they are found again on next use): for tests, and for a
+        long-lived process whose installed packages changed."""
+        dict.clear(self)
+        dict.update(self, self._builtins)
+        self.origins = {name: BUILTIN for name in self._builtins}
+        self.broken.clear()
+        self.referenced.clear()
         self._loaded = False
 
     # -- plugins --------------------------------------------------------------------------------------

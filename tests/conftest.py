@@ -20,6 +20,19 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _forget_plugged_in():
+    """Each test resolves its own references and plugins: a spec resolved by one test (whose file's name another
+    test may reuse) must not leak into the next."""
+    yield
+    from flowbench.data import DATASETS
+    from flowbench.models import MODELS
+
+    for registry in (MODELS, DATASETS):
+        if registry.referenced or any(o.kind != "built-in" for o in registry.origins.values()) or registry.broken:
+            registry.reset()
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT

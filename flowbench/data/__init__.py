@@ -195,7 +195,7 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
         (also when the cache is broken; the message has the download command). DataIntegrityError: NaN/inf,
         zero-variance column or malformed raw file.
     """
-    spec = get_info(name)
+    key, spec = name, get_info(name)
     name = spec.name  # a reference resolves to its spec: the cache is named for the spec
     root = check_root(root)
     if not spec.builtin:
@@ -215,7 +215,7 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
                 )
             warnings.warn(f"the processed cache of {name!r} in {where} is broken ({state.reason}); "
                           f"rebuilding it from the raw files in {root}", stacklevel=2)
-    return prepare_dataset(name, root)
+    return prepare_dataset(key, root)
 
 
 def status(name: str, root: str | Path | None = None) -> str:

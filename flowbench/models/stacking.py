@@ -175,6 +175,29 @@ def stacked_objective(template: nn.Module, buffers: Mapping[str, Tensor], *,
     return lambda params, x: batched({"flow." + k: v for k, v in params.items()}, own_buffers, x)
 
 
+def stack_probe(build: Callable[[], nn.Module], dim: int) -> str | None:
+    """Why a model from outside the zoo cannot train in a stack, or None: two runs' parameters are evaluated
+    at once on a small batch the way the stacked trainer does (vmap over ``functional_call``) and must give
+    each run's own ``train_log_prob`` (a model that reads global state or calls ``.item()`` fails here)."""
+    flows = []
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left as it was
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            flows.append(build().double().train())
+    x = torch.randn(2, 5, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    try:
+        shared, per_run = split_buffers(flows)
+        params = {k: torch.stack([dict(f.named_parameters())[k] for f in flows]).detach()
+                  for k, _ in flows[0].named_parameters()}
+        got = stacked_train_log_prob(flows[0], params, shared, x, run_buffers=per_run)
+        want = torch.stack([f.train_log_prob(x[r]) for r, f in enumerate(flows)]).detach()
+    except Exception as e:  # any failure means: not stackable; the reason goes to the user
+        return f"evaluating several runs at once (torch.func.vmap) fails for this model: {type(e).__name__}: {e}"
+    if got.shape != want.shape or not torch.allclose(got.detach(), want, rtol=1e-9, atol=1e-9):
+        return "evaluated several runs at once (torch.func.vmap), this model does not give each run's own log-density"
+    return None
+
+
 def stacked_train_log_prob(template: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
                            x: Tensor, *, run_buffers: Mapping[str, Tensor] | None = None,
                            use_vmap: bool | None = None) -> Tensor:

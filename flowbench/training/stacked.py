@@ -19,6 +19,7 @@ real module holding that run's parameters, exactly as a single run validates.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import sys
 import time
@@ -231,6 +232,9 @@ class StackedTrainer:
         one call per (learning rate, weight decay) group over its live rows. Bit-identical to the single-run
         fused step. Without a fused kernel: the same algorithm with per-run tensors.
         """
+        if any(p.grad is None for p in params):  # a parameter the loss does not use: torch's Adam skips it too
+            kept = [i for i, p in enumerate(params) if p.grad is not None]
+            params, m, v = ([ts[i] for i in kept] for ts in (params, m, v))
         grads = [p.grad for p in params]
         rows = [j for j, ok in enumerate(live) if ok]
         for j in rows:
@@ -466,7 +470,24 @@ def unstackable(opts: RunOptions) -> str | None:
     for name, value in UNSTACKABLE.items():
         if getattr(opts, name, value) != value:
             return f"the stacked trainer does not implement --{name.replace('_', '-')}"
-    return None
+    return _probe(opts.model_key, opts.dataset_key, tuple(sorted(spec.resolve(opts.hparams).items(), key=str)))
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(model: str, dataset: str, hparams: tuple) -> str | None:
+    """A model from outside the zoo is tried in a stack once per process (:func:`stacking.stack_probe`)."""
+    from flowbench.data import get_info
+    from flowbench.models import build_model, model_origin
+    from flowbench.models.stacking import stack_probe
+
+    if model_origin(model).kind == "built-in":  # the zoo's families are tested stacked (tests/test_stacked.py)
+        return None
+    try:
+        dim = get_info(dataset).dim
+    except ConfigError:
+        return None  # reported when the data are loaded
+    why = stack_probe(lambda: build_model(model, dim, **dict(hparams)), dim)
+    return None if why is None else f"model {model!r}: {why}"
 
 
 def stack_key(opts: RunOptions) -> tuple:

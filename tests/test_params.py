@@ -112,3 +112,45 @@ def test_registry_errors_and_labels():
     }
     assert model_hparams("made-mog")["components"] == 10
     assert build_model("maf", 3, hidden=None).transform.transforms[0].out.weight.shape[1] == 100  # None → default
+
+
+def test_match_params_with_a_named_knob():
+    # relgrad-style depth matching for MAF: solve for the number of MADEs at a fixed width
+    res = match_params("maf", 6, 40_000, knob="layers", hidden=50)
+    assert res["knob"] == "layers" and res["hparams"]["hidden"] == 50
+    best = abs(res["achieved"] - 40_000)
+    assert best == min(abs(param_count("maf", 6, layers=k, hidden=50) - 40_000) for k in range(1, 60))
+    assert match_params("maf", 6, 40_000, knob=None)["knob"] == "hidden"  # None: the spec's own knob
+    with pytest.raises(ConfigError, match="'widht' is not a hyperparameter of model 'maf'; choose one of layers"):
+        match_params("maf", 6, 40_000, knob="widht")
+    with pytest.raises(ConfigError, match="--activation of model 'maf' is not a size"):
+        match_params("maf", 6, 40_000, knob="activation")
+    with pytest.raises(ConfigError, match="--batch-norm of model 'maf' is not a size"):
+        match_params("maf", 6, 40_000, knob="batch_norm")
+
+
+def _widths_spec():
+    """MAF whose hidden layers are a list of widths (as zuko's ``hidden_features``), one width per list."""
+    from flowbench.models.maf import MAF_SPEC, build_maf
+    from flowbench.models.spec import HParam, ModelSpec
+
+    def build(dim, *, layers, widths):
+        return build_maf(dim, layers=layers, hidden=widths[0], hidden_layers=len(widths), activation="relu",
+                         batch_norm=True)
+
+    return ModelSpec(name="widths", build=build, label="W", paper="test", lr=1e-4, match_knob="widths",
+                     hparams={"layers": MAF_SPEC.hparams["layers"], "widths": HParam((8, 8), "widths", low=1)})
+
+
+def test_match_params_with_a_list_knob(monkeypatch):
+    monkeypatch.setitem(MODELS, "widths", _widths_spec())
+    for fixed, length in [({}, 2), ({"widths": (3, 3, 3)}, 3), ({"widths": "5"}, 1)]:
+        res = match_params("widths", 6, 30_000, layers=2, **fixed)
+        w = res["hparams"]["widths"]
+        assert res["knob"] == "widths" and len(w) == length and len(set(w)) == 1  # same width, length kept
+        twin = match_params("maf", 6, 30_000, layers=2, hidden_layers=length)  # the scalar knob's answer
+        assert w[0] == twin["hparams"]["hidden"] and res["achieved"] == twin["achieved"]
+    with pytest.raises(ConfigError, match="empty list"):
+        match_params("widths", 6, 30_000, widths=[])
+    with pytest.raises(ConfigError, match="not a list of integers"):
+        match_params("widths", 6, 30_000, widths="a,b")

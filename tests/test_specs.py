@@ -12,7 +12,7 @@ from flowbench.cli import build_parser
 from flowbench.config import OPTIONS, hparam_declarations, resolve_options
 from flowbench.errors import ConfigError
 from flowbench.models.params import count_params, param_count
-from flowbench.models.spec import HParam, ModelSpec
+from flowbench.models.spec import ANY, HParam, ModelSpec
 from flowbench.sweep import parse_sweep
 
 NAMES = list(models.MODELS)
@@ -100,3 +100,97 @@ def test_hparam_checks():
     assert base.check("relgrad", "base", "hyperbolic-secant") == "hyperbolic-secant"  # kept as written
     with pytest.raises(ConfigError, match="normal, logistic, hyperbolic-secant"):
         base.check("relgrad", "base", "cauchy")
+
+
+def test_list_hyperparameters():
+    hp = HParam((64, 64), "hidden widths", low=1)
+    assert (hp.type, hp.item, hp.cli_type, hp.default_text) == (tuple, int, str, "64,64")
+    for given in ("32,16", "[32, 16]", "(32, 16)", " 32 , 16 ", [32, 16], (32, 16)):  # command line, TOML/JSON
+        assert hp.check("m", "hidden_features", given) == (32, 16)
+    assert hp.check("m", "hidden_features", "8") == (8,) and hp.check("m", "hidden_features", "8,") == (8,)
+    assert hp.from_text("m", "hidden_features", "4,4") == (4, 4)
+    for bad, match in [("64,x", "not a list of integers; write it as 64,64 or \\[64, 64\\]"),
+                       ("1.5,2", "not a list of integers"), ([64, 1.5], "not a list of integers"),
+                       ([True], "not a list of integers"), ("", "not a list"), ("64,,64", "not a list"),
+                       (64, "wrong type; expected a list of integers"), ("0,4", "--hidden-features entries must be ≥ 1")]:
+        with pytest.raises(ConfigError, match=match):
+            hp.check("m", "hidden_features", bad)
+    fl = HParam((0.5, 1), "scales")
+    assert (fl.item, fl.default) == (float, (0.5, 1.0)) and fl.check("m", "s", "1,2e-1") == (1.0, 0.2)
+    with pytest.raises(ConfigError, match="finite"):
+        fl.check("m", "s", [1, float("inf")])
+    for bad_default in ((), (1, "a"), (True, False), [None]):
+        with pytest.raises(TypeError):
+            HParam(bad_default, "x")
+
+
+def test_required_and_untyped_hyperparameters():
+    n = HParam(None, "layers", kind=int, required=True, low=1)
+    assert (n.type, n.cli_type, n.default_text) == (int, int, "required")
+    assert n.check("m", "num_layers", 3) == 3 and n.from_text("m", "num_layers", "4") == 4
+    for bad, match in [("4", "wrong type; expected int"), (0, "≥ 1"), (True, "wrong type")]:
+        with pytest.raises(ConfigError, match=match):
+            n.check("m", "num_layers", bad)
+    with pytest.raises(ConfigError, match="'x' has the wrong type; expected int"):
+        n.from_text("m", "num_layers", "x")
+    anything = HParam(None, "an untyped argument", required=True)  # nflows' hidden_features
+    assert anything.type is ANY and anything.cli_type is str
+    for text, value in [("64", 64), ("0.1", 0.1), ("true", True), ("False", False), ("64,64", (64, 64)),
+                        ("[1, 2.5]", (1, 2.5)), ("relu", "relu"), (7, 7), ([3, 4], (3, 4)), (0.5, 0.5)]:
+        got = anything.check("m", "hidden_features", text)
+        assert got == value and type(got) is type(value), text
+    for bad, match in [({"a": 1}, "wrong type; expected a number, true/false, text or a list"),
+                       ([1, "a"], "numbers only"), ("nan", "finite")]:
+        with pytest.raises(ConfigError, match=match):
+            anything.check("m", "hidden_features", bad)
+    with pytest.raises(TypeError):
+        HParam(3, "a required one has no default", required=True)
+    with pytest.raises(TypeError):
+        HParam(None, "a required list needs its item type", kind=tuple, required=True)
+    assert HParam(None, "w", kind=tuple, item=int, required=True).check("m", "w", "2,3") == (2, 3)
+    assert HParam(1, "slope", kind=float).default == 1.0  # an int default of a float argument
+
+
+def _list_spec() -> ModelSpec:
+    """A model with a list-valued, a required typed and a required untyped hyperparameter."""
+    from flowbench.models.maf import build_maf
+
+    def build_listy(dim, *, widths, depth, anything):
+        return build_maf(dim, layers=depth, hidden=widths[0], hidden_layers=len(widths), activation="relu",
+                         batch_norm=False)
+
+    return ModelSpec(name="listy", build=build_listy, label="Listy ({depth})", paper="test", lr=1e-4,
+                     match_knob="widths",
+                     hparams={"widths": HParam((8, 8), "hidden widths", low=1),
+                              "depth": HParam(None, "flow depth", kind=int, required=True, low=1),
+                              "anything": HParam(None, "an untyped argument", required=True)})
+
+
+def test_required_hyperparameters_must_be_given(monkeypatch, tmp_path):
+    spec = _list_spec()
+    assert spec.defaults() == {"widths": (8, 8), "depth": None, "anything": None}
+    assert spec.required() == ["depth", "anything"]
+    assert spec.label.format(**spec.defaults())  # the lead's spec check formats the label with the defaults
+    with pytest.raises(ConfigError, match="model 'listy' needs --depth, --anything: they have no default; give "
+                                          "them on the command line .*, in the config file or in the sweep grid"):
+        spec.resolve({})
+    with pytest.raises(ConfigError, match="needs --anything: it has no default; give it on the command line"):
+        spec.resolve({"depth": 2})
+    assert spec.resolve({"depth": 2, "anything": "0.5", "widths": "4,4,4"}) == {
+        "widths": (4, 4, 4), "depth": 2, "anything": 0.5}
+    monkeypatch.setitem(models.MODELS, "listy", spec)
+    opts = resolve_options({"model": "listy", "dataset": "nowhere", "widths": "16,16", "depth": 2, "anything": "1"})
+    assert models.resolve_hparams("listy", **opts.hparams)["widths"] == (16, 16)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('model = "listy"\nwidths = [32, 32, 32]\ndepth = 3\nanything = "64,64"\n')
+    opts = resolve_options({"config": str(cfg)})
+    hp = models.resolve_hparams("listy", **opts.hparams)
+    assert (hp["widths"], hp["depth"], hp["anything"]) == ((32, 32, 32), 3, (64, 64))
+    assert models.build_model("listy", 4, **hp).num_params() > 0
+    cfg.write_text('model = "listy"\nwidths = [32, "x"]\ndepth = 3\nanything = 1\n')
+    with pytest.raises(ConfigError, match="--widths \\[32, 'x'\\] is not a list of integers"):
+        resolve_options({"config": str(cfg)})
+    with pytest.raises(ConfigError, match="needs --depth"):
+        resolve_options({"model": "listy", "dataset": "nowhere", "anything": 1})
+    args = build_parser("run").parse_args(["run", "--model", "listy", "--widths", "16,16", "--depth", "2"])
+    assert (args.widths, args.depth) == ("16,16", 2)  # HParam.cli_type: str for lists, int for an int

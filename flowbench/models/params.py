@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from flowbench.errors import ConfigError
+from flowbench.models.spec import ANY
 
 __all__ = ["count_params", "param_count", "match_params"]
 
@@ -41,11 +42,14 @@ def param_count(name: str, dim: int, **hparams: Any) -> int:
     return count_params(build_model(name, dim, **hp))
 
 
-def match_params(name: str, dim: int, target: int, **fixed: Any) -> dict:
-    """Find the value of the model's size knob (its spec's ``match_knob``) whose count is closest to ``target``.
+def match_params(name: str, dim: int, target: int, knob: str | None = None, **fixed: Any) -> dict:
+    """Find the value of the model's size knob whose count is closest to ``target``.
 
-    The other hyperparameters are taken from ``fixed`` (defaults otherwise); a value of the knob in
-    ``fixed`` is replaced. Counts grow with the knob, so the smallest value reaching ``target`` and its
+    The knob is ``knob`` where given (any integer hyperparameter, e.g. ``hidden_features`` of a plugged-in
+    flow), else the spec's ``match_knob``. A list-valued knob (zuko's ``hidden_features=(64, 64)``) is matched
+    with every entry set to the same width w, keeping the list's length (that of its value in ``fixed``, else of
+    its default). The other hyperparameters are taken from ``fixed`` (defaults otherwise); a value of the knob
+    in ``fixed`` is replaced. Counts grow with the knob, so the smallest value reaching ``target`` and its
     predecessor are the only candidates; ties go to the smaller model. When the target is out of reach
     (e.g. below the count at width 1) the closest achievable count is returned: check ``relative_error``.
 
@@ -57,11 +61,22 @@ def match_params(name: str, dim: int, target: int, **fixed: Any) -> dict:
 
     if isinstance(target, bool) or not isinstance(target, int) or target < 1:
         raise ConfigError(f"match_params: target must be a positive integer parameter count; got {target!r}")
-    knob = get_spec(name).match_knob
+    spec = get_spec(name)
+    length = None  # the number of entries of a list-valued knob; None: a scalar knob
+    if knob is None:
+        knob = spec.match_knob
+    elif knob not in spec.hparams:
+        raise ConfigError(f"match_params: {knob!r} is not a hyperparameter of model {spec.name!r}; choose one of "
+                          f"{', '.join(spec.hparams) or '(it has none)'}")
+    if knob is not None:
+        length = _knob_length(spec, knob, fixed.get(knob))
     fixed = {k: v for k, v in fixed.items() if k != knob}
 
+    def value(w: int) -> int | tuple[int, ...]:
+        return w if length is None else (w,) * length
+
     def count(v: int) -> int:
-        return param_count(name, dim, **fixed, **({knob: v} if knob else {}))
+        return param_count(name, dim, **fixed, **({knob: value(v)} if knob else {}))
 
     if knob is None:
         best = None
@@ -76,7 +91,7 @@ def match_params(name: str, dim: int, target: int, **fixed: Any) -> dict:
             mid = (lo + hi) // 2
             lo, hi = (mid + 1, hi) if count(mid) < target else (lo, mid)
         best = lo if lo == 1 or abs(count(lo) - target) < abs(count(lo - 1) - target) else lo - 1
-    hparams = resolve_hparams(name, **fixed, **({knob: best} if knob else {}))
+    hparams = resolve_hparams(name, **fixed, **({knob: value(best)} if knob else {}))
     achieved = count(best) if knob else param_count(name, dim, **fixed)
     return {
         "hparams": hparams,
@@ -85,3 +100,20 @@ def match_params(name: str, dim: int, target: int, **fixed: Any) -> dict:
         "knob": knob,
         "relative_error": (achieved - target) / target,
     }
+
+
+def _knob_length(spec: Any, knob: str, given: Any) -> int | None:
+    """How many entries a list-valued knob has (None: a scalar knob); ConfigError for a knob that is no size."""
+    hp = spec.hparams[knob]
+    flag = "--" + knob.replace("_", "-")
+    if not (hp.type is int or hp.type is ANY or (hp.type is tuple and hp.item is int)):
+        raise ConfigError(f"match_params: {flag} of model {spec.name!r} is not a size (it takes "
+                          f"{'a list of numbers' if hp.type is tuple else hp.type.__name__}); name an integer "
+                          "hyperparameter or a list of integers, such as the hidden width(s)")
+    ref = hp.check(spec.name, knob, given) if given is not None else hp.default
+    if not isinstance(ref, tuple):
+        return None
+    if not ref:
+        raise ConfigError(f"match_params: {flag} {ref!r} is an empty list: there is no width to size; give it "
+                          "at least one entry (e.g. 64,64)")
+    return len(ref)

@@ -357,6 +357,12 @@ def summary_line(record: RunRecord, path: Any) -> str:
     )
     if record.bits_per_pixel is not None:
         line += f"; {record.bits_per_pixel:.3f} bits/pixel"
+    origin = record.model_origin or {}
+    if origin.get("kind", "built-in") != "built-in":
+        # A peer library's flow keeps its own architecture: beside the paper's rows the difference is the model.
+        paper = models.get_spec(record.model_ref or record.model).paper
+        where = record.model_ref or f"plugin {origin.get('detail', '')}".strip()
+        line += f"\n(plugged in from {where}: {paper}; trained and evaluated under flowbench's protocol)"
     if record.provenance is not None and not record.provenance.get("verified"):
         from flowbench.published import PUBLISHED, SOURCES
 

@@ -259,8 +259,10 @@ def _check_value(key: str, value: Any, source: str, spec: Any = None) -> Any:
     if key not in OPTIONS:
         hp = spec.hparams.get(key) if spec is not None else None
         want = hp.type if hp is not None else hparam_declarations()[key]["type"]
-        if want not in (bool, int, float, str) or (hp is not None and isinstance(value, str)):
-            return value  # lists, untyped and command-line text: the model's spec parses and checks them
+        if hp is not None and isinstance(value, str) and want is not str and source == "the command line":
+            return hp.from_text(spec.name, key, value)  # a flag read as text (a list, or a per-model type)
+        if want not in (bool, int, float, str):
+            return value  # lists and untyped values: the model's spec checks them
         types: tuple[type, ...] = (float, int) if want is float else (want,)
         low, low_open = None, False
     else:
@@ -495,7 +497,8 @@ def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config
         raise ConfigError(f"--lr-schedule {merged['lr_schedule']!r} is not known; choose constant or cosine")
     if merged["lr_schedule"] == "cosine" and merged["max_steps"] is None:
         raise ConfigError("--lr-schedule cosine anneals over the step budget: give --max-steps too")
-    spec.resolve(hparams)  # every set hyperparameter must apply to this model, with a valid value
+    resolved = spec.resolve(hparams)  # every set hyperparameter must apply to this model, with a valid value
+    hparams = {k: resolved[k] for k in hparams}  # as the spec reads them: "64,64" and [64, 64] are one value
     if merged["lr"] is None:
         merged["lr"] = spec.lr
     merged["match_params"] = parse_match_params(merged["match_params"])

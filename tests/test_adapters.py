@@ -137,7 +137,8 @@ def test_trains_round_trips_and_samples(case):
 def test_zuko_specs_follow_forwarded_keyword_arguments():
     zuko = _zuko()
     maf = spec_for(zuko.flows.MAF, "zuko.flows:MAF")
-    assert (maf.name, maf.label, maf.lr, maf.match_knob) == ("zuko-maf", "zuko MAF", 1e-4, "hidden_features")
+    assert (maf.name, maf.label, maf.lr, maf.match_knob) == ("zuko-maf", "zuko MAF ({transforms})", 1e-4, "hidden_features")
+    assert maf.display_name({}) == "zuko MAF (3)"
     assert maf.paper.startswith(f"zuko {zuko.__version__} MAF") and "no batch norm" in maf.paper
     # MAF's own arguments, then MaskedAutoregressiveTransform's and MaskedMLP's through **kwargs; features,
     # context (fixed 0) and the unrepresentable ones (passes=None, order, univariate, activation) left out
@@ -149,7 +150,7 @@ def test_zuko_specs_follow_forwarded_keyword_arguments():
     assert not {"univariate", "shapes", "passes", "context", "features"} & set(nsf.hparams)  # NSF sets them
     assert nsf.hparams["slope"].type is float
     naf = spec_for(zuko.flows.NAF, "zuko.flows:NAF")
-    assert naf.label == "zuko NAF" and "signal" in naf.hparams and "network" not in naf.hparams  # a dict
+    assert naf.label == "zuko NAF ({transforms})" and "signal" in naf.hparams and "network" not in naf.hparams  # a dict
     assert spec_for(zuko.flows.MAF, "zuko.flows.autoregressive:MAF") is maf  # one class, one spec
     flow = maf.build(4, **maf.resolve({"hidden_features": "[5, 7]", "transforms": 1}))
     assert flow.num_params() == sum(p.numel() for p in zuko.flows.MAF(4, transforms=1, hidden_features=(5, 7))
@@ -159,7 +160,7 @@ def test_zuko_specs_follow_forwarded_keyword_arguments():
 def test_nflows_specs_have_required_hyperparameters():
     nflows = _nflows()
     spec = spec_for(nflows.MaskedAutoregressiveFlow, "nflows.flows:MaskedAutoregressiveFlow")
-    assert (spec.name, spec.label) == ("nflows-maskedautoregressiveflow", "nflows MaskedAutoregressiveFlow")
+    assert (spec.name, spec.label) == ("nflows-maskedautoregressiveflow", "nflows MaskedAutoregressiveFlow ({num_layers})")
     assert spec.required() == ["hidden_features", "num_layers", "num_blocks_per_layer"]
     assert all(spec.hparams[k].type is ANY for k in spec.required())
     assert spec.defaults()["hidden_features"] is None and spec.defaults()["use_residual_blocks"] is True
@@ -171,7 +172,7 @@ def test_nflows_specs_have_required_hyperparameters():
     with pytest.raises(ConfigError, match="Residual blocks can't be used with random masks"):
         spec.build(D, **spec.resolve({**hp, "use_random_masks": True}))
     rnvp = spec_for(nflows.SimpleRealNVP, "nflows.flows:SimpleRealNVP")
-    assert rnvp.name == "nflows-simplerealnvp" and rnvp.label == "nflows SimpleRealNVP" and "Dinh" in rnvp.paper
+    assert rnvp.name == "nflows-simplerealnvp" and rnvp.label == "nflows SimpleRealNVP ({num_layers})" and "Dinh" in rnvp.paper
 
 
 def test_nflows_batch_norm_keeps_its_running_averages():

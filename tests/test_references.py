@@ -288,3 +288,42 @@ def test_bad_dataset_reference(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--dataset", "d.py:X", "--model", "gaussian", "--out", str(tmp_path / "r")]) == 2
     assert "is a int, not a dataset" in capsys.readouterr().err
+
+
+def test_zuko_and_nflows_flows_train_under_the_maf_protocol_into_table_rows(tmp_path, capsys):
+    pytest.importorskip("zuko")
+    pytest.importorskip("nflows")
+    out = tmp_path / "res"
+    assert main(["run", "--model", "zuko.flows:MAF", "--transforms", "2", "--hidden-features", "[16, 16]",
+                 "--max-epochs", "2", "--out", str(out), "--quiet"]) == 0
+    assert "zuko 1." in capsys.readouterr().out  # the summary says whose architecture it is
+    assert main(["run", "--model", "nflows.flows:MaskedAutoregressiveFlow", "--hidden-features", "16",
+                 "--num-layers", "2", "--num-blocks-per-layer", "1", "--max-epochs", "2", "--out", str(out),
+                 "--quiet"]) == 0
+    zuko, nfl = sorted(iter_records(out), key=lambda r: r.model, reverse=True)
+    assert (zuko.model, zuko.display_name, zuko.hparams["hidden_features"]) == ("zuko-maf", "zuko MAF (2)", [16, 16])
+    assert zuko.config["hidden_features"] == [16, 16]  # the text "[16, 16]" as the spec reads it
+    assert (nfl.display_name, nfl.hparams["hidden_features"], nfl.hparams["num_layers"]) == (
+        "nflows MaskedAutoregressiveFlow (2)", 16, 2)
+    assert zuko.config["lr"] == nfl.config["lr"] == 1e-4 and zuko.config["batch_size"] == 100  # MAF protocol
+    assert main(["table", "--results", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "zuko MAF (2)" in table and "nflows MaskedAutoregressiveFlow (2)" in table and "MAF (5)" in table
+    assert "plugged in from zuko.flows:MAF" in table
+
+    # a required hyperparameter left out: exit 2, naming what to give
+    assert main(["run", "--model", "nflows.flows:MaskedAutoregressiveFlow", "--out", str(out)]) == 2
+    assert "needs --hidden-features, --num-layers, --num-blocks-per-layer" in capsys.readouterr().err
+
+
+def test_a_sweep_grid_of_list_values(tmp_path):
+    pytest.importorskip("zuko")
+    from flowbench.sweep import parse_sweep
+
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["zuko.flows:MAF"],
+                         "grid": {"hidden-features": [[32, 32], [64]], "seed": [0, 1]}})
+    assert sorted({r.tag for r in sweep.runs}) == ["hidden-features=32x32", "hidden-features=64"]
+    one = parse_sweep({"datasets": ["digits"], "models": ["zuko.flows:MAF"], "grid": {"hidden-features": [8, 8]}})
+    assert [r.tag for r in one.runs] == ["hidden-features=8x8"]  # a flat list is one value of a list knob
+    opts = one.runs[0].options(tmp_path)
+    assert opts.hparams == {"hidden_features": (8, 8)} and opts.model_ref == "zuko.flows:MAF"

@@ -172,6 +172,9 @@ def _class_spec(cls: type, lib: str, ref: str) -> ModelSpec:
     ours = cls.__module__.split(".")[0] == lib
     name = _safe_name(f"{lib}-{cls.__name__}" if ours else cls.__name__)
     label = f"{lib} {cls.__name__}" if ours else f"{cls.__name__} ({lib})"
+    depth = next((k for k in ("transforms", "num_layers") if k in hparams), None)
+    if depth is not None:  # the depth in the label, like the MAF paper's "MAF (5)"
+        label += f" ({{{depth}}})"
     ref_text = _reference(cls)
     after = f"not those of {ref_text}" if ref_text else "not those of the paper it follows"
     if lib == "zuko":

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from flowbench.config import OPTIONS, UNTAGGED, RunOptions, normalize, read_toml, resolve_options
+from flowbench.config import OPTIONS, UNTAGGED, RunOptions, hparam_declarations, normalize, read_toml, resolve_options
 from flowbench.errors import ConfigError
 
 __all__ = ["Sweep", "SweepRun", "load_sweep", "parse_sweep", "expand", "make_tag", "RESERVED", "UNTAGGED"]
@@ -121,6 +121,8 @@ def _format_value(key: str, value: Any) -> str:
         text = repr(value)  # shortest round-trip form: 0.0001, 1e-05
     elif key == "config":
         text = Path(str(value)).stem
+    elif isinstance(value, (list, tuple)):  # a list-valued hyperparameter: hidden-features=64x64
+        text = "x".join(_format_value(key, v) for v in value)
     else:
         text = str(value)
     return _UNSAFE.sub("_", text)
@@ -146,6 +148,8 @@ def _axes(table: Any, source: str) -> dict[str, list[Any]]:
     axes: dict[str, list[Any]] = {}
     for raw, value in table.items():
         values = value if isinstance(value, list) else [value]
+        if _list_valued(raw) and isinstance(value, list) and not any(isinstance(v, list) for v in value):
+            values = [value]  # `hidden-features = [64, 64]` is one value; an axis of lists is [[64], [64, 64]]
         if isinstance(value, dict) or not values:
             raise ConfigError(f"{source}: {raw!r} must be a value or a non-empty list of values")
         # normalize() checks the key against the run options (naming a bad key) and each value's type.
@@ -161,6 +165,12 @@ def _axes(table: Any, source: str) -> dict[str, list[Any]]:
             raise ConfigError(f"{source}: {raw!r} lists a value twice: {value!r}")
         axes[key] = vals
     return axes
+
+
+def _list_valued(raw: str) -> bool:
+    """Whether the hyperparameter named ``raw`` takes a list (for some model of the registry or a reference)."""
+    decl = hparam_declarations().get(str(raw).strip().lstrip("-").replace("-", "_"))
+    return decl is not None and any(h.type is tuple for h in decl["models"].values())
 
 
 def _names(raw: Any, what: str, source: str, known: Iterable[str] | None) -> list[str]:

@@ -1,35 +1,66 @@
-"""Markdown results table from run records, beside the published numbers (MAF paper Table 1 layout).
+"""The results table from run records, beside the published numbers (MAF paper Table 1 layout), in Markdown,
+LaTeX, CSV or JSON.
 
 Rows are models (display names), columns datasets, cells ``mean ± 2 SE`` of the test log-likelihood in nats.
-Several seeds of one configuration: the cell is the mean over seeds, ± the mean per-run 2 SE, followed by the
-seed spread ``(sd S, n=N)``: the standard deviation of the per-seed test LLs and their count (a different
-quantity, never folded into the ± 2 SE); a footnote says which is which and gives the range. Several
-configurations (tags) of one model on one dataset: ``select="best-val"`` keeps the one with the best mean
-validation log-likelihood and a footnote says how many were tried (model selection on validation data only,
-as in the MAF paper). The output is a pure function of the records: same records, same bytes.
+Which configuration and which seeds a cell reports, its value, ± and (sd, n), and when it may be bolded are the
+rules of :mod:`flowbench.aggregate` (the same function chooses what the plots and the report show).
+
+Bolding follows the MAF paper (Papamakarios et al. 2017), whose Table 1 caption reads: "The best performing
+model for each dataset is shown in bold (multiple models are highlighted if the difference is not
+statistically significant according to a paired t-test)". Here: the best value of each column (published or
+ours) is bold; when that best is ours, every other row of ours whose per-point test log-likelihoods do not
+differ from the best's by a two-sided paired t-test (``scipy.stats.ttest_rel``, α = :data:`ALPHA`) on the same
+test points is bold too, seeds averaged point by point. Published rows have no per-point values, so they are
+bold only as the column's best, and never by a test. A row of ours without per-point values (records written
+before they were kept) is bolded by value only, with a footnote. The output is a pure function of the records
+and their per-point files: same inputs, same bytes.
 """
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
+import json
 import math
 import re
-import statistics
-from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 from tabulate import tabulate
 
+from flowbench import aggregate as A
+from flowbench.aggregate import ALPHA, row_order_key
 from flowbench.data import DATASETS
 from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.plots.status import convergence_note
 from flowbench.published import SOURCES, UNVERIFIED_NOTE, PublishedResult, published
 from flowbench.results import RunRecord
 
-__all__ = ["build_table", "parse_sources", "row_order_key"]
+__all__ = ["ALPHA", "BOLD_PUBLISHED", "BOLD_RULE", "FORMATS", "Table", "build_table", "compute_table", "parse_sources",
+           "plugged_in_note", "render", "row_order_key"]
 
+FORMATS = ("markdown", "latex", "csv", "json")
 _SOURCE_ORDER = {"maf": 0, "relgrad": 1, "beyond": 2, "ours": 3}
+
+#: The bolding rule, as the table's notes state it (the second sentence when published rows are shown).
+BOLD_RULE = (
+    "Bold: the best value of each column, and every other row of ours whose per-point test log-likelihoods do "
+    "not differ significantly from the best's by a paired t-test (two-sided, scipy.stats.ttest_rel, "
+    f"α = {ALPHA:g}) on the same test points, its seeds averaged point by point: the MAF paper's rule "
+    "(\"multiple models are highlighted if the difference is not statistically significant according to a paired "
+    "t-test\", Table 1). A cell with a seed left out or a −∞ seed is never bold"
+)
+BOLD_PUBLISHED = (
+    "; published rows have no per-point values: bold only as the column's best, and a row of ours is tested only "
+    "when the column's best is ours"
+)
+#: Footnotes of our cell that could not be t-tested against its column's best (ours): bold only at the best value.
+NO_POINTS_NOTE = ("no paired t-test against the column's best: this row or the best has no per-point test "
+                  "log-likelihoods beside its records (written before flowbench kept them), so bold only at the best "
+                  "value (the rule before the test)")
+OTHER_POINTS_NOTE = ("no paired t-test against the column's best: not evaluated on the same test points, so bold "
+                     "only at the best value")
 
 
 @dataclass
@@ -41,7 +72,11 @@ class _Cell:
     unverified: bool = False
     #: our runs' config file is not confirmed to be the paper's (its ``[provenance]`` says so): its source text
     config_unverified: str | None = None
-    spread: tuple[float, int] | None = None  # (std of the per-seed test LLs, number of seeds) for n ≥ 2
+    spread: tuple[float | None, int] | None = None  # (sd of the per-seed test LLs or None, number of seeds), n ≥ 2
+    can_bold: bool = True
+    config: A.Configuration | None = None  # ours: the configuration behind the cell
+    bold: bool = False
+    marks: list[int] = field(default_factory=list)  # footnote numbers, filled in by compute_table
 
 
 @dataclass
@@ -49,6 +84,18 @@ class _Row:
     label: str
     source: str  # "ours" or a published source key
     cells: dict[str, _Cell] = field(default_factory=dict)
+
+
+@dataclass
+class Table:
+    """A laid-out table: rows in order, bold and footnote marks decided; :func:`render` writes it out."""
+
+    heading: str
+    columns: list[str]
+    rows: list[_Row]
+    footnotes: list[str]  # numbered from 1 in this order
+    notes: list[str]  # the closing notes after the numbered footnotes (bold rule, ``?``, citations)
+    sources: list[str]
 
 
 def parse_sources(text: str | None) -> list[str]:
@@ -67,55 +114,14 @@ def _our_decimals(se2: float | None) -> int:
     return 2 if se2 is None or not math.isfinite(se2) or se2 >= 0.01 else 3
 
 
-def _mean_val_ll(runs: list[RunRecord]) -> float:
-    """Mean best validation LL of ``runs`` (those without one left out); -inf when none has one."""
-    vals = [r.best_val_ll for r in runs if r.best_val_ll is not None]
-    return statistics.fmean(vals) if vals else -math.inf
-
-
-def _select(records: list[RunRecord], select: str) -> list[_Row]:
-    """Group records into our rows (one per display name, or per display name and tag with ``all``)."""
-    if select not in ("best-val", "all"):
-        raise ConfigError(f"unknown --select {select!r}; use best-val or all")
-    groups: dict[tuple[str, str], dict[str | None, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
-    names: dict[str, set[str]] = defaultdict(set)
-    for r in records:
-        names[r.display_name].add(r.model)
-    for r in records:
-        label = r.display_name
-        if len(names[label]) > 1:  # two models with one label (a plugged-in flow named like a built-in's row)
-            label += f" ({r.model})"
-        against = (r.match_target or {}).get("against")
-        if against:  # parameter-matched baselines (relgrad Table 1) are rows of their own
-            label += f" [matched to {against}]"
-        groups[(label, r.dataset)][r.tag].append(r)
-    rows: dict[str, _Row] = {}
-    for (label, dataset), by_tag in sorted(groups.items()):
-        tags = sorted(by_tag, key=lambda t: (t is not None, t or ""))
-        if select == "best-val":
-            # Highest mean validation LL; ties go to the first tag in sorted order (deterministic).
-            best = max(tags, key=lambda t: (_mean_val_ll(by_tag[t]), -tags.index(t)))
-            chosen = [(label, best)]
-        else:
-            chosen = [(f"{label} [{t}]" if t else label, t) for t in tags]
-        for row_label, tag in chosen:
-            runs = sorted(by_tag[tag], key=lambda r: r.seed)
-            cell = _cell_from_runs(runs, dataset)
-            if select == "best-val" and len(tags) > 1:
-                cell.notes.append(
-                    f"best of {len(tags)} configurations by mean validation LL: tag {tag or '(none)'}"
-                )
-            rows.setdefault(row_label, _Row(row_label, "ours")).cells[dataset] = cell
-    return list(rows.values())
-
-
 def _nonfinite_note(r: RunRecord) -> str:
     others = ""
     if r.test_ll_finite is not None and math.isfinite(r.test_ll_finite):
         se = f" ± {r.test_ll_finite_2se:.2f}" if r.test_ll_finite_2se is not None else ""
         others = f"; over the other {r.n_test - r.n_nonfinite_test} it is {r.test_ll_finite:.2f}{se}"
     return (f"seed {r.seed}: {r.n_nonfinite_test} of {r.n_test} test points have log-density −inf (below float "
-            f"range), so the mean over all points is −inf{others}")
+            f"range), so the mean over all points is −inf and so is the cell's mean over seeds (never bold)"
+            f"{others}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,48 +148,54 @@ def plugged_in_note(r: RunRecord) -> str | None:
     return note
 
 
-def _cell_from_runs(runs: list[RunRecord], dataset: str) -> _Cell:
-    cell = _cell_values(runs, dataset)
-    for note in dict.fromkeys(filter(None, map(plugged_in_note, runs))):
-        cell.notes.append(note)
-    unverified = [r.provenance for r in runs if r.provenance and not r.provenance.get("verified")]
+def _selection_note(choice: A.Choice) -> str | None:
+    if len(choice.tried) < 2:
+        return None
+    note = (f"best of {len(choice.tried)} configurations by mean validation LL: tag "
+            f"{choice.config.tag or '(none)'}")
+    if choice.tied:
+        tied = ", ".join(t or "(none)" for t in choice.tied)
+        note += f" (tied exactly with tag {tied}; the first tag in sorted order is taken)"
+    return note
+
+
+def _our_cell(choice: A.Choice) -> _Cell:
+    """The cell of one chosen configuration (rules: :mod:`flowbench.aggregate`)."""
+    conf = choice.config
+    stats = A.cell_stats(conf)
+    notes = []
+    for r in conf.runs:
+        if not A.counts(r):
+            ll = f", test LL {r.test_ll:.2f}" if r.test_ll is not None and math.isfinite(r.test_ll) else ""
+            notes.append(f"seed {r.seed}: status {r.status} ({r.failure}){ll}; left out of the value, ±, (sd, n) "
+                         "and the selection, and the cell is not bold")
+        if r.n_nonfinite_test and A.counts(r):
+            notes.append(_nonfinite_note(r))
+    capped = convergence_note(conf.runs)  # stopped by --max-epochs: not comparable with published numbers
+    if capped:
+        notes.append(capped)
+    dec = _our_decimals(stats.se2)
+    spread = None
+    if stats.n > 1:
+        spread = (stats.sd, stats.n)
+        if math.isfinite(stats.value):
+            lls = [r.test_ll for r in conf.counted]
+            seeds = ", ".join(map(str, stats.seeds))
+            notes.append(
+                f"mean of {stats.n} seeds ({seeds}): the value is the mean of the per-seed test LLs, ± the mean "
+                f"per-run 2 SE over test points; (sd, n) is the seed spread: the standard deviation of the "
+                f"per-seed test LLs ({_fmt(stats.sd, dec + 1)}) and their count; range {_fmt(min(lls), dec)} to "
+                f"{_fmt(max(lls), dec)}"
+            )
+    for note in dict.fromkeys(filter(None, map(plugged_in_note, conf.runs))):
+        notes.append(note)
+    if (note := _selection_note(choice)) is not None:
+        notes.append(note)
+    cell = _Cell(stats.value, stats.se2, dec, notes, spread=spread, can_bold=stats.can_bold, config=conf)
+    unverified = [r.provenance for r in conf.runs if r.provenance and not r.provenance.get("verified")]
     if unverified:
         cell.config_unverified = str(unverified[0].get("source", ""))
     return cell
-
-
-def _cell_values(runs: list[RunRecord], dataset: str) -> _Cell:
-    finite = [r for r in runs if r.test_ll is not None and math.isfinite(r.test_ll)]
-    notes = []
-    for r in runs:
-        if r.status != "ok":
-            notes.append(f"seed {r.seed}: status {r.status} ({r.failure})")
-        if r.n_nonfinite_test:
-            notes.append(_nonfinite_note(r))
-    capped = convergence_note(runs)  # stopped by --max-epochs: not comparable with published numbers
-    if capped:
-        notes.append(capped)
-    if any(r.test_ll == -math.inf and r.status == "ok" for r in runs):
-        # The protocol's mean over test points (and then over seeds) is −inf: shown as such, never dropped.
-        return _Cell(-math.inf, None, 2, notes)
-    if not finite:
-        return _Cell(math.nan, None, 2, notes)
-    means = [r.test_ll for r in finite]
-    se2s = [r.test_ll_2se for r in finite if r.test_ll_2se is not None]
-    mean = statistics.fmean(means)
-    se2 = statistics.fmean(se2s) if se2s else None
-    dec = _our_decimals(se2)
-    spread = None
-    if len(finite) > 1:
-        seeds = ", ".join(str(r.seed) for r in finite)
-        spread = (statistics.stdev(means), len(finite))
-        notes.append(
-            f"mean of {len(finite)} seeds ({seeds}): the value is the mean of the per-seed test LLs, ± the mean "
-            f"per-run 2 SE over test points; (sd, n) is the seed spread: the standard deviation of the per-seed "
-            f"test LLs ({_fmt(spread[0], dec + 1)}) and their count; range {_fmt(min(means), dec)} to "
-            f"{_fmt(max(means), dec)}"
-        )
-    return _Cell(mean, se2, dec, notes, spread=spread)
 
 
 #: Footnote of our cell when its config is not confirmed to be the paper's but a published number stands beside it.
@@ -201,106 +213,261 @@ def _published_rows(cells: Iterable[PublishedResult]) -> list[_Row]:
     return list(rows.values())
 
 
-@functools.lru_cache(maxsize=None)
-def _label_patterns() -> tuple[tuple[re.Pattern, ...], ...]:
-    """Per registered model, in registry order: its label template as a regex (``MAF ({layers})`` → ``MAF \\((.+)\\)``)."""
-    from flowbench.models import MODELS
-
-    pats = []
-    for spec in MODELS.values():
-        parts = re.split(r"\{[^}]*\}", spec.label)
-        pats.append((re.compile("^" + "(.+?)".join(map(re.escape, parts)) + "$"),))
-    return tuple(pats)
-
-
-def row_order_key(label: str) -> tuple:
-    """Rows in the order of the model registry, then by the label's numbers (``Real NVP (5)`` before ``(10)``);
-    labels of no registered model (published rows such as Glow) come after, alphabetically."""
-    base = label.split(" [")[0]
-    for index, (pattern,) in enumerate(_label_patterns()):
-        m = pattern.match(base)
-        if m:
-            values = tuple((0, float(v), "") if re.fullmatch(r"-?\d+(\.\d*)?", v) else (1, 0.0, v) for v in m.groups())
-            return (index, values, "")
-    return (len(_label_patterns()), (), base)
-
-
 def _row_key(row: _Row) -> tuple:
     return (*row_order_key(row.label), _SOURCE_ORDER.get(row.source, 9), row.label)
+
+
+def _bold_column(rows: list[_Row], d: str) -> None:
+    """Mark the bold cells of column ``d`` (see :data:`BOLD_RULE`); footnote our untested cells."""
+    cands = [(row, row.cells[d]) for row in rows if d in row.cells]
+    cands = [(row, c) for row, c in cands if c.can_bold and math.isfinite(c.mean)]
+    if not cands:
+        return
+    top = max(c.mean for _, c in cands)
+    for _, c in cands:
+        c.bold = c.mean == top
+    best_row, best = next(((row, c) for row, c in cands if c.mean == top and row.source == "ours"), (None, None))
+    if best is None:
+        return  # a published best: nothing of ours can be paired with it
+    points = {}
+
+    def load(c: _Cell) -> tuple[Any, str | None, str | None]:
+        if id(c) not in points:
+            points[id(c)] = A.cell_points(c.config)
+        return points[id(c)]
+
+    ours = [c for row, c in cands if row.source == "ours" and c is not best]
+    best_pts, best_sha, best_why = load(best) if ours else (None, None, None)
+    for c in ours:
+        if c.bold:
+            continue  # an exact tie with the best
+        pts, sha, why = load(c)
+        if best_pts is None or pts is None:
+            # Which seed or file exactly would make one footnote per cell; the rule that applies is what matters.
+            mixed = any("different test points" in (w or "") for w in (why, best_why))
+            c.notes.append(OTHER_POINTS_NOTE if mixed else NO_POINTS_NOTE)
+            continue
+        if sha != best_sha or pts.size != best_pts.size:
+            c.notes.append(OTHER_POINTS_NOTE)
+            continue
+        p = A.paired_pvalue(best_pts, pts)
+        if p >= ALPHA:
+            c.bold = True
+            c.notes.append(f"bold: not significantly below {best_row.label} (paired t-test over {pts.size} test "
+                           f"points, p = {p:.2g} ≥ {ALPHA:g})")
+
+
+def compute_table(
+    records: list[RunRecord],
+    sources: list[str] | tuple[str, ...] = ("maf", "relgrad"),
+    select: str = "best-val",
+) -> Table:
+    """Rows, cells, bold and footnotes for ``records`` and the published ``sources`` (rules: module docstring)."""
+    ours: dict[str, _Row] = {}
+    for choice in A.choose(records, select):
+        ours.setdefault(choice.row, _Row(choice.row, "ours")).cells[choice.config.dataset] = _our_cell(choice)
+    pub = _published_rows(published(sources))
+    rows = sorted([*ours.values(), *pub], key=_row_key)
+    present = {d for r in rows for d in r.cells}
+    ours_datasets = {d for r in ours.values() for d in r.cells}
+    order = list(DATASETS)
+    # Published-only datasets outside flowbench's list (CIFAR-10) are left out: nothing of ours to compare.
+    columns = [d for d in order if d in present] + sorted(ours_datasets - set(order))
+
+    published_cells = {(r.label, d) for r in pub for d in r.cells}
+    for row in ours.values():
+        for d, cell in row.cells.items():
+            if cell.config_unverified is not None and (row.label.split(" [")[0], d) in published_cells:
+                # The published number beside it came from settings we could not confirm: say ours are a guess.
+                cell.notes.append(CONFIG_UNVERIFIED_NOTE)
+    for d in columns:
+        _bold_column(rows, d)
+
+    footnotes: list[str] = []
+    any_unverified = False
+    for row in rows:
+        for d in columns:
+            cell = row.cells.get(d)
+            if cell is None:
+                continue
+            any_unverified |= cell.unverified
+            for note in cell.notes:
+                if note not in footnotes:
+                    footnotes.append(note)
+            cell.marks = sorted({footnotes.index(note) + 1 for note in cell.notes})
+    notes = [BOLD_RULE + (BOLD_PUBLISHED if pub else "")] if ours else []
+    if any_unverified:
+        notes.append(f"? {UNVERIFIED_NOTE}")
+    cited = [s for s in sources if s in SOURCES]
+    notes += [f"{SOURCES[s][0]}: {SOURCES[s][1]}" for s in cited]
+    heading = ("Average test log-likelihood in nats (higher is better), mean ± 2 standard errors over the test points. "
+               "(sd S, n=N): standard deviation of the test LL over N seeds. MNIST and digits in logit space. "
+               "**Bold**: best in its column, and rows of ours not significantly below our best (paired t-test). "
+               "N/A: no result.")
+    return Table(heading, columns, rows, footnotes, notes, cited)
+
+
+# -- output formats -------------------------------------------------------------------------------------------
+
+def _source_text(row: _Row) -> str:
+    return "ours" if row.source == "ours" else f"published: {SOURCES[row.source][0]}"
+
+
+def _value_text(cell: _Cell) -> str:
+    """The cell as Markdown shows it, without marks."""
+    if cell.mean == -math.inf:
+        return "−∞" + (f" (n={cell.spread[1]})" if cell.spread else "")
+    if not math.isfinite(cell.mean):
+        return "N/A"
+    text = _fmt(cell.mean, cell.decimals)
+    if cell.se2 is not None:
+        text += f" ± {_fmt(cell.se2, cell.decimals)}"
+    if cell.bold:
+        text = f"**{text}**"
+    if cell.spread is not None:
+        text += f" (sd {_fmt(cell.spread[0], cell.decimals)}, n={cell.spread[1]})"
+    return text
+
+
+def _markdown(t: Table) -> str:
+    body = []
+    for row in t.rows:
+        line = [row.label, _source_text(row)]
+        for d in t.columns:
+            cell = row.cells.get(d)
+            if cell is None:
+                line.append("N/A")
+                continue
+            marks = ("?" if cell.unverified else "") + "".join(f"[{m}]" for m in cell.marks)
+            line.append(_value_text(cell) + (" " + marks if marks else ""))
+        body.append(line)
+    headers = ["Model", "Source"] + [d.upper() for d in t.columns]
+    out = [t.heading, "", tabulate(body, headers=headers, tablefmt="github", disable_numparse=True, stralign="left")]
+    notes = [f"[{i}] {n}" for i, n in enumerate(t.footnotes, 1)] + t.notes
+    if notes:
+        out += [""] + [f"- {n}" for n in notes]
+    return "\n".join(out) + "\n"
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_LATEX_UNICODE = {"−": "$-$", "±": r"$\pm$", "∞": r"$\infty$", "≥": r"$\geq$", "≤": r"$\leq$", "α": r"$\alpha$",
+                  "×": r"$\times$", "→": r"$\to$", "–": "--", "Σ": r"$\Sigma$", "…": r"\dots{}"}
+
+
+def _latex_text(text: str) -> str:
+    """Plain text (footnotes, labels) as LaTeX: specials escaped, ``**x**`` bold, ``--`` kept as two hyphens."""
+    out = "".join(_LATEX_SPECIAL.get(ch, _LATEX_UNICODE.get(ch, ch)) for ch in text).replace("$-$$\\infty$", "$-\\infty$")
+    out = out.replace("--", "-{}-").replace('"', "''")
+    return re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", out)
+
+
+def _latex_cell(cell: _Cell | None) -> str:
+    if cell is None or math.isnan(cell.mean):
+        text = "N/A"
+    elif cell.mean == -math.inf:
+        text = r"$-\infty$" + (f" ($n{{=}}{cell.spread[1]}$)" if cell.spread else "")
+    else:
+        value = _fmt(cell.mean, cell.decimals) + (rf" \pm {_fmt(cell.se2, cell.decimals)}" if cell.se2 is not None else "")
+        text = rf"$\mathbf{{{value}}}$" if cell.bold else f"${value}$"
+        if cell.spread is not None:
+            text += f" (sd {_fmt(cell.spread[0], cell.decimals)}, $n{{=}}{cell.spread[1]}$)"
+    marks = (["?"] if cell is not None and cell.unverified else []) + [str(m) for m in (cell.marks if cell else [])]
+    return text + (rf"\textsuperscript{{{','.join(marks)}}}" if marks else "")
+
+
+def _latex(t: Table) -> str:
+    lines = [
+        r"% flowbench table: needs \usepackage{booktabs} in the preamble",
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{_latex_text(t.heading)}}}",
+        r"\begin{tabular}{ll" + "l" * len(t.columns) + "}",
+        r"\toprule",
+        " & ".join(["Model", "Source"] + [d.upper() for d in t.columns]) + r" \\",
+        r"\midrule",
+    ]
+    for row in t.rows:
+        cells = [_latex_text(row.label), _latex_text(_source_text(row))] + [_latex_cell(row.cells.get(d)) for d in t.columns]
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", "", r"\smallskip", r"\footnotesize"]
+    notes = [rf"\textsuperscript{{{i}}}{_latex_text(n)}" for i, n in enumerate(t.footnotes, 1)]
+    for n in t.notes:
+        notes.append(rf"\textsuperscript{{?}}{_latex_text(n[2:])}" if n.startswith("? ") else _latex_text(n))
+    lines += [n + r"\par" for n in notes]
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+#: One row per cell: the columns of the CSV export and the keys of the JSON export's cells.
+CELL_FIELDS = ("model", "source", "dataset", "tag", "mean", "pm_2se", "sd", "n", "seeds", "bold", "unverified",
+               "marks", "notes", "text")
+
+
+def _cell_rows(t: Table) -> list[dict[str, Any]]:
+    out = []
+    for row in t.rows:
+        for d in t.columns:
+            cell = row.cells.get(d)
+            if cell is None:
+                continue
+            conf = cell.config
+            out.append({
+                "model": row.label, "source": row.source, "dataset": d,
+                "tag": conf.tag if conf is not None else None,
+                "mean": cell.mean if not math.isnan(cell.mean) else None,
+                "pm_2se": cell.se2,
+                "sd": cell.spread[0] if cell.spread else None,
+                "n": len(conf.counted) if conf is not None else None,
+                "seeds": [int(r.seed) for r in conf.counted] if conf is not None else None,
+                "bold": cell.bold, "unverified": cell.unverified, "marks": list(cell.marks),
+                "notes": [t.footnotes[m - 1] for m in cell.marks],
+                "text": _value_text(cell).replace("**", ""),
+            })
+    return out
+
+
+def _csv(t: Table) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CELL_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for c in _cell_rows(t):
+        w.writerow({**c, "mean": "" if c["mean"] is None else repr(float(c["mean"])),
+                    "seeds": " ".join(map(str, c["seeds"] or [])), "marks": " ".join(map(str, c["marks"])),
+                    "notes": "\n".join(c["notes"]), "bold": int(c["bold"]), "unverified": int(c["unverified"]),
+                    **{k: "" if c[k] is None else c[k] for k in ("tag", "pm_2se", "sd", "n")}})
+    return buf.getvalue()
+
+
+def _json(t: Table) -> str:
+    cells = []
+    for c in _cell_rows(t):
+        minus_inf = c["mean"] == -math.inf
+        cells.append({**c, "mean": None if minus_inf else c["mean"], "minus_infinity": minus_inf})
+    doc = {"caption": t.heading, "columns": t.columns, "cells": cells,
+           "footnotes": [{"mark": i, "text": n} for i, n in enumerate(t.footnotes, 1)], "notes": t.notes,
+           "sources": {s: {"label": SOURCES[s][0], "citation": SOURCES[s][1]} for s in t.sources}}
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def render(table: Table, fmt: str = "markdown") -> str:
+    """``table`` as ``markdown`` (GitHub table), ``latex`` (booktabs), ``csv`` or ``json`` (one row per cell,
+    with mean, ± 2 SE, sd, n, source and marks in columns of their own).
+
+    Raises:
+        ConfigError: an unknown format.
+    """
+    writers = {"markdown": _markdown, "latex": _latex, "csv": _csv, "json": _json}
+    if fmt not in writers:
+        raise ConfigError(f"unknown table format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    return writers[fmt](table)
 
 
 def build_table(
     records: list[RunRecord],
     sources: list[str] | tuple[str, ...] = ("maf", "relgrad"),
     select: str = "best-val",
+    fmt: str = "markdown",
 ) -> str:
-    """The Markdown table (with a heading line and footnotes) for ``records`` and published ``sources``."""
-    ours = _select(records, select)
-    pub = _published_rows(published(sources))
-    rows = sorted(ours + pub, key=_row_key)
-    present = {d for r in rows for d in r.cells}
-    ours_datasets = {d for r in ours for d in r.cells}
-    order = list(DATASETS)
-    extra = sorted(ours_datasets - set(order))
-    # Published-only datasets outside flowbench's list (CIFAR-10) are left out: nothing of ours to compare.
-    columns = [d for d in order if d in present] + extra
-
-    best: dict[str, float] = {}
-    for d in columns:
-        vals = [r.cells[d].mean for r in rows if d in r.cells and math.isfinite(r.cells[d].mean)]
-        if vals:
-            best[d] = max(vals)
-
-    footnotes: list[str] = []
-    any_unverified = False
-    published_cells = {(r.label, d) for r in pub for d in r.cells}
-    for row in ours:
-        for d, cell in row.cells.items():
-            if cell.config_unverified is not None and (row.label.split(" [")[0], d) in published_cells:
-                # The published number beside it came from settings we could not confirm: say ours are a guess.
-                cell.notes.append(CONFIG_UNVERIFIED_NOTE)
-    body = []
-    for row in rows:
-        source = "ours" if row.source == "ours" else f"published: {SOURCES[row.source][0]}"
-        line = [row.label, source]
-        for d in columns:
-            cell = row.cells.get(d)
-            if cell is not None and cell.mean == -math.inf:
-                text = "−∞"
-            elif cell is None or not math.isfinite(cell.mean):
-                text = "N/A"
-            else:
-                text = _fmt(cell.mean, cell.decimals)
-                if cell.se2 is not None:
-                    text += f" ± {_fmt(cell.se2, cell.decimals)}"
-                if d in best and cell.mean == best[d]:
-                    text = f"**{text}**"
-                if cell.spread is not None:
-                    text += f" (sd {_fmt(cell.spread[0], cell.decimals)}, n={cell.spread[1]})"
-            marks = ""
-            if cell is not None and cell.unverified:
-                marks += "?"
-                any_unverified = True
-            for note in cell.notes if cell is not None else []:
-                if note not in footnotes:
-                    footnotes.append(note)
-                marks += f"[{footnotes.index(note) + 1}]"
-            line.append(text + (" " + marks if marks else ""))
-        body.append(line)
-
-    headers = ["Model", "Source"] + [d.upper() for d in columns]
-    out = [
-        "Average test log-likelihood in nats (higher is better), mean ± 2 standard errors over the test points. "
-        "(sd S, n=N): standard deviation of the test LL over N seeds. "
-        "MNIST and digits in logit space. **Bold**: best in its column. N/A: no result.",
-        "",
-        tabulate(body, headers=headers, tablefmt="github", disable_numparse=True, stralign="left"),
-    ]
-    notes = [f"[{i}] {n}" for i, n in enumerate(footnotes, 1)]
-    if any_unverified:
-        notes.append(f"? {UNVERIFIED_NOTE}")
-    cited = [s for s in sources if s in SOURCES]
-    notes += [f"{SOURCES[s][0]}: {SOURCES[s][1]}" for s in cited]
-    if notes:
-        out += [""] + [f"- {n}" for n in notes]
-    return "\n".join(out) + "\n"
+    """The table (a heading line, the rows, the footnotes) for ``records`` and published ``sources``, as ``fmt``."""
+    return render(compute_table(records, sources, select), fmt)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from flowbench.aggregate import chosen_runs
 from flowbench.cli import main
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError, FlowbenchError
@@ -151,7 +152,7 @@ def test_selection_errors_name_what_exists():
 def test_best_configuration_by_validation_not_test():
     recs = [fake_record("power", "maf", "MAF (5)", 0, [0.5], tag="a", test_ll=0.0),
             fake_record("power", "maf", "MAF (5)", 0, [0.1], tag="b", test_ll=9.0)]
-    assert [R.tag(r) for r in R.best_configurations(recs)] == ["a"]
+    assert [R.tag(r) for r in chosen_runs(recs)] == ["a"]
 
 
 # -- curves ----------------------------------------------------------------------------------------------------

@@ -170,3 +170,18 @@ def test_cli_and_errors(results, tmp_path, capsys):
     assert main(["report", "--results", str(tmp_path / "none")]) == 2
     with pytest.raises(ConfigError, match="unknown --select"):
         report_markdown(results, select="best")
+
+
+def test_report_links_the_table_exports(md_report, results, tmp_path):
+    from flowbench.results import iter_records
+    from flowbench.tables import build_table
+
+    out, text = md_report
+    links = dict((name, target) for name, target in re.findall(r"\[(LaTeX \(booktabs\)|CSV|JSON)\]\(([^)]+)\)", text))
+    assert set(links) == {"LaTeX (booktabs)", "CSV", "JSON"}
+    records = list(iter_records(results))
+    for what, fmt in (("LaTeX (booktabs)", "latex"), ("CSV", "csv"), ("JSON", "json")):
+        assert (out.parent / links[what]).read_text() == build_table(records, ["maf", "relgrad"], fmt=fmt)
+    page = build_report(results, tmp_path / "r.html", samples=False).read_text()
+    (csv_link,) = re.findall(r'<a download="table.csv" href="data:text/csv;base64,([^"]+)">CSV</a>', page)
+    assert base64.b64decode(csv_link).decode() == build_table(records, ["maf", "relgrad"], fmt="csv")

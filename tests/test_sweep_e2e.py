@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowbench.results import iter_records
+from flowbench.results import iter_records, read_per_point
 from flowbench.sweep import load_sweep, run_sweep
 from flowbench.tables import build_table
 
@@ -98,6 +98,7 @@ def test_ray_sweep_matches_local(sweep, local_results, tmp_path, monkeypatch):
     for rec in iter_records(tmp_path):
         assert rec.config["out"] == str(tmp_path) and "default_worker" not in (rec.command or "")
         assert (Path(rec.path).parent / rec.model_state).is_file()  # the model state came back with it
+        assert read_per_point(rec)[1] is None  # and the per-point test LLs (the table's paired t-test)
     table = build_table(list(iter_records(tmp_path)), sources=["maf"], select="best-val")
     assert table == build_table(list(iter_records(local_results)), sources=["maf"], select="best-val")
     assert "best of 2 configurations" in table

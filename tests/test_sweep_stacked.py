@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flowbench.errors import ConfigError
-from flowbench.results import iter_records
+from flowbench.results import iter_records, read_per_point
 from flowbench.sweep import load_sweep, parse_sweep, run_sweep
 from flowbench.tables import build_table
 
@@ -219,3 +219,4 @@ def test_process_and_ray_stacked_sweeps_equal_the_unstacked_one(tiny, unstacked,
     report = run_sweep(tiny, tmp_path / "ray", executor="ray", workers=2, stream=None)
     assert report.ok and not ray.is_initialized()
     _check_same(tmp_path / "ray", unstacked, tiny, report)
+    assert all(read_per_point(r)[1] is None for r in iter_records(tmp_path / "ray"))  # came back with the records

@@ -109,7 +109,9 @@ def test_failed_runs_are_footnoted(tmp_path):
     r2 = fake_record("gas", "maf", "MAF (5)", 0, None, None, None, status="nonfinite", failure="diverged at once")
     write_record(record_path(tmp_path, "gas", "maf", 0), r2)
     text = build_table(list(iter_records(tmp_path)), [], "best-val")
-    assert "**1.50 ± 0.02** [1]" in text and "[1] seed 0: status nonfinite (non-finite training loss)" in text
+    # a failed seed is left out of the value (here: the only seed, so N/A), its number kept in the footnote
+    assert "| MADE    | ours     | N/A [1]" in text
+    assert "[1] seed 0: status nonfinite (non-finite training loss), test LL 1.50; left out of the value" in text
     assert "| MAF (5) | ours     | N/A [2]" in text
 
 
@@ -174,3 +176,92 @@ def test_unverified_config_is_footnoted_beside_a_published_number(tmp_path):
     assert "[" not in digits  # no published relgrad number on digits: nothing to caution against
     maf = next(ln for ln in text.splitlines() if ln.startswith("| MAF (5)") and "| ours" in ln)
     assert "[" not in maf  # verified config: no footnote
+
+
+# -- export for papers: markdown, latex, csv, json (golden) ------------------------------------------------------
+
+EXPORT_GOLDEN = {fmt: Path(__file__).parent / "golden" / f"table_rules.{ext}"
+                 for fmt, ext in (("markdown", "md"), ("latex", "tex"), ("csv", "csv"), ("json", "json"))}
+
+
+def sweep_fixture(out: Path) -> list:
+    from test_aggregate import sweep_records, write_records
+
+    return write_records(out, sweep_records())
+
+
+@pytest.mark.parametrize("fmt", list(EXPORT_GOLDEN))
+def test_golden_exports(tmp_path, fmt):
+    text = build_table(sweep_fixture(tmp_path), ["maf", "relgrad"], "best-val", fmt=fmt)
+    if os.environ.get("FLOWBENCH_UPDATE_GOLDEN"):  # regenerate deliberately, then review the diff
+        EXPORT_GOLDEN[fmt].write_text(text)
+    assert text == EXPORT_GOLDEN[fmt].read_text()
+
+
+def test_exports_hold_the_cells_numbers_and_marks(tmp_path):
+    import csv
+    import io
+    import math
+
+    from test_aggregate import MAF_A, expected
+
+    records = sweep_fixture(tmp_path)
+    md = build_table(records, ["maf", "relgrad"], "best-val")
+    rows = list(csv.DictReader(io.StringIO(build_table(records, ["maf", "relgrad"], "best-val", fmt="csv"))))
+    doc = json.loads(build_table(records, ["maf", "relgrad"], "best-val", fmt="json"))
+    assert len(rows) == len(doc["cells"])
+    a = expected(MAF_A)
+    row = next(r for r in rows if (r["model"], r["source"], r["dataset"]) == ("MAF (5)", "ours", "power"))
+    assert (float(row["mean"]), float(row["pm_2se"]), float(row["sd"]), int(row["n"])) == pytest.approx(
+        (a["mean"], a["pm"], a["sd"], 3), abs=1e-12)
+    assert row["tag"] == "a" and row["seeds"] == "0 1 2" and row["bold"] == "0"
+    for mark, note in zip(row["marks"].split(), row["notes"].split("\n")):
+        assert f"- [{mark}] {note}" in md  # the marks are the Markdown table's footnote numbers
+    gas = next(r for r in rows if (r["model"], r["source"], r["dataset"]) == ("MAF (5)", "ours", "gas"))
+    assert gas["mean"] == "-inf" and gas["text"] == "−∞ (n=3)"
+    pub = next(c for c in doc["cells"] if (c["model"], c["source"], c["dataset"]) == ("Gaussian", "maf", "bsds300"))
+    assert (pub["mean"], pub["pm_2se"], pub["unverified"], pub["n"]) == (96.67, 0.25, True, None)
+    assert doc["footnotes"][0]["mark"] == 1 and doc["sources"]["maf"]["label"] == "MAF paper"
+    bold = {(c["model"], c["source"], c["dataset"]) for c in doc["cells"] if c["bold"]}
+    assert {("MADE MoG", "maf", "power"), ("MAF (10)", "maf", "gas")} <= bold and not any(
+        c["bold"] and c["mean"] is not None and not math.isfinite(c["mean"]) for c in doc["cells"])
+    assert bold == {(m, s, d) for (m, s), v in _md_cells(md).items() for d, t in v.items() if t.startswith("**")}
+
+
+def _md_cells(text):
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    head = [c.strip().lower() for c in lines[0].split("|")[1:-1]]
+    out = {}
+    for ln in lines[1:]:
+        row = [c.strip() for c in ln.split("|")[1:-1]]
+        source = "ours" if row[1] == "ours" else {"published: MAF paper": "maf", "published: relgrad paper": "relgrad"}[row[1]]
+        out[(row[0], source)] = dict(zip(head[2:], row[2:]))
+    return out
+
+
+def test_latex_is_well_formed(tmp_path):
+    tex = build_table(sweep_fixture(tmp_path), ["maf", "relgrad"], "best-val", fmt="latex")
+    lines = tex.splitlines()
+    body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
+    spec = next(ln for ln in lines if ln.startswith(r"\begin{tabular}"))
+    ncols = len(spec.split("{")[2].rstrip("}"))
+    assert all(ln.endswith(r" \\") and ln.count(" & ") == ncols - 1 for ln in body)
+    assert tex.count("{") == tex.count("}") and tex.count("$") % 2 == 0
+    assert r"\toprule" in lines and r"\usepackage{booktabs}" in lines[0]
+    assert r"$\mathbf{0.40 \pm 0.01}$" in tex and r"$-\infty$ ($n{=}3$)\textsuperscript{" in tex
+    assert r"96.67 \pm 0.25$\textsuperscript{?}" in tex and "seed 3: status nonfinite" in tex
+
+
+def test_table_cli_formats(tmp_path, capsys):
+    from flowbench.cli import main
+
+    sweep_fixture(tmp_path)
+    for name, start in (("t.tex", "% flowbench table"), ("t.csv", "model,source,dataset"), ("t.json", "{"),
+                        ("t.md", "Average test")):
+        assert main(["table", "--results", str(tmp_path), "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / name).read_text().startswith(start)  # the format follows --out's suffix
+    capsys.readouterr()
+    assert main(["table", "--results", str(tmp_path), "--format", "csv", "--published", "none"]) == 0
+    assert capsys.readouterr().out.startswith("model,source,dataset")
+    with pytest.raises(ConfigError, match="unknown table format 'html'"):
+        build_table(sweep_fixture(tmp_path / "again"), [], fmt="html")

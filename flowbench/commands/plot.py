@@ -60,6 +60,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from flowbench.aggregate import chosen_runs
     from flowbench.plots import _records as R
     from flowbench.tables import parse_sources
 
@@ -67,9 +68,7 @@ def main(args: argparse.Namespace) -> int:
     if args.figure == "curves":
         from flowbench.plots.curves import save_curves
 
-        records = R.select_runs(records, args.dataset, args.model, args.tag)
-        if args.select == "best-val":
-            records = R.best_configurations(records)
+        records = chosen_runs(R.select_runs(records, args.dataset, args.model, args.tag), args.select)
         out = Path(args.out) if args.out else Path(args.results) / "figures" / "curves.png"
         save_curves(records, out, sources=parse_sources(args.published), train_loss=not args.no_train_loss,
                     with_tag=args.select == "all")
@@ -78,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
 
         records = R.select_runs(records, [args.dataset], [args.model], [args.tag] if args.tag else None)
         if args.tag is None:
-            records = R.best_configurations(records)
+            records = chosen_runs(records)
         rec = choose_run(records, args.seed)
         out = Path(args.out) if args.out else Path(args.results) / "figures" / f"samples_{args.dataset}_{args.model}.png"
         save_samples(rec, out, n=args.n, seed=args.sample_seed, dims=args.dims, data_root=args.data_root)

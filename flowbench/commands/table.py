@@ -1,8 +1,12 @@
-"""``flowbench table``: a Markdown table of the run records beside the published numbers."""
+"""``flowbench table``: the run records beside the published numbers, as Markdown, LaTeX, CSV or JSON."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+#: ``--out`` suffixes that choose the format when ``--format`` is not given.
+_SUFFIX_FORMATS = {".md": "markdown", ".tex": "latex", ".csv": "csv", ".json": "json"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -15,6 +19,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="published rows to show: comma-separated from maf, relgrad, beyond; 'none' for ours only (default maf,relgrad)",
     )
     parser.add_argument(
+        "--format",
+        choices=("markdown", "latex", "csv", "json"),
+        help="markdown (GitHub table), latex (booktabs, bold, \\pm, footnotes), csv or json (one row per cell: "
+        "mean, ± 2 SE, sd, n, source, marks in columns of their own); default: from --out's suffix "
+        "(.md, .tex, .csv, .json), else markdown",
+    )
+    parser.add_argument(
         "--select",
         choices=("best-val", "all"),
         default="best-val",
@@ -25,8 +36,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _check_out(out: str) -> None:
     """``--out FILE`` must name a file that can be (re)written; checked before the records are read."""
-    from pathlib import Path
-
     from flowbench.errors import ConfigError
 
     path = Path(out)
@@ -49,7 +58,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.out:
         _check_out(args.out)
-    text = build_table(list(iter_records(args.results)), parse_sources(args.published), args.select)
+    suffix = Path(args.out).suffix.lower() if args.out else ""
+    fmt = args.format or _SUFFIX_FORMATS.get(suffix, "markdown")
+    text = build_table(list(iter_records(args.results)), parse_sources(args.published), args.select, fmt=fmt)
     if args.out:
         try:
             with atomic_write(args.out, "w") as f:

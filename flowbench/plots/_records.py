@@ -2,14 +2,13 @@
 
 Records are :class:`flowbench.results.RunRecord` objects; every read goes through :func:`field` (which also
 takes a mapping, for the sweep reports' JSON), so a change of the record's fields is an edit to this file only.
+Which configurations a figure shows is chosen by :func:`flowbench.aggregate.choose`, as in the table.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import statistics
-from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +21,9 @@ from flowbench.errors import ConfigError
 __all__ = [
     "FailedRun",
     "History",
-    "best_configurations",
     "checkpoint",
-    "config_key",
     "failed_runs",
     "field",
-    "group_configurations",
     "history",
     "label",
     "load_runs",
@@ -214,46 +210,6 @@ def select_runs(
     kept = [r for r in kept if tags is None or tag(r) in tags]
     if not kept:
         raise ConfigError("no run records match the selection")
-    return kept
-
-
-def config_key(rec: Record) -> tuple[str, str, str, str]:
-    """Seeds of one configuration share this key: (dataset, model, tag or '', row label)."""
-    return (dataset(rec), model(rec), tag(rec) or "", label(rec))
-
-
-def group_configurations(records: Iterable[Record]) -> dict[tuple[str, str, str, str], list[Record]]:
-    """Records by configuration, seeds sorted; keys in the table's row order (the model registry's)."""
-    from flowbench.tables import row_order_key
-
-    groups: dict[tuple[str, str, str, str], list[Record]] = defaultdict(list)
-    for r in records:
-        groups[config_key(r)].append(r)
-
-    def order(key: tuple[str, str, str, str]) -> tuple:
-        return (row_order_key(key[3]), key[3], key[2])
-
-    return {k: sorted(groups[k], key=seed) for k in sorted(groups, key=order)}
-
-
-def _mean_val(runs: list[Record]) -> float:
-    vals = [best_val_ll(r) for r in runs if math.isfinite(best_val_ll(r))]
-    return statistics.fmean(vals) if vals else -math.inf
-
-
-def best_configurations(records: Iterable[Record]) -> list[Record]:
-    """For each (dataset, row label) keep the tag with the best mean validation LL (the table's ``best-val``).
-
-    Model selection on validation data only, as in the MAF paper; ties go to the first tag in sorted order.
-    """
-    by_row: dict[tuple[str, str], dict[str, list[Record]]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        by_row[(dataset(r), label(r))][tag(r) or ""].append(r)
-    kept: list[Record] = []
-    for _, by_tag in sorted(by_row.items()):
-        tags = sorted(by_tag)
-        best = max(tags, key=lambda t: (_mean_val(by_tag[t]), -tags.index(t)))
-        kept += by_tag[best]
     return kept
 
 

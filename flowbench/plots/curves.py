@@ -3,8 +3,9 @@
 What a reader checks here is the MAF protocol's early stopping (Papamakarios et al. 2017, section 4): the
 star marks the epoch whose parameters were restored; a run that converged shows a plateau of ``patience``
 epochs after it, a run cut short by ``--max-epochs`` ends on a rising curve. Seeds of one configuration are
-drawn together: the mean over the seeds that reached that epoch, with their min–max band. The published test
-LL of the same model (dashed) is the level a converged run should approach.
+drawn together: the mean over the seeds that reached that epoch, with their min–max band; the legend names the
+row and tag as the table does (configurations grouped by :func:`flowbench.aggregate.configurations`). The
+published test LL of the same model (dashed) is the level a converged run should approach.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from flowbench.aggregate import Configuration, configurations
 from flowbench.plots import _records as R
 from flowbench.plots import status as S
 from flowbench.plots._mpl import color, pyplot, save_figure
@@ -94,9 +96,13 @@ def plot_curves(
     from matplotlib.ticker import MaxNLocator
 
     sources = list(sources)
-    groups = R.group_configurations(records)
+    confs = configurations(records)  # the table's rows and order
+
+    def name(conf: Configuration, tagged: bool) -> str:
+        return f"{conf.label} [{conf.tag}]" if tagged and conf.tag else conf.label
+
     # One colour per row label across all datasets, so a model is the same colour in every panel.
-    labels = list(dict.fromkeys(R.label(runs[0], with_tag) for runs in groups.values()))
+    labels = list(dict.fromkeys(name(c, with_tag) for c in confs))
     colors = {lab: color(i) for i, lab in enumerate(labels)}
     datasets = dataset_order(records)
     ncols = 2 if train_loss else 1
@@ -108,13 +114,14 @@ def plot_curves(
         handles: list[Any] = []
         val_values, loss_values, keep = [], [], []
         has_published = has_relgrad = False
-        for key, runs in groups.items():
-            if key[0] != ds:
+        for conf in confs:
+            if conf.dataset != ds:
                 continue
-            lab = R.label(runs[0], with_tag)
-            c = colors[lab]
+            runs = list(conf.runs)
+            c = colors[name(conf, with_tag)]
             hists = [R.history(r) for r in runs]
-            legend = f"{lab} · {len(runs)} seed{'s' if len(runs) > 1 else ''} · {S.summary(runs)}"
+            # The legend names the configuration (its tag) as the table's footnote does.
+            legend = f"{name(conf, True)} · {len(runs)} seed{'s' if len(runs) > 1 else ''} · {S.summary(runs)}"
             has_relgrad |= R.model(runs[0]) == "relgrad"
             ref = R.published_ll(runs[0], sources)
             if ref is not None:

@@ -1,9 +1,11 @@
 """``flowbench report``: one page with the comparison table, the curves, the samples and every run's status.
 
 The page is written as Markdown (PNGs in a ``<name>_files/`` folder beside it) or as a single HTML file with
-the PNGs embedded, from the same Markdown source, so both say the same thing. Configurations are selected as
-in the table (``best-val``: the tag with the best mean validation LL, as in the MAF paper; ``all``). Runs capped
-by ``--max-epochs`` are footnoted in the table as not converged: they are not comparable with published numbers.
+the PNGs embedded, from the same Markdown source, so both say the same thing. The table is also exported as
+LaTeX, CSV and JSON beside it (embedded in the HTML page) and linked. Configurations are chosen by the table's
+own function, :func:`flowbench.aggregate.choose` (``best-val``: the tag with the best mean validation LL, as in
+the MAF paper; ``all``). Runs capped by ``--max-epochs`` are footnoted in the table as not converged: they are
+not comparable with published numbers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from tabulate import tabulate
 
 from flowbench import __version__
+from flowbench.aggregate import SELECT_MODES, choose, configurations
 from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.plots import _records as R
 from flowbench.plots import status as S
@@ -31,6 +34,9 @@ from flowbench.utils import atomic_write
 __all__ = ["FORMATS", "build_report", "format_seconds", "markdown_to_html", "report_markdown"]
 
 FORMATS = (".md", ".html")
+#: The table's exports beside the report (format, file name, link text); the HTML page embeds them as downloads.
+EXPORTS = (("latex", "table.tex", "LaTeX (booktabs)"), ("csv", "table.csv", "CSV"), ("json", "table.json", "JSON"))
+_MIME = {".png": "image/png", ".tex": "text/x-tex", ".csv": "text/csv", ".json": "application/json"}
 
 
 def format_seconds(s: float) -> str:
@@ -74,9 +80,9 @@ def _slug(text: str) -> str:
 
 def _runs_table(records: list[Any], failed: list[R.FailedRun]) -> str:
     rows = []
-    groups = R.group_configurations(records)
+    confs = configurations(records)
     for ds in dataset_order(records):  # datasets in the table's column order, models in its row order
-        for r in (r for key, runs in groups.items() if key[0] == ds for r in runs):
+        for r in (r for c in confs if c.dataset == ds for r in c.runs):
             se = R.test_ll_2se(r)
             test = _num(R.test_ll(r)) + (f" ± {_num(se)}" if math.isfinite(se) else "")
             rows.append([R.dataset(r), _cell(R.label(r, with_tag=True)), R.seed(r), _cell(S.run_status(r).text),
@@ -140,18 +146,18 @@ def report_markdown(
 ) -> tuple[str, dict[str, bytes]]:
     """The report as Markdown whose images are ``<folder>/<name>.png``, and those PNGs by name."""
     from flowbench.plots.samples import choose_run
-    from flowbench.tables import build_table
+    from flowbench.tables import compute_table, render
 
-    if select not in ("best-val", "all"):
+    if select not in SELECT_MODES:
         raise ConfigError(f"unknown --select {select!r}; use best-val or all")
     sources = list(sources)
     records = R.select_runs(R.load_runs(results), datasets, models)
     failed, problems = R.failed_runs(results)
     datasets, models = (list(x) if x else None for x in (datasets, models))
     failed = [f for f in failed if (datasets is None or f.dataset in datasets) and (models is None or f.model in models)]
-    shown = R.best_configurations(records) if select == "best-val" else records
-    groups = R.group_configurations(shown)
-    n_configs = len(R.group_configurations(records))
+    choices = choose(records, select)  # the table's choice (compute_table makes the same call)
+    shown = [r for c in choices for r in c.config.runs]
+    n_configs = len(configurations(records))
 
     page = _Page()
     page.add("# flowbench report", "")
@@ -166,7 +172,13 @@ def report_markdown(
         page.add("")
 
     page.add("## Comparison table", "")
-    page.add(build_table(records, sources, select).rstrip("\n"), "")
+    table = compute_table(records, sources, select)
+    page.add(render(table, "markdown").rstrip("\n"), "")
+    links = []
+    for fmt, name, what in EXPORTS:
+        page.figures[name] = render(table, fmt).encode("utf-8")
+        links.append(f"[{what}]({folder}/{name})")
+    page.add("The same table for papers and scripts: " + ", ".join(links) + ".", "")
 
     page.add("## Runs", "")
     page.add("Status: *converged*: early stopping ended the run (the MAF protocol); *capped*: stopped by "
@@ -194,10 +206,10 @@ def report_markdown(
         data = _Data(data_root)
         for ds in dataset_order(shown):
             page.add(f"### {ds.upper()}", "")
-            for key, runs in groups.items():
-                if key[0] != ds:
+            for choice in choices:
+                if choice.config.dataset != ds:
                     continue
-                rec = choose_run(runs)
+                rec = choose_run(list(choice.config.runs))
                 name = R.label(rec, with_tag=True)
                 page.add(f"**{name}**, seed {R.seed(rec)}", "")
                 try:
@@ -220,11 +232,23 @@ img{max-width:100%}code{background:#f3f3f3;padding:0 .2em}"""
 _PIPE = re.compile(r"(?<!\\)\|")
 
 
-def _inline(text: str) -> str:
+def _inline(text: str, files: dict[str, bytes] | None = None) -> str:
     out = html.escape(text.replace("\\|", "|"), quote=False)
     out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
     out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
-    return re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<em>\1</em>", out)
+    out = re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<em>\1</em>", out)
+    if files is not None:  # links to the report's own files: embedded, so the page stays one file
+        out = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", lambda m: _file_link(m.group(1), m.group(2), files), out)
+    return out
+
+
+def _file_link(text: str, target: str, files: dict[str, bytes]) -> str:
+    name = target.rsplit("/", 1)[-1]
+    if name not in files:
+        raise ValueError(f"link {target} has no file")
+    data = base64.b64encode(files[name]).decode("ascii")
+    mime = _MIME.get(Path(name).suffix, "application/octet-stream")
+    return f'<a download="{html.escape(name)}" href="data:{mime};base64,{data}">{text}</a>'
 
 
 def _table(lines: list[str]) -> str:
@@ -236,7 +260,8 @@ def _table(lines: list[str]) -> str:
 
 
 def markdown_to_html(text: str, images: dict[str, bytes], title: str = "flowbench report") -> str:
-    """A self-contained HTML page: headings, paragraphs, lists, tables, and images embedded as data URIs."""
+    """A self-contained HTML page: headings, paragraphs, lists, tables, and images and linked files (``images``:
+    name → bytes) embedded as data URIs."""
     parts: list[str] = []
     for block in re.split(r"\n\s*\n", text.strip()):
         lines = block.splitlines()
@@ -254,14 +279,15 @@ def markdown_to_html(text: str, images: dict[str, bytes], title: str = "flowbenc
         elif all(ln.startswith("- ") for ln in lines):
             parts.append("<ul>" + "".join(f"<li>{_inline(ln[2:])}</li>" for ln in lines) + "</ul>")
         else:
-            parts.append(f"<p>{_inline(' '.join(lines))}</p>")
+            parts.append(f"<p>{_inline(' '.join(lines), images)}</p>")
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
 def build_report(results: str | Path = "results", out: str | Path | None = None, **kwargs: Any) -> Path:
-    """Write the report to ``out`` (``.md``: Markdown + ``<stem>_files/*.png``; ``.html``: one file).
+    """Write the report to ``out`` (``.md``: Markdown + ``<stem>_files/`` with the PNGs and the table as
+    ``table.tex``/``.csv``/``.json``; ``.html``: one file, all of them embedded).
 
     ``out`` defaults to ``<results>/report.html``; ``kwargs`` go to :func:`report_markdown`.
     """

@@ -116,7 +116,7 @@ class RayExecutor:
 
     def finish(self, state: Any, outcome: dict, out: str) -> None:
         """Write the returned record (and the run's log) under the driver's results folder."""
-        from flowbench.results import model_state_path, write_record
+        from flowbench.results import model_state_path, per_point_path, write_record
         from flowbench.utils import atomic_write
 
         self.save_log(state, outcome, out)
@@ -131,6 +131,13 @@ class RayExecutor:
             with atomic_write(model_state_path(out, r.dataset, r.model, r.seed, r.tag), "wb",
                               size_hint=len(data)) as f:
                 f.write(data)  # before the record, which names it
+        points = outcome.get("testll_bytes")
+        if points is None:
+            record.test_points = None  # not brought back: the table falls back to the best-value rule
+        else:
+            r = state.run
+            with atomic_write(per_point_path(out, r.dataset, r.model, r.seed, r.tag), "wb", size_hint=len(points)) as f:
+                f.write(points)
         write_record(state.run.record_path(out), record)
 
     def save_log(self, state: Any, outcome: dict, out: str) -> None:

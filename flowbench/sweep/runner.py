@@ -374,13 +374,15 @@ class _Scheduler:
     def finished_stack(self, group: list[RunState], outcome: dict[str, Any]) -> None:
         """Each run of the stack as if it had finished alone (a stack's failure is each run's failure)."""
         records = outcome.get("records") if outcome["ok"] else None
-        states = outcome.get("model_state_bytes")
+        states, points = outcome.get("model_state_bytes"), outcome.get("testll_bytes")
         for i, state in enumerate(group):
-            one = {k: v for k, v in outcome.items() if k not in ("records", "model_state_bytes")}
+            one = {k: v for k, v in outcome.items() if k not in ("records", "model_state_bytes", "testll_bytes")}
             if records is not None:
                 one["record"] = records[i]
             if states is not None:
                 one["model_state_bytes"] = states[i]
+            if points is not None:
+                one["testll_bytes"] = points[i]
             self.finished(state, one)
 
     # -- single runs --------------------------------------------------------------------------------

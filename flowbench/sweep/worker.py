@@ -104,6 +104,17 @@ def _failure(e: Exception, log_path: str | None) -> dict[str, Any]:
             "retry": not isinstance(e, FlowbenchError)}
 
 
+def _testll_bytes(out: str, record: Any) -> bytes | None:
+    """The run's per-point test LLs (``seed<k>.testll.npy``, small), to travel back with its record."""
+    from flowbench.results import per_point_path
+
+    if not record.test_points:
+        return None
+    with contextlib.suppress(OSError):
+        return per_point_path(out, record.dataset, record.model, record.seed, record.tag).read_bytes()
+    return None
+
+
 def ray_execute(options: RunOptions, run_fn: str, threads: int) -> dict[str, Any]:
     """Body of a Ray task: train into a node-local scratch folder and return the record to the driver.
 
@@ -134,6 +145,7 @@ def ray_execute(options: RunOptions, run_fn: str, threads: int) -> dict[str, Any
                 with contextlib.suppress(OSError):
                     path = model_state_path(opts.out, rec.dataset, rec.model, rec.seed, rec.tag)
                     outcome["model_state_bytes"] = path.read_bytes()
+            outcome["testll_bytes"] = _testll_bytes(opts.out, rec)
         outcome["node"] = os.uname().nodename
         return outcome
     finally:
@@ -184,6 +196,7 @@ def ray_execute_stack(options: list[RunOptions], threads: int) -> dict[str, Any]
             from flowbench.results import model_state_path
 
             outcome["model_state_bytes"] = []
+            outcome["testll_bytes"] = [_testll_bytes(scratch, r) for r in outcome["records"]]
             for o, record in zip(options, outcome["records"]):
                 record.config["out"] = o.out
                 data = None  # each run's small model-state file travels with its record, as for single runs

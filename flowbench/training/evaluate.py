@@ -24,7 +24,7 @@ from flowbench.data.base import Dataset
 from flowbench.jacobian import jacobian_spectral_norm
 from flowbench.models.base import Flow
 
-__all__ = ["log_prob_batches", "mean_2se", "finite_mean", "evaluate_test", "spectral_norm_summary"]
+__all__ = ["log_prob_batches", "mean_2se", "finite_mean", "evaluate_test", "summarize_test", "spectral_norm_summary"]
 
 
 @torch.no_grad()
@@ -70,7 +70,11 @@ def finite_mean(values: np.ndarray) -> tuple[float, int]:
 
 def evaluate_test(flow: Flow, data: Dataset, test_x: Tensor, batch_size: int = 2000) -> dict[str, Any]:
     """Test log-likelihood (nats) ± 2 SE; for image data also pixel-space LL and bits/pixel."""
-    logp = log_prob_batches(flow, test_x, batch_size)
+    return summarize_test(log_prob_batches(flow, test_x, batch_size), data)
+
+
+def summarize_test(logp: np.ndarray, data: Dataset) -> dict[str, Any]:
+    """The record's test fields from the per-point test log-likelihoods ``logp`` (see :func:`evaluate_test`)."""
     finite = np.isfinite(logp)
     n_bad = int(logp.size - finite.sum())
     if n_bad:

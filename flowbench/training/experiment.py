@@ -24,10 +24,20 @@ from flowbench.config import RunOptions, coerce_options, resolve_options
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
 from flowbench.models.params import count_params, match_params
-from flowbench.results import RunRecord, check_overwrite, checkpoint_path, record_path, system_info, write_record
+from flowbench.results import (
+    RunRecord,
+    check_overwrite,
+    checkpoint_path,
+    per_point_path,
+    record_path,
+    system_info,
+    write_per_point,
+    write_record,
+)
 from flowbench.training.evaluate import (
-    evaluate_test,
+    log_prob_batches,
     spectral_norm_summary,
+    summarize_test,
     validation_ll,
 )
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult
@@ -324,8 +334,9 @@ def finish_run(opts: RunOptions, data: Any, test_x: torch.Tensor, flow: torch.nn
                match: dict[str, Any] | None, result: TrainResult, notes: list[str], device: torch.device,
                t0: float, rec_path: Path, ckpt_path: Path, stack: dict[str, Any] | None = None) -> RunRecord:
     """After training, for a single run or each run of a stack: test evaluation, the record (wall time since
-    ``t0``), the kept model state; the checkpoint goes unless kept."""
-    evaluation = evaluate_test(flow, data, test_x, opts.eval_batch_size)
+    ``t0``), the kept model state and per-point test LLs; the checkpoint goes unless kept."""
+    logp = log_prob_batches(flow, test_x, opts.eval_batch_size)
+    evaluation = summarize_test(logp, data)
     jac, note = spectral_norm_summary(flow, test_x[:JACOBIAN_POINTS])
     if note:
         notes.append(note)
@@ -339,6 +350,9 @@ def finish_run(opts: RunOptions, data: Any, test_x: torch.Tensor, flow: torch.nn
     record = _make_record(opts, flow, hparams, match, result, evaluation, jac, notes, device, time.perf_counter() - t0)
     record.stack = stack
     record.model_state = _keep_model_state(opts, flow)  # before the record, which names it
+    # The table's paired t-test (MAF paper's bolding rule) needs every test point's LL, not just their mean.
+    points = per_point_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
+    record.test_points = write_per_point(points, logp, test_x.cpu().numpy())
     write_record(rec_path, record, force=opts.force)
     _drop_checkpoint(opts, ckpt_path)
     return record

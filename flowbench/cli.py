@@ -21,12 +21,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "datasets": ("flowbench.commands.datasets", "list datasets with dimension, split sizes, status and origin"),
     "models": ("flowbench.commands.models", "list models with their origin (built-in, plugin, file) and hyperparameters"),
     "run": ("flowbench.commands.run", "train one model on one dataset and record the result"),
-    "table": ("flowbench.commands.table", "Markdown table of run records beside the published numbers"),
+    "table": ("flowbench.commands.table", "table of run records beside the published numbers: Markdown, LaTeX, CSV, JSON"),
     "bench": ("flowbench.commands.bench", "speed benchmarks: gradients, optim, train"),
     "sanity": ("flowbench.commands.sanity", "1-D and 2-D sanity tasks (JacNet, pseudo-inverse, toy2d, ...)"),
     "sweep": ("flowbench.commands.sweep", "run a grid of runs locally or on Ray"),
     "plot": ("flowbench.commands.plot", "figures from run records: training curves, samples"),
     "report": ("flowbench.commands.report", "one page (HTML or Markdown) with table, curves, samples and run status"),
+    "check-model": ("flowbench.commands.check_model", "run flowbench's model contract checks on any model (yours too)"),
+    "check-dataset": ("flowbench.commands.check_dataset", "run flowbench's dataset contract checks on any dataset"),
 }
 
 

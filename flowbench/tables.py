@@ -137,12 +137,16 @@ def _importable(ref: str) -> str | None:
 
 
 def plugged_in_note(r: RunRecord) -> str | None:
-    """The footnote of a row whose model was plugged in by reference: where from, and whether it still imports
-    (a record keeps its numbers either way)."""
-    if not r.model_ref:
+    """The footnote of a row whose model was plugged in (by reference, or by an installed plugin): where from,
+    and whether it still imports (a record keeps its numbers either way)."""
+    origin = r.model_origin or {}
+    if r.model_ref:
+        note, key = f"model {r.model!r} plugged in from {r.model_ref}", r.model_ref
+    elif origin.get("kind") == "plugin":
+        note, key = f"model {r.model!r} from the plugin {origin.get('detail', '')} ({origin.get('reference', '')})", r.model
+    else:
         return None
-    note = f"model {r.model!r} plugged in from {r.model_ref}"
-    why = _importable(r.model_ref)
+    why = _importable(key)
     if why is not None:
         note += f"; it can no longer be imported ({why}), so this row shows the numbers its records hold"
     return note

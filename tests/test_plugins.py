@@ -109,3 +109,24 @@ def test_plugin_names_that_clash_are_errors(tmp_path):
     assert proc.returncode == 0, proc.stderr
     (rec,) = iter_records(tmp_path / "res")
     assert rec.display_name == "MAF (5)" and rec.model_origin["kind"] == "built-in"
+
+
+def test_a_plugin_row_names_its_distribution_and_outlives_it(good_plugin, tmp_path, capsys):
+    from flowbench import tables
+    from flowbench.models import MODELS
+
+    out = tmp_path / "res"
+    assert main(["run", "--model", "demo-affine", "--max-epochs", "1", "--out", str(out), "--quiet"]) == 0
+    assert main(["table", "--results", str(out), "--published", "none"]) == 0
+    table = capsys.readouterr().out
+    assert "model 'demo-affine' from the plugin flowbench-demo-plugin 0.1 (flowbench_demo_plugin:MODEL)" in table
+    assert "can no longer be imported" not in table
+    # uninstalled: the row stays, with the reason
+    import sys
+
+    sys.path.remove(str(PLUGINS / "good"))
+    MODELS.reset()
+    tables._importable.cache_clear()
+    assert main(["table", "--results", str(out), "--published", "none"]) == 0
+    table = capsys.readouterr().out
+    assert "Demo affine (1)" in table and "can no longer be imported (unknown model 'demo-affine'" in table

@@ -41,6 +41,7 @@ __all__ = [
     "read_toml",
     "resolve_options",
     "parse_match_params",
+    "unset_value",
 ]
 
 #: The repository's ``configs/`` folder (the package is installed in editable mode from the checkout).
@@ -319,7 +320,14 @@ def resolve_references(options: dict[str, Any], base: str | Path | None = None) 
             options[key] = normalize_reference(value, base)
             registry.resolve(options[key])
     model = options.get("model")
-    return MODELS.resolve(model)[0] if isinstance(model, str) and model.strip() else None
+    if not (isinstance(model, str) and model.strip()):
+        return None
+    spec = MODELS.resolve(model)[0]
+    clash = sorted(set(spec.hparams) & set(OPTIONS))
+    if clash:  # a flag, a config key and a sweep axis could not tell the two apart
+        raise ConfigError(f"model {model!r}: hyperparameter(s) {', '.join(clash)} have the names of run options "
+                          "(`flowbench run --help`); rename them in its spec")
+    return spec
 
 
 def read_toml(path: str | Path, kind: str, hint: str) -> dict[str, Any]:
@@ -503,6 +511,40 @@ def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config
         merged["lr"] = spec.lr
     merged["match_params"] = parse_match_params(merged["match_params"])
     return RunOptions(**merged, hparams=hparams, provenance=provenance, **refs)
+
+
+#: What :func:`unset_value` returns for a key whose default is unknown: equal to no value, itself included.
+class _Unknown:
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    def __ne__(self, other: object) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "<no known default>"
+
+
+UNKNOWN_DEFAULT: Any = _Unknown()
+
+
+def unset_value(key: str, fingerprint: Mapping[str, Any]) -> Any:
+    """The value option or hyperparameter ``key`` has in a run whose options (``fingerprint``, from
+    :meth:`RunOptions.to_dict`) do not list it: a general option's declared default (the option did not exist
+    yet when an older checkpoint was made, so it ran as the default does), a model hyperparameter's default in
+    the spec of the fingerprint's model (only the set ones are listed), None for ``model_ref``/``dataset_ref``;
+    :data:`UNKNOWN_DEFAULT`, equal to nothing, for any other key or a model that no longer resolves."""
+    if key in OPTIONS:
+        return OPTIONS[key].default
+    if key in ("model_ref", "dataset_ref"):
+        return None
+    from flowbench.models import get_spec
+
+    try:
+        hp = get_spec(fingerprint.get("model_ref") or fingerprint["model"]).hparams.get(key)
+    except (ConfigError, KeyError, TypeError):
+        return UNKNOWN_DEFAULT
+    return UNKNOWN_DEFAULT if hp is None or hp.required else hp.default
 
 
 def coerce_options(options: RunOptions | Mapping[str, Any]) -> RunOptions:

@@ -70,10 +70,6 @@ def _check_spec(spec: ModelSpec, where: str) -> ModelSpec:
     if not isinstance(spec.hparams, Mapping) or not all(
             isinstance(k, str) and k.isidentifier() and isinstance(h, HParam) for k, h in spec.hparams.items()):
         raise ConfigError(f"{bad}: hparams must map identifier names to HParam(default, help)")
-    clash = sorted(set(spec.hparams) & _option_names())
-    if clash:
-        raise ConfigError(f"{bad}: hyperparameter(s) {', '.join(clash)} have the names of run options "
-                          "(`flowbench run --help`); rename them")
     if isinstance(spec.lr, bool) or not isinstance(spec.lr, numbers.Real) or not (0 < spec.lr < float("inf")):
         raise ConfigError(f"{bad}: lr must be a positive number (the default Adam learning rate); got {spec.lr!r}")
     if not isinstance(spec.label, str) or not isinstance(spec.paper, str):
@@ -84,12 +80,6 @@ def _check_spec(spec: ModelSpec, where: str) -> ModelSpec:
         raise ConfigError(f"{bad}: label {spec.label!r} must be a str.format template over its hyperparameters "
                           f"({e})") from None
     return spec
-
-
-def _option_names() -> set[str]:
-    from flowbench.config import OPTIONS
-
-    return set(OPTIONS)
 
 
 def _coerce(obj: Any, ref: str) -> ModelSpec:

@@ -130,9 +130,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("out", "results", (str,), "results folder", _OUT, "DIR", tagged=False, resume_may_change=True),
     Option("data_root", None, (str,), "prepared data folder (default $FLOWBENCH_DATA or data/)", _OUT, "DIR",
            tagged=False, resume_may_change=True),
-    Option("tensorboard", None, (str,), "also log each epoch's train loss, validation LL and best validation LL "
-           "for TensorBoard under DIR/<dataset>/<model>[/<tag>]/seed<k> (needs the tensorboard extra)", _OUT, "DIR",
-           tagged=False, resume_may_change=True),
+    Option("tensorboard", None, (str,), "also log each epoch's train loss, exact train NLL, validation LL and best "
+           "validation LL for TensorBoard under DIR/<dataset>/<model>[/<tag>]/seed<k> (needs the tensorboard extra)",
+           _OUT, "DIR", tagged=False, resume_may_change=True),
     Option("resume", False, (bool,), "continue from this run's last checkpoint", _OUT, resume_may_change=True),
     Option("force", False, (bool,), "overwrite an existing record, or start again over a checkpoint", _OUT,
            resume_may_change=True),

@@ -218,13 +218,19 @@ def _copy_net(ours: ResidualNet, theirs) -> None:
 
 
 def nflows_mirror(flow, hp: dict):
-    """The same flow built from nflows' classes (as bayesiains/nsf experiments/uci.py does), our weights copied."""
+    """The same flow built from nflows' classes (as bayesiains/nsf experiments/uci.py does), our weights copied.
+
+    Coupling masks come from the reference's own construction, ``create_alternating_binary_mask(D, even=(i % 2
+    == 0))`` for coupling step i, not from our flow: a flow whose masks do not alternate differs from its mirror.
+    """
     import torch.nn.functional as F
     from nflows import transforms
     from nflows.nn.nets import ResidualNet as RefResNet
+    from nflows.utils import create_alternating_binary_mask
 
     k = hp["bins"]
     steps = []
+    couplings = 0
     for t in flow.transform.transforms:
         if isinstance(t, Permutation):
             steps.append(transforms.Permutation(t.perm.clone()))
@@ -243,8 +249,8 @@ def nflows_mirror(flow, hp: dict):
             _copy_net(t.net, ref.autoregressive_net)
             steps.append(ref)
         elif isinstance(t, CouplingSpline):
-            mask = torch.zeros(flow.dim, dtype=torch.long)
-            mask[t.trans] = 1
+            mask = create_alternating_binary_mask(flow.dim, even=couplings % 2 == 0)
+            couplings += 1
             ref = transforms.PiecewiseRationalQuadraticCouplingTransform(
                 mask=mask, num_bins=k, tails="linear", tail_bound=hp["tail_bound"],
                 apply_unconditional_transform=hp["unconditional"],
@@ -283,6 +289,19 @@ def test_flow_equals_reference_implementation(spec, dim):
     torch.testing.assert_close(logdet, logdet_ref, rtol=0, atol=1e-11)
     # and the parameter counts agree (ours stores exactly the reference's parameters)
     assert count_params(flow) == sum(p.numel() for p in ref.parameters())
+
+
+@pytest.mark.parametrize("dim", [2, 3, 6, 7])
+def test_coupling_masks_alternate(dim):
+    """RQ-NSF (C)'s step i transforms the even coordinates (0, 2, …) when i is even and the odd ones when i is
+    odd (bayesiains/nsf experiments/uci.py: create_alternating_binary_mask(features, even=(i % 2 == 0))), so
+    every coordinate is transformed by every other step; written out here, not read from the flow."""
+    flow = build(NSF_C_SPEC, dim, layers=4)
+    couplings = [t for t in flow.transform.transforms if isinstance(t, CouplingSpline)]
+    assert len(couplings) == 4
+    for i, t in enumerate(couplings):
+        assert t.trans.tolist() == list(range(i % 2, dim, 2)), i
+        assert t.ident.tolist() == list(range(1 - i % 2, dim, 2)), i
 
 
 # -- counts and the spec ----------------------------------------------------------------------------------

@@ -77,6 +77,20 @@ def test_baselines_matched_to_a_relgrad_model():
     assert tiny["hparams"]["hidden"] == 1 and tiny["achieved"] == 215 and tiny["relative_error"] > 1
 
 
+def test_match_params_exact_tie_goes_to_the_smaller_model():
+    """relgrad on D = 3 has 12 parameters a layer (D² + D): a target of 18 lies exactly between 1 layer (12) and
+    2 (24), and so does 30 between 2 and 3; the smaller size wins, as the docstring states."""
+    assert param_count("relgrad", 3, layers=1) == 12 and param_count("relgrad", 3, layers=2) == 24
+    for target, layers in [(18, 1), (30, 2), (19, 2), (17, 1)]:
+        res = match_params("relgrad", 3, target)
+        assert res["hparams"]["layers"] == layers, target
+        assert res["achieved"] == 12 * layers
+    # a width knob: MADE's count at width w and w + 1 around their midpoint
+    lo, hi = param_count("made", 3, hidden=10), param_count("made", 3, hidden=11)
+    assert (lo + hi) % 2 == 0, "the fixture needs an integer midpoint"
+    assert match_params("made", 3, (lo + hi) // 2)["hparams"]["hidden"] == 10
+
+
 def test_match_params_errors():
     with pytest.raises(ConfigError, match="unknown model"):
         match_params("nope", 3, 100)

@@ -90,6 +90,9 @@ def test_stacked_run_equals_single_run(model, digits):
                                    rtol=0, atol=1e-9)
         np.testing.assert_allclose([h["train_loss"] for h in res.history],
                                    [h["train_loss"] for h in single.history], rtol=0, atol=1e-9)
+        # the exact training NLL of each evaluated state, on the same subsample (issue 21, item 4)
+        np.testing.assert_allclose([h["train_nll"] for h in res.history],
+                                   [h["train_nll"] for h in single.history], rtol=0, atol=1e-9)
         for epoch, snap in single_snaps[seed].items():
             for k, v in snap.items():
                 torch.testing.assert_close(stacked_snaps[(seed, epoch)][k], v, rtol=0, atol=1e-10)
@@ -116,6 +119,9 @@ def test_stacked_batchnorm_follows_rounding(digits):
     results = StackedTrainer([RunSpec(f, s, 3e-3, patience=5, max_epochs=3) for f, s in zip(flows, (0, 1))],
                              train_x, val_x, batch_size=40, progress=False).fit()
     assert results[0].epochs == res_ref.epochs == 3
+    # each run's training NLL is scored with its own whole-training-set batch-norm statistics, as a single run's
+    np.testing.assert_allclose([h["train_nll"] for h in results[0].history],
+                               [h["train_nll"] for h in res_ref.history], rtol=1e-6)
     for (k, a), b, c in zip(ref.state_dict().items(), flows[0].state_dict().values(), nudged.state_dict().values()):
         assert (a - b).abs().max() <= 10 * (a - c).abs().max() + 1e-10, k
     bn = flows[1].transform.transforms[1]
@@ -381,3 +387,25 @@ def test_runs_with_dropout_do_not_stack(tmp_path):
     assert unstackable(coerce_options({**base, "dropout": 0.0})) is None
     with pytest.raises(ConfigError, match="dropout"):
         run_stacked([{**base, "dropout": 0.1, "seed": s} for s in (0, 1)], toy_data(), progress=False)
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_n_nonfinite_val_is_the_best_epochs(stacked):
+    """The record's count of −inf validation points belongs to the best epoch (the state that is restored and
+    tested), not to the last or the first: validation is scripted so the three differ."""
+    data = toy_data()
+    train_x, val_x = torch.tensor(data.train), torch.tensor(data.val)
+    script = {1: (-5.0, 0), 2: (-1.0, 3), 3: (-2.0, 7)}  # epoch → (validation LL, −inf points); best: epoch 2
+    flows = [models.build_model("maf", 3, layers=1, hidden=4) for _ in (0, 1)]
+    if stacked:
+        tr = StackedTrainer([RunSpec(f, s, 1e-3, max_epochs=3) for s, f in enumerate(flows)], train_x, val_x,
+                            batch_size=100, progress=False)
+        tr._validate_all = lambda rows: {i: script[tr.runs[i].epoch + 1] for i in rows}
+        results = tr.fit()
+    else:
+        tr = Trainer(flows[0], train_x, val_x, lr=1e-3, max_epochs=3, batch_size=100, progress=False)
+        tr._validate = lambda: script[tr._epoch]
+        results = [tr.fit()]
+    for res in results:
+        assert [h["n_nonfinite_val"] for h in res.history] == [0, 3, 7]
+        assert (res.best_epoch, res.best_val_ll, res.n_nonfinite_val) == (2, -1.0, 3)

@@ -175,6 +175,37 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert numbers(longer.history) == numbers(again.history) and longer.test_ll == again.test_ll
 
 
+def test_a_checkpoint_from_before_an_option_existed_resumes_only_at_its_default(tmp_path):
+    """A checkpoint written before an option (or a model hyperparameter) existed has no entry for it: it trained
+    as that option's default does, so it resumes while the option has its default now and is refused otherwise."""
+    from flowbench.config import UNKNOWN_DEFAULT, unset_value
+
+    data = gaussian_data(400, 100, 200)
+    o = dict(model="maf", layers=1, hidden=8, batch_norm=True, max_epochs=2, patience=50, seed=3, lr=3e-3,
+             checkpoint_every_s=0)
+    run_experiment(opts(tmp_path / "a", **o, keep_checkpoint=True), data, progress=False)
+    ckpt = checkpoint_path(tmp_path / "a", "toy", "maf", 3)
+    state = torch.load(ckpt, weights_only=True)
+    added_since = {"lr_schedule": "constant", "adam_epoch_step": False, "grad_clip": None, "batch_norm": True}
+    for key, value in added_since.items():
+        assert state["fingerprint"].pop(key) == value
+    torch.save(state, ckpt)
+    more = dict(o, max_epochs=3)
+    for key, other in [("lr_schedule", "cosine"), ("adam_epoch_step", True), ("grad_clip", 5.0),
+                       ("batch_norm", False)]:
+        extra = {"max_steps": 100} if key == "lr_schedule" else {}
+        with pytest.raises(ConfigError, match=rf"different options \({key}(, max_steps)?\)"):
+            run_experiment(opts(tmp_path / "a", **dict(more, **extra, **{key: other}), resume=True, force=True),
+                           data, progress=False)
+    # at their defaults (batch_norm given explicitly, the others unset) the old checkpoint resumes
+    resumed = run_experiment(opts(tmp_path / "a", **more, resume=True, force=True), data, progress=False)
+    assert resumed.epochs == 3 and any("resumed from the checkpoint after epoch 2" in n for n in resumed.notes)
+    # what a key missing on one side stands for
+    assert unset_value("lr_schedule", {"model": "maf"}) == "constant" and unset_value("grad_clip", {}) is None
+    assert unset_value("batch_norm", {"model": "maf"}) is True and unset_value("model_ref", {}) is None
+    assert unset_value("no_such_option", {"model": "maf"}) is UNKNOWN_DEFAULT != UNKNOWN_DEFAULT
+
+
 def test_checkpoints_on_a_time_cadence_still_resume_exactly(tmp_path, monkeypatch):
     """Every epoch takes 10 s of a fake clock (it ticks after the epoch's checkpoint decision); with
     checkpoint_every_s = 15 checkpoints follow epochs 3, 5 and 7 (the end); a kill after epoch 4 resumes from

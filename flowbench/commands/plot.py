@@ -1,4 +1,4 @@
-"""``flowbench plot``: figures from run records: ``curves`` (validation LL and training loss per epoch) and
+"""``flowbench plot``: figures from run records: ``curves`` (validation LL and training NLL per epoch) and
 ``samples`` (samples of a recorded model beside test data)."""
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ def _results(p: argparse.ArgumentParser) -> None:
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="figure", metavar="FIGURE", required=True)
 
-    p = sub.add_parser("curves", help="validation LL and training loss against epoch, one row per dataset",
-                       description="Validation LL (and training loss) against epoch for the selected records: seeds "
+    p = sub.add_parser("curves", help="validation LL and training NLL against epoch, one row per dataset",
+                       description="Validation LL (and the exact training NLL on a fixed subsample of the training "
+                       "set; older records: their running training loss) against epoch for the selected records: seeds "
                        "of one configuration as mean line and min-max band, best epochs starred, published test LL "
                        "dashed.")
     _results(p)

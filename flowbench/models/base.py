@@ -108,6 +108,9 @@ class Flow(nn.Module):
 
     #: False for closed-form models (the Gaussian baseline) that ``initialize`` fits completely.
     trainable: bool = True
+    #: What ``−train_log_prob`` leaves out of the NLL (None: nothing, the training loss is the NLL). The trainer
+    #: names its running loss by it, beside the exact training NLL (``flowbench.training.evaluate.training_nll``).
+    loss_omits: str | None = None
 
     def __init__(self, transform: Transform, base: nn.Module, dim: int):
         super().__init__()

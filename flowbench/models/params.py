@@ -50,7 +50,9 @@ def match_params(name: str, dim: int, target: int, knob: str | None = None, **fi
     with every entry set to the same width w, keeping the list's length (that of its value in ``fixed``, else of
     its default). The other hyperparameters are taken from ``fixed`` (defaults otherwise); a value of the knob
     in ``fixed`` is replaced. Counts grow with the knob, so the smallest value reaching ``target`` and its
-    predecessor are the only candidates; ties go to the smaller model. When the target is out of reach
+    predecessor are the only candidates; the one whose count is closer wins, and an exact tie (``target``
+    midway between the two counts) goes to the smaller model: a baseline sized to another model's count is
+    never given the extra parameters by the tie rule. When the target is out of reach
     (e.g. below the count at width 1) the closest achievable count is returned: check ``relative_error``.
 
     Returns:
@@ -90,6 +92,7 @@ def match_params(name: str, dim: int, target: int, knob: str | None = None, **fi
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (mid + 1, hi) if count(mid) < target else (lo, mid)
+        # strictly closer, or the smaller model: the tie rule of the docstring
         best = lo if lo == 1 or abs(count(lo) - target) < abs(count(lo - 1) - target) else lo - 1
     hparams = resolve_hparams(name, **fixed, **({knob: value(best)} if knob else {}))
     achieved = count(best) if knob else param_count(name, dim, **fixed)

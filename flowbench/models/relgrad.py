@@ -245,6 +245,12 @@ class RelgradFlow(Flow):
     def relative(self, value: bool) -> None:
         self.transform.relative = bool(value)
 
+    @property
+    def loss_omits(self) -> str | None:
+        """Σ log|det W| in relative mode: its value would cost O(D³) a step, and its relative gradient −W is
+        added inside backward without it (section 4). Ordinary mode has the exact value in the graph."""
+        return "log|det W|" if self.relative else None
+
     def train_log_prob(self, x: Tensor) -> Tensor:
         """log p(x) without Σ log|det W| in relative mode (its relative gradient −W still reaches W)."""
         check_input(x, self.dim, check_finite=False)  # no NaN scan: it would sync the device every step

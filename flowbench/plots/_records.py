@@ -146,22 +146,32 @@ def label(rec: Record, with_tag: bool = False) -> str:
     return text
 
 
+_ABSENT = object()  # a history row without the key (older records), as against one whose value is null
+
+
 @dataclass(frozen=True)
 class History:
-    """Per-epoch values of one run, as arrays (NaN where the record has null)."""
+    """Per-epoch values of one run, as arrays (NaN where the record has null). ``train_nll`` is the exact NLL
+    on the fixed training subsample; ``has_train_nll`` is False for records written before it was kept."""
 
     epoch: np.ndarray
     train_loss: np.ndarray
     val_ll: np.ndarray
+    train_nll: np.ndarray
+    has_train_nll: bool = True
 
 
 def history(rec: Record) -> History:
     rows = field(rec, "history") or []
-    get = (lambda r, k: r.get(k)) if rows and isinstance(rows[0], Mapping) else (lambda r, k: getattr(r, k))
+    get = (lambda r, k: r.get(k)) if rows and isinstance(rows[0], Mapping) else (lambda r, k: getattr(r, k, None))
+    has = bool(rows) and all((r.get("train_nll", _ABSENT) if isinstance(r, Mapping) else
+                              getattr(r, "train_nll", _ABSENT)) is not _ABSENT for r in rows)
     return History(
         np.array([int(get(r, "epoch")) for r in rows], dtype=int),
         np.array([_float(get(r, "train_loss")) for r in rows]),
         np.array([_float(get(r, "val_ll")) for r in rows]),
+        np.array([_float(get(r, "train_nll")) for r in rows]),
+        has,
     )
 
 

@@ -189,7 +189,8 @@ def report_markdown(
     page.add(f"Total wall time of the recorded runs: {format_seconds(total)}.", "")
 
     page.add("## Training curves", "")
-    page.add("Validation log-likelihood and training loss per epoch; line: mean over seeds, band: min–max over "
+    page.add("Validation log-likelihood and exact training NLL (on a fixed subsample of the training set; older "
+             "records: their running training loss, dotted) per epoch; line: mean over seeds, band: min–max over "
              "seeds, star: the best epoch of each seed (the parameters early stopping restored), dashed: the "
              "published test LL of the same model.", "")
     for ds in dataset_order(shown):

@@ -36,13 +36,20 @@ from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.models.stacking import split_buffers, stacked_objective, stacked_validation
 from flowbench.training.early_stopping import EarlyStopping
-from flowbench.training.evaluate import finite_mean, validation_ll
+from flowbench.training.evaluate import (
+    TRAIN_NLL_POINTS,
+    finite_mean,
+    train_subsample,
+    training_nll,
+    validation_ll,
+)
 from flowbench.training.trainer import (
     SYNC_EVERY,
     EpochInfo,
     TrainResult,
     _rng_state,
     _set_rng_state,
+    loss_label,
     make_adam,
     read_checkpoint,
 )
@@ -152,6 +159,8 @@ class StackedTrainer:
         self.names = names
         self.buffers, self.run_buffers = split_buffers([r.flow for r in self.runs])
         self.train_x, self.val_x = train_x, val_x
+        # as the single-run trainer: each run's exact training NLL on these points, run by run
+        self.nll_x = train_subsample(train_x, min(TRAIN_NLL_POINTS, val_x.shape[0]))
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self._batches_per_epoch = max(1, math.ceil(train_x.shape[0] / batch_size))
         self.callbacks = list(callbacks or [])
@@ -390,6 +399,9 @@ class StackedTrainer:
             infos = []
             t_val = time.perf_counter()
             vals = self._validate_all([i for i, f in zip(active, failures) if f is None])
+            # each module as its validation left it (parameters, batch norms, relgrad's cached log|det W|)
+            nlls = {i: training_nll(self.runs[i].flow, self.nll_x, self.eval_batch_size)
+                    for i, (ll, _) in vals.items() if math.isfinite(ll)}
             t_val = time.perf_counter() - t_val  # shared too
             for j, i in enumerate(active):
                 run, res = self.runs[i], self.runs[i].result
@@ -408,15 +420,18 @@ class StackedTrainer:
                     self.save_checkpoint(i)
                     continue
                 run.stopper.step(val_ll, epoch, run.flow)
+                nll, n_bad_train = nlls[i]
                 res.history.append({"epoch": epoch, "step": epoch * self._batches_per_epoch, "train_loss": losses[j],
-                                    "val_ll": val_ll, "n_nonfinite_val": n_bad,
-                                    "seconds": t_train + t_val})
+                                    "train_nll": nll, "val_ll": val_ll, "n_nonfinite_val": n_bad,
+                                    "n_nonfinite_train": n_bad_train, "seconds": t_train + t_val})
                 st = run.stopper
+                omits = getattr(run.flow, "loss_omits", None)
+                step = epoch * self._batches_per_epoch
                 infos.append(StackedEpochInfo(epoch, losses[j], val_ll, st.best_value, st.best_epoch,
-                                              st.patience_left, run=i, seed=run.spec.seed))
-                self._log(f"seed {run.spec.seed} epoch {epoch:4d}  train loss {losses[j]:10.4f}  val LL "
-                          f"{val_ll:10.4f}  best {st.best_value:10.4f} (epoch {st.best_epoch})  "
-                          f"patience left {st.patience_left}")
+                                              st.patience_left, step, nll, omits, run=i, seed=run.spec.seed))
+                self._log(f"seed {run.spec.seed} epoch {epoch:4d}  {loss_label(omits)} {losses[j]:10.4f}  "
+                          f"train NLL {nll:10.4f}  val LL {val_ll:10.4f}  best {st.best_value:10.4f} "
+                          f"(epoch {st.best_epoch})  patience left {st.patience_left}")
                 if st.should_stop:
                     res.stop_reason = f"no improvement for {st.patience} epochs"
                     run.finished = True

@@ -1,10 +1,13 @@
 """Live TensorBoard logging of a run: the per-epoch values the record keeps, written as they happen.
 
 ``flowbench run --tensorboard DIR`` passes :func:`tensorboard_callback(DIR) <tensorboard_callback>` to the
-trainer; each epoch adds the scalars ``train_loss``, ``val_ll`` and ``best_val_ll`` (nats, the record's
-``history`` plus the running best) at step ``epoch``. Needs the optional ``tensorboard`` package
-(``pip install "flowbench[tensorboard]"``), used through ``torch.utils.tensorboard``. View with
-``tensorboard --logdir DIR``.
+trainer; each epoch adds the scalars ``train_loss``, ``train_nll``, ``val_ll`` and ``best_val_ll`` (nats, the
+record's ``history`` plus the running best) at step ``epoch``. ``train_nll`` is the exact NLL on a fixed
+training subsample (:func:`~flowbench.training.evaluate.training_nll`), the curve to set beside ``val_ll``. A
+training loss that is not the NLL (relgrad's leaves Σ log|det W| out; Gresele et al. 2020, section 4) is logged
+as ``train_loss_not_nll`` instead of ``train_loss``, so that no curve called a loss sits ~27 nats off the NLL.
+Needs the optional ``tensorboard`` package (``pip install "flowbench[tensorboard]"``), used through
+``torch.utils.tensorboard``. View with ``tensorboard --logdir DIR``.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from pathlib import Path
 from flowbench.errors import FlowbenchError
 from flowbench.training.trainer import EpochInfo
 
-__all__ = ["SCALARS", "TensorBoardLogger", "run_log_dir", "tensorboard_callback"]
+__all__ = ["SCALARS", "LOSS_NOT_NLL_TAG", "TensorBoardLogger", "run_log_dir", "tensorboard_callback"]
 
 #: Scalar tag → EpochInfo attribute. The tags are the record's key names, so a curve reads like the record.
-SCALARS = {"train_loss": "train_nll", "val_ll": "val_ll", "best_val_ll": "best_val_ll"}
+SCALARS = {"train_loss": "train_loss", "train_nll": "train_nll", "val_ll": "val_ll", "best_val_ll": "best_val_ll"}
+#: The tag of the training loss where it is not the NLL (``EpochInfo.loss_omits`` set).
+LOSS_NOT_NLL_TAG = "train_loss_not_nll"
 
 
 class TensorBoardLogger:
@@ -36,6 +41,8 @@ class TensorBoardLogger:
 
     def __call__(self, info: EpochInfo) -> None:
         for tag, attr in SCALARS.items():
+            if tag == "train_loss" and info.loss_omits is not None:
+                tag = LOSS_NOT_NLL_TAG
             value = float(getattr(info, attr))
             if math.isfinite(value):  # the record stores a non-finite value as null; leave a gap likewise
                 self._writer.add_scalar(tag, value, global_step=info.epoch)

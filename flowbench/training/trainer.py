@@ -2,9 +2,12 @@
 
 Adam (β 0.9/0.999, ε 1e-8), minibatches of 100 reshuffled every epoch from a seeded generator, L2 penalty
 1e-6, validation every epoch after the model's ``prepare_for_eval`` (batch-norm statistics from the whole
-training set), patience early stopping with the best parameters restored. Every evaluation is followed by
-an atomic checkpoint holding everything that influences later steps (mid-epoch too: the position in the
-epoch and the shuffle state that drew its order), so a resumed run is bit-identical to an uninterrupted one.
+training set), patience early stopping with the best parameters restored. Each evaluation also scores the
+exact training NLL of the evaluated state on a fixed training subsample (``evaluate.training_nll``), recorded
+beside the running training loss, which is not the NLL where the model's loss leaves a term out (relgrad).
+Every evaluation is followed by an atomic checkpoint holding everything that influences later steps
+(mid-epoch too: the position in the epoch and the shuffle state that drew its order), so a resumed run is
+bit-identical to an uninterrupted one.
 Checkpoints are written at most every ``checkpoint_every_s`` seconds (and always at the end of training),
 because writing one at every evaluation cost 18 % (MAF) to 40 % (relgrad) of a digits epoch; a run killed
 between checkpoints redoes the steps since the last one, with the same numbers.
@@ -39,11 +42,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowbench.config import RESUME_MAY_CHANGE
+from flowbench.config import RESUME_MAY_CHANGE, unset_value
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.training.early_stopping import EarlyStopping
-from flowbench.training.evaluate import validation_ll
+from flowbench.training.evaluate import TRAIN_NLL_POINTS, train_subsample, training_nll, validation_ll
 from flowbench.training.optim import EpochStepAdam
 from flowbench.utils import atomic_torch_save, keep_freed_memory
 
@@ -52,15 +55,23 @@ __all__ = ["TrainResult", "Trainer", "EpochInfo", "best_model_state", "save_mode
 
 @dataclass
 class EpochInfo:
-    """What a callback sees after each evaluation (``epoch``: the 1-based epoch it fell in)."""
+    """What a callback sees after each evaluation (``epoch``: the 1-based epoch it fell in).
+
+    ``train_loss`` is the running mean of the training loss over the steps since the last evaluation (what was
+    optimised; it leaves ``loss_omits`` out of the NLL where that is not None: relgrad's Σ log|det W|);
+    ``train_nll`` is the exact NLL of the evaluated state on the fixed training subsample
+    (:func:`~flowbench.training.evaluate.training_nll`), comparable with ``val_ll``.
+    """
 
     epoch: int
-    train_nll: float
+    train_loss: float
     val_ll: float
     best_val_ll: float
     best_epoch: int | None
     patience_left: int
     step: int = 0  # optimiser steps taken so far
+    train_nll: float = math.nan
+    loss_omits: str | None = None
 
 
 @dataclass
@@ -87,6 +98,12 @@ class TrainResult:
     def load_checkpoint_state(self, r: dict[str, Any]) -> None:
         self.status, self.failure, self.stop_reason = r["status"], r["failure"], r["stop_reason"]
         self.history, self.train_time_s = list(r["history"]), float(r["train_time_s"])
+
+
+def loss_label(loss_omits: str | None) -> str:
+    """How the console names the running training loss: ``train loss`` where it is the NLL, else what it is
+    (relgrad: ``loss w/o log|det W|``), so that nobody reads it as the NLL beside the validation LL."""
+    return "train loss" if loss_omits is None else f"loss w/o {loss_omits}"
 
 
 #: On a GPU the running loss is read back (and checked for NaN/inf) every this many steps.
@@ -167,14 +184,22 @@ def _checkpoint(path: str | Path) -> dict[str, Any]:
 
 def read_checkpoint(path: str | Path | None, fingerprint: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint to ``--resume`` from, checked: present, readable, and made with the same options (those
-    in :data:`~flowbench.config.RESUME_MAY_CHANGE` may differ); errors say what to do."""
+    in :data:`~flowbench.config.RESUME_MAY_CHANGE` may differ); errors say what to do.
+
+    A key one side does not list counts as its unset value (:func:`~flowbench.config.unset_value`): a checkpoint
+    written before an option existed resumes only while that option has its default now (the old run trained
+    as the default does), and a hyperparameter set to its default equals one left unset.
+    """
     if path is None or not Path(path).is_file():
         raise ConfigError(f"no checkpoint to resume from at {path}; run without --resume to start afresh")
     state = _checkpoint(path)
     old = {k: v for k, v in (state.get("fingerprint") or {}).items() if k not in RESUME_MAY_CHANGE}
     new = {k: v for k, v in fingerprint.items() if k not in RESUME_MAY_CHANGE}
-    # an option added since the checkpoint was made is missing from its fingerprint: equal when it is None
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+    def value(side: dict[str, Any], key: str) -> Any:
+        return side[key] if key in side else unset_value(key, {**old, **new})
+
+    diff = sorted(k for k in set(old) | set(new) if value(old, k) != value(new, k))
     if diff:
         raise ConfigError(
             f"checkpoint {path} was made with different options ({', '.join(diff)}); "
@@ -256,6 +281,8 @@ class Trainer:
             self._objective = torch.compile(self._batch_loss, dynamic=False)
         self.train_x = train_x
         self.val_x = val_x
+        # where each evaluation scores the exact training NLL (no more points than validation scores)
+        self.nll_x = train_subsample(train_x, min(TRAIN_NLL_POINTS, val_x.shape[0]))
         self.batch_size = batch_size
         self.max_epochs = max_epochs
         self.max_steps = max_steps
@@ -467,7 +494,7 @@ class Trainer:
                 res.stop_reason = spent
                 break
             t_period = time.perf_counter()
-            train_nll, failure = self._train_period(self._period_steps())
+            train_loss, failure = self._train_period(self._period_steps())
             # a failed step belongs to the epoch in progress; an evaluation to the epoch it ends or falls in
             epoch = self._epoch + 1 if failure is not None else self._epoch_label()
             val_ll, n_bad = math.nan, 0
@@ -484,19 +511,23 @@ class Trainer:
                 res.train_time_s = base_time + time.perf_counter() - start
                 self.save_checkpoint()
                 break
+            # on the state validation left ready (batch norms set, relgrad's log|det W| cached): no O(D³) here
+            nll, n_bad_train = training_nll(self.flow, self.nll_x, self.eval_batch_size)
             # epoch mode indexes evaluations by epoch (as the MAF protocol reports them), step mode by step
             index = epoch if self.eval_every is None else self._step
             if self.stopper.step(val_ll, index, self.flow):
                 self._best_step = self._step
-            res.history.append({"epoch": epoch, "step": self._step, "train_loss": train_nll, "val_ll": val_ll,
-                                "n_nonfinite_val": n_bad,
-                                "seconds": time.perf_counter() - t_period})  # training and validation
-            info = EpochInfo(epoch, train_nll, val_ll, self.stopper.best_value, self._best_epoch(),
-                             self.stopper.patience_left, self._step)
+            res.history.append({"epoch": epoch, "step": self._step, "train_loss": train_loss, "train_nll": nll,
+                                "val_ll": val_ll, "n_nonfinite_val": n_bad, "n_nonfinite_train": n_bad_train,
+                                "seconds": time.perf_counter() - t_period})  # training and evaluation
+            omits = getattr(self.flow, "loss_omits", None)
+            info = EpochInfo(epoch, train_loss, val_ll, self.stopper.best_value, self._best_epoch(),
+                             self.stopper.patience_left, self._step, nll, omits)
             where = f"epoch {epoch:4d}" if self.eval_every is None else f"step {self._step:7d} (epoch {epoch})"
             self._log(
-                f"{where}  train loss {train_nll:10.4f}  val LL {val_ll:10.4f}  best {info.best_val_ll:10.4f} "
-                f"(epoch {info.best_epoch}, step {self._best_step})  patience left {info.patience_left}"
+                f"{where}  {loss_label(omits)} {train_loss:10.4f}  train NLL {nll:10.4f}  val LL {val_ll:10.4f}  "
+                f"best {info.best_val_ll:10.4f} (epoch {info.best_epoch}, step {self._best_step})  "
+                f"patience left {info.patience_left}"
             )
             if self.stopper.should_stop:
                 res.stop_reason = (

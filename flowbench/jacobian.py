@@ -4,11 +4,14 @@
 the output depends only on row ``i`` of the input; flows in eval mode are). The Jacobian of the batched map is
 then block-diagonal, with block ``i`` = ∂fn(x)_i/∂x_i.
 
-The spectral norm ‖J‖₂ (largest singular value) is the local Lipschitz constant in the Euclidean norm
-(Jacobian/Lipschitz notes, ``shared/papers/jacobian-lipschitz-notes.txt``). It is estimated by power
-iteration on JᵀJ using only Jacobian-vector products (forward mode, ``torch.func.jvp``) and vector-Jacobian
-products (reverse mode, ``torch.func.vjp``), vmapped over examples, so the Jacobian is never formed: the cost
-is ``2·n_iter`` passes through ``fn`` whatever D is.
+The spectral norm ‖J‖₂ (largest singular value) is the local Lipschitz constant in the Euclidean norm: a
+function whose Jacobian has ‖J(x)‖₂ ≤ L everywhere is L-Lipschitz, and the supremum of ‖J(x)‖₂ is its
+Lipschitz constant (Virmaux & Scaman, "Lipschitz regularity of deep neural networks: analysis and efficient
+estimation", NeurIPS 2018, arXiv 1805.10965, which also estimates it by power iteration through automatic
+differentiation). It is estimated by power iteration on JᵀJ (Golub & Van Loan, *Matrix Computations*) using
+only Jacobian-vector products (forward mode, ``torch.func.jvp``) and vector-Jacobian products (reverse mode,
+``torch.func.vjp``), vmapped over examples, so the Jacobian is never formed: the cost is ``2·n_iter`` passes
+through ``fn`` whatever D is.
 """
 
 from __future__ import annotations

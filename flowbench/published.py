@@ -1,13 +1,17 @@
 """Published test log-likelihoods (nats, ± 2 SE over test points) that ``flowbench table`` shows beside ours.
 
-Transcribed from ``shared/reference/published-results.md``:
+Transcribed from the primary sources (the same tables, with their caveats, are in the documentation's
+``docs/sources/published-results.md``):
 
 - ``maf``: Papamakarios, Pavlakou, Murray, "Masked Autoregressive Flow for Density Estimation", NeurIPS 2017
   (arXiv 1705.07057v4), Tables 1 and 2. MNIST and CIFAR-10 are in logit space.
 - ``relgrad``: Gresele et al., "Relative gradient optimization of the Jacobian term in unsupervised deep
-  learning", NeurIPS 2020 (arXiv 2006.15090): the "Ours" row as printed in the authors' repository README.
-- ``beyond``: later records on the tabular sets (NAF, TAN, FFJORD, RQ-NSF). Their error bars are partly
-  spreads over runs, not ± 2 SE.
+  learning", NeurIPS 2020 (arXiv 2006.15090): the "Ours" row of Table 1 as printed in the authors'
+  repository README (github.com/fissoreg/relative-gradient-jacobian, commit d2e03ca, "Results").
+- ``beyond``: later records on the tabular sets: NAF (Huang et al., ICML 2018, arXiv 1804.00779), TAN (Oliva
+  et al., ICML 2018, arXiv 1801.09819), FFJORD (Grathwohl et al., ICLR 2019, arXiv 1810.01367), RQ-NSF
+  (Durkan et al., NeurIPS 2019, arXiv 1906.04032, Table 1). Their error bars are partly spreads over runs,
+  not ± 2 SE.
 
 A trailing ``?`` in the tables below marks a number from a single secondary source (unverified).
 """

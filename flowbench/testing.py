@@ -19,26 +19,26 @@ Model checks and tolerances (``a + r·|ref|`` is per element, as ``torch.testing
 
 ==========================  =========================================================================
 build                       float64 build; log_prob of 5 rows: shape (5,), finite (else the rest skip)
-log-det                     log|det| of ``transform`` vs slogdet of autograd's Jacobian, 4 rows: 1e-9 + 1e-9·|ref|
-normalisation               D ≤ 2: grid (500² or 20,000 cells, ±16σ): |∫p − 1| ≤ 0.01; D > 2: importance
-                            sampling, 20,000 draws: |∫p − 1| ≤ 0.03 + 4 SE and SE ≤ 0.02
+log-det                     log|det| of ``transform`` vs slogdet of autograd's Jacobian, 4 rows: ``1e-9 + 1e-9·|ref|``
+normalisation               D ≤ 2: grid (500² or 20,000 cells, ±16σ): ``|∫p − 1| ≤ 0.01``; D > 2: importance
+                            sampling, 20,000 draws: ``|∫p − 1| ≤ 0.03 + 4 SE`` and SE ≤ 0.02
 samples-match-density       20,000 samples: E tanh(u), E tanh(u²), E tanh(u₀u₁) within 0.03 (+ 4 SE) of
                             the density's
-inverse                     round trip of x and of the log-det: 1e-7 + 1e-7·|ref| (skip: no inverse)
+inverse                     round trip of x and of the log-det: ``1e-7 + 1e-7·|ref|`` (skip: no inverse)
 sample                      sample(5): (5, D), float64, finite
 gradients                   every parameter gets a finite, non-zero gradient (closed-form fits: none requires one)
-batch-independence          a row alone = in a batch, eval mode: 1e-10 + 1e-10·|ref|
-batchnorm-eval-stats        eval batch norm = whole-training-set statistics: 1e-10 + 1e-10·|ref| (skip: none;
+batch-independence          a row alone = in a batch, eval mode: ``1e-10 + 1e-10·|ref|``
+batchnorm-eval-stats        eval batch norm = whole-training-set statistics: ``1e-10 + 1e-10·|ref|`` (skip: none;
                             warn: torch's BatchNorm, whose running averages flowbench leaves alone)
-save-load                   state_dict, deepcopy, pickle: 1e-12 + 1e-12·|ref| (unpicklable: warn)
+save-load                   state_dict, deepcopy, pickle: ``1e-12 + 1e-12·|ref|`` (unpicklable: warn)
 float32                     float32 build gives float32, finite log-probs
 determinism                 two builds after seeding random, numpy and torch alike: bit-identical
 bad-input                   wrong width, 1-D or NaN input raise InputError saying so; unknown hyperparameters refused
 far-from-data               no NaN or +inf log-prob at radius 8 to 1e4, float64 and float32
 label                       the display label renders, non-empty
-stacking                    R = 2 stacked = each run alone (log-probs, gradients, validation): 1e-9 + 1e-9·|ref|
+stacking                    R = 2 stacked = each run alone (log-probs, gradients, validation): ``1e-9 + 1e-9·|ref|``
                             (skip: closed form, declared unstackable, or vmap cannot evaluate it)
-cuda                        CUDA log-probs = CPU's: 1e-9 + 1e-9·|ref| (skip: no CUDA)
+cuda                        CUDA log-probs = CPU's: ``1e-9 + 1e-9·|ref|`` (skip: no CUDA)
 ==========================  =========================================================================
 
 Dataset checks: spec (attributes typed), raw-files (present), prepare (train/val/test 2-D arrays),

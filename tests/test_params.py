@@ -1,4 +1,4 @@
-"""Parameter counts against maf-protocol.md section 3, and parameter matching."""
+"""Parameter counts against the MAF paper's counts (docs/sources/maf-protocol.md#parameter-counts), and parameter matching."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from flowbench.models.params import count_params, match_params, param_count
 
 
 def test_published_example_counts_power():
-    # maf-protocol.md §3: POWER (D = 6, H = 100), MAF(5) with batch norm
+    # docs/sources/maf-protocol.md, parameter counts: POWER (D = 6, H = 100), MAF(5) with batch norm
     assert count_params(build_model("maf", 6, layers=5, hidden=100, hidden_layers=1)) == 9_620
     assert count_params(build_model("maf", 6, layers=5, hidden=100, hidden_layers=2)) == 60_120
 

@@ -68,7 +68,7 @@ def _expected(f, x):
         R = G @ A.t() @ A
         out_w.append(R[:D, :D] - w.detach())  # log|det W| adds −W to W only (reference code)
         out_b.append(R[:D, D])
-        # the reference code's row-convention formulas (maf-protocol.md §4) must agree
+        # the reference code's row-convention formulas (docs/sources/relgrad.md) must agree
         W_, G_ = w.detach().t(), gw.t()
         ref_w = W_ @ W_.t() @ G_ + W_ @ b[:, None] @ gb[None, :]
         ref_b = b[None, :] @ W_.t() @ G_ + (1 + b @ b) * gb[None, :]

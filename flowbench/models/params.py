@@ -56,8 +56,8 @@ def match_params(name: str, dim: int, target: int, knob: str | None = None, **fi
     (e.g. below the count at width 1) the closest achievable count is returned: check ``relative_error``.
 
     Returns:
-        ``{"hparams": resolved hyperparameters, "target": target, "achieved": count, "knob": name or None,
-        "relative_error": (achieved − target)/target}``.
+        A dict with ``"hparams"`` (the resolved hyperparameters), ``"target"``, ``"achieved"`` (the count),
+        ``"knob"`` (its name, or None) and ``"relative_error"`` ((achieved − target)/target).
     """
     from flowbench.models import get_spec, resolve_hparams
 

@@ -41,6 +41,7 @@ __all__ = [
     "read_toml",
     "resolve_options",
     "parse_match_params",
+    "parse_seeds",
     "unset_value",
 ]
 
@@ -50,6 +51,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 #: Above this many parameters ``--match-params N`` is refused: no model of the zoo is meant to be that large,
 #: and building one would exhaust memory before saying so.
 MAX_MATCH_TARGET = 10**8
+#: ``--seeds`` names at most this many seeds: they train as one stack, in one process at once, so memory grows
+#: with each seed and one failure or kill stops them all (the sweeps' largest stack, ``stacked.MAX_STACK``).
+MAX_SEEDS = 32
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,8 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "configs/<dataset>/<model>.toml when it exists", _WHAT, "FILE", resume_may_change=True),
     Option("seed", 0, (int,), "random seed (initial weights, shuffling)", _WHAT, low=0, tagged=False),
     Option("seeds", None, (str,), "train several seeds together as one stack (one batched computation, one "
-           "record per seed): a range 0-4 or a list 0,2,5; replaces --seed", _WHAT, "LIST", tagged=False,
-           resume_may_change=True),
+           f"record per seed): a range 0-4 or a list 0,2,5, at most {MAX_SEEDS}; instead of --seed", _WHAT, "LIST",
+           tagged=False, resume_may_change=True),
     Option("device", "auto", (str,), "auto (GPU if present), cpu or cuda", _WHAT, tagged=False,
            resume_may_change=True),
     Option("tag", None, (str,), "label for this configuration; records go to runs/<dataset>/<model>/<tag>/", _WHAT),
@@ -388,6 +392,34 @@ def default_config_path(dataset: str, model: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0-4"`` → [0, 1, 2, 3, 4]; ``"0,2,5"`` and mixtures such as ``"0-2,7"``; duplicates, negative seeds and
+    more than :data:`MAX_SEEDS` seeds refused."""
+    how = "give a range such as 0-4 or a list such as 0,2,5 (non-negative integers)"
+    ranges: list[tuple[int, int]] = []
+    for part in str(text).replace(" ", "").split(","):
+        if part.startswith("-"):
+            raise ConfigError(f"--seeds {text!r}: seeds are non-negative integers; {how}")
+        lo, dash, hi = part.partition("-")
+        try:
+            ranges.append((int(lo), int(hi) if dash else int(lo)))
+        except ValueError:
+            raise ConfigError(f"--seeds {text!r}: {how}") from None
+        if ranges[-1][1] < ranges[-1][0]:
+            raise ConfigError(f"--seeds {text!r}: the range {part} runs backwards; {how}")
+    n = sum(hi - lo + 1 for lo, hi in ranges)  # counted before any list is built: 0-10**12 is refused at once
+    if n > MAX_SEEDS:
+        raise ConfigError(
+            f"--seeds {text!r} names {n:,} seeds; one stack trains at most {MAX_SEEDS}, because its seeds train "
+            "at once in one process (memory grows with each, and a failure or kill stops them all): give at most "
+            f"{MAX_SEEDS} per command (--seeds 0-{MAX_SEEDS - 1}, then {MAX_SEEDS}-{2 * MAX_SEEDS - 1}, ...), or "
+            "run them as a sweep, which splits them into stacks that fit in memory")
+    seeds = [s for lo, hi in ranges for s in range(lo, hi + 1)]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r} names a seed twice")
+    return seeds
+
+
 def parse_match_params(value: int | str | None) -> int | str | None:
     """``--match-params`` is a positive whole parameter count (``5000``) or a registered model name (``maf``)."""
     if value is None:
@@ -463,6 +495,19 @@ def _apply_protocol(merged: dict[str, Any], given: dict[str, Any], model_lr: flo
                 merged[key] = value
 
 
+def _check_seeds(merged: dict[str, Any], given: dict[str, Any], file_opts: dict[str, Any], path: Path | None) -> None:
+    """``--seeds`` is checked now, and a ``--seed`` it would silently replace is refused."""
+    if merged["seeds"] is None:
+        return
+    parse_seeds(merged["seeds"])
+    if given.get("seed") is not None:
+        where = "" if given.get("seeds") is not None else f" (from config file {path})"
+        raise ConfigError(f"--seed {given['seed']} and --seeds {merged['seeds']}{where} are both given; --seeds trains "
+                          "each seed it names and replaces --seed: drop one of them (or add the seed to --seeds)")
+    if file_opts.get("seed") is not None and file_opts.get("seeds") is not None:
+        raise ConfigError(f"config file {path} sets both seed and seeds; --seeds replaces --seed: keep one of them")
+
+
 def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config: bool = True) -> RunOptions:
     """The one place run options are completed: defaults < config file < ``explicit`` (non-None values).
 
@@ -501,6 +546,7 @@ def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config
         raise ConfigError(f"--match-knob {merged['match_knob']!r} is not a hyperparameter of model {spec.name!r}; "
                           f"choose one of {', '.join(spec.hparams) or '(it has none)'}")
     _apply_protocol(merged, given, spec.lr)
+    _check_seeds(merged, given, file_opts, path)
     if merged["lr_schedule"] not in ("constant", "cosine"):
         raise ConfigError(f"--lr-schedule {merged['lr_schedule']!r} is not known; choose constant or cosine")
     if merged["lr_schedule"] == "cosine" and merged["max_steps"] is None:

@@ -39,6 +39,7 @@ __all__ = [
     "sha256_of_test_set",
     "lock_path",
     "check_overwrite",
+    "replaceable",
     "write_record",
     "read_record",
     "iter_records",
@@ -111,7 +112,9 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
     command: str | None = None
     provenance: dict[str, Any] | None = None
-    stack: dict[str, Any] | None = None  # stacked runs: {"seeds": [...], "size": R} of the stack it trained in
+    #: Stacked runs: ``{"seeds": [...], "size": R, "id": ...}`` of the stack it trained in (no ``id`` in records
+    #: written before it was kept); ``wall_time_s`` is then the whole stack's.
+    stack: dict[str, Any] | None = None
     model_state: str | None = None  # file name, beside the record, of the evaluated model's state_dict
     #: A plugged-in model's reference (``module:ATTR``, ``/abs/file.py:ATTR``; None for a registered name), by
     #: which a resumed or re-plotted run finds the same spec, and where its spec came from
@@ -227,9 +230,19 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def replaceable(path: str | Path) -> bool:
+    """Whether the record at ``path`` may be replaced without ``--force``: a run that ended non-finite (a
+    diverged setting) holds no result worth keeping from the run that is to fix it."""
+    try:
+        return json.loads(Path(path).read_text()).get("status") == "nonfinite"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_overwrite(path: str | Path, force: bool) -> None:
-    """Refuse to replace an existing record unless ``force`` (callers check before spending compute too)."""
-    if Path(path).exists() and not force:
+    """Refuse to replace an existing record unless ``force`` or it is :func:`replaceable` (callers check before
+    spending compute too)."""
+    if Path(path).exists() and not force and not replaceable(path):
         raise UsageError(f"a record already exists at {path}; pass --force to overwrite it or choose another --seed/--tag")
 
 

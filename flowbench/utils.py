@@ -142,7 +142,12 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
         yield path
         return
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            if e.errno in _NO_SPACE:  # no room even for the directory entry
+                raise _lock_disk_full(path, e) from e
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -161,13 +166,33 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
             break
         os.close(fd)
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            if e.errno in _NO_SPACE:  # a disk full to the last byte: say so here, not after the run's compute
+                raise _lock_disk_full(path, e) from e
+            raise
         yield path
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # while still locked: nobody can take a file we are about to remove
         os.close(fd)
+
+
+def _lock_disk_full(path: Path, error: OSError):
+    """The DiskFullError for a lock file that could not be created or given its few bytes."""
+    from flowbench.errors import DiskFullError
+
+    try:
+        free = f"{shutil.disk_usage(path.parent).free:,} bytes are free"
+    except OSError:
+        free = "free space unknown"
+    err = DiskFullError(f"no space left on the device to write the lock file {path} ({free}); nothing was "
+                        "trained or written: free some space (a run also needs room for its checkpoint and "
+                        "record) and run again")
+    err.errno, err.filename = error.errno, str(path)
+    return err
 
 
 def set_threads(threads: int) -> None:
@@ -251,6 +276,40 @@ def output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
                           "pass a folder you can write to") from e
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path}: the folder is not writable; pass a folder you can write to")
+    return path
+
+
+def check_writable(folder: str | os.PathLike, *, what: str, hint: str) -> Path:
+    """Check, before any work, that ``what`` can be written into ``folder``: it is a writable folder, or can
+    be created in one (nothing is created here). Otherwise a :class:`~flowbench.errors.ConfigError`
+    ``cannot write <what> to <folder>: <why>; <hint>``, instead of a traceback after the work."""
+    from flowbench.errors import ConfigError
+
+    folder = Path(folder)
+    # The nearest folder that exists decides: the rest of the path is created in it when the file is written.
+    existing = next((p for p in (folder.absolute(), *folder.absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"cannot write {what} to {folder}: {existing} is a file, not a folder; {hint}")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {what} to {folder}: the folder {existing} is not writable; {hint}")
+    return folder
+
+
+def output_file(path: str | os.PathLike, *, what: str = "the output", flag: str = "--out",
+                suffixes: tuple[str, ...] = ()) -> Path:
+    """:func:`check_writable` for the file ``path`` (named by option ``flag``), which must not be a folder and,
+    when ``suffixes`` are given, must end in one of them (a PNG is not written under a ``.txt`` name)."""
+    from flowbench.errors import ConfigError
+
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        kinds = " or ".join(suffixes)
+        got = path.suffix or "a name without a suffix"
+        raise ConfigError(f"{flag} {path}: {what} is written as {kinds}, not {got}; give a file name ending in {kinds}")
+    hint = f"pass {flag} FILE in a folder you can write to"
+    if path.is_dir():
+        raise ConfigError(f"cannot write {what} to {path}: it is a folder; {hint}")
+    check_writable(path.parent, what=f"{what} {path.name}", hint=hint)
     return path
 
 

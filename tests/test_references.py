@@ -136,7 +136,8 @@ def test_module_reference_seeds_resume_and_match_params(tmp_path, monkeypatch, c
     assert main(["run", "--model", "mypkg.flows:make_spec", "--seeds", "0-1", "--max-epochs", "2", "--out", str(out),
                  "--quiet"]) == 0
     recs = records(out)
-    assert [r.seed for r in recs] == [0, 1] and all(r.stack == {"seeds": [0, 1], "size": 2} for r in recs)
+    assert [r.seed for r in recs] == [0, 1]
+    assert all(r.stack == {"seeds": [0, 1], "size": 2, "id": recs[0].stack["id"]} for r in recs)
     assert recs[0].model_ref == "mypkg.flows:make_spec" and recs[0].model_origin["kind"] == "module"
 
     # a stacked seed equals the same seed trained alone

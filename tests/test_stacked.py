@@ -304,7 +304,7 @@ def test_stacked_records_match_single_runs(tmp_path):
     assert all("no improvement" in r.stop_reason and r.best_epoch < r.epochs for r in stacked)
     for seed, rec in zip((0, 1, 2), stacked):
         single = run_experiment(run_opts(tmp_path / "1", seed=seed, max_epochs=30), data, progress=False)
-        assert rec.stack == {"seeds": [0, 1, 2], "size": 3} and single.stack is None
+        assert rec.stack == {"seeds": [0, 1, 2], "size": 3, "id": stacked[0].stack["id"]} and single.stack is None
         assert set(rec.to_json()) == set(single.to_json())  # same format
         assert (rec.seed, rec.epochs, rec.best_epoch, rec.stop_reason) == (seed, single.epochs, single.best_epoch,
                                                                           single.stop_reason)

@@ -190,7 +190,7 @@ def _check_same(stacked: Path, unstacked: Path, tiny, report) -> None:
         stack = recs[run.label].stack
         assert (stack is None) == (run.model == "gaussian")
         if stack is not None:
-            assert stack == {"seeds": [0, 1], "size": 2}  # the two seeds of each configuration
+            assert {**stack, "id": None} == {"seeds": [0, 1], "size": 2, "id": None}  # each configuration's two seeds
     for select in ("best-val", None):
         kw = {"select": select} if select else {}
         assert (build_table(list(iter_records(stacked)), sources=["maf"], **kw)

@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 METHODS = ("relative", "ordinary", "autodiff", "mlp")
 # Exponent of D in each method's cost (B fixed), used to predict whether the next D is too slow.
 _TIME_EXPONENT = {"relative": 2, "mlp": 2, "ordinary": 3, "autodiff": 3}
+#: A method predicted to take this long a call or longer gets a line before its warm-up (progress).
+SLOW_CALL_S = 1.0
 
 
 class AgreementError(FlowbenchError):
@@ -295,7 +297,10 @@ def run_gradients(dims: list[int], batch: int = 100, layers: int = 2, device: st
                   dtype: torch.dtype = torch.float32, memory_limit: int | None = None,
                   max_call_s: float = 60.0, budget_s: float = 60.0, cpu_memory: str = "predicted",
                   log: Callable[[str], None] = print) -> list[Cell]:
-    """Measure every (method, D); methods predicted not to fit (memory) or too slow are skipped, not run."""
+    """Measure every (method, D); methods predicted not to fit (memory) or too slow are skipped, not run.
+
+    A line is logged as each D starts, and before the warm-up of a method predicted to take ``SLOW_CALL_S`` or
+    more a call, so that the minute a large D can take is never silent (a row's results come at its end)."""
     device = torch.device(device)
     limit = memory_limit if memory_limit is not None else int(0.8 * available_bytes(device))
     last: dict[str, tuple[int, float]] = {}
@@ -304,9 +309,13 @@ def run_gradients(dims: list[int], batch: int = 100, layers: int = 2, device: st
         flow, x = make_problem(dim, batch, layers, device, dtype)
         row = _plan(dim, batch, layers, methods, dtype, limit, last, max_call_s)
         active = {m: step_fn(m, flow, x) for m, c in row.items() if c.status == "ok"}
+        log(f"D={dim:>6}: timing {', '.join(active) or 'nothing (every method skipped)'} ...")
         first: dict[str, float] = {}
         reps: dict[str, int] = {}
         for m in list(active):
+            if m in last and (guess := last[m][1] * (dim / last[m][0]) ** _TIME_EXPONENT[m]) >= SLOW_CALL_S:
+                log(f"D={dim:>6} {m:>9}: about {guess:.3g} s a call (from D={last[m][0]}): one warm-up call, "
+                    f"then timed calls for about {max(budget_s, guess):.3g} s at most ...")
             t = _warm_up(row[m], active[m], device, warmup, cpu_memory, (batch, layers, dtype))
             if t is None:
                 del active[m]

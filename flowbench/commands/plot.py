@@ -53,11 +53,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="M", help="model of the record (registry name)")
     p.add_argument("--tag", metavar="T", help="configuration tag (default: the best tag by mean validation LL)")
     p.add_argument("--seed", type=int, metavar="K", help="run seed (default: the seed with the best validation LL)")
-    p.add_argument("-n", "--n", type=_positive, metavar="N", help="number of samples (default 64 images, 1000 tabular)")
+    p.add_argument("-n", "--n", type=_positive, metavar="N",
+                   help="number of samples (default 64 images, at most 256; 1000 tabular; 2-D toys: not taken)")
     p.add_argument("--sample-seed", type=int, default=0, metavar="S", help="seed of the sampling generator (default 0)")
-    p.add_argument("--dims", type=_dims, metavar="LIST", help="tabular data: dimensions to pair (default 0,1,2,3)")
+    p.add_argument("--dims", type=_dims, metavar="LIST",
+                   help="tabular data only: dimensions to pair (default 0,1,2,3)")
     p.add_argument("--data-root", metavar="DIR", help="data root (default: the record's, else $FLOWBENCH_DATA or data/)")
     p.add_argument("--out", metavar="FILE", help="PNG to write (default <results>/figures/samples_<dataset>_<model>.png)")
+
+
+def _figure_path(args: argparse.Namespace, default: str) -> Path:
+    """Where the figure goes, checked writable (and a ``.png``) before anything is drawn."""
+    from flowbench.utils import output_file
+
+    out = Path(args.out) if args.out else Path(args.results) / "figures" / default
+    return output_file(out, what="the figure", suffixes=(".png",))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -70,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
         from flowbench.plots.curves import save_curves
 
         records = chosen_runs(R.select_runs(records, args.dataset, args.model, args.tag), args.select)
-        out = Path(args.out) if args.out else Path(args.results) / "figures" / "curves.png"
+        out = _figure_path(args, "curves.png")
         save_curves(records, out, sources=parse_sources(args.published), train_loss=not args.no_train_loss,
                     with_tag=args.select == "all")
     else:
@@ -80,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         if args.tag is None:
             records = chosen_runs(records)
         rec = choose_run(records, args.seed)
-        out = Path(args.out) if args.out else Path(args.results) / "figures" / f"samples_{args.dataset}_{args.model}.png"
+        out = _figure_path(args, f"samples_{args.dataset}_{args.model}.png")
         save_samples(rec, out, n=args.n, seed=args.sample_seed, dims=args.dims, data_root=args.data_root)
         print(f"{R.label(rec, with_tag=True)}, seed {R.seed(rec)}: {R.record_path(rec)}")
     print(f"figure written to {out}")

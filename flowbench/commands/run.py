@@ -37,9 +37,13 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 def prepare(argv: list[str]) -> None:
     """Resolve a plugged-in model (``--model REF``, or the ``model`` of ``--config FILE``) before the parser is
-    built, so that its hyperparameters are flags like a built-in's."""
-    from flowbench.config import load_config, resolve_references
+    built, so that its hyperparameters are flags like a built-in's. A ``--seeds`` value that argparse would
+    take for a flag (``-1-2``) is refused here with the rule, not argparse's "expected one argument"."""
+    from flowbench.config import load_config, parse_seeds, resolve_references
 
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--seeds" and value[:2] in {f"-{d}" for d in "0123456789"}:
+            parse_seeds(value)  # a leading '-' is a negative seed: a ConfigError that says so
     model, config = _flag_value(argv, "--model"), _flag_value(argv, "--config")
     if model is not None and ":" in model:
         resolve_references({"model": model})

@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,20 @@ def best_epoch(rec: Record) -> int | None:
     return None if b is None else int(b)
 
 
+def best_step(rec: Record) -> int | None:
+    b = field(rec, "best_step")
+    return None if b is None else int(b)
+
+
+def evaluates_by_step(rec: Record) -> bool:
+    """Whether the run validated every ``--eval-every`` steps (the NSF protocol) rather than once an epoch: its
+    history is then a sequence of steps, with several evaluations in one epoch or none in many."""
+    if (field(rec, "config") or {}).get("eval_every") is not None:
+        return True
+    epochs = history(rec).epoch
+    return bool(epochs.size) and not np.array_equal(epochs, np.arange(1, epochs.size + 1))
+
+
 def best_val_ll(rec: Record) -> float:
     return _float(field(rec, "best_val_ll"))
 
@@ -151,27 +166,37 @@ _ABSENT = object()  # a history row without the key (older records), as against 
 
 @dataclass(frozen=True)
 class History:
-    """Per-epoch values of one run, as arrays (NaN where the record has null). ``train_nll`` is the exact NLL
-    on the fixed training subsample; ``has_train_nll`` is False for records written before it was kept."""
+    """Per-evaluation values of one run, as arrays (NaN where the record has null). ``epoch`` is the epoch each
+    evaluation fell in, ``step`` the optimiser steps taken by then (``has_step`` False for records written
+    before steps were kept). ``train_nll`` is the exact NLL on the fixed training subsample; ``has_train_nll``
+    is False for records written before it was kept."""
 
     epoch: np.ndarray
     train_loss: np.ndarray
     val_ll: np.ndarray
     train_nll: np.ndarray
     has_train_nll: bool = True
+    step: np.ndarray = dataclass_field(default_factory=lambda: np.zeros(0, dtype=int))
+    has_step: bool = False
+
+
+def _has(rows: list[Any], key: str) -> bool:
+    return bool(rows) and all((r.get(key, _ABSENT) if isinstance(r, Mapping) else getattr(r, key, _ABSENT))
+                              is not _ABSENT for r in rows)
 
 
 def history(rec: Record) -> History:
     rows = field(rec, "history") or []
     get = (lambda r, k: r.get(k)) if rows and isinstance(rows[0], Mapping) else (lambda r, k: getattr(r, k, None))
-    has = bool(rows) and all((r.get("train_nll", _ABSENT) if isinstance(r, Mapping) else
-                              getattr(r, "train_nll", _ABSENT)) is not _ABSENT for r in rows)
+    has_step = _has(rows, "step") and all(get(r, "step") is not None for r in rows)
     return History(
         np.array([int(get(r, "epoch")) for r in rows], dtype=int),
         np.array([_float(get(r, "train_loss")) for r in rows]),
         np.array([_float(get(r, "val_ll")) for r in rows]),
         np.array([_float(get(r, "train_nll")) for r in rows]),
-        has,
+        _has(rows, "train_nll"),
+        np.array([int(get(r, "step")) for r in rows] if has_step else [], dtype=int),
+        has_step,
     )
 
 

@@ -5,7 +5,8 @@ star marks the epoch whose parameters were restored; a run that converged shows 
 epochs after it, a run cut short by ``--max-epochs`` ends on a rising curve. Seeds of one configuration are
 drawn together: the mean over the seeds that reached that epoch, with their min–max band; the legend names the
 row and tag as the table does (configurations grouped by :func:`flowbench.aggregate.configurations`). The
-published test LL of the same model (dashed) is the level a converged run should approach.
+published test LL of the same model (dashed) is the level a converged run should approach. A dataset with
+runs that validate every ``--eval-every`` steps (the NSF protocol) is drawn against optimiser steps instead.
 
 The training panel shows each evaluation's exact NLL on a fixed training subsample
 (:func:`flowbench.training.evaluate.training_nll`, history key ``train_nll``): the evaluated state in evaluation
@@ -43,13 +44,28 @@ def dataset_order(records: Iterable[Any]) -> list[str]:
     return [d for d in DATASETS if d in present] + sorted(present - set(DATASETS))
 
 
-def _stack(values: list[np.ndarray], epochs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Seeds × epochs matrix (NaN where a seed stopped earlier) and the epoch axis 1..max."""
-    n = max((int(e.max()) for e in epochs if e.size), default=0)
-    m = np.full((len(values), n), np.nan)
-    for i, (v, e) in enumerate(zip(values, epochs)):
-        m[i, e - 1] = v
-    return m, np.arange(1, n + 1)
+def _stack(values: list[np.ndarray], xs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds × evaluations matrix (NaN where a seed has no value: it stopped earlier) over the x axis of every x
+    some seed was evaluated at (epochs: 1..the longest run). Only those points, not a grid between them: the
+    evaluations of a step-budget run are hundreds of steps apart, and NaN between them would break every line.
+    A seed evaluated twice at one x (several evaluations in one epoch of an older record) keeps the last."""
+    axis = np.unique(np.concatenate([np.asarray(x, dtype=int) for x in xs] + [np.zeros(0, dtype=int)]))
+    m = np.full((len(values), axis.size), np.nan)
+    for i, (v, x) in enumerate(zip(values, xs)):
+        if not len(x):
+            continue
+        x, v = np.asarray(x)[::-1], np.asarray(v)[::-1]
+        _, last = np.unique(x, return_index=True)  # first in the reversed order: the last evaluation at each x
+        m[i, np.searchsorted(axis, x[last])] = v[last]
+    return m, axis
+
+
+def _by_step(records: Iterable[Any]) -> bool:
+    """Whether a panel's x axis is optimiser steps: some run validated every ``--eval-every`` steps, and every
+    run's history has its steps (an older record without them keeps the panel on epochs)."""
+    records = list(records)
+    return any(R.evaluates_by_step(r) for r in records) and all(
+        R.history(r).has_step for r in records if R.history(r).epoch.size)
 
 
 def _mean_band(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -121,6 +137,8 @@ def plot_curves(
         ax_val, ax_loss = axes[row, 0], axes[row, 1] if train_loss else None
         handles: list[Any] = []
         val_values, loss_values, keep = [], [], []
+        by_step = _by_step(r for c in confs if c.dataset == ds for r in c.runs)
+        unit = "optimiser step" if by_step else "epoch"
         has_published = fallback = relgrad_fallback = False
         for conf in confs:
             if conf.dataset != ds:
@@ -143,7 +161,8 @@ def plot_curves(
                     keep.append(level)
                 handles.append(Line2D([], [], color=c, ls=":", lw=1.5, label=legend))
                 continue
-            m, ep = _stack([h.val_ll for h in hists], [h.epoch for h in hists])
+            xs = [h.step if by_step else h.epoch for h in hists]
+            m, ep = _stack([h.val_ll for h in hists], xs)
             mean, lo, hi, present = _mean_band(m)
             marker = "o" if ep.size == 1 else None
             (line,) = ax_val.plot(ep, mean, color=c, lw=1.6, marker=marker, label=legend, gid="val-mean")
@@ -151,13 +170,13 @@ def plot_curves(
                 ax_val.fill_between(ep, lo, hi, color=c, alpha=0.18, lw=0, gid="val-band")
             handles.append(line)
             val_values.append(mean)
-            # The epoch each seed's early stopping restored, at that seed's validation LL.
+            # The evaluation each seed's early stopping restored, at that seed's validation LL.
             bx, by = [], []
-            for r, h in zip(runs, hists):
-                b = R.best_epoch(r)
-                if b is not None and b in h.epoch:
+            for r, h, x in zip(runs, hists, xs):
+                b = R.best_step(r) if by_step else R.best_epoch(r)
+                if b is not None and b in x:
                     bx.append(b)
-                    by.append(float(h.val_ll[h.epoch == b][0]))
+                    by.append(float(h.val_ll[x == b][-1]))
             if bx:
                 ax_val.plot(bx, by, ls="none", marker="*", ms=11, color=c, mec="black", mew=0.6, zorder=5,
                             gid="best-epoch")
@@ -167,7 +186,7 @@ def plot_curves(
                 if not exact:  # a configuration with older records: their running loss, marked as such
                     fallback = True
                     relgrad_fallback |= R.model(runs[0]) == "relgrad"
-                ml, ep_l = _stack([h.train_nll if exact else h.train_loss for h in hists], [h.epoch for h in hists])
+                ml, ep_l = _stack([h.train_nll if exact else h.train_loss for h in hists], xs)
                 mean_l, lo_l, hi_l, present_l = _mean_band(ml)
                 ax_loss.plot(ep_l, mean_l, color=c, lw=1.6, marker=marker, ls="-" if exact else ":",
                              gid="loss-mean" if exact else "loss-fallback")
@@ -175,11 +194,11 @@ def plot_curves(
                     ax_loss.fill_between(ep_l, lo_l, hi_l, color=c, alpha=0.18, lw=0, gid="loss-band")
                 loss_values.append(mean_l)
         space = " (logit space)" if ds in _IMAGE_SETS else ""
-        ax_val.set(title=f"{ds.upper()}: validation LL{space}", xlabel="epoch", ylabel=VAL_LABEL)
+        ax_val.set(title=f"{ds.upper()}: validation LL{space}", xlabel=unit, ylabel=VAL_LABEL)
         if (lim := _limits(val_values, keep, upper_tail=False)) is not None:
             ax_val.set_ylim(*lim)
         extra = [Line2D([], [], ls="none", marker="*", ms=11, color="0.6", mec="black", mew=0.6,
-                        label="best epoch (restored)")]
+                        label=f"best {'step' if by_step else 'epoch'} (restored)")]
         if has_published:
             extra.append(Line2D([], [], ls="--", color="0.3", lw=1.0, label="published test LL"))
         if ax_loss is not None:
@@ -187,7 +206,7 @@ def plot_curves(
             if fallback:
                 note = "\ndotted: older records' running training loss"
                 note += " (relgrad's: without log|det W|, not its NLL)" if relgrad_fallback else ""
-            ax_loss.set(title=f"{ds.upper()}: training NLL{space}, fixed subsample{note}", xlabel="epoch",
+            ax_loss.set(title=f"{ds.upper()}: training NLL{space}, fixed subsample{note}", xlabel=unit,
                         ylabel=LOSS_LABEL)
             if (lim := _limits(loss_values, [], upper_tail=True)) is not None:
                 ax_loss.set_ylim(*lim)

@@ -31,7 +31,7 @@ from flowbench.plots._mpl import png_bytes
 from flowbench.plots.curves import dataset_order, plot_curves
 from flowbench.utils import atomic_write
 
-__all__ = ["FORMATS", "build_report", "format_seconds", "markdown_to_html", "report_markdown"]
+__all__ = ["FORMATS", "build_report", "format_seconds", "markdown_to_html", "report_markdown", "total_wall_time"]
 
 FORMATS = (".md", ".html")
 #: The table's exports beside the report (format, file name, link text); the HTML page embeds them as downloads.
@@ -85,8 +85,11 @@ def _runs_table(records: list[Any], failed: list[R.FailedRun]) -> str:
         for r in (r for c in confs if c.dataset == ds for r in c.runs):
             se = R.test_ll_2se(r)
             test = _num(R.test_ll(r)) + (f" ± {_num(se)}" if math.isfinite(se) else "")
+            wall = format_seconds(R.wall_time_s(r))
+            if stack := R.field(r, "stack"):  # its wall time is the whole stack's
+                wall += f" (stack of {stack.get('size', '?')})"
             rows.append([R.dataset(r), _cell(R.label(r, with_tag=True)), R.seed(r), _cell(S.run_status(r).text),
-                         R.epochs(r), _num(R.best_val_ll(r)), test, R.params(r) or "", format_seconds(R.wall_time_s(r))])
+                         R.epochs(r), _num(R.best_val_ll(r)), test, R.params(r) or "", wall])
     for f in failed:
         tag = f" [{f.tag}]" if f.tag else ""
         rows.append([f.dataset, _cell(f.model + tag), f.seed, _cell(f"failed (sweep {f.sweep}): {f.error}"),
@@ -94,6 +97,25 @@ def _runs_table(records: list[Any], failed: list[R.FailedRun]) -> str:
     headers = ["dataset", "model", "seed", "status", "epochs", "best val LL", "test LL ± 2 SE (nats)", "params",
                "wall time"]
     return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, stralign="left")
+
+
+def total_wall_time(records: Iterable[Any]) -> float:
+    """The wall time of ``records``, a stack's once: each run of a stack records the whole stack's wall time.
+
+    A stack is its record's ``stack["id"]``; records written before the id was kept are grouped by dataset, model,
+    tag and the stack's seeds (a sweep's stack of several tags is then counted once per tag)."""
+    singles, stacks = 0.0, {}
+    for r in records:
+        w = R.wall_time_s(r)
+        if not math.isfinite(w):
+            continue
+        stack = R.field(r, "stack")
+        if not stack:
+            singles += w
+            continue
+        key = stack.get("id") or (R.dataset(r), R.model(r), R.tag(r), tuple(stack.get("seeds") or ()))
+        stacks[key] = max(stacks.get(key, 0.0), w)  # the last record written holds the others' evaluation too
+    return singles + sum(stacks.values())
 
 
 class _Data:
@@ -182,17 +204,19 @@ def report_markdown(
 
     page.add("## Runs", "")
     page.add("Status: *converged*: early stopping ended the run (the MAF protocol); *capped*: stopped by "
-             "`--max-epochs` before that, not converged; *non-finite*: a non-finite loss stopped training and the "
-             "best model so far was evaluated; *failed*: a sweep run that raised and left no record.", "")
+             "`--max-epochs` before that, not converged; *step budget spent*: `--max-steps` ended the run, which "
+             "keeps its best validated state (the NSF protocol); *non-finite*: a non-finite loss stopped training "
+             "and the best model so far was evaluated; *failed*: a sweep run that raised and left no record.", "")
     page.add(_runs_table(records, failed), "")
-    total = sum(R.wall_time_s(r) for r in records if math.isfinite(R.wall_time_s(r)))
-    page.add(f"Total wall time of the recorded runs: {format_seconds(total)}.", "")
+    page.add(f"Total wall time of the recorded runs: {format_seconds(total_wall_time(records))} (the runs of a "
+             "stack trained together: a stack counts once).", "")
 
     page.add("## Training curves", "")
     page.add("Validation log-likelihood and exact training NLL (on a fixed subsample of the training set; older "
-             "records: their running training loss, dotted) per epoch; line: mean over seeds, band: min–max over "
-             "seeds, star: the best epoch of each seed (the parameters early stopping restored), dashed: the "
-             "published test LL of the same model.", "")
+             "records: their running training loss, dotted) per epoch, or per optimiser step on a dataset with runs "
+             "that validate every `--eval-every` steps; line: mean over seeds, band: min–max over seeds, star: the "
+             "best evaluation of each seed (the parameters early stopping restored), dashed: the published test LL "
+             "of the same model.", "")
     for ds in dataset_order(shown):
         runs = [r for r in shown if R.dataset(r) == ds]
         page.add(f"### {ds.upper()}", "")
@@ -292,10 +316,16 @@ def build_report(results: str | Path = "results", out: str | Path | None = None,
 
     ``out`` defaults to ``<results>/report.html``; ``kwargs`` go to :func:`report_markdown`.
     """
+    from flowbench.utils import output_file
+
     out = Path(out) if out is not None else Path(results) / "report.html"
     if out.suffix not in FORMATS:
         raise ConfigError(f"--out {out}: the report is written as .md or .html, not {out.suffix or 'no suffix'}")
     folder = f"{out.stem}_files"
+    # Before any figure is drawn or model rebuilt: a folder that cannot be written is said at once.
+    output_file(out, what="the report")
+    if out.suffix == ".md":
+        output_file(out.parent / folder / "table.csv", what="the report's figures")
     text, figures = report_markdown(results, folder=folder, **kwargs)
     if out.suffix == ".html":
         page = markdown_to_html(text, figures)

@@ -26,6 +26,7 @@ from flowbench.plots import _records as R
 from flowbench.plots._mpl import pyplot, save_figure
 
 __all__ = [
+    "MAX_IMAGES",
     "TOY_PREFIX",
     "check_checkpoint",
     "choose_run",
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 TOY_PREFIX = "toy2d-"
+#: At most this many images in a sample grid (16 × 16): at the figure's size a 28 × 28 MNIST image then still
+#: gets about one screen pixel per pixel; more would be an unreadable mosaic.
+MAX_IMAGES = 256
 SAMPLE_COLOR, DATA_COLOR = "#D55E00", "#0072B2"
 
 
@@ -111,11 +115,17 @@ def _warn_if_changed(rec: Any) -> None:
 
 
 def check_checkpoint(rec: Any) -> None:
-    """Raise ConfigError when a trained run's checkpoint is missing (checked before any data is loaded)."""
+    """Raise ConfigError when a trained run's model file is missing (checked before any data is loaded): the
+    model state the record names (``seed<k>.model.pt``), or for older records the checkpoint."""
     path = R.checkpoint(rec)
-    if R.epochs(rec) > 0 and not path.is_file() and not path.with_suffix(".model.pt").is_file():
-        raise ConfigError(f"no checkpoint at {path} for this record; cannot rebuild the trained model "
-                          "(re-run it, or sample another seed with --seed)")
+    if R.epochs(rec) == 0 or path.is_file() or path.with_suffix(".model.pt").is_file():
+        return
+    again = "train the run again (flowbench run ... --force), or sample another seed with --seed"
+    state = R.field(rec, "model_state")
+    if state:  # what the run kept of its model, and what a reader would look for beside the record
+        raise ConfigError(f"the trained model's file {path.parent / state} is missing (the record names it as its "
+                          f"model_state); cannot rebuild the trained model: {again}")
+    raise ConfigError(f"no checkpoint at {path} for this record; cannot rebuild the trained model: {again}")
 
 
 def draw(flow: Any, n: int, seed: int = 0) -> np.ndarray:
@@ -254,19 +264,26 @@ def plot_samples(
     check_checkpoint(rec)
     data = data if data is not None else load_dataset_for(rec, data_root)
     n = n or (64 if data.image else 1000)
-    flow = load_flow(rec, data)
-    samples = draw(flow, n, seed)
-    if data.image:
+    if data.image:  # checked before the model is rebuilt and sampled
+        if dims is not None:
+            raise ConfigError(f"--dims applies to tabular data (pairwise marginals of chosen dimensions); {data.name} "
+                              "is an image dataset, drawn as whole images: leave --dims out")
+        if n > MAX_IMAGES:
+            raise ConfigError(f"-n {n}: a grid of more than {MAX_IMAGES} images is unreadable at the figure's size "
+                              f"(each image shrinks below one screen pixel per pixel); give -n {MAX_IMAGES} or fewer")
         side = math.isqrt(data.dim)
         if side * side != data.dim:
             raise ConfigError(f"{data.name}: dimension {data.dim} is not a square image")
+    else:
+        dims = list(range(min(4, data.dim))) if dims is None else [int(d) for d in dims]
+        bad = [d for d in dims if not 0 <= d < data.dim]
+        if bad or len(set(dims)) != len(dims) or not dims:
+            raise ConfigError(f"--dims {dims}: give distinct dimensions in 0..{data.dim - 1}")
+    samples = draw(load_flow(rec, data), n, seed)
+    if data.image:
         test = np.asarray(data.test[:n], dtype=np.float64)
         return image_grid_figure(logit_to_pixels(samples, data.logit_alpha), logit_to_pixels(test, data.logit_alpha),
                                  side, _title(rec))
-    dims = list(range(min(4, data.dim))) if dims is None else [int(d) for d in dims]
-    bad = [d for d in dims if not 0 <= d < data.dim]
-    if bad or len(set(dims)) != len(dims) or not dims:
-        raise ConfigError(f"--dims {dims}: give distinct dimensions in 0..{data.dim - 1}")
     rng = np.random.default_rng(seed)
     test = np.asarray(data.test, dtype=np.float64)
     test = test[rng.choice(len(test), size=min(len(test), n), replace=False)]
@@ -277,6 +294,11 @@ def save_samples(rec: Any, path: str | Path, data: Dataset | None = None, **kwar
     """The samples figure of ``rec`` as a PNG at ``path`` (2-D toy data: the learned density figure)."""
     path = Path(path)
     if R.dataset(rec).startswith(TOY_PREFIX):
+        given = [flag for flag, key in (("-n", "n"), ("--dims", "dims")) if kwargs.get(key) is not None]
+        if given:  # the toy figure is the learned density over the plane: no samples to count or pair
+            raise ConfigError(f"{' and '.join(given)} do{'es' if len(given) == 1 else ''} not apply to a 2-D toy "
+                              f"record ({R.dataset(rec)}): its figure is the learned density; leave "
+                              f"{'it' if len(given) == 1 else 'them'} out")
         check_checkpoint(rec)
         data = data if data is not None else load_dataset_for(rec, kwargs.get("data_root"))
         return _toy2d_density(rec, load_flow(rec, data), data, path)

@@ -16,13 +16,15 @@ from flowbench.plots import _records as R
 
 __all__ = ["NOT_CONVERGED", "RunStatus", "convergence_note", "is_capped", "run_status"]
 
-#: Status kinds, in the order a summary lists them.
-KINDS = ("converged", "capped", "closed-form", "nonfinite", "failed", "other")
+#: Status kinds, in the order a summary lists them. ``budget``: a step budget (``--max-steps``, the NSF
+#: protocol's end: Durkan et al. 2019 train a fixed number of steps and keep the best validated state) was spent.
+KINDS = ("converged", "capped", "budget", "closed-form", "nonfinite", "failed", "other")
 
 NOT_CONVERGED = "not converged: stopped by --max-epochs before early stopping, so not comparable with the papers' numbers"
 
 _CAP = re.compile(r"reached max_epochs=(\d+)")
-_PATIENCE = re.compile(r"no improvement for (\d+) epochs")
+_BUDGET = re.compile(r"reached max_steps=(\d+)")
+_PATIENCE = re.compile(r"no improvement for (\d+) (epochs|evaluations)")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class RunStatus:
     @property
     def comparable(self) -> bool:
         """Whether the test LL may be set beside published numbers (the run followed the protocol to its end)."""
-        return self.kind in ("converged", "closed-form")
+        return self.kind in ("converged", "budget", "closed-form")
 
 
 def is_capped(rec: Any) -> bool:
@@ -47,14 +49,20 @@ def run_status(rec: Any) -> RunStatus:
     """Classify one record (see the module docstring)."""
     reason, best, n = R.stop_reason(rec), R.best_epoch(rec), R.epochs(rec)
     where = f"best epoch {best} of {n}" if best is not None else f"{n} epochs, no finite epoch"
+    if R.evaluates_by_step(rec):  # evaluations every --eval-every steps: the best is a step
+        step, steps = R.field(rec, "best_step"), R.field(rec, "steps")
+        where = f"best at step {step} of {steps}" if step is not None else f"{steps} steps, no finite evaluation"
     if R.status(rec) == "nonfinite":
         return RunStatus("nonfinite", f"non-finite ({where}): {R.failure(rec) or reason}")
     if R.status(rec) != "ok":
         return RunStatus("failed", f"{R.status(rec)}: {R.failure(rec) or reason}")
     if m := _CAP.match(reason):
         return RunStatus("capped", f"capped by --max-epochs {m.group(1)} ({where}): not converged")
+    if m := _BUDGET.match(reason):
+        return RunStatus("budget", f"step budget spent: --max-steps {m.group(1)} ({where})")
     if m := _PATIENCE.match(reason):
-        return RunStatus("converged", f"converged: patience {m.group(1)} ran out ({where})")
+        unit = "" if m.group(2) == "epochs" else " evaluations"
+        return RunStatus("converged", f"converged: patience {m.group(1)}{unit} ran out ({where})")
     if reason.startswith("closed-form"):
         return RunStatus("closed-form", "closed-form fit (no training)")
     return RunStatus("other", reason or "unknown")

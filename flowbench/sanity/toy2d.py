@@ -196,8 +196,9 @@ def _draw(fig: Figure, a: Axes, b: Axes, data: Dataset, gx: np.ndarray, gy: np.n
     a.scatter(data.train[:, 0], data.train[:, 1], s=2, c="k", alpha=0.35)
     a.set(xlim=extent[:2], ylim=extent[2:], aspect="equal", title=f"{data.name}: {len(data.train)} training points")
     # Density, not log-density: what a reader compares with the scatter; clipped so outliers don't wash it out.
-    # Non-finite log-densities (a numerically broken model off the data) are masked and drawn in cyan.
-    dens = np.ma.masked_invalid(np.exp(np.where(np.isnan(logp), np.nan, np.minimum(logp, 50.0))))
+    # Non-finite log-densities (a numerically broken model off the data) are masked and drawn in cyan, −inf
+    # too: exp(−inf) = 0 would draw it black, as the lowest density, where the title promises cyan.
+    dens = np.ma.masked_invalid(np.where(np.isfinite(logp), np.exp(np.minimum(logp, 50.0)), np.nan))
     finite = dens.compressed()
     cmap = colormap("magma", bad="cyan")
     vmax = float(np.quantile(finite, 0.999)) if finite.size else 1.0

@@ -37,8 +37,8 @@ from flowbench.sweep.executors import make_backend
 from flowbench.sweep.spec import Sweep, SweepRun
 from flowbench.sweep.worker import DEFAULT_RUN_FN, RunFn
 
-__all__ = ["RunState", "SweepReport", "Progress", "run_sweep", "check_resources", "plan", "preflight", "report_path",
-           "summary"]
+__all__ = ["RunState", "SweepReport", "Progress", "run_sweep", "check_out", "check_resources", "plan", "preflight",
+           "report_path", "summary"]
 
 #: How often the live line is refreshed while nothing finishes (seconds).
 TICK_S = 1.0
@@ -187,6 +187,16 @@ def check_resources(workers: int, retries: int, cpus_per_run: int, gpus_per_run:
         raise ConfigError(f"--gpus-per-run must be a number >= 0; got {gpus_per_run}")
 
 
+def check_out(sweep: Sweep, out: str | Path) -> None:
+    """Every run's record and the sweep's report go under ``out``: checked once, before any run starts (else
+    every run fails on it, and then the report cannot be written)."""
+    from flowbench.utils import check_writable
+
+    hint = "pass --out DIR, a folder you can write to"
+    check_writable(Path(out) / "runs", what="the runs' records", hint=hint)
+    check_writable(report_path(sweep.name, out).parent, what="the sweep report", hint=hint)
+
+
 def run_sweep(
     sweep: Sweep,
     out: str | Path = "results",
@@ -213,6 +223,7 @@ def run_sweep(
     check_resources(workers, retries, cpus_per_run, gpus_per_run)
     if max_stack is not None and max_stack < 1:
         raise ConfigError("--max-stack must be >= 1 (1: no stacking)")
+    check_out(sweep, out)
     out = str(out)
     t0 = time.monotonic()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

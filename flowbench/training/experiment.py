@@ -125,6 +125,13 @@ def _check_before_compute(opts: RunOptions, rec_path: Path, ckpt_path: Path) -> 
                          "add --resume to continue from it, or --force to start again at epoch 1 and replace it")
 
 
+def replacing_note(opts: RunOptions, rec_path: Path) -> str | None:
+    """The record's note when it replaces, without ``--force``, an earlier run's non-finite record."""
+    if opts.force or not rec_path.is_file():
+        return None
+    return "replaced the non-finite record of an earlier run of this seed (a non-finite record needs no --force)"
+
+
 def _prepare_out(opts: RunOptions, folder: Path) -> None:
     """Create the run's folder under ``--out``, with an error that says what to do when that is impossible."""
     out = Path(opts.out)
@@ -144,7 +151,7 @@ def _prepare_out(opts: RunOptions, folder: Path) -> None:
 @contextlib.contextmanager
 def _run_lock(opts: RunOptions):
     """Hold the run's ``seed<k>.lock`` so that a second process training the same record stops at once."""
-    from flowbench.errors import UsageError
+    from flowbench.errors import DiskFullError, UsageError
     from flowbench.results import lock_path
     from flowbench.utils import LockHeld, exclusive_lock
 
@@ -156,6 +163,8 @@ def _run_lock(opts: RunOptions):
         holder = f"process {e.pid}" if e.pid is not None else "another process"
         raise UsageError(f"{holder} is already training this run (lock {path}); wait for it to finish, or "
                          "choose another --seed, --tag or --out") from None
+    except DiskFullError:
+        raise  # its own message: the disk, not the folder, is the problem
     except OSError as e:
         if e.filename is None or Path(e.filename) != path:
             raise
@@ -307,6 +316,7 @@ def _run_experiment(
     t0 = time.perf_counter()
     rec_path, ckpt_path = _paths(opts)
     _check_before_compute(opts, rec_path, ckpt_path)
+    replacing = replacing_note(opts, rec_path)
     if data is None:
         from flowbench.data import load_dataset
 
@@ -324,6 +334,7 @@ def _run_experiment(
     finally:
         if logger is not None:
             logger.close()
+    notes += [replacing] if replacing else []
 
     # Wall time includes the training time of earlier sessions when resumed (the whole run's).
     return finish_run(opts, data, x.test, flow, hparams, match, result, notes, device, t0 - prior_time,
@@ -415,9 +426,16 @@ def run_and_report(opts: RunOptions) -> int:
         from flowbench.training.stacked import parse_seeds, run_stacked
 
         runs = [opts.replace(seed=s, seeds=None) for s in parse_seeds(opts.seeds)]
-        records = run_stacked(runs, progress=not opts.quiet)
+        try:
+            records = run_stacked(runs, progress=not opts.quiet)
+        except KeyboardInterrupt:
+            print(f"training interrupted; each seed's last checkpoint (written at most every "
+                  f"{opts.checkpoint_every_s:g} s and at the end of an epoch) is kept: run the same command with "
+                  f"--resume to continue seeds {opts.seeds}", file=sys.stderr)
+            raise
         for record, run in zip(records, runs):
             print(summary_line(record, _paths(run.replace(dataset=record.dataset))[0]))
+        _check_finite(runs, records)
         return 0 if all(r.status == "ok" for r in records) else 1
     try:
         record = run_experiment(opts, progress=not opts.quiet)
@@ -426,4 +444,22 @@ def run_and_report(opts: RunOptions) -> int:
               "and at the end of an epoch) is kept: run the same command with --resume to continue", file=sys.stderr)
         raise
     print(summary_line(record, _paths(opts.replace(dataset=record.dataset))[0]))
+    _check_finite([opts], [record])
     return 0 if record.status == "ok" else 1
+
+
+def _check_finite(runs: list[RunOptions], records: list[RunRecord]) -> None:
+    """A run that ended non-finite was given a setting it cannot train with (``--lr 1e10``): a ConfigError (exit
+    2) that says what to change. Its record stays, and the next run of the command replaces it without --force."""
+    bad = [(o, r) for o, r in zip(runs, records) if r.status == "nonfinite"]
+    if not bad:
+        return
+    o, r = bad[0]
+    default = models.get_spec(o.model_key).lr
+    advice = "" if "--lr" in (r.failure or "") else " (lower --lr, or check the data for outliers)"
+    lr = f"this run's --lr was {o.lr:g}" + (f" ({o.model}'s default: {default:g})" if o.lr != default else "")
+    seeds = "" if len(runs) == 1 else f" for seed{'s' if len(bad) > 1 else ''} {', '.join(str(b.seed) for b, _ in bad)}"
+    kept = "its record is" if len(bad) == 1 else "their records are"
+    raise ConfigError(f"training did not stay finite{seeds}: {r.failure}{advice}; {lr}. {kept.capitalize()} kept with "
+                      "status nonfinite, and the next run of this command replaces "
+                      f"{'it' if len(bad) == 1 else 'them'} without --force")

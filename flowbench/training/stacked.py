@@ -23,6 +23,7 @@ import functools
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,10 +32,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowbench.config import RESUME_MAY_CHANGE, RunOptions
-from flowbench.errors import ConfigError
+from flowbench.config import RESUME_MAY_CHANGE, RunOptions, parse_seeds
+from flowbench.errors import ConfigError, UsageError
 from flowbench.models.base import Flow
 from flowbench.models.stacking import split_buffers, stacked_objective, stacked_validation
+from flowbench.results import replaceable
 from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import (
     TRAIN_NLL_POINTS,
@@ -60,28 +62,6 @@ __all__ = ["StackedTrainer", "RunSpec", "StackedEpochInfo", "parse_seeds", "run_
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0-4"`` → [0, 1, 2, 3, 4]; ``"0,2,5"`` and mixtures such as ``"0-2,7"``; duplicates refused."""
-    seeds: list[int] = []
-    for part in str(text).replace(" ", "").split(","):
-        try:
-            if "-" in part:
-                lo, hi = (int(p) for p in part.split("-", 1))
-                if hi < lo:
-                    raise ValueError
-                seeds.extend(range(lo, hi + 1))
-            else:
-                seeds.append(int(part))
-        except ValueError:
-            raise ConfigError(f"--seeds {text!r}: give a range such as 0-4 or a list such as 0,2,5 "
-                              "(non-negative integers)") from None
-    if any(s < 0 for s in seeds) or not seeds:
-        raise ConfigError(f"--seeds {text!r}: seeds must be non-negative integers")
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds {text!r} names a seed twice")
-    return seeds
-
-
 @dataclass
 class RunSpec:
     """One run of a stack: its model (already initialised from its seed) and its training options."""
@@ -94,6 +74,8 @@ class RunSpec:
     max_epochs: int | None = None
     checkpoint_path: str | Path | None = None
     fingerprint: dict[str, Any] | None = None
+    #: How its epoch lines name it (default ``seed <k>``; a sweep's stack of several configurations adds the tag).
+    label: str | None = None
 
 
 @dataclass
@@ -136,6 +118,7 @@ class _Run:
         self.saved_epoch = -1  # the epoch of its last checkpoint
         self.path = Path(spec.checkpoint_path) if spec.checkpoint_path is not None else None
         self.fingerprint = spec.fingerprint or {}
+        self.label = spec.label or f"seed {spec.seed}"
 
 
 class StackedTrainer:
@@ -416,7 +399,7 @@ class StackedTrainer:
                 if failure is not None:
                     res.status, res.failure, res.stop_reason = "nonfinite", failure, "non-finite loss"
                     run.finished = True
-                    self._log(f"seed {run.spec.seed} epoch {epoch}: {failure}; stopping and keeping the best model")
+                    self._log(f"{run.label} epoch {epoch}: {failure}; stopping and keeping the best model")
                     self.save_checkpoint(i)
                     continue
                 run.stopper.step(val_ll, epoch, run.flow)
@@ -429,7 +412,7 @@ class StackedTrainer:
                 step = epoch * self._batches_per_epoch
                 infos.append(StackedEpochInfo(epoch, losses[j], val_ll, st.best_value, st.best_epoch,
                                               st.patience_left, step, nll, omits, run=i, seed=run.spec.seed))
-                self._log(f"seed {run.spec.seed} epoch {epoch:4d}  {loss_label(omits)} {losses[j]:10.4f}  "
+                self._log(f"{run.label} epoch {epoch:4d}  {loss_label(omits)} {losses[j]:10.4f}  "
                           f"train NLL {nll:10.4f}  val LL {val_ll:10.4f}  best {st.best_value:10.4f} "
                           f"(epoch {st.best_epoch})  patience left {st.patience_left}")
                 if st.should_stop:
@@ -520,7 +503,8 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
     """Train, evaluate and record R runs as one stack; returns their records (each also written).
 
     Each record has the format of a single run's (:func:`flowbench.training.experiment.run_experiment`)
-    plus ``stack = {"seeds": [...], "size": R}``. ``options`` are :class:`RunOptions` or mappings.
+    plus ``stack = {"seeds": [...], "size": R, "id": <the same for every run of this stack>}``. ``options`` are
+    :class:`RunOptions` or mappings.
     """
     import contextlib
 
@@ -540,6 +524,37 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
         return _run_stacked(runs, data, callbacks, progress, t0)
 
 
+def _seed_list(runs: Sequence[RunOptions]) -> str:
+    return ",".join(str(o.seed) for o in runs)
+
+
+def _seeds_have(runs: Sequence[RunOptions]) -> str:
+    """``seed 1 has`` / ``seeds 0,2 have``."""
+    return f"seed {runs[0].seed} has" if len(runs) == 1 else f"seeds {_seed_list(runs)} have"
+
+
+def _check_seeds_left(runs: list[RunOptions], paths: list[tuple[Path, Path]]) -> None:
+    """Some seeds of the stack already recorded (one resumed alone, say), or some with a checkpoint to resume
+    and some without: name the seeds each command should take, rather than advise ``--force``, which would
+    throw the recorded or checkpointed work away."""
+    done = [rec.is_file() and not o.force and not replaceable(rec) for o, (rec, _) in zip(runs, paths)]
+    recorded = [o for o, d in zip(runs, done) if d]
+    left = [o for o, d in zip(runs, done) if not d]
+    if recorded and left:
+        resume = " --resume" if any(o.resume for o in left) else ""
+        raise UsageError(
+            f"{_seeds_have(recorded)} a record in {paths[0][0].parent} already; the seeds left are "
+            f"{_seed_list(left)}: run the same command with --seeds {_seed_list(left)}{resume} (--force would "
+            "train every seed again and replace those records)")
+    fresh = [o for o, (_, ckpt) in zip(runs, paths) if o.resume and not ckpt.is_file()]
+    if fresh and len(fresh) < len(runs):
+        kept = [o for o in runs if o not in fresh]
+        raise UsageError(
+            f"--resume: {_seeds_have(fresh)} no checkpoint in {paths[0][1].parent} to resume from, "
+            f"{_seeds_have(kept)} one: run --seeds {_seed_list(kept)} --resume, and --seeds {_seed_list(fresh)} "
+            "without --resume")
+
+
 def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progress: bool, t0: float) -> list:
     from flowbench.training import experiment as ex
     from flowbench.utils import resolve_device
@@ -554,8 +569,10 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
     paths = [ex._paths(o) for o in runs]
     if len({p[0] for p in paths}) != len(paths):
         raise ConfigError("two runs of the stack would write the same record (same seed and tag)")
+    _check_seeds_left(runs, paths)
     for o, (rec, ckpt) in zip(runs, paths):
         ex._check_before_compute(o, rec, ckpt)
+    replacing = [ex.replacing_note(o, rec) for o, (rec, _) in zip(runs, paths)]
     first = runs[0]
     if data is None:
         from flowbench.data import load_dataset
@@ -570,7 +587,9 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
         flow = flow.to(device)
         flow.initialize(x.train)
         built.append((flow, hparams, match))
-    stack = {"seeds": [o.seed for o in runs], "size": len(runs)}
+    # The id tells this stack's records from another stack's of the same seeds (the report counts a stack's
+    # wall time, which each of its records carries, once).
+    stack = {"seeds": [o.seed for o in runs], "size": len(runs), "id": uuid.uuid4().hex[:12]}
     notes: list[list[str]] = [[] for _ in runs]
     prior = [0.0] * len(runs)
     if not built[0][0].trainable:
@@ -579,7 +598,10 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
             res, notes[i], prior[i] = ex._train(flow, x, o, paths[i][1], None, progress)
             results.append(res)
     else:
-        specs = [RunSpec(flow, o.seed, o.lr, o.weight_decay, o.patience, o.max_epochs, ckpt, o.to_dict())
+        # A sweep stacks configurations (tags) too; their epoch lines must tell them apart, not only the seeds.
+        tagged = len({o.tag for o in runs}) > 1
+        specs = [RunSpec(flow, o.seed, o.lr, o.weight_decay, o.patience, o.max_epochs, ckpt, o.to_dict(),
+                         f"[{o.tag or 'no tag'}] seed {o.seed}" if tagged else None)
                  for o, (flow, _, _), (_, ckpt) in zip(runs, built, paths)]
         trainer = StackedTrainer(specs, x.train, x.val, batch_size=first.batch_size,
                                  eval_batch_size=first.eval_batch_size, callbacks=callbacks, progress=progress,
@@ -595,6 +617,7 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
     records = []
     for i, (o, (flow, hparams, match), res) in enumerate(zip(runs, built, results)):
         notes[i].append(f"trained in a stack of {len(runs)} (seeds {stack['seeds']})")
+        notes[i] += [replacing[i]] if replacing[i] else []
         # Wall time: the whole stack's (all its runs trained together), plus this run's earlier sessions.
         records.append(ex.finish_run(o, data, x.test, flow, hparams, match, res, notes[i], device, t0 - prior[i],
                                      paths[i][0], paths[i][1], stack))

@@ -30,6 +30,7 @@ rate to 0, gradient-norm clipping at 5, validation every 250 steps keeping the b
 from __future__ import annotations
 
 import math
+import pickle
 import random
 import sys
 import time
@@ -156,6 +157,17 @@ MODEL_STATE_KIND = "flowbench-model-state"
 _CHECKPOINT_KEYS = ("epoch", "finished", "model", "optimizer", "early_stopping", "rng", "result")
 
 
+def _why_unreadable(error: Exception) -> str:
+    """Why torch could not load a file, in a few words and never with torch's advice to load it with
+    ``weights_only=False``: a file that is not what flowbench wrote must not be unpickled (it can run code)."""
+    text = str(error)
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text or "Weights only" in text:
+        return ("it holds Python objects that flowbench never writes into its files; it was not unpickled, "
+                "because loading such objects can run any code")
+    first = text.splitlines()[0].split(". ")[0] if text else "unreadable"
+    return f"{type(error).__name__}: {first}"
+
+
 def _load(path: str | Path, what: str) -> dict[str, Any]:
     """``torch.load`` of a file flowbench wrote; a truncated or foreign file is a ConfigError that says what to do."""
     path = Path(path)
@@ -164,9 +176,8 @@ def _load(path: str | Path, what: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"no {what} at {path}") from None
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError... for bad files
-        raise ConfigError(f"{what} {path} is truncated or not a flowbench file ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); delete it, or start the run "
-                          "again with --force (without --resume)") from e
+        raise ConfigError(f"{what} {path} is truncated or not a flowbench file ({_why_unreadable(e)}); delete it, "
+                          "or start the run again with --force (without --resume)") from e
     if not isinstance(state, dict):
         raise ConfigError(f"{what} {path} is not a flowbench file (it holds a {type(state).__name__}); delete it, "
                           "or start the run again with --force (without --resume)")

@@ -31,6 +31,8 @@ __all__ = [
     "CONFIG_DIR",
     "OPTIONS",
     "Option",
+    "MAF_PROTOCOL",
+    "NO_PROTOCOL_VALUE",
     "RunOptions",
     "RESUME_MAY_CHANGE",
     "UNTAGGED",
@@ -56,13 +58,25 @@ MAX_MATCH_TARGET = 10**8
 MAX_SEEDS = 32
 
 
+class _NoProtocolValue:
+    def __repr__(self) -> str:
+        return "<kept by --protocol maf>"
+
+
+#: An :class:`Option`'s ``maf`` when ``--protocol maf`` leaves the option as the config file set it.
+NO_PROTOCOL_VALUE: Any = _NoProtocolValue()
+
+
 @dataclass(frozen=True)
 class Option:
     """One general run option (not a model hyperparameter).
 
     ``tagged``: part of a sweep run's tag (it changes the result). ``resume_may_change``: may differ between a
     run and its ``--resume`` (it does not change the trajectory). ``training_only``: meaningless for
-    closed-form models such as the Gaussian.
+    closed-form models such as the Gaussian. ``choices``: the values allowed (checked with the types and bounds,
+    wherever a value comes from). ``stackable``: False when the stacked trainer does not implement the option, so
+    that a stack needs its default value (:data:`flowbench.training.stacked.UNSTACKABLE`). ``maf``: the value
+    ``--protocol maf`` sets (:data:`MAF_PROTOCOL`), or :data:`NO_PROTOCOL_VALUE` where it keeps the config's.
     """
 
     name: str
@@ -76,6 +90,9 @@ class Option:
     tagged: bool = True
     resume_may_change: bool = False
     training_only: bool = False
+    choices: tuple[str, ...] | None = None
+    stackable: bool = True
+    maf: Any = NO_PROTOCOL_VALUE
 
     @property
     def flag(self) -> str:
@@ -97,33 +114,35 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            resume_may_change=True),
     Option("tag", None, (str,), "label for this configuration; records go to runs/<dataset>/<model>/<tag>/", _WHAT),
     Option("max_epochs", None, (int,), "epoch cap (default: none, patience alone stops)", _TRAIN, "N", low=1,
-           resume_may_change=True, training_only=True),
+           resume_may_change=True, training_only=True, maf=None),
     Option("patience", 30, (int,), "epochs without validation improvement before stopping", _TRAIN, "N", low=1,
-           training_only=True),
+           training_only=True, maf=30),
     Option("lr", None, (float, int), "Adam learning rate (default: the model's, MAF protocol: 1e-3 MADE/MADE "
            "MoG/relgrad, 1e-4 flows)", _TRAIN, low=0.0, low_open=True, training_only=True),
-    Option("batch_size", 100, (int,), "minibatch size", _TRAIN, "N", low=1, training_only=True),
+    Option("batch_size", 100, (int,), "minibatch size", _TRAIN, "N", low=1, training_only=True, maf=100),
     Option("weight_decay", 1e-6, (float, int), "L2 penalty coefficient: gradient weight_decay·w (MAF: 1e-6)",
-           _TRAIN, "W", low=0.0, training_only=True),
+           _TRAIN, "W", low=0.0, training_only=True, maf=1e-6),
     Option("compile", False, (bool,), "compile the training objective with torch.compile (faster steps for small "
-           "models after a one-off compile of ~30 s; needs a C++ compiler on CPU)", _TRAIN, resume_may_change=True),
+           "models after a one-off compile of ~30 s; needs a C++ compiler on CPU)", _TRAIN, resume_may_change=True,
+           stackable=False),
     Option("adam_epoch_step", False, (bool,), "Adam's bias correction counts epochs, not steps: the relgrad "
            "reference code's quirk (jax adam called with the epoch index), with which its published numbers were "
-           "made; default off = ordinary Adam", _TRAIN, training_only=True),
+           "made; default off = ordinary Adam", _TRAIN, training_only=True, stackable=False),
     Option("checkpoint_every_s", 30.0, (float, int), "write the resume checkpoint at most every S seconds (and "
            "at the end of training); 0: after every epoch. A killed run redoes the epochs since the last one, with "
            "the same numbers", _TRAIN, "S", low=0.0, tagged=False, resume_may_change=True, training_only=True),
     Option("max_steps", None, (int,), "a budget of optimiser steps (the NSF protocol); training stops when it is "
-           "spent", _TRAIN, "N", low=1, training_only=True),
+           "spent", _TRAIN, "N", low=1, training_only=True, stackable=False, maf=None),
     Option("lr_schedule", "constant", (str,), "learning-rate schedule: constant (MAF) or cosine (annealed to 0 "
-           "over --max-steps, as the NSF code does)", _TRAIN, training_only=True),
+           "over --max-steps, as the NSF code does)", _TRAIN, training_only=True, choices=("constant", "cosine"),
+           stackable=False, maf="constant"),
     Option("grad_clip", None, (float, int), "clip the gradient to this global L2 norm (NSF: 5)", _TRAIN, "NORM",
-           low=0.0, low_open=True, training_only=True),
+           low=0.0, low_open=True, training_only=True, stackable=False, maf=None),
     Option("eval_every", None, (int,), "validate every N steps instead of every epoch; patience then counts "
-           "evaluations (NSF: 250)", _TRAIN, "N", low=1, training_only=True),
+           "evaluations (NSF: 250)", _TRAIN, "N", low=1, training_only=True, stackable=False, maf=None),
     Option("protocol", None, (str,), "maf: train under the MAF protocol whatever the config file says (Adam at "
            "the model's lr, batch 100, weight decay 1e-6, patience 30 epochs, no step budget, schedule or "
-           "clipping; flags still win); nsf: as the NSF configs set it", _TRAIN),
+           "clipping; flags still win); nsf: as the NSF configs set it", _TRAIN, choices=("maf", "nsf")),
     Option("eval_batch_size", 2000, (int,), "batch size for evaluation", _TRAIN, "N", low=1, tagged=False,
            resume_may_change=True),
     Option("match_params", None, (int, str), "size the model (its spec's knob: the hidden width, or relgrad's "
@@ -136,7 +155,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            tagged=False, resume_may_change=True),
     Option("tensorboard", None, (str,), "also log each epoch's train loss, exact train NLL, validation LL and best "
            "validation LL for TensorBoard under DIR/<dataset>/<model>[/<tag>]/seed<k> (needs the tensorboard extra)",
-           _OUT, "DIR", tagged=False, resume_may_change=True),
+           _OUT, "DIR", tagged=False, resume_may_change=True, stackable=False),
     Option("resume", False, (bool,), "continue from this run's last checkpoint", _OUT, resume_may_change=True),
     Option("force", False, (bool,), "overwrite an existing record, or start again over a checkpoint", _OUT,
            resume_may_change=True),
@@ -154,6 +173,14 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
 RESUME_MAY_CHANGE: tuple[str, ...] = tuple(o.name for o in OPTIONS.values() if o.resume_may_change)
 #: Options left out of a sweep run's tag: the seed (replicates share a tag) and where/how it runs.
 UNTAGGED: tuple[str, ...] = tuple(o.name for o in OPTIONS.values() if not o.tagged)
+#: ``--protocol maf``: the MAF paper's training protocol (section 4), over whatever the config file set (the
+#: options declared with ``maf=``; the learning rate is the model's own).
+MAF_PROTOCOL: dict[str, Any] = {o.name: o.maf for o in OPTIONS.values() if o.maf is not NO_PROTOCOL_VALUE}
+
+
+def _default(name: str) -> Any:
+    """:class:`RunOptions`' default for general option ``name``: its declaration's."""
+    return OPTIONS[name].default
 
 
 def hparam_declarations() -> dict[str, dict[str, Any]]:
@@ -176,45 +203,56 @@ def hparam_declarations() -> dict[str, dict[str, Any]]:
 @dataclass(frozen=True)
 class RunOptions:
     """Fully resolved options of one run. ``hparams`` holds only the model hyperparameters that were set
-    (the spec supplies the rest); ``provenance`` is the config file's ``[provenance]`` table, if any."""
+    (the spec supplies the rest); ``provenance`` is the config file's ``[provenance]`` table, if any.
 
-    dataset: str = "digits"
-    model: str = "relgrad"
-    config: str | None = None
-    seed: int = 0
-    seeds: str | None = None
-    device: str = "auto"
-    tag: str | None = None
-    max_epochs: int | None = None
-    patience: int = 30
-    lr: float = 1e-3
-    batch_size: int = 100
-    weight_decay: float = 1e-6
-    compile: bool = False
-    adam_epoch_step: bool = False
-    checkpoint_every_s: float = 30.0
-    max_steps: int | None = None
-    lr_schedule: str = "constant"
-    grad_clip: float | None = None
-    eval_every: int | None = None
-    protocol: str | None = None
-    eval_batch_size: int = 2000
-    match_params: int | str | None = None
-    match_knob: str | None = None
-    out: str = "results"
-    data_root: str | None = None
-    tensorboard: str | None = None
-    resume: bool = False
-    force: bool = False
-    keep_checkpoint: bool = False
-    quiet: bool = False
-    threads: int | None = None
+    The general options' defaults are their declarations' (:data:`OPTIONS`); ``lr`` left None becomes the
+    model's learning rate, as :func:`resolve_options` sets it. Build it with :func:`resolve_options` (config
+    files, checks) rather than directly."""
+
+    dataset: str = _default("dataset")
+    model: str = _default("model")
+    config: str | None = _default("config")
+    seed: int = _default("seed")
+    seeds: str | None = _default("seeds")
+    device: str = _default("device")
+    tag: str | None = _default("tag")
+    max_epochs: int | None = _default("max_epochs")
+    patience: int = _default("patience")
+    lr: float | None = _default("lr")  # None: the model's (filled in when built)
+    batch_size: int = _default("batch_size")
+    weight_decay: float = _default("weight_decay")
+    compile: bool = _default("compile")
+    adam_epoch_step: bool = _default("adam_epoch_step")
+    checkpoint_every_s: float = _default("checkpoint_every_s")
+    max_steps: int | None = _default("max_steps")
+    lr_schedule: str = _default("lr_schedule")
+    grad_clip: float | None = _default("grad_clip")
+    eval_every: int | None = _default("eval_every")
+    protocol: str | None = _default("protocol")
+    eval_batch_size: int = _default("eval_batch_size")
+    match_params: int | str | None = _default("match_params")
+    match_knob: str | None = _default("match_knob")
+    out: str = _default("out")
+    data_root: str | None = _default("data_root")
+    tensorboard: str | None = _default("tensorboard")
+    resume: bool = _default("resume")
+    force: bool = _default("force")
+    keep_checkpoint: bool = _default("keep_checkpoint")
+    quiet: bool = _default("quiet")
+    threads: int | None = _default("threads")
     hparams: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] | None = None
     #: The reference (``module:ATTR``, ``/abs/file.py:ATTR``) a plugged-in model or dataset was named by; then
     #: ``model``/``dataset`` hold its spec's name, which names the records' folder.
     model_ref: str | None = None
     dataset_ref: str | None = None
+
+    def __post_init__(self) -> None:
+        # As resolve_options: an unset learning rate is the model's own (MAF protocol: 1e-3 MADE, 1e-4 flows).
+        if self.lr is None:
+            from flowbench.models import get_spec  # lazy: the models import torch
+
+            object.__setattr__(self, "lr", get_spec(self.model_key).lr)
 
     @property
     def model_key(self) -> str:
@@ -273,6 +311,8 @@ def _check_value(key: str, value: Any, source: str, spec: Any = None) -> Any:
     else:
         opt = OPTIONS[key]
         types, low, low_open = opt.types, opt.low, opt.low_open
+        if opt.choices is not None and value not in opt.choices:
+            raise ConfigError(f"{_name(key, source)} must be one of {', '.join(opt.choices)}; got {value!r}")
     ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
     if not ok:  # bool is an int subclass: `seed = true` is a mistake
         want_text = " or ".join(t.__name__ for t in types)
@@ -475,21 +515,10 @@ def _file_options(explicit: dict[str, Any], use_bundled: bool) -> tuple[dict[str
     return opts, found
 
 
-#: ``--protocol maf``: the MAF paper's training protocol (section 4), over whatever the config file set.
-MAF_PROTOCOL: dict[str, Any] = {"batch_size": 100, "patience": 30, "weight_decay": 1e-6, "max_epochs": None,
-                                "max_steps": None, "lr_schedule": "constant", "grad_clip": None, "eval_every": None}
-PROTOCOLS = ("maf", "nsf")
-
-
 def _apply_protocol(merged: dict[str, Any], given: dict[str, Any], model_lr: float) -> None:
     """``--protocol maf`` replaces the config file's training settings by the MAF protocol's (flags still win);
     ``nsf`` names the NSF configs' own settings and changes nothing."""
-    protocol = merged.get("protocol")
-    if protocol is None:
-        return
-    if protocol not in PROTOCOLS:
-        raise ConfigError(f"--protocol {protocol!r} is not known; choose one of {', '.join(PROTOCOLS)}")
-    if protocol == "maf":
+    if merged.get("protocol") == "maf":  # its value was checked against the declared choices
         for key, value in {**MAF_PROTOCOL, "lr": model_lr}.items():
             if key not in given:
                 merged[key] = value
@@ -547,8 +576,6 @@ def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config
                           f"choose one of {', '.join(spec.hparams) or '(it has none)'}")
     _apply_protocol(merged, given, spec.lr)
     _check_seeds(merged, given, file_opts, path)
-    if merged["lr_schedule"] not in ("constant", "cosine"):
-        raise ConfigError(f"--lr-schedule {merged['lr_schedule']!r} is not known; choose constant or cosine")
     if merged["lr_schedule"] == "cosine" and merged["max_steps"] is None:
         raise ConfigError("--lr-schedule cosine anneals over the step budget: give --max-steps too")
     resolved = spec.resolve(hparams)  # every set hyperparameter must apply to this model, with a valid value

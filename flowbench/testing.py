@@ -310,9 +310,9 @@ class _ModelCase:
 
     def raw(self, seed: int | None = None) -> nn.Module:
         """A fresh build after seeding every generator with ``seed``, as flowbench's trainer seeds a run."""
-        from flowbench.training.experiment import _seed_everything
+        from flowbench.training.lifecycle import seed_everything
 
-        _seed_everything(self.seed if seed is None else seed)
+        seed_everything(self.seed if seed is None else seed)
         return self.spec.build(self.dim, **self.hparams)
 
     def model(self, seed: int | None = None, *, dtype: torch.dtype = torch.float64, perturb: bool = True,

@@ -131,3 +131,51 @@ def test_provenance_table_is_accepted_and_ignored_as_options(tmp_path):
     opts = resolve_options({"config": str(cfg)})
     assert opts.lr == 0.5 and opts.provenance == {"verified": False, "source": "ours"}
     assert "provenance" not in opts.to_dict()  # not a run option
+
+
+# -- options declared once (issue 23, item 2) ------------------------------------------------------------------
+def test_every_run_option_default_is_its_declaration():
+    import dataclasses
+
+    from flowbench.config import RunOptions
+
+    fields = {f.name: f for f in dataclasses.fields(RunOptions)}
+    assert [n for n in fields if n in OPTIONS] == list(OPTIONS)  # every declared option is a field, in order
+    extra = set(fields) - set(OPTIONS)
+    assert extra == {"hparams", "provenance", "model_ref", "dataset_ref"}  # not general options
+    for name, opt in OPTIONS.items():
+        assert fields[name].default == opt.default, name  # lr included: None there and here
+    # lr left None is the model's, as resolve_options sets it (was a fixed 1e-3, wrong for the flows)
+    assert RunOptions().lr == resolve_options({"dataset": "nowhere"}).lr == 1e-3
+    assert RunOptions(model="maf").lr == resolve_options({"model": "maf", "dataset": "nowhere"}).lr == 1e-4
+    assert RunOptions(model="maf", lr=0.5).lr == 0.5
+
+
+@pytest.mark.parametrize(("key", "bad", "allowed"), [
+    ("lr_schedule", "linear", "constant, cosine"),
+    ("protocol", "nfs", "maf, nsf"),
+])
+def test_declared_choices_are_checked_wherever_the_value_comes_from(tmp_path, key, bad, allowed):
+    assert OPTIONS[key].choices == tuple(allowed.split(", "))
+    flag = key.replace("_", "-")
+    with pytest.raises(ConfigError, match=f"--{flag} must be one of {allowed}; got '{bad}'"):
+        resolve_options({key: bad, "dataset": "nowhere"})
+    with pytest.raises(ConfigError, match=f"option '{flag}' in config file .*c.toml must be one of {allowed}"):
+        resolve_options({"config": str(write(tmp_path, f'{flag} = "{bad}"\n'))})
+    with pytest.raises(ConfigError, match=f"must be one of {allowed}"):
+        resolve_options({"dataset": "nowhere"}).replace(**{key: bad})
+    for good in allowed.split(", "):
+        extra = {"max_steps": 10} if good == "cosine" else {}
+        assert getattr(resolve_options({key: good, "dataset": "nowhere", **extra}), key) == good
+
+
+def test_protocol_and_stacking_tables_come_from_the_declarations():
+    from flowbench.config import MAF_PROTOCOL, NO_PROTOCOL_VALUE
+    from flowbench.training.stacked import UNSTACKABLE
+
+    assert MAF_PROTOCOL == {"batch_size": 100, "patience": 30, "weight_decay": 1e-6, "max_epochs": None,
+                            "max_steps": None, "lr_schedule": "constant", "grad_clip": None, "eval_every": None}
+    assert MAF_PROTOCOL == {n: o.maf for n, o in OPTIONS.items() if o.maf is not NO_PROTOCOL_VALUE}
+    assert UNSTACKABLE == {"adam_epoch_step": False, "compile": False, "tensorboard": None, "max_steps": None,
+                           "lr_schedule": "constant", "grad_clip": None, "eval_every": None}
+    assert UNSTACKABLE == {n: o.default for n, o in OPTIONS.items() if not o.stackable}

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from flowbench.data import load_dataset
-from flowbench.training.experiment import _seed_everything, run_experiment
+from flowbench.training.experiment import run_experiment
+from flowbench.training.lifecycle import seed_everything
 from flowbench.training.trainer import SYNC_EVERY, Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -39,7 +40,7 @@ def test_data_stay_on_the_device_and_no_per_step_host_sync():
     dev = torch.device("cuda")
     train_x = torch.as_tensor(np.asarray(data.train), device=dev)
     val_x = torch.as_tensor(np.asarray(data.val), device=dev)
-    _seed_everything(0)
+    seed_everything(0)
     flow = models.build_model("maf", data.dim, layers=2, hidden=32).to(dev)
     flow.initialize(train_x)
     batch = 4  # 1457 rows: 365 steps an epoch, so a per-step sync would show
@@ -97,7 +98,7 @@ def test_stacked_training_has_no_per_step_host_sync(model):
     hp = {"maf": dict(layers=2, hidden=32), "relgrad": dict(layers=2), "nsf-ar": dict(layers=2, hidden=16)}[model]
     runs = []
     for seed in range(3):
-        _seed_everything(seed)
+        seed_everything(seed)
         flow = models.build_model(model, data.dim, **models.get_spec(model).resolve(hp)).to(dev)
         flow.initialize(train_x)
         runs.append(RunSpec(flow, seed, 1e-4, max_epochs=1))

@@ -10,7 +10,7 @@ import flowbench.models as models
 from flowbench.data import load_dataset
 from flowbench.errors import ConfigError
 from flowbench.models.stacking import StackedRelgradNet
-from flowbench.training.experiment import _seed_everything
+from flowbench.training.lifecycle import seed_everything
 from flowbench.training.stacked import RunSpec, StackedTrainer, parse_seeds
 from flowbench.training.trainer import Trainer
 
@@ -43,7 +43,7 @@ def digits():
 
 
 def _build(model: str, seed: int, train_x, **hparams):
-    _seed_everything(seed)  # as run_experiment does: initial weights from the seed alone
+    seed_everything(seed)  # as run_experiment does: initial weights from the seed alone
     flow = models.build_model(model, train_x.shape[1], **{**FAMILIES[model], **hparams}).double()
     flow.initialize(train_x)
     return flow
@@ -347,7 +347,7 @@ def test_nan_guard_stops_one_run_the_others_go_on(tmp_path):
     train_x, val_x = torch.tensor(data.train), torch.tensor(data.val)
 
     def build(seed):
-        _seed_everything(seed)
+        seed_everything(seed)
         return models.build_model("maf", 3, layers=1, hidden=8, batch_norm=False)
 
     good, bad, ref = build(0), build(1), build(0)

@@ -70,7 +70,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
             group.add_argument(opt.flag, action="store_true", default=None, help=help_text)
         else:
             kind = int if opt.types == (int,) else float if float in opt.types else str
-            group.add_argument(opt.flag, type=kind, metavar=opt.metavar, default=None, help=help_text)
+            # choices shown, not enforced by argparse: resolve_options checks them with a message that says more
+            metavar = opt.metavar or ("{" + ",".join(opt.choices) + "}" if opt.choices else None)
+            group.add_argument(opt.flag, type=kind, metavar=metavar, default=None, help=help_text)
     m = parser.add_argument_group("model hyperparameters (only those the model takes; see its spec)")
     for key, decl in hparam_declarations().items():
         flag = "--" + key.replace("_", "-")

@@ -1,282 +1,56 @@
 """One experiment end to end: options → data → model → training → evaluation → :class:`RunRecord`.
 
-This is what ``flowbench run`` and the sweeps call. The protocol is MAF's (Papamakarios et al. 2017, §4);
-the parameter matching of baselines to another model follows Gresele et al. 2020, appendix H.3.
+This is what ``flowbench run`` and the sweeps call: a single run, or with ``--seeds`` a stack of runs
+(:mod:`flowbench.training.stacked`). The steps a run shares with a stack (paths, lock, building, finishing,
+the record) are :mod:`flowbench.training.lifecycle`'s; the protocol is MAF's (Papamakarios et al. 2017, §4).
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-import random
+import os
 import sys
 import time
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 
 from flowbench import models
-from flowbench.config import RunOptions, coerce_options, resolve_options
+from flowbench.config import RunOptions, coerce_options
+from flowbench.data import get_info
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
-from flowbench.models.params import count_params, match_params
-from flowbench.results import (
-    RunRecord,
-    check_overwrite,
-    checkpoint_path,
-    per_point_path,
-    record_path,
-    system_info,
-    write_per_point,
-    write_record,
+from flowbench.results import RunRecord
+from flowbench.training import stacked
+from flowbench.training.lifecycle import (
+    build_from_options,
+    check_before_compute,
+    finish_run,
+    load_data,
+    prepare_out,
+    replacing_note,
+    run_lock,
+    run_paths,
+    seed_everything,
+    to_device,
+    train_single,
 )
-from flowbench.training.evaluate import (
-    log_prob_batches,
-    spectral_norm_summary,
-    summarize_test,
-    validation_ll,
-)
-from flowbench.training.trainer import EpochInfo, Trainer, TrainResult
-from flowbench.utils import resolve_device
+from flowbench.training.trainer import EpochInfo
+from flowbench.utils import resolve_device, set_threads
 
-__all__ = ["run_experiment", "run_and_report", "build_from_options", "summary_line", "SMALL_DIM"]
+# build_from_options and finish_run are the lifecycle's, re-exported where callers have long found them.
+__all__ = ["run_experiment", "run_and_report", "build_from_options", "finish_run", "summary_line", "SMALL_DIM"]
 
-#: Test points used for the Jacobian spectral norm (power iteration per point; a summary, not a statistic).
-JACOBIAN_POINTS = 64
 #: Below this data dimension the matrices are too small for intra-op threads to pay; on a machine whose
 #: cores are busy, torch's default threads even slow training down many times over (measured: the default
 #: digits run took 270 s with 2 threads and 22 s with 1 on a loaded 2-core machine).
 SMALL_DIM = 256
-#: ``--match-params`` warns when the achieved count is further than this from the target (relative).
-MATCH_WARN = 0.1
-
-
-@dataclass
-class _Tensors:
-    train: torch.Tensor
-    val: torch.Tensor
-    test: torch.Tensor
-
-
-def _target_count(target: int | str, dataset: str, dim: int) -> tuple[int, str]:
-    """The parameter count to match: a number, or the count of model ``target`` as configured for ``dataset``."""
-    if isinstance(target, int):
-        return target, str(target)
-    other = resolve_options({"dataset": dataset, "model": target})
-    label = models.get_spec(target).name if ":" in target else target
-    return count_params(models.build_model(target, dim, **other.hparams)), label
-
-
-def build_from_options(opts: RunOptions, dim: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
-    """Build the model; returns ``(flow, every hyperparameter resolved, match info or None)``."""
-    spec = models.get_spec(opts.model_key)
-    hparams = dict(opts.hparams)
-    match = None
-    if opts.match_params is not None:
-        knob = opts.match_knob or spec.match_knob
-        if knob is None:
-            raise ConfigError(f"--match-params does not apply to model {opts.model!r}: it has no size knob "
-                              "(nothing to solve for); name one with --match-knob, or remove the option")
-        target, label = _target_count(opts.match_params, opts.dataset_key, dim)
-        # Matching solves for the model's knob (the hidden width for the MAF family, as in Gresele et al.
-        # 2020, H.3); a configured value of the knob yields to it, everything else stays fixed.
-        result = match_params(opts.model_key, dim, target, knob=knob, **hparams)
-        hparams = dict(result["hparams"])
-        match = {"target": int(result["target"]), "achieved": int(result["achieved"]), "against": label,
-                 "knob": result["knob"]}
-        if abs(result["relative_error"]) > MATCH_WARN:
-            smallest = match_params(opts.model_key, dim, 1, knob=knob, **hparams)["achieved"]
-            warnings.warn(
-                f"--match-params {target}: the closest {opts.model} has {result['achieved']:,} parameters "
-                f"({result['relative_error']:+.0%}); the smallest reachable at D = {dim} is {smallest:,}",
-                stacklevel=2,
-            )
-    # Every hyperparameter is recorded, defaults included, so the record alone reproduces the model.
-    hparams = spec.resolve(hparams)
-    return models.build_model(opts.model_key, dim, **hparams), hparams, match
-
-
-def _paths(opts: RunOptions) -> tuple[Path, Path]:
-    return (record_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag),
-            checkpoint_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag))
-
-
-def _check_before_compute(opts: RunOptions, rec_path: Path, ckpt_path: Path) -> None:
-    from flowbench.errors import UsageError
-    from flowbench.training.trainer import checkpoint_epoch
-
-    check_overwrite(rec_path, opts.force)  # before spending any compute
-    if opts.resume and not ckpt_path.is_file():
-        if ckpt_path.with_suffix(".model.pt").is_file():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}: the run finished and kept only its model "
-                              "state; continuing a finished run needs its training run made with --keep-checkpoint "
-                              "(or start again with --force, without --resume)")
-        raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
-    if not opts.resume and not opts.force and ckpt_path.is_file():
-        # Starting at epoch 1 would overwrite it at the end of the first epoch: a forgotten --resume after a
-        # kill must not throw hours of training away.
-        epoch = checkpoint_epoch(ckpt_path)
-        after = f"after epoch {epoch}" if epoch is not None else "(unreadable)"
-        raise UsageError(f"this run has a checkpoint {after} at {ckpt_path} (an earlier run was interrupted); "
-                         "add --resume to continue from it, or --force to start again at epoch 1 and replace it")
-
-
-def replacing_note(opts: RunOptions, rec_path: Path) -> str | None:
-    """The record's note when it replaces, without ``--force``, an earlier run's non-finite record."""
-    if opts.force or not rec_path.is_file():
-        return None
-    return "replaced the non-finite record of an earlier run of this seed (a non-finite record needs no --force)"
-
-
-def _prepare_out(opts: RunOptions, folder: Path) -> None:
-    """Create the run's folder under ``--out``, with an error that says what to do when that is impossible."""
-    out = Path(opts.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {opts.out} is a file, not a folder; pass a folder (it is created if missing)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
-        raise ConfigError(f"--out {opts.out}: cannot create {folder} because {blocker} is a file; "
-                          "remove it or choose another --out") from None
-    except OSError as e:
-        raise ConfigError(f"--out {opts.out}: cannot create {folder} ({e.strerror or e}); choose a folder you "
-                          "can write to") from e
-
-
-@contextlib.contextmanager
-def _run_lock(opts: RunOptions):
-    """Hold the run's ``seed<k>.lock`` so that a second process training the same record stops at once."""
-    from flowbench.errors import DiskFullError, UsageError
-    from flowbench.results import lock_path
-    from flowbench.utils import LockHeld, exclusive_lock
-
-    path = lock_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
-    try:
-        with exclusive_lock(path):
-            yield
-    except LockHeld as e:
-        holder = f"process {e.pid}" if e.pid is not None else "another process"
-        raise UsageError(f"{holder} is already training this run (lock {path}); wait for it to finish, or "
-                         "choose another --seed, --tag or --out") from None
-    except DiskFullError:
-        raise  # its own message: the disk, not the folder, is the problem
-    except OSError as e:
-        if e.filename is None or Path(e.filename) != path:
-            raise
-        raise ConfigError(f"--out {opts.out}: cannot create the lock file {path} ({e.strerror or e}); choose a "
-                          "folder you can write to") from e
-
-
-def _keep_model_state(opts: RunOptions, flow: torch.nn.Module) -> str:
-    """Write the evaluated model's state beside the record; returns its file name (the record's ``model_state``)."""
-    from flowbench.results import model_state_path
-    from flowbench.training.trainer import save_model_state
-
-    path = model_state_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
-    save_model_state(path, flow)
-    return path.name
-
-
-def _drop_checkpoint(opts: RunOptions, ckpt_path: Path) -> None:
-    """After the record: the full checkpoint (optimizer, RNG) only serves --resume; keep it if asked to."""
-    if not opts.keep_checkpoint:
-        ckpt_path.unlink(missing_ok=True)
-
-
-def _seed_everything(seed: int) -> None:
-    """Before the model is built, so that initial weights depend on the seed only."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _to_device(data: Dataset, device: torch.device) -> _Tensors:
-    """Data moved to the device once; batches are index views of these tensors."""
-    def move(a: Any) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)
-
-    return _Tensors(move(data.train), move(data.val), move(data.test))
-
-
-def _train(flow: torch.nn.Module, x: _Tensors, opts: RunOptions, ckpt_path: Path,
-           callbacks: list[Callable[[EpochInfo], None]] | None,
-           progress: bool) -> tuple[TrainResult, list[str], float]:
-    """Gradient training under the MAF protocol (or the closed-form fit).
-
-    Returns the result, notes for the record, and the training time of earlier sessions (``--resume``).
-    """
-    notes: list[str] = []
-    if not flow.trainable:
-        # Closed-form models (the Gaussian baseline) are fitted completely by initialize().
-        result = TrainResult(stop_reason="closed-form fit (not trainable)")
-        result.best_val_ll, result.n_nonfinite_val = validation_ll(flow, x.train, x.val, opts.eval_batch_size)
-        return result, notes, 0.0
-    trainer = Trainer(
-        flow, x.train, x.val, lr=opts.lr, weight_decay=opts.weight_decay, batch_size=opts.batch_size,
-        patience=opts.patience, max_epochs=opts.max_epochs, seed=opts.seed, eval_batch_size=opts.eval_batch_size,
-        checkpoint_path=ckpt_path, fingerprint=opts.to_dict(), callbacks=callbacks, progress=progress,
-        compile=opts.compile, adam_epoch_step=opts.adam_epoch_step,
-        checkpoint_every_s=float(opts.checkpoint_every_s), max_steps=opts.max_steps, lr_schedule=opts.lr_schedule,
-        grad_clip=opts.grad_clip, eval_every=opts.eval_every,
-    )
-    prior = 0.0
-    if opts.resume:
-        trainer.load_checkpoint()
-        prior = trainer.result.train_time_s
-        notes.append(f"resumed from the checkpoint after epoch {trainer.result.resumed_from_epoch}")
-    elif ckpt_path.exists():
-        notes.append("an older checkpoint was replaced (run with --resume to continue one instead)")
-    return trainer.fit(), notes, prior
-
-
-def _make_record(opts: RunOptions, flow: torch.nn.Module, hparams: dict[str, Any], match: dict[str, Any] | None,
-                 result: TrainResult, evaluation: dict[str, Any], jac: dict[str, Any] | None, notes: list[str],
-                 device: torch.device, wall_time_s: float) -> RunRecord:
-    return RunRecord(
-        dataset=opts.dataset,
-        model=opts.model,
-        display_name=models.display_name(opts.model_key, **hparams),
-        model_ref=opts.model_ref,
-        model_origin=models.model_origin(opts.model_key).to_json(),
-        dataset_ref=opts.dataset_ref,
-        tag=opts.tag,
-        seed=opts.seed,
-        config=opts.to_dict(),
-        hparams=hparams,
-        params=count_params(flow),
-        match_target=match,
-        epochs=result.epochs,
-        steps=result.steps,
-        best_step=result.best_step,
-        best_epoch=result.best_epoch,
-        best_val_ll=result.best_val_ll,
-        n_nonfinite_val=result.n_nonfinite_val,
-        stop_reason=result.stop_reason,
-        **evaluation,
-        history=result.history,
-        train_time_s=result.train_time_s,
-        wall_time_s=wall_time_s,
-        device=str(device),
-        threads=torch.get_num_threads(),
-        **system_info(),
-        status=result.status,
-        failure=result.failure,
-        jacobian_spectral_norm=jac,
-        notes=notes,
-        command=" ".join(sys.argv) if sys.argv and sys.argv[0] else None,
-        provenance=opts.provenance,
-    )
 
 
 def _tensorboard(opts: RunOptions) -> Callable[[EpochInfo], None] | None:
     """``--tensorboard DIR``: a per-epoch logger in this run's own folder under DIR, or None."""
     if opts.tensorboard is None:
         return None
+    # lazy on purpose: the tensorboard extra is optional, and importing it is slow
     from flowbench.training.tensorboard import run_log_dir, tensorboard_callback
 
     return tensorboard_callback(run_log_dir(opts.tensorboard, opts.dataset, opts.model, opts.seed, opts.tag))
@@ -300,8 +74,8 @@ def run_experiment(
     opts = coerce_options(options)
     if data is not None:
         opts = opts.replace(dataset=data.name)
-    _prepare_out(opts, _paths(opts)[0].parent)
-    with _run_lock(opts):
+    prepare_out(opts, run_paths(opts)[0].parent)
+    with run_lock(opts):
         return _run_experiment(opts, data, callbacks=callbacks, progress=progress)
 
 
@@ -314,22 +88,19 @@ def _run_experiment(
 ) -> RunRecord:
     """The run itself, its lock held (``opts`` resolved, ``dataset`` already ``data.name`` when data is given)."""
     t0 = time.perf_counter()
-    rec_path, ckpt_path = _paths(opts)
-    _check_before_compute(opts, rec_path, ckpt_path)
+    rec_path, ckpt_path = run_paths(opts)
+    check_before_compute(opts, rec_path, ckpt_path)
     replacing = replacing_note(opts, rec_path)
-    if data is None:
-        from flowbench.data import load_dataset
-
-        data = load_dataset(opts.dataset_key, opts.data_root)
+    data = load_data(opts, data)
     device = resolve_device(opts.device)
-    _seed_everything(opts.seed)
+    seed_everything(opts.seed)
     flow, hparams, match = build_from_options(opts, data.dim)
     flow = flow.to(device)
-    x = _to_device(data, device)
+    x = to_device(data, device)
     flow.initialize(x.train)
     logger = _tensorboard(opts)
     try:
-        result, notes, prior_time = _train(flow, x, opts, ckpt_path, [*(callbacks or []), *([logger] if logger else [])],
+        result, notes, prior_time = train_single(flow, x, opts, ckpt_path, [*(callbacks or []), *([logger] if logger else [])],
                                            progress)
     finally:
         if logger is not None:
@@ -339,34 +110,6 @@ def _run_experiment(
     # Wall time includes the training time of earlier sessions when resumed (the whole run's).
     return finish_run(opts, data, x.test, flow, hparams, match, result, notes, device, t0 - prior_time,
                       rec_path, ckpt_path)
-
-
-def finish_run(opts: RunOptions, data: Any, test_x: torch.Tensor, flow: torch.nn.Module, hparams: dict[str, Any],
-               match: dict[str, Any] | None, result: TrainResult, notes: list[str], device: torch.device,
-               t0: float, rec_path: Path, ckpt_path: Path, stack: dict[str, Any] | None = None) -> RunRecord:
-    """After training, for a single run or each run of a stack: test evaluation, the record (wall time since
-    ``t0``), the kept model state and per-point test LLs; the checkpoint goes unless kept."""
-    logp = log_prob_batches(flow, test_x, opts.eval_batch_size)
-    evaluation = summarize_test(logp, data)
-    jac, note = spectral_norm_summary(flow, test_x[:JACOBIAN_POINTS])
-    if note:
-        notes.append(note)
-    n_bad = evaluation["n_nonfinite_test"]
-    if n_bad and evaluation["test_ll"] == -math.inf:
-        # A density below float range is a legitimate (worst) value, not a failure: said in a note and the table.
-        notes.append(f"{n_bad} of {evaluation['n_test']} test points have log-density −inf, so the test LL is −inf; "
-                     f"over the others it is {evaluation['test_ll_finite']:.4f} ± {evaluation['test_ll_finite_2se']:.4f}")
-    elif result.status == "ok" and not math.isfinite(evaluation["test_ll"]):
-        result.status, result.failure = "nonfinite", "test log-likelihood is not finite"
-    record = _make_record(opts, flow, hparams, match, result, evaluation, jac, notes, device, time.perf_counter() - t0)
-    record.stack = stack
-    record.model_state = _keep_model_state(opts, flow)  # before the record, which names it
-    # The table's paired t-test (MAF paper's bolding rule) needs every test point's LL, not just their mean.
-    points = per_point_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
-    record.test_points = write_per_point(points, logp, test_x.cpu().numpy())
-    write_record(rec_path, record, force=opts.force)
-    _drop_checkpoint(opts, ckpt_path)
-    return record
 
 
 def summary_line(record: RunRecord, path: Any) -> str:
@@ -403,11 +146,6 @@ def summary_line(record: RunRecord, path: Any) -> str:
 
 def _set_threads(opts: RunOptions) -> None:
     """Apply ``--threads`` or the default rule (see :data:`SMALL_DIM`)."""
-    import os
-
-    from flowbench.data import get_info
-    from flowbench.utils import set_threads
-
     if opts.threads is not None:
         set_threads(opts.threads)
     elif not os.environ.get("OMP_NUM_THREADS"):
@@ -423,18 +161,16 @@ def run_and_report(opts: RunOptions) -> int:
     """``flowbench run``: set threads, train, print the summary line; exit status 0 when the run is ok."""
     _set_threads(opts)
     if opts.seeds is not None:
-        from flowbench.training.stacked import parse_seeds, run_stacked
-
-        runs = [opts.replace(seed=s, seeds=None) for s in parse_seeds(opts.seeds)]
+        runs = [opts.replace(seed=s, seeds=None) for s in stacked.parse_seeds(opts.seeds)]
         try:
-            records = run_stacked(runs, progress=not opts.quiet)
+            records = stacked.run_stacked(runs, progress=not opts.quiet)
         except KeyboardInterrupt:
             print(f"training interrupted; each seed's last checkpoint (written at most every "
                   f"{opts.checkpoint_every_s:g} s and at the end of an epoch) is kept: run the same command with "
                   f"--resume to continue seeds {opts.seeds}", file=sys.stderr)
             raise
         for record, run in zip(records, runs):
-            print(summary_line(record, _paths(run.replace(dataset=record.dataset))[0]))
+            print(summary_line(record, run_paths(run.replace(dataset=record.dataset))[0]))
         _check_finite(runs, records)
         return 0 if all(r.status == "ok" for r in records) else 1
     try:
@@ -443,7 +179,7 @@ def run_and_report(opts: RunOptions) -> int:
         print(f"training interrupted; the last checkpoint (written at most every {opts.checkpoint_every_s:g} s "
               "and at the end of an epoch) is kept: run the same command with --resume to continue", file=sys.stderr)
         raise
-    print(summary_line(record, _paths(opts.replace(dataset=record.dataset))[0]))
+    print(summary_line(record, run_paths(opts.replace(dataset=record.dataset))[0]))
     _check_finite([opts], [record])
     return 0 if record.status == "ok" else 1
 

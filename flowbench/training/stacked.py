@@ -18,6 +18,7 @@ real module holding that run's parameters, exactly as a single run validates.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -32,11 +33,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowbench.config import RESUME_MAY_CHANGE, RunOptions, parse_seeds
+from flowbench.config import OPTIONS, RESUME_MAY_CHANGE, UNTAGGED, RunOptions, coerce_options, parse_seeds
 from flowbench.errors import ConfigError, UsageError
 from flowbench.models.base import Flow
 from flowbench.models.stacking import split_buffers, stacked_objective, stacked_validation
 from flowbench.results import replaceable
+from flowbench.training import lifecycle
 from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import (
     TRAIN_NLL_POINTS,
@@ -55,7 +57,7 @@ from flowbench.training.trainer import (
     make_adam,
     read_checkpoint,
 )
-from flowbench.utils import atomic_torch_save, keep_freed_memory
+from flowbench.utils import atomic_torch_save, keep_freed_memory, resolve_device
 
 __all__ = ["StackedTrainer", "RunSpec", "StackedEpochInfo", "parse_seeds", "run_stacked", "stack_key", "PER_RUN"]
 
@@ -448,11 +450,10 @@ class StackedTrainer:
 
 #: Options in which the runs of one stack may differ: they change no tensor shape (per-run Adam, stopper).
 PER_RUN = ("seed", "lr", "weight_decay", "patience", "max_epochs")
-#: Options the stacked trainer does not implement, with the value it behaves as; a run with another value is
-#: not stacked by a sweep and refused by ``run --seeds`` (a trainer option added later belongs here until
-#: :class:`StackedTrainer` implements it).
-UNSTACKABLE = {"adam_epoch_step": False, "compile": False, "tensorboard": None, "max_steps": None,
-               "lr_schedule": "constant", "grad_clip": None, "eval_every": None}
+#: Options the stacked trainer does not implement (declared ``stackable=False`` in :data:`flowbench.config.OPTIONS`),
+#: with the value it behaves as, their default; a run with another value is not stacked by a sweep and refused
+#: by ``run --seeds`` (a trainer option added later is declared so until :class:`StackedTrainer` implements it).
+UNSTACKABLE: dict[str, Any] = {o.name: o.default for o in OPTIONS.values() if not o.stackable}
 
 
 def unstackable(opts: RunOptions) -> str | None:
@@ -491,8 +492,6 @@ def _probe(model: str, dataset: str, hparams: tuple) -> str | None:
 def stack_key(opts: RunOptions) -> tuple:
     """Runs with equal keys may share a stack: everything but :data:`PER_RUN` and the options that do not
     change a trajectory (where results go, threads, progress output) is equal."""
-    from flowbench.config import UNTAGGED
-
     skip = set(PER_RUN) | set(RESUME_MAY_CHANGE) | set(UNTAGGED) | {"seeds", "tag"}
     flat = opts.to_dict()
     return tuple(sorted((k, repr(v)) for k, v in flat.items() if k not in skip))
@@ -502,15 +501,10 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
                 progress: bool = True) -> list:
     """Train, evaluate and record R runs as one stack; returns their records (each also written).
 
-    Each record has the format of a single run's (:func:`flowbench.training.experiment.run_experiment`)
+    Each record has the format of a single run's (:func:`flowbench.training.lifecycle.finish_run`)
     plus ``stack = {"seeds": [...], "size": R, "id": <the same for every run of this stack>}``. ``options`` are
     :class:`RunOptions` or mappings.
     """
-    import contextlib
-
-    from flowbench.config import coerce_options
-    from flowbench.training import experiment as ex
-
     t0 = time.perf_counter()
     runs = [coerce_options(o) for o in options]
     if data is not None:
@@ -519,8 +513,8 @@ def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Cal
         raise ConfigError("a stack needs at least one run")
     with contextlib.ExitStack() as held:  # every run's lock, from the first check to its record
         for o in runs:
-            ex._prepare_out(o, ex._paths(o)[0].parent)
-            held.enter_context(ex._run_lock(o))
+            lifecycle.prepare_out(o, lifecycle.run_paths(o)[0].parent)
+            held.enter_context(lifecycle.run_lock(o))
         return _run_stacked(runs, data, callbacks, progress, t0)
 
 
@@ -556,9 +550,6 @@ def _check_seeds_left(runs: list[RunOptions], paths: list[tuple[Path, Path]]) ->
 
 
 def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progress: bool, t0: float) -> list:
-    from flowbench.training import experiment as ex
-    from flowbench.utils import resolve_device
-
     for o in runs:
         why = unstackable(o)
         if why is not None and "closed form" not in why:
@@ -566,24 +557,21 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
     keys = {stack_key(o) for o in runs}
     if len(keys) > 1 or len({o.batch_size for o in runs}) > 1:
         raise ConfigError("runs of one stack may differ only in " + ", ".join(PER_RUN))
-    paths = [ex._paths(o) for o in runs]
+    paths = [lifecycle.run_paths(o) for o in runs]
     if len({p[0] for p in paths}) != len(paths):
         raise ConfigError("two runs of the stack would write the same record (same seed and tag)")
     _check_seeds_left(runs, paths)
     for o, (rec, ckpt) in zip(runs, paths):
-        ex._check_before_compute(o, rec, ckpt)
-    replacing = [ex.replacing_note(o, rec) for o, (rec, _) in zip(runs, paths)]
+        lifecycle.check_before_compute(o, rec, ckpt)
+    replacing = [lifecycle.replacing_note(o, rec) for o, (rec, _) in zip(runs, paths)]
     first = runs[0]
-    if data is None:
-        from flowbench.data import load_dataset
-
-        data = load_dataset(first.dataset_key, first.data_root)
+    data = lifecycle.load_data(first, data)
     device = resolve_device(first.device)
-    x = ex._to_device(data, device)
+    x = lifecycle.to_device(data, device)
     built = []
     for o in runs:
-        ex._seed_everything(o.seed)
-        flow, hparams, match = ex.build_from_options(o, data.dim)
+        lifecycle.seed_everything(o.seed)
+        flow, hparams, match = lifecycle.build_from_options(o, data.dim)
         flow = flow.to(device)
         flow.initialize(x.train)
         built.append((flow, hparams, match))
@@ -595,7 +583,7 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
     if not built[0][0].trainable:
         results = []
         for i, (o, (flow, _, _)) in enumerate(zip(runs, built)):
-            res, notes[i], prior[i] = ex._train(flow, x, o, paths[i][1], None, progress)
+            res, notes[i], prior[i] = lifecycle.train_single(flow, x, o, paths[i][1], None, progress)
             results.append(res)
     else:
         # A sweep stacks configurations (tags) too; their epoch lines must tell them apart, not only the seeds.
@@ -619,7 +607,7 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
         notes[i].append(f"trained in a stack of {len(runs)} (seeds {stack['seeds']})")
         notes[i] += [replacing[i]] if replacing[i] else []
         # Wall time: the whole stack's (all its runs trained together), plus this run's earlier sessions.
-        records.append(ex.finish_run(o, data, x.test, flow, hparams, match, res, notes[i], device, t0 - prior[i],
+        records.append(lifecycle.finish_run(o, data, x.test, flow, hparams, match, res, notes[i], device, t0 - prior[i],
                                      paths[i][0], paths[i][1], stack))
     return records
 
@@ -640,10 +628,9 @@ def run_memory(opts: RunOptions) -> int:
     and the best state: 6 × parameter bytes. Data are shared by the stack and not counted.
     """
     from flowbench.data import get_info
-    from flowbench.training.experiment import build_from_options
 
     info = get_info(opts.dataset_key)
-    flow, _, _ = build_from_options(opts, info.dim)
+    flow, _, _ = lifecycle.build_from_options(opts, info.dim)
     params = sum(p.numel() * p.element_size() for p in flow.parameters())
     saved = 0
 

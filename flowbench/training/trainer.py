@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flowbench.config import RESUME_MAY_CHANGE, unset_value
+from flowbench.config import OPTIONS, RESUME_MAY_CHANGE, unset_value
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.training.early_stopping import EarlyStopping
@@ -110,7 +110,7 @@ def loss_label(loss_omits: str | None) -> str:
 #: On a GPU the running loss is read back (and checked for NaN/inf) every this many steps.
 SYNC_EVERY = 50
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES: tuple[str, ...] = OPTIONS["lr_schedule"].choices or ()  # declared once, with the option
 
 
 def make_adam(params: Iterable[Tensor], lr: float, weight_decay: float) -> torch.optim.Adam:

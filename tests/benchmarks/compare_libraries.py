@@ -21,7 +21,7 @@ from torch import nn
 from flowbench.config import resolve_options
 from flowbench.data import load_dataset
 from flowbench.training.evaluate import log_prob_batches, mean_2se
-from flowbench.training.experiment import build_from_options
+from flowbench.training.lifecycle import build_from_options
 from flowbench.training.trainer import Trainer
 
 

@@ -1,0 +1,329 @@
+"""A run's life: options → paths → lock → build → train → finish → record.
+
+The steps every way of training a run shares: a single run (:func:`flowbench.training.experiment.run_experiment`)
+and a stack of runs (:func:`flowbench.training.stacked.run_stacked`) both
+
+1. take resolved :class:`~flowbench.config.RunOptions` (:func:`flowbench.config.resolve_options`);
+2. find the run's record and checkpoint (:func:`run_paths`) and create its folder (:func:`prepare_out`);
+3. hold its lock file (:func:`run_lock`) from the first check (:func:`check_before_compute`) to the record;
+4. seed every generator (:func:`seed_everything`) and build the model (:func:`build_from_options`);
+5. train (:func:`train_single` for one run; the stacked trainer for a stack);
+6. finish (:func:`finish_run`): test evaluation, the record, the kept model state, per-point test LLs, and the
+   checkpoint removed unless kept.
+
+The protocol is MAF's (Papamakarios et al. 2017, §4); the parameter matching of baselines to another model
+follows Gresele et al. 2020, appendix H.3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from flowbench import models
+from flowbench.config import RunOptions, resolve_options
+from flowbench.data import load_dataset
+from flowbench.data.base import Dataset
+from flowbench.errors import ConfigError, DiskFullError, UsageError
+from flowbench.models.params import count_params, match_params
+from flowbench.results import (
+    RunRecord,
+    check_overwrite,
+    checkpoint_path,
+    lock_path,
+    model_state_path,
+    per_point_path,
+    record_path,
+    system_info,
+    write_per_point,
+    write_record,
+)
+from flowbench.training.evaluate import log_prob_batches, spectral_norm_summary, summarize_test, validation_ll
+from flowbench.training.trainer import EpochInfo, Trainer, TrainResult, checkpoint_epoch, save_model_state
+from flowbench.utils import LockHeld, exclusive_lock
+
+__all__ = [
+    "JACOBIAN_POINTS",
+    "MATCH_WARN",
+    "RunTensors",
+    "build_from_options",
+    "check_before_compute",
+    "drop_checkpoint",
+    "finish_run",
+    "keep_model_state",
+    "load_data",
+    "make_record",
+    "prepare_out",
+    "replacing_note",
+    "run_lock",
+    "run_paths",
+    "seed_everything",
+    "to_device",
+    "train_single",
+]
+
+#: Test points used for the Jacobian spectral norm (power iteration per point; a summary, not a statistic).
+JACOBIAN_POINTS = 64
+#: ``--match-params`` warns when the achieved count is further than this from the target (relative).
+MATCH_WARN = 0.1
+
+
+# -- options → paths → lock --------------------------------------------------------------------------------------
+def run_paths(opts: RunOptions) -> tuple[Path, Path]:
+    """The run's record and full (resume) checkpoint paths under ``--out``."""
+    return (record_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag),
+            checkpoint_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag))
+
+
+def prepare_out(opts: RunOptions, folder: Path) -> None:
+    """Create the run's folder under ``--out``, with an error that says what to do when that is impossible."""
+    out = Path(opts.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {opts.out} is a file, not a folder; pass a folder (it is created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
+        raise ConfigError(f"--out {opts.out}: cannot create {folder} because {blocker} is a file; "
+                          "remove it or choose another --out") from None
+    except OSError as e:
+        raise ConfigError(f"--out {opts.out}: cannot create {folder} ({e.strerror or e}); choose a folder you "
+                          "can write to") from e
+
+
+@contextlib.contextmanager
+def run_lock(opts: RunOptions) -> Iterator[None]:
+    """Hold the run's ``seed<k>.lock`` so that a second process training the same record stops at once."""
+    path = lock_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
+    try:
+        with exclusive_lock(path):
+            yield
+    except LockHeld as e:
+        holder = f"process {e.pid}" if e.pid is not None else "another process"
+        raise UsageError(f"{holder} is already training this run (lock {path}); wait for it to finish, or "
+                         "choose another --seed, --tag or --out") from None
+    except DiskFullError:
+        raise  # its own message: the disk, not the folder, is the problem
+    except OSError as e:
+        if e.filename is None or Path(e.filename) != path:
+            raise
+        raise ConfigError(f"--out {opts.out}: cannot create the lock file {path} ({e.strerror or e}); choose a "
+                          "folder you can write to") from e
+
+
+def check_before_compute(opts: RunOptions, rec_path: Path, ckpt_path: Path) -> None:
+    """Refuse, before any compute, to overwrite a record without ``--force``, to ``--resume`` without a checkpoint,
+    or to start afresh over an interrupted run's checkpoint without ``--resume`` or ``--force``."""
+    check_overwrite(rec_path, opts.force)
+    if opts.resume and not ckpt_path.is_file():
+        if ckpt_path.with_suffix(".model.pt").is_file():
+            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}: the run finished and kept only its model "
+                              "state; continuing a finished run needs its training run made with --keep-checkpoint "
+                              "(or start again with --force, without --resume)")
+        raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
+    if not opts.resume and not opts.force and ckpt_path.is_file():
+        # Starting at epoch 1 would overwrite it at the end of the first epoch: a forgotten --resume after a
+        # kill must not throw hours of training away.
+        epoch = checkpoint_epoch(ckpt_path)
+        after = f"after epoch {epoch}" if epoch is not None else "(unreadable)"
+        raise UsageError(f"this run has a checkpoint {after} at {ckpt_path} (an earlier run was interrupted); "
+                         "add --resume to continue from it, or --force to start again at epoch 1 and replace it")
+
+
+def replacing_note(opts: RunOptions, rec_path: Path) -> str | None:
+    """The record's note when it replaces, without ``--force``, an earlier run's non-finite record."""
+    if opts.force or not rec_path.is_file():
+        return None
+    return "replaced the non-finite record of an earlier run of this seed (a non-finite record needs no --force)"
+
+
+# -- data → build ------------------------------------------------------------------------------------------------
+def load_data(opts: RunOptions, data: Dataset | None = None) -> Dataset:
+    """``data`` when given (in-memory data for toy problems and tests), else the run's dataset, loaded."""
+    return data if data is not None else load_dataset(opts.dataset_key, opts.data_root)
+
+
+@dataclass
+class RunTensors:
+    """A run's data on its device; batches are index views of these tensors."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+
+
+def to_device(data: Dataset, device: torch.device) -> RunTensors:
+    """Data moved to the device once."""
+    def move(a: Any) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)
+
+    return RunTensors(move(data.train), move(data.val), move(data.test))
+
+
+def seed_everything(seed: int) -> None:
+    """Before the model is built, so that initial weights depend on the seed only."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _target_count(target: int | str, dataset: str, dim: int) -> tuple[int, str]:
+    """The parameter count to match: a number, or the count of model ``target`` as configured for ``dataset``."""
+    if isinstance(target, int):
+        return target, str(target)
+    other = resolve_options({"dataset": dataset, "model": target})
+    label = models.get_spec(target).name if ":" in target else target
+    return count_params(models.build_model(target, dim, **other.hparams)), label
+
+
+def build_from_options(opts: RunOptions, dim: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
+    """Build the model; returns ``(flow, every hyperparameter resolved, match info or None)``."""
+    spec = models.get_spec(opts.model_key)
+    hparams = dict(opts.hparams)
+    match = None
+    if opts.match_params is not None:
+        knob = opts.match_knob or spec.match_knob
+        if knob is None:
+            raise ConfigError(f"--match-params does not apply to model {opts.model!r}: it has no size knob "
+                              "(nothing to solve for); name one with --match-knob, or remove the option")
+        target, label = _target_count(opts.match_params, opts.dataset_key, dim)
+        # Matching solves for the model's knob (the hidden width for the MAF family, as in Gresele et al.
+        # 2020, H.3); a configured value of the knob yields to it, everything else stays fixed.
+        result = match_params(opts.model_key, dim, target, knob=knob, **hparams)
+        hparams = dict(result["hparams"])
+        match = {"target": int(result["target"]), "achieved": int(result["achieved"]), "against": label,
+                 "knob": result["knob"]}
+        if abs(result["relative_error"]) > MATCH_WARN:
+            smallest = match_params(opts.model_key, dim, 1, knob=knob, **hparams)["achieved"]
+            warnings.warn(
+                f"--match-params {target}: the closest {opts.model} has {result['achieved']:,} parameters "
+                f"({result['relative_error']:+.0%}); the smallest reachable at D = {dim} is {smallest:,}",
+                stacklevel=2,
+            )
+    # Every hyperparameter is recorded, defaults included, so the record alone reproduces the model.
+    hparams = spec.resolve(hparams)
+    return models.build_model(opts.model_key, dim, **hparams), hparams, match
+
+
+# -- train (one run; a stack has its own trainer) -------------------------------------------------------------------
+def train_single(flow: torch.nn.Module, x: RunTensors, opts: RunOptions, ckpt_path: Path,
+                 callbacks: list[Callable[[EpochInfo], None]] | None,
+                 progress: bool) -> tuple[TrainResult, list[str], float]:
+    """Gradient training of one run under the MAF protocol (or the closed-form fit).
+
+    Returns the result, notes for the record, and the training time of earlier sessions (``--resume``).
+    """
+    notes: list[str] = []
+    if not flow.trainable:
+        # Closed-form models (the Gaussian baseline) are fitted completely by initialize().
+        result = TrainResult(stop_reason="closed-form fit (not trainable)")
+        result.best_val_ll, result.n_nonfinite_val = validation_ll(flow, x.train, x.val, opts.eval_batch_size)
+        return result, notes, 0.0
+    trainer = Trainer(
+        flow, x.train, x.val, lr=opts.lr, weight_decay=opts.weight_decay, batch_size=opts.batch_size,
+        patience=opts.patience, max_epochs=opts.max_epochs, seed=opts.seed, eval_batch_size=opts.eval_batch_size,
+        checkpoint_path=ckpt_path, fingerprint=opts.to_dict(), callbacks=callbacks, progress=progress,
+        compile=opts.compile, adam_epoch_step=opts.adam_epoch_step,
+        checkpoint_every_s=float(opts.checkpoint_every_s), max_steps=opts.max_steps, lr_schedule=opts.lr_schedule,
+        grad_clip=opts.grad_clip, eval_every=opts.eval_every,
+    )
+    prior = 0.0
+    if opts.resume:
+        trainer.load_checkpoint()
+        prior = trainer.result.train_time_s
+        notes.append(f"resumed from the checkpoint after epoch {trainer.result.resumed_from_epoch}")
+    elif ckpt_path.exists():
+        notes.append("an older checkpoint was replaced (run with --resume to continue one instead)")
+    return trainer.fit(), notes, prior
+
+
+# -- finish → record ---------------------------------------------------------------------------------------------
+def keep_model_state(opts: RunOptions, flow: torch.nn.Module) -> str:
+    """Write the evaluated model's state beside the record; returns its file name (the record's ``model_state``)."""
+    path = model_state_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
+    save_model_state(path, flow)
+    return path.name
+
+
+def drop_checkpoint(opts: RunOptions, ckpt_path: Path) -> None:
+    """After the record: the full checkpoint (optimizer, RNG) only serves --resume; keep it if asked to."""
+    if not opts.keep_checkpoint:
+        ckpt_path.unlink(missing_ok=True)
+
+
+def make_record(opts: RunOptions, flow: torch.nn.Module, hparams: dict[str, Any], match: dict[str, Any] | None,
+                result: TrainResult, evaluation: dict[str, Any], jac: dict[str, Any] | None, notes: list[str],
+                device: torch.device, wall_time_s: float) -> RunRecord:
+    """The run's :class:`~flowbench.results.RunRecord` from its options, model, training result and evaluation."""
+    return RunRecord(
+        dataset=opts.dataset,
+        model=opts.model,
+        display_name=models.display_name(opts.model_key, **hparams),
+        model_ref=opts.model_ref,
+        model_origin=models.model_origin(opts.model_key).to_json(),
+        dataset_ref=opts.dataset_ref,
+        tag=opts.tag,
+        seed=opts.seed,
+        config=opts.to_dict(),
+        hparams=hparams,
+        params=count_params(flow),
+        match_target=match,
+        epochs=result.epochs,
+        steps=result.steps,
+        best_step=result.best_step,
+        best_epoch=result.best_epoch,
+        best_val_ll=result.best_val_ll,
+        n_nonfinite_val=result.n_nonfinite_val,
+        stop_reason=result.stop_reason,
+        **evaluation,
+        history=result.history,
+        train_time_s=result.train_time_s,
+        wall_time_s=wall_time_s,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        **system_info(),
+        status=result.status,
+        failure=result.failure,
+        jacobian_spectral_norm=jac,
+        notes=notes,
+        command=" ".join(sys.argv) if sys.argv and sys.argv[0] else None,
+        provenance=opts.provenance,
+    )
+
+
+def finish_run(opts: RunOptions, data: Any, test_x: torch.Tensor, flow: torch.nn.Module, hparams: dict[str, Any],
+               match: dict[str, Any] | None, result: TrainResult, notes: list[str], device: torch.device,
+               t0: float, rec_path: Path, ckpt_path: Path, stack: dict[str, Any] | None = None) -> RunRecord:
+    """After training, for a single run or each run of a stack: test evaluation, the record (wall time since
+    ``t0``), the kept model state and per-point test LLs; the checkpoint goes unless kept."""
+    logp = log_prob_batches(flow, test_x, opts.eval_batch_size)
+    evaluation = summarize_test(logp, data)
+    jac, note = spectral_norm_summary(flow, test_x[:JACOBIAN_POINTS])
+    if note:
+        notes.append(note)
+    n_bad = evaluation["n_nonfinite_test"]
+    if n_bad and evaluation["test_ll"] == -math.inf:
+        # A density below float range is a legitimate (worst) value, not a failure: said in a note and the table.
+        notes.append(f"{n_bad} of {evaluation['n_test']} test points have log-density −inf, so the test LL is −inf; "
+                     f"over the others it is {evaluation['test_ll_finite']:.4f} ± {evaluation['test_ll_finite_2se']:.4f}")
+    elif result.status == "ok" and not math.isfinite(evaluation["test_ll"]):
+        result.status, result.failure = "nonfinite", "test log-likelihood is not finite"
+    record = make_record(opts, flow, hparams, match, result, evaluation, jac, notes, device, time.perf_counter() - t0)
+    record.stack = stack
+    record.model_state = keep_model_state(opts, flow)  # before the record, which names it
+    # The table's paired t-test (MAF paper's bolding rule) needs every test point's LL, not just their mean.
+    points = per_point_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
+    record.test_points = write_per_point(points, logp, test_x.cpu().numpy())
+    write_record(rec_path, record, force=opts.force)
+    drop_checkpoint(opts, ckpt_path)
+    return record

@@ -20,7 +20,7 @@ import re
 import subprocess
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from flowbench.errors import ConfigError, UsageError
 from flowbench.utils import atomic_write_json
@@ -45,6 +45,7 @@ __all__ = [
     "iter_records",
     "system_info",
     "json_safe",
+    "read_field",
 ]
 
 #: Version 2 renamed the ``*_se2`` fields (twice the standard error, not its square) to ``*_2se``.
@@ -188,6 +189,14 @@ def _component(value: str, what: str) -> str:
             f"{what} {value!r} cannot be used in a file name; use letters, digits and . _ = , + - only"
         )
     return value
+
+
+def read_field(rec: Any, key: str, default: Any = None) -> Any:
+    """``rec[key]`` for a record read as a mapping (sweep reports' JSON), ``rec.key`` for a :class:`RunRecord`;
+    ``default`` when absent."""
+    if isinstance(rec, Mapping):
+        return rec.get(key, default)
+    return getattr(rec, key, default)
 
 
 def run_dir(out: str | Path, dataset: str, model: str, tag: str | None = None) -> Path:

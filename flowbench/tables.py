@@ -33,9 +33,9 @@ from flowbench import aggregate as A
 from flowbench.aggregate import ALPHA, row_order_key
 from flowbench.data import DATASETS
 from flowbench.errors import ConfigError, FlowbenchError
-from flowbench.plots.status import convergence_note
 from flowbench.published import SOURCES, UNVERIFIED_NOTE, PublishedResult, published
 from flowbench.results import RunRecord
+from flowbench.status import convergence_note
 
 __all__ = ["ALPHA", "BOLD_PUBLISHED", "BOLD_RULE", "FORMATS", "Table", "build_table", "compute_table", "parse_sources",
            "plugged_in_note", "render", "row_order_key"]

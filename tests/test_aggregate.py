@@ -16,7 +16,6 @@ from scipy import stats
 from flowbench.aggregate import ALPHA, choose, chosen_runs, paired_pvalue
 from flowbench.cli import main
 from flowbench.data.base import Dataset
-from flowbench.plots.status import NOT_CONVERGED
 from flowbench.results import (
     RunRecord,
     iter_records,
@@ -27,6 +26,7 @@ from flowbench.results import (
     write_per_point,
     write_record,
 )
+from flowbench.status import NOT_CONVERGED
 from flowbench.tables import CONFIG_UNVERIFIED_NOTE, NO_POINTS_NOTE, OTHER_POINTS_NOTE, build_table
 
 # -- a sweep's records: several tags × seeds, a tie, a failed seed, a −∞ seed, capped runs, matched, unverified --

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from flowbench import status as S
 from flowbench.aggregate import chosen_runs
 from flowbench.cli import main
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.plots import _records as R
-from flowbench.plots import status as S
 from flowbench.plots._mpl import pyplot
 from flowbench.plots.curves import LOSS_LABEL, VAL_LABEL, plot_curves
 from flowbench.plots.samples import (

@@ -19,7 +19,7 @@ from flowbench.plots.report import (
     markdown_to_html,
     report_markdown,
 )
-from flowbench.plots.status import NOT_CONVERGED
+from flowbench.status import NOT_CONVERGED
 
 pytest.importorskip("sklearn")
 

@@ -257,8 +257,8 @@ def test_a_divergent_lr_exits_2_and_a_rerun_replaces_its_record(tmp_path, capsys
 
 # -- step-budget runs in the curves and the report; a stack's wall time --------------------------------------------
 def test_step_budget_runs_are_lines_against_steps_with_their_own_status(tmp_path, tiny):
+    from flowbench import status as S
     from flowbench.plots import _records as R
-    from flowbench.plots import status as S
     from flowbench.plots._mpl import pyplot
     from flowbench.plots.curves import plot_curves
 

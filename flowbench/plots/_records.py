@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from flowbench import status as S
 from flowbench.errors import ConfigError
+from flowbench.results import read_field
 
 __all__ = [
     "FailedRun",
@@ -36,11 +38,7 @@ __all__ = [
 Record = Any  # a RunRecord (or a mapping with the same keys)
 
 
-def field(rec: Record, key: str, default: Any = None) -> Any:
-    """``rec[key]`` for a dict record, ``rec.key`` for a typed one; ``default`` when absent."""
-    if isinstance(rec, Mapping):
-        return rec.get(key, default)
-    return getattr(rec, key, default)
+field = read_field  # one reader of a record or its mapping, shared with flowbench.status
 
 
 def replace(rec: Record, **changes: Any) -> Record:
@@ -107,13 +105,7 @@ def best_step(rec: Record) -> int | None:
     return None if b is None else int(b)
 
 
-def evaluates_by_step(rec: Record) -> bool:
-    """Whether the run validated every ``--eval-every`` steps (the NSF protocol) rather than once an epoch: its
-    history is then a sequence of steps, with several evaluations in one epoch or none in many."""
-    if (field(rec, "config") or {}).get("eval_every") is not None:
-        return True
-    epochs = history(rec).epoch
-    return bool(epochs.size) and not np.array_equal(epochs, np.arange(1, epochs.size + 1))
+evaluates_by_step = S.evaluates_by_step
 
 
 def best_val_ll(rec: Record) -> float:

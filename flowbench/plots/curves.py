@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from flowbench import status as S
 from flowbench.aggregate import Configuration, configurations
 from flowbench.plots import _records as R
-from flowbench.plots import status as S
 from flowbench.plots._mpl import color, pyplot, save_figure
 
 __all__ = ["LOSS_LABEL", "VAL_LABEL", "dataset_order", "plot_curves", "save_curves"]

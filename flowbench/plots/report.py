@@ -23,10 +23,10 @@ from typing import Any
 from tabulate import tabulate
 
 from flowbench import __version__
+from flowbench import status as S
 from flowbench.aggregate import SELECT_MODES, choose, configurations
 from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.plots import _records as R
-from flowbench.plots import status as S
 from flowbench.plots._mpl import png_bytes
 from flowbench.plots.curves import dataset_order, plot_curves
 from flowbench.utils import atomic_write

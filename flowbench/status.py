@@ -12,9 +12,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from flowbench.plots import _records as R
+from flowbench.results import read_field
 
-__all__ = ["NOT_CONVERGED", "RunStatus", "convergence_note", "is_capped", "run_status"]
+__all__ = ["NOT_CONVERGED", "RunStatus", "convergence_note", "evaluates_by_step", "is_capped", "run_status"]
 
 #: Status kinds, in the order a summary lists them. ``budget``: a step budget (``--max-steps``, the NSF
 #: protocol's end: Durkan et al. 2019 train a fixed number of steps and keep the best validated state) was spent.
@@ -25,6 +25,19 @@ NOT_CONVERGED = "not converged: stopped by --max-epochs before early stopping, s
 _CAP = re.compile(r"reached max_epochs=(\d+)")
 _BUDGET = re.compile(r"reached max_steps=(\d+)")
 _PATIENCE = re.compile(r"no improvement for (\d+) (epochs|evaluations)")
+
+
+def _text(rec: Any, key: str) -> str:
+    return read_field(rec, key) or ""
+
+
+def evaluates_by_step(rec: Any) -> bool:
+    """Whether the run validated every ``--eval-every`` steps (the NSF protocol) rather than once an epoch: its
+    history is then a sequence of steps, with several evaluations in one epoch or none in many."""
+    if (read_field(rec, "config") or {}).get("eval_every") is not None:
+        return True
+    epochs = [int(read_field(row, "epoch")) for row in read_field(rec, "history") or []]
+    return bool(epochs) and epochs != list(range(1, len(epochs) + 1))
 
 
 @dataclass(frozen=True)
@@ -42,20 +55,21 @@ class RunStatus:
 
 def is_capped(rec: Any) -> bool:
     """Trained without failure but stopped by ``--max-epochs`` rather than by patience."""
-    return R.status(rec) == "ok" and bool(_CAP.match(R.stop_reason(rec)))
+    return (read_field(rec, "status") or "ok") == "ok" and bool(_CAP.match(_text(rec, "stop_reason")))
 
 
 def run_status(rec: Any) -> RunStatus:
     """Classify one record (see the module docstring)."""
-    reason, best, n = R.stop_reason(rec), R.best_epoch(rec), R.epochs(rec)
+    reason, best, n = _text(rec, "stop_reason"), read_field(rec, "best_epoch"), int(read_field(rec, "epochs") or 0)
+    status, failure = read_field(rec, "status") or "ok", read_field(rec, "failure")
     where = f"best epoch {best} of {n}" if best is not None else f"{n} epochs, no finite epoch"
-    if R.evaluates_by_step(rec):  # evaluations every --eval-every steps: the best is a step
-        step, steps = R.field(rec, "best_step"), R.field(rec, "steps")
+    if evaluates_by_step(rec):  # evaluations every --eval-every steps: the best is a step
+        step, steps = read_field(rec, "best_step"), read_field(rec, "steps")
         where = f"best at step {step} of {steps}" if step is not None else f"{steps} steps, no finite evaluation"
-    if R.status(rec) == "nonfinite":
-        return RunStatus("nonfinite", f"non-finite ({where}): {R.failure(rec) or reason}")
-    if R.status(rec) != "ok":
-        return RunStatus("failed", f"{R.status(rec)}: {R.failure(rec) or reason}")
+    if status == "nonfinite":
+        return RunStatus("nonfinite", f"non-finite ({where}): {failure or reason}")
+    if status != "ok":
+        return RunStatus("failed", f"{status}: {failure or reason}")
     if m := _CAP.match(reason):
         return RunStatus("capped", f"capped by --max-epochs {m.group(1)} ({where}): not converged")
     if m := _BUDGET.match(reason):
@@ -85,8 +99,8 @@ def convergence_note(runs: Iterable[Any]) -> str | None:
     capped = [r for r in runs if is_capped(r)]
     if not capped:
         return None
-    seeds = ", ".join(str(R.seed(r)) for r in capped)
-    caps = sorted({int(_CAP.match(R.stop_reason(r)).group(1)) for r in capped})
+    seeds = ", ".join(str(int(read_field(r, "seed"))) for r in capped)
+    caps = sorted({int(_CAP.match(_text(r, "stop_reason")).group(1)) for r in capped})
     cap = "/".join(str(c) for c in caps)
     return f"{NOT_CONVERGED} (seed{'s' if len(capped) > 1 else ''} {seeds}: --max-epochs {cap})"
 

@@ -344,14 +344,18 @@ class _ModelCase:
             ", ".join(f"{k}={v}" for k, v in self.hparams.items()) or "none")
 
 
+def _registrar(table: dict[str, tuple[Callable, str]]) -> Callable[[str, str], Callable]:
+    """A decorator factory that records a check function and its one-line description in ``table``."""
+    def check(name: str, doc: str) -> Callable:
+        def register(fn: Callable) -> Callable:
+            table[name] = (fn, doc)
+            return fn
+        return register
+    return check
+
+
 _MODEL_CHECKS: dict[str, tuple[Callable[[_ModelCase], CheckResult], str]] = {}
-
-
-def _model_check(name: str, doc: str) -> Callable:
-    def register(fn: Callable[[_ModelCase], CheckResult]) -> Callable[[_ModelCase], CheckResult]:
-        _MODEL_CHECKS[name] = (fn, doc)
-        return fn
-    return register
+_model_check = _registrar(_MODEL_CHECKS)
 
 
 def model_check_names() -> list[str]:
@@ -1045,13 +1049,7 @@ class _DatasetCase:
 
 
 _DATASET_CHECKS: dict[str, tuple[Callable[[_DatasetCase], CheckResult], str]] = {}
-
-
-def _dataset_check(name: str, doc: str) -> Callable:
-    def register(fn: Callable[[_DatasetCase], CheckResult]) -> Callable[[_DatasetCase], CheckResult]:
-        _DATASET_CHECKS[name] = (fn, doc)
-        return fn
-    return register
+_dataset_check = _registrar(_DATASET_CHECKS)
 
 
 @_dataset_check("spec", "the DatasetSpec's attributes are present and typed")

@@ -293,26 +293,6 @@ def test_the_report_counts_a_stacks_wall_time_once(tmp_path):
     assert total_wall_time(old) == 60.0  # written before stacks had an id: grouped by dataset, model, tag, seeds
 
 
-def test_toy2d_draws_every_non_finite_point_cyan():
-    from flowbench.plots._mpl import pyplot
-    from flowbench.sanity.toy2d import _draw, make_toy
-
-    data = make_toy("moons", n_train=200, n_val=10, n_test=10)
-    gx, gy = np.meshgrid(np.linspace(-2, 2, 20), np.linspace(-2, 2, 20))
-    logp = -0.5 * (gx**2 + gy**2)
-    logp[0, :3] = [np.nan, -np.inf, np.inf]
-    result = {"display_name": "test", "model": "relgrad", "test_ll": -1.0, "epochs": 1, "gaussian_test_ll": -2.0,
-              "nonfinite_grid_points": 3}
-    fig, (a, b) = pyplot().subplots(1, 2)
-    _draw(fig, a, b, data, gx, gy, logp, result)
-    (image,) = b.get_images()
-    mask = np.ma.getmaskarray(image.get_array())
-    assert mask[0, :3].all() and mask.sum() == 3  # the three the title counts, and no other
-    assert "cyan: 3 grid points" in b.get_title()
-    assert image.get_cmap().get_bad()[:3] == pytest.approx((0.0, 1.0, 1.0))
-    pyplot().close(fig)
-
-
 # -- plot samples ----------------------------------------------------------------------------------------------
 def test_plot_samples_names_the_missing_model_file_and_refuses_what_does_not_apply(tmp_path, capsys):
     pytest.importorskip("sklearn")

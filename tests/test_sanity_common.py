@@ -149,9 +149,10 @@ def test_markdown_cells_with_pipes_are_escaped():
     assert _cells(rows[3])[1].strip() == "—"
 
 
-def test_toy2d_figure_masks_nonfinite_density_without_deprecation_warning(tmp_path):
-    from flowbench.plotting import colormap
-    from flowbench.sanity.toy2d import _figure, make_toy
+def _toy_density_with_nonfinite_points():
+    """Toy data, a Gaussian log-density on a 20×20 grid with NaN, −inf and +inf in its first row, and the
+    result dict a toy2d figure is drawn from."""
+    from flowbench.sanity.toy2d import make_toy
 
     data = make_toy("moons", n_train=200, n_val=10, n_test=10)
     gx, gy = np.meshgrid(np.linspace(-2, 2, 20), np.linspace(-2, 2, 20))
@@ -159,6 +160,14 @@ def test_toy2d_figure_masks_nonfinite_density_without_deprecation_warning(tmp_pa
     logp[0, :3] = [np.nan, -np.inf, np.inf]
     result = {"display_name": "test", "model": "relgrad", "test_ll": -1.0, "epochs": 1, "gaussian_test_ll": -2.0,
               "nonfinite_grid_points": 3}
+    return data, gx, gy, logp, result
+
+
+def test_toy2d_figure_masks_nonfinite_density_without_deprecation_warning(tmp_path):
+    from flowbench.plotting import colormap
+    from flowbench.sanity.toy2d import _figure
+
+    data, gx, gy, logp, result = _toy_density_with_nonfinite_points()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # set_bad's PendingDeprecationWarning would fail here
         _figure(data, gx, gy, logp, result, tmp_path / "t.png")
@@ -168,6 +177,21 @@ def test_toy2d_figure_masks_nonfinite_density_without_deprecation_warning(tmp_pa
 
     assert tuple(colormap("magma", bad="cyan").get_bad()) == to_rgba("cyan")
     assert tuple(matplotlib.colormaps["magma"].get_bad()) != to_rgba("cyan")  # the registered one is untouched
+
+
+def test_toy2d_draws_every_non_finite_point_cyan():
+    from flowbench.plots._mpl import pyplot
+    from flowbench.sanity.toy2d import _draw
+
+    data, gx, gy, logp, result = _toy_density_with_nonfinite_points()
+    fig, (a, b) = pyplot().subplots(1, 2)
+    _draw(fig, a, b, data, gx, gy, logp, result)
+    (image,) = b.get_images()
+    mask = np.ma.getmaskarray(image.get_array())
+    assert mask[0, :3].all() and mask.sum() == 3  # the three the title counts, and no other
+    assert "cyan: 3 grid points" in b.get_title()
+    assert image.get_cmap().get_bad()[:3] == pytest.approx((0.0, 1.0, 1.0))
+    pyplot().close(fig)
 
 
 def test_figure_writes_only_when_the_drawing_succeeds(tmp_path):

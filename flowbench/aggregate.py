@@ -39,6 +39,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flowbench.results import read_field
+
 __all__ = [
     "Choice",
     "Configuration",
@@ -60,10 +62,7 @@ Record = Any  # a flowbench.results.RunRecord, or a mapping with its keys (sweep
 SELECT_MODES = ("best-val", "all")
 
 
-def _get(rec: Record, key: str, default: Any = None) -> Any:
-    if isinstance(rec, Mapping):
-        return rec.get(key, default)
-    return getattr(rec, key, default)
+_get = read_field  # a record or its mapping (sweep reports)
 
 
 def _float(x: Any) -> float:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from flowbench.errors import ConfigError
+from flowbench.plugins import is_reference, normalize_reference
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -184,7 +185,7 @@ def _default(name: str) -> Any:
 
 
 def hparam_declarations() -> dict[str, dict[str, Any]]:
-    """Every model hyperparameter name → ``{"type": type, "models": {model: HParam}}`` across the registry
+    """Every model hyperparameter name → ``{"type": type or None, "models": {model: HParam}}`` across the registry
     (built-ins, plugins) and the references resolved in this process.
 
     A name shared by several built-in models (``hidden``, ``layers``) is one flag; its type must agree (a test
@@ -197,6 +198,8 @@ def hparam_declarations() -> dict[str, dict[str, Any]]:
         for key, hp in spec.hparams.items():
             entry = out.setdefault(key, {"type": hp.type, "models": {}})
             entry["models"][spec.name] = hp
+            if entry["type"] is not hp.type:  # models disagree (a plugged-in one): each model's spec checks its own
+                entry["type"] = None
     return out
 
 
@@ -353,7 +356,6 @@ def resolve_references(options: dict[str, Any], base: str | Path | None = None) 
     """
     from flowbench.data import DATASETS
     from flowbench.models import MODELS
-    from flowbench.plugins import is_reference, normalize_reference
 
     for key, registry in (("model", MODELS), ("dataset", DATASETS)):
         ref = options.pop(f"{key}_ref", None)
@@ -363,6 +365,9 @@ def resolve_references(options: dict[str, Any], base: str | Path | None = None) 
         if isinstance(value, str) and is_reference(value):
             options[key] = normalize_reference(value, base)
             registry.resolve(options[key])
+    for raw in [k for k in options if str(k).lstrip("-").replace("-", "_") == "match_params"]:
+        if isinstance(options[raw], str) and is_reference(options[raw]):  # a model to match, relative to `base` too
+            options[raw] = normalize_reference(options[raw], base)
     model = options.get("model")
     if not (isinstance(model, str) and model.strip()):
         return None
@@ -426,7 +431,7 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 def default_config_path(dataset: str, model: str) -> Path | None:
     """``configs/<dataset>/<model>.toml`` when it exists, else None (always for a plugged-in model or dataset)."""
-    if ":" in dataset or ":" in model:
+    if is_reference(dataset) or is_reference(model):
         return None
     path = CONFIG_DIR / dataset / f"{model}.toml"
     return path if path.is_file() else None
@@ -471,7 +476,6 @@ def parse_match_params(value: int | str | None) -> int | str | None:
         number = float(text)
     except ValueError:
         from flowbench.models import MODELS
-        from flowbench.plugins import is_reference, normalize_reference
 
         if is_reference(text):
             text = normalize_reference(text)
@@ -546,7 +550,6 @@ def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config
     unset gets the model's default.
     """
     from flowbench.models import MODELS
-    from flowbench.plugins import is_reference
 
     raw = {k: v for k, v in (explicit or {}).items() if v is not None}
     spec = resolve_references(raw)

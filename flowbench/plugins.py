@@ -181,15 +181,14 @@ class Registry(dict):
     """Registered specs of one kind (name → spec): built-ins, then installed plugins (loaded on first use).
 
     A dict, so tests and users can add to it; every read loads the plugins first. ``coerce(obj, ref)``
-    turns a loaded object into a spec or raises ConfigError; ``name_of(spec)`` reads its name.
+    turns a loaded object into a spec (with a ``name``) or raises ConfigError.
     """
 
-    def __init__(self, kind: str, group: str, builtins: dict[str, Any], spec_type: type,
+    def __init__(self, kind: str, group: str, builtins: dict[str, Any],
                  coerce: Callable[[Any, str], Any]):
         super().__init__(builtins)
         self.kind = kind
         self.group = group
-        self.spec_type = spec_type
         self.coerce = coerce
         self.origins: dict[str, Origin] = {name: BUILTIN for name in builtins}
         self.broken: dict[str, str] = {}  # name -> why it cannot be used (plugin import error, clash)

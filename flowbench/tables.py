@@ -361,8 +361,9 @@ _LATEX_UNICODE = {"−": "$-$", "±": r"$\pm$", "∞": r"$\infty$", "≥": r"$\g
 
 def _latex_text(text: str) -> str:
     """Plain text (footnotes, labels) as LaTeX: specials escaped, ``**x**`` bold, ``--`` kept as two hyphens."""
+    text = text.replace("--", "-\0-")  # a literal "--" stays two hyphens; "–" becomes LaTeX's en dash "--"
     out = "".join(_LATEX_SPECIAL.get(ch, _LATEX_UNICODE.get(ch, ch)) for ch in text).replace("$-$$\\infty$", "$-\\infty$")
-    out = out.replace("--", "-{}-").replace('"', "''")
+    out = out.replace("-\0-", "-{}-").replace('"', "''")
     return re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", out)
 
 

@@ -211,7 +211,8 @@ def _deviation(got: Tensor, want: Tensor, rtol: float, atol: float) -> tuple[flo
     both_inf = torch.isinf(got) & torch.isinf(want) & (torch.sign(got) == torch.sign(want))
     diff = torch.where(both_inf, torch.zeros_like(got), (got - want).abs())
     diff = torch.where(torch.isnan(diff), torch.full_like(diff, math.inf), diff)
-    bound = atol + rtol * torch.where(both_inf, torch.zeros_like(want), want.abs())
+    # an infinite reference must not make its own bound infinite: only an equal infinity matches it
+    bound = atol + rtol * torch.where(torch.isinf(want), torch.zeros_like(want), want.abs())
     worst = int(torch.argmax(diff - bound))
     return float(diff.max()), float(bound.flatten()[worst]), bool((diff <= bound).all())
 

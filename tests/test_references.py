@@ -226,7 +226,7 @@ def test_bench_train_and_toy2d_take_references(tmp_path, monkeypatch):
     assert main(["bench", "train", "--dataset", "digits", "--model", "myflow.py:SPEC", "--steps", "5",
                  "--out", str(tmp_path / "b")]) == 0
     res = json.loads((tmp_path / "b" / "bench" / "train-digits-userflow.json").read_text())
-    assert res["model"] == "userflow" and res["model_ref"] == "myflow.py:SPEC"
+    assert res["model"] == "userflow" and res["model_ref"] == f"{tmp_path / 'myflow.py'}:SPEC"  # absolute, as in run records
     assert main(["sanity", "toy2d", "--data", "moons", "--model", "myflow.py:SPEC", "--quick", "--quiet",
                  "--out", str(tmp_path / "t")]) == 0
     result = json.loads((tmp_path / "t" / "toy2d_moons_userflow.json").read_text())
@@ -328,3 +328,36 @@ def test_a_sweep_grid_of_list_values(tmp_path):
     assert [r.tag for r in one.runs] == ["hidden-features=8x8"]  # a flat list is one value of a list knob
     opts = one.runs[0].options(tmp_path)
     assert opts.hparams == {"hidden_features": (8, 8)} and opts.model_ref == "zuko.flows:MAF"
+
+
+def test_sweep_keeps_model_and_dataset_references_apart_and_mixed_types_as_axes(tmp_path):
+    from flowbench.sweep import parse_sweep
+
+    (tmp_path / "m.py").write_text(textwrap.dedent('''
+        import dataclasses
+        from flowbench.models import HParam, MODELS
+
+        def build(dim, hidden=(8, 8)):
+            return MODELS["gaussian"].build(dim)
+
+        power = dataclasses.replace(MODELS["gaussian"], name="power", build=build, label="Power model",
+                                    hparams={"hidden": HParam((8, 8), "widths")})
+    '''))
+    ref = f"{tmp_path / 'm.py'}:power"
+    sweep = parse_sweep({"datasets": ["digits"], "models": [ref, "maf"], "grid": {"hidden": [64, 128]},
+                         "override": {"power": {"hidden": [[8, 8]]}}}, path=tmp_path / "s.toml")
+    runs = sorted((r.model, r.tag, r.model_ref, r.dataset_ref) for r in sweep.runs)
+    assert runs == [("maf", "hidden=128", None, None), ("maf", "hidden=64", None, None),
+                    ("power", "hidden=8x8", ref, None)]
+    # a model named like a dataset is not taken for that dataset
+    sweep = parse_sweep({"datasets": ["power"], "models": [ref]}, path=tmp_path / "s.toml")
+    assert [(r.dataset, r.dataset_ref, r.model_ref) for r in sweep.runs] == [("power", None, ref)]
+
+
+def test_a_model_to_match_in_a_config_file_is_relative_to_the_config(tmp_path, monkeypatch):
+    from flowbench.config import load_config
+
+    write_flow(tmp_path / "proj")
+    (tmp_path / "proj" / "run.toml").write_text('model = "maf"\nmatch-params = "myflow.py:SPEC"\n')
+    monkeypatch.chdir(tmp_path)
+    assert load_config("proj/run.toml")["match_params"] == f"{tmp_path / 'proj' / 'myflow.py'}:SPEC"

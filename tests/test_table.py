@@ -265,3 +265,9 @@ def test_table_cli_formats(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("model,source,dataset")
     with pytest.raises(ConfigError, match="unknown table format 'html'"):
         build_table(sweep_fixture(tmp_path / "again"), [], fmt="html")
+
+
+def test_latex_keeps_en_dashes_and_literal_double_hyphens_apart():
+    from flowbench.tables import _latex_text
+
+    assert _latex_text("seeds 0–2, --max-epochs 30") == "seeds 0--2, -{}-max-epochs 30"

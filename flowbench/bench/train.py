@@ -231,9 +231,10 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
         "flowbench": (ours, _adam(ours.parameters(), lr, adam), ours_loss, _trainer_step)}
     from flowbench.data import get_info
     from flowbench.models import get_spec
+    from flowbench.plugins import is_reference, normalize_reference
 
-    result: dict = {"dataset": get_info(dataset).name, "model": get_spec(model).name, "model_ref": model if ":" in model
-                    else None, "display_name": display_name(model, **hparams),
+    result: dict = {"dataset": get_info(dataset).name, "model": get_spec(model).name, "model_ref": normalize_reference(model)
+                    if is_reference(model) else None, "display_name": display_name(model, **hparams),
                     "hparams": hparams, "dim": dim, "n_train": n_train, "synthetic_data": synthetic,
                     "batch_size": batch_size, "steps": steps, "device": str(device), "adam": adam,
                     "compile": {"flowbench": compile, "zuko": compile_zuko if compare_zuko else None},

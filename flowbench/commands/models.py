@@ -12,14 +12,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _hparam_text(spec: object) -> str:
-    parts = []
-    for key, hp in spec.hparams.items():  # type: ignore[attr-defined]
-        default = getattr(hp, "default", None)
-        if getattr(hp, "required", False):
-            parts.append(f"{key} (required)")
-        else:
-            parts.append(f"{key}={default!r}" if isinstance(default, str) else f"{key}={default}")
-    return ", ".join(parts) or "—"
+    return ", ".join(f"{key}={hp.default_text}" if not hp.required else f"{key} (required)"
+                     for key, hp in spec.hparams.items()) or "—"  # type: ignore[attr-defined]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -30,23 +24,20 @@ def main(args: argparse.Namespace) -> int:
     for ref in args.refs:
         get_spec(ref)  # a bad reference: exit 2 with what is wrong
     rows = []
-    for name, spec, origin in MODELS.every():
-        rows.append([name if ":" not in name else spec.name, spec.display_name(spec.defaults())
-                     if not any(getattr(h, "required", False) for h in spec.hparams.values()) else spec.label,
+    for _, spec, origin in MODELS.every():
+        rows.append([spec.name, spec.label if spec.required() else spec.display_name(spec.defaults()),
                      origin.text() if origin.kind != "module" else f"module: {origin.reference}",
                      f"{spec.lr:g}", spec.match_knob or "—", _hparam_text(spec)])
-    if args.verbose:
-        for (name, _, origin) in MODELS.every():
-            spec = MODELS.resolve(name)[0]
+        if args.verbose:
             print(f"{spec.name}  [{origin.text()}]  {spec.paper}")
             for key, hp in spec.hparams.items():
-                print(f"    --{key.replace('_', '-')}: {hp.help} (default {hp.default})")
+                print(f"    --{key.replace('_', '-')}: {hp.help} (default {hp.default_text})")
+    if args.verbose:
         print()
     print(tabulate(rows, headers=["model", "label (defaults)", "origin", "lr", "match knob", "hyperparameters"]))
-    broken = {**MODELS.broken}
-    if broken:
+    if MODELS.broken:
         print("\nnot usable:")
-        for why in dict.fromkeys(broken.values()):
+        for why in dict.fromkeys(MODELS.broken.values()):
             print(f"  {why}")
     print("\nUse any of them with `flowbench run --model NAME`; your own flow as `--model MODULE:ATTR` or "
           "`--model FILE.py:ATTR` (a ModelSpec, a zuko or nflows flow class, or a function building a flow).")

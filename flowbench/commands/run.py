@@ -77,7 +77,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     for key, decl in hparam_declarations().items():
         flag = "--" + key.replace("_", "-")
         kind = decl["type"]
-        if kind not in (bool, int, float) or len({h.type for h in decl["models"].values()}) > 1:
+        if kind not in (bool, int, float):
             kind = str  # lists, untyped or per-model types: the model's spec parses the text
         if kind is bool:
             m.add_argument(flag, action=_BOOL, default=None, help=_hparam_help(decl["models"]))

@@ -76,7 +76,7 @@ def _coerce(obj: object, ref: str) -> DatasetSpec:
 
 
 #: name → :class:`DatasetSpec`: the built-ins, then installed plugins (entry-point group ``flowbench.datasets``).
-DATASETS = Registry("dataset", "flowbench.datasets", _register(_MODULES), DatasetSpec, _coerce)
+DATASETS = Registry("dataset", "flowbench.datasets", _register(_MODULES), _coerce)
 
 ENV_VAR = "FLOWBENCH_DATA"
 

@@ -112,8 +112,7 @@ def _coerce(obj: Any, ref: str) -> ModelSpec:
 
 
 #: name → spec: the built-ins in registry order, then installed plugins (entry-point group ``flowbench.models``).
-MODELS = Registry("model", "flowbench.models", {spec.name: spec for spec in map(_load, REGISTRY)}, ModelSpec,
-                  _coerce)
+MODELS = Registry("model", "flowbench.models", {spec.name: spec for spec in map(_load, REGISTRY)}, _coerce)
 
 
 def get_spec(name: str) -> ModelSpec:

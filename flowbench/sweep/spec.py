@@ -105,8 +105,9 @@ class Sweep:
     runs: list[SweepRun] = field(default_factory=list)
     #: model -> option names of the grid that the model does not take (dropped for it), for --dry-run.
     ignored: dict[str, list[str]] = field(default_factory=dict)
-    #: spec name -> reference, for the plugged-in models and datasets the sweep names by reference
+    #: spec name -> reference, for the plugged-in models (``refs``) and datasets the sweep names by reference
     refs: dict[str, str] = field(default_factory=dict)
+    dataset_refs: dict[str, str] = field(default_factory=dict)
 
 
 def _flag(key: str) -> str:
@@ -168,9 +169,10 @@ def _axes(table: Any, source: str) -> dict[str, list[Any]]:
 
 
 def _list_valued(raw: str) -> bool:
-    """Whether the hyperparameter named ``raw`` takes a list (for some model of the registry or a reference)."""
+    """Whether the hyperparameter named ``raw`` takes a list for every model that has it (where models disagree, a
+    flat list is an axis, and a list value is written as a list of lists)."""
     decl = hparam_declarations().get(str(raw).strip().lstrip("-").replace("-", "_"))
-    return decl is not None and any(h.type is tuple for h in decl["models"].values())
+    return decl is not None and all(h.type is tuple for h in decl["models"].values())
 
 
 def _names(raw: Any, what: str, source: str, known: Iterable[str] | None) -> list[str]:
@@ -199,9 +201,7 @@ def _resolve_refs(raw: Any, registry: Any, base: Path | None, refs: dict[str, st
         if isinstance(x, str) and is_reference(x):
             ref = normalize_reference(x, base)
             name = registry.resolve(ref)[0].name
-            if refs.get(name, ref) != ref:
-                raise ConfigError(f"{refs[name]!r} and {ref!r} both declare {name!r}; give them different names")
-            refs[name] = ref
+            refs[name] = ref  # two references declaring one name were refused by the registry
             x = name
         out.append(x)
     return out
@@ -228,13 +228,11 @@ def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = No
     from flowbench.data import DATASETS
 
     refs: dict[str, str] = {}
+    dataset_refs: dict[str, str] = {}
     base = path.resolve().parent if path is not None else None
-    datasets = _names(_resolve_refs(raw["datasets"], DATASETS, base, refs), "datasets", source,
-                      [*DATASETS, *refs])
-    n_dataset_refs = len(refs)
+    datasets = _names(_resolve_refs(raw["datasets"], DATASETS, base, dataset_refs), "datasets", source,
+                      [*DATASETS, *dataset_refs])
     models = _names(_resolve_refs(raw["models"], MODELS, base, refs), "models", source, [*MODELS, *refs])
-    if len(refs) - n_dataset_refs != len([m for m in models if m in refs]):
-        raise ConfigError(f"{source}: a model and a dataset share a name; rename one of them")
     grid = _axes(raw.get("grid", {}), f"{source}, [grid]")
     override_raw = raw.get("override", {})
     if not isinstance(override_raw, dict):
@@ -252,7 +250,7 @@ def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = No
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise ConfigError(f"{source}: `description` must be a string")
-    sweep = Sweep(name, path, datasets, models, grid, overrides, description, refs=refs)
+    sweep = Sweep(name, path, datasets, models, grid, overrides, description, refs=refs, dataset_refs=dataset_refs)
     expand(sweep)
     return sweep
 
@@ -321,7 +319,7 @@ def expand(sweep: Sweep) -> list[SweepRun]:
                 tag = make_tag(values)
                 for seed in seeds:
                     run = SweepRun(dataset, model, int(seed), tag, values, sweep.refs.get(model),
-                                   sweep.refs.get(dataset))
+                                   sweep.dataset_refs.get(dataset))
                     prev = runs.setdefault((dataset, model, tag, int(seed)), run)
                     if prev.values != values:  # two configurations whose tags collide after sanitising
                         raise ConfigError(

@@ -277,9 +277,11 @@ def sha256_of_test_set(test: Any) -> str:
     return hashlib.sha256(np.ascontiguousarray(test, dtype=np.float32).tobytes()).hexdigest()
 
 
-def write_per_point(path: str | Path, logp: Any, test: Any) -> dict[str, Any]:
+def write_per_point(path: str | Path, logp: Any, test: Any, test_sha256: str | None = None) -> dict[str, Any]:
     """Write the per-point test log-likelihoods ``logp`` (one per row of ``test``, in order; −inf kept) as
-    ``.npy`` atomically; returns the record's ``test_points`` entry (file name, count, dtype, test-set hash)."""
+    ``.npy`` atomically; returns the record's ``test_points`` entry (file name, count, dtype, test-set hash).
+    ``test_sha256``: :func:`sha256_of_test_set` of ``test`` when the caller already has it (a stack's runs share
+    one test set)."""
     import numpy as np
 
     from flowbench.utils import atomic_save_npy
@@ -287,7 +289,7 @@ def write_per_point(path: str | Path, logp: Any, test: Any) -> dict[str, Any]:
     path = Path(path)
     values = np.asarray(logp, dtype=PER_POINT_DTYPE)
     atomic_save_npy(path, values)
-    return {"file": path.name, "n": int(values.size), "dtype": PER_POINT_DTYPE, "test_sha256": sha256_of_test_set(test)}
+    return {"file": path.name, "n": int(values.size), "dtype": PER_POINT_DTYPE, "test_sha256": test_sha256 or sha256_of_test_set(test)}
 
 
 def read_per_point(record: RunRecord) -> tuple[Any, str | None]:

@@ -44,6 +44,7 @@ from flowbench.results import (
     model_state_path,
     per_point_path,
     record_path,
+    sha256_of_test_set,
     system_info,
     write_per_point,
     write_record,
@@ -301,6 +302,19 @@ def make_record(opts: RunOptions, flow: torch.nn.Module, hparams: dict[str, Any]
     )
 
 
+def _test_sha256(data: Any, test_x: torch.Tensor) -> str:
+    """The test set's fingerprint, hashed once per dataset object (every run of a stack shares it) from the
+    host copy the loader made, not from the device tensor."""
+    meta = getattr(data, "meta", None)
+    if isinstance(meta, dict) and "test_sha256" in meta:
+        return meta["test_sha256"]
+    test = getattr(data, "test", None)
+    digest = sha256_of_test_set(test if test is not None else test_x.cpu().numpy())
+    if isinstance(meta, dict):
+        meta["test_sha256"] = digest
+    return digest
+
+
 def finish_run(opts: RunOptions, data: Any, test_x: torch.Tensor, flow: torch.nn.Module, hparams: dict[str, Any],
                match: dict[str, Any] | None, result: TrainResult, notes: list[str], device: torch.device,
                t0: float, rec_path: Path, ckpt_path: Path, stack: dict[str, Any] | None = None) -> RunRecord:
@@ -323,7 +337,7 @@ def finish_run(opts: RunOptions, data: Any, test_x: torch.Tensor, flow: torch.nn
     record.model_state = keep_model_state(opts, flow)  # before the record, which names it
     # The table's paired t-test (MAF paper's bolding rule) needs every test point's LL, not just their mean.
     points = per_point_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
-    record.test_points = write_per_point(points, logp, test_x.cpu().numpy())
+    record.test_points = write_per_point(points, logp, None, _test_sha256(data, test_x))
     write_record(rec_path, record, force=opts.force)
     drop_checkpoint(opts, ckpt_path)
     return record

@@ -1031,17 +1031,24 @@ class _DatasetCase:
         return got
 
     def splits(self) -> dict[str, np.ndarray]:
-        """The prepared splits, for checks that need them (skipped where the recipe failed)."""
+        """The prepared splits, without a labelled dataset's label arrays, for checks that need them (skipped
+        where the recipe failed)."""
         from flowbench.data._common import SPLITS
 
         try:
             a = self.prepared()
         except Exception:
             raise _Skip("the recipe fails (see prepare)") from None
-        if not isinstance(a, dict) or set(a) != set(SPLITS) or not all(
+        if not isinstance(a, dict) or set(a) != self.keys() or not all(
                 isinstance(a[k], np.ndarray) and a[k].ndim == 2 for k in SPLITS):
             raise _Skip("the recipe's output is malformed (see prepare)")
-        return a
+        return {k: a[k] for k in SPLITS}
+
+    def keys(self) -> set[str]:
+        """What prepare returns: the splits, and the label arrays where the spec declares classes."""
+        from flowbench.data._common import LABELS, SPLITS
+
+        return set(SPLITS) | (set(LABELS) if self.spec.classes else set())
 
     def label(self) -> str:
         where = "built in" if self.spec.builtin else f"root {self.root}"
@@ -1075,6 +1082,7 @@ def _check_dataset_spec(case: _DatasetCase) -> CheckResult:
     need(isinstance(s.recipe_version, int) and s.recipe_version >= 1, "recipe_version is not an int ≥ 1")
     need(callable(s.prepare), "prepare is not callable")
     need(s.builtin is (not s.raw_files), "builtin disagrees with raw_files")
+    need(isinstance(s.classes, int) and s.classes >= 0, f"classes {s.classes!r} is not an int ≥ 0")
     if s.image is None:
         need(s.logit_alpha is None and s.levels is None, "logit_alpha/levels without an image")
     else:
@@ -1100,16 +1108,18 @@ def _check_raw_files(case: _DatasetCase) -> CheckResult:
                    bound="all present")
 
 
-@_dataset_check("prepare", "prepare(root) returns train/val/test 2-D arrays")
+@_dataset_check("prepare", "prepare(root) returns train/val/test 2-D arrays (and their labels where the spec "
+                           "declares classes)")
 def _check_prepare(case: _DatasetCase) -> CheckResult:
-    from flowbench.data._common import SPLITS
+    from flowbench.data._common import LABELS, SPLITS
 
     if not case.spec.builtin and any(not (case.root / f).is_file() for f in case.spec.raw_files):
         raise _Skip("raw files missing (see raw-files)")
     a = case.prepared()
-    if not isinstance(a, dict) or set(a) != set(SPLITS):
+    if not isinstance(a, dict) or set(a) != case.keys():
+        want = [k for k in (*SPLITS, *LABELS) if k in case.keys()]
         raise _Fail(f"prepare returned {type(a).__name__} with keys {sorted(a) if isinstance(a, dict) else '—'}; "
-                    "expected a dict with exactly train, val, test")
+                    f"expected a dict with exactly {', '.join(want)}")
     bad = [f"{k}: {type(a[k]).__name__} {getattr(a[k], 'shape', '')}" for k in SPLITS
            if not isinstance(a[k], np.ndarray) or a[k].ndim != 2]
     shapes = ", ".join(f"{k} {a[k].shape}" for k in SPLITS if isinstance(a[k], np.ndarray))
@@ -1119,7 +1129,10 @@ def _check_prepare(case: _DatasetCase) -> CheckResult:
 
 @_dataset_check("deterministic", "two prepares give bit-identical splits (same seeds, same order of draws)")
 def _check_deterministic(case: _DatasetCase) -> CheckResult:
+    from flowbench.data._common import LABELS
+
     a = case.splits()
+    a.update({k: np.asarray(v) for k, v in case.prepared().items() if k in LABELS})  # labels must repeat too
     b = case.prepared(1)
     diff = []
     dev = 0.0
@@ -1209,10 +1222,11 @@ def _loadable(case: _DatasetCase) -> Iterator[str]:
                         "with the spec's image settings")
 def _check_load(case: _DatasetCase) -> CheckResult:
     from flowbench.data import cache, load_dataset, status
-    from flowbench.data._common import SPLITS, to_float32
+    from flowbench.data._common import LABELS, SPLITS, to_float32
 
     expected = to_float32(case.splits())
     spec = case.spec
+    labels = {k: np.asarray(case.prepared()[k]) for k in LABELS if spec.classes}
     problems = []
     dev = 0.0
     with _loadable(case) as key:
@@ -1226,6 +1240,12 @@ def _check_load(case: _DatasetCase) -> CheckResult:
                     problems.append(f"{attempt} load: {k} differs from the recipe's output")
                     if got.shape == expected[k].shape:
                         dev = max(dev, float(np.max(np.abs(got.astype(np.float64) - expected[k]))))
+            for k in labels:
+                got = getattr(ds, k)
+                if got is None or got.dtype != np.int64 or not np.array_equal(got, labels[k]):
+                    problems.append(f"{attempt} load: {k} differ from the recipe's (or are not int64)")
+            if ds.classes != spec.classes:
+                problems.append(f"{attempt} load: {ds.classes} classes, the spec declares {spec.classes}")
             if (ds.logit_alpha, ds.levels) != (spec.logit_alpha, spec.levels) or ds.image_shape != (
                     spec.image.shape if spec.image else None):
                 problems.append(f"{attempt} load: image settings differ from the spec's")

@@ -23,14 +23,14 @@ RAW_FILES = sorted(str(p.relative_to(RAW)) for p in RAW.rglob("*") if p.is_file(
 
 
 def make_archive(extra: list[tuple[tarfile.TarInfo, bytes | None]] = ()) -> bytes:
-    """data.tar.gz in the MAF layout: data/<dataset>/<file>, plus an unrelated member (data/cifar10/)."""
+    """data.tar.gz in the MAF layout: data/<dataset>/<file>, plus an unrelated member (data/extras/)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for d in ["data"] + sorted({f"data/{Path(r).parts[0]}" for r in RAW_FILES}):
             tar.add(RAW if d == "data" else RAW / d[5:], arcname=d, recursive=False)
         for rel in RAW_FILES:
             tar.add(RAW / rel, arcname=f"data/{rel}")
-        info = tarfile.TarInfo("data/cifar10/readme.txt")
+        info = tarfile.TarInfo("data/extras/readme.txt")
         info.size = 5
         tar.addfile(info, io.BytesIO(b"hello"))
         for info, payload in extra:
@@ -121,7 +121,7 @@ def fetch_all(server: Server, root: Path, names=("power", "gas"), **kw):
 
 def test_full_download_prepares_and_records(server: Server, tmp_path: Path):
     root = tmp_path / "data"
-    names = ["power", "gas", "hepmass", "miniboone", "bsds300", "mnist"]
+    names = ["power", "gas", "hepmass", "miniboone", "bsds300", "mnist", "cifar10"]
     fetch_all(server, root, names)
     rec = json.loads((root / "download.json").read_text())
     assert rec["archive"]["sha256"] == SHA and rec["archive"]["verified_by"].startswith("sha256")
@@ -129,7 +129,7 @@ def test_full_download_prepares_and_records(server: Server, tmp_path: Path):
     for rel in RAW_FILES:
         assert (root / rel).read_bytes() == (RAW / rel).read_bytes()
         assert rec["files"][rel]["sha256"] == hashlib.sha256((RAW / rel).read_bytes()).hexdigest()
-    assert not (root / "cifar10").exists()  # only the expected members
+    assert not (root / "extras").exists()  # only the expected members
     assert not list(root.glob(".extract-*"))
     for n in names:
         assert (root / "processed" / n / "manifest.json").is_file()
@@ -295,7 +295,7 @@ def test_unsafe_archives_are_refused(tmp_path: Path, member, why):
 
 def test_inside_symlink_is_tolerated(tmp_path: Path):
     arc = tmp_path / "ok.tar.gz"
-    arc.write_bytes(make_archive([_member("data/cifar10/latest", tarfile.SYMTYPE, "readme.txt")]))
+    arc.write_bytes(make_archive([_member("data/extras/latest", tarfile.SYMTYPE, "readme.txt")]))
     download_and_prepare(tmp_path / "d", ["power"], from_archive=arc, sha256=hashlib.sha256(arc.read_bytes()).hexdigest(),
                          progress=False, echo=lambda m: None)
     assert (tmp_path / "d" / "power" / "data.npy").is_file()

@@ -128,3 +128,78 @@ def test_datasets_command_shows_status(root: Path, capsys):
     assert "prepared" in lines["power"] and "17" in lines["power"]
     assert "missing" in lines["gas"] and "852,174" in lines["gas"]
     assert "raw" in lines["hepmass"] and "built-in" in lines["digits"]
+
+
+# -- class labels -----------------------------------------------------------------------------------------------------
+def _labelled(monkeypatch, labels: dict, classes: int = 3) -> None:
+    """miniboone's recipe with ``labels`` added and ``classes`` declared."""
+    spec = DATASETS["miniboone"]
+    monkeypatch.setitem(DATASETS, "miniboone", dataclasses.replace(
+        spec, classes=classes, recipe_version=7, prepare=lambda r: {**spec.prepare(r), **labels}))
+
+
+def _ok_labels() -> dict:  # the fixture's 41 / 4 / 5 rows
+    return {"train_labels": np.arange(41) % 3, "val_labels": np.array([0, 1, 2, 0], np.int32),
+            "test_labels": np.zeros(5, np.uint8)}
+
+
+def test_labels_are_checked_cached_and_returned(root: Path, monkeypatch):
+    _labelled(monkeypatch, _ok_labels())
+    first = load_dataset("miniboone", root)
+    assert first.classes == 3 and first.val_labels.dtype == np.int64 and first.test_labels.tolist() == [0] * 5
+    second = load_dataset("miniboone", root)  # from the cache
+    assert isinstance(second.train_labels, np.memmap) and second.train_labels.dtype == np.int64
+    np.testing.assert_array_equal(second.train_labels, np.arange(41) % 3)
+    assert cache.read_manifest(root, "miniboone")["classes"] == 3
+    np.testing.assert_array_equal(second.one_hot("val"), np.eye(3, dtype=np.float32)[[0, 1, 2, 0]])
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"val_labels": np.array([0, 1, 2])}, r"val_labels has shape \(3,\); expected \(4,\)"),
+    ({"val_labels": np.zeros((4, 1), int)}, r"val_labels has shape \(4, 1\)"),
+    ({"test_labels": np.zeros(5)}, "test_labels is float64; class labels must be integers"),
+    ({"train_labels": np.full(41, 3)}, r"train_labels holds labels in \[3, 3\]; the spec declares 3 classes"),
+    ({"train_labels": np.full(41, -1)}, r"labels in \[-1, -1\]"),
+    ({"extra": np.zeros(3)}, r"unknown entries \['extra'\]"),
+])
+def test_bad_labels_are_refused_clearly(root: Path, monkeypatch, change: dict, why: str):
+    _labelled(monkeypatch, {**_ok_labels(), **change})
+    with pytest.raises(DataIntegrityError, match=why):
+        load_dataset("miniboone", root)
+    assert not (root / "processed" / "miniboone").exists()
+
+
+def test_labels_and_classes_go_together(root: Path, monkeypatch):
+    labels = _ok_labels()
+    del labels["test_labels"]
+    _labelled(monkeypatch, labels)
+    with pytest.raises(DataIntegrityError, match=r"declares 3 classes, but prepare returned no \['test_labels'\]"):
+        load_dataset("miniboone", root)
+    _labelled(monkeypatch, _ok_labels(), classes=0)
+    with pytest.raises(DataIntegrityError, match="declares no classes; set DatasetSpec.classes"):
+        load_dataset("miniboone", root)
+
+
+def test_unlabelled_dataset_has_no_labels(root: Path):
+    ds = load_dataset("miniboone", root)
+    assert ds.classes == 0 and ds.train_labels is None and "classes" in cache.read_manifest(root, "miniboone")
+    assert not (root / "processed" / "miniboone" / "train_labels.npy").exists()
+    with pytest.raises(ConfigError, match="miniboone has no class labels"):
+        ds.one_hot("train")
+    with pytest.raises(ConfigError, match="unknown split 'trn'"):
+        load_dataset("digits").one_hot("trn")
+
+
+def test_labelled_datasets_are_declared():
+    assert {n: s.classes for n, s in DATASETS.items() if s.classes} == {"mnist": 10, "cifar10": 10, "digits": 10}
+
+
+def test_datasets_command_shows_labels(root: Path, capsys):
+    assert cli.main(["datasets", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("dataset"))
+    assert header.split()[:7] == ["dataset", "D", "train", "val", "test", "labels", "status"]
+    lines = {line.split()[0]: line for line in out.splitlines() if line and line.split()[0] in DATASETS}
+    assert "10 classes" in lines["mnist"] and "10 classes" in lines["cifar10"] and "10 classes" in lines["digits"]
+    assert "–" in lines["power"] and "classes" not in lines["power"]
+    assert "cifar10/ (6 files)" in lines["cifar10"] and "raw" in lines["cifar10"]

@@ -1,5 +1,5 @@
-"""The restricted unpickler: real pandas 1.5.3 pickles (and a 0.x-path variant) decode without pandas;
-anything else is refused before it runs."""
+"""The restricted unpickler: real pandas 1.5.3 pickles (and a 0.x-path variant) decode without pandas, and
+CIFAR-10 batches with nothing but numpy's array reconstructor; anything else is refused before it runs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flowbench.data.safe_pickle import load_dataframe_pickle, load_numpy_pickle
+from flowbench.data.safe_pickle import Frame, load_cifar_batch, load_dataframe_pickle, load_numpy_pickle
 from flowbench.errors import DataIntegrityError, UnsafePickleError
 
 FIX = Path(__file__).resolve().parent / "fixtures"
@@ -81,3 +81,59 @@ def test_mnist_python2_pickle_with_latin1_fallback():
     # a Python 3 pickle of arrays loads with the default encoding
     a = np.arange(6.0).reshape(2, 3)
     np.testing.assert_array_equal(load_numpy_pickle(pickle.dumps((a, a), protocol=4))[1], a)
+
+
+# -- CIFAR-10 batches: the narrowest allow-list ---------------------------------------------------------------------
+def _batch(changes: dict | None = None) -> dict:
+    d = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 0], b"data": np.arange(2 * 12, dtype=np.uint8).reshape(2, 12),
+         b"filenames": [b"a.png", b"b.png"]}
+    return {**d, **(changes or {})}
+
+
+def test_cifar_python2_fixture_and_python3_bytes_keys_decode_alike():
+    raw = (FIX / "raw" / "cifar10" / "data_batch_1").read_bytes()
+    x, labels = load_cifar_batch(raw)
+    ref = pickle.loads(raw, encoding="latin1")  # how MAF reads it (our own fixture: safe here)
+    np.testing.assert_array_equal(x, ref["data"])
+    assert x.dtype == np.uint8 and labels.dtype == np.int64 and labels.tolist() == ref["labels"]
+    # Python 3 writes bytes keys (through _codecs.encode at protocol 2); str keys load the same
+    for d in (_batch(), {k.decode(): v for k, v in _batch().items()}):
+        x, labels = load_cifar_batch(pickle.dumps(d, protocol=2))
+        np.testing.assert_array_equal(x, _batch()[b"data"])
+        assert labels.tolist() == [3, 0]
+
+
+def test_cifar_batch_smuggling_code_is_refused_and_not_run(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_batch({b"batch_label": _Evil(marker)}), protocol=2)
+    with pytest.raises(UnsafePickleError, match=r"(posix|os)\.system"):
+        load_cifar_batch(payload, source="cifar10/data_batch_1")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("value, why", [
+    (Frame(["a"], np.zeros((1, 1))), r"flowbench\.data\.safe_pickle\.Frame"),  # an object of another class
+    (np.float64(1.5), r"numpy\..*scalar"),  # numpy scalars: allowed for MNIST, not here
+    (slice(1, 2), "builtins.slice"),
+    ({1, 2}, "builtins.set"),
+])
+def test_cifar_batch_refuses_any_other_global(value, why):
+    with pytest.raises(UnsafePickleError, match=why):
+        load_cifar_batch(pickle.dumps(_batch({b"batch_label": value}), protocol=2))
+
+
+@pytest.mark.parametrize("batch, why", [
+    (_batch({b"extra": b"x"}), "unexpected key b'extra'"),
+    (_batch({b"data": np.zeros((2, 12), np.float32)}), "2-D uint8 array; got float32"),
+    (_batch({b"data": np.zeros(12, np.uint8)}), "2-D uint8 array"),
+    (_batch({b"labels": [1.0, 2.0]}), "list of ints"),
+    (_batch({b"labels": [True, False]}), "list of ints"),
+    (_batch({b"labels": [1, 2, 3]}), "2 images and 3 labels"),
+    (_batch({b"filenames": [1, 2]}), "'filenames' must be a list of strings"),
+    (_batch({b"batch_label": 3}), "'batch_label' must be a string"),
+    ([1, 2], "holds a list, expected the dict"),
+])
+def test_cifar_batch_of_another_layout_is_refused(batch, why):
+    with pytest.raises(DataIntegrityError, match=why) as e:
+        load_cifar_batch(pickle.dumps(batch, protocol=2), source="cifar10/test_batch")
+    assert str(e.value).startswith("cifar10/test_batch: ")

@@ -227,6 +227,24 @@ def test_mnist_logit_values_by_hand(root: Path):
     assert out["train"].dtype == np.float32 and out["test"].shape == (3, 784)
 
 
+def test_mnist_labels_are_each_splits_y(root: Path):
+    """MAF datasets/mnist.py: ``self.labels = data[1]`` of each of (trn, val, tst)."""
+    out = mnist.prepare(root)
+    (_, ytr), (_, yva), (_, yte) = pickle.loads(gzip.open(RAW / "mnist" / "mnist.pkl.gz").read(), encoding="latin1")
+    for k, y in (("train", ytr), ("val", yva), ("test", yte)):
+        np.testing.assert_array_equal(out[f"{k}_labels"], y)
+        assert len(out[f"{k}_labels"]) == len(out[k])
+    assert mnist.SPEC.classes == 10
+
+
+def test_mnist_label_count_must_match_the_rows(root: Path):
+    (xtr, ytr), val, test = pickle.loads(gzip.open(RAW / "mnist" / "mnist.pkl.gz").read(), encoding="latin1")
+    with gzip.open(root / "mnist" / "mnist.pkl.gz", "wb") as f:
+        pickle.dump(((xtr, ytr[:-1]), val, test), f, protocol=2)
+    with pytest.raises(DataIntegrityError, match="one label y per row"):
+        mnist.prepare(root)
+
+
 def test_mnist_chunking_draws_the_same_numbers():
     x = (np.random.RandomState(1).randint(0, 256, (7, 784)) / 256).astype(np.float32)
     a = mnist.transform_split(x, np.random.RandomState(3), chunk_rows=2)
@@ -249,3 +267,22 @@ def test_digits_recipe():
     assert (ds.train.shape, ds.val.shape, ds.test.shape) == ((1457, 64), (161, 64), (179, 64))
     np.testing.assert_allclose(np.vstack([ds.train, ds.val, ds.test]), y.astype(np.float32), rtol=1e-6)
     assert ds.logit_alpha == 1e-6 and ds.levels == 17 and ds.dim == 64 and ds.image
+
+
+def test_digits_labels_stay_with_their_images():
+    from sklearn.datasets import load_digits
+
+    from flowbench.data import load_dataset
+
+    ds, d = load_dataset("digits"), load_digits()
+    rng = np.random.RandomState(42)
+    rng.rand(*d.data.shape)
+    perm = rng.permutation(len(d.target))  # the recipe's own permutation, drawn after the noise
+    np.testing.assert_array_equal(np.concatenate([ds.train_labels, ds.val_labels, ds.test_labels]), d.target[perm])
+    # and each label sits beside its image: the pixel values recovered from logit space are the image's
+    for split, lab in ((ds.train, ds.train_labels), (ds.test, ds.test_labels)):
+        x = 1 / (1 + np.exp(-split.astype(np.float64)))
+        pixels = np.floor((x - 1e-6) / (1 - 2e-6) * 17)
+        rows = {bytes(v.astype(np.uint8)): t for v, t in zip(d.data, d.target)}
+        assert all(rows[bytes(p.astype(np.uint8))] == t for p, t in zip(pixels, lab))
+    assert ds.classes == 10 and ds.train_labels.dtype == np.int64 and len(ds.val_labels) == 161

@@ -108,6 +108,9 @@ def _spec(**kw) -> DatasetSpec:
     ({"recipe_version": 0}, "recipe_version"),
     ({"prepare": None}, "callable"),
     ({"image": ImageSpec(1e-6, 256, (3, 3))}, "9 pixels, dim is 4"),
+    ({"classes": -1}, "classes must be an int ≥ 0"),
+    ({"classes": True}, "classes must be an int ≥ 0"),
+    ({"classes": 10.0}, "classes must be an int ≥ 0"),
 ])
 def test_bad_declarations_are_refused(kw: dict, why: str):
     _spec()  # the base declaration is valid

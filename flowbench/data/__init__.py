@@ -1,7 +1,7 @@
 """Datasets: the registry, ``load_dataset`` and the processed cache.
 
-Six datasets of the MAF paper (Papamakarios et al. 2017), preprocessed exactly as its code does (see each
-module's docstring), plus ``digits`` (scikit-learn's bundled 8×8 digits; no download) so that everything
+The seven datasets of the MAF paper (Papamakarios et al. 2017), preprocessed exactly as its code does (see
+each module's docstring), plus ``digits`` (scikit-learn's bundled 8×8 digits; no download) so that everything
 runs offline. Raw files live under ``ROOT`` in the layout of the MAF archive (``ROOT/power/data.npy``, …);
 ``flowbench download`` puts them there.
 
@@ -24,10 +24,10 @@ import warnings
 from pathlib import Path
 
 from flowbench.data import cache
-from flowbench.data._common import check_splits, maf_split, tail_split, to_float32
+from flowbench.data._common import LABELS, check_labels, check_splits, maf_split, tail_split, to_float32
 from flowbench.data.base import Dataset
 from flowbench.data.spec import ARCHIVE, DatasetSpec, ImageSpec
-from flowbench.errors import ConfigError, DatasetNotFoundError
+from flowbench.errors import ConfigError, DataIntegrityError, DatasetNotFoundError
 from flowbench.plugins import Origin, Registry
 
 __all__ = [
@@ -43,6 +43,7 @@ _MODULES: tuple[str, ...] = (
     "miniboone",
     "bsds300",
     "mnist",
+    "cifar10",
     "digits",
 )
 
@@ -139,10 +140,11 @@ def _fetch_hint(spec: DatasetSpec, root: Path) -> str:
 
 
 def _dataset(spec: DatasetSpec, splits: dict, meta: dict) -> Dataset:
+    labels = {k: splits[k] for k in LABELS if k in splits} if spec.classes else {}
     return Dataset(
         name=spec.name, train=splits["train"], val=splits["val"], test=splits["test"],
         logit_alpha=spec.logit_alpha, levels=spec.levels, image_shape=spec.image.shape if spec.image else None,
-        meta=meta,
+        meta=meta, classes=spec.classes, **labels,
     )
 
 
@@ -161,18 +163,23 @@ def prepare_dataset(name: str, root: str | Path | None = None, *, write_cache: b
             f"dataset {name!r} is not in {root}: missing {', '.join(map(str, missing))}. "
             f"{_fetch_hint(spec, root)}"
         )
-    splits = to_float32(spec.prepare(root))
+    out = spec.prepare(root)
+    missing = [k for k in ("train", "val", "test") if not isinstance(out, dict) or k not in out]
+    if missing:
+        raise DataIntegrityError(f"{name}: prepare returned no {missing}; it must return a dict of the splits")
+    # labels are checked (and cast to int64) before anything touches rows, so a misaligned array is named
+    splits = check_labels(name, to_float32(out), spec.classes)
     check_splits(name, splits)  # D is not enforced: small test fixtures have fewer columns
     meta: dict = {"recipe_version": spec.recipe_version, "root": str(root)}
     if spec.builtin or not write_cache:
         return _dataset(spec, splits, meta)
     sources = {f: cache.fingerprint(root / f) for f in spec.raw_files}
     try:
-        manifest = cache.write(root, name, splits, spec.recipe_version, sources)
+        manifest = cache.write(root, name, splits, spec.recipe_version, sources, classes=spec.classes)
     except OSError as e:  # read-only data root: still usable, just not cached
         warnings.warn(f"could not write the processed cache for {name} under {root} ({e}); using it in memory")
         return _dataset(spec, splits, meta)
-    state = cache.check(root, name, spec.recipe_version)
+    state = cache.check(root, name, spec.recipe_version, spec.classes)
     if state.kind != "ok":  # changed under our feet (another process?): the arrays in memory are right
         warnings.warn(f"the processed cache of {name} just written under {root} does not check ({state.reason}); "
                       "using the prepared data in memory")
@@ -187,7 +194,7 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     raw files with a warning saying what was wrong; nothing is downloaded.
 
     Args:
-        name: one of :data:`DATASETS` (``power, gas, hepmass, miniboone, bsds300, mnist, digits``).
+        name: one of :data:`DATASETS` (``power, gas, hepmass, miniboone, bsds300, mnist, cifar10, digits``).
         root: data root; ``None`` → ``$FLOWBENCH_DATA`` or ``data``.
 
     Raises:
@@ -199,7 +206,7 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     name = spec.name  # a reference resolves to its spec: the cache is named for the spec
     root = check_root(root)
     if not spec.builtin:
-        state = cache.check(root, name, spec.recipe_version)
+        state = cache.check(root, name, spec.recipe_version, spec.classes)
         if state.kind == "ok":
             meta = {"recipe_version": spec.recipe_version, "root": str(root),
                     "cache": str(cache.cache_dir(root, name)), "manifest": state.manifest}
@@ -226,7 +233,7 @@ def status(name: str, root: str | Path | None = None) -> str:
     root = check_root(root)
     if spec.builtin:
         return "built-in"
-    state = cache.check(root, name, spec.recipe_version)
+    state = cache.check(root, name, spec.recipe_version, spec.classes)
     if state.kind == "ok":
         return "prepared"
     if state.kind == "broken":

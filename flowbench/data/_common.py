@@ -15,6 +15,13 @@ from flowbench.errors import DataIntegrityError
 
 Splits = dict[str, np.ndarray]
 SPLITS: tuple[str, str, str] = ("train", "val", "test")
+#: the label arrays of a labelled dataset (``DatasetSpec.classes`` > 0), one per split, in the order of SPLITS
+LABELS: tuple[str, str, str] = ("train_labels", "val_labels", "test_labels")
+
+
+def label_key(split: str) -> str:
+    """``train`` → ``train_labels``."""
+    return f"{split}_labels"
 
 
 def tail_split_sizes(n: int) -> tuple[int, int, int]:
@@ -86,7 +93,7 @@ def safe_std(x: np.ndarray, what: str, ddof: int, columns: Sequence[str] | None 
 
 def check_splits(name: str, splits: Splits) -> None:
     """Every split is 2-D with the same width, finite, and train has no constant column."""
-    widths = {k: v.shape[1] if v.ndim == 2 else None for k, v in splits.items()}
+    widths = {k: splits[k].shape[1] if splits[k].ndim == 2 else None for k in SPLITS}
     if None in widths.values() or len(set(widths.values())) != 1:
         raise DataIntegrityError(f"{name}: prepared splits have inconsistent shapes {widths}")
     for k in SPLITS:
@@ -119,4 +126,41 @@ def logit(x: np.ndarray) -> np.ndarray:
 
 
 def to_float32(splits: Splits) -> Splits:
-    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in splits.items()}
+    """The splits as contiguous float32; any other entry (the label arrays) as it is: :func:`check_labels`
+    checks and casts those, so that a float label array is refused rather than truncated."""
+    return {k: np.ascontiguousarray(v, dtype=np.float32) if k in SPLITS else v for k, v in splits.items()}
+
+
+def check_labels(name: str, out: Splits, classes: int) -> Splits:
+    """Check the label arrays of a recipe's output against its spec's ``classes``; they come back as int64.
+
+    A labelled dataset (``classes`` > 0) returns one integer array of shape (N,) per split, N the split's rows,
+    values in 0..classes-1; an unlabelled one returns none. Anything else is a :class:`DataIntegrityError`.
+    """
+    extra = sorted(set(out) - set(SPLITS) - set(LABELS))
+    if extra:
+        raise DataIntegrityError(f"{name}: prepare returned unknown entries {extra}; expected {list(SPLITS)}"
+                                 + (f" and {list(LABELS)}" if classes else ""))
+    given = [k for k in LABELS if k in out]
+    if not classes:
+        if given:
+            raise DataIntegrityError(f"{name}: prepare returned {given}, but the spec declares no classes; "
+                                     "set DatasetSpec.classes to the number of labels")
+        return out
+    missing = [k for k in LABELS if k not in out]
+    if missing:
+        raise DataIntegrityError(f"{name}: the spec declares {classes} classes, but prepare returned no {missing}")
+    res = dict(out)
+    for split, k in zip(SPLITS, LABELS):
+        lab = np.asarray(out[k])
+        rows = out[split].shape[0]
+        if lab.ndim != 1 or lab.shape[0] != rows:
+            raise DataIntegrityError(f"{name}: {k} has shape {lab.shape}; expected ({rows},), one label per row of "
+                                     f"the {split} split")
+        if lab.dtype.kind not in "iu":  # bool and float labels are a recipe's mistake, not something to round
+            raise DataIntegrityError(f"{name}: {k} is {lab.dtype}; class labels must be integers")
+        if lab.size and (lab.min() < 0 or lab.max() >= classes):
+            raise DataIntegrityError(f"{name}: {k} holds labels in [{lab.min()}, {lab.max()}]; the spec declares "
+                                     f"{classes} classes (0..{classes - 1})")
+        res[k] = np.ascontiguousarray(lab, dtype=np.int64)
+    return res

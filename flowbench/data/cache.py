@@ -1,5 +1,9 @@
 """The processed cache: one float32 ``.npy`` per split plus ``manifest.json``, under ``ROOT/processed/NAME/``.
 
+A labelled dataset also has one int64 ``.npy`` of class labels per split (``train_labels.npy`` …); the
+manifest records its number of ``classes`` (0 or absent: unlabelled), and every check below covers the label
+files exactly like the splits (plus: labels in 0..classes-1 where the splits are checked finite).
+
 Nothing on disk is trusted blindly. The manifest is written last (atomically), so its presence means the
 ``.npy`` files beside it were complete. It records the recipe version, the SHA-256, size and mtime of each
 raw source file (a cache whose recipe or raw files changed is *stale* and rebuilt), and for each split its
@@ -34,7 +38,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from flowbench import __version__
-from flowbench.data._common import SPLITS, Splits
+from flowbench.data._common import LABELS, SPLITS, Splits
 from flowbench.utils import atomic_write, atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -82,18 +86,29 @@ def _save(path: Path, a: np.ndarray) -> dict[str, Any]:
     return {"bytes": w.size, "sha256": w.sha.hexdigest()}
 
 
-def write(root: Path, name: str, splits: Splits, recipe_version: int, sources: dict[str, dict]) -> dict:
-    """Write the splits, then the manifest, then their stamps; returns the manifest."""
+def _keys(classes: int) -> tuple[tuple[str, np.dtype], ...]:
+    """(array name, dtype) of the files a cache holds: the splits, then the labels of a labelled dataset."""
+    return tuple((k, np.dtype(np.float32)) for k in SPLITS) + (
+        tuple((k, np.dtype(np.int64)) for k in LABELS) if classes else ())
+
+
+def write(root: Path, name: str, splits: Splits, recipe_version: int, sources: dict[str, dict],
+          classes: int = 0) -> dict:
+    """Write the splits (and, with ``classes``, the label arrays in ``splits``), then the manifest, then their
+    stamps; returns the manifest."""
     d = cache_dir(root, name)
     # invalidate first: a crash mid-write must not leave an old manifest beside new arrays
     for meta in (MANIFEST, VERIFIED):
         (d / meta).unlink(missing_ok=True)
+    if not classes:  # labels of an earlier, labelled recipe would only confuse a reader of the folder
+        for k in LABELS:
+            (d / f"{k}.npy").unlink(missing_ok=True)
     files, stamps = {}, {}
-    for k in SPLITS:
+    for k, dtype in _keys(classes):
         path = d / f"{k}.npy"
         if path.is_dir():  # something in the way: os.replace cannot put a file over a folder
             shutil.rmtree(path)
-        files[path.name] = _save(path, np.ascontiguousarray(splits[k], dtype=np.float32))
+        files[path.name] = _save(path, np.ascontiguousarray(splits[k], dtype=dtype))
         stamps[path.name] = {"sha256": files[path.name]["sha256"], "stamp": _stamp(path.stat())}
     manifest = {
         "format": FORMAT,
@@ -101,7 +116,8 @@ def write(root: Path, name: str, splits: Splits, recipe_version: int, sources: d
         "recipe_version": recipe_version,
         "flowbench_version": __version__,
         "dtype": "float32",
-        "shapes": {k: list(splits[k].shape) for k in SPLITS},
+        "classes": classes,
+        "shapes": {k: list(splits[k].shape) for k, _ in _keys(classes)},
         "files": files,
         "sources": sources,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -124,9 +140,9 @@ def read_manifest(root: Path, name: str) -> dict | None:
 class CacheState:
     """What :func:`check` found.
 
-    ``kind``: ``absent`` (no manifest), ``stale`` (other recipe version, changed raw files or an older cache
-    format: rebuilt silently), ``broken`` (fails a check: ``reason`` says which) or ``ok`` (``splits`` holds
-    the memory-mapped arrays).
+    ``kind``: ``absent`` (no manifest), ``stale`` (other recipe version, other number of classes, changed raw
+    files or an older cache format: rebuilt silently), ``broken`` (fails a check: ``reason`` says which) or
+    ``ok`` (``splits`` holds the memory-mapped arrays, the label arrays of a labelled dataset included).
     """
 
     kind: str
@@ -139,8 +155,11 @@ class _Broken(Exception):
     pass
 
 
-def check(root: Path, name: str, recipe_version: int) -> CacheState:
-    """Check the cache of ``name`` under ``root`` (see the module docstring) and memory-map it if it is ok."""
+def check(root: Path, name: str, recipe_version: int, classes: int | None = None) -> CacheState:
+    """Check the cache of ``name`` under ``root`` (see the module docstring) and memory-map it if it is ok.
+
+    ``classes``: the spec's number of classes; a cache written for another number is stale (None: any).
+    """
     d = cache_dir(root, name)
     mpath = d / MANIFEST
     if not mpath.exists():
@@ -155,6 +174,8 @@ def check(root: Path, name: str, recipe_version: int) -> CacheState:
         return CacheState("stale", "written by an older flowbench", m)
     if m.get("recipe_version") != recipe_version:
         return CacheState("stale", f"recipe version {m.get('recipe_version')}, current {recipe_version}", m)
+    if classes is not None and m.get("classes", 0) != classes:
+        return CacheState("stale", f"written for {m.get('classes', 0)} classes, the spec declares {classes}", m)
     try:
         for rel, fp in m["sources"].items():
             raw = Path(root) / rel
@@ -169,15 +190,19 @@ def check(root: Path, name: str, recipe_version: int) -> CacheState:
         return CacheState("broken", f"{MANIFEST} is malformed ({type(e).__name__}: {e})", m)
 
 
-def is_valid(root: Path, name: str, recipe_version: int) -> bool:
-    return check(root, name, recipe_version).kind == "ok"
+def is_valid(root: Path, name: str, recipe_version: int, classes: int | None = None) -> bool:
+    return check(root, name, recipe_version, classes).kind == "ok"
 
 
 def _open_splits(d: Path, m: dict) -> Splits:
     verified = _read_verified(d)
-    dtype = np.dtype(m["dtype"])
+    classes = m.get("classes", 0)
+    if not (isinstance(classes, int) and not isinstance(classes, bool) and classes >= 0):
+        raise _Broken(f"{MANIFEST} records {classes!r} classes")
     out, newly = {}, {}
-    for k in SPLITS:
+    for k, dtype in _keys(classes):
+        if k in SPLITS and np.dtype(m["dtype"]) != dtype:
+            raise _Broken(f"{MANIFEST} says the splits are {m['dtype']}, not {dtype}")
         path = d / f"{k}.npy"
         want, shape = m["files"][path.name], tuple(m["shapes"][k])
         try:
@@ -199,11 +224,18 @@ def _open_splits(d: Path, m: dict) -> Splits:
         if not (isinstance(seen, dict) and seen.get("sha256") == want["sha256"] and seen.get("stamp") == stamp):
             if sha256_file(path) != want["sha256"]:
                 raise _Broken(f"{path.name} was modified: its SHA-256 differs from the one recorded when it was written")
-            row = _first_nonfinite_row(a)
-            if row is not None:  # only if the manifest itself was rewritten: the writer checks finiteness
-                raise _Broken(f"{path.name} holds NaN or inf values (first in row {row})")
+            # only if the manifest itself was rewritten: the writer checks finiteness and label ranges
+            if k in SPLITS:
+                row = _first_nonfinite_row(a)
+                if row is not None:
+                    raise _Broken(f"{path.name} holds NaN or inf values (first in row {row})")
+            elif a.ndim != 1 or (a.size and (a.min() < 0 or a.max() >= classes)):
+                raise _Broken(f"{path.name} holds labels outside 0..{classes - 1}")
             newly[path.name] = {"sha256": want["sha256"], "stamp": stamp}
         out[k] = a
+    for split, k in zip(SPLITS, LABELS):
+        if k in out and out[k].shape[0] != out[split].shape[0]:
+            raise _Broken(f"{k}.npy has {out[k].shape[0]:,} labels for {out[split].shape[0]:,} {split} rows")
     if newly:
         try:
             atomic_write_json(d / VERIFIED, {**verified, **newly})

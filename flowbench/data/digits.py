@@ -9,6 +9,9 @@ Recipe (one ``RandomState(42)``, draws in this order):
 2. ``y = logit(α + (1 − 2α)·x)``.
 3. ``perm = rng.permutation(1797)``; rows reordered by it (sklearn's file is grouped by writer).
 4. Tail split as MAF: 1,457 / 161 / 179.
+
+Class labels (10 classes): scikit-learn's ``target``, reordered by the same ``perm`` and split the same way,
+so each label stays with its image.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowbench.data._common import Splits, logit, tail_split
+from flowbench.data._common import Splits, label_key, logit, tail_split
 from flowbench.data.spec import DatasetSpec, ImageSpec
 
 LOGIT_ALPHA = 1e-6
@@ -25,19 +28,24 @@ LEVELS = 17
 SEED = 42
 
 
-def transform(v: np.ndarray, rng: np.random.RandomState) -> Splits:
-    """Dequantise, logit, permute and split integer pixel values ``v`` (N, 64) in 0..16."""
+def transform(v: np.ndarray, rng: np.random.RandomState, target: np.ndarray | None = None) -> Splits:
+    """Dequantise, logit, permute and split integer pixel values ``v`` (N, 64) in 0..16; with ``target``
+    (N labels) also the label arrays, permuted and split with their rows."""
     x = (np.asarray(v, dtype=np.float64) + rng.rand(*v.shape)) / LEVELS
     y = logit(LOGIT_ALPHA + (1 - 2 * LOGIT_ALPHA) * x)
-    y = y[rng.permutation(y.shape[0])]
-    return tail_split(y)
+    perm = rng.permutation(y.shape[0])
+    out = tail_split(y[perm])
+    if target is not None:
+        out.update({label_key(k): v for k, v in tail_split(np.asarray(target)[perm]).items()})
+    return out
 
 
 def prepare(root: Path | None = None) -> Splits:
-    """The three splits in float64 (the loader casts and checks them)."""
+    """The three splits in float64 and their labels (the loader casts and checks them)."""
     from sklearn.datasets import load_digits  # bundled file, no network
 
-    return transform(load_digits().data, np.random.RandomState(SEED))
+    d = load_digits()
+    return transform(d.data, np.random.RandomState(SEED), d.target)
 
 
 SPEC = DatasetSpec(
@@ -47,7 +55,8 @@ SPEC = DatasetSpec(
     raw_files=(),
     source="scikit-learn (bundled)",
     description="8×8 handwritten digits, logit space",
-    recipe_version=1,
+    recipe_version=2,  # 2: class labels
     prepare=prepare,
     image=ImageSpec(logit_alpha=LOGIT_ALPHA, levels=LEVELS, shape=(8, 8)),
+    classes=10,
 )

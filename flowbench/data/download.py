@@ -461,7 +461,7 @@ def download_and_prepare(
         atomic_write_json(root / MANIFEST, record)
     rebuilt = False
     for s in specs:
-        state = cache.check(root, s.name, s.recipe_version)
+        state = cache.check(root, s.name, s.recipe_version, s.classes)
         if state.kind == "ok" and s not in todo:
             echo(f"{s.name}: prepared (in place)")
             continue

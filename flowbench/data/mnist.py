@@ -7,6 +7,7 @@
    ``x = x + rng.rand(*x.shape) / 256`` (uniform dequantisation).
 2. ``y = logit(α + (1 − 2α)·x)`` with α = 1e-6. Results are reported in this space; pixel-space values follow
    from :meth:`Dataset.pixel_log_prob`.
+3. Class labels (10 classes) are each split's ``y`` of the pickle, unchanged (MAF: ``self.labels = data[1]``).
 
 Rows are processed in chunks to bound memory; legacy ``RandomState.rand`` fills arrays in C order from one
 stream, so consecutive chunks draw exactly the numbers one big call would (tested).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowbench.data._common import SPLITS, Splits, logit, refetch_hint
+from flowbench.data._common import SPLITS, Splits, label_key, logit, refetch_hint
 from flowbench.data.safe_pickle import load_numpy_pickle
 from flowbench.data.spec import ARCHIVE, DatasetSpec, ImageSpec
 from flowbench.errors import DataIntegrityError
@@ -39,7 +40,8 @@ def transform_split(x: np.ndarray, rng: np.random.RandomState, chunk_rows: int =
     return out
 
 
-def read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_pickle(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """The ((x, labels), (x, labels), (x, labels)) of train, val, test; x 2-D, labels 1-D, one per row."""
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()
@@ -47,21 +49,24 @@ def read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         raise DataIntegrityError(f"{path} is not a readable gzip file ({e}); {refetch_hint('mnist/mnist.pkl.gz')}") from e
     obj = load_numpy_pickle(raw, source=str(path))
     try:
-        xs = tuple(np.asarray(part[0]) for part in obj)
-        if len(xs) != 3 or any(x.ndim != 2 for x in xs):
+        parts = tuple((np.asarray(part[0]), np.asarray(part[1])) for part in obj)
+        if len(parts) != 3 or any(x.ndim != 2 or y.shape != (x.shape[0],) for x, y in parts):
             raise ValueError
     except (TypeError, ValueError, IndexError):
-        raise DataIntegrityError(f"{path} is not ((x, y), (x, y), (x, y)) with 2-D x arrays") from None
-    return xs  # type: ignore[return-value]
+        raise DataIntegrityError(f"{path} is not ((x, y), (x, y), (x, y)) with 2-D x arrays and one label y per "
+                                 f"row; {refetch_hint('mnist/mnist.pkl.gz')}") from None
+    return parts
 
 
 def prepare(root: Path, chunk_rows: int = 5000) -> Splits:
-    train, val, test = read_pickle(Path(root) / SPEC.raw_files[0])
-    for k, x in zip(SPLITS, (train, val, test)):
+    parts = read_pickle(Path(root) / SPEC.raw_files[0])
+    for k, (x, _) in zip(SPLITS, parts):
         if x.size and (x.min() < 0 or x.max() >= 1):
             raise DataIntegrityError(f"mnist {k} pixels lie in [{x.min()}, {x.max()}], expected [0, 1)")
     rng = np.random.RandomState(SEED)  # one stream: train, then val, then test
-    return {k: transform_split(x, rng, chunk_rows) for k, x in zip(SPLITS, (train, val, test))}
+    out = {k: transform_split(x, rng, chunk_rows) for k, (x, _) in zip(SPLITS, parts)}
+    # the loader checks them (integer, in 0..9, one per row) and casts them to int64
+    return {**out, **{label_key(k): y for k, (_, y) in zip(SPLITS, parts)}}
 
 
 SPEC = DatasetSpec(
@@ -71,7 +76,8 @@ SPEC = DatasetSpec(
     raw_files=("mnist/mnist.pkl.gz",),
     source=ARCHIVE,
     description="MNIST, logit space",
-    recipe_version=1,
+    recipe_version=2,  # 2: class labels
     prepare=prepare,
     image=ImageSpec(logit_alpha=LOGIT_ALPHA, levels=LEVELS, shape=(28, 28)),
+    classes=10,
 )

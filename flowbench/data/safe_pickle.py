@@ -1,7 +1,9 @@
-"""A restricted unpickler for the two pickles in the MAF archive; no pandas needed.
+"""A restricted unpickler for the pickles in the MAF archive; no pandas needed.
 
-``gas/ethylene_CO.pickle`` is a pandas DataFrame pickled by an old pandas, and ``mnist/mnist.pkl.gz`` a
-(possibly Python 2) pickle of numpy arrays. Unpickling runs code named by the file, so a file from the
+``gas/ethylene_CO.pickle`` is a pandas DataFrame pickled by an old pandas, ``mnist/mnist.pkl.gz`` a
+(possibly Python 2) pickle of numpy arrays, and ``cifar10/data_batch_1`` … ``cifar10/test_batch`` Python 2
+pickles of a dict (``data``: uint8 array, ``labels``: list of ints, ``filenames``, ``batch_label``), read by
+:func:`load_cifar_batch` with the narrowest allow-list (numpy's array reconstructor only). Unpickling runs code named by the file, so a file from the
 internet goes through :class:`RestrictedUnpickler`: every global the pickle names is looked up in an
 allow-list *by its name and top-level package* (module paths moved between pandas 0.x and 1.x/2.x:
 ``pandas.core.internals.BlockManager`` → ``pandas.core.internals.managers.BlockManager``,
@@ -135,13 +137,23 @@ _PANDAS_FUNCTIONS: dict[str, Any] = {"_new_Index": _new_index, "_unpickle_block"
 _BUILTINS: dict[str, Any] = {"slice": slice, "object": object, "_reconstructor": _safe_reconstructor}
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only allow-listed globals (numpy arrays; pandas DataFrame parts if ``allow_pandas``)."""
+#: the globals a protocol-2 pickle of a plain ndarray names (Python 2's cPickle or Python 3's pickle)
+_ARRAY_ONLY = ("_reconstruct", "ndarray", "dtype")
 
-    def __init__(self, file: io.BufferedIOBase, *, allow_pandas: bool, encoding: str = "ASCII") -> None:
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only allow-listed globals (numpy arrays; pandas DataFrame parts if ``allow_pandas``).
+
+    ``arrays_only``: nothing but what rebuilding a plain ndarray needs (no numpy scalars, no copyreg or
+    builtins): the CIFAR-10 batches hold nothing else (dicts, lists, ints and strings need no globals).
+    """
+
+    def __init__(self, file: io.BufferedIOBase, *, allow_pandas: bool, encoding: str = "ASCII",
+                 arrays_only: bool = False) -> None:
         super().__init__(file, encoding=encoding)
-        self.allow_pandas = allow_pandas
-        self._numpy = _numpy_globals()
+        self.allow_pandas = allow_pandas and not arrays_only
+        self.arrays_only = arrays_only
+        self._numpy = {k: v for k, v in _numpy_globals().items() if not arrays_only or k in _ARRAY_ONLY}
 
     def find_class(self, module: str, name: str) -> Any:
         # Python 2 names (copy_reg, __builtin__) are mapped the way pickle's fix_imports would.
@@ -150,7 +162,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         top = module.split(".")[0]
         if top == "numpy" and name in self._numpy:
             return self._numpy[name]
-        if top in ("builtins", "copyreg") and name in _BUILTINS:
+        if top in ("builtins", "copyreg") and name in _BUILTINS and not self.arrays_only:
             return _BUILTINS[name]
         if module == "_codecs" and name == "encode":
             return _codecs_encode
@@ -162,17 +174,19 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(
             f"the pickle references the global {module}.{name}, which flowbench's restricted unpickler does not "
             "allow (it rebuilds only numpy arrays" + (" and pandas DataFrame columns" if self.allow_pandas else "")
+            + (" and plain dicts, lists, ints and strings" if self.arrays_only else "")
             + "). The file is not the expected one and may be malicious: do not open it with plain pickle; "
             "re-fetch the data with `flowbench download --force`"
         )
 
 
-def _load(data: bytes, allow_pandas: bool) -> Any:
+def _load(data: bytes, allow_pandas: bool, arrays_only: bool = False) -> Any:
     """Default encoding first; Python 2 pickles of numpy arrays need ``latin1``."""
     try:
-        return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas).load()
+        return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, arrays_only=arrays_only).load()
     except UnicodeDecodeError:
-        return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, encoding="latin1").load()
+        return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, encoding="latin1",
+                                   arrays_only=arrays_only).load()
 
 
 @contextlib.contextmanager
@@ -196,6 +210,49 @@ def load_numpy_pickle(data: bytes, source: str | None = None) -> Any:
             return _load(data, allow_pandas=False)
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
             raise DataIntegrityError(f"not a readable pickle of numpy arrays ({type(e).__name__}: {e})") from e
+
+
+#: the keys of a CIFAR-10 batch (https://www.cs.toronto.edu/~kriz/cifar.html, python version)
+CIFAR_KEYS = ("batch_label", "labels", "data", "filenames")
+
+
+def load_cifar_batch(data: bytes, source: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (uint8 ``data`` (N, D), int64 ``labels`` (N,)) of one pickled CIFAR-10 batch.
+
+    Accepted, and nothing else: a dict whose keys are among :data:`CIFAR_KEYS` as str or bytes (Python 2
+    strings load as str, or as bytes where a Python 3 pickle wrote bytes), ``data`` a 2-D uint8 ndarray,
+    ``labels`` a list of ints (one per row), ``filenames`` a list of str/bytes, ``batch_label`` a str/bytes.
+    MAF reads these files with ``pickle.load(f, encoding='latin1')`` (``datasets/cifar10.py``).
+    ``source`` (the file's path) starts every error message.
+    """
+    with _named(source):
+        try:
+            obj = _load(data, allow_pandas=False, arrays_only=True)
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+            raise DataIntegrityError(f"not a readable CIFAR-10 batch pickle ({type(e).__name__}: {e})") from e
+        if not isinstance(obj, dict):
+            raise DataIntegrityError(f"the pickle holds a {type(obj).__name__}, expected the dict of a CIFAR-10 batch")
+        d: dict[str, Any] = {}
+        for k, v in obj.items():
+            key = k.decode("latin1") if isinstance(k, bytes) else k
+            if not isinstance(key, str) or key not in CIFAR_KEYS or key in d:
+                raise DataIntegrityError(f"unexpected key {k!r} in a CIFAR-10 batch (expected {', '.join(CIFAR_KEYS)})")
+            d[key] = v
+        x, labels = d.get("data"), d.get("labels")
+        if not (isinstance(x, np.ndarray) and type(x) is np.ndarray and x.dtype == np.uint8 and x.ndim == 2):
+            what = f"{x.dtype} {list(x.shape)} array" if isinstance(x, np.ndarray) else type(x).__name__
+            raise DataIntegrityError(f"a CIFAR-10 batch's 'data' must be a 2-D uint8 array; got {what}")
+        # bool is an int subclass, and not a class label
+        if not (isinstance(labels, list) and all(type(v) is int for v in labels)):
+            raise DataIntegrityError("a CIFAR-10 batch's 'labels' must be a list of ints")
+        if len(labels) != x.shape[0]:
+            raise DataIntegrityError(f"a CIFAR-10 batch has {x.shape[0]} images and {len(labels)} labels")
+        names = d.get("filenames", [])
+        if not (isinstance(names, list) and all(isinstance(v, (str, bytes)) for v in names)):
+            raise DataIntegrityError("a CIFAR-10 batch's 'filenames' must be a list of strings")
+        if not isinstance(d.get("batch_label", ""), (str, bytes)):
+            raise DataIntegrityError("a CIFAR-10 batch's 'batch_label' must be a string")
+        return x, np.asarray(labels, dtype=np.int64)
 
 
 @dataclass

@@ -28,7 +28,9 @@ class ImageSpec:
     Attributes:
         logit_alpha: α of ``y = logit(α + (1 − 2α)·x)``; pixel-space log-likelihoods are derived from it.
         levels: intensity levels of the discrete image (256 for MNIST); bits/pixel add ``log2(levels)``.
-        shape: image shape, e.g. ``(28, 28)``; its product is the dataset's dimension.
+        shape: image shape, its product the dataset's dimension: ``(H, W)`` for grey images (``(28, 28)``),
+            ``(C, H, W)`` channel-major for colour ones (CIFAR-10: ``(3, 32, 32)``, a row is R 1024, G 1024,
+            B 1024 as in MAF's ``datasets/cifar10.py``).
     """
 
     logit_alpha: float
@@ -61,8 +63,11 @@ class DatasetSpec:
         description: one line for ``flowbench datasets``.
         recipe_version: bump it whenever ``prepare`` changes its output, so that processed caches are rebuilt.
         prepare: ``prepare(root) -> {"train", "val", "test"}``: 2-D arrays (float64 is fine; the loader
-            casts them to float32 and checks them).
+            casts them to float32 and checks them), plus the label arrays where ``classes`` > 0.
         image: logit-space image settings, or None for tabular data.
+        classes: number of class labels (0: unlabelled). A labelled dataset's ``prepare`` also returns
+            ``train_labels``, ``val_labels``, ``test_labels``: integer arrays of shape (N,) in 0..classes-1,
+            aligned with the rows of their split (MAF's ``data.trn.labels`` …).
     """
 
     name: str
@@ -74,6 +79,7 @@ class DatasetSpec:
     recipe_version: int
     prepare: Callable[[Path], dict[str, np.ndarray]]
     image: ImageSpec | None = None
+    classes: int = 0
 
     def __post_init__(self) -> None:
         def bad(what: str) -> ValueError:
@@ -106,6 +112,9 @@ class DatasetSpec:
                 raise bad(f"image must be an ImageSpec or None; got {self.image!r}")
             if math.prod(self.image.shape) != self.dim:
                 raise bad(f"image shape {self.image.shape} has {math.prod(self.image.shape)} pixels, dim is {self.dim}")
+        # bool is an int subclass: classes=True would silently mean one class
+        if not (isinstance(self.classes, int) and not isinstance(self.classes, bool) and self.classes >= 0):
+            raise bad(f"classes must be an int ≥ 0 (0: unlabelled); got {self.classes!r}")
 
     @property
     def builtin(self) -> bool:

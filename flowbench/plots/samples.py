@@ -3,9 +3,9 @@
 The model is rebuilt from the record (``build_model(model, dim, **hparams)``) and loaded with the best state
 kept in its checkpoint, i.e. the model whose test LL the record reports. Three kinds of figure:
 
-- images (mnist, digits): a grid of samples mapped from logit space back to pixels,
+- images (mnist, digits, cifar10): a grid of samples mapped from logit space back to pixels,
   ``x = (sigmoid(y) − α) / (1 − 2α)`` (the inverse of MAF's ``y = logit(α + (1 − 2α)·x)``, section 4.3),
-  beside as many test images;
+  beside as many test images; grey for an ``(H, W)`` image shape, RGB for a channel-major ``(3, H, W)`` one;
 - 2-D toy data (``toy2d-*``): the data beside the learned density, as ``flowbench sanity toy2d`` draws it;
 - tabular data: pairwise marginal scatter of samples against test points for a few dimensions.
 """
@@ -32,6 +32,7 @@ __all__ = [
     "choose_run",
     "draw",
     "image_grid_figure",
+    "image_layout",
     "load_dataset_for",
     "load_flow",
     "logit_to_pixels",
@@ -143,26 +144,63 @@ def logit_to_pixels(y: np.ndarray, alpha: float) -> np.ndarray:
 
 
 def tile(images: np.ndarray, cols: int, pad: float = 1.0) -> np.ndarray:
-    """``(n, h, w)`` images as one array, row-major, separated by one-pixel lines of value ``pad``."""
-    n, h, w = images.shape
+    """``(n, h, w)`` images (or ``(n, h, w, 3)`` RGB ones) as one array, row-major, separated by one-pixel lines
+    of value ``pad``."""
+    n, h, w = images.shape[:3]
     rows = math.ceil(n / cols)
-    out = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1), pad, dtype=np.float64)
+    out = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, *images.shape[3:]), pad, dtype=np.float64)
     for k in range(n):
         i, j = divmod(k, cols)
         out[1 + i * (h + 1): 1 + i * (h + 1) + h, 1 + j * (w + 1): 1 + j * (w + 1) + w] = images[k]
     return out
 
 
-def image_grid_figure(samples: np.ndarray, test: np.ndarray, side: int, title: str) -> Any:
-    """Samples (left) beside test images (right), pixel values in [0, 1]; non-finite samples in red."""
+def image_layout(name: str, dim: int, image_shape: Sequence[int] | None) -> tuple[int, ...]:
+    """How rows of ``dim`` values are drawn: ``(H, W)`` grey or ``(3, H, W)`` RGB (channel-major, as CIFAR-10's
+    rows are R, G, B planes); without an image shape, a square grey image.
+
+    Raises:
+        ConfigError: the shape is neither, or does not have ``dim`` pixels.
+    """
+    if image_shape is None:
+        side = math.isqrt(dim)
+        if side * side != dim:
+            raise ConfigError(f"{name}: dimension {dim} is not a square image")
+        return (side, side)
+    shape = tuple(int(k) for k in image_shape)
+    if len(shape) == 3 and shape[0] == 1:  # one channel: a grey image
+        shape = shape[1:]
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[0] == 3)) or math.prod(shape) != dim:
+        raise ConfigError(f"{name}: image shape {shape} cannot be drawn: give (H, W) or channel-major (3, H, W) "
+                          f"with {dim} values")
+    return shape
+
+
+def _as_images(rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows as ``(n, H, W)`` grey or ``(n, H, W, 3)`` RGB images (channels last, as imshow wants them)."""
+    if len(shape) == 2:
+        return rows.reshape(-1, *shape)
+    return rows.reshape(-1, *shape).transpose(0, 2, 3, 1)
+
+
+def image_grid_figure(samples: np.ndarray, test: np.ndarray, shape: int | Sequence[int], title: str) -> Any:
+    """Samples (left) beside test images (right), pixel values in [0, 1]; non-finite samples in red.
+
+    ``shape``: from :func:`image_layout`, ``(H, W)`` grey or ``(3, H, W)`` RGB; an int is a square side.
+    """
     plt = pyplot()
+    shape = (shape, shape) if isinstance(shape, int) else tuple(shape)
     cols = math.ceil(math.sqrt(len(samples)))
     cmap = plt.get_cmap("gray").with_extremes(bad="red")
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 5.2), layout="constrained")
     bad = int((~np.isfinite(samples)).any(1).sum())
     for ax, images, name in ((axes[0], samples, "samples"), (axes[1], test, "test images")):
-        grid = tile(images.reshape(-1, side, side), cols)
-        ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        grid = tile(_as_images(images, shape), cols)
+        if grid.ndim == 3:  # RGB: imshow has no colour map for bad values, so paint them red here
+            grid[~np.isfinite(grid).all(axis=2)] = (1.0, 0.0, 0.0)
+            ax.imshow(grid, vmin=0.0, vmax=1.0, interpolation="nearest")
+        else:
+            ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
         ax.set_axis_off()
         ax.set_title(f"{len(images)} {name}" + (f" ({bad} non-finite, red)" if name == "samples" and bad else ""))
     fig.suptitle(title)
@@ -271,9 +309,7 @@ def plot_samples(
         if n > MAX_IMAGES:
             raise ConfigError(f"-n {n}: a grid of more than {MAX_IMAGES} images is unreadable at the figure's size "
                               f"(each image shrinks below one screen pixel per pixel); give -n {MAX_IMAGES} or fewer")
-        side = math.isqrt(data.dim)
-        if side * side != data.dim:
-            raise ConfigError(f"{data.name}: dimension {data.dim} is not a square image")
+        shape = image_layout(data.name, data.dim, data.image_shape)
     else:
         dims = list(range(min(4, data.dim))) if dims is None else [int(d) for d in dims]
         bad = [d for d in dims if not 0 <= d < data.dim]
@@ -283,7 +319,7 @@ def plot_samples(
     if data.image:
         test = np.asarray(data.test[:n], dtype=np.float64)
         return image_grid_figure(logit_to_pixels(samples, data.logit_alpha), logit_to_pixels(test, data.logit_alpha),
-                                 side, _title(rec))
+                                 shape, _title(rec))
     rng = np.random.default_rng(seed)
     test = np.asarray(data.test, dtype=np.float64)
     test = test[rng.choice(len(test), size=min(len(test), n), replace=False)]

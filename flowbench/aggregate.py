@@ -7,6 +7,9 @@ validation data only. Each rule below is stated once here; the table's footnotes
   ``(model)`` appended when two registry models share that display name among the records aggregated, and
   ``[matched to X]`` for runs whose size was matched to model X (``--match-params``): a matched run never
   competes with the model's own configurations.
+- **Column.** A dataset, or ``<dataset>-cond`` for a class-conditional model's records (MAF Table 2: their test
+  LL is log p(x) = logsumexp_y log p(x | y) − log K, beside the unconditional models' log p(x)); a conditional
+  model shares its row with the unconditional one (``MAF (5)``).
 - **Configuration.** The runs of one row with one tag (no tag is a configuration too); its seeds are its runs.
 - **Seeds that count.** A seed counts when its status is ``ok`` (training ended by patience, the closed-form
   fit or ``--max-epochs``, and the test set was evaluated). A seed with any other status (``nonfinite``: a
@@ -48,6 +51,8 @@ __all__ = [
     "CellStats",
     "cell_stats",
     "cell_points",
+    "column",
+    "column_title",
     "paired_pvalue",
     "ALPHA",
     "choose",
@@ -74,16 +79,26 @@ def counts(rec: Record) -> bool:
     return (_get(rec, "status") or "ok") == "ok" and not math.isnan(_float(_get(rec, "test_ll")))
 
 
+def column(rec: Record) -> str:
+    """The table column of a record: its dataset, ``<dataset>-cond`` for a class-conditional model's record."""
+    return f"{_get(rec, 'dataset')}-cond" if _get(rec, "conditional") else _get(rec, "dataset")
+
+
+def column_title(key: str) -> str:
+    """``mnist`` → ``MNIST``, ``mnist-cond`` → ``MNIST cond.`` (the MAF paper's Table 2 headings)."""
+    return key.removesuffix("-cond").upper() + (" cond." if key.endswith("-cond") else "")
+
+
 def row_labels(records: list[Record]) -> list[str]:
-    """The row label of each record (same order): display name, ``(model)`` on a shared display name,
-    ``[matched to X]`` for a parameter-matched run."""
-    models: dict[str, set[str]] = defaultdict(set)
+    """The row label of each record (same order): display name, ``(model)`` on a display name shared by two
+    models in one column, ``[matched to X]`` for a parameter-matched run."""
+    models: dict[tuple[str, str], set[str]] = defaultdict(set)
     for r in records:
-        models[_get(r, "display_name") or _get(r, "model")].add(_get(r, "model"))
+        models[(_get(r, "display_name") or _get(r, "model"), column(r))].add(_get(r, "model"))
     labels = []
     for r in records:
         label = _get(r, "display_name") or _get(r, "model")
-        if len(models[label]) > 1:  # a plugged-in flow named like a built-in's row: both get their model name
+        if len(models[(label, column(r))]) > 1:  # a plugged-in flow named like a built-in's row: both get their model name
             label += f" ({_get(r, 'model')})"
         against = (_get(r, "match_target") or {}).get("against")
         if against:  # parameter-matched baselines (relgrad Table 1) are rows of their own
@@ -128,6 +143,11 @@ class Configuration:
     label: str
     tag: str | None
     runs: tuple[Record, ...]
+    column: str = ""  # the table column (:func:`column`); the dataset when empty
+
+    def __post_init__(self) -> None:
+        if not self.column:
+            object.__setattr__(self, "column", self.dataset)
 
     @property
     def counted(self) -> tuple[Record, ...]:
@@ -151,14 +171,16 @@ def configurations(records: Iterable[Record]) -> list[Configuration]:
     records = list(records)
     groups: dict[tuple[str, str, str | None], list[Record]] = defaultdict(list)
     for r, label in zip(records, row_labels(records)):
-        groups[(label, _get(r, "dataset"), _get(r, "tag"))].append(r)
+        groups[(label, column(r), _get(r, "tag"))].append(r)
     order = {d: i for i, d in enumerate(DATASETS)}
 
     def key(k: tuple[str, str, str | None]) -> tuple:
-        label, dataset, tag = k
-        return (row_order_key(label), label, order.get(dataset, len(order)), dataset, _tag_key(tag))
+        label, col, tag = k
+        base = col.removesuffix("-cond")
+        return (row_order_key(label), label, order.get(base, len(order)), col, _tag_key(tag))
 
-    return [Configuration(k[1], k[0], k[2], tuple(sorted(groups[k], key=lambda r: int(_get(r, "seed")))))
+    return [Configuration(_get(groups[k][0], "dataset"), k[0], k[2],
+                          tuple(sorted(groups[k], key=lambda r: int(_get(r, "seed")))), k[1])
             for k in sorted(groups, key=key)]
 
 
@@ -186,7 +208,7 @@ def choose(records: Iterable[Record], select: str = "best-val") -> list[Choice]:
         raise ConfigError(f"unknown --select {select!r}; use best-val or all")
     by_row: dict[tuple[str, str], list[Configuration]] = defaultdict(list)
     for c in configurations(records):  # already in tag order within a row
-        by_row[(c.label, c.dataset)].append(c)
+        by_row[(c.label, c.column)].append(c)
     out = []
     for (label, _), confs in by_row.items():
         if select == "all":

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PublishedResult", "SOURCES", "PUBLISHED", "published", "UNVERIFIED_NOTE"]
+__all__ = ["COND_NOTE", "PublishedResult", "SOURCES", "PUBLISHED", "published", "UNVERIFIED_NOTE"]
 
 UNVERIFIED_NOTE = "unverified: from a single secondary source"
+#: What a class-conditional column reports (MAF's experiments.py, evaluate_logprob; the paper's v4 erratum).
+COND_NOTE = ("class-conditional model p(x | y); the number is log p(x) = logsumexp_y log p(x | y) − log 10 over the "
+             "ten labels (uniform label prior), ± 2 SE over test points, as MAF's code computes it (arXiv v4 erratum: "
+             "earlier versions misreported these columns)")
 
 
 @dataclass(frozen=True)
@@ -58,17 +62,19 @@ MAF (10)       | 0.24 ± 0.01  | 10.08 ± 0.02 | -17.73 ± 0.02 | -12.24 ± 0.45
 MAF MoG (5)    | 0.30 ± 0.01  | 9.59 ± 0.02  | -17.39 ± 0.02 | -11.68 ± 0.44 | 156.36 ± 0.28
 """
 
-# Logit space (MAF paper, Table 2).
+# Logit space (MAF paper, Table 2). The conditional columns (``<dataset>-cond``) report log p(x) of a model of
+# p(x | y): logsumexp_y log p(x | y) − log 10 over the ten labels (MAF's experiments.evaluate_logprob); the paper's
+# v4 erratum says earlier versions computed them wrongly. They come from a single secondary source: "?".
 _MAF_IMAGES = """
-model          | mnist           | cifar10
-Gaussian       | -1366.9 ± 1.4   | 2367 ± 29
-MADE           | -1380.8 ± 4.8   | 147 ± 20
-MADE MoG       | -1038.5 ± 1.8   | -397 ± 21
-Real NVP (5)   | -1323.2 ± 6.6   | 2576 ± 27
-Real NVP (10)  | -1370.7 ± 10.1  | 2568 ± 26
-MAF (5)        | -1300.5 ± 1.7   | 2936 ± 27
-MAF (10)       | -1313.1 ± 2.0   | 3049 ± 26
-MAF MoG (5)    | -1100.3 ± 1.6   | 2911 ± 26
+model          | mnist           | mnist-cond       | cifar10    | cifar10-cond
+Gaussian       | -1366.9 ± 1.4   | -1344.7 ± 1.8?   | 2367 ± 29  | 2030 ± 41?
+MADE           | -1380.8 ± 4.8   | -1361.9 ± 1.9?   | 147 ± 20   | 187 ± 20?
+MADE MoG       | -1038.5 ± 1.8   | -1030.3 ± 1.7?   | -397 ± 21  | -119 ± 20?
+Real NVP (5)   | -1323.2 ± 6.6   | -1326.3 ± 5.8?   | 2576 ± 27  | 2642 ± 26?
+Real NVP (10)  | -1370.7 ± 10.1  | -1371.3 ± 43.9?  | 2568 ± 26  | 2475 ± 25?
+MAF (5)        | -1300.5 ± 1.7   | -1302.9 ± 1.7?   | 2936 ± 27  | 2983 ± 26?
+MAF (10)       | -1313.1 ± 2.0   | -1316.8 ± 1.8?   | 3049 ± 26  | 3058 ± 26?
+MAF MoG (5)    | -1100.3 ± 1.6   | -1092.3 ± 1.7?   | 2911 ± 26  | 2936 ± 26?
 """
 
 _RELGRAD = """
@@ -88,6 +94,8 @@ RQ-NSF (AR)             | 0.66 ± 0.01? | 13.09 ± 0.02? | -14.01 ± 0.03? | -9.
 _NOTES = {
     ("relgrad", "mnist"): "not on MAF's MNIST data (pixels /255, unseeded noise, other validation split)",
     ("beyond", None): "NAF/FFJORD error bars are spreads over runs, not ± 2 SE",
+    ("maf", "mnist-cond"): COND_NOTE,
+    ("maf", "cifar10-cond"): COND_NOTE,
 }
 
 

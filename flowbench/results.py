@@ -57,7 +57,8 @@ _RENAMED_V1 = {
 }
 _NUMBERS = ("test_ll", "test_ll_2se", "best_val_ll", "test_ll_pixel", "test_ll_pixel_2se", "bits_per_pixel",
             "bits_per_pixel_2se", "train_time_s", "wall_time_s", "test_ll_finite", "test_ll_finite_2se",
-            "n_nonfinite_val", "n_nonfinite_test")
+            "n_nonfinite_val", "n_nonfinite_test", "test_ll_conditional", "test_ll_conditional_2se",
+            "test_accuracy", "test_accuracy_2se")
 
 
 @dataclass
@@ -85,12 +86,23 @@ class RunRecord:
     tag: str | None = None
     match_target: dict[str, Any] | None = None
     stop_reason: str = ""
+    #: How training ended, one of :data:`flowbench.status.KINDS`, as the trainer wrote it (None in records written
+    #: before the field: :func:`flowbench.status.run_status` then reads ``stop_reason``).
+    ended: str | None = None
     steps: int | None = None  # optimiser steps taken (the step-budget protocols report it)
     best_step: int | None = None
     test_ll_pixel: float | None = None
     test_ll_pixel_2se: float | None = None
     bits_per_pixel: float | None = None
     bits_per_pixel_2se: float | None = None
+    #: A class-conditional model (MAF Table 2): ``test_ll`` is log p(x) = logsumexp_y log p(x | y) − log K (uniform
+    #: label prior, MAF's ``experiments.evaluate_logprob``); beside it the mean log p(x | y) at the true labels
+    #: (what validation scores) and the accuracy of the classifier argmax_y p(x | y), as MAF's ``evaluate`` prints.
+    conditional: bool = False
+    test_ll_conditional: float | None = None
+    test_ll_conditional_2se: float | None = None
+    test_accuracy: float | None = None
+    test_accuracy_2se: float | None = None
     #: Points whose log-density was not finite (−inf): on the validation set at the best epoch, on the test
     #: set. With any on the test set ``test_ll`` is −inf (the protocol's mean over all points; JSON null,
     #: read back as −inf) and ``test_ll_finite`` ± ``test_ll_finite_2se`` is the mean over the finite ones.

@@ -265,18 +265,27 @@ def compute_table(
     records: list[RunRecord],
     sources: list[str] | tuple[str, ...] = ("maf", "relgrad"),
     select: str = "best-val",
+    datasets: list[str] | None = None,
 ) -> Table:
-    """Rows, cells, bold and footnotes for ``records`` and the published ``sources`` (rules: module docstring)."""
+    """Rows, cells, bold and footnotes for ``records`` and the published ``sources`` (rules: module docstring);
+    ``datasets``: only these columns (dataset names, ``<dataset>-cond`` for the class-conditional columns)."""
     ours: dict[str, _Row] = {}
     for choice in A.choose(records, select):
-        ours.setdefault(choice.row, _Row(choice.row, "ours")).cells[choice.config.dataset] = _our_cell(choice)
+        ours.setdefault(choice.row, _Row(choice.row, "ours")).cells[choice.config.column] = _our_cell(choice)
     pub = _published_rows(published(sources))
     rows = sorted([*ours.values(), *pub], key=_row_key)
     present = {d for r in rows for d in r.cells}
     ours_datasets = {d for r in ours.values() for d in r.cells}
-    order = list(DATASETS)
-    # Published-only datasets outside flowbench's list (CIFAR-10) are left out: nothing of ours to compare.
+    # Each dataset in registry order, its class-conditional column (MAF Table 2) right after it.
+    order = [c for d in DATASETS for c in (d, f"{d}-cond")]
     columns = [d for d in order if d in present] + sorted(ours_datasets - set(order))
+    if datasets:
+        unknown = [d for d in datasets if d not in order and d not in present]
+        if unknown:
+            raise ConfigError(f"--datasets: unknown column(s) {', '.join(unknown)}; choose from "
+                              f"{', '.join(d for d in order if d in present) or 'the datasets of the records'} "
+                              "(a class-conditional model's column is <dataset>-cond)")
+        columns = [d for d in columns if d in datasets]
 
     published_cells = {(r.label, d) for r in pub for d in r.cells}
     for row in ours.values():
@@ -305,7 +314,8 @@ def compute_table(
     cited = [s for s in sources if s in SOURCES]
     notes += [f"{SOURCES[s][0]}: {SOURCES[s][1]}" for s in cited]
     heading = ("Average test log-likelihood in nats (higher is better), mean ± 2 standard errors over the test points. "
-               "(sd S, n=N): standard deviation of the test LL over N seeds. MNIST and digits in logit space. "
+               "(sd S, n=N): standard deviation of the test LL over N seeds. MNIST, CIFAR-10 and digits in logit space; "
+               "cond.: class-conditional models, their log p(x) under a uniform label prior. "
                "**Bold**: best in its column, and rows of ours not significantly below our best (paired t-test). "
                "N/A: no result.")
     return Table(heading, columns, rows, footnotes, notes, cited)
@@ -345,7 +355,7 @@ def _markdown(t: Table) -> str:
             marks = ("?" if cell.unverified else "") + "".join(f"[{m}]" for m in cell.marks)
             line.append(_value_text(cell) + (" " + marks if marks else ""))
         body.append(line)
-    headers = ["Model", "Source"] + [d.upper() for d in t.columns]
+    headers = ["Model", "Source"] + [A.column_title(d) for d in t.columns]
     out = [t.heading, "", tabulate(body, headers=headers, tablefmt="github", disable_numparse=True, stralign="left")]
     notes = [f"[{i}] {n}" for i, n in enumerate(t.footnotes, 1)] + t.notes
     if notes:
@@ -389,7 +399,7 @@ def _latex(t: Table) -> str:
         rf"\caption{{{_latex_text(t.heading)}}}",
         r"\begin{tabular}{ll" + "l" * len(t.columns) + "}",
         r"\toprule",
-        " & ".join(["Model", "Source"] + [d.upper() for d in t.columns]) + r" \\",
+        " & ".join(["Model", "Source"] + [_latex_text(A.column_title(d)) for d in t.columns]) + r" \\",
         r"\midrule",
     ]
     for row in t.rows:
@@ -473,6 +483,7 @@ def build_table(
     sources: list[str] | tuple[str, ...] = ("maf", "relgrad"),
     select: str = "best-val",
     fmt: str = "markdown",
+    datasets: list[str] | None = None,
 ) -> str:
     """The table (a heading line, the rows, the footnotes) for ``records`` and published ``sources``, as ``fmt``."""
-    return render(compute_table(records, sources, select), fmt)
+    return render(compute_table(records, sources, select, datasets), fmt)

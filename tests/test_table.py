@@ -75,17 +75,23 @@ def test_published_rows_marked_and_best_across_all(tmp_path):
     assert "| MAF (5)" in text and "published: MAF paper" in text and "published: relgrad paper" in text
     assert "96.67 ± 0.25 ?" in text  # the unverified Gaussian BSDS300 number keeps its mark
     assert "**0.66 ± 0.01** ?" in text  # RQ-NSF (AR) is the best POWER number shown, and unverified
-    assert "CIFAR10" not in text
+    # MAF Table 2: MNIST and CIFAR-10, each unconditional and class-conditional, every published cell shown
+    header = next(ln for ln in text.splitlines() if ln.startswith("| Model"))
+    assert [c.strip() for c in header.split("|")[8:12]] == ["MNIST", "MNIST cond.", "CIFAR10", "CIFAR10 cond."]
+    assert "2983 ± 26 ?" in text and "-1092.3 ± 1.7 ?" in text  # conditional cells: one secondary source
+    assert "logsumexp_y log p(x | y) − log 10" in text  # what a conditional column reports, footnoted
 
 
 def test_published_data_complete():
     maf = [p for p in PUBLISHED if p.source == "maf"]
-    assert len(maf) == 8 * 5 + 8 * 2
+    assert len(maf) == 8 * 5 + 8 * 4  # Table 1, and Table 2's four columns
     cell = next(p for p in maf if p.model == "MAF MoG (5)" and p.dataset == "bsds300")
     assert (cell.mean, cell.se2, cell.decimals) == (156.36, 0.28, 2)
     rel = [p for p in PUBLISHED if p.source == "relgrad"]
     assert {p.dataset: p.mean for p in rel}["hepmass"] == -21.958
-    assert sum(p.unverified for p in PUBLISHED) == 11
+    assert sum(p.unverified for p in PUBLISHED) == 11 + 16  # + Table 2's conditional columns
+    cond = next(p for p in maf if p.model == "MAF (10)" and p.dataset == "cifar10-cond")
+    assert (cond.mean, cond.se2, cond.decimals, cond.unverified) == (3058, 26, 0, True)
     with pytest.raises(ConfigError, match="unknown published source"):
         published(["nope"])
 
@@ -230,7 +236,7 @@ def test_exports_hold_the_cells_numbers_and_marks(tmp_path):
 
 def _md_cells(text):
     lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
-    head = [c.strip().lower() for c in lines[0].split("|")[1:-1]]
+    head = [c.strip().lower().replace(" cond.", "-cond") for c in lines[0].split("|")[1:-1]]
     out = {}
     for ln in lines[1:]:
         row = [c.strip() for c in ln.split("|")[1:-1]]
@@ -271,3 +277,25 @@ def test_latex_keeps_en_dashes_and_literal_double_hyphens_apart():
     from flowbench.tables import _latex_text
 
     assert _latex_text("seeds 0–2, --max-epochs 30") == "seeds 0--2, -{}-max-epochs 30"
+
+
+def test_conditional_records_have_their_own_column(tmp_path):
+    """A class-conditional model's records (MAF Table 2) share the unconditional model's row, in a column of their
+    own, never chosen against the unconditional configurations; ``--datasets`` picks columns."""
+    for seed, (ll, val) in enumerate([(-1300.0, -1290.0), (-1302.0, -1291.0)]):
+        write_record(record_path(tmp_path, "mnist", "maf", seed), fake_record("mnist", "maf", "MAF (5)", seed, ll, 1.7, val))
+        r = fake_record("mnist", "maf-cond", "MAF (5)", seed, ll - 10, 1.8, val + 50)  # better val: p(x|y)
+        r.conditional = True
+        write_record(record_path(tmp_path, "mnist", "maf-cond", seed), r)
+    records = list(iter_records(tmp_path))
+    text = build_table(records, [], "best-val")
+    cells = _md_cells(text)
+    assert list(cells) == [("MAF (5)", "ours")]  # one row, not "MAF (5) (maf)" and "MAF (5) (maf-cond)"
+    assert cells[("MAF (5)", "ours")]["mnist"].startswith("**-1301.00 ± 1.70")
+    assert cells[("MAF (5)", "ours")]["mnist-cond"].startswith("**-1311.00 ± 1.80")
+    only = build_table(records, ["maf"], "best-val", datasets=["mnist-cond"])
+    header = next(ln for ln in only.splitlines() if ln.startswith("| Model"))
+    assert [c.strip() for c in header.split("|")[3:-1]] == ["MNIST cond."]
+    assert "-1302.9 ± 1.7 ?" in only and "-1300.5" not in only
+    with pytest.raises(ConfigError, match="unknown column"):
+        build_table(records, [], "best-val", datasets=["mnist-conditional"])

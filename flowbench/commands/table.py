@@ -26,6 +26,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(.md, .tex, .csv, .json), else markdown",
     )
     parser.add_argument(
+        "--datasets",
+        metavar="LIST",
+        help="only these columns, comma-separated: dataset names, <dataset>-cond for a class-conditional column "
+        "(MAF Table 2), e.g. mnist,mnist-cond (default: every column with a number)",
+    )
+    parser.add_argument(
         "--select",
         choices=("best-val", "all"),
         default="best-val",
@@ -60,7 +66,9 @@ def main(args: argparse.Namespace) -> int:
         _check_out(args.out)
     suffix = Path(args.out).suffix.lower() if args.out else ""
     fmt = args.format or _SUFFIX_FORMATS.get(suffix, "markdown")
-    text = build_table(list(iter_records(args.results)), parse_sources(args.published), args.select, fmt=fmt)
+    datasets = parse_sources(args.datasets) or None  # the same comma-list parsing
+    text = build_table(list(iter_records(args.results)), parse_sources(args.published), args.select, fmt=fmt,
+                       datasets=datasets)
     if args.out:
         try:
             with atomic_write(args.out, "w") as f:

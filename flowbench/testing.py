@@ -15,6 +15,10 @@ Both return a :class:`CheckReport`: one row per check with its status (pass, fai
 makes ``report.ok`` false), the measured figure, the tolerance it was held to and a detail.
 ``flowbench check-model REF`` and ``flowbench check-dataset REF`` print the same report as a table.
 
+A class-conditional model (``spec.conditional``) is built for :data:`KIT_CLASSES` classes and fed rows
+``[x, onehot(y)]`` whose data depend on the label; the transform checks pass the one-hot as ``context``, and
+normalisation and samples-match-density hold for every label (the worst label is reported).
+
 Model checks and tolerances (``a + r·|ref|`` is per element, as ``torch.testing.assert_close``):
 
 ==========================  =========================================================================
@@ -36,6 +40,8 @@ determinism                 two builds after seeding random, numpy and torch ali
 bad-input                   wrong width, 1-D or NaN input raise InputError saying so; unknown hyperparameters refused
 far-from-data               no NaN or +inf log-prob at radius 8 to 1e4, float64 and float32
 label                       the display label renders, non-empty
+conditional                 class-conditional models: class_log_probs = log_prob with each label, marginal =
+                            logsumexp − log K, the label changes the density (skip: not conditional)
 stacking                    R = 2 stacked = each run alone (log-probs, gradients, validation): ``1e-9 + 1e-9·|ref|``
                             (skip: closed form, declared unstackable, or vmap cannot evaluate it)
 cuda                        CUDA log-probs = CPU's: ``1e-9 + 1e-9·|ref|`` (skip: no CUDA)
@@ -94,6 +100,9 @@ MAX_SE = 0.02
 #: The size knobs shrunk wherever a model has them with a larger default (and the caller did not set them):
 #: small models, fast checks.
 SHRINK = {"hidden": 8, "hidden_layers": 2, "components": 3, "layers": 2}
+
+#: K, the number of classes a class-conditional model is checked with.
+KIT_CLASSES = 3
 
 
 # -- results ----------------------------------------------------------------------------------------------
@@ -306,14 +315,55 @@ class _ModelCase:
 
     def __init__(self, spec: Any, dim: int, hparams: dict[str, Any], seed: int, perturb: float):
         self.spec, self.dim, self.hparams, self.seed, self.perturb = spec, dim, hparams, seed, perturb
-        self.x = train_data(dim)
-        self._reference: dict[str, Any] | None = None
+        self.classes = KIT_CLASSES if getattr(spec, "conditional", False) else 0
+        self.data = train_data(dim)  # (N, D): the data columns
+        if self.classes:
+            # labels in turn, each class's rows shifted along the diagonal: the classes have distinct densities
+            labels = torch.arange(self.data.shape[0]) % self.classes
+            self.data = self.data + 0.7 * labels[:, None].double()
+            self.x = torch.cat([self.data, self.one_hot(labels)], 1)  # the rows the model takes: [x, onehot(y)]
+        else:
+            self.x = self.data
+        self._reference: dict[Any, dict[str, Any]] = {}
+
+    @property
+    def width(self) -> int:
+        """The columns of the rows the model takes: D, or D + K for a conditional model."""
+        return self.dim + self.classes
+
+    def one_hot(self, labels: Tensor) -> Tensor:
+        return torch.nn.functional.one_hot(labels.long(), self.classes).double()
+
+    def split(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Rows → (data columns, the labels' one-hot or None)."""
+        return (rows[:, : self.dim], rows[:, self.dim:]) if self.classes else (rows, None)
+
+    def with_labels(self, x: Tensor, label: int | None = None) -> Tensor:
+        """Data rows as the model takes them: the given label (default: labels in turn) appended where it needs one."""
+        if not self.classes:
+            return x
+        labels = torch.arange(x.shape[0]) % self.classes if label is None else torch.full((x.shape[0],), label)
+        return torch.cat([x, self.one_hot(labels).to(x)], 1)
+
+    def labels(self) -> list[int | None]:
+        """The labels a density check looks at: every class, or None for an unconditional model."""
+        return list(range(self.classes)) if self.classes else [None]
+
+    @staticmethod
+    def forward(t: nn.Module, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return t(x) if context is None else t(x, context)
+
+    @staticmethod
+    def inverse(t: nn.Module, z: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+        return t.inverse(z) if context is None else t.inverse(z, context)
 
     def raw(self, seed: int | None = None) -> nn.Module:
         """A fresh build after seeding every generator with ``seed``, as flowbench's trainer seeds a run."""
         from flowbench.training.lifecycle import seed_everything
 
         seed_everything(self.seed if seed is None else seed)
+        if self.classes:
+            return self.spec.build(self.dim, classes=self.classes, **self.hparams)
         return self.spec.build(self.dim, **self.hparams)
 
     def model(self, seed: int | None = None, *, dtype: torch.dtype = torch.float64, perturb: bool = True,
@@ -342,7 +392,21 @@ class _ModelCase:
 
     def label(self) -> str:
         return f"model {self.spec.name}, dim {self.dim}, seed {self.seed}, hyperparameters " + (
-            ", ".join(f"{k}={v}" for k, v in self.hparams.items()) or "none")
+            ", ".join(f"{k}={v}" for k, v in self.hparams.items()) or "none") + (
+            f", {self.classes} classes" if self.classes else "")
+
+
+class _AtLabel:
+    """A conditional model at one label, seen as an unconditional density (``log_prob`` and ``sample`` of x)."""
+
+    def __init__(self, model: nn.Module, case: _ModelCase, label: int):
+        self.model, self.case, self.label = model, case, label
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.model.log_prob(self.case.with_labels(x, self.label))
+
+    def sample(self, n: int) -> Tensor:
+        return self.model.sample(n, labels=torch.full((n,), self.label))
 
 
 def _registrar(table: dict[str, tuple[Callable, str]]) -> Callable[[str, str], Callable]:
@@ -401,14 +465,16 @@ def _check_build(case: _ModelCase) -> CheckResult:
 def _check_logdet(case: _ModelCase) -> CheckResult:
     model = case.model()
     t = case.transform(model)
-    xs = case.x[:4]
-    z, logdet = t(xs)
+    xs, ctx = case.split(case.x[:4])
+    z, logdet = case.forward(t, xs, ctx)
     if z.shape != xs.shape or logdet.shape != (4,):
         raise _Fail(f"transform gave z {tuple(z.shape)} and logdet {tuple(logdet.shape)} for x {tuple(xs.shape)}; "
                     f"expected z {tuple(xs.shape)} and logdet (4,)")
     ref = []
     for i in range(xs.shape[0]):
-        jac = torch.autograd.functional.jacobian(lambda v: t(v.unsqueeze(0))[0].squeeze(0), xs[i])
+        c = None if ctx is None else ctx[i: i + 1]
+        jac = torch.autograd.functional.jacobian(lambda v, c=c: case.forward(t, v.unsqueeze(0), c)[0].squeeze(0),
+                                                 xs[i])
         sign, logabs = torch.linalg.slogdet(jac)
         if sign == 0:
             raise _Fail(f"the Jacobian at row {i} is singular: the transform is not invertible there")
@@ -445,14 +511,17 @@ def _proposal(pool: Tensor, m: Tensor, cov: Tensor, n: int, g: torch.Generator) 
     return pts, torch.logaddexp(lk + math.log(p_kde), lw + math.log(1 - p_kde))
 
 
-def _density_reference(case: _ModelCase) -> dict[str, Any]:
-    """The model's density where the normalisation checks look: a grid (D ≤ 2) or importance-sampling draws
-    (D > 2, :func:`_proposal`), centred on the model's samples; computed once per case."""
-    if case._reference is not None:
-        return case._reference
+def _density_reference(case: _ModelCase, label: int | None = None) -> dict[str, Any]:
+    """The model's density (a conditional one's at ``label``) where the normalisation checks look: a grid (D ≤ 2)
+    or importance-sampling draws (D > 2, :func:`_proposal`), centred on the model's samples; computed once per
+    case and label."""
+    if label in case._reference:
+        return case._reference[label]
     model = case.model()
+    if label is not None:
+        model = _AtLabel(model, case, label)
     d = case.dim
-    pool = case.x
+    pool = case.data
     try:  # centred on what the model generates where it can (any proposal is valid, a close one has a small
         # standard error); a broken sampler is the sample checks' finding, not this one's
         s = model.sample(500)
@@ -492,9 +561,22 @@ def _density_reference(case: _ModelCase) -> dict[str, Any]:
         logp = torch.cat([model.log_prob(pts[i:i + 50_000]) for i in range(0, pts.shape[0], 50_000)])
     if logp.shape != (pts.shape[0],):
         raise _Fail(f"log_prob of {pts.shape[0]} rows gave shape {tuple(logp.shape)}")
-    case._reference = {"kind": kind, "grid": d <= 2, "points": pts, "logp": logp.double(), "logw": logw,
-                       "centre": m, "scale": spread, "model": model, "beyond": beyond}
-    return case._reference
+    case._reference[label] = {"kind": kind, "grid": d <= 2, "points": pts, "logp": logp.double(), "logw": logw,
+                              "centre": m, "scale": spread, "model": model, "beyond": beyond}
+    return case._reference[label]
+
+
+def _worst_label(case: _ModelCase, one: Callable[[dict[str, Any]], CheckResult],
+                 badness: Callable[[CheckResult], float]) -> CheckResult:
+    """``one`` (a density check on one reference) at every label: the first failure, else the worst figure."""
+    results = []
+    for label in case.labels():
+        res = one(_density_reference(case, label))
+        if label is not None:
+            res.detail = f"label {label} of {case.classes} (the worst): " + res.detail
+        results.append(res)
+    failed = [r for r in results if r.status == FAIL]
+    return failed[0] if failed else max(results, key=badness)
 
 
 def _unresolved_note(ref: dict[str, Any]) -> str:
@@ -516,7 +598,10 @@ def _unresolved_note(ref: dict[str, Any]) -> str:
 
 @_model_check("normalisation", "∫p = 1: a grid integral (D ≤ 2) or importance sampling with its standard error")
 def _check_normalisation(case: _ModelCase) -> CheckResult:
-    ref = _density_reference(case)
+    return _worst_label(case, _normalisation, lambda r: abs(r.figure - 1) if r.figure is not None else math.inf)
+
+
+def _normalisation(ref: dict[str, Any]) -> CheckResult:
     lw = ref["logp"] + ref["logw"]
     if torch.isnan(lw).any() or torch.isposinf(lw).any():
         raise _Fail("log_prob is NaN or +inf at some evaluation points")
@@ -558,7 +643,10 @@ def _stats(v: Tensor, centre: Tensor, scale: Tensor) -> Tensor:
 
 @_model_check("samples-match-density", "sample() draws from log_prob's density: bounded statistics agree")
 def _check_samples(case: _ModelCase) -> CheckResult:
-    ref = _density_reference(case)
+    return _worst_label(case, lambda ref: _samples(case, ref), lambda r: r.figure if r.figure is not None else math.inf)
+
+
+def _samples(case: _ModelCase, ref: dict[str, Any]) -> CheckResult:
     model = ref["model"]
     n = 20_000
     samples = model.sample(n)
@@ -587,10 +675,10 @@ def _check_inverse(case: _ModelCase) -> CheckResult:
     t = case.transform(model)
     if not callable(getattr(t, "inverse", None)):
         raise _Skip("the transform has no inverse method")
-    x = case.x[:16]
+    x, ctx = case.split(case.x[:16])
     with torch.no_grad():
-        z, logdet = t(x)
-        x_back, logdet_inv = t.inverse(z)
+        z, logdet = case.forward(t, x, ctx)
+        x_back, logdet_inv = case.inverse(t, z, ctx)
     d1, b1, ok1 = _deviation(x_back, x, rtol=1e-7, atol=1e-7)
     d2, b2, ok2 = _deviation(logdet_inv, -logdet, rtol=1e-7, atol=1e-7)
     ok = ok1 and ok2
@@ -772,15 +860,19 @@ def _check_determinism(case: _ModelCase) -> CheckResult:
                            "hyperparameters refused")
 def _check_bad_input(case: _ModelCase) -> CheckResult:
     model = case.model()
-    d = case.dim
+    d, w = case.dim, case.width
     problems = []
-    cases = [(torch.zeros(4, d + 1, dtype=torch.float64), f"shape (batch, {d})", f"a ({4}, {d + 1}) input"),
-             (torch.zeros(d, dtype=torch.float64), f"shape (batch, {d})", "a 1-D input")]
-    if d > 1:
-        cases.append((torch.zeros(4, d - 1, dtype=torch.float64), f"shape (batch, {d})", f"a (4, {d - 1}) input"))
+    cases = [(torch.zeros(4, w + 1, dtype=torch.float64), f"shape (batch, {w})", f"a ({4}, {w + 1}) input"),
+             (torch.zeros(w, dtype=torch.float64), f"shape (batch, {w})", "a 1-D input")]
+    if w > 1:
+        cases.append((torch.zeros(4, w - 1, dtype=torch.float64), f"shape (batch, {w})", f"a (4, {w - 1}) input"))
     nan = case.x[:4].clone()
     nan[1, d - 1] = float("nan")
     cases.append((nan, "NaN", "an input with a NaN"))
+    if case.classes:  # label columns that are no one-hot
+        soft = case.x[:4].clone()
+        soft[:, d:] = 1.0 / case.classes
+        cases.append((soft, "one-hot", "label columns that are not one-hot"))
     for x, needle, what in cases:
         try:
             with torch.no_grad():
@@ -812,7 +904,7 @@ def _check_far(case: _ModelCase) -> CheckResult:
     g = torch.Generator().manual_seed(case.seed + 3)
     u = torch.randn(50, case.dim, generator=g, dtype=torch.float64)
     u = u / u.norm(dim=1, keepdim=True)
-    pts = torch.cat([r * u for r in (8.0, 80.0, 800.0, 1e4)])
+    pts = case.with_labels(torch.cat([r * u for r in (8.0, 80.0, 800.0, 1e4)]))
     bad = 0
     m32 = case.raw()
     m32.initialize(case.x.float())
@@ -833,6 +925,32 @@ def _check_label(case: _ModelCase) -> CheckResult:
     label = case.spec.display_name(case.hparams)
     ok = isinstance(label, str) and bool(label.strip())
     return _result("label", ok, None, None, "" if ok else f"display_name gave {label!r}", measured=repr(label))
+
+
+@_model_check("conditional", "class-conditional models: class_log_probs(x)[:, k] = log_prob([x, onehot(k)]), "
+                             "marginal_log_prob = logsumexp − log K, and the label changes the density")
+def _check_conditional(case: _ModelCase) -> CheckResult:
+    if not case.classes:
+        raise _Skip("not class-conditional")
+    model = case.model()
+    k = case.classes
+    x = case.data[:9]
+    with torch.no_grad():
+        table = model.class_log_probs(x)
+        if table.shape != (x.shape[0], k):
+            raise _Fail(f"class_log_probs of {x.shape[0]} rows gave shape {tuple(table.shape)}, expected "
+                        f"({x.shape[0]}, {k})")
+        want = torch.stack([model.log_prob(case.with_labels(x, y)) for y in range(k)], 1)
+        marginal = model.marginal_log_prob(x)
+    devs = [_deviation(table, want, rtol=1e-10, atol=1e-10),
+            _deviation(marginal, torch.logsumexp(want, 1) - math.log(k), rtol=1e-10, atol=1e-10)]
+    spread = float((want - want[:, :1]).abs().max())  # how much the label moves log p(x | y)
+    dev, tol = max(d for d, _, _ in devs), max(b for _, b, _ in devs)
+    ok = all(o for _, _, o in devs) and spread > 1e-6
+    detail = (f"log p(x | y) moves by up to {spread:.3g} nats between labels" if ok else
+              "the label does not change the density (the label columns are ignored)" if spread <= 1e-6 else
+              "class_log_probs or marginal_log_prob disagree with log_prob at each label")
+    return _result("conditional", ok, dev, tol, detail, measured=f"max |Δ| {_fmt(dev)}", bound="1e-10 + 1e-10·|ref|")
 
 
 _PATH_NAMES = {"relgrad": "relgrad Function", "native": "stacked modules", "vmap": "torch.func.vmap"}

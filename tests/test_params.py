@@ -41,6 +41,17 @@ def test_formulas_match_built_models(hl, bn):
         assert count_params(build_model(name, d, **hp)) == count, name
         assert param_count(name, d, **hp) == count, name
     assert count_params(build_model("gaussian", d)) == param_count("gaussian", d) == d + d * (d + 1) // 2
+    # class-conditional (K classes): + one K × H label weight Wx per MADE, + K inputs to both nets of each coupling
+    # layer; the conditional Gaussian is K Gaussians
+    n = 4
+    extra = {"made": n * h, "made-mog": n * h, "maf": k * n * h, "maf-mog": (k + 1) * n * h, "realnvp": 2 * k * n * h}
+    for name, (hp, count) in expected.items():
+        assert count_params(build_model(f"{name}-cond", d, classes=n, **hp)) == count + extra[name], name
+        assert param_count(f"{name}-cond", d, classes=n, **hp) == count + extra[name], name
+    assert param_count("gaussian-cond", d, classes=n) == count_params(build_model("gaussian-cond", d, classes=n)) \
+        == n * (d + d * (d + 1) // 2)
+    res = match_params("maf-cond", d, 5_000, classes=n, layers=2)
+    assert res["achieved"] == count_params(build_model("maf-cond", d, classes=n, **res["hparams"]))
 
 
 @pytest.mark.parametrize("name", ["made", "made-mog", "maf", "maf-mog", "realnvp"])
@@ -122,7 +133,7 @@ def test_registry_errors_and_labels():
     assert display_name("realnvp", layers=10) == "Real NVP (10)"
     assert (display_name("gaussian"), display_name("made"), display_name("made-mog")) == ("Gaussian", "MADE", "MADE MoG")
     assert model_hparams("maf") == {
-        "layers": 5, "hidden": 100, "hidden_layers": 1, "activation": "relu", "batch_norm": True
+        "layers": 5, "hidden": 100, "hidden_layers": 1, "activation": "relu", "degrees": "sequential", "batch_norm": True
     }
     assert model_hparams("made-mog")["components"] == 10
     assert build_model("maf", 3, hidden=None).transform.transforms[0].out.weight.shape[1] == 100  # None → default

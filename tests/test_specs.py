@@ -24,9 +24,13 @@ def test_builder_keywords_are_exactly_the_spec(name):
     params = inspect.signature(spec.build).parameters
     dim, *rest = params.values()
     assert dim.name == "dim"
+    if spec.conditional:  # build(dim, *, classes, **hparams)
+        assert rest[0].name == "classes" and rest[0].default is inspect.Parameter.empty
+        rest = rest[1:]
     assert [p.name for p in rest] == list(spec.hparams), "builder keywords must be the spec's, in its order"
-    for p in rest:  # defaults live in the spec only
-        assert p.default is inspect.Parameter.empty and p.kind is inspect.Parameter.KEYWORD_ONLY, p.name
+    for p in rest:  # defaults live in the spec only (MADE's degrees, added later, keeps the spec's for old callers)
+        assert p.kind is inspect.Parameter.KEYWORD_ONLY, p.name
+        assert p.default is inspect.Parameter.empty or (p.name == "degrees" and p.default == spec.hparams[p.name].default)
     for key, hp in spec.hparams.items():
         assert hp.help and (hp.choices is None or hp.default in hp.choices), key
         assert hp.check(name, key, hp.default) == hp.default  # the default passes its own bounds
@@ -40,7 +44,9 @@ def test_closed_form_counts_agree_with_built_models(name):
     spec = models.MODELS[name]
     for dim in (2, 5):
         hp = spec.resolve({k: 3 for k in ("hidden", "layers") if k in spec.hparams})
-        assert param_count(name, dim, **hp) == count_params(models.build_model(name, dim, **hp))
+        for classes in ((2, 5) if spec.conditional else (0,)):  # a conditional model's label weights count
+            assert param_count(name, dim, classes=classes, **hp) == count_params(
+                models.build_model(name, dim, classes=classes, **hp))
 
 
 def test_a_shared_hyperparameter_has_one_type_and_one_flag():
@@ -59,7 +65,7 @@ def _toy_spec() -> ModelSpec:
     """A new model declared the documented way: one spec, one new hyperparameter."""
     from flowbench.models.maf import MAF_HPARAMS, build_maf
 
-    def build_toy(dim, *, layers, hidden, hidden_layers, activation, batch_norm, wiggle):
+    def build_toy(dim, *, layers, hidden, hidden_layers, activation, degrees, batch_norm, wiggle):
         return build_maf(dim, layers=layers, hidden=hidden, hidden_layers=hidden_layers, activation=activation,
                          batch_norm=batch_norm)
 
@@ -194,3 +200,22 @@ def test_required_hyperparameters_must_be_given(monkeypatch, tmp_path):
         resolve_options({"model": "listy", "dataset": "nowhere", "anything": 1})
     args = build_parser("run").parse_args(["run", "--model", "listy", "--widths", "16,16", "--depth", "2"])
     assert (args.widths, args.depth) == ("16,16", 2)  # HParam.cli_type: str for lists, int for an int
+
+
+def test_conditional_specs_are_derived_from_the_unconditional_ones():
+    """Each ``<name>-cond`` has its model's label, hyperparameters, learning rate and knob, and needs labels."""
+    conds = [n for n in NAMES if models.MODELS[n].conditional]
+    assert conds == ["gaussian-cond", "made-cond", "made-mog-cond", "realnvp-cond", "maf-cond", "maf-mog-cond"]
+    for name in conds:
+        spec, base = models.MODELS[name], models.MODELS[name.removesuffix("-cond")]
+        assert (spec.label, dict(spec.hparams), spec.lr, spec.match_knob, spec.trainable) == (
+            base.label, dict(base.hparams), base.lr, base.match_knob, base.trainable)
+        assert NAMES.index(name) == NAMES.index(base.name) + 1  # beside its model in the registry
+        with pytest.raises(ConfigError, match=f"model {name} is class-conditional: it needs a dataset with labels "
+                                              r"\(mnist, cifar10, digits\)"):
+            models.build_model(name, 3)
+        with pytest.raises(ConfigError, match="class-conditional"):
+            param_count(name, 3, classes=1)
+        with pytest.raises(ConfigError, match=f"use {name}"):
+            models.build_model(base.name, 3, classes=3)
+    assert not any(models.MODELS[n].conditional for n in NAMES if not n.endswith("-cond"))

@@ -15,7 +15,7 @@ import re
 from typing import Any, Mapping
 
 from flowbench.errors import ConfigError
-from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform, check_input
+from flowbench.models.base import CompositeTransform, ConditionalFlow, Flow, StandardNormal, Transform, check_input
 from flowbench.models.spec import HParam, ModelSpec
 from flowbench.plugins import Origin, Registry
 
@@ -30,6 +30,8 @@ __all__ = [
     "resolve_hparams",
     "display_name",
     "Flow",
+    "ConditionalFlow",
+    "check_classes",
     "Transform",
     "CompositeTransform",
     "StandardNormal",
@@ -37,13 +39,20 @@ __all__ = [
 ]
 
 #: The registry: ``module:SPEC`` in ``flowbench.models``, one line per model, in the order of the table's rows.
+#: Each class-conditional model (``<name>-cond``, MAF paper Table 2) follows its unconditional one.
 REGISTRY = (
     "gaussian:GAUSSIAN_SPEC",
+    "gaussian:GAUSSIAN_COND_SPEC",
     "made:MADE_SPEC",
+    "made:MADE_COND_SPEC",
     "made:MADE_MOG_SPEC",
+    "made:MADE_MOG_COND_SPEC",
     "realnvp:REALNVP_SPEC",
+    "realnvp:REALNVP_COND_SPEC",
     "maf:MAF_SPEC",
+    "maf:MAF_COND_SPEC",
     "maf:MAF_MOG_SPEC",
+    "maf:MAF_MOG_COND_SPEC",
     "relgrad:RELGRAD_SPEC",
     "nsf:NSF_AR_SPEC",
     "nsf:NSF_C_SPEC",
@@ -138,11 +147,35 @@ def resolve_hparams(name: str, **hparams: Any) -> dict[str, Any]:
     return get_spec(name).resolve(hparams)
 
 
-def build_model(name: str, dim: int, **hparams: Any) -> Flow:
-    """Build a fresh model ``name`` for ``dim``-dimensional data (float32, CPU; move it with ``.to()``)."""
+def check_classes(spec: ModelSpec, classes: Any) -> int:
+    """The number of classes K a model of ``spec`` is built for: ≥ 2 for a class-conditional model, 0 otherwise
+    (ConfigError where the model and the labels do not go together)."""
+    if isinstance(classes, bool) or not isinstance(classes, numbers.Integral) or classes < 0:
+        raise ConfigError(f"classes must be a non-negative integer; got {classes!r}")
+    if spec.conditional and classes < 2:
+        raise ConfigError(f"model {spec.name} is class-conditional: it needs a dataset with labels (mnist, cifar10, "
+                          f"digits)" + (f"; got {classes} class" if classes else ""))
+    if not spec.conditional and classes:
+        # refused rather than ignored: the rows of a conditional model carry K label columns, an unconditional
+        # model's do not, so a caller passing classes has the wrong model or the wrong rows
+        raise ConfigError(f"model {spec.name} is not class-conditional; to condition on the labels use "
+                          f"{spec.name}-cond" if f"{spec.name}-cond" in MODELS else
+                          f"model {spec.name} is not class-conditional: build it without classes")
+    return int(classes)
+
+
+def build_model(name: str, dim: int, *, classes: int = 0, **hparams: Any) -> Flow:
+    """Build a fresh model ``name`` for ``dim``-dimensional data (float32, CPU; move it with ``.to()``).
+
+    A class-conditional model (``spec.conditional``, e.g. ``maf-cond``) needs ``classes`` = K ≥ 2; it takes rows
+    ``[x, onehot(y)]`` of width ``dim + K`` (:class:`ConditionalFlow`). Other models refuse ``classes``.
+    """
     spec = get_spec(name)
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
         raise ConfigError(f"dim must be a positive integer; got {dim!r}")
+    k = check_classes(spec, classes)
+    if spec.conditional:
+        return spec.build(int(dim), classes=k, **spec.resolve(hparams))
     return spec.build(int(dim), **spec.resolve(hparams))
 
 

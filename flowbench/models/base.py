@@ -24,6 +24,7 @@ __all__ = [
     "CompositeTransform",
     "InverseNotAvailable",
     "Flow",
+    "ConditionalFlow",
     "StandardNormal",
     "check_input",
     "nan_to_neginf",
@@ -37,6 +38,9 @@ class Transform(nn.Module):
     #: True where ``forward`` also evaluates R stacked runs at once: every parameter and the input carry a
     #: leading run axis, (R, B, D) in, (R, B, D) and (R, B) out (:mod:`flowbench.models.stacking`).
     stacks: bool = False
+    #: True where ``forward(x, context)`` / ``inverse(z, context)`` take the label's one-hot ``context`` (B, K)
+    #: (class-conditional models, MAF paper Table 2); :class:`CompositeTransform` passes it to such steps only.
+    conditional: bool = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -54,17 +58,18 @@ class CompositeTransform(Transform):
         super().__init__()
         self.transforms = nn.ModuleList(transforms)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``context`` (the label's one-hot, (B, K) or stacked (R, B, K)) goes to the conditional steps only."""
         total = x.new_zeros(x.shape[:-1])
         for t in self.transforms:
-            x, logdet = t(x)
+            x, logdet = t(x, context) if getattr(t, "conditional", False) else t(x)
             total = total + logdet
         return x, total
 
-    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         total = z.new_zeros(z.shape[0])
         for t in reversed(self.transforms):
-            z, logdet = t.inverse(z)
+            z, logdet = t.inverse(z, context) if getattr(t, "conditional", False) else t.inverse(z)
             total = total + logdet
         return z, total
 
@@ -79,10 +84,11 @@ class StandardNormal(nn.Module):
         self.dim = dim
         self.register_buffer("_dummy", torch.zeros(()), persistent=False)  # tracks device/dtype
 
-    def log_prob(self, z: Tensor) -> Tensor:
+    def log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        """``context`` is ignored: the base of a conditional flow may be this unconditional one."""
         return -0.5 * (z.pow(2).sum(-1) + self.dim * math.log(2 * math.pi))
 
-    def sample(self, n: int) -> Tensor:
+    def sample(self, n: int, context: Tensor | None = None) -> Tensor:
         return torch.randn(n, self.dim, device=self._dummy.device, dtype=self._dummy.dtype)
 
 
@@ -111,12 +117,19 @@ class Flow(nn.Module):
     #: What ``−train_log_prob`` leaves out of the NLL (None: nothing, the training loss is the NLL). The trainer
     #: names its running loss by it, beside the exact training NLL (``flowbench.training.evaluate.training_nll``).
     loss_omits: str | None = None
+    #: K, the number of classes a class-conditional flow (:class:`ConditionalFlow`) conditions on; 0: none.
+    classes: int = 0
 
     def __init__(self, transform: Transform, base: nn.Module, dim: int):
         super().__init__()
         self.transform = transform
         self.base = base
         self.dim = dim
+
+    @property
+    def in_features(self) -> int:
+        """Columns of the rows the model takes: D here, D + K for a :class:`ConditionalFlow`."""
+        return self.dim
 
     # -- density -------------------------------------------------------------------------------------
     def log_prob(self, x: Tensor) -> Tensor:
@@ -170,8 +183,102 @@ class Flow(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def check_one_hot(context: Tensor, name: str = "input") -> None:
+    """The label columns of a conditional model's rows must be one-hot (0/1 entries, one 1 per row)."""
+    if not (((context == 0) | (context == 1)).all() and (context.sum(-1) == 1).all()):
+        raise InputError(f"the last {context.shape[-1]} columns of {name} must be the label's one-hot encoding "
+                         "(0/1 entries, exactly one 1 per row)")
+
+
+class ConditionalFlow(Flow):
+    """A class-conditional density ``log p(x | y) = log p_base(z | y) + log|det ∂z/∂x|``, ``(z, ·) = transform(x, y)``.
+
+    Rows are ``[x, onehot(y)]``: D data columns, then the label's one-hot in the last K columns, so that the
+    trainer, batching, shuffling and stacking handle them as any data rows. The transform's conditional steps
+    (and a conditional base, MADE MoG in MAF MoG) receive the one-hot as ``context``. The marginal
+    ``p(x) = (1/K) Σ_y p(x | y)`` has a uniform label prior, as the MAF code's ``evaluate_logprob``
+    (gpapamak/maf, experiments.py) and its conditional Gaussian (a uniform mixture of the per-class fits).
+    """
+
+    def __init__(self, transform: Transform, base: nn.Module, dim: int, classes: int):
+        super().__init__(transform, base, dim)
+        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
+            raise ConfigError(f"a class-conditional flow needs classes ≥ 2; got {classes!r}")
+        self.classes = classes
+
+    @property
+    def in_features(self) -> int:
+        return self.dim + self.classes
+
+    def _split(self, xy: Tensor) -> tuple[Tensor, Tensor]:
+        return xy[..., : self.dim], xy[..., self.dim :]
+
+    def _base_log_prob(self, z: Tensor, context: Tensor) -> Tensor:
+        return self.base.log_prob(z, context) if getattr(self.base, "conditional", False) else self.base.log_prob(z)
+
+    # -- density -------------------------------------------------------------------------------------
+    def log_prob(self, xy: Tensor) -> Tensor:
+        """log p(x | y) of each row ``[x, onehot(y)]`` (nats), shape ``(batch,)``; NaN → −inf as :meth:`Flow.log_prob`."""
+        check_input(xy, self.in_features)
+        check_one_hot(xy[:, self.dim :])
+        return nan_to_neginf(self._log_prob(xy))
+
+    def _log_prob(self, xy: Tensor) -> Tensor:
+        """Unchecked; also takes R stacked runs' rows (R, B, D + K)."""
+        x, context = self._split(xy)
+        z, logdet = self.transform(x, context)
+        return self._base_log_prob(z, context) + logdet
+
+    def train_log_prob(self, xy: Tensor) -> Tensor:
+        check_input(xy, self.in_features, check_finite=False)
+        return self._log_prob(xy)
+
+    def one_hot(self, labels: Tensor) -> Tensor:
+        """(n,) integer labels → (n, K) one-hot rows in the model's dtype and device."""
+        ref = next((t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()), None)
+        dtype, device = (ref.dtype, ref.device) if ref is not None else (torch.get_default_dtype(), None)
+        labels = torch.as_tensor(labels, device=device).long()
+        if labels.dim() != 1 or (labels.numel() and (labels.min() < 0 or labels.max() >= self.classes)):
+            raise InputError(f"labels must be a 1-D tensor of integers in 0..{self.classes - 1}")
+        return torch.nn.functional.one_hot(labels, self.classes).to(dtype)
+
+    def class_log_probs(self, x: Tensor) -> Tensor:
+        """(B, K): log p(x | y = k) of every row of ``x`` (width D) for every class k (NaN → −inf).
+
+        The classifier of the MAF code's ``evaluate`` (argmax over k) and the terms of :meth:`marginal_log_prob`.
+        """
+        check_input(x, self.dim)
+        eye = torch.eye(self.classes, dtype=x.dtype, device=x.device)
+        cols = [self._log_prob(torch.cat([x, eye[k].expand(x.shape[0], -1)], -1)) for k in range(self.classes)]
+        return nan_to_neginf(torch.stack(cols, -1))
+
+    def marginal_log_prob(self, x: Tensor) -> Tensor:
+        """log p(x) = logsumexp_y log p(x | y) − log K (uniform label prior), shape (B,), for rows of width D."""
+        return torch.logsumexp(self.class_log_probs(x), -1) - math.log(self.classes)
+
+    def sample(self, n: int, labels: Tensor | None = None) -> Tensor:
+        """``n`` draws of x (n, D) given ``labels`` (n,), by default ``arange(n) % K``."""
+        with torch.no_grad():
+            if labels is None:
+                labels = torch.arange(n) % self.classes
+            context = self.one_hot(labels)
+            if context.shape[0] != n:
+                raise InputError(f"sample({n}) needs {n} labels; got {context.shape[0]}")
+            z = self.base.sample(n, context) if getattr(self.base, "conditional", False) else self.base.sample(n)
+            x, _ = self.transform.inverse(z, context)
+        return x
+
+    # -- trainer hooks -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare_for_eval(self, train_xy: Tensor, batch_size: int = 10_000) -> None:
+        """Batch-norm statistics of the whole training set pushed through the layers, each row with its label."""
+        train_xy = torch.as_tensor(train_xy)
+        recompute_batchnorm_stats(self, train_xy[:, : self.dim], batch_size, context=train_xy[:, self.dim :])
+
+
 @torch.no_grad()
-def recompute_batchnorm_stats(flow: Flow, train_x: Tensor, batch_size: int = 10_000) -> None:
+def recompute_batchnorm_stats(flow: Flow, train_x: Tensor, batch_size: int = 10_000,
+                              context: Tensor | None = None) -> None:
     """Set every batch norm of ``flow`` (layers with ``set_stats_from``, e.g. ``layers.BatchNorm``) from the
     entire training set, as the MAF code does.
 
@@ -179,6 +286,7 @@ def recompute_batchnorm_stats(flow: Flow, train_x: Tensor, batch_size: int = 10_
     order (in batches of ``batch_size``, every layer in evaluation mode); each batch-norm layer first takes
     the statistics of its own input, then transforms it with them. This equals a training-mode forward pass
     with the whole training set as one batch. Modules' train/eval flags are restored afterwards.
+    ``context``: each training row's label one-hot, passed to the conditional steps (class-conditional flows).
     """
     bns = [m for m in flow.modules() if hasattr(m, "set_stats_from")]
     if not bns:
@@ -196,6 +304,8 @@ def recompute_batchnorm_stats(flow: Flow, train_x: Tensor, batch_size: int = 10_
     # the training set may live elsewhere (CPU copy, numpy, float64): bring it to the layers' device/dtype
     ref = next(iter(bns[0].buffers()))  # the statistics' device and dtype
     train_x = torch.as_tensor(train_x).to(device=ref.device, dtype=ref.dtype)
+    if context is not None:
+        context = torch.as_tensor(context).to(device=ref.device, dtype=ref.dtype)
     modes = {m: m.training for m in flow.modules()}
     flow.eval()
     try:
@@ -205,7 +315,9 @@ def recompute_batchnorm_stats(flow: Flow, train_x: Tensor, batch_size: int = 10_
             if hasattr(step, "set_stats_from"):
                 step.set_stats_from(h)
             if i < last:  # the layers after the last batch norm need no statistics
-                h = torch.cat([step(h[j : j + batch_size])[0] for j in range(0, h.shape[0], batch_size)])
+                h = torch.cat([(step(h[j : j + batch_size], context[j : j + batch_size])
+                                if getattr(step, "conditional", False) and context is not None else step(h[j : j + batch_size]))[0]
+                               for j in range(0, h.shape[0], batch_size)])
     finally:
         for m, mode in modes.items():
             m.train(mode)

@@ -4,6 +4,10 @@ MAF(K) stacks K Gaussian MADEs (data → noise). As in the MAF code, the first M
 1..D and each next MADE the reverse of the previous one's order (by its degrees, so no permutation layer is
 needed); a batch norm follows every MADE, the last included (``batch_norm=False`` switches them off).
 MAF MoG(K) puts a MADE MoG, whose order reverses the last MADE's, on top of MAF(K) as the base density.
+The input orders alternate the same way with random hidden degrees (the MAF code reverses ``input_order``
+whatever its ``mode``). The class-conditional versions (MAF code: ConditionalMaskedAutoregressiveFlow,
+ConditionalMaskedAutoregressiveFlow_on_MADE) make every MADE, the MoG base included, conditional on the same
+label; the batch norms are unchanged.
 
 References:
     Papamakarios, Pavlakou, Murray. "Masked Autoregressive Flow for Density Estimation", NeurIPS 2017
@@ -16,12 +20,13 @@ import torch
 from torch import Tensor
 
 from flowbench.errors import ConfigError
-from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
+from flowbench.models.base import CompositeTransform, ConditionalFlow, Flow, StandardNormal, Transform
 from flowbench.models.layers import BatchNorm
 from flowbench.models.made import COMPONENTS, MADE, MADE_HPARAMS, MAF_PAPER, MADEMoG, made_count, made_mog_count
-from flowbench.models.spec import HParam, ModelSpec
+from flowbench.models.spec import HParam, ModelSpec, conditional_spec
 
-__all__ = ["MAF_HPARAMS", "MAF_SPEC", "MAF_MOG_SPEC", "build_maf", "build_maf_mog"]
+__all__ = ["MAF_HPARAMS", "MAF_SPEC", "MAF_MOG_SPEC", "MAF_COND_SPEC", "MAF_MOG_COND_SPEC", "build_maf",
+           "build_maf_mog", "build_maf_cond", "build_maf_mog_cond"]
 
 #: MAF(K): K MADEs (MAF paper: K = 5 or 10) with batch norm between them.
 MAF_HPARAMS: dict[str, HParam] = {
@@ -32,7 +37,8 @@ MAF_HPARAMS: dict[str, HParam] = {
 
 
 def _maf_transform(
-    dim: int, layers: int, hidden: int, hidden_layers: int, activation: str, batch_norm: bool
+    dim: int, layers: int, hidden: int, hidden_layers: int, activation: str, batch_norm: bool,
+    degrees_mode: str = "sequential", classes: int = 0,
 ) -> tuple[CompositeTransform, Tensor]:
     """The K MADEs (+ batch norms) and the input degrees a next layer would use (the last MADE's, reversed)."""
     if layers < 1:
@@ -40,7 +46,8 @@ def _maf_transform(
     steps: list[Transform] = []
     degrees = torch.arange(1, dim + 1)
     for _ in range(layers):
-        made = MADE(dim, hidden, hidden_layers, activation, input_degrees=degrees)
+        made = MADE(dim, hidden, hidden_layers, activation, input_degrees=degrees, degrees=degrees_mode,
+                    context_features=classes)
         steps.append(made)
         if batch_norm:
             steps.append(BatchNorm(dim))
@@ -48,19 +55,39 @@ def _maf_transform(
     return CompositeTransform(steps), degrees
 
 
-def build_maf(dim: int, *, layers: int, hidden: int, hidden_layers: int, activation: str, batch_norm: bool) -> Flow:
+# ``degrees`` keeps a default in the builders (the spec's) so that callers from before it existed still work.
+def build_maf(dim: int, *, layers: int, hidden: int, hidden_layers: int, activation: str,
+              degrees: str = "sequential", batch_norm: bool) -> Flow:
     """MAF(K) with a standard normal base (Papamakarios et al. 2017)."""
-    transform, _ = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm)
+    transform, _ = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm, degrees)
     return Flow(transform, StandardNormal(dim), dim)
 
 
 def build_maf_mog(
-    dim: int, *, layers: int, hidden: int, hidden_layers: int, activation: str, batch_norm: bool, components: int
+    dim: int, *, layers: int, hidden: int, hidden_layers: int, activation: str, degrees: str = "sequential",
+    batch_norm: bool, components: int
 ) -> Flow:
     """MAF MoG(K): MAF(K) on a MADE MoG base density (Papamakarios et al. 2017)."""
-    transform, next_degrees = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm)
-    base = MADEMoG(dim, hidden, hidden_layers, activation, components, input_degrees=next_degrees)
+    transform, next_degrees = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm, degrees)
+    base = MADEMoG(dim, hidden, hidden_layers, activation, components, input_degrees=next_degrees, degrees=degrees)
     return Flow(transform, base, dim)
+
+
+def build_maf_cond(dim: int, *, classes: int, layers: int, hidden: int, hidden_layers: int, activation: str,
+                   degrees: str, batch_norm: bool) -> ConditionalFlow:
+    """Class-conditional MAF(K) (MAF code: ConditionalMaskedAutoregressiveFlow)."""
+    transform, _ = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm, degrees, classes)
+    return ConditionalFlow(transform, StandardNormal(dim), dim, classes)
+
+
+def build_maf_mog_cond(dim: int, *, classes: int, layers: int, hidden: int, hidden_layers: int, activation: str,
+                       degrees: str, batch_norm: bool, components: int) -> ConditionalFlow:
+    """Class-conditional MAF MoG(K) (MAF code: ConditionalMaskedAutoregressiveFlow_on_MADE)."""
+    transform, next_degrees = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm, degrees,
+                                             classes)
+    base = MADEMoG(dim, hidden, hidden_layers, activation, components, input_degrees=next_degrees, degrees=degrees,
+                   context_features=classes)
+    return ConditionalFlow(transform, base, dim, classes)
 
 
 def _maf_count(d: int, hp: dict) -> int:
@@ -90,3 +117,9 @@ MAF_MOG_SPEC = ModelSpec(
     match_knob="hidden",
     count=lambda d, hp: _maf_count(d, hp) + made_mog_count(d, hp["hidden"], hp["hidden_layers"], hp["components"]),
 )
+
+#: + one K × H label weight Wx per MADE (the MoG base's too)
+MAF_COND_SPEC = conditional_spec(MAF_SPEC, build_maf_cond,
+                                 lambda d, hp, k: MAF_SPEC.count(d, hp) + hp["layers"] * k * hp["hidden"])
+MAF_MOG_COND_SPEC = conditional_spec(MAF_MOG_SPEC, build_maf_mog_cond,
+                                     lambda d, hp, k: MAF_MOG_SPEC.count(d, hp) + (hp["layers"] + 1) * k * hp["hidden"])

@@ -27,28 +27,33 @@ def count_params(model: nn.Module) -> int:
     return int(num()) if callable(num) else sum(p.numel() for p in model.parameters())
 
 
-def param_count(name: str, dim: int, **hparams: Any) -> int:
-    """Parameter count of ``build_model(name, dim, **hparams)``, from the spec's closed form where it has one.
+def param_count(name: str, dim: int, *, classes: int = 0, **hparams: Any) -> int:
+    """Parameter count of ``build_model(name, dim, classes=classes, **hparams)``, from the spec's closed form
+    where it has one.
 
     The formulas live beside each model (its spec's ``count``; the MAF paper's models have them) and the
-    tests check them against built models; other models (relgrad) are built and counted.
+    tests check them against built models; other models (relgrad) are built and counted. A class-conditional
+    model's count depends on the number of classes K too (its label weights): ``count(dim, hparams, classes)``.
     """
-    from flowbench.models import build_model, get_spec
+    from flowbench.models import build_model, check_classes, get_spec
 
     spec = get_spec(name)
     hp = spec.resolve(hparams)
+    k = check_classes(spec, classes)
     if spec.count is not None:
-        return int(spec.count(dim, hp))
-    return count_params(build_model(name, dim, **hp))
+        return int(spec.count(dim, hp, k) if spec.conditional else spec.count(dim, hp))
+    return count_params(build_model(name, dim, classes=k, **hp))
 
 
-def match_params(name: str, dim: int, target: int, knob: str | None = None, **fixed: Any) -> dict:
+def match_params(name: str, dim: int, target: int, knob: str | None = None, *, classes: int = 0,
+                 **fixed: Any) -> dict:
     """Find the value of the model's size knob whose count is closest to ``target``.
 
     The knob is ``knob`` where given (any integer hyperparameter, e.g. ``hidden_features`` of a plugged-in
     flow), else the spec's ``match_knob``. A list-valued knob (zuko's ``hidden_features=(64, 64)``) is matched
     with every entry set to the same width w, keeping the list's length (that of its value in ``fixed``, else of
-    its default). The other hyperparameters are taken from ``fixed`` (defaults otherwise); a value of the knob
+    its default). ``classes``: K for a class-conditional model (as :func:`param_count`). The other
+    hyperparameters are taken from ``fixed`` (defaults otherwise); a value of the knob
     in ``fixed`` is replaced. Counts grow with the knob, so the smallest value reaching ``target`` and its
     predecessor are the only candidates; the one whose count is closer wins, and an exact tie (``target``
     midway between the two counts) goes to the smaller model: a baseline sized to another model's count is
@@ -78,7 +83,7 @@ def match_params(name: str, dim: int, target: int, knob: str | None = None, **fi
         return w if length is None else (w,) * length
 
     def count(v: int) -> int:
-        return param_count(name, dim, **fixed, **({knob: value(v)} if knob else {}))
+        return param_count(name, dim, classes=classes, **fixed, **({knob: value(v)} if knob else {}))
 
     if knob is None:
         best = None
@@ -95,7 +100,7 @@ def match_params(name: str, dim: int, target: int, knob: str | None = None, **fi
         # strictly closer, or the smaller model: the tie rule of the docstring
         best = lo if lo == 1 or abs(count(lo) - target) < abs(count(lo - 1) - target) else lo - 1
     hparams = resolve_hparams(name, **fixed, **({knob: value(best)} if knob else {}))
-    achieved = count(best) if knob else param_count(name, dim, **fixed)
+    achieved = count(best) if knob else param_count(name, dim, classes=classes, **fixed)
     return {
         "hparams": hparams,
         "target": target,

@@ -4,7 +4,8 @@ Coupling (data → noise), mask ``b`` (1 = passed through unchanged):
 ``u = b·x + (1 − b)·exp(−s(b·x))·(x − t(b·x))``, ``log|det| = −Σ (1 − b)·s``.
 ``s`` is an MLP with tanh hidden units, ``t`` one with ReLU units, both with a linear output of size D and
 the same hidden sizes; the masks alternate, starting from ``arange(D) % 2``; a batch norm follows every
-coupling layer, the last included (switchable).
+coupling layer, the last included (switchable). The class-conditional version (MAF code:
+ConditionalCouplingLayer, ConditionalRealNVP) feeds both nets ``[onehot(y), b·x]`` (the label first).
 
 References:
     Dinh, Sohl-Dickstein, Bengio. "Density estimation using Real NVP", ICLR 2017.
@@ -17,17 +18,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flowbench.errors import ConfigError
-from flowbench.models.base import CompositeTransform, Flow, StandardNormal, Transform
+from flowbench.errors import ConfigError, InputError
+from flowbench.models.base import CompositeTransform, ConditionalFlow, Flow, StandardNormal, Transform
 from flowbench.models.layers import BatchNorm, Linear, maf_linear_init_
 from flowbench.models.maf import MAF_HPARAMS
-from flowbench.models.spec import ModelSpec
+from flowbench.models.spec import ModelSpec, conditional_spec
 
-__all__ = ["REALNVP_SPEC", "CouplingLayer", "build_realnvp"]
+__all__ = ["REALNVP_SPEC", "REALNVP_COND_SPEC", "CouplingLayer", "build_realnvp", "build_realnvp_cond"]
 
 
-def _mlp(dim: int, hidden: int, hidden_layers: int, activation: type[nn.Module]) -> nn.Sequential:
-    sizes = [dim] + [hidden] * hidden_layers
+def _mlp(dim: int, hidden: int, hidden_layers: int, activation: type[nn.Module], extra_in: int = 0) -> nn.Sequential:
+    """MLP from ``extra_in + dim`` inputs (a conditional layer's label columns first) to ``dim`` outputs."""
+    sizes = [extra_in + dim] + [hidden] * hidden_layers
     mods: list[nn.Module] = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:]):
         mods += [Linear(n_in, n_out), activation()]
@@ -42,32 +44,56 @@ class CouplingLayer(Transform):
     """Affine coupling layer of Real NVP (MAF-code variant: both nets read the masked input ``b·x``).
 
     ``forward`` also evaluates R stacked runs (parameters and input with a leading run axis).
+    ``context_features = K > 0``: class-conditional (MAF code's ConditionalCouplingLayer): both nets read
+    ``[context, b·x]``, ``context`` the label's one-hot (B, K).
     """
 
     stacks = True
 
-    def __init__(self, mask: Tensor, hidden: int, hidden_layers: int):
+    def __init__(self, mask: Tensor, hidden: int, hidden_layers: int, context_features: int = 0):
         super().__init__()
         dim = mask.numel()
         self.register_buffer("mask", mask.to(torch.get_default_dtype()), persistent=False)
-        self.scale_net = _mlp(dim, hidden, hidden_layers, nn.Tanh)
-        self.translate_net = _mlp(dim, hidden, hidden_layers, nn.ReLU)
+        self.conditional = context_features > 0
+        self.scale_net = _mlp(dim, hidden, hidden_layers, nn.Tanh, context_features)
+        self.translate_net = _mlp(dim, hidden, hidden_layers, nn.ReLU, context_features)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _net_input(self, masked: Tensor, context: Tensor | None) -> Tensor:
+        if not self.conditional:
+            return masked
+        if context is None:
+            raise InputError("a class-conditional coupling layer needs the label's one-hot as context")
+        return torch.cat([context, masked], -1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         mx = self.mask * x
-        s, t = self.scale_net(mx), self.translate_net(mx)
+        h = self._net_input(mx, context)
+        s, t = self.scale_net(h), self.translate_net(h)
         inv = 1.0 - self.mask
         return mx + inv * torch.exp(-s) * (x - t), -(inv * s).sum(-1)
 
-    def inverse(self, u: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, u: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         mu = self.mask * u  # the passed-through half is the same on both sides
-        s, t = self.scale_net(mu), self.translate_net(mu)
+        h = self._net_input(mu, context)
+        s, t = self.scale_net(h), self.translate_net(h)
         inv = 1.0 - self.mask
         return mu + inv * (u * torch.exp(s) + t), (inv * s).sum(-1)
 
 
 def build_realnvp(dim: int, *, layers: int, hidden: int, hidden_layers: int, batch_norm: bool) -> Flow:
     """Real NVP(K) with a standard normal base (Dinh et al. 2017; MAF paper's configuration)."""
+    return Flow(_realnvp_transform(dim, layers, hidden, hidden_layers, batch_norm), StandardNormal(dim), dim)
+
+
+def build_realnvp_cond(dim: int, *, classes: int, layers: int, hidden: int, hidden_layers: int,
+                       batch_norm: bool) -> ConditionalFlow:
+    """Class-conditional Real NVP(K) (MAF code: ConditionalRealNVP)."""
+    transform = _realnvp_transform(dim, layers, hidden, hidden_layers, batch_norm, classes)
+    return ConditionalFlow(transform, StandardNormal(dim), dim, classes)
+
+
+def _realnvp_transform(dim: int, layers: int, hidden: int, hidden_layers: int, batch_norm: bool,
+                       classes: int = 0) -> CompositeTransform:
     if layers < 1 or hidden < 1 or hidden_layers < 1:
         raise ConfigError(
             f"layers, hidden and hidden_layers must be ≥ 1; got layers={layers}, hidden={hidden}, "
@@ -76,11 +102,11 @@ def build_realnvp(dim: int, *, layers: int, hidden: int, hidden_layers: int, bat
     mask = torch.arange(dim) % 2
     steps: list[Transform] = []
     for _ in range(layers):
-        steps.append(CouplingLayer(mask, hidden, hidden_layers))
+        steps.append(CouplingLayer(mask, hidden, hidden_layers, classes))
         if batch_norm:
             steps.append(BatchNorm(dim))
         mask = 1 - mask
-    return Flow(CompositeTransform(steps), StandardNormal(dim), dim)
+    return CompositeTransform(steps)
 
 
 def _realnvp_count(d: int, hp: dict) -> int:
@@ -100,3 +126,7 @@ REALNVP_SPEC = ModelSpec(
     match_knob="hidden",
     count=_realnvp_count,
 )
+
+#: + the label's K inputs to the first layer of both nets of every coupling layer
+REALNVP_COND_SPEC = conditional_spec(REALNVP_SPEC, build_realnvp_cond,
+                                     lambda d, hp, k: _realnvp_count(d, hp) + hp["layers"] * 2 * k * hp["hidden"])

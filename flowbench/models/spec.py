@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from flowbench.errors import ConfigError
 
-__all__ = ["ANY", "HParam", "ModelSpec"]
+__all__ = ["ANY", "HParam", "ModelSpec", "conditional_spec"]
 
 _TYPES = (bool, int, float, str)
 
@@ -301,6 +301,9 @@ class ModelSpec:
         trainable: False for closed-form fits (the Gaussian), which skip gradient training.
         unstackable: ``unstackable(hparams) -> str | None``: why runs with these hyperparameters cannot train
             in a stack (:mod:`flowbench.training.stacked`), or None where they can.
+        conditional: a class-conditional model (MAF paper Table 2, named ``<name>-cond``): ``build(dim, *,
+            classes, **hparams)`` returns a :class:`~flowbench.models.base.ConditionalFlow` whose rows are
+            ``[x, onehot(y)]``, and ``count(dim, hparams, classes)`` takes the number of classes K too.
     """
 
     name: str
@@ -313,6 +316,7 @@ class ModelSpec:
     count: Callable[[int, Mapping[str, Any]], int] | None = None
     trainable: bool = True
     unstackable: Callable[[Mapping[str, Any]], str | None] | None = None
+    conditional: bool = False
 
     def __post_init__(self) -> None:
         if self.match_knob is not None and self.match_knob not in self.hparams:
@@ -358,3 +362,14 @@ class ModelSpec:
 
     def display_name(self, hparams: Mapping[str, Any] | None = None) -> str:
         return self.label.format(**self.resolve(hparams))
+
+
+def conditional_spec(spec: ModelSpec, build: Callable[..., Any],
+                     count: Callable[[int, Mapping[str, Any], int], int] | None = None) -> ModelSpec:
+    """The class-conditional version of ``spec`` (MAF paper Table 2): named ``<name>-cond``, with the same label
+    (the table puts it in its "cond." column), hyperparameters, learning rate and matching knob.
+
+    ``build(dim, *, classes, **hparams)`` builds it; ``count(dim, hparams, classes)`` is its parameter count
+    (None: built and counted).
+    """
+    return replace(spec, name=f"{spec.name}-cond", build=build, count=count, conditional=True)

@@ -56,9 +56,10 @@ _BROADCASTING = (nn.ModuleList, nn.Sequential, nn.Tanh, nn.ReLU)
 
 def stacks_natively(flow: nn.Module) -> bool:
     """Whether every module of ``flow`` evaluates stacked parameters itself (no vmap needed)."""
-    from flowbench.models.base import Flow
+    from flowbench.models.base import ConditionalFlow, Flow
 
-    if not isinstance(flow, Flow) or type(flow).train_log_prob is not Flow.train_log_prob:
+    if not isinstance(flow, Flow) or type(flow).train_log_prob not in (Flow.train_log_prob,
+                                                                       ConditionalFlow.train_log_prob):
         return False  # a family with its own training objective (relgrad) has its own path
     return all(getattr(m, "stacks", False) or isinstance(m, _BROADCASTING) for m in flow.modules() if m is not flow)
 
@@ -221,7 +222,8 @@ def stacked_validation(template: nn.Module, params: Mapping[str, Tensor], buffer
     layers in evaluation mode; float64 two-pass mean and variance), then ``log_prob`` of every row of ``x`` in
     evaluation mode, NaN → −inf as :meth:`Flow.log_prob`. Returns ``(log_prob (R, N), {statistic buffer name:
     (R, D)})``, or None for a flow this does not cover (not stacks_natively, or batch norm not a direct step of
-    its transform): validate such runs one by one.
+    its transform): validate such runs one by one. A class-conditional flow's rows (``train_x`` and ``x``) are
+    ``[x, onehot(y)]``: each layer's statistics are those of the training rows pushed through it with their labels.
     """
     from flowbench.models.base import CompositeTransform, nan_to_neginf
 
@@ -239,7 +241,8 @@ def stacked_validation(template: nn.Module, params: Mapping[str, Tensor], buffer
         out, stats = [], {}
         for lo in range(0, n_runs, group):
             mine = {k: v[lo: lo + group] for k, v in params.items()}
-            st = _stacked_bn_stats(steps, bn_at, mine, buffers, train_x, stats_batch_size)
+            st = _stacked_bn_stats(steps, bn_at, mine, buffers, train_x, stats_batch_size,
+                                   getattr(template, "dim", train_x.shape[-1]))
             obj = _Objective(template, native=True)
             p = {"flow." + k: v for k, v in mine.items()}
             b = {"flow." + k: v for k, v in {**buffers, **st}.items()}
@@ -255,11 +258,20 @@ def stacked_validation(template: nn.Module, params: Mapping[str, Tensor], buffer
 
 
 def _stacked_bn_stats(steps: list[nn.Module], bn_at: list[int], params: Mapping[str, Tensor],
-                      buffers: Mapping[str, Tensor], train_x: Tensor, batch_size: int) -> dict[str, Tensor]:
-    """The batch-norm statistics of each run (rows of ``params``), layer by layer as for one run."""
+                      buffers: Mapping[str, Tensor], train_x: Tensor, batch_size: int,
+                      dim: int | None = None) -> dict[str, Tensor]:
+    """The batch-norm statistics of each run (rows of ``params``), layer by layer as for one run.
+
+    ``dim`` < the width of ``train_x``: the columns after the first ``dim`` are the labels' one-hot (a conditional
+    flow's rows), passed as context to the conditional steps.
+    """
     n_runs = next(iter(params.values())).shape[0]
     stats: dict[str, Tensor] = {}
+    dim = train_x.shape[-1] if dim is None else dim
+    context = train_x[:, dim:] if dim < train_x.shape[-1] else None
+    train_x = train_x[:, :dim]
     h = train_x.expand(n_runs, *train_x.shape)
+    c = context.expand(n_runs, *context.shape) if context is not None else None
     n = train_x.shape[0]
     for k, step in enumerate(steps[: max(bn_at, default=-1) + 1]):
         prefix = f"transform.transforms.{k}."
@@ -270,6 +282,8 @@ def _stacked_bn_stats(steps: list[nn.Module], bn_at: list[int], params: Mapping[
         if k < max(bn_at):
             own = {key[len(prefix):]: v for key, v in params.items() if key.startswith(prefix)}
             bufs = {key[len(prefix):]: v for key, v in {**buffers, **stats}.items() if key.startswith(prefix)}
-            h = torch.cat([functional_call(step, (own, bufs), (h[:, i: i + batch_size],))[0]
+            with_context = c is not None and getattr(step, "conditional", False)
+            h = torch.cat([functional_call(step, (own, bufs), (h[:, i: i + batch_size],) +
+                                           ((c[:, i: i + batch_size],) if with_context else ()))[0]
                            for i in range(0, n, batch_size)], dim=1)
     return stats

@@ -42,6 +42,20 @@ def dataset_tensor(name: str, data_root: str | Path | None = None,
         return torch.randn(min(n, max_rows), int(info.dim), generator=gen), n, True
 
 
+def _label_columns(dataset: str, model: str) -> dict[str, int]:
+    """``{"classes": K}`` for a class-conditional model on a labelled dataset, ``{}`` for any other model."""
+    from flowbench.data import get_info
+    from flowbench.models import get_spec
+
+    if not getattr(get_spec(model), "conditional", False):
+        return {}
+    classes = int(getattr(get_info(dataset), "classes", 0) or 0)
+    if classes < 2:
+        raise ConfigError(f"model {model} is class-conditional: it needs a dataset with class labels, and "
+                          f"{dataset} has none")
+    return {"classes": classes}
+
+
 #: torch.optim.Adam implementations: the trainer's default (a per-tensor loop on CPU), foreach, fused.
 ADAM_IMPLS = ("default", "foreach", "fused")
 
@@ -218,10 +232,15 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
     device = torch.device(device)
     torch.manual_seed(seed)
     x, n_train, synthetic = dataset_tensor(dataset, data_root)
-    x = x.to(device)
     dim = x.shape[1]
+    label_kw = _label_columns(dataset, model)
+    if label_kw:  # a class-conditional model reads [x, onehot(y)]; labels drawn at random (timing only)
+        k = label_kw["classes"]
+        y = torch.randint(0, k, (x.shape[0],), generator=torch.Generator().manual_seed(seed))
+        x = torch.cat([x, torch.nn.functional.one_hot(y, k).to(x.dtype)], dim=1)
+    x = x.to(device)
     hparams = dict(hparams or {})
-    ours = build_model(model, dim, **hparams).to(device)
+    ours = build_model(model, dim, **label_kw, **hparams).to(device)
     if not ours.trainable:
         raise ConfigError(f"model {model!r} has nothing to train (closed form); pick a trainable model")
     ours.train()

@@ -1,4 +1,4 @@
-"""``flowbench datasets``: the registered datasets with D, split sizes and whether each is prepared."""
+"""``flowbench datasets``: the registered datasets with D, split sizes, class labels and whether each is prepared."""
 
 from __future__ import annotations
 
@@ -10,8 +10,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", type=Path, default=None, help="data root (default $FLOWBENCH_DATA or ./data)")
 
 
+def _files_text(raw_files: tuple[str, ...]) -> str:
+    """The raw files, those of a folder holding more than two summed up (``cifar10/ (6 files)``): the table
+    stays readable."""
+    folders: dict[str, list[str]] = {}
+    for f in raw_files:
+        folders.setdefault(f.split("/")[0], []).append(f)
+    return ", ".join(", ".join(fs) if len(fs) <= 2 else f"{d}/ ({len(fs)} files)" for d, fs in folders.items())
+
+
 def rows(root: Path) -> list[list]:
-    """One row per registered dataset: name, D, train/val/test sizes, status, source, origin, description.
+    """One row per registered dataset: name, D, train/val/test sizes, labels (``10 classes`` or ``–``), status,
+    source, origin, description.
 
     D and the sizes are the prepared cache's where it is ok (small fixtures differ), else the spec's.
     """
@@ -24,7 +34,9 @@ def rows(root: Path) -> list[list]:
         m = cache.read_manifest(root, name) if st == "prepared" else None
         sizes = [m["shapes"][k][0] for k in ("train", "val", "test")] if m else list(spec.sizes)
         dim = m["shapes"]["train"][1] if m else spec.dim
-        out.append([name, dim, *sizes, st, ", ".join(spec.raw_files) or spec.source, origin, spec.description])
+        labels = f"{spec.classes} classes" if spec.classes else "–"
+        out.append([name, dim, *sizes, labels, st, _files_text(spec.raw_files) or spec.source, origin,
+                    spec.description])
     return out
 
 
@@ -36,14 +48,16 @@ def main(args: argparse.Namespace) -> int:
     root = check_root(args.root)
     table = rows(root)
     print(f"data root: {root}")
-    print(tabulate(table, headers=["dataset", "D", "train", "val", "test", "status", "raw files", "origin",
+    print(tabulate(table, headers=["dataset", "D", "train", "val", "test", "labels", "status", "raw files", "origin",
                                    "description"],
-                   intfmt=",", colalign=("left", "right", "right", "right", "right", "left", "left", "left", "left")))
+                   intfmt=",", colalign=("left", "right", "right", "right", "right", "left", "left", "left", "left",
+                                         "left")))
+    status_col = 6
     notes = []
-    if any(r[5] in ("missing", "raw") for r in table):
+    if any(r[status_col] in ("missing", "raw") for r in table):
         notes.append(f"missing → `{download_command('NAME', root)}` (or without --dataset for all); "
                      "raw → prepared on first load")
-    if any(r[5].startswith("broken") for r in table):
+    if any(r[status_col].startswith("broken") for r in table):
         notes.append("broken → rebuilt from the raw files on the next load or `flowbench download`, without "
                      "downloading; where the raw files are missing too, `flowbench download --dataset NAME` fetches them")
     if notes:

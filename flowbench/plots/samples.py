@@ -87,9 +87,12 @@ def load_flow(rec: Any, data: Dataset) -> Any:
 
     check_checkpoint(rec)
     _warn_if_changed(rec)
-    flow = build_model(R.model_key(rec), data.dim, **R.hparams(rec))
+    conditional = bool(R.field(rec, "conditional"))
+    labels = {"classes": data.classes} if conditional else {}  # MAF Table 2's p(x | y); samples cycle the labels
+    flow = build_model(R.model_key(rec), data.dim, **labels, **R.hparams(rec))
     if not flow.trainable:
-        flow.initialize(torch.as_tensor(np.asarray(data.train)))
+        train = np.asarray(data.train)
+        flow.initialize(torch.as_tensor(np.hstack([train, data.one_hot("train")]) if conditional else train))
     else:
         from flowbench.training.trainer import best_model_state
 

@@ -30,7 +30,7 @@ from flowbench.data.base import Dataset
 from flowbench.jacobian import jacobian_spectral_norm
 from flowbench.models.base import Flow
 
-__all__ = ["log_prob_batches", "mean_2se", "finite_mean", "evaluate_test", "summarize_test", "spectral_norm_summary",
+__all__ = ["class_log_probs", "summarize_conditional", "log_prob_batches", "mean_2se", "finite_mean", "evaluate_test", "summarize_test", "spectral_norm_summary",
            "TRAIN_NLL_POINTS", "train_subsample", "training_nll"]
 
 #: At most this many training points are scored by every evaluation's exact training NLL; fewer where the
@@ -110,6 +110,41 @@ def finite_mean(values: np.ndarray) -> tuple[float, int]:
     return (float(values[ok].mean()) if ok.any() else math.nan), n_bad
 
 
+@torch.no_grad()
+def class_log_probs(flow: Flow, rows: Tensor, classes: int, batch_size: int = 2000) -> np.ndarray:
+    """(N, K) matrix of log p(x_i | y = k) of a class-conditional flow, as MAF's ``evaluate_logprob`` forms it: the
+    model evaluated once per label on every point (``rows`` are ``[x, onehot(y)]``; their own labels are
+    replaced), in batches, float64; NaN → −inf as :meth:`Flow.log_prob` returns it."""
+    dim = rows.shape[1] - classes
+    x = rows[:, :dim]
+    out = np.empty((rows.shape[0], classes))
+    for k in range(classes):
+        onehot = torch.zeros(rows.shape[0], classes, dtype=rows.dtype, device=rows.device)
+        onehot[:, k] = 1
+        out[:, k] = log_prob_batches(flow, torch.cat([x, onehot], dim=1), batch_size)
+    return out
+
+
+def summarize_conditional(class_lp: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """A class-conditional model's test figures from its (N, K) ``class_lp`` and the true ``labels``:
+    per-point log p(x) = logsumexp_y log p(x | y) − log K (a uniform label prior: the number MAF's Table 2
+    reports for its conditional columns, ``experiments.evaluate_logprob``), and the record's fields beside it:
+    mean log p(x | y) at the true label and the accuracy of argmax_y p(x | y) (MAF's ``experiments.evaluate``),
+    each ± 2 SE over test points."""
+    from scipy.special import logsumexp
+
+    n, k = class_lp.shape
+    with np.errstate(divide="ignore", invalid="ignore"):
+        marginal = logsumexp(class_lp, axis=1) - math.log(k)
+    labels = np.asarray(labels, dtype=np.int64)
+    at_label = class_lp[np.arange(n), labels]
+    correct = (class_lp.argmax(axis=1) == labels).astype(np.float64)
+    cond, cond_2se = mean_2se(at_label) if np.isfinite(at_label).all() else (float(at_label.mean()), math.nan)
+    acc, acc_2se = mean_2se(correct)
+    return marginal, {"conditional": True, "test_ll_conditional": cond, "test_ll_conditional_2se": cond_2se,
+                      "test_accuracy": acc, "test_accuracy_2se": acc_2se}
+
+
 def evaluate_test(flow: Flow, data: Dataset, test_x: Tensor, batch_size: int = 2000) -> dict[str, Any]:
     """Test log-likelihood (nats) ± 2 SE; for image data also pixel-space LL and bits/pixel."""
     return summarize_test(log_prob_batches(flow, test_x, batch_size), data)
@@ -148,12 +183,20 @@ def spectral_norm_summary(flow: Flow, x: Tensor, n_iter: int = 20) -> tuple[dict
     """
     was_training = flow.training
     flow.eval()
+    classes = int(getattr(flow, "classes", 0) or 0)
+    method = "auto"
+    if classes:  # a class-conditional flow: ∂z/∂x at each point's own label (rows are [x, onehot(y)])
+        x, context = x[:, : x.shape[1] - classes], x[:, x.shape[1] - classes:]
+        method = "batched"  # the label rows go with the batch; vmap would see one row's x against all labels
 
-    def fn(inp: Tensor) -> Tensor:
-        return flow.transform(inp)[0]
+        def fn(inp: Tensor) -> Tensor:
+            return flow.transform(inp, context)[0]
+    else:
+        def fn(inp: Tensor) -> Tensor:
+            return flow.transform(inp)[0]
 
     try:
-        norms = jacobian_spectral_norm(fn, x, n_iter=n_iter).detach().double().cpu().numpy()
+        norms = jacobian_spectral_norm(fn, x, n_iter=n_iter, method=method).detach().double().cpu().numpy()
     except Exception as e:  # a model whose transform torch.func cannot trace must not lose the whole run
         return None, f"jacobian spectral norm failed: {type(e).__name__}: {e}"
     finally:

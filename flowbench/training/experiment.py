@@ -23,6 +23,8 @@ from flowbench.results import RunRecord
 from flowbench.training import stacked
 from flowbench.training.lifecycle import (
     build_from_options,
+    check_labels,
+    check_memory,
     check_before_compute,
     finish_run,
     load_data,
@@ -94,9 +96,11 @@ def _run_experiment(
     data = load_data(opts, data)
     device = resolve_device(opts.device)
     seed_everything(opts.seed)
-    flow, hparams, match = build_from_options(opts, data.dim)
+    classes = check_labels(opts, data)
+    flow, hparams, match = build_from_options(opts, data.dim, classes)
+    x = to_device(data, device, labels=classes > 0)
+    check_memory(opts, flow, device)
     flow = flow.to(device)
-    x = to_device(data, device)
     flow.initialize(x.train)
     logger = _tensorboard(opts)
     try:
@@ -114,8 +118,9 @@ def _run_experiment(
 
 def summary_line(record: RunRecord, path: Any) -> str:
     """One human line: the headline result and where the record went."""
+    given = " (given the label)" if record.conditional else ""  # validation scores log p(x | y)
     trained = (
-        f"best val LL {record.best_val_ll:.3f} at epoch {record.best_epoch}, {record.epochs} epochs"
+        f"best val LL {record.best_val_ll:.3f}{given} at epoch {record.best_epoch}, {record.epochs} epochs"
         if record.best_epoch is not None
         else f"val LL {record.best_val_ll:.3f}, {record.stop_reason}"
     )
@@ -125,6 +130,11 @@ def summary_line(record: RunRecord, path: Any) -> str:
     )
     if record.bits_per_pixel is not None:
         line += f"; {record.bits_per_pixel:.3f} bits/pixel"
+    if record.conditional and record.test_ll_conditional is not None:
+        # MAF Table 2's conditional column reports log p(x) under a uniform label prior (the test LL above)
+        line += (f"\n(class-conditional: test LL is log p(x) = logsumexp_y log p(x | y) − log K; at the true label "
+                 f"log p(x | y) = {record.test_ll_conditional:.3f} ± {record.test_ll_conditional_2se:.3f}; "
+                 f"classification accuracy {record.test_accuracy:.1%})")
     origin = record.model_origin or {}
     if origin.get("kind", "built-in") != "built-in":
         # A peer library's flow keeps its own architecture: beside the paper's rows the difference is the model.
@@ -134,7 +144,8 @@ def summary_line(record: RunRecord, path: Any) -> str:
     if record.provenance is not None and not record.provenance.get("verified"):
         from flowbench.published import PUBLISHED, SOURCES
 
-        beside = [p for p in PUBLISHED if p.model == record.display_name and p.dataset == record.dataset]
+        column = f"{record.dataset}-cond" if record.conditional else record.dataset
+        beside = [p for p in PUBLISHED if p.model == record.display_name and p.dataset == column]
         if beside:  # a published number stands beside this cell: say ours is not its configuration
             p = beside[0]
             line += (f"\n(ours, config unverified: the {SOURCES[p.source][0]}'s settings for this cell could not be "

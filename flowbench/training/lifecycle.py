@@ -49,7 +49,14 @@ from flowbench.results import (
     write_per_point,
     write_record,
 )
-from flowbench.training.evaluate import log_prob_batches, spectral_norm_summary, summarize_test, validation_ll
+from flowbench.training.evaluate import (
+    class_log_probs,
+    log_prob_batches,
+    spectral_norm_summary,
+    summarize_conditional,
+    summarize_test,
+    validation_ll,
+)
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult, checkpoint_epoch, save_model_state
 from flowbench.utils import LockHeld, exclusive_lock
 
@@ -59,6 +66,10 @@ __all__ = [
     "RunTensors",
     "build_from_options",
     "check_before_compute",
+    "check_labels",
+    "check_memory",
+    "is_conditional",
+    "step_memory",
     "drop_checkpoint",
     "finish_run",
     "keep_model_state",
@@ -163,12 +174,89 @@ class RunTensors:
     test: torch.Tensor
 
 
-def to_device(data: Dataset, device: torch.device) -> RunTensors:
-    """Data moved to the device once."""
-    def move(a: Any) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)
+def is_conditional(opts: RunOptions) -> bool:
+    """Whether the run's model is class-conditional (MAF Table 2: ``maf-cond`` …)."""
+    return bool(getattr(models.get_spec(opts.model_key), "conditional", False))
 
-    return RunTensors(move(data.train), move(data.val), move(data.test))
+
+def check_labels(opts: RunOptions, data: Dataset) -> int:
+    """The number of classes a class-conditional model conditions on (0 for any other model); a conditional
+    model on a dataset without labels is refused with what to do instead."""
+    if not is_conditional(opts):
+        return 0
+    classes = int(getattr(data, "classes", 0) or 0)
+    if classes < 2:
+        from flowbench.data import DATASETS
+
+        labelled = [n for n, spec in DATASETS.items() if getattr(spec, "classes", 0)]
+        plain = models.get_spec(opts.model_key).name.removesuffix("-cond")
+        raise ConfigError(f"model {opts.model} is class-conditional (MAF Table 2): it needs a dataset with class "
+                          f"labels, and {data.name} has none; use a labelled dataset ({', '.join(labelled)}) or the "
+                          f"unconditional model {plain}")
+    return classes
+
+
+def to_device(data: Dataset, device: torch.device, labels: bool = False) -> RunTensors:
+    """Data moved to the device once. With ``labels`` (a class-conditional model) each row is ``[x, onehot(y)]``,
+    the one-hot label in the last K columns, so that batching, shuffling and stacking carry the label along."""
+    def move(a: Any, split: str) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)
+        if not labels:
+            return t
+        return torch.cat([t, torch.as_tensor(data.one_hot(split), dtype=torch.float32, device=device)], dim=1)
+
+    return RunTensors(move(data.train, "train"), move(data.val, "val"), move(data.test, "test"))
+
+
+def step_memory(flow: torch.nn.Module, batch_size: int, measure: bool = True) -> int:
+    """Bytes one run needs on its device: parameters, gradient, Adam's two moments, the best state and the
+    module's own copy (6 × parameter bytes), its buffers (MADE's masks are as large as its weights), and, with
+    ``measure``, what autograd saves for one training step at ``batch_size``, measured on zeros (the random
+    streams are restored afterwards, so a run's trajectory does not depend on the measurement)."""
+    params = sum(p.numel() * p.element_size() for p in flow.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in flow.buffers())
+    if not measure:
+        return 6 * params + buffers
+    saved = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    ref = next(iter(flow.parameters()), None)
+    width = int(getattr(flow, "in_features", getattr(flow, "dim", 0)))
+    x = torch.zeros(batch_size, width, device=ref.device if ref is not None else "cpu")
+    was_training = flow.training
+    flow.train()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            flow.train_log_prob(x).sum()
+    finally:
+        flow.train(was_training)
+    return 6 * params + buffers + saved
+
+
+def check_memory(opts: RunOptions, flow: torch.nn.Module, device: torch.device, runs: int = 1) -> None:
+    """Refuse, before training, a run (or a stack of ``runs``) that the device cannot hold: at D = 3,072
+    (CIFAR-10) MAF (10) with 2 × 2,048 hidden units has ~100 M parameters, ~2.4 GB per run before activations."""
+    if not getattr(flow, "trainable", True):
+        return
+    from flowbench.utils import available_memory
+
+    free = available_memory(str(device))
+    if 4 * runs * step_memory(flow, opts.batch_size, measure=False) < free:
+        return  # far from the limit: no need to measure a step (the flows' activations are a small share)
+    need = runs * step_memory(flow, opts.batch_size)
+    if need > free:
+        n = sum(p.numel() for p in flow.parameters())
+        gib = 1 << 30
+        stack = f"{runs} runs stacked" if runs > 1 else "one run"
+        raise ConfigError(
+            f"{opts.model} on {opts.dataset} has {n:,} parameters: training {stack} needs about {need / gib:.1f} GiB "
+            f"on {device} (weights, gradients, Adam's two moments, the best state, masks and one step's "
+            f"activations at batch {opts.batch_size}), but {free / gib:.1f} GiB is free. Use a smaller --hidden or "
+            "fewer --layers, fewer seeds per stack (--max-stack in a sweep), or a device with more memory")
 
 
 def seed_everything(seed: int) -> None:
@@ -187,11 +275,17 @@ def _target_count(target: int | str, dataset: str, dim: int) -> tuple[int, str]:
     return count_params(models.build_model(target, dim, **other.hparams)), label
 
 
-def build_from_options(opts: RunOptions, dim: int) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
-    """Build the model; returns ``(flow, every hyperparameter resolved, match info or None)``."""
+def build_from_options(opts: RunOptions, dim: int,
+                       classes: int = 0) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
+    """Build the model (a class-conditional one for ``classes`` labels, see :func:`check_labels`); returns
+    ``(flow, every hyperparameter resolved, match info or None)``."""
     spec = models.get_spec(opts.model_key)
     hparams = dict(opts.hparams)
     match = None
+    label_kw = {"classes": classes} if getattr(spec, "conditional", False) else {}
+    if opts.match_params is not None and label_kw:
+        raise ConfigError(f"--match-params is not available for the class-conditional model {opts.model}; match "
+                          f"the unconditional {spec.name.removesuffix('-cond')} and set --hidden to its width")
     if opts.match_params is not None:
         knob = opts.match_knob or spec.match_knob
         if knob is None:
@@ -213,7 +307,7 @@ def build_from_options(opts: RunOptions, dim: int) -> tuple[torch.nn.Module, dic
             )
     # Every hyperparameter is recorded, defaults included, so the record alone reproduces the model.
     hparams = spec.resolve(hparams)
-    return models.build_model(opts.model_key, dim, **hparams), hparams, match
+    return models.build_model(opts.model_key, dim, **label_kw, **hparams), hparams, match
 
 
 # -- train (one run; a stack has its own trainer) -------------------------------------------------------------------
@@ -227,7 +321,7 @@ def train_single(flow: torch.nn.Module, x: RunTensors, opts: RunOptions, ckpt_pa
     notes: list[str] = []
     if not flow.trainable:
         # Closed-form models (the Gaussian baseline) are fitted completely by initialize().
-        result = TrainResult(stop_reason="closed-form fit (not trainable)")
+        result = TrainResult(stop_reason="closed-form fit (not trainable)", ended="closed-form")
         result.best_val_ll, result.n_nonfinite_val = validation_ll(flow, x.train, x.val, opts.eval_batch_size)
         return result, notes, 0.0
     trainer = Trainer(
@@ -286,6 +380,7 @@ def make_record(opts: RunOptions, flow: torch.nn.Module, hparams: dict[str, Any]
         best_val_ll=result.best_val_ll,
         n_nonfinite_val=result.n_nonfinite_val,
         stop_reason=result.stop_reason,
+        ended=result.ended or None,
         **evaluation,
         history=result.history,
         train_time_s=result.train_time_s,
@@ -320,8 +415,14 @@ def finish_run(opts: RunOptions, data: Any, test_x: torch.Tensor, flow: torch.nn
                t0: float, rec_path: Path, ckpt_path: Path, stack: dict[str, Any] | None = None) -> RunRecord:
     """After training, for a single run or each run of a stack: test evaluation, the record (wall time since
     ``t0``), the kept model state and per-point test LLs; the checkpoint goes unless kept."""
-    logp = log_prob_batches(flow, test_x, opts.eval_batch_size)
-    evaluation = summarize_test(logp, data)
+    classes = int(getattr(flow, "classes", 0) or 0)
+    if classes:  # MAF Table 2's conditional columns: log p(x) over a uniform label prior, beside log p(x | y)
+        class_lp = class_log_probs(flow, test_x, classes, opts.eval_batch_size)
+        logp, cond = summarize_conditional(class_lp, data.test_labels)
+        evaluation = {**summarize_test(logp, data), **cond}
+    else:
+        logp = log_prob_batches(flow, test_x, opts.eval_batch_size)
+        evaluation = summarize_test(logp, data)
     jac, note = spectral_norm_summary(flow, test_x[:JACOBIAN_POINTS])
     if note:
         notes.append(note)

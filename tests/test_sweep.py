@@ -372,3 +372,149 @@ def test_scheduler_with_parallel_slots_and_records_written_by_the_driver(tmp_pat
     for run in sweep.runs:  # every record is in the driver's folder, describing it
         rec = json.loads(run.record_path(tmp_path / "res").read_text())
         assert rec["config"]["out"] == str(tmp_path / "res") and rec["tag"] == run.tag
+
+
+# ------------------------------------------------------------------- non-finite records are made again
+def mark_nonfinite(path: Path) -> None:
+    """Make the record at ``path`` one whose run ended non-finite (as a diverged run leaves it)."""
+    rec = json.loads(path.read_text())
+    rec.update(status="nonfinite", failure="training loss is not finite")
+    path.write_text(json.dumps(rec))
+
+
+def test_a_non_finite_record_is_rerun_and_an_ok_record_skipped(tmp_path):
+    from flowbench.sweep.runner import dry_run_text
+
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": {"seed": [0, 1, 2]}})
+    for run in sweep.runs[:2]:
+        fake_run(run.options(tmp_path))
+    mark_nonfinite(sweep.runs[0].record_path(tmp_path))
+    text = dry_run_text(sweep, tmp_path)
+    assert f"1 already recorded in {tmp_path}/runs (skip), 2 to run, of which 1 rerun (non-finite record)" in text
+    actions = {line.split()[-1]: line.rsplit("digits", 1)[0].strip() for line in text.splitlines()
+               if line.split()[:1] in (["run"], ["skip"], ["rerun"])}
+    assert actions == {"0": "rerun (non-finite record)", "1": "skip", "2": "run"}
+    assert [s.replaces for s in plan(sweep.runs, tmp_path)] == [True, False, False]
+    CALLS.clear()
+    buf = io.StringIO()
+    report = run_sweep(sweep, tmp_path, run_fn=fake_run, stream=buf, live=False)
+    assert report.ok and report.count("skipped") == 1 and report.count("done") == 2
+    assert sorted(CALLS) == ["made/default/seed0", "made/default/seed2"]
+    assert json.loads(sweep.runs[0].record_path(tmp_path).read_text())["status"] == "ok"
+    assert "done   digits/made/default/seed0: " in buf.getvalue() and "replaced the non-finite record" in buf.getvalue()
+    CALLS.clear()
+    assert run_sweep(sweep, tmp_path, run_fn=fake_run, stream=None).count("skipped") == 3 and CALLS == []
+
+
+def test_a_rerun_continues_a_checkpoint_newer_than_the_non_finite_record_only(tmp_path):
+    import os
+
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": {"hidden": [20, 21]}})
+    seen: list[tuple[int, bool]] = []
+
+    def run(options):
+        seen.append((options.hparams["hidden"], options.resume))
+        return fake_run(options)
+
+    kept, interrupted = sweep.runs
+    for r in sweep.runs:
+        fake_run(r.options(tmp_path))
+        mark_nonfinite(r.record_path(tmp_path))
+        r.checkpoint_path(tmp_path).write_bytes(b"")
+        t = r.record_path(tmp_path).stat().st_mtime_ns
+        # hidden=20: the checkpoint its run kept (--keep-checkpoint), written before its record; hidden=21: a rerun's
+        # checkpoint, written after the record and then interrupted.
+        when = t - 10**9 if r is kept else t + 10**9
+        os.utime(r.checkpoint_path(tmp_path), ns=(when, when))
+    assert run_sweep(sweep, tmp_path, run_fn=run, stream=None).ok
+    assert sorted(seen) == [(20, False), (21, True)]
+    assert not kept.checkpoint_path(tmp_path).exists()
+
+
+def test_a_rerun_of_the_real_trainer_notes_the_replaced_record_locally_and_on_ray(tmp_path):
+    import torch
+
+    from flowbench.errors import UsageError
+    from flowbench.results import read_record
+    from flowbench.sweep.artifacts import ARTIFACTS, land_run, replaced_record
+    from flowbench.sweep.worker import DEFAULT_RUN_FN, ray_execute
+
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["gaussian"]})  # closed form: fast
+    (run,) = sweep.runs
+    path = run.record_path(tmp_path)
+    assert run_sweep(sweep, tmp_path, stream=None).ok
+    mark_nonfinite(path)
+    report = run_sweep(sweep, tmp_path, stream=None)
+    assert report.count("done") == 1
+    local = read_record(path)
+    assert local.status == "ok" and local.notes[-1].startswith("replaced the non-finite record of an earlier run")
+    # On Ray: the non-finite record goes to the node, so the run notes it there, as locally (this calls the
+    # task's body in this process; tests/test_sweep_e2e.py runs real Ray tasks).
+    mark_nonfinite(path)
+    outcome = ray_execute(run.options(tmp_path), DEFAULT_RUN_FN, torch.get_num_threads(),
+                          replaced_record(run, str(tmp_path)))
+    assert outcome["ok"]
+    land_run(run, outcome["record"], outcome[ARTIFACTS], str(tmp_path))
+    landed = read_record(path)
+    assert landed.status == "ok" and landed.notes == local.notes
+    # An ok record is not replaced: refused before any of the run's files is written.
+    state = path.with_name("seed0.model.pt")
+    before = state.stat().st_mtime_ns
+    with pytest.raises(UsageError, match="a record already exists"):
+        land_run(run, outcome["record"], outcome[ARTIFACTS], str(tmp_path))
+    assert state.stat().st_mtime_ns == before
+
+
+# -------------------------------------------------------- Ray's end of a run: packed on the node, landed here
+#: What legitimately differs between two makings of one run: the command line and the clocks (and which stack).
+CLOCKS = {"command", "timestamp", "wall_time_s", "train_time_s"}
+
+
+def take_files(out: Path, run) -> dict:
+    """The run's model state and per-point bytes and its record (without the clocks), removed from ``out``."""
+    from flowbench.results import model_state_path, per_point_path
+
+    key = (run.dataset, run.model, run.seed, run.tag)
+    paths = {"state": model_state_path(out, *key), "points": per_point_path(out, *key), "record": run.record_path(out)}
+    files = {k: p.read_bytes() for k, p in paths.items()}
+    for p in paths.values():
+        p.unlink()
+    rec = json.loads(files["record"])
+    files["record_keys"] = list(rec)
+    files["record"] = {k: v for k, v in rec.items() if k not in CLOCKS}
+    files["record"]["history"] = [{k: v for k, v in h.items() if k != "seconds"} for h in rec["history"]]
+    if rec.get("stack"):
+        files["record"]["stack"] = {**rec["stack"], "id": None}  # each stack's own
+    return files
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["single", "stack"])
+def test_a_landed_ray_run_has_the_files_of_a_local_run(tmp_path, stacked):
+    import torch
+
+    from flowbench.sweep.artifacts import ARTIFACTS, land_run
+    from flowbench.sweep.worker import DEFAULT_RUN_FN, execute_run, execute_stack, ray_execute, ray_execute_stack
+
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"],
+                         "grid": {"seed": [0, 1], "max-epochs": 2, "hidden": 16, "device": "cpu"}})
+    runs = sweep.runs if stacked else sweep.runs[:1]
+    options = [r.options(tmp_path) for r in runs]
+    threads = torch.get_num_threads()
+    local = execute_stack(options, None, progress=False) if stacked else execute_run(options[0], progress=False)
+    assert local["ok"]
+    expected = [take_files(tmp_path, r) for r in runs]
+    # The body of a Ray task, here in this process: train in a scratch folder, pack; then land as the driver does.
+    if stacked:
+        outcome = ray_execute_stack(options, threads)
+        records, packed = outcome["records"], outcome[ARTIFACTS]
+    else:
+        outcome = ray_execute(options[0], DEFAULT_RUN_FN, threads)
+        records, packed = [outcome["record"]], [outcome[ARTIFACTS]]
+    assert outcome["ok"] and outcome["node"] and "log" in outcome
+    for run, record, files in zip(runs, records, packed):
+        assert land_run(run, record, files, str(tmp_path)) == run.record_path(tmp_path)
+    for run, want in zip(runs, expected):
+        got = take_files(tmp_path, run)
+        assert got["state"] == want["state"] and got["points"] == want["points"]  # byte for byte
+        assert got["record"] == want["record"] and got["record_keys"] == want["record_keys"]
+    assert not list((tmp_path / "runs").rglob("*.tmp"))  # atomic writes leave no temporaries

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowbench.results import iter_records, read_per_point
+from flowbench.results import iter_records, model_state_path, per_point_path, read_per_point
 from flowbench.sweep import load_sweep, run_sweep
 from flowbench.tables import build_table
 
@@ -99,6 +99,10 @@ def test_ray_sweep_matches_local(sweep, local_results, tmp_path, monkeypatch):
         assert rec.config["out"] == str(tmp_path) and "default_worker" not in (rec.command or "")
         assert (Path(rec.path).parent / rec.model_state).is_file()  # the model state came back with it
         assert read_per_point(rec)[1] is None  # and the per-point test LLs (the table's paired t-test)
+    for run in sweep.runs:  # both files as the local run wrote them, byte for byte
+        key = (run.dataset, run.model, run.seed, run.tag)
+        for path in (model_state_path, per_point_path):
+            assert path(tmp_path, *key).read_bytes() == path(local_results, *key).read_bytes(), (run.label, path)
     table = build_table(list(iter_records(tmp_path)), sources=["maf"], select="best-val")
     assert table == build_table(list(iter_records(local_results)), sources=["maf"], select="best-val")
     assert "best of 2 configurations" in table

@@ -42,29 +42,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "max-epochs) together as one stack, one record each; 1: no stacking (default: as many "
                         "as fit in 1/workers of a quarter of the free memory, at most 32)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="list the runs and which are already recorded (skipped), then stop")
+                        help="list the runs and which are already recorded (skipped) or to be made again (a non-finite "
+                        "record), then stop")
 
 
 def dry_run_text(sweep: Sweep, out: str) -> str:
-    """The ``--dry-run`` listing: one line per run with ``run`` or ``skip``, then the totals."""
-    from tabulate import tabulate
+    """The ``--dry-run`` listing: :func:`flowbench.sweep.runner.dry_run_text`."""
+    from flowbench.sweep.runner import dry_run_text as listing
 
-    from flowbench.sweep.runner import plan, preflight
-
-    states = plan(sweep.runs, out)
-    preflight(states, out)  # a dry run also checks every run's options
-    rows = [("skip" if s.status == "skipped" else "run", s.run.dataset, s.run.model, s.run.tag, s.run.seed)
-            for s in states]
-    n_skip = sum(s.status == "skipped" for s in states)
-    lines = [f"sweep {sweep.name}: {len(states)} runs ({len(sweep.datasets)} datasets x {len(sweep.models)} models "
-             f"x grid); {n_skip} already recorded in {out}/runs (skip), {len(states) - n_skip} to run"]
-    if sweep.description:
-        lines.append(sweep.description.strip())
-    if rows:
-        lines.append(tabulate(rows, headers=["action", "dataset", "model", "tag", "seed"], tablefmt="plain"))
-    for model, keys in sorted(sweep.ignored.items()):
-        lines.append(f"note: {model} does not take {', '.join(keys)}; those grid values are not applied to it")
-    return "\n".join(lines)
+    return listing(sweep, out)
 
 
 def main(args: argparse.Namespace) -> int:

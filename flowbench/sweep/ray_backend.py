@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from typing import Any, Callable
 
@@ -93,12 +92,16 @@ class RayExecutor:
                      f"{self.capacity} runs at a time ({cpus_per_run} CPU, {gpus_per_run:g} GPU each)")
 
     def submit(self, run: SweepRun, options: RunOptions, out: str) -> Any:
-        ref = self._task.remote(options, self.run_fn, self.cpus)
+        from flowbench.sweep.artifacts import replaced_record
+
+        ref = self._task.remote(options, self.run_fn, self.cpus, replaced_record(run, out))
         self._inflight.add(ref)
         return ref
 
     def submit_stack(self, runs: list[SweepRun], options: list[RunOptions], out: str) -> Any:
-        ref = self._stack_task.remote(list(options), self.cpus)
+        from flowbench.sweep.artifacts import replaced_record
+
+        ref = self._stack_task.remote(list(options), self.cpus, [replaced_record(r, out) for r in runs])
         self._inflight.add(ref)
         return ref
 
@@ -115,30 +118,11 @@ class RayExecutor:
         return results
 
     def finish(self, state: Any, outcome: dict, out: str) -> None:
-        """Write the returned record (and the run's log) under the driver's results folder."""
-        from flowbench.results import model_state_path, per_point_path, write_record
-        from flowbench.utils import atomic_write
+        """Write the returned run (its files, then its record) and its log under the driver's results folder."""
+        from flowbench.sweep.artifacts import ARTIFACTS, land_run
 
         self.save_log(state, outcome, out)
-        record = outcome["record"]
-        # the user's command, as in local records, not the Ray worker's argv
-        record.command = " ".join(sys.argv) if sys.argv and sys.argv[0] else None
-        data = outcome.get("model_state_bytes")
-        if data is None:
-            record.model_state = None  # it could not be brought back from the node
-        else:
-            r = state.run
-            with atomic_write(model_state_path(out, r.dataset, r.model, r.seed, r.tag), "wb",
-                              size_hint=len(data)) as f:
-                f.write(data)  # before the record, which names it
-        points = outcome.get("testll_bytes")
-        if points is None:
-            record.test_points = None  # not brought back: the table falls back to the best-value rule
-        else:
-            r = state.run
-            with atomic_write(per_point_path(out, r.dataset, r.model, r.seed, r.tag), "wb", size_hint=len(points)) as f:
-                f.write(points)
-        write_record(state.run.record_path(out), record)
+        land_run(state.run, outcome["record"], outcome.get(ARTIFACTS), out)
 
     def save_log(self, state: Any, outcome: dict, out: str) -> None:
         from flowbench.utils import atomic_write

@@ -7,7 +7,8 @@ Retries are the driver's business for every executor: a run whose attempt crashe
 queued again, at most ``retries`` more times (a :class:`~flowbench.errors.FlowbenchError` is not a crash: it
 would fail the same way again, so the run fails at once), then reported as failed while the rest of the sweep goes on.
 Re-running the same sweep is the resume mechanism: recorded runs are skipped, and a local run that left a
-checkpoint continues from it.
+checkpoint continues from it. A run whose record ended non-finite is made again and replaces it (as
+``flowbench run`` does without ``--force``); ``--dry-run`` lists it as ``rerun (non-finite record)``.
 
 Stacking (issue 11): pending runs of one shape (equal :func:`~flowbench.training.stacked.stack_key`: they may
 differ in seed, lr, weight decay, patience and epoch cap) are submitted together as one unit that trains them
@@ -33,12 +34,13 @@ from typing import IO, Any, Iterable
 from flowbench.config import RunOptions
 from flowbench.errors import ConfigError
 from flowbench.results import RunRecord
+from flowbench.sweep.artifacts import ARTIFACTS
 from flowbench.sweep.executors import make_backend
 from flowbench.sweep.spec import Sweep, SweepRun
 from flowbench.sweep.worker import DEFAULT_RUN_FN, RunFn
 
 __all__ = ["RunState", "SweepReport", "Progress", "run_sweep", "check_out", "check_resources", "plan", "preflight",
-           "report_path", "summary"]
+           "dry_run_text", "report_path", "summary"]
 
 #: How often the live line is refreshed while nothing finishes (seconds).
 TICK_S = 1.0
@@ -61,6 +63,7 @@ class RunState:
     options: RunOptions | None = field(default=None, repr=False)  # resolved by preflight()
     resumed: bool = False  # the current attempt continues from a checkpoint
     resume_failed: bool = False  # an attempt from the checkpoint failed: the next one starts afresh
+    replaces: bool = False  # its record exists and ended non-finite: the run is made again and replaces it
 
     def as_dict(self, out: str | Path) -> dict[str, Any]:
         r = self.run
@@ -94,8 +97,45 @@ class SweepReport:
 
 
 def plan(runs: Iterable[SweepRun], out: str | Path) -> list[RunState]:
-    """One state per run; those whose record already exists are ``skipped`` (the resume rule)."""
-    return [RunState(r, "skipped" if r.record_path(out).is_file() else "pending") for r in runs]
+    """One state per run; those whose record already exists are ``skipped`` (the resume rule), except a record
+    that ended non-finite (:func:`flowbench.results.replaceable`): that run is made again (``replaces``), as
+    ``flowbench run`` would make it again without ``--force``."""
+    from flowbench.results import replaceable
+
+    states = []
+    for r in runs:
+        path = r.record_path(out)
+        replaces = path.is_file() and replaceable(path)
+        states.append(RunState(r, "skipped" if path.is_file() and not replaces else "pending", replaces=replaces))
+    return states
+
+
+#: The ``--dry-run`` action of a run that replaces its non-finite record.
+RERUN = "rerun (non-finite record)"
+
+
+def dry_run_text(sweep: Sweep, out: str | Path) -> str:
+    """The ``--dry-run`` listing: one line per run with ``run``, ``skip`` or ``rerun (non-finite record)``, then
+    the totals. Checks every run's options (:func:`preflight`); writes nothing."""
+    from tabulate import tabulate
+
+    states = plan(sweep.runs, out)
+    preflight(states, out)
+    rows = [("skip" if s.status == "skipped" else RERUN if s.replaces else "run", s.run.dataset, s.run.model,
+             s.run.tag, s.run.seed) for s in states]
+    n_skip = sum(s.status == "skipped" for s in states)
+    n_rerun = sum(s.replaces for s in states)
+    reruns = f", of which {n_rerun} {RERUN}"
+    lines = [f"sweep {sweep.name}: {len(states)} runs ({len(sweep.datasets)} datasets x {len(sweep.models)} models "
+             f"x grid); {n_skip} already recorded in {out}/runs (skip), {len(states) - n_skip} to run"
+             + (reruns if n_rerun else "")]
+    if sweep.description:
+        lines.append(sweep.description.strip())
+    if rows:
+        lines.append(tabulate(rows, headers=["action", "dataset", "model", "tag", "seed"], tablefmt="plain"))
+    for model, keys in sorted(sweep.ignored.items()):
+        lines.append(f"note: {model} does not take {', '.join(keys)}; those grid values are not applied to it")
+    return "\n".join(lines)
 
 
 def preflight(states: list[RunState], out: str | Path) -> None:
@@ -172,7 +212,17 @@ def _done_message(state: RunState) -> str:
             bits.append(f"{label} {value:.3f}")
     if rec is not None and rec.status != "ok":
         bits.append(f"status {rec.status}")
+    if state.replaces:
+        bits.append("replaced the non-finite record")
     return f"done   {state.run.label}: {', '.join(bits) or 'recorded'} ({_fmt_time(state.seconds)})"
+
+
+def _not_newer(path: Path, than: Path) -> bool:
+    """Whether file ``path`` exists and was last written no later than ``than`` (False if either is missing)."""
+    try:
+        return path.stat().st_mtime_ns <= than.stat().st_mtime_ns
+    except OSError:
+        return False
 
 
 def check_resources(workers: int, retries: int, cpus_per_run: int, gpus_per_run: float) -> None:
@@ -385,15 +435,14 @@ class _Scheduler:
     def finished_stack(self, group: list[RunState], outcome: dict[str, Any]) -> None:
         """Each run of the stack as if it had finished alone (a stack's failure is each run's failure)."""
         records = outcome.get("records") if outcome["ok"] else None
-        states, points = outcome.get("model_state_bytes"), outcome.get("testll_bytes")
+        packed = outcome.get(ARTIFACTS)  # Ray: each run's files, to be written by the driver
+        common = {k: v for k, v in outcome.items() if k not in ("records", ARTIFACTS)}
         for i, state in enumerate(group):
-            one = {k: v for k, v in outcome.items() if k not in ("records", "model_state_bytes", "testll_bytes")}
+            one = dict(common)
             if records is not None:
                 one["record"] = records[i]
-            if states is not None:
-                one["model_state_bytes"] = states[i]
-            if points is not None:
-                one["testll_bytes"] = points[i]
+            if packed is not None:
+                one[ARTIFACTS] = packed[i]
             self.finished(state, one)
 
     # -- single runs --------------------------------------------------------------------------------
@@ -404,9 +453,14 @@ class _Scheduler:
         # An earlier attempt or sweep was cut short and left a checkpoint: continue it (local only; Ray runs
         # keep no checkpoints). If that fails, the retry starts from scratch.
         ckpt = state.run.checkpoint_path(self.out)
-        state.resumed = self.executor == "local" and not state.resume_failed and ckpt.is_file()
-        if self.executor == "local" and state.resume_failed:
-            # Continuing from it failed: this attempt starts afresh, which `run` refuses over a checkpoint.
+        local = self.executor == "local"
+        # A run that replaces its non-finite record continues a checkpoint written after that record (an
+        # interrupted rerun), not the one its run kept (--keep-checkpoint): that run is what is being replaced.
+        stale = local and state.replaces and _not_newer(ckpt, state.run.record_path(self.out))
+        state.resumed = local and not state.resume_failed and not stale and ckpt.is_file()
+        if local and (state.resume_failed or stale):
+            # Continuing from it failed (or would continue the replaced run): this attempt starts afresh, which
+            # `run` refuses over a checkpoint.
             ckpt.unlink(missing_ok=True)
         options = options.replace(resume=state.resumed)
         return options

@@ -104,52 +104,47 @@ def _failure(e: Exception, log_path: str | None) -> dict[str, Any]:
             "retry": not isinstance(e, FlowbenchError)}
 
 
-def _testll_bytes(out: str, record: Any) -> bytes | None:
-    """The run's per-point test LLs (``seed<k>.testll.npy``, small), to travel back with its record."""
-    from flowbench.results import per_point_path
-
-    if not record.test_points:
-        return None
-    with contextlib.suppress(OSError):
-        return per_point_path(out, record.dataset, record.model, record.seed, record.tag).read_bytes()
-    return None
-
-
-def ray_execute(options: RunOptions, run_fn: str, threads: int) -> dict[str, Any]:
-    """Body of a Ray task: train into a node-local scratch folder and return the record to the driver.
-
-    Results strategy (one, on purpose): records travel back to the driver, which writes them into its own
-    results folder. Nodes need no shared filesystem, only flowbench and the prepared data (``data-root``).
-    The price: checkpoints stay on the node and are deleted with the scratch folder, so a run that is
-    retried on Ray starts again from epoch 0. The small model-state file travels back with the record.
-    """
+@contextlib.contextmanager
+def _scratch(threads: int) -> Iterator[str]:
+    """A Ray task's node-local scratch folder (deleted afterwards, checkpoints with it), ``threads`` torch threads."""
     import torch
 
     torch.set_num_threads(max(1, threads))
     scratch = tempfile.mkdtemp(prefix="flowbench-sweep-")
     try:
-        opts = options.replace(out=scratch, resume=False)
-        log = os.path.join(scratch, "run.log")
-        outcome = execute_run(opts, run_fn, log_path=log, progress=False)
-        with contextlib.suppress(OSError):
-            outcome["log"] = Path(log).read_text(errors="replace")[-LOG_TAIL_CHARS:]
-        if outcome["ok"]:
-            # The record describes the driver's results folder, as if the run had been made there.
-            outcome["record"].config["out"] = options.out
-            # The model state (small, unlike the checkpoint) travels with the record; the driver writes both.
-            from flowbench.results import model_state_path
-
-            rec = outcome["record"]
-            outcome["model_state_bytes"] = None
-            if rec.model_state:
-                with contextlib.suppress(OSError):
-                    path = model_state_path(opts.out, rec.dataset, rec.model, rec.seed, rec.tag)
-                    outcome["model_state_bytes"] = path.read_bytes()
-            outcome["testll_bytes"] = _testll_bytes(opts.out, rec)
-        outcome["node"] = os.uname().nodename
-        return outcome
+        yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _sign(outcome: dict[str, Any], log: str) -> dict[str, Any]:
+    """The outcome with the tail of the task's log (for the driver's log file) and the node's name."""
+    with contextlib.suppress(OSError):
+        outcome["log"] = Path(log).read_text(errors="replace")[-LOG_TAIL_CHARS:]
+    outcome["node"] = os.uname().nodename
+    return outcome
+
+
+def ray_execute(options: RunOptions, run_fn: str, threads: int, replaces: bytes | None = None) -> dict[str, Any]:
+    """Body of a Ray task: train into a node-local scratch folder and return the run to the driver.
+
+    Results strategy (one, on purpose): records travel back to the driver, which writes them into its own
+    results folder. Nodes need no shared filesystem, only flowbench and the prepared data (``data-root``).
+    The price: checkpoints stay on the node and are deleted with the scratch folder, so a run that is
+    retried on Ray starts again from epoch 0. The small model-state and per-point files travel back with the
+    record (:func:`flowbench.sweep.artifacts.pack_run`). ``replaces``: the non-finite record the run replaces
+    (:func:`flowbench.sweep.artifacts.replaced_record`), put where the run finds it.
+    """
+    from flowbench.sweep.artifacts import ARTIFACTS, pack_run, plant_record
+
+    with _scratch(threads) as scratch:
+        opts = options.replace(out=scratch, resume=False)
+        plant_record(opts, replaces)
+        log = os.path.join(scratch, "run.log")
+        outcome = _sign(execute_run(opts, run_fn, log_path=log, progress=False), log)
+        if outcome["ok"]:
+            outcome[ARTIFACTS] = pack_run(outcome["record"], scratch, options.out)
+        return outcome
 
 
 def execute_stack(
@@ -180,32 +175,18 @@ def execute_stack(
     return outcome
 
 
-def ray_execute_stack(options: list[RunOptions], threads: int) -> dict[str, Any]:
-    """:func:`ray_execute` for a stack: train into a scratch folder, return every record to the driver."""
-    import torch
+def ray_execute_stack(options: list[RunOptions], threads: int,
+                      replaces: list[bytes | None] | None = None) -> dict[str, Any]:
+    """:func:`ray_execute` for a stack: train into a scratch folder, return every run to the driver (its packed
+    files a list, one per run, in order)."""
+    from flowbench.sweep.artifacts import ARTIFACTS, pack_run, plant_record
 
-    torch.set_num_threads(max(1, threads))
-    scratch = tempfile.mkdtemp(prefix="flowbench-sweep-")
-    try:
+    with _scratch(threads) as scratch:
         opts = [o.replace(out=scratch, resume=False) for o in options]
+        for o, data in zip(opts, replaces or [None] * len(opts)):
+            plant_record(o, data)
         log = os.path.join(scratch, "run.log")
-        outcome = execute_stack(opts, [log], progress=False)
-        with contextlib.suppress(OSError):
-            outcome["log"] = Path(log).read_text(errors="replace")[-LOG_TAIL_CHARS:]
+        outcome = _sign(execute_stack(opts, [log], progress=False), log)
         if outcome["ok"]:
-            from flowbench.results import model_state_path
-
-            outcome["model_state_bytes"] = []
-            outcome["testll_bytes"] = [_testll_bytes(scratch, r) for r in outcome["records"]]
-            for o, record in zip(options, outcome["records"]):
-                record.config["out"] = o.out
-                data = None  # each run's small model-state file travels with its record, as for single runs
-                if record.model_state:
-                    with contextlib.suppress(OSError):
-                        data = model_state_path(scratch, record.dataset, record.model, record.seed,
-                                                record.tag).read_bytes()
-                outcome["model_state_bytes"].append(data)
-        outcome["node"] = os.uname().nodename
+            outcome[ARTIFACTS] = [pack_run(r, scratch, o.out) for o, r in zip(options, outcome["records"])]
         return outcome
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)

@@ -23,9 +23,9 @@ from flowbench.results import RunRecord
 from flowbench.training import stacked
 from flowbench.training.lifecycle import (
     build_from_options,
+    check_before_compute,
     check_labels,
     check_memory,
-    check_before_compute,
     finish_run,
     load_data,
     prepare_out,

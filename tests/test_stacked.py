@@ -171,10 +171,11 @@ def test_stacked_modules_equal_vmap_and_single_runs(model, hp):
 def test_stacked_relgrad_gradient_is_each_runs_relative_gradient(host_scalars, monkeypatch):
     """The batched backward against the single-run RelgradNet in float64, run by run (bias_logdet both ways;
     the CPU path that fuses the log-det term per run and the device path that keeps it on the device)."""
-    from flowbench.models import stacking
+    from flowbench.models import relgrad_autograd
     from flowbench.models.relgrad_autograd import RelgradNet
 
-    monkeypatch.setattr(stacking, "HOST_SCALARS", host_scalars)
+    # one backward serves both: the stack's runs against the same Function given one run's tensors
+    monkeypatch.setattr(relgrad_autograd, "HOST_SCALARS", host_scalars)
     torch.manual_seed(0)
     R, B, D, n = 3, 5, 4, 3
     for act, bias_logdet in (("smooth-leaky-relu", False), ("tanh", True)):

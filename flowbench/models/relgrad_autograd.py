@@ -151,13 +151,81 @@ def net_saved(ctx: FunctionCtx) -> tuple[tuple[Tensor, ...], Sequence[Tensor | N
     return saved[:n], [None] * n, saved[n:]
 
 
+#: Devices where the backward reads each run's log-det weight on the host (free there) to fuse it into one addmm
+#: per run; elsewhere (CUDA) it stays on the device, no sync (tests empty it to cover that path).
+HOST_SCALARS = ("cpu",)
+
+
+def _t(a: Tensor) -> Tensor:
+    return a.transpose(-1, -2)
+
+
+def net_backward(ctx: FunctionCtx, dz: Tensor | None, dld: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The relative-gradient backward of :func:`net_forward`, one code for one run and for R stacked runs: a
+    single run is handled as a stack of one (its tensors viewed with a run axis of 1).
+
+    Run r receives ``Δ_rᵀ (Y_r W_r) + (Σ_i ∂loss/∂ld_ri) W_r`` for each weight and ``Δ_rᵀ (Y_r b_r + 1)`` for
+    each bias (plus ``(Σ_i ∂loss/∂ld_ri) b_r`` with ``bias_logdet``): Gresele et al. 2020, section 4 and
+    appendix F. Per layer one (R, 2B, D) product forms Δ·W and Y·W together; on the CPU each run's weight
+    gradient is one fused addmm.
+    """
+    n = ctx.n
+    weights, biases, ys = net_saved(ctx)
+    auxs = ctx.auxs
+    single = weights[0].dim() == 2
+    if single:
+        def run_axis(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.unsqueeze(0)
+
+        weights, biases, ys = map(run_axis, weights), [run_axis(b) for b in biases], map(run_axis, ys)
+        weights, ys = list(weights), list(ys)
+        auxs = [(run_axis(d), run_axis(c)) for d, c in auxs]
+        dz, dld = run_axis(dz), run_axis(dld)
+    gws, gbs = [None] * n, [None] * n
+    s = None if dld is None else dld.sum(-1)  # (R,): Σ_i ∂loss/∂logdet_i per run
+    s_host = s.tolist() if s is not None and s.device.type in HOST_SCALARS else None  # no sync on CUDA
+    delta = torch.zeros_like(ys[-1]) if dz is None else dz
+    gh = None
+    for k in reversed(range(n)):
+        w, y = weights[k], ys[k]
+        rows = y.shape[-2]
+        if k > 0 or ctx.needs_input_grad[0]:
+            both = torch.cat([delta, y], dim=-2) @ w  # one (R, 2B, D) product for Δ·W and Y·W
+            gh, yw = both[:, :rows], both[:, rows:]
+        else:
+            gh, yw = None, y @ w
+        if s_host is not None:  # CPU: Δᵀ (Y W) + s_r·W in one addmm per run
+            gws[k] = torch.empty_like(w)
+            for r, s_r in enumerate(s_host):
+                torch.addmm(w[r], delta[r].t(), yw[r], beta=s_r, out=gws[k][r])
+        else:
+            gw = _t(delta) @ yw  # Δᵀ (Y W)
+            gws[k] = gw if s is None else gw.addcmul_(w, s[:, None, None])
+        if biases[k] is not None:
+            u = torch.baddbmm(torch.ones_like(y[..., :1]), y, biases[k].unsqueeze(-1))  # Y b + 1, (R, B, 1)
+            gbs[k] = (_t(delta) @ u).squeeze(-1)
+            if ctx.bias_logdet and s is not None:
+                gbs[k] = gbs[k] + s[:, None] * biases[k]
+        if k > 0:
+            d, curv = auxs[k - 1]
+            delta = gh.mul_(d)  # gh is a private slice of `both`: in place is safe
+            if dld is not None:  # + ∂loss/∂ld · ∂ log s'(y)/∂y
+                delta = delta.addcmul_(dld.unsqueeze(-1), curv)
+    grads = gws + (gbs if ctx.has_bias else [])
+    if single:
+        gh = None if gh is None else gh.squeeze(0)
+        grads = [None if g is None else g.squeeze(0) for g in grads]
+    return (gh if ctx.needs_input_grad[0] else None, None, None, None, None, *grads)
+
+
 class RelgradNet(torch.autograd.Function):
-    """The whole training-time forward (all layers, activations, Σ log s') in one autograd node.
+    """The whole training-time forward (all layers, activations, Σ log s') in one autograd node, for one run or
+    R stacked runs (a leading run axis on ``x`` and every parameter).
 
     Training hot path (relative mode only): no per-op autograd bookkeeping, each hidden activation's
     sigmoid/tanh computed once and reused in backward, one (2B)×D×D product for [Δ; Y]·W per layer, and the
-    log-det's relative gradient (Σ_i ∂loss/∂logdet_i)·W folded into the same backward. Inputs h are not
-    saved: the relative gradient needs only Y and Δ. Returns (z, Σ_k<L Σ_i log s'(y_k,i)).
+    log-det's relative gradient (Σ_i ∂loss/∂logdet_i)·W folded into the same backward (:func:`net_backward`).
+    Inputs h are not saved: the relative gradient needs only Y and Δ. Returns (z, Σ_k<L Σ_i log s'(y_k,i)).
     """
 
     @staticmethod
@@ -166,33 +234,5 @@ class RelgradNet(torch.autograd.Function):
         return net_forward(ctx, x, activation, alpha, n, bias_logdet, params)
 
     @staticmethod
-    def backward(ctx: FunctionCtx, dz: Tensor, dld: Tensor | None) -> tuple[Tensor | None, ...]:
-        n = ctx.n
-        weights, biases, ys = net_saved(ctx)
-        gws, gbs = [None] * n, [None] * n
-        s = None if dld is None else dld.sum() if dld.is_cuda else float(dld.sum())  # no device sync on CUDA
-        delta = dz
-        for k in reversed(range(n)):
-            w, y = weights[k], ys[k]
-            if k > 0 or ctx.needs_input_grad[0]:
-                both = torch.cat([delta, y]) @ w
-                gh, yw = both[: y.shape[0]], both[y.shape[0]:]
-            else:
-                gh, yw = None, y @ w
-            if isinstance(s, float):  # Δᵀ (Y W) plus the log-det term (Σ_i ∂loss/∂logdet_i)·W, one fused addmm
-                gws[k] = torch.addmm(w, delta.t(), yw, beta=s)
-            elif s is not None:
-                gws[k] = (delta.t() @ yw).add_(w * s)
-            else:
-                gws[k] = delta.t() @ yw  # Δᵀ (Y W)
-            if biases[k] is not None:
-                gbs[k] = delta.t() @ torch.addmv(torch.ones_like(y[:, 0]), y, biases[k])  # Δᵀ (Y b + 1)
-                if ctx.bias_logdet and s is not None:
-                    gbs[k] = gbs[k] + s * biases[k]
-            if k > 0:
-                d, curv = ctx.auxs[k - 1]
-                delta = gh.mul_(d)  # gh is a private slice of `both`: in place is safe
-                if dld is not None:  # + ∂loss/∂ld · ∂ log s'(y)/∂y
-                    delta.addcmul_(dld[:, None], curv)
-        grads = gws + (gbs if ctx.has_bias else [])
-        return (gh if ctx.needs_input_grad[0] else None, None, None, None, None, *grads)
+    def backward(ctx: FunctionCtx, dz: Tensor | None, dld: Tensor | None) -> tuple[Tensor | None, ...]:
+        return net_backward(ctx, dz, dld)

@@ -5,9 +5,9 @@ The R runs' parameters are stacked along a leading axis (``{name: (R, *shape)}``
 in one pass. Three paths, fastest first:
 
 - relgrad (Gresele et al. 2020) trains through a custom autograd Function whose backward forms the relative
-  gradient; :class:`StackedRelgradNet` is the same O(B·D²) computation as
-  :class:`~flowbench.models.relgrad_autograd.RelgradNet` with a leading run axis, so each run receives
-  exactly its own relative gradient.
+  gradient; :class:`~flowbench.models.relgrad_autograd.RelgradNet` (alias :class:`StackedRelgradNet`) takes
+  a leading run axis in its forward and its one backward, so each run receives exactly its own relative
+  gradient.
 - Families whose every module declares ``stacks = True`` (MADE, MADE MoG, MAF, MAF MoG, Real NVP: their
   layers call :func:`flowbench.models.layers.linear` and reduce over the last axes) are called once with the
   stacked tensors swapped in by ``functional_call``: the same module code, one batched op per op.
@@ -23,17 +23,14 @@ interleaved rounds): vmap 24.6 ms, the stacked modules 17.5 ms, gradients identi
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from flowbench.models.layers import full_set_stats
-from flowbench.models.relgrad_autograd import net_forward, net_saved
-
-if TYPE_CHECKING:
-    from torch.autograd.function import FunctionCtx
+from flowbench.models.relgrad_autograd import RelgradNet
 
 __all__ = ["StackedRelgradNet", "split_buffers", "stacked_objective", "stacked_train_log_prob", "stacked_validation", "stacks_natively"]
 
@@ -64,65 +61,8 @@ def stacks_natively(flow: nn.Module) -> bool:
     return all(getattr(m, "stacks", False) or isinstance(m, _BROADCASTING) for m in flow.modules() if m is not flow)
 
 
-#: Devices where the relgrad backward reads its per-run log-det weights on the host (free there) to fuse them
-#: into one addmm per run; elsewhere (CUDA) they stay on the device (tests empty it to cover that path).
-HOST_SCALARS = ("cpu",)
-
-
-def _t(a: Tensor) -> Tensor:
-    return a.transpose(-1, -2)
-
-
-class StackedRelgradNet(torch.autograd.Function):
-    """:class:`RelgradNet` with a leading run axis: ``x`` (R, B, D), ``W_k`` (R, D, D), ``b_k`` (R, D).
-
-    Backward returns run r's relative gradient ``Δ_rᵀ (Y_r W_r) + (Σ_i ∂loss/∂ld_ri) W_r`` and the projected
-    bias rule ``Δ_rᵀ (Y_r b_r + 1)`` for each r (Gresele et al. 2020, section 4 and appendix F).
-    """
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, activation: str, alpha: float, n: int, bias_logdet: bool,
-                *params: Tensor) -> tuple[Tensor, Tensor]:
-        return net_forward(ctx, x, activation, alpha, n, bias_logdet, params)
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, dz: Tensor | None, dld: Tensor | None) -> tuple[Tensor | None, ...]:
-        n = ctx.n
-        weights, biases, ys = net_saved(ctx)
-        gws, gbs = [None] * n, [None] * n
-        s = None if dld is None else dld.sum(-1)  # (R,): Σ_i ∂loss/∂logdet_i per run
-        s_host = s.tolist() if s is not None and s.device.type in HOST_SCALARS else None  # no sync on CUDA
-        if dz is None:
-            dz = torch.zeros_like(ys[-1])
-        delta = dz
-        gh = None
-        for k in reversed(range(n)):
-            w, y = weights[k], ys[k]
-            rows = y.shape[-2]
-            if k > 0 or ctx.needs_input_grad[0]:
-                both = torch.cat([delta, y], dim=-2) @ w  # one (R, 2B, D) product for Δ·W and Y·W
-                gh, yw = both[:, :rows], both[:, rows:]
-            else:
-                gh, yw = None, y @ w
-            if s_host is not None:  # CPU: Δᵀ (Y W) + s_r·W in one addmm per run, as the single-run Function
-                gws[k] = torch.empty_like(w)
-                for r, s_r in enumerate(s_host):
-                    torch.addmm(w[r], delta[r].t(), yw[r], beta=s_r, out=gws[k][r])
-            else:
-                gw = _t(delta) @ yw  # Δᵀ (Y W)
-                gws[k] = gw if s is None else gw.addcmul_(w, s[:, None, None])
-            if biases[k] is not None:
-                u = (y @ biases[k].unsqueeze(-1)).squeeze(-1) + 1  # Y b + 1, (R, B)
-                gbs[k] = (_t(delta) @ u.unsqueeze(-1)).squeeze(-1)
-                if ctx.bias_logdet and s is not None:
-                    gbs[k] = gbs[k] + s[:, None] * biases[k]
-            if k > 0:
-                d, curv = ctx.auxs[k - 1]
-                delta = gh * d
-                if dld is not None:
-                    delta = delta.addcmul_(dld.unsqueeze(-1), curv)
-        grads = gws + (gbs if ctx.has_bias else [])
-        return (gh if ctx.needs_input_grad[0] else None, None, None, None, None, *grads)
+#: The relgrad Function takes a leading run axis itself: one forward and one backward for one run and a stack.
+StackedRelgradNet = RelgradNet
 
 
 def _relgrad_log_prob(template: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:

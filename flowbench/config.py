@@ -133,14 +133,14 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            "at the end of training); 0: after every epoch. A killed run redoes the epochs since the last one, with "
            "the same numbers", _TRAIN, "S", low=0.0, tagged=False, resume_may_change=True, training_only=True),
     Option("max_steps", None, (int,), "a budget of optimiser steps (the NSF protocol); training stops when it is "
-           "spent", _TRAIN, "N", low=1, training_only=True, stackable=False, maf=None),
+           "spent", _TRAIN, "N", low=1, training_only=True, maf=None),
     Option("lr_schedule", "constant", (str,), "learning-rate schedule: constant (MAF) or cosine (annealed to 0 "
            "over --max-steps, as the NSF code does)", _TRAIN, training_only=True, choices=("constant", "cosine"),
-           stackable=False, maf="constant"),
+           maf="constant"),
     Option("grad_clip", None, (float, int), "clip the gradient to this global L2 norm (NSF: 5)", _TRAIN, "NORM",
-           low=0.0, low_open=True, training_only=True, stackable=False, maf=None),
+           low=0.0, low_open=True, training_only=True, maf=None),
     Option("eval_every", None, (int,), "validate every N steps instead of every epoch; patience then counts "
-           "evaluations (NSF: 250)", _TRAIN, "N", low=1, training_only=True, stackable=False, maf=None),
+           "evaluations (NSF: 250)", _TRAIN, "N", low=1, training_only=True, maf=None),
     Option("protocol", None, (str,), "maf: train under the MAF protocol whatever the config file says (Adam at "
            "the model's lr, batch 100, weight decay 1e-6, patience 30 epochs, no step budget, schedule or "
            "clipping; flags still win); nsf: as the NSF configs set it", _TRAIN, choices=("maf", "nsf")),

@@ -1,6 +1,7 @@
 """How a run ended, in the words of the MAF protocol: converged by patience, capped, non-finite, failed.
 
-A run only reproduces the protocol (Papamakarios et al. 2017, section 4: early stopping after 30 epochs
+The trainer writes how a run ended into the record's ``ended`` field (one of :data:`KINDS`); records written
+before that field are classified from their ``stop_reason`` text. A run only reproduces the protocol (Papamakarios et al. 2017, section 4: early stopping after 30 epochs
 without a better validation LL) when patience stopped it. A run cut off by ``--max-epochs`` has not converged
 and is not comparable with the published numbers; :func:`convergence_note` is the table footnote that says so.
 """
@@ -53,9 +54,30 @@ class RunStatus:
         return self.kind in ("converged", "budget", "closed-form")
 
 
+def _ended(rec: Any) -> tuple[str, int | None, str]:
+    """(kind, its number, unit) of how training ended: the record's ``ended`` field, which the trainer writes
+    where training stops, with the number from the run's options (``max_epochs``, ``max_steps``, ``patience``);
+    for records written before the field, parsed from ``stop_reason``. The kind ignores ``status`` (see
+    :func:`run_status`)."""
+    config = read_field(rec, "config") or {}
+    unit = "" if config.get("eval_every") is None else " evaluations"
+    kind = read_field(rec, "ended")
+    if kind in KINDS:
+        number = {"capped": "max_epochs", "budget": "max_steps", "converged": "patience"}.get(kind)
+        value = config.get(number) if number else None
+        return kind, int(value) if value is not None else None, unit
+    reason = _text(rec, "stop_reason")
+    for kind, pattern in (("capped", _CAP), ("budget", _BUDGET), ("converged", _PATIENCE)):
+        if m := pattern.match(reason):
+            return kind, int(m.group(1)), "" if kind != "converged" or m.group(2) == "epochs" else " evaluations"
+    if reason.startswith("closed-form"):
+        return "closed-form", None, ""
+    return "other", None, ""
+
+
 def is_capped(rec: Any) -> bool:
     """Trained without failure but stopped by ``--max-epochs`` rather than by patience."""
-    return (read_field(rec, "status") or "ok") == "ok" and bool(_CAP.match(_text(rec, "stop_reason")))
+    return (read_field(rec, "status") or "ok") == "ok" and _ended(rec)[0] == "capped"
 
 
 def run_status(rec: Any) -> RunStatus:
@@ -70,14 +92,14 @@ def run_status(rec: Any) -> RunStatus:
         return RunStatus("nonfinite", f"non-finite ({where}): {failure or reason}")
     if status != "ok":
         return RunStatus("failed", f"{status}: {failure or reason}")
-    if m := _CAP.match(reason):
-        return RunStatus("capped", f"capped by --max-epochs {m.group(1)} ({where}): not converged")
-    if m := _BUDGET.match(reason):
-        return RunStatus("budget", f"step budget spent: --max-steps {m.group(1)} ({where})")
-    if m := _PATIENCE.match(reason):
-        unit = "" if m.group(2) == "epochs" else " evaluations"
-        return RunStatus("converged", f"converged: patience {m.group(1)}{unit} ran out ({where})")
-    if reason.startswith("closed-form"):
+    kind, number, unit = _ended(rec)
+    if kind == "capped":
+        return RunStatus("capped", f"capped by --max-epochs {number} ({where}): not converged")
+    if kind == "budget":
+        return RunStatus("budget", f"step budget spent: --max-steps {number} ({where})")
+    if kind == "converged":
+        return RunStatus("converged", f"converged: patience {number}{unit} ran out ({where})")
+    if kind == "closed-form":
         return RunStatus("closed-form", "closed-form fit (no training)")
     return RunStatus("other", reason or "unknown")
 
@@ -100,7 +122,7 @@ def convergence_note(runs: Iterable[Any]) -> str | None:
     if not capped:
         return None
     seeds = ", ".join(str(int(read_field(r, "seed"))) for r in capped)
-    caps = sorted({int(_CAP.match(_text(r, "stop_reason")).group(1)) for r in capped})
+    caps = sorted({c for c in (_ended(r)[1] for r in capped) if c is not None})
     cap = "/".join(str(c) for c in caps)
     return f"{NOT_CONVERGED} (seed{'s' if len(capped) > 1 else ''} {seeds}: --max-epochs {cap})"
 

@@ -212,11 +212,12 @@ def test_checkpoints_on_a_time_cadence_still_resume_exactly(tmp_path, monkeypatc
     epoch 3 and ends exactly as the uninterrupted run."""
     import types
 
+    from flowbench.training import loop as loop_mod
     from flowbench.training import trainer as trainer_mod
     from flowbench.utils import atomic_torch_save
 
     clock = [0.0]
-    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(loop_mod, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))  # the loop's clock
     saved: list[int] = []
 
     def save(path, state):

@@ -7,13 +7,21 @@ whole training set, checkpoint and record. Only the training step is shared: eac
 is one (R, *shape) tensor, the objective of every run on its own minibatch is one batched pass
 (:func:`flowbench.models.stacking.stacked_train_log_prob`), and Adam is torch's fused kernel over those
 tensors (one call for the whole stack when the runs share learning rate, weight decay and step count, else
-one per group of runs that do). A finished run leaves the stack at the end of the epoch; a run whose loss
+one per group of runs that do). A finished run leaves the stack at its evaluation; a run whose loss
 turns non-finite is masked from then on (on a GPU the loss is read every ``SYNC_EVERY`` steps, so there it
 may take up to that many more steps, on its own rows only, before it is masked).
 
+Everything around the steps (evaluation schedule, budgets, early stopping, history, epoch lines, checkpoint
+cadence, callbacks, best-state restore) is the single run's loop, :class:`~flowbench.training.loop.RunLoop`
+(issue 23), so a stack also trains in step mode (``max_steps``, ``eval_every``, the cosine ``lr_schedule``,
+``grad_clip``: the NSF protocol), each row with its own learning rate at its own step and its gradient clipped
+on its own. (``run --seeds`` and sweeps stack only options that :data:`flowbench.config.OPTIONS` declares
+stackable.)
+
 Per-run checkpoints have the single-run format of :class:`~flowbench.training.trainer.Trainer` (torch Adam
-state included), so a stacked run resumes stacked or alone, and vice versa. Validation runs per run on a
-real module holding that run's parameters, exactly as a single run validates.
+state included; format 2, mid-epoch positions too), so a stacked run resumes stacked or alone, and vice versa;
+format-1 checkpoints (epoch ends only, written before the shared loop) still resume. Validation runs per run
+on a real module holding that run's parameters, exactly as a single run validates.
 """
 
 from __future__ import annotations
@@ -22,7 +30,6 @@ import contextlib
 import copy
 import functools
 import math
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -31,7 +38,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from flowbench.config import OPTIONS, RESUME_MAY_CHANGE, UNTAGGED, RunOptions, coerce_options, parse_seeds
 from flowbench.errors import ConfigError, UsageError
@@ -47,16 +53,16 @@ from flowbench.training.evaluate import (
     training_nll,
     validation_ll,
 )
-from flowbench.training.trainer import (
-    SYNC_EVERY,
+from flowbench.training.loop import (
     EpochInfo,
+    RunLoop,
+    RunState,
     TrainResult,
-    _rng_state,
-    _set_rng_state,
-    loss_label,
-    make_adam,
-    read_checkpoint,
+    check_schedule_options,
+    checkpoint_fits,
+    scheduled_lr,
 )
+from flowbench.training.trainer import SYNC_EVERY, _rng_state, _set_rng_state, make_adam, read_checkpoint
 from flowbench.utils import atomic_torch_save, keep_freed_memory, resolve_device
 
 __all__ = ["StackedTrainer", "RunSpec", "StackedEpochInfo", "parse_seeds", "run_stacked", "stack_key", "PER_RUN"]
@@ -107,33 +113,127 @@ def _has_fused(like: Tensor) -> bool:
 
 
 class _Run:
-    """Everything one run owns besides its rows of the stacked tensors."""
+    """Everything one run owns besides its rows of the stacked tensors; ``state`` is where the loop has it."""
 
     def __init__(self, spec: RunSpec):
         self.spec = spec
         self.flow = spec.flow
         self.stopper = EarlyStopping(spec.patience)
         self.generator = torch.Generator().manual_seed(spec.seed)
-        self.result = TrainResult()
-        self.epoch = 0
-        self.finished = False
-        self.saved_epoch = -1  # the epoch of its last checkpoint
         self.path = Path(spec.checkpoint_path) if spec.checkpoint_path is not None else None
         self.fingerprint = spec.fingerprint or {}
         self.label = spec.label or f"seed {spec.seed}"
+        self.state = RunState(self.flow, self.stopper, self.generator, spec.max_epochs, prefix=self.label + " ")
+        self.result = self.state.result
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed as of its last evaluation (during a validation: before the period validated)."""
+        return self.state.evaluated_epoch
 
 
-class StackedTrainer:
-    """Trains R same-shaped flows together; :meth:`fit` returns one :class:`TrainResult` per run."""
+def _clip_rows(params: list[Tensor], max_norm: float) -> None:
+    """``torch.nn.utils.clip_grad_norm_`` of every row (run) of the stacked gradients on its own."""
+    grads = [p.grad for p in params if p.grad is not None]
+    rows = grads[0].shape[0]
+    norms = torch.stack([torch.linalg.vector_norm(g.reshape(rows, -1), dim=1) for g in grads])  # (tensors, rows)
+    coef = torch.clamp(max_norm / (torch.linalg.vector_norm(norms, dim=0) + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.view((-1,) + (1,) * (g.dim() - 1)))
+
+
+class _Period:
+    """The active runs' rows for one training period: the stack's own tensors when every run is active, else
+    copies written back by :meth:`close`; their running losses (since each run's last evaluation) and failures."""
+
+    def __init__(self, st: StackedTrainer, active: list[int]):
+        dev = st.train_x.device
+        self.st, self.active, self.whole = st, active, len(active) == len(st.runs)
+        self.idx = torch.tensor(active, device=dev)
+
+        def pick(t: Tensor) -> Tensor:
+            return t if self.whole else t[self.idx].clone()
+
+        self.params = [pick(p) for p in st.params]
+        self.m, self.v = [pick(t) for t in st.exp_avg], [pick(t) for t in st.exp_avg_sq]
+        self.steps = pick(st.steps)
+        own = st.run_buffers if self.whole else {k: b[self.idx] for k, b in st.run_buffers.items()}
+        self.objective = stacked_objective(st.template, st.buffers, run_buffers=own)
+        self.nsteps = [st.nsteps[i] for i in active]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.live = [True] * len(active)  # host-side: which runs still train (changed only where the loss is read)
+        self.live_mask = torch.ones(len(active), dtype=torch.bool, device=dev)
+        self.totals = st._loss_sum[self.idx].clone()
+        self.counts = [st._loss_count[i] for i in active]
+        self.failures: list[str | None] = [None] * len(active)
+
+    def losses(self, batch: Tensor) -> Tensor:
+        """Every active run's loss on its own minibatch (``batch``: (R, b, D)), added to its running total."""
+        losses = -self.objective(dict(zip(self.st.names, self.params)), batch).mean(-1)
+        det = losses.detach()
+        self.totals += torch.where(self.live_mask, det * batch.shape[1], torch.zeros_like(det)).to(torch.float64)
+        self.counts = [c + batch.shape[1] for c in self.counts]
+        return losses
+
+    def check(self, states: list[RunState], det: Tensor) -> bool:
+        """Mask the runs whose running loss turned non-finite (a host sync); whether any run still trains."""
+        bad = torch.nonzero(self.live_mask & ~torch.isfinite(self.totals)).flatten().tolist()
+        for r in bad:
+            s = states[r]
+            self.failures[r] = (f"non-finite training loss ({float(det[r])}) at epoch {s.epoch + 1}, batch "
+                                f"{s.pos + 1} (step {s.step + 1}) (lower --lr, or check the data for outliers)")
+            self.live[r] = False
+        if bad:
+            self.live_mask = torch.tensor(self.live, device=self.live_mask.device)
+        return any(self.live)
+
+    def step(self, losses: Tensor, grad_clip: float | None) -> None:
+        """One optimiser step of the live runs: backward of their summed losses, clipping, Adam."""
+        for p in self.params:
+            p.grad = None
+        torch.where(self.live_mask, losses, torch.zeros_like(losses)).sum().backward()
+        if grad_clip is not None:
+            _clip_rows(self.params, grad_clip)
+        self.st._adam(self.params, self.m, self.v, self.steps, self.nsteps, self.active, self.live)
+
+    def close(self) -> tuple[list[float], list[str | None]]:
+        """Write the rows back; (running mean loss, failure or None) per active run."""
+        st = self.st
+        with torch.no_grad():
+            for p in self.params:
+                p.requires_grad_(False)
+                p.grad = None
+            if not self.whole:
+                for stacked, mine in zip((*st.params, *st.exp_avg, *st.exp_avg_sq), (*self.params, *self.m, *self.v)):
+                    stacked[self.idx] = mine
+                st.steps[self.idx] = self.steps
+            st._loss_sum[self.idx] = self.totals
+        for i, k, c in zip(self.active, self.nsteps, self.counts):
+            st.nsteps[i], st._loss_count[i] = k, c
+        means = [t / max(c, 1) for t, c in zip(self.totals.tolist(), self.counts)]
+        return [math.nan if f else x for x, f in zip(means, self.failures)], self.failures
+
+
+class StackedTrainer(RunLoop):
+    """Trains R same-shaped flows together; :meth:`fit` returns one :class:`TrainResult` per run.
+
+    The loop is :class:`~flowbench.training.loop.RunLoop`'s, the single-run trainer's; this class is its stacked
+    stepper. The step options (``max_steps``, ``lr_schedule``, ``grad_clip``, ``eval_every``) are the stack's,
+    shared by its runs.
+    """
 
     def __init__(self, runs: Sequence[RunSpec], train_x: Tensor, val_x: Tensor, *, batch_size: int = 100,
                  eval_batch_size: int = 2000, callbacks: list[Callable[[StackedEpochInfo], None]] | None = None,
-                 progress: bool = True, checkpoint_every_s: float = 0.0):
+                 progress: bool = True, checkpoint_every_s: float = 0.0, max_steps: int | None = None,
+                 lr_schedule: str = "constant", grad_clip: float | None = None, eval_every: int | None = None):
         if not runs:
             raise ConfigError("a stack needs at least one run")
+        check_schedule_options(max_steps, lr_schedule, grad_clip, eval_every)
         if train_x.device.type == "cpu":
             keep_freed_memory()  # as the single-run trainer
         self.runs = [_Run(s) for s in runs]
+        self._states = [r.state for r in self.runs]
         self.template = copy.deepcopy(runs[0].flow)
         names = [n for n, _ in self.template.named_parameters()]
         for r in self.runs[1:]:
@@ -147,11 +247,13 @@ class StackedTrainer:
         # as the single-run trainer: each run's exact training NLL on these points, run by run
         self.nll_x = train_subsample(train_x, min(TRAIN_NLL_POINTS, val_x.shape[0]))
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self._batches_per_epoch = max(1, math.ceil(train_x.shape[0] / batch_size))
+        self.max_steps, self.lr_schedule, self.grad_clip, self.eval_every = max_steps, lr_schedule, grad_clip, eval_every
         self.callbacks = list(callbacks or [])
         self.progress = progress
-        self.checkpoint_every_s = checkpoint_every_s  # as the single-run Trainer's: 0 = every epoch
-        dev = train_x.device
+        self.checkpoint_every_s = checkpoint_every_s  # as the single-run Trainer's: 0 = every evaluation
+        self._init_tensors(train_x.device)
+
+    def _init_tensors(self, dev: torch.device) -> None:
         # parameter k of every run: one (R, *shape) tensor (row r = run r), with its gradient and Adam moments
         self.params = [torch.stack(ps).detach().clone() for ps in zip(*(r.flow.parameters() for r in self.runs))]
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
@@ -160,6 +262,9 @@ class StackedTrainer:
         self.steps = torch.zeros(len(self.runs), dtype=torch.float32, device=dev)
         self.nsteps = [0] * len(self.runs)
         self._fused = _has_fused(self.params[0])
+        # each run's running training loss since its last evaluation (sum over examples, and their count)
+        self._loss_sum = torch.zeros(len(self.runs), dtype=torch.float64, device=dev)
+        self._loss_count = [0] * len(self.runs)
 
     # -- stacked ⇄ per-run ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -167,6 +272,9 @@ class StackedTrainer:
         """Copy run i's rows into its module (before validation, checkpoints and at the end)."""
         for p, v in zip(self.runs[i].flow.parameters(), self.params):
             p.copy_(v[i])
+
+    def _before_finish(self, i: int) -> None:
+        self._sync_module(i)
 
     # -- checkpoints (the single-run format) ------------------------------------------------------------
     def _optimizer_state(self, i: int) -> dict[str, Any]:
@@ -183,7 +291,7 @@ class StackedTrainer:
         run = self.runs[i]
         self._sync_module(i)
         return {
-            "format": 1, "epoch": run.epoch, "finished": run.finished, "model": run.flow.state_dict(),
+            **run.state.position_state(), "model": run.flow.state_dict(),
             "optimizer": self._optimizer_state(i), "early_stopping": run.stopper.state_dict(),
             "rng": _rng_state(run.generator),
             "result": run.result.checkpoint_state(),
@@ -191,31 +299,32 @@ class StackedTrainer:
         }
 
     def save_checkpoint(self, i: int) -> None:
+        self._save_run(i)
+
+    def _save(self, i: int) -> None:
         if self.runs[i].path is not None:
             atomic_torch_save(self.runs[i].path, self._state_dict(i))
-        self.runs[i].saved_epoch = self.runs[i].epoch
 
     def load_checkpoint(self, i: int) -> None:
-        """Restore run i from its checkpoint (written by a stack or by a single run)."""
+        """Restore run i from its checkpoint (written by a stack or by a single run; format 1 or 2)."""
         run = self.runs[i]
         state = read_checkpoint(run.path, run.fingerprint)  # a truncated or foreign file: a clear error
-        run.flow.load_state_dict(state["model"])
-        with torch.no_grad():
-            for stacked, p in zip(self.params, run.flow.parameters()):
-                stacked[i] = p
-            opt = state["optimizer"]["state"]
-            if opt:
-                self.nsteps[i] = int(opt[0]["step"])
-                self.steps[i] = float(self.nsteps[i])
-                for k in range(len(self.params)):
-                    self.exp_avg[k][i], self.exp_avg_sq[k][i] = opt[k]["exp_avg"], opt[k]["exp_avg_sq"]
-        run.stopper.load_state_dict(state["early_stopping"])
-        _set_rng_state(state["rng"], run.generator)
-        run.result.load_checkpoint_state(state["result"])
-        run.epoch, run.finished = int(state["epoch"]), bool(state["finished"])
-        run.result.resumed_from_epoch = run.saved_epoch = run.epoch
+        with checkpoint_fits(run.path):
+            run.flow.load_state_dict(state["model"])
+            with torch.no_grad():
+                for stacked, p in zip(self.params, run.flow.parameters()):
+                    stacked[i] = p
+                opt = state["optimizer"]["state"]
+                if opt:
+                    self.nsteps[i] = int(opt[0]["step"])
+                    self.steps[i] = float(self.nsteps[i])
+                    for k in range(len(self.params)):
+                        self.exp_avg[k][i], self.exp_avg_sq[k][i] = opt[k]["exp_avg"], opt[k]["exp_avg_sq"]
+            run.stopper.load_state_dict(state["early_stopping"])
+            _set_rng_state(state["rng"], run.generator)
+            run.state.load_position(state, self.batches_per_epoch, self.train_x.shape[0], torch.device("cpu"))
 
-    # -- the loop --------------------------------------------------------------------------------------
+    # -- the stepper -----------------------------------------------------------------------------------
     @torch.no_grad()
     def _adam(self, params: list[Tensor], m: list[Tensor], v: list[Tensor], steps: Tensor, nsteps: list[int],
               active: list[int], live: list[bool]) -> None:
@@ -224,7 +333,8 @@ class StackedTrainer:
         Host-side lists decide the grouping (no device sync): the whole stack in one fused call when every row
         is live and the rows share learning rate, weight decay and step count (the usual stack of seeds), else
         one call per (learning rate, weight decay) group over its live rows. Bit-identical to the single-run
-        fused step. Without a fused kernel: the same algorithm with per-run tensors.
+        fused step. Without a fused kernel: the same algorithm with per-run tensors. The learning rate of a
+        row follows the schedule of its own step count.
         """
         if any(p.grad is None for p in params):  # a parameter the loss does not use: torch's Adam skips it too
             kept = [i for i, p in enumerate(params) if p.grad is not None]
@@ -240,7 +350,8 @@ class StackedTrainer:
         specs = [self.runs[i].spec for i in active]
         groups: dict[tuple[float, float], list[int]] = {}
         for j in rows:
-            groups.setdefault((specs[j].lr, specs[j].weight_decay), []).append(j)
+            lr = scheduled_lr(specs[j].lr, self.lr_schedule, nsteps[j] - 1, self.max_steps)
+            groups.setdefault((lr, specs[j].weight_decay), []).append(j)
         for (lr, wd), js in groups.items():
             if not self._fused:
                 self._adam_reference(params, grads, m, v, steps, js, lr, wd)
@@ -267,73 +378,58 @@ class StackedTrainer:
             p[idx] = p[idx] - (lr / bc1) * mj / (vj.sqrt() / bc2_sqrt + EPS)
 
     def _train_epoch(self, active: list[int]) -> tuple[list[float], list[str | None]]:
-        """One pass of every active run over its own shuffle; (mean train loss, failure or None) per run."""
-        dev = self.train_x.device
-        whole = len(active) == len(self.runs)
-        idx = torch.tensor(active, device=dev)
-        # the whole stack trains in place; a part of it on copies of its rows, written back at the end
-        params = [p if whole else p[idx].clone() for p in self.params]
-        m = [t if whole else t[idx].clone() for t in self.exp_avg]
-        v = [t if whole else t[idx].clone() for t in self.exp_avg_sq]
-        steps = self.steps if whole else self.steps[idx].clone()
-        own = self.run_buffers if whole else {k: b[idx] for k, b in self.run_buffers.items()}
-        objective = stacked_objective(self.template, self.buffers, run_buffers=own)
-        nsteps = [self.nsteps[i] for i in active]
-        for p in params:
-            p.requires_grad_(True)
-        n = self.train_x.shape[0]
-        perms = torch.stack([torch.randperm(n, generator=self.runs[i].generator) for i in active]).to(dev)
+        """The rest of the epoch of every active run (what the stack bench times)."""
+        return self._train_period(active, self.batches_per_epoch - self.runs[active[0]].state.pos)
+
+    def _train_runs(self, active: list[int], steps: int) -> list[tuple[float, str | None]]:
+        return list(zip(*self._train_period(active, steps)))
+
+    def _train_period(self, active: list[int], steps: int) -> tuple[list[float], list[str | None]]:
+        """``steps`` optimiser steps of every active run, each on its own shuffle, from their common place in
+        the epoch; (running mean train loss since the run's last evaluation, failure or None) per run."""
+        states = [self.runs[i].state for i in active]
+        if len({s.pos for s in states}) > 1:
+            raise ConfigError("the runs of this stack stand at different places in their epochs (checkpoints of "
+                              "different steps): resume them one by one")
+        period = _Period(self, active)
         for i in active:
             self.runs[i].flow.train()
         self.template.train()
-        ra = len(active)
-        live = [True] * ra  # host-side: which runs still train (changed only where the loss is read)
-        live_mask = torch.ones(ra, dtype=torch.bool, device=dev)
-        totals = torch.zeros(ra, dtype=torch.float64, device=dev)
-        count = 0
-        failures: list[str | None] = [None] * ra
+        n, dev, b, pos = self.train_x.shape[0], self.train_x.device, self.batch_size, states[0].pos
         sync_every = 1 if dev.type == "cpu" else SYNC_EVERY
-        bar = tqdm(range(0, n, self.batch_size), desc=f"stack of {ra}, epoch {self.runs[active[0]].epoch + 1}",
-                   leave=False, disable=None if self.progress else True, file=sys.stderr, mininterval=0.5)
-        for step, i in enumerate(bar, 1):
-            batch = self.train_x[perms[:, i: i + self.batch_size]]  # (R, b, D): run r's own minibatch
-            losses = -objective(dict(zip(self.names, params)), batch).mean(-1)
-            det = losses.detach()
-            totals += torch.where(live_mask, det * batch.shape[1], torch.zeros_like(det)).to(torch.float64)
-            count += batch.shape[1]
-            if step % sync_every == 0 or i + self.batch_size >= n:
-                bad = torch.nonzero(live_mask & ~torch.isfinite(totals)).flatten().tolist()
-                for j in bad:
-                    failures[j] = (f"non-finite training loss ({float(det[j])}) at epoch "
-                                   f"{self.runs[active[j]].epoch + 1}, batch {step} "
-                                   "(lower --lr, or check the data for outliers)")
-                    live[j] = False
-                if bad:
-                    live_mask = torch.tensor(live, device=dev)
-                    if not any(live):
-                        break
-            for p in params:
-                p.grad = None
-            torch.where(live_mask, losses, torch.zeros_like(losses)).sum().backward()
-            self._adam(params, m, v, steps, nsteps, active, live)
+        perms = None if states[0].perm is None else torch.stack([s.perm for s in states]).to(dev)
+        bar = self._bar(states[0], steps, f"stack of {len(active)}, ")
+        for j in range(steps):
+            if perms is None:  # a new epoch: each live run's own order (and the generator state that drew it)
+                perms = torch.stack([s.draw_perm(n, torch.device("cpu")) if ok else torch.arange(n)
+                                     for s, ok in zip(states, period.live)]).to(dev)
+            batch = self.train_x[perms[:, pos * b: pos * b + b]]  # (R, b, D): run r's own minibatch
+            losses = period.losses(batch)
+            end_of_epoch = pos * b + b >= n
+            if (j + 1) % sync_every == 0 or end_of_epoch or j == steps - 1:
+                if not period.check(states, losses.detach()):
+                    break
+            period.step(losses, self.grad_clip)
+            pos = 0 if end_of_epoch else pos + 1
+            for s, ok in zip(states, period.live):
+                if ok:
+                    s.advance(end_of_epoch)
+            perms = None if end_of_epoch else perms
+            bar.update()
         bar.close()
-        with torch.no_grad():
-            for p in params:
-                p.requires_grad_(False)
-                p.grad = None
-            if not whole:
-                for stacked, mine in zip((*self.params, *self.exp_avg, *self.exp_avg_sq), (*params, *m, *v)):
-                    stacked[idx] = mine
-                self.steps[idx] = steps
-        for i, k in zip(active, nsteps):
-            self.nsteps[i] = k
-        means = (totals / max(count, 1)).tolist()
-        return [math.nan if f else x for x, f in zip(means, failures)], failures
+        return period.close()
+
+    def _period_done(self, i: int) -> None:
+        self._loss_sum[i] = 0.0
+        self._loss_count[i] = 0
 
     def _validate(self, i: int) -> tuple[float, int]:
         """As the single-run trainer: (LL over the finite validation points, count of −inf points)."""
         self._sync_module(i)
         return validation_ll(self.runs[i].flow, self.train_x, self.val_x, self.eval_batch_size)
+
+    def _validate_runs(self, rows: list[int]) -> dict[int, tuple[float, int]]:
+        return self._validate_all(rows) if rows else {}
 
     def _validate_all(self, rows: list[int]) -> dict[int, tuple[float, int]]:
         """:meth:`_validate` of runs ``rows``: all at once where the family allows it
@@ -358,94 +454,16 @@ class StackedTrainer:
                 return out
         return {i: self._validate(i) for i in rows}
 
-    def fit(self) -> list[TrainResult]:
-        start = saved_at = time.perf_counter()
-        base = [r.result.train_time_s for r in self.runs]
-        while True:
-            active = []
-            for i, run in enumerate(self.runs):
-                if run.finished:
-                    continue
-                if run.spec.max_epochs is not None and run.epoch >= run.spec.max_epochs:
-                    if run.saved_epoch != run.epoch:  # the end: its last epoch goes to disk
-                        self.save_checkpoint(i)
-                    run.result.stop_reason = f"reached max_epochs={run.spec.max_epochs}"
-                    run.finished = True
-                    continue
-                active.append(i)
-            if not active:
-                break
-            t_epoch = time.perf_counter()
-            losses, failures = self._train_epoch(active)
-            t_train = time.perf_counter() - t_epoch  # shared by the stack
-            due = self.checkpoint_every_s <= 0 or time.perf_counter() - saved_at >= self.checkpoint_every_s
-            if due:
-                saved_at = time.perf_counter()
-            infos = []
-            t_val = time.perf_counter()
-            vals = self._validate_all([i for i, f in zip(active, failures) if f is None])
-            # each module as its validation left it (parameters, batch norms, relgrad's cached log|det W|)
-            nlls = {i: training_nll(self.runs[i].flow, self.nll_x, self.eval_batch_size)
-                    for i, (ll, _) in vals.items() if math.isfinite(ll)}
-            t_val = time.perf_counter() - t_val  # shared too
-            for j, i in enumerate(active):
-                run, res = self.runs[i], self.runs[i].result
-                epoch = run.epoch + 1
-                failure, val_ll, n_bad = failures[j], math.nan, 0
-                if failure is None:
-                    val_ll, n_bad = vals[i]
-                    if not math.isfinite(val_ll):
-                        failure = f"non-finite validation log-likelihood ({val_ll}) at epoch {epoch}"
-                run.epoch = epoch
-                res.train_time_s = base[i] + time.perf_counter() - start
-                if failure is not None:
-                    res.status, res.failure, res.stop_reason = "nonfinite", failure, "non-finite loss"
-                    run.finished = True
-                    self._log(f"{run.label} epoch {epoch}: {failure}; stopping and keeping the best model")
-                    self.save_checkpoint(i)
-                    continue
-                run.stopper.step(val_ll, epoch, run.flow)
-                nll, n_bad_train = nlls[i]
-                res.history.append({"epoch": epoch, "step": epoch * self._batches_per_epoch, "train_loss": losses[j],
-                                    "train_nll": nll, "val_ll": val_ll, "n_nonfinite_val": n_bad,
-                                    "n_nonfinite_train": n_bad_train, "seconds": t_train + t_val})
-                st = run.stopper
-                omits = getattr(run.flow, "loss_omits", None)
-                step = epoch * self._batches_per_epoch
-                infos.append(StackedEpochInfo(epoch, losses[j], val_ll, st.best_value, st.best_epoch,
-                                              st.patience_left, step, nll, omits, run=i, seed=run.spec.seed))
-                self._log(f"{run.label} epoch {epoch:4d}  {loss_label(omits)} {losses[j]:10.4f}  "
-                          f"train NLL {nll:10.4f}  val LL {val_ll:10.4f}  best {st.best_value:10.4f} "
-                          f"(epoch {st.best_epoch})  patience left {st.patience_left}")
-                if st.should_stop:
-                    res.stop_reason = f"no improvement for {st.patience} epochs"
-                    run.finished = True
-                if due or run.finished:
-                    self.save_checkpoint(i)
-            for info in infos:  # after every run's checkpoint: a callback that raises simulates a kill
-                for cb in self.callbacks:
-                    cb(info)
-        out = []
-        for i, run in enumerate(self.runs):
-            res = run.result
-            res.epochs = run.epoch
-            # epoch-based only: every finished epoch took a full pass of batches (as the single-run trainer counts)
-            res.steps = res.history[-1]["step"] if res.history else 0
-            self._sync_module(i)
-            if run.stopper.restore(run.flow):
-                run.flow.prepare_for_eval(self.train_x)
-            res.best_epoch = run.stopper.best_epoch
-            res.best_step = None if res.best_epoch is None else res.best_epoch * self._batches_per_epoch
-            res.best_val_ll = run.stopper.best_value if run.stopper.best_epoch is not None else math.nan
-            res.n_nonfinite_val = next((int(h.get("n_nonfinite_val", 0)) for h in res.history
-                                        if h["epoch"] == res.best_epoch), 0)
-            run.flow.eval()
-            out.append(res)
-        return out
+    def _train_nll(self, i: int) -> tuple[float, int]:
+        # the module as its validation left it (parameters, batch norms, relgrad's cached log|det W|)
+        return training_nll(self.runs[i].flow, self.nll_x, self.eval_batch_size)
 
-    def _log(self, line: str) -> None:
-        if self.progress:
-            tqdm.write(line, file=sys.stderr)
+    def _info(self, i: int, *fields: Any) -> StackedEpochInfo:
+        return StackedEpochInfo(*fields, run=i, seed=self.runs[i].spec.seed)
+
+    def fit(self) -> list[TrainResult]:
+        """Train every run of the stack as a single run trains (the same loop); one result per run."""
+        return self._fit()
 
 
 #: Options in which the runs of one stack may differ: they change no tensor shape (per-run Adam, stopper).
@@ -567,41 +585,21 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
     first = runs[0]
     data = lifecycle.load_data(first, data)
     device = resolve_device(first.device)
-    x = lifecycle.to_device(data, device)
+    classes = lifecycle.check_labels(first, data)
+    x = lifecycle.to_device(data, device, labels=classes > 0)
     built = []
-    for o in runs:
+    for i, o in enumerate(runs):
         lifecycle.seed_everything(o.seed)
-        flow, hparams, match = lifecycle.build_from_options(o, data.dim)
+        flow, hparams, match = lifecycle.build_from_options(o, data.dim, classes)
+        if i == 0:  # the runs of a stack share one shape: one measurement covers them all
+            lifecycle.check_memory(o, flow, device, runs=len(runs))
         flow = flow.to(device)
         flow.initialize(x.train)
         built.append((flow, hparams, match))
     # The id tells this stack's records from another stack's of the same seeds (the report counts a stack's
     # wall time, which each of its records carries, once).
     stack = {"seeds": [o.seed for o in runs], "size": len(runs), "id": uuid.uuid4().hex[:12]}
-    notes: list[list[str]] = [[] for _ in runs]
-    prior = [0.0] * len(runs)
-    if not built[0][0].trainable:
-        results = []
-        for i, (o, (flow, _, _)) in enumerate(zip(runs, built)):
-            res, notes[i], prior[i] = lifecycle.train_single(flow, x, o, paths[i][1], None, progress)
-            results.append(res)
-    else:
-        # A sweep stacks configurations (tags) too; their epoch lines must tell them apart, not only the seeds.
-        tagged = len({o.tag for o in runs}) > 1
-        specs = [RunSpec(flow, o.seed, o.lr, o.weight_decay, o.patience, o.max_epochs, ckpt, o.to_dict(),
-                         f"[{o.tag or 'no tag'}] seed {o.seed}" if tagged else None)
-                 for o, (flow, _, _), (_, ckpt) in zip(runs, built, paths)]
-        trainer = StackedTrainer(specs, x.train, x.val, batch_size=first.batch_size,
-                                 eval_batch_size=first.eval_batch_size, callbacks=callbacks, progress=progress,
-                                 checkpoint_every_s=float(first.checkpoint_every_s))
-        for i, (o, (_, ckpt)) in enumerate(zip(runs, paths)):
-            if o.resume:
-                trainer.load_checkpoint(i)
-                prior[i] = trainer.runs[i].result.train_time_s
-                notes[i].append(f"resumed from the checkpoint after epoch {trainer.runs[i].result.resumed_from_epoch}")
-            elif ckpt.exists():
-                notes[i].append("an older checkpoint was replaced (run with --resume to continue one instead)")
-        results = trainer.fit()
+    results, notes, prior = _train_stack(runs, [b[0] for b in built], [p[1] for p in paths], x, callbacks, progress)
     records = []
     for i, (o, (flow, hparams, match), res) in enumerate(zip(runs, built, results)):
         notes[i].append(f"trained in a stack of {len(runs)} (seeds {stack['seeds']})")
@@ -610,6 +608,38 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
         records.append(lifecycle.finish_run(o, data, x.test, flow, hparams, match, res, notes[i], device, t0 - prior[i],
                                      paths[i][0], paths[i][1], stack))
     return records
+
+
+def _train_stack(runs: list, flows: list, ckpts: list[Path], x: Any, callbacks: list[Callable] | None,
+                 progress: bool) -> tuple[list[TrainResult], list[list[str]], list[float]]:
+    """Train the built flows of a stack (closed-form ones run by run); their results, the notes for their
+    records, and each run's training time in earlier sessions (``--resume``)."""
+    notes: list[list[str]] = [[] for _ in runs]
+    prior = [0.0] * len(runs)
+    if not flows[0].trainable:
+        results = []
+        for i, (o, flow) in enumerate(zip(runs, flows)):
+            res, notes[i], prior[i] = lifecycle.train_single(flow, x, o, ckpts[i], None, progress)
+            results.append(res)
+        return results, notes, prior
+    first = runs[0]
+    # A sweep stacks configurations (tags) too; their epoch lines must tell them apart, not only the seeds.
+    tagged = len({o.tag for o in runs}) > 1
+    specs = [RunSpec(flow, o.seed, o.lr, o.weight_decay, o.patience, o.max_epochs, ckpt, o.to_dict(),
+                     f"[{o.tag or 'no tag'}] seed {o.seed}" if tagged else None)
+             for o, flow, ckpt in zip(runs, flows, ckpts)]
+    trainer = StackedTrainer(specs, x.train, x.val, batch_size=first.batch_size,
+                             eval_batch_size=first.eval_batch_size, callbacks=callbacks, progress=progress,
+                             checkpoint_every_s=float(first.checkpoint_every_s), max_steps=first.max_steps,
+                             lr_schedule=first.lr_schedule, grad_clip=first.grad_clip, eval_every=first.eval_every)
+    for i, (o, ckpt) in enumerate(zip(runs, ckpts)):
+        if o.resume:
+            trainer.load_checkpoint(i)
+            prior[i] = trainer.runs[i].result.train_time_s
+            notes[i].append(f"resumed from the checkpoint after epoch {trainer.runs[i].result.resumed_from_epoch}")
+        elif ckpt.exists():
+            notes[i].append("an older checkpoint was replaced (run with --resume to continue one instead)")
+    return trainer.fit(), notes, prior
 
 
 #: A default stack never exceeds this many runs (beyond it the batched step gains little on a CPU, and one
@@ -630,20 +660,9 @@ def run_memory(opts: RunOptions) -> int:
     from flowbench.data import get_info
 
     info = get_info(opts.dataset_key)
-    flow, _, _ = lifecycle.build_from_options(opts, info.dim)
-    params = sum(p.numel() * p.element_size() for p in flow.parameters())
-    saved = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal saved
-        saved += t.numel() * t.element_size()
-        return t
-
-    flow.train()
-    x = torch.zeros(opts.batch_size, info.dim)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        flow.train_log_prob(x).sum()
-    return 6 * params + saved
+    classes = int(getattr(info, "classes", 0) or 0) if lifecycle.is_conditional(opts) else 0
+    flow, _, _ = lifecycle.build_from_options(opts, info.dim, classes)
+    return lifecycle.step_memory(flow, opts.batch_size)
 
 
 def stack_cap(opts: RunOptions, budget: int | None = None) -> int:

@@ -98,7 +98,9 @@ def row_labels(records: list[Record]) -> list[str]:
     labels = []
     for r in records:
         label = _get(r, "display_name") or _get(r, "model")
-        if len(models[(label, column(r))]) > 1:  # a plugged-in flow named like a built-in's row: both get their model name
+        if (
+            len(models[(label, column(r))]) > 1
+        ):  # a plugged-in flow named like a built-in's row: both get their model name
             label += f" ({_get(r, 'model')})"
         against = (_get(r, "match_target") or {}).get("against")
         if against:  # parameter-matched baselines (relgrad Table 1) are rows of their own
@@ -109,7 +111,8 @@ def row_labels(records: list[Record]) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _label_patterns() -> tuple[re.Pattern, ...]:
-    """Per registered model, in registry order: its label template as a regex (``MAF ({layers})`` → ``MAF \\((.+)\\)``)."""
+    """Per registered model, in registry order: its label template as a regex
+    (``MAF ({layers})`` → ``MAF \\((.+)\\)``)."""
     from flowbench.models import MODELS
 
     pats = []
@@ -179,9 +182,16 @@ def configurations(records: Iterable[Record]) -> list[Configuration]:
         base = col.removesuffix("-cond")
         return (row_order_key(label), label, order.get(base, len(order)), col, _tag_key(tag))
 
-    return [Configuration(_get(groups[k][0], "dataset"), k[0], k[2],
-                          tuple(sorted(groups[k], key=lambda r: int(_get(r, "seed")))), k[1])
-            for k in sorted(groups, key=key)]
+    return [
+        Configuration(
+            _get(groups[k][0], "dataset"),
+            k[0],
+            k[2],
+            tuple(sorted(groups[k], key=lambda r: int(_get(r, "seed")))),
+            k[1],
+        )
+        for k in sorted(groups, key=key)
+    ]
 
 
 @dataclass(frozen=True)
@@ -256,8 +266,9 @@ def cell_stats(config: Configuration) -> CellStats:
     if minus_inf:
         return CellStats(-math.inf, None, None, len(counted), tuple(seed), left_out, minus_inf)
     sd = statistics.stdev(lls) if len(lls) > 1 else None
-    return CellStats(statistics.fmean(lls), statistics.fmean(se2s) if se2s else None, sd, len(counted),
-                     tuple(seed), left_out, ())
+    return CellStats(
+        statistics.fmean(lls), statistics.fmean(se2s) if se2s else None, sd, len(counted), tuple(seed), left_out, ()
+    )
 
 
 #: Significance level of the paired t-test behind the bolding (two-sided). The MAF paper names the test but not

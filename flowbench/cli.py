@@ -19,9 +19,15 @@ from flowbench.errors import FlowbenchError
 COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("flowbench.commands.download", "fetch, verify and prepare the MAF datasets"),
     "datasets": ("flowbench.commands.datasets", "list datasets with dimension, split sizes, status and origin"),
-    "models": ("flowbench.commands.models", "list models with their origin (built-in, plugin, file) and hyperparameters"),
+    "models": (
+        "flowbench.commands.models",
+        "list models with their origin (built-in, plugin, file) and hyperparameters",
+    ),
     "run": ("flowbench.commands.run", "train one model on one dataset and record the result"),
-    "table": ("flowbench.commands.table", "table of run records beside the published numbers: Markdown, LaTeX, CSV, JSON"),
+    "table": (
+        "flowbench.commands.table",
+        "table of run records beside the published numbers: Markdown, LaTeX, CSV, JSON",
+    ),
     "bench": ("flowbench.commands.bench", "speed benchmarks: gradients, optim, train"),
     "sanity": ("flowbench.commands.sanity", "1-D and 2-D sanity tasks (JacNet, pseudo-inverse, toy2d, ...)"),
     "sweep": ("flowbench.commands.sweep", "run a grid of runs locally or on Ray"),

@@ -102,73 +102,259 @@ class Option:
 
 _WHAT, _TRAIN, _OUT = "what to run", "training (MAF protocol)", "output"
 
-OPTIONS: dict[str, Option] = {o.name: o for o in (
-    Option("dataset", "digits", (str,), "dataset name (see `flowbench datasets`)", _WHAT),
-    Option("model", "relgrad", (str,), "model name", _WHAT),
-    Option("config", None, (str,), "TOML file of run options (keys = these flag names); default "
-           "configs/<dataset>/<model>.toml when it exists", _WHAT, "FILE", resume_may_change=True),
-    Option("seed", 0, (int,), "random seed (initial weights, shuffling)", _WHAT, low=0, tagged=False),
-    Option("seeds", None, (str,), "train several seeds together as one stack (one batched computation, one "
-           f"record per seed): a range 0-4 or a list 0,2,5, at most {MAX_SEEDS}; instead of --seed", _WHAT, "LIST",
-           tagged=False, resume_may_change=True),
-    Option("device", "auto", (str,), "auto (GPU if present), cpu or cuda", _WHAT, tagged=False,
-           resume_may_change=True),
-    Option("tag", None, (str,), "label for this configuration; records go to runs/<dataset>/<model>/<tag>/", _WHAT),
-    Option("max_epochs", None, (int,), "epoch cap (default: none, patience alone stops)", _TRAIN, "N", low=1,
-           resume_may_change=True, training_only=True, maf=None),
-    Option("patience", 30, (int,), "epochs without validation improvement before stopping", _TRAIN, "N", low=1,
-           training_only=True, maf=30),
-    Option("lr", None, (float, int), "Adam learning rate (default: the model's, MAF protocol: 1e-3 MADE/MADE "
-           "MoG/relgrad, 1e-4 flows)", _TRAIN, low=0.0, low_open=True, training_only=True),
-    Option("batch_size", 100, (int,), "minibatch size", _TRAIN, "N", low=1, training_only=True, maf=100),
-    Option("weight_decay", 1e-6, (float, int), "L2 penalty coefficient: gradient weight_decay·w (MAF: 1e-6)",
-           _TRAIN, "W", low=0.0, training_only=True, maf=1e-6),
-    Option("compile", False, (bool,), "compile the training objective with torch.compile (faster steps for small "
-           "models after a one-off compile of ~30 s; needs a C++ compiler on CPU)", _TRAIN, resume_may_change=True,
-           stackable=False),
-    Option("adam_epoch_step", False, (bool,), "Adam's bias correction counts epochs, not steps: the relgrad "
-           "reference code's quirk (jax adam called with the epoch index), with which its published numbers were "
-           "made; default off = ordinary Adam", _TRAIN, training_only=True, stackable=False),
-    Option("checkpoint_every_s", 30.0, (float, int), "write the resume checkpoint at most every S seconds (and "
-           "at the end of training); 0: after every epoch. A killed run redoes the epochs since the last one, with "
-           "the same numbers", _TRAIN, "S", low=0.0, tagged=False, resume_may_change=True, training_only=True),
-    Option("max_steps", None, (int,), "a budget of optimiser steps (the NSF protocol); training stops when it is "
-           "spent", _TRAIN, "N", low=1, training_only=True, maf=None),
-    Option("lr_schedule", "constant", (str,), "learning-rate schedule: constant (MAF) or cosine (annealed to 0 "
-           "over --max-steps, as the NSF code does)", _TRAIN, training_only=True, choices=("constant", "cosine"),
-           maf="constant"),
-    Option("grad_clip", None, (float, int), "clip the gradient to this global L2 norm (NSF: 5)", _TRAIN, "NORM",
-           low=0.0, low_open=True, training_only=True, maf=None),
-    Option("eval_every", None, (int,), "validate every N steps instead of every epoch; patience then counts "
-           "evaluations (NSF: 250)", _TRAIN, "N", low=1, training_only=True, maf=None),
-    Option("protocol", None, (str,), "maf: train under the MAF protocol whatever the config file says (Adam at "
-           "the model's lr, batch 100, weight decay 1e-6, patience 30 epochs, no step budget, schedule or "
-           "clipping; flags still win); nsf: as the NSF configs set it", _TRAIN, choices=("maf", "nsf")),
-    Option("eval_batch_size", 2000, (int,), "batch size for evaluation", _TRAIN, "N", low=1, tagged=False,
-           resume_may_change=True),
-    Option("match_params", None, (int, str), "size the model (its spec's knob: the hidden width, or relgrad's "
-           "depth) so its parameter count matches N, or MODEL as configured for this dataset", _TRAIN, "N|MODEL"),
-    Option("match_knob", None, (str,), "the hyperparameter --match-params solves for (default: the model's own knob; "
-           "name one for a plugged-in flow, e.g. hidden_features: a list knob gets the same width in every entry)",
-           _TRAIN, "NAME"),
-    Option("out", "results", (str,), "results folder", _OUT, "DIR", tagged=False, resume_may_change=True),
-    Option("data_root", None, (str,), "prepared data folder (default $FLOWBENCH_DATA or data/)", _OUT, "DIR",
-           tagged=False, resume_may_change=True),
-    Option("tensorboard", None, (str,), "also log each epoch's train loss, exact train NLL, validation LL and best "
-           "validation LL for TensorBoard under DIR/<dataset>/<model>[/<tag>]/seed<k> (needs the tensorboard extra)",
-           _OUT, "DIR", tagged=False, resume_may_change=True, stackable=False),
-    Option("resume", False, (bool,), "continue from this run's last checkpoint", _OUT, resume_may_change=True),
-    Option("force", False, (bool,), "overwrite an existing record, or start again over a checkpoint", _OUT,
-           resume_may_change=True),
-    Option("keep_checkpoint", False, (bool,), "keep the full training checkpoint (optimizer, RNG; needed to "
-           "--resume a finished run to more epochs) after the record is written; by default only the evaluated "
-           "model's state is kept (seed<k>.model.pt)", _OUT, tagged=False, resume_may_change=True),
-    Option("quiet", False, (bool,), "no progress bar or per-epoch lines", _OUT, tagged=False,
-           resume_may_change=True),
-    Option("threads", None, (int,), "CPU threads for torch. Default: $OMP_NUM_THREADS if set, else 1 for datasets "
-           "of fewer than 256 dimensions (all but MNIST) and torch's default otherwise", _OUT, "N", low=1,
-           tagged=False, resume_may_change=True),
-)}
+OPTIONS: dict[str, Option] = {
+    o.name: o
+    for o in (
+        Option("dataset", "digits", (str,), "dataset name (see `flowbench datasets`)", _WHAT),
+        Option("model", "relgrad", (str,), "model name", _WHAT),
+        Option(
+            "config",
+            None,
+            (str,),
+            "TOML file of run options (keys = these flag names); default configs/<dataset>/<model>.toml when it exists",
+            _WHAT,
+            "FILE",
+            resume_may_change=True,
+        ),
+        Option("seed", 0, (int,), "random seed (initial weights, shuffling)", _WHAT, low=0, tagged=False),
+        Option(
+            "seeds",
+            None,
+            (str,),
+            "train several seeds together as one stack (one batched computation, one "
+            f"record per seed): a range 0-4 or a list 0,2,5, at most {MAX_SEEDS}; instead of --seed",
+            _WHAT,
+            "LIST",
+            tagged=False,
+            resume_may_change=True,
+        ),
+        Option(
+            "device", "auto", (str,), "auto (GPU if present), cpu or cuda", _WHAT, tagged=False, resume_may_change=True
+        ),
+        Option("tag", None, (str,), "label for this configuration; records go to runs/<dataset>/<model>/<tag>/", _WHAT),
+        Option(
+            "max_epochs",
+            None,
+            (int,),
+            "epoch cap (default: none, patience alone stops)",
+            _TRAIN,
+            "N",
+            low=1,
+            resume_may_change=True,
+            training_only=True,
+            maf=None,
+        ),
+        Option(
+            "patience",
+            30,
+            (int,),
+            "epochs without validation improvement before stopping",
+            _TRAIN,
+            "N",
+            low=1,
+            training_only=True,
+            maf=30,
+        ),
+        Option(
+            "lr",
+            None,
+            (float, int),
+            "Adam learning rate (default: the model's, MAF protocol: 1e-3 MADE/MADE MoG/relgrad, 1e-4 flows)",
+            _TRAIN,
+            low=0.0,
+            low_open=True,
+            training_only=True,
+        ),
+        Option("batch_size", 100, (int,), "minibatch size", _TRAIN, "N", low=1, training_only=True, maf=100),
+        Option(
+            "weight_decay",
+            1e-6,
+            (float, int),
+            "L2 penalty coefficient: gradient weight_decay·w (MAF: 1e-6)",
+            _TRAIN,
+            "W",
+            low=0.0,
+            training_only=True,
+            maf=1e-6,
+        ),
+        Option(
+            "compile",
+            False,
+            (bool,),
+            "compile the training objective with torch.compile (faster steps for small "
+            "models after a one-off compile of ~30 s; needs a C++ compiler on CPU)",
+            _TRAIN,
+            resume_may_change=True,
+            stackable=False,
+        ),
+        Option(
+            "adam_epoch_step",
+            False,
+            (bool,),
+            "Adam's bias correction counts epochs, not steps: the relgrad "
+            "reference code's quirk (jax adam called with the epoch index), with which its published numbers were "
+            "made; default off = ordinary Adam",
+            _TRAIN,
+            training_only=True,
+            stackable=False,
+        ),
+        Option(
+            "checkpoint_every_s",
+            30.0,
+            (float, int),
+            "write the resume checkpoint at most every S seconds (and "
+            "at the end of training); 0: after every epoch. A killed run redoes the epochs since the last one, with "
+            "the same numbers",
+            _TRAIN,
+            "S",
+            low=0.0,
+            tagged=False,
+            resume_may_change=True,
+            training_only=True,
+        ),
+        Option(
+            "max_steps",
+            None,
+            (int,),
+            "a budget of optimiser steps (the NSF protocol); training stops when it is spent",
+            _TRAIN,
+            "N",
+            low=1,
+            training_only=True,
+            maf=None,
+        ),
+        Option(
+            "lr_schedule",
+            "constant",
+            (str,),
+            "learning-rate schedule: constant (MAF) or cosine (annealed to 0 over --max-steps, as the NSF code does)",
+            _TRAIN,
+            training_only=True,
+            choices=("constant", "cosine"),
+            maf="constant",
+        ),
+        Option(
+            "grad_clip",
+            None,
+            (float, int),
+            "clip the gradient to this global L2 norm (NSF: 5)",
+            _TRAIN,
+            "NORM",
+            low=0.0,
+            low_open=True,
+            training_only=True,
+            maf=None,
+        ),
+        Option(
+            "eval_every",
+            None,
+            (int,),
+            "validate every N steps instead of every epoch; patience then counts evaluations (NSF: 250)",
+            _TRAIN,
+            "N",
+            low=1,
+            training_only=True,
+            maf=None,
+        ),
+        Option(
+            "protocol",
+            None,
+            (str,),
+            "maf: train under the MAF protocol whatever the config file says (Adam at "
+            "the model's lr, batch 100, weight decay 1e-6, patience 30 epochs, no step budget, schedule or "
+            "clipping; flags still win); nsf: as the NSF configs set it",
+            _TRAIN,
+            choices=("maf", "nsf"),
+        ),
+        Option(
+            "eval_batch_size",
+            2000,
+            (int,),
+            "batch size for evaluation",
+            _TRAIN,
+            "N",
+            low=1,
+            tagged=False,
+            resume_may_change=True,
+        ),
+        Option(
+            "match_params",
+            None,
+            (int, str),
+            "size the model (its spec's knob: the hidden width, or relgrad's "
+            "depth) so its parameter count matches N, or MODEL as configured for this dataset",
+            _TRAIN,
+            "N|MODEL",
+        ),
+        Option(
+            "match_knob",
+            None,
+            (str,),
+            "the hyperparameter --match-params solves for (default: the model's own knob; "
+            "name one for a plugged-in flow, e.g. hidden_features: a list knob gets the same width in every entry)",
+            _TRAIN,
+            "NAME",
+        ),
+        Option("out", "results", (str,), "results folder", _OUT, "DIR", tagged=False, resume_may_change=True),
+        Option(
+            "data_root",
+            None,
+            (str,),
+            "prepared data folder (default $FLOWBENCH_DATA or data/)",
+            _OUT,
+            "DIR",
+            tagged=False,
+            resume_may_change=True,
+        ),
+        Option(
+            "tensorboard",
+            None,
+            (str,),
+            "also log each epoch's train loss, exact train NLL, validation LL and best "
+            "validation LL for TensorBoard under DIR/<dataset>/<model>[/<tag>]/seed<k> (needs the tensorboard extra)",
+            _OUT,
+            "DIR",
+            tagged=False,
+            resume_may_change=True,
+            stackable=False,
+        ),
+        Option("resume", False, (bool,), "continue from this run's last checkpoint", _OUT, resume_may_change=True),
+        Option(
+            "force",
+            False,
+            (bool,),
+            "overwrite an existing record, or start again over a checkpoint",
+            _OUT,
+            resume_may_change=True,
+        ),
+        Option(
+            "keep_checkpoint",
+            False,
+            (bool,),
+            "keep the full training checkpoint (optimizer, RNG; needed to "
+            "--resume a finished run to more epochs) after the record is written; by default only the evaluated "
+            "model's state is kept (seed<k>.model.pt)",
+            _OUT,
+            tagged=False,
+            resume_may_change=True,
+        ),
+        Option(
+            "quiet", False, (bool,), "no progress bar or per-epoch lines", _OUT, tagged=False, resume_may_change=True
+        ),
+        Option(
+            "threads",
+            None,
+            (int,),
+            "CPU threads for torch. Default: $OMP_NUM_THREADS if set, else 1 for datasets "
+            "of fewer than 256 dimensions (all but MNIST) and torch's default otherwise",
+            _OUT,
+            "N",
+            low=1,
+            tagged=False,
+            resume_may_change=True,
+        ),
+    )
+}
 
 #: Options that may differ between a run and its resumption (they do not change the trajectory).
 RESUME_MAY_CHANGE: tuple[str, ...] = tuple(o.name for o in OPTIONS.values() if o.resume_may_change)
@@ -374,8 +560,10 @@ def resolve_references(options: dict[str, Any], base: str | Path | None = None) 
     spec = MODELS.resolve(model)[0]
     clash = sorted(set(spec.hparams) & set(OPTIONS))
     if clash:  # a flag, a config key and a sweep axis could not tell the two apart
-        raise ConfigError(f"model {model!r}: hyperparameter(s) {', '.join(clash)} have the names of run options "
-                          "(`flowbench run --help`); rename them in its spec")
+        raise ConfigError(
+            f"model {model!r}: hyperparameter(s) {', '.join(clash)} have the names of run options "
+            "(`flowbench run --help`); rename them in its spec"
+        )
     return spec
 
 
@@ -417,11 +605,15 @@ def load_config(path: str | Path) -> dict[str, Any]:
     prov = raw.pop("provenance", None)
     nested = [k for k, v in raw.items() if isinstance(v, dict)]
     if nested:
-        raise ConfigError(f"config file {str(path)!r} has tables {nested}; use flat keys named like the run flags "
-                          "(the only table allowed is [provenance])")
+        raise ConfigError(
+            f"config file {str(path)!r} has tables {nested}; use flat keys named like the run flags "
+            "(the only table allowed is [provenance])"
+        )
     if "config" in raw:
-        raise ConfigError(f"config file {str(path)!r} sets `config`; a config file cannot name another one — "
-                          "pass the file you want with --config")
+        raise ConfigError(
+            f"config file {str(path)!r} sets `config`; a config file cannot name another one — "
+            "pass the file you want with --config"
+        )
     spec = resolve_references(raw, base=path.resolve().parent)  # file references: relative to the config's folder
     opts = normalize(raw, f"config file {path}", spec)
     if prov is not None:
@@ -458,7 +650,8 @@ def parse_seeds(text: str) -> list[int]:
             f"--seeds {text!r} names {n:,} seeds; one stack trains at most {MAX_SEEDS}, because its seeds train "
             "at once in one process (memory grows with each, and a failure or kill stops them all): give at most "
             f"{MAX_SEEDS} per command (--seeds 0-{MAX_SEEDS - 1}, then {MAX_SEEDS}-{2 * MAX_SEEDS - 1}, ...), or "
-            "run them as a sweep, which splits them into stacks that fit in memory")
+            "run them as a sweep, which splits them into stacks that fit in memory"
+        )
     seeds = [s for lo, hi in ranges for s in range(lo, hi + 1)]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {text!r} names a seed twice")
@@ -482,15 +675,19 @@ def parse_match_params(value: int | str | None) -> int | str | None:
             MODELS.resolve(text)
             return text
         if text not in MODELS:
-            raise ConfigError(f"--match-params {text!r} is neither a parameter count nor a model; give a positive "
-                              f"whole number such as 5000, one of {', '.join(MODELS)}, or MODULE:ATTR / "
-                              "FILE.py:ATTR") from None
+            raise ConfigError(
+                f"--match-params {text!r} is neither a parameter count nor a model; give a positive "
+                f"whole number such as 5000, one of {', '.join(MODELS)}, or MODULE:ATTR / "
+                "FILE.py:ATTR"
+            ) from None
         return text
     if not math.isfinite(number) or number != int(number) or number < 1:
         raise ConfigError(f"--match-params {text!r}: a parameter count must be a positive whole number (e.g. 5000)")
     if number > MAX_MATCH_TARGET:
-        raise ConfigError(f"--match-params {text!r} is more than {MAX_MATCH_TARGET:,} parameters; no model of the zoo "
-                          "is meant to be that large")
+        raise ConfigError(
+            f"--match-params {text!r} is more than {MAX_MATCH_TARGET:,} parameters; no model of the zoo "
+            "is meant to be that large"
+        )
     return int(number)
 
 
@@ -501,8 +698,10 @@ def _file_options(explicit: dict[str, Any], use_bundled: bool) -> tuple[dict[str
         opts = load_config(path)
         for key in ("dataset", "model"):
             if key in explicit and key in opts and opts[key] != explicit[key]:
-                warnings.warn(f"config file {path} sets {key} = {opts[key]!r}; the command line's "
-                              f"--{key} {explicit[key]} wins", stacklevel=3)
+                warnings.warn(
+                    f"config file {path} sets {key} = {opts[key]!r}; the command line's --{key} {explicit[key]} wins",
+                    stacklevel=3,
+                )
         return opts, Path(path)
     if not use_bundled:
         return {}, None
@@ -535,8 +734,10 @@ def _check_seeds(merged: dict[str, Any], given: dict[str, Any], file_opts: dict[
     parse_seeds(merged["seeds"])
     if given.get("seed") is not None:
         where = "" if given.get("seeds") is not None else f" (from config file {path})"
-        raise ConfigError(f"--seed {given['seed']} and --seeds {merged['seeds']}{where} are both given; --seeds trains "
-                          "each seed it names and replaces --seed: drop one of them (or add the seed to --seeds)")
+        raise ConfigError(
+            f"--seed {given['seed']} and --seeds {merged['seeds']}{where} are both given; --seeds trains "
+            "each seed it names and replaces --seed: drop one of them (or add the seed to --seeds)"
+        )
     if file_opts.get("seed") is not None and file_opts.get("seeds") is not None:
         raise ConfigError(f"config file {path} sets both seed and seeds; --seeds replaces --seed: keep one of them")
 
@@ -575,8 +776,10 @@ def resolve_options(explicit: Mapping[str, Any] | None = None, *, bundled_config
 
         refs["dataset_ref"], merged["dataset"] = merged["dataset"], get_info(merged["dataset"]).name
     if merged["match_knob"] is not None and merged["match_knob"] not in spec.hparams:
-        raise ConfigError(f"--match-knob {merged['match_knob']!r} is not a hyperparameter of model {spec.name!r}; "
-                          f"choose one of {', '.join(spec.hparams) or '(it has none)'}")
+        raise ConfigError(
+            f"--match-knob {merged['match_knob']!r} is not a hyperparameter of model {spec.name!r}; "
+            f"choose one of {', '.join(spec.hparams) or '(it has none)'}"
+        )
     _apply_protocol(merged, given, spec.lr)
     _check_seeds(merged, given, file_opts, path)
     if merged["lr_schedule"] == "cosine" and merged["max_steps"] is None:

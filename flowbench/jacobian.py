@@ -53,6 +53,7 @@ def _jvp(fn: Fn, primals: tuple, tangents: tuple):
 def _make_jtj(fn: Fn, x: Tensor, method: str) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """Return ``v ↦ (J v, Jᵀ J v)`` per example, for ``v`` of shape (batch, D_in)."""
     if method == "vmap":
+
         def single(xi: Tensor) -> Tensor:  # one example, as the batch-of-one fn expects
             return fn(xi.unsqueeze(0)).squeeze(0)
 
@@ -89,9 +90,7 @@ def _power_iteration(jtj: Callable[[Tensor], tuple[Tensor, Tensor]], v: Tensor, 
     return sigma
 
 
-def jacobian_spectral_norm(
-    fn: Fn, x: Tensor, n_iter: int = 20, method: str = "auto", seed: int = 0
-) -> Tensor:
+def jacobian_spectral_norm(fn: Fn, x: Tensor, n_iter: int = 20, method: str = "auto", seed: int = 0) -> Tensor:
     """Per-example spectral norm ‖∂fn(x_i)/∂x_i‖₂ by power iteration with JVP/VJP, shape ``(batch,)``.
 
     Args:

@@ -37,8 +37,9 @@ def pyplot() -> Any:
 
 
 @contextlib.contextmanager
-def figure(path: str | os.PathLike, nrows: int = 1, ncols: int = 1, *, dpi: int = 110,
-           **subplots_kw: Any) -> Iterator[tuple[Any, Any]]:
+def figure(
+    path: str | os.PathLike, nrows: int = 1, ncols: int = 1, *, dpi: int = 110, **subplots_kw: Any
+) -> Iterator[tuple[Any, Any]]:
     """``with figure(path, 1, 2, figsize=...) as (fig, axes):`` draw, and the PNG is written on exit.
 
     Everything inside the block is drawn with :data:`STYLE` and the constrained layout. The PNG is written

@@ -48,8 +48,16 @@ class Origin:
         return self.kind if not self.detail else f"{self.kind}: {self.detail}"
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in {"kind": self.kind, "detail": self.detail, "reference": self.reference,
-                                  "sha256": self.sha256}.items() if v}
+        return {
+            k: v
+            for k, v in {
+                "kind": self.kind,
+                "detail": self.detail,
+                "reference": self.reference,
+                "sha256": self.sha256,
+            }.items()
+            if v
+        }
 
 
 BUILTIN = Origin("built-in")
@@ -68,8 +76,9 @@ def reference_parts(text: str) -> tuple[str, str, bool]:
     if not target or not attr:
         raise ConfigError(f"{text!r} is not a reference; write MODULE:ATTR or FILE.py:ATTR, e.g. {example}")
     if not all(part.isidentifier() for part in attr.split(".")):
-        raise ConfigError(f"{text!r}: {attr!r} is not an attribute name; write MODULE:ATTR or FILE.py:ATTR, "
-                          f"e.g. {example}")
+        raise ConfigError(
+            f"{text!r}: {attr!r} is not an attribute name; write MODULE:ATTR or FILE.py:ATTR, e.g. {example}"
+        )
     is_file = target.endswith(".py") or "/" in target or os.sep in target
     if not is_file and not all(part.isidentifier() for part in target.split(".")):
         raise ConfigError(f"{text!r}: {target!r} is neither a module name nor a .py file; e.g. {example}")
@@ -104,8 +113,10 @@ def _describe(e: BaseException) -> str:
 
 def _import_file(path: Path, what: str, ref: str) -> Any:
     if not path.exists():
-        raise ConfigError(f"{what} {ref!r}: no such file {path}; check the path (relative paths are taken from "
-                          "the working directory, or from the folder of the config or sweep file that names them)")
+        raise ConfigError(
+            f"{what} {ref!r}: no such file {path}; check the path (relative paths are taken from "
+            "the working directory, or from the folder of the config or sweep file that names them)"
+        )
     if not path.is_file():
         raise ConfigError(f"{what} {ref!r}: {path} is not a file; name a .py file")
     resolved = path.resolve()
@@ -127,8 +138,7 @@ def _import_file(path: Path, what: str, ref: str) -> Any:
         del sys.modules[name]
         if isinstance(e, KeyboardInterrupt):
             raise
-        raise ConfigError(f"{what} {ref!r}: importing {path} failed: {_describe(e)}; fix the file and try "
-                          "again") from e
+        raise ConfigError(f"{what} {ref!r}: importing {path} failed: {_describe(e)}; fix the file and try again") from e
     return module
 
 
@@ -140,14 +150,16 @@ def _import_module(target: str, what: str, ref: str) -> Any:
         return importlib.import_module(target)
     except ModuleNotFoundError as e:
         if e.name and (target == e.name or target.startswith(e.name + ".")):
-            raise ConfigError(f"{what} {ref!r}: no module named {e.name!r}; install the package that provides "
-                              "it, run from the folder that holds it, or name a file instead "
-                              "(path/to/file.py:ATTR)") from e
-        raise ConfigError(f"{what} {ref!r}: importing {target} failed: {_describe(e)}; install what it "
-                          "needs") from e
+            raise ConfigError(
+                f"{what} {ref!r}: no module named {e.name!r}; install the package that provides "
+                "it, run from the folder that holds it, or name a file instead "
+                "(path/to/file.py:ATTR)"
+            ) from e
+        raise ConfigError(f"{what} {ref!r}: importing {target} failed: {_describe(e)}; install what it needs") from e
     except Exception as e:
-        raise ConfigError(f"{what} {ref!r}: importing {target} failed: {_describe(e)}; fix the module and "
-                          "try again") from e
+        raise ConfigError(
+            f"{what} {ref!r}: importing {target} failed: {_describe(e)}; fix the module and try again"
+        ) from e
 
 
 def load_reference(text: str, what: str = "model") -> tuple[Any, Origin]:
@@ -184,8 +196,7 @@ class Registry(dict):
     turns a loaded object into a spec (with a ``name``) or raises ConfigError.
     """
 
-    def __init__(self, kind: str, group: str, builtins: dict[str, Any],
-                 coerce: Callable[[Any, str], Any]):
+    def __init__(self, kind: str, group: str, builtins: dict[str, Any], coerce: Callable[[Any, str], Any]):
         super().__init__(builtins)
         self.kind = kind
         self.group = group
@@ -224,13 +235,20 @@ class Registry(dict):
             who = f"{dist.metadata['Name']} {dist.version}" if dist is not None else ep.value
             label = f"plugin {ep.name!r} ({who}, {ep.value})"
             if ep.name in seen:
-                self._break(ep.name, f"{self.kind} {ep.name!r} is declared by two plugins, {seen.get(ep.name)} and "
-                                     f"{label}; uninstall one, or rename it in its entry points ({self.group})")
+                self._break(
+                    ep.name,
+                    f"{self.kind} {ep.name!r} is declared by two plugins, {seen.get(ep.name)} and "
+                    f"{label}; uninstall one, or rename it in its entry points ({self.group})",
+                )
                 continue
             seen[ep.name] = label
             if dict.__contains__(self, ep.name):
-                self._break(ep.name, f"{label} reuses the name of the built-in {self.kind} {ep.name!r}; rename it in "
-                                     f"its entry points ({self.group}) and its spec", keep=True)
+                self._break(
+                    ep.name,
+                    f"{label} reuses the name of the built-in {self.kind} {ep.name!r}; rename it in "
+                    f"its entry points ({self.group}) and its spec",
+                    keep=True,
+                )
                 continue
             try:
                 spec = self.coerce(ep.load(), f"{ep.value}")
@@ -242,8 +260,11 @@ class Registry(dict):
                 continue
             name = getattr(spec, "name", None)
             if name != ep.name:
-                self._break(ep.name, f"{label} declares the {self.kind} {name!r} under the entry-point name "
-                                     f"{ep.name!r}; make the two names equal")
+                self._break(
+                    ep.name,
+                    f"{label} declares the {self.kind} {name!r} under the entry-point name "
+                    f"{ep.name!r}; make the two names equal",
+                )
                 continue
             dict.__setitem__(self, name, spec)
             self.origins[name] = Origin("plugin", who, ep.value)
@@ -305,8 +326,10 @@ class Registry(dict):
         if key in self.broken:
             raise ConfigError(self.broken[key])
         if not is_reference(key):
-            raise ConfigError(f"unknown {self.kind} {key!r}; choose one of {', '.join(self)}, or name your own as "
-                              f"MODULE:ATTR or FILE.py:ATTR (see `flowbench {self.kind}s`)")
+            raise ConfigError(
+                f"unknown {self.kind} {key!r}; choose one of {', '.join(self)}, or name your own as "
+                f"MODULE:ATTR or FILE.py:ATTR (see `flowbench {self.kind}s`)"
+            )
         ref = normalize_reference(key)
         if ref in self.referenced:
             return self.referenced[ref]
@@ -316,12 +339,16 @@ class Registry(dict):
         registered = dict.get(self, name)
         if registered is not None and registered is not spec:
             where = self.origins.get(name, BUILTIN).text()
-            raise ConfigError(f"the {self.kind} at {key!r} is named {name!r}, which is the {where} {self.kind}'s "
-                              "name; give your spec another name (its records would mix with that one's)")
+            raise ConfigError(
+                f"the {self.kind} at {key!r} is named {name!r}, which is the {where} {self.kind}'s "
+                "name; give your spec another name (its records would mix with that one's)"
+            )
         for other, (other_spec, _) in self.referenced.items():
             if other_spec.name == name and other_spec is not spec:
-                raise ConfigError(f"{key!r} and {other!r} both declare the {self.kind} {name!r}; give them different "
-                                  "names (their records would share a folder)")
+                raise ConfigError(
+                    f"{key!r} and {other!r} both declare the {self.kind} {name!r}; give them different "
+                    "names (their records would share a folder)"
+                )
         self.referenced[ref] = (spec, origin)
         return spec, origin
 

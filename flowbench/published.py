@@ -24,9 +24,11 @@ __all__ = ["COND_NOTE", "PublishedResult", "SOURCES", "PUBLISHED", "published", 
 
 UNVERIFIED_NOTE = "unverified: from a single secondary source"
 #: What a class-conditional column reports (MAF's experiments.py, evaluate_logprob; the paper's v4 erratum).
-COND_NOTE = ("class-conditional model p(x | y); the number is log p(x) = logsumexp_y log p(x | y) − log 10 over the "
-             "ten labels (uniform label prior), ± 2 SE over test points, as MAF's code computes it (arXiv v4 erratum: "
-             "earlier versions misreported these columns)")
+COND_NOTE = (
+    "class-conditional model p(x | y); the number is log p(x) = logsumexp_y log p(x | y) − log 10 over the "
+    "ten labels (uniform label prior), ± 2 SE over test points, as MAF's code computes it (arXiv v4 erratum: "
+    "earlier versions misreported these columns)"
+)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,10 @@ class PublishedResult:
 SOURCES: dict[str, tuple[str, str]] = {
     "maf": ("MAF paper", "Papamakarios, Pavlakou, Murray (NeurIPS 2017), arXiv 1705.07057v4, Tables 1-2"),
     "relgrad": ("relgrad paper", "Gresele et al. (NeurIPS 2020), arXiv 2006.15090, authors' README"),
-    "beyond": ("later work", "NAF (Huang et al. 2018), TAN (Oliva et al. 2018), FFJORD (Grathwohl et al. 2019), RQ-NSF (Durkan et al. 2019)"),
+    "beyond": (
+        "later work",
+        "NAF (Huang et al. 2018), TAN (Oliva et al. 2018), FFJORD (Grathwohl et al. 2019), RQ-NSF (Durkan et al. 2019)",
+    ),
 }
 
 _MAF_TABULAR = """
@@ -79,7 +84,7 @@ MAF MoG (5)    | -1100.3 ± 1.6   | -1092.3 ± 1.7?   | 2911 ± 26  | 2936 ± 26
 
 _RELGRAD = """
 model              | power         | gas           | hepmass          | miniboone        | bsds300        | mnist
-Relgrad dense flow | 0.065 ± 0.013 | 6.978 ± 0.020 | -21.958 ± 0.019  | -13.372 ± 0.450  | 151.12 ± 0.28  | -1375.2 ± 1.4
+Relgrad dense flow | 0.065 ± 0.013 | 6.978 ± 0.020 | -21.958 ± 0.019 | -13.372 ± 0.450 | 151.12 ± 0.28 | -1375.2 ± 1.4
 """
 
 _BEYOND = """

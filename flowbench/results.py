@@ -55,10 +55,25 @@ _RENAMED_V1 = {
     "test_ll_pixel_se2": "test_ll_pixel_2se",
     "bits_per_pixel_se2": "bits_per_pixel_2se",
 }
-_NUMBERS = ("test_ll", "test_ll_2se", "best_val_ll", "test_ll_pixel", "test_ll_pixel_2se", "bits_per_pixel",
-            "bits_per_pixel_2se", "train_time_s", "wall_time_s", "test_ll_finite", "test_ll_finite_2se",
-            "n_nonfinite_val", "n_nonfinite_test", "test_ll_conditional", "test_ll_conditional_2se",
-            "test_accuracy", "test_accuracy_2se")
+_NUMBERS = (
+    "test_ll",
+    "test_ll_2se",
+    "best_val_ll",
+    "test_ll_pixel",
+    "test_ll_pixel_2se",
+    "bits_per_pixel",
+    "bits_per_pixel_2se",
+    "train_time_s",
+    "wall_time_s",
+    "test_ll_finite",
+    "test_ll_finite_2se",
+    "n_nonfinite_val",
+    "n_nonfinite_test",
+    "test_ll_conditional",
+    "test_ll_conditional_2se",
+    "test_accuracy",
+    "test_accuracy_2se",
+)
 
 
 @dataclass
@@ -159,8 +174,10 @@ class RunRecord:
         data = dict(data)
         version = data.pop("format", 1)
         if version not in (1, FORMAT_VERSION):
-            raise ConfigError(f"{source} has record format {version!r}; this flowbench reads formats 1 and "
-                              f"{FORMAT_VERSION} — upgrade flowbench")
+            raise ConfigError(
+                f"{source} has record format {version!r}; this flowbench reads formats 1 and "
+                f"{FORMAT_VERSION} — upgrade flowbench"
+            )
         if version == 1:
             data = {_RENAMED_V1.get(k, k): v for k, v in data.items()}
         names = {f.name for f in fields(cls)} - {"extra", "path"}
@@ -181,9 +198,21 @@ class RunRecord:
     def example(cls, **overrides: Any) -> RunRecord:
         """A complete, plausible record (MAF (5) on POWER) for tests; ``overrides`` replace fields."""
         base: dict[str, Any] = dict(
-            dataset="power", model="maf", display_name="MAF (5)", seed=0, tag=None,
-            config={"dataset": "power", "model": "maf", "seed": 0}, hparams={"layers": 5}, params=9620,
-            epochs=10, best_epoch=8, best_val_ll=0.1, test_ll=0.1, test_ll_2se=0.01, n_test=1000, status="ok",
+            dataset="power",
+            model="maf",
+            display_name="MAF (5)",
+            seed=0,
+            tag=None,
+            config={"dataset": "power", "model": "maf", "seed": 0},
+            hparams={"layers": 5},
+            params=9620,
+            epochs=10,
+            best_epoch=8,
+            best_val_ll=0.1,
+            test_ll=0.1,
+            test_ll_2se=0.01,
+            n_test=1000,
+            status="ok",
             stop_reason="no improvement for 30 epochs",
             history=[{"epoch": i, "train_loss": 1.0 / i, "val_ll": 0.01 * i} for i in range(1, 11)],
         )
@@ -197,9 +226,7 @@ _SAFE = re.compile(r"^[A-Za-z0-9._=,+-]+$")
 def _component(value: str, what: str) -> str:
     """A path component from user input: no separators, no '..', so a tag cannot escape ``<out>``."""
     if not value or not _SAFE.match(value) or value in (".", ".."):
-        raise ConfigError(
-            f"{what} {value!r} cannot be used in a file name; use letters, digits and . _ = , + - only"
-        )
+        raise ConfigError(f"{what} {value!r} cannot be used in a file name; use letters, digits and . _ = , + - only")
     return value
 
 
@@ -264,7 +291,9 @@ def check_overwrite(path: str | Path, force: bool) -> None:
     """Refuse to replace an existing record unless ``force`` or it is :func:`replaceable` (callers check before
     spending compute too)."""
     if Path(path).exists() and not force and not replaceable(path):
-        raise UsageError(f"a record already exists at {path}; pass --force to overwrite it or choose another --seed/--tag")
+        raise UsageError(
+            f"a record already exists at {path}; pass --force to overwrite it or choose another --seed/--tag"
+        )
 
 
 def write_record(path: str | Path, record: RunRecord, force: bool = False) -> Path:
@@ -301,7 +330,12 @@ def write_per_point(path: str | Path, logp: Any, test: Any, test_sha256: str | N
     path = Path(path)
     values = np.asarray(logp, dtype=PER_POINT_DTYPE)
     atomic_save_npy(path, values)
-    return {"file": path.name, "n": int(values.size), "dtype": PER_POINT_DTYPE, "test_sha256": test_sha256 or sha256_of_test_set(test)}
+    return {
+        "file": path.name,
+        "n": int(values.size),
+        "dtype": PER_POINT_DTYPE,
+        "test_sha256": test_sha256 or sha256_of_test_set(test),
+    }
 
 
 def read_per_point(record: RunRecord) -> tuple[Any, str | None]:

@@ -1,7 +1,8 @@
 """How a run ended, in the words of the MAF protocol: converged by patience, capped, non-finite, failed.
 
 The trainer writes how a run ended into the record's ``ended`` field (one of :data:`KINDS`); records written
-before that field are classified from their ``stop_reason`` text. A run only reproduces the protocol (Papamakarios et al. 2017, section 4: early stopping after 30 epochs
+before that field are classified from their ``stop_reason`` text. A run only reproduces the protocol
+(Papamakarios et al. 2017, section 4: early stopping after 30 epochs
 without a better validation LL) when patience stopped it. A run cut off by ``--max-epochs`` has not converged
 and is not comparable with the published numbers; :func:`convergence_note` is the table footnote that says so.
 """
@@ -21,7 +22,9 @@ __all__ = ["NOT_CONVERGED", "RunStatus", "convergence_note", "evaluates_by_step"
 #: protocol's end: Durkan et al. 2019 train a fixed number of steps and keep the best validated state) was spent.
 KINDS = ("converged", "capped", "budget", "closed-form", "nonfinite", "failed", "other")
 
-NOT_CONVERGED = "not converged: stopped by --max-epochs before early stopping, so not comparable with the papers' numbers"
+NOT_CONVERGED = (
+    "not converged: stopped by --max-epochs before early stopping, so not comparable with the papers' numbers"
+)
 
 _CAP = re.compile(r"reached max_epochs=(\d+)")
 _BUDGET = re.compile(r"reached max_steps=(\d+)")
@@ -125,5 +128,3 @@ def convergence_note(runs: Iterable[Any]) -> str | None:
     caps = sorted({c for c in (_ended(r)[1] for r in capped) if c is not None})
     cap = "/".join(str(c) for c in caps)
     return f"{NOT_CONVERGED} (seed{'s' if len(capped) > 1 else ''} {seeds}: --max-epochs {cap})"
-
-

@@ -37,8 +37,19 @@ from flowbench.published import SOURCES, UNVERIFIED_NOTE, PublishedResult, publi
 from flowbench.results import RunRecord
 from flowbench.status import convergence_note
 
-__all__ = ["ALPHA", "BOLD_PUBLISHED", "BOLD_RULE", "FORMATS", "Table", "build_table", "compute_table", "parse_sources",
-           "plugged_in_note", "render", "row_order_key"]
+__all__ = [
+    "ALPHA",
+    "BOLD_PUBLISHED",
+    "BOLD_RULE",
+    "FORMATS",
+    "Table",
+    "build_table",
+    "compute_table",
+    "parse_sources",
+    "plugged_in_note",
+    "render",
+    "row_order_key",
+]
 
 FORMATS = ("markdown", "latex", "csv", "json")
 _SOURCE_ORDER = {"maf": 0, "relgrad": 1, "beyond": 2, "ours": 3}
@@ -48,19 +59,22 @@ BOLD_RULE = (
     "Bold: the best value of each column, and every other row of ours whose per-point test log-likelihoods do "
     "not differ significantly from the best's by a paired t-test (two-sided, scipy.stats.ttest_rel, "
     f"α = {ALPHA:g}) on the same test points, its seeds averaged point by point: the MAF paper's rule "
-    "(\"multiple models are highlighted if the difference is not statistically significant according to a paired "
-    "t-test\", Table 1). A cell with a seed left out or a −∞ seed is never bold"
+    '("multiple models are highlighted if the difference is not statistically significant according to a paired '
+    't-test", Table 1). A cell with a seed left out or a −∞ seed is never bold'
 )
 BOLD_PUBLISHED = (
     "; published rows have no per-point values: bold only as the column's best, and a row of ours is tested only "
     "when the column's best is ours"
 )
 #: Footnotes of our cell that could not be t-tested against its column's best (ours): bold only at the best value.
-NO_POINTS_NOTE = ("no paired t-test against the column's best: this row or the best has no per-point test "
-                  "log-likelihoods beside its records (written before flowbench kept them), so bold only at the best "
-                  "value (the rule before the test)")
-OTHER_POINTS_NOTE = ("no paired t-test against the column's best: not evaluated on the same test points, so bold "
-                     "only at the best value")
+NO_POINTS_NOTE = (
+    "no paired t-test against the column's best: this row or the best has no per-point test "
+    "log-likelihoods beside its records (written before flowbench kept them), so bold only at the best "
+    "value (the rule before the test)"
+)
+OTHER_POINTS_NOTE = (
+    "no paired t-test against the column's best: not evaluated on the same test points, so bold only at the best value"
+)
 
 
 @dataclass
@@ -119,9 +133,11 @@ def _nonfinite_note(r: RunRecord) -> str:
     if r.test_ll_finite is not None and math.isfinite(r.test_ll_finite):
         se = f" ± {r.test_ll_finite_2se:.2f}" if r.test_ll_finite_2se is not None else ""
         others = f"; over the other {r.n_test - r.n_nonfinite_test} it is {r.test_ll_finite:.2f}{se}"
-    return (f"seed {r.seed}: {r.n_nonfinite_test} of {r.n_test} test points have log-density −inf (below float "
-            f"range), so the mean over all points is −inf and so is the cell's mean over seeds (never bold)"
-            f"{others}")
+    return (
+        f"seed {r.seed}: {r.n_nonfinite_test} of {r.n_test} test points have log-density −inf (below float "
+        f"range), so the mean over all points is −inf and so is the cell's mean over seeds (never bold)"
+        f"{others}"
+    )
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,7 +159,10 @@ def plugged_in_note(r: RunRecord) -> str | None:
     if r.model_ref:
         note, key = f"model {r.model!r} plugged in from {r.model_ref}", r.model_ref
     elif origin.get("kind") == "plugin":
-        note, key = f"model {r.model!r} from the plugin {origin.get('detail', '')} ({origin.get('reference', '')})", r.model
+        note, key = (
+            f"model {r.model!r} from the plugin {origin.get('detail', '')} ({origin.get('reference', '')})",
+            r.model,
+        )
     else:
         return None
     why = _importable(key)
@@ -155,8 +174,7 @@ def plugged_in_note(r: RunRecord) -> str | None:
 def _selection_note(choice: A.Choice) -> str | None:
     if len(choice.tried) < 2:
         return None
-    note = (f"best of {len(choice.tried)} configurations by mean validation LL: tag "
-            f"{choice.config.tag or '(none)'}")
+    note = f"best of {len(choice.tried)} configurations by mean validation LL: tag {choice.config.tag or '(none)'}"
     if choice.tied:
         tied = ", ".join(t or "(none)" for t in choice.tied)
         note += f" (tied exactly with tag {tied}; the first tag in sorted order is taken)"
@@ -171,8 +189,10 @@ def _our_cell(choice: A.Choice) -> _Cell:
     for r in conf.runs:
         if not A.counts(r):
             ll = f", test LL {r.test_ll:.2f}" if r.test_ll is not None and math.isfinite(r.test_ll) else ""
-            notes.append(f"seed {r.seed}: status {r.status} ({r.failure}){ll}; left out of the value, ±, (sd, n) "
-                         "and the selection, and the cell is not bold")
+            notes.append(
+                f"seed {r.seed}: status {r.status} ({r.failure}){ll}; left out of the value, ±, (sd, n) "
+                "and the selection, and the cell is not bold"
+            )
         if r.n_nonfinite_test and A.counts(r):
             notes.append(_nonfinite_note(r))
     capped = convergence_note(conf.runs)  # stopped by --max-epochs: not comparable with published numbers
@@ -257,8 +277,10 @@ def _bold_column(rows: list[_Row], d: str) -> None:
         p = A.paired_pvalue(best_pts, pts)
         if p >= ALPHA:
             c.bold = True
-            c.notes.append(f"bold: not significantly below {best_row.label} (paired t-test over {pts.size} test "
-                           f"points, p = {p:.2g} ≥ {ALPHA:g})")
+            c.notes.append(
+                f"bold: not significantly below {best_row.label} (paired t-test over {pts.size} test "
+                f"points, p = {p:.2g} ≥ {ALPHA:g})"
+            )
 
 
 def compute_table(
@@ -282,9 +304,11 @@ def compute_table(
     if datasets:
         unknown = [d for d in datasets if d not in order and d not in present]
         if unknown:
-            raise ConfigError(f"--datasets: unknown column(s) {', '.join(unknown)}; choose from "
-                              f"{', '.join(d for d in order if d in present) or 'the datasets of the records'} "
-                              "(a class-conditional model's column is <dataset>-cond)")
+            raise ConfigError(
+                f"--datasets: unknown column(s) {', '.join(unknown)}; choose from "
+                f"{', '.join(d for d in order if d in present) or 'the datasets of the records'} "
+                "(a class-conditional model's column is <dataset>-cond)"
+            )
         columns = [d for d in columns if d in datasets]
 
     published_cells = {(r.label, d) for r in pub for d in r.cells}
@@ -313,15 +337,18 @@ def compute_table(
         notes.append(f"? {UNVERIFIED_NOTE}")
     cited = [s for s in sources if s in SOURCES]
     notes += [f"{SOURCES[s][0]}: {SOURCES[s][1]}" for s in cited]
-    heading = ("Average test log-likelihood in nats (higher is better), mean ± 2 standard errors over the test points. "
-               "(sd S, n=N): standard deviation of the test LL over N seeds. MNIST, CIFAR-10 and digits in logit space; "
-               "cond.: class-conditional models, their log p(x) under a uniform label prior. "
-               "**Bold**: best in its column, and rows of ours not significantly below our best (paired t-test). "
-               "N/A: no result.")
+    heading = (
+        "Average test log-likelihood in nats (higher is better), mean ± 2 standard errors over the test points. "
+        "(sd S, n=N): standard deviation of the test LL over N seeds. MNIST, CIFAR-10 and digits in logit space; "
+        "cond.: class-conditional models, their log p(x) under a uniform label prior. "
+        "**Bold**: best in its column, and rows of ours not significantly below our best (paired t-test). "
+        "N/A: no result."
+    )
     return Table(heading, columns, rows, footnotes, notes, cited)
 
 
 # -- output formats -------------------------------------------------------------------------------------------
+
 
 def _source_text(row: _Row) -> str:
     return "ours" if row.source == "ours" else f"published: {SOURCES[row.source][0]}"
@@ -363,16 +390,39 @@ def _markdown(t: Table) -> str:
     return "\n".join(out) + "\n"
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-_LATEX_UNICODE = {"−": "$-$", "±": r"$\pm$", "∞": r"$\infty$", "≥": r"$\geq$", "≤": r"$\leq$", "α": r"$\alpha$",
-                  "×": r"$\times$", "→": r"$\to$", "–": "--", "Σ": r"$\Sigma$", "…": r"\dots{}"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+_LATEX_UNICODE = {
+    "−": "$-$",
+    "±": r"$\pm$",
+    "∞": r"$\infty$",
+    "≥": r"$\geq$",
+    "≤": r"$\leq$",
+    "α": r"$\alpha$",
+    "×": r"$\times$",
+    "→": r"$\to$",
+    "–": "--",
+    "Σ": r"$\Sigma$",
+    "…": r"\dots{}",
+}
 
 
 def _latex_text(text: str) -> str:
     """Plain text (footnotes, labels) as LaTeX: specials escaped, ``**x**`` bold, ``--`` kept as two hyphens."""
     text = text.replace("--", "-\0-")  # a literal "--" stays two hyphens; "–" becomes LaTeX's en dash "--"
-    out = "".join(_LATEX_SPECIAL.get(ch, _LATEX_UNICODE.get(ch, ch)) for ch in text).replace("$-$$\\infty$", "$-\\infty$")
+    out = "".join(_LATEX_SPECIAL.get(ch, _LATEX_UNICODE.get(ch, ch)) for ch in text).replace(
+        "$-$$\\infty$", "$-\\infty$"
+    )
     out = out.replace("-\0-", "-{}-").replace('"', "''")
     return re.sub(r"\*\*(.+?)\*\*", r"\\textbf{\1}", out)
 
@@ -383,7 +433,9 @@ def _latex_cell(cell: _Cell | None) -> str:
     elif cell.mean == -math.inf:
         text = r"$-\infty$" + (f" ($n{{=}}{cell.spread[1]}$)" if cell.spread else "")
     else:
-        value = _fmt(cell.mean, cell.decimals) + (rf" \pm {_fmt(cell.se2, cell.decimals)}" if cell.se2 is not None else "")
+        value = _fmt(cell.mean, cell.decimals) + (
+            rf" \pm {_fmt(cell.se2, cell.decimals)}" if cell.se2 is not None else ""
+        )
         text = rf"$\mathbf{{{value}}}$" if cell.bold else f"${value}$"
         if cell.spread is not None:
             text += f" (sd {_fmt(cell.spread[0], cell.decimals)}, $n{{=}}{cell.spread[1]}$)"
@@ -403,7 +455,9 @@ def _latex(t: Table) -> str:
         r"\midrule",
     ]
     for row in t.rows:
-        cells = [_latex_text(row.label), _latex_text(_source_text(row))] + [_latex_cell(row.cells.get(d)) for d in t.columns]
+        cells = [_latex_text(row.label), _latex_text(_source_text(row))] + [
+            _latex_cell(row.cells.get(d)) for d in t.columns
+        ]
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", "", r"\smallskip", r"\footnotesize"]
     notes = [rf"\textsuperscript{{{i}}}{_latex_text(n)}" for i, n in enumerate(t.footnotes, 1)]
@@ -415,8 +469,22 @@ def _latex(t: Table) -> str:
 
 
 #: One row per cell: the columns of the CSV export and the keys of the JSON export's cells.
-CELL_FIELDS = ("model", "source", "dataset", "tag", "mean", "pm_2se", "sd", "n", "seeds", "bold", "unverified",
-               "marks", "notes", "text")
+CELL_FIELDS = (
+    "model",
+    "source",
+    "dataset",
+    "tag",
+    "mean",
+    "pm_2se",
+    "sd",
+    "n",
+    "seeds",
+    "bold",
+    "unverified",
+    "marks",
+    "notes",
+    "text",
+)
 
 
 def _cell_rows(t: Table) -> list[dict[str, Any]]:
@@ -427,18 +495,24 @@ def _cell_rows(t: Table) -> list[dict[str, Any]]:
             if cell is None:
                 continue
             conf = cell.config
-            out.append({
-                "model": row.label, "source": row.source, "dataset": d,
-                "tag": conf.tag if conf is not None else None,
-                "mean": cell.mean if not math.isnan(cell.mean) else None,
-                "pm_2se": cell.se2,
-                "sd": cell.spread[0] if cell.spread else None,
-                "n": len(conf.counted) if conf is not None else None,
-                "seeds": [int(r.seed) for r in conf.counted] if conf is not None else None,
-                "bold": cell.bold, "unverified": cell.unverified, "marks": list(cell.marks),
-                "notes": [t.footnotes[m - 1] for m in cell.marks],
-                "text": _value_text(cell).replace("**", ""),
-            })
+            out.append(
+                {
+                    "model": row.label,
+                    "source": row.source,
+                    "dataset": d,
+                    "tag": conf.tag if conf is not None else None,
+                    "mean": cell.mean if not math.isnan(cell.mean) else None,
+                    "pm_2se": cell.se2,
+                    "sd": cell.spread[0] if cell.spread else None,
+                    "n": len(conf.counted) if conf is not None else None,
+                    "seeds": [int(r.seed) for r in conf.counted] if conf is not None else None,
+                    "bold": cell.bold,
+                    "unverified": cell.unverified,
+                    "marks": list(cell.marks),
+                    "notes": [t.footnotes[m - 1] for m in cell.marks],
+                    "text": _value_text(cell).replace("**", ""),
+                }
+            )
     return out
 
 
@@ -447,10 +521,18 @@ def _csv(t: Table) -> str:
     w = csv.DictWriter(buf, fieldnames=CELL_FIELDS, lineterminator="\n")
     w.writeheader()
     for c in _cell_rows(t):
-        w.writerow({**c, "mean": "" if c["mean"] is None else repr(float(c["mean"])),
-                    "seeds": " ".join(map(str, c["seeds"] or [])), "marks": " ".join(map(str, c["marks"])),
-                    "notes": "\n".join(c["notes"]), "bold": int(c["bold"]), "unverified": int(c["unverified"]),
-                    **{k: "" if c[k] is None else c[k] for k in ("tag", "pm_2se", "sd", "n")}})
+        w.writerow(
+            {
+                **c,
+                "mean": "" if c["mean"] is None else repr(float(c["mean"])),
+                "seeds": " ".join(map(str, c["seeds"] or [])),
+                "marks": " ".join(map(str, c["marks"])),
+                "notes": "\n".join(c["notes"]),
+                "bold": int(c["bold"]),
+                "unverified": int(c["unverified"]),
+                **{k: "" if c[k] is None else c[k] for k in ("tag", "pm_2se", "sd", "n")},
+            }
+        )
     return buf.getvalue()
 
 
@@ -459,9 +541,14 @@ def _json(t: Table) -> str:
     for c in _cell_rows(t):
         minus_inf = c["mean"] == -math.inf
         cells.append({**c, "mean": None if minus_inf else c["mean"], "minus_infinity": minus_inf})
-    doc = {"caption": t.heading, "columns": t.columns, "cells": cells,
-           "footnotes": [{"mark": i, "text": n} for i, n in enumerate(t.footnotes, 1)], "notes": t.notes,
-           "sources": {s: {"label": SOURCES[s][0], "citation": SOURCES[s][1]} for s in t.sources}}
+    doc = {
+        "caption": t.heading,
+        "columns": t.columns,
+        "cells": cells,
+        "footnotes": [{"mark": i, "text": n} for i, n in enumerate(t.footnotes, 1)],
+        "notes": t.notes,
+        "sources": {s: {"label": SOURCES[s][0], "citation": SOURCES[s][1]} for s in t.sources},
+    }
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 

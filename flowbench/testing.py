@@ -83,12 +83,21 @@ from torch import Tensor, nn
 from flowbench.errors import ConfigError, FlowbenchError, InverseNotAvailable
 
 __all__ = [
-    "PASS", "FAIL", "SKIP", "WARN",
-    "CheckResult", "CheckReport",
-    "check_model", "check_dataset",
-    "model_check_names", "dataset_check_names",
-    "run_model_check", "run_dataset_check", "describe_checks",
-    "parse_hparam_items", "train_data",
+    "PASS",
+    "FAIL",
+    "SKIP",
+    "WARN",
+    "CheckResult",
+    "CheckReport",
+    "check_model",
+    "check_dataset",
+    "model_check_names",
+    "dataset_check_names",
+    "run_model_check",
+    "run_dataset_check",
+    "describe_checks",
+    "parse_hparam_items",
+    "train_data",
 ]
 
 PASS, FAIL, SKIP, WARN = "pass", "fail", "skip", "warn"
@@ -162,18 +171,32 @@ class CheckReport:
 
     def summary(self) -> str:
         counts = {s: sum(r.status == s for r in self.results) for s in (PASS, FAIL, WARN, SKIP)}
-        return ", ".join(f"{n} {word}" for word, n in zip(("passed", "failed", "warned", "skipped"),
-                                                           counts.values()) if n or word in ("passed", "failed"))
+        return ", ".join(
+            f"{n} {word}"
+            for word, n in zip(("passed", "failed", "warned", "skipped"), counts.values())
+            if n or word in ("passed", "failed")
+        )
 
     def table(self, width: int = 60) -> str:
         """A plain-text table: check, result, measured figure, tolerance, detail (wrapped at ``width``)."""
         from tabulate import tabulate
 
-        rows = [[r.name, r.status.upper() if r.status == FAIL else r.status, r.measured or _fmt(r.figure),
-                 r.bound or (f"≤ {_fmt(r.tolerance)}" if r.tolerance is not None else ""), r.detail]
-                for r in self.results]
-        return tabulate(rows, headers=["check", "result", "measured", "tolerance", "detail"],
-                        maxcolwidths=[None, None, None, None, width], disable_numparse=True)
+        rows = [
+            [
+                r.name,
+                r.status.upper() if r.status == FAIL else r.status,
+                r.measured or _fmt(r.figure),
+                r.bound or (f"≤ {_fmt(r.tolerance)}" if r.tolerance is not None else ""),
+                r.detail,
+            ]
+            for r in self.results
+        ]
+        return tabulate(
+            rows,
+            headers=["check", "result", "measured", "tolerance", "detail"],
+            maxcolwidths=[None, None, None, None, width],
+            disable_numparse=True,
+        )
 
     def __str__(self) -> str:
         return f"{self.subject}\n{self.table()}\n{self.summary()}"
@@ -184,8 +207,10 @@ class CheckReport:
     def raise_for_failures(self) -> None:
         """AssertionError listing every failed check (the pytest helper); nothing when all passed."""
         if self.failures:
-            lines = [f"  {r.name}: {r.measured or _fmt(r.figure)} (tolerance {r.bound or _fmt(r.tolerance)}): "
-                     f"{r.detail}" for r in self.failures]
+            lines = [
+                f"  {r.name}: {r.measured or _fmt(r.figure)} (tolerance {r.bound or _fmt(r.tolerance)}): {r.detail}"
+                for r in self.failures
+            ]
             raise AssertionError(f"{self.subject}: {len(lines)} check(s) failed\n" + "\n".join(lines))
 
 
@@ -205,8 +230,16 @@ class _Fail(Exception):
     """Raised inside a check: it failed without a figure (the message says why)."""
 
 
-def _result(name: str, ok: bool, figure: float | None, tolerance: float | None, detail: str = "", *,
-            measured: str = "", bound: str = "") -> CheckResult:
+def _result(
+    name: str,
+    ok: bool,
+    figure: float | None,
+    tolerance: float | None,
+    detail: str = "",
+    *,
+    measured: str = "",
+    bound: str = "",
+) -> CheckResult:
     return CheckResult(name, PASS if ok else FAIL, figure, tolerance, detail, measured, bound)
 
 
@@ -256,8 +289,9 @@ def _select(checks: Sequence[str] | str | None, known: Mapping[str, Any], what: 
     return [c for c in known if c in checks]  # the kit's order: cheap and basic first
 
 
-def _run_checks(subject: str, names: list[str], table: Mapping[str, Callable[[Any], CheckResult]],
-                case: Any) -> CheckReport:
+def _run_checks(
+    subject: str, names: list[str], table: Mapping[str, Callable[[Any], CheckResult]], case: Any
+) -> CheckReport:
     report = CheckReport(subject)
     for name in names:
         try:
@@ -301,8 +335,13 @@ def _hparams(spec: Any, given: Mapping[str, Any] | None, shrink: bool) -> dict[s
     if shrink:
         for key, small in SHRINK.items():
             default = out.get(key)
-            if key in spec.hparams and given.get(key) is None and isinstance(default, numbers.Real) \
-                    and not isinstance(default, bool) and small < default:  # shrink, never grow
+            if (
+                key in spec.hparams
+                and given.get(key) is None
+                and isinstance(default, numbers.Real)
+                and not isinstance(default, bool)
+                and small < default
+            ):  # shrink, never grow
                 try:
                     out[key] = spec.hparams[key].check(spec.name, key, small)
                 except ConfigError:  # the model's own bounds forbid the small value: keep its default
@@ -336,7 +375,7 @@ class _ModelCase:
 
     def split(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
         """Rows → (data columns, the labels' one-hot or None)."""
-        return (rows[:, : self.dim], rows[:, self.dim:]) if self.classes else (rows, None)
+        return (rows[:, : self.dim], rows[:, self.dim :]) if self.classes else (rows, None)
 
     def with_labels(self, x: Tensor, label: int | None = None) -> Tensor:
         """Data rows as the model takes them: the given label (default: labels in turn) appended where it needs one."""
@@ -366,8 +405,14 @@ class _ModelCase:
             return self.spec.build(self.dim, classes=self.classes, **self.hparams)
         return self.spec.build(self.dim, **self.hparams)
 
-    def model(self, seed: int | None = None, *, dtype: torch.dtype = torch.float64, perturb: bool = True,
-              evaluate: bool = True) -> nn.Module:
+    def model(
+        self,
+        seed: int | None = None,
+        *,
+        dtype: torch.dtype = torch.float64,
+        perturb: bool = True,
+        evaluate: bool = True,
+    ) -> nn.Module:
         """Built in ``dtype``, parameters perturbed (seeded), initialised on the data; prepared and in eval mode
         unless ``evaluate`` is False."""
         seed = self.seed if seed is None else seed
@@ -391,9 +436,11 @@ class _ModelCase:
         return t
 
     def label(self) -> str:
-        return f"model {self.spec.name}, dim {self.dim}, seed {self.seed}, hyperparameters " + (
-            ", ".join(f"{k}={v}" for k, v in self.hparams.items()) or "none") + (
-            f", {self.classes} classes" if self.classes else "")
+        return (
+            f"model {self.spec.name}, dim {self.dim}, seed {self.seed}, hyperparameters "
+            + (", ".join(f"{k}={v}" for k, v in self.hparams.items()) or "none")
+            + (f", {self.classes} classes" if self.classes else "")
+        )
 
 
 class _AtLabel:
@@ -411,11 +458,14 @@ class _AtLabel:
 
 def _registrar(table: dict[str, tuple[Callable, str]]) -> Callable[[str, str], Callable]:
     """A decorator factory that records a check function and its one-line description in ``table``."""
+
     def check(name: str, doc: str) -> Callable:
         def register(fn: Callable) -> Callable:
             table[name] = (fn, doc)
             return fn
+
         return register
+
     return check
 
 
@@ -444,21 +494,32 @@ def _check_build(case: _ModelCase) -> CheckResult:
     model = case.raw()
     if not isinstance(model, nn.Module):
         raise _Fail(f"build returned a {type(model).__name__}, not a torch.nn.Module (a flowbench Flow)")
-    missing = [m for m in ("log_prob", "train_log_prob", "initialize", "prepare_for_eval", "sample")
-               if not callable(getattr(model, m, None))]
+    missing = [
+        m
+        for m in ("log_prob", "train_log_prob", "initialize", "prepare_for_eval", "sample")
+        if not callable(getattr(model, m, None))
+    ]
     if missing:
         raise _Fail(f"the model lacks {', '.join(missing)}; subclass flowbench.models.Flow")
     model = case.model()
     with torch.no_grad():
         lp = model.log_prob(case.x[:5])
     if not isinstance(lp, Tensor) or lp.shape != (5,) or lp.dtype != torch.float64:
-        raise _Fail(f"log_prob of 5 float64 rows gave {getattr(lp, 'shape', lp)!r} "
-                    f"({getattr(lp, 'dtype', type(lp).__name__)}), expected shape (5,), float64")
+        raise _Fail(
+            f"log_prob of 5 float64 rows gave {getattr(lp, 'shape', lp)!r} "
+            f"({getattr(lp, 'dtype', type(lp).__name__)}), expected shape (5,), float64"
+        )
     bad = int((~torch.isfinite(lp)).sum())
     n = sum(p.numel() for p in model.parameters())
-    return _result("build", bad == 0, bad, 0, f"{n:,} parameters" if bad == 0 else
-                   f"log_prob of {bad} of 5 training rows is not finite",
-                   measured=f"{bad} non-finite", bound="0")
+    return _result(
+        "build",
+        bad == 0,
+        bad,
+        0,
+        f"{n:,} parameters" if bad == 0 else f"log_prob of {bad} of 5 training rows is not finite",
+        measured=f"{bad} non-finite",
+        bound="0",
+    )
 
 
 @_model_check("log-det", "the transform's log|det J| equals slogdet of autograd's Jacobian, row by row")
@@ -468,21 +529,21 @@ def _check_logdet(case: _ModelCase) -> CheckResult:
     xs, ctx = case.split(case.x[:4])
     z, logdet = case.forward(t, xs, ctx)
     if z.shape != xs.shape or logdet.shape != (4,):
-        raise _Fail(f"transform gave z {tuple(z.shape)} and logdet {tuple(logdet.shape)} for x {tuple(xs.shape)}; "
-                    f"expected z {tuple(xs.shape)} and logdet (4,)")
+        raise _Fail(
+            f"transform gave z {tuple(z.shape)} and logdet {tuple(logdet.shape)} for x {tuple(xs.shape)}; "
+            f"expected z {tuple(xs.shape)} and logdet (4,)"
+        )
     ref = []
     for i in range(xs.shape[0]):
-        c = None if ctx is None else ctx[i: i + 1]
-        jac = torch.autograd.functional.jacobian(lambda v, c=c: case.forward(t, v.unsqueeze(0), c)[0].squeeze(0),
-                                                 xs[i])
+        c = None if ctx is None else ctx[i : i + 1]
+        jac = torch.autograd.functional.jacobian(lambda v, c=c: case.forward(t, v.unsqueeze(0), c)[0].squeeze(0), xs[i])
         sign, logabs = torch.linalg.slogdet(jac)
         if sign == 0:
             raise _Fail(f"the Jacobian at row {i} is singular: the transform is not invertible there")
         ref.append(logabs)
     dev, tol, ok = _deviation(logdet, torch.stack(ref), rtol=1e-9, atol=1e-9)
     detail = "" if ok else "the returned log-determinant is not log|det ∂z/∂x| (forward's second output)"
-    return _result("log-det", ok, dev, tol, detail, measured=f"max |Δ| {_fmt(dev)}",
-                   bound="1e-9 + 1e-9·|ref|")
+    return _result("log-det", ok, dev, tol, detail, measured=f"max |Δ| {_fmt(dev)}", bound="1e-9 + 1e-9·|ref|")
 
 
 def _proposal(pool: Tensor, m: Tensor, cov: Tensor, n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -505,9 +566,15 @@ def _proposal(pool: Tensor, m: Tensor, cov: Tensor, n: int, g: torch.Generator) 
 
     norm = 0.5 * d * math.log(2 * math.pi) + float(torch.log(chol.diagonal()).sum())
     wp, wc = white(pts), white(pool)
-    lk = torch.cat([torch.cdist(wp[i:i + 4096] / h, wc / h).square_().mul_(-0.5).logsumexp(1)
-                    for i in range(0, n, 4096)]) - math.log(k) - norm - d * math.log(h)
-    lw = -0.5 * (wp - white(m[None])).pow(2).sum(1) / wide ** 2 - norm - d * math.log(wide)
+    lk = (
+        torch.cat(
+            [torch.cdist(wp[i : i + 4096] / h, wc / h).square_().mul_(-0.5).logsumexp(1) for i in range(0, n, 4096)]
+        )
+        - math.log(k)
+        - norm
+        - d * math.log(h)
+    )
+    lw = -0.5 * (wp - white(m[None])).pow(2).sum(1) / wide**2 - norm - d * math.log(wide)
     return pts, torch.logaddexp(lk + math.log(p_kde), lw + math.log(1 - p_kde))
 
 
@@ -558,16 +625,26 @@ def _density_reference(case: _ModelCase, label: int | None = None) -> dict[str, 
             logw = -logq
             kind = "importance sampling (20,000 draws; kernel density of samples + wide Gaussian)"
             beyond = 0.0
-        logp = torch.cat([model.log_prob(pts[i:i + 50_000]) for i in range(0, pts.shape[0], 50_000)])
+        logp = torch.cat([model.log_prob(pts[i : i + 50_000]) for i in range(0, pts.shape[0], 50_000)])
     if logp.shape != (pts.shape[0],):
         raise _Fail(f"log_prob of {pts.shape[0]} rows gave shape {tuple(logp.shape)}")
-    case._reference[label] = {"kind": kind, "grid": d <= 2, "points": pts, "logp": logp.double(), "logw": logw,
-                              "centre": m, "scale": spread, "model": model, "beyond": beyond}
+    case._reference[label] = {
+        "kind": kind,
+        "grid": d <= 2,
+        "points": pts,
+        "logp": logp.double(),
+        "logw": logw,
+        "centre": m,
+        "scale": spread,
+        "model": model,
+        "beyond": beyond,
+    }
     return case._reference[label]
 
 
-def _worst_label(case: _ModelCase, one: Callable[[dict[str, Any]], CheckResult],
-                 badness: Callable[[CheckResult], float]) -> CheckResult:
+def _worst_label(
+    case: _ModelCase, one: Callable[[dict[str, Any]], CheckResult], badness: Callable[[CheckResult], float]
+) -> CheckResult:
     """``one`` (a density check on one reference) at every label: the first failure, else the worst figure."""
     results = []
     for label in case.labels():
@@ -592,8 +669,10 @@ def _unresolved_note(ref: dict[str, Any]) -> str:
         notes.append(f"one cell holds {peak:.1%} of the mass (features narrower than the cells)")
     if not notes:
         return ""
-    return ("; but " + " and ".join(notes) + ": the grid cannot resolve this density, try another seed or a "
-            "smaller perturbation")
+    return (
+        "; but " + " and ".join(notes) + ": the grid cannot resolve this density, try another seed or a "
+        "smaller perturbation"
+    )
 
 
 @_model_check("normalisation", "∫p = 1: a grid integral (D ≤ 2) or importance sampling with its standard error")
@@ -609,10 +688,21 @@ def _normalisation(ref: dict[str, Any]) -> CheckResult:
         total = float(torch.exp(torch.logsumexp(lw, 0)))
         tol = 0.01
         ok = abs(total - 1) <= tol
-        return _result("normalisation", ok, total, tol, ref["kind"] + ("" if ok else
-                       ": the density does not integrate to 1 (a missing normalising constant, or a wrong log-det)"
-                       + _unresolved_note(ref)),
-                       measured=f"∫p = {total:.4f}", bound=f"|∫p − 1| ≤ {tol}")
+        return _result(
+            "normalisation",
+            ok,
+            total,
+            tol,
+            ref["kind"]
+            + (
+                ""
+                if ok
+                else ": the density does not integrate to 1 (a missing normalising constant, or a wrong log-det)"
+                + _unresolved_note(ref)
+            ),
+            measured=f"∫p = {total:.4f}",
+            bound=f"|∫p − 1| ≤ {tol}",
+        )
     w = torch.exp(lw)
     est = float(w.mean())
     se = float(w.std() / math.sqrt(w.numel()))
@@ -624,10 +714,13 @@ def _normalisation(ref: dict[str, Any]) -> CheckResult:
     if off:
         detail += ": the density does not integrate to 1 (a missing normalising constant, or a wrong log-det)"
     elif noisy:
-        detail += (": the standard error is too large to tell ∫p from 1 (heavy tails, or a sampler that does not "
-                   "follow the density); check in 2-D (dim=2: a grid)")
-    return _result("normalisation", ok, est, tol, detail, measured=f"∫p = {est:.4f} ± {se:.4f}",
-                   bound=f"|∫p − 1| ≤ {tol:.3g}")
+        detail += (
+            ": the standard error is too large to tell ∫p from 1 (heavy tails, or a sampler that does not "
+            "follow the density); check in 2-D (dim=2: a grid)"
+        )
+    return _result(
+        "normalisation", ok, est, tol, detail, measured=f"∫p = {est:.4f} ± {se:.4f}", bound=f"|∫p − 1| ≤ {tol:.3g}"
+    )
 
 
 def _stats(v: Tensor, centre: Tensor, scale: Tensor) -> Tensor:
@@ -662,11 +755,21 @@ def _samples(case: _ModelCase, ref: dict[str, Any]) -> CheckResult:
     dev = float((from_samples - on_density).abs().max())
     tol = 0.03 + 4 * se_ref
     ok = dev <= tol
-    return _result("samples-match-density", ok, dev, tol,
-                   f"{n:,} samples against {ref['kind'].split(' (')[0]}; tolerance 0.03 + 4 SE" + ("" if ok else
-                   ": the samples do not follow the density (base sampler or inverse differ from log_prob's)"
-                   + _unresolved_note(ref)),
-                   measured=f"max |Δ E tanh| {_fmt(dev)}", bound=f"≤ {tol:.3g}")
+    return _result(
+        "samples-match-density",
+        ok,
+        dev,
+        tol,
+        f"{n:,} samples against {ref['kind'].split(' (')[0]}; tolerance 0.03 + 4 SE"
+        + (
+            ""
+            if ok
+            else ": the samples do not follow the density (base sampler or inverse differ from log_prob's)"
+            + _unresolved_note(ref)
+        ),
+        measured=f"max |Δ E tanh| {_fmt(dev)}",
+        bound=f"≤ {tol:.3g}",
+    )
 
 
 @_model_check("inverse", "transform.inverse(transform(x)) = x and its log-det is the negative of forward's")
@@ -682,10 +785,20 @@ def _check_inverse(case: _ModelCase) -> CheckResult:
     d1, b1, ok1 = _deviation(x_back, x, rtol=1e-7, atol=1e-7)
     d2, b2, ok2 = _deviation(logdet_inv, -logdet, rtol=1e-7, atol=1e-7)
     ok = ok1 and ok2
-    detail = "" if ok else ("inverse does not undo forward" if not ok1 else
-                            "inverse's log-det is not the negative of forward's")
-    return _result("inverse", ok, max(d1, d2), max(b1, b2), detail, measured=f"max |Δ| {_fmt(max(d1, d2))}",
-                   bound="1e-7 + 1e-7·|ref|")
+    detail = (
+        ""
+        if ok
+        else ("inverse does not undo forward" if not ok1 else "inverse's log-det is not the negative of forward's")
+    )
+    return _result(
+        "inverse",
+        ok,
+        max(d1, d2),
+        max(b1, b2),
+        detail,
+        measured=f"max |Δ| {_fmt(max(d1, d2))}",
+        bound="1e-7 + 1e-7·|ref|",
+    )
 
 
 @_model_check("sample", "sample(n) gives (n, D) finite rows in the model's dtype")
@@ -695,10 +808,17 @@ def _check_sample(case: _ModelCase) -> CheckResult:
     if not isinstance(s, Tensor):
         raise _Fail(f"sample(5) returned a {type(s).__name__}, not a tensor")
     ok = s.shape == (5, case.dim) and s.dtype == torch.float64 and bool(torch.isfinite(s).all())
-    return _result("sample", ok, None, None, "" if ok else
-                   f"sample(5) gave shape {tuple(s.shape)}, {s.dtype}, finite: {bool(torch.isfinite(s).all())}; "
-                   f"expected (5, {case.dim}), torch.float64, finite",
-                   measured=f"{tuple(s.shape)} {str(s.dtype).replace('torch.', '')}")
+    return _result(
+        "sample",
+        ok,
+        None,
+        None,
+        ""
+        if ok
+        else f"sample(5) gave shape {tuple(s.shape)}, {s.dtype}, finite: {bool(torch.isfinite(s).all())}; "
+        f"expected (5, {case.dim}), torch.float64, finite",
+        measured=f"{tuple(s.shape)} {str(s.dtype).replace('torch.', '')}",
+    )
 
 
 @_model_check("gradients", "every trainable parameter gets a finite, non-zero gradient from train_log_prob")
@@ -708,13 +828,21 @@ def _check_gradients(case: _ModelCase) -> CheckResult:
     params = dict(model.named_parameters())
     if not getattr(model, "trainable", True):
         trained = [k for k, p in params.items() if p.requires_grad]
-        return _result("gradients", not trained, len(trained), 0,
-                       "closed-form fit: no parameter requires a gradient" if not trained else
-                       f"trainable = False, yet {', '.join(trained[:5])} require gradients",
-                       measured=f"{len(trained)} trainable", bound="0")
+        return _result(
+            "gradients",
+            not trained,
+            len(trained),
+            0,
+            "closed-form fit: no parameter requires a gradient"
+            if not trained
+            else f"trainable = False, yet {', '.join(trained[:5])} require gradients",
+            measured=f"{len(trained)} trainable",
+            bound="0",
+        )
     if not params:
-        raise _Fail("a trainable model (trainable = True) without parameters; set trainable = False for a "
-                    "closed-form fit")
+        raise _Fail(
+            "a trainable model (trainable = True) without parameters; set trainable = False for a closed-form fit"
+        )
     loss = -model.train_log_prob(case.x[:50]).mean()
     loss.backward()
     bad = []
@@ -725,10 +853,15 @@ def _check_gradients(case: _ModelCase) -> CheckResult:
             bad.append(f"{k} (non-finite)")
         elif p.grad.abs().sum() == 0:
             bad.append(f"{k} (zero)")
-    return _result("gradients", not bad, len(bad), 0,
-                   f"{len(params)} parameter tensors" if not bad else
-                   "; ".join(bad[:6]) + (" …" if len(bad) > 6 else ""),
-                   measured=f"{len(bad)} of {len(params)} without", bound="0")
+    return _result(
+        "gradients",
+        not bad,
+        len(bad),
+        0,
+        f"{len(params)} parameter tensors" if not bad else "; ".join(bad[:6]) + (" …" if len(bad) > 6 else ""),
+        measured=f"{len(bad)} of {len(params)} without",
+        bound="0",
+    )
 
 
 @_model_check("batch-independence", "in eval mode a row's log_prob does not depend on the rest of the batch")
@@ -736,15 +869,23 @@ def _check_batch_independence(case: _ModelCase) -> CheckResult:
     model = case.model()
     with torch.no_grad():
         full = model.log_prob(case.x[:6])
-        single = torch.cat([model.log_prob(case.x[i: i + 1]) for i in range(6)])
+        single = torch.cat([model.log_prob(case.x[i : i + 1]) for i in range(6)])
     dev, tol, ok = _deviation(full, single, rtol=1e-10, atol=1e-10)
-    return _result("batch-independence", ok, dev, tol, "" if ok else
-                   "evaluated alone, rows get other log-probs: batch statistics used in eval mode?",
-                   measured=f"max |Δ| {_fmt(dev)}", bound="1e-10 + 1e-10·|ref|")
+    return _result(
+        "batch-independence",
+        ok,
+        dev,
+        tol,
+        "" if ok else "evaluated alone, rows get other log-probs: batch statistics used in eval mode?",
+        measured=f"max |Δ| {_fmt(dev)}",
+        bound="1e-10 + 1e-10·|ref|",
+    )
 
 
-@_model_check("batchnorm-eval-stats", "evaluation batch norm uses the whole training set's statistics "
-                                      "(prepare_for_eval), in batches or not")
+@_model_check(
+    "batchnorm-eval-stats",
+    "evaluation batch norm uses the whole training set's statistics (prepare_for_eval), in batches or not",
+)
 def _check_batchnorm(case: _ModelCase) -> CheckResult:
     model = case.model()
     own = [m for m in model.modules() if hasattr(m, "set_stats_from")]  # flowbench's protocol batch norm
@@ -762,20 +903,32 @@ def _check_batchnorm(case: _ModelCase) -> CheckResult:
         model.train()
         differs = not torch.allclose(model.log_prob(x[:5]), as_one_batch[:5])
     ok = ok1 and ok2 and differs
-    detail = ("" if ok else "eval-mode log_prob does not use the whole training set's statistics"
-              if not (ok1 and ok2) else
-              "a training-mode pass on 5 rows gives the full-set values: the batch norm never uses batch statistics")
-    res = _result("batchnorm-eval-stats", ok, max(d1, d2), max(b1, b2), detail,
-                  measured=f"max |Δ| {_fmt(max(d1, d2))}", bound="1e-10 + 1e-10·|ref|")
+    detail = (
+        ""
+        if ok
+        else "eval-mode log_prob does not use the whole training set's statistics"
+        if not (ok1 and ok2)
+        else "a training-mode pass on 5 rows gives the full-set values: the batch norm never uses batch statistics"
+    )
+    res = _result(
+        "batchnorm-eval-stats",
+        ok,
+        max(d1, d2),
+        max(b1, b2),
+        detail,
+        measured=f"max |Δ| {_fmt(max(d1, d2))}",
+        bound="1e-10 + 1e-10·|ref|",
+    )
     if not ok and not own:  # torch's batch norm keeps running averages: documented, not the protocol's
         res.status = WARN
-        res.detail += (" (torch's BatchNorm keeps running averages, and flowbench leaves it alone; the MAF "
-                       "protocol's is flowbench.models.layers.BatchNorm, set by prepare_for_eval)")
+        res.detail += (
+            " (torch's BatchNorm keeps running averages, and flowbench leaves it alone; the MAF "
+            "protocol's is flowbench.models.layers.BatchNorm, set by prepare_for_eval)"
+        )
     return res
 
 
-@_model_check("save-load", "state_dict into a fresh build, a deep copy and a pickled model give the same "
-                           "log-probs")
+@_model_check("save-load", "state_dict into a fresh build, a deep copy and a pickled model give the same log-probs")
 def _check_save_load(case: _ModelCase) -> CheckResult:
     model = case.model()
     x = case.x[:8]
@@ -805,9 +958,17 @@ def _check_save_load(case: _ModelCase) -> CheckResult:
     bad = [name for name, _, _, ok in devs if not ok]
     dev = max(d for _, d, _, _ in devs)
     tol = max(b for _, _, b, _ in devs)
-    res = _result("save-load", not bad, dev, tol, f"{', '.join(bad)} changed the log-probs (a buffer not "
-                  "registered, or state kept outside the module?)" if bad else note,
-                  measured=f"max |Δ| {_fmt(dev)}", bound="1e-12 + 1e-12·|ref|")
+    res = _result(
+        "save-load",
+        not bad,
+        dev,
+        tol,
+        f"{', '.join(bad)} changed the log-probs (a buffer not registered, or state kept outside the module?)"
+        if bad
+        else note,
+        measured=f"max |Δ| {_fmt(dev)}",
+        bound="1e-12 + 1e-12·|ref|",
+    )
     if not bad and note:
         res.status = WARN
     return res
@@ -824,10 +985,18 @@ def _check_float32(case: _ModelCase) -> CheckResult:
         lp = model.log_prob(x[:10])
     ok = lp.dtype == torch.float32 and lp.shape == (10,) and bool(torch.isfinite(lp).all())
     bad = int((~torch.isfinite(lp)).sum()) if lp.dtype.is_floating_point else 10
-    return _result("float32", ok, bad, 0, "" if ok else
-                   f"log_prob of 10 float32 rows: shape {tuple(lp.shape)}, {lp.dtype}, {bad} not finite (a float64 "
-                   "constant or buffer that does not follow .to(dtype)?)",
-                   measured=f"{str(lp.dtype).replace('torch.', '')}, {bad} non-finite", bound="float32, 0")
+    return _result(
+        "float32",
+        ok,
+        bad,
+        0,
+        ""
+        if ok
+        else f"log_prob of 10 float32 rows: shape {tuple(lp.shape)}, {lp.dtype}, {bad} not finite (a float64 "
+        "constant or buffer that does not follow .to(dtype)?)",
+        measured=f"{str(lp.dtype).replace('torch.', '')}, {bad} non-finite",
+        bound="float32, 0",
+    )
 
 
 @_model_check("determinism", "two builds after seeding alike have equal weights, buffers and log-probs")
@@ -836,8 +1005,14 @@ def _check_determinism(case: _ModelCase) -> CheckResult:
     sa, sb = a.state_dict(), b.state_dict()
     if list(sa) != list(sb):
         raise _Fail("two builds have different state_dict keys")
-    dev = max((float((sa[k].double() - sb[k].double()).abs().max()) if sa[k].numel() else 0.0 for k in sa
-               if sa[k].dtype.is_floating_point), default=0.0)
+    dev = max(
+        (
+            float((sa[k].double() - sb[k].double()).abs().max()) if sa[k].numel() else 0.0
+            for k in sa
+            if sa[k].dtype.is_floating_point
+        ),
+        default=0.0,
+    )
     unequal = [k for k in sa if not torch.equal(sa[k], sb[k])]
     if not unequal:  # also after the data-dependent set-up
         lps = []
@@ -851,19 +1026,27 @@ def _check_determinism(case: _ModelCase) -> CheckResult:
         if not torch.equal(lps[0], lps[1]):
             unequal.append("log_prob after initialize/prepare_for_eval")
             dev = max(dev, float((lps[0] - lps[1]).abs().max()))
-    detail = ("" if not unequal else "seeding random, numpy and torch does not fix " + ", ".join(unequal[:5])
-              + " (a generator the seed does not reach: os.urandom, time, an unseeded Generator?)")
+    detail = (
+        ""
+        if not unequal
+        else "seeding random, numpy and torch does not fix "
+        + ", ".join(unequal[:5])
+        + " (a generator the seed does not reach: os.urandom, time, an unseeded Generator?)"
+    )
     return _result("determinism", not unequal, dev, 0.0, detail, measured=f"max |Δ| {_fmt(dev)}", bound="0 (equal)")
 
 
-@_model_check("bad-input", "clear flowbench errors for a wrong shape and NaN input (check_input); unknown "
-                           "hyperparameters refused")
+@_model_check(
+    "bad-input", "clear flowbench errors for a wrong shape and NaN input (check_input); unknown hyperparameters refused"
+)
 def _check_bad_input(case: _ModelCase) -> CheckResult:
     model = case.model()
     d, w = case.dim, case.width
     problems = []
-    cases = [(torch.zeros(4, w + 1, dtype=torch.float64), f"shape (batch, {w})", f"a ({4}, {w + 1}) input"),
-             (torch.zeros(w, dtype=torch.float64), f"shape (batch, {w})", "a 1-D input")]
+    cases = [
+        (torch.zeros(4, w + 1, dtype=torch.float64), f"shape (batch, {w})", f"a ({4}, {w + 1}) input"),
+        (torch.zeros(w, dtype=torch.float64), f"shape (batch, {w})", "a 1-D input"),
+    ]
     if w > 1:
         cases.append((torch.zeros(4, w - 1, dtype=torch.float64), f"shape (batch, {w})", f"a (4, {w - 1}) input"))
     nan = case.x[:4].clone()
@@ -894,12 +1077,13 @@ def _check_bad_input(case: _ModelCase) -> CheckResult:
     detail = "; ".join(problems)
     if problems and "hyperparameter" not in detail:
         detail += " (call flowbench.models.check_input(x, self.dim) first in log_prob)"
-    return _result("bad-input", not problems, len(problems), 0, detail, measured=f"{len(problems)} unclear",
-                   bound="0")
+    return _result("bad-input", not problems, len(problems), 0, detail, measured=f"{len(problems)} unclear", bound="0")
 
 
-@_model_check("far-from-data", "log_prob far from the data (up to 1e4) is finite or −inf, never NaN or +inf, "
-                               "in float64 and float32")
+@_model_check(
+    "far-from-data",
+    "log_prob far from the data (up to 1e4) is finite or −inf, never NaN or +inf, in float64 and float32",
+)
 def _check_far(case: _ModelCase) -> CheckResult:
     g = torch.Generator().manual_seed(case.seed + 3)
     u = torch.randn(50, case.dim, generator=g, dtype=torch.float64)
@@ -914,10 +1098,17 @@ def _check_far(case: _ModelCase) -> CheckResult:
         with torch.no_grad():
             lp = m.log_prob(p)
         bad += int((torch.isnan(lp) | torch.isposinf(lp)).sum())
-    return _result("far-from-data", bad == 0, bad, 0, "" if bad == 0 else
-                   "NaN or +inf log-probs: map NaN to −inf (flowbench.models.base.nan_to_neginf), as "
-                   "Flow.log_prob does",
-                   measured=f"{bad} NaN/+inf of {2 * pts.shape[0]}", bound="0")
+    return _result(
+        "far-from-data",
+        bad == 0,
+        bad,
+        0,
+        ""
+        if bad == 0
+        else "NaN or +inf log-probs: map NaN to −inf (flowbench.models.base.nan_to_neginf), as Flow.log_prob does",
+        measured=f"{bad} NaN/+inf of {2 * pts.shape[0]}",
+        bound="0",
+    )
 
 
 @_model_check("label", "the display label renders from the hyperparameters")
@@ -927,8 +1118,11 @@ def _check_label(case: _ModelCase) -> CheckResult:
     return _result("label", ok, None, None, "" if ok else f"display_name gave {label!r}", measured=repr(label))
 
 
-@_model_check("conditional", "class-conditional models: class_log_probs(x)[:, k] = log_prob([x, onehot(k)]), "
-                             "marginal_log_prob = logsumexp − log K, and the label changes the density")
+@_model_check(
+    "conditional",
+    "class-conditional models: class_log_probs(x)[:, k] = log_prob([x, onehot(k)]), "
+    "marginal_log_prob = logsumexp − log K, and the label changes the density",
+)
 def _check_conditional(case: _ModelCase) -> CheckResult:
     if not case.classes:
         raise _Skip("not class-conditional")
@@ -938,26 +1132,35 @@ def _check_conditional(case: _ModelCase) -> CheckResult:
     with torch.no_grad():
         table = model.class_log_probs(x)
         if table.shape != (x.shape[0], k):
-            raise _Fail(f"class_log_probs of {x.shape[0]} rows gave shape {tuple(table.shape)}, expected "
-                        f"({x.shape[0]}, {k})")
+            raise _Fail(
+                f"class_log_probs of {x.shape[0]} rows gave shape {tuple(table.shape)}, expected ({x.shape[0]}, {k})"
+            )
         want = torch.stack([model.log_prob(case.with_labels(x, y)) for y in range(k)], 1)
         marginal = model.marginal_log_prob(x)
-    devs = [_deviation(table, want, rtol=1e-10, atol=1e-10),
-            _deviation(marginal, torch.logsumexp(want, 1) - math.log(k), rtol=1e-10, atol=1e-10)]
+    devs = [
+        _deviation(table, want, rtol=1e-10, atol=1e-10),
+        _deviation(marginal, torch.logsumexp(want, 1) - math.log(k), rtol=1e-10, atol=1e-10),
+    ]
     spread = float((want - want[:, :1]).abs().max())  # how much the label moves log p(x | y)
     dev, tol = max(d for d, _, _ in devs), max(b for _, b, _ in devs)
     ok = all(o for _, _, o in devs) and spread > 1e-6
-    detail = (f"log p(x | y) moves by up to {spread:.3g} nats between labels" if ok else
-              "the label does not change the density (the label columns are ignored)" if spread <= 1e-6 else
-              "class_log_probs or marginal_log_prob disagree with log_prob at each label")
+    detail = (
+        f"log p(x | y) moves by up to {spread:.3g} nats between labels"
+        if ok
+        else "the label does not change the density (the label columns are ignored)"
+        if spread <= 1e-6
+        else "class_log_probs or marginal_log_prob disagree with log_prob at each label"
+    )
     return _result("conditional", ok, dev, tol, detail, measured=f"max |Δ| {_fmt(dev)}", bound="1e-10 + 1e-10·|ref|")
 
 
 _PATH_NAMES = {"relgrad": "relgrad Function", "native": "stacked modules", "vmap": "torch.func.vmap"}
 
 
-@_model_check("stacking", "R = 2 runs evaluated stacked (as the stacked trainer does) equal each run alone: "
-                          "log-probs, gradients, validation")
+@_model_check(
+    "stacking",
+    "R = 2 runs evaluated stacked (as the stacked trainer does) equal each run alone: log-probs, gradients, validation",
+)
 def _check_stacking(case: _ModelCase) -> CheckResult:
     from flowbench.models.relgrad import RelgradFlow
     from flowbench.models.stacking import split_buffers, stacked_objective, stacked_validation, stacks_natively
@@ -973,13 +1176,17 @@ def _check_stacking(case: _ModelCase) -> CheckResult:
     template = copy.deepcopy(flows[0])
     shared, per_run = split_buffers(flows)
     names = [n for n, _ in template.named_parameters()]
-    params = {n: torch.stack([dict(f.named_parameters())[n].detach() for f in flows]).requires_grad_()
-              for n in names}
+    params = {n: torch.stack([dict(f.named_parameters())[n].detach() for f in flows]).requires_grad_() for n in names}
     g = torch.Generator().manual_seed(case.seed + 5)
     x = case.x[torch.randint(0, case.x.shape[0], (2, 7), generator=g)]  # run r's own minibatch, (R, B, D)
     weights = torch.arange(1.0, 8.0, dtype=torch.float64)  # unequal row weights: each row's gradient counts
-    path = ("relgrad" if isinstance(template, RelgradFlow) and template.relative and not per_run else
-            "native" if stacks_natively(template) and not per_run else "vmap")
+    path = (
+        "relgrad"
+        if isinstance(template, RelgradFlow) and template.relative and not per_run
+        else "native"
+        if stacks_natively(template) and not per_run
+        else "vmap"
+    )
     try:
         lp = stacked_objective(template, shared, run_buffers=per_run)(params, x)
     except Exception as e:
@@ -989,8 +1196,10 @@ def _check_stacking(case: _ModelCase) -> CheckResult:
     try:
         (lp * weights).sum().backward()
     except Exception as e:  # the probe only evaluates: such a stack would be accepted, then crash in training
-        raise _Fail(f"evaluated stacked ({_PATH_NAMES[path]}), its gradient raises {_describe(e)}; `--seeds` would "
-                    "fail mid-training: declare unstackable in the spec") from e
+        raise _Fail(
+            f"evaluated stacked ({_PATH_NAMES[path]}), its gradient raises {_describe(e)}; `--seeds` would "
+            "fail mid-training: declare unstackable in the spec"
+        ) from e
     devs = []
     for r, f in enumerate(flows):
         one = f.train_log_prob(x[r])
@@ -1004,8 +1213,15 @@ def _check_stacking(case: _ModelCase) -> CheckResult:
     if not per_run:
         with torch.no_grad():
             val = case.x[:37]
-            got = stacked_validation(template, {n: p.detach() for n, p in params.items()}, shared, case.x, val,
-                                     batch_size=15, stats_batch_size=40)
+            got = stacked_validation(
+                template,
+                {n: p.detach() for n, p in params.items()},
+                shared,
+                case.x,
+                val,
+                batch_size=15,
+                stats_batch_size=40,
+            )
             if got is not None:
                 for r, f in enumerate(flows):
                     f.prepare_for_eval(case.x, batch_size=40)
@@ -1015,11 +1231,22 @@ def _check_stacking(case: _ModelCase) -> CheckResult:
     dev = max(d for d, _, _ in devs)
     tol = max(b for _, b, _ in devs)
     ok = all(o for _, _, o in devs)
-    why = ("its modules declare stacks = True, so each must take parameters and input with a leading run axis "
-           "(R, …) and keep the runs apart" if path == "native" else "the model reads state outside its parameters "
-           "and buffers, or mixes runs; fix it or declare unstackable in its spec")
-    return _result("stacking", ok, dev, tol, note + ("" if ok else " differ from each run's own: " + why),
-                   measured=f"max |Δ| {_fmt(dev)}", bound="1e-9 + 1e-9·|ref|")
+    why = (
+        "its modules declare stacks = True, so each must take parameters and input with a leading run axis "
+        "(R, …) and keep the runs apart"
+        if path == "native"
+        else "the model reads state outside its parameters "
+        "and buffers, or mixes runs; fix it or declare unstackable in its spec"
+    )
+    return _result(
+        "stacking",
+        ok,
+        dev,
+        tol,
+        note + ("" if ok else " differ from each run's own: " + why),
+        measured=f"max |Δ| {_fmt(dev)}",
+        bound="1e-9 + 1e-9·|ref|",
+    )
 
 
 @_model_check("cuda", "on a CUDA device log_prob equals the CPU's and samples stay on the device")
@@ -1037,13 +1264,27 @@ def _check_cuda(case: _ModelCase) -> CheckResult:
     except InverseNotAvailable:
         where = "cuda"
     ok = ok and where == "cuda"
-    return _result("cuda", ok, dev, tol, "" if ok else ("samples on " + where if where != "cuda" else
-                   "CUDA log-probs differ from the CPU's"), measured=f"max |Δ| {_fmt(dev)}",
-                   bound="1e-9 + 1e-9·|ref|")
+    return _result(
+        "cuda",
+        ok,
+        dev,
+        tol,
+        "" if ok else ("samples on " + where if where != "cuda" else "CUDA log-probs differ from the CPU's"),
+        measured=f"max |Δ| {_fmt(dev)}",
+        bound="1e-9 + 1e-9·|ref|",
+    )
 
 
-def check_model(spec_or_key: Any, *, dim: int = 3, hparams: Mapping[str, Any] | None = None, seed: int = 0,
-                checks: Sequence[str] | str | None = None, perturb: float = 0.1, shrink: bool = True) -> CheckReport:
+def check_model(
+    spec_or_key: Any,
+    *,
+    dim: int = 3,
+    hparams: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    checks: Sequence[str] | str | None = None,
+    perturb: float = 0.1,
+    shrink: bool = True,
+) -> CheckReport:
     """Run the model checks (all, or those named in ``checks``) on a small float64 build.
 
     Args:
@@ -1157,8 +1398,11 @@ class _DatasetCase:
             a = self.prepared()
         except Exception:
             raise _Skip("the recipe fails (see prepare)") from None
-        if not isinstance(a, dict) or set(a) != self.keys() or not all(
-                isinstance(a[k], np.ndarray) and a[k].ndim == 2 for k in SPLITS):
+        if (
+            not isinstance(a, dict)
+            or set(a) != self.keys()
+            or not all(isinstance(a[k], np.ndarray) and a[k].ndim == 2 for k in SPLITS)
+        ):
             raise _Skip("the recipe's output is malformed (see prepare)")
         return {k: a[k] for k in SPLITS}
 
@@ -1171,7 +1415,8 @@ class _DatasetCase:
     def label(self) -> str:
         where = "built in" if self.spec.builtin else f"root {self.root}"
         return f"dataset {self.spec.name}, D {self.spec.dim}, {where}" + (
-            " (test fixtures)" if self.fixture and not self.spec.builtin else "")
+            " (test fixtures)" if self.fixture and not self.spec.builtin else ""
+        )
 
 
 _DATASET_CHECKS: dict[str, tuple[Callable[[_DatasetCase], CheckResult], str]] = {}
@@ -1191,10 +1436,14 @@ def _check_dataset_spec(case: _DatasetCase) -> CheckResult:
 
     need(isinstance(s, DatasetSpec), "not a flowbench.data.DatasetSpec")
     need(isinstance(s.dim, int) and s.dim > 0, f"dim {s.dim!r} is not a positive int")
-    need(isinstance(s.sizes, tuple) and len(s.sizes) == 3 and all(isinstance(n, int) and n > 0 for n in s.sizes),
-         f"sizes {s.sizes!r} are not three positive ints")
-    need(isinstance(s.raw_files, tuple) and all(isinstance(f, str) for f in s.raw_files),
-         "raw_files is not a tuple of str")
+    need(
+        isinstance(s.sizes, tuple) and len(s.sizes) == 3 and all(isinstance(n, int) and n > 0 for n in s.sizes),
+        f"sizes {s.sizes!r} are not three positive ints",
+    )
+    need(
+        isinstance(s.raw_files, tuple) and all(isinstance(f, str) for f in s.raw_files),
+        "raw_files is not a tuple of str",
+    )
     need(isinstance(s.source, str) and bool(s.source), "source is empty")
     need(isinstance(s.description, str) and bool(s.description), "description is empty")
     need(isinstance(s.recipe_version, int) and s.recipe_version >= 1, "recipe_version is not an int ≥ 1")
@@ -1204,11 +1453,14 @@ def _check_dataset_spec(case: _DatasetCase) -> CheckResult:
     if s.image is None:
         need(s.logit_alpha is None and s.levels is None, "logit_alpha/levels without an image")
     else:
-        need(isinstance(s.image, ImageSpec) and math.prod(s.image.shape) == s.dim,
-             f"image {s.image!r} does not have dim pixels")
+        need(
+            isinstance(s.image, ImageSpec) and math.prod(s.image.shape) == s.dim,
+            f"image {s.image!r} does not have dim pixels",
+        )
         need((s.logit_alpha, s.levels) == (s.image.logit_alpha, s.image.levels), "logit settings disagree")
-    return _result("spec", not problems, len(problems), 0, "; ".join(problems), measured=f"{len(problems)} wrong",
-                   bound="0")
+    return _result(
+        "spec", not problems, len(problems), 0, "; ".join(problems), measured=f"{len(problems)} wrong", bound="0"
+    )
 
 
 @_dataset_check("raw-files", "the raw files are under the data root")
@@ -1221,13 +1473,20 @@ def _check_raw_files(case: _DatasetCase) -> CheckResult:
         from flowbench.data import _fetch_hint
 
         detail = f"missing under {case.root}: {', '.join(missing)}. {_fetch_hint(case.spec, case.root)}"
-    return _result("raw-files", not missing, len(missing), 0, detail,
-                   measured=f"{len(case.spec.raw_files) - len(missing)} of {len(case.spec.raw_files)}",
-                   bound="all present")
+    return _result(
+        "raw-files",
+        not missing,
+        len(missing),
+        0,
+        detail,
+        measured=f"{len(case.spec.raw_files) - len(missing)} of {len(case.spec.raw_files)}",
+        bound="all present",
+    )
 
 
-@_dataset_check("prepare", "prepare(root) returns train/val/test 2-D arrays (and their labels where the spec "
-                           "declares classes)")
+@_dataset_check(
+    "prepare", "prepare(root) returns train/val/test 2-D arrays (and their labels where the spec declares classes)"
+)
 def _check_prepare(case: _DatasetCase) -> CheckResult:
     from flowbench.data._common import LABELS, SPLITS
 
@@ -1236,13 +1495,24 @@ def _check_prepare(case: _DatasetCase) -> CheckResult:
     a = case.prepared()
     if not isinstance(a, dict) or set(a) != case.keys():
         want = [k for k in (*SPLITS, *LABELS) if k in case.keys()]
-        raise _Fail(f"prepare returned {type(a).__name__} with keys {sorted(a) if isinstance(a, dict) else '—'}; "
-                    f"expected a dict with exactly {', '.join(want)}")
-    bad = [f"{k}: {type(a[k]).__name__} {getattr(a[k], 'shape', '')}" for k in SPLITS
-           if not isinstance(a[k], np.ndarray) or a[k].ndim != 2]
+        raise _Fail(
+            f"prepare returned {type(a).__name__} with keys {sorted(a) if isinstance(a, dict) else '—'}; "
+            f"expected a dict with exactly {', '.join(want)}"
+        )
+    bad = [
+        f"{k}: {type(a[k]).__name__} {getattr(a[k], 'shape', '')}"
+        for k in SPLITS
+        if not isinstance(a[k], np.ndarray) or a[k].ndim != 2
+    ]
     shapes = ", ".join(f"{k} {a[k].shape}" for k in SPLITS if isinstance(a[k], np.ndarray))
-    return _result("prepare", not bad, None, None, shapes if not bad else "not 2-D numpy arrays: " + "; ".join(bad),
-                   measured=f"{sum(a[k].shape[0] for k in SPLITS if isinstance(a[k], np.ndarray)):,} rows")
+    return _result(
+        "prepare",
+        not bad,
+        None,
+        None,
+        shapes if not bad else "not 2-D numpy arrays: " + "; ".join(bad),
+        measured=f"{sum(a[k].shape[0] for k in SPLITS if isinstance(a[k], np.ndarray)):,} rows",
+    )
 
 
 @_dataset_check("deterministic", "two prepares give bit-identical splits (same seeds, same order of draws)")
@@ -1264,10 +1534,18 @@ def _check_deterministic(case: _DatasetCase) -> CheckResult:
             diff.append(k)
             with np.errstate(invalid="ignore"):
                 dev = max(dev, float(np.nanmax(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))))
-    return _result("deterministic", not diff, dev, 0.0, "" if not diff else
-                   f"{', '.join(diff)} differ between two prepares: seed every random draw "
-                   "(np.random.RandomState(seed), as maf_split does)", measured=f"max |Δ| {_fmt(dev)}",
-                   bound="0 (bit-identical)")
+    return _result(
+        "deterministic",
+        not diff,
+        dev,
+        0.0,
+        ""
+        if not diff
+        else f"{', '.join(diff)} differ between two prepares: seed every random draw "
+        "(np.random.RandomState(seed), as maf_split does)",
+        measured=f"max |Δ| {_fmt(dev)}",
+        bound="0 (bit-identical)",
+    )
 
 
 @_dataset_check("width", "every split has one width: D (or the fixture's width)")
@@ -1275,11 +1553,18 @@ def _check_width(case: _DatasetCase) -> CheckResult:
     a = case.splits()
     widths = {k: v.shape[1] for k, v in a.items()}
     ok = set(widths.values()) == {case.width}
-    return _result("width", ok, max(widths.values()), case.width,
-                   "" if ok else f"widths {widths}, expected {case.width}" + (
-                       f" (D={case.spec.dim})" if case.width != case.spec.dim else " (the spec's dim)"),
-                   measured="width " + "/".join(str(w) for w in dict.fromkeys(widths.values())),
-                   bound=f"= {case.width}")
+    return _result(
+        "width",
+        ok,
+        max(widths.values()),
+        case.width,
+        ""
+        if ok
+        else f"widths {widths}, expected {case.width}"
+        + (f" (D={case.spec.dim})" if case.width != case.spec.dim else " (the spec's dim)"),
+        measured="width " + "/".join(str(w) for w in dict.fromkeys(widths.values())),
+        bound=f"= {case.width}",
+    )
 
 
 @_dataset_check("sizes", "the split sizes are the declared ones (real data; test fixtures are smaller)")
@@ -1291,17 +1576,30 @@ def _check_sizes(case: _DatasetCase) -> CheckResult:
         raise _Skip("test fixtures: not the full-size data")
     got = tuple(a[k].shape[0] for k in SPLITS)
     ok = got == case.spec.sizes
-    return _result("sizes", ok, None, None, "" if ok else f"prepared {got}, the spec declares {case.spec.sizes}",
-                   measured="/".join(f"{n:,}" for n in got), bound="= " + "/".join(f"{n:,}" for n in case.spec.sizes))
+    return _result(
+        "sizes",
+        ok,
+        None,
+        None,
+        "" if ok else f"prepared {got}, the spec declares {case.spec.sizes}",
+        measured="/".join(f"{n:,}" for n in got),
+        bound="= " + "/".join(f"{n:,}" for n in case.spec.sizes),
+    )
 
 
 @_dataset_check("non-empty", "every split has rows")
 def _check_non_empty(case: _DatasetCase) -> CheckResult:
     a = case.splits()
     empty = [k for k, v in a.items() if v.shape[0] == 0]
-    return _result("non-empty", not empty, min(v.shape[0] for v in a.values()), 1,
-                   "" if not empty else f"empty: {', '.join(empty)}",
-                   measured=f"min {min(v.shape[0] for v in a.values()):,} rows", bound="≥ 1")
+    return _result(
+        "non-empty",
+        not empty,
+        min(v.shape[0] for v in a.values()),
+        1,
+        "" if not empty else f"empty: {', '.join(empty)}",
+        measured=f"min {min(v.shape[0] for v in a.values()):,} rows",
+        bound="≥ 1",
+    )
 
 
 @_dataset_check("finite", "no NaN or inf in any split")
@@ -1309,9 +1607,15 @@ def _check_finite(case: _DatasetCase) -> CheckResult:
     a = case.splits()
     bad = {k: int((~np.isfinite(v)).sum()) for k, v in a.items()}
     n = sum(bad.values())
-    return _result("finite", n == 0, n, 0, "" if n == 0 else
-                   ", ".join(f"{k}: {c}" for k, c in bad.items() if c) + " NaN/inf values",
-                   measured=f"{n} NaN/inf", bound="0")
+    return _result(
+        "finite",
+        n == 0,
+        n,
+        0,
+        "" if n == 0 else ", ".join(f"{k}: {c}" for k, c in bad.items() if c) + " NaN/inf values",
+        measured=f"{n} NaN/inf",
+        bound="0",
+    )
 
 
 @contextlib.contextmanager
@@ -1336,8 +1640,11 @@ def _loadable(case: _DatasetCase) -> Iterator[str]:
         DATASETS.origins.pop(name, None)
 
 
-@_dataset_check("load", "load_dataset gives the recipe's splits as float32 (through the processed cache, twice) "
-                        "with the spec's image settings")
+@_dataset_check(
+    "load",
+    "load_dataset gives the recipe's splits as float32 (through the processed cache, twice) "
+    "with the spec's image settings",
+)
 def _check_load(case: _DatasetCase) -> CheckResult:
     from flowbench.data import cache, load_dataset, status
     from flowbench.data._common import LABELS, SPLITS, to_float32
@@ -1365,18 +1672,28 @@ def _check_load(case: _DatasetCase) -> CheckResult:
             if ds.classes != spec.classes:
                 problems.append(f"{attempt} load: {ds.classes} classes, the spec declares {spec.classes}")
             if (ds.logit_alpha, ds.levels) != (spec.logit_alpha, spec.levels) or ds.image_shape != (
-                    spec.image.shape if spec.image else None):
+                spec.image.shape if spec.image else None
+            ):
                 problems.append(f"{attempt} load: image settings differ from the spec's")
         st = status(key, case.root)
         if spec.builtin:
             if st != "built-in" or cache.cache_dir(case.root, spec.name).exists():
                 problems.append(f"built in, yet status {st!r} or a processed cache exists")
         elif st != "prepared" or not isinstance(ds.train, np.memmap):
-            problems.append(f"after two loads the status is {st!r} and train is {type(ds.train).__name__}, not "
-                            "a memory-mapped cache")
-    return _result("load", not problems, dev, 0.0, "; ".join(dict.fromkeys(problems)) or
-                   ("built in: no cache" if spec.builtin else f"cache {cache.cache_dir(case.root, spec.name)}"),
-                   measured=f"max |Δ| {_fmt(dev)}", bound="0 (bit-identical)")
+            problems.append(
+                f"after two loads the status is {st!r} and train is {type(ds.train).__name__}, not "
+                "a memory-mapped cache"
+            )
+    return _result(
+        "load",
+        not problems,
+        dev,
+        0.0,
+        "; ".join(dict.fromkeys(problems))
+        or ("built in: no cache" if spec.builtin else f"cache {cache.cache_dir(case.root, spec.name)}"),
+        measured=f"max |Δ| {_fmt(dev)}",
+        bound="0 (bit-identical)",
+    )
 
 
 def _rows(a: np.ndarray) -> set[bytes]:
@@ -1384,8 +1701,11 @@ def _rows(a: np.ndarray) -> set[bytes]:
     return set(a.view(np.dtype((np.void, a.dtype.itemsize * a.shape[1]))).ravel().tolist())
 
 
-@_dataset_check("overlap", "no row appears in two splits (shared rows leak training data into the test score; "
-                           "a warning, since real data can repeat rows)")
+@_dataset_check(
+    "overlap",
+    "no row appears in two splits (shared rows leak training data into the test score; "
+    "a warning, since real data can repeat rows)",
+)
 def _check_overlap(case: _DatasetCase) -> CheckResult:
     from flowbench.data._common import to_float32
 
@@ -1393,16 +1713,28 @@ def _check_overlap(case: _DatasetCase) -> CheckResult:
     train, val, test = (_rows(a[k]) for k in ("train", "val", "test"))
     counts = {"train∩val": len(train & val), "train∩test": len(train & test), "val∩test": len(val & test)}
     n = sum(counts.values())
-    res = _result("overlap", True, n, 0, "" if n == 0 else
-                  ", ".join(f"{k} {c:,}" for k, c in counts.items() if c) + " identical rows",
-                  measured=f"{n:,} shared rows", bound="0")
+    res = _result(
+        "overlap",
+        True,
+        n,
+        0,
+        "" if n == 0 else ", ".join(f"{k} {c:,}" for k, c in counts.items() if c) + " identical rows",
+        measured=f"{n:,} shared rows",
+        bound="0",
+    )
     if n:
         res.status = WARN
     return res
 
 
-def check_dataset(spec_or_key: Any, root: str | Path | None = None, *, fixture: bool = False,
-                  width: int | None = None, checks: Sequence[str] | str | None = None) -> CheckReport:
+def check_dataset(
+    spec_or_key: Any,
+    root: str | Path | None = None,
+    *,
+    fixture: bool = False,
+    width: int | None = None,
+    checks: Sequence[str] | str | None = None,
+) -> CheckReport:
     """Run the dataset checks (all, or those named in ``checks``) on a dataset's recipe and loader.
 
     Args:

@@ -48,8 +48,10 @@ def _disk_full(path: Path, needed: int | None, written: int | None, error: OSErr
     else:
         size = "its size is unknown"
     state = "the previous version is intact" if path.exists() else "nothing was written"
-    err = DiskFullError(f"no space left on the device to write {path} ({size}; {free}); {state} (writes go to "
-                        "a temporary file that is renamed at the end); free some space and run again")
+    err = DiskFullError(
+        f"no space left on the device to write {path} ({size}; {free}); {state} (writes go to "
+        "a temporary file that is renamed at the end); free some space and run again"
+    )
     err.errno, err.filename = error.errno, str(path)
     return err
 
@@ -188,9 +190,11 @@ def _lock_disk_full(path: Path, error: OSError):
         free = f"{shutil.disk_usage(path.parent).free:,} bytes are free"
     except OSError:
         free = "free space unknown"
-    err = DiskFullError(f"no space left on the device to write the lock file {path} ({free}); nothing was "
-                        "trained or written: free some space (a run also needs room for its checkpoint and "
-                        "record) and run again")
+    err = DiskFullError(
+        f"no space left on the device to write the lock file {path} ({free}); nothing was "
+        "trained or written: free some space (a run also needs room for its checkpoint and "
+        "record) and run again"
+    )
     err.errno, err.filename = error.errno, str(path)
     return err
 
@@ -235,7 +239,8 @@ def keep_freed_memory() -> bool:
             try:
                 libc = ctypes.CDLL(None)
                 _kept_freed_memory = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
-                    libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+                    libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+                )
             except (OSError, AttributeError):
                 _kept_freed_memory = False
     return _kept_freed_memory
@@ -272,8 +277,9 @@ def output_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"{flag} {path}: cannot create the folder ({e.strerror or e}); "
-                          "pass a folder you can write to") from e
+        raise ConfigError(
+            f"{flag} {path}: cannot create the folder ({e.strerror or e}); pass a folder you can write to"
+        ) from e
     if not os.access(path, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {path}: the folder is not writable; pass a folder you can write to")
     return path
@@ -295,8 +301,9 @@ def check_writable(folder: str | os.PathLike, *, what: str, hint: str) -> Path:
     return folder
 
 
-def output_file(path: str | os.PathLike, *, what: str = "the output", flag: str = "--out",
-                suffixes: tuple[str, ...] = ()) -> Path:
+def output_file(
+    path: str | os.PathLike, *, what: str = "the output", flag: str = "--out", suffixes: tuple[str, ...] = ()
+) -> Path:
     """:func:`check_writable` for the file ``path`` (named by option ``flag``), which must not be a folder and,
     when ``suffixes`` are given, must end in one of them (a PNG is not written under a ``.txt`` name)."""
     from flowbench.errors import ConfigError
@@ -313,8 +320,9 @@ def output_file(path: str | os.PathLike, *, what: str = "the output", flag: str 
     return path
 
 
-def check_number(flag: str, value: float | None, *, minimum: float = 0.0, strict: bool = True,
-                 allow_inf: bool = False) -> None:
+def check_number(
+    flag: str, value: float | None, *, minimum: float = 0.0, strict: bool = True, allow_inf: bool = False
+) -> None:
     """Refuse a numeric option that is NaN, infinite (unless ``allow_inf``) or below ``minimum``
     (``strict``: at or below) with a :class:`~flowbench.errors.ConfigError` naming ``flag``; None passes."""
     import math

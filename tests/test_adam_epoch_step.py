@@ -52,13 +52,24 @@ def test_trainer_on_relgrad_reproduces_the_authors_loop(epoch_step):
     """Two epochs of relgrad through the Trainer = the reference loop on the same batches (float64)."""
     torch.manual_seed(0)
     dim, n, bs, lr = 3, 40, 10, 1e-2
-    x = torch.randn(n, dim, dtype=torch.float64) @ torch.tensor([[1.0, 0.3, 0.0], [0, 1, 0.5], [0, 0, 1]],
-                                                               dtype=torch.float64)
+    x = torch.randn(n, dim, dtype=torch.float64) @ torch.tensor(
+        [[1.0, 0.3, 0.0], [0, 1, 0.5], [0, 0, 1]], dtype=torch.float64
+    )
     flow = build_model("relgrad", dim).double()
     ref = build_model("relgrad", dim).double()
     ref.load_state_dict(flow.state_dict())
-    trainer = Trainer(flow, x, x[:10], lr=lr, weight_decay=0.0, batch_size=bs, max_epochs=2, seed=5,
-                      progress=False, adam_epoch_step=epoch_step)
+    trainer = Trainer(
+        flow,
+        x,
+        x[:10],
+        lr=lr,
+        weight_decay=0.0,
+        batch_size=bs,
+        max_epochs=2,
+        seed=5,
+        progress=False,
+        adam_epoch_step=epoch_step,
+    )
     res = trainer.fit()
     assert res.best_epoch == 2  # no best-state restore to an earlier epoch: the final point is compared
     assert isinstance(trainer.optimizer, EpochStepAdam) == epoch_step

@@ -39,18 +39,27 @@ def zuko_nsf_coupling(features, passes: int = 2, hidden: int = 16, bins: int = 6
 
 def _cases():
     return {
-        "zuko-maf": (lambda: _zuko().flows.MAF, {"transforms": 2, "hidden_features": "8,8"},
-                     lambda: _zuko().flows.MAF(features=D, transforms=2, hidden_features=(8, 8))),
-        "zuko-nsf": (lambda: _zuko().flows.NSF, {"transforms": 2, "hidden_features": [8], "bins": 4},
-                     lambda: _zuko().flows.NSF(features=D, transforms=2, hidden_features=(8,), bins=4)),
-        "nflows-maf": (lambda: _nflows().MaskedAutoregressiveFlow,
-                       {"hidden_features": "8", "num_layers": 2, "num_blocks_per_layer": 1},
-                       lambda: _nflows().MaskedAutoregressiveFlow(D, 8, 2, 1)),
-        "nflows-realnvp": (lambda: _nflows().SimpleRealNVP, {"hidden_features": 8, "num_layers": 2,
-                                                              "num_blocks_per_layer": 1},
-                           lambda: _nflows().SimpleRealNVP(D, 8, 2, 1)),
-        "factory": (lambda: (_zuko(), zuko_nsf_coupling)[1], {"hidden": 8},
-                    lambda: zuko_nsf_coupling(D, hidden=8)),
+        "zuko-maf": (
+            lambda: _zuko().flows.MAF,
+            {"transforms": 2, "hidden_features": "8,8"},
+            lambda: _zuko().flows.MAF(features=D, transforms=2, hidden_features=(8, 8)),
+        ),
+        "zuko-nsf": (
+            lambda: _zuko().flows.NSF,
+            {"transforms": 2, "hidden_features": [8], "bins": 4},
+            lambda: _zuko().flows.NSF(features=D, transforms=2, hidden_features=(8,), bins=4),
+        ),
+        "nflows-maf": (
+            lambda: _nflows().MaskedAutoregressiveFlow,
+            {"hidden_features": "8", "num_layers": 2, "num_blocks_per_layer": 1},
+            lambda: _nflows().MaskedAutoregressiveFlow(D, 8, 2, 1),
+        ),
+        "nflows-realnvp": (
+            lambda: _nflows().SimpleRealNVP,
+            {"hidden_features": 8, "num_layers": 2, "num_blocks_per_layer": 1},
+            lambda: _nflows().SimpleRealNVP(D, 8, 2, 1),
+        ),
+        "factory": (lambda: (_zuko(), zuko_nsf_coupling)[1], {"hidden": 8}, lambda: zuko_nsf_coupling(D, hidden=8)),
     }
 
 
@@ -137,7 +146,12 @@ def test_trains_round_trips_and_samples(case):
 def test_zuko_specs_follow_forwarded_keyword_arguments():
     zuko = _zuko()
     maf = spec_for(zuko.flows.MAF, "zuko.flows:MAF")
-    assert (maf.name, maf.label, maf.lr, maf.match_knob) == ("zuko-maf", "zuko MAF ({transforms})", 1e-4, "hidden_features")
+    assert (maf.name, maf.label, maf.lr, maf.match_knob) == (
+        "zuko-maf",
+        "zuko MAF ({transforms})",
+        1e-4,
+        "hidden_features",
+    )
     assert maf.display_name({}) == "zuko MAF (3)"
     assert maf.paper.startswith(f"zuko {zuko.__version__} MAF") and "no batch norm" in maf.paper
     # MAF's own arguments, then MaskedAutoregressiveTransform's and MaskedMLP's through **kwargs; features,
@@ -153,14 +167,18 @@ def test_zuko_specs_follow_forwarded_keyword_arguments():
     assert naf.label == "zuko NAF ({transforms})" and "signal" in naf.hparams and "network" not in naf.hparams  # a dict
     assert spec_for(zuko.flows.MAF, "zuko.flows.autoregressive:MAF") is maf  # one class, one spec
     flow = maf.build(4, **maf.resolve({"hidden_features": "[5, 7]", "transforms": 1}))
-    assert flow.num_params() == sum(p.numel() for p in zuko.flows.MAF(4, transforms=1, hidden_features=(5, 7))
-                                    .parameters())
+    assert flow.num_params() == sum(
+        p.numel() for p in zuko.flows.MAF(4, transforms=1, hidden_features=(5, 7)).parameters()
+    )
 
 
 def test_nflows_specs_have_required_hyperparameters():
     nflows = _nflows()
     spec = spec_for(nflows.MaskedAutoregressiveFlow, "nflows.flows:MaskedAutoregressiveFlow")
-    assert (spec.name, spec.label) == ("nflows-maskedautoregressiveflow", "nflows MaskedAutoregressiveFlow ({num_layers})")
+    assert (spec.name, spec.label) == (
+        "nflows-maskedautoregressiveflow",
+        "nflows MaskedAutoregressiveFlow ({num_layers})",
+    )
     assert spec.required() == ["hidden_features", "num_layers", "num_blocks_per_layer"]
     assert all(spec.hparams[k].type is ANY for k in spec.required())
     assert spec.defaults()["hidden_features"] is None and spec.defaults()["use_residual_blocks"] is True
@@ -172,14 +190,22 @@ def test_nflows_specs_have_required_hyperparameters():
     with pytest.raises(ConfigError, match="Residual blocks can't be used with random masks"):
         spec.build(D, **spec.resolve({**hp, "use_random_masks": True}))
     rnvp = spec_for(nflows.SimpleRealNVP, "nflows.flows:SimpleRealNVP")
-    assert rnvp.name == "nflows-simplerealnvp" and rnvp.label == "nflows SimpleRealNVP ({num_layers})" and "Dinh" in rnvp.paper
+    assert (
+        rnvp.name == "nflows-simplerealnvp"
+        and rnvp.label == "nflows SimpleRealNVP ({num_layers})"
+        and "Dinh" in rnvp.paper
+    )
 
 
 def test_nflows_batch_norm_keeps_its_running_averages():
     nflows = _nflows()
     spec = spec_for(nflows.MaskedAutoregressiveFlow, "m")
-    flow = spec.build(D, **spec.resolve({"hidden_features": 8, "num_layers": 2, "num_blocks_per_layer": 1,
-                                         "batch_norm_between_layers": True})).double()
+    flow = spec.build(
+        D,
+        **spec.resolve(
+            {"hidden_features": 8, "num_layers": 2, "num_blocks_per_layer": 1, "batch_norm_between_layers": True}
+        ),
+    ).double()
     x = _data(128)
     flow.train()
     flow.train_log_prob(x).sum().backward()  # a training step updates nflows' running averages
@@ -204,8 +230,7 @@ def _stacked_grads_match(spec, hp):
         flows.append(spec.build(D, **spec.resolve(hp)).double())
     x = torch.stack([_data(10, seed=2), _data(10, seed=3)])
     names = [k for k, _ in flows[0].named_parameters()]
-    params = {k: torch.stack([dict(f.named_parameters())[k].detach() for f in flows]).requires_grad_()
-              for k in names}
+    params = {k: torch.stack([dict(f.named_parameters())[k].detach() for f in flows]).requires_grad_() for k in names}
     shared, per_run = split_buffers(flows)
     out = stacked_objective(flows[0], shared, run_buffers=per_run, use_vmap=True)(params, x)
     out.sum().backward()
@@ -241,8 +266,9 @@ def test_factory_functions():
     def ours(dim, layers: int = 2, *, widths: tuple[int, ...] = (4, 4), scale: float = 1):
         from flowbench.models.maf import build_maf
 
-        return build_maf(dim, layers=layers, hidden=widths[0], hidden_layers=len(widths), activation="relu",
-                         batch_norm=False)
+        return build_maf(
+            dim, layers=layers, hidden=widths[0], hidden_layers=len(widths), activation="relu", batch_norm=False
+        )
 
     s = spec_for(ours, "f.py:ours")
     assert (s.hparams["widths"].type, s.hparams["scale"].type, s.hparams["scale"].default) == (tuple, float, 1.0)

@@ -41,11 +41,28 @@ FAILED_SEED = 3  # of tag "a": status nonfinite, with a tempting validation LL 9
 
 
 def rec(dataset, model, display, seed, val, test, se2, tag=None, **kw):
-    base = dict(dataset=dataset, model=model, display_name=display, tag=tag, seed=seed, config={}, params=10,
-                epochs=40, best_epoch=10, best_val_ll=val, test_ll=test, test_ll_2se=se2, n_test=100,
-                wall_time_s=1.0, device="cpu", torch="x", python="3", timestamp="t",
-                stop_reason="no improvement for 30 epochs",
-                history=[{"epoch": i, "train_loss": -val, "val_ll": val - 1.0 / i} for i in range(1, 11)])
+    base = dict(
+        dataset=dataset,
+        model=model,
+        display_name=display,
+        tag=tag,
+        seed=seed,
+        config={},
+        params=10,
+        epochs=40,
+        best_epoch=10,
+        best_val_ll=val,
+        test_ll=test,
+        test_ll_2se=se2,
+        n_test=100,
+        wall_time_s=1.0,
+        device="cpu",
+        torch="x",
+        python="3",
+        timestamp="t",
+        stop_reason="no improvement for 30 epochs",
+        history=[{"epoch": i, "train_loss": -val, "val_ll": val - 1.0 / i} for i in range(1, 11)],
+    )
     return RunRecord.example(**{**base, **kw})
 
 
@@ -53,18 +70,52 @@ def sweep_records() -> list[RunRecord]:
     out = []
     for tag, seeds in (("a", MAF_A), ("b", MAF_B), ("c", MAF_C)):
         out += [rec("power", "maf", "MAF (5)", s, *v, tag=tag) for s, v in seeds.items()]
-    out.append(rec("power", "maf", "MAF (5)", FAILED_SEED, 9.0, 5.0, 0.5, tag="a", status="nonfinite",
-                   failure="non-finite training loss (nan) at epoch 4", stop_reason="non-finite loss"))
+    out.append(
+        rec(
+            "power",
+            "maf",
+            "MAF (5)",
+            FAILED_SEED,
+            9.0,
+            5.0,
+            0.5,
+            tag="a",
+            status="nonfinite",
+            failure="non-finite training loss (nan) at epoch 4",
+            stop_reason="non-finite loss",
+        )
+    )
     # matched to relgrad's size: its validation LL beats every tag, but it is a row of its own
-    out.append(rec("power", "maf", "MAF (5)", 0, 5.0, 0.05, 0.01, tag="match-params=relgrad",
-                   match_target={"against": "relgrad", "target": 84, "achieved": 90}))
+    out.append(
+        rec(
+            "power",
+            "maf",
+            "MAF (5)",
+            0,
+            5.0,
+            0.05,
+            0.01,
+            tag="match-params=relgrad",
+            match_target={"against": "relgrad", "target": 84, "achieved": 90},
+        )
+    )
     out += [rec("power", "made", "MADE", s, *v, stop_reason="reached max_epochs=5") for s, v in MADE_POWER.items()]
     for s, (val, test, se2) in MAF_GAS.items():
         extra = dict(n_nonfinite_test=3, test_ll_finite=9.1, test_ll_finite_2se=0.03) if test == -math.inf else {}
         out.append(rec("gas", "maf", "MAF (5)", s, val, test, se2, **extra))
     out.append(rec("gas", "made", "MADE", 0, 3.5, 3.56, 0.04))
-    out.append(rec("power", "relgrad", "Relgrad dense flow", 0, 0.01, 0.01, 0.012,
-                   provenance={"verified": False, "source": "ours: lr 1e-3 (the paper's table is not legible)"}))
+    out.append(
+        rec(
+            "power",
+            "relgrad",
+            "Relgrad dense flow",
+            0,
+            0.01,
+            0.01,
+            0.012,
+            provenance={"verified": False, "source": "ours: lr 1e-3 (the paper's table is not legible)"},
+        )
+    )
     return out
 
 
@@ -103,8 +154,13 @@ def expected(seeds: dict[int, tuple]) -> dict:
     """The cell's numbers computed here, from the raw fixture values (not through flowbench)."""
     test = np.array([v[1] for v in seeds.values()])
     se2 = np.array([v[2] for v in seeds.values()])
-    return {"mean": float(np.mean(test)), "pm": float(np.mean(se2)), "sd": float(np.std(test, ddof=1)),
-            "n": len(seeds), "val": float(np.mean([v[0] for v in seeds.values()]))}
+    return {
+        "mean": float(np.mean(test)),
+        "pm": float(np.mean(se2)),
+        "sd": float(np.std(test, ddof=1)),
+        "n": len(seeds),
+        "val": float(np.mean([v[0] for v in seeds.values()])),
+    }
 
 
 def test_selection_is_best_mean_validation_with_the_tie_rule(sweep):
@@ -118,8 +174,10 @@ def test_selection_is_best_mean_validation_with_the_tie_rule(sweep):
     assert [ch.config.tag for ch in matched] == ["match-params=relgrad"]
     text = build_table(sweep, [], "best-val")
     note = footnote(text, cells(text)[("MAF (5)", "ours")]["POWER"], "best of 3 configurations")
-    assert note == ("best of 3 configurations by mean validation LL: tag a (tied exactly with tag b; the first tag "
-                    "in sorted order is taken)")
+    assert note == (
+        "best of 3 configurations by mean validation LL: tag a (tied exactly with tag b; the first tag "
+        "in sorted order is taken)"
+    )
 
 
 def test_cell_value_pm_and_spread_count_the_right_seeds(sweep):
@@ -134,7 +192,9 @@ def test_cell_value_pm_and_spread_count_the_right_seeds(sweep):
     shown = cells(text)[("MAF (5)", "ours")]["POWER"]
     assert shown.startswith(f"{a['mean']:.2f} ± {a['pm']:.2f} (sd {a['sd']:.2f}, n=3)")
     made = expected(MADE_POWER)
-    assert cells(text)[("MADE", "ours")]["POWER"].startswith(f"**{made['mean']:.2f} ± {made['pm']:.2f}** (sd {made['sd']:.2f}, n=2)")
+    assert cells(text)[("MADE", "ours")]["POWER"].startswith(
+        f"**{made['mean']:.2f} ± {made['pm']:.2f}** (sd {made['sd']:.2f}, n=2)"
+    )
     # one seed: no spread
     assert got[("MADE", "gas")]["sd"] is None and "(sd" not in cells(text)[("MADE", "ours")]["GAS"]
 
@@ -144,8 +204,10 @@ def test_failed_seed_is_left_out_footnoted_and_the_cell_not_bold(sweep):
     shown = cells(text)[("MAF (5)", "ours")]["POWER"]
     assert not shown.startswith("**")  # incomplete configuration: shown, not ranked
     note = footnote(text, shown, f"seed {FAILED_SEED}:")
-    assert note == (f"seed {FAILED_SEED}: status nonfinite (non-finite training loss (nan) at epoch 4), test LL 5.00; "
-                    "left out of the value, ±, (sd, n) and the selection, and the cell is not bold")
+    assert note == (
+        f"seed {FAILED_SEED}: status nonfinite (non-finite training loss (nan) at epoch 4), test LL 5.00; "
+        "left out of the value, ±, (sd, n) and the selection, and the cell is not bold"
+    )
     # the best bold-eligible value of the column is MADE's, although the matched row's and ours are below it
     bold = [k for k, v in cells(text).items() if v["POWER"].startswith("**")]
     assert bold == [("MADE", "ours")]
@@ -156,7 +218,9 @@ def test_minus_infinity_seed_shows_and_is_never_bold(sweep):
     gas = cells(text)[("MAF (5)", "ours")]["GAS"]
     assert gas.startswith("−∞ (n=3) [")  # finite seeds 9.0 and 9.2 would be the column's best
     note = footnote(text, gas, "seed 2:")
-    assert note.startswith("seed 2: 3 of 100 test points have log-density −inf") and "over the other 97 it is 9.10" in note
+    assert (
+        note.startswith("seed 2: 3 of 100 test points have log-density −inf") and "over the other 97 it is 9.10" in note
+    )
     assert cells(text)[("MADE", "ours")]["GAS"].startswith("**3.56 ± 0.04**")
     doc = json.loads(build_table(sweep, [], "best-val", fmt="json"))
     cell = next(c for c in doc["cells"] if (c["model"], c["dataset"]) == ("MAF (5)", "gas"))
@@ -177,8 +241,9 @@ def test_every_footnote_and_mark_in_both_selection_modes(sweep):
 
     text_all = build_table(sweep, ["relgrad"], "all")
     rows = cells(text_all)
-    assert {"MAF (5) [a]", "MAF (5) [b]", "MAF (5) [c]",
-            "MAF (5) [matched to relgrad] [match-params=relgrad]"} <= {label for label, _ in rows}
+    assert {"MAF (5) [a]", "MAF (5) [b]", "MAF (5) [c]", "MAF (5) [matched to relgrad] [match-params=relgrad]"} <= {
+        label for label, _ in rows
+    }
     assert "best of" not in text_all
     footnote(text_all, rows[("MAF (5) [a]", "ours")]["POWER"], f"seed {FAILED_SEED}:")
     for tag, seeds in (("b", MAF_B), ("c", MAF_C)):
@@ -213,9 +278,12 @@ def test_plot_and_report_show_the_configuration_the_table_names(sweep, tmp_path,
     monkeypatch.setattr(report, "plot_curves", lambda runs, **k: seen.extend(runs) or curves.plot_curves(runs, **k))
     report.report_markdown(tmp_path, samples=False, sources=[])
     assert {(r.dataset, r.tag) for r in seen if r.model == "maf" and not r.match_target} == {
-        ("power", "a"), ("gas", None)}
+        ("power", "a"),
+        ("gas", None),
+    }
     assert [r.tag for r in chosen_runs(sweep) if r.model == "maf" and r.dataset == "power" and not r.match_target] == [
-        "a"] * 4
+        "a"
+    ] * 4
 
 
 # -- the MAF paper's bolding rule: a paired t-test on the per-point test log-likelihoods ------------------------
@@ -240,8 +308,18 @@ def shifted(base: np.ndarray, t: float) -> np.ndarray:
 def write_points(out: Path, dataset, model, display, seed, logp, tag=None, test=TEST_SET, keep=True, **kw):
     logp = np.asarray(logp, dtype=np.float32)
     mean = float(logp.astype(np.float64).mean())
-    r = rec(dataset, model, display, seed, mean, mean, float(2 * logp.std() / math.sqrt(logp.size)), tag=tag,
-            n_test=logp.size, **kw)
+    r = rec(
+        dataset,
+        model,
+        display,
+        seed,
+        mean,
+        mean,
+        float(2 * logp.std() / math.sqrt(logp.size)),
+        tag=tag,
+        n_test=logp.size,
+        **kw,
+    )
     if keep:
         r.test_points = write_per_point(per_point_path(out, dataset, model, seed, tag), logp, test)
     write_record(record_path(out, dataset, model, seed, tag), r)
@@ -282,7 +360,10 @@ def test_paired_t_test_bolds_what_scipy_says(points):
     made_cell = got[("MADE", "ours")]["POWER"]
     assert made_cell.startswith("**")
     note = footnote(text, made_cell, "bold: not significantly below MAF (5)")
-    assert note == f"bold: not significantly below MAF (5) (paired t-test over {N_POINTS} test points, p = {p_made:.2g} ≥ 0.05)"
+    assert (
+        note
+        == f"bold: not significantly below MAF (5) (paired t-test over {N_POINTS} test points, p = {p_made:.2g} ≥ 0.05)"
+    )
     # seeds are averaged point by point: each seed alone is significantly different from the best
     for s in (0, 1):
         assert stats.ttest_rel(best_v, stored(out, "made", s)).pvalue < ALPHA
@@ -319,6 +400,7 @@ def test_testll_file_must_match_its_record(points):
 
 # -- finish_run keeps the per-point values, for single and stacked runs -----------------------------------------
 
+
 def toy(seed=1) -> Dataset:
     rng = np.random.RandomState(seed)
     x = (rng.randn(600, 3) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]])).astype(np.float32)
@@ -326,16 +408,32 @@ def toy(seed=1) -> Dataset:
 
 
 def run_opts(out, **kw):
-    return {"out": str(out), "model": "maf", "layers": 1, "hidden": 8, "batch_norm": False, "batch_size": 50,
-            "patience": 2, "max_epochs": 2, "lr": 1e-2, "device": "cpu", "checkpoint_every_s": 0, **kw}
+    return {
+        "out": str(out),
+        "model": "maf",
+        "layers": 1,
+        "hidden": 8,
+        "batch_norm": False,
+        "batch_size": 50,
+        "patience": 2,
+        "max_epochs": 2,
+        "lr": 1e-2,
+        "device": "cpu",
+        "checkpoint_every_s": 0,
+        **kw,
+    }
 
 
 def check_kept(record: RunRecord, out: Path, data: Dataset) -> np.ndarray:
     path = per_point_path(out, record.dataset, record.model, record.seed, record.tag)
     raw = np.load(path)
     assert raw.dtype == np.float32 and raw.shape == (data.test.shape[0],)
-    assert record.test_points == {"file": path.name, "n": 100, "dtype": "float32",
-                                  "test_sha256": sha256_of_test_set(data.test)}
+    assert record.test_points == {
+        "file": path.name,
+        "n": 100,
+        "dtype": "float32",
+        "test_sha256": sha256_of_test_set(data.test),
+    }
     assert float(raw.astype(np.float64).mean()) == pytest.approx(record.test_ll, abs=1e-6)
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # written atomically
     back = next(r for r in iter_records(out) if r.seed == record.seed)

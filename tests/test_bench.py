@@ -21,8 +21,24 @@ def _restore_threads():
 
 
 def test_bench_gradients_cli_end_to_end(tmp_path, capsys):
-    rc = cli_main(["bench", "gradients", "--dims", "4,8", "--repeats", "2", "--warmup", "1", "--threads", "1",
-                   "--device", "cpu", "--out", str(tmp_path)])
+    rc = cli_main(
+        [
+            "bench",
+            "gradients",
+            "--dims",
+            "4,8",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     out = tmp_path / "bench"
     rec = json.loads((out / "gradients.json").read_text())
@@ -47,8 +63,9 @@ def test_oversized_and_too_slow_methods_are_skipped_with_prediction():
     assert "predicted" in by["autodiff"].note and "GiB" in by["autodiff"].note
     assert all(by[m].status == "ok" for m in ("relative", "ordinary", "mlp"))
     # a method whose extrapolated time per call exceeds the cap is not run at the larger D
-    cells = G.run_gradients([4, 64], methods=("relative", "autodiff"), repeats=1, warmup=1, max_call_s=1e-9,
-                            log=lambda s: None)
+    cells = G.run_gradients(
+        [4, 64], methods=("relative", "autodiff"), repeats=1, warmup=1, max_call_s=1e-9, log=lambda s: None
+    )
     big = {c.method: c for c in cells if c.dim == 64}
     assert big["autodiff"].status == "skipped-time" and big["relative"].status == "skipped-time"
     assert all(c.status == "ok" for c in cells if c.dim == 4)
@@ -91,8 +108,9 @@ def test_bench_optim_shared_inits(tmp_path):
 def test_bench_train_synthetic_shape_and_errors(tmp_path):
     from flowbench.bench.train import run_train
 
-    res = run_train("power", "relgrad", steps=4, warmup=1, rounds=2, batch_size=16, data_root=tmp_path,
-                    log=lambda s: None)
+    res = run_train(
+        "power", "relgrad", steps=4, warmup=1, rounds=2, batch_size=16, data_root=tmp_path, log=lambda s: None
+    )
     assert res["synthetic_data"] and res["dim"] == 6 and res["n_train"] > 1_000_000
     assert res["samples_per_s"]["flowbench"] > 0
     assert res["epoch_s"]["flowbench"] == pytest.approx(res["n_train"] / res["samples_per_s"]["flowbench"])
@@ -102,8 +120,26 @@ def test_bench_train_synthetic_shape_and_errors(tmp_path):
         run_train("nosuchdata", "relgrad", steps=1, data_root=tmp_path)
     with pytest.raises(ConfigError, match="nothing to train"):
         run_train("power", "gaussian", steps=1, data_root=tmp_path)
-    rc = cli_main(["bench", "train", "--dataset", "power", "--model", "relgrad", "--steps", "2", "--hparam", "bias=false",
-                   "--data-root", str(tmp_path), "--out", str(tmp_path), "--device", "cpu"])
+    rc = cli_main(
+        [
+            "bench",
+            "train",
+            "--dataset",
+            "power",
+            "--model",
+            "relgrad",
+            "--steps",
+            "2",
+            "--hparam",
+            "bias=false",
+            "--data-root",
+            str(tmp_path),
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     rec = json.loads((tmp_path / "bench" / "train-power-relgrad.json").read_text())
     assert rec["hparams"]["bias"] is False  # --hparam over the run config's hyperparameters
@@ -126,8 +162,18 @@ def test_bench_train_zuko_side_by_side(tmp_path):
     pytest.importorskip("zuko")
     from flowbench.bench.train import run_train
 
-    res = run_train("power", "maf", steps=2, warmup=1, rounds=1, batch_size=8, data_root=tmp_path,
-                    hparams={"hidden": 16, "hidden_layers": 2, "layers": 2}, compare_zuko=True, log=lambda s: None)
+    res = run_train(
+        "power",
+        "maf",
+        steps=2,
+        warmup=1,
+        rounds=1,
+        batch_size=8,
+        data_root=tmp_path,
+        hparams={"hidden": 16, "hidden_layers": 2, "layers": 2},
+        compare_zuko=True,
+        log=lambda s: None,
+    )
     ours, theirs = res["params"]["flowbench"], res["params"]["zuko"]
     assert abs(theirs - ours) / ours < 0.1  # matched parameter counts
     assert res["throughput_ratio_flowbench_over_zuko"] > 0
@@ -145,20 +191,23 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
 POWER = ["--dataset", "power", "--model", "relgrad", "--steps", "2", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["train", *POWER, "--lr", "-1"], "--lr"),
-    (["train", *POWER, "--lr", "nan"], "--lr"),
-    (["train", *POWER, "--lr", "inf"], "--lr"),
-    (["train", *POWER, "--lr", "0"], "--lr"),
-    (["optim", "--lr", "nan"], "--lr"),
-    (["optim", "--epochs", "0"], "--epochs"),
-    (["optim", "--seed", "-1"], "--seed"),
-    (["gradients", "--dims", "4", "--budget-s", "nan"], "--budget-s"),
-    (["gradients", "--dims", "4", "--budget-s", "inf"], "--budget-s"),
-    (["gradients", "--dims", "4", "--memory-limit-gb", "-1"], "--memory-limit-gb"),
-    (["gradients", "--dims", "4", "--max-call-s", "nan"], "--max-call-s"),
-    (["gradients", "--dims", "4", "--warmup", "-1"], "--warmup"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["train", *POWER, "--lr", "-1"], "--lr"),
+        (["train", *POWER, "--lr", "nan"], "--lr"),
+        (["train", *POWER, "--lr", "inf"], "--lr"),
+        (["train", *POWER, "--lr", "0"], "--lr"),
+        (["optim", "--lr", "nan"], "--lr"),
+        (["optim", "--epochs", "0"], "--epochs"),
+        (["optim", "--seed", "-1"], "--seed"),
+        (["gradients", "--dims", "4", "--budget-s", "nan"], "--budget-s"),
+        (["gradients", "--dims", "4", "--budget-s", "inf"], "--budget-s"),
+        (["gradients", "--dims", "4", "--memory-limit-gb", "-1"], "--memory-limit-gb"),
+        (["gradients", "--dims", "4", "--max-call-s", "nan"], "--max-call-s"),
+        (["gradients", "--dims", "4", "--warmup", "-1"], "--warmup"),
+    ],
+)
 def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, argv, flag):
     data = ["--data-root", str(tmp_path / "data")] if argv[0] == "train" else []
     assert cli_main(["bench", *argv, *data, "--out", str(tmp_path / "out")]) == 2
@@ -173,13 +222,15 @@ def test_bad_out_folder_is_a_clean_error(tmp_path, capsys):
     assert cli_main(["bench", "optim", "--points", "8", "--inits", "1", "--epochs", "1", "--out", str(afile)]) == 2
     err = capsys.readouterr().err
     assert "is a file, not a folder" in err and str(afile) in err
-    assert cli_main(["bench", "optim", "--points", "8", "--inits", "1", "--epochs", "1",
-                     "--out", str(afile / "sub")]) == 2
+    assert (
+        cli_main(["bench", "optim", "--points", "8", "--inits", "1", "--epochs", "1", "--out", str(afile / "sub")]) == 2
+    )
     assert "cannot create the folder" in capsys.readouterr().err
     assert afile.read_text() == "x"
 
 
 # -- gradients.png: skipped methods are marked, an empty plot is refused (issue 12) -------------------------
+
 
 def _ok(method: str, dim: int, t: float) -> G.Cell:
     return G.Cell(method, dim, median_s=t, times_s=[t])
@@ -187,10 +238,14 @@ def _ok(method: str, dim: int, t: float) -> G.Cell:
 
 def _cells():
     ok = _ok
-    return [ok("relative", 4, 1e-3), ok("relative", 8, 2e-3), ok("autodiff", 4, 3e-3),
-            G.Cell("autodiff", 8, status="skipped-memory", note="predicted 9 GiB > limit 1 GiB"),
-            G.Cell("autodiff", 16, status="skipped-memory", note="predicted 99 GiB > limit 1 GiB"),
-            G.Cell("ordinary", 8, status="skipped-time", note="predicted 99 s per call > --max-call-s 1")]
+    return [
+        ok("relative", 4, 1e-3),
+        ok("relative", 8, 2e-3),
+        ok("autodiff", 4, 3e-3),
+        G.Cell("autodiff", 8, status="skipped-memory", note="predicted 9 GiB > limit 1 GiB"),
+        G.Cell("autodiff", 16, status="skipped-memory", note="predicted 99 GiB > limit 1 GiB"),
+        G.Cell("ordinary", 8, status="skipped-time", note="predicted 99 s per call > --max-call-s 1"),
+    ]
 
 
 def test_gradients_plot_marks_skipped_methods():
@@ -214,8 +269,21 @@ def test_gradients_plot_refuses_an_empty_plot(tmp_path, capsys):
         G.plot(skipped, tmp_path / "g.png", "t")
     assert not (tmp_path / "g.png").exists()
     # end to end: every method predicted too big for a 1-byte limit; JSON and CSV still say why
-    rc = cli_main(["bench", "gradients", "--dims", "4", "--no-check", "--memory-limit-gb", "1e-9", "--device", "cpu",
-                   "--out", str(tmp_path)])
+    rc = cli_main(
+        [
+            "bench",
+            "gradients",
+            "--dims",
+            "4",
+            "--no-check",
+            "--memory-limit-gb",
+            "1e-9",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "nothing to plot" in err and "--memory-limit-gb" in err and "gradients.json" in err

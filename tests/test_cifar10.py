@@ -54,8 +54,8 @@ class MafCIFAR10:
             x = self._flip_augmentation(x) if flip else x
             self.x = x
             self.r = self.x[:, :D]
-            self.g = self.x[:, D:2 * D]
-            self.b = self.x[:, 2 * D:]
+            self.g = self.x[:, D : 2 * D]
+            self.b = self.x[:, 2 * D :]
             self.labels = np.hstack([l, l]) if flip else l
             self.y = one_hot_encode(self.labels, 10)
             self.N = self.x.shape[0]
@@ -73,8 +73,8 @@ class MafCIFAR10:
             D = int(x.shape[1] / 3)
             I = int(np.sqrt(D))  # noqa: E741 (MAF's name)
             r = x[:, :D].reshape([-1, I, I])[:, :, ::-1].reshape([-1, D])
-            g = x[:, D:2 * D].reshape([-1, I, I])[:, :, ::-1].reshape([-1, D])
-            b = x[:, 2 * D:].reshape([-1, I, I])[:, :, ::-1].reshape([-1, D])
+            g = x[:, D : 2 * D].reshape([-1, I, I])[:, :, ::-1].reshape([-1, D])
+            b = x[:, 2 * D :].reshape([-1, I, I])[:, :, ::-1].reshape([-1, D])
             x_flip = np.hstack([r, g, b])
             return np.vstack([x, x_flip])
 
@@ -150,8 +150,9 @@ def test_recipe_is_bit_identical_to_maf(root: Path, chunk_rows: int):
 def test_a_float64_recipe_would_differ(root: Path):
     """The float32 rounding is what MAF computes; float64 arithmetic would give other numbers (not vacuous)."""
     maf = MafCIFAR10(root, logit=True, flip=True, dequantize=True)
-    x = np.concatenate([pickle.loads((root / "cifar10" / f).read_bytes(), encoding="latin1")["data"]
-                        for f in FILES[:5]])[:18]
+    x = np.concatenate(
+        [pickle.loads((root / "cifar10" / f).read_bytes(), encoding="latin1")["data"] for f in FILES[:5]]
+    )[:18]
     u = np.random.RandomState(42).rand(*x.shape)
     y64 = util_logit(0.05 + 0.9 * ((x + u) / 256.0)).astype(np.float32)
     assert not np.array_equal(y64, maf.trn.x[:18])
@@ -242,7 +243,9 @@ def test_missing_label_file_and_a_cache_without_labels(root: Path, monkeypatch):
 
 def test_missing_batch_names_flowbench_download(root: Path):
     (root / "cifar10" / "test_batch").unlink()
-    with pytest.raises(DatasetNotFoundError, match=rf"cifar10/test_batch.*flowbench download --dataset cifar10 --root {root}"):
+    with pytest.raises(
+        DatasetNotFoundError, match=rf"cifar10/test_batch.*flowbench download --dataset cifar10 --root {root}"
+    ):
         load_dataset("cifar10", root)
     assert status("cifar10", root) == "missing"
 
@@ -330,8 +333,15 @@ def test_plot_samples_draws_a_cifar_like_dataset_in_rgb(monkeypatch):
 
     rng = np.random.RandomState(0)
     split = lambda n: rng.randn(n, 48).astype(np.float32)  # noqa: E731
-    data = Dataset(name="tiny_rgb", train=split(10), val=split(2), test=split(9), logit_alpha=0.05, levels=256,
-                   image_shape=(3, 4, 4))
+    data = Dataset(
+        name="tiny_rgb",
+        train=split(10),
+        val=split(2),
+        test=split(9),
+        logit_alpha=0.05,
+        levels=256,
+        image_shape=(3, 4, 4),
+    )
     monkeypatch.setattr(S, "check_checkpoint", lambda rec: None)
     monkeypatch.setattr(S, "load_flow", lambda rec, d: None)
     monkeypatch.setattr(S, "draw", lambda flow, n, seed: rng.randn(n, 48))

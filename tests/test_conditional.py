@@ -68,10 +68,15 @@ def test_log_prob_is_the_change_of_variables_at_every_label(name):
         c = one_hot([y] * 6)
         lp = model.log_prob(torch.cat([x, c], 1))
         for i in range(6):
-            jac = torch.autograd.functional.jacobian(lambda v, ci=c[i:i + 1]: model.transform(v[None], ci)[0][0], x[i])
-            z = model.transform(x[i:i + 1], c[i:i + 1])[0]
-            base = model.base.log_prob(z, c[i:i + 1]) if getattr(model.base, "conditional", False) \
+            jac = torch.autograd.functional.jacobian(
+                lambda v, ci=c[i : i + 1]: model.transform(v[None], ci)[0][0], x[i]
+            )
+            z = model.transform(x[i : i + 1], c[i : i + 1])[0]
+            base = (
+                model.base.log_prob(z, c[i : i + 1])
+                if getattr(model.base, "conditional", False)
                 else model.base.log_prob(z)
+            )
             torch.testing.assert_close(lp[i], base[0] + torch.linalg.slogdet(jac).logabsdet, rtol=1e-10, atol=1e-10)
 
 
@@ -154,8 +159,9 @@ def test_conditional_made_is_autoregressive_in_x(mog, degrees):
     torch.manual_seed(2)
     order = torch.arange(dim, 0, -1)
     kw = {"components": 2} if mog else {}
-    made = (MADEMoG if mog else MADE)(dim, 12, 2, "tanh", input_degrees=order, degrees=degrees,
-                                      context_features=K, **kw).double()
+    made = (MADEMoG if mog else MADE)(
+        dim, 12, 2, "tanh", input_degrees=order, degrees=degrees, context_features=K, **kw
+    ).double()
     x = torch.randn(4, dim, dtype=torch.float64, requires_grad=True)
     c = one_hot([0, 1, 2, 1])
     for p in made._params(x, c):
@@ -188,15 +194,18 @@ def maf_code_cond_made(made: MADE, y: np.ndarray, x: np.ndarray) -> tuple[np.nda
     m = np.dot(h, Mmp * Wm) + bm
     logp = np.dot(h, Mmp * Wp) + bp
     u = np.exp(0.5 * logp) * (x - m)
-    return u, -0.5 * (d * np.log(2 * np.pi) + np.sum(u ** 2 - logp, axis=1))
+    return u, -0.5 * (d * np.log(2 * np.pi) + np.sum(u**2 - logp, axis=1))
 
 
 def maf_code_cond_mog_made(mog: MADEMoG, y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """ConditionalMixtureOfGaussiansMade (mades.py): L, with Wm/Wp/Wa of shape (H, D, C)."""
     f = np.tanh if mog.activation == "tanh" else (lambda a: np.maximum(a, 0))
     d, c = mog.dim, mog.components
-    h = f(np.dot(y, _np(mog.context_weight).T)
-          + np.dot(x, _np(mog.hidden[0].mask).T * _np(mog.hidden[0].weight).T) + _np(mog.hidden[0].bias))
+    h = f(
+        np.dot(y, _np(mog.context_weight).T)
+        + np.dot(x, _np(mog.hidden[0].mask).T * _np(mog.hidden[0].weight).T)
+        + _np(mog.hidden[0].bias)
+    )
     for lin in mog.hidden[1:]:
         h = f(np.dot(h, _np(lin.mask).T * _np(lin.weight).T) + _np(lin.bias))
     w = _np(mog.out.weight).reshape(3, d, c, -1).transpose(0, 3, 1, 2)  # (3, H, D, C)
@@ -207,7 +216,7 @@ def maf_code_cond_mog_made(mog: MADEMoG, y: np.ndarray, x: np.ndarray) -> np.nda
     loga = np.tensordot(h, mmp * w[2], axes=[1, 0]) + b[2]
     loga -= np.log(np.sum(np.exp(loga), axis=2, keepdims=True))
     u = np.exp(0.5 * logp) * (x[:, :, None] - m)
-    L = np.log(np.sum(np.exp(loga - 0.5 * u ** 2 + 0.5 * logp), axis=2))
+    L = np.log(np.sum(np.exp(loga - 0.5 * u**2 + 0.5 * logp), axis=2))
     return -0.5 * d * np.log(2 * np.pi) + np.sum(L, axis=1)
 
 
@@ -241,7 +250,7 @@ def maf_code_log_prob(model: ConditionalFlow, xy: np.ndarray) -> np.ndarray:
         if isinstance(step, MADE):
             # the MADE's L = −½(D log 2π + Σu²) + ½ Σ logp: its log-det ½ Σ logp is what the flow adds (mafs.py)
             u, L = maf_code_cond_made(step, y, u)
-            logdet = logdet + L + 0.5 * (d * np.log(2 * np.pi) + np.sum(u ** 2, axis=1))
+            logdet = logdet + L + 0.5 * (d * np.log(2 * np.pi) + np.sum(u**2, axis=1))
         elif isinstance(step, CouplingLayer):
             u, ld = maf_code_cond_coupling(step, y, u)
             logdet = logdet + ld
@@ -250,7 +259,7 @@ def maf_code_log_prob(model: ConditionalFlow, xy: np.ndarray) -> np.ndarray:
             logdet = logdet + ld
     if isinstance(model.base, MADEMoG):
         return maf_code_cond_mog_made(model.base, y, u) + logdet
-    return -0.5 * d * np.log(2 * np.pi) - 0.5 * np.sum(u ** 2, axis=1) + logdet
+    return -0.5 * d * np.log(2 * np.pi) - 0.5 * np.sum(u**2, axis=1) + logdet
 
 
 @pytest.mark.parametrize("name", FLOWS)
@@ -320,8 +329,9 @@ def test_random_degrees_reload_identically(name):
     torch.manual_seed(1)
     other = build_model(name, 4, degrees="random", **kw, **hp).double().eval()
     masks = [m.mask for m in model.modules() if isinstance(m, MaskedLinear)]
-    assert any(not torch.equal(a, b.mask) for a, b in zip(masks, [m for m in other.modules()
-                                                                   if isinstance(m, MaskedLinear)]))
+    assert any(
+        not torch.equal(a, b.mask) for a, b in zip(masks, [m for m in other.modules() if isinstance(m, MaskedLinear)])
+    )
     xy = labelled_data(8, d=4) if cond else labelled_data(8, d=4)[:, :4]
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -330,8 +340,9 @@ def test_random_degrees_reload_identically(name):
     with torch.no_grad():
         torch.testing.assert_close(other.log_prob(xy), model.log_prob(xy), rtol=0, atol=0)
         torch.testing.assert_close(copy.deepcopy(model).log_prob(xy), model.log_prob(xy), rtol=0, atol=0)
-    assert all(torch.equal(a, m.mask) for a, m in zip(masks, [m for m in other.modules()
-                                                               if isinstance(m, MaskedLinear)]))
+    assert all(
+        torch.equal(a, m.mask) for a, m in zip(masks, [m for m in other.modules() if isinstance(m, MaskedLinear)])
+    )
     assert any(k.endswith("degrees_1") for k in model.state_dict())
     # sequential degrees keep their state_dict (old checkpoints load as before)
     assert not any("degrees" in k for k in build_model(name, 4, **kw, **hp).state_dict())

@@ -118,8 +118,12 @@ def test_every_bundled_config_states_its_provenance():
 
 @pytest.mark.parametrize(
     "table",
-    ['verified = "yes"\nsource = "x"\n', "verified = true\n", 'verified = true\nsource = ""\n',
-     'verified = false\nsource = "x"\nlr = 1\n'],
+    [
+        'verified = "yes"\nsource = "x"\n',
+        "verified = true\n",
+        'verified = true\nsource = ""\n',
+        'verified = false\nsource = "x"\nlr = 1\n',
+    ],
 )
 def test_bad_provenance_tables_are_config_errors(tmp_path, table):
     with pytest.raises(ConfigError, match=r"\[provenance\]"):
@@ -151,10 +155,13 @@ def test_every_run_option_default_is_its_declaration():
     assert RunOptions(model="maf", lr=0.5).lr == 0.5
 
 
-@pytest.mark.parametrize(("key", "bad", "allowed"), [
-    ("lr_schedule", "linear", "constant, cosine"),
-    ("protocol", "nfs", "maf, nsf"),
-])
+@pytest.mark.parametrize(
+    ("key", "bad", "allowed"),
+    [
+        ("lr_schedule", "linear", "constant, cosine"),
+        ("protocol", "nfs", "maf, nsf"),
+    ],
+)
 def test_declared_choices_are_checked_wherever_the_value_comes_from(tmp_path, key, bad, allowed):
     assert OPTIONS[key].choices == tuple(allowed.split(", "))
     flag = key.replace("_", "-")
@@ -173,8 +180,16 @@ def test_protocol_and_stacking_tables_come_from_the_declarations():
     from flowbench.config import MAF_PROTOCOL, NO_PROTOCOL_VALUE
     from flowbench.training.stacked import UNSTACKABLE
 
-    assert MAF_PROTOCOL == {"batch_size": 100, "patience": 30, "weight_decay": 1e-6, "max_epochs": None,
-                            "max_steps": None, "lr_schedule": "constant", "grad_clip": None, "eval_every": None}
+    assert MAF_PROTOCOL == {
+        "batch_size": 100,
+        "patience": 30,
+        "weight_decay": 1e-6,
+        "max_epochs": None,
+        "max_steps": None,
+        "lr_schedule": "constant",
+        "grad_clip": None,
+        "eval_every": None,
+    }
     assert MAF_PROTOCOL == {n: o.maf for n, o in OPTIONS.items() if o.maf is not NO_PROTOCOL_VALUE}
     # the step-budget options (NSF protocol) stack since one loop serves single runs and stacks
     assert UNSTACKABLE == {"adam_epoch_step": False, "compile": False, "tensorboard": None}

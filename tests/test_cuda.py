@@ -19,8 +19,15 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 #: CPU and GPU sum in different orders (float32): after 2 epochs the test LLs of digits MAF agree to this.
 TEST_LL_TOL = 0.05  # nats, on a test LL of about -40
-OPTS = {"dataset": "digits", "model": "maf", "layers": 2, "hidden": 32, "max_epochs": 2, "patience": 5,
-        "checkpoint_every_s": 0}
+OPTS = {
+    "dataset": "digits",
+    "model": "maf",
+    "layers": 2,
+    "hidden": 32,
+    "max_epochs": 2,
+    "patience": 5,
+    "checkpoint_every_s": 0,
+}
 
 
 def test_digits_on_cuda_matches_the_cpu_record(tmp_path):
@@ -29,8 +36,7 @@ def test_digits_on_cuda_matches_the_cpu_record(tmp_path):
     assert gpu.device.startswith("cuda") and cpu.device == "cpu"
     assert (gpu.epochs, gpu.best_epoch, gpu.params) == (cpu.epochs, cpu.best_epoch, cpu.params)
     assert gpu.test_ll == pytest.approx(cpu.test_ll, abs=TEST_LL_TOL)
-    np.testing.assert_allclose([h["val_ll"] for h in gpu.history], [h["val_ll"] for h in cpu.history],
-                               atol=TEST_LL_TOL)
+    np.testing.assert_allclose([h["val_ll"] for h in gpu.history], [h["val_ll"] for h in cpu.history], atol=TEST_LL_TOL)
 
 
 def test_data_stay_on_the_device_and_no_per_step_host_sync():
@@ -75,10 +81,12 @@ def test_stacked_digits_on_cuda_matches_the_cpu_records(tmp_path):
     from flowbench.training.stacked import run_stacked
 
     seeds = (0, 1, 2)
-    cpu = run_stacked([{**OPTS, "seed": s, "device": "cpu", "out": str(tmp_path / "cpu")} for s in seeds],
-                      progress=False)
-    gpu = run_stacked([{**OPTS, "seed": s, "device": "cuda", "out": str(tmp_path / "gpu")} for s in seeds],
-                      progress=False)
+    cpu = run_stacked(
+        [{**OPTS, "seed": s, "device": "cpu", "out": str(tmp_path / "cpu")} for s in seeds], progress=False
+    )
+    gpu = run_stacked(
+        [{**OPTS, "seed": s, "device": "cuda", "out": str(tmp_path / "gpu")} for s in seeds], progress=False
+    )
     for c, g in zip(cpu, gpu):
         assert g.device.startswith("cuda") and g.stack["id"] != c.stack["id"]  # two stacks
         assert {**g.stack, "id": 0} == {**c.stack, "id": 0} == {"seeds": list(seeds), "size": 3, "id": 0}

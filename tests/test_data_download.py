@@ -114,8 +114,15 @@ def _fast_retries(monkeypatch):
 
 def fetch_all(server: Server, root: Path, names=("power", "gas"), **kw):
     msgs: list[str] = []
-    download_and_prepare(root, list(names), urls=kw.pop("urls", [server.url + "/data.tar.gz"]),
-                         sha256=kw.pop("sha256", SHA), progress=False, echo=msgs.append, **kw)
+    download_and_prepare(
+        root,
+        list(names),
+        urls=kw.pop("urls", [server.url + "/data.tar.gz"]),
+        sha256=kw.pop("sha256", SHA),
+        progress=False,
+        echo=msgs.append,
+        **kw,
+    )
     return msgs
 
 
@@ -210,8 +217,9 @@ def test_no_network_suggests_from_archive(tmp_path: Path):
     port = s.getsockname()[1]
     s.close()  # nothing listens there
     with pytest.raises(DownloadError, match=r"(?s)could not reach any source.*--from-archive"):
-        download_and_prepare(tmp_path, ["power"], urls=[f"http://127.0.0.1:{port}/data.tar.gz"], progress=False,
-                             echo=lambda m: None)
+        download_and_prepare(
+            tmp_path, ["power"], urls=[f"http://127.0.0.1:{port}/data.tar.gz"], progress=False, echo=lambda m: None
+        )
 
 
 def test_checksum_mismatch_extracts_nothing(server: Server, tmp_path: Path):
@@ -239,8 +247,15 @@ def test_truncated_archive_leaves_previous_state(tmp_path: Path):
     bad = tmp_path / "bad.tar.gz"
     bad.write_bytes(ARCHIVE[: len(ARCHIVE) * 2 // 3])
     with pytest.raises(DataIntegrityError, match="truncated or not a valid tar.gz"):
-        download_and_prepare(root, ["power", "mnist"], from_archive=bad, force=True,
-                             sha256=hashlib.sha256(bad.read_bytes()).hexdigest(), progress=False, echo=lambda m: None)
+        download_and_prepare(
+            root,
+            ["power", "mnist"],
+            from_archive=bad,
+            force=True,
+            sha256=hashlib.sha256(bad.read_bytes()).hexdigest(),
+            progress=False,
+            echo=lambda m: None,
+        )
     assert (root / "power" / "data.npy").read_bytes() == before
     assert not (root / "mnist").exists() and not list(root.glob(".extract-*"))
 
@@ -249,17 +264,48 @@ def test_cli_from_archive_with_repeated_dataset(tmp_path: Path, capsys):
     arc = tmp_path / "data.tar.gz"
     arc.write_bytes(ARCHIVE)
     root = tmp_path / "d"
-    argv = ["download", "--root", str(root), "--from-archive", str(arc), "--sha256", SHA,
-            "--dataset", "power", "--dataset", "miniboone", "--no-progress"]
+    argv = [
+        "download",
+        "--root",
+        str(root),
+        "--from-archive",
+        str(arc),
+        "--sha256",
+        SHA,
+        "--dataset",
+        "power",
+        "--dataset",
+        "miniboone",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [
-        "download.json", "miniboone", "power", "processed"]
+        "download.json",
+        "miniboone",
+        "power",
+        "processed",
+    ]
     assert cli.main(argv) == 0
     assert "everything in place" in capsys.readouterr().out
     assert cli.main(["download", "--root", str(root), "--dataset", "nope"]) == 2
     assert "choose one of" in capsys.readouterr().err
-    assert cli.main(["download", "--root", str(root), "--from-archive", str(arc), "--sha256", "1" * 64,
-                     "--force", "--dataset", "power"]) == 2
+    assert (
+        cli.main(
+            [
+                "download",
+                "--root",
+                str(root),
+                "--from-archive",
+                str(arc),
+                "--sha256",
+                "1" * 64,
+                "--force",
+                "--dataset",
+                "power",
+            ]
+        )
+        == 2
+    )
     assert "checksum mismatch" in capsys.readouterr().err
 
 
@@ -288,16 +334,28 @@ def test_unsafe_archives_are_refused(tmp_path: Path, member, why):
     arc.write_bytes(make_archive([member]))
     root = tmp_path / "data"
     with pytest.raises(DataIntegrityError, match=why):
-        download_and_prepare(root, ["power"], from_archive=arc, sha256=hashlib.sha256(arc.read_bytes()).hexdigest(),
-                             progress=False, echo=lambda m: None)
+        download_and_prepare(
+            root,
+            ["power"],
+            from_archive=arc,
+            sha256=hashlib.sha256(arc.read_bytes()).hexdigest(),
+            progress=False,
+            echo=lambda m: None,
+        )
     assert not (root / "power").exists() and not (tmp_path / "evil.txt").exists()
 
 
 def test_inside_symlink_is_tolerated(tmp_path: Path):
     arc = tmp_path / "ok.tar.gz"
     arc.write_bytes(make_archive([_member("data/extras/latest", tarfile.SYMTYPE, "readme.txt")]))
-    download_and_prepare(tmp_path / "d", ["power"], from_archive=arc, sha256=hashlib.sha256(arc.read_bytes()).hexdigest(),
-                         progress=False, echo=lambda m: None)
+    download_and_prepare(
+        tmp_path / "d",
+        ["power"],
+        from_archive=arc,
+        sha256=hashlib.sha256(arc.read_bytes()).hexdigest(),
+        progress=False,
+        echo=lambda m: None,
+    )
     assert (tmp_path / "d" / "power" / "data.npy").is_file()
 
 
@@ -308,17 +366,27 @@ def test_missing_member_is_reported(tmp_path: Path):
     arc = tmp_path / "partial.tar.gz"
     arc.write_bytes(buf.getvalue())
     with pytest.raises(DataIntegrityError, match=r"lacks the expected member.*data/gas/ethylene_CO.pickle"):
-        download_and_prepare(tmp_path / "d", ["power", "gas"], from_archive=arc,
-                             sha256=hashlib.sha256(arc.read_bytes()).hexdigest(), progress=False, echo=lambda m: None)
+        download_and_prepare(
+            tmp_path / "d",
+            ["power", "gas"],
+            from_archive=arc,
+            sha256=hashlib.sha256(arc.read_bytes()).hexdigest(),
+            progress=False,
+            echo=lambda m: None,
+        )
     assert not (tmp_path / "d" / "power").exists()
 
 
 # ------------------------------------------------------------------------------ arguments checked up front
-@pytest.mark.parametrize("kw, why", [
-    ({"sha256": "abc"}, r"--sha256 'abc' is not a SHA-256 checksum: expected 64 hex digits, got 3"),
-    ({"sha256": "g" * 64}, r"not a SHA-256 checksum.*not all hex digits"),
-    ({"sha256": None, "md5": SHA}, r"--md5 '[0-9a-f]{64}' is not an MD5 checksum: expected 32 hex digits, got 64"),
-], ids=["sha256-short", "sha256-not-hex", "md5-wrong-length"])
+@pytest.mark.parametrize(
+    "kw, why",
+    [
+        ({"sha256": "abc"}, r"--sha256 'abc' is not a SHA-256 checksum: expected 64 hex digits, got 3"),
+        ({"sha256": "g" * 64}, r"not a SHA-256 checksum.*not all hex digits"),
+        ({"sha256": None, "md5": SHA}, r"--md5 '[0-9a-f]{64}' is not an MD5 checksum: expected 32 hex digits, got 64"),
+    ],
+    ids=["sha256-short", "sha256-not-hex", "md5-wrong-length"],
+)
 def test_checksum_format_is_checked_before_any_download(server: Server, tmp_path: Path, kw: dict, why: str):
     with pytest.raises(ConfigError, match=why):
         fetch_all(server, tmp_path / "data", **kw)
@@ -327,9 +395,11 @@ def test_checksum_format_is_checked_before_any_download(server: Server, tmp_path
 
 def test_from_archive_that_is_not_a_regular_file_says_what_it_is(tmp_path: Path, capsys):
     root = tmp_path / "d"
-    for arc, why in ((tmp_path, "is a folder; give the data.tar.gz file itself"),
-                     (Path("/dev/null"), "is not a regular file (a device, pipe or socket)"),
-                     (tmp_path / "nope.tar.gz", "no such file")):
+    for arc, why in (
+        (tmp_path, "is a folder; give the data.tar.gz file itself"),
+        (Path("/dev/null"), "is not a regular file (a device, pipe or socket)"),
+        (tmp_path / "nope.tar.gz", "no such file"),
+    ):
         assert cli.main(["download", "--root", str(root), "--from-archive", str(arc), "--dataset", "power"]) == 2
         assert why in capsys.readouterr().err
     assert not root.exists()
@@ -338,8 +408,19 @@ def test_from_archive_that_is_not_a_regular_file_says_what_it_is(tmp_path: Path,
 def test_url_beside_from_archive_is_refused(server: Server, tmp_path: Path, capsys):
     arc = tmp_path / "data.tar.gz"
     arc.write_bytes(ARCHIVE)
-    argv = ["download", "--root", str(tmp_path / "d"), "--from-archive", str(arc), "--url", server.url + "/data.tar.gz",
-            "--sha256", SHA, "--dataset", "power"]
+    argv = [
+        "download",
+        "--root",
+        str(tmp_path / "d"),
+        "--from-archive",
+        str(arc),
+        "--url",
+        server.url + "/data.tar.gz",
+        "--sha256",
+        SHA,
+        "--dataset",
+        "power",
+    ]
     assert cli.main(argv) == 2
     assert "--url and --from-archive exclude each other" in capsys.readouterr().err
     assert server.log == [] and not (tmp_path / "d").exists()

@@ -81,7 +81,9 @@ def test_broken_cache_is_reported_and_rebuilt_from_raw(prepared, fault: str, cap
     assert cli.main(["datasets", "--root", str(root)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("power"))
     assert "broken (" in line
-    with pytest.warns(UserWarning, match=rf"processed cache of 'power' .* is broken \({why}.*rebuilding it from the raw"):
+    with pytest.warns(
+        UserWarning, match=rf"processed cache of 'power' .* is broken \({why}.*rebuilding it from the raw"
+    ):
         ds = load_dataset("power", root)
     np.testing.assert_array_equal(ds.train, train)
     assert status("power", root) == "prepared"
@@ -94,8 +96,11 @@ def test_broken_cache_without_raw_files_asks_for_the_download(prepared, fault: s
     FAULTS[fault][0](root / "processed" / "power" / "train.npy")
     shutil.rmtree(root / "power")
     assert status("power", root).endswith("; raw files missing)")
-    with pytest.raises(DatasetNotFoundError, match=rf"broken \({FAULTS[fault][1]}.*cannot be rebuilt.*"
-                                                    rf"flowbench download --dataset power --root {re.escape(str(root))}"):
+    with pytest.raises(
+        DatasetNotFoundError,
+        match=rf"broken \({FAULTS[fault][1]}.*cannot be rebuilt.*"
+        rf"flowbench download --dataset power --root {re.escape(str(root))}",
+    ):
         load_dataset("power", root)
 
 
@@ -188,17 +193,23 @@ def test_malicious_pickles_are_refused_naming_the_file(root: Path):
 
     payload = pickle.dumps(Evil(), protocol=2)
     (root / "gas" / "ethylene_CO.pickle").write_bytes(payload)
-    with pytest.raises(UnsafePickleError, match=rf"^{re.escape(str(root / 'gas/ethylene_CO.pickle'))}: .*(posix|os)\.system"):
+    with pytest.raises(
+        UnsafePickleError, match=rf"^{re.escape(str(root / 'gas/ethylene_CO.pickle'))}: .*(posix|os)\.system"
+    ):
         load_dataset("gas", root)
     with gzip.open(root / "mnist" / "mnist.pkl.gz", "wb") as g:
         g.write(payload)
-    with pytest.raises(UnsafePickleError, match=rf"^{re.escape(str(root / 'mnist/mnist.pkl.gz'))}: .*(posix|os)\.system"):
+    with pytest.raises(
+        UnsafePickleError, match=rf"^{re.escape(str(root / 'mnist/mnist.pkl.gz'))}: .*(posix|os)\.system"
+    ):
         load_dataset("mnist", root)
     assert not (root / "pwned").exists()
 
 
-@pytest.mark.parametrize("rel", ["power/data.npy", "miniboone/data.npy", "mnist/mnist.pkl.gz",
-                                 "hepmass/1000_train.csv", "BSDS300/BSDS300.hdf5"])
+@pytest.mark.parametrize(
+    "rel",
+    ["power/data.npy", "miniboone/data.npy", "mnist/mnist.pkl.gz", "hepmass/1000_train.csv", "BSDS300/BSDS300.hdf5"],
+)
 def test_junk_raw_files_are_data_integrity_errors(root: Path, rel: str):
     name = next(n for n, s in DATASETS.items() if rel in s.raw_files)
     (root / rel).write_bytes(b"\x80\x81junk\xff" * 10)

@@ -64,8 +64,11 @@ def test_cache_written_then_memory_mapped(root: Path, monkeypatch):
     # `first` is itself memory-mapped from the new cache: compare with the recipe's own output instead
     expected = DATASETS["miniboone"].prepare(root)["train"].astype(np.float32)
     np.testing.assert_array_equal(first.train, expected)
-    monkeypatch.setitem(DATASETS, "miniboone",
-                        dataclasses.replace(DATASETS["miniboone"], prepare=lambda r: pytest.fail("cache not used")))
+    monkeypatch.setitem(
+        DATASETS,
+        "miniboone",
+        dataclasses.replace(DATASETS["miniboone"], prepare=lambda r: pytest.fail("cache not used")),
+    )
     second = load_dataset("miniboone", root)
     assert isinstance(second.train, np.memmap) and second.train.dtype == np.float32
     np.testing.assert_array_equal(second.train, expected)
@@ -134,13 +137,19 @@ def test_datasets_command_shows_status(root: Path, capsys):
 def _labelled(monkeypatch, labels: dict, classes: int = 3) -> None:
     """miniboone's recipe with ``labels`` added and ``classes`` declared."""
     spec = DATASETS["miniboone"]
-    monkeypatch.setitem(DATASETS, "miniboone", dataclasses.replace(
-        spec, classes=classes, recipe_version=7, prepare=lambda r: {**spec.prepare(r), **labels}))
+    monkeypatch.setitem(
+        DATASETS,
+        "miniboone",
+        dataclasses.replace(spec, classes=classes, recipe_version=7, prepare=lambda r: {**spec.prepare(r), **labels}),
+    )
 
 
 def _ok_labels() -> dict:  # the fixture's 41 / 4 / 5 rows
-    return {"train_labels": np.arange(41) % 3, "val_labels": np.array([0, 1, 2, 0], np.int32),
-            "test_labels": np.zeros(5, np.uint8)}
+    return {
+        "train_labels": np.arange(41) % 3,
+        "val_labels": np.array([0, 1, 2, 0], np.int32),
+        "test_labels": np.zeros(5, np.uint8),
+    }
 
 
 def test_labels_are_checked_cached_and_returned(root: Path, monkeypatch):
@@ -154,14 +163,17 @@ def test_labels_are_checked_cached_and_returned(root: Path, monkeypatch):
     np.testing.assert_array_equal(second.one_hot("val"), np.eye(3, dtype=np.float32)[[0, 1, 2, 0]])
 
 
-@pytest.mark.parametrize("change, why", [
-    ({"val_labels": np.array([0, 1, 2])}, r"val_labels has shape \(3,\); expected \(4,\)"),
-    ({"val_labels": np.zeros((4, 1), int)}, r"val_labels has shape \(4, 1\)"),
-    ({"test_labels": np.zeros(5)}, "test_labels is float64; class labels must be integers"),
-    ({"train_labels": np.full(41, 3)}, r"train_labels holds labels in \[3, 3\]; the spec declares 3 classes"),
-    ({"train_labels": np.full(41, -1)}, r"labels in \[-1, -1\]"),
-    ({"extra": np.zeros(3)}, r"unknown entries \['extra'\]"),
-])
+@pytest.mark.parametrize(
+    "change, why",
+    [
+        ({"val_labels": np.array([0, 1, 2])}, r"val_labels has shape \(3,\); expected \(4,\)"),
+        ({"val_labels": np.zeros((4, 1), int)}, r"val_labels has shape \(4, 1\)"),
+        ({"test_labels": np.zeros(5)}, "test_labels is float64; class labels must be integers"),
+        ({"train_labels": np.full(41, 3)}, r"train_labels holds labels in \[3, 3\]; the spec declares 3 classes"),
+        ({"train_labels": np.full(41, -1)}, r"labels in \[-1, -1\]"),
+        ({"extra": np.zeros(3)}, r"unknown entries \['extra'\]"),
+    ],
+)
 def test_bad_labels_are_refused_clearly(root: Path, monkeypatch, change: dict, why: str):
     _labelled(monkeypatch, {**_ok_labels(), **change})
     with pytest.raises(DataIntegrityError, match=why):

@@ -17,13 +17,16 @@ from flowbench.errors import DataIntegrityError, UnsafePickleError
 FIX = Path(__file__).resolve().parent / "fixtures"
 
 
-@pytest.mark.parametrize("path", [
-    "raw/gas/ethylene_CO.pickle",  # pandas 1.5.3, protocol 2: BlockManager(blocks, axes) + _unpickle_block
-    "gas_variants/proto5.pickle",  # pandas 1.5.3, protocol 5, RangeIndex
-    "gas_variants/pandas0x.pickle",  # the same with pandas 0.x module paths
-    "gas_variants/pandas0x_state.pickle",  # 0.14.1–0.x __getstate__ layout with mgr_locs
-    "gas_variants/pandas013_state.pickle",  # 0.13 layout: blocks named by items
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "raw/gas/ethylene_CO.pickle",  # pandas 1.5.3, protocol 2: BlockManager(blocks, axes) + _unpickle_block
+        "gas_variants/proto5.pickle",  # pandas 1.5.3, protocol 5, RangeIndex
+        "gas_variants/pandas0x.pickle",  # the same with pandas 0.x module paths
+        "gas_variants/pandas0x_state.pickle",  # 0.14.1–0.x __getstate__ layout with mgr_locs
+        "gas_variants/pandas013_state.pickle",  # 0.13 layout: blocks named by items
+    ],
+)
 def test_dataframe_pickles_decode_exactly(path: str):
     t = np.load(FIX / "gas_table.npz")
     frame = load_dataframe_pickle((FIX / path).read_bytes())
@@ -85,8 +88,12 @@ def test_mnist_python2_pickle_with_latin1_fallback():
 
 # -- CIFAR-10 batches: the narrowest allow-list ---------------------------------------------------------------------
 def _batch(changes: dict | None = None) -> dict:
-    d = {b"batch_label": b"training batch 1 of 5", b"labels": [3, 0], b"data": np.arange(2 * 12, dtype=np.uint8).reshape(2, 12),
-         b"filenames": [b"a.png", b"b.png"]}
+    d = {
+        b"batch_label": b"training batch 1 of 5",
+        b"labels": [3, 0],
+        b"data": np.arange(2 * 12, dtype=np.uint8).reshape(2, 12),
+        b"filenames": [b"a.png", b"b.png"],
+    }
     return {**d, **(changes or {})}
 
 
@@ -111,28 +118,34 @@ def test_cifar_batch_smuggling_code_is_refused_and_not_run(tmp_path: Path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("value, why", [
-    (Frame(["a"], np.zeros((1, 1))), r"flowbench\.data\.safe_pickle\.Frame"),  # an object of another class
-    (np.float64(1.5), r"numpy\..*scalar"),  # numpy scalars: allowed for MNIST, not here
-    (slice(1, 2), "builtins.slice"),
-    ({1, 2}, "builtins.set"),
-])
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        (Frame(["a"], np.zeros((1, 1))), r"flowbench\.data\.safe_pickle\.Frame"),  # an object of another class
+        (np.float64(1.5), r"numpy\..*scalar"),  # numpy scalars: allowed for MNIST, not here
+        (slice(1, 2), "builtins.slice"),
+        ({1, 2}, "builtins.set"),
+    ],
+)
 def test_cifar_batch_refuses_any_other_global(value, why):
     with pytest.raises(UnsafePickleError, match=why):
         load_cifar_batch(pickle.dumps(_batch({b"batch_label": value}), protocol=2))
 
 
-@pytest.mark.parametrize("batch, why", [
-    (_batch({b"extra": b"x"}), "unexpected key b'extra'"),
-    (_batch({b"data": np.zeros((2, 12), np.float32)}), "2-D uint8 array; got float32"),
-    (_batch({b"data": np.zeros(12, np.uint8)}), "2-D uint8 array"),
-    (_batch({b"labels": [1.0, 2.0]}), "list of ints"),
-    (_batch({b"labels": [True, False]}), "list of ints"),
-    (_batch({b"labels": [1, 2, 3]}), "2 images and 3 labels"),
-    (_batch({b"filenames": [1, 2]}), "'filenames' must be a list of strings"),
-    (_batch({b"batch_label": 3}), "'batch_label' must be a string"),
-    ([1, 2], "holds a list, expected the dict"),
-])
+@pytest.mark.parametrize(
+    "batch, why",
+    [
+        (_batch({b"extra": b"x"}), "unexpected key b'extra'"),
+        (_batch({b"data": np.zeros((2, 12), np.float32)}), "2-D uint8 array; got float32"),
+        (_batch({b"data": np.zeros(12, np.uint8)}), "2-D uint8 array"),
+        (_batch({b"labels": [1.0, 2.0]}), "list of ints"),
+        (_batch({b"labels": [True, False]}), "list of ints"),
+        (_batch({b"labels": [1, 2, 3]}), "2 images and 3 labels"),
+        (_batch({b"filenames": [1, 2]}), "'filenames' must be a list of strings"),
+        (_batch({b"batch_label": 3}), "'batch_label' must be a string"),
+        ([1, 2], "holds a list, expected the dict"),
+    ],
+)
 def test_cifar_batch_of_another_layout_is_refused(batch, why):
     with pytest.raises(DataIntegrityError, match=why) as e:
         load_cifar_batch(pickle.dumps(batch, protocol=2), source="cifar10/test_batch")

@@ -93,25 +93,36 @@ def test_declared_d_and_sizes_match_the_real_data():
 
 
 def _spec(**kw) -> DatasetSpec:
-    base = {"name": "toy", "dim": 4, "sizes": (8, 1, 1), "raw_files": ("toy/data.npy",), "source": "archive",
-            "description": "a toy", "recipe_version": 1, "prepare": lambda root: {}}
+    base = {
+        "name": "toy",
+        "dim": 4,
+        "sizes": (8, 1, 1),
+        "raw_files": ("toy/data.npy",),
+        "source": "archive",
+        "description": "a toy",
+        "recipe_version": 1,
+        "prepare": lambda root: {},
+    }
     return DatasetSpec(**{**base, **kw})
 
 
-@pytest.mark.parametrize("kw, why", [
-    ({"name": "Toy-2"}, "lower-case identifier"),
-    ({"dim": 0}, "dim must be a positive int"),
-    ({"sizes": (8, 1)}, "three positive ints"),
-    ({"raw_files": ("../etc/passwd",)}, "normalised relative path"),
-    ({"raw_files": ("data.npy",)}, "FOLDER/FILE"),
-    ({"raw_files": ()}, 'source "archive" goes with raw files'),
-    ({"recipe_version": 0}, "recipe_version"),
-    ({"prepare": None}, "callable"),
-    ({"image": ImageSpec(1e-6, 256, (3, 3))}, "9 pixels, dim is 4"),
-    ({"classes": -1}, "classes must be an int ≥ 0"),
-    ({"classes": True}, "classes must be an int ≥ 0"),
-    ({"classes": 10.0}, "classes must be an int ≥ 0"),
-])
+@pytest.mark.parametrize(
+    "kw, why",
+    [
+        ({"name": "Toy-2"}, "lower-case identifier"),
+        ({"dim": 0}, "dim must be a positive int"),
+        ({"sizes": (8, 1)}, "three positive ints"),
+        ({"raw_files": ("../etc/passwd",)}, "normalised relative path"),
+        ({"raw_files": ("data.npy",)}, "FOLDER/FILE"),
+        ({"raw_files": ()}, 'source "archive" goes with raw files'),
+        ({"recipe_version": 0}, "recipe_version"),
+        ({"prepare": None}, "callable"),
+        ({"image": ImageSpec(1e-6, 256, (3, 3))}, "9 pixels, dim is 4"),
+        ({"classes": -1}, "classes must be an int ≥ 0"),
+        ({"classes": True}, "classes must be an int ≥ 0"),
+        ({"classes": 10.0}, "classes must be an int ≥ 0"),
+    ],
+)
 def test_bad_declarations_are_refused(kw: dict, why: str):
     _spec()  # the base declaration is valid
     with pytest.raises(ValueError, match=why):

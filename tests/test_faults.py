@@ -38,9 +38,6 @@ def gaussian_data(n_train, n_val, n_test, seed=1) -> Dataset:
     return Dataset("toy", x[:n_train], x[n_train : n_train + n_val], x[n_train + n_val :])
 
 
-
-
-
 class Kill(Exception):
     pass
 
@@ -53,8 +50,15 @@ def tiny(monkeypatch):
 
 def opts(tmp_path, **kw):
     # checkpoint after every epoch (the default cadence, at most every 30 s, would skip the kill points)
-    return {"out": str(tmp_path), "model": "tiny", "batch_size": 100, "device": "cpu", "patience": 50,
-            "checkpoint_every_s": 0, **kw}
+    return {
+        "out": str(tmp_path),
+        "model": "tiny",
+        "batch_size": 100,
+        "device": "cpu",
+        "patience": 50,
+        "checkpoint_every_s": 0,
+        **kw,
+    }
 
 
 def kill_at(epoch):
@@ -143,8 +147,13 @@ def test_cli_second_run_exits_2_while_the_lock_is_held(tmp_path):
     lock.parent.mkdir(parents=True)
     with exclusive_lock(lock):
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-        out = subprocess.run([sys.executable, "-m", "flowbench", "run", "--model", "gaussian", "--out",
-                              str(tmp_path), "--quiet"], capture_output=True, text=True, env=env, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-m", "flowbench", "run", "--model", "gaussian", "--out", str(tmp_path), "--quiet"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
     assert out.returncode == 2, out.stderr
     assert f"process {os.getpid()} is already training this run" in out.stderr and "Traceback" not in out.stderr
 
@@ -204,8 +213,11 @@ def test_disk_full_reports_the_exact_size_and_keeps_the_old_record(tmp_path, mon
     import json
 
     want = len((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-    with pytest.raises(DiskFullError, match=rf"write {path} \(it needs {want:,} bytes; [\d,]+ bytes are free\); "
-                                            r"the previous version is intact"):
+    with pytest.raises(
+        DiskFullError,
+        match=rf"write {path} \(it needs {want:,} bytes; [\d,]+ bytes are free\); "
+        r"the previous version is intact",
+    ):
         atomic_write_json(path, obj)
     assert json.loads(path.read_text()) == {"old": 1}
     # Generic writes report what they had written; DiskFullError is an OSError for `except OSError` callers.
@@ -267,8 +279,9 @@ def test_finished_run_keeps_only_the_model_state(tmp_path):
     assert abs(float(ll.mean()) - rec.test_ll) < 1e-5
     with pytest.raises(ConfigError, match="kept only its model state.*--keep-checkpoint"):
         run_experiment(opts(tmp_path / "a", **dict(o, max_epochs=4), resume=True, force=True), data, progress=False)
-    longer = run_experiment(opts(tmp_path / "b", **dict(o, max_epochs=4), resume=True, force=True), data,
-                            progress=False)
+    longer = run_experiment(
+        opts(tmp_path / "b", **dict(o, max_epochs=4), resume=True, force=True), data, progress=False
+    )
     assert longer.epochs == 4
 
 
@@ -299,8 +312,15 @@ def test_usage_error_inside_a_sweep_run_is_not_retried(tmp_path):
     assert calls.count(7) == 1 and calls.count(8) == 3
 
 
-@pytest.mark.parametrize("flags", [["--cpus-per-run", "0"], ["--cpus-per-run", "0", "--dry-run"],
-                                   ["--gpus-per-run", "-1"], ["--workers", "0", "--dry-run"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--cpus-per-run", "0"],
+        ["--cpus-per-run", "0", "--dry-run"],
+        ["--gpus-per-run", "-1"],
+        ["--workers", "0", "--dry-run"],
+    ],
+)
 def test_sweep_resource_flags_are_checked_first(tmp_path, capsys, flags):
     good = REPO_ROOT / "configs" / "sweeps" / "tiny-digits.toml"
     assert main(["sweep", str(good), "--out", str(tmp_path), *flags]) == 2
@@ -311,11 +331,18 @@ def test_sweep_resource_flags_are_checked_first(tmp_path, capsys, flags):
 
 # -- item 8: no torch.jit.script notice from the Jacobian tools ---------------------------------------------
 def test_jacobian_does_not_print_torch_deprecation_notices():
-    code = ("import torch; from flowbench.jacobian import jacobian_spectral_norm; "
-            "print(jacobian_spectral_norm(lambda x: torch.sin(x) * 2, torch.randn(4, 3)).shape)")
+    code = (
+        "import torch; from flowbench.jacobian import jacobian_spectral_norm; "
+        "print(jacobian_spectral_norm(lambda x: torch.sin(x) * 2, torch.randn(4, 3)).shape)"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-W", "error::FutureWarning", "-c",
-                          code], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-W", "error::FutureWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "jit" not in out.stderr
 
@@ -354,8 +381,16 @@ class DriverWritesBackend:
         out = []
         for t in tokens:
             o = self.pending.pop(t)
-            out.append((t, {"ok": True, "record": RunRecord.example(dataset=o.dataset, model=o.model, tag=o.tag,
-                                                                       seed=o.seed), "seconds": 0.0}))
+            out.append(
+                (
+                    t,
+                    {
+                        "ok": True,
+                        "record": RunRecord.example(dataset=o.dataset, model=o.model, tag=o.tag, seed=o.seed),
+                        "seconds": 0.0,
+                    },
+                )
+            )
         return out
 
     def finish(self, state, outcome, out):

@@ -12,7 +12,9 @@ from flowbench.jacobian import jacobian_spectral_norm, lipschitz_bound, logdet_a
 
 def _net(d_in: int, d_out: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(d_in, 12), nn.Tanh(), nn.Linear(12, 12), nn.Softplus(), nn.Linear(12, d_out)).double()
+    return nn.Sequential(
+        nn.Linear(d_in, 12), nn.Tanh(), nn.Linear(12, 12), nn.Softplus(), nn.Linear(12, d_out)
+    ).double()
 
 
 def _explicit(fn, x: torch.Tensor) -> torch.Tensor:
@@ -50,12 +52,16 @@ def test_lipschitz_bound_of_linear_map_is_its_spectral_norm():
     torch.manual_seed(0)
     w = torch.randn(4, 6, dtype=torch.float64)
     x = torch.randn(10, 6, dtype=torch.float64)
-    assert lipschitz_bound(lambda v: v @ w.t(), x, n_iter=200) == pytest.approx(float(torch.linalg.matrix_norm(w, 2)), rel=1e-8)
+    assert lipschitz_bound(lambda v: v @ w.t(), x, n_iter=200) == pytest.approx(
+        float(torch.linalg.matrix_norm(w, 2)), rel=1e-8
+    )
 
 
 def test_zero_jacobian_gives_zero():
     x = torch.randn(3, 2, dtype=torch.float64)
-    assert torch.equal(jacobian_spectral_norm(lambda v: torch.zeros_like(v) + 1.0, x), torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(
+        jacobian_spectral_norm(lambda v: torch.zeros_like(v) + 1.0, x), torch.zeros(3, dtype=torch.float64)
+    )
 
 
 def test_logdet_autograd_matches_slogdet_of_explicit_jacobian():
@@ -100,6 +106,7 @@ def test_spectral_norm_and_logdet_on_every_registered_flow(name):
     def fn_at(i):
         def fn(v):
             return (flow.transform(v, ctx[i : i + 1]) if k else flow.transform(v))[0]
+
         return fn
 
     def row_jacobian(i):

@@ -88,8 +88,9 @@ def test_random_degrees_pass_every_check(name):
     assert "torch.func.vmap" in rep["stacking"].detail  # the runs' masks differ
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if get_spec(n).unstackable is not None and "dropout" in
-                                  get_spec(n).hparams])
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if get_spec(n).unstackable is not None and "dropout" in get_spec(n).hparams]
+)
 def test_stacking_without_dropout(name):
     """Models that do not stack with their defaults (dropout) do once it is off: the check must then pass."""
     res = report(name, hparams={"dropout": 0.0}, checks=["stacking"])["stacking"]
@@ -142,8 +143,9 @@ def fitted_2d():
         cond = get_spec(name).conditional
         x = torch.cat([two_blobs(), blob_labels()], 1) if cond else two_blobs()
         torch.manual_seed(0)
-        model = build_model(name, 2, classes=2 if cond else 0,
-                            **{k: FIT_SHRINK[k] for k in model_hparams(name) if k in FIT_SHRINK})
+        model = build_model(
+            name, 2, classes=2 if cond else 0, **{k: FIT_SHRINK[k] for k in model_hparams(name) if k in FIT_SHRINK}
+        )
         model.initialize(x)
         if model.trainable:
             opt = torch.optim.Adam(model.parameters(), lr=1e-2)

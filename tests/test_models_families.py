@@ -197,9 +197,11 @@ def test_coupling_layer_is_the_maf_code_formula():
 
 def test_gaussian_is_the_closed_form_mle():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 3, generator=g, dtype=torch.float64) @ torch.tensor(
-        [[1.0, 0.5, 0.0], [0.0, 2.0, 0.3], [0.0, 0.0, 0.5]], dtype=torch.float64
-    ) + 1.0
+    x = (
+        torch.randn(300, 3, generator=g, dtype=torch.float64)
+        @ torch.tensor([[1.0, 0.5, 0.0], [0.0, 2.0, 0.3], [0.0, 0.0, 0.5]], dtype=torch.float64)
+        + 1.0
+    )
     model = build_model("gaussian", 3).double()
     assert model.trainable is False
     model.initialize(x.float())  # fitted in float64 whatever the input dtype

@@ -108,7 +108,9 @@ def test_every_parameter_gets_a_gradient(spec):
 def test_eval_is_deterministic_and_batch_independent_training_is_not(spec):
     model, x = make_model(spec, 3, dropout=0.5)
     full = model.log_prob(x[:6])
-    torch.testing.assert_close(full, torch.cat([model.log_prob(x[i : i + 1]) for i in range(6)]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        full, torch.cat([model.log_prob(x[i : i + 1]) for i in range(6)]), rtol=1e-12, atol=1e-12
+    )
     model.train()  # dropout is on only in training mode
     assert not torch.allclose(model.log_prob(x[:6]), full)
 
@@ -161,8 +163,9 @@ def test_autoregressive_step_has_a_triangular_jacobian():
 def test_coupling_step_conditions_on_the_pass_through_half():
     transformed = torch.tensor([True, False, True, False, True])
     for unconditional in (False, True):
-        step = CouplingSpline(transformed, hidden=16, blocks=1, bins=4, tail_bound=3.0, dropout=0.0,
-                              unconditional=unconditional).double()
+        step = CouplingSpline(
+            transformed, hidden=16, blocks=1, bins=4, tail_bound=3.0, dropout=0.0, unconditional=unconditional
+        ).double()
         with torch.no_grad():
             for p in step.parameters():
                 p.add_(0.3 * torch.randn_like(p))
@@ -243,20 +246,39 @@ def nflows_mirror(flow, hp: dict):
             steps.append(ref)
         elif isinstance(t, AutoregressiveSpline):
             ref = transforms.MaskedPiecewiseRationalQuadraticAutoregressiveTransform(
-                features=t.dim, hidden_features=hp["hidden"], num_bins=k, tails="linear",
-                tail_bound=hp["tail_bound"], num_blocks=hp["blocks"], use_residual_blocks=True, random_mask=False,
-                activation=F.relu, dropout_probability=hp["dropout"], use_batch_norm=False).double()
+                features=t.dim,
+                hidden_features=hp["hidden"],
+                num_bins=k,
+                tails="linear",
+                tail_bound=hp["tail_bound"],
+                num_blocks=hp["blocks"],
+                use_residual_blocks=True,
+                random_mask=False,
+                activation=F.relu,
+                dropout_probability=hp["dropout"],
+                use_batch_norm=False,
+            ).double()
             _copy_net(t.net, ref.autoregressive_net)
             steps.append(ref)
         elif isinstance(t, CouplingSpline):
             mask = create_alternating_binary_mask(flow.dim, even=couplings % 2 == 0)
             couplings += 1
             ref = transforms.PiecewiseRationalQuadraticCouplingTransform(
-                mask=mask, num_bins=k, tails="linear", tail_bound=hp["tail_bound"],
+                mask=mask,
+                num_bins=k,
+                tails="linear",
+                tail_bound=hp["tail_bound"],
                 apply_unconditional_transform=hp["unconditional"],
                 transform_net_create_fn=lambda n_in, n_out: RefResNet(
-                    n_in, n_out, hidden_features=hp["hidden"], num_blocks=hp["blocks"], activation=F.relu,
-                    dropout_probability=hp["dropout"], use_batch_norm=False)).double()
+                    n_in,
+                    n_out,
+                    hidden_features=hp["hidden"],
+                    num_blocks=hp["blocks"],
+                    activation=F.relu,
+                    dropout_probability=hp["dropout"],
+                    use_batch_norm=False,
+                ),
+            ).double()
             _copy_net(t.net, ref.transform_net)
             if t.unconditional is not None:
                 u = ref.unconditional_transform
@@ -369,7 +391,12 @@ def test_protocol_maf_trains_the_same_model_under_the_maf_protocol():
     assert maf.hparams == nsf.hparams  # the model is the same, dropout included
     assert (maf.lr, maf.batch_size, maf.patience, maf.weight_decay) == (NSF_AR_SPEC.lr, 100, 30, 1e-6)
     assert (maf.max_steps, maf.lr_schedule, maf.grad_clip, maf.eval_every, maf.max_epochs) == (
-        None, "constant", None, None, None)
+        None,
+        "constant",
+        None,
+        None,
+        None,
+    )
     flags_win = resolve_options({"dataset": "power", "model": "nsf-ar", "protocol": "maf", "batch_size": 64})
     assert flags_win.batch_size == 64
 

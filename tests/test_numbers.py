@@ -42,8 +42,15 @@ def image_data(n_train=300, n_val=60, n_test=80, d=4, seed=3) -> Dataset:
     s = ALPHA + (1 - 2 * ALPHA) * pixels
     y = np.log(s) - np.log1p(-s)
     y = y.astype(np.float32)
-    return Dataset("img", y[:n_train], y[n_train : n_train + n_val], y[n_train + n_val :], logit_alpha=ALPHA,
-                   levels=LEVELS, image_shape=(2, 2))
+    return Dataset(
+        "img",
+        y[:n_train],
+        y[n_train : n_train + n_val],
+        y[n_train + n_val :],
+        logit_alpha=ALPHA,
+        levels=LEVELS,
+        image_shape=(2, 2),
+    )
 
 
 def gaussian_data(n_train=600, n_val=150, n_test=200, seed=1) -> Dataset:
@@ -94,8 +101,9 @@ def test_train_loss_in_history_equals_a_direct_evaluation_at_lr_zero(tmp_path):
     """At a learning rate far below float32 resolution the weights never move, so every epoch's train_loss
     is the mean NLL of the initial model over the whole training set."""
     data = image_data()
-    rec = run_experiment(opts(tmp_path, model="made", hidden=8, lr=1e-30, max_epochs=3, patience=5), data,
-                         progress=False)
+    rec = run_experiment(
+        opts(tmp_path, model="made", hidden=8, lr=1e-30, max_epochs=3, patience=5), data, progress=False
+    )
     flow = models.build_model("made", data.dim, **rec.hparams)
     flow.load_state_dict(best_model_state(tmp_path / "runs" / "img" / "made" / "seed0.ckpt"))
     direct = -float(log_prob_batches(flow, torch.tensor(data.train)).mean())
@@ -108,8 +116,9 @@ def test_train_loss_in_history_equals_a_direct_evaluation_at_lr_zero(tmp_path):
 
 def test_every_number_in_an_image_record(tmp_path):
     data = image_data()
-    rec = run_experiment(opts(tmp_path, model="made", hidden=8, lr=1e-2, max_epochs=4, patience=2), data,
-                         progress=False)
+    rec = run_experiment(
+        opts(tmp_path, model="made", hidden=8, lr=1e-2, max_epochs=4, patience=2), data, progress=False
+    )
     path = record_path(tmp_path, "img", "made", 0)
     assert read_record(path).to_json() == rec.to_json()  # what is on disk is what was returned
     flow = models.build_model("made", data.dim, **rec.hparams)
@@ -126,9 +135,14 @@ def test_every_number_in_an_image_record(tmp_path):
     assert rec.best_val_ll == max(h["val_ll"] for h in rec.history)
     assert rec.history[rec.best_epoch - 1]["val_ll"] == rec.best_val_ll
     assert rec.best_val_ll == pytest.approx(val.mean(), rel=1e-6)  # the restored state is the best epoch's
-    for field, value in [("test_ll", logp.mean()), ("test_ll_2se", se(logp)), ("test_ll_pixel", pixel.mean()),
-                         ("test_ll_pixel_2se", se(pixel)), ("bits_per_pixel", bpp.mean()),
-                         ("bits_per_pixel_2se", se(bpp))]:
+    for field, value in [
+        ("test_ll", logp.mean()),
+        ("test_ll_2se", se(logp)),
+        ("test_ll_pixel", pixel.mean()),
+        ("test_ll_pixel_2se", se(pixel)),
+        ("bits_per_pixel", bpp.mean()),
+        ("bits_per_pixel_2se", se(bpp)),
+    ]:
         assert getattr(rec, field) == pytest.approx(value, rel=1e-6), field
     assert rec.test_ll_finite is None and rec.test_ll_finite_2se is None
     assert 0 < rec.train_time_s <= rec.wall_time_s
@@ -146,7 +160,6 @@ def test_gaussian_best_val_ll_is_computed_on_the_validation_split(tmp_path):
 
 
 # -- −inf points ------------------------------------------------------------------------------------------
-
 
 
 FAR = 1e20  # z² overflows float32: the density's log is −inf there, as far outside the data of a real model
@@ -205,7 +218,8 @@ def test_old_records_without_the_counts_still_read():
 
 def test_trainer_validation_returns_finite_mean_and_count():
     data = with_far_points(gaussian_data(), val=4, test=0)
-    trainer = Trainer(tiny_flow(2), torch.tensor(data.train), torch.tensor(data.val), lr=1e-2, max_epochs=1,
-                      progress=False)
+    trainer = Trainer(
+        tiny_flow(2), torch.tensor(data.train), torch.tensor(data.val), lr=1e-2, max_epochs=1, progress=False
+    )
     res = trainer.fit()
     assert res.status == "ok" and res.n_nonfinite_val == 4

@@ -29,8 +29,10 @@ KEYS = ("epoch", "step", "train_loss", "train_nll", "val_ll", "n_nonfinite_val",
 def digits():
     data = load_dataset("digits")
     # 400 training rows in batches of 40: 10 steps an epoch
-    return (torch.tensor(np.asarray(data.train[:400]), dtype=torch.float64),
-            torch.tensor(np.asarray(data.val[:200]), dtype=torch.float64))
+    return (
+        torch.tensor(np.asarray(data.train[:400]), dtype=torch.float64),
+        torch.tensor(np.asarray(data.val[:200]), dtype=torch.float64),
+    )
 
 
 def build(model: str, seed: int, train_x):
@@ -45,11 +47,19 @@ def rows(res):
 
 
 def assert_same_run(a, b, flow_a, flow_b, atol=1e-9):
-    assert (a.epochs, a.steps, a.best_epoch, a.best_step, a.stop_reason, a.ended, a.status) == \
-        (b.epochs, b.steps, b.best_epoch, b.best_step, b.stop_reason, b.ended, b.status)
+    assert (a.epochs, a.steps, a.best_epoch, a.best_step, a.stop_reason, a.ended, a.status) == (
+        b.epochs,
+        b.steps,
+        b.best_epoch,
+        b.best_step,
+        b.stop_reason,
+        b.ended,
+        b.status,
+    )
     assert [r[:2] for r in rows(a)] == [r[:2] for r in rows(b)]
-    np.testing.assert_allclose(np.array([r[2:] for r in rows(a)]), np.array([r[2:] for r in rows(b)]), rtol=0,
-                               atol=atol)
+    np.testing.assert_allclose(
+        np.array([r[2:] for r in rows(a)]), np.array([r[2:] for r in rows(b)]), rtol=0, atol=atol
+    )
     for (k, v), w in zip(flow_a.state_dict().items(), flow_b.state_dict().values()):
         torch.testing.assert_close(v, w, rtol=0, atol=atol, msg=k)
 
@@ -68,12 +78,19 @@ def test_stack_in_step_mode_equals_single_runs(model, digits):
     singles = []
     for seed in seeds:
         flow = build(model, seed, train_x)
-        res = Trainer(flow, train_x, val_x, lr=LR[model], patience=50, seed=seed, batch_size=40, progress=False,
-                      **STEP_MODE).fit()
+        res = Trainer(
+            flow, train_x, val_x, lr=LR[model], patience=50, seed=seed, batch_size=40, progress=False, **STEP_MODE
+        ).fit()
         singles.append((res, flow))
     flows = [build(model, s, train_x) for s in seeds]
-    results = StackedTrainer([RunSpec(f, s, LR[model], patience=50) for f, s in zip(flows, seeds)], train_x, val_x,
-                             batch_size=40, progress=False, **STEP_MODE).fit()
+    results = StackedTrainer(
+        [RunSpec(f, s, LR[model], patience=50) for f, s in zip(flows, seeds)],
+        train_x,
+        val_x,
+        batch_size=40,
+        progress=False,
+        **STEP_MODE,
+    ).fit()
     for (single, sflow), res, flow in zip(singles, results, flows):
         assert [h["step"] for h in res.history] == [4, 8, 12, 16, 20, 24, 28, 32, 36, 37]
         assert res.stop_reason == "reached max_steps=37" and res.ended == "budget" and res.steps == 37
@@ -107,8 +124,9 @@ def test_stack_in_step_mode_with_different_epoch_caps(digits):
         flow = build("maf", seed, train_x)
         singles[seed] = (Trainer(flow, train_x, val_x, lr=3e-3, seed=seed, max_epochs=cap, **kw).fit(), flow)
     flows = {s: build("maf", s, train_x) for s in caps}
-    results = StackedTrainer([RunSpec(flows[s], s, 3e-3, max_epochs=c) for s, c in caps.items()], train_x, val_x,
-                             **kw).fit()
+    results = StackedTrainer(
+        [RunSpec(flows[s], s, 3e-3, max_epochs=c) for s, c in caps.items()], train_x, val_x, **kw
+    ).fit()
     assert [h["step"] for h in results[0].history] == [7, 14, 20]
     assert [h["step"] for h in results[1].history] == [7, 14, 21, 28, 30]
     for seed, res in zip(caps, results):
@@ -121,8 +139,10 @@ class Kill(Exception):
 
 
 def stack(data, flows, ckpts, callbacks=(), max_epochs=None, **kw):
-    specs = [RunSpec(f, s, 3e-3, patience=50, max_epochs=max_epochs, checkpoint_path=c, fingerprint={"k": 1})
-             for s, (f, c) in enumerate(zip(flows, ckpts))]
+    specs = [
+        RunSpec(f, s, 3e-3, patience=50, max_epochs=max_epochs, checkpoint_path=c, fingerprint={"k": 1})
+        for s, (f, c) in enumerate(zip(flows, ckpts))
+    ]
     return StackedTrainer(specs, *data, batch_size=40, progress=False, callbacks=list(callbacks), **kw)
 
 
@@ -151,8 +171,19 @@ def test_stack_killed_mid_epoch_resumes_exactly_stacked_or_alone(digits, tmp_pat
         assert_same_run(res, ref, f, g, atol=0)
     # a stacked run's mid-epoch checkpoint is a single run's: run 1 resumes alone, as the single run of seed 1
     alone_flow = build("maf", 1, train_x)
-    alone = Trainer(alone_flow, train_x, val_x, lr=3e-3, patience=50, seed=1, batch_size=40, progress=False,
-                    checkpoint_path=tmp_path / "alone.ckpt", fingerprint={"k": 1}, **STEP_MODE)
+    alone = Trainer(
+        alone_flow,
+        train_x,
+        val_x,
+        lr=3e-3,
+        patience=50,
+        seed=1,
+        batch_size=40,
+        progress=False,
+        checkpoint_path=tmp_path / "alone.ckpt",
+        fingerprint={"k": 1},
+        **STEP_MODE,
+    )
     alone.load_checkpoint()
     assert (alone._step, alone._pos) == (12, 2)
     assert_same_run(alone.fit(), full[1], alone_flow, full_flows[1])
@@ -184,8 +215,19 @@ def test_old_stack_checkpoints_of_format_1_still_resume(digits, tmp_path):
     for res, ref, f, g in zip(tr.fit(), full, flows, full_flows):
         assert_same_run(res, ref, f, g, atol=0)
     alone_flow = build("maf", 0, train_x)
-    alone = Trainer(alone_flow, train_x, val_x, lr=3e-3, patience=50, seed=0, batch_size=40, max_epochs=4,
-                    progress=False, checkpoint_path=ckpts[0], fingerprint={"k": 1})
+    alone = Trainer(
+        alone_flow,
+        train_x,
+        val_x,
+        lr=3e-3,
+        patience=50,
+        seed=0,
+        batch_size=40,
+        max_epochs=4,
+        progress=False,
+        checkpoint_path=ckpts[0],
+        fingerprint={"k": 1},
+    )
     alone.load_checkpoint()
     assert_same_run(alone.fit(), full[0], alone_flow, full_flows[0])
 
@@ -196,8 +238,13 @@ def test_a_stacks_lines_are_the_single_runs_with_its_label(digits, capsys):
         kw = dict(max_steps=12, eval_every=5) if step_mode else {}
         Trainer(build("made", 0, train_x), train_x, val_x, lr=3e-3, batch_size=40, seed=0, max_epochs=2, **kw).fit()
         single = [ln for ln in capsys.readouterr().err.splitlines() if "patience left" in ln]
-        StackedTrainer([RunSpec(build("made", s, train_x), s, 3e-3, max_epochs=2) for s in (0, 1)], train_x, val_x,
-                       batch_size=40, **kw).fit()
+        StackedTrainer(
+            [RunSpec(build("made", s, train_x), s, 3e-3, max_epochs=2) for s in (0, 1)],
+            train_x,
+            val_x,
+            batch_size=40,
+            **kw,
+        ).fit()
         stacked = [ln for ln in capsys.readouterr().err.splitlines() if "patience left" in ln]
         assert len(single) == (3 if step_mode else 2) and len(stacked) == 2 * len(single)
         assert [ln for ln in stacked if ln.startswith("seed 0 ")] == [f"seed 0 {ln}" for ln in single]
@@ -206,8 +253,14 @@ def test_a_stacks_lines_are_the_single_runs_with_its_label(digits, capsys):
 
 def test_a_stack_at_different_places_in_its_epochs_is_refused(digits):
     train_x, val_x = digits
-    tr = StackedTrainer([RunSpec(build("made", s, train_x), s, 3e-3) for s in (0, 1)], train_x, val_x,
-                        batch_size=40, progress=False, eval_every=3)
+    tr = StackedTrainer(
+        [RunSpec(build("made", s, train_x), s, 3e-3) for s in (0, 1)],
+        train_x,
+        val_x,
+        batch_size=40,
+        progress=False,
+        eval_every=3,
+    )
     tr.runs[1].state.pos, tr.runs[1].state.perm = 3, torch.arange(train_x.shape[0])
     with pytest.raises(ConfigError, match="different places in their epochs.*one by one"):
         tr.fit()
@@ -219,8 +272,16 @@ def test_run_seeds_stacks_the_step_options(tmp_path):
     from flowbench.training.experiment import run_experiment
     from flowbench.training.stacked import run_stacked
 
-    base = {"dataset": "digits", "model": "made", "device": "cpu", "hidden": 16, "max_steps": 40, "eval_every": 10,
-            "lr_schedule": "cosine", "grad_clip": 1.0}
+    base = {
+        "dataset": "digits",
+        "model": "made",
+        "device": "cpu",
+        "hidden": 16,
+        "max_steps": 40,
+        "eval_every": 10,
+        "lr_schedule": "cosine",
+        "grad_clip": 1.0,
+    }
     stacked = run_stacked([{**base, "seed": s, "out": str(tmp_path / "stack")} for s in (0, 1)], progress=False)
     single = run_experiment({**base, "seed": 1, "out": str(tmp_path / "one")}, progress=False)
     assert [r.steps for r in stacked] == [40, 40] and stacked[1].ended == single.ended == "budget"

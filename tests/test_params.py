@@ -1,4 +1,5 @@
-"""Parameter counts against the MAF paper's counts (docs/sources/maf-protocol.md#parameter-counts), and parameter matching."""
+"""Parameter counts against the MAF paper's counts (docs/sources/maf-protocol.md#parameter-counts), and parameter
+matching."""
 
 from __future__ import annotations
 
@@ -48,8 +49,11 @@ def test_formulas_match_built_models(hl, bn):
     for name, (hp, count) in expected.items():
         assert count_params(build_model(f"{name}-cond", d, classes=n, **hp)) == count + extra[name], name
         assert param_count(f"{name}-cond", d, classes=n, **hp) == count + extra[name], name
-    assert param_count("gaussian-cond", d, classes=n) == count_params(build_model("gaussian-cond", d, classes=n)) \
+    assert (
+        param_count("gaussian-cond", d, classes=n)
+        == count_params(build_model("gaussian-cond", d, classes=n))
         == n * (d + d * (d + 1) // 2)
+    )
     res = match_params("maf-cond", d, 5_000, classes=n, layers=2)
     assert res["achieved"] == count_params(build_model("maf-cond", d, classes=n, **res["hparams"]))
 
@@ -110,7 +114,11 @@ def test_match_params_errors():
     with pytest.raises(ConfigError, match="does not accept"):
         match_params("maf", 3, 1000, widht=3)
     assert match_params("gaussian", 4, 10) == {
-        "hparams": {}, "target": 10, "achieved": 14, "knob": None, "relative_error": 0.4
+        "hparams": {},
+        "target": 10,
+        "achieved": 14,
+        "knob": None,
+        "relative_error": 0.4,
     }
     assert MODELS["maf"].match_knob == "hidden"
 
@@ -131,9 +139,18 @@ def test_registry_errors_and_labels():
     assert display_name("maf", layers=10) == "MAF (10)"
     assert display_name("maf-mog") == "MAF MoG (5)"
     assert display_name("realnvp", layers=10) == "Real NVP (10)"
-    assert (display_name("gaussian"), display_name("made"), display_name("made-mog")) == ("Gaussian", "MADE", "MADE MoG")
+    assert (display_name("gaussian"), display_name("made"), display_name("made-mog")) == (
+        "Gaussian",
+        "MADE",
+        "MADE MoG",
+    )
     assert model_hparams("maf") == {
-        "layers": 5, "hidden": 100, "hidden_layers": 1, "activation": "relu", "degrees": "sequential", "batch_norm": True
+        "layers": 5,
+        "hidden": 100,
+        "hidden_layers": 1,
+        "activation": "relu",
+        "degrees": "sequential",
+        "batch_norm": True,
     }
     assert model_hparams("made-mog")["components"] == 10
     assert build_model("maf", 3, hidden=None).transform.transforms[0].out.weight.shape[1] == 100  # None → default
@@ -160,11 +177,19 @@ def _widths_spec():
     from flowbench.models.spec import HParam, ModelSpec
 
     def build(dim, *, layers, widths):
-        return build_maf(dim, layers=layers, hidden=widths[0], hidden_layers=len(widths), activation="relu",
-                         batch_norm=True)
+        return build_maf(
+            dim, layers=layers, hidden=widths[0], hidden_layers=len(widths), activation="relu", batch_norm=True
+        )
 
-    return ModelSpec(name="widths", build=build, label="W", paper="test", lr=1e-4, match_knob="widths",
-                     hparams={"layers": MAF_SPEC.hparams["layers"], "widths": HParam((8, 8), "widths", low=1)})
+    return ModelSpec(
+        name="widths",
+        build=build,
+        label="W",
+        paper="test",
+        lr=1e-4,
+        match_knob="widths",
+        hparams={"layers": MAF_SPEC.hparams["layers"], "widths": HParam((8, 8), "widths", low=1)},
+    )
 
 
 def test_match_params_with_a_list_knob(monkeypatch):

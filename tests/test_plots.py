@@ -38,19 +38,52 @@ pytest.importorskip("sklearn")
 
 # -- fixtures -----------------------------------------------------------------------------------------------
 
-def fake_record(dataset, model, display, seed, val, *, train=None, best_epoch=None, stop="no improvement for 3 epochs",
-                status="ok", failure=None, tag=None, test_ll=None, wall=1.5):
+
+def fake_record(
+    dataset,
+    model,
+    display,
+    seed,
+    val,
+    *,
+    train=None,
+    best_epoch=None,
+    stop="no improvement for 3 epochs",
+    status="ok",
+    failure=None,
+    tag=None,
+    test_ll=None,
+    wall=1.5,
+):
     """A record with history ``val`` (validation LL per epoch); the other fields follow from it."""
     val = list(val)
     train = list(train) if train is not None else [-v + 1.0 for v in val]
     if best_epoch is None and val:
         best_epoch = int(np.argmax(val)) + 1
     return RunRecord.example(
-        dataset=dataset, model=model, display_name=display, tag=tag, seed=seed, config={}, hparams={}, params=100,
-        epochs=len(val), best_epoch=best_epoch, best_val_ll=max(val) if val else -5.0,
-        test_ll=test_ll if test_ll is not None else (max(val) if val else -5.0) - 0.1, test_ll_2se=0.05, n_test=10,
-        wall_time_s=wall, device="cpu", torch="x", python="3", timestamp="t", status=status, failure=failure,
-        stop_reason=stop, history=[{"epoch": i + 1, "train_loss": t, "val_ll": v} for i, (t, v) in enumerate(zip(train, val))],
+        dataset=dataset,
+        model=model,
+        display_name=display,
+        tag=tag,
+        seed=seed,
+        config={},
+        hparams={},
+        params=100,
+        epochs=len(val),
+        best_epoch=best_epoch,
+        best_val_ll=max(val) if val else -5.0,
+        test_ll=test_ll if test_ll is not None else (max(val) if val else -5.0) - 0.1,
+        test_ll_2se=0.05,
+        n_test=10,
+        wall_time_s=wall,
+        device="cpu",
+        torch="x",
+        python="3",
+        timestamp="t",
+        status=status,
+        failure=failure,
+        stop_reason=stop,
+        history=[{"epoch": i + 1, "train_loss": t, "val_ll": v} for i, (t, v) in enumerate(zip(train, val))],
     )
 
 
@@ -85,7 +118,9 @@ def real_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("real")
     base = {"out": str(out), "device": "cpu", "max_epochs": 2, "lr": 1e-3, "data_root": str(out / "data")}
     for seed in (0, 1):
-        run_experiment({**base, "dataset": "digits", "model": "maf", "seed": seed, "hidden": 16, "layers": 1}, progress=False)
+        run_experiment(
+            {**base, "dataset": "digits", "model": "maf", "seed": seed, "hidden": 16, "layers": 1}, progress=False
+        )
     run_experiment({**base, "dataset": "digits", "model": "gaussian"}, progress=False)
     rng = np.random.default_rng(0)
     tab = Dataset("tab3", *(rng.standard_normal((n, 3)).astype(np.float32) * [1, 2, 0.5] for n in (600, 100, 200)))
@@ -98,21 +133,42 @@ def real_runs(tmp_path_factory):
 
 # -- record accessors and run status --------------------------------------------------------------------------
 
+
 def test_status_kinds_and_convergence_note():
     converged = fake_record("power", "maf", "MAF (5)", 0, [1, 2, 1], stop="no improvement for 30 epochs")
     capped = fake_record("power", "maf", "MAF (5)", 1, [1, 2, 3], stop="reached max_epochs=3")
-    nonfinite = fake_record("power", "maf", "MAF (5)", 2, [1], stop="non-finite loss", status="nonfinite",
-                            failure="non-finite training loss (nan) at epoch 2, batch 7")
+    nonfinite = fake_record(
+        "power",
+        "maf",
+        "MAF (5)",
+        2,
+        [1],
+        stop="non-finite loss",
+        status="nonfinite",
+        failure="non-finite training loss (nan) at epoch 2, batch 7",
+    )
     gauss = fake_record("power", "gaussian", "Gaussian", 0, [], stop="closed-form fit (not trainable)")
     assert [S.run_status(r).kind for r in (converged, capped, nonfinite, gauss)] == [
-        "converged", "capped", "nonfinite", "closed-form"]
+        "converged",
+        "capped",
+        "nonfinite",
+        "closed-form",
+    ]
     assert S.run_status(converged).text == "converged: patience 30 ran out (best epoch 2 of 3)"
     assert "--max-epochs 3" in S.run_status(capped).text and not S.run_status(capped).comparable
     assert "at epoch 2, batch 7" in S.run_status(nonfinite).text
     assert S.convergence_note([converged, gauss]) is None
     # a capped run whose test LL came out non-finite is footnoted by its status already, not as "capped"
-    bad_test = fake_record("power", "maf", "MAF (5)", 3, [1, 2], stop="reached max_epochs=2", status="nonfinite",
-                           failure="test log-likelihood is not finite")
+    bad_test = fake_record(
+        "power",
+        "maf",
+        "MAF (5)",
+        3,
+        [1, 2],
+        stop="reached max_epochs=2",
+        status="nonfinite",
+        failure="test log-likelihood is not finite",
+    )
     assert S.convergence_note([nonfinite, bad_test]) is None and S.run_status(bad_test).kind == "nonfinite"
     note = S.convergence_note([converged, capped])
     assert note.startswith(S.NOT_CONVERGED) and "seed 1: --max-epochs 3" in note
@@ -120,10 +176,13 @@ def test_status_kinds_and_convergence_note():
 
 
 def test_table_footnotes_only_the_capped_cell(tmp_path):
-    recs = write_fakes(tmp_path, [
-        fake_record("power", "maf", "MAF (5)", 0, [0.1, 0.2, 0.15], test_ll=0.19),
-        fake_record("gas", "maf", "MAF (5)", 0, [1.0, 2.0], test_ll=1.9, stop="reached max_epochs=2"),
-    ])
+    recs = write_fakes(
+        tmp_path,
+        [
+            fake_record("power", "maf", "MAF (5)", 0, [0.1, 0.2, 0.15], test_ll=0.19),
+            fake_record("gas", "maf", "MAF (5)", 0, [1.0, 2.0], test_ll=1.9, stop="reached max_epochs=2"),
+        ],
+    )
     text = build_table(recs, [], "best-val")
     row = next(ln for ln in text.splitlines() if ln.startswith("| MAF (5)"))
     power, gas = (c.strip() for c in row.split("|")[3:5])
@@ -150,12 +209,15 @@ def test_selection_errors_name_what_exists():
 
 
 def test_best_configuration_by_validation_not_test():
-    recs = [fake_record("power", "maf", "MAF (5)", 0, [0.5], tag="a", test_ll=0.0),
-            fake_record("power", "maf", "MAF (5)", 0, [0.1], tag="b", test_ll=9.0)]
+    recs = [
+        fake_record("power", "maf", "MAF (5)", 0, [0.5], tag="a", test_ll=0.0),
+        fake_record("power", "maf", "MAF (5)", 0, [0.1], tag="b", test_ll=9.0),
+    ]
     assert [R.tag(r) for r in chosen_runs(recs)] == ["a"]
 
 
 # -- curves ----------------------------------------------------------------------------------------------------
+
 
 def _by_gid(ax, gid):
     return [a for a in ax.get_children() if a.get_gid() == gid]
@@ -223,7 +285,10 @@ def test_curves_cli_and_errors(tmp_path, capsys, monkeypatch):
     real = curves.save_curves
     monkeypatch.setattr(curves, "save_curves", lambda records, *a, **k: drawn.extend(records) or real(records, *a, **k))
     out = tmp_path / "c.png"
-    assert main(["plot", "curves", "--results", str(tmp_path), "--dataset", "digits", "--model", "maf", "--out", str(out)]) == 0
+    assert (
+        main(["plot", "curves", "--results", str(tmp_path), "--dataset", "digits", "--model", "maf", "--out", str(out)])
+        == 0
+    )
     assert drawn and {(r.dataset, r.model) for r in drawn} == {("digits", "maf")}  # the CLI's filters reach the plot
     img = pyplot().imread(out)
     assert img.shape[0] > 200 and img.std() > 0.05
@@ -233,6 +298,7 @@ def test_curves_cli_and_errors(tmp_path, capsys, monkeypatch):
 
 
 # -- samples ---------------------------------------------------------------------------------------------------
+
 
 def test_logit_to_pixels_inverts_the_digits_transform():
     from flowbench.data._common import logit
@@ -318,8 +384,27 @@ def test_toy2d_record_gets_the_density_figure(real_runs, tmp_path):
 def test_samples_cli(real_runs, tmp_path, capsys):
     out, _ = real_runs
     png = tmp_path / "s.png"
-    assert main(["plot", "samples", "--results", str(out), "--dataset", "digits", "--model", "maf", "--seed", "0",
-                 "-n", "9", "--out", str(png)]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                "samples",
+                "--results",
+                str(out),
+                "--dataset",
+                "digits",
+                "--model",
+                "maf",
+                "--seed",
+                "0",
+                "-n",
+                "9",
+                "--out",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert "MAF (1), seed 0" in capsys.readouterr().out and pyplot().imread(png).std() > 0.05
     assert main(["plot", "samples", "--results", str(out), "--dataset", "digits", "--model", "maf", "--seed", "7"]) == 2
     assert "recorded seeds: [0, 1]" in capsys.readouterr().err
@@ -334,6 +419,7 @@ def test_missing_checkpoint_is_a_clean_error(tmp_path):
 
 # -- tensorboard -----------------------------------------------------------------------------------------------
 
+
 def test_tensorboard_logs_the_record_values(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -344,9 +430,21 @@ def test_tensorboard_logs_the_record_values(tmp_path):
     log_dir = run_log_dir(tmp_path / "tb", "digits", "maf", 0, "small")
     assert log_dir == tmp_path / "tb" / "digits" / "maf" / "small" / "seed0"
     # `flowbench run --tensorboard DIR` is the option below
-    rec = run_experiment({"dataset": "digits", "model": "maf", "hidden": 8, "layers": 1, "max_epochs": 3, "lr": 1e-3,
-                          "out": str(tmp_path), "device": "cpu", "tag": "small", "tensorboard": str(tmp_path / "tb")},
-                         progress=False)
+    rec = run_experiment(
+        {
+            "dataset": "digits",
+            "model": "maf",
+            "hidden": 8,
+            "layers": 1,
+            "max_epochs": 3,
+            "lr": 1e-3,
+            "out": str(tmp_path),
+            "device": "cpu",
+            "tag": "small",
+            "tensorboard": str(tmp_path / "tb"),
+        },
+        progress=False,
+    )
     acc = EventAccumulator(str(log_dir))
     acc.Reload()
     got = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in ("train_loss", "val_ll", "best_val_ll")}
@@ -354,8 +452,9 @@ def test_tensorboard_logs_the_record_values(tmp_path):
     assert [s for s, _ in got["val_ll"]] == [1, 2, 3]
     np.testing.assert_allclose([v for _, v in got["train_loss"]], [h["train_loss"] for h in hist], rtol=1e-6)
     np.testing.assert_allclose([v for _, v in got["val_ll"]], [h["val_ll"] for h in hist], rtol=1e-6)
-    np.testing.assert_allclose([v for _, v in got["best_val_ll"]], np.maximum.accumulate([h["val_ll"] for h in hist]),
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [v for _, v in got["best_val_ll"]], np.maximum.accumulate([h["val_ll"] for h in hist]), rtol=1e-6
+    )
     assert got["best_val_ll"][-1][1] == pytest.approx(rec.best_val_ll, rel=1e-6)
 
 

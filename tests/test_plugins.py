@@ -22,8 +22,9 @@ def flowbench(args: list[str], *sites: str, cwd: Path) -> subprocess.CompletedPr
     """``python -m flowbench ARGS`` in a fresh process with the plugin site folders ``sites`` installed."""
     path = os.pathsep.join([*(str(PLUGINS / s) for s in sites), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "flowbench", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flowbench", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture
@@ -58,8 +59,25 @@ def test_entry_points_register_a_model_and_a_dataset(good_plugin, tmp_path, caps
     assert "built-in" in line and "plugin: flowbench-demo-plugin 0.1" in line  # status built-in: no raw files
 
     out = tmp_path / "res"
-    assert main(["run", "--model", "demo-affine", "--dataset", "demo_blobs", "--layers", "2", "--max-epochs", "2",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                "demo-affine",
+                "--dataset",
+                "demo_blobs",
+                "--layers",
+                "2",
+                "--max-epochs",
+                "2",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     (rec,) = iter_records(out)
     assert (rec.model, rec.dataset, rec.display_name) == ("demo-affine", "demo_blobs", "Demo affine (2)")
     assert rec.model_ref is None and rec.model_origin["kind"] == "plugin"
@@ -72,18 +90,21 @@ def test_without_the_plugin_its_names_are_unknown(capsys):
 
 @pytest.mark.slow
 def test_plugin_in_a_fresh_process_and_a_sweep_worker(tmp_path):
-    (tmp_path / "sweep.toml").write_text('datasets = ["demo_blobs"]\nmodels = ["demo-affine"]\n'
-                                         '[grid]\nseed = [0, 1]\nmax-epochs = 2\n')
+    (tmp_path / "sweep.toml").write_text(
+        'datasets = ["demo_blobs"]\nmodels = ["demo-affine"]\n[grid]\nseed = [0, 1]\nmax-epochs = 2\n'
+    )
     proc = flowbench(["sweep", "sweep.toml", "--workers", "2", "--out", "res"], "good", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     recs = sorted(iter_records(tmp_path / "res"), key=lambda r: r.seed)
-    assert [(r.model, r.dataset, r.seed, r.status) for r in recs] == [("demo-affine", "demo_blobs", s, "ok")
-                                                                     for s in (0, 1)]
+    assert [(r.model, r.dataset, r.seed, r.status) for r in recs] == [
+        ("demo-affine", "demo_blobs", s, "ok") for s in (0, 1)
+    ]
 
 
 def test_a_broken_plugin_warns_once_and_fails_only_when_asked_for(tmp_path):
-    proc = flowbench(["run", "--model", "gaussian", "--max-epochs", "1", "--out", "res", "--quiet"], "broken",
-                     cwd=tmp_path)
+    proc = flowbench(
+        ["run", "--model", "gaussian", "--max-epochs", "1", "--out", "res", "--quiet"], "broken", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr
     warning = [ln for ln in proc.stderr.splitlines() if "broken-flow" in ln]
     assert len(warning) == 1 and "flowbench-broken-plugin 0.2" in warning[0]
@@ -104,8 +125,12 @@ def test_plugin_names_that_clash_are_errors(tmp_path):
     proc = flowbench(["run", "--model", "demo-affine", "--out", "res"], "good", "clash", cwd=tmp_path)
     assert proc.returncode == 2 and "declared by two plugins" in proc.stderr.splitlines()[-1]
     assert "flowbench-demo-plugin 0.1" in proc.stderr and "flowbench-clash-plugin 0.3" in proc.stderr
-    proc = flowbench(["run", "--model", "maf", "--hidden", "8", "--max-epochs", "1", "--out", "res", "--quiet"],
-                     "good", "clash", cwd=tmp_path)
+    proc = flowbench(
+        ["run", "--model", "maf", "--hidden", "8", "--max-epochs", "1", "--out", "res", "--quiet"],
+        "good",
+        "clash",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     (rec,) = iter_records(tmp_path / "res")
     assert rec.display_name == "MAF (5)" and rec.model_origin["kind"] == "built-in"

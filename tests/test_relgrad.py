@@ -17,6 +17,7 @@ from flowbench.models.relgrad import RELGRAD_HPARAMS
 def build_relgrad(dim, **hp):
     return build_model("relgrad", dim, **hp)
 
+
 D, B = 5, 32
 
 
@@ -76,8 +77,15 @@ def _expected(f, x):
     return out_w, out_b
 
 
-@pytest.mark.parametrize("hp", [{}, {"bias": False}, {"activation": "tanh", "base": "logistic"},
-                                {"layers": 3, "alpha": 0.01, "base": "hyperbolic-secant"}])
+@pytest.mark.parametrize(
+    "hp",
+    [
+        {},
+        {"bias": False},
+        {"activation": "tanh", "base": "logistic"},
+        {"layers": 3, "alpha": 0.01, "base": "hyperbolic-secant"},
+    ],
+)
 def test_relative_gradient_matches_explicit_float64(hp):
     f = _flow(**hp)
     x = torch.randn(B, D, dtype=torch.float64)
@@ -106,9 +114,9 @@ def test_bias_logdet_switch_gives_the_full_augmented_rule(fused):
 def test_training_path_gradient_wrt_input_is_the_ordinary_one():
     f = _flow()
     x = torch.randn(B, D, dtype=torch.float64, requires_grad=True)
-    g_fused, = torch.autograd.grad(f.train_log_prob(x).sum(), x)
+    (g_fused,) = torch.autograd.grad(f.train_log_prob(x).sum(), x)
     f.relative = False
-    g_plain, = torch.autograd.grad(f.log_prob(x).sum(), x)
+    (g_plain,) = torch.autograd.grad(f.log_prob(x).sum(), x)
     torch.testing.assert_close(g_fused, g_plain, atol=1e-10, rtol=0)
 
 
@@ -186,7 +194,7 @@ def test_training_increases_likelihood_without_any_slogdet(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(torch.linalg, "slogdet", _forbidden)
         for step in range(60):
-            xb = data[(step * 64) % 512:][:64]
+            xb = data[(step * 64) % 512 :][:64]
             opt.zero_grad()
             (-student.train_log_prob(xb).mean()).backward()
             opt.step()

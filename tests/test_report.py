@@ -32,25 +32,65 @@ def results(tmp_path_factory):
     from flowbench.training import run_experiment
 
     out = tmp_path_factory.mktemp("results")
-    write_fakes(out, [
-        fake_record("power", "maf", "MAF (5)", 0, [-1.0, 0.1, 0.05, 0.0], wall=75.0),
-        fake_record("power", "maf", "MAF (5)", 1, [-1.1, 0.12, 0.02], wall=80.0),
-        fake_record("power", "made", "MADE", 0, [-5.0, -4.0], stop="reached max_epochs=2", wall=4000.0),
-        fake_record("power", "realnvp", "Real NVP (5)", 0, [1.0, 2.0], status="nonfinite", stop="non-finite loss",
-                    failure="non-finite training loss (nan) at epoch 3, batch 4 (lower --lr)"),
-    ])
+    write_fakes(
+        out,
+        [
+            fake_record("power", "maf", "MAF (5)", 0, [-1.0, 0.1, 0.05, 0.0], wall=75.0),
+            fake_record("power", "maf", "MAF (5)", 1, [-1.1, 0.12, 0.02], wall=80.0),
+            fake_record("power", "made", "MADE", 0, [-5.0, -4.0], stop="reached max_epochs=2", wall=4000.0),
+            fake_record(
+                "power",
+                "realnvp",
+                "Real NVP (5)",
+                0,
+                [1.0, 2.0],
+                status="nonfinite",
+                stop="non-finite loss",
+                failure="non-finite training loss (nan) at epoch 3, batch 4 (lower --lr)",
+            ),
+        ],
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    run_experiment({"dataset": "digits", "model": "maf", "hidden": 8, "layers": 1, "max_epochs": 1, "out": str(out),
-                    "device": "cpu"}, progress=False)
+    run_experiment(
+        {
+            "dataset": "digits",
+            "model": "maf",
+            "hidden": 8,
+            "layers": 1,
+            "max_epochs": 1,
+            "out": str(out),
+            "device": "cpu",
+        },
+        progress=False,
+    )
     torch.set_num_threads(threads)
     sweeps = out / "sweeps"
     sweeps.mkdir()
-    (sweeps / "grid.json").write_text(json.dumps({"runs": [
-        {"dataset": "power", "model": "realnvp", "tag": "lr=1e-3", "seed": 0, "status": "failed",
-         "error": "RuntimeError: CUDA out of memory"},
-        {"dataset": "power", "model": "maf", "tag": None, "seed": 0, "status": "failed", "error": "retried later"},
-    ]}))
+    (sweeps / "grid.json").write_text(
+        json.dumps(
+            {
+                "runs": [
+                    {
+                        "dataset": "power",
+                        "model": "realnvp",
+                        "tag": "lr=1e-3",
+                        "seed": 0,
+                        "status": "failed",
+                        "error": "RuntimeError: CUDA out of memory",
+                    },
+                    {
+                        "dataset": "power",
+                        "model": "maf",
+                        "tag": None,
+                        "seed": 0,
+                        "status": "failed",
+                        "error": "retried later",
+                    },
+                ]
+            }
+        )
+    )
     (sweeps / "broken.json").write_text("{")
     return out
 
@@ -85,7 +125,11 @@ def test_markdown_report(md_report):
 def test_table_marks_only_capped_runs(md_report):
     _, text = md_report
     table = text.split("## Comparison table")[1].split("## Runs")[0]
-    rows = {ln.split("|")[1].strip() + "/" + ln.split("|")[2].strip(): ln for ln in table.splitlines() if ln.startswith("| ")}
+    rows = {
+        ln.split("|")[1].strip() + "/" + ln.split("|")[2].strip(): ln
+        for ln in table.splitlines()
+        if ln.startswith("| ")
+    }
     notes = dict(re.findall(r"^- \[(\d+)\] (.*)$", table, re.MULTILINE))
     made = rows["MADE/ours"].split("|")[3]  # POWER column
     (mark,) = re.findall(r"\[(\d+)\]", made)
@@ -144,8 +188,7 @@ def test_html_is_one_self_contained_file(results, tmp_path):
 
 
 def test_markdown_to_html_subset():
-    page = markdown_to_html("## A & B\n\n| a | b |\n|---|---|\n| log\\|det W\\| | **1** `x` |\n\n- one\n- two",
-                            {}, "t")
+    page = markdown_to_html("## A & B\n\n| a | b |\n|---|---|\n| log\\|det W\\| | **1** `x` |\n\n- one\n- two", {}, "t")
     assert "<h2>A &amp; B</h2>" in page
     assert "<td>log|det W|</td><td><strong>1</strong> <code>x</code></td>" in page
     assert "<ul><li>one</li><li>two</li></ul>" in page
@@ -159,8 +202,24 @@ def test_format_seconds():
 
 def test_cli_and_errors(results, tmp_path, capsys):
     out = tmp_path / "x.md"
-    assert main(["report", "--results", str(results), "--out", str(out), "--no-samples", "--dataset", "power",
-                 "--model", "maf", "made"]) == 0
+    assert (
+        main(
+            [
+                "report",
+                "--results",
+                str(results),
+                "--out",
+                str(out),
+                "--no-samples",
+                "--dataset",
+                "power",
+                "--model",
+                "maf",
+                "made",
+            ]
+        )
+        == 0
+    )
     text = out.read_text()
     assert "## Samples" not in text and "### DIGITS" not in text and "report written to" in capsys.readouterr().out
     runs = text.split("## Runs")[1]

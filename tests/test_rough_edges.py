@@ -45,12 +45,19 @@ def tiny(monkeypatch):
 
 def toy_data(n_train=300, n_val=100, n_test=100, seed=1) -> Dataset:
     x = np.random.RandomState(seed).normal(size=(n_train + n_val + n_test, 3)).astype(np.float32) * 2 + 1
-    return Dataset("toy", x[:n_train], x[n_train: n_train + n_val], x[n_train + n_val:])
+    return Dataset("toy", x[:n_train], x[n_train : n_train + n_val], x[n_train + n_val :])
 
 
 def opts(tmp_path, **kw) -> dict:
-    return {"out": str(tmp_path), "model": "tiny", "batch_size": 100, "device": "cpu", "patience": 50,
-            "checkpoint_every_s": 0, **kw}
+    return {
+        "out": str(tmp_path),
+        "model": "tiny",
+        "batch_size": 100,
+        "device": "cpu",
+        "patience": 50,
+        "checkpoint_every_s": 0,
+        **kw,
+    }
 
 
 def write_example(results: Path, **kw) -> RunRecord:
@@ -86,25 +93,57 @@ def test_plot_and_report_into_an_unwritable_folder_say_so_before_drawing(tmp_pat
     monkeypatch.setattr(curves, "plot_curves", lambda *a, **k: drawn.append(1))  # nothing may be drawn
     monkeypatch.setattr(report, "report_markdown", lambda *a, **k: drawn.append(1))
     a_file(results / "figures")  # where `plot curves` writes by default
-    clean_exit_2(capsys, ["plot", "curves", "--results", str(results)], "cannot write the figure curves.png",
-                 "figures is a file, not a folder", "--out")
+    clean_exit_2(
+        capsys,
+        ["plot", "curves", "--results", str(results)],
+        "cannot write the figure curves.png",
+        "figures is a file, not a folder",
+        "--out",
+    )
     blocker = a_file(tmp_path / "afile")
-    clean_exit_2(capsys, ["report", "--results", str(results), "--out", str(blocker / "r.html")],
-                 "cannot write the report r.html", "afile is a file")
+    clean_exit_2(
+        capsys,
+        ["report", "--results", str(results), "--out", str(blocker / "r.html")],
+        "cannot write the report r.html",
+        "afile is a file",
+    )
     a_file(results / "r_files")  # a Markdown report's figures folder
-    clean_exit_2(capsys, ["report", "--results", str(results), "--out", str(results / "r.md"), "--no-samples"],
-                 "cannot write the report's figures", "r_files is a file")
+    clean_exit_2(
+        capsys,
+        ["report", "--results", str(results), "--out", str(results / "r.md"), "--no-samples"],
+        "cannot write the report's figures",
+        "r_files is a file",
+    )
     assert not drawn
 
 
 def test_figures_are_png_whatever_the_name(tmp_path, capsys):
     results = tmp_path / "results"
     write_example(results)
-    clean_exit_2(capsys, ["plot", "curves", "--results", str(results), "--out", str(tmp_path / "x.txt")],
-                 "--out", "x.txt", "written as .png, not .txt")
+    clean_exit_2(
+        capsys,
+        ["plot", "curves", "--results", str(results), "--out", str(tmp_path / "x.txt")],
+        "--out",
+        "x.txt",
+        "written as .png, not .txt",
+    )
     assert not (tmp_path / "x.txt").exists()
-    clean_exit_2(capsys, ["plot", "samples", "--results", str(results), "--dataset", "digits", "--model", "maf",
-                          "--out", str(tmp_path / "s")], "written as .png, not a name without a suffix")
+    clean_exit_2(
+        capsys,
+        [
+            "plot",
+            "samples",
+            "--results",
+            str(results),
+            "--dataset",
+            "digits",
+            "--model",
+            "maf",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        "written as .png, not a name without a suffix",
+    )
 
 
 @pytest.mark.skipif(ROOT, reason="root writes into a read-only folder: only a file in the way (above) can show it")
@@ -139,8 +178,14 @@ def test_seeds_bounded_conflicting_and_negative(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(stacked, "run_stacked", lambda *a, **k: pytest.fail("no run may start"))
     out = ["--out", str(tmp_path), "--quiet"]
-    clean_exit_2(capsys, ["run", "--seeds", "0-1000", *out], "names 1,001 seeds", f"at most {MAX_SEEDS}",
-                 "in one process", "sweep")
+    clean_exit_2(
+        capsys,
+        ["run", "--seeds", "0-1000", *out],
+        "names 1,001 seeds",
+        f"at most {MAX_SEEDS}",
+        "in one process",
+        "sweep",
+    )
     with pytest.raises(ConfigError, match="names 1,000,000,000,001 seeds"):  # refused before a list is built
         parse_seeds("0-1000000000000")
     assert len(parse_seeds(f"0-{MAX_SEEDS - 1}")) == MAX_SEEDS
@@ -155,8 +200,20 @@ def test_seeds_bounded_conflicting_and_negative(tmp_path, capsys, monkeypatch):
 
 
 def stack_opts(out, **kw) -> dict:
-    return {"out": str(out), "model": "maf", "layers": 1, "hidden": 8, "batch_norm": False, "batch_size": 100,
-            "patience": 50, "max_epochs": 3, "lr": 1e-2, "device": "cpu", "checkpoint_every_s": 0, **kw}
+    return {
+        "out": str(out),
+        "model": "maf",
+        "layers": 1,
+        "hidden": 8,
+        "batch_norm": False,
+        "batch_size": 100,
+        "patience": 50,
+        "max_epochs": 3,
+        "lr": 1e-2,
+        "device": "cpu",
+        "checkpoint_every_s": 0,
+        **kw,
+    }
 
 
 class Kill(Exception):
@@ -189,10 +246,14 @@ def test_a_stack_with_checkpoints_for_some_seeds_only(tmp_path):
 
     data = toy_data()
     with pytest.raises(Kill):
-        run_experiment(stack_opts(tmp_path, seed=0), data, progress=False,
-                       callbacks=[lambda i: (_ for _ in ()).throw(Kill())])
-    with pytest.raises(UsageError, match=r"seed 1 has no checkpoint .* seed 0 has one: run --seeds 0 --resume, "
-                                         r"and --seeds 1 without --resume"):
+        run_experiment(
+            stack_opts(tmp_path, seed=0), data, progress=False, callbacks=[lambda i: (_ for _ in ()).throw(Kill())]
+        )
+    with pytest.raises(
+        UsageError,
+        match=r"seed 1 has no checkpoint .* seed 0 has one: run --seeds 0 --resume, "
+        r"and --seeds 1 without --resume",
+    ):
         run_stacked([stack_opts(tmp_path, seed=s, resume=True) for s in (0, 1)], data, progress=False)
 
 
@@ -214,20 +275,30 @@ def test_a_disk_full_to_the_last_byte_stops_at_the_lock_with_a_message(tmp_path,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(utils.os, "pwrite", no_space)
-    with pytest.raises(DiskFullError, match=r"no space left on the device to write the lock file .*seed0\.lock "
-                                            r"\([\d,]+ bytes are free\); nothing was trained"):
+    with pytest.raises(
+        DiskFullError,
+        match=r"no space left on the device to write the lock file .*seed0\.lock "
+        r"\([\d,]+ bytes are free\); nothing was trained",
+    ):
         run_experiment(opts(tmp_path, max_epochs=2), toy_data(), progress=False)
     assert not lock_path(tmp_path, "toy", "tiny", 0).exists()
-    clean_exit_2(capsys, ["run", "--model", "gaussian", "--out", str(tmp_path), "--quiet"],
-                 "no space left on the device to write the lock file")
+    clean_exit_2(
+        capsys,
+        ["run", "--model", "gaussian", "--out", str(tmp_path), "--quiet"],
+        "no space left on the device to write the lock file",
+    )
 
 
 def test_a_foreign_checkpoint_is_never_advised_to_be_unpickled(tmp_path, tiny):
     import argparse
 
     with pytest.raises(Kill):
-        run_experiment(opts(tmp_path, max_epochs=3), toy_data(), progress=False,
-                       callbacks=[lambda i: (_ for _ in ()).throw(Kill())])
+        run_experiment(
+            opts(tmp_path, max_epochs=3),
+            toy_data(),
+            progress=False,
+            callbacks=[lambda i: (_ for _ in ()).throw(Kill())],
+        )
     ckpt = checkpoint_path(tmp_path, "toy", "tiny", 0)
     torch.save({"epoch": 1, "payload": argparse.Namespace(x=1)}, ckpt)  # a pickled object: weights_only refuses it
     with pytest.raises(ConfigError) as info:
@@ -240,12 +311,30 @@ def test_a_foreign_checkpoint_is_never_advised_to_be_unpickled(tmp_path, tiny):
 # -- a finite but divergent setting ------------------------------------------------------------------------------
 def test_a_divergent_lr_exits_2_and_a_rerun_replaces_its_record(tmp_path, capsys):
     pytest.importorskip("sklearn")
-    argv = ["run", "--model", "made", "--hidden", "8", "--max-epochs", "1", "--out", str(tmp_path), "--quiet",
-            "--device", "cpu"]
+    argv = [
+        "run",
+        "--model",
+        "made",
+        "--hidden",
+        "8",
+        "--max-epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # numpy's, on the non-finite test values
-        clean_exit_2(capsys, [*argv, "--lr", "1e10"], "training did not stay finite: non-finite training loss",
-                     "lower --lr", "this run's --lr was 1e+10 (made's default: 0.001)", "replaces it without --force")
+        clean_exit_2(
+            capsys,
+            [*argv, "--lr", "1e10"],
+            "training did not stay finite: non-finite training loss",
+            "lower --lr",
+            "this run's --lr was 1e+10 (made's default: 0.001)",
+            "replaces it without --force",
+        )
     path = record_path(tmp_path, "digits", "made", 0)
     assert read_record(path).status == "nonfinite"
     assert main(argv) == 0  # the same command at the default lr: no --force needed over a non-finite record
@@ -298,8 +387,18 @@ def test_plot_samples_names_the_missing_model_file_and_refuses_what_does_not_app
     pytest.importorskip("sklearn")
     results = tmp_path / "results"
     write_example(results, hparams={"layers": 1, "hidden": 4}, model_state="seed0.model.pt")
-    argv = ["plot", "samples", "--results", str(results), "--dataset", "digits", "--model", "maf",
-            "--data-root", str(tmp_path / "data")]
+    argv = [
+        "plot",
+        "samples",
+        "--results",
+        str(results),
+        "--dataset",
+        "digits",
+        "--model",
+        "maf",
+        "--data-root",
+        str(tmp_path / "data"),
+    ]
     err = clean_exit_2(capsys, argv, "the trained model's file", "seed0.model.pt is missing", "--seed")
     assert ".ckpt" not in err
     # the record's model file present (never read: each refusal below comes before the model is rebuilt)
@@ -308,8 +407,24 @@ def test_plot_samples_names_the_missing_model_file_and_refuses_what_does_not_app
     clean_exit_2(capsys, [*argv, "--dims", "0,1"], "--dims applies to tabular data", "digits is an image dataset")
     toy = write_example(results, dataset="toy2d-moons", model="relgrad", model_state="seed0.model.pt")
     (record_path(results, toy.dataset, toy.model, 0).with_suffix(".model.pt")).write_bytes(b"")
-    clean_exit_2(capsys, ["plot", "samples", "--results", str(results), "--dataset", "toy2d-moons", "--model",
-                          "relgrad", "-n", "10", "--dims", "0,1"], "-n and --dims do not apply to a 2-D toy record")
+    clean_exit_2(
+        capsys,
+        [
+            "plot",
+            "samples",
+            "--results",
+            str(results),
+            "--dataset",
+            "toy2d-moons",
+            "--model",
+            "relgrad",
+            "-n",
+            "10",
+            "--dims",
+            "0,1",
+        ],
+        "-n and --dims do not apply to a 2-D toy record",
+    )
 
 
 # -- progress and labels ---------------------------------------------------------------------------------------

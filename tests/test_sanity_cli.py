@@ -25,8 +25,16 @@ def test_jacnet_quick(tmp_path, capsys):
     assert main(["sanity", "jacnet", "--iters", "2", "--task", "path", "--out", str(tmp_path)]) == 0
     exp = json.loads((tmp_path / "jacnet_exp.json").read_text())
     m = exp["models"]["jacnet"]
-    for key in ("train_error", "test_error", "inverse_roundtrip_error", "min_derivative", "max_abs_derivative",
-                "mean_nfe_per_iteration", "final_tolerance", "tolerance_schedule"):
+    for key in (
+        "train_error",
+        "test_error",
+        "inverse_roundtrip_error",
+        "min_derivative",
+        "max_abs_derivative",
+        "mean_nfe_per_iteration",
+        "final_tolerance",
+        "tolerance_schedule",
+    ):
         assert key in m
     assert m["min_derivative"] > 0 and exp["models"]["unconstrained"]["inverse_roundtrip_error"] is None
     ab = json.loads((tmp_path / "jacnet_abs.json").read_text())["models"]["jacnet"]
@@ -63,7 +71,9 @@ def test_toy2d_quick(tmp_path, capsys):
     err = capsys.readouterr().err  # the trainer's own epoch lines, then the grid evaluation
     assert "epoch    1" in err and "epoch    2" in err and "evaluating the density on a 60×60 grid" in err
     res = json.loads((tmp_path / "toy2d_moons_relgrad.json").read_text())
-    assert res["test_ll"] == pytest.approx(res["test_ll_plotted_model"], abs=1e-3)  # the plotted model is the recorded one
+    assert res["test_ll"] == pytest.approx(
+        res["test_ll_plotted_model"], abs=1e-3
+    )  # the plotted model is the recorded one
     assert _png(tmp_path / "toy2d_moons_relgrad.png")
 
 

@@ -30,6 +30,7 @@ def _cells(line: str) -> list[str]:
 
 # -- progress ----------------------------------------------------------------------------------------------
 
+
 def test_pair_training_draws_a_bar_on_a_terminal():
     from flowbench.sanity.common import Progress
     from flowbench.sanity.pseudo_inverse import spline_data, train_pair
@@ -66,10 +67,15 @@ def test_each_part_reports_when_it_ends(tmp_path, capsys):
     assert "| silu | unconstrained |" in cap.out  # the results stay on stdout
 
 
-@pytest.mark.parametrize("task, module, fn", [
-    ("jacnet", "jacnet_tasks", "run_jacnet_tasks"), ("pseudo-inverse", "pseudo_inverse", "run_pseudo_inverse"),
-    ("toy2d", "toy2d", "run_toy2d_all"), ("invertibility", "invertibility", "run_invertibility"),
-])
+@pytest.mark.parametrize(
+    "task, module, fn",
+    [
+        ("jacnet", "jacnet_tasks", "run_jacnet_tasks"),
+        ("pseudo-inverse", "pseudo_inverse", "run_pseudo_inverse"),
+        ("toy2d", "toy2d", "run_toy2d_all"),
+        ("invertibility", "invertibility", "run_invertibility"),
+    ],
+)
 def test_quiet_turns_the_progress_display_off(tmp_path, monkeypatch, task, module, fn):
     import importlib
 
@@ -87,16 +93,20 @@ def test_quiet_turns_the_progress_display_off(tmp_path, monkeypatch, task, modul
 
 # -- options and the output folder -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("argv, flag", [
-    (["jacnet", "--task", "exp", "--eps", "nan"], "--eps"),
-    (["jacnet", "--task", "abs", "--k", "-1"], "--k"),
-    (["jacnet", "--task", "abs", "--k", "inf"], "--k"),
-    (["pseudo-inverse", "--seed", "-1"], "--seed"),
-    (["invertibility", "--seed", "-3"], "--seed"),
-    (["toy2d", "--data", "moons", "--lr", "nan"], "--lr"),
-    (["toy2d", "--data", "moons", "--lr", "-0.1"], "--lr"),
-    (["toy2d", "--data", "moons", "--seed", "-1"], "--seed"),
-])
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["jacnet", "--task", "exp", "--eps", "nan"], "--eps"),
+        (["jacnet", "--task", "abs", "--k", "-1"], "--k"),
+        (["jacnet", "--task", "abs", "--k", "inf"], "--k"),
+        (["pseudo-inverse", "--seed", "-1"], "--seed"),
+        (["invertibility", "--seed", "-3"], "--seed"),
+        (["toy2d", "--data", "moons", "--lr", "nan"], "--lr"),
+        (["toy2d", "--data", "moons", "--lr", "-0.1"], "--lr"),
+        (["toy2d", "--data", "moons", "--seed", "-1"], "--seed"),
+    ],
+)
 def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, argv, flag):
     assert main(["sanity", *argv, "--quick", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -138,11 +148,13 @@ def test_output_dir_refuses_an_unwritable_folder(tmp_path):
 
 # -- Markdown and figures ----------------------------------------------------------------------------------
 
+
 def test_markdown_cells_with_pipes_are_escaped():
     from flowbench.sanity.markdown import markdown_table
 
-    table = markdown_table(["model", "x", "guarantee"], [["flow", 0.5, "yes while every W_k ≠ 0 (min |W_k| = 0.3)"],
-                                                          ["pair", None, "no"]])
+    table = markdown_table(
+        ["model", "x", "guarantee"], [["flow", 0.5, "yes while every W_k ≠ 0 (min |W_k| = 0.3)"], ["pair", None, "no"]]
+    )
     rows = table.splitlines()
     assert all(len(_cells(r)) == 3 for r in rows)
     assert _cells(rows[2])[2].strip() == r"yes while every W_k ≠ 0 (min \|W_k\| = 0.3)"
@@ -158,8 +170,14 @@ def _toy_density_with_nonfinite_points():
     gx, gy = np.meshgrid(np.linspace(-2, 2, 20), np.linspace(-2, 2, 20))
     logp = -0.5 * (gx**2 + gy**2)
     logp[0, :3] = [np.nan, -np.inf, np.inf]
-    result = {"display_name": "test", "model": "relgrad", "test_ll": -1.0, "epochs": 1, "gaussian_test_ll": -2.0,
-              "nonfinite_grid_points": 3}
+    result = {
+        "display_name": "test",
+        "model": "relgrad",
+        "test_ll": -1.0,
+        "epochs": 1,
+        "gaussian_test_ll": -2.0,
+        "nonfinite_grid_points": 3,
+    }
     return data, gx, gy, logp, result
 
 
@@ -208,10 +226,16 @@ def test_figure_writes_only_when_the_drawing_succeeds(tmp_path):
 
 # -- citations ---------------------------------------------------------------------------------------------
 
+
 def test_no_citation_of_a_file_the_repository_does_not_have(capsys):
     root = Path(__file__).resolve().parents[1] / "flowbench"
-    area = [*root.glob("sanity/*.py"), *root.glob("bench/*.py"), root / "commands" / "sanity.py",
-            root / "commands" / "bench.py", root / "plotting.py"]
+    area = [
+        *root.glob("sanity/*.py"),
+        *root.glob("bench/*.py"),
+        root / "commands" / "sanity.py",
+        root / "commands" / "bench.py",
+        root / "plotting.py",
+    ]
     assert [p.name for p in area if "maf-protocol.md" in p.read_text()] == []
     for task in ("jacnet", "pseudo-inverse", "toy2d", "invertibility"):
         with pytest.raises(SystemExit):

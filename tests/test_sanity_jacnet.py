@@ -34,8 +34,13 @@ def test_line_integral_of_cos_is_sin(tol):
 
 def test_line_integral_from_nonzero_initial_condition_and_vector_output():
     # d_x = 1, d_y = 2: J = (cos x, 2x) from (x0, y0) = (1, (sin 1, 1)) gives (sin x, x²).
-    model = FixedJacNet(lambda p: torch.stack([torch.cos(p[:, 0]), 2 * p[:, 0]], 1).unsqueeze(-1), d_x=1, d_y=2,
-                        x0=torch.tensor([1.0]), y0=torch.tensor([math.sin(1.0), 1.0])).double()
+    model = FixedJacNet(
+        lambda p: torch.stack([torch.cos(p[:, 0]), 2 * p[:, 0]], 1).unsqueeze(-1),
+        d_x=1,
+        d_y=2,
+        x0=torch.tensor([1.0]),
+        y0=torch.tensor([math.sin(1.0), 1.0]),
+    ).double()
     x = torch.linspace(-2, 2, 9, dtype=torch.float64).unsqueeze(1)
     expected = torch.cat([torch.sin(x), x**2], 1)
     assert (model(x, 1e-8, 1e-8) - expected).abs().max() <= GLOBAL * 1e-8 * 4
@@ -152,8 +157,9 @@ def test_errors():
 
 def test_inverse_in_two_dimensions_closed_form():
     # J = diag(exp x): ŷ = exp(x) elementwise from (0, 1); the inverse ODE must give log y.
-    model = FixedJacNet(lambda p: torch.diag_embed(torch.exp(p)), d_x=2, d_y=2, activation="invertible",
-                        y0=torch.ones(2)).double()
+    model = FixedJacNet(
+        lambda p: torch.diag_embed(torch.exp(p)), d_x=2, d_y=2, activation="invertible", y0=torch.ones(2)
+    ).double()
     y = torch.tensor([[0.5, 2.0], [3.0, 0.3], [1.0, 1.0]], dtype=torch.float64)
     assert (model.inverse(y, 1e-8, 1e-8) - torch.log(y)).abs().max() <= GLOBAL * 1e-8 * 3
     x = torch.log(y)

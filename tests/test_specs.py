@@ -30,7 +30,9 @@ def test_builder_keywords_are_exactly_the_spec(name):
     assert [p.name for p in rest] == list(spec.hparams), "builder keywords must be the spec's, in its order"
     for p in rest:  # defaults live in the spec only (MADE's degrees, added later, keeps the spec's for old callers)
         assert p.kind is inspect.Parameter.KEYWORD_ONLY, p.name
-        assert p.default is inspect.Parameter.empty or (p.name == "degrees" and p.default == spec.hparams[p.name].default)
+        assert p.default is inspect.Parameter.empty or (
+            p.name == "degrees" and p.default == spec.hparams[p.name].default
+        )
     for key, hp in spec.hparams.items():
         assert hp.help and (hp.choices is None or hp.default in hp.choices), key
         assert hp.check(name, key, hp.default) == hp.default  # the default passes its own bounds
@@ -44,9 +46,10 @@ def test_closed_form_counts_agree_with_built_models(name):
     spec = models.MODELS[name]
     for dim in (2, 5):
         hp = spec.resolve({k: 3 for k in ("hidden", "layers") if k in spec.hparams})
-        for classes in ((2, 5) if spec.conditional else (0,)):  # a conditional model's label weights count
+        for classes in (2, 5) if spec.conditional else (0,):  # a conditional model's label weights count
             assert param_count(name, dim, classes=classes, **hp) == count_params(
-                models.build_model(name, dim, classes=classes, **hp))
+                models.build_model(name, dim, classes=classes, **hp)
+            )
 
 
 def test_a_shared_hyperparameter_has_one_type_and_one_flag():
@@ -66,12 +69,19 @@ def _toy_spec() -> ModelSpec:
     from flowbench.models.maf import MAF_HPARAMS, build_maf
 
     def build_toy(dim, *, layers, hidden, hidden_layers, activation, degrees, batch_norm, wiggle):
-        return build_maf(dim, layers=layers, hidden=hidden, hidden_layers=hidden_layers, activation=activation,
-                         batch_norm=batch_norm)
+        return build_maf(
+            dim, layers=layers, hidden=hidden, hidden_layers=hidden_layers, activation=activation, batch_norm=batch_norm
+        )
 
-    return ModelSpec(name="toy", build=build_toy, label="Toy ({wiggle})", paper="test", lr=5e-4,
-                     match_knob="hidden",
-                     hparams={**MAF_HPARAMS, "wiggle": HParam(3, "a new knob", low=1, high=9)})
+    return ModelSpec(
+        name="toy",
+        build=build_toy,
+        label="Toy ({wiggle})",
+        paper="test",
+        lr=5e-4,
+        match_knob="hidden",
+        hparams={**MAF_HPARAMS, "wiggle": HParam(3, "a new knob", low=1, high=9)},
+    )
 
 
 def test_a_new_model_is_usable_from_flags_configs_sweeps_and_matching(monkeypatch, tmp_path):
@@ -115,10 +125,16 @@ def test_list_hyperparameters():
         assert hp.check("m", "hidden_features", given) == (32, 16)
     assert hp.check("m", "hidden_features", "8") == (8,) and hp.check("m", "hidden_features", "8,") == (8,)
     assert hp.from_text("m", "hidden_features", "4,4") == (4, 4)
-    for bad, match in [("64,x", "not a list of integers; write it as 64,64 or \\[64, 64\\]"),
-                       ("1.5,2", "not a list of integers"), ([64, 1.5], "not a list of integers"),
-                       ([True], "not a list of integers"), ("", "not a list"), ("64,,64", "not a list"),
-                       (64, "wrong type; expected a list of integers"), ("0,4", "--hidden-features entries must be ≥ 1")]:
+    for bad, match in [
+        ("64,x", "not a list of integers; write it as 64,64 or \\[64, 64\\]"),
+        ("1.5,2", "not a list of integers"),
+        ([64, 1.5], "not a list of integers"),
+        ([True], "not a list of integers"),
+        ("", "not a list"),
+        ("64,,64", "not a list"),
+        (64, "wrong type; expected a list of integers"),
+        ("0,4", "--hidden-features entries must be ≥ 1"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             hp.check("m", "hidden_features", bad)
     fl = HParam((0.5, 1), "scales")
@@ -141,12 +157,25 @@ def test_required_and_untyped_hyperparameters():
         n.from_text("m", "num_layers", "x")
     anything = HParam(None, "an untyped argument", required=True)  # nflows' hidden_features
     assert anything.type is ANY and anything.cli_type is str
-    for text, value in [("64", 64), ("0.1", 0.1), ("true", True), ("False", False), ("64,64", (64, 64)),
-                        ("[1, 2.5]", (1, 2.5)), ("relu", "relu"), (7, 7), ([3, 4], (3, 4)), (0.5, 0.5)]:
+    for text, value in [
+        ("64", 64),
+        ("0.1", 0.1),
+        ("true", True),
+        ("False", False),
+        ("64,64", (64, 64)),
+        ("[1, 2.5]", (1, 2.5)),
+        ("relu", "relu"),
+        (7, 7),
+        ([3, 4], (3, 4)),
+        (0.5, 0.5),
+    ]:
         got = anything.check("m", "hidden_features", text)
         assert got == value and type(got) is type(value), text
-    for bad, match in [({"a": 1}, "wrong type; expected a number, true/false, text or a list"),
-                       ([1, "a"], "numbers only"), ("nan", "finite")]:
+    for bad, match in [
+        ({"a": 1}, "wrong type; expected a number, true/false, text or a list"),
+        ([1, "a"], "numbers only"),
+        ("nan", "finite"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             anything.check("m", "hidden_features", bad)
     with pytest.raises(TypeError):
@@ -162,14 +191,23 @@ def _list_spec() -> ModelSpec:
     from flowbench.models.maf import build_maf
 
     def build_listy(dim, *, widths, depth, anything):
-        return build_maf(dim, layers=depth, hidden=widths[0], hidden_layers=len(widths), activation="relu",
-                         batch_norm=False)
+        return build_maf(
+            dim, layers=depth, hidden=widths[0], hidden_layers=len(widths), activation="relu", batch_norm=False
+        )
 
-    return ModelSpec(name="listy", build=build_listy, label="Listy ({depth})", paper="test", lr=1e-4,
-                     match_knob="widths",
-                     hparams={"widths": HParam((8, 8), "hidden widths", low=1),
-                              "depth": HParam(None, "flow depth", kind=int, required=True, low=1),
-                              "anything": HParam(None, "an untyped argument", required=True)})
+    return ModelSpec(
+        name="listy",
+        build=build_listy,
+        label="Listy ({depth})",
+        paper="test",
+        lr=1e-4,
+        match_knob="widths",
+        hparams={
+            "widths": HParam((8, 8), "hidden widths", low=1),
+            "depth": HParam(None, "flow depth", kind=int, required=True, low=1),
+            "anything": HParam(None, "an untyped argument", required=True),
+        },
+    )
 
 
 def test_required_hyperparameters_must_be_given(monkeypatch, tmp_path):
@@ -177,13 +215,19 @@ def test_required_hyperparameters_must_be_given(monkeypatch, tmp_path):
     assert spec.defaults() == {"widths": (8, 8), "depth": None, "anything": None}
     assert spec.required() == ["depth", "anything"]
     assert spec.label.format(**spec.defaults())  # the lead's spec check formats the label with the defaults
-    with pytest.raises(ConfigError, match="model 'listy' needs --depth, --anything: they have no default; give "
-                                          "them on the command line .*, in the config file or in the sweep grid"):
+    with pytest.raises(
+        ConfigError,
+        match="model 'listy' needs --depth, --anything: they have no default; give "
+        "them on the command line .*, in the config file or in the sweep grid",
+    ):
         spec.resolve({})
     with pytest.raises(ConfigError, match="needs --anything: it has no default; give it on the command line"):
         spec.resolve({"depth": 2})
     assert spec.resolve({"depth": 2, "anything": "0.5", "widths": "4,4,4"}) == {
-        "widths": (4, 4, 4), "depth": 2, "anything": 0.5}
+        "widths": (4, 4, 4),
+        "depth": 2,
+        "anything": 0.5,
+    }
     monkeypatch.setitem(models.MODELS, "listy", spec)
     opts = resolve_options({"model": "listy", "dataset": "nowhere", "widths": "16,16", "depth": 2, "anything": "1"})
     assert models.resolve_hparams("listy", **opts.hparams)["widths"] == (16, 16)
@@ -209,10 +253,18 @@ def test_conditional_specs_are_derived_from_the_unconditional_ones():
     for name in conds:
         spec, base = models.MODELS[name], models.MODELS[name.removesuffix("-cond")]
         assert (spec.label, dict(spec.hparams), spec.lr, spec.match_knob, spec.trainable) == (
-            base.label, dict(base.hparams), base.lr, base.match_knob, base.trainable)
+            base.label,
+            dict(base.hparams),
+            base.lr,
+            base.match_knob,
+            base.trainable,
+        )
         assert NAMES.index(name) == NAMES.index(base.name) + 1  # beside its model in the registry
-        with pytest.raises(ConfigError, match=f"model {name} is class-conditional: it needs a dataset with labels "
-                                              r"\(mnist, cifar10, digits\)"):
+        with pytest.raises(
+            ConfigError,
+            match=f"model {name} is class-conditional: it needs a dataset with labels "
+            r"\(mnist, cifar10, digits\)",
+        ):
             models.build_model(name, 3)
         with pytest.raises(ConfigError, match="class-conditional"):
             param_count(name, 3, classes=1)

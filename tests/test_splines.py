@@ -49,8 +49,9 @@ def test_equals_nflows_reference(scale):
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(ld, ld_ref, rtol=0, atol=1e-12)
     xi, ldi = rational_quadratic_spline(y, w, h, der, inverse=True, tail_bound=B)
-    xi_ref, ldi_ref = ref.unconstrained_rational_quadratic_spline(y, w, h, der.clone(), inverse=True,
-                                                                  tail_bound=B, tails="linear")
+    xi_ref, ldi_ref = ref.unconstrained_rational_quadratic_spline(
+        y, w, h, der.clone(), inverse=True, tail_bound=B, tails="linear"
+    )
     torch.testing.assert_close(xi, xi_ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(ldi, ldi_ref, rtol=0, atol=1e-12)
 
@@ -60,8 +61,10 @@ def test_gradients_equal_nflows_reference():
     w, h, der = params((300,))
     x = inputs(300)
     grads = []
-    for fn in (lambda *a: rational_quadratic_spline(*a, tail_bound=B),
-               lambda x, w, h, d: ref.unconstrained_rational_quadratic_spline(x, w, h, d, tail_bound=B, tails="linear")):
+    for fn in (
+        lambda *a: rational_quadratic_spline(*a, tail_bound=B),
+        lambda x, w, h, d: ref.unconstrained_rational_quadratic_spline(x, w, h, d, tail_bound=B, tails="linear"),
+    ):
         leaves = [t.clone().requires_grad_() for t in (x, w, h, der)]
         y, ld = fn(*leaves)
         (y.sum() + ld.sum()).backward()
@@ -95,16 +98,19 @@ def test_gradcheck_forward_and_inverse():
     w, h, der = params((6,), k=4, seed=5)
     x = torch.tensor([-3.5, -2.9, -0.4, 0.7, 2.2, 4.0], dtype=DT)
     for inverse in (False, True):
+
         def fn(x, w, h, d, inverse=inverse):
             return rational_quadratic_spline(x, w, h, d, inverse=inverse, tail_bound=B)
+
         assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in (x, w, h, der)))
 
 
 def test_monotone_on_a_fine_grid():
     w, h, der = params((1,), scale=2.0, seed=6)
     x = torch.linspace(-4, 4, 20_001, dtype=DT)
-    y, _ = rational_quadratic_spline(x, w.expand(len(x), -1), h.expand(len(x), -1), der.expand(len(x), -1),
-                                     tail_bound=B)
+    y, _ = rational_quadratic_spline(
+        x, w.expand(len(x), -1), h.expand(len(x), -1), der.expand(len(x), -1), tail_bound=B
+    )
     assert (y.diff() > 0).all()
 
 

@@ -29,8 +29,16 @@ FAMILIES = {
     "nsf-ar": dict(layers=2, hidden=8, blocks=1, bins=4, dropout=0.0),
     "nsf-c": dict(layers=2, hidden=8, blocks=1, bins=4, dropout=0.0),
 }
-LR = {"made": 3e-3, "made-mog": 3e-3, "maf": 3e-3, "maf-mog": 3e-3, "realnvp": 3e-3, "relgrad": 1e-3,
-      "nsf-ar": 1e-3, "nsf-c": 1e-3}
+LR = {
+    "made": 3e-3,
+    "made-mog": 3e-3,
+    "maf": 3e-3,
+    "maf-mog": 3e-3,
+    "realnvp": 3e-3,
+    "relgrad": 1e-3,
+    "nsf-ar": 1e-3,
+    "nsf-c": 1e-3,
+}
 SEEDS = (0, 1)
 
 
@@ -38,8 +46,10 @@ SEEDS = (0, 1)
 def digits():
     data = load_dataset("digits")
     # 400 training rows in batches of 40: 10 steps an epoch, so ≥ 100 steps within the epoch cap
-    return (torch.tensor(np.asarray(data.train[:400]), dtype=torch.float64),
-            torch.tensor(np.asarray(data.val[:200]), dtype=torch.float64))
+    return (
+        torch.tensor(np.asarray(data.train[:400]), dtype=torch.float64),
+        torch.tensor(np.asarray(data.val[:200]), dtype=torch.float64),
+    )
 
 
 def _build(model: str, seed: int, train_x, **hparams):
@@ -55,9 +65,12 @@ def _snapshots():
     def cb_for(flow_of):
         def cb(info):
             flow = flow_of(info)
-            snaps[(getattr(info, "seed", None), info.epoch)] = {k: v.detach().clone()
-                                                               for k, v in flow.named_parameters()}
+            snaps[(getattr(info, "seed", None), info.epoch)] = {
+                k: v.detach().clone() for k, v in flow.named_parameters()
+            }
+
         return cb
+
     return snaps, cb_for
 
 
@@ -70,29 +83,39 @@ def test_stacked_run_equals_single_run(model, digits):
         flow = _build(model, seed, train_x)
         snaps: dict = {}
         cb = lambda info, flow=flow, snaps=snaps: snaps.__setitem__(  # noqa: E731
-            info.epoch, {k: v.detach().clone() for k, v in flow.named_parameters()})
+            info.epoch, {k: v.detach().clone() for k, v in flow.named_parameters()}
+        )
         tr = Trainer(flow, train_x, val_x, lr=LR[model], patience=2, max_epochs=14, seed=seed, callbacks=[cb], **kw)
         singles[seed], single_snaps[seed] = (tr.fit(), flow), snaps
     flows = [_build(model, seed, train_x) for seed in SEEDS]
     stacked_snaps: dict = {}
     st = StackedTrainer(
-        [RunSpec(f, seed, LR[model], patience=2, max_epochs=14) for f, seed in zip(flows, SEEDS)], train_x, val_x,
-        callbacks=[lambda info: stacked_snaps.__setitem__(
-            (info.seed, info.epoch), {k: v.detach().clone() for k, v in flows[info.run].named_parameters()})],
-        **kw)
+        [RunSpec(f, seed, LR[model], patience=2, max_epochs=14) for f, seed in zip(flows, SEEDS)],
+        train_x,
+        val_x,
+        callbacks=[
+            lambda info: stacked_snaps.__setitem__(
+                (info.seed, info.epoch), {k: v.detach().clone() for k, v in flows[info.run].named_parameters()}
+            )
+        ],
+        **kw,
+    )
     results = st.fit()
     for r, seed in enumerate(SEEDS):
         single, flow = singles[seed]
         res = results[r]
         assert (res.epochs, res.best_epoch, res.stop_reason) == (single.epochs, single.best_epoch, single.stop_reason)
         assert res.epochs * 10 >= 100 or "no improvement" in res.stop_reason
-        np.testing.assert_allclose([h["val_ll"] for h in res.history], [h["val_ll"] for h in single.history],
-                                   rtol=0, atol=1e-9)
-        np.testing.assert_allclose([h["train_loss"] for h in res.history],
-                                   [h["train_loss"] for h in single.history], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(
+            [h["val_ll"] for h in res.history], [h["val_ll"] for h in single.history], rtol=0, atol=1e-9
+        )
+        np.testing.assert_allclose(
+            [h["train_loss"] for h in res.history], [h["train_loss"] for h in single.history], rtol=0, atol=1e-9
+        )
         # the exact training NLL of each evaluated state, on the same subsample (issue 21, item 4)
-        np.testing.assert_allclose([h["train_nll"] for h in res.history],
-                                   [h["train_nll"] for h in single.history], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(
+            [h["train_nll"] for h in res.history], [h["train_nll"] for h in single.history], rtol=0, atol=1e-9
+        )
         for epoch, snap in single_snaps[seed].items():
             for k, v in snap.items():
                 torch.testing.assert_close(stacked_snaps[(seed, epoch)][k], v, rtol=0, atol=1e-10)
@@ -116,12 +139,18 @@ def test_stacked_batchnorm_follows_rounding(digits):
 
     (ref, res_ref), (nudged, _) = single(0.0), single(1e-15)
     flows = [_build("maf", s, train_x, batch_norm=True) for s in (0, 1)]
-    results = StackedTrainer([RunSpec(f, s, 3e-3, patience=5, max_epochs=3) for f, s in zip(flows, (0, 1))],
-                             train_x, val_x, batch_size=40, progress=False).fit()
+    results = StackedTrainer(
+        [RunSpec(f, s, 3e-3, patience=5, max_epochs=3) for f, s in zip(flows, (0, 1))],
+        train_x,
+        val_x,
+        batch_size=40,
+        progress=False,
+    ).fit()
     assert results[0].epochs == res_ref.epochs == 3
     # each run's training NLL is scored with its own whole-training-set batch-norm statistics, as a single run's
-    np.testing.assert_allclose([h["train_nll"] for h in results[0].history],
-                               [h["train_nll"] for h in res_ref.history], rtol=1e-6)
+    np.testing.assert_allclose(
+        [h["train_nll"] for h in results[0].history], [h["train_nll"] for h in res_ref.history], rtol=1e-6
+    )
     for (k, a), b, c in zip(ref.state_dict().items(), flows[0].state_dict().values(), nudged.state_dict().values()):
         assert (a - b).abs().max() <= 10 * (a - c).abs().max() + 1e-10, k
     bn = flows[1].transform.transforms[1]
@@ -131,9 +160,16 @@ def test_stacked_batchnorm_follows_rounding(digits):
     torch.testing.assert_close(bn.stat_var, h.var(0, unbiased=False) + bn.eps, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("model,hp", [("made", dict(hidden=8, hidden_layers=2)), ("made-mog", dict(hidden=8)),
-                                      ("maf", dict(layers=3, hidden=8)), ("maf-mog", dict(layers=2, hidden=8)),
-                                      ("realnvp", dict(layers=3, hidden=8, hidden_layers=2))])
+@pytest.mark.parametrize(
+    "model,hp",
+    [
+        ("made", dict(hidden=8, hidden_layers=2)),
+        ("made-mog", dict(hidden=8)),
+        ("maf", dict(layers=3, hidden=8)),
+        ("maf-mog", dict(layers=2, hidden=8)),
+        ("realnvp", dict(layers=3, hidden=8, hidden_layers=2)),
+    ],
+)
 def test_stacked_modules_equal_vmap_and_single_runs(model, hp):
     """The stacked modules (one call with (R, …) parameters, batch norm on) give each run's own objective and
     gradient: equal to vmap's and to R single-run evaluations, in float64."""
@@ -150,8 +186,9 @@ def test_stacked_modules_equal_vmap_and_single_runs(model, hp):
     buffers = dict(flows[0].named_buffers())
     out, grads = [], []
     for use_vmap in (False, True):
-        params = {n: torch.stack([dict(f.named_parameters())[n].detach() for f in flows]).requires_grad_()
-                  for n in names}
+        params = {
+            n: torch.stack([dict(f.named_parameters())[n].detach() for f in flows]).requires_grad_() for n in names
+        }
         lp = stacked_train_log_prob(flows[0], params, buffers, x, use_vmap=use_vmap)
         (lp * torch.arange(1.0, B + 1, dtype=torch.float64)).sum().backward()
         out.append(lp.detach())
@@ -184,19 +221,26 @@ def test_stacked_relgrad_gradient_is_each_runs_relative_gradient(host_scalars, m
         x = torch.randn(R, B, D, dtype=torch.float64)
         z, ld = StackedRelgradNet.apply(x, act, 0.3, n, bias_logdet, *ws, *bs)
         c = torch.arange(1.0, R * B + 1, dtype=torch.float64).view(R, B) ** 1.5  # log-det weights differ per run
-        ((z ** 2).sum(-1) * 0.5 - ld * c).sum().backward()
+        ((z**2).sum(-1) * 0.5 - ld * c).sum().backward()
         for r in range(R):
             wr = [w[r].detach().clone().requires_grad_() for w in ws]
             br = [b[r].detach().clone().requires_grad_() for b in bs]
             z1, ld1 = RelgradNet.apply(x[r], act, 0.3, n, bias_logdet, *wr, *br)
             torch.testing.assert_close(z[r], z1, rtol=0, atol=1e-12)
-            ((z1 ** 2).sum(-1) * 0.5 - ld1 * c[r]).sum().backward()
+            ((z1**2).sum(-1) * 0.5 - ld1 * c[r]).sum().backward()
             for a, b in zip(ws + bs, wr + br):
                 torch.testing.assert_close(a.grad[r], b.grad, rtol=1e-13, atol=1e-12)
 
 
-@pytest.mark.parametrize("model,hp", [("maf", dict(layers=3, hidden=8)), ("maf-mog", dict(layers=2, hidden=8)),
-                                      ("realnvp", dict(layers=2, hidden=8)), ("made", dict(hidden=8))])
+@pytest.mark.parametrize(
+    "model,hp",
+    [
+        ("maf", dict(layers=3, hidden=8)),
+        ("maf-mog", dict(layers=2, hidden=8)),
+        ("realnvp", dict(layers=2, hidden=8)),
+        ("made", dict(hidden=8)),
+    ],
+)
 def test_stacked_validation_equals_each_runs(model, hp, monkeypatch):
     """Batch-norm statistics from the whole training set and validation log-probs of R runs at once equal
     prepare_for_eval + log_prob run by run (float64; runs in groups and rows in chunks, as for big sets)."""
@@ -214,16 +258,18 @@ def test_stacked_validation_equals_each_runs(model, hp, monkeypatch):
     params = {n: torch.stack([dict(f.named_parameters())[n].detach() for f in flows]) for n in names}
     shared = {k: v for k, v in flows[0].named_buffers() if "stat_" not in k}
     monkeypatch.setattr(stacking, "EVAL_GROUP_BYTES", 2 * train_x.numel() * 8)  # groups of 2 runs
-    logp, stats = stacking.stacked_validation(flows[0], params, shared, train_x, val_x, batch_size=15,
-                                              stats_batch_size=40)
+    logp, stats = stacking.stacked_validation(
+        flows[0], params, shared, train_x, val_x, batch_size=15, stats_batch_size=40
+    )
     assert logp.shape == (R, 37)
     for r, f in enumerate(flows):
         f.prepare_for_eval(train_x, batch_size=40)
         np.testing.assert_allclose(logp[r].numpy(), log_prob_batches(f, val_x, 15), rtol=0, atol=1e-11)
         for k, v in stats.items():
             torch.testing.assert_close(v[r], dict(f.named_buffers())[k], rtol=0, atol=1e-12)
-    assert len(stats) == 2 * sum(isinstance(m, stacking.nn.Module) and hasattr(m, "set_stats_from")
-                                 for m in flows[0].modules())
+    assert len(stats) == 2 * sum(
+        isinstance(m, stacking.nn.Module) and hasattr(m, "set_stats_from") for m in flows[0].modules()
+    )
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -232,13 +278,16 @@ def test_stacked_adam_is_each_runs_torch_adam(fused):
     unequal step counts (a resumed run), a masked run; with the fused kernel and with the fallback algorithm."""
     torch.manual_seed(0)
     flows = [models.build_model("made", 4, hidden=6, hidden_layers=1, activation="relu").double() for _ in range(4)]
-    specs = [RunSpec(f, s, lr, weight_decay=wd) for s, (f, lr, wd) in
-             enumerate(zip(flows, (1e-2, 1e-2, 3e-2, 1e-2), (1e-6, 1e-6, 0.0, 1e-6)))]
+    specs = [
+        RunSpec(f, s, lr, weight_decay=wd)
+        for s, (f, lr, wd) in enumerate(zip(flows, (1e-2, 1e-2, 3e-2, 1e-2), (1e-6, 1e-6, 0.0, 1e-6)))
+    ]
     x = torch.randn(20, 4, dtype=torch.float64)
     st = StackedTrainer(specs, x, x, progress=False)
     st._fused = fused and st._fused
-    opts = [torch.optim.Adam(f.parameters(), lr=s.lr, weight_decay=s.weight_decay, fused=True)
-            for f, s in zip(flows, specs)]
+    opts = [
+        torch.optim.Adam(f.parameters(), lr=s.lr, weight_decay=s.weight_decay, fused=True) for f, s in zip(flows, specs)
+    ]
     live = [True, True, True, False]
     for step in range(3):
         for p in st.params:
@@ -283,14 +332,26 @@ from flowbench.training.stacked import run_stacked  # noqa: E402
 
 def toy_data(n_train=600, n_val=150, n_test=300, seed=1) -> Dataset:
     rng = np.random.RandomState(seed)
-    x = (rng.randn(n_train + n_val + n_test, 3) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]]))
+    x = rng.randn(n_train + n_val + n_test, 3) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]])
     x = x.astype(np.float32)
-    return Dataset("toy", x[:n_train], x[n_train:n_train + n_val], x[n_train + n_val:])
+    return Dataset("toy", x[:n_train], x[n_train : n_train + n_val], x[n_train + n_val :])
 
 
 def run_opts(out, **kw):
-    return {"out": str(out), "model": "maf", "layers": 2, "hidden": 8, "batch_norm": False, "batch_size": 50,
-            "patience": 2, "max_epochs": 8, "lr": 1e-2, "device": "cpu", "checkpoint_every_s": 0, **kw}
+    return {
+        "out": str(out),
+        "model": "maf",
+        "layers": 2,
+        "hidden": 8,
+        "batch_norm": False,
+        "batch_size": 50,
+        "patience": 2,
+        "max_epochs": 8,
+        "lr": 1e-2,
+        "device": "cpu",
+        "checkpoint_every_s": 0,
+        **kw,
+    }
 
 
 def numbers(history):
@@ -307,8 +368,12 @@ def test_stacked_records_match_single_runs(tmp_path):
         single = run_experiment(run_opts(tmp_path / "1", seed=seed, max_epochs=30), data, progress=False)
         assert rec.stack == {"seeds": [0, 1, 2], "size": 3, "id": stacked[0].stack["id"]} and single.stack is None
         assert set(rec.to_json()) == set(single.to_json())  # same format
-        assert (rec.seed, rec.epochs, rec.best_epoch, rec.stop_reason) == (seed, single.epochs, single.best_epoch,
-                                                                          single.stop_reason)
+        assert (rec.seed, rec.epochs, rec.best_epoch, rec.stop_reason) == (
+            seed,
+            single.epochs,
+            single.best_epoch,
+            single.stop_reason,
+        )
         assert {**rec.config, "out": None} == {**single.config, "out": None}  # its own options, seed included
         assert rec.test_ll == pytest.approx(single.test_ll, abs=1e-4)  # float32: rounding only
     assert len({r.test_ll for r in stacked}) == 3
@@ -355,21 +420,26 @@ def test_nan_guard_stops_one_run_the_others_go_on(tmp_path):
     with torch.no_grad():
         bad.transform.transforms[0].out.bias.fill_(-1e4)  # log precision −1e4 … fine; +1e4 overflows exp
         bad.transform.transforms[0].out.bias[3:].fill_(1e4)
-    res = StackedTrainer([RunSpec(good, 0, 1e-2, max_epochs=3), RunSpec(bad, 1, 1e-2, max_epochs=3)],
-                         train_x, val_x, batch_size=50, progress=False).fit()
+    res = StackedTrainer(
+        [RunSpec(good, 0, 1e-2, max_epochs=3), RunSpec(bad, 1, 1e-2, max_epochs=3)],
+        train_x,
+        val_x,
+        batch_size=50,
+        progress=False,
+    ).fit()
     single = Trainer(ref, train_x, val_x, lr=1e-2, max_epochs=3, seed=0, batch_size=50, progress=False).fit()
     assert res[1].status == "nonfinite" and "epoch 1, batch 1" in res[1].failure and res[1].best_epoch is None
     assert res[0].status == "ok" and res[0].epochs == 3
-    np.testing.assert_allclose([h["val_ll"] for h in res[0].history], [h["val_ll"] for h in single.history],
-                               rtol=1e-5)
+    np.testing.assert_allclose([h["val_ll"] for h in res[0].history], [h["val_ll"] for h in single.history], rtol=1e-5)
 
 
 def test_bench_stack_reports_both_and_ratio():
     from flowbench.bench.stacked import run_stack_bench
 
     lines: list[str] = []
-    res = run_stack_bench("digits", "made", 2, steps=2, batch_size=20, hparams={"hidden": 8}, rounds=1,
-                          log=lines.append)
+    res = run_stack_bench(
+        "digits", "made", 2, steps=2, batch_size=20, hparams={"hidden": 8}, rounds=1, log=lines.append
+    )
     assert set(res["samples_per_s"]) == {"sequential", "stacked"} and res["ratio"] > 0
     assert res["ratio"] == pytest.approx(res["samples_per_s"]["stacked"] / res["samples_per_s"]["sequential"])
     assert "stacked / sequential" in lines[-1]
@@ -399,8 +469,13 @@ def test_n_nonfinite_val_is_the_best_epochs(stacked):
     script = {1: (-5.0, 0), 2: (-1.0, 3), 3: (-2.0, 7)}  # epoch → (validation LL, −inf points); best: epoch 2
     flows = [models.build_model("maf", 3, layers=1, hidden=4) for _ in (0, 1)]
     if stacked:
-        tr = StackedTrainer([RunSpec(f, s, 1e-3, max_epochs=3) for s, f in enumerate(flows)], train_x, val_x,
-                            batch_size=100, progress=False)
+        tr = StackedTrainer(
+            [RunSpec(f, s, 1e-3, max_epochs=3) for s, f in enumerate(flows)],
+            train_x,
+            val_x,
+            batch_size=100,
+            progress=False,
+        )
         tr._validate_all = lambda rows: {i: script[tr.runs[i].epoch + 1] for i in rows}
         results = tr.fit()
     else:
@@ -412,10 +487,15 @@ def test_n_nonfinite_val_is_the_best_epochs(stacked):
         assert (res.best_epoch, res.best_val_ll, res.n_nonfinite_val) == (2, -1.0, 3)
 
 
-@pytest.mark.parametrize("model,hp", [("maf-cond", dict(layers=3, hidden=8)),
-                                      ("maf-mog-cond", dict(layers=2, hidden=8)),
-                                      ("realnvp-cond", dict(layers=2, hidden=8)),
-                                      ("maf-cond", dict(layers=2, hidden=8, degrees="random"))])
+@pytest.mark.parametrize(
+    "model,hp",
+    [
+        ("maf-cond", dict(layers=3, hidden=8)),
+        ("maf-mog-cond", dict(layers=2, hidden=8)),
+        ("realnvp-cond", dict(layers=2, hidden=8)),
+        ("maf-cond", dict(layers=2, hidden=8, degrees="random")),
+    ],
+)
 def test_stacked_conditional_flows_equal_each_run(model, hp):
     """Class-conditional flows (rows [x, onehot(y)]) in a stack: the objective and its gradient (the stacked
     modules, or vmap where random degrees give each run its own masks) and the stacked validation equal each
@@ -432,13 +512,13 @@ def test_stacked_conditional_flows_equal_each_run(model, hp):
 
     def rows(*shape):
         labels = torch.randint(0, K, shape)
-        return torch.cat([torch.randn(*shape, D, dtype=torch.float64),
-                          torch.nn.functional.one_hot(labels, K).double()], -1)
+        return torch.cat(
+            [torch.randn(*shape, D, dtype=torch.float64), torch.nn.functional.one_hot(labels, K).double()], -1
+        )
 
     x = rows(R, B)
     names = [n for n, _ in flows[0].named_parameters()]
-    params = {n: torch.stack([dict(f.named_parameters())[n].detach() for f in flows]).requires_grad_()
-              for n in names}
+    params = {n: torch.stack([dict(f.named_parameters())[n].detach() for f in flows]).requires_grad_() for n in names}
     lp = stacking.stacked_objective(flows[0], shared, run_buffers=per_run)(params, x)
     weights = torch.arange(1.0, B + 1, dtype=torch.float64)
     (lp * weights).sum().backward()
@@ -451,9 +531,15 @@ def test_stacked_conditional_flows_equal_each_run(model, hp):
     if per_run:  # the trainer validates runs with their own masks one by one
         return
     train_x, val_x = rows(103) * torch.cat([2 * torch.ones(D), torch.ones(K)]), rows(37)
-    logp, stats = stacking.stacked_validation(flows[0], {n: p.detach() for n, p in params.items()},
-                                              {k: v for k, v in shared.items() if "stat_" not in k}, train_x, val_x,
-                                              batch_size=15, stats_batch_size=40)
+    logp, stats = stacking.stacked_validation(
+        flows[0],
+        {n: p.detach() for n, p in params.items()},
+        {k: v for k, v in shared.items() if "stat_" not in k},
+        train_x,
+        val_x,
+        batch_size=15,
+        stats_batch_size=40,
+    )
     for r, f in enumerate(flows):
         f.prepare_for_eval(train_x, batch_size=40)
         f.eval()

@@ -40,9 +40,19 @@ def fake_run(options):
         raise RuntimeError("transient failure")
     val = fake_val_ll(options)
     record = RunRecord.example(
-        dataset=options.dataset, model=options.model, display_name=display_name(options.model, **options.hparams),
-        tag=options.tag, seed=options.seed, config=options.to_dict(), params=1, epochs=1, best_epoch=1,
-        best_val_ll=val, test_ll=val - 1.0, test_ll_2se=0.1, n_test=100,
+        dataset=options.dataset,
+        model=options.model,
+        display_name=display_name(options.model, **options.hparams),
+        tag=options.tag,
+        seed=options.seed,
+        config=options.to_dict(),
+        params=1,
+        epochs=1,
+        best_epoch=1,
+        best_val_ll=val,
+        test_ll=val - 1.0,
+        test_ll_2se=0.1,
+        n_test=100,
     )
     write_record(record_path(options.out, options.dataset, options.model, options.seed, options.tag), record)
     return record
@@ -60,11 +70,14 @@ def small(**grid) -> dict:
 
 # ------------------------------------------------------------------------------------------- expansion
 def test_grid_expansion_product_tags_and_inapplicable_options():
-    sweep = parse_sweep({
-        "datasets": ["digits"], "models": ["gaussian", "made", "maf"],
-        "grid": {"seed": [0, 1, 2], "hidden-layers": [1, 2], "max_epochs": 3},
-        "override": {"maf": {"layers": [5, 10]}, "digits/made": {"lr": [1e-3, 1e-4]}},
-    })
+    sweep = parse_sweep(
+        {
+            "datasets": ["digits"],
+            "models": ["gaussian", "made", "maf"],
+            "grid": {"seed": [0, 1, 2], "hidden-layers": [1, 2], "max_epochs": 3},
+            "override": {"maf": {"layers": [5, 10]}, "digits/made": {"lr": [1e-3, 1e-4]}},
+        }
+    )
     by_model: dict[str, list] = {}
     for r in sweep.runs:
         by_model.setdefault(r.model, []).append(r)
@@ -75,8 +88,11 @@ def test_grid_expansion_product_tags_and_inapplicable_options():
     assert len(sweep.runs) == 3 + 12 + 12
     assert {r.tag for r in by_model["gaussian"]} == {"default"}  # nothing of the grid applies to it
     assert {r.tag for r in by_model["maf"]} == {
-        f"hidden-layers={h},layers={k},max-epochs=3" for h in (1, 2) for k in (5, 10)}
-    assert "made/hidden-layers=2,lr=0.0001,max-epochs=3/seed2" in {f"{r.model}/{r.tag}/seed{r.seed}" for r in sweep.runs}
+        f"hidden-layers={h},layers={k},max-epochs=3" for h in (1, 2) for k in (5, 10)
+    }
+    assert "made/hidden-layers=2,lr=0.0001,max-epochs=3/seed2" in {
+        f"{r.model}/{r.tag}/seed{r.seed}" for r in sweep.runs
+    }
     assert sweep.ignored == {"gaussian": ["hidden-layers", "max-epochs"]}
     # The seeds of one configuration share a tag, and every (model, tag, seed) is unique.
     assert len({(r.model, r.tag, r.seed) for r in sweep.runs}) == len(sweep.runs)
@@ -89,11 +105,20 @@ def test_grid_expansion_product_tags_and_inapplicable_options():
 
 
 def test_match_params_applies_to_models_with_a_size_knob_but_not_to_the_target_itself():
-    sweep = parse_sweep({"datasets": ["power"], "models": ["relgrad", "gaussian", "maf"],
-                         "grid": {"match-params": "relgrad", "hidden-layers": [1, 2]}})
+    sweep = parse_sweep(
+        {
+            "datasets": ["power"],
+            "models": ["relgrad", "gaussian", "maf"],
+            "grid": {"match-params": "relgrad", "hidden-layers": [1, 2]},
+        }
+    )
     tags = {(r.model, r.tag) for r in sweep.runs}
-    assert tags == {("relgrad", "default"), ("gaussian", "default"),
-                    ("maf", "hidden-layers=1,match-params=relgrad"), ("maf", "hidden-layers=2,match-params=relgrad")}
+    assert tags == {
+        ("relgrad", "default"),
+        ("gaussian", "default"),
+        ("maf", "hidden-layers=1,match-params=relgrad"),
+        ("maf", "hidden-layers=2,match-params=relgrad"),
+    }
     # Explicitly per model, any target works, e.g. relgrad matched to a number of parameters.
     sweep = parse_sweep({"datasets": ["power"], "models": ["relgrad"], "override": {"relgrad": {"match-params": 500}}})
     assert [r.tag for r in sweep.runs] == ["match-params=500"]
@@ -113,7 +138,8 @@ def test_make_tag_format():
     assert make_tag([]) == "default"
     assert make_tag([("seed", 3), ("device", "cpu")]) == "default"
     assert make_tag([("lr", 1e-05), ("batch_norm", False), ("activation", "tanh")]) == (
-        "activation=tanh,batch-norm=false,lr=1e-05")
+        "activation=tanh,batch-norm=false,lr=1e-05"
+    )
     assert make_tag([("match_params", "relgrad"), ("lr", 0.0001)]) == "lr=0.0001,match-params=relgrad"
     long = make_tag([(f"k{i}", "x" * 20) for i in range(10)])
     assert len(long) <= 120 and "+" in long
@@ -210,7 +236,9 @@ def test_failing_run_is_retried_then_reported_and_the_sweep_goes_on(tmp_path):
     saved = json.loads((tmp_path / "sweeps" / "sweep.json").read_text())
     assert saved["counts"] == {"done": 4, "skipped": 0, "failed": 2, "pending": 0}
     assert {r["tag"] for r in saved["runs"] if r["status"] == "failed"} == {"hidden=13"}
-    assert "FAILED digits/made/hidden=13/seed0 after 3 attempt(s): RuntimeError: boom" in summary(report, sweep, tmp_path)
+    assert "FAILED digits/made/hidden=13/seed0 after 3 attempt(s): RuntimeError: boom" in summary(
+        report, sweep, tmp_path
+    )
     # No retries at all: the first failure is final.
     ATTEMPTS.clear()
     report = run_sweep(sweep, tmp_path, run_fn=fake_run, retries=0, stream=None)
@@ -226,8 +254,7 @@ def test_best_validation_selection_in_the_table(tmp_path):
     records = list(iter_records(tmp_path))
     assert len(records) == 2 + 8
     made = [r for r in records if r.model == "made"]
-    best_tag = max({r.tag for r in made},
-                   key=lambda t: sum(r.best_val_ll for r in made if r.tag == t))
+    best_tag = max({r.tag for r in made}, key=lambda t: sum(r.best_val_ll for r in made if r.tag == t))
     assert best_tag == "hidden-layers=2,lr=0.001"  # by construction of fake_val_ll
     table = build_table(records, sources=[], select="best-val")
     assert f"best of 4 configurations by mean validation LL: tag {best_tag}" in table
@@ -391,8 +418,11 @@ def test_a_non_finite_record_is_rerun_and_an_ok_record_skipped(tmp_path):
     mark_nonfinite(sweep.runs[0].record_path(tmp_path))
     text = dry_run_text(sweep, tmp_path)
     assert f"1 already recorded in {tmp_path}/runs (skip), 2 to run, of which 1 rerun (non-finite record)" in text
-    actions = {line.split()[-1]: line.rsplit("digits", 1)[0].strip() for line in text.splitlines()
-               if line.split()[:1] in (["run"], ["skip"], ["rerun"])}
+    actions = {
+        line.split()[-1]: line.rsplit("digits", 1)[0].strip()
+        for line in text.splitlines()
+        if line.split()[:1] in (["run"], ["skip"], ["rerun"])
+    }
     assert actions == {"0": "rerun (non-finite record)", "1": "skip", "2": "run"}
     assert [s.replaces for s in plan(sweep.runs, tmp_path)] == [True, False, False]
     CALLS.clear()
@@ -451,8 +481,9 @@ def test_a_rerun_of_the_real_trainer_notes_the_replaced_record_locally_and_on_ra
     # On Ray: the non-finite record goes to the node, so the run notes it there, as locally (this calls the
     # task's body in this process; tests/test_sweep_e2e.py runs real Ray tasks).
     mark_nonfinite(path)
-    outcome = ray_execute(run.options(tmp_path), DEFAULT_RUN_FN, torch.get_num_threads(),
-                          replaced_record(run, str(tmp_path)))
+    outcome = ray_execute(
+        run.options(tmp_path), DEFAULT_RUN_FN, torch.get_num_threads(), replaced_record(run, str(tmp_path))
+    )
     assert outcome["ok"]
     land_run(run, outcome["record"], outcome[ARTIFACTS], str(tmp_path))
     landed = read_record(path)
@@ -495,8 +526,13 @@ def test_a_landed_ray_run_has_the_files_of_a_local_run(tmp_path, stacked):
     from flowbench.sweep.artifacts import ARTIFACTS, land_run
     from flowbench.sweep.worker import DEFAULT_RUN_FN, execute_run, execute_stack, ray_execute, ray_execute_stack
 
-    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"],
-                         "grid": {"seed": [0, 1], "max-epochs": 2, "hidden": 16, "device": "cpu"}})
+    sweep = parse_sweep(
+        {
+            "datasets": ["digits"],
+            "models": ["made"],
+            "grid": {"seed": [0, 1], "max-epochs": 2, "hidden": 16, "device": "cpu"},
+        }
+    )
     runs = sweep.runs if stacked else sweep.runs[:1]
     options = [r.options(tmp_path) for r in runs]
     threads = torch.get_num_threads()

@@ -14,8 +14,7 @@ from flowbench.sweep import load_sweep, run_sweep
 from flowbench.tables import build_table
 
 #: Record fields that legitimately differ between executors (clocks, process, machine, command line).
-NONDETERMINISTIC = {"command", "timestamp", "wall_time_s", "train_time_s", "threads", "git_commit", "platform",
-                    "_path"}
+NONDETERMINISTIC = {"command", "timestamp", "wall_time_s", "train_time_s", "threads", "git_commit", "platform", "_path"}
 
 
 def comparable(results: Path) -> dict[str, dict]:
@@ -81,8 +80,9 @@ def test_worker_processes_reproduce_the_sequential_sweep(sweep, local_results, t
     expected = {k: v for k, v in comparable(local_results).items() if k.endswith("/seed0")}
     assert comparable(tmp_path) == expected
     # Parallel runs write their output to per-run logs instead of the terminal.
-    assert all((tmp_path / "sweeps" / "logs" / r.dataset / r.model / r.tag / f"seed{r.seed}.log").is_file()
-               for r in half.runs)
+    assert all(
+        (tmp_path / "sweeps" / "logs" / r.dataset / r.model / r.tag / f"seed{r.seed}.log").is_file() for r in half.runs
+    )
 
 
 def test_ray_sweep_matches_local(sweep, local_results, tmp_path, monkeypatch):

@@ -17,8 +17,17 @@ from flowbench.tables import build_table
 REPO = Path(__file__).resolve().parents[1]
 #: Fields that differ between any two sweeps (clocks, process), as in test_sweep_e2e.py, plus `stack`: how
 #: the run was executed.
-EXECUTION = {"command", "timestamp", "wall_time_s", "train_time_s", "threads", "git_commit", "platform", "_path",
-             "stack"}
+EXECUTION = {
+    "command",
+    "timestamp",
+    "wall_time_s",
+    "train_time_s",
+    "threads",
+    "git_commit",
+    "platform",
+    "_path",
+    "stack",
+}
 
 
 def comparable(results: Path) -> dict[str, dict]:
@@ -135,8 +144,10 @@ def test_memory_cap_rule():
 
     opts = resolve_options({"dataset": "digits", "model": "maf"})
     per_run = run_memory(opts)
-    params = sum(p.numel() for p in __import__("flowbench.models", fromlist=["x"]).build_model(
-        "maf", 64, **opts.hparams).parameters())
+    params = sum(
+        p.numel()
+        for p in __import__("flowbench.models", fromlist=["x"]).build_model("maf", 64, **opts.hparams).parameters()
+    )
     assert per_run > 6 * 4 * params  # activations on top of the parameter copies
     assert stack_cap(opts, budget=3 * per_run + 1) == 3
     assert stack_cap(opts, budget=1) == 1 and stack_cap(opts, budget=10**15) == MAX_STACK
@@ -149,14 +160,21 @@ def test_unstackable_runs_train_alone_and_run_seeds_refuses_them(tmp_path):
     from flowbench.training.stacked import run_stacked, unstackable
 
     assert unstackable(resolve_options({"dataset": "digits", "model": "maf"})) is None
-    assert "adam-epoch-step" in unstackable(resolve_options({"dataset": "digits", "model": "relgrad",
-                                                             "adam_epoch_step": True}))
+    assert "adam-epoch-step" in unstackable(
+        resolve_options({"dataset": "digits", "model": "relgrad", "adam_epoch_step": True})
+    )
     backend = GroupingBackend(1)
     assert run_sweep(sweep_of(**{"adam-epoch-step": True}), tmp_path, backend=backend, stream=None).ok
     assert max(len(u) for u in backend.units) == 1
     with pytest.raises(ConfigError, match="adam-epoch-step"):
-        run_stacked([resolve_options({"dataset": "digits", "model": "relgrad", "adam_epoch_step": True,
-                                      "seed": s, "out": str(tmp_path)}) for s in (0, 1)])
+        run_stacked(
+            [
+                resolve_options(
+                    {"dataset": "digits", "model": "relgrad", "adam_epoch_step": True, "seed": s, "out": str(tmp_path)}
+                )
+                for s in (0, 1)
+            ]
+        )
 
 
 # ------------------------------------------------------------------------ real stacked sweeps
@@ -193,8 +211,9 @@ def _check_same(stacked: Path, unstacked: Path, tiny, report) -> None:
             assert {**stack, "id": None} == {"seeds": [0, 1], "size": 2, "id": None}  # each configuration's two seeds
     for select in ("best-val", None):
         kw = {"select": select} if select else {}
-        assert (build_table(list(iter_records(stacked)), sources=["maf"], **kw)
-                == build_table(list(iter_records(unstacked)), sources=["maf"], **kw))
+        assert build_table(list(iter_records(stacked)), sources=["maf"], **kw) == build_table(
+            list(iter_records(unstacked)), sources=["maf"], **kw
+        )
 
 
 def test_sequential_stacked_sweep_equals_the_unstacked_one(tiny, unstacked, tmp_path):

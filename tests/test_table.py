@@ -18,9 +18,26 @@ GOLDEN = Path(__file__).parent / "golden" / "table.md"
 
 def fake_record(dataset, model, display, seed, test_ll, se2, val, tag=None, status="ok", failure=None):
     return RunRecord.example(
-        dataset=dataset, model=model, display_name=display, tag=tag, seed=seed, config={}, params=10,
-        epochs=3, best_epoch=2, best_val_ll=val, test_ll=test_ll, test_ll_2se=se2, n_test=100,
-        wall_time_s=1.0, device="cpu", torch="x", python="3", timestamp="t", status=status, failure=failure,
+        dataset=dataset,
+        model=model,
+        display_name=display,
+        tag=tag,
+        seed=seed,
+        config={},
+        params=10,
+        epochs=3,
+        best_epoch=2,
+        best_val_ll=val,
+        test_ll=test_ll,
+        test_ll_2se=se2,
+        n_test=100,
+        wall_time_s=1.0,
+        device="cpu",
+        torch="x",
+        python="3",
+        timestamp="t",
+        status=status,
+        failure=failure,
     )
 
 
@@ -52,7 +69,9 @@ def test_golden_table(tmp_path):
 def test_selection_seeds_bold_and_na(tmp_path):
     write_fixture(tmp_path)
     text = build_table(list(iter_records(tmp_path)), [], "best-val")
-    lines = {ln.split("|")[1].strip() + "/" + ln.split("|")[2].strip(): ln for ln in text.splitlines() if ln.startswith("| ")}
+    lines = {
+        ln.split("|")[1].strip() + "/" + ln.split("|")[2].strip(): ln for ln in text.splitlines() if ln.startswith("| ")
+    }
     maf = lines["MAF (5)/ours"]
     assert "**0.25 ± 0.01**" in maf  # mean of 0.20 and 0.30; ± stays the per-run 2 SE, spread goes to a note
     # the seed spread in the cell: std of the per-seed test LLs 0.20 and 0.30 (0.0707) and the seed count
@@ -157,9 +176,13 @@ def test_bad_records_are_named(tmp_path):
     path = record_path(tmp_path, "power", "maf", 0)
     path.parent.mkdir(parents=True)
     good = fake_record("power", "maf", "MAF (5)", 0, 0.2, 0.01, 0.2).to_json()
-    for content, match in [(b"\xff\xfe{", "not UTF-8"), (b"{", "bad JSON"), (b"[]", "not a JSON object"),
-                           (json.dumps(dict(good, test_ll="high")).encode(), "test_ll is 'high', not a number"),
-                           (json.dumps(dict(good, format=9)).encode(), "format 9")]:
+    for content, match in [
+        (b"\xff\xfe{", "not UTF-8"),
+        (b"{", "bad JSON"),
+        (b"[]", "not a JSON object"),
+        (json.dumps(dict(good, test_ll="high")).encode(), "test_ll is 'high', not a number"),
+        (json.dumps(dict(good, format=9)).encode(), "format 9"),
+    ]:
         path.write_bytes(content)
         with pytest.raises(ConfigError, match=match):
             list(iter_records(tmp_path))
@@ -186,8 +209,10 @@ def test_unverified_config_is_footnoted_beside_a_published_number(tmp_path):
 
 # -- export for papers: markdown, latex, csv, json (golden) ------------------------------------------------------
 
-EXPORT_GOLDEN = {fmt: Path(__file__).parent / "golden" / f"table_rules.{ext}"
-                 for fmt, ext in (("markdown", "md"), ("latex", "tex"), ("csv", "csv"), ("json", "json"))}
+EXPORT_GOLDEN = {
+    fmt: Path(__file__).parent / "golden" / f"table_rules.{ext}"
+    for fmt, ext in (("markdown", "md"), ("latex", "tex"), ("csv", "csv"), ("json", "json"))
+}
 
 
 def sweep_fixture(out: Path) -> list:
@@ -219,7 +244,8 @@ def test_exports_hold_the_cells_numbers_and_marks(tmp_path):
     a = expected(MAF_A)
     row = next(r for r in rows if (r["model"], r["source"], r["dataset"]) == ("MAF (5)", "ours", "power"))
     assert (float(row["mean"]), float(row["pm_2se"]), float(row["sd"]), int(row["n"])) == pytest.approx(
-        (a["mean"], a["pm"], a["sd"], 3), abs=1e-12)
+        (a["mean"], a["pm"], a["sd"], 3), abs=1e-12
+    )
     assert row["tag"] == "a" and row["seeds"] == "0 1 2" and row["bold"] == "0"
     for mark, note in zip(row["marks"].split(), row["notes"].split("\n")):
         assert f"- [{mark}] {note}" in md  # the marks are the Markdown table's footnote numbers
@@ -230,7 +256,8 @@ def test_exports_hold_the_cells_numbers_and_marks(tmp_path):
     assert doc["footnotes"][0]["mark"] == 1 and doc["sources"]["maf"]["label"] == "MAF paper"
     bold = {(c["model"], c["source"], c["dataset"]) for c in doc["cells"] if c["bold"]}
     assert {("MADE MoG", "maf", "power"), ("MAF (10)", "maf", "gas")} <= bold and not any(
-        c["bold"] and c["mean"] is not None and not math.isfinite(c["mean"]) for c in doc["cells"])
+        c["bold"] and c["mean"] is not None and not math.isfinite(c["mean"]) for c in doc["cells"]
+    )
     assert bold == {(m, s, d) for (m, s), v in _md_cells(md).items() for d, t in v.items() if t.startswith("**")}
 
 
@@ -240,7 +267,11 @@ def _md_cells(text):
     out = {}
     for ln in lines[1:]:
         row = [c.strip() for c in ln.split("|")[1:-1]]
-        source = "ours" if row[1] == "ours" else {"published: MAF paper": "maf", "published: relgrad paper": "relgrad"}[row[1]]
+        source = (
+            "ours"
+            if row[1] == "ours"
+            else {"published: MAF paper": "maf", "published: relgrad paper": "relgrad"}[row[1]]
+        )
         out[(row[0], source)] = dict(zip(head[2:], row[2:]))
     return out
 
@@ -248,7 +279,7 @@ def _md_cells(text):
 def test_latex_is_well_formed(tmp_path):
     tex = build_table(sweep_fixture(tmp_path), ["maf", "relgrad"], "best-val", fmt="latex")
     lines = tex.splitlines()
-    body = lines[lines.index(r"\midrule") + 1:lines.index(r"\bottomrule")]
+    body = lines[lines.index(r"\midrule") + 1 : lines.index(r"\bottomrule")]
     spec = next(ln for ln in lines if ln.startswith(r"\begin{tabular}"))
     ncols = len(spec.split("{")[2].rstrip("}"))
     assert all(ln.endswith(r" \\") and ln.count(" & ") == ncols - 1 for ln in body)
@@ -262,8 +293,12 @@ def test_table_cli_formats(tmp_path, capsys):
     from flowbench.cli import main
 
     sweep_fixture(tmp_path)
-    for name, start in (("t.tex", "% flowbench table"), ("t.csv", "model,source,dataset"), ("t.json", "{"),
-                        ("t.md", "Average test")):
+    for name, start in (
+        ("t.tex", "% flowbench table"),
+        ("t.csv", "model,source,dataset"),
+        ("t.json", "{"),
+        ("t.md", "Average test"),
+    ):
         assert main(["table", "--results", str(tmp_path), "--out", str(tmp_path / name)]) == 0
         assert (tmp_path / name).read_text().startswith(start)  # the format follows --out's suffix
     capsys.readouterr()
@@ -283,7 +318,9 @@ def test_conditional_records_have_their_own_column(tmp_path):
     """A class-conditional model's records (MAF Table 2) share the unconditional model's row, in a column of their
     own, never chosen against the unconditional configurations; ``--datasets`` picks columns."""
     for seed, (ll, val) in enumerate([(-1300.0, -1290.0), (-1302.0, -1291.0)]):
-        write_record(record_path(tmp_path, "mnist", "maf", seed), fake_record("mnist", "maf", "MAF (5)", seed, ll, 1.7, val))
+        write_record(
+            record_path(tmp_path, "mnist", "maf", seed), fake_record("mnist", "maf", "MAF (5)", seed, ll, 1.7, val)
+        )
         r = fake_record("mnist", "maf-cond", "MAF (5)", seed, ll - 10, 1.8, val + 50)  # better val: p(x|y)
         r.conditional = True
         write_record(record_path(tmp_path, "mnist", "maf-cond", seed), r)

@@ -63,8 +63,22 @@ def test_a_run_the_device_cannot_hold_is_refused_before_training(tmp_path, monke
     from flowbench.cli import main
 
     monkeypatch.setattr(U, "available_memory", lambda device="cpu": 1 << 20)  # 1 MiB free
-    code = main(["run", "--dataset", "digits", "--model", "maf", "--hidden", "64", "--out", str(tmp_path),
-                 "--max-epochs", "1", "--quiet"])
+    code = main(
+        [
+            "run",
+            "--dataset",
+            "digits",
+            "--model",
+            "maf",
+            "--hidden",
+            "64",
+            "--out",
+            str(tmp_path),
+            "--max-epochs",
+            "1",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "parameters: training one run needs about" in err and "GiB is free" in err
     assert "Traceback" not in err and not list(tmp_path.rglob("*.json"))  # nothing written
@@ -104,8 +118,24 @@ def test_conditional_mnist_run_end_to_end(tmp_path, capsys):
     from flowbench.training.trainer import best_model_state
 
     root, out = _root(tmp_path, "mnist"), tmp_path / "out"
-    code = _cli("--dataset", "mnist", "--model", "maf-cond", "--data-root", str(root), "--out", str(out),
-                "--hidden", "8", "--hidden-layers", "1", "--layers", "2", "--max-epochs", "2")
+    code = _cli(
+        "--dataset",
+        "mnist",
+        "--model",
+        "maf-cond",
+        "--data-root",
+        str(root),
+        "--out",
+        str(out),
+        "--hidden",
+        "8",
+        "--hidden-layers",
+        "1",
+        "--layers",
+        "2",
+        "--max-epochs",
+        "2",
+    )
     assert code == 0, capsys.readouterr().err
     path = out / "runs" / "mnist" / "maf-cond" / "seed0.json"
     rec = json.loads(path.read_text())
@@ -131,8 +161,18 @@ def test_conditional_stack_equals_single_runs(tmp_path):
     import json
 
     root = _root(tmp_path, "mnist")
-    common = ["--dataset", "mnist", "--model", "made-cond", "--data-root", str(root), "--hidden", "8",
-              "--max-epochs", "2"]
+    common = [
+        "--dataset",
+        "mnist",
+        "--model",
+        "made-cond",
+        "--data-root",
+        str(root),
+        "--hidden",
+        "8",
+        "--max-epochs",
+        "2",
+    ]
     assert _cli(*common, "--seeds", "0-1", "--out", str(tmp_path / "stack")) == 0
     assert _cli(*common, "--seed", "1", "--out", str(tmp_path / "one")) == 0
     stacked = json.loads((tmp_path / "stack/runs/mnist/made-cond/seed1.json").read_text())
@@ -147,10 +187,46 @@ def test_cifar10_format_runs_end_to_end(tmp_path, capsys):
     import json
 
     root, out = _root(tmp_path, "cifar10"), tmp_path / "out"
-    assert _cli("--dataset", "cifar10", "--model", "maf", "--data-root", str(root), "--out", str(out),
-                "--hidden", "16", "--layers", "2", "--degrees", "random", "--max-epochs", "1") == 0
-    assert _cli("--dataset", "cifar10", "--model", "made-cond", "--data-root", str(root), "--out", str(out),
-                "--hidden", "16", "--degrees", "random", "--max-epochs", "1") == 0, capsys.readouterr().err
+    assert (
+        _cli(
+            "--dataset",
+            "cifar10",
+            "--model",
+            "maf",
+            "--data-root",
+            str(root),
+            "--out",
+            str(out),
+            "--hidden",
+            "16",
+            "--layers",
+            "2",
+            "--degrees",
+            "random",
+            "--max-epochs",
+            "1",
+        )
+        == 0
+    )
+    assert (
+        _cli(
+            "--dataset",
+            "cifar10",
+            "--model",
+            "made-cond",
+            "--data-root",
+            str(root),
+            "--out",
+            str(out),
+            "--hidden",
+            "16",
+            "--degrees",
+            "random",
+            "--max-epochs",
+            "1",
+        )
+        == 0
+    ), capsys.readouterr().err
     maf = json.loads((out / "runs/cifar10/maf/seed0.json").read_text())
     cond = json.loads((out / "runs/cifar10/made-cond/seed0.json").read_text())
     assert maf["hparams"]["degrees"] == "random" and not maf.get("conditional")

@@ -270,8 +270,12 @@ def test_a_correct_user_model_passes_every_check(user_file):
 
 def test_a_correct_user_model_passes_in_one_and_two_dimensions(user_file):
     for dim in (1, 2):
-        report = check_model(f"{user_file}:GOOD", dim=dim, hparams={"layers": 2},
-                             checks=["log-det", "normalisation", "samples-match-density", "inverse"])
+        report = check_model(
+            f"{user_file}:GOOD",
+            dim=dim,
+            hparams={"layers": 2},
+            checks=["log-det", "normalisation", "samples-match-density", "inverse"],
+        )
         assert report.ok and "grid" in report["normalisation"].detail, str(report)
 
 
@@ -374,14 +378,17 @@ def test_check_model_cli_exit_codes_and_table(user_file, capsys):
     assert "FAIL" in out and "1 passed, 1 failed" in out and "max |Δ| 0.5" in out
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["check-model", "no-such-model"], "unknown model 'no-such-model'"),
-    (["check-model", "missing_flows.py:SPEC"], "no such file"),
-    (["check-model", "maf", "--hparam", "hidden=wide"], "--hidden 'wide' has the wrong type; expected int"),
-    (["check-model", "maf", "--hparam", "hidden"], "KEY=VALUE"),
-    (["check-model", "maf", "--check", "nope"], "unknown model check"),
-    (["check-dataset", "no_such_data"], "unknown dataset 'no_such_data'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["check-model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["check-model", "missing_flows.py:SPEC"], "no such file"),
+        (["check-model", "maf", "--hparam", "hidden=wide"], "--hidden 'wide' has the wrong type; expected int"),
+        (["check-model", "maf", "--hparam", "hidden"], "KEY=VALUE"),
+        (["check-model", "maf", "--check", "nope"], "unknown model check"),
+        (["check-dataset", "no_such_data"], "unknown dataset 'no_such_data'"),
+    ],
+)
 def test_bad_references_exit_2_with_a_message(argv, message, capsys):
     assert cli(argv) == 2
     err = capsys.readouterr().err
@@ -474,15 +481,18 @@ def test_a_correct_user_dataset_passes_and_is_cached(data_files):
     assert (root / "processed" / "kit_good" / "manifest.json").is_file()
 
 
-@pytest.mark.parametrize("attr, check, status", [
-    ("UNSEEDED", "deterministic", FAIL),
-    ("NAN", "finite", FAIL),
-    ("NAN", "load", FAIL),  # the loader refuses NaN with a DataIntegrityError
-    ("RAGGED", "width", FAIL),
-    ("WRONG_SIZES", "sizes", FAIL),
-    ("MISSING", "raw-files", FAIL),
-    ("LEAKY", "overlap", WARN),
-])
+@pytest.mark.parametrize(
+    "attr, check, status",
+    [
+        ("UNSEEDED", "deterministic", FAIL),
+        ("NAN", "finite", FAIL),
+        ("NAN", "load", FAIL),  # the loader refuses NaN with a DataIntegrityError
+        ("RAGGED", "width", FAIL),
+        ("WRONG_SIZES", "sizes", FAIL),
+        ("MISSING", "raw-files", FAIL),
+        ("LEAKY", "overlap", WARN),
+    ],
+)
 def test_every_dataset_check_catches_its_planted_bug(attr, check, status, data_files):
     module, root = data_files
     report = check_dataset(f"{module}:{attr}", root)

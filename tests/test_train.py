@@ -31,9 +31,6 @@ def gaussian_data(n_train=1500, n_val=300, n_test=1500, seed=1) -> Dataset:
     return Dataset("toy", x[:n_train], x[n_train : n_train + n_val], x[n_train + n_val :])
 
 
-
-
-
 class NaNFlow(Flow):
     """Becomes non-finite after ``after`` training steps (a model that diverges)."""
 
@@ -102,8 +99,15 @@ def test_trainer_stops_after_patience_and_restores_best():
     train_x, val_x = torch.tensor(data.train), torch.tensor(data.val)
     flow = ScriptedVal(3, [0.0, 1.0, 3.0, 2.0, 2.5, 2.9, 9.0, 9.0])
     states = {}
-    tr = Trainer(flow, train_x, val_x, lr=1e-2, patience=3, progress=False,
-                 callbacks=[lambda info: states.__setitem__(info.epoch, {k: v.clone() for k, v in flow.state_dict().items()})])
+    tr = Trainer(
+        flow,
+        train_x,
+        val_x,
+        lr=1e-2,
+        patience=3,
+        progress=False,
+        callbacks=[lambda info: states.__setitem__(info.epoch, {k: v.clone() for k, v in flow.state_dict().items()})],
+    )
     res = tr.fit()
     assert (res.epochs, res.best_epoch, res.best_val_ll) == (6, 3, 3.0)  # epochs 4, 5, 6 did not improve
     assert "no improvement for 3 epochs" in res.stop_reason
@@ -113,8 +117,11 @@ def test_trainer_stops_after_patience_and_restores_best():
     # validation always comes right after prepare_for_eval on the *whole* training set; once more at the end
     prepares = [e for e in flow.events if e[0] == "prepare"]
     assert len(prepares) == 6 + 1 and all(e[1] is train_x for e in prepares)
-    assert all(flow.events[i - 1][0] == "prepare" for i, e in enumerate(flow.events) if e[0] == "eval" and
-               (i == 0 or flow.events[i - 1][0] != "eval"))
+    assert all(
+        flow.events[i - 1][0] == "prepare"
+        for i, e in enumerate(flow.events)
+        if e[0] == "eval" and (i == 0 or flow.events[i - 1][0] != "eval")
+    )
 
 
 def test_batchnorm_statistics_from_full_training_set():
@@ -170,7 +177,9 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert resumed.test_ll == full.test_ll and resumed.best_epoch == full.best_epoch
     assert resumed.epochs == 5 and any("resumed" in n for n in resumed.notes)
     # A finished run can be continued to a later epoch cap (the record is then replaced: --force).
-    longer = run_experiment(opts(tmp_path / "b", **dict(o, max_epochs=6), resume=True, force=True), data, progress=False)
+    longer = run_experiment(
+        opts(tmp_path / "b", **dict(o, max_epochs=6), resume=True, force=True), data, progress=False
+    )
     again = run_experiment(opts(tmp_path / "c", **dict(o, max_epochs=6)), data, progress=False)
     assert numbers(longer.history) == numbers(again.history) and longer.test_ll == again.test_ll
 
@@ -181,8 +190,17 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_only_at_its_default(
     from flowbench.config import UNKNOWN_DEFAULT, unset_value
 
     data = gaussian_data(400, 100, 200)
-    o = dict(model="maf", layers=1, hidden=8, batch_norm=True, max_epochs=2, patience=50, seed=3, lr=3e-3,
-             checkpoint_every_s=0)
+    o = dict(
+        model="maf",
+        layers=1,
+        hidden=8,
+        batch_norm=True,
+        max_epochs=2,
+        patience=50,
+        seed=3,
+        lr=3e-3,
+        checkpoint_every_s=0,
+    )
     run_experiment(opts(tmp_path / "a", **o, keep_checkpoint=True), data, progress=False)
     ckpt = checkpoint_path(tmp_path / "a", "toy", "maf", 3)
     state = torch.load(ckpt, weights_only=True)
@@ -191,12 +209,14 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_only_at_its_default(
         assert state["fingerprint"].pop(key) == value
     torch.save(state, ckpt)
     more = dict(o, max_epochs=3)
-    for key, other in [("lr_schedule", "cosine"), ("adam_epoch_step", True), ("grad_clip", 5.0),
-                       ("batch_norm", False)]:
+    for key, other in [("lr_schedule", "cosine"), ("adam_epoch_step", True), ("grad_clip", 5.0), ("batch_norm", False)]:
         extra = {"max_steps": 100} if key == "lr_schedule" else {}
         with pytest.raises(ConfigError, match=rf"different options \({key}(, max_steps)?\)"):
-            run_experiment(opts(tmp_path / "a", **dict(more, **extra, **{key: other}), resume=True, force=True),
-                           data, progress=False)
+            run_experiment(
+                opts(tmp_path / "a", **dict(more, **extra, **{key: other}), resume=True, force=True),
+                data,
+                progress=False,
+            )
     # at their defaults (batch_norm given explicitly, the others unset) the old checkpoint resumes
     resumed = run_experiment(opts(tmp_path / "a", **more, resume=True, force=True), data, progress=False)
     assert resumed.epochs == 3 and any("resumed from the checkpoint after epoch 2" in n for n in resumed.notes)
@@ -332,8 +352,9 @@ class ZeroGrad(Flow):
 def test_l2_penalty_is_applied_by_the_optimiser_step(wd):
     data = gaussian_data(200, 50, 50)
     flow = ZeroGrad(3)
-    Trainer(flow, torch.tensor(data.train), torch.tensor(data.val), lr=1e-2, weight_decay=wd, max_epochs=1,
-            progress=False).fit()
+    Trainer(
+        flow, torch.tensor(data.train), torch.tensor(data.val), lr=1e-2, weight_decay=wd, max_epochs=1, progress=False
+    ).fit()
     m = flow.transform.transforms[0].m.detach()
     if wd == 0:
         assert torch.equal(m, torch.ones(3))  # nothing but the (wiped) likelihood gradient

@@ -129,8 +129,12 @@ class ScriptedVal(Flow):
 def test_eval_every_spans_epochs_counts_patience_in_evaluations_and_restores_best():
     flow = ScriptedVal([0.0, 1.0, 5.0, 2.0, 3.0, 4.0, 9.0])
     snapshots = {}
-    tr = trainer(flow, eval_every=2, patience=3,
-                 callbacks=[lambda info: snapshots.__setitem__(info.step, {k: v.clone() for k, v in flow.state_dict().items()})])
+    tr = trainer(
+        flow,
+        eval_every=2,
+        patience=3,
+        callbacks=[lambda info: snapshots.__setitem__(info.step, {k: v.clone() for k, v in flow.state_dict().items()})],
+    )
     res = tr.fit()
     # 3 steps per epoch; evaluations after steps 2, 4, …; the best is the third (step 6, in epoch 2)
     assert [(h["step"], h["epoch"]) for h in res.history] == [(2, 1), (4, 2), (6, 2), (8, 3), (10, 4), (12, 4)]
@@ -145,8 +149,9 @@ def test_eval_every_one_epoch_is_epoch_mode():
     a = trainer(tiny(), max_epochs=4, seed=3)
     b = trainer(tiny(), eval_every=a.batches_per_epoch, max_steps=4 * a.batches_per_epoch, seed=3)
     ra, rb = a.fit(), b.fit()
-    assert [(h["epoch"], h["step"], h["train_loss"], h["val_ll"]) for h in ra.history] == \
-        [(h["epoch"], h["step"], h["train_loss"], h["val_ll"]) for h in rb.history]
+    assert [(h["epoch"], h["step"], h["train_loss"], h["val_ll"]) for h in ra.history] == [
+        (h["epoch"], h["step"], h["train_loss"], h["val_ll"]) for h in rb.history
+    ]
     for va, vb in zip(a.flow.state_dict().values(), b.flow.state_dict().values()):
         assert torch.equal(va, vb)
     assert ra.best_epoch == rb.best_epoch and ra.best_step == rb.best_step == 12
@@ -162,9 +167,23 @@ def nsf_trainer(ckpt, callbacks=()) -> Trainer:
     hp = NSF_AR_SPEC.resolve({"layers": 2, "hidden": 8, "blocks": 1, "bins": 4, "dropout": 0.3})
     flow = NSF_AR_SPEC.build(2, **hp)
     # 300 rows in batches of 64: 5 steps per epoch, so evaluations every 4 steps fall mid-epoch
-    return Trainer(flow, data(300), data(60, seed=1), lr=3e-3, batch_size=64, patience=100, seed=7,
-                   max_steps=23, lr_schedule="cosine", grad_clip=1.0, eval_every=4, checkpoint_path=ckpt,
-                   fingerprint={"k": 1}, callbacks=list(callbacks), progress=False)
+    return Trainer(
+        flow,
+        data(300),
+        data(60, seed=1),
+        lr=3e-3,
+        batch_size=64,
+        patience=100,
+        seed=7,
+        max_steps=23,
+        lr_schedule="cosine",
+        grad_clip=1.0,
+        eval_every=4,
+        checkpoint_path=ckpt,
+        fingerprint={"k": 1},
+        callbacks=list(callbacks),
+        progress=False,
+    )
 
 
 def test_kill_mid_epoch_and_resume_equals_uninterrupted(tmp_path):
@@ -184,7 +203,8 @@ def test_kill_mid_epoch_and_resume_equals_uninterrupted(tmp_path):
     resumed = resumed_tr.fit()
     # every evaluation, bit for bit (dropout and shuffles included), but each one's wall time
     assert [{k: v for k, v in h.items() if k != "seconds"} for h in resumed.history] == [
-        {k: v for k, v in h.items() if k != "seconds"} for h in full.history]
+        {k: v for k, v in h.items() if k != "seconds"} for h in full.history
+    ]
     assert (resumed.steps, resumed.best_step, resumed.best_val_ll) == (full.steps, full.best_step, full.best_val_ll)
     for (k, a), b in zip(full_tr.flow.state_dict().items(), resumed_tr.flow.state_dict().values()):
         assert torch.equal(a, b), k
@@ -208,14 +228,17 @@ def test_epoch_checkpoints_of_format_1_still_resume(tmp_path):
 
 
 # -- option errors ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("kw", "match"), [
-    ({"lr_schedule": "cosine"}, "give --max-steps"),
-    ({"lr_schedule": "linear", "max_steps": 3}, "--lr-schedule must be one of constant, cosine"),
-    ({"max_steps": 0}, "--max-steps must be a positive integer"),
-    ({"eval_every": 2.5}, "--eval-every must be a positive integer"),
-    ({"grad_clip": 0.0}, "--grad-clip must be a positive number"),
-    ({"grad_clip": math.inf}, "--grad-clip must be a positive number"),
-])
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"lr_schedule": "cosine"}, "give --max-steps"),
+        ({"lr_schedule": "linear", "max_steps": 3}, "--lr-schedule must be one of constant, cosine"),
+        ({"max_steps": 0}, "--max-steps must be a positive integer"),
+        ({"eval_every": 2.5}, "--eval-every must be a positive integer"),
+        ({"grad_clip": 0.0}, "--grad-clip must be a positive number"),
+        ({"grad_clip": math.inf}, "--grad-clip must be a positive number"),
+    ],
+)
 def test_bad_options_are_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
         trainer(tiny(), **kw)

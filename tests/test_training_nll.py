@@ -31,7 +31,7 @@ def data4(seed: int = 2) -> Dataset:
     a = rng.randn(4, 4) * 0.5 + np.eye(4)
     x = (np.tanh(rng.randn(N_TRAIN + N_VAL + 200, 4)) * 1.5 + 0.2 * rng.randn(N_TRAIN + N_VAL + 200, 4)) @ a.T
     x = x.astype(np.float32)
-    return Dataset("toy4", x[:N_TRAIN], x[N_TRAIN: N_TRAIN + N_VAL], x[N_TRAIN + N_VAL:])
+    return Dataset("toy4", x[:N_TRAIN], x[N_TRAIN : N_TRAIN + N_VAL], x[N_TRAIN + N_VAL :])
 
 
 def subsample(train_x: torch.Tensor, n: int) -> torch.Tensor:
@@ -52,8 +52,17 @@ def test_train_nll_is_the_exact_nll_of_each_evaluated_state(model):
     torch.manual_seed(0)
     flow = models.build_model(model, 4, **MODELS[model])
     snaps = {}
-    res = Trainer(flow, train_x, val_x, lr=3e-3, max_epochs=3, patience=5, batch_size=50, progress=False,
-                  callbacks=[lambda info: snaps.__setitem__(info.epoch, copy.deepcopy(flow.state_dict()))]).fit()
+    res = Trainer(
+        flow,
+        train_x,
+        val_x,
+        lr=3e-3,
+        max_epochs=3,
+        patience=5,
+        batch_size=50,
+        progress=False,
+        callbacks=[lambda info: snaps.__setitem__(info.epoch, copy.deepcopy(flow.state_dict()))],
+    ).fit()
     sub = subsample(train_x, N_VAL)
     assert len(res.history) == 3
     for h in res.history:
@@ -108,8 +117,9 @@ def test_stacked_console_names_the_loss_as_the_single_trainer_does(capsys):
     for seed in (0, 1):
         torch.manual_seed(seed)
         flows.append(models.build_model("relgrad", 4, layers=2))
-    res = StackedTrainer([RunSpec(f, s, 1e-3, max_epochs=1) for s, f in enumerate(flows)], train_x, val_x,
-                         batch_size=50, progress=True).fit()
+    res = StackedTrainer(
+        [RunSpec(f, s, 1e-3, max_epochs=1) for s, f in enumerate(flows)], train_x, val_x, batch_size=50, progress=True
+    ).fit()
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("seed")]
     assert len(lines) == 2
     for ln, r in zip(lines, res):
@@ -122,8 +132,9 @@ def test_maf_console_keeps_train_loss_and_adds_the_nll(capsys):
     torch.manual_seed(0)
     flow = models.build_model("maf", 4, **MODELS["maf"])
     assert flow.loss_omits is None
-    res = Trainer(flow, torch.tensor(data.train), torch.tensor(data.val), lr=1e-3, max_epochs=1, batch_size=50,
-                  progress=True).fit()
+    res = Trainer(
+        flow, torch.tensor(data.train), torch.tensor(data.val), lr=1e-3, max_epochs=1, batch_size=50, progress=True
+    ).fit()
     (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("epoch")]
     h = res.history[0]
     assert f"train loss {h['train_loss']:10.4f}  train NLL {h['train_nll']:10.4f}  val LL" in line
@@ -134,8 +145,20 @@ def test_the_extra_evaluation_leaves_the_trajectory_bit_for_bit(tmp_path, monkey
     and scoring the training NLL must draw nothing (a generator of its own, evaluation mode) and change no state,
     so a run that does neither has the same losses, validation LLs and test LL, bit for bit."""
     data = data4()
-    o = dict(model="nsf-c", layers=2, hidden=8, blocks=1, bins=4, dropout=0.2, max_epochs=3, patience=5, lr=3e-3,
-             batch_size=50, device="cpu", checkpoint_every_s=0)
+    o = dict(
+        model="nsf-c",
+        layers=2,
+        hidden=8,
+        blocks=1,
+        bins=4,
+        dropout=0.2,
+        max_epochs=3,
+        patience=5,
+        lr=3e-3,
+        batch_size=50,
+        device="cpu",
+        checkpoint_every_s=0,
+    )
     full = run_experiment({**o, "out": str(tmp_path / "a")}, data, progress=False)
     # the bare run neither draws the subsample nor scores it: the trainer as it was before train_nll
     monkeypatch.setattr(trainer_mod, "train_subsample", lambda x, n: x[:0])
@@ -155,9 +178,19 @@ def _record(model, seed, val, train_loss, train_nll=None, dataset="power"):
         if train_nll is not None:
             row["train_nll"] = train_nll[i]
         rows.append(row)
-    return RunRecord.example(dataset=dataset, model=model, display_name=model, seed=seed, config={}, hparams={},
-                             epochs=len(val), best_epoch=int(np.argmax(val)) + 1, best_val_ll=max(val),
-                             stop_reason="reached max_epochs=3", history=rows)
+    return RunRecord.example(
+        dataset=dataset,
+        model=model,
+        display_name=model,
+        seed=seed,
+        config={},
+        hparams={},
+        epochs=len(val),
+        best_epoch=int(np.argmax(val)) + 1,
+        best_val_ll=max(val),
+        stop_reason="reached max_epochs=3",
+        history=rows,
+    )
 
 
 def _gid(ax, gid):
@@ -167,8 +200,9 @@ def _gid(ax, gid):
 def test_curves_plot_the_exact_nll_and_older_records_their_loss():
     """New records: the training panel is the mean over seeds of train_nll (solid); a configuration with records
     written before train_nll existed falls back to its running loss (dotted), and the title says what that is."""
-    new = [_record("relgrad", s, [-3.0, -2.9, -2.88], [24.6, 24.59, 24.58], [3.1 + s, 3.0 + s, 2.95 + s])
-           for s in (0, 1)]
+    new = [
+        _record("relgrad", s, [-3.0, -2.9, -2.88], [24.6, 24.59, 24.58], [3.1 + s, 3.0 + s, 2.95 + s]) for s in (0, 1)
+    ]
     old = [_record("maf", 0, [-1.0, -0.5, 0.1], [1.2, 0.6, 0.0])]
     assert not R.history(old[0]).has_train_nll and R.history(new[0]).has_train_nll
     fig = plot_curves(new + old, sources=())
@@ -193,8 +227,11 @@ def test_curves_plot_the_exact_nll_and_older_records_their_loss():
 
 def test_curves_of_a_real_relgrad_run_show_its_train_nll(tmp_path):
     data = data4()
-    rec = run_experiment({"model": "relgrad", "max_epochs": 2, "lr": 1e-3, "batch_size": 50, "device": "cpu",
-                          "out": str(tmp_path)}, data, progress=False)
+    rec = run_experiment(
+        {"model": "relgrad", "max_epochs": 2, "lr": 1e-3, "batch_size": 50, "device": "cpu", "out": str(tmp_path)},
+        data,
+        progress=False,
+    )
     fig = plot_curves([rec], sources=())
     (line,) = _gid(fig.axes[1], "loss-mean")
     np.testing.assert_allclose(line.get_ydata(), [h["train_nll"] for h in rec.history])
@@ -211,17 +248,31 @@ def test_tensorboard_logs_the_exact_nll_and_names_the_loss(tmp_path, model, loss
 
     data = data4()
     hp = {"layers": 1, "hidden": 8} if model == "maf" else {"layers": 2}
-    rec = run_experiment({"model": model, **hp, "max_epochs": 2, "lr": 1e-3, "batch_size": 50, "device": "cpu",
-                          "out": str(tmp_path), "tensorboard": str(tmp_path / "tb")}, data, progress=False)
+    rec = run_experiment(
+        {
+            "model": model,
+            **hp,
+            "max_epochs": 2,
+            "lr": 1e-3,
+            "batch_size": 50,
+            "device": "cpu",
+            "out": str(tmp_path),
+            "tensorboard": str(tmp_path / "tb"),
+        },
+        data,
+        progress=False,
+    )
     acc = EventAccumulator(str(run_log_dir(tmp_path / "tb", "toy4", model, 0)))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {loss_tag, "train_nll", "val_ll", "best_val_ll"} <= tags
     assert ("train_loss" in tags) == (loss_tag == "train_loss")  # relgrad's loss is never called train_loss
-    np.testing.assert_allclose([e.value for e in acc.Scalars("train_nll")], [h["train_nll"] for h in rec.history],
-                               rtol=1e-6)
-    np.testing.assert_allclose([e.value for e in acc.Scalars(loss_tag)], [h["train_loss"] for h in rec.history],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        [e.value for e in acc.Scalars("train_nll")], [h["train_nll"] for h in rec.history], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        [e.value for e in acc.Scalars(loss_tag)], [h["train_loss"] for h in rec.history], rtol=1e-6
+    )
 
 
 def test_scoring_the_training_nll_adds_no_log_determinant(monkeypatch):

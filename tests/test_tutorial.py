@@ -20,8 +20,15 @@ def test_the_tutorial_flow_passes_the_check_kit():
 def test_the_tutorial_sweep_and_its_numbers():
     sweep = load_sweep(FOLDER / "sweep.toml")
     runs = {(r.model, r.tag) for r in sweep.runs}
-    assert runs == {("my-coupling", "layers=4,max-epochs=30"), ("my-coupling", "layers=8,max-epochs=30"),
-                    ("maf", "max-epochs=30")} and len(sweep.runs) == 9
+    assert (
+        runs
+        == {
+            ("my-coupling", "layers=4,max-epochs=30"),
+            ("my-coupling", "layers=8,max-epochs=30"),
+            ("maf", "max-epochs=30"),
+        }
+        and len(sweep.runs) == 9
+    )
     assert sweep.refs == {"my-coupling": f"{FOLDER / 'flow.py'}:SPEC"}
     lines = len((FOLDER / "flow.py").read_text().splitlines())
     readme = (FOLDER.parents[2] / "README.md").read_text()

@@ -17,12 +17,18 @@ def machine_info() -> dict[str, Any]:
     from flowbench.results import system_info
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {**system_info(), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "loadavg": load,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        **system_info(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg": load,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
-def setup(out: str | os.PathLike, device: str = "auto", threads: int | None = None,
-          log: Callable[[str], None] = print) -> tuple[Path, torch.device, dict[str, Any]]:
+def setup(
+    out: str | os.PathLike, device: str = "auto", threads: int | None = None, log: Callable[[str], None] = print
+) -> tuple[Path, torch.device, dict[str, Any]]:
     """``(out/bench folder, device, machine info)``; the folder is created now, so that a bad ``--out`` fails
     before any timing."""
     folder = output_dir(Path(output_dir(out)) / "bench")

@@ -10,7 +10,8 @@ Methods (same flow, same batch, loss = −mean log p(x)):
 
 Timing: warm-up calls, then the methods are timed round-robin (one call of each per round) so that the
 machine's load drifts hit all methods alike (methods slower than 1 s per call are timed after the others,
-on their own); the median per method is reported; at most ``budget_s`` of timed calls per method and D. CUDA is synchronised
+on their own); the median per method is reported; at most ``budget_s`` of timed calls per method and D.
+CUDA is synchronised
 around every call. Memory: CUDA → ``torch.cuda.max_memory_allocated`` over one call minus what was allocated
 before it; CPU → a predicted-bytes model (:func:`predicted_bytes`), or with ``cpu_memory="rss"`` the peak RSS
 increase of a fresh subprocess running one call (VmHWM after − VmRSS before, with the peak reset through
@@ -78,8 +79,12 @@ def predicted_bytes(method: str, dim: int, batch: int, layers: int, dtype_bytes:
     """
     p = 2 * layers * (dim * dim + dim)
     act = 8 * layers * batch * dim
-    extra = {"relative": 0, "mlp": 0, "ordinary": 3 * layers * dim * dim,
-             "autodiff": (5 * layers + 4) * batch * dim * dim}[method]
+    extra = {
+        "relative": 0,
+        "mlp": 0,
+        "ordinary": 3 * layers * dim * dim,
+        "autodiff": (5 * layers + 4) * batch * dim * dim,
+    }[method]
     return int((p + act + extra) * dtype_bytes)
 
 
@@ -88,8 +93,9 @@ def available_bytes(device: torch.device) -> int:
     return available_memory(str(device))
 
 
-def make_problem(dim: int, batch: int, layers: int, device: torch.device, dtype: torch.dtype,
-                 seed: int = 0) -> tuple[RelgradFlow, Tensor]:
+def make_problem(
+    dim: int, batch: int, layers: int, device: torch.device, dtype: torch.dtype, seed: int = 0
+) -> tuple[RelgradFlow, Tensor]:
     """A relgrad flow moved away from its orthogonal init (so WᵀW ≠ I) and a standard-normal batch."""
     gen = torch.Generator().manual_seed(seed)
     flow = build_model("relgrad", dim, layers=layers)
@@ -112,8 +118,11 @@ def _net(flow: RelgradFlow, x: Tensor) -> Tensor:
         h = F.linear(h, t.weights[k], t.biases[k] if t.biases is not None else None)
         if k < n - 1:
             # s(y) only: t._act would also compute Σ log s'(y), which neither autodiff nor the floor uses
-            h = t.alpha * h + (1 - t.alpha) * F.softplus(h) if t.activation != "tanh" else (
-                torch.tanh(TANH_A * h) + TANH_B * h)
+            h = (
+                t.alpha * h + (1 - t.alpha) * F.softplus(h)
+                if t.activation != "tanh"
+                else (torch.tanh(TANH_A * h) + TANH_B * h)
+            )
     return h
 
 
@@ -126,6 +135,7 @@ def step_fn(method: str, flow: RelgradFlow, x: Tensor) -> Callable[[], None]:
             p.grad = None
 
     if method in ("relative", "ordinary"):
+
         def run() -> None:
             zero()
             flow.relative = method == "relative"
@@ -140,6 +150,7 @@ def step_fn(method: str, flow: RelgradFlow, x: Tensor) -> Callable[[], None]:
             z = _net(flow, x)
             (-(flow.base.log_prob(z) + torch.linalg.slogdet(jac)[1]).mean()).backward()
     elif method == "mlp":
+
         def run() -> None:
             zero()
             (0.5 * _net(flow, x).pow(2).sum(-1).mean()).backward()
@@ -216,8 +227,15 @@ def _proc_status_kib(field_name: str) -> int:
     raise OSError(f"{field_name} not in /proc/self/status")
 
 
-def _rss_child(method: str, dim: int, batch: int, layers: int, dtype: str, threads: int,  # pragma: no cover
-               queue: Queue[int]) -> None:
+def _rss_child(
+    method: str,
+    dim: int,
+    batch: int,
+    layers: int,
+    dtype: str,
+    threads: int,  # pragma: no cover
+    queue: Queue[int],
+) -> None:
     torch.set_num_threads(threads)
     flow, x = make_problem(dim, batch, layers, torch.device("cpu"), getattr(torch, dtype))
     fn = step_fn(method, flow, x)
@@ -242,15 +260,26 @@ def rss_peak(method: str, dim: int, batch: int, layers: int, dtype: torch.dtype)
     return q.get() if p.exitcode == 0 and not q.empty() else None
 
 
-def _plan(dim: int, batch: int, layers: int, methods: tuple[str, ...], dtype: torch.dtype, limit: int,
-          last: dict[str, tuple[int, float]], max_call_s: float) -> dict[str, Cell]:
+def _plan(
+    dim: int,
+    batch: int,
+    layers: int,
+    methods: tuple[str, ...],
+    dtype: torch.dtype,
+    limit: int,
+    last: dict[str, tuple[int, float]],
+    max_call_s: float,
+) -> dict[str, Cell]:
     """One cell per method at ``dim``; those predicted not to fit in ``limit`` bytes, or (from the time at
     the previous D and the method's exponent) to take longer than ``max_call_s`` a call, marked skipped."""
     row: dict[str, Cell] = {}
     for m in methods:
         c = row[m] = Cell(m, dim, predicted_bytes=predicted_bytes(m, dim, batch, layers, dtype.itemsize))
         if c.predicted_bytes > limit:
-            c.status, c.note = "skipped-memory", f"predicted {c.predicted_bytes / 2**30:.3g} GiB > limit {limit / 2**30:.3g} GiB"
+            c.status, c.note = (
+                "skipped-memory",
+                f"predicted {c.predicted_bytes / 2**30:.3g} GiB > limit {limit / 2**30:.3g} GiB",
+            )
         elif m in last:
             d0, t0 = last[m]
             guess = t0 * (dim / d0) ** _TIME_EXPONENT[m]
@@ -259,8 +288,14 @@ def _plan(dim: int, batch: int, layers: int, methods: tuple[str, ...], dtype: to
     return row
 
 
-def _warm_up(c: Cell, fn: Callable[[], None], device: torch.device, warmup: int, cpu_memory: str,
-             problem: tuple[int, int, torch.dtype]) -> float | None:
+def _warm_up(
+    c: Cell,
+    fn: Callable[[], None],
+    device: torch.device,
+    warmup: int,
+    cpu_memory: str,
+    problem: tuple[int, int, torch.dtype],
+) -> float | None:
     """Untimed calls and the memory measurement; returns the last call's time, or None (cell marked
     failed) when the method ran out of memory despite the prediction."""
     batch, layers, dtype = problem
@@ -271,7 +306,10 @@ def _warm_up(c: Cell, fn: Callable[[], None], device: torch.device, warmup: int,
         if device.type == "cuda":
             c.memory_bytes, c.memory_method = _cuda_peak(fn, device), "cuda max_memory_allocated"
         elif cpu_memory == "rss":
-            c.memory_bytes, c.memory_method = rss_peak(c.method, c.dim, batch, layers, dtype), "peak RSS increase (subprocess)"
+            c.memory_bytes, c.memory_method = (
+                rss_peak(c.method, c.dim, batch, layers, dtype),
+                "peak RSS increase (subprocess)",
+            )
         else:
             c.memory_bytes, c.memory_method = c.predicted_bytes, "predicted"
     except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # OOM despite the prediction
@@ -280,8 +318,13 @@ def _warm_up(c: Cell, fn: Callable[[], None], device: torch.device, warmup: int,
     return t_first
 
 
-def _time_round_robin(row: dict[str, Cell], active: dict[str, Callable[[], None]], first: dict[str, float],
-                      reps: dict[str, int], device: torch.device) -> None:
+def _time_round_robin(
+    row: dict[str, Cell],
+    active: dict[str, Callable[[], None]],
+    first: dict[str, float],
+    reps: dict[str, int],
+    device: torch.device,
+) -> None:
     """Round-robin over the fast methods so that load changes hit them alike; methods slower than 1 s a
     call are timed afterwards on their own (their large allocations would disturb the fast ones)."""
     slow = {m for m in active if first[m] >= 1.0}
@@ -292,11 +335,21 @@ def _time_round_robin(row: dict[str, Cell], active: dict[str, Callable[[], None]
                     row[m].times_s.append(_timed(active[m], device))
 
 
-def run_gradients(dims: list[int], batch: int = 100, layers: int = 2, device: str | torch.device = "cpu",
-                  repeats: int = 10, warmup: int = 2, methods: tuple[str, ...] = METHODS,
-                  dtype: torch.dtype = torch.float32, memory_limit: int | None = None,
-                  max_call_s: float = 60.0, budget_s: float = 60.0, cpu_memory: str = "predicted",
-                  log: Callable[[str], None] = print) -> list[Cell]:
+def run_gradients(
+    dims: list[int],
+    batch: int = 100,
+    layers: int = 2,
+    device: str | torch.device = "cpu",
+    repeats: int = 10,
+    warmup: int = 2,
+    methods: tuple[str, ...] = METHODS,
+    dtype: torch.dtype = torch.float32,
+    memory_limit: int | None = None,
+    max_call_s: float = 60.0,
+    budget_s: float = 60.0,
+    cpu_memory: str = "predicted",
+    log: Callable[[str], None] = print,
+) -> list[Cell]:
     """Measure every (method, D); methods predicted not to fit (memory) or too slow are skipped, not run.
 
     A line is logged as each D starts, and before the warm-up of a method predicted to take ``SLOW_CALL_S`` or
@@ -314,8 +367,10 @@ def run_gradients(dims: list[int], batch: int = 100, layers: int = 2, device: st
         reps: dict[str, int] = {}
         for m in list(active):
             if m in last and (guess := last[m][1] * (dim / last[m][0]) ** _TIME_EXPONENT[m]) >= SLOW_CALL_S:
-                log(f"D={dim:>6} {m:>9}: about {guess:.3g} s a call (from D={last[m][0]}): one warm-up call, "
-                    f"then timed calls for about {max(budget_s, guess):.3g} s at most ...")
+                log(
+                    f"D={dim:>6} {m:>9}: about {guess:.3g} s a call (from D={last[m][0]}): one warm-up call, "
+                    f"then timed calls for about {max(budget_s, guess):.3g} s at most ..."
+                )
             t = _warm_up(row[m], active[m], device, warmup, cpu_memory, (batch, layers, dtype))
             if t is None:
                 del active[m]
@@ -375,9 +430,12 @@ def draw(ax: Axes, cells: list[Cell]) -> list[str]:
     :class:`~flowbench.errors.FlowbenchError` when no cell was measured (an empty plot says nothing)."""
     if not any(c.median_s for c in cells):
         reasons = sorted({f"{c.method} at D={c.dim}: {c.status} ({c.note})" for c in cells})
-        raise FlowbenchError("nothing to plot: no (method, D) was measured; " + "; ".join(reasons[:4])
-                             + ("; ..." if len(reasons) > 4 else "")
-                             + ". Raise --memory-limit-gb or --max-call-s, or pick smaller --dims")
+        raise FlowbenchError(
+            "nothing to plot: no (method, D) was measured; "
+            + "; ".join(reasons[:4])
+            + ("; ..." if len(reasons) > 4 else "")
+            + ". Raise --memory-limit-gb or --max-call-s, or pick smaller --dims"
+        )
     import matplotlib.transforms as mtransforms
 
     top = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in axes units
@@ -393,8 +451,9 @@ def draw(ax: Axes, cells: list[Cell]) -> list[str]:
             dims = sorted(c.dim for c in mine if c.status == status)
             if dims:
                 label = f"{m} skipped ({_SKIP_WORDS[status]}): D = {', '.join(map(str, dims))}"
-                ax.scatter(dims, [0.96 - 0.04 * i] * len(dims), transform=top, marker=marker, color=color, s=36,
-                           label=label)
+                ax.scatter(
+                    dims, [0.96 - 0.04 * i] * len(dims), transform=top, marker=marker, color=color, s=36, label=label
+                )
                 labels.append(label)
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -446,9 +505,18 @@ def parse_methods(text: str | tuple[str, ...]) -> tuple[str, ...]:
     return methods
 
 
-def _check_options(dims: list[int], batch: int, layers: int, repeats: int, warmup: int,
-                   memory_limit_gb: float | None, max_call_s: float, budget_s: float, cpu_memory: str,
-                   dtype: str) -> None:
+def _check_options(
+    dims: list[int],
+    batch: int,
+    layers: int,
+    repeats: int,
+    warmup: int,
+    memory_limit_gb: float | None,
+    max_call_s: float,
+    budget_s: float,
+    cpu_memory: str,
+    dtype: str,
+) -> None:
     from flowbench.errors import ConfigError
     from flowbench.utils import check_number
 
@@ -467,12 +535,24 @@ def _check_options(dims: list[int], batch: int, layers: int, repeats: int, warmu
         raise ConfigError(f"--dtype must be float32 or float64; got {dtype!r}")
 
 
-def bench_gradients(out: str | Path = "results", dims: list[int] = (16, 64, 256, 784, 2048, 4096), batch: int = 100,
-                    layers: int = 2, methods: str | tuple[str, ...] = METHODS, repeats: int = 10, warmup: int = 2,
-                    dtype: str = "float32", memory_limit_gb: float | None = None, max_call_s: float = 60.0,
-                    budget_s: float = 60.0, cpu_memory: str = "predicted", check: bool = True,
-                    device: str = "auto", threads: int | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+def bench_gradients(
+    out: str | Path = "results",
+    dims: list[int] = (16, 64, 256, 784, 2048, 4096),
+    batch: int = 100,
+    layers: int = 2,
+    methods: str | tuple[str, ...] = METHODS,
+    repeats: int = 10,
+    warmup: int = 2,
+    dtype: str = "float32",
+    memory_limit_gb: float | None = None,
+    max_call_s: float = 60.0,
+    budget_s: float = 60.0,
+    cpu_memory: str = "predicted",
+    check: bool = True,
+    device: str = "auto",
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """``flowbench bench gradients``: check the options, run the float64 agreement check (unless
     ``check=False``), measure, and write ``gradients.json``, ``.csv`` and ``.png`` under ``out/bench``.
     Returns the JSON record plus ``"files"``."""
@@ -490,13 +570,33 @@ def bench_gradients(out: str | Path = "results", dims: list[int] = (16, 64, 256,
         agreement = check_agreement(layers=layers)
         log(f"agreement check (float64, D=12): {agreement}")
     limit = int(memory_limit_gb * 2**30) if memory_limit_gb is not None else None
-    cells = run_gradients(dims, batch=batch, layers=layers, device=dev, repeats=repeats, warmup=warmup,
-                          methods=methods, dtype=getattr(torch, dtype), memory_limit=limit, max_call_s=max_call_s,
-                          budget_s=budget_s, cpu_memory=cpu_memory, log=log)
+    cells = run_gradients(
+        dims,
+        batch=batch,
+        layers=layers,
+        device=dev,
+        repeats=repeats,
+        warmup=warmup,
+        methods=methods,
+        dtype=getattr(torch, dtype),
+        memory_limit=limit,
+        max_call_s=max_call_s,
+        budget_s=budget_s,
+        cpu_memory=cpu_memory,
+        log=log,
+    )
     rows = summary_rows(cells)
     log(tabulate(rows, headers="keys", tablefmt="github"))
-    record = {"machine": machine, "device": str(dev), "batch": batch, "layers": layers, "dtype": dtype,
-              "agreement": agreement, "cells": cells_to_dicts(cells), "summary": rows}
+    record = {
+        "machine": machine,
+        "device": str(dev),
+        "batch": batch,
+        "layers": layers,
+        "dtype": dtype,
+        "agreement": agreement,
+        "cells": cells_to_dicts(cells),
+        "summary": rows,
+    }
     files = [folder / "gradients.json", folder / "gradients.csv", folder / "gradients.png"]
     atomic_write_json(files[0], record)
     write_csv(cells, files[1])

@@ -58,7 +58,8 @@ def _summary(curves: dict[str, list[list[float]]]) -> dict[str, dict]:
     target = min(finite) + 0.01 if finite else -math.inf
     for method, runs in curves.items():
         summary[method]["epochs_to_within_0.01_of_best"] = [
-            next((e for e, v in enumerate(r) if v <= target), None) for r in runs]
+            next((e for e, v in enumerate(r) if v <= target), None) for r in runs
+        ]
     return summary
 
 
@@ -67,16 +68,25 @@ def _check(n_points: int, inits: int, epochs: int, layers: int, lr: float, seed:
     from flowbench.utils import check_number
 
     if min(n_points, inits, epochs, layers) < 1:
-        raise ConfigError(f"--points, --inits, --epochs and the depth must be ≥ 1; got {n_points}, {inits}, "
-                          f"{epochs}, {layers}")
+        raise ConfigError(
+            f"--points, --inits, --epochs and the depth must be ≥ 1; got {n_points}, {inits}, {epochs}, {layers}"
+        )
     check_number("--lr", lr)
     if not 0 <= seed < 2**32:  # the data's numpy RandomState takes no other seeds
         raise ConfigError(f"--seed must be an integer in [0, 2**32); got {seed}")
 
 
-def run_optim(n_points: int = 1000, inits: int = 10, epochs: int = 1000, lr: float = 0.1, layers: int = 2,
-              seed: int = 0, bias: bool = True, bias_logdet: bool = False,
-              log: Callable[[str], None] = print) -> dict:
+def run_optim(
+    n_points: int = 1000,
+    inits: int = 10,
+    epochs: int = 1000,
+    lr: float = 0.1,
+    layers: int = 2,
+    seed: int = 0,
+    bias: bool = True,
+    bias_logdet: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Loss curves ``{"relative": [[...] × inits], "ordinary": [...]}``; a diverged run ends with NaN."""
     _check(n_points, inits, epochs, layers, lr, seed)
     x = toy_data(n_points, seed)
@@ -91,9 +101,18 @@ def run_optim(n_points: int = 1000, inits: int = 10, epochs: int = 1000, lr: flo
             flow.load_state_dict(init)
             curves[method].append(_descend(flow, x, epochs, lr))
         log(f"init {i}: final NLL relative {curves['relative'][-1][-1]:.4f}  ordinary {curves['ordinary'][-1][-1]:.4f}")
-    return {"n_points": n_points, "inits": inits, "epochs": epochs, "lr": lr, "layers": layers, "seed": seed,
-            "bias": bias, "bias_logdet": bias_logdet,
-            "curves": curves, "summary": _summary(curves)}
+    return {
+        "n_points": n_points,
+        "inits": inits,
+        "epochs": epochs,
+        "lr": lr,
+        "layers": layers,
+        "seed": seed,
+        "bias": bias,
+        "bias_logdet": bias_logdet,
+        "curves": curves,
+        "summary": _summary(curves),
+    }
 
 
 def plot(result: dict, path: str | Path) -> None:
@@ -107,15 +126,28 @@ def plot(result: dict, path: str | Path) -> None:
                 ax.plot(range(len(r)), r, color=colors[method], alpha=0.6, lw=1, label=method if i == 0 else None)
         ax.set_xlabel("epoch (full-batch gradient descent)")
         ax.set_ylabel("negative log-likelihood (nats)")
-        rule = "no bias" if not result.get("bias", True) else (
-            "bias rule: augmented (−b)" if result.get("bias_logdet") else "bias rule: reference (no −b)")
+        rule = (
+            "no bias"
+            if not result.get("bias", True)
+            else ("bias rule: augmented (−b)" if result.get("bias_logdet") else "bias rule: reference (no −b)")
+        )
         ax.set_title(f"relative vs ordinary gradient, {result['inits']} shared inits, lr={result['lr']:g}, {rule}")
         ax.legend()
 
 
-def bench_optim(out: str | Path = "results", points: int = 1000, inits: int = 10, epochs: int = 1000,
-                lr: float = 0.1, seed: int = 0, bias: bool = True, bias_logdet: bool = False, device: str = "auto",
-                threads: int | None = None, log: Callable[[str], None] = print) -> dict:
+def bench_optim(
+    out: str | Path = "results",
+    points: int = 1000,
+    inits: int = 10,
+    epochs: int = 1000,
+    lr: float = 0.1,
+    seed: int = 0,
+    bias: bool = True,
+    bias_logdet: bool = False,
+    device: str = "auto",
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """``flowbench bench optim``: :func:`run_optim` (on the CPU, float64, whatever ``device`` says: the
     problem is 2-D), written to ``out/bench/optim.json`` and ``optim.png``; returns the record + ``"files"``."""
     from flowbench.bench.common import setup

@@ -22,10 +22,22 @@ from flowbench.errors import ConfigError
 __all__ = ["run_stack_bench"]
 
 
-def run_stack_bench(dataset: str, model: str, stack: int, *, steps: int = 50, batch_size: int = 100,
-                    lr: float = 1e-4, hparams: dict | None = None, rounds: int = 5, data_root: str | Path | None = None,
-                    out: str | Path | None = None, device: str = "auto", threads: int | None = None,
-                    log: Callable[[str], None] = print) -> dict[str, Any]:
+def run_stack_bench(
+    dataset: str,
+    model: str,
+    stack: int,
+    *,
+    steps: int = 50,
+    batch_size: int = 100,
+    lr: float = 1e-4,
+    hparams: dict | None = None,
+    rounds: int = 5,
+    data_root: str | Path | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Samples/s of ``stack`` stacked runs and of the same runs trained sequentially, on ``device``; the ratio.
     With ``out``, also written to ``out/bench/train-<dataset>-<model>-stack<R>.json`` (``"files"``)."""
     from flowbench.bench.common import setup
@@ -35,8 +47,9 @@ def run_stack_bench(dataset: str, model: str, stack: int, *, steps: int = 50, ba
     from flowbench.utils import atomic_write_json, resolve_device
 
     if stack < 1 or steps < 1 or batch_size < 1 or rounds < 1:
-        raise ConfigError(f"--stack, --steps, --batch-size and rounds must be ≥ 1; got {stack}, {steps}, "
-                          f"{batch_size}, {rounds}")
+        raise ConfigError(
+            f"--stack, --steps, --batch-size and rounds must be ≥ 1; got {stack}, {steps}, {batch_size}, {rounds}"
+        )
     if out is not None:
         folder, dev, _ = setup(out, device, threads, log)
     else:
@@ -55,10 +68,12 @@ def run_stack_bench(dataset: str, model: str, stack: int, *, steps: int = 50, ba
         return out
 
     seq_flows, st_flows = flows(), flows()
-    trainers = [Trainer(f, x, x[:1], lr=lr, batch_size=batch_size, seed=s, progress=False)
-                for s, f in enumerate(seq_flows)]
-    st = StackedTrainer([RunSpec(f, s, lr) for s, f in enumerate(st_flows)], x, x[:1], batch_size=batch_size,
-                        progress=False)
+    trainers = [
+        Trainer(f, x, x[:1], lr=lr, batch_size=batch_size, seed=s, progress=False) for s, f in enumerate(seq_flows)
+    ]
+    st = StackedTrainer(
+        [RunSpec(f, s, lr) for s, f in enumerate(st_flows)], x, x[:1], batch_size=batch_size, progress=False
+    )
     times: dict[str, list[float]] = {"sequential": [], "stacked": []}
 
     def now() -> float:  # a GPU's queued work counts where it was queued
@@ -78,15 +93,27 @@ def run_stack_bench(dataset: str, model: str, stack: int, *, steps: int = 50, ba
             times["sequential"].append(seq)
             times["stacked"].append(stk)
     samples = stack * steps * batch_size
-    res = {"dataset": dataset, "model": model, "hparams": hp, "stack": stack, "steps": steps,
-           "batch_size": batch_size, "synthetic": synthetic, "threads": torch.get_num_threads(),
-           "samples_per_s": {k: samples / statistics.median(v) for k, v in times.items()}}
+    res = {
+        "dataset": dataset,
+        "model": model,
+        "hparams": hp,
+        "stack": stack,
+        "steps": steps,
+        "batch_size": batch_size,
+        "synthetic": synthetic,
+        "threads": torch.get_num_threads(),
+        "samples_per_s": {k: samples / statistics.median(v) for k, v in times.items()},
+    }
     res["ratio"] = res["samples_per_s"]["stacked"] / res["samples_per_s"]["sequential"]
-    log(f"{models.display_name(model, **hp)} on {dataset}'s shape (D = {x.shape[1]}, batch {batch_size}, "
-        f"{steps} steps per run, {torch.get_num_threads()} thread(s){', synthetic data' if synthetic else ''}):")
+    log(
+        f"{models.display_name(model, **hp)} on {dataset}'s shape (D = {x.shape[1]}, batch {batch_size}, "
+        f"{steps} steps per run, {torch.get_num_threads()} thread(s){', synthetic data' if synthetic else ''}):"
+    )
     for k in ("sequential", "stacked"):
-        log(f"  {stack:3d} runs {k:>10}: {res['samples_per_s'][k]:10.0f} samples/s "
-            f"({statistics.median(times[k]) / steps * 1e3:8.2f} ms per step of all {stack})")
+        log(
+            f"  {stack:3d} runs {k:>10}: {res['samples_per_s'][k]:10.0f} samples/s "
+            f"({statistics.median(times[k]) / steps * 1e3:8.2f} ms per step of all {stack})"
+        )
     log(f"  stacked / sequential: {res['ratio']:.2f}×")
     res["device"] = str(dev)
     if folder is not None:

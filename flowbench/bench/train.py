@@ -3,7 +3,8 @@
 The step timed is the trainer's: Adam, ``-train_log_prob(x).mean()``, ``backward()``,
 ``step()``, on random minibatches. When the dataset is not prepared, standard-normal data of the right shape
 (D and N train from :data:`flowbench.data.DATASETS`) stands in, and the result says so. Optionally the same
-measurement for zuko's ``MAF`` (or ``NSF`` for nsf-ar) with (as nearly as possible) the same parameter count, interleaved with ours
+measurement for zuko's ``MAF`` (or ``NSF`` for nsf-ar) with (as nearly as possible) the same parameter count,
+interleaved with ours
 in one run (zuko is a dev/benchmark extra: ``pip install -e ".[bench]"``).
 """
 
@@ -26,8 +27,9 @@ if TYPE_CHECKING:
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def dataset_tensor(name: str, data_root: str | Path | None = None,
-                   max_rows: int = 200_000) -> tuple[torch.Tensor, int, bool]:
+def dataset_tensor(
+    name: str, data_root: str | Path | None = None, max_rows: int = 200_000
+) -> tuple[torch.Tensor, int, bool]:
     """(training rows, N train, synthetic?) — the prepared data if present, else N(0, I) of the right shape."""
     from flowbench.data import get_info, load_dataset
 
@@ -51,8 +53,9 @@ def _label_columns(dataset: str, model: str) -> dict[str, int]:
         return {}
     classes = int(getattr(get_info(dataset), "classes", 0) or 0)
     if classes < 2:
-        raise ConfigError(f"model {model} is class-conditional: it needs a dataset with class labels, and "
-                          f"{dataset} has none")
+        raise ConfigError(
+            f"model {model} is class-conditional: it needs a dataset with class labels, and {dataset} has none"
+        )
     return {"classes": classes}
 
 
@@ -72,8 +75,9 @@ def _trainer_step(model: torch.nn.Module, opt: torch.optim.Optimizer, loss_fn: L
     opt.step()
 
 
-def _loss_fns(ours: Flow | None, zflow: torch.nn.Module | None = None, compile_ours: bool = False,
-              compile_zuko: bool = False) -> tuple[LossFn, LossFn]:
+def _loss_fns(
+    ours: Flow | None, zflow: torch.nn.Module | None = None, compile_ours: bool = False, compile_zuko: bool = False
+) -> tuple[LossFn, LossFn]:
     def ours_loss(b: torch.Tensor) -> torch.Tensor:
         return -ours.train_log_prob(b).mean()
 
@@ -90,7 +94,9 @@ def _zuko():
     try:
         import zuko
     except ImportError as e:  # a benchmark-only dependency, never imported at runtime
-        raise ConfigError("the zuko comparison needs zuko: pip install -e '.[bench]' in the checkout (or pip install zuko)") from e
+        raise ConfigError(
+            "the zuko comparison needs zuko: pip install -e '.[bench]' in the checkout (or pip install zuko)"
+        ) from e
     return zuko
 
 
@@ -113,8 +119,9 @@ def _zuko_matched(build: Callable[[int], torch.nn.Module], target_params: int) -
 def zuko_maf(dim: int, layers: int, hidden_layers: int, target_params: int) -> tuple[torch.nn.Module, int, int]:
     """zuko MAF with ``layers`` transforms whose hidden width makes its parameter count closest to target."""
     zuko = _zuko()
-    return _zuko_matched(lambda h: zuko.flows.MAF(features=dim, transforms=layers, hidden_features=[h] * hidden_layers),
-                         target_params)
+    return _zuko_matched(
+        lambda h: zuko.flows.MAF(features=dim, transforms=layers, hidden_features=[h] * hidden_layers), target_params
+    )
 
 
 def zuko_nsf(dim: int, layers: int, bins: int, blocks: int, target_params: int) -> tuple[torch.nn.Module, int, int]:
@@ -126,7 +133,8 @@ def zuko_nsf(dim: int, layers: int, bins: int, blocks: int, target_params: int) 
     zuko = _zuko()
     return _zuko_matched(
         lambda h: zuko.flows.NSF(features=dim, bins=bins, transforms=layers, hidden_features=[h] * (1 + 2 * blocks)),
-        target_params)
+        target_params,
+    )
 
 
 #: ``model -> (dim, resolved hparams, target count) -> (zuko flow, width, count)`` for ``--compare-zuko``.
@@ -150,8 +158,16 @@ def _check(adam: str, steps: int, batch_size: int, lr: float, warmup: int, round
     check_number("--lr", lr)
 
 
-def _zuko_contender(model: str, hparams: dict, dim: int, target_params: int, lr: float, adam: str,
-                    compile_zuko: bool, device: torch.device) -> tuple[Contender, dict]:
+def _zuko_contender(
+    model: str,
+    hparams: dict,
+    dim: int,
+    target_params: int,
+    lr: float,
+    adam: str,
+    compile_zuko: bool,
+    device: torch.device,
+) -> tuple[Contender, dict]:
     """zuko's twin of ``model`` (:data:`ZUKO_TWINS`) matched to our parameter count, and what the result
     records about it."""
     from flowbench.models import resolve_hparams
@@ -162,12 +178,22 @@ def _zuko_contender(model: str, hparams: dict, dim: int, target_params: int, lr:
 
     zflow = zflow.to(device)
     _, zuko_loss = _loss_fns(None, zflow, compile_zuko=compile_zuko)
-    return ((zflow, _adam(zflow.parameters(), lr, adam), zuko_loss, _trainer_step),
-            {"zuko_params": zcount, "zuko_hidden": zh, "zuko_version": zuko.__version__})
+    return (
+        (zflow, _adam(zflow.parameters(), lr, adam), zuko_loss, _trainer_step),
+        {"zuko_params": zcount, "zuko_hidden": zh, "zuko_version": zuko.__version__},
+    )
 
 
-def _time_contenders(contenders: dict[str, Contender], x: torch.Tensor, steps: int, batch_size: int, warmup: int,
-                     rounds: int, seed: int, device: torch.device) -> dict[str, list[float]]:
+def _time_contenders(
+    contenders: dict[str, Contender],
+    x: torch.Tensor,
+    steps: int,
+    batch_size: int,
+    warmup: int,
+    rounds: int,
+    seed: int,
+    device: torch.device,
+) -> dict[str, list[float]]:
     """Mean step time of each of ``rounds`` blocks per contender, after ``warmup`` untimed steps; the
     contenders alternate block by block so that load changes hit every one alike. All see the same
     minibatches."""
@@ -203,22 +229,41 @@ def _report(result: dict, times: dict[str, list[float]], log: Callable[[str], No
         result["step_s"][name] = step_s
         result["samples_per_s"][name] = batch_size / step_s
         result["epoch_s"][name] = n_train / (batch_size / step_s)
-        log(f"{name:>9}: {batch_size / step_s:10.0f} samples/s   {step_s * 1e3:8.3f} ms/step   "
+        log(
+            f"{name:>9}: {batch_size / step_s:10.0f} samples/s   {step_s * 1e3:8.3f} ms/step   "
             f"{n_train / (batch_size / step_s):9.1f} s/epoch ({n_train} samples)   "
-            f"{result['params'][name]} params")
+            f"{result['params'][name]} params"
+        )
     if "zuko" in times:
-        result["throughput_ratio_flowbench_over_zuko"] = result["samples_per_s"]["flowbench"] / result["samples_per_s"]["zuko"]
+        result["throughput_ratio_flowbench_over_zuko"] = (
+            result["samples_per_s"]["flowbench"] / result["samples_per_s"]["zuko"]
+        )
         log(f"flowbench / zuko throughput: {result['throughput_ratio_flowbench_over_zuko']:.2f}×")
     if result["synthetic_data"]:
-        log(f"note: {result['dataset']} is not prepared; timed on synthetic N(0, I) data of shape ({n_train}, {result['dim']})")
+        log(
+            f"note: {result['dataset']} is not prepared; timed on synthetic N(0, I) data of shape "
+            f"({n_train}, {result['dim']})"
+        )
 
 
-def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100, lr: float = 1e-4,
-              device: str | torch.device = "cpu", hparams: dict | None = None, compare_zuko: bool = False,
-              warmup: int = 10, rounds: int = 5, data_root: str | Path | None = None, seed: int = 0,
-              adam: str = "fused",
-              compile: bool = False, compile_zuko: bool = False,
-              log: Callable[[str], None] = print) -> dict:
+def run_train(
+    dataset: str,
+    model: str,
+    steps: int = 200,
+    batch_size: int = 100,
+    lr: float = 1e-4,
+    device: str | torch.device = "cpu",
+    hparams: dict | None = None,
+    compare_zuko: bool = False,
+    warmup: int = 10,
+    rounds: int = 5,
+    data_root: str | Path | None = None,
+    seed: int = 0,
+    adam: str = "fused",
+    compile: bool = False,
+    compile_zuko: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Time ``steps`` training steps (in ``rounds`` blocks, alternating with zuko when asked).
 
     ``compile`` / ``compile_zuko`` put flowbench's / zuko's training objective through ``torch.compile``
@@ -247,31 +292,55 @@ def run_train(dataset: str, model: str, steps: int = 200, batch_size: int = 100,
     ours.initialize(x)
     ours_loss, _ = _loss_fns(ours, compile_ours=compile)
     contenders: dict[str, Contender] = {
-        "flowbench": (ours, _adam(ours.parameters(), lr, adam), ours_loss, _trainer_step)}
+        "flowbench": (ours, _adam(ours.parameters(), lr, adam), ours_loss, _trainer_step)
+    }
     from flowbench.data import get_info
     from flowbench.models import get_spec
     from flowbench.plugins import is_reference, normalize_reference
 
-    result: dict = {"dataset": get_info(dataset).name, "model": get_spec(model).name, "model_ref": normalize_reference(model)
-                    if is_reference(model) else None, "display_name": display_name(model, **hparams),
-                    "hparams": hparams, "dim": dim, "n_train": n_train, "synthetic_data": synthetic,
-                    "batch_size": batch_size, "steps": steps, "device": str(device), "adam": adam,
-                    "compile": {"flowbench": compile, "zuko": compile_zuko if compare_zuko else None},
-                    "params": {"flowbench": sum(p.numel() for p in ours.parameters())}}
+    result: dict = {
+        "dataset": get_info(dataset).name,
+        "model": get_spec(model).name,
+        "model_ref": normalize_reference(model) if is_reference(model) else None,
+        "display_name": display_name(model, **hparams),
+        "hparams": hparams,
+        "dim": dim,
+        "n_train": n_train,
+        "synthetic_data": synthetic,
+        "batch_size": batch_size,
+        "steps": steps,
+        "device": str(device),
+        "adam": adam,
+        "compile": {"flowbench": compile, "zuko": compile_zuko if compare_zuko else None},
+        "params": {"flowbench": sum(p.numel() for p in ours.parameters())},
+    }
     if compare_zuko:
-        contenders["zuko"], info = _zuko_contender(model, hparams, dim, result["params"]["flowbench"], lr, adam,
-                                                   compile_zuko, device)
+        contenders["zuko"], info = _zuko_contender(
+            model, hparams, dim, result["params"]["flowbench"], lr, adam, compile_zuko, device
+        )
         result["params"]["zuko"] = info["zuko_params"]
         result["zuko_hidden"], result["zuko_version"] = info["zuko_hidden"], info["zuko_version"]
     _report(result, _time_contenders(contenders, x, steps, batch_size, warmup, rounds, seed, device), log)
     return result
 
 
-def bench_train(dataset: str, model: str, out: str | Path = "results", steps: int = 200, batch_size: int = 100,
-                lr: float = 1e-4, hparams: dict | None = None, compare_zuko: bool = False, adam: str = "fused",
-                compile: bool = False, compile_zuko: bool = False, data_root: str | Path | None = None,
-                device: str = "auto",
-                threads: int | None = None, log: Callable[[str], None] = print) -> dict:
+def bench_train(
+    dataset: str,
+    model: str,
+    out: str | Path = "results",
+    steps: int = 200,
+    batch_size: int = 100,
+    lr: float = 1e-4,
+    hparams: dict | None = None,
+    compare_zuko: bool = False,
+    adam: str = "fused",
+    compile: bool = False,
+    compile_zuko: bool = False,
+    data_root: str | Path | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """``flowbench bench train``: :func:`run_train` written to ``out/bench/train-<dataset>-<model>[-adam-<impl>]
     [-compiled].json``; returns the record + ``"files"``."""
     from flowbench.bench.common import setup
@@ -279,9 +348,21 @@ def bench_train(dataset: str, model: str, out: str | Path = "results", steps: in
 
     _check(adam, steps, batch_size, lr, 0, 1)  # before the output folder and the machine line
     folder, dev, machine = setup(out, device, threads, log)
-    res = run_train(dataset, model, steps=steps, batch_size=batch_size, lr=lr, device=dev, hparams=hparams,
-                    compare_zuko=compare_zuko, data_root=data_root, adam=adam, compile=compile,
-                    compile_zuko=compile_zuko, log=log)
+    res = run_train(
+        dataset,
+        model,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        device=dev,
+        hparams=hparams,
+        compare_zuko=compare_zuko,
+        data_root=data_root,
+        adam=adam,
+        compile=compile,
+        compile_zuko=compile_zuko,
+        log=log,
+    )
     res["machine"] = machine
     suffix = ("" if adam == "fused" else f"-adam-{adam}") + ("-compiled" if compile else "")
     path = folder / f"train-{res['dataset']}-{res['model']}{suffix}.json"
@@ -289,19 +370,25 @@ def bench_train(dataset: str, model: str, out: str | Path = "results", steps: in
     return {**res, "files": [str(path)]}
 
 
-def run_settings(dataset: str, model: str, batch_size: int | None = None, lr: float | None = None,
-                 hparams: dict | None = None) -> tuple[int, float, dict, str]:
+def run_settings(
+    dataset: str, model: str, batch_size: int | None = None, lr: float | None = None, hparams: dict | None = None
+) -> tuple[int, float, dict, str]:
     """Batch size, learning rate and hyperparameters a ``flowbench run`` of ``model`` on ``dataset`` trains
     with (defaults < ``configs/<dataset>/<model>.toml``), with the given values overriding; plus a line saying
     where they came from. So ``bench train`` times the step that run actually takes (relgrad on MNIST: batch 10).
     """
     from flowbench.config import resolve_options
 
-    explicit = {**(hparams or {}), **({"batch_size": batch_size} if batch_size is not None else {}),
-                **({"lr": lr} if lr is not None else {})}
+    explicit = {
+        **(hparams or {}),
+        **({"batch_size": batch_size} if batch_size is not None else {}),
+        **({"lr": lr} if lr is not None else {}),
+    }
     opts = resolve_options({"dataset": dataset, "model": model, **explicit})
     source = opts.config or "the defaults (no run config for this dataset and model)"
     given = ", ".join(sorted(explicit)) or "none"
-    line = (f"settings of `flowbench run --dataset {dataset} --model {model}` from {source}; given here: {given} "
-            f"-> batch {opts.batch_size}, lr {opts.lr:g}")
+    line = (
+        f"settings of `flowbench run --dataset {dataset} --model {model}` from {source}; given here: {given} "
+        f"-> batch {opts.batch_size}, lr {opts.lr:g}"
+    )
     return opts.batch_size, opts.lr, dict(opts.hparams), line

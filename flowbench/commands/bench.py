@@ -28,62 +28,124 @@ def _ints(text: str) -> list[int]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda (default auto)")
-    p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch CPU threads (default: torch's choice); on a shared machine 1 gives steadier numbers")
-    p.add_argument("--out", default="results", metavar="DIR", help="results folder; files go to DIR/bench/ (default results)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: torch's choice); on a shared machine 1 gives steadier numbers",
+    )
+    p.add_argument(
+        "--out", default="results", metavar="DIR", help="results folder; files go to DIR/bench/ (default results)"
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    g = sub.add_parser("gradients", help="time and memory of one exact-NLL gradient vs dimension",
-                       description="One gradient of the exact NLL of a dense flow by three methods plus a plain-MLP floor.")
+    g = sub.add_parser(
+        "gradients",
+        help="time and memory of one exact-NLL gradient vs dimension",
+        description="One gradient of the exact NLL of a dense flow by three methods plus a plain-MLP floor.",
+    )
     g.add_argument("--dims", type=_ints, default=[16, 64, 256, 784, 2048, 4096], help="comma-separated D values")
     g.add_argument("--batch", type=int, default=100, help="batch size B (default 100)")
-    g.add_argument("--layers", type=int, default=2,
-                   help="dense layers L of the relgrad flow, as `flowbench run --layers` for relgrad (default 2)")
-    g.add_argument("--methods", default="relative,ordinary,autodiff,mlp", help="subset of relative,ordinary,autodiff,mlp")
+    g.add_argument(
+        "--layers",
+        type=int,
+        default=2,
+        help="dense layers L of the relgrad flow, as `flowbench run --layers` for relgrad (default 2)",
+    )
+    g.add_argument(
+        "--methods", default="relative,ordinary,autodiff,mlp", help="subset of relative,ordinary,autodiff,mlp"
+    )
     g.add_argument("--repeats", type=int, default=10, help="timed calls per method and D; the median is reported")
     g.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2; 1 for calls over 1 s)")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    g.add_argument("--memory-limit-gb", type=float, default=None,
-                   help="skip a method whose predicted memory exceeds this (default 80%% of free memory)")
-    g.add_argument("--max-call-s", type=float, default=60.0,
-                   help="skip a method whose extrapolated time per call exceeds this (default 60; inf: no cap)")
+    g.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        default=None,
+        help="skip a method whose predicted memory exceeds this (default 80%% of free memory)",
+    )
+    g.add_argument(
+        "--max-call-s",
+        type=float,
+        default=60.0,
+        help="skip a method whose extrapolated time per call exceeds this (default 60; inf: no cap)",
+    )
     g.add_argument("--budget-s", type=float, default=60.0, help="cap on timed seconds per method and D (fewer repeats)")
-    g.add_argument("--cpu-memory", choices=("predicted", "rss"), default="predicted",
-                   help="CPU memory: the predicted-bytes model, or the measured peak RSS increase in a subprocess")
+    g.add_argument(
+        "--cpu-memory",
+        choices=("predicted", "rss"),
+        default="predicted",
+        help="CPU memory: the predicted-bytes model, or the measured peak RSS increase in a subprocess",
+    )
     g.add_argument("--no-check", action="store_true", help="skip the float64 agreement check (not recommended)")
     _common(g)
-    o = sub.add_parser("optim", help="relative vs ordinary gradient descent: loss vs epoch",
-                       description="Full-batch GD on a 2-D toy set with a two-layer relgrad flow, shared inits.")
+    o = sub.add_parser(
+        "optim",
+        help="relative vs ordinary gradient descent: loss vs epoch",
+        description="Full-batch GD on a 2-D toy set with a two-layer relgrad flow, shared inits.",
+    )
     o.add_argument("--points", type=int, default=1000)
     o.add_argument("--inits", type=int, default=10)
     o.add_argument("--epochs", type=int, default=1000)
     o.add_argument("--lr", type=float, default=0.1, help="step size, the same for both methods (default 0.1)")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--no-bias", action="store_true", help="dense layers without biases")
-    o.add_argument("--bias-logdet", action="store_true",
-                   help="give the biases the log-det's relative-gradient term −b too (the reference code does not)")
+    o.add_argument(
+        "--bias-logdet",
+        action="store_true",
+        help="give the biases the log-det's relative-gradient term −b too (the reference code does not)",
+    )
     _common(o)
-    t = sub.add_parser("train", help="training samples/s and time per epoch for one model and dataset",
-                       description="Training throughput on the dataset (synthetic data of its shape if not prepared).")
+    t = sub.add_parser(
+        "train",
+        help="training samples/s and time per epoch for one model and dataset",
+        description="Training throughput on the dataset (synthetic data of its shape if not prepared).",
+    )
     t.add_argument("--dataset", required=True)
     t.add_argument("--model", required=True)
     t.add_argument("--steps", type=int, default=200, help="timed training steps (default 200)")
-    t.add_argument("--batch-size", type=int, default=None,
-                   help="default: the run config's (configs/<dataset>/<model>.toml, else flowbench run's default)")
+    t.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="default: the run config's (configs/<dataset>/<model>.toml, else flowbench run's default)",
+    )
     t.add_argument("--lr", type=float, default=None, help="default: the run config's, as --batch-size")
-    t.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
-                   help="model hyperparameter over the run config's, repeatable (e.g. --hparam hidden=100 "
-                   "--hparam hidden_layers=2)")
-    t.add_argument("--compare-zuko", action="store_true", help="also time zuko's twin with matched parameter count (MAF for maf, NSF for nsf-ar)")
-    t.add_argument("--adam", choices=("default", "foreach", "fused"), default="fused",
-                   help="torch Adam implementation for every contender (default: fused, as the trainer uses)")
-    t.add_argument("--compile", action="store_true",
-                   help="torch.compile flowbench's training objective, as `flowbench run --compile` does")
+    t.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model hyperparameter over the run config's, repeatable (e.g. --hparam hidden=100 "
+        "--hparam hidden_layers=2)",
+    )
+    t.add_argument(
+        "--compare-zuko",
+        action="store_true",
+        help="also time zuko's twin with matched parameter count (MAF for maf, NSF for nsf-ar)",
+    )
+    t.add_argument(
+        "--adam",
+        choices=("default", "foreach", "fused"),
+        default="fused",
+        help="torch Adam implementation for every contender (default: fused, as the trainer uses)",
+    )
+    t.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile flowbench's training objective, as `flowbench run --compile` does",
+    )
     t.add_argument("--compile-zuko", action="store_true", help="torch.compile zuko's objective too")
-    t.add_argument("--stack", type=int, default=None, metavar="R",
-                   help="time R runs trained as one stack against the same R runs one after another (ratio printed)")
+    t.add_argument(
+        "--stack",
+        type=int,
+        default=None,
+        metavar="R",
+        help="time R runs trained as one stack against the same R runs one after another (ratio printed)",
+    )
     t.add_argument("--data-root", default=None)
     _common(t)
 
@@ -114,32 +176,73 @@ def main(args: argparse.Namespace) -> int:
     if args.bench_command == "gradients":
         from flowbench.bench.gradients import bench_gradients
 
-        res = bench_gradients(dims=args.dims, batch=args.batch, layers=args.layers, methods=args.methods,
-                              repeats=args.repeats, warmup=args.warmup, dtype=args.dtype,
-                              memory_limit_gb=args.memory_limit_gb, max_call_s=args.max_call_s,
-                              budget_s=args.budget_s, cpu_memory=args.cpu_memory, check=not args.no_check, **common)
+        res = bench_gradients(
+            dims=args.dims,
+            batch=args.batch,
+            layers=args.layers,
+            methods=args.methods,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            dtype=args.dtype,
+            memory_limit_gb=args.memory_limit_gb,
+            max_call_s=args.max_call_s,
+            budget_s=args.budget_s,
+            cpu_memory=args.cpu_memory,
+            check=not args.no_check,
+            **common,
+        )
     elif args.bench_command == "optim":
         from flowbench.bench.optim import bench_optim
 
-        res = bench_optim(points=args.points, inits=args.inits, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                          bias=not args.no_bias, bias_logdet=args.bias_logdet, **common)
+        res = bench_optim(
+            points=args.points,
+            inits=args.inits,
+            epochs=args.epochs,
+            lr=args.lr,
+            seed=args.seed,
+            bias=not args.no_bias,
+            bias_logdet=args.bias_logdet,
+            **common,
+        )
     elif args.stack is not None:
         from flowbench.bench.stacked import run_stack_bench
         from flowbench.bench.train import run_settings
 
-        batch_size, lr, hparams, line = run_settings(args.dataset, args.model, args.batch_size, args.lr,
-                                                     _hparams(args.hparam))
+        batch_size, lr, hparams, line = run_settings(
+            args.dataset, args.model, args.batch_size, args.lr, _hparams(args.hparam)
+        )
         print(line)
-        res = run_stack_bench(args.dataset, args.model, args.stack, steps=args.steps, batch_size=batch_size,
-                              lr=lr, hparams=hparams, data_root=args.data_root, **common)
+        res = run_stack_bench(
+            args.dataset,
+            args.model,
+            args.stack,
+            steps=args.steps,
+            batch_size=batch_size,
+            lr=lr,
+            hparams=hparams,
+            data_root=args.data_root,
+            **common,
+        )
     else:  # argparse allows only the three benchmarks
         from flowbench.bench.train import bench_train, run_settings
 
-        batch_size, lr, hparams, line = run_settings(args.dataset, args.model, args.batch_size, args.lr,
-                                                     _hparams(args.hparam))
+        batch_size, lr, hparams, line = run_settings(
+            args.dataset, args.model, args.batch_size, args.lr, _hparams(args.hparam)
+        )
         print(line)
-        res = bench_train(args.dataset, args.model, steps=args.steps, batch_size=batch_size, lr=lr,
-                          hparams=hparams, compare_zuko=args.compare_zuko, adam=args.adam,
-                          compile=args.compile, compile_zuko=args.compile_zuko, data_root=args.data_root, **common)
+        res = bench_train(
+            args.dataset,
+            args.model,
+            steps=args.steps,
+            batch_size=batch_size,
+            lr=lr,
+            hparams=hparams,
+            compare_zuko=args.compare_zuko,
+            adam=args.adam,
+            compile=args.compile,
+            compile_zuko=args.compile_zuko,
+            data_root=args.data_root,
+            **common,
+        )
     print(f"wrote {', '.join(res['files'])}")
     return 0

@@ -12,11 +12,16 @@ from pathlib import Path
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("ref", metavar="REF", help="the dataset: a registered name, MODULE:ATTR or FILE.py:ATTR")
-    parser.add_argument("--root", type=Path, default=None,
-                        help="data root with the raw files (default $FLOWBENCH_DATA or ./data); the processed "
-                             "cache is written there, as by any load")
-    parser.add_argument("--check", action="append", default=None, metavar="NAME",
-                        help="run only this check (repeatable); see --list")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="data root with the raw files (default $FLOWBENCH_DATA or ./data); the processed "
+        "cache is written there, as by any load",
+    )
+    parser.add_argument(
+        "--check", action="append", default=None, metavar="NAME", help="run only this check (repeatable); see --list"
+    )
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
 
 

@@ -10,17 +10,29 @@ import argparse
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("ref", metavar="REF",
-                        help="the model: a registered name, MODULE:ATTR or FILE.py:ATTR (a ModelSpec or adapted flow)")
-    parser.add_argument("--dim", type=int, default=3,
-                        help="data dimension D (≤ 2: normalisation on a grid; default 3)")
-    parser.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
-                        help="a hyperparameter (repeatable); unset size knobs are shrunk for speed")
+    parser.add_argument(
+        "ref",
+        metavar="REF",
+        help="the model: a registered name, MODULE:ATTR or FILE.py:ATTR (a ModelSpec or adapted flow)",
+    )
+    parser.add_argument("--dim", type=int, default=3, help="data dimension D (≤ 2: normalisation on a grid; default 3)")
+    parser.add_argument(
+        "--hparam",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hyperparameter (repeatable); unset size knobs are shrunk for speed",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the builds, perturbations and draws (default 0)")
-    parser.add_argument("--perturb", type=float, default=0.1,
-                        help="noise added to every parameter so that densities are not trivial (default 0.1; 0: none)")
-    parser.add_argument("--check", action="append", default=None, metavar="NAME",
-                        help="run only this check (repeatable); see --list")
+    parser.add_argument(
+        "--perturb",
+        type=float,
+        default=0.1,
+        help="noise added to every parameter so that densities are not trivial (default 0.1; 0: none)",
+    )
+    parser.add_argument(
+        "--check", action="append", default=None, metavar="NAME", help="run only this check (repeatable); see --list"
+    )
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
 
 
@@ -31,7 +43,13 @@ def main(args: argparse.Namespace) -> int:
         for name, doc in describe_checks("model").items():
             print(f"{name:22s} {doc}")
         return 0
-    report = check_model(args.ref, dim=args.dim, hparams=parse_hparam_items(args.ref, args.hparam), seed=args.seed,
-                         checks=args.check, perturb=args.perturb)
+    report = check_model(
+        args.ref,
+        dim=args.dim,
+        hparams=parse_hparam_items(args.ref, args.hparam),
+        seed=args.seed,
+        checks=args.check,
+        perturb=args.perturb,
+    )
     print(report)
     return 0 if report.ok else 1

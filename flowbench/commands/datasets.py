@@ -35,8 +35,9 @@ def rows(root: Path) -> list[list]:
         sizes = [m["shapes"][k][0] for k in ("train", "val", "test")] if m else list(spec.sizes)
         dim = m["shapes"]["train"][1] if m else spec.dim
         labels = f"{spec.classes} classes" if spec.classes else "–"
-        out.append([name, dim, *sizes, labels, st, _files_text(spec.raw_files) or spec.source, origin,
-                    spec.description])
+        out.append(
+            [name, dim, *sizes, labels, st, _files_text(spec.raw_files) or spec.source, origin, spec.description]
+        )
     return out
 
 
@@ -48,18 +49,25 @@ def main(args: argparse.Namespace) -> int:
     root = check_root(args.root)
     table = rows(root)
     print(f"data root: {root}")
-    print(tabulate(table, headers=["dataset", "D", "train", "val", "test", "labels", "status", "raw files", "origin",
-                                   "description"],
-                   intfmt=",", colalign=("left", "right", "right", "right", "right", "left", "left", "left", "left",
-                                         "left")))
+    print(
+        tabulate(
+            table,
+            headers=["dataset", "D", "train", "val", "test", "labels", "status", "raw files", "origin", "description"],
+            intfmt=",",
+            colalign=("left", "right", "right", "right", "right", "left", "left", "left", "left", "left"),
+        )
+    )
     status_col = 6
     notes = []
     if any(r[status_col] in ("missing", "raw") for r in table):
-        notes.append(f"missing → `{download_command('NAME', root)}` (or without --dataset for all); "
-                     "raw → prepared on first load")
+        notes.append(
+            f"missing → `{download_command('NAME', root)}` (or without --dataset for all); raw → prepared on first load"
+        )
     if any(r[status_col].startswith("broken") for r in table):
-        notes.append("broken → rebuilt from the raw files on the next load or `flowbench download`, without "
-                     "downloading; where the raw files are missing too, `flowbench download --dataset NAME` fetches them")
+        notes.append(
+            "broken → rebuilt from the raw files on the next load or `flowbench download`, without "
+            "downloading; where the raw files are missing too, `flowbench download --dataset NAME` fetches them"
+        )
     if notes:
         print("\n" + "\n".join(notes))
     return 0

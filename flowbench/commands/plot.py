@@ -11,7 +11,9 @@ def _dims(text: str) -> list[int]:
     try:
         return [int(d) for d in text.split(",") if d.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated dimension indices, e.g. 0,1,2; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated dimension indices, e.g. 0,1,2; got {text!r}"
+        ) from None
 
 
 def _positive(text: str) -> int:
@@ -22,44 +24,70 @@ def _positive(text: str) -> int:
 
 
 def _results(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", default="results", metavar="DIR", help="results folder holding runs/ (default results/)")
+    p.add_argument(
+        "--results", default="results", metavar="DIR", help="results folder holding runs/ (default results/)"
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="figure", metavar="FIGURE", required=True)
 
-    p = sub.add_parser("curves", help="validation LL and training NLL against epoch, one row per dataset",
-                       description="Validation LL (and the exact training NLL on a fixed subsample of the training "
-                       "set; older records: their running training loss) against epoch for the selected records: seeds "
-                       "of one configuration as mean line and min-max band, best epochs starred, published test LL "
-                       "dashed.")
+    p = sub.add_parser(
+        "curves",
+        help="validation LL and training NLL against epoch, one row per dataset",
+        description="Validation LL (and the exact training NLL on a fixed subsample of the training "
+        "set; older records: their running training loss) against epoch for the selected records: seeds "
+        "of one configuration as mean line and min-max band, best epochs starred, published test LL "
+        "dashed.",
+    )
     _results(p)
     p.add_argument("--dataset", nargs="+", action="extend", metavar="D", help="datasets to draw (default all)")
-    p.add_argument("--model", nargs="+", action="extend", metavar="M", help="models to draw, registry names (default all)")
+    p.add_argument(
+        "--model", nargs="+", action="extend", metavar="M", help="models to draw, registry names (default all)"
+    )
     p.add_argument("--tag", nargs="+", action="extend", metavar="T", help="only these tags")
-    p.add_argument("--select", choices=("best-val", "all"), default="best-val",
-                   help="several tags of one model: draw the best by mean validation LL (default) or all")
-    p.add_argument("--published", default="maf,relgrad", metavar="LIST",
-                   help="published reference lines: comma-separated from maf, relgrad, beyond, or none")
+    p.add_argument(
+        "--select",
+        choices=("best-val", "all"),
+        default="best-val",
+        help="several tags of one model: draw the best by mean validation LL (default) or all",
+    )
+    p.add_argument(
+        "--published",
+        default="maf,relgrad",
+        metavar="LIST",
+        help="published reference lines: comma-separated from maf, relgrad, beyond, or none",
+    )
     p.add_argument("--no-train-loss", action="store_true", help="validation LL panels only")
     p.add_argument("--out", metavar="FILE", help="PNG to write (default <results>/figures/curves.png)")
 
-    p = sub.add_parser("samples", help="samples of a recorded model beside test data",
-                       description="Samples from a recorded model (rebuilt from its record and best checkpoint "
-                       "state): an image grid beside test images (mnist, digits), the learned density (2-D toys), "
-                       "or pairwise marginals against test data (tabular).")
+    p = sub.add_parser(
+        "samples",
+        help="samples of a recorded model beside test data",
+        description="Samples from a recorded model (rebuilt from its record and best checkpoint "
+        "state): an image grid beside test images (mnist, digits), the learned density (2-D toys), "
+        "or pairwise marginals against test data (tabular).",
+    )
     _results(p)
     p.add_argument("--dataset", required=True, metavar="D", help="dataset of the record")
     p.add_argument("--model", required=True, metavar="M", help="model of the record (registry name)")
     p.add_argument("--tag", metavar="T", help="configuration tag (default: the best tag by mean validation LL)")
     p.add_argument("--seed", type=int, metavar="K", help="run seed (default: the seed with the best validation LL)")
-    p.add_argument("-n", "--n", type=_positive, metavar="N",
-                   help="number of samples (default 64 images, at most 256; 1000 tabular; 2-D toys: not taken)")
+    p.add_argument(
+        "-n",
+        "--n",
+        type=_positive,
+        metavar="N",
+        help="number of samples (default 64 images, at most 256; 1000 tabular; 2-D toys: not taken)",
+    )
     p.add_argument("--sample-seed", type=int, default=0, metavar="S", help="seed of the sampling generator (default 0)")
-    p.add_argument("--dims", type=_dims, metavar="LIST",
-                   help="tabular data only: dimensions to pair (default 0,1,2,3)")
-    p.add_argument("--data-root", metavar="DIR", help="data root (default: the record's, else $FLOWBENCH_DATA or data/)")
-    p.add_argument("--out", metavar="FILE", help="PNG to write (default <results>/figures/samples_<dataset>_<model>.png)")
+    p.add_argument("--dims", type=_dims, metavar="LIST", help="tabular data only: dimensions to pair (default 0,1,2,3)")
+    p.add_argument(
+        "--data-root", metavar="DIR", help="data root (default: the record's, else $FLOWBENCH_DATA or data/)"
+    )
+    p.add_argument(
+        "--out", metavar="FILE", help="PNG to write (default <results>/figures/samples_<dataset>_<model>.png)"
+    )
 
 
 def _figure_path(args: argparse.Namespace, default: str) -> Path:
@@ -81,8 +109,13 @@ def main(args: argparse.Namespace) -> int:
 
         records = chosen_runs(R.select_runs(records, args.dataset, args.model, args.tag), args.select)
         out = _figure_path(args, "curves.png")
-        save_curves(records, out, sources=parse_sources(args.published), train_loss=not args.no_train_loss,
-                    with_tag=args.select == "all")
+        save_curves(
+            records,
+            out,
+            sources=parse_sources(args.published),
+            train_loss=not args.no_train_loss,
+            with_tag=args.select == "all",
+        )
     else:
         from flowbench.plots.samples import choose_run, save_samples
 

@@ -33,27 +33,46 @@ def _positive(value: str) -> int:
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
 
-    p = sub.add_parser("jacnet", help="JacNet on exp (invertible) and |x| (1-Lipschitz); path dependence in 2-D",
-                       description="Learn a function through its Jacobian (Lorraine & Hossain 2019, section 5).")
+    p = sub.add_parser(
+        "jacnet",
+        help="JacNet on exp (invertible) and |x| (1-Lipschitz); path dependence in 2-D",
+        description="Learn a function through its Jacobian (Lorraine & Hossain 2019, section 5).",
+    )
     _common(p)
-    p.add_argument("--task", dest="jacnet_task", choices=["exp", "abs", "path", "all"], default="all",
-                   help="exp, abs, path (d_x = 2 path-dependence gap) or all (default)")
+    p.add_argument(
+        "--task",
+        dest="jacnet_task",
+        choices=["exp", "abs", "path", "all"],
+        default="all",
+        help="exp, abs, path (d_x = 2 path-dependence gap) or all (default)",
+    )
     p.add_argument("--iters", type=_positive, default=None, help="training iterations (default 50, the paper's)")
-    p.add_argument("--eps", type=float, default=1e-4, help="ε > 0 of the invertible activation J Jᵀ + εI (default 1e-4)")
+    p.add_argument(
+        "--eps", type=float, default=1e-4, help="ε > 0 of the invertible activation J Jᵀ + εI (default 1e-4)"
+    )
     p.add_argument("--k", type=float, default=1.0, help="Lipschitz constant k > 0 of the k·tanh activation (default 1)")
 
-    p = sub.add_parser("pseudo-inverse", help="pseudo-invertible MLP pairs f, g; λ = μ sweep",
-                       description="Two MLPs trained to fit and invert each other (the blog post "
-                       "'Pseudo-Invertible networks using JAX': its loss, data and λ = μ sweep).")
+    p = sub.add_parser(
+        "pseudo-inverse",
+        help="pseudo-invertible MLP pairs f, g; λ = μ sweep",
+        description="Two MLPs trained to fit and invert each other (the blog post "
+        "'Pseudo-Invertible networks using JAX': its loss, data and λ = μ sweep).",
+    )
     _common(p)
-    p.add_argument("--sweep", action="store_true", help="λ = μ ∈ {0.01, 0.1, 1, 10, 100} + unconstrained "
-                   "(default: λ = μ = 1 and the unconstrained pair)")
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="λ = μ ∈ {0.01, 0.1, 1, 10, 100} + unconstrained (default: λ = μ = 1 and the unconstrained pair)",
+    )
     p.add_argument("--activation", choices=["relu", "silu", "both"], default="both", help="MLP activation")
     p.add_argument("--steps", type=_positive, default=None, help="Adam steps (default 500)")
 
-    p = sub.add_parser("toy2d", help="2-D toy densities: data beside the learned density",
-                       description="Train a registered model on a 2-D toy density through the normal trainer "
-                       "(Gresele et al. 2020, Figure 2).")
+    p = sub.add_parser(
+        "toy2d",
+        help="2-D toy densities: data beside the learned density",
+        description="Train a registered model on a 2-D toy density through the normal trainer "
+        "(Gresele et al. 2020, Figure 2).",
+    )
     _common(p)
     p.add_argument("--data", choices=["mog", "moons", "sine", "all"], default="all", help="toy data (default all)")
     p.add_argument("--model", default="relgrad", help="any registered model (default relgrad)")
@@ -61,12 +80,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=_positive, default=30, help="early-stopping patience (default 30)")
     p.add_argument("--lr", type=float, default=None, help="learning rate > 0 (default: the model's)")
     p.add_argument("--batch-size", type=_positive, default=100, help="minibatch size (default 100)")
-    p.add_argument("--layers", type=_positive, default=None,
-                   help="flow depth (MAF, Real NVP) or number of dense layers (relgrad), as in `flowbench run`")
+    p.add_argument(
+        "--layers",
+        type=_positive,
+        default=None,
+        help="flow depth (MAF, Real NVP) or number of dense layers (relgrad), as in `flowbench run`",
+    )
     p.add_argument("--hidden", type=_positive, default=None, help="hidden units (MADE/MAF/Real NVP)")
 
-    p = sub.add_parser("invertibility", help="JacNet vs pseudo-invertible pair vs 1-D relgrad flow (table)",
-                       description="Three invertible 1-D fits of one monotone target: fit, round trip, guarantee.")
+    p = sub.add_parser(
+        "invertibility",
+        help="JacNet vs pseudo-invertible pair vs 1-D relgrad flow (table)",
+        description="Three invertible 1-D fits of one monotone target: fit, round trip, guarantee.",
+    )
     _common(p)
     p.add_argument("--iters", type=_positive, default=None, help="JacNet iterations (default 200)")
     p.add_argument("--steps", type=_positive, default=None, help="pair / relgrad Adam steps (default 2000)")
@@ -79,27 +105,53 @@ def main(args: argparse.Namespace) -> int:
     if args.task == "jacnet":
         from flowbench.sanity.jacnet_tasks import run_jacnet_tasks
 
-        run_jacnet_tasks(args.out, task=args.jacnet_task, iters=args.iters, seed=args.seed, eps=args.eps, k=args.k,
-                         quick=args.quick, progress=progress)
+        run_jacnet_tasks(
+            args.out,
+            task=args.jacnet_task,
+            iters=args.iters,
+            seed=args.seed,
+            eps=args.eps,
+            k=args.k,
+            quick=args.quick,
+            progress=progress,
+        )
     elif args.task == "pseudo-inverse":
         from flowbench.sanity.pseudo_inverse import run_pseudo_inverse
 
         acts = ("relu", "silu") if args.activation == "both" else (args.activation,)
-        r = run_pseudo_inverse(args.out, sweep=args.sweep, activations=acts, steps=args.steps, seed=args.seed,
-                               quick=args.quick, progress=progress)
+        r = run_pseudo_inverse(
+            args.out,
+            sweep=args.sweep,
+            activations=acts,
+            steps=args.steps,
+            seed=args.seed,
+            quick=args.quick,
+            progress=progress,
+        )
         print(r["table"] + f"→ {Path(args.out) / 'pseudo_inverse.md'}, pseudo_inverse.json, pseudo_inverse_<act>.png")
     elif args.task == "toy2d":
         from flowbench.sanity.toy2d import run_toy2d_all
 
         hp = {k: getattr(args, k) for k in ("layers", "hidden") if getattr(args, k) is not None}
-        run_toy2d_all(None if args.data == "all" else [args.data], args.model, args.out, seed=args.seed,
-                      max_epochs=args.max_epochs, quick=args.quick, hparams=hp, progress=progress,
-                      patience=args.patience, lr=args.lr, batch_size=args.batch_size)
+        run_toy2d_all(
+            None if args.data == "all" else [args.data],
+            args.model,
+            args.out,
+            seed=args.seed,
+            max_epochs=args.max_epochs,
+            quick=args.quick,
+            hparams=hp,
+            progress=progress,
+            patience=args.patience,
+            lr=args.lr,
+            batch_size=args.batch_size,
+        )
     else:  # argparse allows only the four tasks
         from flowbench.sanity.invertibility import run_invertibility
 
-        r = run_invertibility(args.out, seed=args.seed, jacnet_iters=args.iters, steps=args.steps, quick=args.quick,
-                              progress=progress)
+        r = run_invertibility(
+            args.out, seed=args.seed, jacnet_iters=args.iters, steps=args.steps, quick=args.quick, progress=progress
+        )
         print(r["table"] + f"→ {Path(args.out) / 'invertibility.md'}, invertibility.json, invertibility.png")
     return 0
 

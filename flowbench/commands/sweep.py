@@ -19,31 +19,69 @@ if TYPE_CHECKING:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_file", metavar="SWEEP.toml", help="sweep file (see configs/sweeps/)")
-    parser.add_argument("--executor", choices=("local", "ray"), default="local",
-                        help="local: this machine (default); ray: Ray tasks on a cluster or a local Ray instance")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="local: N worker processes (default 1: sequential, in this process); "
-                        "ray: at most N runs at a time (default: as many as the cluster fits), and a local Ray "
-                        "instance started for the sweep gets N x --cpus-per-run CPUs")
-    parser.add_argument("--address", metavar="ADDR",
-                        help="ray: cluster to connect to (auto, HOST:PORT or ray://HOST:10001); "
-                        "default: start a local Ray instance")
-    parser.add_argument("--cpus-per-run", type=int, default=1, metavar="C",
-                        help="CPU cores (torch threads) per run: Ray resource request / local worker threads (default 1)")
-    parser.add_argument("--gpus-per-run", type=float, default=0, metavar="G",
-                        help="ray: GPUs per run (Ray resource request; fractions share a GPU; default 0)")
-    parser.add_argument("--out", default="results", metavar="DIR",
-                        help="results folder: records go to DIR/runs/..., the sweep report to DIR/sweeps/ (default results/)")
-    parser.add_argument("--retries", type=int, default=2, metavar="N",
-                        help="retries of a run that crashed before it is reported as failed (default 2); a flowbench "
-                        "error in a run (a record or lock in the way, bad data) fails it at once")
-    parser.add_argument("--max-stack", type=int, default=None, metavar="R",
-                        help="train at most R runs of one shape (differing in seed, lr, weight decay, patience or "
-                        "max-epochs) together as one stack, one record each; 1: no stacking (default: as many "
-                        "as fit in 1/workers of a quarter of the free memory, at most 32)")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="list the runs and which are already recorded (skipped) or to be made again (a non-finite "
-                        "record), then stop")
+    parser.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine (default); ray: Ray tasks on a cluster or a local Ray instance",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="local: N worker processes (default 1: sequential, in this process); "
+        "ray: at most N runs at a time (default: as many as the cluster fits), and a local Ray "
+        "instance started for the sweep gets N x --cpus-per-run CPUs",
+    )
+    parser.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="ray: cluster to connect to (auto, HOST:PORT or ray://HOST:10001); default: start a local Ray instance",
+    )
+    parser.add_argument(
+        "--cpus-per-run",
+        type=int,
+        default=1,
+        metavar="C",
+        help="CPU cores (torch threads) per run: Ray resource request / local worker threads (default 1)",
+    )
+    parser.add_argument(
+        "--gpus-per-run",
+        type=float,
+        default=0,
+        metavar="G",
+        help="ray: GPUs per run (Ray resource request; fractions share a GPU; default 0)",
+    )
+    parser.add_argument(
+        "--out",
+        default="results",
+        metavar="DIR",
+        help="results folder: records go to DIR/runs/..., the sweep report to DIR/sweeps/ (default results/)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="retries of a run that crashed before it is reported as failed (default 2); a flowbench "
+        "error in a run (a record or lock in the way, bad data) fails it at once",
+    )
+    parser.add_argument(
+        "--max-stack",
+        type=int,
+        default=None,
+        metavar="R",
+        help="train at most R runs of one shape (differing in seed, lr, weight decay, patience or "
+        "max-epochs) together as one stack, one record each; 1: no stacking (default: as many "
+        "as fit in 1/workers of a quarter of the free memory, at most 32)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the runs and which are already recorded (skipped) or to be made again (a non-finite "
+        "record), then stop",
+    )
 
 
 def dry_run_text(sweep: Sweep, out: str) -> str:

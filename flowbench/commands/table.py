@@ -10,13 +10,16 @@ _SUFFIX_FORMATS = {".md": "markdown", ".tex": "latex", ".csv": "csv", ".json": "
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--results", default="results", metavar="DIR", help="results folder holding runs/ (default results/)")
+    parser.add_argument(
+        "--results", default="results", metavar="DIR", help="results folder holding runs/ (default results/)"
+    )
     parser.add_argument("--out", metavar="FILE", help="write the table to FILE instead of printing it")
     parser.add_argument(
         "--published",
         default="maf,relgrad",
         metavar="LIST",
-        help="published rows to show: comma-separated from maf, relgrad, beyond; 'none' for ours only (default maf,relgrad)",
+        help="published rows to show: comma-separated from maf, relgrad, beyond; 'none' for ours only "
+        "(default maf,relgrad)",
     )
     parser.add_argument(
         "--format",
@@ -67,8 +70,9 @@ def main(args: argparse.Namespace) -> int:
     suffix = Path(args.out).suffix.lower() if args.out else ""
     fmt = args.format or _SUFFIX_FORMATS.get(suffix, "markdown")
     datasets = parse_sources(args.datasets) or None  # the same comma-list parsing
-    text = build_table(list(iter_records(args.results)), parse_sources(args.published), args.select, fmt=fmt,
-                       datasets=datasets)
+    text = build_table(
+        list(iter_records(args.results)), parse_sources(args.published), args.select, fmt=fmt, datasets=datasets
+    )
     if args.out:
         try:
             with atomic_write(args.out, "w") as f:

@@ -72,12 +72,14 @@ def _check_spec(spec: ModelSpec, where: str) -> ModelSpec:
     """A spec from outside the package, checked before anything trains it (ConfigError says what is wrong)."""
     bad = f"the model spec at {where!r} is not valid"
     if not isinstance(spec.name, str) or not _NAME.fullmatch(spec.name):
-        raise ConfigError(f"{bad}: name {spec.name!r} must be lower-case letters, digits and - _ . (it names the "
-                          "records' folder)")
+        raise ConfigError(
+            f"{bad}: name {spec.name!r} must be lower-case letters, digits and - _ . (it names the records' folder)"
+        )
     if not callable(spec.build):
         raise ConfigError(f"{bad}: build must be a function build(dim, **hparams) -> Flow")
     if not isinstance(spec.hparams, Mapping) or not all(
-            isinstance(k, str) and k.isidentifier() and isinstance(h, HParam) for k, h in spec.hparams.items()):
+        isinstance(k, str) and k.isidentifier() and isinstance(h, HParam) for k, h in spec.hparams.items()
+    ):
         raise ConfigError(f"{bad}: hparams must map identifier names to HParam(default, help)")
     if isinstance(spec.lr, bool) or not isinstance(spec.lr, numbers.Real) or not (0 < spec.lr < float("inf")):
         raise ConfigError(f"{bad}: lr must be a positive number (the default Adam learning rate); got {spec.lr!r}")
@@ -86,8 +88,9 @@ def _check_spec(spec: ModelSpec, where: str) -> ModelSpec:
     try:
         spec.label.format(**{k: h.default for k, h in spec.hparams.items()})
     except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"{bad}: label {spec.label!r} must be a str.format template over its hyperparameters "
-                          f"({e})") from None
+        raise ConfigError(
+            f"{bad}: label {spec.label!r} must be a str.format template over its hyperparameters ({e})"
+        ) from None
     return spec
 
 
@@ -102,8 +105,11 @@ def _coerce(obj: Any, ref: str) -> ModelSpec:
         return _check_spec(spec, ref)
     if callable(obj) and not isinstance(obj, type):
         try:
-            required = [p for p in inspect.signature(obj).parameters.values()
-                        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            required = [
+                p
+                for p in inspect.signature(obj).parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            ]
         except (TypeError, ValueError):
             required = []
         if not required:
@@ -113,11 +119,15 @@ def _coerce(obj: Any, ref: str) -> ModelSpec:
                 raise ConfigError(f"model {ref!r}: calling it to get its spec failed: {type(e).__name__}: {e}") from e
             if isinstance(made, ModelSpec):
                 return _check_spec(made, ref)
-            raise ConfigError(f"model {ref!r}: the function returned a {type(made).__name__}, not a ModelSpec; "
-                              "return flowbench.models.ModelSpec(...)")
-    raise ConfigError(f"model {ref!r} is a {type(obj).__name__}, not a model: point at a flowbench.models.ModelSpec, "
-                      "a function returning one, a zuko or nflows flow class, or a function that builds a flow from "
-                      "its first argument `features` (see the tutorial in docs/)")
+            raise ConfigError(
+                f"model {ref!r}: the function returned a {type(made).__name__}, not a ModelSpec; "
+                "return flowbench.models.ModelSpec(...)"
+            )
+    raise ConfigError(
+        f"model {ref!r} is a {type(obj).__name__}, not a model: point at a flowbench.models.ModelSpec, "
+        "a function returning one, a zuko or nflows flow class, or a function that builds a flow from "
+        "its first argument `features` (see the tutorial in docs/)"
+    )
 
 
 #: name → spec: the built-ins in registry order, then installed plugins (entry-point group ``flowbench.models``).
@@ -153,14 +163,18 @@ def check_classes(spec: ModelSpec, classes: Any) -> int:
     if isinstance(classes, bool) or not isinstance(classes, numbers.Integral) or classes < 0:
         raise ConfigError(f"classes must be a non-negative integer; got {classes!r}")
     if spec.conditional and classes < 2:
-        raise ConfigError(f"model {spec.name} is class-conditional: it needs a dataset with labels (mnist, cifar10, "
-                          f"digits)" + (f"; got {classes} class" if classes else ""))
+        raise ConfigError(
+            f"model {spec.name} is class-conditional: it needs a dataset with labels (mnist, cifar10, "
+            f"digits)" + (f"; got {classes} class" if classes else "")
+        )
     if not spec.conditional and classes:
         # refused rather than ignored: the rows of a conditional model carry K label columns, an unconditional
         # model's do not, so a caller passing classes has the wrong model or the wrong rows
-        raise ConfigError(f"model {spec.name} is not class-conditional; to condition on the labels use "
-                          f"{spec.name}-cond" if f"{spec.name}-cond" in MODELS else
-                          f"model {spec.name} is not class-conditional: build it without classes")
+        raise ConfigError(
+            f"model {spec.name} is not class-conditional; to condition on the labels use {spec.name}-cond"
+            if f"{spec.name}-cond" in MODELS
+            else f"model {spec.name} is not class-conditional: build it without classes"
+        )
     return int(classes)
 
 

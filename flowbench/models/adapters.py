@@ -110,7 +110,7 @@ def _nflows_types() -> tuple[type | None, type | None]:
 
 
 def _library(obj: Any) -> str | None:
-    """"zuko" or "nflows" for a flow class of theirs (or a subclass of one), else None."""
+    """ "zuko" or "nflows" for a flow class of theirs (or a subclass of one), else None."""
     if not isinstance(obj, type):
         return None
     lazy = _zuko_lazy()
@@ -137,8 +137,11 @@ def _is_factory(obj: Any) -> bool:
     except (TypeError, ValueError):
         return False
     first = params[0] if params else None
-    return (first is not None and first.name in DIM_NAMES
-            and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD))
+    return (
+        first is not None
+        and first.name in DIM_NAMES
+        and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD)
+    )
 
 
 def _version(lib: str) -> str:
@@ -178,17 +181,29 @@ def _class_spec(cls: type, lib: str, ref: str) -> ModelSpec:
     ref_text = _reference(cls)
     after = f"not those of {ref_text}" if ref_text else "not those of the paper it follows"
     if lib == "zuko":
-        paper = f"zuko {_version('zuko')} {cls.__name__} (the architecture and defaults of zuko, {after}: no batch norm)"
+        paper = (
+            f"zuko {_version('zuko')} {cls.__name__} (the architecture and defaults of zuko, {after}: no batch norm)"
+        )
     else:
-        paper = (f"nflows {_version('nflows')} {cls.__name__} (the architecture and defaults of nflows, {after}; "
-                 "batch norm only where its arguments turn it on)")
+        paper = (
+            f"nflows {_version('nflows')} {cls.__name__} (the architecture and defaults of nflows, {after}; "
+            "batch norm only where its arguments turn it on)"
+        )
 
     def build(dim: int, **hp: Any) -> Flow:
         return _construct(cls, name, {dim_name: dim, **fixed, **_changed(hparams, hp)}, dim)
 
     build.__doc__ = f"{cls.__module__}.{cls.__qualname__}({dim_name}=dim, **hparams) as a flowbench Flow."
-    return ModelSpec(name=name, build=build, hparams=hparams, label=label, paper=paper, lr=LR,
-                     match_knob=_knob(hparams), unstackable=_stack_check(build))
+    return ModelSpec(
+        name=name,
+        build=build,
+        hparams=hparams,
+        label=label,
+        paper=paper,
+        lr=LR,
+        match_knob=_knob(hparams),
+        unstackable=_stack_check(build),
+    )
 
 
 def _factory_spec(fn: Callable) -> ModelSpec:
@@ -204,9 +219,16 @@ def _factory_spec(fn: Callable) -> ModelSpec:
         return _construct(fn, name, _changed(hparams, hp), dim, positional=True)
 
     build.__doc__ = f"{qual}(dim, **hparams) as a flowbench Flow."
-    return ModelSpec(name=name, build=build, hparams=hparams, label=fn.__name__.replace("{", "{{").replace("}", "}}"),
-                     paper=f"user factory {qual}" + (f": {doc}" if doc else ""), lr=LR, match_knob=_knob(hparams),
-                     unstackable=_stack_check(build))
+    return ModelSpec(
+        name=name,
+        build=build,
+        hparams=hparams,
+        label=fn.__name__.replace("{", "{{").replace("}", "}}"),
+        paper=f"user factory {qual}" + (f": {doc}" if doc else ""),
+        lr=LR,
+        match_knob=_knob(hparams),
+        unstackable=_stack_check(build),
+    )
 
 
 def _changed(hparams: Mapping[str, HParam], values: Mapping[str, Any]) -> dict[str, Any]:
@@ -222,8 +244,10 @@ def _construct(make: Callable, name: str, kwargs: dict[str, Any], dim: int, posi
         peer = make(dim, **kwargs) if positional else make(**kwargs)
     except Exception as e:  # whatever the peer raises for bad arguments (assert, ValueError, TypeError, …)
         args = ", ".join([*([str(dim)] if positional else []), *(f"{k}={v!r}" for k, v in kwargs.items())])
-        raise ConfigError(f"model {name!r}: {getattr(make, '__qualname__', make)}({args}) failed: "
-                          f"{type(e).__name__}: {e}; check its hyperparameters") from e
+        raise ConfigError(
+            f"model {name!r}: {getattr(make, '__qualname__', make)}({args}) failed: "
+            f"{type(e).__name__}: {e}; check its hyperparameters"
+        ) from e
     return wrap(peer, dim, name)
 
 
@@ -284,11 +308,15 @@ def _unstackable(hp: Mapping[str, Any]) -> str | None:
     """
     for k, v in hp.items():
         if "dropout" in k and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
-            return f"--{k.replace('_', '-')} {v} draws each run's dropout masks from one shared random stream " \
-                   f"(set --{k.replace('_', '-')} 0 to stack)"
+            return (
+                f"--{k.replace('_', '-')} {v} draws each run's dropout masks from one shared random stream "
+                f"(set --{k.replace('_', '-')} 0 to stack)"
+            )
         if "batch_norm" in k and v is True:
-            return f"--{k.replace('_', '-')}: the peer's batch norm updates its running averages in place, once " \
-                   "for the whole stack (run the seeds one by one)"
+            return (
+                f"--{k.replace('_', '-')}: the peer's batch norm updates its running averages in place, once "
+                "for the whole stack (run the seeds one by one)"
+            )
     return None
 
 
@@ -315,8 +343,15 @@ def _params(fn: Callable, owner: type | None) -> list[inspect.Parameter]:
     return params[1:] if owner is not None and params else params
 
 
-def _collect(fn: Callable, owner: type | None, bound: set[str], top: bool = False, depth: int = 0,
-             out: dict[str, HParam] | None = None, seen: set | None = None) -> dict[str, HParam]:
+def _collect(
+    fn: Callable,
+    owner: type | None,
+    bound: set[str],
+    top: bool = False,
+    depth: int = 0,
+    out: dict[str, HParam] | None = None,
+    seen: set | None = None,
+) -> dict[str, HParam]:
     """``fn``'s representable keyword parameters, then those of whatever it passes its ``**kwargs`` to.
 
     ``bound``: names a caller already sets (the dimension, ``context``, the arguments an outer class passes
@@ -359,8 +394,12 @@ def _hparam(p: inspect.Parameter, help: str, required_ok: bool) -> HParam | None
         return HParam(d, help, kind=float if _kind(p.annotation)[0] is float else None)
     if type(d) is float:
         return HParam(d, help) if math.isfinite(d) else None
-    if (isinstance(d, (tuple, list)) and d and all(type(v) in (int, float) for v in d)
-            and all(math.isfinite(v) for v in d)):
+    if (
+        isinstance(d, (tuple, list))
+        and d
+        and all(type(v) in (int, float) for v in d)
+        and all(math.isfinite(v) for v in d)
+    ):
         return HParam(tuple(d), help)
     return None
 
@@ -379,8 +418,12 @@ def _kind(annotation: Any) -> tuple[type, type | None]:
     if annotation in (bool, int, float, str):
         return annotation, None
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (tuple, list, Sequence) and args and args[0] in (int, float) and all(
-            a in (args[0], Ellipsis) for a in args):
+    if (
+        origin in (tuple, list, Sequence)
+        and args
+        and args[0] in (int, float)
+        and all(a in (args[0], Ellipsis) for a in args)
+    ):
         return tuple, args[0]
     return ANY, None
 
@@ -400,7 +443,8 @@ def _forwards(fn: Callable, owner: type | None, var_kw: str) -> list[tuple[Calla
     out = []
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call) or not any(
-                k.arg is None and isinstance(k.value, ast.Name) and k.value.id == var_kw for k in node.keywords):
+            k.arg is None and isinstance(k.value, ast.Name) and k.value.id == var_kw for k in node.keywords
+        ):
             continue
         target = _call_target(node.func, fn, owner, local)
         if target is None:
@@ -409,7 +453,9 @@ def _forwards(fn: Callable, owner: type | None, var_kw: str) -> list[tuple[Calla
         if callee is None:
             continue
         given = {k.arg for k in node.keywords if k.arg is not None}
-        positional = [p for p in _params(callee, callee_owner) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        positional = [
+            p for p in _params(callee, callee_owner) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
         if any(isinstance(a, ast.Starred) for a in node.args):  # *args: those without a default are filled
             given |= {p.name for p in positional if p.default is p.empty}
         else:
@@ -429,7 +475,8 @@ def _local_imports(tree: ast.AST) -> dict[str, Any]:
                 if isinstance(node, ast.Import):
                     module = importlib.import_module(alias.name)
                     out[alias.asname or alias.name.split(".")[0]] = (
-                        module if alias.asname else importlib.import_module(alias.name.split(".")[0]))
+                        module if alias.asname else importlib.import_module(alias.name.split(".")[0])
+                    )
                 else:
                     out[alias.asname or alias.name] = getattr(importlib.import_module(node.module), alias.name)
             except (ImportError, AttributeError):
@@ -440,10 +487,16 @@ def _local_imports(tree: ast.AST) -> dict[str, Any]:
 def _call_target(func: ast.expr, fn: Callable, owner: type | None, local: Mapping[str, Any]) -> Any:
     """What a call's ``func`` expression names: ``super().__init__`` → (parent __init__, parent); a name or
     dotted name → the object it refers to in ``fn``'s module; anything else → None."""
-    if (isinstance(func, ast.Attribute) and func.attr == "__init__" and isinstance(func.value, ast.Call)
-            and isinstance(func.value.func, ast.Name) and func.value.func.id == "super" and owner is not None):
+    if (
+        isinstance(func, ast.Attribute)
+        and func.attr == "__init__"
+        and isinstance(func.value, ast.Call)
+        and isinstance(func.value.func, ast.Name)
+        and func.value.func.id == "super"
+        and owner is not None
+    ):
         mro = owner.__mro__
-        for c in mro[mro.index(owner) + 1:]:
+        for c in mro[mro.index(owner) + 1 :]:
             if "__init__" in vars(c):
                 return vars(c)["__init__"], c
         return None
@@ -525,7 +578,7 @@ def _reference(cls: type) -> str | None:
     lines = [x for x in lines if x and not x.startswith("http")]
     if not lines:
         return None
-    if not doc[m.start(1):].lstrip().startswith("|"):  # nflows: one reference over several lines
+    if not doc[m.start(1) :].lstrip().startswith("|"):  # nflows: one reference over several lines
         return " ".join(lines).rstrip(".")
     key = re.sub(r"\W", "", cls.__name__).lower()  # RealNVP shares NICE's docstring, which cites both papers
     return next((x for x in lines if key in re.sub(r"\W", "", x).lower()), lines[0])
@@ -547,8 +600,10 @@ def wrap(peer: Any, dim: int, name: str = "model") -> Flow:
     nflow, ndist = _nflows_types()
     if ndist is not None and isinstance(peer, ndist):
         return NflowsFlow(peer, dim, name)
-    raise ConfigError(f"model {name!r}: the factory returned a {type(peer).__name__}, not a flow; return a "
-                      "flowbench Flow, a zuko flow (LazyDistribution) or an nflows Flow")
+    raise ConfigError(
+        f"model {name!r}: the factory returned a {type(peer).__name__}, not a flow; return a "
+        "flowbench Flow, a zuko flow (LazyDistribution) or an nflows Flow"
+    )
 
 
 class _View(nn.Module):
@@ -615,9 +670,11 @@ class ZukoFlow(PeerFlow):
         with torch.no_grad():
             dist = peer()
         if tuple(dist.event_shape) != (dim,) or tuple(dist.batch_shape) != ():
-            raise ConfigError(f"model {name!r}: the zuko flow models events of shape {tuple(dist.event_shape)} "
-                              f"(batch shape {tuple(dist.batch_shape)}), not vectors of dimension {dim}; build it "
-                              f"with features={dim} and an unconditional base")
+            raise ConfigError(
+                f"model {name!r}: the zuko flow models events of shape {tuple(dist.event_shape)} "
+                f"(batch shape {tuple(dist.batch_shape)}), not vectors of dimension {dim}; build it "
+                f"with features={dim} and an unconditional base"
+            )
         super().__init__(peer, _ZukoTransform(peer), _ZukoBase(peer), dim)
 
     def _log_prob(self, x: Tensor) -> Tensor:
@@ -658,17 +715,24 @@ class NflowsFlow(PeerFlow):
         try:
             with torch.no_grad():
                 p = next(iter(peer.parameters()), None)
-                out = peer.log_prob(torch.zeros(2, dim, dtype=p.dtype if p is not None else None,
-                                                device=p.device if p is not None else None))
+                out = peer.log_prob(
+                    torch.zeros(
+                        2, dim, dtype=p.dtype if p is not None else None, device=p.device if p is not None else None
+                    )
+                )
         except Exception as e:
-            raise ConfigError(f"model {name!r}: the nflows flow cannot evaluate {dim}-dimensional data "
-                              f"({type(e).__name__}: {e}); build it with features={dim}") from e
+            raise ConfigError(
+                f"model {name!r}: the nflows flow cannot evaluate {dim}-dimensional data "
+                f"({type(e).__name__}: {e}); build it with features={dim}"
+            ) from e
         finally:
             for m, mode in modes.items():
                 m.train(mode)
         if tuple(out.shape) != (2,):
-            raise ConfigError(f"model {name!r}: the nflows flow returns log-densities of shape {tuple(out.shape)} "
-                              f"for 2 rows of dimension {dim}; build it with features={dim}")
+            raise ConfigError(
+                f"model {name!r}: the nflows flow returns log-densities of shape {tuple(out.shape)} "
+                f"for 2 rows of dimension {dim}; build it with features={dim}"
+            )
         super().__init__(peer, _NflowsTransform(peer), _NflowsBase(peer), dim)
 
     def _log_prob(self, x: Tensor) -> Tensor:

@@ -186,8 +186,10 @@ class Flow(nn.Module):
 def check_one_hot(context: Tensor, name: str = "input") -> None:
     """The label columns of a conditional model's rows must be one-hot (0/1 entries, one 1 per row)."""
     if not (((context == 0) | (context == 1)).all() and (context.sum(-1) == 1).all()):
-        raise InputError(f"the last {context.shape[-1]} columns of {name} must be the label's one-hot encoding "
-                         "(0/1 entries, exactly one 1 per row)")
+        raise InputError(
+            f"the last {context.shape[-1]} columns of {name} must be the label's one-hot encoding "
+            "(0/1 entries, exactly one 1 per row)"
+        )
 
 
 class ConditionalFlow(Flow):
@@ -218,7 +220,8 @@ class ConditionalFlow(Flow):
 
     # -- density -------------------------------------------------------------------------------------
     def log_prob(self, xy: Tensor) -> Tensor:
-        """log p(x | y) of each row ``[x, onehot(y)]`` (nats), shape ``(batch,)``; NaN → −inf as :meth:`Flow.log_prob`."""
+        """log p(x | y) of each row ``[x, onehot(y)]`` (nats), shape ``(batch,)``; NaN → −inf as
+        :meth:`Flow.log_prob`."""
         check_input(xy, self.in_features)
         check_one_hot(xy[:, self.dim :])
         return nan_to_neginf(self._log_prob(xy))
@@ -277,8 +280,9 @@ class ConditionalFlow(Flow):
 
 
 @torch.no_grad()
-def recompute_batchnorm_stats(flow: Flow, train_x: Tensor, batch_size: int = 10_000,
-                              context: Tensor | None = None) -> None:
+def recompute_batchnorm_stats(
+    flow: Flow, train_x: Tensor, batch_size: int = 10_000, context: Tensor | None = None
+) -> None:
     """Set every batch norm of ``flow`` (layers with ``set_stats_from``, e.g. ``layers.BatchNorm``) from the
     entire training set, as the MAF code does.
 
@@ -315,9 +319,16 @@ def recompute_batchnorm_stats(flow: Flow, train_x: Tensor, batch_size: int = 10_
             if hasattr(step, "set_stats_from"):
                 step.set_stats_from(h)
             if i < last:  # the layers after the last batch norm need no statistics
-                h = torch.cat([(step(h[j : j + batch_size], context[j : j + batch_size])
-                                if getattr(step, "conditional", False) and context is not None else step(h[j : j + batch_size]))[0]
-                               for j in range(0, h.shape[0], batch_size)])
+                h = torch.cat(
+                    [
+                        (
+                            step(h[j : j + batch_size], context[j : j + batch_size])
+                            if getattr(step, "conditional", False) and context is not None
+                            else step(h[j : j + batch_size])
+                        )[0]
+                        for j in range(0, h.shape[0], batch_size)
+                    ]
+                )
     finally:
         for m, mode in modes.items():
             m.train(mode)

@@ -29,8 +29,17 @@ from flowbench.models.base import (
 )
 from flowbench.models.spec import ModelSpec, conditional_spec
 
-__all__ = ["GAUSSIAN_SPEC", "GAUSSIAN_COND_SPEC", "GaussianWhitening", "GaussianFlow", "ConditionalGaussianWhitening",
-           "ConditionalGaussianFlow", "build_gaussian", "build_gaussian_cond", "fit_gaussian"]
+__all__ = [
+    "GAUSSIAN_SPEC",
+    "GAUSSIAN_COND_SPEC",
+    "GaussianWhitening",
+    "GaussianFlow",
+    "ConditionalGaussianWhitening",
+    "ConditionalGaussianFlow",
+    "build_gaussian",
+    "build_gaussian_cond",
+    "fit_gaussian",
+]
 
 
 @torch.no_grad()
@@ -117,8 +126,9 @@ class ConditionalGaussianWhitening(Transform):
         self.register_buffer("chol", eye.clone())
         self.register_buffer("chol_inv", eye.clone())
 
-    def _by_class(self, v: Tensor, context: Tensor,
-                  fn: Callable[[Tensor, int], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    def _by_class(
+        self, v: Tensor, context: Tensor, fn: Callable[[Tensor, int], tuple[Tensor, Tensor]]
+    ) -> tuple[Tensor, Tensor]:
         labels = context.argmax(-1)
         out = torch.empty_like(v)
         logdet = v.new_empty(v.shape[0])
@@ -143,15 +153,16 @@ class ConditionalGaussianFlow(ConditionalFlow):
     trainable = False
 
     def __init__(self, dim: int, classes: int):
-        super().__init__(CompositeTransform([ConditionalGaussianWhitening(dim, classes)]), StandardNormal(dim), dim,
-                         classes)
+        super().__init__(
+            CompositeTransform([ConditionalGaussianWhitening(dim, classes)]), StandardNormal(dim), dim, classes
+        )
 
     @torch.no_grad()
     def initialize(self, train_xy: Tensor) -> None:
         """Per class: the maximum-likelihood mean and covariance (``ddof = 0``) of its training rows, in float64."""
         check_input(train_xy, self.in_features, "train_x")
-        check_one_hot(train_xy[:, self.dim:], "train_x")
-        x, labels = train_xy[:, : self.dim], train_xy[:, self.dim:].argmax(-1)
+        check_one_hot(train_xy[:, self.dim :], "train_x")
+        x, labels = train_xy[:, : self.dim], train_xy[:, self.dim :].argmax(-1)
         w = self.transform.transforms[0]
         for k in range(self.classes):
             rows = x[labels == k]
@@ -183,5 +194,6 @@ GAUSSIAN_SPEC = ModelSpec(
     trainable=False,
 )
 
-GAUSSIAN_COND_SPEC = conditional_spec(GAUSSIAN_SPEC, build_gaussian_cond,
-                                      lambda d, hp, k: k * GAUSSIAN_SPEC.count(d, hp))
+GAUSSIAN_COND_SPEC = conditional_spec(
+    GAUSSIAN_SPEC, build_gaussian_cond, lambda d, hp, k: k * GAUSSIAN_SPEC.count(d, hp)
+)

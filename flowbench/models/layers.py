@@ -20,8 +20,15 @@ from flowbench.models.base import Transform, recompute_batchnorm_stats
 if TYPE_CHECKING:
     from torch.autograd.function import FunctionCtx
 
-__all__ = ["BatchNorm", "full_set_stats", "recompute_batchnorm_stats", "Linear", "MaskedLinear", "linear",
-           "maf_linear_init_"]
+__all__ = [
+    "BatchNorm",
+    "full_set_stats",
+    "recompute_batchnorm_stats",
+    "Linear",
+    "MaskedLinear",
+    "linear",
+    "maf_linear_init_",
+]
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -102,10 +109,11 @@ def full_set_stats(x: Tensor, chunk: int = 65_536) -> tuple[Tensor, Tensor]:
     training set of millions of rows gives the same statistics as a float64 computation.
     """
     n = x.shape[-2]
-    total = sum(x[..., i: i + chunk, :].to(torch.float64).sum(-2) for i in range(0, n, chunk))
+    total = sum(x[..., i : i + chunk, :].to(torch.float64).sum(-2) for i in range(0, n, chunk))
     mean = total / n
-    sq = sum((x[..., i: i + chunk, :].to(torch.float64) - mean.unsqueeze(-2)).pow(2).sum(-2)
-             for i in range(0, n, chunk))
+    sq = sum(
+        (x[..., i : i + chunk, :].to(torch.float64) - mean.unsqueeze(-2)).pow(2).sum(-2) for i in range(0, n, chunk)
+    )
     return mean, sq / n
 
 

@@ -53,8 +53,12 @@ MADE_HPARAMS: dict[str, HParam] = {
     "hidden": HParam(100, "hidden units per layer of each MADE / coupling net", low=1),
     "hidden_layers": HParam(1, "hidden layers per MADE / coupling net (the MAF paper used 1 or 2)", low=1),
     "activation": HParam("relu", "hidden-layer nonlinearity", choices=("relu", "tanh")),
-    "degrees": HParam("sequential", "MADE hidden-unit degrees: sequential, or random as in the MAF code's CIFAR-10 "
-                      "runs (drawn from the run's seed)", choices=("sequential", "random")),
+    "degrees": HParam(
+        "sequential",
+        "MADE hidden-unit degrees: sequential, or random as in the MAF code's CIFAR-10 "
+        "runs (drawn from the run's seed)",
+        choices=("sequential", "random"),
+    ),
 }
 COMPONENTS = HParam(10, "mixture components per conditional (MoG models)", low=1)
 
@@ -62,8 +66,9 @@ COMPONENTS = HParam(10, "mixture components per conditional (MoG models)", low=1
 DEGREE_MODES = ("sequential", "random")
 
 
-def create_degrees(dim: int, hidden: list[int], input_degrees: Tensor | None = None,
-                   mode: str = "sequential") -> list[Tensor]:
+def create_degrees(
+    dim: int, hidden: list[int], input_degrees: Tensor | None = None, mode: str = "sequential"
+) -> list[Tensor]:
     """Degrees of the input units (``1..D`` or the given order) and of each hidden layer.
 
     A hidden unit of degree d may see inputs of degree ≤ d; output d may see hidden units of degree < d.
@@ -105,8 +110,14 @@ def _masks(degrees: list[Tensor]) -> tuple[list[Tensor], Tensor]:
 
 
 def _masked_trunk(
-    module: nn.Module, dim: int, hidden: int, hidden_layers: int, activation: str, input_degrees: Tensor | None,
-    degrees: str = "sequential", context_features: int = 0,
+    module: nn.Module,
+    dim: int,
+    hidden: int,
+    hidden_layers: int,
+    activation: str,
+    input_degrees: Tensor | None,
+    degrees: str = "sequential",
+    context_features: int = 0,
 ) -> Tensor:
     """Give ``module`` the masked hidden layers shared by MADE and MADE MoG (and, for a conditional one, the
     label's weight ``Wx``); return the output mask (D × H)."""
@@ -184,8 +195,7 @@ class MADE(Transform):
     ):
         super().__init__()
         self.dim = dim
-        out_mask = _masked_trunk(self, dim, hidden, hidden_layers, activation, input_degrees, degrees,
-                                 context_features)
+        out_mask = _masked_trunk(self, dim, hidden, hidden_layers, activation, input_degrees, degrees, context_features)
         # one output layer for [m, logp]: one matmul in the hot path
         self.out = MaskedLinear(self._output_mask(out_mask))
 
@@ -240,8 +250,7 @@ class MADEMoG(nn.Module):
         if components < 1:
             raise ConfigError(f"components must be ≥ 1; got {components}")
         self.dim, self.components = dim, components
-        out_mask = _masked_trunk(self, dim, hidden, hidden_layers, activation, input_degrees, degrees,
-                                 context_features)
+        out_mask = _masked_trunk(self, dim, hidden, hidden_layers, activation, input_degrees, degrees, context_features)
         self.out = MaskedLinear(self._output_mask(out_mask))
         with torch.no_grad():
             self.out.bias.normal_()
@@ -285,22 +294,25 @@ def build_made(dim: int, *, hidden: int, hidden_layers: int, activation: str, de
     return Flow(CompositeTransform([made]), StandardNormal(dim), dim)
 
 
-def build_made_mog(dim: int, *, hidden: int, hidden_layers: int, activation: str, degrees: str = "sequential",
-                   components: int) -> Flow:
+def build_made_mog(
+    dim: int, *, hidden: int, hidden_layers: int, activation: str, degrees: str = "sequential", components: int
+) -> Flow:
     """MADE MoG density: the identity transform on a :class:`MADEMoG` base."""
     base = MADEMoG(dim, hidden, hidden_layers, activation, components, degrees=degrees)
     return Flow(CompositeTransform([]), base, dim)
 
 
-def build_made_cond(dim: int, *, classes: int, hidden: int, hidden_layers: int, activation: str,
-                    degrees: str) -> ConditionalFlow:
+def build_made_cond(
+    dim: int, *, classes: int, hidden: int, hidden_layers: int, activation: str, degrees: str
+) -> ConditionalFlow:
     """Class-conditional MADE (MAF paper Table 2; MAF code: ConditionalGaussianMade)."""
     made = MADE(dim, hidden, hidden_layers, activation, degrees=degrees, context_features=classes)
     return ConditionalFlow(CompositeTransform([made]), StandardNormal(dim), dim, classes)
 
 
-def build_made_mog_cond(dim: int, *, classes: int, hidden: int, hidden_layers: int, activation: str, degrees: str,
-                        components: int) -> ConditionalFlow:
+def build_made_mog_cond(
+    dim: int, *, classes: int, hidden: int, hidden_layers: int, activation: str, degrees: str, components: int
+) -> ConditionalFlow:
     """Class-conditional MADE MoG (MAF code: ConditionalMixtureOfGaussiansMade)."""
     base = MADEMoG(dim, hidden, hidden_layers, activation, components, degrees=degrees, context_features=classes)
     return ConditionalFlow(CompositeTransform([]), base, dim, classes)
@@ -330,8 +342,9 @@ MADE_SPEC = ModelSpec(
 )
 
 #: + the K × H label weight Wx
-MADE_COND_SPEC = conditional_spec(MADE_SPEC, build_made_cond,
-                                  lambda d, hp, k: MADE_SPEC.count(d, hp) + k * hp["hidden"])
+MADE_COND_SPEC = conditional_spec(
+    MADE_SPEC, build_made_cond, lambda d, hp, k: MADE_SPEC.count(d, hp) + k * hp["hidden"]
+)
 
 MADE_MOG_SPEC = ModelSpec(
     name="made-mog",
@@ -344,5 +357,6 @@ MADE_MOG_SPEC = ModelSpec(
     count=lambda d, hp: made_mog_count(d, hp["hidden"], hp["hidden_layers"], hp["components"]),
 )
 
-MADE_MOG_COND_SPEC = conditional_spec(MADE_MOG_SPEC, build_made_mog_cond,
-                                      lambda d, hp, k: MADE_MOG_SPEC.count(d, hp) + k * hp["hidden"])
+MADE_MOG_COND_SPEC = conditional_spec(
+    MADE_MOG_SPEC, build_made_mog_cond, lambda d, hp, k: MADE_MOG_SPEC.count(d, hp) + k * hp["hidden"]
+)

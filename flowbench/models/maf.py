@@ -25,8 +25,17 @@ from flowbench.models.layers import BatchNorm
 from flowbench.models.made import COMPONENTS, MADE, MADE_HPARAMS, MAF_PAPER, MADEMoG, made_count, made_mog_count
 from flowbench.models.spec import HParam, ModelSpec, conditional_spec
 
-__all__ = ["MAF_HPARAMS", "MAF_SPEC", "MAF_MOG_SPEC", "MAF_COND_SPEC", "MAF_MOG_COND_SPEC", "build_maf",
-           "build_maf_mog", "build_maf_cond", "build_maf_mog_cond"]
+__all__ = [
+    "MAF_HPARAMS",
+    "MAF_SPEC",
+    "MAF_MOG_SPEC",
+    "MAF_COND_SPEC",
+    "MAF_MOG_COND_SPEC",
+    "build_maf",
+    "build_maf_mog",
+    "build_maf_cond",
+    "build_maf_mog_cond",
+]
 
 #: MAF(K): K MADEs (MAF paper: K = 5 or 10) with batch norm between them.
 MAF_HPARAMS: dict[str, HParam] = {
@@ -37,8 +46,14 @@ MAF_HPARAMS: dict[str, HParam] = {
 
 
 def _maf_transform(
-    dim: int, layers: int, hidden: int, hidden_layers: int, activation: str, batch_norm: bool,
-    degrees_mode: str = "sequential", classes: int = 0,
+    dim: int,
+    layers: int,
+    hidden: int,
+    hidden_layers: int,
+    activation: str,
+    batch_norm: bool,
+    degrees_mode: str = "sequential",
+    classes: int = 0,
 ) -> tuple[CompositeTransform, Tensor]:
     """The K MADEs (+ batch norms) and the input degrees a next layer would use (the last MADE's, reversed)."""
     if layers < 1:
@@ -46,8 +61,15 @@ def _maf_transform(
     steps: list[Transform] = []
     degrees = torch.arange(1, dim + 1)
     for _ in range(layers):
-        made = MADE(dim, hidden, hidden_layers, activation, input_degrees=degrees, degrees=degrees_mode,
-                    context_features=classes)
+        made = MADE(
+            dim,
+            hidden,
+            hidden_layers,
+            activation,
+            input_degrees=degrees,
+            degrees=degrees_mode,
+            context_features=classes,
+        )
         steps.append(made)
         if batch_norm:
             steps.append(BatchNorm(dim))
@@ -56,16 +78,31 @@ def _maf_transform(
 
 
 # ``degrees`` keeps a default in the builders (the spec's) so that callers from before it existed still work.
-def build_maf(dim: int, *, layers: int, hidden: int, hidden_layers: int, activation: str,
-              degrees: str = "sequential", batch_norm: bool) -> Flow:
+def build_maf(
+    dim: int,
+    *,
+    layers: int,
+    hidden: int,
+    hidden_layers: int,
+    activation: str,
+    degrees: str = "sequential",
+    batch_norm: bool,
+) -> Flow:
     """MAF(K) with a standard normal base (Papamakarios et al. 2017)."""
     transform, _ = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm, degrees)
     return Flow(transform, StandardNormal(dim), dim)
 
 
 def build_maf_mog(
-    dim: int, *, layers: int, hidden: int, hidden_layers: int, activation: str, degrees: str = "sequential",
-    batch_norm: bool, components: int
+    dim: int,
+    *,
+    layers: int,
+    hidden: int,
+    hidden_layers: int,
+    activation: str,
+    degrees: str = "sequential",
+    batch_norm: bool,
+    components: int,
 ) -> Flow:
     """MAF MoG(K): MAF(K) on a MADE MoG base density (Papamakarios et al. 2017)."""
     transform, next_degrees = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm, degrees)
@@ -73,20 +110,48 @@ def build_maf_mog(
     return Flow(transform, base, dim)
 
 
-def build_maf_cond(dim: int, *, classes: int, layers: int, hidden: int, hidden_layers: int, activation: str,
-                   degrees: str, batch_norm: bool) -> ConditionalFlow:
+def build_maf_cond(
+    dim: int,
+    *,
+    classes: int,
+    layers: int,
+    hidden: int,
+    hidden_layers: int,
+    activation: str,
+    degrees: str,
+    batch_norm: bool,
+) -> ConditionalFlow:
     """Class-conditional MAF(K) (MAF code: ConditionalMaskedAutoregressiveFlow)."""
     transform, _ = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm, degrees, classes)
     return ConditionalFlow(transform, StandardNormal(dim), dim, classes)
 
 
-def build_maf_mog_cond(dim: int, *, classes: int, layers: int, hidden: int, hidden_layers: int, activation: str,
-                       degrees: str, batch_norm: bool, components: int) -> ConditionalFlow:
+def build_maf_mog_cond(
+    dim: int,
+    *,
+    classes: int,
+    layers: int,
+    hidden: int,
+    hidden_layers: int,
+    activation: str,
+    degrees: str,
+    batch_norm: bool,
+    components: int,
+) -> ConditionalFlow:
     """Class-conditional MAF MoG(K) (MAF code: ConditionalMaskedAutoregressiveFlow_on_MADE)."""
-    transform, next_degrees = _maf_transform(dim, layers, hidden, hidden_layers, activation, batch_norm, degrees,
-                                             classes)
-    base = MADEMoG(dim, hidden, hidden_layers, activation, components, input_degrees=next_degrees, degrees=degrees,
-                   context_features=classes)
+    transform, next_degrees = _maf_transform(
+        dim, layers, hidden, hidden_layers, activation, batch_norm, degrees, classes
+    )
+    base = MADEMoG(
+        dim,
+        hidden,
+        hidden_layers,
+        activation,
+        components,
+        input_degrees=next_degrees,
+        degrees=degrees,
+        context_features=classes,
+    )
     return ConditionalFlow(transform, base, dim, classes)
 
 
@@ -119,7 +184,9 @@ MAF_MOG_SPEC = ModelSpec(
 )
 
 #: + one K × H label weight Wx per MADE (the MoG base's too)
-MAF_COND_SPEC = conditional_spec(MAF_SPEC, build_maf_cond,
-                                 lambda d, hp, k: MAF_SPEC.count(d, hp) + hp["layers"] * k * hp["hidden"])
-MAF_MOG_COND_SPEC = conditional_spec(MAF_MOG_SPEC, build_maf_mog_cond,
-                                     lambda d, hp, k: MAF_MOG_SPEC.count(d, hp) + (hp["layers"] + 1) * k * hp["hidden"])
+MAF_COND_SPEC = conditional_spec(
+    MAF_SPEC, build_maf_cond, lambda d, hp, k: MAF_SPEC.count(d, hp) + hp["layers"] * k * hp["hidden"]
+)
+MAF_MOG_COND_SPEC = conditional_spec(
+    MAF_MOG_SPEC, build_maf_mog_cond, lambda d, hp, k: MAF_MOG_SPEC.count(d, hp) + (hp["layers"] + 1) * k * hp["hidden"]
+)

@@ -67,8 +67,9 @@ class ResidualNet(nn.Module):
     the residual blocks keep the hidden degrees, so a skip connection never leaks a later input.
     """
 
-    def __init__(self, in_features: int, out_features: int, hidden: int, blocks: int, dropout: float,
-                 made_dim: int | None = None):
+    def __init__(
+        self, in_features: int, out_features: int, hidden: int, blocks: int, dropout: float, made_dim: int | None = None
+    ):
         super().__init__()
         self.hidden = hidden
         self.initial = nn.Linear(in_features, hidden)
@@ -123,8 +124,9 @@ class AutoregressiveSpline(Transform):
 
     def _spline(self, values: Tensor, context: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         params = self.net(context).view(context.shape[0], self.dim, spline_param_count(self.bins))
-        out, logdet = rational_quadratic_spline(values, *_split(params, self.bins), inverse=inverse,
-                                                tail_bound=self.tail_bound)
+        out, logdet = rational_quadratic_spline(
+            values, *_split(params, self.bins), inverse=inverse, tail_bound=self.tail_bound
+        )
         return out, logdet.sum(-1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,8 +145,16 @@ class AutoregressiveSpline(Transform):
 class CouplingSpline(Transform):
     """Coupling layer: coordinates with ``transformed`` True get splines conditioned on the others."""
 
-    def __init__(self, transformed: Tensor, hidden: int, blocks: int, bins: int, tail_bound: float,
-                 dropout: float, unconditional: bool):
+    def __init__(
+        self,
+        transformed: Tensor,
+        hidden: int,
+        blocks: int,
+        bins: int,
+        tail_bound: float,
+        dropout: float,
+        unconditional: bool,
+    ):
         super().__init__()
         transformed = torch.as_tensor(transformed, dtype=torch.bool)
         ident, trans = (~transformed).nonzero().flatten(), transformed.nonzero().flatten()
@@ -165,16 +175,18 @@ class CouplingSpline(Transform):
         params = self.net(context).view(context.shape[0], len(self.trans), spline_param_count(self.bins))
         w, h, d = _split(params, self.bins)
         scale = math.sqrt(self.net.hidden)  # the reference's softmax temperature for coupling nets
-        out, logdet = rational_quadratic_spline(values, w / scale, h / scale, d, inverse=inverse,
-                                                tail_bound=self.tail_bound)
+        out, logdet = rational_quadratic_spline(
+            values, w / scale, h / scale, d, inverse=inverse, tail_bound=self.tail_bound
+        )
         return out, logdet.sum(-1)
 
     def _identity_part(self, values: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
         if self.unconditional is None:
             return values, values.new_zeros(values.shape[0])
         params = self.unconditional.expand(values.shape[0], -1, -1)
-        out, logdet = rational_quadratic_spline(values, *_split(params, self.bins), inverse=inverse,
-                                                tail_bound=self.tail_bound)
+        out, logdet = rational_quadratic_spline(
+            values, *_split(params, self.bins), inverse=inverse, tail_bound=self.tail_bound
+        )
         return out, logdet.sum(-1)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -208,8 +220,9 @@ def _flow(dim: int, layers: int, make_step: Callable[[int], Transform]) -> Flow:
     return Flow(CompositeTransform(steps), StandardNormal(dim), dim)
 
 
-def build_nsf_ar(dim: int, *, layers: int, hidden: int, blocks: int, bins: int, tail_bound: float,
-                 dropout: float) -> Flow:
+def build_nsf_ar(
+    dim: int, *, layers: int, hidden: int, blocks: int, bins: int, tail_bound: float, dropout: float
+) -> Flow:
     """RQ-NSF (AR) with ``layers`` steps (Durkan et al. 2019)."""
     _check(dim, layers, hidden, blocks, bins, tail_bound, dropout)
     return _flow(dim, layers, lambda i: AutoregressiveSpline(dim, hidden, blocks, bins, tail_bound, dropout))
@@ -220,14 +233,26 @@ def _coupling_mask(dim: int, i: int) -> Tensor:
     return torch.arange(dim) % 2 == i % 2
 
 
-def build_nsf_c(dim: int, *, layers: int, hidden: int, blocks: int, bins: int, tail_bound: float, dropout: float,
-                unconditional: bool) -> Flow:
+def build_nsf_c(
+    dim: int,
+    *,
+    layers: int,
+    hidden: int,
+    blocks: int,
+    bins: int,
+    tail_bound: float,
+    dropout: float,
+    unconditional: bool,
+) -> Flow:
     """RQ-NSF (C) with ``layers`` steps (Durkan et al. 2019)."""
     _check(dim, layers, hidden, blocks, bins, tail_bound, dropout)
     if dim < 2:
         raise ConfigError(f"nsf-c needs data of at least 2 dimensions to split; got {dim}")
-    return _flow(dim, layers, lambda i: CouplingSpline(_coupling_mask(dim, i), hidden, blocks, bins, tail_bound,
-                                                       dropout, unconditional))
+    return _flow(
+        dim,
+        layers,
+        lambda i: CouplingSpline(_coupling_mask(dim, i), hidden, blocks, bins, tail_bound, dropout, unconditional),
+    )
 
 
 # -- closed-form parameter counts (tests check them against built models) ---------------------------------
@@ -267,6 +292,7 @@ _COMMON = {
     "tail_bound": HParam(3.0, "spline interval [−B, B]; identity outside", low=1e-6),
     "dropout": HParam(0.25, "dropout probability inside the residual blocks", low=0.0, high=0.99),
 }
+
 
 def _unstackable(hp: Mapping[str, Any]) -> str | None:
     """A stack shares one random stream, so dropout masks would not be each run's own (its result would depend on

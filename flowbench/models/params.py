@@ -45,8 +45,7 @@ def param_count(name: str, dim: int, *, classes: int = 0, **hparams: Any) -> int
     return count_params(build_model(name, dim, classes=k, **hp))
 
 
-def match_params(name: str, dim: int, target: int, knob: str | None = None, *, classes: int = 0,
-                 **fixed: Any) -> dict:
+def match_params(name: str, dim: int, target: int, knob: str | None = None, *, classes: int = 0, **fixed: Any) -> dict:
     """Find the value of the model's size knob whose count is closest to ``target``.
 
     The knob is ``knob`` where given (any integer hyperparameter, e.g. ``hidden_features`` of a plugged-in
@@ -73,8 +72,10 @@ def match_params(name: str, dim: int, target: int, knob: str | None = None, *, c
     if knob is None:
         knob = spec.match_knob
     elif knob not in spec.hparams:
-        raise ConfigError(f"match_params: {knob!r} is not a hyperparameter of model {spec.name!r}; choose one of "
-                          f"{', '.join(spec.hparams) or '(it has none)'}")
+        raise ConfigError(
+            f"match_params: {knob!r} is not a hyperparameter of model {spec.name!r}; choose one of "
+            f"{', '.join(spec.hparams) or '(it has none)'}"
+        )
     if knob is not None:
         length = _knob_length(spec, knob, fixed.get(knob))
     fixed = {k: v for k, v in fixed.items() if k != knob}
@@ -115,13 +116,17 @@ def _knob_length(spec: Any, knob: str, given: Any) -> int | None:
     hp = spec.hparams[knob]
     flag = "--" + knob.replace("_", "-")
     if not (hp.type is int or hp.type is ANY or (hp.type is tuple and hp.item is int)):
-        raise ConfigError(f"match_params: {flag} of model {spec.name!r} is not a size (it takes "
-                          f"{'a list of numbers' if hp.type is tuple else hp.type.__name__}); name an integer "
-                          "hyperparameter or a list of integers, such as the hidden width(s)")
+        raise ConfigError(
+            f"match_params: {flag} of model {spec.name!r} is not a size (it takes "
+            f"{'a list of numbers' if hp.type is tuple else hp.type.__name__}); name an integer "
+            "hyperparameter or a list of integers, such as the hidden width(s)"
+        )
     ref = hp.check(spec.name, knob, given) if given is not None else hp.default
     if not isinstance(ref, tuple):
         return None
     if not ref:
-        raise ConfigError(f"match_params: {flag} {ref!r} is an empty list: there is no width to size; give it "
-                          "at least one entry (e.g. 64,64)")
+        raise ConfigError(
+            f"match_params: {flag} {ref!r} is an empty list: there is no width to size; give it "
+            "at least one entry (e.g. 64,64)"
+        )
     return len(ref)

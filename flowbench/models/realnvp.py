@@ -85,15 +85,17 @@ def build_realnvp(dim: int, *, layers: int, hidden: int, hidden_layers: int, bat
     return Flow(_realnvp_transform(dim, layers, hidden, hidden_layers, batch_norm), StandardNormal(dim), dim)
 
 
-def build_realnvp_cond(dim: int, *, classes: int, layers: int, hidden: int, hidden_layers: int,
-                       batch_norm: bool) -> ConditionalFlow:
+def build_realnvp_cond(
+    dim: int, *, classes: int, layers: int, hidden: int, hidden_layers: int, batch_norm: bool
+) -> ConditionalFlow:
     """Class-conditional Real NVP(K) (MAF code: ConditionalRealNVP)."""
     transform = _realnvp_transform(dim, layers, hidden, hidden_layers, batch_norm, classes)
     return ConditionalFlow(transform, StandardNormal(dim), dim, classes)
 
 
-def _realnvp_transform(dim: int, layers: int, hidden: int, hidden_layers: int, batch_norm: bool,
-                       classes: int = 0) -> CompositeTransform:
+def _realnvp_transform(
+    dim: int, layers: int, hidden: int, hidden_layers: int, batch_norm: bool, classes: int = 0
+) -> CompositeTransform:
     if layers < 1 or hidden < 1 or hidden_layers < 1:
         raise ConfigError(
             f"layers, hidden and hidden_layers must be ≥ 1; got layers={layers}, hidden={hidden}, "
@@ -128,5 +130,6 @@ REALNVP_SPEC = ModelSpec(
 )
 
 #: + the label's K inputs to the first layer of both nets of every coupling layer
-REALNVP_COND_SPEC = conditional_spec(REALNVP_SPEC, build_realnvp_cond,
-                                     lambda d, hp, k: _realnvp_count(d, hp) + hp["layers"] * 2 * k * hp["hidden"])
+REALNVP_COND_SPEC = conditional_spec(
+    REALNVP_SPEC, build_realnvp_cond, lambda d, hp, k: _realnvp_count(d, hp) + hp["layers"] * 2 * k * hp["hidden"]
+)

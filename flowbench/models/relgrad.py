@@ -55,14 +55,17 @@ BASES = {"normal": "normal", "logistic": "logistic", "hyperbolic-secant": "logis
 RELGRAD_HPARAMS: dict[str, HParam] = {
     "layers": HParam(2, "flow depth: the number of dense D×D layers", low=1),
     "bias": HParam(True, "biases in the dense layers"),
-    "activation": HParam("smooth-leaky-relu", "elementwise invertible nonlinearity between the layers",
-                         choices=ACTIVATIONS),
+    "activation": HParam(
+        "smooth-leaky-relu", "elementwise invertible nonlinearity between the layers", choices=ACTIVATIONS
+    ),
     "alpha": HParam(0.3, "slope of the smooth leaky ReLU for negative inputs", low=0.0, low_open=True, high=1.0),
-    "base": HParam("normal", "base density", choices=("normal", "logistic"),
-                   aliases={"hyperbolic-secant": "logistic"}),
-    "bias_logdet": HParam(False, "give the biases the log-det's relative-gradient term too (the full "
-                          "augmented-matrix rule; default off = the reference code's rule, with which the "
-                          "published numbers were made)"),
+    "base": HParam("normal", "base density", choices=("normal", "logistic"), aliases={"hyperbolic-secant": "logistic"}),
+    "bias_logdet": HParam(
+        False,
+        "give the biases the log-det's relative-gradient term too (the full "
+        "augmented-matrix rule; default off = the reference code's rule, with which the "
+        "published numbers were made)",
+    ),
 }
 COND_WARN_FACTOR = 0.01  # warn when cond(W) > COND_WARN_FACTOR / eps(dtype): 8e4 (float32), 5e13 (float64)
 INVERSE_RTOL = {torch.float64: 1e-12, torch.float32: 1e-6}  # |s(y) - t| ≤ rtol·(1 + |t|) after inversion
@@ -93,8 +96,16 @@ class Logistic(nn.Module):
 class RelgradTransform(Transform):
     """The dense transform x → z with exact log-determinant (see the module docstring)."""
 
-    def __init__(self, dim: int, layers: int, bias: bool, activation: str, alpha: float, relative: bool = True,
-                 bias_logdet: bool = False):
+    def __init__(
+        self,
+        dim: int,
+        layers: int,
+        bias: bool,
+        activation: str,
+        alpha: float,
+        relative: bool = True,
+        bias_logdet: bool = False,
+    ):
         super().__init__()
         self.dim, self.activation, self.alpha, self.relative = dim, activation, float(alpha), relative
         self.weights = nn.ParameterList(
@@ -137,8 +148,11 @@ class RelgradTransform(Transform):
             y_new = y - r / self._act_deriv(y)
             y = torch.where((y_new > lo) & (y_new < hi), y_new, 0.5 * (lo + hi))
         else:
-            warnings.warn("relgrad: activation inverse did not reach its tolerance in 200 iterations", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                "relgrad: activation inverse did not reach its tolerance in 200 iterations",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return y
 
     def _act_deriv(self, y: Tensor) -> Tensor:
@@ -222,16 +236,23 @@ def _check_conditioning(k: int, w: Tensor, sign: float, lad: float) -> None:
     """Warn when W_k is singular or drifting toward it (evaluation only: an SVD is O(D³))."""
     eps = torch.finfo(w.dtype).eps
     if sign == 0 or not math.isfinite(lad):
-        warnings.warn(f"relgrad layer {k}: weight matrix is singular (log|det W| = {lad}); the flow is no longer "
-                      "invertible — lower the learning rate or restart from a checkpoint", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"relgrad layer {k}: weight matrix is singular (log|det W| = {lad}); the flow is no longer "
+            "invertible — lower the learning rate or restart from a checkpoint",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return
     s = torch.linalg.svdvals(w)
     cond = float(s[0] / s[-1]) if float(s[-1]) > 0 else math.inf
     if cond > COND_WARN_FACTOR / eps:
-        warnings.warn(f"relgrad layer {k}: weight matrix is close to singular (condition number {cond:.3g}, "
-                      f"threshold {COND_WARN_FACTOR / eps:.3g}); log-likelihoods and samples lose accuracy — "
-                      "lower the learning rate or use float64", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"relgrad layer {k}: weight matrix is close to singular (condition number {cond:.3g}, "
+            f"threshold {COND_WARN_FACTOR / eps:.3g}); log-likelihoods and samples lose accuracy — "
+            "lower the learning rate or use float64",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 class RelgradFlow(Flow):

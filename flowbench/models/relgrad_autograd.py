@@ -49,7 +49,7 @@ class RelativeDense(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # One (2B)×D×D product instead of two B×D×D ones: better GEMM efficiency at small batch.
             both = torch.cat([dy, y]) @ weight
-            grad_h, yw = both[: dy.shape[0]], both[dy.shape[0]:]
+            grad_h, yw = both[: dy.shape[0]], both[dy.shape[0] :]
         else:
             yw = y @ weight
         grad_w = dy.t() @ yw  # Δᵀ (Y W)
@@ -120,8 +120,9 @@ def _affine(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return torch.addmm(b, h, wt) if h.dim() == 2 else torch.baddbmm(b.unsqueeze(-2), h, wt)
 
 
-def net_forward(ctx: FunctionCtx, x: Tensor, activation: str, alpha: float, n: int, bias_logdet: bool,
-                params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+def net_forward(
+    ctx: FunctionCtx, x: Tensor, activation: str, alpha: float, n: int, bias_logdet: bool, params: tuple[Tensor, ...]
+) -> tuple[Tensor, Tensor]:
     """The forward of :class:`RelgradNet` (one run) and of its stacked version (a leading run axis on ``x`` and
     every parameter): ``(z, Σ_k<L Σ_i log s'(y_k,i))``, with what the backward needs saved on ``ctx``."""
     weights, biases = params[:n], params[n:] if len(params) > n else [None] * n
@@ -147,7 +148,7 @@ def net_saved(ctx: FunctionCtx) -> tuple[tuple[Tensor, ...], Sequence[Tensor | N
     """(weights, biases or Nones, pre-activations) that :func:`net_forward` saved."""
     n, saved = ctx.n, ctx.saved_tensors
     if ctx.has_bias:
-        return saved[:n], saved[n:2 * n], saved[2 * n:]
+        return saved[:n], saved[n : 2 * n], saved[2 * n :]
     return saved[:n], [None] * n, saved[n:]
 
 
@@ -174,6 +175,7 @@ def net_backward(ctx: FunctionCtx, dz: Tensor | None, dld: Tensor | None) -> tup
     auxs = ctx.auxs
     single = weights[0].dim() == 2
     if single:
+
         def run_axis(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.unsqueeze(0)
 
@@ -229,8 +231,9 @@ class RelgradNet(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: Tensor, activation: str, alpha: float, n: int, bias_logdet: bool,
-                *params: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx: FunctionCtx, x: Tensor, activation: str, alpha: float, n: int, bias_logdet: bool, *params: Tensor
+    ) -> tuple[Tensor, Tensor]:
         return net_forward(ctx, x, activation, alpha, n, bias_logdet, params)
 
     @staticmethod

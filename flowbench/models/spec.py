@@ -166,9 +166,7 @@ class HParam:
         elif not isinstance(value, str):
             raise bad
         if self.choices is not None and value not in self.choices and value not in self.aliases:
-            raise ConfigError(
-                f"model {model!r}: {flag} {value!r} is not allowed; choose one of {self.choices_text()}"
-            )
+            raise ConfigError(f"model {model!r}: {flag} {value!r} is not allowed; choose one of {self.choices_text()}")
         self._check_bounds(model, flag, value, value)
         return value
 
@@ -187,8 +185,10 @@ class HParam:
             n = _number(t)
             value = n if self.kind is float or isinstance(n, int) else None
         if value is None:
-            raise ConfigError(f"model {model!r}: {_flag(key)} {text!r} has the wrong type; expected "
-                              f"{self.kind.__name__}{' (true or false)' if self.kind is bool else ''}")
+            raise ConfigError(
+                f"model {model!r}: {_flag(key)} {text!r} has the wrong type; expected "
+                f"{self.kind.__name__}{' (true or false)' if self.kind is bool else ''}"
+            )
         return self.check(model, key, value)
 
     def choices_text(self) -> str:
@@ -217,24 +217,31 @@ class HParam:
             if parts is None and value.strip() and "," not in value:
                 parts = [value.strip()]  # one entry: "64" is (64,)
             items = [_number(p) for p in parts or []]
-            if parts is None or not value.strip() or any(v is None or (item is int and not isinstance(v, int))
-                                                         for v in items):
+            if (
+                parts is None
+                or not value.strip()
+                or any(v is None or (item is int and not isinstance(v, int)) for v in items)
+            ):
                 raise ConfigError(f"model {model!r}: {flag} {value!r} is not a list of {noun}; {how}")
         elif isinstance(value, (tuple, list)):
             items = list(value)
-            if any(isinstance(v, bool) or not isinstance(v, numbers.Integral if item is int else numbers.Real)
-                   for v in items):
+            if any(
+                isinstance(v, bool) or not isinstance(v, numbers.Integral if item is int else numbers.Real)
+                for v in items
+            ):
                 raise ConfigError(f"model {model!r}: {flag} {value!r} is not a list of {noun}; {how}")
         else:
-            raise ConfigError(f"model {model!r}: {flag} {value!r} has the wrong type; expected a list of {noun} "
-                              f"({how})")
+            raise ConfigError(
+                f"model {model!r}: {flag} {value!r} has the wrong type; expected a list of {noun} ({how})"
+            )
         out = tuple(map(item, items))
         for v in out:
             if not math.isfinite(v):
                 raise ConfigError(f"model {model!r}: {flag} entries must be finite numbers; got {value!r}")
             if self.choices is not None and v not in self.choices:
-                raise ConfigError(f"model {model!r}: {flag} entries must be one of {self.choices_text()}; "
-                                  f"got {value!r}")
+                raise ConfigError(
+                    f"model {model!r}: {flag} entries must be one of {self.choices_text()}; got {value!r}"
+                )
             self._check_bounds(model, flag, v, out)
         return out
 
@@ -255,8 +262,10 @@ class HParam:
             value = float(value)
             items = (value,)
         else:
-            raise ConfigError(f"model {model!r}: {flag} {value!r} has the wrong type; expected a number, true/false, "
-                              "text or a list of numbers")
+            raise ConfigError(
+                f"model {model!r}: {flag} {value!r} has the wrong type; expected a number, true/false, "
+                "text or a list of numbers"
+            )
         if any(not math.isfinite(v) for v in items):
             raise ConfigError(f"model {model!r}: {flag} must be finite; got {value!r}")
         if self.choices is not None and value not in self.choices and value not in self.aliases:
@@ -342,7 +351,8 @@ class ModelSpec:
             takes = ", ".join("--" + k.replace("_", "-") for k in self.hparams) or "no hyperparameters"
             raise ConfigError(
                 f"{flags} does not apply to model {self.name!r}: it does not accept hyperparameter(s) "
-                f"{', '.join(unknown)} (it takes {takes}); remove {'it' if len(unknown) == 1 else 'them'} from the command line, "
+                f"{', '.join(unknown)} (it takes {takes}); remove {'it' if len(unknown) == 1 else 'them'} from the "
+                "command line, "
                 "the config file or the sweep grid"
             )
         out = self.defaults()
@@ -364,8 +374,9 @@ class ModelSpec:
         return self.label.format(**self.resolve(hparams))
 
 
-def conditional_spec(spec: ModelSpec, build: Callable[..., Any],
-                     count: Callable[[int, Mapping[str, Any], int], int] | None = None) -> ModelSpec:
+def conditional_spec(
+    spec: ModelSpec, build: Callable[..., Any], count: Callable[[int, Mapping[str, Any], int], int] | None = None
+) -> ModelSpec:
     """The class-conditional version of ``spec`` (MAF paper Table 2): named ``<name>-cond``, with the same label
     (the table puts it in its "cond." column), hyperparameters, learning rate and matching knob.
 

@@ -48,8 +48,14 @@ def _knots(unnormalized: Tensor, bound: float, min_size: float) -> tuple[Tensor,
     cum = F.pad(torch.cumsum(frac, dim=-1), (1, 0))
     knots = 2 * bound * cum - bound
     # exact end knots: the cumulative sum of a softmax is 1 only up to rounding
-    knots = torch.cat([knots.new_full(knots.shape[:-1] + (1,), -bound), knots[..., 1:-1],
-                       knots.new_full(knots.shape[:-1] + (1,), bound)], dim=-1)
+    knots = torch.cat(
+        [
+            knots.new_full(knots.shape[:-1] + (1,), -bound),
+            knots[..., 1:-1],
+            knots.new_full(knots.shape[:-1] + (1,), bound),
+        ],
+        dim=-1,
+    )
     return knots, knots[..., 1:] - knots[..., :-1]
 
 
@@ -120,9 +126,7 @@ def rational_quadratic_spline(
         out = y_k + h * (s * xi.pow(2) + d0 * xi * (1 - xi)) / (s + curv * xi * (1 - xi))
     t = xi * (1 - xi)
     denom = s + curv * t
-    logabsdet = (
-        2 * torch.log(s) + torch.log(d1 * xi.pow(2) + 2 * s * t + d0 * (1 - xi).pow(2)) - 2 * torch.log(denom)
-    )
+    logabsdet = 2 * torch.log(s) + torch.log(d1 * xi.pow(2) + 2 * s * t + d0 * (1 - xi).pow(2)) - 2 * torch.log(denom)
     if inverse:
         logabsdet = -logabsdet
     outputs = torch.where(inside, out, inputs)

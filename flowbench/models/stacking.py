@@ -32,7 +32,14 @@ from torch.func import functional_call, vmap
 from flowbench.models.layers import full_set_stats
 from flowbench.models.relgrad_autograd import RelgradNet
 
-__all__ = ["StackedRelgradNet", "split_buffers", "stacked_objective", "stacked_train_log_prob", "stacked_validation", "stacks_natively"]
+__all__ = [
+    "StackedRelgradNet",
+    "split_buffers",
+    "stacked_objective",
+    "stacked_train_log_prob",
+    "stacked_validation",
+    "stacks_natively",
+]
 
 
 class _Objective(nn.Module):
@@ -55,8 +62,10 @@ def stacks_natively(flow: nn.Module) -> bool:
     """Whether every module of ``flow`` evaluates stacked parameters itself (no vmap needed)."""
     from flowbench.models.base import ConditionalFlow, Flow
 
-    if not isinstance(flow, Flow) or type(flow).train_log_prob not in (Flow.train_log_prob,
-                                                                       ConditionalFlow.train_log_prob):
+    if not isinstance(flow, Flow) or type(flow).train_log_prob not in (
+        Flow.train_log_prob,
+        ConditionalFlow.train_log_prob,
+    ):
         return False  # a family with its own training objective (relgrad) has its own path
     return all(getattr(m, "stacks", False) or isinstance(m, _BROADCASTING) for m in flow.modules() if m is not flow)
 
@@ -88,9 +97,13 @@ def split_buffers(flows: list[nn.Module]) -> tuple[dict[str, Tensor], dict[str, 
     return shared, per_run
 
 
-def stacked_objective(template: nn.Module, buffers: Mapping[str, Tensor], *,
-                      run_buffers: Mapping[str, Tensor] | None = None,
-                      use_vmap: bool | None = None) -> Callable[[Mapping[str, Tensor], Tensor], Tensor]:
+def stacked_objective(
+    template: nn.Module,
+    buffers: Mapping[str, Tensor],
+    *,
+    run_buffers: Mapping[str, Tensor] | None = None,
+    use_vmap: bool | None = None,
+) -> Callable[[Mapping[str, Tensor], Tensor], Tensor]:
     """``objective(params, x)`` = ``train_log_prob`` of run r's parameters on ``x[r]`` for every r, (R, B).
 
     ``template`` is one of the runs' flows (its own tensors are not used); ``buffers`` are shared by all runs,
@@ -128,8 +141,10 @@ def stack_probe(build: Callable[[], nn.Module], dim: int) -> str | None:
     x = torch.randn(2, 5, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     try:
         shared, per_run = split_buffers(flows)
-        params = {k: torch.stack([dict(f.named_parameters())[k] for f in flows]).detach()
-                  for k, _ in flows[0].named_parameters()}
+        params = {
+            k: torch.stack([dict(f.named_parameters())[k] for f in flows]).detach()
+            for k, _ in flows[0].named_parameters()
+        }
         got = stacked_train_log_prob(flows[0], params, shared, x, run_buffers=per_run)
         want = torch.stack([f.train_log_prob(x[r]) for r, f in enumerate(flows)]).detach()
     except Exception as e:  # any failure means: not stackable; the reason goes to the user
@@ -139,9 +154,15 @@ def stack_probe(build: Callable[[], nn.Module], dim: int) -> str | None:
     return None
 
 
-def stacked_train_log_prob(template: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                           x: Tensor, *, run_buffers: Mapping[str, Tensor] | None = None,
-                           use_vmap: bool | None = None) -> Tensor:
+def stacked_train_log_prob(
+    template: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    x: Tensor,
+    *,
+    run_buffers: Mapping[str, Tensor] | None = None,
+    use_vmap: bool | None = None,
+) -> Tensor:
     """One call of :func:`stacked_objective`: (R, B)."""
     return stacked_objective(template, buffers, run_buffers=run_buffers, use_vmap=use_vmap)(params, x)
 
@@ -152,9 +173,15 @@ EVAL_GROUP_BYTES = 256 * 1024 * 1024
 
 
 @torch.no_grad()
-def stacked_validation(template: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
-                       train_x: Tensor, x: Tensor, batch_size: int = 2000,
-                       stats_batch_size: int = 10_000) -> tuple[Tensor, dict[str, Tensor]] | None:
+def stacked_validation(
+    template: nn.Module,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    train_x: Tensor,
+    x: Tensor,
+    batch_size: int = 2000,
+    stats_batch_size: int = 10_000,
+) -> tuple[Tensor, dict[str, Tensor]] | None:
     """What validation does for each run, for R runs of a stacked-module family at once.
 
     Each run's batch norms take their statistics from the whole training set, as
@@ -180,15 +207,23 @@ def stacked_validation(template: nn.Module, params: Mapping[str, Tensor], buffer
     try:
         out, stats = [], {}
         for lo in range(0, n_runs, group):
-            mine = {k: v[lo: lo + group] for k, v in params.items()}
-            st = _stacked_bn_stats(steps, bn_at, mine, buffers, train_x, stats_batch_size,
-                                   getattr(template, "dim", train_x.shape[-1]))
+            mine = {k: v[lo : lo + group] for k, v in params.items()}
+            st = _stacked_bn_stats(
+                steps, bn_at, mine, buffers, train_x, stats_batch_size, getattr(template, "dim", train_x.shape[-1])
+            )
             obj = _Objective(template, native=True)
             p = {"flow." + k: v for k, v in mine.items()}
             b = {"flow." + k: v for k, v in {**buffers, **st}.items()}
             rows = x.expand(next(iter(mine.values())).shape[0], *x.shape)
-            out.append(torch.cat([functional_call(obj, (p, b), (rows[:, i: i + batch_size],))
-                                  for i in range(0, x.shape[0], batch_size)], dim=1))
+            out.append(
+                torch.cat(
+                    [
+                        functional_call(obj, (p, b), (rows[:, i : i + batch_size],))
+                        for i in range(0, x.shape[0], batch_size)
+                    ],
+                    dim=1,
+                )
+            )
             for k, v in st.items():
                 stats.setdefault(k, []).append(v)
         return nan_to_neginf(torch.cat(out)), {k: torch.cat(v) for k, v in stats.items()}
@@ -197,9 +232,15 @@ def stacked_validation(template: nn.Module, params: Mapping[str, Tensor], buffer
             m.train(mode)
 
 
-def _stacked_bn_stats(steps: list[nn.Module], bn_at: list[int], params: Mapping[str, Tensor],
-                      buffers: Mapping[str, Tensor], train_x: Tensor, batch_size: int,
-                      dim: int | None = None) -> dict[str, Tensor]:
+def _stacked_bn_stats(
+    steps: list[nn.Module],
+    bn_at: list[int],
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    train_x: Tensor,
+    batch_size: int,
+    dim: int | None = None,
+) -> dict[str, Tensor]:
     """The batch-norm statistics of each run (rows of ``params``), layer by layer as for one run.
 
     ``dim`` < the width of ``train_x``: the columns after the first ``dim`` are the labels' one-hot (a conditional
@@ -220,10 +261,18 @@ def _stacked_bn_stats(steps: list[nn.Module], bn_at: list[int], params: Mapping[
             stats[prefix + "stat_mean"] = mean.to(h.dtype)
             stats[prefix + "stat_var"] = (var + step.eps).to(h.dtype)
         if k < max(bn_at):
-            own = {key[len(prefix):]: v for key, v in params.items() if key.startswith(prefix)}
-            bufs = {key[len(prefix):]: v for key, v in {**buffers, **stats}.items() if key.startswith(prefix)}
+            own = {key[len(prefix) :]: v for key, v in params.items() if key.startswith(prefix)}
+            bufs = {key[len(prefix) :]: v for key, v in {**buffers, **stats}.items() if key.startswith(prefix)}
             with_context = c is not None and getattr(step, "conditional", False)
-            h = torch.cat([functional_call(step, (own, bufs), (h[:, i: i + batch_size],) +
-                                           ((c[:, i: i + batch_size],) if with_context else ()))[0]
-                           for i in range(0, n, batch_size)], dim=1)
+            h = torch.cat(
+                [
+                    functional_call(
+                        step,
+                        (own, bufs),
+                        (h[:, i : i + batch_size],) + ((c[:, i : i + batch_size],) if with_context else ()),
+                    )[0]
+                    for i in range(0, n, batch_size)
+                ],
+                dim=1,
+            )
     return stats

@@ -4,6 +4,7 @@
 - :mod:`flowbench.plots.samples`: samples of a recorded model beside test data (``flowbench plot samples``);
 - :mod:`flowbench.plots.report`: table, curves, samples and run status on one page (``flowbench report``);
 
-Records are read only through :mod:`flowbench.plots._records`; how a run ended is :mod:`flowbench.status`'s. Importing this package does not import
+Records are read only through :mod:`flowbench.plots._records`; how a run ended is :mod:`flowbench.status`'s.
+Importing this package does not import
 matplotlib or torch; the submodules do.
 """

@@ -12,8 +12,22 @@ from flowbench.utils import atomic_write
 #: Colour-blind-safe qualitative palette (Okabe & Ito 2008; black before sky blue so that six models never
 #: share a hue, yellow last: faint on white), then tab10 for the ninth model onwards.
 PALETTE = (
-    "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#000000", "#56B4E9", "#F0E442",
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#D55E00",
+    "#CC79A7",
+    "#000000",
+    "#56B4E9",
+    "#F0E442",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
 )
 
 

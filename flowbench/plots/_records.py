@@ -173,8 +173,9 @@ class History:
 
 
 def _has(rows: list[Any], key: str) -> bool:
-    return bool(rows) and all((r.get(key, _ABSENT) if isinstance(r, Mapping) else getattr(r, key, _ABSENT))
-                              is not _ABSENT for r in rows)
+    return bool(rows) and all(
+        (r.get(key, _ABSENT) if isinstance(r, Mapping) else getattr(r, key, _ABSENT)) is not _ABSENT for r in rows
+    )
 
 
 def history(rec: Record) -> History:
@@ -280,6 +281,9 @@ def failed_runs(results: str | Path) -> tuple[list[FailedRun], list[str]]:
             # A later sweep may have retried it successfully: the record is then the truth.
             if record_file(results, r["dataset"], r["model"], int(r["seed"]), r.get("tag")).is_file():
                 continue
-            failed.append(FailedRun(r["dataset"], r["model"], r.get("tag"), int(r["seed"]),
-                                    r.get("error") or "unknown error", path.stem))
+            failed.append(
+                FailedRun(
+                    r["dataset"], r["model"], r.get("tag"), int(r["seed"]), r.get("error") or "unknown error", path.stem
+                )
+            )
     return failed, problems

@@ -65,7 +65,8 @@ def _by_step(records: Iterable[Any]) -> bool:
     run's history has its steps (an older record without them keeps the panel on epochs)."""
     records = list(records)
     return any(R.evaluates_by_step(r) for r in records) and all(
-        R.history(r).has_step for r in records if R.history(r).epoch.size)
+        R.history(r).has_step for r in records if R.history(r).epoch.size
+    )
 
 
 def _mean_band(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -178,8 +179,9 @@ def plot_curves(
                     bx.append(b)
                     by.append(float(h.val_ll[x == b][-1]))
             if bx:
-                ax_val.plot(bx, by, ls="none", marker="*", ms=11, color=c, mec="black", mew=0.6, zorder=5,
-                            gid="best-epoch")
+                ax_val.plot(
+                    bx, by, ls="none", marker="*", ms=11, color=c, mec="black", mew=0.6, zorder=5, gid="best-epoch"
+                )
                 keep += by
             if ax_loss is not None:
                 exact = all(h.has_train_nll for h in hists if h.epoch.size)
@@ -188,8 +190,15 @@ def plot_curves(
                     relgrad_fallback |= R.model(runs[0]) == "relgrad"
                 ml, ep_l = _stack([h.train_nll if exact else h.train_loss for h in hists], xs)
                 mean_l, lo_l, hi_l, present_l = _mean_band(ml)
-                ax_loss.plot(ep_l, mean_l, color=c, lw=1.6, marker=marker, ls="-" if exact else ":",
-                             gid="loss-mean" if exact else "loss-fallback")
+                ax_loss.plot(
+                    ep_l,
+                    mean_l,
+                    color=c,
+                    lw=1.6,
+                    marker=marker,
+                    ls="-" if exact else ":",
+                    gid="loss-mean" if exact else "loss-fallback",
+                )
                 if (present_l > 1).any():
                     ax_loss.fill_between(ep_l, lo_l, hi_l, color=c, alpha=0.18, lw=0, gid="loss-band")
                 loss_values.append(mean_l)
@@ -197,8 +206,19 @@ def plot_curves(
         ax_val.set(title=f"{ds.upper()}: validation LL{space}", xlabel=unit, ylabel=VAL_LABEL)
         if (lim := _limits(val_values, keep, upper_tail=False)) is not None:
             ax_val.set_ylim(*lim)
-        extra = [Line2D([], [], ls="none", marker="*", ms=11, color="0.6", mec="black", mew=0.6,
-                        label=f"best {'step' if by_step else 'epoch'} (restored)")]
+        extra = [
+            Line2D(
+                [],
+                [],
+                ls="none",
+                marker="*",
+                ms=11,
+                color="0.6",
+                mec="black",
+                mew=0.6,
+                label=f"best {'step' if by_step else 'epoch'} (restored)",
+            )
+        ]
         if has_published:
             extra.append(Line2D([], [], ls="--", color="0.3", lw=1.0, label="published test LL"))
         if ax_loss is not None:
@@ -206,15 +226,23 @@ def plot_curves(
             if fallback:
                 note = "\ndotted: older records' running training loss"
                 note += " (relgrad's: without log|det W|, not its NLL)" if relgrad_fallback else ""
-            ax_loss.set(title=f"{ds.upper()}: training NLL{space}, fixed subsample{note}", xlabel=unit,
-                        ylabel=LOSS_LABEL)
+            ax_loss.set(
+                title=f"{ds.upper()}: training NLL{space}, fixed subsample{note}", xlabel=unit, ylabel=LOSS_LABEL
+            )
             if (lim := _limits(loss_values, [], upper_tail=True)) is not None:
                 ax_loss.set_ylim(*lim)
         for ax in axes[row]:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3, lw=0.5)
-        axes[row, -1].legend(handles=handles + extra, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8,
-                             frameon=False, title="mean over seeds, band: min–max", title_fontsize=8)
+        axes[row, -1].legend(
+            handles=handles + extra,
+            loc="upper left",
+            bbox_to_anchor=(1.02, 1.0),
+            fontsize=8,
+            frameon=False,
+            title="mean over seeds, band: min–max",
+            title_fontsize=8,
+        )
     return fig
 
 

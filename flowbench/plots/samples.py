@@ -71,7 +71,7 @@ def load_dataset_for(rec: Any, data_root: str | Path | None = None) -> Dataset:
         from flowbench.sanity.toy2d import make_toy
 
         # flowbench sanity toy2d draws the data with the run's seed (run_toy2d: make_toy(name, seed)).
-        return make_toy(name[len(TOY_PREFIX):], R.seed(rec))
+        return make_toy(name[len(TOY_PREFIX) :], R.seed(rec))
     from flowbench.data import load_dataset
 
     return load_dataset(R.dataset_key(rec), data_root if data_root is not None else R.data_root(rec))
@@ -114,8 +114,11 @@ def _warn_if_changed(rec: Any) -> None:
     except OSError:
         return  # a missing file is reported when the model is rebuilt
     if now != origin["sha256"]:
-        warnings.warn(f"{origin['detail']} changed since this run was trained; the model rebuilt from it may not be "
-                      "the one recorded (its state may not load)", stacklevel=3)
+        warnings.warn(
+            f"{origin['detail']} changed since this run was trained; the model rebuilt from it may not be "
+            "the one recorded (its state may not load)",
+            stacklevel=3,
+        )
 
 
 def check_checkpoint(rec: Any) -> None:
@@ -127,8 +130,10 @@ def check_checkpoint(rec: Any) -> None:
     again = "train the run again (flowbench run ... --force), or sample another seed with --seed"
     state = R.field(rec, "model_state")
     if state:  # what the run kept of its model, and what a reader would look for beside the record
-        raise ConfigError(f"the trained model's file {path.parent / state} is missing (the record names it as its "
-                          f"model_state); cannot rebuild the trained model: {again}")
+        raise ConfigError(
+            f"the trained model's file {path.parent / state} is missing (the record names it as its "
+            f"model_state); cannot rebuild the trained model: {again}"
+        )
     raise ConfigError(f"no checkpoint at {path} for this record; cannot rebuild the trained model: {again}")
 
 
@@ -154,7 +159,7 @@ def tile(images: np.ndarray, cols: int, pad: float = 1.0) -> np.ndarray:
     out = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, *images.shape[3:]), pad, dtype=np.float64)
     for k in range(n):
         i, j = divmod(k, cols)
-        out[1 + i * (h + 1): 1 + i * (h + 1) + h, 1 + j * (w + 1): 1 + j * (w + 1) + w] = images[k]
+        out[1 + i * (h + 1) : 1 + i * (h + 1) + h, 1 + j * (w + 1) : 1 + j * (w + 1) + w] = images[k]
     return out
 
 
@@ -174,8 +179,9 @@ def image_layout(name: str, dim: int, image_shape: Sequence[int] | None) -> tupl
     if len(shape) == 3 and shape[0] == 1:  # one channel: a grey image
         shape = shape[1:]
     if not (len(shape) == 2 or (len(shape) == 3 and shape[0] == 3)) or math.prod(shape) != dim:
-        raise ConfigError(f"{name}: image shape {shape} cannot be drawn: give (H, W) or channel-major (3, H, W) "
-                          f"with {dim} values")
+        raise ConfigError(
+            f"{name}: image shape {shape} cannot be drawn: give (H, W) or channel-major (3, H, W) with {dim} values"
+        )
     return shape
 
 
@@ -236,8 +242,9 @@ def pairwise_figure(samples: np.ndarray, test: np.ndarray, dims: Sequence[int], 
             if i == j:
                 bins = np.linspace(*lims[i], 40)
                 ax.hist(test[:, di], bins=bins, density=True, color=DATA_COLOR, alpha=0.45, label="test data")
-                ax.hist(finite[:, di], bins=bins, density=True, histtype="step", color=SAMPLE_COLOR, lw=1.4,
-                        label="samples")
+                ax.hist(
+                    finite[:, di], bins=bins, density=True, histtype="step", color=SAMPLE_COLOR, lw=1.4, label="samples"
+                )
                 ax.set_yticks([])
             else:
                 ax.scatter(test[:, dj], test[:, di], s=3, color=DATA_COLOR, alpha=0.35, lw=0, label="test data")
@@ -268,8 +275,14 @@ def _toy2d_density(rec: Any, flow: Any, data: Dataset, path: Path, grid: int = 2
 
     gx, gy, logp = _density_grid(flow, data, grid)
     gaussian_ll = _gaussian_test_ll(data)
-    result = {"display_name": R.label(rec), "model": R.model(rec), "test_ll": R.test_ll(rec), "epochs": R.epochs(rec),
-              "gaussian_test_ll": gaussian_ll, "nonfinite_grid_points": int((~np.isfinite(logp)).sum())}
+    result = {
+        "display_name": R.label(rec),
+        "model": R.model(rec),
+        "test_ll": R.test_ll(rec),
+        "epochs": R.epochs(rec),
+        "gaussian_test_ll": gaussian_ll,
+        "nonfinite_grid_points": int((~np.isfinite(logp)).sum()),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     _figure(data, gx, gy, logp, result, path)
     return path
@@ -278,8 +291,7 @@ def _toy2d_density(rec: Any, flow: Any, data: Dataset, path: Path, grid: int = 2
 def _title(rec: Any) -> str:
     where = f"best epoch {R.best_epoch(rec)}" if R.best_epoch(rec) is not None else "closed form"
     tag = f" [{R.tag(rec)}]" if R.tag(rec) else ""
-    return (f"{R.label(rec)}{tag} on {R.dataset(rec)}, seed {R.seed(rec)} ({where}): "
-            f"test LL {R.test_ll(rec):.2f} nats")
+    return f"{R.label(rec)}{tag} on {R.dataset(rec)}, seed {R.seed(rec)} ({where}): test LL {R.test_ll(rec):.2f} nats"
 
 
 def plot_samples(
@@ -307,11 +319,15 @@ def plot_samples(
     n = n or (64 if data.image else 1000)
     if data.image:  # checked before the model is rebuilt and sampled
         if dims is not None:
-            raise ConfigError(f"--dims applies to tabular data (pairwise marginals of chosen dimensions); {data.name} "
-                              "is an image dataset, drawn as whole images: leave --dims out")
+            raise ConfigError(
+                f"--dims applies to tabular data (pairwise marginals of chosen dimensions); {data.name} "
+                "is an image dataset, drawn as whole images: leave --dims out"
+            )
         if n > MAX_IMAGES:
-            raise ConfigError(f"-n {n}: a grid of more than {MAX_IMAGES} images is unreadable at the figure's size "
-                              f"(each image shrinks below one screen pixel per pixel); give -n {MAX_IMAGES} or fewer")
+            raise ConfigError(
+                f"-n {n}: a grid of more than {MAX_IMAGES} images is unreadable at the figure's size "
+                f"(each image shrinks below one screen pixel per pixel); give -n {MAX_IMAGES} or fewer"
+            )
         shape = image_layout(data.name, data.dim, data.image_shape)
     else:
         dims = list(range(min(4, data.dim))) if dims is None else [int(d) for d in dims]
@@ -321,8 +337,9 @@ def plot_samples(
     samples = draw(load_flow(rec, data), n, seed)
     if data.image:
         test = np.asarray(data.test[:n], dtype=np.float64)
-        return image_grid_figure(logit_to_pixels(samples, data.logit_alpha), logit_to_pixels(test, data.logit_alpha),
-                                 shape, _title(rec))
+        return image_grid_figure(
+            logit_to_pixels(samples, data.logit_alpha), logit_to_pixels(test, data.logit_alpha), shape, _title(rec)
+        )
     rng = np.random.default_rng(seed)
     test = np.asarray(data.test, dtype=np.float64)
     test = test[rng.choice(len(test), size=min(len(test), n), replace=False)]
@@ -335,9 +352,11 @@ def save_samples(rec: Any, path: str | Path, data: Dataset | None = None, **kwar
     if R.dataset(rec).startswith(TOY_PREFIX):
         given = [flag for flag, key in (("-n", "n"), ("--dims", "dims")) if kwargs.get(key) is not None]
         if given:  # the toy figure is the learned density over the plane: no samples to count or pair
-            raise ConfigError(f"{' and '.join(given)} do{'es' if len(given) == 1 else ''} not apply to a 2-D toy "
-                              f"record ({R.dataset(rec)}): its figure is the learned density; leave "
-                              f"{'it' if len(given) == 1 else 'them'} out")
+            raise ConfigError(
+                f"{' and '.join(given)} do{'es' if len(given) == 1 else ''} not apply to a 2-D toy "
+                f"record ({R.dataset(rec)}): its figure is the learned density; leave "
+                f"{'it' if len(given) == 1 else 'them'} out"
+            )
         check_checkpoint(rec)
         data = data if data is not None else load_dataset_for(rec, kwargs.get("data_root"))
         return _toy2d_density(rec, load_flow(rec, data), data, path)

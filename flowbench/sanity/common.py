@@ -42,8 +42,14 @@ class Progress:
 
     def range(self, n: int, desc: str) -> Any:
         """``range(n)`` under a bar; the bar is a no-op object when disabled or stderr is not a terminal."""
-        return tqdm(range(n), desc=desc, leave=False, file=self.file, mininterval=self.mininterval,
-                    disable=None if self.enabled else True)  # None: no bar when not a terminal (logs)
+        return tqdm(
+            range(n),
+            desc=desc,
+            leave=False,
+            file=self.file,
+            mininterval=self.mininterval,
+            disable=None if self.enabled else True,
+        )  # None: no bar when not a terminal (logs)
 
     def log(self, line: str) -> None:
         """A line that survives the bar (tqdm.write keeps it above a running bar)."""

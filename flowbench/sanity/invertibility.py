@@ -39,8 +39,9 @@ def target(x: Tensor) -> Tensor:
     return x + 0.4 * torch.sin(2 * x)
 
 
-def _metrics(fn: Callable[[Tensor], Tensor], inv: Callable[[Tensor], Tensor], grid: Tensor,
-             wide: Tensor) -> tuple[dict[str, Any], tuple[Tensor, Tensor]]:
+def _metrics(
+    fn: Callable[[Tensor], Tensor], inv: Callable[[Tensor], Tensor], grid: Tensor, wide: Tensor
+) -> tuple[dict[str, Any], tuple[Tensor, Tensor]]:
     """The table's numbers, plus (f(wide), inverse(f(wide))) for the figure."""
     with torch.no_grad():
         fit = (fn(grid) - target(grid)).abs()
@@ -49,9 +50,17 @@ def _metrics(fn: Callable[[Tensor], Tensor], inv: Callable[[Tensor], Tensor], gr
         back_wide = inv(f_wide)
         rt_wide = (back_wide - wide).abs()
     d = torch.diff(f_wide.flatten())
-    return ({"fit_mae": float(fit.mean()), "fit_max": float(fit.max()), "roundtrip_mae": float(rt.mean()),
-             "roundtrip_max": float(rt.max()), "roundtrip_wide_max": float(rt_wide.max()),
-             "monotone_on_wide_grid": bool((d > 0).all() or (d < 0).all())}, (f_wide, back_wide))
+    return (
+        {
+            "fit_mae": float(fit.mean()),
+            "fit_max": float(fit.max()),
+            "roundtrip_mae": float(rt.mean()),
+            "roundtrip_max": float(rt.max()),
+            "roundtrip_wide_max": float(rt_wide.max()),
+            "monotone_on_wide_grid": bool((d > 0).all() or (d < 0).all()),
+        },
+        (f_wide, back_wide),
+    )
 
 
 def _fit_jacnet(x: Tensor, y: Tensor, seed: int, iters: int, progress: Progress) -> Fit:
@@ -62,17 +71,24 @@ def _fit_jacnet(x: Tensor, y: Tensor, seed: int, iters: int, progress: Progress)
     t0 = time.perf_counter()
     hist = train_jacnet(jac, x, y, iters=iters, lr=0.01, progress=progress, desc="JacNet (invertible)")
     tol = 1e-6  # evaluation tolerance of both ODEs (the inverse's cost grows fast as it tightens)
-    row = {"guaranteed": "yes: J = a² + ε ≥ 0.01 everywhere", "train_time_s": time.perf_counter() - t0,
-           "final_train_loss": hist["loss"][-1]}
+    row = {
+        "guaranteed": "yes: J = a² + ε ≥ 0.01 everywhere",
+        "train_time_s": time.perf_counter() - t0,
+        "final_train_loss": hist["loss"][-1],
+    }
     return (lambda v: jac(v, tol, tol)), (lambda v: jac.inverse(v, tol, tol)), row
 
 
 def _fit_pair(x: Tensor, y: Tensor, seed: int, steps: int, progress: Progress) -> Fit:
     t0 = time.perf_counter()
-    f, g, m = train_pair(x.float(), y.float(), lam=1.0, steps=steps, seed=seed, progress=progress,
-                         desc="pseudo-invertible pair")
-    row = {"guaranteed": "no: a penalty at the training points only", "train_time_s": time.perf_counter() - t0,
-           "final_train_loss": m["final_loss"]}
+    f, g, m = train_pair(
+        x.float(), y.float(), lam=1.0, steps=steps, seed=seed, progress=progress, desc="pseudo-invertible pair"
+    )
+    row = {
+        "guaranteed": "no: a penalty at the training points only",
+        "train_time_s": time.perf_counter() - t0,
+        "final_train_loss": m["final_loss"],
+    }
     return (lambda v: f(v.float()).double()), (lambda v: g(v.float()).double()), row
 
 
@@ -94,14 +110,24 @@ def _fit_relgrad(x: Tensor, y: Tensor, seed: int, steps: int, layers: int, progr
     bar.close()
     flow.eval()
     min_w = min(float(w.detach().abs().min()) for w in flow.transform.weights)
-    row = {"guaranteed": f"yes while every W_k ≠ 0 (min |W_k| = {min_w:.3g})", "min_abs_weight": min_w,
-           "train_time_s": time.perf_counter() - t0, "final_train_loss": float(loss.detach())}
+    row = {
+        "guaranteed": f"yes while every W_k ≠ 0 (min |W_k| = {min_w:.3g})",
+        "min_abs_weight": min_w,
+        "train_time_s": time.perf_counter() - t0,
+        "final_train_loss": float(loss.detach()),
+    }
     return (lambda v: flow.transform(v)[0]), (lambda v: flow.transform.inverse(v)[0]), row
 
 
-def run_invertibility(out: str | Path | None = None, seed: int | None = None, jacnet_iters: int | None = None,
-                      steps: int | None = None, relgrad_layers: int = 4, quick: bool = False,
-                      progress: Progress = QUIET) -> dict[str, Any]:
+def run_invertibility(
+    out: str | Path | None = None,
+    seed: int | None = None,
+    jacnet_iters: int | None = None,
+    steps: int | None = None,
+    relgrad_layers: int = 4,
+    quick: bool = False,
+    progress: Progress = QUIET,
+) -> dict[str, Any]:
     """Fit the three models; write invertibility.json, invertibility.md and invertibility.png under ``out``.
 
     Defaults: seed 0, 200 JacNet iterations and 2000 Adam steps for the pair and the flow (``quick``: 3
@@ -111,38 +137,69 @@ def run_invertibility(out: str | Path | None = None, seed: int | None = None, ja
     jacnet_iters, steps = pick(jacnet_iters, 200, 3, quick), pick(steps, 2000, 5, quick)
     check_seed(seed)
     if min(jacnet_iters, steps, relgrad_layers) < 1:
-        raise ConfigError(f"--iters, --steps and the relgrad depth must be ≥ 1; got {jacnet_iters}, {steps}, "
-                          f"{relgrad_layers}")
+        raise ConfigError(
+            f"--iters, --steps and the relgrad depth must be ≥ 1; got {jacnet_iters}, {steps}, {relgrad_layers}"
+        )
     out = output_dir(out) if out is not None else None
     gen = torch.Generator().manual_seed(seed)
     x = -2 + 4 * torch.rand(64, 1, generator=gen, dtype=torch.float64)
     y = target(x)
     grid = torch.linspace(-2, 2, 201, dtype=torch.float64).unsqueeze(1)
     wide = torch.linspace(-4, 4, 401, dtype=torch.float64).unsqueeze(1)
-    fits = {"JacNet (invertible)": lambda: _fit_jacnet(x, y, seed, jacnet_iters, progress),
-            "pseudo-invertible pair (λ=μ=1)": lambda: _fit_pair(x, y, seed, steps, progress),
-            f"relgrad flow (1-D, {relgrad_layers} layers)":
-                lambda: _fit_relgrad(x, y, seed, steps, relgrad_layers, progress)}
+    fits = {
+        "JacNet (invertible)": lambda: _fit_jacnet(x, y, seed, jacnet_iters, progress),
+        "pseudo-invertible pair (λ=μ=1)": lambda: _fit_pair(x, y, seed, steps, progress),
+        f"relgrad flow (1-D, {relgrad_layers} layers)": lambda: _fit_relgrad(
+            x, y, seed, steps, relgrad_layers, progress
+        ),
+    }
     rows: dict[str, dict[str, Any]] = {}
     curves = {}
     for name, fit in fits.items():
         fn, inv, rows[name] = fit()
         m, curves[name] = _metrics(fn, inv, grid, wide)
         rows[name].update(m)
-        progress.log(f"{name}: trained in {rows[name]['train_time_s']:.1f} s, fit MAE {m['fit_mae']:.3g}, "
-                     f"round trip max on [−4, 4] {m['roundtrip_wide_max']:.3g}")
+        progress.log(
+            f"{name}: trained in {rows[name]['train_time_s']:.1f} s, fit MAE {m['fit_mae']:.3g}, "
+            f"round trip max on [−4, 4] {m['roundtrip_wide_max']:.3g}"
+        )
     table = markdown_table(
-        ["model", "fit MAE [−2,2]", "round-trip MAE [−2,2]", "round-trip max [−4,4]", "monotone on [−4,4]",
-         "invertibility guaranteed"],
-        [[n, r["fit_mae"], r["roundtrip_mae"], r["roundtrip_wide_max"], "yes" if r["monotone_on_wide_grid"] else "no",
-          r["guaranteed"]] for n, r in rows.items()])
-    result = {"target": "x + 0.4 sin(2x)", "seed": seed, "n_train": 64, "jacnet_iters": jacnet_iters,
-              "steps": steps, "models": rows, "table": table}
+        [
+            "model",
+            "fit MAE [−2,2]",
+            "round-trip MAE [−2,2]",
+            "round-trip max [−4,4]",
+            "monotone on [−4,4]",
+            "invertibility guaranteed",
+        ],
+        [
+            [
+                n,
+                r["fit_mae"],
+                r["roundtrip_mae"],
+                r["roundtrip_wide_max"],
+                "yes" if r["monotone_on_wide_grid"] else "no",
+                r["guaranteed"],
+            ]
+            for n, r in rows.items()
+        ],
+    )
+    result = {
+        "target": "x + 0.4 sin(2x)",
+        "seed": seed,
+        "n_train": 64,
+        "jacnet_iters": jacnet_iters,
+        "steps": steps,
+        "models": rows,
+        "table": table,
+    }
     if out is not None:
         atomic_write_json(out / "invertibility.json", result)
         with atomic_write(out / "invertibility.md", "w") as fh:
-            fh.write("Target y = x + 0.4·sin(2x); 64 training points in [−2, 2]; fit on [−2, 2], round trip "
-                     "x → inverse(f(x)) also off the data on [−4, 4].\n\n" + table)
+            fh.write(
+                "Target y = x + 0.4·sin(2x); 64 training points in [−2, 2]; fit on [−2, 2], round trip "
+                "x → inverse(f(x)) also off the data on [−4, 4].\n\n" + table
+            )
         _figure(curves, x, y, wide, out / "invertibility.png")
     return result
 

@@ -51,8 +51,17 @@ class JacNet(nn.Module):
         x0, y0: the initial condition (x₀, y₀ = y(x₀)); zeros by default.
     """
 
-    def __init__(self, d_x: int = 1, d_y: int = 1, hidden: int = 64, activation: str = "unconstrained",
-                 k: float = 1.0, eps: float = 1e-4, x0: Tensor | None = None, y0: Tensor | None = None):
+    def __init__(
+        self,
+        d_x: int = 1,
+        d_y: int = 1,
+        hidden: int = 64,
+        activation: str = "unconstrained",
+        k: float = 1.0,
+        eps: float = 1e-4,
+        x0: Tensor | None = None,
+        y0: Tensor | None = None,
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ConfigError(f"unknown JacNet activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
@@ -130,7 +139,8 @@ class JacNet(nn.Module):
         if self.activation != "invertible":
             raise InverseNotAvailable(
                 f"a JacNet with the {self.activation!r} output activation is not guaranteed invertible; "
-                "use activation='invertible'")
+                "use activation='invertible'"
+            )
         if y.dim() != 2 or y.shape[1] != self.d_y:
             raise ConfigError(f"y must have shape (batch, {self.d_y}); got {tuple(y.shape)}")
         dy = y - self.y0
@@ -140,8 +150,9 @@ class JacNet(nn.Module):
             return torch.linalg.solve(self.jacobian(x), dy.unsqueeze(-1)).squeeze(-1)
 
         t = torch.tensor([0.0, 1.0], dtype=y.dtype, device=y.device)
-        return odeint(rhs, self.x0.expand(y.shape[0], self.d_x), t, rtol=rtol, atol=atol, method="dopri5",
-                      options=SOLVER_OPTIONS)[-1]
+        return odeint(
+            rhs, self.x0.expand(y.shape[0], self.d_x), t, rtol=rtol, atol=atol, method="dopri5", options=SOLVER_OPTIONS
+        )[-1]
 
 
 @dataclass
@@ -163,9 +174,17 @@ class ToleranceSchedule:
         return self.tol
 
 
-def train_jacnet(model: JacNet, x: Tensor, y: Tensor, iters: int = 50, lr: float = 0.01,
-                 tol: float = 0.1, anneal: bool = True, progress: Progress = QUIET,
-                 desc: str = "JacNet") -> dict[str, list[float]]:
+def train_jacnet(
+    model: JacNet,
+    x: Tensor,
+    y: Tensor,
+    iters: int = 50,
+    lr: float = 0.01,
+    tol: float = 0.1,
+    anneal: bool = True,
+    progress: Progress = QUIET,
+    desc: str = "JacNet",
+) -> dict[str, list[float]]:
     """Full-batch Adam on the mean error ‖ŷ − y‖ (paper §5); returns the per-iteration history.
 
     With ``anneal`` the solver tolerance follows :class:`ToleranceSchedule` from ``tol``; otherwise it stays.
@@ -227,8 +246,15 @@ class FixedJacNet(JacNet):
     Used to check the integrator against closed forms (J = cos ⇒ ŷ = sin) and path (in)dependence.
     """
 
-    def __init__(self, jac_fn: Callable[[Tensor], Tensor], d_x: int = 1, d_y: int = 1,
-                 activation: str = "unconstrained", x0: Tensor | None = None, y0: Tensor | None = None):
+    def __init__(
+        self,
+        jac_fn: Callable[[Tensor], Tensor],
+        d_x: int = 1,
+        d_y: int = 1,
+        activation: str = "unconstrained",
+        x0: Tensor | None = None,
+        y0: Tensor | None = None,
+    ):
         super().__init__(d_x, d_y, hidden=1, activation=activation, x0=x0, y0=y0)
         self.jac_fn = jac_fn
 

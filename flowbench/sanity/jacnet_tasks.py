@@ -56,16 +56,22 @@ def make_data(seed: int, n_train: int = 5, n_test: int = 100, d: int = 1) -> tup
     return x_train, x_test
 
 
-def _evaluate(model: JacNet, target: Callable[[Tensor], Tensor], x_train: Tensor, x_test: Tensor,
-              cert_points: int) -> dict[str, Any]:
+def _evaluate(
+    model: JacNet, target: Callable[[Tensor], Tensor], x_train: Tensor, x_test: Tensor, cert_points: int
+) -> dict[str, Any]:
     with torch.no_grad():
         train_err = (model(x_train, EVAL_TOL, EVAL_TOL) - target(x_train)).abs()
         test_err = (model(x_test, EVAL_TOL, EVAL_TOL) - target(x_test)).abs()
     dmin, dmax = derivative_range(model)
-    return {"train_error": float(train_err.mean()), "test_error": float(test_err.mean()),
-            "test_max_error": float(test_err.max()), "min_derivative": dmin, "max_abs_derivative": dmax,
-            "certified_max_abs_derivative": lipschitz_certificate(model, points=cert_points),
-            "monotone_on_grid": bool(dmin > 0)}
+    return {
+        "train_error": float(train_err.mean()),
+        "test_error": float(test_err.mean()),
+        "test_max_error": float(test_err.max()),
+        "min_derivative": dmin,
+        "max_abs_derivative": dmax,
+        "certified_max_abs_derivative": lipschitz_certificate(model, points=cert_points),
+        "monotone_on_grid": bool(dmin > 0),
+    }
 
 
 def _inverse_metrics(model: JacNet, spec: dict[str, Any], x_test: Tensor, pred: Tensor) -> tuple[dict, tuple]:
@@ -73,45 +79,77 @@ def _inverse_metrics(model: JacNet, spec: dict[str, Any], x_test: Tensor, pred: 
     curve over the range of ŷ (for the figure)."""
     y_test = model(x_test, EVAL_TOL, EVAL_TOL)
     back = model.inverse(y_test, EVAL_TOL, EVAL_TOL)
-    m = {"inverse_roundtrip_error": float((back - x_test).abs().mean()),
-         "inverse_roundtrip_max_error": float((back - x_test).abs().max())}
+    m = {
+        "inverse_roundtrip_error": float((back - x_test).abs().mean()),
+        "inverse_roundtrip_max_error": float((back - x_test).abs().max()),
+    }
     y_inv = torch.linspace(float(pred.min()), float(pred.max()), 101, dtype=torch.float64)[:, None]
     if spec["inverse"] is not None:  # learned inverse vs the true inverse on the test outputs
         true_y = spec["target"](x_test)
         m["inverse_error_vs_true_inverse"] = float(
-            (model.inverse(true_y, EVAL_TOL, EVAL_TOL) - spec["inverse"](true_y)).abs().mean())
+            (model.inverse(true_y, EVAL_TOL, EVAL_TOL) - spec["inverse"](true_y)).abs().mean()
+        )
     return m, (y_inv, model.inverse(y_inv, EVAL_TOL, EVAL_TOL))
 
 
-def _train_and_evaluate(name: str, activation: str, spec: dict[str, Any], data: tuple[Tensor, Tensor],
-                        grid: Tensor, opts: dict[str, Any], progress: Progress) -> tuple[dict, dict]:
+def _train_and_evaluate(
+    name: str,
+    activation: str,
+    spec: dict[str, Any],
+    data: tuple[Tensor, Tensor],
+    grid: Tensor,
+    opts: dict[str, Any],
+    progress: Progress,
+) -> tuple[dict, dict]:
     """Train one JacNet on the task and measure it: (metrics, curves for the figure)."""
     x_train, x_test = data
     target = spec["target"]
     torch.manual_seed(opts["seed"])  # same initial raw network for both: only the output activation differs
-    model = JacNet(1, 1, activation=activation, eps=opts["eps"], k=opts["k"],
-                   y0=target(torch.zeros(1, dtype=torch.float64))).double()
+    model = JacNet(
+        1, 1, activation=activation, eps=opts["eps"], k=opts["k"], y0=target(torch.zeros(1, dtype=torch.float64))
+    ).double()
     with torch.no_grad():
         initial = model(grid, 1e-6, 1e-6)
         initial_jac = model.jacobian(grid).flatten()
     init_min, init_max = derivative_range(model)
     start = time.perf_counter()
-    hist = train_jacnet(model, x_train, target(x_train), iters=opts["iters"], lr=opts["lr"], progress=progress,
-                        desc=f"{opts['task']} {name}")
-    m = {"activation": activation, "train_time_s": time.perf_counter() - start,
-         "final_train_loss": hist["loss"][-1], "loss_history": hist["loss"],
-         "tolerance_schedule": hist["tolerance"], "final_tolerance": hist["final_tolerance"],
-         "nfe_per_iteration": hist["nfe"], "mean_nfe_per_iteration": sum(hist["nfe"]) / max(1, opts["iters"]),
-         "init_min_derivative": init_min, "init_max_abs_derivative": init_max}
-    progress.log(f"{opts['task']} {name}: {opts['iters']} iterations in {m['train_time_s']:.1f} s, final loss "
-                 f"{m['final_train_loss']:.4g}; evaluating")
+    hist = train_jacnet(
+        model,
+        x_train,
+        target(x_train),
+        iters=opts["iters"],
+        lr=opts["lr"],
+        progress=progress,
+        desc=f"{opts['task']} {name}",
+    )
+    m = {
+        "activation": activation,
+        "train_time_s": time.perf_counter() - start,
+        "final_train_loss": hist["loss"][-1],
+        "loss_history": hist["loss"],
+        "tolerance_schedule": hist["tolerance"],
+        "final_tolerance": hist["final_tolerance"],
+        "nfe_per_iteration": hist["nfe"],
+        "mean_nfe_per_iteration": sum(hist["nfe"]) / max(1, opts["iters"]),
+        "init_min_derivative": init_min,
+        "init_max_abs_derivative": init_max,
+    }
+    progress.log(
+        f"{opts['task']} {name}: {opts['iters']} iterations in {m['train_time_s']:.1f} s, final loss "
+        f"{m['final_train_loss']:.4g}; evaluating"
+    )
     m.update(_evaluate(model, target, x_train, x_test, opts["cert_points"]))
     if activation == "lipschitz":
         m["lipschitz_certified"] = m["certified_max_abs_derivative"] <= opts["k"]
     with torch.no_grad():
         pred = model(grid, EVAL_TOL, EVAL_TOL)
-        c = {"initial": initial, "pred": pred, "jac": model.jacobian(grid).flatten(), "initial_jac": initial_jac,
-             "hist": hist}
+        c = {
+            "initial": initial,
+            "pred": pred,
+            "jac": model.jacobian(grid).flatten(),
+            "initial_jac": initial_jac,
+            "hist": hist,
+        }
         if activation == "invertible":
             inv, c["inverse"] = _inverse_metrics(model, spec, x_test, pred)
             m.update(inv)
@@ -120,9 +158,17 @@ def _train_and_evaluate(name: str, activation: str, spec: dict[str, Any], data: 
     return m, c
 
 
-def run_jacnet(task: str, out: str | Path | None = None, iters: int = 50, seed: int = 3,
-               eps: float = 1e-4, k: float = 1.0, lr: float = 0.01, cert_points: int = 2001,
-               progress: Progress = QUIET) -> dict[str, Any]:
+def run_jacnet(
+    task: str,
+    out: str | Path | None = None,
+    iters: int = 50,
+    seed: int = 3,
+    eps: float = 1e-4,
+    k: float = 1.0,
+    lr: float = 0.01,
+    cert_points: int = 2001,
+    progress: Progress = QUIET,
+) -> dict[str, Any]:
     """Train the structured JacNet and its unconstrained baseline on ``task``; write JSON + PNG to ``out``.
 
     ``cert_points``: grid size on [−2, 2] for the |dŷ/dx| certificate via :mod:`flowbench.jacobian`.
@@ -137,12 +183,22 @@ def run_jacnet(task: str, out: str | Path | None = None, iters: int = 50, seed: 
     x_train, x_test = make_data(seed)
     grid = torch.linspace(-2, 2, 201, dtype=torch.float64).unsqueeze(1)
     opts = {"task": task, "seed": seed, "iters": iters, "lr": lr, "eps": eps, "k": k, "cert_points": cert_points}
-    metrics: dict[str, Any] = {"task": task, "seed": seed, "iters": iters, "lr": lr, "eps": eps, "k": k,
-                               "x_train": x_train.flatten().tolist(), "eval_tolerance": EVAL_TOL, "models": {}}
+    metrics: dict[str, Any] = {
+        "task": task,
+        "seed": seed,
+        "iters": iters,
+        "lr": lr,
+        "eps": eps,
+        "k": k,
+        "x_train": x_train.flatten().tolist(),
+        "eval_tolerance": EVAL_TOL,
+        "models": {},
+    }
     curves: dict[str, Any] = {}
     for name, activation in (("jacnet", spec["activation"]), ("unconstrained", "unconstrained")):
-        metrics["models"][name], curves[name] = _train_and_evaluate(name, activation, spec, (x_train, x_test), grid,
-                                                                    opts, progress)
+        metrics["models"][name], curves[name] = _train_and_evaluate(
+            name, activation, spec, (x_train, x_test), grid, opts, progress
+        )
     if out is not None:
         atomic_write_json(out / f"jacnet_{task}.json", metrics)
         _figure(task, spec, metrics, curves, grid, x_train, k, out / f"jacnet_{task}.png")
@@ -157,16 +213,28 @@ def summary_lines(task: str, metrics: dict[str, Any], k: float) -> list[str]:
         if r.get("inverse_roundtrip_max_error") is not None:
             extra = f", inverse round trip max {r['inverse_roundtrip_max_error']:.2g}"
         if "lipschitz_certified" in r:
-            extra = (f", max |dŷ/dx| {r['certified_max_abs_derivative']:.4f} (certified ≤ {k:g}: "
-                     f"{'yes' if r['lipschitz_certified'] else 'NO'})")
-        lines.append(f"{task} {name:13s}: final train loss {r['final_train_loss']:.4f}, test error "
-                     f"{r['test_error']:.4f}, min dŷ/dx {r['min_derivative']:.3g}{extra}")
+            extra = (
+                f", max |dŷ/dx| {r['certified_max_abs_derivative']:.4f} (certified ≤ {k:g}: "
+                f"{'yes' if r['lipschitz_certified'] else 'NO'})"
+            )
+        lines.append(
+            f"{task} {name:13s}: final train loss {r['final_train_loss']:.4f}, test error "
+            f"{r['test_error']:.4f}, min dŷ/dx {r['min_derivative']:.3g}{extra}"
+        )
     return lines
 
 
-def run_jacnet_tasks(out: str | Path, task: str = "all", iters: int | None = None, seed: int | None = None,
-                     eps: float = 1e-4, k: float = 1.0, quick: bool = False, progress: Progress = QUIET,
-                     log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+def run_jacnet_tasks(
+    out: str | Path,
+    task: str = "all",
+    iters: int | None = None,
+    seed: int | None = None,
+    eps: float = 1e-4,
+    k: float = 1.0,
+    quick: bool = False,
+    progress: Progress = QUIET,
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[str, Any]]:
     """``flowbench sanity jacnet``: ``exp``, ``abs``, ``path`` or ``all`` of them, each reported through
     ``log`` as it ends. Defaults: 50 iterations (``quick``: 3, and a 201-point certificate grid), seed 3
     (its five training draws cover both signs of x, see the README)."""
@@ -186,27 +254,48 @@ def run_jacnet_tasks(out: str | Path, task: str = "all", iters: int | None = Non
     for t in tasks:
         if t == "path":
             m = results[t] = run_path(out, iters=iters, seed=seed, progress=progress)
-            log(f"path (d_x=2): straight-vs-bent gap mean {m['path_gap_trained']['mean']:.3g} "
+            log(
+                f"path (d_x=2): straight-vs-bent gap mean {m['path_gap_trained']['mean']:.3g} "
                 f"(conservative closed form {m['path_gap_conservative_field']:.2g}, rotation field "
-                f"{m['path_gap_rotation_field']:.3g}) → {out / 'jacnet_path.json'}")
+                f"{m['path_gap_rotation_field']:.3g}) → {out / 'jacnet_path.json'}"
+            )
             continue
-        m = results[t] = run_jacnet(t, out, iters=iters, seed=seed, eps=eps, k=k,
-                                    cert_points=201 if quick else 2001, progress=progress)
+        m = results[t] = run_jacnet(
+            t, out, iters=iters, seed=seed, eps=eps, k=k, cert_points=201 if quick else 2001, progress=progress
+        )
         for line in summary_lines(t, m, k):
             log(line)
         log(f"  → {out / f'jacnet_{t}.json'}, {out / f'jacnet_{t}.png'}")
     return results
 
 
-def _figure(task: str, spec: dict[str, Any], metrics: dict[str, Any], curves: dict[str, Any], grid: Tensor,
-            x_train: Tensor, k: float, path: Path) -> None:
+def _figure(
+    task: str,
+    spec: dict[str, Any],
+    metrics: dict[str, Any],
+    curves: dict[str, Any],
+    grid: Tensor,
+    x_train: Tensor,
+    k: float,
+    path: Path,
+) -> None:
     """Paper Figures 1–3 in one row: functions (+ inverse), derivatives, training dynamics."""
     with figure(path, 1, 3, figsize=(17, 4.8)) as (_fig, (a, b, c)):
         _draw(a, b, c, task, spec, metrics, curves, grid, x_train, k)
 
 
-def _draw(a: Axes, b: Axes, c: Axes, task: str, spec: dict[str, Any], metrics: dict[str, Any],
-          curves: dict[str, Any], grid: Tensor, x_train: Tensor, k: float) -> None:
+def _draw(
+    a: Axes,
+    b: Axes,
+    c: Axes,
+    task: str,
+    spec: dict[str, Any],
+    metrics: dict[str, Any],
+    curves: dict[str, Any],
+    grid: Tensor,
+    x_train: Tensor,
+    k: float,
+) -> None:
     g = grid.flatten().numpy()
     target = spec["target"]
     jn, un = curves["jacnet"], curves["unconstrained"]
@@ -221,9 +310,13 @@ def _draw(a: Axes, b: Axes, c: Axes, task: str, spec: dict[str, Any], metrics: d
         pos = grid[grid > 0.05]
         a.plot(pos.numpy(), spec["inverse"](pos).numpy(), "C2:", lw=2, label="true inverse log(x)")
     a.plot(x_train.flatten().numpy(), target(x_train).flatten().numpy(), "ko", label="training points")
-    a.set(xlabel="x", ylabel="y", title=f"{spec['label']}: test error JacNet "
-          f"{metrics['models']['jacnet']['test_error']:.3g}, unconstrained "
-          f"{metrics['models']['unconstrained']['test_error']:.3g}")
+    a.set(
+        xlabel="x",
+        ylabel="y",
+        title=f"{spec['label']}: test error JacNet "
+        f"{metrics['models']['jacnet']['test_error']:.3g}, unconstrained "
+        f"{metrics['models']['unconstrained']['test_error']:.3g}",
+    )
     if task == "exp":
         a.set_ylim(-2.2, 8)  # keep the learned inverse (x up to e²) from squashing the interesting part
     a.legend(fontsize=8)
@@ -255,8 +348,9 @@ def _field(x: Tensor) -> Tensor:
     return (torch.sin(x[:, 0]) + 0.5 * x[:, 1] ** 2).unsqueeze(1)
 
 
-def run_path(out: str | Path | None = None, iters: int = 50, seed: int = 3, lr: float = 0.01,
-             progress: Progress = QUIET) -> dict[str, Any]:
+def run_path(
+    out: str | Path | None = None, iters: int = 50, seed: int = 3, lr: float = 0.01, progress: Progress = QUIET
+) -> dict[str, Any]:
     """d_x = 2, d_y = 1: the gap |ŷ_straight − ŷ_bent| for a learned J at init and after training, next to a
     closed-form conservative field (gap ≈ solver error) and a rotation field J = (−x₂, x₁) (gap ≫ 0)."""
     check_seed(seed)
@@ -272,13 +366,21 @@ def run_path(out: str | Path | None = None, iters: int = 50, seed: int = 3, lr: 
         test_err = float((model(x_test, EVAL_TOL, EVAL_TOL) - _field(x_test)).abs().mean())
     grad = FixedJacNet(lambda p: torch.stack([torch.cos(p[:, 0]), p[:, 1]], 1).unsqueeze(1), d_x=2).double()
     rot = FixedJacNet(lambda p: torch.stack([-p[:, 1], p[:, 0]], 1).unsqueeze(1), d_x=2).double()
-    metrics = {"task": "path", "d_x": 2, "d_y": 1, "seed": seed, "iters": iters,
-               "target": "sin(x1) + x2^2/2", "final_train_loss": hist["loss"][-1], "test_error": test_err,
-               "final_tolerance": hist["final_tolerance"],
-               "path_gap_init": {"mean": float(gap_init.mean()), "max": float(gap_init.max())},
-               "path_gap_trained": {"mean": float(gap.mean()), "max": float(gap.max())},
-               "path_gap_conservative_field": float(path_gap(grad, x_test).max()),
-               "path_gap_rotation_field": float(path_gap(rot, x_test).max())}
+    metrics = {
+        "task": "path",
+        "d_x": 2,
+        "d_y": 1,
+        "seed": seed,
+        "iters": iters,
+        "target": "sin(x1) + x2^2/2",
+        "final_train_loss": hist["loss"][-1],
+        "test_error": test_err,
+        "final_tolerance": hist["final_tolerance"],
+        "path_gap_init": {"mean": float(gap_init.mean()), "max": float(gap_init.max())},
+        "path_gap_trained": {"mean": float(gap.mean()), "max": float(gap.max())},
+        "path_gap_conservative_field": float(path_gap(grad, x_test).max()),
+        "path_gap_rotation_field": float(path_gap(rot, x_test).max()),
+    }
     if out is not None:
         atomic_write_json(out / "jacnet_path.json", metrics)
     return metrics

@@ -41,8 +41,9 @@ def mlp(activation: str = "relu", width: int = 30) -> nn.Sequential:
     return nn.Sequential(nn.Linear(1, width), act(), nn.Linear(width, width), act(), nn.Linear(width, 1))
 
 
-def spline_data(n: int = 1000, seed: int = 0, knots: int = 10, scale: float = 1.5,
-                noise: float = 0.3) -> tuple[Tensor, Tensor]:
+def spline_data(
+    n: int = 1000, seed: int = 0, knots: int = 10, scale: float = 1.5, noise: float = 0.3
+) -> tuple[Tensor, Tensor]:
     """x evenly spaced on [−10, 10], y = ψ(φ(x) + ε), ε ~ N(0, noise²); φ, ψ cubic splines through ``knots``
     equally spaced knots on [−10, 10] with N(0, scale²) values. Returns float32 columns (n, 1)."""
     from scipy.interpolate import CubicSpline
@@ -59,13 +60,26 @@ def spline_data(n: int = 1000, seed: int = 0, knots: int = 10, scale: float = 1.
 
 def pair_losses(f: nn.Module, g: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """The four mean squared terms: both fits and both round trips."""
-    return {"fit_f": (f(x) - y).pow(2).mean(), "fit_g": (g(y) - x).pow(2).mean(),
-            "roundtrip_y": (y - f(g(y))).pow(2).mean(), "roundtrip_x": (x - g(f(x))).pow(2).mean()}
+    return {
+        "fit_f": (f(x) - y).pow(2).mean(),
+        "fit_g": (g(y) - x).pow(2).mean(),
+        "roundtrip_y": (y - f(g(y))).pow(2).mean(),
+        "roundtrip_x": (x - g(f(x))).pow(2).mean(),
+    }
 
 
-def train_pair(x: Tensor, y: Tensor, lam: float, mu: float | None = None, activation: str = "relu",
-               steps: int = 500, lr: float = 1e-3, seed: int = 0, progress: Progress = QUIET,
-               desc: str = "pair") -> tuple[nn.Module, nn.Module, dict[str, Any]]:
+def train_pair(
+    x: Tensor,
+    y: Tensor,
+    lam: float,
+    mu: float | None = None,
+    activation: str = "relu",
+    steps: int = 500,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: Progress = QUIET,
+    desc: str = "pair",
+) -> tuple[nn.Module, nn.Module, dict[str, Any]]:
     """Full-batch Adam on the pair loss; ``lam = mu = 0`` is the unconstrained pair (two separate fits).
 
     ``progress`` shows the steps under a bar labelled ``desc``.
@@ -90,18 +104,37 @@ def train_pair(x: Tensor, y: Tensor, lam: float, mu: float | None = None, activa
     bar.close()
     with torch.no_grad():
         final = {k: float(v) for k, v in pair_losses(f, g, x, y).items()}
-    return f, g, {"lambda": lam, "mu": mu, "activation": activation, "steps": steps, "lr": lr,
-                  "final_loss": history[-1], "loss_history": history[:: max(1, steps // 100)],
-                  "train_time_s": time.perf_counter() - start, **final}
+    return (
+        f,
+        g,
+        {
+            "lambda": lam,
+            "mu": mu,
+            "activation": activation,
+            "steps": steps,
+            "lr": lr,
+            "final_loss": history[-1],
+            "loss_history": history[:: max(1, steps // 100)],
+            "train_time_s": time.perf_counter() - start,
+            **final,
+        },
+    )
 
 
 def _label(lam: float) -> str:
     return "unconstrained" if lam == 0 else f"λ = μ = {lam:g}"
 
 
-def run_pseudo_inverse(out: str | Path | None = None, sweep: bool = True, activations: tuple[str, ...] = ("relu", "silu"),
-                       steps: int | None = None, seed: int | None = None, n: int = 1000, quick: bool = False,
-                       progress: Progress = QUIET) -> dict[str, Any]:
+def run_pseudo_inverse(
+    out: str | Path | None = None,
+    sweep: bool = True,
+    activations: tuple[str, ...] = ("relu", "silu"),
+    steps: int | None = None,
+    seed: int | None = None,
+    n: int = 1000,
+    quick: bool = False,
+    progress: Progress = QUIET,
+) -> dict[str, Any]:
     """Train the pairs for every (activation, λ = μ) setting; write JSON, a Markdown table and one PNG per
     activation (rows = settings; columns = f's fit, g's fit with axes swapped, g∘f and f∘g vs the identity).
 
@@ -120,22 +153,45 @@ def run_pseudo_inverse(out: str | Path | None = None, sweep: bool = True, activa
     runs, pairs = [], {}
     for act in activations:
         for lam in settings:
-            f, g, m = train_pair(x, y, lam, activation=act, steps=steps, seed=seed, progress=progress,
-                                 desc=f"{act}, {_label(lam)}")
-            progress.log(f"{act}, {_label(lam)}: loss {m['final_loss']:.4g} (fit f {m['fit_f']:.3g}, round trip "
-                         f"g∘f {m['roundtrip_x']:.3g}) after {steps} steps, {m['train_time_s']:.1f} s")
+            f, g, m = train_pair(
+                x, y, lam, activation=act, steps=steps, seed=seed, progress=progress, desc=f"{act}, {_label(lam)}"
+            )
+            progress.log(
+                f"{act}, {_label(lam)}: loss {m['final_loss']:.4g} (fit f {m['fit_f']:.3g}, round trip "
+                f"g∘f {m['roundtrip_x']:.3g}) after {steps} steps, {m['train_time_s']:.1f} s"
+            )
             runs.append(m)
             pairs[(act, lam)] = (f, g)
-    rows = [[r["activation"], "unconstrained" if r["lambda"] == 0 else f"{r['lambda']:g}", r["fit_f"], r["fit_g"],
-             r["roundtrip_x"], r["roundtrip_y"]] for r in runs]
-    table = markdown_table(["activation", "λ = μ", "fit MSE f(x)≈y", "fit MSE g(y)≈x",
-                            "round trip MSE g(f(x))≈x", "round trip MSE f(g(y))≈y"], rows)
+    rows = [
+        [
+            r["activation"],
+            "unconstrained" if r["lambda"] == 0 else f"{r['lambda']:g}",
+            r["fit_f"],
+            r["fit_g"],
+            r["roundtrip_x"],
+            r["roundtrip_y"],
+        ]
+        for r in runs
+    ]
+    table = markdown_table(
+        [
+            "activation",
+            "λ = μ",
+            "fit MSE f(x)≈y",
+            "fit MSE g(y)≈x",
+            "round trip MSE g(f(x))≈x",
+            "round trip MSE f(g(y))≈y",
+        ],
+        rows,
+    )
     result = {"seed": seed, "n": n, "steps": steps, "runs": runs, "table": table}
     if out is not None:
         atomic_write_json(out / "pseudo_inverse.json", result)
         with atomic_write(out / "pseudo_inverse.md", "w") as fh:
-            fh.write(f"Pseudo-invertible pairs ({n} points, {steps} Adam steps, lr 1e-3, seed {seed}); "
-                     "training-set mean squared errors.\n\n" + table)
+            fh.write(
+                f"Pseudo-invertible pairs ({n} points, {steps} Adam steps, lr 1e-3, seed {seed}); "
+                "training-set mean squared errors.\n\n" + table
+            )
         for act in activations:
             _figure(x, y, [(lam, *pairs[(act, lam)]) for lam in settings], act, out / f"pseudo_inverse_{act}.png")
     return result
@@ -161,8 +217,10 @@ def _draw(axes: np.ndarray, x: Tensor, y: Tensor, pairs: list, activation: str) 
         row[1].scatter(ys, xs, s=3, c="0.6")
         row[1].plot(ys[order], gy[order], "C1-", lw=2)
         row[1].set(xlabel="y", ylabel="x", title="g(y) (axes swapped)")
-        for ax, inp, rt, col, name in ((row[2], xs, gfx, "C0", "g(f(x)) vs x"), (row[3], ys[order], fgy[order], "C3",
-                                                                                  "f(g(y)) vs y")):
+        for ax, inp, rt, col, name in (
+            (row[2], xs, gfx, "C0", "g(f(x)) vs x"),
+            (row[3], ys[order], fgy[order], "C3", "f(g(y)) vs y"),
+        ):
             ax.plot([inp.min(), inp.max()], [inp.min(), inp.max()], "k--", lw=1, label="identity")
             ax.plot(inp, rt, col + "-", lw=1.5, label=name)
             ax.set(xlabel=name.split(" vs ")[1], title=f"round trip {name.split(' vs ')[0]}")

@@ -64,11 +64,16 @@ def make_toy(name: str, seed: int = 0, n_train: int = 5000, n_val: int = 500, n_
         raise ConfigError(f"unknown toy data {name!r}; choose one of {', '.join(TOY_DATA)}")
     rng = np.random.default_rng(seed)
     x = TOY_DATA[name](n_train + n_val + n_test, rng)
-    train, val, test = x[:n_train], x[n_train:n_train + n_val], x[n_train + n_val:]
+    train, val, test = x[:n_train], x[n_train : n_train + n_val], x[n_train + n_val :]
     mu, sd = train.mean(0), train.std(0)
     f32 = lambda a: ((a - mu) / sd).astype(np.float32)  # noqa: E731
-    return Dataset(name=f"toy2d-{name}", train=f32(train), val=f32(val), test=f32(test),
-                   meta={"standardised_with": {"mean": mu.tolist(), "std": sd.tolist()}})
+    return Dataset(
+        name=f"toy2d-{name}",
+        train=f32(train),
+        val=f32(val),
+        test=f32(test),
+        meta={"standardised_with": {"mean": mu.tolist(), "std": sd.tolist()}},
+    )
 
 
 def _load_trained(record: dict[str, Any], options: dict[str, Any], data: Dataset) -> Flow:
@@ -115,9 +120,19 @@ def _gaussian_test_ll(data: Dataset) -> float:
         return float(gauss.log_prob(torch.as_tensor(data.test)).double().mean())
 
 
-def run_toy2d(name: str, model: str = "relgrad", out: str | Path = "results/sanity", seed: int = 0,
-              max_epochs: int = 100, patience: int = 30, lr: float | None = None, batch_size: int = 100,
-              hparams: dict[str, Any] | None = None, grid: int = 200, progress: Progress = QUIET) -> dict[str, Any]:
+def run_toy2d(
+    name: str,
+    model: str = "relgrad",
+    out: str | Path = "results/sanity",
+    seed: int = 0,
+    max_epochs: int = 100,
+    patience: int = 30,
+    lr: float | None = None,
+    batch_size: int = 100,
+    hparams: dict[str, Any] | None = None,
+    grid: int = 200,
+    progress: Progress = QUIET,
+) -> dict[str, Any]:
     """Train ``model`` on toy data ``name`` with :func:`flowbench.training.run_experiment`; write
     ``toy2d_<name>_<model>.png`` (data | learned density) and ``.json`` (test LL, record path) under ``out``.
 
@@ -132,33 +147,64 @@ def run_toy2d(name: str, model: str = "relgrad", out: str | Path = "results/sani
     check_number("--lr", lr)
     out = output_dir(out)
     data = make_toy(name, seed)
-    options: dict[str, Any] = {"model": model, "seed": seed, "max_epochs": max_epochs, "patience": patience,
-                               "batch_size": batch_size, "out": str(out), "force": True, "device": "cpu",
-                               **({"lr": lr} if lr is not None else {}), **(hparams or {})}
+    options: dict[str, Any] = {
+        "model": model,
+        "seed": seed,
+        "max_epochs": max_epochs,
+        "patience": patience,
+        "batch_size": batch_size,
+        "out": str(out),
+        "force": True,
+        "device": "cpu",
+        **({"lr": lr} if lr is not None else {}),
+        **(hparams or {}),
+    }
     record = run_experiment(options, data=data, progress=progress.enabled)
     flow = _load_trained(record, options, data)
     progress.log(f"{data.name}: trained {record.epochs} epochs; evaluating the density on a {grid}×{grid} grid")
     with torch.no_grad():
         test_ll_plotted = float(flow.log_prob(torch.as_tensor(data.test)).mean())
     gx, gy, logp = _density_grid(flow, data, grid)
-    mass = float(np.exp(np.where(np.isfinite(logp), logp, -np.inf)).sum() * (gx[0, 1] - gx[0, 0]) * (gy[1, 0] - gy[0, 0]))
-    result = {"data": name, "model": mname, "display_name": record.display_name, "seed": seed,
-              "test_ll": record.test_ll, "test_ll_2se": record.test_ll_2se, "test_ll_plotted_model":
-              test_ll_plotted, "best_val_ll": record.best_val_ll, "epochs": record.epochs,
-              "best_epoch": record.best_epoch, "params": record.params,
-              "status": record.status, "mass_on_grid": mass, "gaussian_test_ll": _gaussian_test_ll(data),
-              "nonfinite_grid_points": int((~np.isfinite(logp)).sum()), "grid_points": int(logp.size),
-              "record": str(record_path(options["out"], data.name, mname, seed, record.tag))}
+    mass = float(
+        np.exp(np.where(np.isfinite(logp), logp, -np.inf)).sum() * (gx[0, 1] - gx[0, 0]) * (gy[1, 0] - gy[0, 0])
+    )
+    result = {
+        "data": name,
+        "model": mname,
+        "display_name": record.display_name,
+        "seed": seed,
+        "test_ll": record.test_ll,
+        "test_ll_2se": record.test_ll_2se,
+        "test_ll_plotted_model": test_ll_plotted,
+        "best_val_ll": record.best_val_ll,
+        "epochs": record.epochs,
+        "best_epoch": record.best_epoch,
+        "params": record.params,
+        "status": record.status,
+        "mass_on_grid": mass,
+        "gaussian_test_ll": _gaussian_test_ll(data),
+        "nonfinite_grid_points": int((~np.isfinite(logp)).sum()),
+        "grid_points": int(logp.size),
+        "record": str(record_path(options["out"], data.name, mname, seed, record.tag)),
+    }
     stem = out / f"toy2d_{name}_{mname}"
     atomic_write_json(stem.with_suffix(".json"), result)
     _figure(data, gx, gy, logp, result, stem.with_suffix(".png"))
     return result
 
 
-def run_toy2d_all(names: list[str] | None = None, model: str = "relgrad", out: str | Path = "results/sanity",
-                  seed: int | None = None, max_epochs: int | None = None, quick: bool = False,
-                  hparams: dict[str, Any] | None = None, progress: Progress = QUIET,
-                  log: Callable[[str], None] = print, **train: Any) -> list[dict[str, Any]]:
+def run_toy2d_all(
+    names: list[str] | None = None,
+    model: str = "relgrad",
+    out: str | Path = "results/sanity",
+    seed: int | None = None,
+    max_epochs: int | None = None,
+    quick: bool = False,
+    hparams: dict[str, Any] | None = None,
+    progress: Progress = QUIET,
+    log: Callable[[str], None] = print,
+    **train: Any,
+) -> list[dict[str, Any]]:
     """:func:`run_toy2d` for each of ``names`` (default: all of :data:`TOY_DATA`), with the command line's
     defaults: seed 0, at most 100 epochs on a 200-point grid (``quick``: 2 epochs, 60 points); one ``log``
     line per data set as it ends. Options are checked before the first model trains; ``train`` passes
@@ -176,22 +222,42 @@ def run_toy2d_all(names: list[str] | None = None, model: str = "relgrad", out: s
     out = output_dir(out)
     results = []
     for name in names:
-        r = run_toy2d(name, model, out, seed=seed, max_epochs=pick(max_epochs, 100, 2, quick), hparams=hparams,
-                      grid=60 if quick else 200, progress=progress, **train)
-        log(f"{name}: {r['display_name']} test LL {r['test_ll']:.3f} ± {r['test_ll_2se']:.3f} nats "
-            f"({r['epochs']} epochs; Gaussian {r['gaussian_test_ll']:.3f}) → {out / f'toy2d_{name}_{mname}.png'}")
+        r = run_toy2d(
+            name,
+            model,
+            out,
+            seed=seed,
+            max_epochs=pick(max_epochs, 100, 2, quick),
+            hparams=hparams,
+            grid=60 if quick else 200,
+            progress=progress,
+            **train,
+        )
+        log(
+            f"{name}: {r['display_name']} test LL {r['test_ll']:.3f} ± {r['test_ll_2se']:.3f} nats "
+            f"({r['epochs']} epochs; Gaussian {r['gaussian_test_ll']:.3f}) → {out / f'toy2d_{name}_{mname}.png'}"
+        )
         results.append(r)
     return results
 
 
-def _figure(data: Dataset, gx: np.ndarray, gy: np.ndarray, logp: np.ndarray, result: dict[str, Any],
-            path: Path) -> None:
+def _figure(
+    data: Dataset, gx: np.ndarray, gy: np.ndarray, logp: np.ndarray, result: dict[str, Any], path: Path
+) -> None:
     with figure(path, 1, 2, figsize=(11, 5)) as (fig, (a, b)):
         _draw(fig, a, b, data, gx, gy, logp, result)
 
 
-def _draw(fig: Figure, a: Axes, b: Axes, data: Dataset, gx: np.ndarray, gy: np.ndarray, logp: np.ndarray,
-          result: dict[str, Any]) -> None:
+def _draw(
+    fig: Figure,
+    a: Axes,
+    b: Axes,
+    data: Dataset,
+    gx: np.ndarray,
+    gy: np.ndarray,
+    logp: np.ndarray,
+    result: dict[str, Any],
+) -> None:
     extent = (gx.min(), gx.max(), gy.min(), gy.max())
     a.scatter(data.train[:, 0], data.train[:, 1], s=2, c="k", alpha=0.35)
     a.set(xlim=extent[:2], ylim=extent[2:], aspect="equal", title=f"{data.name}: {len(data.train)} training points")
@@ -205,9 +271,14 @@ def _draw(fig: Figure, a: Axes, b: Axes, data: Dataset, gx: np.ndarray, gy: np.n
     im = b.imshow(dens, origin="lower", extent=extent, cmap=cmap, vmin=0.0, vmax=vmax, aspect="equal")
     b.grid(False)  # grid lines over an image hide the density
     fig.colorbar(im, ax=b, shrink=0.8, label="learned density p(x)")
-    b.set_title(f"{result['display_name'] or result['model']}: test LL {result['test_ll']:.3f} nats\n"
-                f"({result['epochs']} epochs; full-covariance Gaussian {result['gaussian_test_ll']:.3f})"
-                + (f"\ncyan: {result['nonfinite_grid_points']} grid points with non-finite log p"
-                   if result["nonfinite_grid_points"] else ""))
+    b.set_title(
+        f"{result['display_name'] or result['model']}: test LL {result['test_ll']:.3f} nats\n"
+        f"({result['epochs']} epochs; full-covariance Gaussian {result['gaussian_test_ll']:.3f})"
+        + (
+            f"\ncyan: {result['nonfinite_grid_points']} grid points with non-finite log p"
+            if result["nonfinite_grid_points"]
+            else ""
+        )
+    )
     for ax in (a, b):
         ax.set(xlabel="x₁ (standardised)", ylabel="x₂ (standardised)")

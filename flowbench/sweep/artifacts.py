@@ -104,4 +104,3 @@ def plant_record(options: RunOptions, data: bytes | None) -> None:
     path = record_path(options.out, options.dataset, options.model, options.seed, options.tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
-

@@ -63,8 +63,9 @@ class ProcessExecutor:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.capacity, mp_context=self._ctx, initializer=init_worker,
-                                   initargs=(self.threads,))
+        return ProcessPoolExecutor(
+            self.capacity, mp_context=self._ctx, initializer=init_worker, initargs=(self.threads,)
+        )
 
     def submit(self, run: SweepRun, options: RunOptions, out: str | Path) -> Future:
         log = str(run.log_path(out))
@@ -98,8 +99,15 @@ class ProcessExecutor:
         self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
 
 
-def make_backend(executor: str, run_fn: str | RunFn, workers: int, address: str | None, cpus_per_run: int,
-                  gpus_per_run: float, announce: Callable[[str], None] | None = None) -> Any:
+def make_backend(
+    executor: str,
+    run_fn: str | RunFn,
+    workers: int,
+    address: str | None,
+    cpus_per_run: int,
+    gpus_per_run: float,
+    announce: Callable[[str], None] | None = None,
+) -> Any:
     """The executor object for ``--executor`` / ``--workers``."""
     if executor == "local":
         if address is not None or gpus_per_run:
@@ -112,7 +120,13 @@ def make_backend(executor: str, run_fn: str | RunFn, workers: int, address: str 
             raise ConfigError("the Ray executor needs run_fn as an importable 'module:function' string")
         # --workers N: at most N runs at once; a local instance started here then gets N x C CPUs.
         limit = workers if workers > 1 else None
-        return RayExecutor(run_fn, address=address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
-                           max_concurrent=limit, num_cpus=limit * cpus_per_run if limit else None,
-                           announce=announce)
+        return RayExecutor(
+            run_fn,
+            address=address,
+            cpus_per_run=cpus_per_run,
+            gpus_per_run=gpus_per_run,
+            max_concurrent=limit,
+            num_cpus=limit * cpus_per_run if limit else None,
+            announce=announce,
+        )
     raise ConfigError(f"unknown executor {executor!r}; choose local or ray")

@@ -84,12 +84,15 @@ class RayExecutor:
         self.capacity = max_concurrent or max(1, fits)
         self._task = ray.remote(ray_execute).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
         # A stack is one task with one run's resources: that is the point of stacking.
-        self._stack_task = ray.remote(ray_execute_stack).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run,
-                                                                 max_retries=0)
+        self._stack_task = ray.remote(ray_execute_stack).options(
+            num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0
+        )
         if announce is not None:
             where = address or "a local Ray instance"
-            announce(f"ray: {where}, {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
-                     f"{self.capacity} runs at a time ({cpus_per_run} CPU, {gpus_per_run:g} GPU each)")
+            announce(
+                f"ray: {where}, {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
+                f"{self.capacity} runs at a time ({cpus_per_run} CPU, {gpus_per_run:g} GPU each)"
+            )
 
     def submit(self, run: SweepRun, options: RunOptions, out: str) -> Any:
         from flowbench.sweep.artifacts import replaced_record
@@ -113,8 +116,9 @@ class RayExecutor:
             try:
                 results.append((ref, self.ray.get(ref)))
             except Exception as e:  # noqa: BLE001 - worker or node died, object lost, ...
-                results.append((ref, {"ok": False, "error": f"Ray task failed: {type(e).__name__}: {e}",
-                                      "traceback": ""}))
+                results.append(
+                    (ref, {"ok": False, "error": f"Ray task failed: {type(e).__name__}: {e}", "traceback": ""})
+                )
         return results
 
     def finish(self, state: Any, outcome: dict, out: str) -> None:

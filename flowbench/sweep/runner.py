@@ -39,8 +39,19 @@ from flowbench.sweep.executors import make_backend
 from flowbench.sweep.spec import Sweep, SweepRun
 from flowbench.sweep.worker import DEFAULT_RUN_FN, RunFn
 
-__all__ = ["RunState", "SweepReport", "Progress", "run_sweep", "check_out", "check_resources", "plan", "preflight",
-           "dry_run_text", "report_path", "summary"]
+__all__ = [
+    "RunState",
+    "SweepReport",
+    "Progress",
+    "run_sweep",
+    "check_out",
+    "check_resources",
+    "plan",
+    "preflight",
+    "dry_run_text",
+    "report_path",
+    "summary",
+]
 
 #: How often the live line is refreshed while nothing finishes (seconds).
 TICK_S = 1.0
@@ -67,8 +78,16 @@ class RunState:
 
     def as_dict(self, out: str | Path) -> dict[str, Any]:
         r = self.run
-        d = {"dataset": r.dataset, "model": r.model, "tag": r.tag, "seed": r.seed, "status": self.status,
-             "attempts": self.attempts, "error": self.error, "record": str(r.record_path(out))}
+        d = {
+            "dataset": r.dataset,
+            "model": r.model,
+            "tag": r.tag,
+            "seed": r.seed,
+            "status": self.status,
+            "attempts": self.attempts,
+            "error": self.error,
+            "record": str(r.record_path(out)),
+        }
         if self.record is not None:
             d.update({k: getattr(self.record, k) for k in ("best_val_ll", "test_ll", "test_ll_2se", "status")})
             d["record_status"] = d.pop("status")
@@ -121,14 +140,24 @@ def dry_run_text(sweep: Sweep, out: str | Path) -> str:
 
     states = plan(sweep.runs, out)
     preflight(states, out)
-    rows = [("skip" if s.status == "skipped" else RERUN if s.replaces else "run", s.run.dataset, s.run.model,
-             s.run.tag, s.run.seed) for s in states]
+    rows = [
+        (
+            "skip" if s.status == "skipped" else RERUN if s.replaces else "run",
+            s.run.dataset,
+            s.run.model,
+            s.run.tag,
+            s.run.seed,
+        )
+        for s in states
+    ]
     n_skip = sum(s.status == "skipped" for s in states)
     n_rerun = sum(s.replaces for s in states)
     reruns = f", of which {n_rerun} {RERUN}"
-    lines = [f"sweep {sweep.name}: {len(states)} runs ({len(sweep.datasets)} datasets x {len(sweep.models)} models "
-             f"x grid); {n_skip} already recorded in {out}/runs (skip), {len(states) - n_skip} to run"
-             + (reruns if n_rerun else "")]
+    lines = [
+        f"sweep {sweep.name}: {len(states)} runs ({len(sweep.datasets)} datasets x {len(sweep.models)} models "
+        f"x grid); {n_skip} already recorded in {out}/runs (skip), {len(states) - n_skip} to run"
+        + (reruns if n_rerun else "")
+    ]
     if sweep.description:
         lines.append(sweep.description.strip())
     if rows:
@@ -166,8 +195,10 @@ class Progress:
 
     def line(self, done: int, running: int, failed: int, left: int) -> str:
         secs = int(time.monotonic() - self.t0)
-        return (f"sweep: {done} done, {running} running, {failed} failed, {left} left "
-                f"(of {self.total}; {self.skipped} already recorded) [{secs // 60}m{secs % 60:02d}s]")
+        return (
+            f"sweep: {done} done, {running} running, {failed} failed, {left} left "
+            f"(of {self.total}; {self.skipped} already recorded) [{secs // 60}m{secs % 60:02d}s]"
+        )
 
     def update(self, done: int, running: int, failed: int, left: int) -> None:
         if self.stream is None:
@@ -428,8 +459,10 @@ class _Scheduler:
         done, running, failed, left = self.counts()
         self.progress.update(done, running + len(group), failed, left)
         if getattr(self.backend, "announce_start", False):
-            self.progress.event(f"start  a stack of {len(group)}: " + ", ".join(
-                s.run.label + (" (resuming)" if s.resumed else "") for s in group))
+            self.progress.event(
+                f"start  a stack of {len(group)}: "
+                + ", ".join(s.run.label + (" (resuming)" if s.resumed else "") for s in group)
+            )
         self.stacks[self.backend.submit_stack([s.run for s in group], options, self.out)] = group
 
     def finished_stack(self, group: list[RunState], outcome: dict[str, Any]) -> None:
@@ -493,8 +526,9 @@ class _Scheduler:
             state.error = outcome["error"]
             state.resume_failed = state.resume_failed or state.resumed
             self.todo.append(state)  # to the back: other runs go first, a transient cause may pass
-            self.progress.event(f"retry  {state.run.label}: attempt {state.attempts}/{self.retries + 1} failed: "
-                                f"{outcome['error']}")
+            self.progress.event(
+                f"retry  {state.run.label}: attempt {state.attempts}/{self.retries + 1} failed: {outcome['error']}"
+            )
         else:
             state.status, state.error = "failed", outcome["error"]
             self.release(state)
@@ -509,15 +543,20 @@ def _write_report(sweep: Sweep, report: SweepReport, out: str, executor: str, st
     from flowbench.utils import atomic_write_json
 
     counts = {k: report.count(k) for k in ("done", "skipped", "failed", "pending")}
-    atomic_write_json(report_path(sweep.name, out), json_safe({
-        "sweep": str(sweep.path) if sweep.path else sweep.name,
-        "executor": executor,
-        "started": started,
-        "seconds": round(report.seconds, 3),
-        "interrupted": report.interrupted,
-        "counts": counts,
-        "runs": [s.as_dict(out) for s in report.states],
-    }))
+    atomic_write_json(
+        report_path(sweep.name, out),
+        json_safe(
+            {
+                "sweep": str(sweep.path) if sweep.path else sweep.name,
+                "executor": executor,
+                "started": started,
+                "seconds": round(report.seconds, 3),
+                "interrupted": report.interrupted,
+                "counts": counts,
+                "runs": [s.as_dict(out) for s in report.states],
+            }
+        ),
+    )
 
 
 def summary(report: SweepReport, sweep: Sweep, out: str | Path) -> str:

@@ -65,8 +65,13 @@ class SweepRun:
     def cli_options(self, out: str | Path) -> dict[str, Any]:
         """The explicit options of this run, as ``flowbench run`` flags would give them."""
         opts = dict(self.values)
-        opts.update(dataset=self.dataset_ref or self.dataset, model=self.model_ref or self.model, seed=self.seed,
-                    tag=self.tag, out=str(out))
+        opts.update(
+            dataset=self.dataset_ref or self.dataset,
+            model=self.model_ref or self.model,
+            seed=self.seed,
+            tag=self.tag,
+            out=str(out),
+        )
         return opts
 
     def options(self, out: str | Path) -> RunOptions:
@@ -178,8 +183,11 @@ def _list_valued(raw: str) -> bool:
 def _names(raw: Any, what: str, source: str, known: Iterable[str] | None) -> list[str]:
     """A validated list of names; ``known`` None means "not checkable here" (accept any)."""
     if not isinstance(raw, list) or not raw or not all(isinstance(x, str) for x in raw):
-        raise ConfigError(f"{source}: `{what}` must be a non-empty list of names, e.g. {what} = ['digits']"
-                          if what == "datasets" else f"{source}: `{what}` must be a non-empty list of names")
+        raise ConfigError(
+            f"{source}: `{what}` must be a non-empty list of names, e.g. {what} = ['digits']"
+            if what == "datasets"
+            else f"{source}: `{what}` must be a non-empty list of names"
+        )
     known = list(raw) if known is None else list(known)
     bad = [x for x in raw if x not in known]
     if bad:
@@ -230,8 +238,9 @@ def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = No
     refs: dict[str, str] = {}
     dataset_refs: dict[str, str] = {}
     base = path.resolve().parent if path is not None else None
-    datasets = _names(_resolve_refs(raw["datasets"], DATASETS, base, dataset_refs), "datasets", source,
-                      [*DATASETS, *dataset_refs])
+    datasets = _names(
+        _resolve_refs(raw["datasets"], DATASETS, base, dataset_refs), "datasets", source, [*DATASETS, *dataset_refs]
+    )
     models = _names(_resolve_refs(raw["models"], MODELS, base, refs), "models", source, [*MODELS, *refs])
     grid = _axes(raw.get("grid", {}), f"{source}, [grid]")
     override_raw = raw.get("override", {})
@@ -244,7 +253,7 @@ def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = No
         if not ok:
             raise ConfigError(
                 f"{source}: [override.{target}] matches no model or dataset of this sweep; use a name from "
-                f"models {models} or datasets {datasets}, or \"dataset/model\""
+                f'models {models} or datasets {datasets}, or "dataset/model"'
             )
         overrides[target] = _axes(table, f"{source}, [override.{target}]")
     description = raw.get("description", "")
@@ -318,8 +327,9 @@ def expand(sweep: Sweep) -> list[SweepRun]:
                 values = tuple(zip(keys, combo))
                 tag = make_tag(values)
                 for seed in seeds:
-                    run = SweepRun(dataset, model, int(seed), tag, values, sweep.refs.get(model),
-                                   sweep.dataset_refs.get(dataset))
+                    run = SweepRun(
+                        dataset, model, int(seed), tag, values, sweep.refs.get(model), sweep.dataset_refs.get(dataset)
+                    )
                     prev = runs.setdefault((dataset, model, tag, int(seed)), run)
                     if prev.values != values:  # two configurations whose tags collide after sanitising
                         raise ConfigError(

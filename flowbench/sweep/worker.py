@@ -23,8 +23,17 @@ if TYPE_CHECKING:  # workers import this module first; keep it light
     from flowbench.config import RunOptions
     from flowbench.results import RunRecord
 
-__all__ = ["RunFn", "DEFAULT_RUN_FN", "STACK_FN", "resolve_run_fn", "execute_run", "execute_stack", "init_worker",
-           "ray_execute", "ray_execute_stack"]
+__all__ = [
+    "RunFn",
+    "DEFAULT_RUN_FN",
+    "STACK_FN",
+    "resolve_run_fn",
+    "execute_run",
+    "execute_stack",
+    "init_worker",
+    "ray_execute",
+    "ray_execute_stack",
+]
 
 RunFn = Callable[..., "RunRecord"]
 #: ``module:function`` of the function that trains one run (the trainer's entry point).
@@ -100,8 +109,12 @@ def _failure(e: Exception, log_path: str | None) -> dict[str, Any]:
     tb = traceback.format_exc()
     if log_path is not None:
         print(tb, file=sys.stderr)
-    return {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": tb,
-            "retry": not isinstance(e, FlowbenchError)}
+    return {
+        "ok": False,
+        "error": f"{type(e).__name__}: {e}",
+        "traceback": tb,
+        "retry": not isinstance(e, FlowbenchError),
+    }
 
 
 @contextlib.contextmanager
@@ -175,8 +188,9 @@ def execute_stack(
     return outcome
 
 
-def ray_execute_stack(options: list[RunOptions], threads: int,
-                      replaces: list[bytes | None] | None = None) -> dict[str, Any]:
+def ray_execute_stack(
+    options: list[RunOptions], threads: int, replaces: list[bytes | None] | None = None
+) -> dict[str, Any]:
     """:func:`ray_execute` for a stack: train into a scratch folder, return every run to the driver (its packed
     files a list, one per run, in order)."""
     from flowbench.sweep.artifacts import ARTIFACTS, pack_run, plant_record

@@ -30,8 +30,19 @@ from flowbench.data.base import Dataset
 from flowbench.jacobian import jacobian_spectral_norm
 from flowbench.models.base import Flow
 
-__all__ = ["class_log_probs", "summarize_conditional", "log_prob_batches", "mean_2se", "finite_mean", "evaluate_test", "summarize_test", "spectral_norm_summary",
-           "TRAIN_NLL_POINTS", "train_subsample", "training_nll"]
+__all__ = [
+    "class_log_probs",
+    "summarize_conditional",
+    "log_prob_batches",
+    "mean_2se",
+    "finite_mean",
+    "evaluate_test",
+    "summarize_test",
+    "spectral_norm_summary",
+    "TRAIN_NLL_POINTS",
+    "train_subsample",
+    "training_nll",
+]
 
 #: At most this many training points are scored by every evaluation's exact training NLL; fewer where the
 #: validation set is smaller (digits: 161), so the training curve is as precise as the validation curve beside it
@@ -141,8 +152,13 @@ def summarize_conditional(class_lp: np.ndarray, labels: np.ndarray) -> tuple[np.
     correct = (class_lp.argmax(axis=1) == labels).astype(np.float64)
     cond, cond_2se = mean_2se(at_label) if np.isfinite(at_label).all() else (float(at_label.mean()), math.nan)
     acc, acc_2se = mean_2se(correct)
-    return marginal, {"conditional": True, "test_ll_conditional": cond, "test_ll_conditional_2se": cond_2se,
-                      "test_accuracy": acc, "test_accuracy_2se": acc_2se}
+    return marginal, {
+        "conditional": True,
+        "test_ll_conditional": cond,
+        "test_ll_conditional_2se": cond_2se,
+        "test_accuracy": acc,
+        "test_accuracy_2se": acc_2se,
+    }
 
 
 def evaluate_test(flow: Flow, data: Dataset, test_x: Tensor, batch_size: int = 2000) -> dict[str, Any]:
@@ -159,8 +175,7 @@ def summarize_test(logp: np.ndarray, data: Dataset) -> dict[str, Any]:
         mean, err2se = float(logp.mean()), math.nan
     else:
         mean, err2se = mean_2se(logp)
-    out: dict[str, Any] = {"test_ll": mean, "test_ll_2se": err2se, "n_test": int(logp.size),
-                           "n_nonfinite_test": n_bad}
+    out: dict[str, Any] = {"test_ll": mean, "test_ll_2se": err2se, "n_test": int(logp.size), "n_nonfinite_test": n_bad}
     if n_bad:
         out["test_ll_finite"], out["test_ll_finite_2se"] = mean_2se(logp[finite])
     if data.image:
@@ -186,12 +201,13 @@ def spectral_norm_summary(flow: Flow, x: Tensor, n_iter: int = 20) -> tuple[dict
     classes = int(getattr(flow, "classes", 0) or 0)
     method = "auto"
     if classes:  # a class-conditional flow: ∂z/∂x at each point's own label (rows are [x, onehot(y)])
-        x, context = x[:, : x.shape[1] - classes], x[:, x.shape[1] - classes:]
+        x, context = x[:, : x.shape[1] - classes], x[:, x.shape[1] - classes :]
         method = "batched"  # the label rows go with the batch; vmap would see one row's x against all labels
 
         def fn(inp: Tensor) -> Tensor:
             return flow.transform(inp, context)[0]
     else:
+
         def fn(inp: Tensor) -> Tensor:
             return flow.transform(inp)[0]
 

@@ -104,16 +104,18 @@ def _run_experiment(
     flow.initialize(x.train)
     logger = _tensorboard(opts)
     try:
-        result, notes, prior_time = train_single(flow, x, opts, ckpt_path, [*(callbacks or []), *([logger] if logger else [])],
-                                           progress)
+        result, notes, prior_time = train_single(
+            flow, x, opts, ckpt_path, [*(callbacks or []), *([logger] if logger else [])], progress
+        )
     finally:
         if logger is not None:
             logger.close()
     notes += [replacing] if replacing else []
 
     # Wall time includes the training time of earlier sessions when resumed (the whole run's).
-    return finish_run(opts, data, x.test, flow, hparams, match, result, notes, device, t0 - prior_time,
-                      rec_path, ckpt_path)
+    return finish_run(
+        opts, data, x.test, flow, hparams, match, result, notes, device, t0 - prior_time, rec_path, ckpt_path
+    )
 
 
 def summary_line(record: RunRecord, path: Any) -> str:
@@ -132,9 +134,11 @@ def summary_line(record: RunRecord, path: Any) -> str:
         line += f"; {record.bits_per_pixel:.3f} bits/pixel"
     if record.conditional and record.test_ll_conditional is not None:
         # MAF Table 2's conditional column reports log p(x) under a uniform label prior (the test LL above)
-        line += (f"\n(class-conditional: test LL is log p(x) = logsumexp_y log p(x | y) − log K; at the true label "
-                 f"log p(x | y) = {record.test_ll_conditional:.3f} ± {record.test_ll_conditional_2se:.3f}; "
-                 f"classification accuracy {record.test_accuracy:.1%})")
+        line += (
+            f"\n(class-conditional: test LL is log p(x) = logsumexp_y log p(x | y) − log K; at the true label "
+            f"log p(x | y) = {record.test_ll_conditional:.3f} ± {record.test_ll_conditional_2se:.3f}; "
+            f"classification accuracy {record.test_accuracy:.1%})"
+        )
     origin = record.model_origin or {}
     if origin.get("kind", "built-in") != "built-in":
         # A peer library's flow keeps its own architecture: beside the paper's rows the difference is the model.
@@ -148,8 +152,10 @@ def summary_line(record: RunRecord, path: Any) -> str:
         beside = [p for p in PUBLISHED if p.model == record.display_name and p.dataset == column]
         if beside:  # a published number stands beside this cell: say ours is not its configuration
             p = beside[0]
-            line += (f"\n(ours, config unverified: the {SOURCES[p.source][0]}'s settings for this cell could not be "
-                     f"confirmed, so this is not a reproduction of its {p.mean:g}; see the config's [provenance])")
+            line += (
+                f"\n(ours, config unverified: the {SOURCES[p.source][0]}'s settings for this cell could not be "
+                f"confirmed, so this is not a reproduction of its {p.mean:g}; see the config's [provenance])"
+            )
     if record.status != "ok":
         line += f"\nstatus {record.status}: {record.failure}"
     return line + f"\nrecord: {path}"
@@ -176,9 +182,12 @@ def run_and_report(opts: RunOptions) -> int:
         try:
             records = stacked.run_stacked(runs, progress=not opts.quiet)
         except KeyboardInterrupt:
-            print(f"training interrupted; each seed's last checkpoint (written at most every "
-                  f"{opts.checkpoint_every_s:g} s and at the end of an epoch) is kept: run the same command with "
-                  f"--resume to continue seeds {opts.seeds}", file=sys.stderr)
+            print(
+                f"training interrupted; each seed's last checkpoint (written at most every "
+                f"{opts.checkpoint_every_s:g} s and at the end of an epoch) is kept: run the same command with "
+                f"--resume to continue seeds {opts.seeds}",
+                file=sys.stderr,
+            )
             raise
         for record, run in zip(records, runs):
             print(summary_line(record, run_paths(run.replace(dataset=record.dataset))[0]))
@@ -187,8 +196,11 @@ def run_and_report(opts: RunOptions) -> int:
     try:
         record = run_experiment(opts, progress=not opts.quiet)
     except KeyboardInterrupt:
-        print(f"training interrupted; the last checkpoint (written at most every {opts.checkpoint_every_s:g} s "
-              "and at the end of an epoch) is kept: run the same command with --resume to continue", file=sys.stderr)
+        print(
+            f"training interrupted; the last checkpoint (written at most every {opts.checkpoint_every_s:g} s "
+            "and at the end of an epoch) is kept: run the same command with --resume to continue",
+            file=sys.stderr,
+        )
         raise
     print(summary_line(record, run_paths(opts.replace(dataset=record.dataset))[0]))
     _check_finite([opts], [record])
@@ -207,6 +219,8 @@ def _check_finite(runs: list[RunOptions], records: list[RunRecord]) -> None:
     lr = f"this run's --lr was {o.lr:g}" + (f" ({o.model}'s default: {default:g})" if o.lr != default else "")
     seeds = "" if len(runs) == 1 else f" for seed{'s' if len(bad) > 1 else ''} {', '.join(str(b.seed) for b, _ in bad)}"
     kept = "its record is" if len(bad) == 1 else "their records are"
-    raise ConfigError(f"training did not stay finite{seeds}: {r.failure}{advice}; {lr}. {kept.capitalize()} kept with "
-                      "status nonfinite, and the next run of this command replaces "
-                      f"{'it' if len(bad) == 1 else 'them'} without --force")
+    raise ConfigError(
+        f"training did not stay finite{seeds}: {r.failure}{advice}; {lr}. {kept.capitalize()} kept with "
+        "status nonfinite, and the next run of this command replaces "
+        f"{'it' if len(bad) == 1 else 'them'} without --force"
+    )

@@ -93,8 +93,10 @@ MATCH_WARN = 0.1
 # -- options → paths → lock --------------------------------------------------------------------------------------
 def run_paths(opts: RunOptions) -> tuple[Path, Path]:
     """The run's record and full (resume) checkpoint paths under ``--out``."""
-    return (record_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag),
-            checkpoint_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag))
+    return (
+        record_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag),
+        checkpoint_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag),
+    )
 
 
 def prepare_out(opts: RunOptions, folder: Path) -> None:
@@ -106,11 +108,13 @@ def prepare_out(opts: RunOptions, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), folder)
-        raise ConfigError(f"--out {opts.out}: cannot create {folder} because {blocker} is a file; "
-                          "remove it or choose another --out") from None
+        raise ConfigError(
+            f"--out {opts.out}: cannot create {folder} because {blocker} is a file; remove it or choose another --out"
+        ) from None
     except OSError as e:
-        raise ConfigError(f"--out {opts.out}: cannot create {folder} ({e.strerror or e}); choose a folder you "
-                          "can write to") from e
+        raise ConfigError(
+            f"--out {opts.out}: cannot create {folder} ({e.strerror or e}); choose a folder you can write to"
+        ) from e
 
 
 @contextlib.contextmanager
@@ -122,15 +126,19 @@ def run_lock(opts: RunOptions) -> Iterator[None]:
             yield
     except LockHeld as e:
         holder = f"process {e.pid}" if e.pid is not None else "another process"
-        raise UsageError(f"{holder} is already training this run (lock {path}); wait for it to finish, or "
-                         "choose another --seed, --tag or --out") from None
+        raise UsageError(
+            f"{holder} is already training this run (lock {path}); wait for it to finish, or "
+            "choose another --seed, --tag or --out"
+        ) from None
     except DiskFullError:
         raise  # its own message: the disk, not the folder, is the problem
     except OSError as e:
         if e.filename is None or Path(e.filename) != path:
             raise
-        raise ConfigError(f"--out {opts.out}: cannot create the lock file {path} ({e.strerror or e}); choose a "
-                          "folder you can write to") from e
+        raise ConfigError(
+            f"--out {opts.out}: cannot create the lock file {path} ({e.strerror or e}); choose a "
+            "folder you can write to"
+        ) from e
 
 
 def check_before_compute(opts: RunOptions, rec_path: Path, ckpt_path: Path) -> None:
@@ -139,17 +147,21 @@ def check_before_compute(opts: RunOptions, rec_path: Path, ckpt_path: Path) -> N
     check_overwrite(rec_path, opts.force)
     if opts.resume and not ckpt_path.is_file():
         if ckpt_path.with_suffix(".model.pt").is_file():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt_path}: the run finished and kept only its model "
-                              "state; continuing a finished run needs its training run made with --keep-checkpoint "
-                              "(or start again with --force, without --resume)")
+            raise ConfigError(
+                f"--resume: no checkpoint at {ckpt_path}: the run finished and kept only its model "
+                "state; continuing a finished run needs its training run made with --keep-checkpoint "
+                "(or start again with --force, without --resume)"
+            )
         raise ConfigError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start afresh")
     if not opts.resume and not opts.force and ckpt_path.is_file():
         # Starting at epoch 1 would overwrite it at the end of the first epoch: a forgotten --resume after a
         # kill must not throw hours of training away.
         epoch = checkpoint_epoch(ckpt_path)
         after = f"after epoch {epoch}" if epoch is not None else "(unreadable)"
-        raise UsageError(f"this run has a checkpoint {after} at {ckpt_path} (an earlier run was interrupted); "
-                         "add --resume to continue from it, or --force to start again at epoch 1 and replace it")
+        raise UsageError(
+            f"this run has a checkpoint {after} at {ckpt_path} (an earlier run was interrupted); "
+            "add --resume to continue from it, or --force to start again at epoch 1 and replace it"
+        )
 
 
 def replacing_note(opts: RunOptions, rec_path: Path) -> str | None:
@@ -190,15 +202,18 @@ def check_labels(opts: RunOptions, data: Dataset) -> int:
 
         labelled = [n for n, spec in DATASETS.items() if getattr(spec, "classes", 0)]
         plain = models.get_spec(opts.model_key).name.removesuffix("-cond")
-        raise ConfigError(f"model {opts.model} is class-conditional (MAF Table 2): it needs a dataset with class "
-                          f"labels, and {data.name} has none; use a labelled dataset ({', '.join(labelled)}) or the "
-                          f"unconditional model {plain}")
+        raise ConfigError(
+            f"model {opts.model} is class-conditional (MAF Table 2): it needs a dataset with class "
+            f"labels, and {data.name} has none; use a labelled dataset ({', '.join(labelled)}) or the "
+            f"unconditional model {plain}"
+        )
     return classes
 
 
 def to_device(data: Dataset, device: torch.device, labels: bool = False) -> RunTensors:
     """Data moved to the device once. With ``labels`` (a class-conditional model) each row is ``[x, onehot(y)]``,
     the one-hot label in the last K columns, so that batching, shuffling and stacking carry the label along."""
+
     def move(a: Any, split: str) -> torch.Tensor:
         t = torch.as_tensor(np.asarray(a), dtype=torch.float32, device=device)
         if not labels:
@@ -256,7 +271,8 @@ def check_memory(opts: RunOptions, flow: torch.nn.Module, device: torch.device, 
             f"{opts.model} on {opts.dataset} has {n:,} parameters: training {stack} needs about {need / gib:.1f} GiB "
             f"on {device} (weights, gradients, Adam's two moments, the best state, masks and one step's "
             f"activations at batch {opts.batch_size}), but {free / gib:.1f} GiB is free. Use a smaller --hidden or "
-            "fewer --layers, fewer seeds per stack (--max-stack in a sweep), or a device with more memory")
+            "fewer --layers, fewer seeds per stack (--max-stack in a sweep), or a device with more memory"
+        )
 
 
 def seed_everything(seed: int) -> None:
@@ -275,8 +291,9 @@ def _target_count(target: int | str, dataset: str, dim: int) -> tuple[int, str]:
     return count_params(models.build_model(target, dim, **other.hparams)), label
 
 
-def build_from_options(opts: RunOptions, dim: int,
-                       classes: int = 0) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
+def build_from_options(
+    opts: RunOptions, dim: int, classes: int = 0
+) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
     """Build the model (a class-conditional one for ``classes`` labels, see :func:`check_labels`); returns
     ``(flow, every hyperparameter resolved, match info or None)``."""
     spec = models.get_spec(opts.model_key)
@@ -284,20 +301,28 @@ def build_from_options(opts: RunOptions, dim: int,
     match = None
     label_kw = {"classes": classes} if getattr(spec, "conditional", False) else {}
     if opts.match_params is not None and label_kw:
-        raise ConfigError(f"--match-params is not available for the class-conditional model {opts.model}; match "
-                          f"the unconditional {spec.name.removesuffix('-cond')} and set --hidden to its width")
+        raise ConfigError(
+            f"--match-params is not available for the class-conditional model {opts.model}; match "
+            f"the unconditional {spec.name.removesuffix('-cond')} and set --hidden to its width"
+        )
     if opts.match_params is not None:
         knob = opts.match_knob or spec.match_knob
         if knob is None:
-            raise ConfigError(f"--match-params does not apply to model {opts.model!r}: it has no size knob "
-                              "(nothing to solve for); name one with --match-knob, or remove the option")
+            raise ConfigError(
+                f"--match-params does not apply to model {opts.model!r}: it has no size knob "
+                "(nothing to solve for); name one with --match-knob, or remove the option"
+            )
         target, label = _target_count(opts.match_params, opts.dataset_key, dim)
         # Matching solves for the model's knob (the hidden width for the MAF family, as in Gresele et al.
         # 2020, H.3); a configured value of the knob yields to it, everything else stays fixed.
         result = match_params(opts.model_key, dim, target, knob=knob, **hparams)
         hparams = dict(result["hparams"])
-        match = {"target": int(result["target"]), "achieved": int(result["achieved"]), "against": label,
-                 "knob": result["knob"]}
+        match = {
+            "target": int(result["target"]),
+            "achieved": int(result["achieved"]),
+            "against": label,
+            "knob": result["knob"],
+        }
         if abs(result["relative_error"]) > MATCH_WARN:
             smallest = match_params(opts.model_key, dim, 1, knob=knob, **hparams)["achieved"]
             warnings.warn(
@@ -311,9 +336,14 @@ def build_from_options(opts: RunOptions, dim: int,
 
 
 # -- train (one run; a stack has its own trainer) -------------------------------------------------------------------
-def train_single(flow: torch.nn.Module, x: RunTensors, opts: RunOptions, ckpt_path: Path,
-                 callbacks: list[Callable[[EpochInfo], None]] | None,
-                 progress: bool) -> tuple[TrainResult, list[str], float]:
+def train_single(
+    flow: torch.nn.Module,
+    x: RunTensors,
+    opts: RunOptions,
+    ckpt_path: Path,
+    callbacks: list[Callable[[EpochInfo], None]] | None,
+    progress: bool,
+) -> tuple[TrainResult, list[str], float]:
     """Gradient training of one run under the MAF protocol (or the closed-form fit).
 
     Returns the result, notes for the record, and the training time of earlier sessions (``--resume``).
@@ -325,12 +355,27 @@ def train_single(flow: torch.nn.Module, x: RunTensors, opts: RunOptions, ckpt_pa
         result.best_val_ll, result.n_nonfinite_val = validation_ll(flow, x.train, x.val, opts.eval_batch_size)
         return result, notes, 0.0
     trainer = Trainer(
-        flow, x.train, x.val, lr=opts.lr, weight_decay=opts.weight_decay, batch_size=opts.batch_size,
-        patience=opts.patience, max_epochs=opts.max_epochs, seed=opts.seed, eval_batch_size=opts.eval_batch_size,
-        checkpoint_path=ckpt_path, fingerprint=opts.to_dict(), callbacks=callbacks, progress=progress,
-        compile=opts.compile, adam_epoch_step=opts.adam_epoch_step,
-        checkpoint_every_s=float(opts.checkpoint_every_s), max_steps=opts.max_steps, lr_schedule=opts.lr_schedule,
-        grad_clip=opts.grad_clip, eval_every=opts.eval_every,
+        flow,
+        x.train,
+        x.val,
+        lr=opts.lr,
+        weight_decay=opts.weight_decay,
+        batch_size=opts.batch_size,
+        patience=opts.patience,
+        max_epochs=opts.max_epochs,
+        seed=opts.seed,
+        eval_batch_size=opts.eval_batch_size,
+        checkpoint_path=ckpt_path,
+        fingerprint=opts.to_dict(),
+        callbacks=callbacks,
+        progress=progress,
+        compile=opts.compile,
+        adam_epoch_step=opts.adam_epoch_step,
+        checkpoint_every_s=float(opts.checkpoint_every_s),
+        max_steps=opts.max_steps,
+        lr_schedule=opts.lr_schedule,
+        grad_clip=opts.grad_clip,
+        eval_every=opts.eval_every,
     )
     prior = 0.0
     if opts.resume:
@@ -356,9 +401,18 @@ def drop_checkpoint(opts: RunOptions, ckpt_path: Path) -> None:
         ckpt_path.unlink(missing_ok=True)
 
 
-def make_record(opts: RunOptions, flow: torch.nn.Module, hparams: dict[str, Any], match: dict[str, Any] | None,
-                result: TrainResult, evaluation: dict[str, Any], jac: dict[str, Any] | None, notes: list[str],
-                device: torch.device, wall_time_s: float) -> RunRecord:
+def make_record(
+    opts: RunOptions,
+    flow: torch.nn.Module,
+    hparams: dict[str, Any],
+    match: dict[str, Any] | None,
+    result: TrainResult,
+    evaluation: dict[str, Any],
+    jac: dict[str, Any] | None,
+    notes: list[str],
+    device: torch.device,
+    wall_time_s: float,
+) -> RunRecord:
     """The run's :class:`~flowbench.results.RunRecord` from its options, model, training result and evaluation."""
     return RunRecord(
         dataset=opts.dataset,
@@ -410,9 +464,21 @@ def _test_sha256(data: Any, test_x: torch.Tensor) -> str:
     return digest
 
 
-def finish_run(opts: RunOptions, data: Any, test_x: torch.Tensor, flow: torch.nn.Module, hparams: dict[str, Any],
-               match: dict[str, Any] | None, result: TrainResult, notes: list[str], device: torch.device,
-               t0: float, rec_path: Path, ckpt_path: Path, stack: dict[str, Any] | None = None) -> RunRecord:
+def finish_run(
+    opts: RunOptions,
+    data: Any,
+    test_x: torch.Tensor,
+    flow: torch.nn.Module,
+    hparams: dict[str, Any],
+    match: dict[str, Any] | None,
+    result: TrainResult,
+    notes: list[str],
+    device: torch.device,
+    t0: float,
+    rec_path: Path,
+    ckpt_path: Path,
+    stack: dict[str, Any] | None = None,
+) -> RunRecord:
     """After training, for a single run or each run of a stack: test evaluation, the record (wall time since
     ``t0``), the kept model state and per-point test LLs; the checkpoint goes unless kept."""
     classes = int(getattr(flow, "classes", 0) or 0)
@@ -429,8 +495,10 @@ def finish_run(opts: RunOptions, data: Any, test_x: torch.Tensor, flow: torch.nn
     n_bad = evaluation["n_nonfinite_test"]
     if n_bad and evaluation["test_ll"] == -math.inf:
         # A density below float range is a legitimate (worst) value, not a failure: said in a note and the table.
-        notes.append(f"{n_bad} of {evaluation['n_test']} test points have log-density −inf, so the test LL is −inf; "
-                     f"over the others it is {evaluation['test_ll_finite']:.4f} ± {evaluation['test_ll_finite_2se']:.4f}")
+        notes.append(
+            f"{n_bad} of {evaluation['n_test']} test points have log-density −inf, so the test LL is −inf; "
+            f"over the others it is {evaluation['test_ll_finite']:.4f} ± {evaluation['test_ll_finite_2se']:.4f}"
+        )
     elif result.status == "ok" and not math.isfinite(evaluation["test_ll"]):
         result.status, result.failure = "nonfinite", "test log-likelihood is not finite"
     record = make_record(opts, flow, hparams, match, result, evaluation, jac, notes, device, time.perf_counter() - t0)

@@ -107,9 +107,11 @@ def scheduled_lr(lr: float, schedule: str, step: int, max_steps: int | None) -> 
     return lr
 
 
-def check_schedule_options(max_steps: int | None, lr_schedule: str, grad_clip: float | None,
-                           eval_every: int | None) -> None:
+def check_schedule_options(
+    max_steps: int | None, lr_schedule: str, grad_clip: float | None, eval_every: int | None
+) -> None:
     """User errors in the step-budget options, in terms of the ``flowbench run`` flags."""
+
     def bad_int(v: Any) -> bool:
         return v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1)
 
@@ -121,7 +123,9 @@ def check_schedule_options(max_steps: int | None, lr_schedule: str, grad_clip: f
         raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}; got {lr_schedule!r}")
     if lr_schedule == "cosine" and max_steps is None:
         raise ConfigError("--lr-schedule cosine anneals over the step budget: give --max-steps too")
-    if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and math.isfinite(grad_clip) and grad_clip > 0):
+    if grad_clip is not None and not (
+        isinstance(grad_clip, (int, float)) and math.isfinite(grad_clip) and grad_clip > 0
+    ):
         raise ConfigError(f"--grad-clip must be a positive number (the largest gradient norm); got {grad_clip!r}")
 
 
@@ -163,8 +167,15 @@ class RunState:
 
     def position_state(self) -> dict[str, Any]:
         """The checkpoint entries of its position (format 2; format 1 had ``epoch`` and ``finished`` only)."""
-        return {"format": 2, "epoch": self.epoch, "step": self.step, "pos": self.pos, "epoch_rng": self.epoch_rng,
-                "best_step": self.best_step, "finished": self.finished}
+        return {
+            "format": 2,
+            "epoch": self.epoch,
+            "step": self.step,
+            "pos": self.pos,
+            "epoch_rng": self.epoch_rng,
+            "best_step": self.best_step,
+            "finished": self.finished,
+        }
 
     def load_position(self, state: dict[str, Any], batches_per_epoch: int, n: int, device: torch.device) -> None:
         """Restore the position and the result from a checkpoint (the stopper already loaded)."""
@@ -192,9 +203,11 @@ def checkpoint_fits(path: str | Path | None) -> Iterator[None]:
     try:
         yield
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
-        raise ConfigError(f"checkpoint {path} does not fit this run ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else e!r}); delete it, or start the run again "
-                          "with --force (without --resume)") from e
+        raise ConfigError(
+            f"checkpoint {path} does not fit this run ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else e!r}); delete it, or start the run again "
+            "with --force (without --resume)"
+        ) from e
 
 
 class RunLoop:
@@ -230,8 +243,14 @@ class RunLoop:
     def _bar(self, s: RunState, steps: int, what: str = "") -> Any:
         """The progress bar of a period from run s's position (none when stderr is not a terminal)."""
         desc = f"epoch {s.epoch + 1}" if self.eval_every is None else f"steps {s.step + 1}-{s.step + steps}"
-        return tqdm(total=steps, desc=what + desc, leave=False, disable=None if self.progress else True,
-                    file=sys.stderr, mininterval=0.5)
+        return tqdm(
+            total=steps,
+            desc=what + desc,
+            leave=False,
+            disable=None if self.progress else True,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
 
     # -- the schedule -----------------------------------------------------------------------------------
     def _budget_spent(self, s: RunState) -> str | None:
@@ -331,8 +350,9 @@ class RunLoop:
             for cb in self.callbacks:
                 cb(info)
 
-    def _evaluate(self, i: int, train_loss: float, failure: str | None, val: tuple[float, int] | None,
-                  t_period: float) -> Any:
+    def _evaluate(
+        self, i: int, train_loss: float, failure: str | None, val: tuple[float, int] | None, t_period: float
+    ) -> Any:
         """Run i's evaluation after its period: history row, epoch line, stopping; its EpochInfo (None: failed)."""
         s = self._states[i]
         s.next_eval = None
@@ -349,21 +369,44 @@ class RunLoop:
         # epoch mode indexes evaluations by epoch (as the MAF protocol reports them), step mode by step
         if s.stopper.step(val_ll, epoch if self.eval_every is None else s.step, s.flow):
             s.best_step = s.step
-        s.result.history.append({"epoch": epoch, "step": s.step, "train_loss": train_loss, "train_nll": nll,
-                                 "val_ll": val_ll, "n_nonfinite_val": n_bad, "n_nonfinite_train": n_bad_train,
-                                 "seconds": time.perf_counter() - t_period})  # training and evaluation
+        s.result.history.append(
+            {
+                "epoch": epoch,
+                "step": s.step,
+                "train_loss": train_loss,
+                "train_nll": nll,
+                "val_ll": val_ll,
+                "n_nonfinite_val": n_bad,
+                "n_nonfinite_train": n_bad_train,
+                "seconds": time.perf_counter() - t_period,
+            }
+        )  # training and evaluation
         s.evaluated_epoch = s.epoch
         omits = getattr(s.flow, "loss_omits", None)
-        info = self._info(i, epoch, train_loss, val_ll, s.stopper.best_value, self._best_epoch(s),
-                          s.stopper.patience_left, s.step, nll, omits)
+        info = self._info(
+            i,
+            epoch,
+            train_loss,
+            val_ll,
+            s.stopper.best_value,
+            self._best_epoch(s),
+            s.stopper.patience_left,
+            s.step,
+            nll,
+            omits,
+        )
         where = f"epoch {epoch:4d}" if self.eval_every is None else f"step {s.step:7d} (epoch {epoch})"
-        self._log(f"{s.prefix}{where}  {loss_label(omits)} {train_loss:10.4f}  train NLL {nll:10.4f}  "
-                  f"val LL {val_ll:10.4f}  best {info.best_val_ll:10.4f} (epoch {info.best_epoch}, step "
-                  f"{s.best_step})  patience left {info.patience_left}")
+        self._log(
+            f"{s.prefix}{where}  {loss_label(omits)} {train_loss:10.4f}  train NLL {nll:10.4f}  "
+            f"val LL {val_ll:10.4f}  best {info.best_val_ll:10.4f} (epoch {info.best_epoch}, step "
+            f"{s.best_step})  patience left {info.patience_left}"
+        )
         if s.stopper.should_stop:
             s.result.stop_reason = (
-                f"no improvement for {s.stopper.patience} epochs" if self.eval_every is None else
-                f"no improvement for {s.stopper.patience} evaluations ({self.eval_every} steps apart)")
+                f"no improvement for {s.stopper.patience} epochs"
+                if self.eval_every is None
+                else f"no improvement for {s.stopper.patience} evaluations ({self.eval_every} steps apart)"
+            )
             s.result.ended = "converged"
             s.finished = True
         return info
@@ -390,8 +433,14 @@ class RunLoop:
         found = s.stopper.best_epoch is not None
         res.best_step = s.best_step if found else None
         res.best_val_ll = s.stopper.best_value if found else math.nan
-        res.n_nonfinite_val = next((int(h.get("n_nonfinite_val", 0)) for h in res.history
-                                    if h.get("step", h["epoch"]) == (res.best_step if "step" in h else res.best_epoch)), 0)
+        res.n_nonfinite_val = next(
+            (
+                int(h.get("n_nonfinite_val", 0))
+                for h in res.history
+                if h.get("step", h["epoch"]) == (res.best_step if "step" in h else res.best_epoch)
+            ),
+            0,
+        )
         s.flow.eval()
         return res
 

@@ -28,8 +28,14 @@ class EpochStepAdam(torch.optim.Optimizer):
     ``weight_decay·x`` to g first, as torch's Adam does (the MAF protocol's L2 term; the jax code has none).
     """
 
-    def __init__(self, params: ParamsT, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.epoch = 1
 

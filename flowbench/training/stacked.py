@@ -94,12 +94,32 @@ class StackedEpochInfo(EpochInfo):
     seed: int = 0
 
 
-def _fused_adam(params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], steps: list[Tensor],
-                lr: float, wd: float) -> None:
+def _fused_adam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    m: list[Tensor],
+    v: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+    wd: float,
+) -> None:
     """torch's fused Adam kernel (the single-run trainer's optimiser) on these tensors; ``steps`` already
     counts this step, as torch's Adam increments before its kernel."""
-    torch._fused_adam_(params, grads, m, v, [], steps, lr=lr, beta1=BETA1, beta2=BETA2, weight_decay=wd, eps=EPS,
-                       amsgrad=False, maximize=False)
+    torch._fused_adam_(
+        params,
+        grads,
+        m,
+        v,
+        [],
+        steps,
+        lr=lr,
+        beta1=BETA1,
+        beta2=BETA2,
+        weight_decay=wd,
+        eps=EPS,
+        amsgrad=False,
+        maximize=False,
+    )
 
 
 def _has_fused(like: Tensor) -> bool:
@@ -181,8 +201,10 @@ class _Period:
         bad = torch.nonzero(self.live_mask & ~torch.isfinite(self.totals)).flatten().tolist()
         for r in bad:
             s = states[r]
-            self.failures[r] = (f"non-finite training loss ({float(det[r])}) at epoch {s.epoch + 1}, batch "
-                                f"{s.pos + 1} (step {s.step + 1}) (lower --lr, or check the data for outliers)")
+            self.failures[r] = (
+                f"non-finite training loss ({float(det[r])}) at epoch {s.epoch + 1}, batch "
+                f"{s.pos + 1} (step {s.step + 1}) (lower --lr, or check the data for outliers)"
+            )
             self.live[r] = False
         if bad:
             self.live_mask = torch.tensor(self.live, device=self.live_mask.device)
@@ -223,10 +245,22 @@ class StackedTrainer(RunLoop):
     shared by its runs.
     """
 
-    def __init__(self, runs: Sequence[RunSpec], train_x: Tensor, val_x: Tensor, *, batch_size: int = 100,
-                 eval_batch_size: int = 2000, callbacks: list[Callable[[StackedEpochInfo], None]] | None = None,
-                 progress: bool = True, checkpoint_every_s: float = 0.0, max_steps: int | None = None,
-                 lr_schedule: str = "constant", grad_clip: float | None = None, eval_every: int | None = None):
+    def __init__(
+        self,
+        runs: Sequence[RunSpec],
+        train_x: Tensor,
+        val_x: Tensor,
+        *,
+        batch_size: int = 100,
+        eval_batch_size: int = 2000,
+        callbacks: list[Callable[[StackedEpochInfo], None]] | None = None,
+        progress: bool = True,
+        checkpoint_every_s: float = 0.0,
+        max_steps: int | None = None,
+        lr_schedule: str = "constant",
+        grad_clip: float | None = None,
+        eval_every: int | None = None,
+    ):
         if not runs:
             raise ConfigError("a stack needs at least one run")
         check_schedule_options(max_steps, lr_schedule, grad_clip, eval_every)
@@ -239,15 +273,22 @@ class StackedTrainer(RunLoop):
         for r in self.runs[1:]:
             theirs = [(n, p.shape, p.dtype) for n, p in r.flow.named_parameters()]
             if theirs != [(n, p.shape, p.dtype) for n, p in self.template.named_parameters()]:
-                raise ConfigError("runs of a stack must have the same model shape (only seeds, learning rates, "
-                                  "weight decay, patience and epoch caps may differ)")
+                raise ConfigError(
+                    "runs of a stack must have the same model shape (only seeds, learning rates, "
+                    "weight decay, patience and epoch caps may differ)"
+                )
         self.names = names
         self.buffers, self.run_buffers = split_buffers([r.flow for r in self.runs])
         self.train_x, self.val_x = train_x, val_x
         # as the single-run trainer: each run's exact training NLL on these points, run by run
         self.nll_x = train_subsample(train_x, min(TRAIN_NLL_POINTS, val_x.shape[0]))
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.max_steps, self.lr_schedule, self.grad_clip, self.eval_every = max_steps, lr_schedule, grad_clip, eval_every
+        self.max_steps, self.lr_schedule, self.grad_clip, self.eval_every = (
+            max_steps,
+            lr_schedule,
+            grad_clip,
+            eval_every,
+        )
         self.callbacks = list(callbacks or [])
         self.progress = progress
         self.checkpoint_every_s = checkpoint_every_s  # as the single-run Trainer's: 0 = every evaluation
@@ -282,17 +323,24 @@ class StackedTrainer(RunLoop):
         template = make_adam(run.flow.parameters(), lr=run.spec.lr, weight_decay=run.spec.weight_decay).state_dict()
         step = self.nsteps[i]
         if step > 0:
-            template["state"] = {k: {"step": torch.tensor(float(step), dtype=torch.float32),
-                                     "exp_avg": self.exp_avg[k][i].clone(), "exp_avg_sq": self.exp_avg_sq[k][i].clone()}
-                                 for k in range(len(self.params))}
+            template["state"] = {
+                k: {
+                    "step": torch.tensor(float(step), dtype=torch.float32),
+                    "exp_avg": self.exp_avg[k][i].clone(),
+                    "exp_avg_sq": self.exp_avg_sq[k][i].clone(),
+                }
+                for k in range(len(self.params))
+            }
         return template
 
     def _state_dict(self, i: int) -> dict[str, Any]:
         run = self.runs[i]
         self._sync_module(i)
         return {
-            **run.state.position_state(), "model": run.flow.state_dict(),
-            "optimizer": self._optimizer_state(i), "early_stopping": run.stopper.state_dict(),
+            **run.state.position_state(),
+            "model": run.flow.state_dict(),
+            "optimizer": self._optimizer_state(i),
+            "early_stopping": run.stopper.state_dict(),
             "rng": _rng_state(run.generator),
             "result": run.result.checkpoint_state(),
             "fingerprint": run.fingerprint,
@@ -326,8 +374,16 @@ class StackedTrainer(RunLoop):
 
     # -- the stepper -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _adam(self, params: list[Tensor], m: list[Tensor], v: list[Tensor], steps: Tensor, nsteps: list[int],
-              active: list[int], live: list[bool]) -> None:
+    def _adam(
+        self,
+        params: list[Tensor],
+        m: list[Tensor],
+        v: list[Tensor],
+        steps: Tensor,
+        nsteps: list[int],
+        active: list[int],
+        live: list[bool],
+    ) -> None:
         """torch's Adam (L2 added to the gradient, as the single-run trainer's) on the rows with ``live``.
 
         Host-side lists decide the grouping (no device sync): the whole stack in one fused call when every row
@@ -362,15 +418,23 @@ class StackedTrainer(RunLoop):
                 _fused_adam(*flat, [steps[j] for j in js for _ in params], lr, wd)
 
     @staticmethod
-    def _adam_reference(params: list[Tensor], grads: list[Tensor], m: list[Tensor], v: list[Tensor], steps: Tensor,
-                        js: list[int], lr: float, wd: float) -> None:
+    def _adam_reference(
+        params: list[Tensor],
+        grads: list[Tensor],
+        m: list[Tensor],
+        v: list[Tensor],
+        steps: Tensor,
+        js: list[int],
+        lr: float,
+        wd: float,
+    ) -> None:
         """torch's Adam algorithm (``foreach=False``) on rows ``js`` where no fused kernel exists."""
         idx = torch.tensor(js, device=steps.device)
         n = steps[idx].to(torch.float64)
         for p, g, ma, va in zip(params, grads, m, v):
             shape = (-1,) + (1,) * (p.dim() - 1)
-            bc1 = (1 - BETA1 ** n).to(p.dtype).view(shape)
-            bc2_sqrt = (1 - BETA2 ** n).sqrt().to(p.dtype).view(shape)
+            bc1 = (1 - BETA1**n).to(p.dtype).view(shape)
+            bc2_sqrt = (1 - BETA2**n).sqrt().to(p.dtype).view(shape)
             gj = g[idx].add(p[idx], alpha=wd)
             mj = ma[idx].lerp_(gj, 1 - BETA1)
             vj = va[idx].mul_(BETA2).addcmul_(gj, gj, value=1 - BETA2)
@@ -389,8 +453,10 @@ class StackedTrainer(RunLoop):
         the epoch; (running mean train loss since the run's last evaluation, failure or None) per run."""
         states = [self.runs[i].state for i in active]
         if len({s.pos for s in states}) > 1:
-            raise ConfigError("the runs of this stack stand at different places in their epochs (checkpoints of "
-                              "different steps): resume them one by one")
+            raise ConfigError(
+                "the runs of this stack stand at different places in their epochs (checkpoints of "
+                "different steps): resume them one by one"
+            )
         period = _Period(self, active)
         for i in active:
             self.runs[i].flow.train()
@@ -401,9 +467,13 @@ class StackedTrainer(RunLoop):
         bar = self._bar(states[0], steps, f"stack of {len(active)}, ")
         for j in range(steps):
             if perms is None:  # a new epoch: each live run's own order (and the generator state that drew it)
-                perms = torch.stack([s.draw_perm(n, torch.device("cpu")) if ok else torch.arange(n)
-                                     for s, ok in zip(states, period.live)]).to(dev)
-            batch = self.train_x[perms[:, pos * b: pos * b + b]]  # (R, b, D): run r's own minibatch
+                perms = torch.stack(
+                    [
+                        s.draw_perm(n, torch.device("cpu")) if ok else torch.arange(n)
+                        for s, ok in zip(states, period.live)
+                    ]
+                ).to(dev)
+            batch = self.train_x[perms[:, pos * b : pos * b + b]]  # (R, b, D): run r's own minibatch
             losses = period.losses(batch)
             end_of_epoch = pos * b + b >= n
             if (j + 1) % sync_every == 0 or end_of_epoch or j == steps - 1:
@@ -438,8 +508,9 @@ class StackedTrainer(RunLoop):
         if len(rows) > 1 and not self.run_buffers:
             idx = torch.tensor(rows, device=self.train_x.device)
             params = {n: p[idx] for n, p in zip(self.names, self.params)}
-            got = stacked_validation(self.template, params, self.buffers, self.train_x, self.val_x,
-                                     self.eval_batch_size)
+            got = stacked_validation(
+                self.template, params, self.buffers, self.train_x, self.val_x, self.eval_batch_size
+            )
             if got is not None:
                 logp, stats = got
                 out = {}
@@ -515,8 +586,9 @@ def stack_key(opts: RunOptions) -> tuple:
     return tuple(sorted((k, repr(v)) for k, v in flat.items() if k not in skip))
 
 
-def run_stacked(options: Sequence[Any], data: Any = None, *, callbacks: list[Callable] | None = None,
-                progress: bool = True) -> list:
+def run_stacked(
+    options: Sequence[Any], data: Any = None, *, callbacks: list[Callable] | None = None, progress: bool = True
+) -> list:
     """Train, evaluate and record R runs as one stack; returns their records (each also written).
 
     Each record has the format of a single run's (:func:`flowbench.training.lifecycle.finish_run`)
@@ -557,14 +629,16 @@ def _check_seeds_left(runs: list[RunOptions], paths: list[tuple[Path, Path]]) ->
         raise UsageError(
             f"{_seeds_have(recorded)} a record in {paths[0][0].parent} already; the seeds left are "
             f"{_seed_list(left)}: run the same command with --seeds {_seed_list(left)}{resume} (--force would "
-            "train every seed again and replace those records)")
+            "train every seed again and replace those records)"
+        )
     fresh = [o for o, (_, ckpt) in zip(runs, paths) if o.resume and not ckpt.is_file()]
     if fresh and len(fresh) < len(runs):
         kept = [o for o in runs if o not in fresh]
         raise UsageError(
             f"--resume: {_seeds_have(fresh)} no checkpoint in {paths[0][1].parent} to resume from, "
             f"{_seeds_have(kept)} one: run --seeds {_seed_list(kept)} --resume, and --seeds {_seed_list(fresh)} "
-            "without --resume")
+            "without --resume"
+        )
 
 
 def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progress: bool, t0: float) -> list:
@@ -605,13 +679,29 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
         notes[i].append(f"trained in a stack of {len(runs)} (seeds {stack['seeds']})")
         notes[i] += [replacing[i]] if replacing[i] else []
         # Wall time: the whole stack's (all its runs trained together), plus this run's earlier sessions.
-        records.append(lifecycle.finish_run(o, data, x.test, flow, hparams, match, res, notes[i], device, t0 - prior[i],
-                                     paths[i][0], paths[i][1], stack))
+        records.append(
+            lifecycle.finish_run(
+                o,
+                data,
+                x.test,
+                flow,
+                hparams,
+                match,
+                res,
+                notes[i],
+                device,
+                t0 - prior[i],
+                paths[i][0],
+                paths[i][1],
+                stack,
+            )
+        )
     return records
 
 
-def _train_stack(runs: list, flows: list, ckpts: list[Path], x: Any, callbacks: list[Callable] | None,
-                 progress: bool) -> tuple[list[TrainResult], list[list[str]], list[float]]:
+def _train_stack(
+    runs: list, flows: list, ckpts: list[Path], x: Any, callbacks: list[Callable] | None, progress: bool
+) -> tuple[list[TrainResult], list[list[str]], list[float]]:
     """Train the built flows of a stack (closed-form ones run by run); their results, the notes for their
     records, and each run's training time in earlier sessions (``--resume``)."""
     notes: list[list[str]] = [[] for _ in runs]
@@ -625,13 +715,34 @@ def _train_stack(runs: list, flows: list, ckpts: list[Path], x: Any, callbacks: 
     first = runs[0]
     # A sweep stacks configurations (tags) too; their epoch lines must tell them apart, not only the seeds.
     tagged = len({o.tag for o in runs}) > 1
-    specs = [RunSpec(flow, o.seed, o.lr, o.weight_decay, o.patience, o.max_epochs, ckpt, o.to_dict(),
-                     f"[{o.tag or 'no tag'}] seed {o.seed}" if tagged else None)
-             for o, flow, ckpt in zip(runs, flows, ckpts)]
-    trainer = StackedTrainer(specs, x.train, x.val, batch_size=first.batch_size,
-                             eval_batch_size=first.eval_batch_size, callbacks=callbacks, progress=progress,
-                             checkpoint_every_s=float(first.checkpoint_every_s), max_steps=first.max_steps,
-                             lr_schedule=first.lr_schedule, grad_clip=first.grad_clip, eval_every=first.eval_every)
+    specs = [
+        RunSpec(
+            flow,
+            o.seed,
+            o.lr,
+            o.weight_decay,
+            o.patience,
+            o.max_epochs,
+            ckpt,
+            o.to_dict(),
+            f"[{o.tag or 'no tag'}] seed {o.seed}" if tagged else None,
+        )
+        for o, flow, ckpt in zip(runs, flows, ckpts)
+    ]
+    trainer = StackedTrainer(
+        specs,
+        x.train,
+        x.val,
+        batch_size=first.batch_size,
+        eval_batch_size=first.eval_batch_size,
+        callbacks=callbacks,
+        progress=progress,
+        checkpoint_every_s=float(first.checkpoint_every_s),
+        max_steps=first.max_steps,
+        lr_schedule=first.lr_schedule,
+        grad_clip=first.grad_clip,
+        eval_every=first.eval_every,
+    )
     for i, (o, ckpt) in enumerate(zip(runs, ckpts)):
         if o.resume:
             trainer.load_checkpoint(i)
@@ -672,6 +783,10 @@ def stack_cap(opts: RunOptions, budget: int | None = None) -> int:
     if budget is None:
         from flowbench.utils import available_memory
 
-        budget = int(MEMORY_SHARE * available_memory(opts.device if opts.device != "auto" else
-                                                     ("cuda" if torch.cuda.is_available() else "cpu")))
+        budget = int(
+            MEMORY_SHARE
+            * available_memory(
+                opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            )
+        )
     return max(1, min(MAX_STACK, budget // max(1, run_memory(opts))))

@@ -34,7 +34,8 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # torch.utils.tensorboard imports the tensorboard package
             raise FlowbenchError(
-                f'--tensorboard needs the tensorboard package ({e}); install it with: pip install "flowbench[tensorboard]"'
+                f"--tensorboard needs the tensorboard package ({e}); install it with: "
+                'pip install "flowbench[tensorboard]"'
             ) from e
         self.log_dir = Path(log_dir)
         self._writer = SummaryWriter(log_dir=str(self.log_dir))

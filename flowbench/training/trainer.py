@@ -65,7 +65,6 @@ from flowbench.utils import atomic_torch_save, keep_freed_memory
 __all__ = ["TrainResult", "Trainer", "EpochInfo", "best_model_state", "save_model_state", "checkpoint_epoch"]
 
 
-
 #: On a GPU the running loss is read back (and checked for NaN/inf) every this many steps.
 SYNC_EVERY = 50
 
@@ -122,8 +121,10 @@ def _why_unreadable(error: Exception) -> str:
     ``weights_only=False``: a file that is not what flowbench wrote must not be unpickled (it can run code)."""
     text = str(error)
     if isinstance(error, pickle.UnpicklingError) or "weights_only" in text or "Weights only" in text:
-        return ("it holds Python objects that flowbench never writes into its files; it was not unpickled, "
-                "because loading such objects can run any code")
+        return (
+            "it holds Python objects that flowbench never writes into its files; it was not unpickled, "
+            "because loading such objects can run any code"
+        )
     first = text.splitlines()[0].split(". ")[0] if text else "unreadable"
     return f"{type(error).__name__}: {first}"
 
@@ -136,11 +137,15 @@ def _load(path: str | Path, what: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise ConfigError(f"no {what} at {path}") from None
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError... for bad files
-        raise ConfigError(f"{what} {path} is truncated or not a flowbench file ({_why_unreadable(e)}); delete it, "
-                          "or start the run again with --force (without --resume)") from e
+        raise ConfigError(
+            f"{what} {path} is truncated or not a flowbench file ({_why_unreadable(e)}); delete it, "
+            "or start the run again with --force (without --resume)"
+        ) from e
     if not isinstance(state, dict):
-        raise ConfigError(f"{what} {path} is not a flowbench file (it holds a {type(state).__name__}); delete it, "
-                          "or start the run again with --force (without --resume)")
+        raise ConfigError(
+            f"{what} {path} is not a flowbench file (it holds a {type(state).__name__}); delete it, "
+            "or start the run again with --force (without --resume)"
+        )
     return state
 
 
@@ -148,8 +153,10 @@ def _checkpoint(path: str | Path) -> dict[str, Any]:
     state = _load(path, "checkpoint")
     missing = [k for k in _CHECKPOINT_KEYS if k not in state]
     if missing:
-        raise ConfigError(f"checkpoint {path} is not a flowbench training checkpoint (no {', '.join(missing)}); "
-                          "delete it, or start the run again with --force (without --resume)")
+        raise ConfigError(
+            f"checkpoint {path} is not a flowbench training checkpoint (no {', '.join(missing)}); "
+            "delete it, or start the run again with --force (without --resume)"
+        )
     return state
 
 

@@ -101,19 +101,35 @@ def _reference_update_check() -> None:
 
 
 def run(config: str, extra: dict, seed: int, out: str, maf_code_adam: bool = False) -> dict:
-    opts = resolve_options({"config": config, "seed": seed, "out": out, "quiet": True, "force": True,
-                            "threads": 1, "tag": f"v{time.perf_counter_ns()}", **extra})
+    opts = resolve_options(
+        {
+            "config": config,
+            "seed": seed,
+            "out": out,
+            "quiet": True,
+            "force": True,
+            "threads": 1,
+            "tag": f"v{time.perf_counter_ns()}",
+            **extra,
+        }
+    )
     original = trainer_mod.make_adam
     if maf_code_adam:  # the Trainer builds its optimiser through this module-level function
-        trainer_mod.make_adam = lambda params, lr, weight_decay: MafCodeAdam(params, lr=lr,
-                                                                             weight_decay=weight_decay)
+        trainer_mod.make_adam = lambda params, lr, weight_decay: MafCodeAdam(params, lr=lr, weight_decay=weight_decay)
     t0 = time.perf_counter()
     try:
         rec = run_experiment(opts, progress=False)
     finally:
         trainer_mod.make_adam = original
-    return {"seed": seed, "test_ll": rec.test_ll, "test_ll_2se": rec.test_ll_2se, "best_val_ll": rec.best_val_ll,
-            "epochs": rec.epochs, "best_epoch": rec.best_epoch, "wall_s": round(time.perf_counter() - t0, 1)}
+    return {
+        "seed": seed,
+        "test_ll": rec.test_ll,
+        "test_ll_2se": rec.test_ll_2se,
+        "best_val_ll": rec.best_val_ll,
+        "epochs": rec.epochs,
+        "best_epoch": rec.best_epoch,
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
 
 
 def main() -> None:
@@ -127,10 +143,18 @@ def main() -> None:
     torch.set_num_threads(1)
     _reference_update_check()
     pairs = {
-        "maf": ("configs/digits/maf.toml", {"hidden": 100, "max-epochs": args.maf_epochs},
-                ("torch Adam", {}), ("MAF-code Adam", {"maf_code_adam": True})),
-        "relgrad": ("configs/digits/relgrad.toml", {"max-epochs": args.relgrad_epochs},
-                    ("torch Adam", {}), ("adam_epoch_step", {"epoch_step": True})),
+        "maf": (
+            "configs/digits/maf.toml",
+            {"hidden": 100, "max-epochs": args.maf_epochs},
+            ("torch Adam", {}),
+            ("MAF-code Adam", {"maf_code_adam": True}),
+        ),
+        "relgrad": (
+            "configs/digits/relgrad.toml",
+            {"max-epochs": args.relgrad_epochs},
+            ("torch Adam", {}),
+            ("adam_epoch_step", {"epoch_step": True}),
+        ),
     }
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,22 +166,32 @@ def main() -> None:
                 base = run(config, extra, s, tmp)
                 var_extra = {**extra, **({"adam-epoch-step": True} if var.get("epoch_step") else {})}
                 variant = run(config, var_extra, s, tmp, maf_code_adam=var.get("maf_code_adam", False))
-                rows.append({"seed": s, base_label: base, var_label: variant,
-                             "diff": variant["test_ll"] - base["test_ll"]})
-                print(f"{name} seed {s}: {base_label} {base['test_ll']:.2f} ± {base['test_ll_2se']:.2f} "
-                      f"(best epoch {base['best_epoch']}/{base['epochs']}, {base['wall_s']} s) | {var_label} "
-                      f"{variant['test_ll']:.2f} ± {variant['test_ll_2se']:.2f} (best epoch "
-                      f"{variant['best_epoch']}/{variant['epochs']}) | diff {rows[-1]['diff']:+.3f}", flush=True)
+                rows.append(
+                    {"seed": s, base_label: base, var_label: variant, "diff": variant["test_ll"] - base["test_ll"]}
+                )
+                print(
+                    f"{name} seed {s}: {base_label} {base['test_ll']:.2f} ± {base['test_ll_2se']:.2f} "
+                    f"(best epoch {base['best_epoch']}/{base['epochs']}, {base['wall_s']} s) | {var_label} "
+                    f"{variant['test_ll']:.2f} ± {variant['test_ll_2se']:.2f} (best epoch "
+                    f"{variant['best_epoch']}/{variant['epochs']}) | diff {rows[-1]['diff']:+.3f}",
+                    flush=True,
+                )
             d = np.array([r["diff"] for r in rows])
             se2 = 2 * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.nan
             base_ll = np.array([r[base_label]["test_ll"] for r in rows])
-            summary = {"diff_mean": float(d.mean()), "diff_2se_over_seeds": float(se2),
-                       "diff_min": float(d.min()), "diff_max": float(d.max()),
-                       "base_seed_sd": float(base_ll.std(ddof=1)) if len(d) > 1 else math.nan}
+            summary = {
+                "diff_mean": float(d.mean()),
+                "diff_2se_over_seeds": float(se2),
+                "diff_min": float(d.min()),
+                "diff_max": float(d.max()),
+                "base_seed_sd": float(base_ll.std(ddof=1)) if len(d) > 1 else math.nan,
+            }
             results[name] = {"config": config, "extra": extra, "runs": rows, "summary": summary}
-            print(f"{name}: {var_label} − {base_label} = {d.mean():+.3f} ± {se2:.3f} (2 SE over {len(d)} seeds; "
-                  f"range {d.min():+.3f}..{d.max():+.3f}); seed s.d. of {base_label}: {summary['base_seed_sd']:.3f}",
-                  flush=True)
+            print(
+                f"{name}: {var_label} − {base_label} = {d.mean():+.3f} ± {se2:.3f} (2 SE over {len(d)} seeds; "
+                f"range {d.min():+.3f}..{d.max():+.3f}); seed s.d. of {base_label}: {summary['base_seed_sd']:.3f}",
+                flush=True,
+            )
     path = Path(args.out) / "adam_variants.json"
     path.write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")

@@ -32,7 +32,7 @@ def _steps(loss_fn, x: torch.Tensor, steps: int, opt: torch.optim.Optimizer) -> 
     """Seconds for ``steps`` training steps on the rows of ``x`` (batch 100, cycled)."""
     t0 = time.perf_counter()
     for i in range(steps):
-        b = x[(i * 100) % x.shape[0]:][:100]
+        b = x[(i * 100) % x.shape[0] :][:100]
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(b)
         loss.backward()
@@ -69,8 +69,13 @@ def measure(dim: int, rounds: int, steps: int) -> dict:
             times[name].append(_steps(fn, x, steps, opt))
     med = {k: statistics.median(v) for k, v in times.items()}
     per_s = {k: steps * 100 / v for k, v in med.items()}
-    return {"dim": dim, "params": flow.num_params(), "ms_per_step": {k: 1e3 * v / steps for k, v in med.items()},
-            "samples_per_s": per_s, "ratio": per_s["adapter"] / per_s["zuko"]}
+    return {
+        "dim": dim,
+        "params": flow.num_params(),
+        "ms_per_step": {k: 1e3 * v / steps for k, v in med.items()},
+        "samples_per_s": per_s,
+        "ratio": per_s["adapter"] / per_s["zuko"],
+    }
 
 
 def main() -> None:
@@ -83,8 +88,10 @@ def main() -> None:
     for dim in args.dims:
         r = measure(dim, args.rounds, args.steps)
         ms = r["ms_per_step"]
-        print(f"D = {dim:3d} ({r['params']:,} parameters): adapter {ms['adapter']:.3f} ms/step, "
-              f"plain zuko {ms['zuko']:.3f} ms/step; throughput ratio adapter/zuko = {r['ratio']:.3f}×")
+        print(
+            f"D = {dim:3d} ({r['params']:,} parameters): adapter {ms['adapter']:.3f} ms/step, "
+            f"plain zuko {ms['zuko']:.3f} ms/step; throughput ratio adapter/zuko = {r['ratio']:.3f}×"
+        )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,16 @@ ALL = ["power", "gas", "hepmass", "miniboone", "bsds300", "mnist"]
 
 def gen_power(root: Path, rng) -> None:
     n = 2_049_280
-    d = np.column_stack([rng.gamma(2, 0.5, n), rng.gamma(2, 0.1, n), 240 + rng.randn(n), rng.gamma(2, 2, n),
-                         rng.randint(0, 40, (n, 3)).astype(float), np.tile(np.arange(1440.0), n // 1440 + 1)[:n]])
+    d = np.column_stack(
+        [
+            rng.gamma(2, 0.5, n),
+            rng.gamma(2, 0.1, n),
+            240 + rng.randn(n),
+            rng.gamma(2, 2, n),
+            rng.randint(0, 40, (n, 3)).astype(float),
+            np.tile(np.arange(1440.0), n // 1440 + 1)[:n],
+        ]
+    )
     (root / "power").mkdir(parents=True)
     np.save(root / "power" / "data.npy", d)
 
@@ -37,9 +45,18 @@ def gen_power(root: Path, rng) -> None:
 def _fake_pandas():
     """Classes and functions named like pandas 1.5's, so that ``pickle`` writes its DataFrame layout."""
     mods = {}
-    for name in ["pandas", "pandas.core", "pandas.core.frame", "pandas.core.internals", "pandas.core.internals.managers",
-                 "pandas._libs", "pandas._libs.internals", "pandas.core.indexes", "pandas.core.indexes.base",
-                 "pandas.core.indexes.range"]:
+    for name in [
+        "pandas",
+        "pandas.core",
+        "pandas.core.frame",
+        "pandas.core.internals",
+        "pandas.core.internals.managers",
+        "pandas._libs",
+        "pandas._libs.internals",
+        "pandas.core.indexes",
+        "pandas.core.indexes.base",
+        "pandas.core.indexes.range",
+    ]:
         mods[name] = sys.modules[name] = types.ModuleType(name)
 
     def reg(mod, obj):
@@ -88,8 +105,17 @@ def _fake_pandas():
             self.mgr = mgr
 
         def __reduce__(self):
-            return DataFrame, (), {"_mgr": self.mgr, "_typ": "dataframe", "_metadata": [], "attrs": {},
-                                   "_flags": {"allows_duplicate_labels": True}}
+            return (
+                DataFrame,
+                (),
+                {
+                    "_mgr": self.mgr,
+                    "_typ": "dataframe",
+                    "_metadata": [],
+                    "attrs": {},
+                    "_flags": {"allows_duplicate_labels": True},
+                },
+            )
 
     reg("pandas.core.indexes.base", Index)
     reg("pandas.core.indexes.range", RangeIndex)
@@ -107,9 +133,13 @@ def gen_gas(root: Path, rng) -> None:
     sensors[:, 0::2], sensors[:, 1::2] = base, twins
     cols = ["Time", "Meth", "Eth"] + [f"S{i}" for i in range(16)]
     values = np.vstack([np.linspace(0, 4e4, n)[None], rng.randint(0, 600, (2, n)).astype(float), sensors.T])
-    mgr = BlockManager([Block(values, np.arange(19))],
-                       [Axis(Index, {"data": np.array(cols, dtype=object), "name": None}),
-                        Axis(RangeIndex, {"start": 0, "stop": n, "step": 1, "name": None})])
+    mgr = BlockManager(
+        [Block(values, np.arange(19))],
+        [
+            Axis(Index, {"data": np.array(cols, dtype=object), "name": None}),
+            Axis(RangeIndex, {"start": 0, "stop": n, "step": 1, "name": None}),
+        ],
+    )
     (root / "gas").mkdir(parents=True)
     with open(root / "gas" / "ethylene_CO.pickle", "wb") as f:
         pickle.dump(DataFrame(mgr), f, protocol=4)
@@ -143,8 +173,10 @@ def gen_bsds300(root: Path, rng) -> None:
 
 
 def gen_mnist(root: Path, rng) -> None:
-    parts = [((rng.randint(0, 256, (n, 784)) / 256).astype(np.float32), rng.randint(0, 10, n))
-             for n in (50_000, 10_000, 10_000)]
+    parts = [
+        ((rng.randint(0, 256, (n, 784)) / 256).astype(np.float32), rng.randint(0, 10, n))
+        for n in (50_000, 10_000, 10_000)
+    ]
     (root / "mnist").mkdir(parents=True)
     with gzip.open(root / "mnist" / "mnist.pkl.gz", "wb", compresslevel=1) as f:
         pickle.dump(tuple(parts), f, protocol=2)
@@ -176,8 +208,11 @@ def main() -> None:
             _ = float(ds.train[-1].sum())  # touch the last row
             t_load = time.perf_counter() - t0
             rows.append((n, ds.dim, len(ds.train), len(ds.val), len(ds.test), t_gen, t_prep, t_load))
-            print(f"{n:10s} D={ds.dim:4d} {len(ds.train):>9,d}/{len(ds.val):>7,d}/{len(ds.test):>7,d}  "
-                  f"generate {t_gen:6.1f} s  prepare {t_prep:6.1f} s  load {t_load:.3f} s", flush=True)
+            print(
+                f"{n:10s} D={ds.dim:4d} {len(ds.train):>9,d}/{len(ds.val):>7,d}/{len(ds.test):>7,d}  "
+                f"generate {t_gen:6.1f} s  prepare {t_prep:6.1f} s  load {t_load:.3f} s",
+                flush=True,
+            )
         print(f"total prepare {sum(r[6] for r in rows):.1f} s, max load {max(r[7] for r in rows):.3f} s")
     finally:
         if args.keep is None:

@@ -46,11 +46,13 @@ class LibraryFlow(nn.Module):
 
 def nflows_maf(d, h):
     from nflows.flows import MaskedAutoregressiveFlow
+
     return MaskedAutoregressiveFlow(d, h, num_layers=5, num_blocks_per_layer=1)
 
 
 def nflows_realnvp(d, h):
     from nflows.flows import SimpleRealNVP
+
     return SimpleRealNVP(d, h, num_layers=5, num_blocks_per_layer=1)
 
 
@@ -65,11 +67,13 @@ class Zuko(nn.Module):
 
 def zuko_maf(d, h):
     import zuko
+
     return Zuko(zuko.flows.MAF(d, transforms=5, hidden_features=(h, h)))
 
 
 def zuko_realnvp(d, h):
     import zuko
+
     return Zuko(zuko.flows.RealNVP(d, transforms=5, hidden_features=(h, h)))
 
 
@@ -94,8 +98,10 @@ def main() -> None:
     data = load_dataset("digits")
     tr, va, te = (torch.tensor(a) for a in (data.train, data.val, data.test))
     d = data.dim
-    for family, libs in (("maf", [("nflows MAF", nflows_maf), ("zuko MAF", zuko_maf)]),
-                         ("realnvp", [("nflows SimpleRealNVP", nflows_realnvp), ("zuko RealNVP", zuko_realnvp)])):
+    for family, libs in (
+        ("maf", [("nflows MAF", nflows_maf), ("zuko MAF", zuko_maf)]),
+        ("realnvp", [("nflows SimpleRealNVP", nflows_realnvp), ("zuko RealNVP", zuko_realnvp)]),
+    ):
         for seed in args.seeds:
             torch.manual_seed(seed)
             opts = resolve_options({"dataset": "digits", "model": family})
@@ -111,12 +117,22 @@ def main() -> None:
                 t0 = time.perf_counter()
                 if hasattr(flow, "initialize"):
                     flow.initialize(tr)
-                res = Trainer(flow, tr, va, lr=args.lr, patience=args.patience, max_epochs=args.max_epochs,
-                              seed=seed, progress=False).fit()
+                res = Trainer(
+                    flow,
+                    tr,
+                    va,
+                    lr=args.lr,
+                    patience=args.patience,
+                    max_epochs=args.max_epochs,
+                    seed=seed,
+                    progress=False,
+                ).fit()
                 mean, se2 = mean_2se(log_prob_batches(flow, te))
-                print(f"{name:45s} seed {seed}  params {count(flow):7d}  epochs {res.epochs:3d} "
-                      f"(best {res.best_epoch})  test LL {mean:9.2f} ± {se2:5.2f}  {time.perf_counter() - t0:6.1f} s",
-                      flush=True)
+                print(
+                    f"{name:45s} seed {seed}  params {count(flow):7d}  epochs {res.epochs:3d} "
+                    f"(best {res.best_epoch})  test LL {mean:9.2f} ± {se2:5.2f}  {time.perf_counter() - t0:6.1f} s",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

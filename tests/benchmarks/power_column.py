@@ -59,26 +59,36 @@ REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / "configs" / "sweeps" / "maf-table1.toml"
 
 #: Assumed epochs to early stopping (patience 30) per family; the reasons are printed with the table.
-EPOCHS: dict[str, int] = {"gaussian": 0, "made": 60, "made-mog": 60, "realnvp": 100, "maf": 100, "maf-mog": 100,
-                          "relgrad": 100}
+EPOCHS: dict[str, int] = {
+    "gaussian": 0,
+    "made": 60,
+    "made-mog": 60,
+    "realnvp": 100,
+    "maf": 100,
+    "maf-mog": 100,
+    "relgrad": 100,
+}
 WHY = {
     "made": "MADE / MADE MoG: 60 = best near epoch 30 + patience 30 (assumed, not measured: they train at lr 1e-3, "
-            "10x the flows', with no batch norm; no MADE run on POWER with its epoch count was found)",
+    "10x the flows', with no batch norm; no MADE run on POWER with its epoch count was found)",
     "maf": "MAF / MAF MoG / Real NVP: 100, a lower bound: MAF (5) on POWER rebuilt from UCI (3 seeds, stacked) still "
-           "set new best validation LLs at epochs 57-59 with patience 30, so it stops at epoch 89 at the earliest",
+    "set new best validation LLs at epochs 57-59 with patience 30, so it stops at epoch 89 at the earliest",
     "relgrad": "relgrad (8 layers, lr 1e-4): 100, a guess: issue 16 saw it still improving after 9 epochs "
-               "(val LL -1.77), and its lr is the flows'",
+    "(val LL -1.77), and its lr is the flows'",
 }
 
 
 def _fail_no_data(root: str | None, why: str) -> None:
     where = root or os.environ.get("FLOWBENCH_DATA") or "data"
-    print(f"error: no POWER under the data root {where!r} ({why}).\n"
-          "Get it with one of:\n"
-          "  flowbench download --dataset power --root DIR   (MAF's archive, zenodo 1161203)\n"
-          "  the UCI rebuild: see the README of /work/shared/data/uci-power/ (builds DIR/power/data.npy;\n"
-          "  a study copy, never MAF's numbers)\n"
-          "then run this script with --data-root DIR.", file=sys.stderr)
+    print(
+        f"error: no POWER under the data root {where!r} ({why}).\n"
+        "Get it with one of:\n"
+        "  flowbench download --dataset power --root DIR   (MAF's archive, zenodo 1161203)\n"
+        "  the UCI rebuild: see the README of /work/shared/data/uci-power/ (builds DIR/power/data.npy;\n"
+        "  a study copy, never MAF's numbers)\n"
+        "then run this script with --data-root DIR.",
+        file=sys.stderr,
+    )
     sys.exit(2)
 
 
@@ -145,8 +155,9 @@ def time_eval(opts: Any, train_x: torch.Tensor, val_x: torch.Tensor, seeds: int,
         _sync(dev)
         return {"single_s": time.perf_counter() - t, "stack_s": None}
     (f,) = _flows(opts.model, hp, dim, 1, train_x, dev)
-    tr = Trainer(f, train_x, val_x, lr=opts.lr, batch_size=opts.batch_size, eval_batch_size=opts.eval_batch_size,
-                 progress=False)
+    tr = Trainer(
+        f, train_x, val_x, lr=opts.lr, batch_size=opts.batch_size, eval_batch_size=opts.eval_batch_size, progress=False
+    )
     _sync(dev)
     t = time.perf_counter()
     ll, _ = tr._validate()
@@ -156,8 +167,14 @@ def time_eval(opts: Any, train_x: torch.Tensor, val_x: torch.Tensor, seeds: int,
     res = {"single_s": single, "val_ll_at_init": ll, "stack_s": None}
     if seeds > 1:
         fs = _flows(opts.model, hp, dim, seeds, train_x, dev)
-        st = StackedTrainer([RunSpec(g, s, opts.lr) for s, g in enumerate(fs)], train_x, val_x,
-                            batch_size=opts.batch_size, eval_batch_size=opts.eval_batch_size, progress=False)
+        st = StackedTrainer(
+            [RunSpec(g, s, opts.lr) for s, g in enumerate(fs)],
+            train_x,
+            val_x,
+            batch_size=opts.batch_size,
+            eval_batch_size=opts.eval_batch_size,
+            progress=False,
+        )
         _sync(dev)
         t = time.perf_counter()
         vals = st._validate_all(list(range(seeds)))
@@ -168,15 +185,23 @@ def time_eval(opts: Any, train_x: torch.Tensor, val_x: torch.Tensor, seeds: int,
     return res
 
 
-def time_cell(opts: Any, args: argparse.Namespace, train_x: torch.Tensor, val_x: torch.Tensor,
-              dev: torch.device, n_train: int) -> dict:
+def time_cell(
+    opts: Any, args: argparse.Namespace, train_x: torch.Tensor, val_x: torch.Tensor, dev: torch.device, n_train: int
+) -> dict:
     from flowbench.bench.stacked import run_stack_bench
     from flowbench.models import display_name, get_spec
 
     spec = get_spec(opts.model)
     hp = spec.resolve(opts.hparams)
-    row = {"model": opts.model, "row": display_name(opts.model, **hp), "hidden_layers": hp.get("hidden_layers"),
-           "hparams": hp, "lr": opts.lr, "batch_size": opts.batch_size, "trainable": spec.trainable}
+    row = {
+        "model": opts.model,
+        "row": display_name(opts.model, **hp),
+        "hidden_layers": hp.get("hidden_layers"),
+        "hparams": hp,
+        "lr": opts.lr,
+        "batch_size": opts.batch_size,
+        "trainable": spec.trainable,
+    }
     fam = _family(opts.model)
     epochs = args.epoch_map[opts.model] if opts.model in args.epoch_map else args.epoch_map.get(fam, EPOCHS[fam])
     row["epochs_assumed"] = epochs
@@ -185,15 +210,29 @@ def time_cell(opts: Any, args: argparse.Namespace, train_x: torch.Tensor, val_x:
         lines: list[str] = []
         per_round = max(1, args.steps // args.rounds)
         w0, c0 = time.perf_counter(), time.process_time()
-        b = run_stack_bench("power", opts.model, args.seeds, steps=per_round, batch_size=opts.batch_size,
-                            lr=opts.lr, hparams=opts.hparams, rounds=args.rounds, data_root=args.data_root,
-                            device=str(dev), log=lines.append)
+        b = run_stack_bench(
+            "power",
+            opts.model,
+            args.seeds,
+            steps=per_round,
+            batch_size=opts.batch_size,
+            lr=opts.lr,
+            hparams=opts.hparams,
+            rounds=args.rounds,
+            data_root=args.data_root,
+            device=str(dev),
+            log=lines.append,
+        )
         row["wall_cpu_train_s"] = (time.perf_counter() - w0, time.process_time() - c0)
         if b["synthetic"]:  # load_power has checked; a data root that lost POWER since must not pass silently
             raise RuntimeError("run_stack_bench timed synthetic data: POWER was not found")
         sps = b["samples_per_s"]
-        row["params"] = sum(p.numel() for p in _flows(opts.model, hp, train_x.shape[1], 1, train_x[:1000].cpu(),
-                                                        torch.device("cpu"))[0].parameters())
+        row["params"] = sum(
+            p.numel()
+            for p in _flows(opts.model, hp, train_x.shape[1], 1, train_x[:1000].cpu(), torch.device("cpu"))[
+                0
+            ].parameters()
+        )
         row["ms_step_single"] = 1e3 * opts.batch_size / sps["sequential"]
         row["ms_step_stack_per_run"] = 1e3 * opts.batch_size / sps["stacked"]
         row["stack_over_sequential"] = b["ratio"]
@@ -234,15 +273,19 @@ def _f(v: float | None, fmt: str) -> str:
 
 
 def table(rows: list[dict], seeds: int) -> str:
-    head = (f"{'row':<19}{'hl':>3}{'params':>8}{'ms/step':>9}{'stack/run':>10}{'eval s':>8}{'s/epoch':>9}"
-            f"{'stack s/ep':>11}{'epochs':>7}{'h, 1 run':>9}{f'h, {seeds} seq.':>10}{'h, stack':>9}{'core':>6}")
+    head = (
+        f"{'row':<19}{'hl':>3}{'params':>8}{'ms/step':>9}{'stack/run':>10}{'eval s':>8}{'s/epoch':>9}"
+        f"{'stack s/ep':>11}{'epochs':>7}{'h, 1 run':>9}{f'h, {seeds} seq.':>10}{'h, stack':>9}{'core':>6}"
+    )
     out = [head, "-" * len(head)]
     for r in rows:
-        out.append(f"{r['row']:<19}{_f(r['hidden_layers'], 'd'):>3}{_f(r['params'], ',d'):>8}"
-                   f"{_f(r.get('ms_step_single'), '.2f'):>9}{_f(r.get('ms_step_stack_per_run'), '.2f'):>10}"
-                   f"{r['eval_s_single']:>8.1f}{_f(r.get('s_epoch_single'), '.0f'):>9}"
-                   f"{_f(r.get('s_epoch_stack'), '.0f'):>11}{r['epochs_assumed']:>7d}{r['h_one_run']:>9.1f}"
-                   f"{r['h_seeds_sequential']:>10.1f}{r['h_seeds_stacked']:>9.1f}{r['core_share']:>6.0%}")
+        out.append(
+            f"{r['row']:<19}{_f(r['hidden_layers'], 'd'):>3}{_f(r['params'], ',d'):>8}"
+            f"{_f(r.get('ms_step_single'), '.2f'):>9}{_f(r.get('ms_step_stack_per_run'), '.2f'):>10}"
+            f"{r['eval_s_single']:>8.1f}{_f(r.get('s_epoch_single'), '.0f'):>9}"
+            f"{_f(r.get('s_epoch_stack'), '.0f'):>11}{r['epochs_assumed']:>7d}{r['h_one_run']:>9.1f}"
+            f"{r['h_seeds_sequential']:>10.1f}{r['h_seeds_stacked']:>9.1f}{r['core_share']:>6.0%}"
+        )
     return "\n".join(out)
 
 
@@ -253,10 +296,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=200, help="timed training steps per run and cell (default 200)")
     p.add_argument("--rounds", type=int, default=4, help="blocks the steps are split into (default 4)")
     p.add_argument("--seeds", type=int, default=3, help="runs per stack and per cell (default 3)")
-    p.add_argument("--epochs", action="append", default=[], metavar="FAMILY=N",
-                   help="assumed epochs to early stopping for a model or family (made, maf, relgrad, ...)")
-    p.add_argument("--eval-fraction", type=float, default=1.0,
-                   help="time the evaluation on this fraction of the rows and scale up (default 1: all rows)")
+    p.add_argument(
+        "--epochs",
+        action="append",
+        default=[],
+        metavar="FAMILY=N",
+        help="assumed epochs to early stopping for a model or family (made, maf, relgrad, ...)",
+    )
+    p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=1.0,
+        help="time the evaluation on this fraction of the rows and scale up (default 1: all rows)",
+    )
     p.add_argument("--only", default=None, help="comma-separated models to time (default: all)")
     p.add_argument("--out", default=None, help="write the numbers to this JSON file")
     args = p.parse_args(argv)
@@ -284,9 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     train_x = torch.as_tensor(ds.train, dtype=torch.float32).to(dev)
     val_x = torch.as_tensor(ds.val, dtype=torch.float32).to(dev)
     machine = machine_info()
-    print(f"POWER from {root or os.environ.get('FLOWBENCH_DATA') or 'data'}: {train_x.shape[0]:,} train, "
-          f"{val_x.shape[0]:,} validation rows (epochs counted at MAF's {n_train_maf:,} training rows); device "
-          f"{dev}, {machine['threads']} thread(s), torch {machine['torch']}, load average {machine['loadavg']}")
+    print(
+        f"POWER from {root or os.environ.get('FLOWBENCH_DATA') or 'data'}: {train_x.shape[0]:,} train, "
+        f"{val_x.shape[0]:,} validation rows (epochs counted at MAF's {n_train_maf:,} training rows); device "
+        f"{dev}, {machine['threads']} thread(s), torch {machine['torch']}, load average {machine['loadavg']}"
+    )
     opts = cells()
     if args.only:
         keep = set(args.only.split(","))
@@ -296,9 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     for o in opts:
         r = time_cell(o, args, train_x, val_x, dev, n_train_maf)
         rows.append(r)
-        print(f"  {r['row']:<19} hl {_f(r['hidden_layers'], 'd')}: {_f(r.get('ms_step_single'), '.2f')} ms/step, "
-              f"stacked {_f(r.get('ms_step_stack_per_run'), '.2f')} ms/step/run, eval {r['eval_s_single']:.1f} s "
-              f"(stack {_f(r['eval_s_stack'], '.1f')} s)  [{r['bench_wall_s']:.0f} s]", flush=True)
+        print(
+            f"  {r['row']:<19} hl {_f(r['hidden_layers'], 'd')}: {_f(r.get('ms_step_single'), '.2f')} ms/step, "
+            f"stacked {_f(r.get('ms_step_stack_per_run'), '.2f')} ms/step/run, eval {r['eval_s_single']:.1f} s "
+            f"(stack {_f(r['eval_s_stack'], '.1f')} s)  [{r['bench_wall_s']:.0f} s]",
+            flush=True,
+        )
     print()
     print(table(rows, args.seeds))
     col = [r for r in rows if r["model"] != "relgrad"]
@@ -313,32 +370,61 @@ def main(argv: list[str] | None = None) -> int:
         for how in ("sequential", "stacked"):
             totals[f"{k}_h_{how}_idle_core"] = sum(r[f"h_seeds_{how}"] * r["core_share"] for r in pick)
     unit = "GPU-hours" if dev.type == "cuda" else "CPU core-hours" if torch.get_num_threads() == 1 else "hours"
-    print(f"\nMAF Table 1 POWER column ({len(col)} cells), {args.seeds} seeds each, to early stopping on {dev}: "
-          f"{totals['column_h_sequential']:.0f} {unit} run by run, {totals['column_h_stacked']:.0f} stacked "
-          f"({args.seeds} seeds per stack)")
+    print(
+        f"\nMAF Table 1 POWER column ({len(col)} cells), {args.seeds} seeds each, to early stopping on {dev}: "
+        f"{totals['column_h_sequential']:.0f} {unit} run by run, {totals['column_h_stacked']:.0f} stacked "
+        f"({args.seeds} seeds per stack)"
+    )
     if dev.type == "cpu":
-        print(f"  on an idle core (each cell x its 'core' share, the CPU time the process got while timed): "
-              f"{totals['column_h_sequential_idle_core']:.0f} run by run, {totals['column_h_stacked_idle_core']:.0f} "
-              "stacked")
+        print(
+            f"  on an idle core (each cell x its 'core' share, the CPU time the process got while timed): "
+            f"{totals['column_h_sequential_idle_core']:.0f} run by run, {totals['column_h_stacked_idle_core']:.0f} "
+            "stacked"
+        )
     if len(rows) > len(col):
-        print(f"with relgrad: {totals['with_relgrad_h_sequential']:.0f} run by run, "
-              f"{totals['with_relgrad_h_stacked']:.0f} stacked"
-              + (f" (idle core: {totals['with_relgrad_h_sequential_idle_core']:.0f} and "
-                 f"{totals['with_relgrad_h_stacked_idle_core']:.0f})" if dev.type == "cpu" else ""))
+        print(
+            f"with relgrad: {totals['with_relgrad_h_sequential']:.0f} run by run, "
+            f"{totals['with_relgrad_h_stacked']:.0f} stacked"
+            + (
+                f" (idle core: {totals['with_relgrad_h_sequential_idle_core']:.0f} and "
+                f"{totals['with_relgrad_h_stacked_idle_core']:.0f})"
+                if dev.type == "cpu"
+                else ""
+            )
+        )
     used = {r["row"]: r["epochs_assumed"] for r in rows if r["trainable"]}
-    print("Assumed epochs to early stopping (--epochs FAMILY=N to change; used here: "
-          + ", ".join(f"{k} {v}" for k, v in used.items()) + "), by default:")
+    print(
+        "Assumed epochs to early stopping (--epochs FAMILY=N to change; used here: "
+        + ", ".join(f"{k} {v}" for k, v in used.items())
+        + "), by default:"
+    )
     for line in WHY.values():
         print(f"  - {line}")
-    print(f"Measured in {time.perf_counter() - t0:.0f} s ({args.steps} steps per run and cell, {args.rounds} rounds; "
-          f"one evaluation per cell on {args.eval_fraction:.0%} of the rows, scaled); load average now "
-          f"{os.getloadavg() if hasattr(os, 'getloadavg') else None}.")
+    print(
+        f"Measured in {time.perf_counter() - t0:.0f} s ({args.steps} steps per run and cell, {args.rounds} rounds; "
+        f"one evaluation per cell on {args.eval_fraction:.0%} of the rows, scaled); load average now "
+        f"{os.getloadavg() if hasattr(os, 'getloadavg') else None}."
+    )
     if args.out:
-        rec = {"benchmark": "power_column", "paper": "Papamakarios et al. 2017 (arXiv:1705.07057), Table 1, POWER",
-               "data_root": str(root), "n_train_rows_timed": int(train_x.shape[0]), "n_train_epoch": n_train_maf,
-               "n_val_rows": int(val_x.shape[0]), "device": str(dev), "seeds": args.seeds, "steps": args.steps,
-               "rounds": args.rounds, "eval_fraction": args.eval_fraction, "epochs_assumed": {**EPOCHS, **args.epoch_map}, "why_epochs": WHY,
-               "unit": unit, "machine": machine, "rows": rows, "totals_h": totals}
+        rec = {
+            "benchmark": "power_column",
+            "paper": "Papamakarios et al. 2017 (arXiv:1705.07057), Table 1, POWER",
+            "data_root": str(root),
+            "n_train_rows_timed": int(train_x.shape[0]),
+            "n_train_epoch": n_train_maf,
+            "n_val_rows": int(val_x.shape[0]),
+            "device": str(dev),
+            "seeds": args.seeds,
+            "steps": args.steps,
+            "rounds": args.rounds,
+            "eval_fraction": args.eval_fraction,
+            "epochs_assumed": {**EPOCHS, **args.epoch_map},
+            "why_epochs": WHY,
+            "unit": unit,
+            "machine": machine,
+            "rows": rows,
+            "totals_h": totals,
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rec, indent=1, default=str))
         print(f"wrote {args.out}")

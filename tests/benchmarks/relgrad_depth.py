@@ -19,7 +19,8 @@ Long runs (``--long-*``): moons at 2 and 8 layers for up to 300 epochs (15,000 s
 ``--alpha`` sets the smooth leaky ReLU slope (0.3 by default; the authors' JAX code used 0.01).
 Budget: one thread, epochs capped (200 on digits, 60 on the toys by default), 116 runs; about 20 minutes on
 an idle core (46 minutes measured on a 2-core machine shared with four other jobs). The JSON and Markdown
-are rewritten after every run. The step counts are small next to POWER's (16,000 steps per epoch at batch 100), so "stable here" is
+are rewritten after every run. The step counts are small next to POWER's (16,000 steps per epoch at batch 100),
+so "stable here" is
 necessary, not sufficient, for "stable on POWER".
 
     OMP_NUM_THREADS=1 python tests/benchmarks/relgrad_depth.py [--out DIR] [--quick]
@@ -73,8 +74,17 @@ def _finite_or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def run_one(data, layers: int, lr: float, rule: str, max_epochs: int, patience: int, seed: int,
-            phase: str = "grid", alpha: float = 0.3) -> dict[str, Any]:
+def run_one(
+    data,
+    layers: int,
+    lr: float,
+    rule: str,
+    max_epochs: int,
+    patience: int,
+    seed: int,
+    phase: str = "grid",
+    alpha: float = 0.3,
+) -> dict[str, Any]:
     """Train one configuration; returns its measurement record."""
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -99,8 +109,18 @@ def run_one(data, layers: int, lr: float, rule: str, max_epochs: int, patience: 
             if any("relgrad layer" in str(w.message) for w in caught) and not warn_epochs:
                 warn_epochs.append(info.epoch)
 
-        trainer = Trainer(flow, train_x, val_x, lr=lr, batch_size=100, patience=patience, max_epochs=max_epochs,
-                          seed=seed, progress=False, callbacks=[on_epoch])
+        trainer = Trainer(
+            flow,
+            train_x,
+            val_x,
+            lr=lr,
+            batch_size=100,
+            patience=patience,
+            max_epochs=max_epochs,
+            seed=seed,
+            progress=False,
+            callbacks=[on_epoch],
+        )
         t0 = time.perf_counter()
         res = trainer.fit()  # restores the best-validation state at the end
         elapsed = time.perf_counter() - t0
@@ -115,21 +135,38 @@ def run_one(data, layers: int, lr: float, rule: str, max_epochs: int, patience: 
     fell = res.status != "ok" or (math.isfinite(drop) and drop > FALL_PER_DIM * data.dim)
     steps_per_epoch = math.ceil(train_x.shape[0] / 100)
     return {
-        "data": data.name, "phase": phase, "dim": data.dim, "layers": layers, "lr": lr, "bias_rule": rule,
-        "alpha": alpha, "max_epochs": max_epochs,
-        "params": count_params(flow), "epochs": res.epochs, "steps": res.epochs * steps_per_epoch,
-        "best_epoch": res.best_epoch, "best_val_ll": _finite_or_none(best), "final_val_ll": _finite_or_none(final),
-        "drop_after_best": _finite_or_none(drop), "fell_back": bool(fell), "test_ll_best_state": _finite_or_none(test_ll),
-        "status": res.status, "failure": res.failure, "stop_reason": res.stop_reason,
+        "data": data.name,
+        "phase": phase,
+        "dim": data.dim,
+        "layers": layers,
+        "lr": lr,
+        "bias_rule": rule,
+        "alpha": alpha,
+        "max_epochs": max_epochs,
+        "params": count_params(flow),
+        "epochs": res.epochs,
+        "steps": res.epochs * steps_per_epoch,
+        "best_epoch": res.best_epoch,
+        "best_val_ll": _finite_or_none(best),
+        "final_val_ll": _finite_or_none(final),
+        "drop_after_best": _finite_or_none(drop),
+        "fell_back": bool(fell),
+        "test_ll_best_state": _finite_or_none(test_ll),
+        "status": res.status,
+        "failure": res.failure,
+        "stop_reason": res.stop_reason,
         "cond_first_epoch": _finite_or_none(per_epoch_cond[0]) if per_epoch_cond else None,
         "cond_max_seen": _finite_or_none(max(per_epoch_cond)) if per_epoch_cond else None,
         "cond_last_epoch": [_finite_or_none(c) for c in last_cond],
         "cond_best_state": [_finite_or_none(c) for c in best_cond],
-        "singular_warnings": len(msgs), "first_warning_epoch": warn_epochs[0] if warn_epochs else None,
+        "singular_warnings": len(msgs),
+        "first_warning_epoch": warn_epochs[0] if warn_epochs else None,
         "warning_example": msgs[0] if msgs else None,
         "train_ll_at_best": train_curve[res.best_epoch - 1] if res.best_epoch else None,
         "train_ll_final": train_curve[-1] if train_curve else None,
-        "val_curve": [_finite_or_none(v) for v in vals], "train_curve": train_curve, "time_s": elapsed,
+        "val_curve": [_finite_or_none(v) for v in vals],
+        "train_curve": train_curve,
+        "time_s": elapsed,
     }
 
 
@@ -139,22 +176,30 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
 
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """One table per data set: a row per (layers, lr), a column group per bias rule."""
-    lines = ["# relgrad: depth × learning rate × bias rule", "",
-             f"Generated by `tests/benchmarks/relgrad_depth.py` ({meta['when']}, torch {meta['torch']}, "
-             f"{meta['threads']} thread(s), seed {meta['seed']}, patience {meta['patience']}, smooth leaky ReLU α "
-             f"{meta.get('alpha', 0.3)}). "
-             "Cells: best validation LL (nats) @ best epoch / epochs run; ↓x = the last epoch's validation LL is x "
-             f"nats below the best (flagged ⚠ above {FALL_PER_DIM} nats per dimension); κ = the largest cond(W_k) "
-             "seen after any epoch; W! = the singular-drift warning fired (first epoch); NaN = training went "
-             "non-finite; (train ↑/↓) = whether the exact training LL (first 2,000 points) rose or fell over the same "
-             "epochs: rising means overfitting, falling means the steps themselves make the model worse.", ""]
+    lines = [
+        "# relgrad: depth × learning rate × bias rule",
+        "",
+        f"Generated by `tests/benchmarks/relgrad_depth.py` ({meta['when']}, torch {meta['torch']}, "
+        f"{meta['threads']} thread(s), seed {meta['seed']}, patience {meta['patience']}, smooth leaky ReLU α "
+        f"{meta.get('alpha', 0.3)}). "
+        "Cells: best validation LL (nats) @ best epoch / epochs run; ↓x = the last epoch's validation LL is x "
+        f"nats below the best (flagged ⚠ above {FALL_PER_DIM} nats per dimension); κ = the largest cond(W_k) "
+        "seen after any epoch; W! = the singular-drift warning fired (first epoch); NaN = training went "
+        "non-finite; (train ↑/↓) = whether the exact training LL (first 2,000 points) rose or fell over the same "
+        "epochs: rising means overfitting, falling means the steps themselves make the model worse.",
+        "",
+    ]
     for group in dict.fromkeys((r["data"], r["phase"]) for r in records):
         rs = [r for r in records if (r["data"], r["phase"]) == group]
         rules = list(dict.fromkeys(r["bias_rule"] for r in rs))
         spe = rs[0]["steps"] // max(rs[0]["epochs"], 1)
         title = f"{group[0]}" + (" — long runs" if group[1] == "long" else "")
-        lines += [f"## {title} (D = {rs[0]['dim']}, {spe} steps per epoch, at most {rs[0]['max_epochs']} epochs)", "",
-                  "| layers | lr | " + " | ".join(rules) + " |", "|---|---|" + "---|" * len(rules)]
+        lines += [
+            f"## {title} (D = {rs[0]['dim']}, {spe} steps per epoch, at most {rs[0]['max_epochs']} epochs)",
+            "",
+            "| layers | lr | " + " | ".join(rules) + " |",
+            "|---|---|" + "---|" * len(rules),
+        ]
         for layers in sorted({r["layers"] for r in rs}):
             for lr in sorted({r["lr"] for r in rs}, reverse=True):
                 cells = []
@@ -180,15 +225,21 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 lines.append(f"| {layers} | {lr:g} | " + " | ".join(cells) + " |")
         best = max((r for r in rs if r["best_val_ll"] is not None), key=lambda r: r["best_val_ll"], default=None)
         if best:
-            lines += ["", f"Best by validation: {best['layers']} layers, lr {best['lr']:g}, bias rule "
-                      f"{best['bias_rule']}: {best['best_val_ll']:.3f} (test LL of that state "
-                      f"{_fmt(best['test_ll_best_state'], '.3f')})."]
+            lines += [
+                "",
+                f"Best by validation: {best['layers']} layers, lr {best['lr']:g}, bias rule "
+                f"{best['bias_rule']}: {best['best_val_ll']:.3f} (test LL of that state "
+                f"{_fmt(best['test_ll_best_state'], '.3f')}).",
+            ]
         lines.append("")
     n_fell = sum(r["fell_back"] for r in records)
     n_warn = sum(r["singular_warnings"] > 0 for r in records)
     n_nan = sum(r["status"] != "ok" for r in records)
-    lines += [f"{len(records)} runs: {n_nan} non-finite, {n_fell} fell back after their best, {n_warn} with a "
-              f"singular-drift warning; total training time {sum(r['time_s'] for r in records):.0f} s.", ""]
+    lines += [
+        f"{len(records)} runs: {n_nan} non-finite, {n_fell} fell back after their best, {n_warn} with a "
+        f"singular-drift warning; total training time {sum(r['time_s'] for r in records):.0f} s.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -211,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--long-rules", default="reference,augmented")
     p.add_argument("--long-epochs", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, default=0.3,
-                   help="smooth leaky ReLU slope (0.3: PyTorch notebook and flowbench default; 0.01: the JAX code)")
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.3,
+        help="smooth leaky ReLU slope (0.3: PyTorch notebook and flowbench default; 0.01: the JAX code)",
+    )
     p.add_argument("--quick", action="store_true", help="2 and 4 layers, one lr, 3 epochs: a smoke test")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -230,12 +285,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             plan.append(("grid", name, layers, a.lrs_toy, a.rules_toy, a.max_epochs_toy))
     for name in filter(None, a.long_data.split(",")):
-        plan.append(("long", name, [int(x) for x in a.long_layers.split(",")], a.long_lrs, a.long_rules,
-                     a.long_epochs))
-    meta = {"when": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "python": platform.python_version(),
-            "threads": torch.get_num_threads(), "seed": a.seed, "patience": a.patience, "alpha": a.alpha,
-            "max_epochs": {"digits": a.max_epochs_digits, "toy2d": a.max_epochs_toy, "long": a.long_epochs},
-            "argv": sys.argv[1:]}
+        plan.append(("long", name, [int(x) for x in a.long_layers.split(",")], a.long_lrs, a.long_rules, a.long_epochs))
+    meta = {
+        "when": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "seed": a.seed,
+        "patience": a.patience,
+        "alpha": a.alpha,
+        "max_epochs": {"digits": a.max_epochs_digits, "toy2d": a.max_epochs_toy, "long": a.long_epochs},
+        "argv": sys.argv[1:],
+    }
 
     def write() -> None:  # after every run, so an interrupted measurement keeps what it has
         (out / "relgrad_depth.json").write_text(json.dumps({"meta": meta, "runs": records}, indent=1))
@@ -251,10 +312,14 @@ def main(argv: list[str] | None = None) -> int:
                 for rule in rules.split(","):
                     r = run_one(data, n_layers, lr, rule, cap, a.patience, a.seed, phase, a.alpha)
                     records.append(r)
-                    print(f"{phase:4s} {name:7s} L={n_layers:2d} lr={lr:<7g} {rule:9s} best {_fmt(r['best_val_ll'], '9.3f')} "
-                          f"@{r['best_epoch']}/{r['epochs']} drop {_fmt(r['drop_after_best'], '.3f')} "
-                          f"cond≤{_fmt(r['cond_max_seen'], '.3g')} warn {r['singular_warnings']} {r['status']} "
-                          f"{r['time_s']:.1f}s", flush=True)
+                    print(
+                        f"{phase:4s} {name:7s} L={n_layers:2d} lr={lr:<7g} {rule:9s} "
+                        f"best {_fmt(r['best_val_ll'], '9.3f')} "
+                        f"@{r['best_epoch']}/{r['epochs']} drop {_fmt(r['drop_after_best'], '.3f')} "
+                        f"cond≤{_fmt(r['cond_max_seen'], '.3g')} warn {r['singular_warnings']} {r['status']} "
+                        f"{r['time_s']:.1f}s",
+                        flush=True,
+                    )
                     write()
     print(f"wrote {out / 'relgrad_depth.json'} and {out / 'relgrad_depth.md'}")
     return 0

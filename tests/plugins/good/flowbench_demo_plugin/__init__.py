@@ -29,8 +29,14 @@ def build(dim: int, layers: int = 1) -> Flow:
     return Flow(CompositeTransform([Affine(dim) for _ in range(layers)]), StandardNormal(dim), dim)
 
 
-MODEL = ModelSpec(name="demo-affine", build=build, hparams={"layers": HParam(1, "affine layers", low=1)},
-                  label="Demo affine ({layers})", paper="a test fixture", lr=1e-2)
+MODEL = ModelSpec(
+    name="demo-affine",
+    build=build,
+    hparams={"layers": HParam(1, "affine layers", low=1)},
+    label="Demo affine ({layers})",
+    paper="a test fixture",
+    lr=1e-2,
+)
 
 
 def _blobs(root):
@@ -39,5 +45,13 @@ def _blobs(root):
     return maf_split(x, seed=1)
 
 
-DATA = DatasetSpec(name="demo_blobs", dim=3, sizes=(486, 54, 60), raw_files=(), source="generated (test fixture)",
-                   description="two Gaussian blobs in 3-D", recipe_version=1, prepare=_blobs)
+DATA = DatasetSpec(
+    name="demo_blobs",
+    dim=3,
+    sizes=(486, 54, 60),
+    raw_files=(),
+    source="generated (test fixture)",
+    description="two Gaussian blobs in 3-D",
+    recipe_version=1,
+    prepare=_blobs,
+)

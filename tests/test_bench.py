@@ -130,8 +130,7 @@ def test_bench_train_synthetic_shape_and_errors(tmp_path):
             "relgrad",
             "--steps",
             "2",
-            "--hparam",
-            "bias=false",
+            "--no-bias",  # the model's hyperparameters are spelled as `flowbench run` spells them
             "--data-root",
             str(tmp_path),
             "--out",
@@ -142,7 +141,7 @@ def test_bench_train_synthetic_shape_and_errors(tmp_path):
     )
     assert rc == 0
     rec = json.loads((tmp_path / "bench" / "train-power-relgrad.json").read_text())
-    assert rec["hparams"]["bias"] is False  # --hparam over the run config's hyperparameters
+    assert rec["hparams"]["bias"] is False  # --no-bias over the run config's hyperparameters
 
 
 def test_bench_train_settings_come_from_the_run_config():

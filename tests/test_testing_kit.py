@@ -366,7 +366,7 @@ def test_unknown_checks_and_bad_hyperparameters_are_config_errors(user_file):
 
 # -- the CLI -------------------------------------------------------------------------------------------------
 def test_check_model_cli_exit_codes_and_table(user_file, capsys):
-    assert cli(["check-model", f"{user_file}:GOOD", "--hparam", "layers=2", "--seed", "1"]) == 0
+    assert cli(["check-model", f"{user_file}:GOOD", "--layers", "2", "--seed", "1"]) == 0  # run's spelling
     out = capsys.readouterr().out
     assert "layers=2" in out and "seed 1" in out
     for name in model_check_names():
@@ -383,8 +383,8 @@ def test_check_model_cli_exit_codes_and_table(user_file, capsys):
     [
         (["check-model", "no-such-model"], "unknown model 'no-such-model'"),
         (["check-model", "missing_flows.py:SPEC"], "no such file"),
-        (["check-model", "maf", "--hparam", "hidden=wide"], "--hidden 'wide' has the wrong type; expected int"),
-        (["check-model", "maf", "--hparam", "hidden"], "KEY=VALUE"),
+        (["check-model", "maf", "--activation", "sigmoid"], "--activation 'sigmoid' is not allowed; choose one of"),
+        (["check-model", "maf", "--components", "3"], "does not accept hyperparameter(s) components"),
         (["check-model", "maf", "--check", "nope"], "unknown model check"),
         (["check-dataset", "no_such_data"], "unknown dataset 'no_such_data'"),
     ],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from flowbench.errors import ConfigError
+from flowbench.commands._hparams import add_hparam_flags, hparams_from_args, resolve_model_flag
 
 
 def _ints(text: str) -> list[int]:
@@ -38,6 +38,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", default="results", metavar="DIR", help="results folder; files go to DIR/bench/ (default results)"
     )
+
+
+def prepare(argv: list[str]) -> None:
+    """``bench train --model REF``: resolve a plugged-in model first, so that its hyperparameters are flags."""
+    if "train" in argv:
+        resolve_model_flag(argv)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -115,14 +121,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--lr", type=float, default=None, help="default: the run config's, as --batch-size")
     t.add_argument(
-        "--hparam",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="model hyperparameter over the run config's, repeatable (e.g. --hparam hidden=100 "
-        "--hparam hidden_layers=2)",
-    )
-    t.add_argument(
         "--compare-zuko",
         action="store_true",
         help="also time zuko's twin with matched parameter count (MAF for maf, NSF for nsf-ar)",
@@ -148,27 +146,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--data-root", default=None)
     _common(t)
-
-
-def _hparams(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--hparam expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        low = v.lower()
-        if low in ("true", "false"):
-            out[k] = low == "true"
-        else:
-            for conv in (int, float):
-                try:
-                    out[k] = conv(v)
-                    break
-                except ValueError:
-                    continue
-            else:
-                out[k] = v
-    return out
+    add_hparam_flags(t)  # the model's hyperparameters, spelled as `flowbench run` spells them
 
 
 def main(args: argparse.Namespace) -> int:
@@ -209,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
         from flowbench.bench.train import run_settings
 
         batch_size, lr, hparams, line = run_settings(
-            args.dataset, args.model, args.batch_size, args.lr, _hparams(args.hparam)
+            args.dataset, args.model, args.batch_size, args.lr, hparams_from_args(args)
         )
         print(line)
         res = run_stack_bench(
@@ -227,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
         from flowbench.bench.train import bench_train, run_settings
 
         batch_size, lr, hparams, line = run_settings(
-            args.dataset, args.model, args.batch_size, args.lr, _hparams(args.hparam)
+            args.dataset, args.model, args.batch_size, args.lr, hparams_from_args(args)
         )
         print(line)
         res = bench_train(

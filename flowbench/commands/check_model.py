@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from flowbench.commands._hparams import add_hparam_flags, hparams_from_args, resolve_model_flag
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -16,13 +18,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the model: a registered name, MODULE:ATTR or FILE.py:ATTR (a ModelSpec or adapted flow)",
     )
     parser.add_argument("--dim", type=int, default=3, help="data dimension D (≤ 2: normalisation on a grid; default 3)")
-    parser.add_argument(
-        "--hparam",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a hyperparameter (repeatable); unset size knobs are shrunk for speed",
-    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the builds, perturbations and draws (default 0)")
     parser.add_argument(
         "--perturb",
@@ -34,10 +29,29 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--check", action="append", default=None, metavar="NAME", help="run only this check (repeatable); see --list"
     )
     parser.add_argument("--list", action="store_true", help="list the checks and exit")
+    # the model's hyperparameters, spelled as `flowbench run` spells them; unset size knobs are shrunk for speed
+    add_hparam_flags(parser)
+
+
+def prepare(argv: list[str]) -> None:
+    """``check-model REF``: resolve a plugged-in model first, so that its hyperparameters are flags."""
+    rest = argv[argv.index("check-model") + 1 :] if "check-model" in argv else []
+    ref = next((a for a in rest if not a.startswith("-")), None)
+    if ref is not None and ":" in ref:
+        resolve_model_flag(["--model", ref])
+
+
+def _typed(args: argparse.Namespace) -> dict:
+    """The given hyperparameters; text (lists, per-model types) read by the model's own spec."""
+    from flowbench.testing import parse_hparam_items
+
+    given = hparams_from_args(args)
+    text = {k: v for k, v in given.items() if isinstance(v, str)}
+    return {**given, **parse_hparam_items(args.ref, [f"{k}={v}" for k, v in text.items()])}
 
 
 def main(args: argparse.Namespace) -> int:
-    from flowbench.testing import check_model, describe_checks, parse_hparam_items
+    from flowbench.testing import check_model, describe_checks
 
     if args.list:
         for name, doc in describe_checks("model").items():
@@ -46,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     report = check_model(
         args.ref,
         dim=args.dim,
-        hparams=parse_hparam_items(args.ref, args.hparam),
+        hparams=_typed(args),
         seed=args.seed,
         checks=args.check,
         perturb=args.perturb,

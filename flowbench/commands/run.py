@@ -9,45 +9,22 @@ from __future__ import annotations
 
 import argparse
 
-_BOOL = argparse.BooleanOptionalAction
-
-
-def _hparam_help(models: dict) -> str:
-    """One help text for a hyperparameter shared by several models: who takes it, what it means, its values."""
-    parts: dict[str, list[str]] = {}
-    for name, hp in models.items():
-        text = hp.help
-        if hp.choices:
-            text += f": {hp.choices_text()}"
-        text += f" (default {hp.default})"
-        parts.setdefault(text, []).append(name)
-    return "; ".join(f"{', '.join(names)}: {text}" for text, names in parts.items())
-
-
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value of ``--flag V`` or ``--flag=V`` in ``argv`` (the last one wins, as argparse does)."""
-    value = None
-    for i, a in enumerate(argv):
-        if a == flag and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith(flag + "="):
-            value = a.split("=", 1)[1]
-    return value
+from flowbench.commands._hparams import add_hparam_flags, flag_value, resolve_model_flag
 
 
 def prepare(argv: list[str]) -> None:
     """Resolve a plugged-in model (``--model REF``, or the ``model`` of ``--config FILE``) before the parser is
     built, so that its hyperparameters are flags like a built-in's. A ``--seeds`` value that argparse would
     take for a flag (``-1-2``) is refused here with the rule, not argparse's "expected one argument"."""
-    from flowbench.config import load_config, parse_seeds, resolve_references
+    from flowbench.config import load_config, parse_seeds
 
     for flag, value in zip(argv, argv[1:]):
         if flag == "--seeds" and value[:2] in {f"-{d}" for d in "0123456789"}:
             parse_seeds(value)  # a leading '-' is a negative seed: a ConfigError that says so
-    model, config = _flag_value(argv, "--model"), _flag_value(argv, "--config")
-    if model is not None and ":" in model:
-        resolve_references({"model": model})
-    elif config is not None and model is None:
+    model, config = flag_value(argv, "--model"), flag_value(argv, "--config")
+    if model is not None:
+        resolve_model_flag(argv)
+    elif config is not None:
         try:
             load_config(config)
         except Exception:  # reported with the rest of the options, after parsing
@@ -55,7 +32,7 @@ def prepare(argv: list[str]) -> None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    from flowbench.config import OPTIONS, hparam_declarations
+    from flowbench.config import OPTIONS
     from flowbench.models import MODELS
 
     # Every default is None so that resolve_options can tell an explicit flag from an unset one
@@ -73,16 +50,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
             # choices shown, not enforced by argparse: resolve_options checks them with a message that says more
             metavar = opt.metavar or ("{" + ",".join(opt.choices) + "}" if opt.choices else None)
             group.add_argument(opt.flag, type=kind, metavar=metavar, default=None, help=help_text)
-    m = parser.add_argument_group("model hyperparameters (only those the model takes; see its spec)")
-    for key, decl in hparam_declarations().items():
-        flag = "--" + key.replace("_", "-")
-        kind = decl["type"]
-        if kind not in (bool, int, float):
-            kind = str  # lists, untyped or per-model types: the model's spec parses the text
-        if kind is bool:
-            m.add_argument(flag, action=_BOOL, default=None, help=_hparam_help(decl["models"]))
-        else:
-            m.add_argument(flag, type=kind, metavar=key.upper(), default=None, help=_hparam_help(decl["models"]))
+    add_hparam_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:

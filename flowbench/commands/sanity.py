@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flowbench.commands._hparams import add_hparam_flags, hparams_from_args, resolve_model_flag
+
 DEFAULT_OUT = "results/sanity"
 
 
@@ -28,6 +30,12 @@ def _positive(value: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
     return n
+
+
+def prepare(argv: list[str]) -> None:
+    """``sanity toy2d --model REF``: resolve a plugged-in model first, so that its hyperparameters are flags."""
+    if "toy2d" in argv:
+        resolve_model_flag(argv)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -80,13 +88,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=_positive, default=30, help="early-stopping patience (default 30)")
     p.add_argument("--lr", type=float, default=None, help="learning rate > 0 (default: the model's)")
     p.add_argument("--batch-size", type=_positive, default=100, help="minibatch size (default 100)")
-    p.add_argument(
-        "--layers",
-        type=_positive,
-        default=None,
-        help="flow depth (MAF, Real NVP) or number of dense layers (relgrad), as in `flowbench run`",
-    )
-    p.add_argument("--hidden", type=_positive, default=None, help="hidden units (MADE/MAF/Real NVP)")
+    add_hparam_flags(p)  # every hyperparameter of the model, spelled as `flowbench run` spells them
 
     p = sub.add_parser(
         "invertibility",
@@ -132,7 +134,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.task == "toy2d":
         from flowbench.sanity.toy2d import run_toy2d_all
 
-        hp = {k: getattr(args, k) for k in ("layers", "hidden") if getattr(args, k) is not None}
+        hp = hparams_from_args(args)
         run_toy2d_all(
             None if args.data == "all" else [args.data],
             args.model,

@@ -89,19 +89,24 @@ def column_title(key: str) -> str:
     return key.removesuffix("-cond").upper() + (" cond." if key.endswith("-cond") else "")
 
 
+def _row_model(rec: Record) -> str:
+    """The model a row stands for: a class-conditional model is its unconditional twin's row (MAF Table 2)."""
+    model = _get(rec, "model")
+    return model.removesuffix("-cond") if _get(rec, "conditional") else model
+
+
 def row_labels(records: list[Record]) -> list[str]:
     """The row label of each record (same order): display name, ``(model)`` on a display name shared by two
-    models in one column, ``[matched to X]`` for a parameter-matched run."""
-    models: dict[tuple[str, str], set[str]] = defaultdict(set)
+    models (a conditional model and its unconditional twin count as one), ``[matched to X]`` for a
+    parameter-matched run."""
+    models: dict[str, set[str]] = defaultdict(set)
     for r in records:
-        models[(_get(r, "display_name") or _get(r, "model"), column(r))].add(_get(r, "model"))
+        models[_get(r, "display_name") or _get(r, "model")].add(_row_model(r))
     labels = []
     for r in records:
         label = _get(r, "display_name") or _get(r, "model")
-        if (
-            len(models[(label, column(r))]) > 1
-        ):  # a plugged-in flow named like a built-in's row: both get their model name
-            label += f" ({_get(r, 'model')})"
+        if len(models[label]) > 1:  # a plugged-in flow named like a built-in's row: both get their model name
+            label += f" ({_row_model(r)})"
         against = (_get(r, "match_target") or {}).get("against")
         if against:  # parameter-matched baselines (relgrad Table 1) are rows of their own
             label += f" [matched to {against}]"

@@ -1345,7 +1345,7 @@ def parse_hparam_items(spec_or_key: Any, items: Sequence[str]) -> dict[str, Any]
         key, sep, text = item.partition("=")
         key = key.strip().lstrip("-").replace("-", "_")
         if not sep or not key:
-            raise ConfigError(f"--hparam {item!r}: write KEY=VALUE, e.g. --hparam hidden=16")
+            raise ConfigError(f"hyperparameter {item!r}: write KEY=VALUE, e.g. hidden=16")
         hp = spec.hparams.get(key)
         out[key] = text.strip() if hp is None else hp.from_text(spec.name, key, text.strip())
     return out

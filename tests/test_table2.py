@@ -244,3 +244,57 @@ def test_conditional_model_on_unlabelled_data_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "class-conditional" in err and "power has none" in err and "maf" in err
     assert "Traceback" not in err
+
+
+def test_rows_keep_a_plugged_in_namesake_apart_but_join_conditional_twins():
+    from flowbench.aggregate import row_labels
+
+    ours = RunRecord.example(dataset="power", model="maf", display_name="MAF (5)")
+    theirs = RunRecord.example(dataset="gas", model="user.py:SPEC", display_name="MAF (5)")
+    cond = RunRecord.example(dataset="mnist", model="maf-cond", display_name="MAF (5)", conditional=True)
+    assert row_labels([ours, theirs]) == ["MAF (5) (maf)", "MAF (5) (user.py:SPEC)"]
+    assert row_labels([ours, cond]) == ["MAF (5)", "MAF (5)"]
+
+
+def test_measuring_a_step_leaves_a_data_initialised_model_as_it_was():
+    """A model that sets itself from its first training batch (ActNorm-like) is measured without keeping it."""
+    import torch
+
+    from flowbench.models.base import Flow
+    from flowbench.training.lifecycle import step_memory
+
+    class FirstBatchInit(Flow):
+        def __init__(self):
+            super().__init__(torch.nn.Identity(), None, 3)
+            self.shift = torch.nn.Parameter(torch.zeros(3))
+            self.register_buffer("ready", torch.zeros(()))
+
+        def train_log_prob(self, x):
+            if not self.ready:
+                with torch.no_grad():
+                    self.shift.copy_(-x.mean(0) + 1.0)
+                    self.ready.fill_(1)
+            return -(x + self.shift).pow(2).sum(-1)
+
+    flow = FirstBatchInit()
+    assert step_memory(flow, 10) > 0
+    assert float(flow.ready) == 0 and torch.equal(flow.shift, torch.zeros(3))  # not initialised on the zeros
+
+
+def test_a_knob_named_like_a_commands_option_is_refused_clearly(tmp_path, capsys):
+    """Model hyperparameters are the commands' generated flags; one named like the command's own option (a
+    plugged-in model's ``perturb`` against check-model's --perturb) is an exit-2 message, not argparse's crash."""
+    from flowbench.cli import main
+
+    (tmp_path / "knobs.py").write_text(
+        "from flowbench.models import HParam, ModelSpec\n"
+        "from flowbench.models.maf import build_maf\n"
+        "SPEC = ModelSpec(name='knobs', label='Knobs', paper='test', lr=1e-3,\n"
+        "    build=lambda dim, *, perturb, layers: build_maf(dim, layers=layers, hidden=8, hidden_layers=1,\n"
+        "        activation='relu', batch_norm=False),\n"
+        "    hparams={'perturb': HParam(1, 'p', low=0), 'layers': HParam(2, 'l', low=1)})\n"
+    )
+    code = main(["check-model", f"{tmp_path / 'knobs.py'}:SPEC", "--check", "log-det"])
+    err = capsys.readouterr().err
+    assert code == 2 and "perturb have the name of this command's own option(s) --perturb" in err
+    assert "Traceback" not in err

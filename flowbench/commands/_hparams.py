@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from flowbench.errors import ConfigError
+
 _BOOL = argparse.BooleanOptionalAction
 
 
@@ -47,8 +49,12 @@ def add_hparam_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per hyperparameter any registered model takes, default None (unset: the config's or the spec's
     default applies); the model's spec checks and converts the values."""
     m = parser.add_argument_group("model hyperparameters (only those the model takes; see its spec)")
+    taken, shadowed = set(parser._option_string_actions), []
     for key, decl in hparam_declarations().items():
         flag = "--" + key.replace("_", "-")
+        if flag in taken or "--no-" + flag[2:] in taken:
+            shadowed.append(key)  # a plugged-in model's knob named like the command's own option: the option wins
+            continue
         kind = decl["type"]
         if kind not in (bool, int, float):
             kind = str  # lists, untyped or per-model types: the model's spec parses the text
@@ -56,12 +62,26 @@ def add_hparam_flags(parser: argparse.ArgumentParser) -> None:
             m.add_argument(flag, action=_BOOL, default=None, help=_hparam_help(decl["models"]))
         else:
             m.add_argument(flag, type=kind, metavar=key.upper(), default=None, help=_hparam_help(decl["models"]))
+    parser.set_defaults(_shadowed_hparams=tuple(shadowed))
 
 
-def hparams_from_args(args: argparse.Namespace) -> dict[str, Any]:
+def hparams_from_args(args: argparse.Namespace, model: str | None = None) -> dict[str, Any]:
     """The hyperparameters given on the command line (the flags :func:`add_hparam_flags` made, unset ones left
-    out)."""
-    return {k: v for k in hparam_declarations() if (v := getattr(args, k, None)) is not None}
+    out). With ``model``: a ConfigError when one of its hyperparameters is named like the command's own option
+    (that flag sets the option, so the hyperparameter could not be set here)."""
+    shadowed = set(getattr(args, "_shadowed_hparams", ()))
+    if model is not None and shadowed:
+        from flowbench.models import get_spec  # lazy: see hparam_declarations
+
+        clash = sorted(shadowed & set(get_spec(model).hparams))
+        if clash:
+            flags = ", ".join("--" + k.replace("_", "-") for k in clash)
+            raise ConfigError(
+                f"model {model}: its hyperparameter(s) {', '.join(clash)} have the name of this command's own "
+                f"option(s) {flags}, so they cannot be set here; rename them in the model's spec (flowbench run "
+                "takes them as flags)"
+            )
+    return {k: v for k in hparam_declarations() if k not in shadowed and (v := getattr(args, k, None)) is not None}
 
 
 def hparam_declarations() -> dict[str, Any]:

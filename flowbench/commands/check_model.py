@@ -45,7 +45,7 @@ def _typed(args: argparse.Namespace) -> dict:
     """The given hyperparameters; text (lists, per-model types) read by the model's own spec."""
     from flowbench.testing import parse_hparam_items
 
-    given = hparams_from_args(args)
+    given = hparams_from_args(args, args.ref)
     text = {k: v for k, v in given.items() if isinstance(v, str)}
     return {**given, **parse_hparam_items(args.ref, [f"{k}={v}" for k, v in text.items()])}
 

@@ -227,7 +227,8 @@ def step_memory(flow: torch.nn.Module, batch_size: int, measure: bool = True) ->
     """Bytes one run needs on its device: parameters, gradient, Adam's two moments, the best state and the
     module's own copy (6 × parameter bytes), its buffers (MADE's masks are as large as its weights), and, with
     ``measure``, what autograd saves for one training step at ``batch_size``, measured on zeros (the random
-    streams are restored afterwards, so a run's trajectory does not depend on the measurement)."""
+    streams and the module's state are restored afterwards, so a run's trajectory does not depend on the
+    measurement, even for a model that initialises itself from its first training batch)."""
     params = sum(p.numel() * p.element_size() for p in flow.parameters())
     buffers = sum(b.numel() * b.element_size() for b in flow.buffers())
     if not measure:
@@ -243,11 +244,13 @@ def step_memory(flow: torch.nn.Module, batch_size: int, measure: bool = True) ->
     width = int(getattr(flow, "in_features", getattr(flow, "dim", 0)))
     x = torch.zeros(batch_size, width, device=ref.device if ref is not None else "cpu")
     was_training = flow.training
+    state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
     flow.train()
     try:
         with torch.random.fork_rng(devices=[]), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             flow.train_log_prob(x).sum()
     finally:
+        flow.load_state_dict(state)
         flow.train(was_training)
     return 6 * params + buffers + saved
 
@@ -260,6 +263,8 @@ def check_memory(opts: RunOptions, flow: torch.nn.Module, device: torch.device, 
     from flowbench.utils import available_memory
 
     free = available_memory(str(device))
+    if device.type == "cuda":  # blocks torch's caching allocator holds from earlier runs of this process are free
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if 4 * runs * step_memory(flow, opts.batch_size, measure=False) < free:
         return  # far from the limit: no need to measure a step (the flows' activations are a small share)
     need = runs * step_memory(flow, opts.batch_size)

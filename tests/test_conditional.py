@@ -122,7 +122,9 @@ def test_inverse_and_samples_follow_the_label(name):
     s = model.sample(6)
     assert s.shape == (6, 3) and torch.isfinite(s).all()
     torch.manual_seed(1)
-    a = model.sample(4000, labels=torch.zeros(4000))
+    a = model.sample(4000, labels=torch.zeros(4000, dtype=torch.long))
+    with pytest.raises(InputError, match="labels must be integers"):
+        model.sample(2, labels=torch.tensor([0.7, 1.0]))  # not silently truncated to 0
     torch.manual_seed(1)
     b = model.sample(4000, labels=torch.full((4000,), 2))
     # the label changes what the same noise becomes (not the first coordinate of a lone MADE: as in the MAF code,
@@ -309,6 +311,11 @@ def test_random_degrees_follow_the_maf_code_and_the_seed():
     torch.manual_seed(0)
     a = create_degrees(6, [50, 50, 50], mode="random")
     assert maf_code_random_degrees_ok(a, 6)
+    # randint(low, D) draws every degree from low to D − 1 (50 units, 5 values: all present): an off-by-one at
+    # either end (never D − 1, or from low + 1) leaves a value out
+    assert set(a[1].tolist()) == set(range(1, 6))
+    for k in (2, 3):
+        assert set(a[k].tolist()) == set(range(int(a[k - 1].min()), 6))
     assert len(set(a[1].tolist())) > 1 and not torch.equal(a[1], create_degrees(6, [50], mode="sequential")[1])
     torch.manual_seed(0)
     assert all(torch.equal(u, v) for u, v in zip(a, create_degrees(6, [50, 50, 50], mode="random")))  # seeded

@@ -3,8 +3,8 @@
 ``gas/ethylene_CO.pickle`` is a pandas DataFrame pickled by an old pandas, ``mnist/mnist.pkl.gz`` a
 (possibly Python 2) pickle of numpy arrays, and ``cifar10/data_batch_1`` … ``cifar10/test_batch`` Python 2
 pickles of a dict (``data``: uint8 array, ``labels``: list of ints, ``filenames``, ``batch_label``), read by
-:func:`load_cifar_batch` with the narrowest allow-list (numpy's array reconstructor only). Unpickling runs code named by the file, so a file from the
-internet goes through :class:`RestrictedUnpickler`: every global the pickle names is looked up in an
+:func:`load_cifar_batch` with the narrowest allow-list (numpy's array reconstructor only). Unpickling runs
+code named by the file, so a file from the internet goes through :class:`RestrictedUnpickler`: every global the pickle names is looked up in an
 allow-list *by its name and top-level package* (module paths moved between pandas 0.x and 1.x/2.x:
 ``pandas.core.internals.BlockManager`` → ``pandas.core.internals.managers.BlockManager``,
 ``pandas.indexes.base._new_Index`` → ``pandas.core.indexes.base._new_Index``, …) and replaced by an inert
@@ -18,6 +18,7 @@ import _compat_pickle
 import contextlib
 import io
 import pickle
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -99,7 +100,9 @@ def _unpickle_block(values: Any, mgr_locs: Any, ndim: int = 2) -> _BlockStub:
 
 def _safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     if subtype is not np.ndarray:
-        raise UnsafePickleError(f"pickle asks numpy to rebuild an array of type {subtype!r}; only plain ndarrays are allowed")
+        raise UnsafePickleError(
+            f"pickle asks numpy to rebuild an array of type {subtype!r}; only plain ndarrays are allowed"
+        )
     return _numpy_attr("multiarray", "_reconstruct")(subtype, shape, dtype)
 
 
@@ -130,7 +133,9 @@ def _numpy_globals() -> dict[str, Any]:
 _PANDAS_CLASSES: dict[str, type] = {
     "DataFrame": _FrameStub,
     "BlockManager": _ManagerStub,
-    **{n: _IndexClassStub for n in ("Index", "Int64Index", "UInt64Index", "Float64Index", "RangeIndex", "NumericIndex")},
+    **{
+        n: _IndexClassStub for n in ("Index", "Int64Index", "UInt64Index", "Float64Index", "RangeIndex", "NumericIndex")
+    },
     **{n: _BlockStub for n in ("Block", "FloatBlock", "IntBlock", "ObjectBlock", "NumericBlock", "NumpyBlock")},
 }
 _PANDAS_FUNCTIONS: dict[str, Any] = {"_new_Index": _new_index, "_unpickle_block": _unpickle_block}
@@ -141,6 +146,41 @@ _BUILTINS: dict[str, Any] = {"slice": slice, "object": object, "_reconstructor":
 _ARRAY_ONLY = ("_reconstruct", "ndarray", "dtype")
 
 
+class _Callable:
+    """An allow-listed function as the pickle sees it: callable, but a BUILD opcode aimed at it, which would set
+    attributes of flowbench's own function (``__defaults__``) for the rest of the process, is refused."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafePickleError(
+            f"the pickle tries to change the allow-listed function {getattr(self._fn, '__name__', self._fn)!r}; the "
+            "file is not the expected one and may be malicious: re-fetch the data with `flowbench download --force`"
+        )
+
+
+#: What a damaged pickle raises besides UnpicklingError: a corrupt length field asks for a huge allocation
+#: (MemoryError), an index out of the memo (KeyError/IndexError), deep nesting (RecursionError).
+_BROKEN = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    MemoryError,
+    OverflowError,
+    RecursionError,
+)
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Resolves only allow-listed globals (numpy arrays; pandas DataFrame parts if ``allow_pandas``).
 
@@ -148,14 +188,19 @@ class RestrictedUnpickler(pickle.Unpickler):
     builtins): the CIFAR-10 batches hold nothing else (dicts, lists, ints and strings need no globals).
     """
 
-    def __init__(self, file: io.BufferedIOBase, *, allow_pandas: bool, encoding: str = "ASCII",
-                 arrays_only: bool = False) -> None:
+    def __init__(
+        self, file: io.BufferedIOBase, *, allow_pandas: bool, encoding: str = "ASCII", arrays_only: bool = False
+    ) -> None:
         super().__init__(file, encoding=encoding)
         self.allow_pandas = allow_pandas and not arrays_only
         self.arrays_only = arrays_only
         self._numpy = {k: v for k, v in _numpy_globals().items() if not arrays_only or k in _ARRAY_ONLY}
 
     def find_class(self, module: str, name: str) -> Any:
+        found = self._allowed(module, name)
+        return _Callable(found) if isinstance(found, types.FunctionType) else found
+
+    def _allowed(self, module: str, name: str) -> Any:
         # Python 2 names (copy_reg, __builtin__) are mapped the way pickle's fix_imports would.
         module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
         module = _compat_pickle.IMPORT_MAPPING.get(module, module)
@@ -173,7 +218,8 @@ class RestrictedUnpickler(pickle.Unpickler):
                 return _PANDAS_FUNCTIONS[name]
         raise UnsafePickleError(
             f"the pickle references the global {module}.{name}, which flowbench's restricted unpickler does not "
-            "allow (it rebuilds only numpy arrays" + (" and pandas DataFrame columns" if self.allow_pandas else "")
+            "allow (it rebuilds only numpy arrays"
+            + (" and pandas DataFrame columns" if self.allow_pandas else "")
             + (" and plain dicts, lists, ints and strings" if self.arrays_only else "")
             + "). The file is not the expected one and may be malicious: do not open it with plain pickle; "
             "re-fetch the data with `flowbench download --force`"
@@ -185,8 +231,9 @@ def _load(data: bytes, allow_pandas: bool, arrays_only: bool = False) -> Any:
     try:
         return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, arrays_only=arrays_only).load()
     except UnicodeDecodeError:
-        return RestrictedUnpickler(io.BytesIO(data), allow_pandas=allow_pandas, encoding="latin1",
-                                   arrays_only=arrays_only).load()
+        return RestrictedUnpickler(
+            io.BytesIO(data), allow_pandas=allow_pandas, encoding="latin1", arrays_only=arrays_only
+        ).load()
 
 
 @contextlib.contextmanager
@@ -208,7 +255,7 @@ def load_numpy_pickle(data: bytes, source: str | None = None) -> Any:
     with _named(source):
         try:
             return _load(data, allow_pandas=False)
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        except _BROKEN as e:
             raise DataIntegrityError(f"not a readable pickle of numpy arrays ({type(e).__name__}: {e})") from e
 
 
@@ -228,7 +275,7 @@ def load_cifar_batch(data: bytes, source: str | None = None) -> tuple[np.ndarray
     with _named(source):
         try:
             obj = _load(data, allow_pandas=False, arrays_only=True)
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as e:
+        except _BROKEN as e:
             raise DataIntegrityError(f"not a readable CIFAR-10 batch pickle ({type(e).__name__}: {e})") from e
         if not isinstance(obj, dict):
             raise DataIntegrityError(f"the pickle holds a {type(obj).__name__}, expected the dict of a CIFAR-10 batch")
@@ -243,8 +290,8 @@ def load_cifar_batch(data: bytes, source: str | None = None) -> tuple[np.ndarray
             what = f"{x.dtype} {list(x.shape)} array" if isinstance(x, np.ndarray) else type(x).__name__
             raise DataIntegrityError(f"a CIFAR-10 batch's 'data' must be a 2-D uint8 array; got {what}")
         # bool is an int subclass, and not a class label
-        if not (isinstance(labels, list) and all(type(v) is int for v in labels)):
-            raise DataIntegrityError("a CIFAR-10 batch's 'labels' must be a list of ints")
+        if not (isinstance(labels, list) and all(type(v) is int and 0 <= v < 2**63 for v in labels)):
+            raise DataIntegrityError("a CIFAR-10 batch's 'labels' must be a list of ints (class labels, ≥ 0)")
         if len(labels) != x.shape[0]:
             raise DataIntegrityError(f"a CIFAR-10 batch has {x.shape[0]} images and {len(labels)} labels")
         names = d.get("filenames", [])
@@ -329,7 +376,9 @@ def _frame_from_stub(obj: Any) -> Frame:
         out[:, pos] = vals.T
         filled[pos] = True
     if not filled.all():
-        raise DataIntegrityError(f"DataFrame pickle lacks data for columns {[c for c, f in zip(columns, filled) if not f]}")
+        raise DataIntegrityError(
+            f"DataFrame pickle lacks data for columns {[c for c, f in zip(columns, filled) if not f]}"
+        )
     return Frame([str(c) for c in columns], out)
 
 

@@ -240,7 +240,10 @@ class ConditionalFlow(Flow):
         """(n,) integer labels → (n, K) one-hot rows in the model's dtype and device."""
         ref = next((t for t in (*self.parameters(), *self.buffers()) if t.is_floating_point()), None)
         dtype, device = (ref.dtype, ref.device) if ref is not None else (torch.get_default_dtype(), None)
-        labels = torch.as_tensor(labels, device=device).long()
+        labels = torch.as_tensor(labels, device=device)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise InputError(f"labels must be integers in 0..{self.classes - 1}; got dtype {labels.dtype}")
+        labels = labels.long()
         if labels.dim() != 1 or (labels.numel() and (labels.min() < 0 or labels.max() >= self.classes)):
             raise InputError(f"labels must be a 1-D tensor of integers in 0..{self.classes - 1}")
         return torch.nn.functional.one_hot(labels, self.classes).to(dtype)

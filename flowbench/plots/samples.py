@@ -87,7 +87,9 @@ def load_flow(rec: Any, data: Dataset) -> Any:
 
     check_checkpoint(rec)
     _warn_if_changed(rec)
-    conditional = bool(R.field(rec, "conditional"))
+    from flowbench.models import get_spec
+
+    conditional = bool(get_spec(R.model_key(rec)).conditional)  # the spec says, also for records without the field
     labels = {"classes": data.classes} if conditional else {}  # MAF Table 2's p(x | y); samples cycle the labels
     flow = build_model(R.model_key(rec), data.dim, **labels, **R.hparams(rec))
     if not flow.trainable:

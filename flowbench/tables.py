@@ -296,6 +296,28 @@ def compute_table(
         ours.setdefault(choice.row, _Row(choice.row, "ours")).cells[choice.config.column] = _our_cell(choice)
     pub = _published_rows(published(sources))
     rows = sorted([*ours.values(), *pub], key=_row_key)
+    columns = _columns(rows, ours, datasets)
+    _note_unverified_configs(ours, pub)
+    for d in columns:
+        _bold_column(rows, d)
+    footnotes, any_unverified = _footnotes(rows, columns)
+    notes = [BOLD_RULE + (BOLD_PUBLISHED if pub else "")] if ours else []
+    if any_unverified:
+        notes.append(f"? {UNVERIFIED_NOTE}")
+    cited = [s for s in sources if s in SOURCES]
+    notes += [f"{SOURCES[s][0]}: {SOURCES[s][1]}" for s in cited]
+    heading = (
+        "Average test log-likelihood in nats (higher is better), mean ± 2 standard errors over the test points. "
+        "(sd S, n=N): standard deviation of the test LL over N seeds. MNIST, CIFAR-10 and digits in logit space; "
+        "cond.: class-conditional models, their log p(x) under a uniform label prior. "
+        "**Bold**: best in its column, and rows of ours not significantly below our best (paired t-test). "
+        "N/A: no result."
+    )
+    return Table(heading, columns, rows, footnotes, notes, cited)
+
+
+def _columns(rows: list[_Row], ours: dict[str, _Row], datasets: list[str] | None) -> list[str]:
+    """The table's columns: every dataset with a cell, in registry order, limited to ``datasets`` if given."""
     present = {d for r in rows for d in r.cells}
     ours_datasets = {d for r in ours.values() for d in r.cells}
     # Each dataset in registry order, its class-conditional column (MAF Table 2) right after it.
@@ -310,16 +332,21 @@ def compute_table(
                 "(a class-conditional model's column is <dataset>-cond)"
             )
         columns = [d for d in columns if d in datasets]
+    return columns
 
+
+def _note_unverified_configs(ours: dict[str, _Row], pub: list[_Row]) -> None:
+    """Flag our cells whose configuration is unverified where a published number of the same row sits beside them."""
     published_cells = {(r.label, d) for r in pub for d in r.cells}
     for row in ours.values():
         for d, cell in row.cells.items():
             if cell.config_unverified is not None and (row.label.split(" [")[0], d) in published_cells:
                 # The published number beside it came from settings we could not confirm: say ours are a guess.
                 cell.notes.append(CONFIG_UNVERIFIED_NOTE)
-    for d in columns:
-        _bold_column(rows, d)
 
+
+def _footnotes(rows: list[_Row], columns: list[str]) -> tuple[list[str], bool]:
+    """Number the shown cells' notes (each cell's marks set); the footnotes, and whether any cell is unverified."""
     footnotes: list[str] = []
     any_unverified = False
     for row in rows:
@@ -332,19 +359,7 @@ def compute_table(
                 if note not in footnotes:
                     footnotes.append(note)
             cell.marks = sorted({footnotes.index(note) + 1 for note in cell.notes})
-    notes = [BOLD_RULE + (BOLD_PUBLISHED if pub else "")] if ours else []
-    if any_unverified:
-        notes.append(f"? {UNVERIFIED_NOTE}")
-    cited = [s for s in sources if s in SOURCES]
-    notes += [f"{SOURCES[s][0]}: {SOURCES[s][1]}" for s in cited]
-    heading = (
-        "Average test log-likelihood in nats (higher is better), mean ± 2 standard errors over the test points. "
-        "(sd S, n=N): standard deviation of the test LL over N seeds. MNIST, CIFAR-10 and digits in logit space; "
-        "cond.: class-conditional models, their log p(x) under a uniform label prior. "
-        "**Bold**: best in its column, and rows of ours not significantly below our best (paired t-test). "
-        "N/A: no result."
-    )
-    return Table(heading, columns, rows, footnotes, notes, cited)
+    return footnotes, any_unverified
 
 
 # -- output formats -------------------------------------------------------------------------------------------

@@ -48,6 +48,13 @@ def prepare(argv: list[str]) -> None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    _configure_gradients(sub)
+    _configure_optim(sub)
+    _configure_train(sub)
+
+
+def _configure_gradients(sub: argparse._SubParsersAction) -> None:
+    """The ``bench gradients`` subcommand and its options."""
     g = sub.add_parser(
         "gradients",
         help="time and memory of one exact-NLL gradient vs dimension",
@@ -88,6 +95,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-check", action="store_true", help="skip the float64 agreement check (not recommended)")
     _common(g)
+
+
+def _configure_optim(sub: argparse._SubParsersAction) -> None:
+    """The ``bench optim`` subcommand and its options."""
     o = sub.add_parser(
         "optim",
         help="relative vs ordinary gradient descent: loss vs epoch",
@@ -105,6 +116,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="give the biases the log-det's relative-gradient term −b too (the reference code does not)",
     )
     _common(o)
+
+
+def _configure_train(sub: argparse._SubParsersAction) -> None:
+    """The ``bench train`` subcommand and its options (the model's hyperparameters included)."""
     t = sub.add_parser(
         "train",
         help="training samples/s and time per epoch for one model and dataset",
@@ -152,75 +167,99 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     common = {"out": args.out, "device": args.device, "threads": args.threads}
     if args.bench_command == "gradients":
-        from flowbench.bench.gradients import bench_gradients
-
-        res = bench_gradients(
-            dims=args.dims,
-            batch=args.batch,
-            layers=args.layers,
-            methods=args.methods,
-            repeats=args.repeats,
-            warmup=args.warmup,
-            dtype=args.dtype,
-            memory_limit_gb=args.memory_limit_gb,
-            max_call_s=args.max_call_s,
-            budget_s=args.budget_s,
-            cpu_memory=args.cpu_memory,
-            check=not args.no_check,
-            **common,
-        )
+        res = _run_gradients(args, common)
     elif args.bench_command == "optim":
-        from flowbench.bench.optim import bench_optim
-
-        res = bench_optim(
-            points=args.points,
-            inits=args.inits,
-            epochs=args.epochs,
-            lr=args.lr,
-            seed=args.seed,
-            bias=not args.no_bias,
-            bias_logdet=args.bias_logdet,
-            **common,
-        )
+        res = _run_optim(args, common)
     elif args.stack is not None:
-        from flowbench.bench.stacked import run_stack_bench
-        from flowbench.bench.train import run_settings
-
-        batch_size, lr, hparams, line = run_settings(
-            args.dataset, args.model, args.batch_size, args.lr, hparams_from_args(args)
-        )
-        print(line)
-        res = run_stack_bench(
-            args.dataset,
-            args.model,
-            args.stack,
-            steps=args.steps,
-            batch_size=batch_size,
-            lr=lr,
-            hparams=hparams,
-            data_root=args.data_root,
-            **common,
-        )
+        res = _run_stack(args, common)
     else:  # argparse allows only the three benchmarks
-        from flowbench.bench.train import bench_train, run_settings
-
-        batch_size, lr, hparams, line = run_settings(
-            args.dataset, args.model, args.batch_size, args.lr, hparams_from_args(args)
-        )
-        print(line)
-        res = bench_train(
-            args.dataset,
-            args.model,
-            steps=args.steps,
-            batch_size=batch_size,
-            lr=lr,
-            hparams=hparams,
-            compare_zuko=args.compare_zuko,
-            adam=args.adam,
-            compile=args.compile,
-            compile_zuko=args.compile_zuko,
-            data_root=args.data_root,
-            **common,
-        )
+        res = _run_train(args, common)
     print(f"wrote {', '.join(res['files'])}")
     return 0
+
+
+def _run_gradients(args: argparse.Namespace, common: dict) -> dict:
+    """``bench gradients``: its result dict."""
+    from flowbench.bench.gradients import bench_gradients
+
+    return bench_gradients(
+        dims=args.dims,
+        batch=args.batch,
+        layers=args.layers,
+        methods=args.methods,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        dtype=args.dtype,
+        memory_limit_gb=args.memory_limit_gb,
+        max_call_s=args.max_call_s,
+        budget_s=args.budget_s,
+        cpu_memory=args.cpu_memory,
+        check=not args.no_check,
+        **common,
+    )
+
+
+def _run_optim(args: argparse.Namespace, common: dict) -> dict:
+    """``bench optim``: its result dict."""
+    from flowbench.bench.optim import bench_optim
+
+    return bench_optim(
+        points=args.points,
+        inits=args.inits,
+        epochs=args.epochs,
+        lr=args.lr,
+        seed=args.seed,
+        bias=not args.no_bias,
+        bias_logdet=args.bias_logdet,
+        **common,
+    )
+
+
+def _train_settings(args: argparse.Namespace) -> tuple:
+    """``bench train``'s batch size, lr and hyperparameters from the run config and flags; prints where from."""
+    from flowbench.bench.train import run_settings
+
+    batch_size, lr, hparams, line = run_settings(
+        args.dataset, args.model, args.batch_size, args.lr, hparams_from_args(args)
+    )
+    print(line)
+    return batch_size, lr, hparams
+
+
+def _run_stack(args: argparse.Namespace, common: dict) -> dict:
+    """``bench train --stack R``: stacked against one-by-one training; its result dict."""
+    from flowbench.bench.stacked import run_stack_bench
+
+    batch_size, lr, hparams = _train_settings(args)
+    return run_stack_bench(
+        args.dataset,
+        args.model,
+        args.stack,
+        steps=args.steps,
+        batch_size=batch_size,
+        lr=lr,
+        hparams=hparams,
+        data_root=args.data_root,
+        **common,
+    )
+
+
+def _run_train(args: argparse.Namespace, common: dict) -> dict:
+    """``bench train``: training throughput (optionally beside zuko); its result dict."""
+    from flowbench.bench.train import bench_train
+
+    batch_size, lr, hparams = _train_settings(args)
+    return bench_train(
+        args.dataset,
+        args.model,
+        steps=args.steps,
+        batch_size=batch_size,
+        lr=lr,
+        hparams=hparams,
+        compare_zuko=args.compare_zuko,
+        adam=args.adam,
+        compile=args.compile,
+        compile_zuko=args.compile_zuko,
+        data_root=args.data_root,
+        **common,
+    )

@@ -31,7 +31,12 @@ def _results(p: argparse.ArgumentParser) -> None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="figure", metavar="FIGURE", required=True)
+    _configure_curves(sub)
+    _configure_samples(sub)
 
+
+def _configure_curves(sub: argparse._SubParsersAction) -> None:
+    """The ``plot curves`` figure and its options."""
     p = sub.add_parser(
         "curves",
         help="validation LL and training NLL against epoch, one row per dataset",
@@ -61,6 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--no-train-loss", action="store_true", help="validation LL panels only")
     p.add_argument("--out", metavar="FILE", help="PNG to write (default <results>/figures/curves.png)")
 
+
+def _configure_samples(sub: argparse._SubParsersAction) -> None:
+    """The ``plot samples`` figure and its options."""
     p = sub.add_parser(
         "samples",
         help="samples of a recorded model beside test data",

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flowbench.commands._hparams import add_hparam_flags, hparams_from_args, resolve_model_flag
+
+if TYPE_CHECKING:
+    from flowbench.sanity.common import Progress
 
 DEFAULT_OUT = "results/sanity"
 
@@ -40,7 +44,14 @@ def prepare(argv: list[str]) -> None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="task", metavar="TASK", required=True)
+    _configure_jacnet(sub)
+    _configure_pseudo_inverse(sub)
+    _configure_toy2d(sub)
+    _configure_invertibility(sub)
 
+
+def _configure_jacnet(sub: argparse._SubParsersAction) -> None:
+    """The ``sanity jacnet`` task and its options."""
     p = sub.add_parser(
         "jacnet",
         help="JacNet on exp (invertible) and |x| (1-Lipschitz); path dependence in 2-D",
@@ -60,6 +71,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--k", type=float, default=1.0, help="Lipschitz constant k > 0 of the k·tanh activation (default 1)")
 
+
+def _configure_pseudo_inverse(sub: argparse._SubParsersAction) -> None:
+    """The ``sanity pseudo-inverse`` task and its options."""
     p = sub.add_parser(
         "pseudo-inverse",
         help="pseudo-invertible MLP pairs f, g; λ = μ sweep",
@@ -75,6 +89,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--activation", choices=["relu", "silu", "both"], default="both", help="MLP activation")
     p.add_argument("--steps", type=_positive, default=None, help="Adam steps (default 500)")
 
+
+def _configure_toy2d(sub: argparse._SubParsersAction) -> None:
+    """The ``sanity toy2d`` task and its options (the model's hyperparameters included)."""
     p = sub.add_parser(
         "toy2d",
         help="2-D toy densities: data beside the learned density",
@@ -90,6 +107,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=_positive, default=100, help="minibatch size (default 100)")
     add_hparam_flags(p)  # every hyperparameter of the model, spelled as `flowbench run` spells them
 
+
+def _configure_invertibility(sub: argparse._SubParsersAction) -> None:
+    """The ``sanity invertibility`` task and its options."""
     p = sub.add_parser(
         "invertibility",
         help="JacNet vs pseudo-invertible pair vs 1-D relgrad flow (table)",
@@ -105,57 +125,77 @@ def main(args: argparse.Namespace) -> int:
 
     progress = Progress(enabled=not args.quiet)
     if args.task == "jacnet":
-        from flowbench.sanity.jacnet_tasks import run_jacnet_tasks
-
-        run_jacnet_tasks(
-            args.out,
-            task=args.jacnet_task,
-            iters=args.iters,
-            seed=args.seed,
-            eps=args.eps,
-            k=args.k,
-            quick=args.quick,
-            progress=progress,
-        )
+        _run_jacnet(args, progress)
     elif args.task == "pseudo-inverse":
-        from flowbench.sanity.pseudo_inverse import run_pseudo_inverse
-
-        acts = ("relu", "silu") if args.activation == "both" else (args.activation,)
-        r = run_pseudo_inverse(
-            args.out,
-            sweep=args.sweep,
-            activations=acts,
-            steps=args.steps,
-            seed=args.seed,
-            quick=args.quick,
-            progress=progress,
-        )
-        print(r["table"] + f"→ {Path(args.out) / 'pseudo_inverse.md'}, pseudo_inverse.json, pseudo_inverse_<act>.png")
+        _run_pseudo_inverse(args, progress)
     elif args.task == "toy2d":
-        from flowbench.sanity.toy2d import run_toy2d_all
-
-        hp = hparams_from_args(args)
-        run_toy2d_all(
-            None if args.data == "all" else [args.data],
-            args.model,
-            args.out,
-            seed=args.seed,
-            max_epochs=args.max_epochs,
-            quick=args.quick,
-            hparams=hp,
-            progress=progress,
-            patience=args.patience,
-            lr=args.lr,
-            batch_size=args.batch_size,
-        )
+        _run_toy2d(args, progress)
     else:  # argparse allows only the four tasks
-        from flowbench.sanity.invertibility import run_invertibility
-
-        r = run_invertibility(
-            args.out, seed=args.seed, jacnet_iters=args.iters, steps=args.steps, quick=args.quick, progress=progress
-        )
-        print(r["table"] + f"→ {Path(args.out) / 'invertibility.md'}, invertibility.json, invertibility.png")
+        _run_invertibility(args, progress)
     return 0
+
+
+def _run_jacnet(args: argparse.Namespace, progress: Progress) -> None:
+    """``sanity jacnet``."""
+    from flowbench.sanity.jacnet_tasks import run_jacnet_tasks
+
+    run_jacnet_tasks(
+        args.out,
+        task=args.jacnet_task,
+        iters=args.iters,
+        seed=args.seed,
+        eps=args.eps,
+        k=args.k,
+        quick=args.quick,
+        progress=progress,
+    )
+
+
+def _run_pseudo_inverse(args: argparse.Namespace, progress: Progress) -> None:
+    """``sanity pseudo-inverse``; prints its table and where the files went."""
+    from flowbench.sanity.pseudo_inverse import run_pseudo_inverse
+
+    acts = ("relu", "silu") if args.activation == "both" else (args.activation,)
+    r = run_pseudo_inverse(
+        args.out,
+        sweep=args.sweep,
+        activations=acts,
+        steps=args.steps,
+        seed=args.seed,
+        quick=args.quick,
+        progress=progress,
+    )
+    print(r["table"] + f"→ {Path(args.out) / 'pseudo_inverse.md'}, pseudo_inverse.json, pseudo_inverse_<act>.png")
+
+
+def _run_toy2d(args: argparse.Namespace, progress: Progress) -> None:
+    """``sanity toy2d``."""
+    from flowbench.sanity.toy2d import run_toy2d_all
+
+    hp = hparams_from_args(args)
+    run_toy2d_all(
+        None if args.data == "all" else [args.data],
+        args.model,
+        args.out,
+        seed=args.seed,
+        max_epochs=args.max_epochs,
+        quick=args.quick,
+        hparams=hp,
+        progress=progress,
+        patience=args.patience,
+        lr=args.lr,
+        batch_size=args.batch_size,
+    )
+
+
+def _run_invertibility(args: argparse.Namespace, progress: Progress) -> None:
+    """``sanity invertibility``; prints its table and where the files went."""
+    from flowbench.sanity.invertibility import run_invertibility
+
+    r = run_invertibility(
+        args.out, seed=args.seed, jacnet_iters=args.iters, steps=args.steps, quick=args.quick, progress=progress
+    )
+    print(r["table"] + f"→ {Path(args.out) / 'invertibility.md'}, invertibility.json, invertibility.png")
 
 
 __all__ = ["configure", "main"]

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep_file", metavar="SWEEP.toml", help="sweep file (see configs/sweeps/)")
+    _configure_executor(parser)
+    _configure_runs(parser)
+
+
+def _configure_executor(parser: argparse.ArgumentParser) -> None:
+    """Where the runs go and with what: --executor, --workers, --address, --cpus-per-run, --gpus-per-run."""
     parser.add_argument(
         "--executor",
         choices=("local", "ray"),
@@ -53,6 +59,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="G",
         help="ray: GPUs per run (Ray resource request; fractions share a GPU; default 0)",
     )
+
+
+def _configure_runs(parser: argparse.ArgumentParser) -> None:
+    """What the sweep does with its runs: --out, --retries, --max-stack, --dry-run."""
     parser.add_argument(
         "--out",
         default="results",

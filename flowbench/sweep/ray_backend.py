@@ -52,36 +52,9 @@ class RayExecutor:
         self._inflight: set = set()
         self._temp_dir: str | None = None
         if not ray.is_initialized():
-            if address:
-                kwargs: dict[str, Any] = {"address": address}
-                if not address.startswith("ray://"):  # Ray Client takes fewer options
-                    kwargs["log_to_driver"] = False
-            else:
-                # A private local instance: no dashboard (fewer ports and processes), no worker output on our
-                # terminal (runs capture their own), its files in a fresh short temp dir (socket paths are
-                # length-limited).
-                self._temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp" if os.path.isdir("/tmp") else None)
-                kwargs = {"include_dashboard": False, "log_to_driver": False, "_temp_dir": self._temp_dir}
-                if num_cpus is not None:
-                    kwargs["num_cpus"] = num_cpus
-            try:
-                ray.init(**kwargs)
-            except ConnectionError as e:
-                raise ConfigError(f"cannot connect to the Ray cluster at {address!r}: {e}; check --address") from e
-            self._started = True
+            self._init_ray(address, num_cpus)
         resources = ray.cluster_resources()
-        if gpus_per_run and resources.get("GPU", 0) < gpus_per_run:
-            self.shutdown()
-            raise ConfigError(f"--gpus-per-run {gpus_per_run}: the Ray cluster has {resources.get('GPU', 0):g} GPUs")
-        if resources.get("CPU", 0) < cpus_per_run:
-            self.shutdown()
-            raise ConfigError(f"--cpus-per-run {cpus_per_run}: the Ray cluster has {resources.get('CPU', 0):g} CPUs")
-        fits = int(resources.get("CPU", 0) // cpus_per_run)
-        if gpus_per_run:
-            fits = min(fits, int(resources.get("GPU", 0) // gpus_per_run))
-        # Keep no more tasks in flight than fit at once, so "running" in the progress line means running;
-        # --workers N overrides this (e.g. for an autoscaling cluster that will grow beyond its current size).
-        self.capacity = max_concurrent or max(1, fits)
+        self.capacity = self._capacity(resources, cpus_per_run, gpus_per_run, max_concurrent)
         self._task = ray.remote(ray_execute).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
         # A stack is one task with one run's resources: that is the point of stacking.
         self._stack_task = ray.remote(ray_execute_stack).options(
@@ -93,6 +66,41 @@ class RayExecutor:
                 f"ray: {where}, {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
                 f"{self.capacity} runs at a time ({cpus_per_run} CPU, {gpus_per_run:g} GPU each)"
             )
+
+    def _init_ray(self, address: str | None, num_cpus: int | None) -> None:
+        """Connect to the cluster at ``address``, or start a private local Ray instance (shut down at the end)."""
+        if address:
+            kwargs: dict[str, Any] = {"address": address}
+            if not address.startswith("ray://"):  # Ray Client takes fewer options
+                kwargs["log_to_driver"] = False
+        else:
+            # A private local instance: no dashboard (fewer ports and processes), no worker output on our
+            # terminal (runs capture their own), its files in a fresh short temp dir (socket paths are
+            # length-limited).
+            self._temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp" if os.path.isdir("/tmp") else None)
+            kwargs = {"include_dashboard": False, "log_to_driver": False, "_temp_dir": self._temp_dir}
+            if num_cpus is not None:
+                kwargs["num_cpus"] = num_cpus
+        try:
+            self.ray.init(**kwargs)
+        except ConnectionError as e:
+            raise ConfigError(f"cannot connect to the Ray cluster at {address!r}: {e}; check --address") from e
+        self._started = True
+
+    def _capacity(self, resources: dict, cpus_per_run: int, gpus_per_run: float, max_concurrent: int | None) -> int:
+        """How many runs to keep in flight; a cluster that cannot hold one run is let go, with a ConfigError."""
+        if gpus_per_run and resources.get("GPU", 0) < gpus_per_run:
+            self.shutdown()
+            raise ConfigError(f"--gpus-per-run {gpus_per_run}: the Ray cluster has {resources.get('GPU', 0):g} GPUs")
+        if resources.get("CPU", 0) < cpus_per_run:
+            self.shutdown()
+            raise ConfigError(f"--cpus-per-run {cpus_per_run}: the Ray cluster has {resources.get('CPU', 0):g} CPUs")
+        fits = int(resources.get("CPU", 0) // cpus_per_run)
+        if gpus_per_run:
+            fits = min(fits, int(resources.get("GPU", 0) // gpus_per_run))
+        # Keep no more tasks in flight than fit at once, so "running" in the progress line means running;
+        # --workers N overrides this (e.g. for an autoscaling cluster that will grow beyond its current size).
+        return max_concurrent or max(1, fits)
 
     def submit(self, run: SweepRun, options: RunOptions, out: str) -> Any:
         from flowbench.sweep.artifacts import replaced_record

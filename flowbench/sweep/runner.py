@@ -308,15 +308,29 @@ def run_sweep(
     out = str(out)
     t0 = time.monotonic()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    states = plan(sweep.runs, out)
-    preflight(states, out)
-    skipped = sum(s.status == "skipped" for s in states)
-    sched = _Scheduler(states, out, executor, retries, Progress(len(states), skipped, stream, live))
+    sched = _plan_scheduler(sweep, out, executor, retries, stream, live)
     if sched.todo and backend is None:
         backend = make_backend(executor, run_fn, workers, address, cpus_per_run, gpus_per_run, sched.progress.event)
     sched.backend = backend
     sched.stacking = run_fn == DEFAULT_RUN_FN and hasattr(backend, "submit_stack") and max_stack != 1
     sched.max_stack = max_stack
+    _drive(sched, sweep, out, executor, started, t0)
+    return sched.report
+
+
+def _plan_scheduler(
+    sweep: Sweep, out: str, executor: str, retries: int, stream: IO[str] | None, live: bool | None
+) -> _Scheduler:
+    """Plan the sweep's runs and check them before anything starts; the scheduler (no executor yet) for them."""
+    states = plan(sweep.runs, out)
+    preflight(states, out)
+    skipped = sum(s.status == "skipped" for s in states)
+    return _Scheduler(states, out, executor, retries, Progress(len(states), skipped, stream, live))
+
+
+def _drive(sched: _Scheduler, sweep: Sweep, out: str, executor: str, started: str, t0: float) -> None:
+    """Run the scheduler to the end (Ctrl-C: cancel and stop cleanly), shut the executor down, write the report."""
+    backend = sched.backend
     try:
         sched.run()
     except BaseException as e:
@@ -334,7 +348,6 @@ def run_sweep(
         sched.progress.close()
         sched.report.seconds = time.monotonic() - t0
         _write_report(sweep, sched.report, out, executor, started)
-    return sched.report
 
 
 class _Scheduler:

@@ -382,6 +382,13 @@ class RunLoop:
             }
         )  # training and evaluation
         s.evaluated_epoch = s.epoch
+        info = self._report_epoch(i, epoch, train_loss, val_ll, nll)
+        self._stop_if_converged(s)
+        return info
+
+    def _report_epoch(self, i: int, epoch: int, train_loss: float, val_ll: float, nll: float) -> Any:
+        """Run i's EpochInfo for the evaluation just recorded, its epoch line logged."""
+        s = self._states[i]
         omits = getattr(s.flow, "loss_omits", None)
         info = self._info(
             i,
@@ -401,6 +408,10 @@ class RunLoop:
             f"val LL {val_ll:10.4f}  best {info.best_val_ll:10.4f} (epoch {info.best_epoch}, step "
             f"{s.best_step})  patience left {info.patience_left}"
         )
+        return info
+
+    def _stop_if_converged(self, s: RunState) -> None:
+        """Finish the run, as converged, once its patience has run out."""
         if s.stopper.should_stop:
             s.result.stop_reason = (
                 f"no improvement for {s.stopper.patience} epochs"
@@ -409,7 +420,6 @@ class RunLoop:
             )
             s.result.ended = "converged"
             s.finished = True
-        return info
 
     def _fail(self, s: RunState, epoch: int, failure: str) -> None:
         """Keep the last good state (the stopper's best, restored at the end); the record notes the failure."""

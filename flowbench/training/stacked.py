@@ -642,34 +642,14 @@ def _check_seeds_left(runs: list[RunOptions], paths: list[tuple[Path, Path]]) ->
 
 
 def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progress: bool, t0: float) -> list:
-    for o in runs:
-        why = unstackable(o)
-        if why is not None and "closed form" not in why:
-            raise ConfigError(f"--seeds: {why}; run the seeds one by one instead")
-    keys = {stack_key(o) for o in runs}
-    if len(keys) > 1 or len({o.batch_size for o in runs}) > 1:
-        raise ConfigError("runs of one stack may differ only in " + ", ".join(PER_RUN))
-    paths = [lifecycle.run_paths(o) for o in runs]
-    if len({p[0] for p in paths}) != len(paths):
-        raise ConfigError("two runs of the stack would write the same record (same seed and tag)")
-    _check_seeds_left(runs, paths)
-    for o, (rec, ckpt) in zip(runs, paths):
-        lifecycle.check_before_compute(o, rec, ckpt)
+    paths = _check_stack(runs)
     replacing = [lifecycle.replacing_note(o, rec) for o, (rec, _) in zip(runs, paths)]
     first = runs[0]
     data = lifecycle.load_data(first, data)
     device = resolve_device(first.device)
     classes = lifecycle.check_labels(first, data)
     x = lifecycle.to_device(data, device, labels=classes > 0)
-    built = []
-    for i, o in enumerate(runs):
-        lifecycle.seed_everything(o.seed)
-        flow, hparams, match = lifecycle.build_from_options(o, data.dim, classes)
-        if i == 0:  # the runs of a stack share one shape: one measurement covers them all
-            lifecycle.check_memory(o, flow, device, runs=len(runs))
-        flow = flow.to(device)
-        flow.initialize(x.train)
-        built.append((flow, hparams, match))
+    built = _build_stack(runs, data.dim, classes, x, device)
     # The id tells this stack's records from another stack's of the same seeds (the report counts a stack's
     # wall time, which each of its records carries, once).
     stack = {"seeds": [o.seed for o in runs], "size": len(runs), "id": uuid.uuid4().hex[:12]}
@@ -699,38 +679,50 @@ def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progre
     return records
 
 
+def _check_stack(runs: list) -> list[tuple[Path, Path]]:
+    """Check that the runs can train as one stack, before any data is loaded; their (record, checkpoint) paths."""
+    for o in runs:
+        why = unstackable(o)
+        if why is not None and "closed form" not in why:
+            raise ConfigError(f"--seeds: {why}; run the seeds one by one instead")
+    keys = {stack_key(o) for o in runs}
+    if len(keys) > 1 or len({o.batch_size for o in runs}) > 1:
+        raise ConfigError("runs of one stack may differ only in " + ", ".join(PER_RUN))
+    paths = [lifecycle.run_paths(o) for o in runs]
+    if len({p[0] for p in paths}) != len(paths):
+        raise ConfigError("two runs of the stack would write the same record (same seed and tag)")
+    _check_seeds_left(runs, paths)
+    for o, (rec, ckpt) in zip(runs, paths):
+        lifecycle.check_before_compute(o, rec, ckpt)
+    return paths
+
+
+def _build_stack(runs: list, dim: int, classes: int, x: Any, device: torch.device) -> list[tuple]:
+    """Build and initialise each run's flow on ``device`` (seeded as the run); (flow, hparams, match) per run."""
+    built = []
+    for i, o in enumerate(runs):
+        lifecycle.seed_everything(o.seed)
+        flow, hparams, match = lifecycle.build_from_options(o, dim, classes)
+        if i == 0:  # the runs of a stack share one shape: one measurement covers them all
+            lifecycle.check_memory(o, flow, device, runs=len(runs))
+        flow = flow.to(device)
+        flow.initialize(x.train)
+        built.append((flow, hparams, match))
+    return built
+
+
 def _train_stack(
     runs: list, flows: list, ckpts: list[Path], x: Any, callbacks: list[Callable] | None, progress: bool
 ) -> tuple[list[TrainResult], list[list[str]], list[float]]:
     """Train the built flows of a stack (closed-form ones run by run); their results, the notes for their
     records, and each run's training time in earlier sessions (``--resume``)."""
+    if not flows[0].trainable:
+        return _train_closed_form(runs, flows, ckpts, x, progress)
     notes: list[list[str]] = [[] for _ in runs]
     prior = [0.0] * len(runs)
-    if not flows[0].trainable:
-        results = []
-        for i, (o, flow) in enumerate(zip(runs, flows)):
-            res, notes[i], prior[i] = lifecycle.train_single(flow, x, o, ckpts[i], None, progress)
-            results.append(res)
-        return results, notes, prior
     first = runs[0]
-    # A sweep stacks configurations (tags) too; their epoch lines must tell them apart, not only the seeds.
-    tagged = len({o.tag for o in runs}) > 1
-    specs = [
-        RunSpec(
-            flow,
-            o.seed,
-            o.lr,
-            o.weight_decay,
-            o.patience,
-            o.max_epochs,
-            ckpt,
-            o.to_dict(),
-            f"[{o.tag or 'no tag'}] seed {o.seed}" if tagged else None,
-        )
-        for o, flow, ckpt in zip(runs, flows, ckpts)
-    ]
     trainer = StackedTrainer(
-        specs,
+        _run_specs(runs, flows, ckpts),
         x.train,
         x.val,
         batch_size=first.batch_size,
@@ -751,6 +743,39 @@ def _train_stack(
         elif ckpt.exists():
             notes[i].append("an older checkpoint was replaced (run with --resume to continue one instead)")
     return trainer.fit(), notes, prior
+
+
+def _train_closed_form(
+    runs: list, flows: list, ckpts: list[Path], x: Any, progress: bool
+) -> tuple[list[TrainResult], list[list[str]], list[float]]:
+    """Fit the closed-form flows of a stack one run at a time; as :func:`_train_stack`."""
+    notes: list[list[str]] = [[] for _ in runs]
+    prior = [0.0] * len(runs)
+    results = []
+    for i, (o, flow) in enumerate(zip(runs, flows)):
+        res, notes[i], prior[i] = lifecycle.train_single(flow, x, o, ckpts[i], None, progress)
+        results.append(res)
+    return results, notes, prior
+
+
+def _run_specs(runs: list, flows: list, ckpts: list[Path]) -> list[RunSpec]:
+    """One :class:`RunSpec` per run of the stack, from its options, built flow and checkpoint path."""
+    # A sweep stacks configurations (tags) too; their epoch lines must tell them apart, not only the seeds.
+    tagged = len({o.tag for o in runs}) > 1
+    return [
+        RunSpec(
+            flow,
+            o.seed,
+            o.lr,
+            o.weight_decay,
+            o.patience,
+            o.max_epochs,
+            ckpt,
+            o.to_dict(),
+            f"[{o.tag or 'no tag'}] seed {o.seed}" if tagged else None,
+        )
+        for o, flow, ckpt in zip(runs, flows, ckpts)
+    ]
 
 
 #: A default stack never exceeds this many runs (beyond it the batched step gains little on a CPU, and one

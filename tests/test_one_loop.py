@@ -12,7 +12,6 @@ import torch
 
 import flowbench.models as models
 from flowbench.data import load_dataset
-from flowbench.errors import ConfigError
 from flowbench.training.lifecycle import seed_everything
 from flowbench.training.loop import RunLoop
 from flowbench.training.stacked import RunSpec, StackedTrainer
@@ -251,19 +250,28 @@ def test_a_stacks_lines_are_the_single_runs_with_its_label(digits, capsys):
         assert single[0].startswith("step       5 (epoch 1)  train loss" if step_mode else "epoch    1  train loss")
 
 
-def test_a_stack_at_different_places_in_its_epochs_is_refused(digits):
+def test_a_stack_at_different_places_in_its_epochs_trains_group_by_group(digits):
+    """Runs resumed mid-epoch from checkpoints of different steps (a sweep regroups them) train in groups of
+    one place each: run 0 follows exactly the stack it would have been in alone, run 1 goes on from its place."""
     train_x, val_x = digits
-    tr = StackedTrainer(
-        [RunSpec(build("made", s, train_x), s, 3e-3) for s in (0, 1)],
-        train_x,
-        val_x,
-        batch_size=40,
-        progress=False,
-        eval_every=3,
-    )
-    tr.runs[1].state.pos, tr.runs[1].state.perm = 3, torch.arange(train_x.shape[0])
-    with pytest.raises(ConfigError, match="different places in their epochs.*one by one"):
-        tr.fit()
+
+    def stack(seeds, pos1=None):
+        tr = StackedTrainer(
+            [RunSpec(build("made", s, train_x), s, 3e-3) for s in seeds],
+            train_x,
+            val_x,
+            batch_size=40,
+            progress=False,
+            eval_every=3,
+            max_steps=9,
+        )
+        if pos1 is not None:
+            tr.runs[1].state.pos, tr.runs[1].state.perm = pos1, torch.arange(train_x.shape[0])
+        return tr.fit()
+
+    mixed, alone = stack((0, 1), pos1=3), stack((0,))
+    assert [h["val_ll"] for h in mixed[0].history] == [h["val_ll"] for h in alone[0].history]
+    assert mixed[1].steps == 9 and mixed[1].status == "ok"
 
 
 def test_run_seeds_stacks_the_step_options(tmp_path):

@@ -298,3 +298,36 @@ def test_a_knob_named_like_a_commands_option_is_refused_clearly(tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "perturb have the name of this command's own option(s) --perturb" in err
     assert "Traceback" not in err
+
+
+def test_a_nan_validation_score_is_no_improvement_and_training_goes_on():
+    """MAF's trainer compares ``val_loss < best``, false for NaN: an evaluation whose every validation point is
+    non-finite (whole-training-set batch-norm statistics overflowed by a few extreme rows) counts as no
+    improvement; the run trains on and ends by patience with its best state."""
+    import numpy as np
+    import torch
+
+    from flowbench.data.base import Dataset
+    from flowbench.training.trainer import Trainer
+    from toy_flows import tiny_flow
+
+    class NaNAtEpoch3(type(tiny_flow(2))):
+        evals = 0
+
+        def prepare_for_eval(self, train_x, batch_size=10_000):
+            type(self).evals += 1
+
+        def log_prob(self, x):
+            out = super().log_prob(x)
+            return torch.full_like(out, float("nan")) if not self.training and type(self).evals == 3 else out
+
+    flow = tiny_flow(2)
+    flow.__class__ = NaNAtEpoch3
+    rng = np.random.RandomState(0)
+    data = Dataset("toy", *(rng.standard_normal((n, 2)).astype(np.float32) for n in (300, 100, 100)))
+    res = Trainer(
+        flow, torch.as_tensor(data.train), torch.as_tensor(data.val), lr=1e-2, patience=2, max_epochs=8, progress=False
+    ).fit()
+    vals = [h["val_ll"] for h in res.history]
+    assert res.status == "ok" and math.isnan(vals[2]) and len(vals) > 3  # trained on past the NaN epoch
+    assert res.best_epoch != 3 and math.isfinite(res.best_val_ll)

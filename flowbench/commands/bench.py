@@ -220,7 +220,7 @@ def _train_settings(args: argparse.Namespace) -> tuple:
     from flowbench.bench.train import run_settings
 
     batch_size, lr, hparams, line = run_settings(
-        args.dataset, args.model, args.batch_size, args.lr, hparams_from_args(args)
+        args.dataset, args.model, args.batch_size, args.lr, hparams_from_args(args, args.model)
     )
     print(line)
     return batch_size, lr, hparams

@@ -172,7 +172,7 @@ def _run_toy2d(args: argparse.Namespace, progress: Progress) -> None:
     """``sanity toy2d``."""
     from flowbench.sanity.toy2d import run_toy2d_all
 
-    hp = hparams_from_args(args)
+    hp = hparams_from_args(args, args.model)
     run_toy2d_all(
         None if args.data == "all" else [args.data],
         args.model,

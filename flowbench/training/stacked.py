@@ -446,7 +446,15 @@ class StackedTrainer(RunLoop):
         return self._train_period(active, self.batches_per_epoch - self.runs[active[0]].state.pos)
 
     def _train_runs(self, active: list[int], steps: int) -> list[tuple[float, str | None]]:
-        return list(zip(*self._train_period(active, steps)))
+        """Runs at different places in their epochs (resumed mid-epoch from step-mode checkpoints written at
+        different times) train group by group, each group from its common place."""
+        groups: dict[int, list[int]] = {}
+        for i in active:
+            groups.setdefault(self.runs[i].state.pos, []).append(i)
+        out: dict[int, tuple[float, str | None]] = {}
+        for group in groups.values():
+            out.update(zip(group, zip(*self._train_period(group, steps))))
+        return [out[i] for i in active]
 
     def _train_period(self, active: list[int], steps: int) -> tuple[list[float], list[str | None]]:
         """``steps`` optimiser steps of every active run, each on its own shuffle, from their common place in

@@ -306,10 +306,10 @@ def test_a_nan_validation_score_is_no_improvement_and_training_goes_on():
     improvement; the run trains on and ends by patience with its best state."""
     import numpy as np
     import torch
+    from toy_flows import tiny_flow
 
     from flowbench.data.base import Dataset
     from flowbench.training.trainer import Trainer
-    from toy_flows import tiny_flow
 
     class NaNAtEpoch3(type(tiny_flow(2))):
         evals = 0

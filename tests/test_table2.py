@@ -154,6 +154,11 @@ def test_conditional_mnist_run_end_to_end(tmp_path, capsys):
     table = build_table(list(iter_records(out)), ["maf"], "best-val", datasets=["mnist-cond"])
     row = next(ln for ln in table.splitlines() if ln.startswith("| MAF (2) ") and "| ours" in ln)
     assert f"{rec['test_ll']:.2f}" in row and "MNIST cond." in table
+    from flowbench.cli import main
+
+    assert main(["report", "--results", str(out), "--out", str(tmp_path / "report.md")]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| mnist-cond " in report and "MAF (2) (class-conditional)" in report  # its runs row and samples
 
 
 def test_conditional_stack_equals_single_runs(tmp_path):

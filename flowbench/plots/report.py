@@ -24,7 +24,7 @@ from tabulate import tabulate
 
 from flowbench import __version__
 from flowbench import status as S
-from flowbench.aggregate import SELECT_MODES, choose, configurations
+from flowbench.aggregate import SELECT_MODES, choose, column, configurations
 from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.plots import _records as R
 from flowbench.plots._mpl import png_bytes
@@ -90,7 +90,7 @@ def _runs_table(records: list[Any], failed: list[R.FailedRun]) -> str:
                 wall += f" (stack of {stack.get('size', '?')})"
             rows.append(
                 [
-                    R.dataset(r),
+                    column(r),  # mnist-cond for a class-conditional model: its table column
                     _cell(R.label(r, with_tag=True)),
                     R.seed(r),
                     _cell(S.run_status(r).text),
@@ -272,7 +272,7 @@ def report_markdown(
                 if choice.config.dataset != ds:
                     continue
                 rec = choose_run(list(choice.config.runs))
-                name = R.label(rec, with_tag=True)
+                name = R.label(rec, with_tag=True) + (" (class-conditional)" if choice.config.column != ds else "")
                 page.add(f"**{name}**, seed {R.seed(rec)}", "")
                 try:
                     png = _sample_png(rec, data)

@@ -37,12 +37,14 @@ import functools
 import math
 import re
 import statistics
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from flowbench.results import read_field
+from flowbench.errors import ConfigError
+from flowbench.results import read_field, read_per_point
 
 __all__ = [
     "Choice",
@@ -118,7 +120,7 @@ def row_labels(records: list[Record]) -> list[str]:
 def _label_patterns() -> tuple[re.Pattern, ...]:
     """Per registered model, in registry order: its label template as a regex
     (``MAF ({layers})`` → ``MAF \\((.+)\\)``)."""
-    from flowbench.models import MODELS
+    from flowbench.models import MODELS  # lazy: imports torch, which this module (and the table) avoids
 
     pats = []
     for spec in MODELS.values():
@@ -174,7 +176,7 @@ class Configuration:
 
 def configurations(records: Iterable[Record]) -> list[Configuration]:
     """Records grouped into configurations, in the table's order: row (registry order), dataset, tag."""
-    from flowbench.data import DATASETS
+    from flowbench.data import DATASETS  # lazy: imports numpy, which this module avoids until it needs it
 
     records = list(records)
     groups: dict[tuple[str, str, str | None], list[Record]] = defaultdict(list)
@@ -217,8 +219,6 @@ def choose(records: Iterable[Record], select: str = "best-val") -> list[Choice]:
     Raises:
         ConfigError: ``select`` is not ``best-val`` or ``all``.
     """
-    from flowbench.errors import ConfigError
-
     if select not in SELECT_MODES:
         raise ConfigError(f"unknown --select {select!r}; use best-val or all")
     by_row: dict[tuple[str, str], list[Configuration]] = defaultdict(list)
@@ -287,9 +287,7 @@ def cell_points(config: Configuration) -> tuple[Any, str | None, str | None]:
     Seeds are averaged point by point (all are evaluated on the same test points), so the vector's mean is the
     cell's value; every counting seed must have its per-point file.
     """
-    import numpy as np
-
-    from flowbench.results import read_per_point
+    import numpy as np  # lazy: this module stays light until per-point data are read
 
     vectors, hashes = [], set()
     for r in config.counted:
@@ -310,9 +308,7 @@ def cell_points(config: Configuration) -> tuple[Any, str | None, str | None]:
 def paired_pvalue(best: Any, other: Any) -> float:
     """Two-sided p-value of the paired t-test (``scipy.stats.ttest_rel``) of ``best`` against ``other``, the
     per-point test LLs of two cells on the same test points. Identical vectors (p undefined) give 1.0."""
-    import warnings
-
-    from scipy.stats import ttest_rel
+    from scipy.stats import ttest_rel  # lazy: scipy is heavy, and this module is light
 
     with warnings.catch_warnings():  # identical vectors: scipy warns of a 0/0, the answer is below
         warnings.simplefilter("ignore", RuntimeWarning)

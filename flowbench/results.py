@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import hashlib
 import json
 import math
 import platform
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from flowbench.errors import ConfigError, UsageError
-from flowbench.utils import atomic_write_json
+from flowbench.utils import atomic_save_npy, atomic_write_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -311,9 +312,7 @@ PER_POINT_DTYPE = "float32"
 
 def sha256_of_test_set(test: Any) -> str:
     """Fingerprint of a test set (its float32 bytes, row-major): a paired test needs the same points."""
-    import hashlib
-
-    import numpy as np
+    import numpy as np  # lazy: this module stays light (sweep workers import it before torch)
 
     return hashlib.sha256(np.ascontiguousarray(test, dtype=np.float32).tobytes()).hexdigest()
 
@@ -323,9 +322,7 @@ def write_per_point(path: str | Path, logp: Any, test: Any, test_sha256: str | N
     ``.npy`` atomically; returns the record's ``test_points`` entry (file name, count, dtype, test-set hash).
     ``test_sha256``: :func:`sha256_of_test_set` of ``test`` when the caller already has it (a stack's runs share
     one test set)."""
-    import numpy as np
-
-    from flowbench.utils import atomic_save_npy
+    import numpy as np  # lazy: see sha256_of_test_set
 
     path = Path(path)
     values = np.asarray(logp, dtype=PER_POINT_DTYPE)
@@ -341,7 +338,7 @@ def write_per_point(path: str | Path, logp: Any, test: Any, test_sha256: str | N
 def read_per_point(record: RunRecord) -> tuple[Any, str | None]:
     """``(per-point test LLs as float64, None)``, or ``(None, why not)`` for a record without usable ones:
     written before they were kept, file missing, or a file that does not match the record (count or mean)."""
-    import numpy as np
+    import numpy as np  # lazy: see sha256_of_test_set
 
     meta = record.test_points
     if not meta:
@@ -408,7 +405,7 @@ def _git_commit() -> str | None:
 
 def system_info() -> dict[str, Any]:
     """Versions, commit and a UTC timestamp for the record."""
-    import torch
+    import torch  # lazy: this module stays light (see sha256_of_test_set)
 
     return {
         "torch": torch.__version__,

@@ -143,7 +143,7 @@ def _nonfinite_note(r: RunRecord) -> str:
 @functools.lru_cache(maxsize=None)
 def _importable(ref: str) -> str | None:
     """None when a plugged-in model's reference still resolves, else why not (one line)."""
-    from flowbench.models import MODELS
+    from flowbench.models import MODELS  # lazy: imports torch, which the table does not otherwise need
 
     try:
         MODELS.resolve(ref)

@@ -9,13 +9,12 @@ from typing import Any, Callable
 
 import torch
 
+from flowbench.results import system_info
 from flowbench.utils import output_dir, resolve_device, set_threads
 
 
 def machine_info() -> dict[str, Any]:
     """Versions, commit, threads, CPU count, load average and GPU name, stored beside every result."""
-    from flowbench.results import system_info
-
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {
         **system_info(),

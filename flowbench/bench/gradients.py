@@ -20,7 +20,10 @@ increase of a fresh subprocess running one call (VmHWM after − VmRSS before, w
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import multiprocessing as mp
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,12 +32,16 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
+from tabulate import tabulate
 from torch import Tensor
+from torch.func import jacrev, vmap
 
-from flowbench.errors import FlowbenchError
+from flowbench.bench.common import setup
+from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.models import build_model
 from flowbench.models.relgrad_autograd import TANH_A, TANH_B
-from flowbench.utils import available_memory
+from flowbench.plotting import figure
+from flowbench.utils import atomic_write, atomic_write_json, available_memory, check_number
 
 if TYPE_CHECKING:
     from multiprocessing.queues import Queue
@@ -141,7 +148,6 @@ def step_fn(method: str, flow: RelgradFlow, x: Tensor) -> Callable[[], None]:
             flow.relative = method == "relative"
             (-flow.train_log_prob(x).mean()).backward()
     elif method == "autodiff":
-        from torch.func import jacrev, vmap
 
         def run() -> None:
             zero()
@@ -249,8 +255,6 @@ def _rss_child(
 def rss_peak(method: str, dim: int, batch: int, layers: int, dtype: torch.dtype) -> int | None:
     """Peak RSS increase (VmHWM after − VmRSS before, peak reset via /proc/self/clear_refs) over one call in
     a fresh spawned process, so that memory cached by earlier calls cannot hide the peak; None if it died."""
-    import multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     args = (method, dim, batch, layers, str(dtype).split(".")[-1], torch.get_num_threads(), q)
@@ -436,7 +440,7 @@ def draw(ax: Axes, cells: list[Cell]) -> list[str]:
             + ("; ..." if len(reasons) > 4 else "")
             + ". Raise --memory-limit-gb or --max-call-s, or pick smaller --dims"
         )
-    import matplotlib.transforms as mtransforms
+    import matplotlib.transforms as mtransforms  # lazy: only plotting needs matplotlib, which is slow to import
 
     top = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)  # x in data, y in axes units
     labels = []
@@ -469,8 +473,6 @@ def draw(ax: Axes, cells: list[Cell]) -> list[str]:
 
 def plot(cells: list[Cell], path: str | Path, title: str) -> None:
     """:func:`draw` into the PNG ``path`` (atomically; nothing is written when there is nothing to plot)."""
-    from flowbench.plotting import figure
-
     with figure(path, figsize=(8.5, 4.5), dpi=120) as (_fig, ax):
         draw(ax, cells)
         ax.set_title(title)
@@ -481,11 +483,6 @@ CSV_FIELDS = ("method", "dim", "status", "median_s", "memory_bytes", "memory_met
 
 def write_csv(cells: list[Cell], path: str | Path) -> None:
     """One row per (method, D) with :data:`CSV_FIELDS`, atomically."""
-    import csv
-    import io
-
-    from flowbench.utils import atomic_write
-
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), extrasaction="ignore")
     w.writeheader()
@@ -496,8 +493,6 @@ def write_csv(cells: list[Cell], path: str | Path) -> None:
 
 def parse_methods(text: str | tuple[str, ...]) -> tuple[str, ...]:
     """``"relative,mlp"`` → ``("relative", "mlp")``, checked against :data:`METHODS`."""
-    from flowbench.errors import ConfigError
-
     methods = tuple(m.strip() for m in text.split(",") if m.strip()) if isinstance(text, str) else tuple(text)
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -517,9 +512,6 @@ def _check_options(
     cpu_memory: str,
     dtype: str,
 ) -> None:
-    from flowbench.errors import ConfigError
-    from flowbench.utils import check_number
-
     if not dims or min(dims) < 1:
         raise ConfigError(f"--dims must be positive integers; got {dims}")
     if batch < 1 or layers < 1 or repeats < 1:
@@ -556,11 +548,6 @@ def bench_gradients(
     """``flowbench bench gradients``: check the options, run the float64 agreement check (unless
     ``check=False``), measure, and write ``gradients.json``, ``.csv`` and ``.png`` under ``out/bench``.
     Returns the JSON record plus ``"files"``."""
-    from tabulate import tabulate
-
-    from flowbench.bench.common import setup
-    from flowbench.utils import atomic_write_json
-
     methods = parse_methods(methods)
     dims = list(dims)
     _check_options(dims, batch, layers, repeats, warmup, memory_limit_gb, max_call_s, budget_s, cpu_memory, dtype)

@@ -13,7 +13,11 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
+from flowbench.bench.common import setup
+from flowbench.errors import ConfigError
 from flowbench.models import build_model
+from flowbench.plotting import figure
+from flowbench.utils import atomic_write_json, check_number
 
 if TYPE_CHECKING:
     from flowbench.models.base import Flow
@@ -64,9 +68,6 @@ def _summary(curves: dict[str, list[list[float]]]) -> dict[str, dict]:
 
 
 def _check(n_points: int, inits: int, epochs: int, layers: int, lr: float, seed: int) -> None:
-    from flowbench.errors import ConfigError
-    from flowbench.utils import check_number
-
     if min(n_points, inits, epochs, layers) < 1:
         raise ConfigError(
             f"--points, --inits, --epochs and the depth must be ≥ 1; got {n_points}, {inits}, {epochs}, {layers}"
@@ -117,8 +118,6 @@ def run_optim(
 
 def plot(result: dict, path: str | Path) -> None:
     """NLL vs epoch, every initialisation, relative in blue and ordinary in orange (paper Fig. 1 right)."""
-    from flowbench.plotting import figure
-
     with figure(path, figsize=(6, 4.5), dpi=120) as (_fig, ax):
         colors = {"relative": "tab:blue", "ordinary": "tab:orange"}
         for method, runs in result["curves"].items():
@@ -150,9 +149,6 @@ def bench_optim(
 ) -> dict:
     """``flowbench bench optim``: :func:`run_optim` (on the CPU, float64, whatever ``device`` says: the
     problem is 2-D), written to ``out/bench/optim.json`` and ``optim.png``; returns the record + ``"files"``."""
-    from flowbench.bench.common import setup
-    from flowbench.utils import atomic_write_json
-
     _check(points, inits, epochs, 2, lr, seed)
     folder, _, machine = setup(out, device, threads, log)
     res = run_optim(points, inits, epochs, lr, seed=seed, bias=bias, bias_logdet=bias_logdet, log=log)

@@ -17,7 +17,13 @@ from typing import Any, Callable
 import torch
 
 from flowbench import models
+from flowbench.bench.common import setup
+from flowbench.bench.train import dataset_tensor
+from flowbench.data import get_info
 from flowbench.errors import ConfigError
+from flowbench.training.stacked import RunSpec, StackedTrainer
+from flowbench.training.trainer import Trainer
+from flowbench.utils import atomic_write_json, resolve_device
 
 __all__ = ["run_stack_bench"]
 
@@ -40,12 +46,6 @@ def run_stack_bench(
 ) -> dict[str, Any]:
     """Samples/s of ``stack`` stacked runs and of the same runs trained sequentially, on ``device``; the ratio.
     With ``out``, also written to ``out/bench/train-<dataset>-<model>-stack<R>.json`` (``"files"``)."""
-    from flowbench.bench.common import setup
-    from flowbench.bench.train import dataset_tensor
-    from flowbench.training.stacked import RunSpec, StackedTrainer
-    from flowbench.training.trainer import Trainer
-    from flowbench.utils import atomic_write_json, resolve_device
-
     if stack < 1 or steps < 1 or batch_size < 1 or rounds < 1:
         raise ConfigError(
             f"--stack, --steps, --batch-size and rounds must be ≥ 1; got {stack}, {steps}, {batch_size}, {rounds}"
@@ -117,8 +117,6 @@ def run_stack_bench(
     log(f"  stacked / sequential: {res['ratio']:.2f}×")
     res["device"] = str(dev)
     if folder is not None:
-        from flowbench.data import get_info
-
         path = folder / f"train-{get_info(dataset).name}-{models.get_spec(model).name}-stack{stack}.json"
         atomic_write_json(path, res)
         res["files"] = [str(path)]

@@ -17,8 +17,13 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 
+from flowbench.bench.common import setup
+from flowbench.config import resolve_options
+from flowbench.data import get_info, load_dataset
 from flowbench.errors import ConfigError, DatasetNotFoundError
-from flowbench.utils import check_number
+from flowbench.models import build_model, display_name, get_spec, resolve_hparams
+from flowbench.plugins import is_reference, normalize_reference
+from flowbench.utils import atomic_write_json, check_number
 
 if TYPE_CHECKING:
     from flowbench.models.base import Flow
@@ -31,8 +36,6 @@ def dataset_tensor(
     name: str, data_root: str | Path | None = None, max_rows: int = 200_000
 ) -> tuple[torch.Tensor, int, bool]:
     """(training rows, N train, synthetic?) — the prepared data if present, else N(0, I) of the right shape."""
-    from flowbench.data import get_info, load_dataset
-
     info = get_info(name)  # a name or a reference; ConfigError saying what is wrong
     try:
         ds = load_dataset(name, data_root)
@@ -46,9 +49,6 @@ def dataset_tensor(
 
 def _label_columns(dataset: str, model: str) -> dict[str, int]:
     """``{"classes": K}`` for a class-conditional model on a labelled dataset, ``{}`` for any other model."""
-    from flowbench.data import get_info
-    from flowbench.models import get_spec
-
     if not getattr(get_spec(model), "conditional", False):
         return {}
     classes = int(getattr(get_info(dataset), "classes", 0) or 0)
@@ -91,7 +91,7 @@ def _loss_fns(
 
 
 def _zuko():
-    try:
+    try:  # lazy: zuko is an optional extra
         import zuko
     except ImportError as e:  # a benchmark-only dependency, never imported at runtime
         raise ConfigError(
@@ -170,11 +170,9 @@ def _zuko_contender(
 ) -> tuple[Contender, dict]:
     """zuko's twin of ``model`` (:data:`ZUKO_TWINS`) matched to our parameter count, and what the result
     records about it."""
-    from flowbench.models import resolve_hparams
-
     hp = resolve_hparams(model, **hparams)
     zflow, zh, zcount = ZUKO_TWINS[model](dim, hp, target_params)
-    import zuko  # importable: the twin has just used it
+    import zuko  # lazy: an optional extra, importable here since the twin has just used it
 
     zflow = zflow.to(device)
     _, zuko_loss = _loss_fns(None, zflow, compile_zuko=compile_zuko)
@@ -269,8 +267,6 @@ def run_train(
     ``compile`` / ``compile_zuko`` put flowbench's / zuko's training objective through ``torch.compile``
     (the compile happens in the warm-up and is not timed).
     """
-    from flowbench.models import build_model, display_name
-
     _check(adam, steps, batch_size, lr, warmup, rounds)
     if compare_zuko and model not in ZUKO_TWINS:
         raise ConfigError(f"--compare-zuko is implemented for --model {' and '.join(ZUKO_TWINS)} only")
@@ -294,10 +290,6 @@ def run_train(
     contenders: dict[str, Contender] = {
         "flowbench": (ours, _adam(ours.parameters(), lr, adam), ours_loss, _trainer_step)
     }
-    from flowbench.data import get_info
-    from flowbench.models import get_spec
-    from flowbench.plugins import is_reference, normalize_reference
-
     result: dict = {
         "dataset": get_info(dataset).name,
         "model": get_spec(model).name,
@@ -343,9 +335,6 @@ def bench_train(
 ) -> dict:
     """``flowbench bench train``: :func:`run_train` written to ``out/bench/train-<dataset>-<model>[-adam-<impl>]
     [-compiled].json``; returns the record + ``"files"``."""
-    from flowbench.bench.common import setup
-    from flowbench.utils import atomic_write_json
-
     _check(adam, steps, batch_size, lr, 0, 1)  # before the output folder and the machine line
     folder, dev, machine = setup(out, device, threads, log)
     res = run_train(
@@ -377,8 +366,6 @@ def run_settings(
     with (defaults < ``configs/<dataset>/<model>.toml``), with the given values overriding; plus a line saying
     where they came from. So ``bench train`` times the step that run actually takes (relgrad on MNIST: batch 10).
     """
-    from flowbench.config import resolve_options
-
     explicit = {
         **(hparams or {}),
         **({"batch_size": batch_size} if batch_size is not None else {}),

@@ -15,6 +15,7 @@ import re
 from typing import Any, Mapping
 
 from flowbench.errors import ConfigError
+from flowbench.models import adapters
 from flowbench.models.base import CompositeTransform, ConditionalFlow, Flow, StandardNormal, Transform, check_input
 from flowbench.models.spec import HParam, ModelSpec
 from flowbench.plugins import Origin, Registry
@@ -98,8 +99,6 @@ def _coerce(obj: Any, ref: str) -> ModelSpec:
     """A loaded object as a ModelSpec: a spec, a zuko/nflows flow or flow factory, or a function returning a spec."""
     if isinstance(obj, ModelSpec):
         return _check_spec(obj, ref)
-    from flowbench.models import adapters
-
     spec = adapters.spec_for(obj, ref)
     if spec is not None:
         return _check_spec(spec, ref)

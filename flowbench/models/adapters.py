@@ -48,6 +48,7 @@ import sys
 import textwrap
 import typing
 from collections.abc import Sequence
+from importlib.metadata import version
 from typing import Any, Callable, Mapping
 
 import torch
@@ -56,6 +57,7 @@ from torch import Tensor, nn
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow, Transform
 from flowbench.models.spec import ANY, HParam, ModelSpec
+from flowbench.models.stacking import stack_probe
 
 __all__ = ["spec_for", "wrap", "PeerFlow", "ZukoFlow", "NflowsFlow", "DIM_NAMES"]
 
@@ -146,8 +148,6 @@ def _is_factory(obj: Any) -> bool:
 
 def _version(lib: str) -> str:
     try:
-        from importlib.metadata import version
-
         return version(lib)
     except Exception:  # an uninstalled checkout: the module may still say
         return str(getattr(sys.modules.get(lib), "__version__", "?"))
@@ -286,8 +286,6 @@ def _stack_check(build: Callable[..., Flow]) -> Callable[[Mapping[str, Any]], st
         except TypeError:  # an unhashable value: probe, do not cache
             key = None
         if key is None or key not in _PROBED:
-            from flowbench.models.stacking import stack_probe
-
             try:
                 why = stack_probe(lambda: build(_PROBE_DIM, **hp), _PROBE_DIM)
             except Exception:  # not buildable at this dimension: the trainer's probe tries the data's

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from flowbench.errors import ConfigError
+from flowbench.models import build_model, check_classes, get_spec, resolve_hparams
 from flowbench.models.spec import ANY
 
 __all__ = ["count_params", "param_count", "match_params"]
@@ -35,8 +36,6 @@ def param_count(name: str, dim: int, *, classes: int = 0, **hparams: Any) -> int
     tests check them against built models; other models (relgrad) are built and counted. A class-conditional
     model's count depends on the number of classes K too (its label weights): ``count(dim, hparams, classes)``.
     """
-    from flowbench.models import build_model, check_classes, get_spec
-
     spec = get_spec(name)
     hp = spec.resolve(hparams)
     k = check_classes(spec, classes)
@@ -63,8 +62,6 @@ def match_params(name: str, dim: int, target: int, knob: str | None = None, *, c
         A dict with ``"hparams"`` (the resolved hyperparameters), ``"target"``, ``"achieved"`` (the count),
         ``"knob"`` (its name, or None) and ``"relative_error"`` ((achieved − target)/target).
     """
-    from flowbench.models import get_spec, resolve_hparams
-
     if isinstance(target, bool) or not isinstance(target, int) or target < 1:
         raise ConfigError(f"match_params: target must be a positive integer parameter count; got {target!r}")
     spec = get_spec(name)

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from flowbench.models.base import CompositeTransform, ConditionalFlow, Flow, nan_to_neginf
 from flowbench.models.layers import full_set_stats
+from flowbench.models.relgrad import RelgradFlow
 from flowbench.models.relgrad_autograd import RelgradNet
 
 __all__ = [
@@ -60,8 +62,6 @@ _BROADCASTING = (nn.ModuleList, nn.Sequential, nn.Tanh, nn.ReLU)
 
 def stacks_natively(flow: nn.Module) -> bool:
     """Whether every module of ``flow`` evaluates stacked parameters itself (no vmap needed)."""
-    from flowbench.models.base import ConditionalFlow, Flow
-
     if not isinstance(flow, Flow) or type(flow).train_log_prob not in (
         Flow.train_log_prob,
         ConditionalFlow.train_log_prob,
@@ -110,8 +110,6 @@ def stacked_objective(
     ``run_buffers`` (R, *shape) are each run's own (see :func:`split_buffers`). ``use_vmap``: None picks the
     fastest path; True forces vmap (tests compare the paths). The path is chosen here, once, not every step.
     """
-    from flowbench.models.relgrad import RelgradFlow
-
     run_buffers = dict(run_buffers or {})
     if isinstance(template, RelgradFlow) and template.relative and not use_vmap and not run_buffers:
         return lambda params, x: _relgrad_log_prob(template, params, x)
@@ -192,8 +190,6 @@ def stacked_validation(
     its transform): validate such runs one by one. A class-conditional flow's rows (``train_x`` and ``x``) are
     ``[x, onehot(y)]``: each layer's statistics are those of the training rows pushed through it with their labels.
     """
-    from flowbench.models.base import CompositeTransform, nan_to_neginf
-
     if not stacks_natively(template) or not isinstance(template.transform, CompositeTransform):
         return None
     steps = list(template.transform.transforms)

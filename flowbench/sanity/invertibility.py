@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from flowbench.errors import ConfigError
+from flowbench.models import build_model
 from flowbench.plotting import figure
 from flowbench.sanity.common import QUIET, Progress, check_seed, pick
 from flowbench.sanity.jacnet import JacNet, train_jacnet
@@ -93,8 +94,6 @@ def _fit_pair(x: Tensor, y: Tensor, seed: int, steps: int, progress: Progress) -
 
 
 def _fit_relgrad(x: Tensor, y: Tensor, seed: int, steps: int, layers: int, progress: Progress) -> Fit:
-    from flowbench.models import build_model
-
     torch.manual_seed(seed)
     flow = build_model("relgrad", 1, layers=layers).double()
     flow.relative = False  # a regression loss: ordinary gradients (the relative gradient is for log|det W|)

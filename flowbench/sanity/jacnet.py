@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint
 
 from flowbench.errors import ConfigError, InverseNotAvailable
+from flowbench.jacobian import lipschitz_bound
 from flowbench.sanity.common import QUIET, Progress
 
 ACTIVATIONS = ("invertible", "lipschitz", "unconstrained")
@@ -223,8 +224,6 @@ def path_gap(model: JacNet, x: Tensor, rtol: float = 1e-7, atol: float = 1e-7) -
 def lipschitz_certificate(model: JacNet, lo: float = -2.0, hi: float = 2.0, points: int = 2001) -> float:
     """max |dŷ/dx| over a dense 1-D grid, by :func:`flowbench.jacobian.lipschitz_bound` on the quadrature form
     of ŷ (64-node Gauss–Legendre on an analytic J: its derivative is J(x) to ~machine precision)."""
-    from flowbench.jacobian import lipschitz_bound
-
     if model.d_x != 1:
         raise ConfigError(f"the grid certificate is for 1-D inputs; this JacNet has d_x={model.d_x}")
     grid = torch.linspace(lo, hi, points, dtype=model.x0.dtype).unsqueeze(1)

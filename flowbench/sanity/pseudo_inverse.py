@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.interpolate import CubicSpline
 from torch import Tensor, nn
 
 from flowbench.errors import ConfigError
@@ -46,8 +47,6 @@ def spline_data(
 ) -> tuple[Tensor, Tensor]:
     """x evenly spaced on [−10, 10], y = ψ(φ(x) + ε), ε ~ N(0, noise²); φ, ψ cubic splines through ``knots``
     equally spaced knots on [−10, 10] with N(0, scale²) values. Returns float32 columns (n, 1)."""
-    from scipy.interpolate import CubicSpline
-
     rng = np.random.default_rng(seed)
     kx = np.linspace(-10, 10, knots)
     phi = CubicSpline(kx, rng.normal(0, scale, knots))

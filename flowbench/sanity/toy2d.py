@@ -22,8 +22,12 @@ import torch
 
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
+from flowbench.models import build_model, get_spec
 from flowbench.plotting import colormap, figure
+from flowbench.results import checkpoint_path, record_path
 from flowbench.sanity.common import QUIET, Progress, check_seed, pick
+from flowbench.training import run_experiment
+from flowbench.training.trainer import best_model_state
 from flowbench.utils import atomic_write_json, check_number, output_dir
 
 if TYPE_CHECKING:
@@ -78,9 +82,6 @@ def make_toy(name: str, seed: int = 0, n_train: int = 5000, n_val: int = 500, n_
 
 def _load_trained(record: dict[str, Any], options: dict[str, Any], data: Dataset) -> Flow:
     """Rebuild the model of ``record`` and load its best-validation weights from the run's checkpoint."""
-    from flowbench.models import build_model
-    from flowbench.results import checkpoint_path
-
     flow = build_model(record.model_ref or record.model, data.dim, **record.hparams)
     train = torch.as_tensor(data.train)
     path = checkpoint_path(options["out"], data.name, record.model, record.seed, record.tag)
@@ -90,8 +91,6 @@ def _load_trained(record: dict[str, Any], options: dict[str, Any], data: Dataset
         raise ConfigError(f"the trainer left no checkpoint at {path}; cannot plot the learned density")
     else:
         # The record's test LL is the best-validation model's, which the checkpoint keeps beside the last state.
-        from flowbench.training.trainer import best_model_state
-
         flow.load_state_dict(best_model_state(path))
     flow.eval()
     flow.prepare_for_eval(train)
@@ -111,8 +110,6 @@ def _density_grid(flow: Flow, data: Dataset, grid: int) -> tuple[np.ndarray, np.
 
 def _gaussian_test_ll(data: Dataset) -> float:
     """The full-covariance Gaussian's test LL: a model that does not beat it has learned nothing non-Gaussian."""
-    from flowbench.models import build_model
-
     gauss = build_model("gaussian", data.dim)
     gauss.initialize(torch.as_tensor(data.train))
     gauss.eval()
@@ -138,10 +135,6 @@ def run_toy2d(
 
     ``progress`` turns on the trainer's own display (a bar per epoch, a line after each).
     """
-    from flowbench.models import get_spec
-    from flowbench.results import record_path
-    from flowbench.training import run_experiment
-
     mname = get_spec(model).name  # `model` may be a reference; records and files are named for the spec
     check_seed(seed)
     check_number("--lr", lr)
@@ -209,8 +202,6 @@ def run_toy2d_all(
     defaults: seed 0, at most 100 epochs on a 200-point grid (``quick``: 2 epochs, 60 points); one ``log``
     line per data set as it ends. Options are checked before the first model trains; ``train`` passes
     patience, lr and batch_size through."""
-    from flowbench.models import get_spec
-
     mname = get_spec(model).name  # a name or a reference (ConfigError saying what is wrong); files use the name
     names = list(TOY_DATA) if names is None else list(names)
     for name in names:

@@ -19,6 +19,16 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
+from flowbench.results import (
+    check_overwrite,
+    model_state_path,
+    per_point_path,
+    record_path,
+    replaceable,
+    write_record,
+)
+from flowbench.utils import atomic_write
+
 if TYPE_CHECKING:  # Ray workers import this module before torch: keep it light
     from flowbench.config import RunOptions
     from flowbench.results import RunRecord
@@ -42,8 +52,6 @@ def pack_run(record: RunRecord, scratch: str, out: str) -> dict[str, bytes | Non
     """On the node, a run finished in ``scratch``: the bytes of the files its record names (``model_state``,
     ``test_points``; None for one it does not name or that cannot be read), and the record changed to describe
     the driver's results folder ``out``, as if the run had been made there."""
-    from flowbench.results import model_state_path, per_point_path
-
     key = (record.dataset, record.model, record.seed, record.tag)
     record.config["out"] = out
     return {
@@ -53,8 +61,6 @@ def pack_run(record: RunRecord, scratch: str, out: str) -> dict[str, bytes | Non
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    from flowbench.utils import atomic_write
-
     with atomic_write(path, "wb", size_hint=len(data)) as f:
         f.write(data)
 
@@ -66,8 +72,6 @@ def land_run(run: SweepRun, record: RunRecord, artifacts: Mapping[str, bytes | N
     did not come back is dropped from the record: without per-point LLs the table falls back to the best-value
     rule. A record in the way stops it before anything is written, unless that record is non-finite
     (:func:`flowbench.results.check_overwrite`)."""
-    from flowbench.results import check_overwrite, model_state_path, per_point_path, write_record
-
     artifacts = artifacts or {}
     key = (run.dataset, run.model, run.seed, run.tag)
     check_overwrite(run.record_path(out), force=False)  # before the files, which would overwrite another run's
@@ -88,8 +92,6 @@ def land_run(run: SweepRun, record: RunRecord, artifacts: Mapping[str, bytes | N
 def replaced_record(run: SweepRun, out: str) -> bytes | None:
     """On the driver, before a run is sent: its record's bytes when the run is to replace it (a non-finite
     record), else None."""
-    from flowbench.results import replaceable
-
     path = run.record_path(out)
     return _read(path) if replaceable(path) else None
 
@@ -99,8 +101,6 @@ def plant_record(options: RunOptions, data: bytes | None) -> None:
     its ``out`` the scratch folder) looks for it."""
     if data is None:
         return
-    from flowbench.results import record_path
-
     path = record_path(options.out, options.dataset, options.model, options.seed, options.tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

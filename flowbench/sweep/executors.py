@@ -10,6 +10,7 @@ stacks.
 
 from __future__ import annotations
 
+import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 from flowbench.config import RunOptions
 from flowbench.errors import ConfigError
+from flowbench.sweep.ray_backend import RayExecutor
 from flowbench.sweep.spec import SweepRun
 from flowbench.sweep.worker import RunFn, execute_run, execute_stack, init_worker
 
@@ -56,8 +58,6 @@ class ProcessExecutor:
     unsafe, and it starts workers with a clean interpreter on every platform."""
 
     def __init__(self, run_fn: str | RunFn, workers: int, threads: int = 1):
-        import multiprocessing
-
         self.run_fn, self.capacity, self.threads = run_fn, workers, threads
         self._ctx = multiprocessing.get_context("spawn")
         self._pool = self._new_pool()
@@ -114,8 +114,6 @@ def make_backend(
             raise ConfigError("--address and --gpus-per-run are for --executor ray")
         return SequentialExecutor(run_fn) if workers == 1 else ProcessExecutor(run_fn, workers, cpus_per_run)
     if executor == "ray":
-        from flowbench.sweep.ray_backend import RayExecutor
-
         if not isinstance(run_fn, str):
             raise ConfigError("the Ray executor needs run_fn as an importable 'module:function' string")
         # --workers N: at most N runs at once; a local instance started here then gets N x C CPUs.

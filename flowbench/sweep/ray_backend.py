@@ -15,7 +15,10 @@ from typing import Any, Callable
 
 from flowbench.config import RunOptions
 from flowbench.errors import ConfigError
+from flowbench.sweep.artifacts import ARTIFACTS, land_run, replaced_record
 from flowbench.sweep.spec import SweepRun
+from flowbench.sweep.worker import ray_execute, ray_execute_stack
+from flowbench.utils import atomic_write
 
 __all__ = ["RayExecutor", "import_ray", "RAY_INSTALL_HINT"]
 
@@ -24,7 +27,7 @@ RAY_INSTALL_HINT = 'Ray is not installed; install the extra with: pip install -e
 
 def import_ray() -> Any:
     """``import ray``, or a FlowbenchError that says how to install it."""
-    try:
+    try:  # lazy: ray is an optional extra
         import ray
     except ImportError as e:
         raise ConfigError(f"--executor ray: {RAY_INSTALL_HINT}") from e
@@ -45,7 +48,6 @@ class RayExecutor:
         announce: Callable[[str], None] | None = None,
     ):
         ray = self.ray = import_ray()
-        from flowbench.sweep.worker import ray_execute, ray_execute_stack
 
         self.run_fn, self.cpus, self.gpus = run_fn, cpus_per_run, gpus_per_run
         self._started = False
@@ -103,15 +105,11 @@ class RayExecutor:
         return max_concurrent or max(1, fits)
 
     def submit(self, run: SweepRun, options: RunOptions, out: str) -> Any:
-        from flowbench.sweep.artifacts import replaced_record
-
         ref = self._task.remote(options, self.run_fn, self.cpus, replaced_record(run, out))
         self._inflight.add(ref)
         return ref
 
     def submit_stack(self, runs: list[SweepRun], options: list[RunOptions], out: str) -> Any:
-        from flowbench.sweep.artifacts import replaced_record
-
         ref = self._stack_task.remote(list(options), self.cpus, [replaced_record(r, out) for r in runs])
         self._inflight.add(ref)
         return ref
@@ -131,14 +129,10 @@ class RayExecutor:
 
     def finish(self, state: Any, outcome: dict, out: str) -> None:
         """Write the returned run (its files, then its record) and its log under the driver's results folder."""
-        from flowbench.sweep.artifacts import ARTIFACTS, land_run
-
         self.save_log(state, outcome, out)
         land_run(state.run, outcome["record"], outcome.get(ARTIFACTS), out)
 
     def save_log(self, state: Any, outcome: dict, out: str) -> None:
-        from flowbench.utils import atomic_write
-
         text = outcome.get("log") or ""
         if outcome.get("traceback"):
             text += "\n" + outcome["traceback"]

@@ -31,13 +31,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Iterable
 
+from tabulate import tabulate
+
+from flowbench import utils
 from flowbench.config import RunOptions
 from flowbench.errors import ConfigError
-from flowbench.results import RunRecord
+from flowbench.results import RunRecord, json_safe, lock_path, replaceable
 from flowbench.sweep.artifacts import ARTIFACTS
 from flowbench.sweep.executors import make_backend
 from flowbench.sweep.spec import Sweep, SweepRun
 from flowbench.sweep.worker import DEFAULT_RUN_FN, RunFn
+from flowbench.utils import LockHeld, atomic_write_json, check_writable, exclusive_lock
 
 __all__ = [
     "RunState",
@@ -119,8 +123,6 @@ def plan(runs: Iterable[SweepRun], out: str | Path) -> list[RunState]:
     """One state per run; those whose record already exists are ``skipped`` (the resume rule), except a record
     that ended non-finite (:func:`flowbench.results.replaceable`): that run is made again (``replaces``), as
     ``flowbench run`` would make it again without ``--force``."""
-    from flowbench.results import replaceable
-
     states = []
     for r in runs:
         path = r.record_path(out)
@@ -136,8 +138,6 @@ RERUN = "rerun (non-finite record)"
 def dry_run_text(sweep: Sweep, out: str | Path) -> str:
     """The ``--dry-run`` listing: one line per run with ``run``, ``skip`` or ``rerun (non-finite record)``, then
     the totals. Checks every run's options (:func:`preflight`); writes nothing."""
-    from tabulate import tabulate
-
     states = plan(sweep.runs, out)
     preflight(states, out)
     rows = [
@@ -271,8 +271,6 @@ def check_resources(workers: int, retries: int, cpus_per_run: int, gpus_per_run:
 def check_out(sweep: Sweep, out: str | Path) -> None:
     """Every run's record and the sweep's report go under ``out``: checked once, before any run starts (else
     every run fails on it, and then the report cannot be written)."""
-    from flowbench.utils import check_writable
-
     hint = "pass --out DIR, a folder you can write to"
     check_writable(Path(out) / "runs", what="the runs' records", hint=hint)
     check_writable(report_path(sweep.name, out).parent, what="the sweep report", hint=hint)
@@ -392,9 +390,6 @@ class _Scheduler:
         first submit to the record; local runs take it themselves, in run_experiment. False: held elsewhere."""
         if not hasattr(self.backend, "finish") or id(state) in self.locks:
             return True
-        from flowbench.results import lock_path
-        from flowbench.utils import LockHeld, exclusive_lock
-
         r, stack = state.run, contextlib.ExitStack()
         path = lock_path(self.out, r.dataset, r.model, r.seed, r.tag)
         try:
@@ -422,6 +417,7 @@ class _Scheduler:
     def _key(self, state: RunState) -> tuple | None:
         """The run's stack key, or None when it trains alone."""
         if id(state) not in self._keys:
+            # lazy: flowbench.training imports torch, and the sweep driver and its workers stay light
             from flowbench.training.stacked import stack_key, unstackable
 
             opts = state.options or state.run.options(self.out)
@@ -432,12 +428,11 @@ class _Scheduler:
         if self.max_stack is not None:
             return self.max_stack
         if key not in self._caps:
-            from flowbench.training.stacked import MEMORY_SHARE, stack_cap
-            from flowbench.utils import available_memory
+            from flowbench.training.stacked import MEMORY_SHARE, stack_cap  # lazy: imports torch (see _key)
 
             opts = state.options or state.run.options(self.out)
             device = opts.device if opts.device != "auto" else "cuda"
-            budget = int(MEMORY_SHARE * available_memory(device) / max(1, self.backend.capacity))
+            budget = int(MEMORY_SHARE * utils.available_memory(device) / max(1, self.backend.capacity))
             try:
                 self._caps[key] = stack_cap(opts, budget)
             except Exception:  # noqa: BLE001 - a model that cannot be built fails as its own run, alone
@@ -552,9 +547,6 @@ class _Scheduler:
 
 def _write_report(sweep: Sweep, report: SweepReport, out: str, executor: str, started: str) -> None:
     """``<out>/sweeps/<name>.json``: every run's status, attempts and last error (a record of the sweep)."""
-    from flowbench.results import json_safe
-    from flowbench.utils import atomic_write_json
-
     counts = {k: report.count(k) for k in ("done", "skipped", "failed", "pending")}
     atomic_write_json(
         report_path(sweep.name, out),

@@ -31,6 +31,8 @@ from typing import Any, Iterable
 
 from flowbench.config import OPTIONS, UNTAGGED, RunOptions, hparam_declarations, normalize, read_toml, resolve_options
 from flowbench.errors import ConfigError
+from flowbench.plugins import is_reference, normalize_reference
+from flowbench.results import checkpoint_path, record_path
 
 __all__ = ["Sweep", "SweepRun", "load_sweep", "parse_sweep", "expand", "make_tag", "RESERVED", "UNTAGGED"]
 
@@ -82,8 +84,6 @@ class SweepRun:
         return resolve_options(self.cli_options(out))
 
     def record_path(self, out: str | Path) -> Path:
-        from flowbench.results import record_path
-
         return record_path(out, self.dataset, self.model, self.seed, self.tag)
 
     def log_path(self, out: str | Path) -> Path:
@@ -91,8 +91,6 @@ class SweepRun:
         return Path(out) / "sweeps" / "logs" / self.dataset / self.model / self.tag / f"seed{self.seed}.log"
 
     def checkpoint_path(self, out: str | Path) -> Path:
-        from flowbench.results import checkpoint_path
-
         return checkpoint_path(out, self.dataset, self.model, self.seed, self.tag)
 
 
@@ -200,8 +198,6 @@ def _names(raw: Any, what: str, source: str, known: Iterable[str] | None) -> lis
 def _resolve_refs(raw: Any, registry: Any, base: Path | None, refs: dict[str, str]) -> Any:
     """``raw`` (a list of names) with every reference replaced by its spec's name; the references (files made
     absolute, relative to the sweep file's folder) go into ``refs``. Anything else is left to :func:`_names`."""
-    from flowbench.plugins import is_reference, normalize_reference
-
     if not isinstance(raw, list):
         return raw
     out = []
@@ -221,7 +217,7 @@ def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = No
     ``models`` and ``datasets`` may hold references (``module:ATTR``, ``file.py:ATTR``; a file relative to the
     sweep file's folder); such a model is named by its spec's name in ``[override.NAME]`` tables and tags.
     """
-    from flowbench.models import MODELS
+    from flowbench.models import MODELS  # lazy: imports torch, and the sweep driver and its workers stay light
 
     source = f"sweep file {path}" if path else f"sweep {name!r}"
     unknown = [k for k in raw if k not in TOP_LEVEL]
@@ -233,7 +229,7 @@ def parse_sweep(raw: dict[str, Any], name: str = "sweep", path: Path | None = No
     for key in ("datasets", "models"):
         if key not in raw:
             raise ConfigError(f"{source}: `{key}` is missing; e.g. datasets = ['digits'] and models = ['maf']")
-    from flowbench.data import DATASETS
+    from flowbench.data import DATASETS  # lazy: imports numpy (see MODELS above)
 
     refs: dict[str, str] = {}
     dataset_refs: dict[str, str] = {}
@@ -279,7 +275,7 @@ def _applicable(model: str, key: str, refs: dict[str, str] | None = None) -> boo
     H.3, match the baselines' width to relgrad's parameter count), and training options only to trainable
     models (otherwise a learning-rate axis would fit the same Gaussian several times under different tags).
     """
-    from flowbench.models import get_spec
+    from flowbench.models import get_spec  # lazy: imports torch (see parse_sweep)
 
     spec = get_spec((refs or {}).get(model, model))
     if key not in OPTIONS:

@@ -19,6 +19,9 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from flowbench.errors import FlowbenchError
+from flowbench.sweep.artifacts import ARTIFACTS, pack_run, plant_record
+
 if TYPE_CHECKING:  # workers import this module first; keep it light
     from flowbench.config import RunOptions
     from flowbench.results import RunRecord
@@ -56,7 +59,7 @@ def init_worker(threads: int) -> None:
     """Process-pool initializer: ``threads`` torch threads per worker, so N workers don't oversubscribe."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
-    import torch
+    import torch  # lazy: after the thread variables are set, and this module stays light for workers
 
     torch.set_num_threads(threads)
 
@@ -104,8 +107,6 @@ def _output_to(log_path: str | None) -> Iterator[None]:
 def _failure(e: Exception, log_path: str | None) -> dict[str, Any]:
     """The outcome of a run (or stack) that raised; ``retry`` is False for a FlowbenchError, which is
     deterministic (a usage error fails the same way again)."""
-    from flowbench.errors import FlowbenchError
-
     tb = traceback.format_exc()
     if log_path is not None:
         print(tb, file=sys.stderr)
@@ -120,7 +121,7 @@ def _failure(e: Exception, log_path: str | None) -> dict[str, Any]:
 @contextlib.contextmanager
 def _scratch(threads: int) -> Iterator[str]:
     """A Ray task's node-local scratch folder (deleted afterwards, checkpoints with it), ``threads`` torch threads."""
-    import torch
+    import torch  # lazy: this module stays light for workers (see the module docstring)
 
     torch.set_num_threads(max(1, threads))
     scratch = tempfile.mkdtemp(prefix="flowbench-sweep-")
@@ -148,8 +149,6 @@ def ray_execute(options: RunOptions, run_fn: str, threads: int, replaces: bytes 
     record (:func:`flowbench.sweep.artifacts.pack_run`). ``replaces``: the non-finite record the run replaces
     (:func:`flowbench.sweep.artifacts.replaced_record`), put where the run finds it.
     """
-    from flowbench.sweep.artifacts import ARTIFACTS, pack_run, plant_record
-
     with _scratch(threads) as scratch:
         opts = options.replace(out=scratch, resume=False)
         plant_record(opts, replaces)
@@ -193,8 +192,6 @@ def ray_execute_stack(
 ) -> dict[str, Any]:
     """:func:`ray_execute` for a stack: train into a scratch folder, return every run to the driver (its packed
     files a list, one per run, in order)."""
-    from flowbench.sweep.artifacts import ARTIFACTS, pack_run, plant_record
-
     with _scratch(threads) as scratch:
         opts = [o.replace(out=scratch, resume=False) for o in options]
         for o, data in zip(opts, replaces or [None] * len(opts)):

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import logsumexp
 from torch import Tensor
 
 from flowbench.data.base import Dataset
@@ -142,7 +143,6 @@ def summarize_conditional(class_lp: np.ndarray, labels: np.ndarray) -> tuple[np.
     reports for its conditional columns, ``experiments.evaluate_logprob``), and the record's fields beside it:
     mean log p(x | y) at the true label and the accuracy of argmax_y p(x | y) (MAF's ``experiments.evaluate``),
     each ± 2 SE over test points."""
-    from scipy.special import logsumexp
 
     n, k = class_lp.shape
     with np.errstate(divide="ignore", invalid="ignore"):

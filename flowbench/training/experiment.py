@@ -19,6 +19,7 @@ from flowbench.config import RunOptions, coerce_options
 from flowbench.data import get_info
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
+from flowbench.published import PUBLISHED, SOURCES
 from flowbench.results import RunRecord
 from flowbench.training import stacked
 from flowbench.training.lifecycle import (
@@ -146,8 +147,6 @@ def summary_line(record: RunRecord, path: Any) -> str:
         where = record.model_ref or f"plugin {origin.get('detail', '')}".strip()
         line += f"\n(plugged in from {where}: {paper}; trained and evaluated under flowbench's protocol)"
     if record.provenance is not None and not record.provenance.get("verified"):
-        from flowbench.published import PUBLISHED, SOURCES
-
         column = f"{record.dataset}-cond" if record.conditional else record.dataset
         beside = [p for p in PUBLISHED if p.model == record.display_name and p.dataset == column]
         if beside:  # a published number stands beside this cell: say ours is not its configuration

@@ -30,9 +30,9 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from flowbench import models
+from flowbench import models, utils
 from flowbench.config import RunOptions, resolve_options
-from flowbench.data import load_dataset
+from flowbench.data import DATASETS, load_dataset
 from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError, DiskFullError, UsageError
 from flowbench.models.params import count_params, match_params
@@ -198,8 +198,6 @@ def check_labels(opts: RunOptions, data: Dataset) -> int:
         return 0
     classes = int(getattr(data, "classes", 0) or 0)
     if classes < 2:
-        from flowbench.data import DATASETS
-
         labelled = [n for n, spec in DATASETS.items() if getattr(spec, "classes", 0)]
         plain = models.get_spec(opts.model_key).name.removesuffix("-cond")
         raise ConfigError(
@@ -260,9 +258,7 @@ def check_memory(opts: RunOptions, flow: torch.nn.Module, device: torch.device, 
     (CIFAR-10) MAF (10) with 2 × 2,048 hidden units has ~100 M parameters, ~2.4 GB per run before activations."""
     if not getattr(flow, "trainable", True):
         return
-    from flowbench.utils import available_memory
-
-    free = available_memory(str(device))
+    free = utils.available_memory(str(device))
     if device.type == "cuda":  # blocks torch's caching allocator holds from earlier runs of this process are free
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if 4 * runs * step_memory(flow, opts.batch_size, measure=False) < free:

@@ -39,10 +39,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from flowbench import utils
 from flowbench.config import OPTIONS, RESUME_MAY_CHANGE, UNTAGGED, RunOptions, coerce_options, parse_seeds
+from flowbench.data import get_info
 from flowbench.errors import ConfigError, UsageError
+from flowbench.models import build_model, get_spec, model_origin
 from flowbench.models.base import Flow
-from flowbench.models.stacking import split_buffers, stacked_objective, stacked_validation
+from flowbench.models.stacking import split_buffers, stack_probe, stacked_objective, stacked_validation
 from flowbench.results import replaceable
 from flowbench.training import lifecycle
 from flowbench.training.early_stopping import EarlyStopping
@@ -555,8 +558,6 @@ UNSTACKABLE: dict[str, Any] = {o.name: o.default for o in OPTIONS.values() if no
 
 def unstackable(opts: RunOptions) -> str | None:
     """Why a run with options ``opts`` cannot train in a stack, or None."""
-    from flowbench.models import get_spec
-
     spec = get_spec(opts.model_key)
     if not spec.trainable:
         return f"{opts.model} is fitted in closed form"
@@ -572,10 +573,6 @@ def unstackable(opts: RunOptions) -> str | None:
 @functools.lru_cache(maxsize=64)
 def _probe(model: str, dataset: str, hparams: tuple) -> str | None:
     """A model from outside the zoo is tried in a stack once per process (:func:`stacking.stack_probe`)."""
-    from flowbench.data import get_info
-    from flowbench.models import build_model, model_origin
-    from flowbench.models.stacking import stack_probe
-
     if model_origin(model).kind == "built-in":  # the zoo's families are tested stacked (tests/test_stacked.py)
         return None
     try:
@@ -801,8 +798,6 @@ def run_memory(opts: RunOptions) -> int:
     which dominate). Per run the stack also holds parameters, gradient, two Adam moments, its own module
     and the best state: 6 × parameter bytes. Data are shared by the stack and not counted.
     """
-    from flowbench.data import get_info
-
     info = get_info(opts.dataset_key)
     classes = int(getattr(info, "classes", 0) or 0) if lifecycle.is_conditional(opts) else 0
     flow, _, _ = lifecycle.build_from_options(opts, info.dim, classes)
@@ -814,11 +809,9 @@ def stack_cap(opts: RunOptions, budget: int | None = None) -> int:
     memory available on the run's device), at most :data:`MAX_STACK` and at least 1:
     ``min(MAX_STACK, budget // run_memory(opts))``."""
     if budget is None:
-        from flowbench.utils import available_memory
-
         budget = int(
             MEMORY_SHARE
-            * available_memory(
+            * utils.available_memory(
                 opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
             )
         )

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 from flowbench.errors import FlowbenchError
+from flowbench.results import run_dir
 from flowbench.training.trainer import EpochInfo
 
 __all__ = ["SCALARS", "LOSS_NOT_NLL_TAG", "TensorBoardLogger", "run_log_dir", "tensorboard_callback"]
@@ -30,7 +31,7 @@ class TensorBoardLogger:
     """A trainer callback (``callable(EpochInfo)``) writing one TensorBoard event per value and epoch."""
 
     def __init__(self, log_dir: str | Path):
-        try:
+        try:  # lazy: the tensorboard extra is optional
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:  # torch.utils.tensorboard imports the tensorboard package
             raise FlowbenchError(
@@ -63,8 +64,6 @@ class TensorBoardLogger:
 def run_log_dir(base: str | Path, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
     """``<base>/<dataset>/<model>[/<tag>]/seed<k>``: one event folder per run, laid out like the records, so
     that ``tensorboard --logdir <base>`` shows the runs of a sweep side by side."""
-    from flowbench.results import run_dir
-
     # run_dir validates the components (no separators, no ".."), so a tag cannot escape <base>.
     return Path(base) / run_dir(".", dataset, model, tag).relative_to("runs") / f"seed{int(seed)}"
 

@@ -23,6 +23,7 @@ from flowbench.data import get_info, load_dataset
 from flowbench.errors import ConfigError, DatasetNotFoundError
 from flowbench.models import build_model, display_name, get_spec, resolve_hparams
 from flowbench.plugins import is_reference, normalize_reference
+from flowbench.training.lifecycle import label_classes
 from flowbench.utils import atomic_write_json, check_number
 
 if TYPE_CHECKING:
@@ -49,14 +50,8 @@ def dataset_tensor(
 
 def _label_columns(dataset: str, model: str) -> dict[str, int]:
     """``{"classes": K}`` for a class-conditional model on a labelled dataset, ``{}`` for any other model."""
-    if not getattr(get_spec(model), "conditional", False):
-        return {}
-    classes = int(getattr(get_info(dataset), "classes", 0) or 0)
-    if classes < 2:
-        raise ConfigError(
-            f"model {model} is class-conditional: it needs a dataset with class labels, and {dataset} has none"
-        )
-    return {"classes": classes}
+    classes = label_classes(model, get_info(dataset))
+    return {"classes": classes} if classes else {}
 
 
 #: torch.optim.Adam implementations: the trainer's default (a per-tensor loop on CPU), foreach, fused.

@@ -84,17 +84,16 @@ def load_flow(rec: Any, data: Dataset) -> Any:
         ConfigError: the checkpoint is missing (a closed-form model needs none: it is refitted, deterministic).
     """
     from flowbench.models import build_model
+    from flowbench.training.lifecycle import label_classes
 
     check_checkpoint(rec)
     _warn_if_changed(rec)
-    from flowbench.models import get_spec
-
-    conditional = bool(get_spec(R.model_key(rec)).conditional)  # the spec says, also for records without the field
-    labels = {"classes": data.classes} if conditional else {}  # MAF Table 2's p(x | y); samples cycle the labels
-    flow = build_model(R.model_key(rec), data.dim, **labels, **R.hparams(rec))
+    # the model's spec says whether it is class-conditional (MAF Table 2's p(x | y)); samples cycle the labels
+    classes = label_classes(R.model_key(rec), data)
+    flow = build_model(R.model_key(rec), data.dim, **({"classes": classes} if classes else {}), **R.hparams(rec))
     if not flow.trainable:
         train = np.asarray(data.train)
-        flow.initialize(torch.as_tensor(np.hstack([train, data.one_hot("train")]) if conditional else train))
+        flow.initialize(torch.as_tensor(np.hstack([train, data.one_hot("train")]) if classes else train))
     else:
         from flowbench.training.trainer import best_model_state
 

@@ -20,7 +20,7 @@ that changed during the epoch, in training mode (batch statistics, dropout), and
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -55,17 +55,21 @@ TRAIN_NLL_SEED = 0
 
 
 @torch.no_grad()
-def log_prob_batches(flow: Flow, x: Tensor, batch_size: int = 2000) -> np.ndarray:
-    """``flow.log_prob`` of every row of ``x`` in batches (bounded memory), as float64 numpy, in evaluation mode.
+def log_prob_batches(
+    flow: Flow, x: Tensor, batch_size: int = 2000, fn: Callable[[Tensor], Tensor] | None = None
+) -> np.ndarray:
+    """``flow.log_prob`` (or ``fn``, a method of ``flow``) of every row of ``x`` in batches (bounded memory), as
+    float64 numpy, in evaluation mode.
 
     A flow already in evaluation mode is not switched again: a switch drops what it cached for evaluation
     (relgrad's Σ log|det W|, an O(D³) recomputation), and nothing steps a flow's weights in evaluation mode.
     """
+    fn = flow.log_prob if fn is None else fn
     was_training = flow.training
     if was_training:
         flow.eval()
     try:
-        parts = [flow.log_prob(x[i : i + batch_size]).double().cpu() for i in range(0, x.shape[0], batch_size)]
+        parts = [fn(x[i : i + batch_size]).double().cpu() for i in range(0, x.shape[0], batch_size)]
     finally:
         if was_training:
             flow.train()
@@ -126,15 +130,8 @@ def finite_mean(values: np.ndarray) -> tuple[float, int]:
 def class_log_probs(flow: Flow, rows: Tensor, classes: int, batch_size: int = 2000) -> np.ndarray:
     """(N, K) matrix of log p(x_i | y = k) of a class-conditional flow, as MAF's ``evaluate_logprob`` forms it: the
     model evaluated once per label on every point (``rows`` are ``[x, onehot(y)]``; their own labels are
-    replaced), in batches, float64; NaN → −inf as :meth:`Flow.log_prob` returns it."""
-    dim = rows.shape[1] - classes
-    x = rows[:, :dim]
-    out = np.empty((rows.shape[0], classes))
-    for k in range(classes):
-        onehot = torch.zeros(rows.shape[0], classes, dtype=rows.dtype, device=rows.device)
-        onehot[:, k] = 1
-        out[:, k] = log_prob_batches(flow, torch.cat([x, onehot], dim=1), batch_size)
-    return out
+    replaced): :meth:`~flowbench.models.base.ConditionalFlow.class_log_probs` in batches, float64."""
+    return log_prob_batches(flow, rows[:, : rows.shape[1] - classes], batch_size, fn=flow.class_log_probs)
 
 
 def summarize_conditional(class_lp: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:

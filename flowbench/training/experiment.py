@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from flowbench import models
+from flowbench import aggregate, models
 from flowbench.config import RunOptions, coerce_options
 from flowbench.data import get_info
 from flowbench.data.base import Dataset
@@ -147,7 +147,7 @@ def summary_line(record: RunRecord, path: Any) -> str:
         where = record.model_ref or f"plugin {origin.get('detail', '')}".strip()
         line += f"\n(plugged in from {where}: {paper}; trained and evaluated under flowbench's protocol)"
     if record.provenance is not None and not record.provenance.get("verified"):
-        column = f"{record.dataset}-cond" if record.conditional else record.dataset
+        column = aggregate.column(record)
         beside = [p for p in PUBLISHED if p.model == record.display_name and p.dataset == column]
         if beside:  # a published number stands beside this cell: say ours is not its configuration
             p = beside[0]

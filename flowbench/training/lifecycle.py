@@ -68,7 +68,7 @@ __all__ = [
     "check_before_compute",
     "check_labels",
     "check_memory",
-    "is_conditional",
+    "label_classes",
     "step_memory",
     "drop_checkpoint",
     "finish_run",
@@ -186,26 +186,27 @@ class RunTensors:
     test: torch.Tensor
 
 
-def is_conditional(opts: RunOptions) -> bool:
-    """Whether the run's model is class-conditional (MAF Table 2: ``maf-cond`` …)."""
-    return bool(getattr(models.get_spec(opts.model_key), "conditional", False))
+def label_classes(model: str, dataset: Any) -> int:
+    """The number of classes the class-conditional ``model`` (a name or reference) conditions on in ``dataset``
+    (a loaded :class:`Dataset` or a ``DatasetSpec``: its ``name`` and ``classes``), 0 for any other model; a
+    conditional model on a dataset without labels is refused with what to do instead."""
+    spec = models.get_spec(model)
+    if not getattr(spec, "conditional", False):
+        return 0
+    classes = int(getattr(dataset, "classes", 0) or 0)
+    if classes < 2:
+        labelled = [n for n, s in DATASETS.items() if getattr(s, "classes", 0)]
+        raise ConfigError(
+            f"model {spec.name} is class-conditional (MAF Table 2): it needs a dataset with class "
+            f"labels, and {dataset.name} has none; use a labelled dataset ({', '.join(labelled)}) or the "
+            f"unconditional model {spec.name.removesuffix('-cond')}"
+        )
+    return classes
 
 
 def check_labels(opts: RunOptions, data: Dataset) -> int:
-    """The number of classes a class-conditional model conditions on (0 for any other model); a conditional
-    model on a dataset without labels is refused with what to do instead."""
-    if not is_conditional(opts):
-        return 0
-    classes = int(getattr(data, "classes", 0) or 0)
-    if classes < 2:
-        labelled = [n for n, spec in DATASETS.items() if getattr(spec, "classes", 0)]
-        plain = models.get_spec(opts.model_key).name.removesuffix("-cond")
-        raise ConfigError(
-            f"model {opts.model} is class-conditional (MAF Table 2): it needs a dataset with class "
-            f"labels, and {data.name} has none; use a labelled dataset ({', '.join(labelled)}) or the "
-            f"unconditional model {plain}"
-        )
-    return classes
+    """:func:`label_classes` of the run's model and data."""
+    return label_classes(opts.model_key, data)
 
 
 def to_device(data: Dataset, device: torch.device, labels: bool = False) -> RunTensors:

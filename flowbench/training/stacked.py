@@ -799,7 +799,7 @@ def run_memory(opts: RunOptions) -> int:
     and the best state: 6 × parameter bytes. Data are shared by the stack and not counted.
     """
     info = get_info(opts.dataset_key)
-    classes = int(getattr(info, "classes", 0) or 0) if lifecycle.is_conditional(opts) else 0
+    classes = lifecycle.label_classes(opts.model_key, info)
     flow, _, _ = lifecycle.build_from_options(opts, info.dim, classes)
     return lifecycle.step_memory(flow, opts.batch_size)
 

@@ -30,6 +30,7 @@ __all__ = [
     "FORMAT_VERSION",
     "RunRecord",
     "run_dir",
+    "RunFiles",
     "record_path",
     "checkpoint_path",
     "model_state_path",
@@ -244,24 +245,60 @@ def run_dir(out: str | Path, dataset: str, model: str, tag: str | None = None) -
     return d / _component(tag, "tag") if tag else d
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """One run's files, side by side in its :func:`run_dir`: the record, the resume checkpoint, the kept model
+    state, the per-point test LLs and the lock (see the module docstring)."""
+
+    folder: Path
+    seed: int
+
+    @classmethod
+    def of(cls, out: str | Path, dataset: str, model: str, seed: int, tag: str | None = None) -> RunFiles:
+        return cls(run_dir(out, dataset, model, tag), int(seed))
+
+    def _file(self, suffix: str) -> Path:
+        return self.folder / f"seed{self.seed}{suffix}"
+
+    @property
+    def record(self) -> Path:
+        return self._file(".json")
+
+    @property
+    def checkpoint(self) -> Path:
+        return self._file(".ckpt")
+
+    @property
+    def model_state(self) -> Path:
+        return self._file(".model.pt")
+
+    @property
+    def per_point(self) -> Path:
+        return self._file(".testll.npy")
+
+    @property
+    def lock(self) -> Path:
+        return self._file(".lock")
+
+
 def record_path(out: str | Path, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
-    return run_dir(out, dataset, model, tag) / f"seed{int(seed)}.json"
+    return RunFiles.of(out, dataset, model, seed, tag).record
 
 
 def checkpoint_path(out: str | Path, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
-    return run_dir(out, dataset, model, tag) / f"seed{int(seed)}.ckpt"
+    return RunFiles.of(out, dataset, model, seed, tag).checkpoint
 
 
 def model_state_path(out: str | Path, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
-    return run_dir(out, dataset, model, tag) / f"seed{int(seed)}.model.pt"
+    return RunFiles.of(out, dataset, model, seed, tag).model_state
 
 
 def per_point_path(out: str | Path, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
-    return run_dir(out, dataset, model, tag) / f"seed{int(seed)}.testll.npy"
+    return RunFiles.of(out, dataset, model, seed, tag).per_point
 
 
 def lock_path(out: str | Path, dataset: str, model: str, seed: int, tag: str | None = None) -> Path:
-    return run_dir(out, dataset, model, tag) / f"seed{int(seed)}.lock"
+    return RunFiles.of(out, dataset, model, seed, tag).lock
 
 
 def json_safe(obj: Any) -> Any:

@@ -398,7 +398,7 @@ class _ModelCase:
 
     def raw(self, seed: int | None = None) -> nn.Module:
         """A fresh build after seeding every generator with ``seed``, as flowbench's trainer seeds a run."""
-        from flowbench.training.lifecycle import seed_everything
+        from flowbench.utils import seed_everything
 
         seed_everything(self.seed if seed is None else seed)
         if self.classes:

@@ -246,6 +246,19 @@ def keep_freed_memory() -> bool:
     return _kept_freed_memory
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators: before a model is built, so that its initial weights
+    depend on the seed only."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` → CUDA when available, else CPU; ``cpu``/``cuda``/``cuda:N`` as given (checked)."""
     import torch

@@ -12,8 +12,8 @@ import torch
 
 from flowbench.data import load_dataset
 from flowbench.training.experiment import run_experiment
-from flowbench.training.lifecycle import seed_everything
 from flowbench.training.trainer import SYNC_EVERY, Trainer
+from flowbench.utils import seed_everything
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -12,10 +12,10 @@ import torch
 
 import flowbench.models as models
 from flowbench.data import load_dataset
-from flowbench.training.lifecycle import seed_everything
 from flowbench.training.loop import RunLoop
 from flowbench.training.stacked import RunSpec, StackedTrainer
 from flowbench.training.trainer import Trainer
+from flowbench.utils import seed_everything
 
 HP = {"maf": dict(layers=2, hidden=16, batch_norm=False), "relgrad": dict(layers=2), "made": dict(hidden=16)}
 LR = {"maf": 3e-3, "relgrad": 1e-3, "made": 3e-3}

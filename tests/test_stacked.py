@@ -10,9 +10,9 @@ import flowbench.models as models
 from flowbench.data import load_dataset
 from flowbench.errors import ConfigError
 from flowbench.models.stacking import StackedRelgradNet
-from flowbench.training.lifecycle import seed_everything
 from flowbench.training.stacked import RunSpec, StackedTrainer, parse_seeds
 from flowbench.training.trainer import Trainer
+from flowbench.utils import seed_everything
 
 #: Small members of every trainable family (fast on CPU); float64 so that equality means the same trajectory.
 FAMILIES = {

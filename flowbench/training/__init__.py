@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import evaluate_test, log_prob_batches, mean_2se
 from flowbench.training.experiment import run_experiment
+from flowbench.training.loop import EarlyStopping
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult
 
 __all__ = [

@@ -38,6 +38,7 @@ __all__ = [
     "mean_2se",
     "finite_mean",
     "evaluate_test",
+    "evaluate_test_points",
     "summarize_test",
     "spectral_norm_summary",
     "TRAIN_NLL_POINTS",
@@ -160,7 +161,21 @@ def summarize_conditional(class_lp: np.ndarray, labels: np.ndarray) -> tuple[np.
 
 def evaluate_test(flow: Flow, data: Dataset, test_x: Tensor, batch_size: int = 2000) -> dict[str, Any]:
     """Test log-likelihood (nats) ± 2 SE; for image data also pixel-space LL and bits/pixel."""
-    return summarize_test(log_prob_batches(flow, test_x, batch_size), data)
+    return evaluate_test_points(flow, data, test_x, batch_size)[0]
+
+
+def evaluate_test_points(
+    flow: Flow, data: Dataset, test_x: Tensor, batch_size: int = 2000
+) -> tuple[dict[str, Any], np.ndarray]:
+    """:func:`evaluate_test`'s record fields and the per-point test log-likelihoods they summarise. A
+    class-conditional flow (rows ``[x, onehot(y)]``) is scored as MAF Table 2's conditional columns: log p(x)
+    under a uniform label prior, with log p(x | y) and the accuracy beside it (:func:`summarize_conditional`)."""
+    classes = int(getattr(flow, "classes", 0) or 0)
+    if not classes:
+        logp = log_prob_batches(flow, test_x, batch_size)
+        return summarize_test(logp, data), logp
+    logp, cond = summarize_conditional(class_log_probs(flow, test_x, classes, batch_size), data.test_labels)
+    return {**summarize_test(logp, data), **cond}, logp
 
 
 def summarize_test(logp: np.ndarray, data: Dataset) -> dict[str, Any]:

@@ -21,24 +21,10 @@ from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError
 from flowbench.published import PUBLISHED, SOURCES
 from flowbench.results import RunRecord
-from flowbench.training import stacked
-from flowbench.training.lifecycle import (
-    build_from_options,
-    check_before_compute,
-    check_labels,
-    check_memory,
-    finish_run,
-    load_data,
-    prepare_out,
-    replacing_note,
-    run_lock,
-    run_paths,
-    seed_everything,
-    to_device,
-    train_single,
-)
+from flowbench.training import lifecycle, stacked
+from flowbench.training.lifecycle import build_from_options, finish_run
 from flowbench.training.trainer import EpochInfo
-from flowbench.utils import resolve_device, set_threads
+from flowbench.utils import set_threads
 
 # build_from_options and finish_run are the lifecycle's, re-exported where callers have long found them.
 __all__ = ["run_experiment", "run_and_report", "build_from_options", "finish_run", "summary_line", "SMALL_DIM"]
@@ -77,46 +63,21 @@ def run_experiment(
     opts = coerce_options(options)
     if data is not None:
         opts = opts.replace(dataset=data.name)
-    prepare_out(opts, run_paths(opts)[0].parent)
-    with run_lock(opts):
-        return _run_experiment(opts, data, callbacks=callbacks, progress=progress)
-
-
-def _run_experiment(
-    opts: RunOptions,
-    data: Dataset | None,
-    *,
-    callbacks: list[Callable[[EpochInfo], None]] | None,
-    progress: bool,
-) -> RunRecord:
-    """The run itself, its lock held (``opts`` resolved, ``dataset`` already ``data.name`` when data is given)."""
-    t0 = time.perf_counter()
-    rec_path, ckpt_path = run_paths(opts)
-    check_before_compute(opts, rec_path, ckpt_path)
-    replacing = replacing_note(opts, rec_path)
-    data = load_data(opts, data)
-    device = resolve_device(opts.device)
-    seed_everything(opts.seed)
-    classes = check_labels(opts, data)
-    flow, hparams, match = build_from_options(opts, data.dim, classes)
-    x = to_device(data, device, labels=classes > 0)
-    check_memory(opts, flow, device)
-    flow = flow.to(device)
-    flow.initialize(x.train)
-    logger = _tensorboard(opts)
-    try:
-        result, notes, prior_time = train_single(
-            flow, x, opts, ckpt_path, [*(callbacks or []), *([logger] if logger else [])], progress
-        )
-    finally:
-        if logger is not None:
-            logger.close()
-    notes += [replacing] if replacing else []
-
-    # Wall time includes the training time of earlier sessions when resumed (the whole run's).
-    return finish_run(
-        opts, data, x.test, flow, hparams, match, result, notes, device, t0 - prior_time, rec_path, ckpt_path
-    )
+    with lifecycle.claim([opts]) as (files,):
+        t0 = time.perf_counter()
+        prep = lifecycle.prepare([opts], data)
+        (built,) = prep.built
+        logger = _tensorboard(opts)
+        every_epoch = [*(callbacks or []), *([logger] if logger else [])]
+        try:
+            result, notes, prior_time = lifecycle.train_single(
+                built.flow, prep.x, opts, files.checkpoint, every_epoch, progress
+            )
+        finally:
+            if logger is not None:
+                logger.close()
+        # Wall time includes the training time of earlier sessions when resumed (the whole run's).
+        return finish_run(opts, files, prep, built, result, notes, t0 - prior_time)
 
 
 def summary_line(record: RunRecord, path: Any) -> str:
@@ -189,7 +150,7 @@ def run_and_report(opts: RunOptions) -> int:
             )
             raise
         for record, run in zip(records, runs):
-            print(summary_line(record, run_paths(run.replace(dataset=record.dataset))[0]))
+            print(summary_line(record, lifecycle.run_files(run.replace(dataset=record.dataset)).record))
         _check_finite(runs, records)
         return 0 if all(r.status == "ok" for r in records) else 1
     try:
@@ -201,7 +162,7 @@ def run_and_report(opts: RunOptions) -> int:
             file=sys.stderr,
         )
         raise
-    print(summary_line(record, run_paths(opts.replace(dataset=record.dataset))[0]))
+    print(summary_line(record, lifecycle.run_files(opts.replace(dataset=record.dataset)).record))
     _check_finite([opts], [record])
     return 0 if record.status == "ok" else 1
 

@@ -1,15 +1,14 @@
-"""A run's life: options → paths → lock → build → train → finish → record.
+"""A run's life: options → files and lock → data and model → train → finish → record.
 
-The steps every way of training a run shares: a single run (:func:`flowbench.training.experiment.run_experiment`)
-and a stack of runs (:func:`flowbench.training.stacked.run_stacked`) both
+Every way of training shares these phases: a single run (:func:`flowbench.training.experiment.run_experiment`),
+a stack of runs (:func:`flowbench.training.stacked.run_stacked`), and through them every sweep executor and Ray:
 
-1. take resolved :class:`~flowbench.config.RunOptions` (:func:`flowbench.config.resolve_options`);
-2. find the run's record and checkpoint (:func:`run_paths`) and create its folder (:func:`prepare_out`);
-3. hold its lock file (:func:`run_lock`) from the first check (:func:`check_before_compute`) to the record;
-4. seed every generator (:func:`seed_everything`) and build the model (:func:`build_from_options`);
-5. train (:func:`train_single` for one run; the stacked trainer for a stack);
-6. finish (:func:`finish_run`): test evaluation, the record, the kept model state, per-point test LLs, and the
-   checkpoint removed unless kept.
+1. :func:`claim` the runs' files (:class:`~flowbench.results.RunFiles`): their folders, their locks, held from the
+   first check to the record, and the checks before any compute;
+2. :func:`prepare` the data, once on the device, and each run's model, seeded as the run;
+3. train (:func:`train_single` for one run; the stacked trainer for a stack);
+4. :func:`finish_run` each run: test evaluation, the record, the kept model state, the per-point test LLs, and
+   the checkpoint removed unless kept.
 
 The protocol is MAF's (Papamakarios et al. 2017, §4); the parameter matching of baselines to another model
 follows Gresele et al. 2020, appendix H.3.
@@ -19,13 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -37,49 +35,34 @@ from flowbench.data.base import Dataset
 from flowbench.errors import ConfigError, DiskFullError, UsageError
 from flowbench.models.params import count_params, match_params
 from flowbench.results import (
+    RunFiles,
     RunRecord,
     check_overwrite,
-    checkpoint_path,
-    lock_path,
-    model_state_path,
-    per_point_path,
-    record_path,
     sha256_of_test_set,
     system_info,
     write_per_point,
     write_record,
 )
-from flowbench.training.evaluate import (
-    class_log_probs,
-    log_prob_batches,
-    spectral_norm_summary,
-    summarize_conditional,
-    summarize_test,
-    validation_ll,
-)
+from flowbench.training.evaluate import evaluate_test_points, spectral_norm_summary, validation_ll
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult, checkpoint_epoch, save_model_state
-from flowbench.utils import LockHeld, exclusive_lock
+from flowbench.utils import LockHeld, exclusive_lock, resolve_device, seed_everything
 
 __all__ = [
     "JACOBIAN_POINTS",
     "MATCH_WARN",
+    "Built",
+    "Prepared",
     "RunTensors",
     "build_from_options",
     "check_before_compute",
-    "check_labels",
     "check_memory",
-    "label_classes",
-    "step_memory",
-    "drop_checkpoint",
+    "claim",
     "finish_run",
-    "keep_model_state",
-    "load_data",
+    "label_classes",
     "make_record",
-    "prepare_out",
-    "replacing_note",
-    "run_lock",
-    "run_paths",
-    "seed_everything",
+    "prepare",
+    "run_files",
+    "step_memory",
     "to_device",
     "train_single",
 ]
@@ -90,16 +73,32 @@ JACOBIAN_POINTS = 64
 MATCH_WARN = 0.1
 
 
-# -- options → paths → lock --------------------------------------------------------------------------------------
-def run_paths(opts: RunOptions) -> tuple[Path, Path]:
-    """The run's record and full (resume) checkpoint paths under ``--out``."""
-    return (
-        record_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag),
-        checkpoint_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag),
-    )
+# -- options → files → lock ---------------------------------------------------------------------------------------
+def run_files(opts: RunOptions) -> RunFiles:
+    """The run's files under ``--out`` (record, checkpoint, model state, per-point test LLs, lock)."""
+    return RunFiles.of(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
 
 
-def prepare_out(opts: RunOptions, folder: Path) -> None:
+@contextlib.contextmanager
+def claim(
+    runs: Sequence[RunOptions], precheck: Callable[[list[RunFiles]], None] | None = None
+) -> Iterator[list[RunFiles]]:
+    """Claim the runs' files for training: create each run's folder, hold its lock from the first check to its
+    record, and refuse, before any compute, what would lose work (:func:`check_before_compute`). ``precheck``
+    sees every run's files first (a stack names the seeds left to run rather than advise ``--force``)."""
+    files = [run_files(o) for o in runs]
+    with contextlib.ExitStack() as held:
+        for o, f in zip(runs, files):
+            _make_folder(o, f.folder)
+            held.enter_context(_hold_lock(o, f.lock))
+        if precheck is not None:
+            precheck(files)
+        for o, f in zip(runs, files):
+            check_before_compute(o, f)
+        yield files
+
+
+def _make_folder(opts: RunOptions, folder: Path) -> None:
     """Create the run's folder under ``--out``, with an error that says what to do when that is impossible."""
     out = Path(opts.out)
     if out.exists() and not out.is_dir():
@@ -118,9 +117,8 @@ def prepare_out(opts: RunOptions, folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(opts: RunOptions) -> Iterator[None]:
+def _hold_lock(opts: RunOptions, path: Path) -> Iterator[None]:
     """Hold the run's ``seed<k>.lock`` so that a second process training the same record stops at once."""
-    path = lock_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
     try:
         with exclusive_lock(path):
             yield
@@ -141,12 +139,13 @@ def run_lock(opts: RunOptions) -> Iterator[None]:
         ) from e
 
 
-def check_before_compute(opts: RunOptions, rec_path: Path, ckpt_path: Path) -> None:
+def check_before_compute(opts: RunOptions, files: RunFiles) -> None:
     """Refuse, before any compute, to overwrite a record without ``--force``, to ``--resume`` without a checkpoint,
     or to start afresh over an interrupted run's checkpoint without ``--resume`` or ``--force``."""
-    check_overwrite(rec_path, opts.force)
+    check_overwrite(files.record, opts.force)
+    ckpt_path = files.checkpoint
     if opts.resume and not ckpt_path.is_file():
-        if ckpt_path.with_suffix(".model.pt").is_file():
+        if files.model_state.is_file():
             raise ConfigError(
                 f"--resume: no checkpoint at {ckpt_path}: the run finished and kept only its model "
                 "state; continuing a finished run needs its training run made with --keep-checkpoint "
@@ -164,19 +163,7 @@ def check_before_compute(opts: RunOptions, rec_path: Path, ckpt_path: Path) -> N
         )
 
 
-def replacing_note(opts: RunOptions, rec_path: Path) -> str | None:
-    """The record's note when it replaces, without ``--force``, an earlier run's non-finite record."""
-    if opts.force or not rec_path.is_file():
-        return None
-    return "replaced the non-finite record of an earlier run of this seed (a non-finite record needs no --force)"
-
-
 # -- data → build ------------------------------------------------------------------------------------------------
-def load_data(opts: RunOptions, data: Dataset | None = None) -> Dataset:
-    """``data`` when given (in-memory data for toy problems and tests), else the run's dataset, loaded."""
-    return data if data is not None else load_dataset(opts.dataset_key, opts.data_root)
-
-
 @dataclass
 class RunTensors:
     """A run's data on its device; batches are index views of these tensors."""
@@ -202,11 +189,6 @@ def label_classes(model: str, dataset: Any) -> int:
             f"unconditional model {spec.name.removesuffix('-cond')}"
         )
     return classes
-
-
-def check_labels(opts: RunOptions, data: Dataset) -> int:
-    """:func:`label_classes` of the run's model and data."""
-    return label_classes(opts.model_key, data)
 
 
 def to_device(data: Dataset, device: torch.device, labels: bool = False) -> RunTensors:
@@ -277,13 +259,6 @@ def check_memory(opts: RunOptions, flow: torch.nn.Module, device: torch.device, 
         )
 
 
-def seed_everything(seed: int) -> None:
-    """Before the model is built, so that initial weights depend on the seed only."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _target_count(target: int | str, dataset: str, dim: int) -> tuple[int, str]:
     """The parameter count to match: a number, or the count of model ``target`` as configured for ``dataset``."""
     if isinstance(target, int):
@@ -296,7 +271,7 @@ def _target_count(target: int | str, dataset: str, dim: int) -> tuple[int, str]:
 def build_from_options(
     opts: RunOptions, dim: int, classes: int = 0
 ) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any] | None]:
-    """Build the model (a class-conditional one for ``classes`` labels, see :func:`check_labels`); returns
+    """Build the model (a class-conditional one for ``classes`` labels, see :func:`label_classes`); returns
     ``(flow, every hyperparameter resolved, match info or None)``."""
     spec = models.get_spec(opts.model_key)
     hparams = dict(opts.hparams)
@@ -335,6 +310,46 @@ def build_from_options(
     # Every hyperparameter is recorded, defaults included, so the record alone reproduces the model.
     hparams = spec.resolve(hparams)
     return models.build_model(opts.model_key, dim, **label_kw, **hparams), hparams, match
+
+
+@dataclass
+class Built:
+    """One run's model as built and initialised on its device, with every hyperparameter resolved."""
+
+    flow: torch.nn.Module
+    hparams: dict[str, Any]
+    match: dict[str, Any] | None
+
+
+@dataclass
+class Prepared:
+    """What the runs of one claim share (the data, on its device) and each run's built model, in run order."""
+
+    data: Dataset
+    device: torch.device
+    x: RunTensors
+    built: list[Built]
+
+
+def prepare(runs: Sequence[RunOptions], data: Dataset | None = None) -> Prepared:
+    """Load the data (or take ``data``: in-memory data for toy problems and tests) and move it to the device
+    once; then build each run's model seeded as the run, so that its initial weights depend on its seed only.
+    The runs of a stack share one shape: the memory check of the first covers them all."""
+    first = runs[0]
+    data = data if data is not None else load_dataset(first.dataset_key, first.data_root)
+    device = resolve_device(first.device)
+    classes = label_classes(first.model_key, data)
+    x = to_device(data, device, labels=classes > 0)
+    built = []
+    for i, o in enumerate(runs):
+        seed_everything(o.seed)
+        flow, hparams, match = build_from_options(o, data.dim, classes)
+        if i == 0:
+            check_memory(o, flow, device, runs=len(runs))
+        flow = flow.to(device)
+        flow.initialize(x.train)
+        built.append(Built(flow, hparams, match))
+    return Prepared(data, device, x, built)
 
 
 # -- train (one run; a stack has its own trainer) -------------------------------------------------------------------
@@ -390,24 +405,9 @@ def train_single(
 
 
 # -- finish → record ---------------------------------------------------------------------------------------------
-def keep_model_state(opts: RunOptions, flow: torch.nn.Module) -> str:
-    """Write the evaluated model's state beside the record; returns its file name (the record's ``model_state``)."""
-    path = model_state_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
-    save_model_state(path, flow)
-    return path.name
-
-
-def drop_checkpoint(opts: RunOptions, ckpt_path: Path) -> None:
-    """After the record: the full checkpoint (optimizer, RNG) only serves --resume; keep it if asked to."""
-    if not opts.keep_checkpoint:
-        ckpt_path.unlink(missing_ok=True)
-
-
 def make_record(
     opts: RunOptions,
-    flow: torch.nn.Module,
-    hparams: dict[str, Any],
-    match: dict[str, Any] | None,
+    built: Built,
     result: TrainResult,
     evaluation: dict[str, Any],
     jac: dict[str, Any] | None,
@@ -416,6 +416,7 @@ def make_record(
     wall_time_s: float,
 ) -> RunRecord:
     """The run's :class:`~flowbench.results.RunRecord` from its options, model, training result and evaluation."""
+    hparams = built.hparams
     return RunRecord(
         dataset=opts.dataset,
         model=opts.model,
@@ -427,8 +428,8 @@ def make_record(
         seed=opts.seed,
         config=opts.to_dict(),
         hparams=hparams,
-        params=count_params(flow),
-        match_target=match,
+        params=count_params(built.flow),
+        match_target=built.match,
         epochs=result.epochs,
         steps=result.steps,
         best_step=result.best_step,
@@ -468,29 +469,22 @@ def _test_sha256(data: Any, test_x: torch.Tensor) -> str:
 
 def finish_run(
     opts: RunOptions,
-    data: Any,
-    test_x: torch.Tensor,
-    flow: torch.nn.Module,
-    hparams: dict[str, Any],
-    match: dict[str, Any] | None,
+    files: RunFiles,
+    prep: Prepared,
+    built: Built,
     result: TrainResult,
     notes: list[str],
-    device: torch.device,
     t0: float,
-    rec_path: Path,
-    ckpt_path: Path,
     stack: dict[str, Any] | None = None,
 ) -> RunRecord:
     """After training, for a single run or each run of a stack: test evaluation, the record (wall time since
     ``t0``), the kept model state and per-point test LLs; the checkpoint goes unless kept."""
-    classes = int(getattr(flow, "classes", 0) or 0)
-    if classes:  # MAF Table 2's conditional columns: log p(x) over a uniform label prior, beside log p(x | y)
-        class_lp = class_log_probs(flow, test_x, classes, opts.eval_batch_size)
-        logp, cond = summarize_conditional(class_lp, data.test_labels)
-        evaluation = {**summarize_test(logp, data), **cond}
-    else:
-        logp = log_prob_batches(flow, test_x, opts.eval_batch_size)
-        evaluation = summarize_test(logp, data)
+    flow, test_x = built.flow, prep.x.test
+    if not opts.force and files.record.is_file():  # under the lock, only a replaceable record can be there
+        notes.append(
+            "replaced the non-finite record of an earlier run of this seed (a non-finite record needs no --force)"
+        )
+    evaluation, logp = evaluate_test_points(flow, prep.data, test_x, opts.eval_batch_size)
     jac, note = spectral_norm_summary(flow, test_x[:JACOBIAN_POINTS])
     if note:
         notes.append(note)
@@ -503,12 +497,13 @@ def finish_run(
         )
     elif result.status == "ok" and not math.isfinite(evaluation["test_ll"]):
         result.status, result.failure = "nonfinite", "test log-likelihood is not finite"
-    record = make_record(opts, flow, hparams, match, result, evaluation, jac, notes, device, time.perf_counter() - t0)
+    record = make_record(opts, built, result, evaluation, jac, notes, prep.device, time.perf_counter() - t0)
     record.stack = stack
-    record.model_state = keep_model_state(opts, flow)  # before the record, which names it
+    save_model_state(files.model_state, flow)  # before the record, which names it
+    record.model_state = files.model_state.name
     # The table's paired t-test (MAF paper's bolding rule) needs every test point's LL, not just their mean.
-    points = per_point_path(opts.out, opts.dataset, opts.model, opts.seed, opts.tag)
-    record.test_points = write_per_point(points, logp, None, _test_sha256(data, test_x))
-    write_record(rec_path, record, force=opts.force)
-    drop_checkpoint(opts, ckpt_path)
+    record.test_points = write_per_point(files.per_point, logp, None, _test_sha256(prep.data, test_x))
+    write_record(files.record, record, force=opts.force)
+    if not opts.keep_checkpoint:  # the full checkpoint (optimizer, RNG) only serves --resume
+        files.checkpoint.unlink(missing_ok=True)
     return record

@@ -26,7 +26,6 @@ on a real module holding that run's parameters, exactly as a single run validate
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
@@ -46,9 +45,8 @@ from flowbench.errors import ConfigError, UsageError
 from flowbench.models import build_model, get_spec, model_origin
 from flowbench.models.base import Flow
 from flowbench.models.stacking import split_buffers, stack_probe, stacked_objective, stacked_validation
-from flowbench.results import replaceable
+from flowbench.results import RunFiles, replaceable
 from flowbench.training import lifecycle
-from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import (
     TRAIN_NLL_POINTS,
     finite_mean,
@@ -57,6 +55,7 @@ from flowbench.training.evaluate import (
     validation_ll,
 )
 from flowbench.training.loop import (
+    EarlyStopping,
     EpochInfo,
     RunLoop,
     RunState,
@@ -66,7 +65,7 @@ from flowbench.training.loop import (
     scheduled_lr,
 )
 from flowbench.training.trainer import SYNC_EVERY, _rng_state, _set_rng_state, make_adam, read_checkpoint
-from flowbench.utils import atomic_torch_save, keep_freed_memory, resolve_device
+from flowbench.utils import atomic_torch_save, keep_freed_memory
 
 __all__ = ["StackedTrainer", "RunSpec", "StackedEpochInfo", "parse_seeds", "run_stacked", "stack_key", "PER_RUN"]
 
@@ -606,11 +605,21 @@ def run_stacked(
         runs = [o.replace(dataset=data.name) for o in runs]
     if not runs:
         raise ConfigError("a stack needs at least one run")
-    with contextlib.ExitStack() as held:  # every run's lock, from the first check to its record
-        for o in runs:
-            lifecycle.prepare_out(o, lifecycle.run_paths(o)[0].parent)
-            held.enter_context(lifecycle.run_lock(o))
-        return _run_stacked(runs, data, callbacks, progress, t0)
+    with lifecycle.claim(runs, precheck=lambda files: _check_stack(runs, files)) as files:
+        prep = lifecycle.prepare(runs, data)
+        # The id tells this stack's records from another stack's of the same seeds (the report counts a stack's
+        # wall time, which each of its records carries, once).
+        stack = {"seeds": [o.seed for o in runs], "size": len(runs), "id": uuid.uuid4().hex[:12]}
+        flows = [b.flow for b in prep.built]
+        results, notes, prior = _train_stack(runs, flows, [f.checkpoint for f in files], prep.x, callbacks, progress)
+        records = []
+        for i, o in enumerate(runs):
+            notes[i].append(f"trained in a stack of {len(runs)} (seeds {stack['seeds']})")
+            # Wall time: the whole stack's (all its runs trained together), plus this run's earlier sessions.
+            records.append(
+                lifecycle.finish_run(o, files[i], prep, prep.built[i], results[i], notes[i], t0 - prior[i], stack)
+            )
+        return records
 
 
 def _seed_list(runs: Sequence[RunOptions]) -> str:
@@ -622,70 +631,32 @@ def _seeds_have(runs: Sequence[RunOptions]) -> str:
     return f"seed {runs[0].seed} has" if len(runs) == 1 else f"seeds {_seed_list(runs)} have"
 
 
-def _check_seeds_left(runs: list[RunOptions], paths: list[tuple[Path, Path]]) -> None:
+def _check_seeds_left(runs: list[RunOptions], files: list[RunFiles]) -> None:
     """Some seeds of the stack already recorded (one resumed alone, say), or some with a checkpoint to resume
     and some without: name the seeds each command should take, rather than advise ``--force``, which would
     throw the recorded or checkpointed work away."""
-    done = [rec.is_file() and not o.force and not replaceable(rec) for o, (rec, _) in zip(runs, paths)]
+    done = [f.record.is_file() and not o.force and not replaceable(f.record) for o, f in zip(runs, files)]
     recorded = [o for o, d in zip(runs, done) if d]
     left = [o for o, d in zip(runs, done) if not d]
     if recorded and left:
         resume = " --resume" if any(o.resume for o in left) else ""
         raise UsageError(
-            f"{_seeds_have(recorded)} a record in {paths[0][0].parent} already; the seeds left are "
+            f"{_seeds_have(recorded)} a record in {files[0].folder} already; the seeds left are "
             f"{_seed_list(left)}: run the same command with --seeds {_seed_list(left)}{resume} (--force would "
             "train every seed again and replace those records)"
         )
-    fresh = [o for o, (_, ckpt) in zip(runs, paths) if o.resume and not ckpt.is_file()]
+    fresh = [o for o, f in zip(runs, files) if o.resume and not f.checkpoint.is_file()]
     if fresh and len(fresh) < len(runs):
         kept = [o for o in runs if o not in fresh]
         raise UsageError(
-            f"--resume: {_seeds_have(fresh)} no checkpoint in {paths[0][1].parent} to resume from, "
+            f"--resume: {_seeds_have(fresh)} no checkpoint in {files[0].folder} to resume from, "
             f"{_seeds_have(kept)} one: run --seeds {_seed_list(kept)} --resume, and --seeds {_seed_list(fresh)} "
             "without --resume"
         )
 
 
-def _run_stacked(runs: list, data: Any, callbacks: list[Callable] | None, progress: bool, t0: float) -> list:
-    paths = _check_stack(runs)
-    replacing = [lifecycle.replacing_note(o, rec) for o, (rec, _) in zip(runs, paths)]
-    first = runs[0]
-    data = lifecycle.load_data(first, data)
-    device = resolve_device(first.device)
-    classes = lifecycle.check_labels(first, data)
-    x = lifecycle.to_device(data, device, labels=classes > 0)
-    built = _build_stack(runs, data.dim, classes, x, device)
-    # The id tells this stack's records from another stack's of the same seeds (the report counts a stack's
-    # wall time, which each of its records carries, once).
-    stack = {"seeds": [o.seed for o in runs], "size": len(runs), "id": uuid.uuid4().hex[:12]}
-    results, notes, prior = _train_stack(runs, [b[0] for b in built], [p[1] for p in paths], x, callbacks, progress)
-    records = []
-    for i, (o, (flow, hparams, match), res) in enumerate(zip(runs, built, results)):
-        notes[i].append(f"trained in a stack of {len(runs)} (seeds {stack['seeds']})")
-        notes[i] += [replacing[i]] if replacing[i] else []
-        # Wall time: the whole stack's (all its runs trained together), plus this run's earlier sessions.
-        records.append(
-            lifecycle.finish_run(
-                o,
-                data,
-                x.test,
-                flow,
-                hparams,
-                match,
-                res,
-                notes[i],
-                device,
-                t0 - prior[i],
-                paths[i][0],
-                paths[i][1],
-                stack,
-            )
-        )
-    return records
-
-
-def _check_stack(runs: list) -> list[tuple[Path, Path]]:
-    """Check that the runs can train as one stack, before any data is loaded; their (record, checkpoint) paths."""
+def _check_stack(runs: list, files: list[RunFiles]) -> None:
+    """Check that the runs can train as one stack, before any data is loaded."""
     for o in runs:
         why = unstackable(o)
         if why is not None and "closed form" not in why:
@@ -693,27 +664,9 @@ def _check_stack(runs: list) -> list[tuple[Path, Path]]:
     keys = {stack_key(o) for o in runs}
     if len(keys) > 1 or len({o.batch_size for o in runs}) > 1:
         raise ConfigError("runs of one stack may differ only in " + ", ".join(PER_RUN))
-    paths = [lifecycle.run_paths(o) for o in runs]
-    if len({p[0] for p in paths}) != len(paths):
+    if len({f.record for f in files}) != len(files):
         raise ConfigError("two runs of the stack would write the same record (same seed and tag)")
-    _check_seeds_left(runs, paths)
-    for o, (rec, ckpt) in zip(runs, paths):
-        lifecycle.check_before_compute(o, rec, ckpt)
-    return paths
-
-
-def _build_stack(runs: list, dim: int, classes: int, x: Any, device: torch.device) -> list[tuple]:
-    """Build and initialise each run's flow on ``device`` (seeded as the run); (flow, hparams, match) per run."""
-    built = []
-    for i, o in enumerate(runs):
-        lifecycle.seed_everything(o.seed)
-        flow, hparams, match = lifecycle.build_from_options(o, dim, classes)
-        if i == 0:  # the runs of a stack share one shape: one measurement covers them all
-            lifecycle.check_memory(o, flow, device, runs=len(runs))
-        flow = flow.to(device)
-        flow.initialize(x.train)
-        built.append((flow, hparams, match))
-    return built
+    _check_seeds_left(runs, files)
 
 
 def _train_stack(

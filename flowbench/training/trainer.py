@@ -46,10 +46,10 @@ from torch import Tensor
 from flowbench.config import OPTIONS, RESUME_MAY_CHANGE, unset_value
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
-from flowbench.training.early_stopping import EarlyStopping
 from flowbench.training.evaluate import TRAIN_NLL_POINTS, train_subsample, training_nll, validation_ll
 from flowbench.training.loop import (  # noqa: F401 - EpochInfo, TrainResult, loss_label, LR_SCHEDULES: imported from here
     LR_SCHEDULES,
+    EarlyStopping,
     EpochInfo,
     RunLoop,
     RunState,

@@ -339,6 +339,38 @@ def _time_round_robin(
                     row[m].times_s.append(_timed(active[m], device))
 
 
+def _warm_up_row(
+    row: dict[str, Cell],
+    active: dict[str, Callable[[], None]],
+    last: dict[str, tuple[int, float]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    budget_s: float,
+    cpu_memory: str,
+    problem: tuple[int, int, torch.dtype],
+    log: Callable[[str], None],
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Warm up each active method of one D's ``row``: each one's last warm-up time, and how many timed calls
+    fit in its budget. A method that ran out of memory leaves ``active``."""
+    first: dict[str, float] = {}
+    reps: dict[str, int] = {}
+    for m in list(active):
+        dim = row[m].dim
+        if m in last and (guess := last[m][1] * (dim / last[m][0]) ** _TIME_EXPONENT[m]) >= SLOW_CALL_S:
+            log(
+                f"D={dim:>6} {m:>9}: about {guess:.3g} s a call (from D={last[m][0]}): one warm-up call, "
+                f"then timed calls for about {max(budget_s, guess):.3g} s at most ..."
+            )
+        t = _warm_up(row[m], active[m], device, warmup, cpu_memory, problem)
+        if t is None:
+            del active[m]
+            continue
+        first[m] = t
+        reps[m] = max(1, min(repeats, int(budget_s / max(t, 1e-9))))
+    return first, reps
+
+
 def run_gradients(
     dims: list[int],
     batch: int = 100,
@@ -367,20 +399,9 @@ def run_gradients(
         row = _plan(dim, batch, layers, methods, dtype, limit, last, max_call_s)
         active = {m: step_fn(m, flow, x) for m, c in row.items() if c.status == "ok"}
         log(f"D={dim:>6}: timing {', '.join(active) or 'nothing (every method skipped)'} ...")
-        first: dict[str, float] = {}
-        reps: dict[str, int] = {}
-        for m in list(active):
-            if m in last and (guess := last[m][1] * (dim / last[m][0]) ** _TIME_EXPONENT[m]) >= SLOW_CALL_S:
-                log(
-                    f"D={dim:>6} {m:>9}: about {guess:.3g} s a call (from D={last[m][0]}): one warm-up call, "
-                    f"then timed calls for about {max(budget_s, guess):.3g} s at most ..."
-                )
-            t = _warm_up(row[m], active[m], device, warmup, cpu_memory, (batch, layers, dtype))
-            if t is None:
-                del active[m]
-                continue
-            first[m] = t
-            reps[m] = max(1, min(repeats, int(budget_s / max(t, 1e-9))))
+        first, reps = _warm_up_row(
+            row, active, last, device, warmup, repeats, budget_s, cpu_memory, (batch, layers, dtype), log
+        )
         _time_round_robin(row, active, first, reps, device)
         for m in methods:
             c = row[m]
@@ -572,9 +593,26 @@ def bench_gradients(
         cpu_memory=cpu_memory,
         log=log,
     )
+    record = _record(cells, machine, dev, batch, layers, dtype, agreement, log)
+    title = f"one exact-NLL gradient, L={layers}, B={batch}, {dev}, {machine['threads']} threads"
+    files = _write_files(folder, record, cells, title)
+    return {**record, "files": [str(f) for f in files]}
+
+
+def _record(
+    cells: list[Cell],
+    machine: dict,
+    dev: torch.device,
+    batch: int,
+    layers: int,
+    dtype: str,
+    agreement: dict | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The JSON record of the measurement; its summary is logged as a table."""
     rows = summary_rows(cells)
     log(tabulate(rows, headers="keys", tablefmt="github"))
-    record = {
+    return {
         "machine": machine,
         "device": str(dev),
         "batch": batch,
@@ -584,11 +622,15 @@ def bench_gradients(
         "cells": cells_to_dicts(cells),
         "summary": rows,
     }
+
+
+def _write_files(folder: Path, record: dict[str, Any], cells: list[Cell], title: str) -> list[Path]:
+    """gradients.json, .csv and .png under ``folder``; a failed plot says which files were written."""
     files = [folder / "gradients.json", folder / "gradients.csv", folder / "gradients.png"]
     atomic_write_json(files[0], record)
     write_csv(cells, files[1])
     try:
-        plot(cells, files[2], f"one exact-NLL gradient, L={layers}, B={batch}, {dev}, {machine['threads']} threads")
+        plot(cells, files[2], title)
     except FlowbenchError as e:
         raise FlowbenchError(f"{e} (wrote {files[0]} and {files[1]}; no plot)") from e
-    return {**record, "files": [str(f) for f in files]}
+    return files

@@ -57,31 +57,66 @@ def run_stack_bench(
     x, _, synthetic = dataset_tensor(dataset, data_root, max_rows=steps * batch_size)
     x = x[: steps * batch_size].to(dev)  # the trainers train where their data are
     hp = models.get_spec(model).resolve(hparams or {})
+    trainers, st = _contenders(model, hp, stack, x, dev, lr, batch_size)
+    times = _time_rounds(trainers, st, stack, rounds, dev)
+    res = {
+        "dataset": dataset,
+        "model": model,
+        "hparams": hp,
+        "stack": stack,
+        "steps": steps,
+        "batch_size": batch_size,
+        "synthetic": synthetic,
+        "threads": torch.get_num_threads(),
+        "samples_per_s": {k: stack * steps * batch_size / statistics.median(v) for k, v in times.items()},
+    }
+    res["ratio"] = res["samples_per_s"]["stacked"] / res["samples_per_s"]["sequential"]
+    _log_result(res, times, x.shape[1], log)
+    res["device"] = str(dev)
+    if folder is not None:
+        path = folder / f"train-{get_info(dataset).name}-{models.get_spec(model).name}-stack{stack}.json"
+        atomic_write_json(path, res)
+        res["files"] = [str(path)]
+    return res
 
-    def flows():
-        out = []
-        for seed in range(stack):
-            torch.manual_seed(seed)
-            f = models.build_model(model, x.shape[1], **hp).to(dev)
-            f.initialize(x)
-            out.append(f)
-        return out
 
-    seq_flows, st_flows = flows(), flows()
+def _contenders(
+    model: str, hp: dict, stack: int, x: torch.Tensor, dev: torch.device, lr: float, batch_size: int
+) -> tuple[list[Trainer], StackedTrainer]:
+    """One trainer per run (sequential) and one stacked trainer, each over its own build of the same flows."""
+    seq_flows, st_flows = _flows(model, hp, stack, x, dev), _flows(model, hp, stack, x, dev)
     trainers = [
         Trainer(f, x, x[:1], lr=lr, batch_size=batch_size, seed=s, progress=False) for s, f in enumerate(seq_flows)
     ]
     st = StackedTrainer(
         [RunSpec(f, s, lr) for s, f in enumerate(st_flows)], x, x[:1], batch_size=batch_size, progress=False
     )
-    times: dict[str, list[float]] = {"sequential": [], "stacked": []}
+    return trainers, st
+
+
+def _flows(model: str, hp: dict, stack: int, x: torch.Tensor, dev: torch.device) -> list[Any]:
+    """The ``stack`` runs' flows, seeded 0, 1, … and initialised on ``x``: the same for both contenders."""
+    out = []
+    for seed in range(stack):
+        torch.manual_seed(seed)
+        f = models.build_model(model, x.shape[1], **hp).to(dev)
+        f.initialize(x)
+        out.append(f)
+    return out
+
+
+def _time_rounds(
+    trainers: list[Trainer], st: StackedTrainer, stack: int, rounds: int, dev: torch.device
+) -> dict[str, list[float]]:
+    """Seconds of one epoch of each contender per round, the two alternating; round 0 warms up, untimed."""
 
     def now() -> float:  # a GPU's queued work counts where it was queued
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return time.perf_counter()
 
-    for rnd in range(rounds + 1):  # round 0 warms up
+    times: dict[str, list[float]] = {"sequential": [], "stacked": []}
+    for rnd in range(rounds + 1):
         t = now()
         for tr in trainers:
             tr._train_period(tr.batches_per_epoch)  # one epoch of steps
@@ -92,22 +127,16 @@ def run_stack_bench(
         if rnd:
             times["sequential"].append(seq)
             times["stacked"].append(stk)
-    samples = stack * steps * batch_size
-    res = {
-        "dataset": dataset,
-        "model": model,
-        "hparams": hp,
-        "stack": stack,
-        "steps": steps,
-        "batch_size": batch_size,
-        "synthetic": synthetic,
-        "threads": torch.get_num_threads(),
-        "samples_per_s": {k: samples / statistics.median(v) for k, v in times.items()},
-    }
-    res["ratio"] = res["samples_per_s"]["stacked"] / res["samples_per_s"]["sequential"]
+    return times
+
+
+def _log_result(res: dict[str, Any], times: dict[str, list[float]], dim: int, log: Callable[[str], None]) -> None:
+    """Both contenders' throughput and their ratio, one line each."""
+    stack, steps, batch_size, synthetic = res["stack"], res["steps"], res["batch_size"], res["synthetic"]
     log(
-        f"{models.display_name(model, **hp)} on {dataset}'s shape (D = {x.shape[1]}, batch {batch_size}, "
-        f"{steps} steps per run, {torch.get_num_threads()} thread(s){', synthetic data' if synthetic else ''}):"
+        f"{models.display_name(res['model'], **res['hparams'])} on {res['dataset']}'s shape (D = {dim}, batch "
+        f"{batch_size}, {steps} steps per run, {torch.get_num_threads()} thread(s)"
+        f"{', synthetic data' if synthetic else ''}):"
     )
     for k in ("sequential", "stacked"):
         log(
@@ -115,9 +144,3 @@ def run_stack_bench(
             f"({statistics.median(times[k]) / steps * 1e3:8.2f} ms per step of all {stack})"
         )
     log(f"  stacked / sequential: {res['ratio']:.2f}×")
-    res["device"] = str(dev)
-    if folder is not None:
-        path = folder / f"train-{get_info(dataset).name}-{models.get_spec(model).name}-stack{stack}.json"
-        atomic_write_json(path, res)
-        res["files"] = [str(path)]
-    return res

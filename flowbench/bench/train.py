@@ -267,39 +267,17 @@ def run_train(
         raise ConfigError(f"--compare-zuko is implemented for --model {' and '.join(ZUKO_TWINS)} only")
     device = torch.device(device)
     torch.manual_seed(seed)
-    x, n_train, synthetic = dataset_tensor(dataset, data_root)
-    dim = x.shape[1]
-    label_kw = _label_columns(dataset, model)
-    if label_kw:  # a class-conditional model reads [x, onehot(y)]; labels drawn at random (timing only)
-        k = label_kw["classes"]
-        y = torch.randint(0, k, (x.shape[0],), generator=torch.Generator().manual_seed(seed))
-        x = torch.cat([x, torch.nn.functional.one_hot(y, k).to(x.dtype)], dim=1)
-    x = x.to(device)
+    x, dim, n_train, synthetic, label_kw = _training_rows(dataset, model, data_root, seed, device)
     hparams = dict(hparams or {})
-    ours = build_model(model, dim, **label_kw, **hparams).to(device)
-    if not ours.trainable:
-        raise ConfigError(f"model {model!r} has nothing to train (closed form); pick a trainable model")
-    ours.train()
-    ours.initialize(x)
-    ours_loss, _ = _loss_fns(ours, compile_ours=compile)
-    contenders: dict[str, Contender] = {
-        "flowbench": (ours, _adam(ours.parameters(), lr, adam), ours_loss, _trainer_step)
-    }
+    contenders = {"flowbench": _flowbench_contender(model, dim, label_kw, hparams, x, device, lr, adam, compile)}
     result: dict = {
-        "dataset": get_info(dataset).name,
-        "model": get_spec(model).name,
-        "model_ref": normalize_reference(model) if is_reference(model) else None,
-        "display_name": display_name(model, **hparams),
-        "hparams": hparams,
-        "dim": dim,
-        "n_train": n_train,
-        "synthetic_data": synthetic,
+        **_subject(dataset, model, hparams, dim, n_train, synthetic),
         "batch_size": batch_size,
         "steps": steps,
         "device": str(device),
         "adam": adam,
         "compile": {"flowbench": compile, "zuko": compile_zuko if compare_zuko else None},
-        "params": {"flowbench": sum(p.numel() for p in ours.parameters())},
+        "params": {"flowbench": sum(p.numel() for p in contenders["flowbench"][0].parameters())},
     }
     if compare_zuko:
         contenders["zuko"], info = _zuko_contender(
@@ -309,6 +287,56 @@ def run_train(
         result["zuko_hidden"], result["zuko_version"] = info["zuko_hidden"], info["zuko_version"]
     _report(result, _time_contenders(contenders, x, steps, batch_size, warmup, rounds, seed, device), log)
     return result
+
+
+def _training_rows(
+    dataset: str, model: str, data_root: str | Path | None, seed: int, device: torch.device
+) -> tuple[torch.Tensor, int, int, bool, dict[str, int]]:
+    """(rows on ``device``, D, N train, synthetic?, the label keyword of a class-conditional model): the
+    dataset's training rows, a class-conditional model's with one-hot labels appended."""
+    x, n_train, synthetic = dataset_tensor(dataset, data_root)
+    dim = x.shape[1]
+    label_kw = _label_columns(dataset, model)
+    if label_kw:  # a class-conditional model reads [x, onehot(y)]; labels drawn at random (timing only)
+        k = label_kw["classes"]
+        y = torch.randint(0, k, (x.shape[0],), generator=torch.Generator().manual_seed(seed))
+        x = torch.cat([x, torch.nn.functional.one_hot(y, k).to(x.dtype)], dim=1)
+    return x.to(device), dim, n_train, synthetic, label_kw
+
+
+def _flowbench_contender(
+    model: str,
+    dim: int,
+    label_kw: dict[str, int],
+    hparams: dict,
+    x: torch.Tensor,
+    device: torch.device,
+    lr: float,
+    adam: str,
+    compile_ours: bool,
+) -> Contender:
+    """Our ``model``, built and initialised on ``x`` in training mode, with its optimiser and objective."""
+    ours = build_model(model, dim, **label_kw, **hparams).to(device)
+    if not ours.trainable:
+        raise ConfigError(f"model {model!r} has nothing to train (closed form); pick a trainable model")
+    ours.train()
+    ours.initialize(x)
+    ours_loss, _ = _loss_fns(ours, compile_ours=compile_ours)
+    return ours, _adam(ours.parameters(), lr, adam), ours_loss, _trainer_step
+
+
+def _subject(dataset: str, model: str, hparams: dict, dim: int, n_train: int, synthetic: bool) -> dict:
+    """The result's first entries: the model and the data it is timed on, named as flowbench names them."""
+    return {
+        "dataset": get_info(dataset).name,
+        "model": get_spec(model).name,
+        "model_ref": normalize_reference(model) if is_reference(model) else None,
+        "display_name": display_name(model, **hparams),
+        "hparams": hparams,
+        "dim": dim,
+        "n_train": n_train,
+        "synthetic_data": synthetic,
+    }
 
 
 def bench_train(

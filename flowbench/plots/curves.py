@@ -19,6 +19,7 @@ says so.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,24 @@ def _limits(values: list[np.ndarray], keep: list[float], upper_tail: bool) -> tu
     return lo - pad, hi + pad
 
 
+def _name(conf: Configuration, tagged: bool) -> str:
+    return f"{conf.label} [{conf.tag}]" if tagged and conf.tag else conf.label
+
+
+@dataclass
+class _Row:
+    """What one dataset's row collects from its configurations for its axis limits, titles and legend."""
+
+    by_step: bool
+    handles: list[Any] = field(default_factory=list)
+    val_values: list[np.ndarray] = field(default_factory=list)
+    loss_values: list[np.ndarray] = field(default_factory=list)
+    keep: list[float] = field(default_factory=list)
+    has_published: bool = False
+    fallback: bool = False
+    relgrad_fallback: bool = False
+
+
 def plot_curves(
     records: list[Any],
     *,
@@ -117,17 +136,10 @@ def plot_curves(
         The matplotlib ``Figure`` (not saved; see :func:`save_curves`).
     """
     plt = pyplot()
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
-
     sources = list(sources)
     confs = configurations(records)  # the table's rows and order
-
-    def name(conf: Configuration, tagged: bool) -> str:
-        return f"{conf.label} [{conf.tag}]" if tagged and conf.tag else conf.label
-
     # One colour per row label across all datasets, so a model is the same colour in every panel.
-    labels = list(dict.fromkeys(name(c, with_tag) for c in confs))
+    labels = list(dict.fromkeys(_name(c, with_tag) for c in confs))
     colors = {lab: color(i) for i, lab in enumerate(labels)}
     datasets = dataset_order(records)
     ncols = 2 if train_loss else 1
@@ -136,114 +148,140 @@ def plot_curves(
     )
     for row, ds in enumerate(datasets):
         ax_val, ax_loss = axes[row, 0], axes[row, 1] if train_loss else None
-        handles: list[Any] = []
-        val_values, loss_values, keep = [], [], []
-        by_step = _by_step(r for c in confs if c.dataset == ds for r in c.runs)
-        unit = "optimiser step" if by_step else "epoch"
-        has_published = fallback = relgrad_fallback = False
-        for conf in confs:
-            if conf.dataset != ds:
-                continue
-            runs = list(conf.runs)
-            c = colors[name(conf, with_tag)]
-            hists = [R.history(r) for r in runs]
-            # The legend names the configuration (its tag) as the table's footnote does.
-            legend = f"{name(conf, True)} · {len(runs)} seed{'s' if len(runs) > 1 else ''} · {S.summary(runs)}"
-            ref = R.published_ll(runs[0], sources)
-            if ref is not None:
-                ax_val.axhline(ref, color=c, ls="--", lw=1.0, alpha=0.9, gid="published")
-                keep.append(ref)
-                has_published = True
-            if not any(h.epoch.size for h in hists):
-                # Closed-form fits (the Gaussian) have no epochs: their validation LL is a level, not a curve.
-                level = float(np.nanmean([R.best_val_ll(r) for r in runs]))
-                if np.isfinite(level):
-                    ax_val.axhline(level, color=c, ls=":", lw=1.5, gid="closed-form")
-                    keep.append(level)
-                handles.append(Line2D([], [], color=c, ls=":", lw=1.5, label=legend))
-                continue
-            xs = [h.step if by_step else h.epoch for h in hists]
-            m, ep = _stack([h.val_ll for h in hists], xs)
-            mean, lo, hi, present = _mean_band(m)
-            marker = "o" if ep.size == 1 else None
-            (line,) = ax_val.plot(ep, mean, color=c, lw=1.6, marker=marker, label=legend, gid="val-mean")
-            if (present > 1).any():
-                ax_val.fill_between(ep, lo, hi, color=c, alpha=0.18, lw=0, gid="val-band")
-            handles.append(line)
-            val_values.append(mean)
-            # The evaluation each seed's early stopping restored, at that seed's validation LL.
-            bx, by = [], []
-            for r, h, x in zip(runs, hists, xs):
-                b = R.best_step(r) if by_step else R.best_epoch(r)
-                if b is not None and b in x:
-                    bx.append(b)
-                    by.append(float(h.val_ll[x == b][-1]))
-            if bx:
-                ax_val.plot(
-                    bx, by, ls="none", marker="*", ms=11, color=c, mec="black", mew=0.6, zorder=5, gid="best-epoch"
-                )
-                keep += by
-            if ax_loss is not None:
-                exact = all(h.has_train_nll for h in hists if h.epoch.size)
-                if not exact:  # a configuration with older records: their running loss, marked as such
-                    fallback = True
-                    relgrad_fallback |= R.model(runs[0]) == "relgrad"
-                ml, ep_l = _stack([h.train_nll if exact else h.train_loss for h in hists], xs)
-                mean_l, lo_l, hi_l, present_l = _mean_band(ml)
-                ax_loss.plot(
-                    ep_l,
-                    mean_l,
-                    color=c,
-                    lw=1.6,
-                    marker=marker,
-                    ls="-" if exact else ":",
-                    gid="loss-mean" if exact else "loss-fallback",
-                )
-                if (present_l > 1).any():
-                    ax_loss.fill_between(ep_l, lo_l, hi_l, color=c, alpha=0.18, lw=0, gid="loss-band")
-                loss_values.append(mean_l)
-        space = " (logit space)" if ds in _IMAGE_SETS else ""
-        ax_val.set(title=f"{ds.upper()}: validation LL{space}", xlabel=unit, ylabel=VAL_LABEL)
-        if (lim := _limits(val_values, keep, upper_tail=False)) is not None:
-            ax_val.set_ylim(*lim)
-        extra = [
-            Line2D(
-                [],
-                [],
-                ls="none",
-                marker="*",
-                ms=11,
-                color="0.6",
-                mec="black",
-                mew=0.6,
-                label=f"best {'step' if by_step else 'epoch'} (restored)",
-            )
-        ]
-        if has_published:
-            extra.append(Line2D([], [], ls="--", color="0.3", lw=1.0, label="published test LL"))
-        if ax_loss is not None:
-            note = ""
-            if fallback:
-                note = "\ndotted: older records' running training loss"
-                note += " (relgrad's: without log|det W|, not its NLL)" if relgrad_fallback else ""
-            ax_loss.set(
-                title=f"{ds.upper()}: training NLL{space}, fixed subsample{note}", xlabel=unit, ylabel=LOSS_LABEL
-            )
-            if (lim := _limits(loss_values, [], upper_tail=True)) is not None:
-                ax_loss.set_ylim(*lim)
-        for ax in axes[row]:
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3, lw=0.5)
-        axes[row, -1].legend(
-            handles=handles + extra,
-            loc="upper left",
-            bbox_to_anchor=(1.02, 1.0),
-            fontsize=8,
-            frameon=False,
-            title="mean over seeds, band: min–max",
-            title_fontsize=8,
-        )
+        ds_confs = [c for c in confs if c.dataset == ds]
+        state = _Row(by_step=_by_step(r for c in ds_confs for r in c.runs))
+        for conf in ds_confs:
+            _draw_configuration(state, ax_val, ax_loss, conf, colors[_name(conf, with_tag)], sources)
+        _label_row(axes[row], ax_val, ax_loss, ds, state)
     return fig
+
+
+def _draw_configuration(
+    row: _Row, ax_val: Any, ax_loss: Any | None, conf: Configuration, c: str, sources: list[str]
+) -> None:
+    """One configuration's curves (mean over its seeds, min–max band, restored best evaluations) in the
+    row's panels, and its published level."""
+    from matplotlib.lines import Line2D  # lazy, as all of matplotlib here: importing this module must not load it
+
+    runs = list(conf.runs)
+    hists = [R.history(r) for r in runs]
+    # The legend names the configuration (its tag) as the table's footnote does.
+    legend = f"{_name(conf, True)} · {len(runs)} seed{'s' if len(runs) > 1 else ''} · {S.summary(runs)}"
+    ref = R.published_ll(runs[0], sources)
+    if ref is not None:
+        ax_val.axhline(ref, color=c, ls="--", lw=1.0, alpha=0.9, gid="published")
+        row.keep.append(ref)
+        row.has_published = True
+    if not any(h.epoch.size for h in hists):
+        # Closed-form fits (the Gaussian) have no epochs: their validation LL is a level, not a curve.
+        level = float(np.nanmean([R.best_val_ll(r) for r in runs]))
+        if np.isfinite(level):
+            ax_val.axhline(level, color=c, ls=":", lw=1.5, gid="closed-form")
+            row.keep.append(level)
+        row.handles.append(Line2D([], [], color=c, ls=":", lw=1.5, label=legend))
+        return
+    xs = [h.step if row.by_step else h.epoch for h in hists]
+    m, ep = _stack([h.val_ll for h in hists], xs)
+    mean, lo, hi, present = _mean_band(m)
+    marker = "o" if ep.size == 1 else None
+    (line,) = ax_val.plot(ep, mean, color=c, lw=1.6, marker=marker, label=legend, gid="val-mean")
+    if (present > 1).any():
+        ax_val.fill_between(ep, lo, hi, color=c, alpha=0.18, lw=0, gid="val-band")
+    row.handles.append(line)
+    row.val_values.append(mean)
+    _mark_best(row, ax_val, runs, hists, xs, c)
+    if ax_loss is not None:
+        _loss_curve(row, ax_loss, runs, hists, xs, c, marker)
+
+
+def _mark_best(row: _Row, ax_val: Any, runs: list[Any], hists: list[Any], xs: list[np.ndarray], c: str) -> None:
+    """The evaluation each seed's early stopping restored, at that seed's validation LL."""
+    bx, by = [], []
+    for r, h, x in zip(runs, hists, xs):
+        b = R.best_step(r) if row.by_step else R.best_epoch(r)
+        if b is not None and b in x:
+            bx.append(b)
+            by.append(float(h.val_ll[x == b][-1]))
+    if bx:
+        ax_val.plot(bx, by, ls="none", marker="*", ms=11, color=c, mec="black", mew=0.6, zorder=5, gid="best-epoch")
+        row.keep += by
+
+
+def _loss_curve(
+    row: _Row, ax_loss: Any, runs: list[Any], hists: list[Any], xs: list[np.ndarray], c: str, marker: str | None
+) -> None:
+    """The training panel's mean and band: the exact training NLL, or older records' running loss (dotted)."""
+    exact = all(h.has_train_nll for h in hists if h.epoch.size)
+    if not exact:  # a configuration with older records: their running loss, marked as such
+        row.fallback = True
+        row.relgrad_fallback |= R.model(runs[0]) == "relgrad"
+    ml, ep_l = _stack([h.train_nll if exact else h.train_loss for h in hists], xs)
+    mean_l, lo_l, hi_l, present_l = _mean_band(ml)
+    ax_loss.plot(
+        ep_l,
+        mean_l,
+        color=c,
+        lw=1.6,
+        marker=marker,
+        ls="-" if exact else ":",
+        gid="loss-mean" if exact else "loss-fallback",
+    )
+    if (present_l > 1).any():
+        ax_loss.fill_between(ep_l, lo_l, hi_l, color=c, alpha=0.18, lw=0, gid="loss-band")
+    row.loss_values.append(mean_l)
+
+
+def _label_row(axes_row: np.ndarray, ax_val: Any, ax_loss: Any | None, ds: str, row: _Row) -> None:
+    """Titles, axis limits, grids and the legend of one dataset's row."""
+    from matplotlib.ticker import MaxNLocator
+
+    unit = "optimiser step" if row.by_step else "epoch"
+    space = " (logit space)" if ds in _IMAGE_SETS else ""
+    ax_val.set(title=f"{ds.upper()}: validation LL{space}", xlabel=unit, ylabel=VAL_LABEL)
+    if (lim := _limits(row.val_values, row.keep, upper_tail=False)) is not None:
+        ax_val.set_ylim(*lim)
+    if ax_loss is not None:
+        note = ""
+        if row.fallback:
+            note = "\ndotted: older records' running training loss"
+            note += " (relgrad's: without log|det W|, not its NLL)" if row.relgrad_fallback else ""
+        ax_loss.set(title=f"{ds.upper()}: training NLL{space}, fixed subsample{note}", xlabel=unit, ylabel=LOSS_LABEL)
+        if (lim := _limits(row.loss_values, [], upper_tail=True)) is not None:
+            ax_loss.set_ylim(*lim)
+    for ax in axes_row:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, lw=0.5)
+    _legend(axes_row[-1], row)
+
+
+def _legend(ax: Any, row: _Row) -> None:
+    """The row's legend beside its last panel: the configurations, then the markers' meaning."""
+    from matplotlib.lines import Line2D
+
+    extra = [
+        Line2D(
+            [],
+            [],
+            ls="none",
+            marker="*",
+            ms=11,
+            color="0.6",
+            mec="black",
+            mew=0.6,
+            label=f"best {'step' if row.by_step else 'epoch'} (restored)",
+        )
+    ]
+    if row.has_published:
+        extra.append(Line2D([], [], ls="--", color="0.3", lw=1.0, label="published test LL"))
+    ax.legend(
+        handles=row.handles + extra,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=8,
+        frameon=False,
+        title="mean over seeds, band: min–max",
+        title_fontsize=8,
+    )
 
 
 def save_curves(records: list[Any], path: str | Path, **kwargs: Any) -> Path:

@@ -29,6 +29,7 @@ from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.plots import _records as R
 from flowbench.plots._mpl import png_bytes
 from flowbench.plots.curves import dataset_order, plot_curves
+from flowbench.tables import compute_table, render
 from flowbench.utils import atomic_write
 
 __all__ = ["FORMATS", "build_report", "format_seconds", "markdown_to_html", "report_markdown", "total_wall_time"]
@@ -188,9 +189,6 @@ def report_markdown(
     data_root: str | Path | None = None,
 ) -> tuple[str, dict[str, bytes]]:
     """The report as Markdown whose images are ``<folder>/<name>.png``, and those PNGs by name."""
-    from flowbench.plots.samples import choose_run
-    from flowbench.tables import compute_table, render
-
     if select not in SELECT_MODES:
         raise ConfigError(f"unknown --select {select!r}; use best-val or all")
     sources = list(sources)
@@ -202,12 +200,24 @@ def report_markdown(
     ]
     choices = choose(records, select)  # the table's choice (compute_table makes the same call)
     shown = [r for c in choices for r in c.config.runs]
-    n_configs = len(configurations(records))
 
     page = _Page()
+    _add_header(page, results, records, failed, problems)
+    _add_table(page, records, sources, select, folder)
+    _add_runs(page, records, failed)
+    _add_curves(page, shown, sources, select, folder)
+    if samples:
+        _add_samples(page, choices, shown, data_root, folder)
+    return "\n".join(page.lines).rstrip("\n") + "\n", page.figures
+
+
+def _add_header(
+    page: _Page, results: str | Path, records: list[Any], failed: list[R.FailedRun], problems: list
+) -> None:
+    """The title, what the results folder holds, and the warnings met reading it."""
     page.add("# flowbench report", "")
     summary = (
-        f"Results folder `{results}`: {len(records)} runs of {n_configs} configurations on "
+        f"Results folder `{results}`: {len(records)} runs of {len(configurations(records))} configurations on "
         f"{len(dataset_order(records))} datasets"
     )
     if failed:
@@ -218,6 +228,9 @@ def report_markdown(
     if problems:
         page.add("")
 
+
+def _add_table(page: _Page, records: list[Any], sources: list[str], select: str, folder: str) -> None:
+    """The comparison table, and its LaTeX, CSV and JSON exports as figures linked below it."""
     page.add("## Comparison table", "")
     table = compute_table(records, sources, select)
     page.add(render(table, "markdown").rstrip("\n"), "")
@@ -227,6 +240,9 @@ def report_markdown(
         links.append(f"[{what}]({folder}/{name})")
     page.add("The same table for papers and scripts: " + ", ".join(links) + ".", "")
 
+
+def _add_runs(page: _Page, records: list[Any], failed: list[R.FailedRun]) -> None:
+    """Every run's status, the failed sweep runs included, and the total wall time."""
     page.add("## Runs", "")
     page.add(
         "Status: *converged*: early stopping ended the run (the MAF protocol); *capped*: stopped by "
@@ -242,6 +258,9 @@ def report_markdown(
         "",
     )
 
+
+def _add_curves(page: _Page, shown: list[Any], sources: list[str], select: str, folder: str) -> None:
+    """One figure of training curves per dataset, of the runs the table shows."""
     page.add("## Training curves", "")
     page.add(
         "Validation log-likelihood and exact training NLL (on a fixed subsample of the training set; older "
@@ -257,31 +276,34 @@ def report_markdown(
         png = png_bytes(plot_curves(runs, sources=sources, with_tag=select == "all"))
         page.figure(f"curves_{_slug(ds)}.png", png, f"training curves on {ds}", folder)
 
-    if samples:
-        page.add("## Samples", "")
-        page.add(
-            "Drawn from the best-validation seed of each configuration, with its best state from the "
-            "checkpoint. Images: samples mapped from logit space to pixels beside test images; tabular data: "
-            "pairwise marginals of samples against test points; 2-D toys: the learned density.",
-            "",
-        )
-        data = _Data(data_root)
-        for ds in dataset_order(shown):
-            page.add(f"### {ds.upper()}", "")
-            for choice in choices:
-                if choice.config.dataset != ds:
-                    continue
-                rec = choose_run(list(choice.config.runs))
-                name = R.label(rec, with_tag=True) + (" (class-conditional)" if choice.config.column != ds else "")
-                page.add(f"**{name}**, seed {R.seed(rec)}", "")
-                try:
-                    png = _sample_png(rec, data)
-                except FlowbenchError as e:  # missing checkpoint or data: the rest of the report still stands
-                    page.add(f"Samples not drawn: {e}", "")
-                    continue
-                fname = f"samples_{_slug(ds)}_{_slug(R.model(rec))}_{_slug(R.tag(rec) or '')}_seed{R.seed(rec)}.png"
-                page.figure(fname.replace("__", "_"), png, f"samples from {name} on {ds}", folder)
-    return "\n".join(page.lines).rstrip("\n") + "\n", page.figures
+
+def _add_samples(page: _Page, choices: list[Any], shown: list[Any], data_root: str | Path | None, folder: str) -> None:
+    """Samples of the best-validation seed of each configuration the table shows, dataset by dataset."""
+    from flowbench.plots.samples import choose_run  # lazy, as in _sample_png: it imports torch
+
+    page.add("## Samples", "")
+    page.add(
+        "Drawn from the best-validation seed of each configuration, with its best state from the "
+        "checkpoint. Images: samples mapped from logit space to pixels beside test images; tabular data: "
+        "pairwise marginals of samples against test points; 2-D toys: the learned density.",
+        "",
+    )
+    data = _Data(data_root)
+    for ds in dataset_order(shown):
+        page.add(f"### {ds.upper()}", "")
+        for choice in choices:
+            if choice.config.dataset != ds:
+                continue
+            rec = choose_run(list(choice.config.runs))
+            name = R.label(rec, with_tag=True) + (" (class-conditional)" if choice.config.column != ds else "")
+            page.add(f"**{name}**, seed {R.seed(rec)}", "")
+            try:
+                png = _sample_png(rec, data)
+            except FlowbenchError as e:  # missing checkpoint or data: the rest of the report still stands
+                page.add(f"Samples not drawn: {e}", "")
+                continue
+            fname = f"samples_{_slug(ds)}_{_slug(R.model(rec))}_{_slug(R.tag(rec) or '')}_seed{R.seed(rec)}.png"
+            page.figure(fname.replace("__", "_"), png, f"samples from {name} on {ds}", folder)
 
 
 # -- a Markdown → HTML converter for exactly the subset report_markdown writes ----------------------------

@@ -227,11 +227,7 @@ def pairwise_figure(samples: np.ndarray, test: np.ndarray, dims: Sequence[int], 
     k = len(dims)
     fig, axes = plt.subplots(k, k, figsize=(2.3 * k + 1.2, 2.3 * k + 0.6), squeeze=False, layout="constrained")
     finite = samples[np.isfinite(samples).all(1)]
-    lims = []
-    for d in dims:
-        lo, hi = np.quantile(test[:, d], [0.005, 0.995])
-        pad = 0.15 * (hi - lo) if hi > lo else 1.0
-        lims.append((lo - pad, hi + pad))
+    lims = _pairwise_limits(test, dims)
     sub = finite[:, list(dims)]
     outside = int((~((sub >= [a for a, _ in lims]) & (sub <= [b for _, b in lims])).all(1)).sum())
     for i, di in enumerate(dims):
@@ -240,19 +236,7 @@ def pairwise_figure(samples: np.ndarray, test: np.ndarray, dims: Sequence[int], 
             if j > i:
                 ax.set_axis_off()
                 continue
-            if i == j:
-                bins = np.linspace(*lims[i], 40)
-                ax.hist(test[:, di], bins=bins, density=True, color=DATA_COLOR, alpha=0.45, label="test data")
-                ax.hist(
-                    finite[:, di], bins=bins, density=True, histtype="step", color=SAMPLE_COLOR, lw=1.4, label="samples"
-                )
-                ax.set_yticks([])
-            else:
-                ax.scatter(test[:, dj], test[:, di], s=3, color=DATA_COLOR, alpha=0.35, lw=0, label="test data")
-                ax.scatter(finite[:, dj], finite[:, di], s=3, color=SAMPLE_COLOR, alpha=0.35, lw=0, label="samples")
-                ax.set_ylim(*lims[i])
-            ax.set_xlim(*lims[j])
-            ax.tick_params(labelsize=7)
+            _pair_panel(ax, test, finite, dims, lims, i, j)
             if i == k - 1:
                 ax.set_xlabel(f"dim {dj}", fontsize=8)
             if j == 0 and i > 0:
@@ -268,6 +252,35 @@ def pairwise_figure(samples: np.ndarray, test: np.ndarray, dims: Sequence[int], 
         notes.append(f"{lost} non-finite samples left out")
     fig.suptitle(title + (f"\n({'; '.join(notes)})" if notes else ""))
     return fig
+
+
+def _pairwise_limits(test: np.ndarray, dims: Sequence[int]) -> list[tuple[float, float]]:
+    """Each dimension's axis limits: the test data's 0.5–99.5 % quantiles, widened by 15 % on each side."""
+    lims = []
+    for d in dims:
+        lo, hi = np.quantile(test[:, d], [0.005, 0.995])
+        pad = 0.15 * (hi - lo) if hi > lo else 1.0
+        lims.append((lo - pad, hi + pad))
+    return lims
+
+
+def _pair_panel(
+    ax: Any, test: np.ndarray, finite: np.ndarray, dims: Sequence[int], lims: list[tuple[float, float]], i: int, j: int
+) -> None:
+    """The lower-triangle panel in row ``i``, column ``j``: a scatter of dimension ``dims[i]`` against
+    ``dims[j]``, or on the diagonal the two histograms of ``dims[i]``."""
+    di, dj = dims[i], dims[j]
+    if i == j:
+        bins = np.linspace(*lims[i], 40)
+        ax.hist(test[:, di], bins=bins, density=True, color=DATA_COLOR, alpha=0.45, label="test data")
+        ax.hist(finite[:, di], bins=bins, density=True, histtype="step", color=SAMPLE_COLOR, lw=1.4, label="samples")
+        ax.set_yticks([])
+    else:
+        ax.scatter(test[:, dj], test[:, di], s=3, color=DATA_COLOR, alpha=0.35, lw=0, label="test data")
+        ax.scatter(finite[:, dj], finite[:, di], s=3, color=SAMPLE_COLOR, alpha=0.35, lw=0, label="samples")
+        ax.set_ylim(*lims[i])
+    ax.set_xlim(*lims[j])
+    ax.tick_params(labelsize=7)
 
 
 def _toy2d_density(rec: Any, flow: Any, data: Dataset, path: Path, grid: int = 200) -> Path:

@@ -140,11 +140,7 @@ def run_invertibility(
             f"--iters, --steps and the relgrad depth must be ≥ 1; got {jacnet_iters}, {steps}, {relgrad_layers}"
         )
     out = output_dir(out) if out is not None else None
-    gen = torch.Generator().manual_seed(seed)
-    x = -2 + 4 * torch.rand(64, 1, generator=gen, dtype=torch.float64)
-    y = target(x)
-    grid = torch.linspace(-2, 2, 201, dtype=torch.float64).unsqueeze(1)
-    wide = torch.linspace(-4, 4, 401, dtype=torch.float64).unsqueeze(1)
+    x, y, grid, wide = _points(seed)
     fits = {
         "JacNet (invertible)": lambda: _fit_jacnet(x, y, seed, jacnet_iters, progress),
         "pseudo-invertible pair (λ=μ=1)": lambda: _fit_pair(x, y, seed, steps, progress),
@@ -152,6 +148,36 @@ def run_invertibility(
             x, y, seed, steps, relgrad_layers, progress
         ),
     }
+    rows, curves = _fit_all(fits, grid, wide, progress)
+    table = _table(rows)
+    result = {
+        "target": "x + 0.4 sin(2x)",
+        "seed": seed,
+        "n_train": 64,
+        "jacnet_iters": jacnet_iters,
+        "steps": steps,
+        "models": rows,
+        "table": table,
+    }
+    if out is not None:
+        _write(out, result, curves, x, y, wide)
+    return result
+
+
+def _points(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The 64 training points (x, y), the grid on the training range and the wide one beyond it."""
+    gen = torch.Generator().manual_seed(seed)
+    x = -2 + 4 * torch.rand(64, 1, generator=gen, dtype=torch.float64)
+    y = target(x)
+    grid = torch.linspace(-2, 2, 201, dtype=torch.float64).unsqueeze(1)
+    wide = torch.linspace(-4, 4, 401, dtype=torch.float64).unsqueeze(1)
+    return x, y, grid, wide
+
+
+def _fit_all(
+    fits: dict[str, Callable[[], Fit]], grid: Tensor, wide: Tensor, progress: Progress
+) -> tuple[dict[str, dict[str, Any]], dict[str, tuple[Tensor, Tensor]]]:
+    """Fit each model in turn and measure it: its table row, and its curves for the figure."""
     rows: dict[str, dict[str, Any]] = {}
     curves = {}
     for name, fit in fits.items():
@@ -162,7 +188,12 @@ def run_invertibility(
             f"{name}: trained in {rows[name]['train_time_s']:.1f} s, fit MAE {m['fit_mae']:.3g}, "
             f"round trip max on [−4, 4] {m['roundtrip_wide_max']:.3g}"
         )
-    table = markdown_table(
+    return rows, curves
+
+
+def _table(rows: dict[str, dict[str, Any]]) -> str:
+    """The Markdown table of the three fits."""
+    return markdown_table(
         [
             "model",
             "fit MAE [−2,2]",
@@ -183,24 +214,17 @@ def run_invertibility(
             for n, r in rows.items()
         ],
     )
-    result = {
-        "target": "x + 0.4 sin(2x)",
-        "seed": seed,
-        "n_train": 64,
-        "jacnet_iters": jacnet_iters,
-        "steps": steps,
-        "models": rows,
-        "table": table,
-    }
-    if out is not None:
-        atomic_write_json(out / "invertibility.json", result)
-        with atomic_write(out / "invertibility.md", "w") as fh:
-            fh.write(
-                "Target y = x + 0.4·sin(2x); 64 training points in [−2, 2]; fit on [−2, 2], round trip "
-                "x → inverse(f(x)) also off the data on [−4, 4].\n\n" + table
-            )
-        _figure(curves, x, y, wide, out / "invertibility.png")
-    return result
+
+
+def _write(out: Path, result: dict[str, Any], curves: dict, x: Tensor, y: Tensor, wide: Tensor) -> None:
+    """invertibility.json, .md (the table under a line saying what was fitted) and .png under ``out``."""
+    atomic_write_json(out / "invertibility.json", result)
+    with atomic_write(out / "invertibility.md", "w") as fh:
+        fh.write(
+            "Target y = x + 0.4·sin(2x); 64 training points in [−2, 2]; fit on [−2, 2], round trip "
+            "x → inverse(f(x)) also off the data on [−4, 4].\n\n" + result["table"]
+        )
+    _figure(curves, x, y, wide, out / "invertibility.png")
 
 
 def _figure(curves: dict, x: Tensor, y: Tensor, wide: Tensor, path: Path) -> None:

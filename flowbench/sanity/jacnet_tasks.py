@@ -104,40 +104,9 @@ def _train_and_evaluate(
     """Train one JacNet on the task and measure it: (metrics, curves for the figure)."""
     x_train, x_test = data
     target = spec["target"]
-    torch.manual_seed(opts["seed"])  # same initial raw network for both: only the output activation differs
-    model = JacNet(
-        1, 1, activation=activation, eps=opts["eps"], k=opts["k"], y0=target(torch.zeros(1, dtype=torch.float64))
-    ).double()
-    with torch.no_grad():
-        initial = model(grid, 1e-6, 1e-6)
-        initial_jac = model.jacobian(grid).flatten()
-    init_min, init_max = derivative_range(model)
-    start = time.perf_counter()
-    hist = train_jacnet(
-        model,
-        x_train,
-        target(x_train),
-        iters=opts["iters"],
-        lr=opts["lr"],
-        progress=progress,
-        desc=f"{opts['task']} {name}",
-    )
-    m = {
-        "activation": activation,
-        "train_time_s": time.perf_counter() - start,
-        "final_train_loss": hist["loss"][-1],
-        "loss_history": hist["loss"],
-        "tolerance_schedule": hist["tolerance"],
-        "final_tolerance": hist["final_tolerance"],
-        "nfe_per_iteration": hist["nfe"],
-        "mean_nfe_per_iteration": sum(hist["nfe"]) / max(1, opts["iters"]),
-        "init_min_derivative": init_min,
-        "init_max_abs_derivative": init_max,
-    }
-    progress.log(
-        f"{opts['task']} {name}: {opts['iters']} iterations in {m['train_time_s']:.1f} s, final loss "
-        f"{m['final_train_loss']:.4g}; evaluating"
-    )
+    model, (initial, initial_jac), init_range = _initial_model(activation, target, grid, opts)
+    trained, hist = _train(model, target, x_train, f"{opts['task']} {name}", opts, progress)
+    m = {"activation": activation, **trained, **init_range}
     m.update(_evaluate(model, target, x_train, x_test, opts["cert_points"]))
     if activation == "lipschitz":
         m["lipschitz_certified"] = m["certified_max_abs_derivative"] <= opts["k"]
@@ -156,6 +125,51 @@ def _train_and_evaluate(
         else:
             m["inverse_roundtrip_error"] = None  # no inverse: not guaranteed invertible
     return m, c
+
+
+def _initial_model(
+    activation: str, target: Callable[[Tensor], Tensor], grid: Tensor, opts: dict[str, Any]
+) -> tuple[JacNet, tuple[Tensor, Tensor], dict[str, float]]:
+    """A freshly initialised JacNet for the task: the model, its output and derivative on ``grid``, and its
+    derivative's range."""
+    torch.manual_seed(opts["seed"])  # same initial raw network for both: only the output activation differs
+    model = JacNet(
+        1, 1, activation=activation, eps=opts["eps"], k=opts["k"], y0=target(torch.zeros(1, dtype=torch.float64))
+    ).double()
+    with torch.no_grad():
+        initial = model(grid, 1e-6, 1e-6)
+        initial_jac = model.jacobian(grid).flatten()
+    init_min, init_max = derivative_range(model)
+    return model, (initial, initial_jac), {"init_min_derivative": init_min, "init_max_abs_derivative": init_max}
+
+
+def _train(
+    model: JacNet,
+    target: Callable[[Tensor], Tensor],
+    x_train: Tensor,
+    desc: str,
+    opts: dict[str, Any],
+    progress: Progress,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit ``model`` to the training points: what the training cost and reached, and its history."""
+    start = time.perf_counter()
+    hist = train_jacnet(
+        model, x_train, target(x_train), iters=opts["iters"], lr=opts["lr"], progress=progress, desc=desc
+    )
+    m = {
+        "train_time_s": time.perf_counter() - start,
+        "final_train_loss": hist["loss"][-1],
+        "loss_history": hist["loss"],
+        "tolerance_schedule": hist["tolerance"],
+        "final_tolerance": hist["final_tolerance"],
+        "nfe_per_iteration": hist["nfe"],
+        "mean_nfe_per_iteration": sum(hist["nfe"]) / max(1, opts["iters"]),
+    }
+    progress.log(
+        f"{desc}: {opts['iters']} iterations in {m['train_time_s']:.1f} s, final loss "
+        f"{m['final_train_loss']:.4g}; evaluating"
+    )
+    return m, hist
 
 
 def run_jacnet(
@@ -296,6 +310,21 @@ def _draw(
     x_train: Tensor,
     k: float,
 ) -> None:
+    _draw_functions(a, task, spec, metrics, curves, grid, x_train)
+    _draw_derivatives(b, curves, grid, metrics["models"]["jacnet"]["activation"], k)
+    _draw_training(c, curves)
+
+
+def _draw_functions(
+    a: Axes,
+    task: str,
+    spec: dict[str, Any],
+    metrics: dict[str, Any],
+    curves: dict[str, Any],
+    grid: Tensor,
+    x_train: Tensor,
+) -> None:
+    """Paper Figure 1/2: the target, both networks at init and trained, and the learned inverse if any."""
     g = grid.flatten().numpy()
     target = spec["target"]
     jn, un = curves["jacnet"], curves["unconstrained"]
@@ -320,6 +349,12 @@ def _draw(
     if task == "exp":
         a.set_ylim(-2.2, 8)  # keep the learned inverse (x up to e²) from squashing the interesting part
     a.legend(fontsize=8)
+
+
+def _draw_derivatives(b: Axes, curves: dict[str, Any], grid: Tensor, act: str, k: float) -> None:
+    """The learned derivatives, at init and trained, and the Lipschitz band when it is the constraint."""
+    g = grid.flatten().numpy()
+    jn, un = curves["jacnet"], curves["unconstrained"]
     b.plot(g, jn["jac"].numpy(), "C0-", label="JacNet J(x)")
     b.plot(g, jn["initial_jac"].numpy(), "C0:", label="JacNet J(x) at init")
     b.plot(g, un["jac"].numpy(), "C3--", label="unconstrained J(x)")
@@ -328,6 +363,11 @@ def _draw(
     b.axhline(0, color="k", lw=0.6)
     b.set(xlabel="x", ylabel="dŷ/dx", title="learned derivative")
     b.legend(fontsize=8)
+
+
+def _draw_training(c: Axes, curves: dict[str, Any]) -> None:
+    """Paper Figure 3: both losses and solver tolerances per iteration, and JacNet's solver evaluations."""
+    jn = curves["jacnet"]
     it = range(1, len(jn["hist"]["loss"]) + 1)
     for name, col in (("jacnet", "C0"), ("unconstrained", "C3")):
         h = curves[name]["hist"]

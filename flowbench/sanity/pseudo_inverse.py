@@ -89,18 +89,8 @@ def train_pair(
     torch.manual_seed(seed)
     f, g = mlp(activation), mlp(activation)
     opt = torch.optim.Adam([*f.parameters(), *g.parameters()], lr=lr)
-    history = []
     start = time.perf_counter()
-    bar = progress.range(steps, desc)
-    for _ in bar:
-        opt.zero_grad()
-        t = pair_losses(f, g, x, y)
-        loss = t["fit_f"] + t["fit_g"] + mu * t["roundtrip_y"] + lam * t["roundtrip_x"]
-        loss.backward()
-        opt.step()
-        history.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
-    bar.close()
+    history = _optimise(f, g, opt, x, y, lam, mu, progress.range(steps, desc))
     with torch.no_grad():
         final = {k: float(v) for k, v in pair_losses(f, g, x, y).items()}
     return (
@@ -118,6 +108,23 @@ def train_pair(
             **final,
         },
     )
+
+
+def _optimise(
+    f: nn.Module, g: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, lam: float, mu: float, bar: Any
+) -> list[float]:
+    """One step of ``opt`` on the pair loss per item of the progress ``bar``; the loss before each step."""
+    history = []
+    for _ in bar:
+        opt.zero_grad()
+        t = pair_losses(f, g, x, y)
+        loss = t["fit_f"] + t["fit_g"] + mu * t["roundtrip_y"] + lam * t["roundtrip_x"]
+        loss.backward()
+        opt.step()
+        history.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{history[-1]:.4f}", refresh=False)
+    bar.close()
+    return history
 
 
 def _label(lam: float) -> str:
@@ -149,6 +156,31 @@ def run_pseudo_inverse(
     out = output_dir(out) if out is not None else None
     x, y = spline_data(n, seed)
     settings = SWEEP if sweep else (0.0, 1.0)
+    runs, pairs = _train_all(x, y, activations, settings, steps, seed, progress)
+    table = _table(runs)
+    result = {"seed": seed, "n": n, "steps": steps, "runs": runs, "table": table}
+    if out is not None:
+        atomic_write_json(out / "pseudo_inverse.json", result)
+        with atomic_write(out / "pseudo_inverse.md", "w") as fh:
+            fh.write(
+                f"Pseudo-invertible pairs ({n} points, {steps} Adam steps, lr 1e-3, seed {seed}); "
+                "training-set mean squared errors.\n\n" + table
+            )
+        for act in activations:
+            _figure(x, y, [(lam, *pairs[(act, lam)]) for lam in settings], act, out / f"pseudo_inverse_{act}.png")
+    return result
+
+
+def _train_all(
+    x: Tensor,
+    y: Tensor,
+    activations: tuple[str, ...],
+    settings: tuple[float, ...],
+    steps: int,
+    seed: int,
+    progress: Progress,
+) -> tuple[list[dict[str, Any]], dict[tuple[str, float], tuple[nn.Module, nn.Module]]]:
+    """A pair per (activation, λ = μ): the metrics of each, and the trained pairs by setting."""
     runs, pairs = [], {}
     for act in activations:
         for lam in settings:
@@ -161,6 +193,11 @@ def run_pseudo_inverse(
             )
             runs.append(m)
             pairs[(act, lam)] = (f, g)
+    return runs, pairs
+
+
+def _table(runs: list[dict[str, Any]]) -> str:
+    """The Markdown table: both fits' and both round trips' training MSE per setting."""
     rows = [
         [
             r["activation"],
@@ -172,7 +209,7 @@ def run_pseudo_inverse(
         ]
         for r in runs
     ]
-    table = markdown_table(
+    return markdown_table(
         [
             "activation",
             "λ = μ",
@@ -183,17 +220,6 @@ def run_pseudo_inverse(
         ],
         rows,
     )
-    result = {"seed": seed, "n": n, "steps": steps, "runs": runs, "table": table}
-    if out is not None:
-        atomic_write_json(out / "pseudo_inverse.json", result)
-        with atomic_write(out / "pseudo_inverse.md", "w") as fh:
-            fh.write(
-                f"Pseudo-invertible pairs ({n} points, {steps} Adam steps, lr 1e-3, seed {seed}); "
-                "training-set mean squared errors.\n\n" + table
-            )
-        for act in activations:
-            _figure(x, y, [(lam, *pairs[(act, lam)]) for lam in settings], act, out / f"pseudo_inverse_{act}.png")
-    return result
 
 
 def _figure(x: Tensor, y: Tensor, pairs: list, activation: str, path: Path) -> None:

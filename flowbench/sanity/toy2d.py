@@ -158,10 +158,29 @@ def run_toy2d(
     with torch.no_grad():
         test_ll_plotted = float(flow.log_prob(torch.as_tensor(data.test)).mean())
     gx, gy, logp = _density_grid(flow, data, grid)
+    result = _result(name, mname, seed, record, data, test_ll_plotted, (gx, gy, logp), options["out"])
+    stem = out / f"toy2d_{name}_{mname}"
+    atomic_write_json(stem.with_suffix(".json"), result)
+    _figure(data, gx, gy, logp, result, stem.with_suffix(".png"))
+    return result
+
+
+def _result(
+    name: str,
+    mname: str,
+    seed: int,
+    record: Any,
+    data: Dataset,
+    test_ll_plotted: float,
+    density: tuple[np.ndarray, np.ndarray, np.ndarray],
+    out: str,
+) -> dict[str, Any]:
+    """The run's JSON: the record's figures beside what the grid shows (its mass, its non-finite points)."""
+    gx, gy, logp = density
     mass = float(
         np.exp(np.where(np.isfinite(logp), logp, -np.inf)).sum() * (gx[0, 1] - gx[0, 0]) * (gy[1, 0] - gy[0, 0])
     )
-    result = {
+    return {
         "data": name,
         "model": mname,
         "display_name": record.display_name,
@@ -178,12 +197,8 @@ def run_toy2d(
         "gaussian_test_ll": _gaussian_test_ll(data),
         "nonfinite_grid_points": int((~np.isfinite(logp)).sum()),
         "grid_points": int(logp.size),
-        "record": str(record_path(options["out"], data.name, mname, seed, record.tag)),
+        "record": str(record_path(out, data.name, mname, seed, record.tag)),
     }
-    stem = out / f"toy2d_{name}_{mname}"
-    atomic_write_json(stem.with_suffix(".json"), result)
-    _figure(data, gx, gy, logp, result, stem.with_suffix(".png"))
-    return result
 
 
 def run_toy2d_all(

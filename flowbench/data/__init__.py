@@ -31,8 +31,20 @@ from flowbench.errors import ConfigError, DataIntegrityError, DatasetNotFoundErr
 from flowbench.plugins import Origin, Registry
 
 __all__ = [
-    "DATASETS", "Dataset", "DatasetSpec", "ImageSpec", "check_root", "dataset_origin", "default_root",
-    "download_command", "get_info", "load_dataset", "maf_split", "prepare_dataset", "status", "tail_split",
+    "DATASETS",
+    "Dataset",
+    "DatasetSpec",
+    "ImageSpec",
+    "check_root",
+    "dataset_origin",
+    "default_root",
+    "download_command",
+    "get_info",
+    "load_dataset",
+    "maf_split",
+    "prepare_dataset",
+    "status",
+    "tail_split",
 ]
 
 # The registry: one line per dataset, in the order of the MAF paper's tables.
@@ -66,13 +78,17 @@ def _coerce(obj: object, ref: str) -> DatasetSpec:
         try:
             obj = obj()
         except TypeError as e:
-            raise ConfigError(f"dataset {ref!r}: calling it to get its spec failed ({e}); point at a DatasetSpec or "
-                              "a function without arguments that returns one") from e
+            raise ConfigError(
+                f"dataset {ref!r}: calling it to get its spec failed ({e}); point at a DatasetSpec or "
+                "a function without arguments that returns one"
+            ) from e
         except Exception as e:
             raise ConfigError(f"dataset {ref!r}: calling it to get its spec failed: {type(e).__name__}: {e}") from e
     if not isinstance(obj, DatasetSpec):
-        raise ConfigError(f"dataset {ref!r} is a {type(obj).__name__}, not a dataset: point at a "
-                          "flowbench.data.DatasetSpec (or a function returning one); see the tutorial in docs/")
+        raise ConfigError(
+            f"dataset {ref!r} is a {type(obj).__name__}, not a dataset: point at a "
+            "flowbench.data.DatasetSpec (or a function returning one); see the tutorial in docs/"
+        )
     return obj
 
 
@@ -142,9 +158,16 @@ def _fetch_hint(spec: DatasetSpec, root: Path) -> str:
 def _dataset(spec: DatasetSpec, splits: dict, meta: dict) -> Dataset:
     labels = {k: splits[k] for k in LABELS if k in splits} if spec.classes else {}
     return Dataset(
-        name=spec.name, train=splits["train"], val=splits["val"], test=splits["test"],
-        logit_alpha=spec.logit_alpha, levels=spec.levels, image_shape=spec.image.shape if spec.image else None,
-        meta=meta, classes=spec.classes, **labels,
+        name=spec.name,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
+        logit_alpha=spec.logit_alpha,
+        levels=spec.levels,
+        image_shape=spec.image.shape if spec.image else None,
+        meta=meta,
+        classes=spec.classes,
+        **labels,
     )
 
 
@@ -160,8 +183,7 @@ def prepare_dataset(name: str, root: str | Path | None = None, *, write_cache: b
     missing = _missing_raw(spec, root)
     if missing:
         raise DatasetNotFoundError(
-            f"dataset {name!r} is not in {root}: missing {', '.join(map(str, missing))}. "
-            f"{_fetch_hint(spec, root)}"
+            f"dataset {name!r} is not in {root}: missing {', '.join(map(str, missing))}. {_fetch_hint(spec, root)}"
         )
     out = spec.prepare(root)
     missing = [k for k in ("train", "val", "test") if not isinstance(out, dict) or k not in out]
@@ -177,12 +199,17 @@ def prepare_dataset(name: str, root: str | Path | None = None, *, write_cache: b
     try:
         manifest = cache.write(root, name, splits, spec.recipe_version, sources, classes=spec.classes)
     except OSError as e:  # read-only data root: still usable, just not cached
-        warnings.warn(f"could not write the processed cache for {name} under {root} ({e}); using it in memory")
+        warnings.warn(
+            f"could not write the processed cache for {name} under {root} ({e}); using it in memory", stacklevel=2
+        )
         return _dataset(spec, splits, meta)
     state = cache.check(root, name, spec.recipe_version, spec.classes)
     if state.kind != "ok":  # changed under our feet (another process?): the arrays in memory are right
-        warnings.warn(f"the processed cache of {name} just written under {root} does not check ({state.reason}); "
-                      "using the prepared data in memory")
+        warnings.warn(
+            f"the processed cache of {name} just written under {root} does not check ({state.reason}); "
+            "using the prepared data in memory",
+            stacklevel=2,
+        )
         return _dataset(spec, splits, meta)
     return _dataset(spec, state.splits, {**meta, "cache": str(cache.cache_dir(root, name)), "manifest": manifest})
 
@@ -208,8 +235,12 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
     if not spec.builtin:
         state = cache.check(root, name, spec.recipe_version, spec.classes)
         if state.kind == "ok":
-            meta = {"recipe_version": spec.recipe_version, "root": str(root),
-                    "cache": str(cache.cache_dir(root, name)), "manifest": state.manifest}
+            meta = {
+                "recipe_version": spec.recipe_version,
+                "root": str(root),
+                "cache": str(cache.cache_dir(root, name)),
+                "manifest": state.manifest,
+            }
             return _dataset(spec, state.splits, meta)
         if state.kind == "broken":
             where = cache.cache_dir(root, name)
@@ -220,8 +251,11 @@ def load_dataset(name: str, root: str | Path | None = None) -> Dataset:
                     f"its raw files are missing ({', '.join(map(str, missing))}). "
                     f"{_fetch_hint(spec, root)}"
                 )
-            warnings.warn(f"the processed cache of {name!r} in {where} is broken ({state.reason}); "
-                          f"rebuilding it from the raw files in {root}", stacklevel=2)
+            warnings.warn(
+                f"the processed cache of {name!r} in {where} is broken ({state.reason}); "
+                f"rebuilding it from the raw files in {root}",
+                stacklevel=2,
+            )
     return prepare_dataset(key, root)
 
 

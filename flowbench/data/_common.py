@@ -100,7 +100,7 @@ def check_splits(name: str, splits: Splits) -> None:
         check_finite(splits[k], f"{name} {k} split")
     train = splits["train"]
     if train.shape[0] > 1:
-        const = (train.max(axis=0) == train.min(axis=0))
+        const = train.max(axis=0) == train.min(axis=0)
         if const.any():
             j = int(np.flatnonzero(const)[0])
             raise DataIntegrityError(f"{name} train split: column {j} has zero variance")
@@ -139,13 +139,17 @@ def check_labels(name: str, out: Splits, classes: int) -> Splits:
     """
     extra = sorted(set(out) - set(SPLITS) - set(LABELS))
     if extra:
-        raise DataIntegrityError(f"{name}: prepare returned unknown entries {extra}; expected {list(SPLITS)}"
-                                 + (f" and {list(LABELS)}" if classes else ""))
+        raise DataIntegrityError(
+            f"{name}: prepare returned unknown entries {extra}; expected {list(SPLITS)}"
+            + (f" and {list(LABELS)}" if classes else "")
+        )
     given = [k for k in LABELS if k in out]
     if not classes:
         if given:
-            raise DataIntegrityError(f"{name}: prepare returned {given}, but the spec declares no classes; "
-                                     "set DatasetSpec.classes to the number of labels")
+            raise DataIntegrityError(
+                f"{name}: prepare returned {given}, but the spec declares no classes; "
+                "set DatasetSpec.classes to the number of labels"
+            )
         return out
     missing = [k for k in LABELS if k not in out]
     if missing:
@@ -155,12 +159,15 @@ def check_labels(name: str, out: Splits, classes: int) -> Splits:
         lab = np.asarray(out[k])
         rows = out[split].shape[0]
         if lab.ndim != 1 or lab.shape[0] != rows:
-            raise DataIntegrityError(f"{name}: {k} has shape {lab.shape}; expected ({rows},), one label per row of "
-                                     f"the {split} split")
+            raise DataIntegrityError(
+                f"{name}: {k} has shape {lab.shape}; expected ({rows},), one label per row of the {split} split"
+            )
         if lab.dtype.kind not in "iu":  # bool and float labels are a recipe's mistake, not something to round
             raise DataIntegrityError(f"{name}: {k} is {lab.dtype}; class labels must be integers")
         if lab.size and (lab.min() < 0 or lab.max() >= classes):
-            raise DataIntegrityError(f"{name}: {k} holds labels in [{lab.min()}, {lab.max()}]; the spec declares "
-                                     f"{classes} classes (0..{classes - 1})")
+            raise DataIntegrityError(
+                f"{name}: {k} holds labels in [{lab.min()}, {lab.max()}]; the spec declares "
+                f"{classes} classes (0..{classes - 1})"
+            )
         res[k] = np.ascontiguousarray(lab, dtype=np.int64)
     return res

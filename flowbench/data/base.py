@@ -74,7 +74,9 @@ class Dataset:
         log_s = -np.logaddexp(0.0, -y)
         log_1ms = -np.logaddexp(0.0, y)
         d = y.shape[1]
-        return np.asarray(log_prob_logit, np.float64) + d * math.log(1 - 2 * self.logit_alpha) - (log_s + log_1ms).sum(1)
+        return (
+            np.asarray(log_prob_logit, np.float64) + d * math.log(1 - 2 * self.logit_alpha) - (log_s + log_1ms).sum(1)
+        )
 
     def bits_per_pixel(self, log_prob_pixel: np.ndarray | float) -> np.ndarray | float:
         """``−log p_pixel / (D ln 2) + log2(levels)``: bits per pixel of the discrete image (8 for 256 levels)."""

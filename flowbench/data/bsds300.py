@@ -25,8 +25,9 @@ def prepare(root: Path) -> Splits:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise DataIntegrityError(f"{path} is not a readable HDF5 file ({e}); re-fetch it with "
-                                 "`flowbench download --dataset bsds300 --force`") from e
+        raise DataIntegrityError(
+            f"{path} is not a readable HDF5 file ({e}); re-fetch it with `flowbench download --dataset bsds300 --force`"
+        ) from e
     with f:
         missing = [k for k in KEYS.values() if k not in f]
         if missing:

@@ -89,11 +89,13 @@ def _save(path: Path, a: np.ndarray) -> dict[str, Any]:
 def _keys(classes: int) -> tuple[tuple[str, np.dtype], ...]:
     """(array name, dtype) of the files a cache holds: the splits, then the labels of a labelled dataset."""
     return tuple((k, np.dtype(np.float32)) for k in SPLITS) + (
-        tuple((k, np.dtype(np.int64)) for k in LABELS) if classes else ())
+        tuple((k, np.dtype(np.int64)) for k in LABELS) if classes else ()
+    )
 
 
-def write(root: Path, name: str, splits: Splits, recipe_version: int, sources: dict[str, dict],
-          classes: int = 0) -> dict:
+def write(
+    root: Path, name: str, splits: Splits, recipe_version: int, sources: dict[str, dict], classes: int = 0
+) -> dict:
     """Write the splits (and, with ``classes``, the label arrays in ``splits``), then the manifest, then their
     stamps; returns the manifest."""
     d = cache_dir(root, name)
@@ -223,7 +225,9 @@ def _open_splits(d: Path, m: dict) -> Splits:
         seen = verified.get(path.name)
         if not (isinstance(seen, dict) and seen.get("sha256") == want["sha256"] and seen.get("stamp") == stamp):
             if sha256_file(path) != want["sha256"]:
-                raise _Broken(f"{path.name} was modified: its SHA-256 differs from the one recorded when it was written")
+                raise _Broken(
+                    f"{path.name} was modified: its SHA-256 differs from the one recorded when it was written"
+                )
             # only if the manifest itself was rewritten: the writer checks finiteness and label ranges
             if k in SPLITS:
                 row = _first_nonfinite_row(a)

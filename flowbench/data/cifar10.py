@@ -52,8 +52,9 @@ def read_batch(root: Path, rel: str) -> tuple[np.ndarray, np.ndarray]:
         raise DataIntegrityError(f"{path} cannot be read ({e.strerror or e}); {refetch_hint(rel)}") from e
     x, labels = load_cifar_batch(raw, source=str(path))
     if x.shape[1] % CHANNELS or math.isqrt(x.shape[1] // CHANNELS) ** 2 != x.shape[1] // CHANNELS:
-        raise DataIntegrityError(f"{path}: rows of {x.shape[1]} values are not {CHANNELS} square colour planes; "
-                                 f"{refetch_hint(rel)}")
+        raise DataIntegrityError(
+            f"{path}: rows of {x.shape[1]} values are not {CHANNELS} square colour planes; {refetch_hint(rel)}"
+        )
     return x, labels
 
 
@@ -63,8 +64,9 @@ def flip(y: np.ndarray) -> np.ndarray:
     return y.reshape(-1, CHANNELS, side, side)[:, :, :, ::-1].reshape(y.shape[0], -1)
 
 
-def transform_split(x: np.ndarray, rng: np.random.RandomState, *, augment: bool = False,
-                    chunk_rows: int = 2000) -> np.ndarray:
+def transform_split(
+    x: np.ndarray, rng: np.random.RandomState, *, augment: bool = False, chunk_rows: int = 2000
+) -> np.ndarray:
     """Dequantise and logit the uint8 rows ``x`` in float32, noise drawn chunk by chunk from ``rng``; with
     ``augment`` the flipped rows follow the originals (2N rows)."""
     n = x.shape[0]
@@ -88,8 +90,10 @@ def prepare(root: Path, chunk_rows: int = 2000) -> Splits:
     widths = {x.shape[1] for x, _ in parts}
     test, test_labels = read_batch(root, TEST_FILE)
     if len(widths | {test.shape[1]}) != 1:
-        raise DataIntegrityError(f"cifar10 batches under {root} have different row widths "
-                                 f"{sorted(widths | {test.shape[1]})}; {refetch_hint(TEST_FILE)}")
+        raise DataIntegrityError(
+            f"cifar10 batches under {root} have different row widths "
+            f"{sorted(widths | {test.shape[1]})}; {refetch_hint(TEST_FILE)}"
+        )
     x = np.concatenate([p[0] for p in parts], axis=0)
     labels = np.concatenate([p[1] for p in parts], axis=0)
     del parts

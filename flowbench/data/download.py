@@ -22,10 +22,15 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from flowbench.data import cache, check_root, get_info, prepare_dataset
 from flowbench.data.spec import DatasetSpec
 from flowbench.errors import ConfigError, DataIntegrityError, DownloadError
+from flowbench.utils import atomic_write_json
+
+if TYPE_CHECKING:  # annotations only: requests is imported when a download starts
+    import requests
 
 ARCHIVE_NAME = "data.tar.gz"
 DEFAULT_URLS: tuple[str, ...] = (
@@ -77,8 +82,10 @@ def check_hex(value: str | None, algorithm: str) -> str | None:
     v = value.strip().lower()
     if len(v) != n or any(c not in "0123456789abcdef" for c in v):
         label = {"sha256": "a SHA-256", "md5": "an MD5"}.get(algorithm, algorithm)
-        raise ConfigError(f"--{algorithm} {value!r} is not {label} checksum: expected {n} hex digits, got {len(v)} "
-                          "characters" + ("" if len(v) != n else " that are not all hex digits"))
+        raise ConfigError(
+            f"--{algorithm} {value!r} is not {label} checksum: expected {n} hex digits, got {len(v)} "
+            "characters" + ("" if len(v) != n else " that are not all hex digits")
+        )
     return v
 
 
@@ -90,8 +97,9 @@ def check_archive(path: Path) -> Path:
     if path.is_dir():
         raise ConfigError(f"--from-archive {path} is a folder; give the data.tar.gz file itself")
     if not path.is_file():
-        raise ConfigError(f"--from-archive {path} is not a regular file (a device, pipe or socket); give the "
-                          "data.tar.gz file itself")
+        raise ConfigError(
+            f"--from-archive {path} is not a regular file (a device, pipe or socket); give the data.tar.gz file itself"
+        )
     return path
 
 
@@ -118,18 +126,23 @@ def fetch(urls: Iterable[str], dest: Path, *, retries: int | None = None, progre
                 failures.append(f"  {url}: {e}")
     offline = all("could not connect" in f for f in failures)
     if offline:
-        hint = ("No network? Download data.tar.gz on a machine with internet (Zenodo record 1161203) and run "
-                "`flowbench download --from-archive PATH`; or give a mirror with --url URL.")
+        hint = (
+            "No network? Download data.tar.gz on a machine with internet (Zenodo record 1161203) and run "
+            "`flowbench download --from-archive PATH`; or give a mirror with --url URL."
+        )
     else:  # the server answered: the network is fine, so no "No network?"
         by_hand = "download data.tar.gz by hand (Zenodo record 1161203) and use --from-archive PATH"
         hint = f"Or {by_hand}." if not_found else f"Rerun to retry, give a mirror with --url URL, or {by_hand}."
     raise DownloadError(
-        ("could not reach any source" if offline else "download failed") + ":\n" + "\n".join(failures)
-        + f"\n{hint}" + (f"\nThe partial file {part} is kept; rerunning resumes it." if part.exists() else "")
+        ("could not reach any source" if offline else "download failed")
+        + ":\n"
+        + "\n".join(failures)
+        + f"\n{hint}"
+        + (f"\nThe partial file {part} is kept; rerunning resumes it." if part.exists() else "")
     )
 
 
-def _fetch_one(session, url: str, dest: Path, part: Path, retries: int, progress: bool) -> None:
+def _fetch_one(session: requests.Session, url: str, dest: Path, part: Path, retries: int, progress: bool) -> None:
     import requests
 
     last = "no attempt"
@@ -143,36 +156,22 @@ def _fetch_one(session, url: str, dest: Path, part: Path, retries: int, progress
         try:
             with session.get(url, stream=True, headers=headers, timeout=TIMEOUT_S) as r:
                 connected = True
-                if r.status_code == 416 and have:
-                    if _range_total(r.headers.get("Content-Range")) == have:  # .part already complete
-                        os.replace(part, dest)
-                        return
-                    part.unlink()  # our .part is not a prefix the server can continue
-                    last = "HTTP 416 on resume; restarting from zero"
+                plan = _plan_write(r, have, part)
+                if isinstance(plan, str):
+                    last = plan
                     continue
-                if r.status_code in (404, 410):
-                    raise _NotFound(f"HTTP {r.status_code} {r.reason}: the archive is not at this URL (wrong URL, "
-                                    "or the record moved: give a mirror with --url URL)")
-                if r.status_code >= 500:
-                    last = f"HTTP {r.status_code} {r.reason}"
-                    continue
-                if r.status_code not in (200, 206):
-                    raise _Fatal(f"HTTP {r.status_code} {r.reason}")
-                if r.status_code == 206 and _range_start(r.headers.get("Content-Range")) != have:
-                    part.unlink(missing_ok=True)  # resumed at another offset: start again without Range
-                    last = f"server answered Range {have}- with {r.headers.get('Content-Range')}"
-                    continue
-                if r.status_code == 206:
-                    total = _range_total(r.headers.get("Content-Range"))
-                    mode = "ab"
-                else:  # full content (server ignored Range, or no .part yet)
-                    have, mode = 0, "wb"
-                    total = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+                mode, have, total = plan
+                if mode is None:  # .part already complete
+                    os.replace(part, dest)
+                    return
                 if total is not None:
                     _check_space(part.parent, total - have)
                 _stream(r, part, mode, have, total, progress)
-        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
-                requests.exceptions.ChunkedEncodingError) as e:
+        except (
+            requests.exceptions.ConnectionError,
+            requests.exceptions.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+        ) as e:
             last = f"connection cut ({_short(e)})" if connected else f"could not connect ({_short(e)})"
             continue
         got = part.stat().st_size
@@ -184,11 +183,44 @@ def _fetch_one(session, url: str, dest: Path, part: Path, retries: int, progress
     raise _Retryable(f"{last} (after {retries} attempts)")
 
 
-def _stream(r, part: Path, mode: str, have: int, total: int | None, progress: bool) -> None:
+def _plan_write(r: requests.Response, have: int, part: Path) -> str | tuple[str | None, int, int | None]:
+    """How to write the body of ``r``, the answer to a request from byte ``have`` on: ``(mode, offset, total)``
+    (mode None: ``part`` is complete already), or why to try again; raises where retrying cannot help."""
+    if r.status_code == 416 and have:
+        if _range_total(r.headers.get("Content-Range")) == have:
+            return None, have, have
+        part.unlink()  # our .part is not a prefix the server can continue
+        return "HTTP 416 on resume; restarting from zero"
+    if r.status_code in (404, 410):
+        raise _NotFound(
+            f"HTTP {r.status_code} {r.reason}: the archive is not at this URL (wrong URL, "
+            "or the record moved: give a mirror with --url URL)"
+        )
+    if r.status_code >= 500:
+        return f"HTTP {r.status_code} {r.reason}"
+    if r.status_code not in (200, 206):
+        raise _Fatal(f"HTTP {r.status_code} {r.reason}")
+    if r.status_code == 206 and _range_start(r.headers.get("Content-Range")) != have:
+        part.unlink(missing_ok=True)  # resumed at another offset: start again without Range
+        return f"server answered Range {have}- with {r.headers.get('Content-Range')}"
+    if r.status_code == 206:
+        return "ab", have, _range_total(r.headers.get("Content-Range"))
+    # full content (server ignored Range, or no .part yet)
+    return "wb", 0, int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+
+
+def _stream(r: requests.Response, part: Path, mode: str, have: int, total: int | None, progress: bool) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=ARCHIVE_NAME,
-               disable=not progress or None)
+    bar = tqdm(
+        total=total,
+        initial=have,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=ARCHIVE_NAME,
+        disable=not progress or None,
+    )
     try:
         with open(part, mode) as f:
             for chunk in r.iter_content(CHUNK):
@@ -208,8 +240,10 @@ def _stream(r, part: Path, mode: str, have: int, total: int | None, progress: bo
 def _check_space(folder: Path, need: int) -> None:
     free = shutil.disk_usage(folder).free
     if need > free:
-        raise DownloadError(f"not enough disk space in {folder}: need {need / 1e6:.0f} MB, {free / 1e6:.0f} MB free; "
-                            "free space or use --root on a larger disk")
+        raise DownloadError(
+            f"not enough disk space in {folder}: need {need / 1e6:.0f} MB, {free / 1e6:.0f} MB free; "
+            "free space or use --root on a larger disk"
+        )
 
 
 def _range_start(cr: str | None) -> int | None:
@@ -249,13 +283,17 @@ def verify(path: Path, *, sha256: str | None = None, md5: str | None = None) -> 
     accept = f"if you trust this file, rerun with --sha256 {c.sha256} (or --md5 {c.md5})"
     if sha256:
         if c.sha256 != sha256.lower():
-            raise DataIntegrityError(f"checksum mismatch for {path}: SHA-256 expected {sha256.lower()}, got {c.sha256}. "
-                                     "The file is corrupt or not the expected one; rerun with --force to fetch it again")
+            raise DataIntegrityError(
+                f"checksum mismatch for {path}: SHA-256 expected {sha256.lower()}, got {c.sha256}. "
+                "The file is corrupt or not the expected one; rerun with --force to fetch it again"
+            )
         c.verified_by = "sha256 (given by the user)"
     if md5:
         if c.md5 != md5.lower():
-            raise DataIntegrityError(f"checksum mismatch for {path}: MD5 expected {md5.lower()}, got {c.md5}. "
-                                     "The file is corrupt or not the expected one; rerun with --force to fetch it again")
+            raise DataIntegrityError(
+                f"checksum mismatch for {path}: MD5 expected {md5.lower()}, got {c.md5}. "
+                "The file is corrupt or not the expected one; rerun with --force to fetch it again"
+            )
         c.verified_by = ", ".join(filter(None, [c.verified_by, "md5 (given by the user)"]))
     if not sha256 and not md5:
         if c.md5 != REFERENCE_MD5:
@@ -291,7 +329,8 @@ def check_member(m: tarfile.TarInfo) -> str:
             depth += -1 if part == ".." else (0 if part == "." else 1)
             if depth < 0:
                 raise DataIntegrityError(
-                    f"unsafe archive: link {m.name!r} → {m.linkname!r} points outside the archive; refusing to extract")
+                    f"unsafe archive: link {m.name!r} → {m.linkname!r} points outside the archive; refusing to extract"
+                )
     return name
 
 
@@ -329,7 +368,9 @@ def extract(archive: Path, root: Path, members: dict[str, str]) -> dict[str, str
                     hashes[members[name]] = sha.hexdigest()
         except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
             if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-                raise DownloadError(f"disk full while extracting into {root}; free space or use --root elsewhere") from e
+                raise DownloadError(
+                    f"disk full while extracting into {root}; free space or use --root elsewhere"
+                ) from e
             raise DataIntegrityError(
                 f"{archive} is truncated or not a valid tar.gz ({type(e).__name__}: {e}); nothing was changed. "
                 "Rerun with --force to fetch it again (or check the file given to --from-archive)"
@@ -367,7 +408,7 @@ def _read_record(root: Path) -> dict:
         return {}
 
 
-def _raw_in_place(root: Path, raw_files: Iterable[str], record: dict, echo) -> bool:
+def _raw_in_place(root: Path, raw_files: Iterable[str], record: dict, echo: Callable[[str], Any]) -> bool:
     """All raw files present and, where ``download.json`` recorded them, with the same SHA-256."""
     from flowbench.data.cache import sha256_file
 
@@ -392,7 +433,7 @@ def download_and_prepare(
     sha256: str | None = None,
     md5: str | None = None,
     progress: bool = True,
-    echo=print,
+    echo: Callable[[str], Any] = print,
 ) -> None:
     """Everything ``flowbench download`` does: check what is in place, fetch/verify/extract what is not,
     record checksums in ``ROOT/download.json`` and build the processed caches.
@@ -404,61 +445,104 @@ def download_and_prepare(
             ``--from-archive``, a data root that is a file or cannot be created), checked before any network
             access. DownloadError, DataIntegrityError: as their names say.
     """
-    from flowbench.data import cache, check_root, get_info, prepare_dataset
-    from flowbench.utils import atomic_write_json
-
     urls = list(urls) if urls is not None else None
     if urls and from_archive is not None:
-        raise ConfigError("--url and --from-archive exclude each other: --from-archive reads a local archive and "
-                          "downloads nothing; give one of them")
+        raise ConfigError(
+            "--url and --from-archive exclude each other: --from-archive reads a local archive and "
+            "downloads nothing; give one of them"
+        )
     sha256, md5 = check_hex(sha256, "sha256"), check_hex(md5, "md5")
     if from_archive is not None:
         from_archive = check_archive(from_archive)
     root = check_root(root)
-    specs = [get_info(n) for n in names]
-    for s in specs:
-        if s.builtin:
-            echo(f"{s.name}: built in ({s.source}), nothing to download")
-        elif s.source != "archive":
-            echo(f"{s.name}: not in the MAF archive (its source: {s.source}); put its raw files under {root} by hand")
-    specs = [s for s in specs if not s.builtin and s.source == "archive"]
+    specs = _archive_specs([get_info(n) for n in names], root, echo)
     if not specs:
         return
     root = check_root(root, create=True)
     record = _read_record(root)
     todo = specs if force else [s for s in specs if not _raw_in_place(root, s.raw_files, record, echo)]
     if todo:
-        if from_archive is not None:
-            archive = from_archive
-            source = str(archive.resolve())
-        else:
-            archive = root / ".download" / ARCHIVE_NAME
-            if force:
-                archive.unlink(missing_ok=True)
-                archive.with_name(archive.name + ".part").unlink(missing_ok=True)
-            if archive.is_file():
-                echo(f"using the archive downloaded earlier: {archive}")
-                source = record.get("archive", {}).get("source", str(archive))
-                if not sha256 and not md5 and record.get("archive", {}).get("sha256"):
-                    sha256 = record["archive"]["sha256"]  # accepted (and recorded) by an earlier run
-            else:
-                echo(f"downloading {ARCHIVE_NAME} into {archive.parent} ...")
-                source = fetch(urls or list(DEFAULT_URLS), archive, progress=progress)
-        echo(f"verifying {archive} ...")
-        c = verify(archive, sha256=sha256, md5=md5)
-        echo(f"  sha256 {c.sha256}  md5 {c.md5}  ({c.verified_by})")
-        members = archive_members(todo)
-        echo(f"extracting {len(members)} file(s) into {root} ...")
-        extracted = extract(archive, root, members)  # root-relative path -> SHA-256
-        for s in todo:
-            cache.remove(root, s.name)
-        record["archive"] = {"name": ARCHIVE_NAME, "source": source, "sha256": c.sha256, "md5": c.md5,
-                             "size": c.size, "verified_by": c.verified_by,
-                             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        files = record.setdefault("files", {})
-        for rel, sha in extracted.items():
-            files[rel] = {"sha256": sha, "size": (root / rel).stat().st_size}
-        atomic_write_json(root / MANIFEST, record)
+        archive, source, sha256 = _obtain_archive(root, record, from_archive, force, urls, sha256, md5, progress, echo)
+        _extract_archive(archive, source, root, todo, record, sha256, md5, echo)
+    _prepare_all(root, specs, todo, echo)
+
+
+def _archive_specs(specs: list[DatasetSpec], root: Path, echo: Callable[[str], Any]) -> list[DatasetSpec]:
+    """The datasets whose raw files come from the MAF archive; the others are named with where theirs come from."""
+    for s in specs:
+        if s.builtin:
+            echo(f"{s.name}: built in ({s.source}), nothing to download")
+        elif s.source != "archive":
+            echo(f"{s.name}: not in the MAF archive (its source: {s.source}); put its raw files under {root} by hand")
+    return [s for s in specs if not s.builtin and s.source == "archive"]
+
+
+def _obtain_archive(
+    root: Path,
+    record: dict,
+    from_archive: Path | None,
+    force: bool,
+    urls: list[str] | None,
+    sha256: str | None,
+    md5: str | None,
+    progress: bool,
+    echo: Callable[[str], Any],
+) -> tuple[Path, str, str | None]:
+    """``(archive, its source, the SHA-256 to verify it against)``: the given archive, the one an earlier run
+    downloaded (and the SHA-256 that run accepted, when no checksum is given), or a fresh download."""
+    if from_archive is not None:
+        return from_archive, str(from_archive.resolve()), sha256
+    archive = root / ".download" / ARCHIVE_NAME
+    if force:
+        archive.unlink(missing_ok=True)
+        archive.with_name(archive.name + ".part").unlink(missing_ok=True)
+    if archive.is_file():
+        echo(f"using the archive downloaded earlier: {archive}")
+        source = record.get("archive", {}).get("source", str(archive))
+        if not sha256 and not md5 and record.get("archive", {}).get("sha256"):
+            sha256 = record["archive"]["sha256"]  # accepted (and recorded) by an earlier run
+        return archive, source, sha256
+    echo(f"downloading {ARCHIVE_NAME} into {archive.parent} ...")
+    return archive, fetch(urls or list(DEFAULT_URLS), archive, progress=progress), sha256
+
+
+def _extract_archive(
+    archive: Path,
+    source: str,
+    root: Path,
+    todo: list[DatasetSpec],
+    record: dict,
+    sha256: str | None,
+    md5: str | None,
+    echo: Callable[[str], Any],
+) -> None:
+    """Verify the archive, extract the raw files of ``todo``, drop their processed caches and record the
+    archive's and the files' checksums in ``ROOT/download.json``."""
+    echo(f"verifying {archive} ...")
+    c = verify(archive, sha256=sha256, md5=md5)
+    echo(f"  sha256 {c.sha256}  md5 {c.md5}  ({c.verified_by})")
+    members = archive_members(todo)
+    echo(f"extracting {len(members)} file(s) into {root} ...")
+    extracted = extract(archive, root, members)  # root-relative path -> SHA-256
+    for s in todo:
+        cache.remove(root, s.name)
+    record["archive"] = {
+        "name": ARCHIVE_NAME,
+        "source": source,
+        "sha256": c.sha256,
+        "md5": c.md5,
+        "size": c.size,
+        "verified_by": c.verified_by,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    files = record.setdefault("files", {})
+    for rel, sha in extracted.items():
+        files[rel] = {"sha256": sha, "size": (root / rel).stat().st_size}
+    atomic_write_json(root / MANIFEST, record)
+
+
+def _prepare_all(root: Path, specs: list[DatasetSpec], todo: list[DatasetSpec], echo: Callable[[str], Any]) -> None:
+    """Build the processed cache of each dataset that lacks a sound one or whose raw files were just extracted."""
     rebuilt = False
     for s in specs:
         state = cache.check(root, s.name, s.recipe_version, s.classes)
@@ -466,13 +550,20 @@ def download_and_prepare(
             echo(f"{s.name}: prepared (in place)")
             continue
         if state.kind == "broken" and s not in todo:
-            echo(f"{s.name}: the processed cache in {cache.cache_dir(root, s.name)} is broken ({state.reason}); "
-                 "rebuilding it from the raw files (nothing to download)")
+            echo(
+                f"{s.name}: the processed cache in {cache.cache_dir(root, s.name)} is broken ({state.reason}); "
+                "rebuilding it from the raw files (nothing to download)"
+            )
             rebuilt = True
         t0 = time.perf_counter()
         ds = prepare_dataset(s.name, root)
-        echo(f"{s.name}: prepared D={ds.dim} train/val/test = {len(ds.train)}/{len(ds.val)}/{len(ds.test)} "
-             f"in {time.perf_counter() - t0:.1f} s")
+        echo(
+            f"{s.name}: prepared D={ds.dim} train/val/test = {len(ds.train)}/{len(ds.val)}/{len(ds.test)} "
+            f"in {time.perf_counter() - t0:.1f} s"
+        )
     if not todo:
-        echo(f"raw files in place under {root}: nothing downloaded" if rebuilt
-             else f"everything in place under {root}: nothing downloaded")
+        echo(
+            f"raw files in place under {root}: nothing downloaded"
+            if rebuilt
+            else f"everything in place under {root}: nothing downloaded"
+        )

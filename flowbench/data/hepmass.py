@@ -60,7 +60,9 @@ def transform(train_header: list[str], train: np.ndarray, test_header: list[str]
             f"columns and test {test.shape[1]}; the MAF files differ by exactly one trailing test column"
         )
     if names != test_names:
-        warnings.warn(f"hepmass: train and test headers differ ({names} vs {test_names}); aligning by position")
+        warnings.warn(
+            f"hepmass: train and test headers differ ({names} vs {test_names}); aligning by position", stacklevel=2
+        )
     if train.shape[0] < 2:
         raise DataIntegrityError("hepmass: fewer than 2 signal rows (label == 1) in 1000_train.csv")
     check_finite(train, "hepmass/1000_train.csv (signal rows)", names)

@@ -16,7 +16,6 @@ from flowbench.data.spec import ARCHIVE, DatasetSpec
 from flowbench.errors import DataIntegrityError
 
 
-
 def transform(data: np.ndarray) -> Splits:
     check_finite(data, "miniboone/data.npy")
     splits = tail_split(data)

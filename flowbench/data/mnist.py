@@ -46,15 +46,19 @@ def read_pickle(path: Path) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
         with gzip.open(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:  # not gzip, or cut short
-        raise DataIntegrityError(f"{path} is not a readable gzip file ({e}); {refetch_hint('mnist/mnist.pkl.gz')}") from e
+        raise DataIntegrityError(
+            f"{path} is not a readable gzip file ({e}); {refetch_hint('mnist/mnist.pkl.gz')}"
+        ) from e
     obj = load_numpy_pickle(raw, source=str(path))
     try:
         parts = tuple((np.asarray(part[0]), np.asarray(part[1])) for part in obj)
         if len(parts) != 3 or any(x.ndim != 2 or y.shape != (x.shape[0],) for x, y in parts):
             raise ValueError
     except (TypeError, ValueError, IndexError):
-        raise DataIntegrityError(f"{path} is not ((x, y), (x, y), (x, y)) with 2-D x arrays and one label y per "
-                                 f"row; {refetch_hint('mnist/mnist.pkl.gz')}") from None
+        raise DataIntegrityError(
+            f"{path} is not ((x, y), (x, y), (x, y)) with 2-D x arrays and one label y per "
+            f"row; {refetch_hint('mnist/mnist.pkl.gz')}"
+        ) from None
     return parts
 
 

@@ -4,8 +4,9 @@
 (possibly Python 2) pickle of numpy arrays, and ``cifar10/data_batch_1`` … ``cifar10/test_batch`` Python 2
 pickles of a dict (``data``: uint8 array, ``labels``: list of ints, ``filenames``, ``batch_label``), read by
 :func:`load_cifar_batch` with the narrowest allow-list (numpy's array reconstructor only). Unpickling runs
-code named by the file, so a file from the internet goes through :class:`RestrictedUnpickler`: every global the pickle names is looked up in an
-allow-list *by its name and top-level package* (module paths moved between pandas 0.x and 1.x/2.x:
+code named by the file, so a file from the internet goes through :class:`RestrictedUnpickler`: every global the
+pickle names is looked up in an allow-list *by its name and top-level package* (module paths
+moved between pandas 0.x and 1.x/2.x:
 ``pandas.core.internals.BlockManager`` → ``pandas.core.internals.managers.BlockManager``,
 ``pandas.indexes.base._new_Index`` → ``pandas.core.indexes.base._new_Index``, …) and replaced by an inert
 stand-in that only records its arguments and state. numpy arrays are rebuilt by numpy's own reconstructors.

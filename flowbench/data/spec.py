@@ -89,8 +89,11 @@ class DatasetSpec:
             raise bad("name must be a lower-case identifier (it names the module and the cache folder)")
         if not (isinstance(self.dim, int) and self.dim > 0):
             raise bad(f"dim must be a positive int; got {self.dim!r}")
-        if not (isinstance(self.sizes, tuple) and len(self.sizes) == 3
-                and all(isinstance(n, int) and n > 0 for n in self.sizes)):
+        if not (
+            isinstance(self.sizes, tuple)
+            and len(self.sizes) == 3
+            and all(isinstance(n, int) and n > 0 for n in self.sizes)
+        ):
             raise bad(f"sizes must be three positive ints (train, val, test); got {self.sizes!r}")
         if not isinstance(self.raw_files, tuple) or not all(isinstance(f, str) for f in self.raw_files):
             raise bad(f"raw_files must be a tuple of str; got {self.raw_files!r}")

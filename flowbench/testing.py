@@ -80,7 +80,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flowbench.data import (
+    DATASETS,
+    DatasetSpec,
+    ImageSpec,
+    _fetch_hint,
+    cache,
+    check_root,
+    get_info,
+    load_dataset,
+    status,
+)
+from flowbench.data._common import LABELS, SPLITS, to_float32
 from flowbench.errors import ConfigError, FlowbenchError, InverseNotAvailable
+from flowbench.models import MODELS, ModelSpec, get_spec
+from flowbench.models.relgrad import RelgradFlow
+from flowbench.models.stacking import split_buffers, stacked_objective, stacked_validation, stacks_natively
+from flowbench.plugins import Origin
+from flowbench.plugins import _describe as describe
+from flowbench.utils import seed_everything
 
 __all__ = [
     "PASS",
@@ -260,7 +278,6 @@ def _deviation(got: Tensor, want: Tensor, rtol: float, atol: float) -> tuple[flo
 
 
 def _describe(e: BaseException) -> str:
-    from flowbench.plugins import _describe as describe
 
     return describe(e)
 
@@ -319,7 +336,6 @@ def train_data(dim: int, n: int = 400, dtype: torch.dtype = torch.float64) -> Te
 
 def _model_spec(spec_or_key: Any) -> Any:
     """The ModelSpec: a name or reference is resolved as everywhere in flowbench."""
-    from flowbench.models import MODELS, ModelSpec, get_spec
 
     if isinstance(spec_or_key, str):
         return get_spec(spec_or_key)
@@ -398,7 +414,6 @@ class _ModelCase:
 
     def raw(self, seed: int | None = None) -> nn.Module:
         """A fresh build after seeding every generator with ``seed``, as flowbench's trainer seeds a run."""
-        from flowbench.utils import seed_everything
 
         seed_everything(self.seed if seed is None else seed)
         if self.classes:
@@ -588,14 +603,7 @@ def _density_reference(case: _ModelCase, label: int | None = None) -> dict[str, 
     if label is not None:
         model = _AtLabel(model, case, label)
     d = case.dim
-    pool = case.data
-    try:  # centred on what the model generates where it can (any proposal is valid, a close one has a small
-        # standard error); a broken sampler is the sample checks' finding, not this one's
-        s = model.sample(500)
-        if isinstance(s, Tensor) and s.shape == (500, d) and torch.isfinite(s).all():
-            pool = s.to(torch.float64)
-    except Exception:
-        pass
+    pool = _centring_pool(model, case)
     # robust centre and spread: a perturbed flow's samples can have far outliers, which would stretch a grid or
     # a Gaussian over mostly empty space (the kernel density still puts mass at the outliers themselves)
     m = pool.median(0).values
@@ -606,20 +614,7 @@ def _density_reference(case: _ModelCase, label: int | None = None) -> dict[str, 
     g = torch.Generator().manual_seed(case.seed + 7)
     with torch.no_grad():
         if d <= 2:
-            # midpoint rule on a grid uniform in t = asinh((x − centre)/spread): fine cells where the mass is,
-            # wide ones in the tails, out to ±200 spreads (perturbed flows have heavy tails; ±9 misses ~1%)
-            cells = 20_000 if d == 1 else 500
-            reach = math.asinh(200.0)
-            dt = 2 * reach / cells
-            t = torch.linspace(-reach + dt / 2, reach - dt / 2, cells, dtype=torch.float64)
-            axes = [float(c) + float(sp) * torch.sinh(t) for c, sp in zip(m, spread)]
-            vols = [torch.log(float(sp) * torch.cosh(t) * dt) for sp in spread]  # log cell widths
-            if d == 1:
-                pts, logw = axes[0][:, None], vols[0]
-            else:
-                pts, logw = torch.cartesian_prod(*axes), torch.cartesian_prod(*vols).sum(1)
-            kind = f"grid {cells}{'²' if d == 2 else ''} uniform in asinh, ±200 spreads"
-            beyond = float((((pool - m) / spread).abs() > 200).any(1).double().mean())
+            pts, logw, kind, beyond = _asinh_grid(pool, m, spread, d)
         else:
             pts, logq = _proposal(pool, m, cov, 20_000, g)
             logw = -logq
@@ -640,6 +635,38 @@ def _density_reference(case: _ModelCase, label: int | None = None) -> dict[str, 
         "beyond": beyond,
     }
     return case._reference[label]
+
+
+def _centring_pool(model: Any, case: _ModelCase) -> Tensor:
+    """500 of the model's samples where it draws sound ones, else the case's data."""
+    pool = case.data
+    try:  # centred on what the model generates where it can (any proposal is valid, a close one has a small
+        # standard error); a broken sampler is the sample checks' finding, not this one's
+        s = model.sample(500)
+        if isinstance(s, Tensor) and s.shape == (500, case.dim) and torch.isfinite(s).all():
+            pool = s.to(torch.float64)
+    except Exception:
+        pass
+    return pool
+
+
+def _asinh_grid(pool: Tensor, m: Tensor, spread: Tensor, d: int) -> tuple[Tensor, Tensor, str, float]:
+    """The grid of a D ≤ 2 reference: (points, log cell volumes, description, share of ``pool`` beyond it)."""
+    # midpoint rule on a grid uniform in t = asinh((x − centre)/spread): fine cells where the mass is,
+    # wide ones in the tails, out to ±200 spreads (perturbed flows have heavy tails; ±9 misses ~1%)
+    cells = 20_000 if d == 1 else 500
+    reach = math.asinh(200.0)
+    dt = 2 * reach / cells
+    t = torch.linspace(-reach + dt / 2, reach - dt / 2, cells, dtype=torch.float64)
+    axes = [float(c) + float(sp) * torch.sinh(t) for c, sp in zip(m, spread)]
+    vols = [torch.log(float(sp) * torch.cosh(t) * dt) for sp in spread]  # log cell widths
+    if d == 1:
+        pts, logw = axes[0][:, None], vols[0]
+    else:
+        pts, logw = torch.cartesian_prod(*axes), torch.cartesian_prod(*vols).sum(1)
+    kind = f"grid {cells}{'²' if d == 2 else ''} uniform in asinh, ±200 spreads"
+    beyond = float((((pool - m) / spread).abs() > 200).any(1).double().mean())
+    return pts, logw, kind, beyond
 
 
 def _worst_label(
@@ -1162,9 +1189,6 @@ _PATH_NAMES = {"relgrad": "relgrad Function", "native": "stacked modules", "vmap
     "R = 2 runs evaluated stacked (as the stacked trainer does) equal each run alone: log-probs, gradients, validation",
 )
 def _check_stacking(case: _ModelCase) -> CheckResult:
-    from flowbench.models.relgrad import RelgradFlow
-    from flowbench.models.stacking import split_buffers, stacked_objective, stacked_validation, stacks_natively
-
     spec = case.spec
     if not spec.trainable:
         raise _Skip("fitted in closed form: never trained in a stack")
@@ -1180,13 +1204,31 @@ def _check_stacking(case: _ModelCase) -> CheckResult:
     g = torch.Generator().manual_seed(case.seed + 5)
     x = case.x[torch.randint(0, case.x.shape[0], (2, 7), generator=g)]  # run r's own minibatch, (R, B, D)
     weights = torch.arange(1.0, 8.0, dtype=torch.float64)  # unequal row weights: each row's gradient counts
-    path = (
+    path = _stacking_path(template, per_run)
+    lp = _stacked_log_probs(template, shared, per_run, params, x, weights, path)
+    devs = _each_run_deviations(flows, params, x, lp, weights)
+    note = f"{_PATH_NAMES[path]}; log-probs and gradients"
+    if not per_run and (val := _stacked_validation_deviations(case, template, params, shared, flows)) is not None:
+        devs += val
+        note += ", stacked validation"
+    return _stacking_result(devs, note, path)
+
+
+def _stacking_path(template: nn.Module, per_run: Any) -> str:
+    """How flowbench's trainer would evaluate a stack of ``template``: a key of :data:`_PATH_NAMES`."""
+    return (
         "relgrad"
         if isinstance(template, RelgradFlow) and template.relative and not per_run
         else "native"
         if stacks_natively(template) and not per_run
         else "vmap"
     )
+
+
+def _stacked_log_probs(
+    template: nn.Module, shared: Any, per_run: Any, params: dict[str, Tensor], x: Tensor, weights: Tensor, path: str
+) -> Tensor:
+    """The stack's (R, B) training log-probs, their weighted sum back-propagated into ``params``."""
     try:
         lp = stacked_objective(template, shared, run_buffers=per_run)(params, x)
     except Exception as e:
@@ -1200,6 +1242,13 @@ def _check_stacking(case: _ModelCase) -> CheckResult:
             f"evaluated stacked ({_PATH_NAMES[path]}), its gradient raises {_describe(e)}; `--seeds` would "
             "fail mid-training: declare unstackable in the spec"
         ) from e
+    return lp
+
+
+def _each_run_deviations(
+    flows: list[nn.Module], params: dict[str, Tensor], x: Tensor, lp: Tensor, weights: Tensor
+) -> list[tuple[float, float, bool]]:
+    """Each run alone against its slice of the stack: log-probs, then every parameter's gradient."""
     devs = []
     for r, f in enumerate(flows):
         one = f.train_log_prob(x[r])
@@ -1209,25 +1258,37 @@ def _check_stacking(case: _ModelCase) -> CheckResult:
             mine = params[n].grad[r] if params[n].grad is not None else torch.zeros_like(p)
             theirs = p.grad if p.grad is not None else torch.zeros_like(p)
             devs.append(_deviation(mine, theirs, rtol=1e-9, atol=1e-9))
-    note = f"{_PATH_NAMES[path]}; log-probs and gradients"
-    if not per_run:
-        with torch.no_grad():
-            val = case.x[:37]
-            got = stacked_validation(
-                template,
-                {n: p.detach() for n, p in params.items()},
-                shared,
-                case.x,
-                val,
-                batch_size=15,
-                stats_batch_size=40,
-            )
-            if got is not None:
-                for r, f in enumerate(flows):
-                    f.prepare_for_eval(case.x, batch_size=40)
-                    f.eval()
-                    devs.append(_deviation(got[0][r], f.log_prob(val), rtol=1e-9, atol=1e-9))
-                note += ", stacked validation"
+    return devs
+
+
+def _stacked_validation_deviations(
+    case: _ModelCase, template: nn.Module, params: dict[str, Tensor], shared: Any, flows: list[nn.Module]
+) -> list[tuple[float, float, bool]] | None:
+    """The stack's validation log-probs against each run's own in evaluation mode; None where the model has no
+    stacked validation."""
+    with torch.no_grad():
+        val = case.x[:37]
+        got = stacked_validation(
+            template,
+            {n: p.detach() for n, p in params.items()},
+            shared,
+            case.x,
+            val,
+            batch_size=15,
+            stats_batch_size=40,
+        )
+        if got is None:
+            return None
+        devs = []
+        for r, f in enumerate(flows):
+            f.prepare_for_eval(case.x, batch_size=40)
+            f.eval()
+            devs.append(_deviation(got[0][r], f.log_prob(val), rtol=1e-9, atol=1e-9))
+    return devs
+
+
+def _stacking_result(devs: list[tuple[float, float, bool]], note: str, path: str) -> CheckResult:
+    """The stacking check's row: the worst deviation, and on failure what the stacking path requires."""
     dev = max(d for d, _, _ in devs)
     tol = max(b for _, b, _ in devs)
     ok = all(o for _, _, o in devs)
@@ -1329,7 +1390,7 @@ def _as_test(report: CheckReport, name: str) -> CheckResult:
     report.raise_for_failures()  # a build failure is reported under "build"
     res = report[name] if name in report else report.results[-1]
     if res.status == SKIP:
-        import pytest
+        import pytest  # lazy: pytest is a test-time dependency, and the kit also runs from `flowbench check-model`
 
         pytest.skip(f"{name}: {res.detail}")
     return res
@@ -1354,7 +1415,6 @@ def parse_hparam_items(spec_or_key: Any, items: Sequence[str]) -> dict[str, Any]
 # == datasets ===============================================================================================
 def _dataset_spec(spec_or_key: Any) -> tuple[Any, str | None]:
     """(DatasetSpec, the key that loads it, or None for a spec object that is not registered)."""
-    from flowbench.data import DATASETS, DatasetSpec, get_info
 
     if isinstance(spec_or_key, str):
         return get_info(spec_or_key), spec_or_key
@@ -1392,7 +1452,6 @@ class _DatasetCase:
     def splits(self) -> dict[str, np.ndarray]:
         """The prepared splits, without a labelled dataset's label arrays, for checks that need them (skipped
         where the recipe failed)."""
-        from flowbench.data._common import SPLITS
 
         try:
             a = self.prepared()
@@ -1408,7 +1467,6 @@ class _DatasetCase:
 
     def keys(self) -> set[str]:
         """What prepare returns: the splits, and the label arrays where the spec declares classes."""
-        from flowbench.data._common import LABELS, SPLITS
 
         return set(SPLITS) | (set(LABELS) if self.spec.classes else set())
 
@@ -1425,7 +1483,6 @@ _dataset_check = _registrar(_DATASET_CHECKS)
 
 @_dataset_check("spec", "the DatasetSpec's attributes are present and typed")
 def _check_dataset_spec(case: _DatasetCase) -> CheckResult:
-    from flowbench.data import DatasetSpec, ImageSpec
 
     s = case.spec
     problems = []
@@ -1470,8 +1527,6 @@ def _check_raw_files(case: _DatasetCase) -> CheckResult:
     missing = [f for f in case.spec.raw_files if not (case.root / f).is_file()]
     detail = ""
     if missing:
-        from flowbench.data import _fetch_hint
-
         detail = f"missing under {case.root}: {', '.join(missing)}. {_fetch_hint(case.spec, case.root)}"
     return _result(
         "raw-files",
@@ -1488,7 +1543,6 @@ def _check_raw_files(case: _DatasetCase) -> CheckResult:
     "prepare", "prepare(root) returns train/val/test 2-D arrays (and their labels where the spec declares classes)"
 )
 def _check_prepare(case: _DatasetCase) -> CheckResult:
-    from flowbench.data._common import LABELS, SPLITS
 
     if not case.spec.builtin and any(not (case.root / f).is_file() for f in case.spec.raw_files):
         raise _Skip("raw files missing (see raw-files)")
@@ -1517,7 +1571,6 @@ def _check_prepare(case: _DatasetCase) -> CheckResult:
 
 @_dataset_check("deterministic", "two prepares give bit-identical splits (same seeds, same order of draws)")
 def _check_deterministic(case: _DatasetCase) -> CheckResult:
-    from flowbench.data._common import LABELS
 
     a = case.splits()
     a.update({k: np.asarray(v) for k, v in case.prepared().items() if k in LABELS})  # labels must repeat too
@@ -1569,7 +1622,6 @@ def _check_width(case: _DatasetCase) -> CheckResult:
 
 @_dataset_check("sizes", "the split sizes are the declared ones (real data; test fixtures are smaller)")
 def _check_sizes(case: _DatasetCase) -> CheckResult:
-    from flowbench.data._common import SPLITS
 
     a = case.splits()
     if case.fixture and not case.spec.builtin:
@@ -1622,8 +1674,6 @@ def _check_finite(case: _DatasetCase) -> CheckResult:
 def _loadable(case: _DatasetCase) -> Iterator[str]:
     """A key ``load_dataset`` resolves to the case's spec: a spec object that is not registered is registered
     for the duration (and removed after)."""
-    from flowbench.data import DATASETS
-    from flowbench.plugins import Origin
 
     if case.key is not None:
         yield case.key
@@ -1646,8 +1696,6 @@ def _loadable(case: _DatasetCase) -> Iterator[str]:
     "with the spec's image settings",
 )
 def _check_load(case: _DatasetCase) -> CheckResult:
-    from flowbench.data import cache, load_dataset, status
-    from flowbench.data._common import LABELS, SPLITS, to_float32
 
     expected = to_float32(case.splits())
     spec = case.spec
@@ -1707,7 +1755,6 @@ def _rows(a: np.ndarray) -> set[bytes]:
     "a warning, since real data can repeat rows)",
 )
 def _check_overlap(case: _DatasetCase) -> CheckResult:
-    from flowbench.data._common import to_float32
 
     a = to_float32(case.splits())  # identical as the model sees them
     train, val, test = (_rows(a[k]) for k in ("train", "val", "test"))
@@ -1747,7 +1794,6 @@ def check_dataset(
     Raises:
         ConfigError: a bad reference, a data root that is a file, or an unknown check name.
     """
-    from flowbench.data import check_root
 
     spec, key = _dataset_spec(spec_or_key)
     names = _select(checks, _DATASET_CHECKS, "dataset")

@@ -295,24 +295,9 @@ def _figure(
 ) -> None:
     """Paper Figures 1–3 in one row: functions (+ inverse), derivatives, training dynamics."""
     with figure(path, 1, 3, figsize=(17, 4.8)) as (_fig, (a, b, c)):
-        _draw(a, b, c, task, spec, metrics, curves, grid, x_train, k)
-
-
-def _draw(
-    a: Axes,
-    b: Axes,
-    c: Axes,
-    task: str,
-    spec: dict[str, Any],
-    metrics: dict[str, Any],
-    curves: dict[str, Any],
-    grid: Tensor,
-    x_train: Tensor,
-    k: float,
-) -> None:
-    _draw_functions(a, task, spec, metrics, curves, grid, x_train)
-    _draw_derivatives(b, curves, grid, metrics["models"]["jacnet"]["activation"], k)
-    _draw_training(c, curves)
+        _draw_functions(a, task, spec, metrics, curves, grid, x_train)
+        _draw_derivatives(b, curves, grid, metrics["models"]["jacnet"]["activation"], k)
+        _draw_training(c, curves)
 
 
 def _draw_functions(

@@ -85,8 +85,8 @@ def _fail_no_data(root: str | None, why: str) -> None:
         f"error: no POWER under the data root {where!r} ({why}).\n"
         "Get it with one of:\n"
         "  flowbench download --dataset power --root DIR   (MAF's archive, zenodo 1161203)\n"
-        "  the UCI rebuild: see the README of /work/shared/data/uci-power/ (builds DIR/power/data.npy;\n"
-        "  a study copy, never MAF's numbers)\n"
+        "  a rebuild of POWER from the UCI table, as docs/manual/power-study.md describes (DIR/power/data.npy;\n"
+        "  a study copy: numbers on it are never MAF's)\n"
         "then run this script with --data-root DIR.",
         file=sys.stderr,
     )

@@ -22,12 +22,10 @@ from flowbench.errors import ConfigError
 from flowbench.published import PUBLISHED, SOURCES
 from flowbench.results import RunRecord
 from flowbench.training import lifecycle, stacked
-from flowbench.training.lifecycle import build_from_options, finish_run
 from flowbench.training.trainer import EpochInfo
 from flowbench.utils import set_threads
 
-# build_from_options and finish_run are the lifecycle's, re-exported where callers have long found them.
-__all__ = ["run_experiment", "run_and_report", "build_from_options", "finish_run", "summary_line", "SMALL_DIM"]
+__all__ = ["run_experiment", "run_and_report", "summary_line", "SMALL_DIM"]
 
 #: Below this data dimension the matrices are too small for intra-op threads to pay; on a machine whose
 #: cores are busy, torch's default threads even slow training down many times over (measured: the default
@@ -77,7 +75,7 @@ def run_experiment(
             if logger is not None:
                 logger.close()
         # Wall time includes the training time of earlier sessions when resumed (the whole run's).
-        return finish_run(opts, files, prep, built, result, notes, t0 - prior_time)
+        return lifecycle.finish_run(opts, files, prep, built, result, notes, t0 - prior_time)
 
 
 def summary_line(record: RunRecord, path: Any) -> str:

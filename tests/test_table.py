@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
+from flowbench.data import DATASETS
 from flowbench.errors import ConfigError, UsageError
 from flowbench.published import PUBLISHED, published
 from flowbench.results import RunRecord, iter_records, record_path, write_record
@@ -30,7 +32,7 @@ def fake_record(dataset, model, display, seed, test_ll, se2, val, tag=None, stat
         best_val_ll=val,
         test_ll=test_ll,
         test_ll_2se=se2,
-        n_test=100,
+        n_test=DATASETS[dataset].sizes[2],  # stands for a run on the paper's test split
         wall_time_s=1.0,
         device="cpu",
         torch="x",
@@ -336,3 +338,23 @@ def test_conditional_records_have_their_own_column(tmp_path):
     assert "-1302.9 ± 1.7 ?" in only and "-1300.5" not in only
     with pytest.raises(ConfigError, match="unknown column"):
         build_table(records, [], "best-val", datasets=["mnist-conditional"])
+
+
+def test_other_test_set_is_footnoted(tmp_path):
+    """A cell whose test set is not the size of the paper's split (POWER rebuilt from UCI: 204,925 test rows
+    against MAF's 204,928) says it is other data; a cell on the paper's split does not."""
+    rebuilt = [fake_record("power", "relgrad", "Relgrad dense flow", s, -0.14, 0.014, -0.14) for s in (0, 1)]
+    for r in rebuilt:
+        r.n_test = 204_925
+    recs = [*rebuilt, fake_record("power", "maf", "MAF (5)", 0, 0.1, 0.01, 0.1)]
+    for r in recs:
+        write_record(record_path(tmp_path, r.dataset, r.model, r.seed, r.tag), r)
+    text = build_table(list(iter_records(tmp_path)), ["maf", "relgrad"], "best-val")
+    notes = dict(re.findall(r"^- \[(\d+)\] (.*)$", text, re.MULTILINE))
+    row = next(ln for ln in text.splitlines() if ln.startswith("| Relgrad dense flow") and "| ours" in ln)
+    said = [notes[m] for m in re.findall(r"\[(\d+)\]", row)]
+    assert any(
+        n.startswith("test set of 204,925 points, not the 204,928 of the paper's POWER split: other data") for n in said
+    )
+    maf = next(ln for ln in text.splitlines() if ln.startswith("| MAF (5)") and "| ours" in ln)
+    assert not any("test set of" in notes[m] for m in re.findall(r"\[(\d+)\]", maf))

@@ -88,6 +88,7 @@ class _Cell:
     config_unverified: str | None = None
     spread: tuple[float | None, int] | None = None  # (sd of the per-seed test LLs or None, number of seeds), n ≥ 2
     can_bold: bool = True
+    other_data: bool = False  # its test set is not the paper's split (see other_test_set_note)
     config: A.Configuration | None = None  # ours: the configuration behind the cell
     bold: bool = False
     marks: list[int] = field(default_factory=list)  # footnote numbers, filled in by compute_table
@@ -184,7 +185,7 @@ def other_test_set_note(runs: Iterable[RunRecord]) -> str | None:
     return (
         f"test set of {got} points, not the {DATASETS[runs[0].dataset].sizes[2]:,} of the paper's {name} split: "
         f"other data than the paper's (a rebuild, a subset or a file of its own), not comparable with the "
-        f"published numbers on {name}"
+        f"published numbers on {name}, so never bold beside them"
     )
 
 
@@ -230,11 +231,13 @@ def _our_cell(choice: A.Choice) -> _Cell:
             )
     for note in dict.fromkeys(filter(None, map(plugged_in_note, conf.runs))):
         notes.append(note)
-    if (note := other_test_set_note(conf.counted)) is not None:
-        notes.append(note)
+    other_data = other_test_set_note(conf.counted)
+    if other_data is not None:
+        notes.append(other_data)
     if (note := _selection_note(choice)) is not None:
         notes.append(note)
     cell = _Cell(stats.value, stats.se2, dec, notes, spread=spread, can_bold=stats.can_bold, config=conf)
+    cell.other_data = other_data is not None
     unverified = [r.provenance for r in conf.runs if r.provenance and not r.provenance.get("verified")]
     if unverified:
         cell.config_unverified = str(unverified[0].get("source", ""))
@@ -317,6 +320,7 @@ def compute_table(
     rows = sorted([*ours.values(), *pub], key=_row_key)
     columns = _columns(rows, ours, datasets)
     _note_unverified_configs(ours, pub)
+    _no_bold_beside_published(ours, pub)
     for d in columns:
         _bold_column(rows, d)
     footnotes, any_unverified = _footnotes(rows, columns)
@@ -362,6 +366,16 @@ def _note_unverified_configs(ours: dict[str, _Row], pub: list[_Row]) -> None:
             if cell.config_unverified is not None and (row.label.split(" [")[0], d) in published_cells:
                 # The published number beside it came from settings we could not confirm: say ours are a guess.
                 cell.notes.append(CONFIG_UNVERIFIED_NOTE)
+
+
+def _no_bold_beside_published(ours: dict[str, _Row], pub: list[_Row]) -> None:
+    """A cell of ours on other data than the paper's split is never bold in a column with published numbers:
+    "best in its column" would compare numbers on different test sets."""
+    published_columns = {d for r in pub for d in r.cells}
+    for row in ours.values():
+        for d, cell in row.cells.items():
+            if cell.other_data and d in published_columns:
+                cell.can_bold = False
 
 
 def _footnotes(rows: list[_Row], columns: list[str]) -> tuple[list[str], bool]:

@@ -236,8 +236,16 @@ def _our_cell(choice: A.Choice) -> _Cell:
         notes.append(other_data)
     if (note := _selection_note(choice)) is not None:
         notes.append(note)
-    cell = _Cell(stats.value, stats.se2, dec, notes, spread=spread, can_bold=stats.can_bold, config=conf)
-    cell.other_data = other_data is not None
+    cell = _Cell(
+        stats.value,
+        stats.se2,
+        dec,
+        notes,
+        spread=spread,
+        can_bold=stats.can_bold,
+        other_data=bool(other_data),
+        config=conf,
+    )
     unverified = [r.provenance for r in conf.runs if r.provenance and not r.provenance.get("verified")]
     if unverified:
         cell.config_unverified = str(unverified[0].get("source", ""))
@@ -319,8 +327,7 @@ def compute_table(
     pub = _published_rows(published(sources))
     rows = sorted([*ours.values(), *pub], key=_row_key)
     columns = _columns(rows, ours, datasets)
-    _note_unverified_configs(ours, pub)
-    _no_bold_beside_published(ours, pub)
+    _beside_published(ours, pub)
     for d in columns:
         _bold_column(rows, d)
     footnotes, any_unverified = _footnotes(rows, columns)
@@ -358,22 +365,17 @@ def _columns(rows: list[_Row], ours: dict[str, _Row], datasets: list[str] | None
     return columns
 
 
-def _note_unverified_configs(ours: dict[str, _Row], pub: list[_Row]) -> None:
-    """Flag our cells whose configuration is unverified where a published number of the same row sits beside them."""
+def _beside_published(ours: dict[str, _Row], pub: list[_Row]) -> None:
+    """The rules for a cell of ours beside published numbers: an unverified config is footnoted where a published
+    number of the same row stands in its column (that number came from settings we could not confirm: ours are
+    a guess); a cell on other data than the paper's split is never bold in a column with published numbers
+    ("best in its column" would compare numbers on different test sets)."""
     published_cells = {(r.label, d) for r in pub for d in r.cells}
+    published_columns = {d for _, d in published_cells}
     for row in ours.values():
         for d, cell in row.cells.items():
             if cell.config_unverified is not None and (row.label.split(" [")[0], d) in published_cells:
-                # The published number beside it came from settings we could not confirm: say ours are a guess.
                 cell.notes.append(CONFIG_UNVERIFIED_NOTE)
-
-
-def _no_bold_beside_published(ours: dict[str, _Row], pub: list[_Row]) -> None:
-    """A cell of ours on other data than the paper's split is never bold in a column with published numbers:
-    "best in its column" would compare numbers on different test sets."""
-    published_columns = {d for r in pub for d in r.cells}
-    for row in ours.values():
-        for d, cell in row.cells.items():
             if cell.other_data and d in published_columns:
                 cell.can_bold = False
 

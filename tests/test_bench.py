@@ -289,3 +289,59 @@ def test_gradients_plot_refuses_an_empty_plot(tmp_path, capsys):
     cells = json.loads((tmp_path / "bench" / "gradients.json").read_text())["cells"]
     assert {c["status"] for c in cells} == {"skipped-memory"}
     assert not (tmp_path / "bench" / "gradients.png").exists()
+
+
+def _power_column():
+    """tests/benchmarks/power_column.py as a module (a script, not part of the package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "benchmarks" / "power_column.py"
+    spec = importlib.util.spec_from_file_location("power_column", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_power_column_estimates_from_the_step_budget_and_the_measured_epochs(tmp_path, capsys):
+    """The cost-of-the-column benchmark on a 20-row POWER file: relgrad's epochs are its config's step budget over
+    MAF's steps per epoch, the others' come from EPOCHS or --epochs, and every hour figure is epochs x s/epoch plus
+    the test evaluation (recomputed here from the row's own timings)."""
+    import math
+    import shutil
+    from pathlib import Path
+
+    from flowbench.config import resolve_options
+
+    pc = _power_column()
+    (tmp_path / "power").mkdir()
+    shutil.copy(Path(__file__).parent / "fixtures" / "raw" / "power" / "data.npy", tmp_path / "power" / "data.npy")
+    out = tmp_path / "pc.json"
+    common = ["--data-root", str(tmp_path), "--steps", "2", "--rounds", "1", "--seeds", "2", "--out", str(out)]
+    assert pc.main([*common, "--only", "made-mog,relgrad"]) == 0
+    rows = {(r["model"], r["hidden_layers"]): r for r in json.loads(out.read_text())["rows"]}
+    budget = resolve_options({"dataset": "power", "model": "relgrad"}).max_steps
+    steps_epoch = math.ceil(1_659_917 / 100)
+    assert rows[("relgrad", None)]["epochs_assumed"] == math.ceil(budget / steps_epoch)
+    assert rows[("made-mog", 1)]["epochs_assumed"] == rows[("made-mog", 2)]["epochs_assumed"] == pc.EPOCHS["made-mog"]
+    for r in rows.values():
+        assert r["steps_per_epoch"] == steps_epoch
+        one = (r["epochs_assumed"] * r["s_epoch_single"] + r["eval_s_single"]) / 3600
+        assert r["h_one_run"] == pytest.approx(one) and r["h_seeds_sequential"] == pytest.approx(2 * one)
+        stacked = (r["epochs_assumed"] * r["s_epoch_stack"] + r["eval_s_stack"]) / 3600
+        assert r["h_seeds_stacked"] == pytest.approx(stacked)
+    # --epochs wins over the budget and over EPOCHS, by model and by family
+    assert pc.main([*common, "--only", "made-mog,relgrad", "--epochs", "relgrad=7", "--epochs", "made-mog=3"]) == 0
+    epochs = {r["model"]: r["epochs_assumed"] for r in json.loads(out.read_text())["rows"]}
+    assert epochs == {"made-mog": 3, "relgrad": 7}
+    assert pc.assumed_epochs("realnvp", None, steps_epoch, {"maf": 11}) == 11  # Real NVP is timed as MAF's family
+    assert pc.assumed_epochs("maf", None, steps_epoch, {}) == pc.EPOCHS["maf"]
+
+
+def test_power_column_without_power_exits_2_saying_how_to_get_it(tmp_path, capsys):
+    pc = _power_column()
+    with pytest.raises(SystemExit) as e:
+        pc.main(["--data-root", str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no POWER under the data root" in err and "flowbench download --dataset power" in err

@@ -58,24 +58,29 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 SWEEP = REPO / "configs" / "sweeps" / "maf-table1.toml"
 
-#: Assumed epochs to early stopping (patience 30) per family; the reasons are printed with the table.
+#: Assumed epochs to early stopping (patience 30) per family, for a cell without a step budget; the reasons are
+#: printed with the table. Measured lower bounds come from the POWER study (docs/manual/power-study.md): a run
+#: that last set a new best validation LL at epoch E stops at epoch E + 30 at the earliest.
 EPOCHS: dict[str, int] = {
     "gaussian": 0,
     "made": 60,
-    "made-mog": 60,
-    "realnvp": 187,
-    "maf": 187,
-    "maf-mog": 187,
-    "relgrad": 100,
+    "made-mog": 79,
+    "realnvp": 286,
+    "maf": 286,
+    "maf-mog": 286,
+    "relgrad": 54,
 }
 WHY = {
-    "made": "MADE / MADE MoG: 60 = best near epoch 30 + patience 30 (assumed, not measured: they train at lr 1e-3, "
-    "10x the flows', with no batch norm; no MADE run on POWER with its epoch count was found)",
-    "maf": "MAF / MAF MoG / Real NVP: 187, a lower bound: MAF (5) with 1 hidden layer on POWER rebuilt from UCI (3 "
-    "seeds, stacked) still set new best validation LLs at epochs 156-157 with patience 30, so it stops at epoch 187 "
-    "at the earliest",
-    "relgrad": "relgrad (8 layers, lr 1e-4): 100, a guess: issue 16 saw it still improving after 9 epochs "
-    "(val LL -1.77), and its lr is the flows'",
+    "made": "MADE: 60 = best near epoch 30 + patience 30 (assumed, not measured: it trains at lr 1e-3, 10x the "
+    "flows', with no batch norm; no MADE run on POWER with its epoch count was found)",
+    "made-mog": "MADE MoG: 79, a lower bound: with 1 hidden layer on POWER rebuilt from UCI (3 seeds, stacked) it "
+    "still set new best validation LLs at epochs 46-49, so the stack stops at epoch 79 at the earliest",
+    "maf": "MAF / MAF MoG / Real NVP: 286, a lower bound: MAF (5) with 1 hidden layer on POWER rebuilt from UCI (3 "
+    "seeds, stacked) still set new best validation LLs at epochs 181-256, so the stack stops at epoch 286 at the "
+    "earliest",
+    "relgrad": "relgrad: its config's step budget (max-steps / steps per epoch: 30 epochs for 498,000 steps at "
+    "batch 100), where every cosine-decayed run on POWER ended with its best state; without a budget, 54: the "
+    "latest stop of 3 seeds at a constant lr 3e-3 (16 layers, best at epochs 4-24)",
 }
 
 
@@ -115,7 +120,20 @@ def cells() -> list[Any]:
 
 
 def _family(model: str) -> str:
-    return {"made-mog": "made", "maf-mog": "maf", "realnvp": "maf"}.get(model, model)
+    return {"maf-mog": "maf", "realnvp": "maf"}.get(model, model)
+
+
+def assumed_epochs(model: str, max_steps: int | None, steps_epoch: int, epoch_map: dict[str, int]) -> int:
+    """Epochs to early stopping for a cell: ``--epochs`` for the model, then for its family; else a config's step
+    budget (``max-steps``: the run ends there, as every cosine-decayed relgrad run on POWER did), else
+    :data:`EPOCHS`."""
+    fam = _family(model)
+    for key in (model, fam):
+        if key in epoch_map:
+            return epoch_map[key]
+    if max_steps is not None:
+        return math.ceil(max_steps / steps_epoch)
+    return EPOCHS[fam]
 
 
 def _sync(dev: torch.device) -> None:
@@ -203,8 +221,8 @@ def time_cell(
         "batch_size": opts.batch_size,
         "trainable": spec.trainable,
     }
-    fam = _family(opts.model)
-    epochs = args.epoch_map[opts.model] if opts.model in args.epoch_map else args.epoch_map.get(fam, EPOCHS[fam])
+    steps_epoch = math.ceil(n_train / opts.batch_size)
+    epochs = assumed_epochs(opts.model, getattr(opts, "max_steps", None), steps_epoch, args.epoch_map)
     row["epochs_assumed"] = epochs
     t0 = time.perf_counter()
     if spec.trainable:
@@ -248,7 +266,6 @@ def time_cell(
     row["eval_s_single"], row["eval_s_stack"] = ev["single_s"], ev["stack_s"]
     row["eval_fraction"] = f
     if spec.trainable:
-        steps_epoch = math.ceil(n_train / opts.batch_size)
         row["steps_per_epoch"] = steps_epoch
         row["s_epoch_single"] = steps_epoch * row["ms_step_single"] / 1e3 + ev["single_s"]
         stack_eval = ev["stack_s"] if ev["stack_s"] is not None else args.seeds * ev["single_s"]

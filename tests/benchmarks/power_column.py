@@ -33,13 +33,13 @@ on a busy machine they are upper bounds (the machine's load average is printed a
 Without POWER under the data root (``DIR/power/data.npy``), exits 2 saying how to get it.
 
 Measured (POWER rebuilt from UCI, 2 shared CPU cores, one thread, torch 2.13 CPU; ``--steps 150 --rounds 3
---eval-fraction 0.25``, 431 s, load average 6-7 from other jobs, so this process had 33-49 % of a core): the
-15 cells x 3 seeds to early stopping, 256 core-hours run by run and 171 stacked by wall clock; scaled by each
-cell's core share, 102 and 68 core-hours on an idle core (relgrad adds about 2-3). Check of that scaling:
-MAF (5), 1 hidden layer, stacked estimate 171 s/epoch x 42 % = 72 s/epoch, against 68-90 s/epoch measured
-by the stack of 3 seeds training on the same machine (niced) for issue 24. Real NVP and MAF with 10 layers
-or 2 hidden layers are most of it; an epoch's evaluation (batch-norm statistics over all 1.66 M training
-rows) is 5-15 % of an epoch for the flows.
+--eval-fraction 0.25``, 285 s, load average 3.6-4 from other jobs, so this process had 45-50 % of a core), with
+the epochs of :data:`EPOCHS`: the 15 cells x 3 seeds to early stopping, 415 core-hours run by run and 277
+stacked by wall clock; scaled by each cell's core share, 204 and 136 core-hours on an idle core (relgrad as
+shipped adds about 2). Check of that scaling: MAF (5), 1 hidden layer, stacked estimate 132 s/epoch x 50 % =
+66 s/epoch, against 68-90 s/epoch measured by the stack of 3 seeds training on the same machine (niced) for
+issue 24. Real NVP and MAF with 10 layers or 2 hidden layers are most of it; an epoch's evaluation (batch-norm
+statistics over all 1.66 M training rows) is 5-15 % of an epoch for the flows.
 """
 
 from __future__ import annotations

@@ -116,6 +116,30 @@ def test_every_bundled_config_states_its_provenance():
     assert _provenance(CONFIG_DIR / "digits" / "maf.toml")["verified"] is False  # digits is not in the papers
 
 
+def test_tabular_relgrad_configs_carry_powers_budget_and_let_the_decay_end_the_run():
+    """Issue 24: the tabular relgrad files carry POWER's chosen setting over with the same optimiser steps, and
+    patience covers the whole budget, as on POWER (patience 30 = its 30 epochs): early stopping must not end a
+    cosine-decayed run while its rate is still high, where the study saw single epochs fall by 1-3 nats."""
+    import math
+
+    from flowbench.data import get_info
+
+    power = resolve_options({"dataset": "power", "model": "relgrad"})
+    assert power.lr_schedule == "cosine" and power.max_steps is not None
+    for ds in ("power", "gas", "hepmass", "miniboone", "bsds300"):
+        opts = resolve_options({"dataset": ds, "model": "relgrad"})
+        assert (opts.lr, opts.lr_schedule, opts.max_steps, opts.batch_size) == (
+            power.lr,
+            power.lr_schedule,
+            power.max_steps,
+            power.batch_size,
+        ), ds
+        assert opts.hparams["layers"] == power.hparams["layers"], ds
+        steps_per_epoch = math.ceil(get_info(ds).sizes[0] / opts.batch_size)
+        budget_epochs = math.ceil(opts.max_steps / steps_per_epoch)
+        assert opts.patience >= budget_epochs, (ds, opts.patience, budget_epochs)
+
+
 @pytest.mark.parametrize(
     "table",
     [

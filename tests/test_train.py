@@ -184,6 +184,34 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert numbers(longer.history) == numbers(again.history) and longer.test_ll == again.test_ll
 
 
+def test_a_resume_may_raise_the_patience_and_then_equals_a_run_that_had_it_from_the_start(tmp_path):
+    """Issue 24: a run whose patience turns out too short for its schedule is resumed with a larger one. Here
+    patience 1 stops at epoch 4 and patience 2 trains to epoch 9; killed at epoch 2 under patience 1 and resumed
+    under 2, the run is bit for bit the patience-2 run. Lowering it, or raising it for a finished run, is refused."""
+    data = gaussian_data(400, 100, 200)
+    o = dict(model="maf", layers=2, hidden=8, max_epochs=12, seed=3, lr=3e-2, checkpoint_every_s=0)
+    short = run_experiment(opts(tmp_path / "a", **o, patience=1), data, progress=False)
+    full = run_experiment(opts(tmp_path / "b", **o, patience=2), data, progress=False)
+    assert short.epochs < full.epochs  # the raise matters: patience 1 alone stops earlier
+
+    def kill(info):
+        if info.epoch == 2:
+            raise Kill
+
+    with pytest.raises(Kill):
+        run_experiment(opts(tmp_path / "c", **o, patience=1), data, progress=False, callbacks=[kill])
+    resumed = run_experiment(opts(tmp_path / "c", **o, patience=2, resume=True), data, progress=False)
+    assert numbers(resumed.history) == numbers(full.history)
+    assert resumed.test_ll == full.test_ll and resumed.config["patience"] == 2
+    with pytest.raises(Kill):
+        run_experiment(opts(tmp_path / "d", **o, patience=2), data, progress=False, callbacks=[kill])
+    with pytest.raises(ConfigError, match="made with patience 2; a resume may raise the patience but not lower it"):
+        run_experiment(opts(tmp_path / "d", **o, patience=1, resume=True), data, progress=False)
+    run_experiment(opts(tmp_path / "e", **o, patience=1, keep_checkpoint=True), data, progress=False)
+    with pytest.raises(ConfigError, match="already finished .* a raised patience cannot continue it"):
+        run_experiment(opts(tmp_path / "e", **o, patience=2, resume=True, force=True), data, progress=False)
+
+
 def test_a_checkpoint_from_before_an_option_existed_resumes_only_at_its_default(tmp_path):
     """A checkpoint written before an option (or a model hyperparameter) existed has no entry for it: it trained
     as that option's default does, so it resumes while the option has its default now and is refused otherwise."""

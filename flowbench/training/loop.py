@@ -95,7 +95,7 @@ class EarlyStopping:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.patience = state["patience"]
+        # the patience stays this run's own: a resume may raise it (read_checkpoint refuses a lower one)
         self.best_value = state["best_value"]
         self.best_epoch = state["best_epoch"]
         self.bad_epochs = state["bad_epochs"]

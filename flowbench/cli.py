@@ -11,11 +11,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 from flowbench import __version__
 from flowbench.errors import FlowbenchError
 
 # Explicit registry: subcommand -> (module, one-line help).
+_PACKAGE = Path(__file__).resolve().parent
 COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("flowbench.commands.download", "fetch, verify and prepare the MAF datasets"),
     "datasets": ("flowbench.commands.datasets", "list datasets with dimension, split sizes, status and origin"),
@@ -53,6 +57,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def advice_format(command: str, shown: Callable[..., str]) -> Callable[..., str]:
+    """A ``warnings.formatwarning`` for a command: flowbench's own warnings are advice to the user, not about a
+    source line, so they are said as its errors are; any other warning as ``shown`` says it."""
+
+    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None):
+        if Path(filename).resolve().is_relative_to(_PACKAGE):
+            return f"flowbench {command}: warning: {message}\n"
+        return shown(message, category, filename, lineno, line)
+
+    return fmt
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -72,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = importlib.import_module(COMMANDS[args.command][0])
+    shown = warnings.formatwarning
+    warnings.formatwarning = advice_format(args.command, shown)
     try:
         return int(module.main(args) or 0)
     except FlowbenchError as e:
@@ -87,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        warnings.formatwarning = shown
 
 
 if __name__ == "__main__":

@@ -140,6 +140,24 @@ def test_tabular_relgrad_configs_carry_powers_budget_and_let_the_decay_end_the_r
         assert opts.patience >= budget_epochs, (ds, opts.patience, budget_epochs)
 
 
+def test_no_bundled_config_lets_patience_cut_its_cosine_decay():
+    """Every bundled config with a cosine schedule has a patience that covers its budget (flowbench run would
+    warn otherwise: lifecycle.patience_within_decay)."""
+    from flowbench.config import tomllib
+    from flowbench.data import get_info
+    from flowbench.training.lifecycle import patience_within_decay
+
+    checked = 0
+    for path in sorted(p for p in CONFIG_DIR.glob("*/*.toml") if p.parent.name != "sweeps"):
+        with open(path, "rb") as f:
+            if tomllib.load(f).get("lr-schedule") != "cosine":
+                continue
+        opts = resolve_options({"config": str(path)})
+        assert patience_within_decay(opts, get_info(opts.dataset).sizes[0]) is None, path
+        checked += 1
+    assert checked == 17  # the 12 NSF configs (6 datasets x nsf-ar/nsf-c) and the 5 tabular relgrad ones
+
+
 @pytest.mark.parametrize(
     "table",
     [

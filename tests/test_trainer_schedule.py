@@ -4,6 +4,7 @@ learning-rate schedule, gradient-norm clipping, evaluation every N steps, and ex
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -242,3 +243,37 @@ def test_epoch_checkpoints_of_format_1_still_resume(tmp_path):
 def test_bad_options_are_config_errors(kw, match):
     with pytest.raises(ConfigError, match=match):
         trainer(tiny(), **kw)
+
+
+# -- early stopping inside a decay ----------------------------------------------------------------------------
+def test_a_patience_shorter_than_the_cosine_budget_is_warned(tmp_path):
+    """Issue 24: patience 30 would have ended 60-epoch cosine runs on POWER while their rate was high; a run whose
+    patience does not cover its cosine budget is warned, in the budget's own unit, with the patience that does."""
+    from flowbench import cli
+    from flowbench.config import resolve_options
+    from flowbench.data import get_info
+    from flowbench.training import lifecycle
+    from flowbench.training.lifecycle import patience_within_decay
+
+    power = resolve_options({"dataset": "power", "model": "relgrad"})
+    n = 1_659_917  # MAF's POWER training rows: 16,600 steps an epoch at batch 100
+    assert patience_within_decay(power, n) is None  # the shipped budget is 30 epochs, patience 30
+    longer = power.replace(max_steps=996_000)
+    msg = patience_within_decay(longer, n)
+    assert msg is not None and "--patience 30 epochs is shorter than the cosine schedule's 60 epochs" in msg
+    assert "--patience 60 lets the decay end it" in msg
+    assert patience_within_decay(longer.replace(patience=60), n) is None
+    assert "schedule's 996 evaluations" in patience_within_decay(longer.replace(eval_every=1000), n)
+    assert patience_within_decay(longer.replace(lr_schedule="constant"), n) is None
+    # end to end: the warning reaches a user of `flowbench run`
+    evals = math.ceil(1000 / math.ceil(get_info("digits").sizes[0] / 100))
+    args = ["run", "--dataset", "digits", "--model", "relgrad", "--lr-schedule", "cosine", "--max-steps", "1000"]
+    args += ["--max-epochs", "1", "--batch-size", "100", "--out", str(tmp_path)]
+    before = warnings.formatwarning
+    with pytest.warns(UserWarning, match=f"--patience 30 epochs is shorter than the cosine schedule's {evals} epochs"):
+        assert cli.main(args) == 0
+    # ... said as flowbench's errors are, not as a Python source line; other warnings as Python says them
+    assert warnings.formatwarning is before  # restored after the command
+    fmt = cli.advice_format("run", warnings.formatwarning)
+    assert fmt(UserWarning(msg), UserWarning, lifecycle.__file__, 1) == f"flowbench run: warning: {msg}\n"
+    assert fmt(UserWarning("x"), UserWarning, __file__, 7).startswith(f"{__file__}:7: UserWarning: x")

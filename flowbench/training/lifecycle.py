@@ -331,6 +331,24 @@ class Prepared:
     built: list[Built]
 
 
+def patience_within_decay(opts: RunOptions, n_train: int) -> str | None:
+    """A warning when early stopping can end a cosine-decayed run before its step budget: the POWER study
+    (docs/manual/power-study.md) saw single epochs fall by up to 3 nats while the rate was high, and the best
+    states at the budget's end. None when patience covers the budget (or there is no decay to wait for)."""
+    if opts.lr_schedule != "cosine" or opts.max_steps is None:
+        return None
+    per_eval = opts.eval_every or max(1, math.ceil(n_train / opts.batch_size))
+    unit = "evaluations" if opts.eval_every else "epochs"
+    evals = math.ceil(opts.max_steps / per_eval)
+    if opts.patience >= evals:
+        return None
+    return (
+        f"--patience {opts.patience} {unit} is shorter than the cosine schedule's {evals} {unit} "
+        f"(--max-steps {opts.max_steps:,}): early stopping may end the run while the rate is still high; "
+        f"--patience {evals} lets the decay end it, the best validation state kept"
+    )
+
+
 def prepare(runs: Sequence[RunOptions], data: Dataset | None = None) -> Prepared:
     """Load the data (or take ``data``: in-memory data for toy problems and tests) and move it to the device
     once; then build each run's model seeded as the run, so that its initial weights depend on its seed only.
@@ -340,6 +358,8 @@ def prepare(runs: Sequence[RunOptions], data: Dataset | None = None) -> Prepared
     device = resolve_device(first.device)
     classes = label_classes(first.model_key, data)
     x = to_device(data, device, labels=classes > 0)
+    for msg in dict.fromkeys(m for o in runs if (m := patience_within_decay(o, x.train.shape[0])) is not None):
+        warnings.warn(msg, stacklevel=2)
     built = []
     for i, o in enumerate(runs):
         seed_everything(o.seed)

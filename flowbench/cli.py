@@ -18,8 +18,9 @@ from pathlib import Path
 from flowbench import __version__
 from flowbench.errors import FlowbenchError
 
+_PACKAGE = Path(__file__).resolve().parent  # warnings raised in here are flowbench's own (advice_format)
+
 # Explicit registry: subcommand -> (module, one-line help).
-_PACKAGE = Path(__file__).resolve().parent
 COMMANDS: dict[str, tuple[str, str]] = {
     "download": ("flowbench.commands.download", "fetch, verify and prepare the MAF datasets"),
     "datasets": ("flowbench.commands.datasets", "list datasets with dimension, split sizes, status and origin"),

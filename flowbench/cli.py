@@ -12,13 +12,9 @@ import argparse
 import importlib
 import sys
 import warnings
-from collections.abc import Callable
-from pathlib import Path
 
 from flowbench import __version__
-from flowbench.errors import FlowbenchError
-
-_PACKAGE = Path(__file__).resolve().parent  # warnings raised in here are flowbench's own (advice_format)
+from flowbench.errors import FlowbenchError, advice_format
 
 # Explicit registry: subcommand -> (module, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -56,18 +52,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         if name == command:
             importlib.import_module(module).configure(p)
     return parser
-
-
-def advice_format(command: str, shown: Callable[..., str]) -> Callable[..., str]:
-    """A ``warnings.formatwarning`` for a command: flowbench's own warnings are advice to the user, not about a
-    source line, so they are said as its errors are; any other warning as ``shown`` says it."""
-
-    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None):
-        if Path(filename).resolve().is_relative_to(_PACKAGE):
-            return f"flowbench {command}: warning: {message}\n"
-        return shown(message, category, filename, lineno, line)
-
-    return fmt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,23 @@ without a traceback and exits with status 2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
+_PACKAGE = Path(__file__).resolve().parent  # a warning raised in here is flowbench's own (advice_format)
+
+
+def advice_format(command: str, shown: Callable[..., str]) -> Callable[..., str]:
+    """A ``warnings.formatwarning`` for a command: flowbench's own warnings are advice to the user, not about a
+    source line, so they are said as its errors are; any other warning as ``shown`` says it."""
+
+    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None):
+        if Path(filename).resolve().is_relative_to(_PACKAGE):
+            return f"flowbench {command}: warning: {message}\n"
+        return shown(message, category, filename, lineno, line)
+
+    return fmt
+
 
 class FlowbenchError(Exception):
     """Base class for errors whose message is meant for the user."""

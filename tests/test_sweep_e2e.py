@@ -109,3 +109,20 @@ def test_ray_sweep_matches_local(sweep, local_results, tmp_path, monkeypatch):
     # A second invocation finds everything recorded and starts nothing (not even Ray).
     again = run_sweep(sweep, tmp_path, executor="ray", workers=2, stream=None)
     assert again.count("skipped") == len(sweep.runs) and not ray.is_initialized()
+
+
+def test_a_workers_warning_reaches_the_runs_log_as_the_cli_says_it(tmp_path):
+    """A run in a worker process writes flowbench's warnings (here: patience shorter than the cosine budget) into
+    its log as `flowbench sweep: warning: ...`, not as a Python source line."""
+    spec = tmp_path / "s.toml"
+    spec.write_text(
+        'datasets = ["digits"]\nmodels = ["relgrad"]\n\n[grid]\nseed = [0]\nlr-schedule = ["cosine"]\n'
+        "max-steps = [200]\nmax-epochs = [1]\npatience = [2]\nlayers = [1]\n"
+    )
+    sw = load_sweep(spec)
+    report = run_sweep(sw, tmp_path / "out", executor="local", workers=2, stream=None, max_stack=1)
+    assert report.ok and report.count("done") == len(sw.runs) == 1
+    for run in sw.runs:
+        log = run.log_path(tmp_path / "out").read_text()
+        assert "flowbench sweep: warning: --patience 2 epochs is shorter than the cosine schedule's" in log, log
+        assert "UserWarning" not in log

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from toy_flows import ShiftScale
 from toy_flows import tiny_flow as tiny
 
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, advice_format
 from flowbench.models.base import CompositeTransform, Flow, StandardNormal
 from flowbench.models.nsf import NSF_AR_SPEC
 from flowbench.training import Trainer
@@ -274,6 +274,6 @@ def test_a_patience_shorter_than_the_cosine_budget_is_warned(tmp_path):
         assert cli.main(args) == 0
     # ... said as flowbench's errors are, not as a Python source line; other warnings as Python says them
     assert warnings.formatwarning is before  # restored after the command
-    fmt = cli.advice_format("run", warnings.formatwarning)
+    fmt = advice_format("run", warnings.formatwarning)
     assert fmt(UserWarning(msg), UserWarning, lifecycle.__file__, 1) == f"flowbench run: warning: {msg}\n"
     assert fmt(UserWarning("x"), UserWarning, __file__, 7).startswith(f"{__file__}:7: UserWarning: x")

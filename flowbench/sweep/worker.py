@@ -16,10 +16,11 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from flowbench.errors import FlowbenchError
+from flowbench.errors import FlowbenchError, advice_format
 from flowbench.sweep.artifacts import ARTIFACTS, pack_run, plant_record
 
 if TYPE_CHECKING:  # workers import this module first; keep it light
@@ -59,6 +60,7 @@ def init_worker(threads: int) -> None:
     """Process-pool initializer: ``threads`` torch threads per worker, so N workers don't oversubscribe."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
+    warnings.formatwarning = advice_format("sweep", warnings.formatwarning)  # into the run's log, as the CLI says it
     import torch  # lazy: after the thread variables are set, and this module stays light for workers
 
     torch.set_num_threads(threads)

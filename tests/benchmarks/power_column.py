@@ -222,7 +222,7 @@ def time_cell(
         "trainable": spec.trainable,
     }
     steps_epoch = math.ceil(n_train / opts.batch_size)
-    epochs = assumed_epochs(opts.model, getattr(opts, "max_steps", None), steps_epoch, args.epoch_map)
+    epochs = assumed_epochs(opts.model, opts.max_steps, steps_epoch, args.epoch_map)
     row["epochs_assumed"] = epochs
     t0 = time.perf_counter()
     if spec.trainable:

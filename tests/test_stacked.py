@@ -408,6 +408,27 @@ def test_stacked_kill_and_resume_equals_uninterrupted(tmp_path):
     assert alone.test_ll == pytest.approx(full[0].test_ll, abs=1e-4)
 
 
+def test_a_stack_resumed_with_a_raised_patience_equals_a_stack_that_had_it(tmp_path):
+    """Issue 24 (the 60-epoch relgrad seeds on POWER were resumed so): under patience 1 seed 0 stops at epoch 6,
+    under 3 both seeds train to the cap; a stack killed at epoch 3 under 1 and resumed under 3 equals the latter."""
+    data = toy_data()
+    kw = dict(lr=1e-2, max_epochs=10)
+    short = run_stacked([run_opts(tmp_path / "a", seed=s, patience=1, **kw) for s in (0, 1)], data, progress=False)
+    full = run_stacked([run_opts(tmp_path / "b", seed=s, patience=3, **kw) for s in (0, 1)], data, progress=False)
+    assert short[0].epochs < full[0].epochs
+
+    def kill(info):
+        if info.epoch == 3 and info.seed == 1:
+            raise Kill
+
+    runs = [run_opts(tmp_path / "c", seed=s, patience=1, **kw) for s in (0, 1)]
+    with pytest.raises(Kill):
+        run_stacked(runs, data, progress=False, callbacks=[kill])
+    resumed = run_stacked([{**o, "patience": 3, "resume": True} for o in runs], data, progress=False)
+    for a, b in zip(full, resumed):
+        assert numbers(a.history) == numbers(b.history) and a.test_ll == b.test_ll and b.config["patience"] == 3
+
+
 def test_nan_guard_stops_one_run_the_others_go_on(tmp_path):
     data = toy_data()
     train_x, val_x = torch.tensor(data.train), torch.tensor(data.val)

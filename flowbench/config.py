@@ -36,6 +36,7 @@ __all__ = [
     "NO_PROTOCOL_VALUE",
     "RunOptions",
     "RESUME_MAY_CHANGE",
+    "RESUME_RAISE_ONLY",
     "UNTAGGED",
     "hparam_declarations",
     "default_config_path",
@@ -72,12 +73,13 @@ NO_PROTOCOL_VALUE: Any = _NoProtocolValue()
 class Option:
     """One general run option (not a model hyperparameter).
 
-    ``tagged``: part of a sweep run's tag (it changes the result). ``resume_may_change``: may differ between a
-    run and its ``--resume`` (it does not change the trajectory). ``training_only``: meaningless for
-    closed-form models such as the Gaussian. ``choices``: the values allowed (checked with the types and bounds,
-    wherever a value comes from). ``stackable``: False when the stacked trainer does not implement the option, so
-    that a stack needs its default value (:data:`flowbench.training.stacked.UNSTACKABLE`). ``maf``: the value
-    ``--protocol maf`` sets (:data:`MAF_PROTOCOL`), or :data:`NO_PROTOCOL_VALUE` where it keeps the config's.
+    ``tagged``: part of a sweep run's tag (it changes the result). ``resume_may_change``: may differ between a run
+    and its ``--resume`` (it does not change the trajectory); ``resume_raise_only``: only upward, and not for a run
+    that already finished (a higher value continues it as if it had had it from the start). ``training_only``:
+    meaningless for closed-form models such as the Gaussian. ``choices``: the values allowed (checked with the types
+    and bounds, wherever a value comes from). ``stackable``: False when the stacked trainer does not implement the
+    option, so that a stack needs its default value (:data:`flowbench.training.stacked.UNSTACKABLE`). ``maf``: the
+    value ``--protocol maf`` sets (:data:`MAF_PROTOCOL`), or :data:`NO_PROTOCOL_VALUE` where it keeps the config's.
     """
 
     name: str
@@ -90,6 +92,7 @@ class Option:
     low_open: bool = False
     tagged: bool = True
     resume_may_change: bool = False
+    resume_raise_only: bool = False
     training_only: bool = False
     choices: tuple[str, ...] | None = None
     stackable: bool = True
@@ -153,6 +156,7 @@ OPTIONS: dict[str, Option] = {
             "N",
             low=1,
             resume_may_change=True,
+            resume_raise_only=True,
             training_only=True,
             maf=30,
         ),
@@ -359,6 +363,8 @@ OPTIONS: dict[str, Option] = {
 
 #: Options that may differ between a run and its resumption (they do not change the trajectory).
 RESUME_MAY_CHANGE: tuple[str, ...] = tuple(o.name for o in OPTIONS.values() if o.resume_may_change)
+#: Of those, the ones a resume may only raise (patience: a lower one might have stopped the run already).
+RESUME_RAISE_ONLY: tuple[str, ...] = tuple(o.name for o in OPTIONS.values() if o.resume_raise_only)
 #: Options left out of a sweep run's tag: the seed (replicates share a tag) and where/how it runs.
 UNTAGGED: tuple[str, ...] = tuple(o.name for o in OPTIONS.values() if not o.tagged)
 #: ``--protocol maf``: the MAF paper's training protocol (section 4), over whatever the config file set (the

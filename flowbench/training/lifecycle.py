@@ -44,6 +44,7 @@ from flowbench.results import (
     write_record,
 )
 from flowbench.training.evaluate import evaluate_test_points, spectral_norm_summary, validation_ll
+from flowbench.training.loop import steps_per_epoch
 from flowbench.training.trainer import EpochInfo, Trainer, TrainResult, checkpoint_epoch, save_model_state
 from flowbench.utils import LockHeld, exclusive_lock, resolve_device, seed_everything
 
@@ -337,7 +338,7 @@ def patience_within_decay(opts: RunOptions, n_train: int) -> str | None:
     states at the budget's end. None when patience covers the budget (or there is no decay to wait for)."""
     if opts.lr_schedule != "cosine" or opts.max_steps is None:
         return None
-    per_eval = opts.eval_every or max(1, math.ceil(n_train / opts.batch_size))
+    per_eval = opts.eval_every or steps_per_epoch(n_train, opts.batch_size)
     unit = "evaluations" if opts.eval_every else "epochs"
     evals = math.ceil(opts.max_steps / per_eval)
     if opts.patience >= evals:

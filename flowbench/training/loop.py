@@ -37,7 +37,22 @@ from tqdm.auto import tqdm
 from flowbench.config import OPTIONS
 from flowbench.errors import ConfigError
 
-__all__ = ["EarlyStopping", "EpochInfo", "RunLoop", "RunState", "TrainResult", "loss_label", "scheduled_lr"]
+__all__ = [
+    "EarlyStopping",
+    "EpochInfo",
+    "RunLoop",
+    "RunState",
+    "TrainResult",
+    "loss_label",
+    "scheduled_lr",
+    "steps_per_epoch",
+]
+
+
+def steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    """Optimiser steps in one epoch: every row once, the last batch possibly short."""
+    return max(1, math.ceil(n_rows / batch_size))
+
 
 LR_SCHEDULES: tuple[str, ...] = OPTIONS["lr_schedule"].choices or ()  # declared once, with the option
 
@@ -287,7 +302,7 @@ class RunLoop:
 
     @property
     def batches_per_epoch(self) -> int:
-        return max(1, math.ceil(self.train_x.shape[0] / self.batch_size))
+        return steps_per_epoch(self.train_x.shape[0], self.batch_size)
 
     # -- what the stepper may keep as it is -------------------------------------------------------------
     def _period_done(self, i: int) -> None:

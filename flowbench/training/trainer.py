@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flowbench.config import OPTIONS, RESUME_MAY_CHANGE, unset_value
+from flowbench.config import OPTIONS, RESUME_MAY_CHANGE, RESUME_RAISE_ONLY, unset_value
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
 from flowbench.training.evaluate import TRAIN_NLL_POINTS, train_subsample, training_nll, validation_ll
@@ -183,19 +183,19 @@ def read_checkpoint(path: str | Path | None, fingerprint: dict[str, Any]) -> dic
             f"checkpoint {path} was made with different options ({', '.join(diff)}); "
             "resume with the same options, or use --force without --resume to start again"
         )
-    # A raised patience continues a run that is still training exactly as if it had had it from the start; a lower
-    # one might have stopped it at an epoch already trained past, and a finished run does not train on.
-    made, now = (state.get("fingerprint") or {}).get("patience"), fingerprint.get("patience")
-    if made is not None and now is not None and now != made:
+    for key in RESUME_RAISE_ONLY:
+        made, now = (state.get("fingerprint") or {}).get(key), fingerprint.get(key)
+        if made is None or now is None or now == made:
+            continue
         if now < made:
             raise ConfigError(
-                f"checkpoint {path} was made with patience {made}; a resume may raise the patience but not lower "
-                f"it (--patience {made} or more), or use --force without --resume to start again"
+                f"checkpoint {path} was made with {key} {made}; a resume may raise the {key} but not lower it "
+                f"({OPTIONS[key].flag} {made} or more), or use --force without --resume to start again"
             )
         if state.get("finished"):
             raise ConfigError(
-                f"checkpoint {path} is of a run that already finished (patience {made} ran out, or it failed): a "
-                "raised patience cannot continue it; use --force without --resume to train it again"
+                f"checkpoint {path} is of a run that already finished (it converged or failed): a raised {key} "
+                "cannot continue it; use --force without --resume to train it again"
             )
     return state
 

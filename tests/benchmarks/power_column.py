@@ -209,6 +209,7 @@ def time_cell(
 ) -> dict:
     from flowbench.bench.stacked import run_stack_bench
     from flowbench.models import display_name, get_spec
+    from flowbench.training.loop import steps_per_epoch
 
     spec = get_spec(opts.model)
     hp = spec.resolve(opts.hparams)
@@ -221,7 +222,7 @@ def time_cell(
         "batch_size": opts.batch_size,
         "trainable": spec.trainable,
     }
-    steps_epoch = math.ceil(n_train / opts.batch_size)
+    steps_epoch = steps_per_epoch(n_train, opts.batch_size)
     epochs = assumed_epochs(opts.model, opts.max_steps, steps_epoch, args.epoch_map)
     row["epochs_assumed"] = epochs
     t0 = time.perf_counter()

@@ -244,3 +244,86 @@ def test_report_links_the_table_exports(md_report, results, tmp_path):
     page = build_report(results, tmp_path / "r.html", samples=False).read_text()
     (csv_link,) = re.findall(r'<a download="table.csv" href="data:text/csv;base64,([^"]+)">CSV</a>', page)
     assert base64.b64decode(csv_link).decode() == build_table(records, ["maf", "relgrad"], fmt="csv")
+
+
+def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
+    """Issue 24: a folder of long runs (POWER's take hours an epoch's stack) has a report before its first record:
+    every run with a checkpoint and no record, with its epoch, best validation LL (epoch), patience left and the
+    non-finite validations, here recomputed from the validation LLs the killed run's callback saw. A finished
+    run's kept checkpoint, and a failed sweep run that trained since its sweep reported it, are not listed as
+    in progress or failed; an unreadable checkpoint is a warning, not a failure."""
+    import os
+
+    from test_train import Kill, gaussian_data, opts
+
+    from flowbench.results import checkpoint_path, record_path
+    from flowbench.training import run_experiment
+
+    data = gaussian_data(400, 100, 200)
+    o = dict(model="maf", layers=2, hidden=8, seed=3, lr=3e-2, patience=5, max_epochs=20, checkpoint_every_s=0)
+    seen: list[float] = []
+
+    def kill(info):
+        seen.append(info.val_ll)
+        if info.epoch == 4:
+            raise Kill
+
+    out = tmp_path / "results"
+    with pytest.raises(Kill):
+        run_experiment(opts(out, **o, tag="lr=3e-2"), data, progress=False, callbacks=[kill])
+    run_experiment(opts(out, **dict(o, seed=4, max_epochs=2), keep_checkpoint=True), data, progress=False)
+    assert checkpoint_path(out, "toy", "maf", 4).is_file() and record_path(out, "toy", "maf", 4).is_file()
+    best = max(seen)
+    best_epoch = seen.index(best) + 1
+    assert best_epoch < 4  # the run had bad epochs: patience left is not simply the patience
+    bad = checkpoint_path(out, "toy", "realnvp", 0)
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a checkpoint")
+
+    text, _ = report_markdown(out, samples=False)
+    rows = [ln for ln in text.split("## Runs in progress")[1].splitlines() if ln.startswith("| toy")]
+    assert len(rows) == 1, rows  # not the finished seed 4, not the unreadable file
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[:7] == [
+        "toy",
+        "maf [lr=3e-2]",
+        "3",
+        "4 (16 steps)",
+        f"{best:.3f} (epoch {best_epoch})",
+        f"{5 - (4 - best_epoch)} of 5",
+        "0",
+    ]
+    assert cells[-1].endswith(" ago")
+    assert f"warning: checkpoint {bad} is truncated or not a flowbench file" in text
+    assert "1 runs of 1 configurations on 1 datasets, and 1 runs in progress" in text
+
+    # The NaN rule's validations (batch-norm statistics broken by an overflow) are counted.
+    ckpt = checkpoint_path(out, "toy", "maf", 3, "lr=3e-2")
+    state = torch.load(ckpt, weights_only=True)
+    state["result"]["history"][1]["val_ll"] = float("nan")
+    torch.save(state, ckpt)
+    assert "| 1 of 4 " in report_markdown(out, samples=False)[0]
+
+    # A folder of runs in progress only: the report stands, without table, curves or samples.
+    for path in (record_path(out, "toy", "maf", 4), checkpoint_path(out, "toy", "maf", 4), bad):
+        path.unlink()
+    assert main(["report", "--results", str(out), "--out", str(tmp_path / "r.md"), "--dataset", "toy"]) == 0
+    only = (tmp_path / "r.md").read_text()
+    assert "no finished runs yet, and 1 runs in progress" in only and "No run has finished yet" in only
+    assert "## Comparison table" not in only and "## Training curves" not in only
+    assert main(["report", "--results", str(out), "--dataset", "power"]) == 2
+    assert "no records for dataset power; the results hold: toy" in capsys.readouterr().err
+
+    # A sweep reported the run failed (its lock was held by the process training it): a checkpoint written
+    # after that report means it trained since, so it is no failure.
+    sweeps = out / "sweeps"
+    sweeps.mkdir()
+    failed = {"dataset": "toy", "model": "maf", "tag": "lr=3e-2", "seed": 3, "status": "failed", "error": "lock held"}
+    (sweeps / "grid.json").write_text(json.dumps({"runs": [failed]}))
+    ckpt = checkpoint_path(out, "toy", "maf", 3, "lr=3e-2")
+    written = ckpt.stat().st_mtime
+    os.utime(sweeps / "grid.json", (written - 60, written - 60))
+    assert "failed" not in report_markdown(out, samples=False)[0]
+    os.utime(sweeps / "grid.json", (written + 60, written + 60))
+    again = report_markdown(out, samples=False)[0]
+    assert "1 failed sweep runs that left no record, and 1 runs in progress" in again

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -18,12 +19,13 @@ from typing import Any
 import numpy as np
 
 from flowbench import status as S
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.results import read_field
 
 __all__ = [
     "FailedRun",
     "History",
+    "RunInProgress",
     "checkpoint",
     "failed_runs",
     "field",
@@ -32,6 +34,7 @@ __all__ = [
     "load_runs",
     "published_ll",
     "replace",
+    "runs_in_progress",
     "select_runs",
 ]
 
@@ -261,6 +264,7 @@ class FailedRun:
     seed: int
     error: str
     sweep: str
+    reported: float = 0.0  # when the sweep report was written (its modification time)
 
 
 def failed_runs(results: str | Path) -> tuple[list[FailedRun], list[str]]:
@@ -272,6 +276,7 @@ def failed_runs(results: str | Path) -> tuple[list[FailedRun], list[str]]:
     for path in sorted((Path(results) / "sweeps").glob("*.json")):
         try:
             runs = json.loads(path.read_text())["runs"]
+            reported = path.stat().st_mtime
         except (OSError, ValueError, KeyError, TypeError) as e:
             problems.append(f"could not read sweep report {path} ({type(e).__name__}: {e})")
             continue
@@ -283,7 +288,58 @@ def failed_runs(results: str | Path) -> tuple[list[FailedRun], list[str]]:
                 continue
             failed.append(
                 FailedRun(
-                    r["dataset"], r["model"], r.get("tag"), int(r["seed"]), r.get("error") or "unknown error", path.stem
+                    r["dataset"],
+                    r["model"],
+                    r.get("tag"),
+                    int(r["seed"]),
+                    r.get("error") or "unknown error",
+                    path.stem,
+                    reported,
                 )
             )
     return failed, problems
+
+
+@dataclass(frozen=True)
+class RunInProgress:
+    """A run with a training checkpoint and no record yet: training now, or stopped and waiting for
+    ``--resume`` (runs on a large dataset span sessions). ``progress`` is what its checkpoint says
+    (:class:`flowbench.training.trainer.Progress`); ``written`` is the checkpoint's modification time."""
+
+    dataset: str
+    model: str
+    tag: str | None
+    seed: int
+    path: Path
+    progress: Any
+    written: float
+
+
+_CHECKPOINT = re.compile(r"seed(\d+)\.ckpt")
+
+
+def runs_in_progress(results: str | Path) -> tuple[list[RunInProgress], list[str]]:
+    """The runs under ``<results>/runs`` with a checkpoint and no record (sorted by path), and the checkpoints
+    that could not be read (as messages). A checkpoint beside a record (``--keep-checkpoint``) or marked
+    finished belongs to a finished run and is left out."""
+    from flowbench.training.trainer import checkpoint_progress  # lazy: it imports torch
+
+    root = Path(results) / "runs"
+    runs: list[RunInProgress] = []
+    problems: list[str] = []
+    for path in sorted(root.rglob("seed*.ckpt")) if root.is_dir() else ():
+        m = _CHECKPOINT.fullmatch(path.name)
+        parts = path.relative_to(root).parts[:-1]
+        if m is None or len(parts) not in (2, 3) or path.with_suffix(".json").is_file():
+            continue
+        try:
+            progress = checkpoint_progress(path)
+            written = path.stat().st_mtime
+        except (FlowbenchError, OSError) as e:  # one bad file must not hide the others
+            problems.append(str(e))
+            continue
+        if progress.finished:
+            continue
+        tag = parts[2] if len(parts) == 3 else None
+        runs.append(RunInProgress(parts[0], parts[1], tag, int(m.group(1)), path, progress, written))
+    return runs, problems

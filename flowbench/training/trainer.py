@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import pickle
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -62,7 +63,16 @@ from flowbench.training.loop import (  # noqa: F401 - EpochInfo, TrainResult, lo
 from flowbench.training.optim import EpochStepAdam
 from flowbench.utils import atomic_torch_save, keep_freed_memory
 
-__all__ = ["TrainResult", "Trainer", "EpochInfo", "best_model_state", "save_model_state", "checkpoint_epoch"]
+__all__ = [
+    "TrainResult",
+    "Trainer",
+    "EpochInfo",
+    "Progress",
+    "best_model_state",
+    "checkpoint_progress",
+    "save_model_state",
+    "checkpoint_epoch",
+]
 
 
 #: On a GPU the running loss is read back (and checked for NaN/inf) every this many steps.
@@ -231,6 +241,58 @@ def best_model_state(path: str | Path) -> dict[str, Tensor]:
     if "model" not in state:
         raise ConfigError(f"{path} holds neither a model state nor a training checkpoint; delete it and re-run")
     return (state.get("early_stopping") or {}).get("best_state") or state["model"]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a run has trained, as its training checkpoint says (``flowbench report``'s runs in progress).
+
+    ``epoch`` and ``step`` are those of the last checkpoint; ``best_val_ll`` is None while no evaluation was
+    finite; ``patience_left`` counts epochs (evaluations with ``--eval-every``) before early stopping ends the
+    run if none is better; ``seconds_per_eval`` is the median of the last 20 evaluations' training time.
+    """
+
+    epoch: int
+    step: int
+    finished: bool
+    best_val_ll: float | None
+    best_epoch: int | None
+    best_step: int | None
+    patience: int
+    patience_left: int
+    nonfinite_val: int
+    evaluations: int
+    train_time_s: float
+    seconds_per_eval: float | None
+    options: dict[str, Any]
+
+
+def checkpoint_progress(path: str | Path) -> Progress:
+    """The :class:`Progress` of the run whose training checkpoint (``seed<k>.ckpt``) is ``path``; nothing is
+    rebuilt. A truncated or foreign file is a ConfigError that says what to do."""
+    state = _checkpoint(path)
+    stop = state["early_stopping"]
+    result = state["result"] or {}
+    history = result.get("history") or []
+    vals = [float(h["val_ll"]) for h in history if h.get("val_ll") is not None]
+    secs = [float(h["seconds"]) for h in history[-20:] if h.get("seconds") is not None]
+    best = stop.get("best_value")
+    found = best is not None and math.isfinite(best)
+    return Progress(
+        epoch=int(state["epoch"]),
+        step=int(state.get("step") or 0),
+        finished=bool(state["finished"]),
+        best_val_ll=float(best) if found else None,
+        best_epoch=stop.get("best_epoch") if found else None,
+        best_step=state.get("best_step") if found else None,
+        patience=int(stop["patience"]),
+        patience_left=int(stop["patience"]) - int(stop["bad_epochs"]),
+        nonfinite_val=sum(1 for v in vals if not math.isfinite(v)),
+        evaluations=len(history),
+        train_time_s=float(result.get("train_time_s") or 0.0),
+        seconds_per_eval=float(np.median(secs)) if secs else None,
+        options=dict(state.get("fingerprint") or {}),
+    )
 
 
 def _on_run(name: str) -> property:

@@ -20,7 +20,8 @@ __all__ = ["NOT_CONVERGED", "RunStatus", "convergence_note", "evaluates_by_step"
 
 #: Status kinds, in the order a summary lists them. ``budget``: a step budget (``--max-steps``, the NSF
 #: protocol's end: Durkan et al. 2019 train a fixed number of steps and keep the best validated state) was spent.
-KINDS = ("converged", "capped", "budget", "closed-form", "nonfinite", "failed", "other")
+#: ``in progress``: a run with a training checkpoint and no record yet (``flowbench report``'s runs in progress).
+KINDS = ("converged", "capped", "budget", "closed-form", "nonfinite", "failed", "in progress", "other")
 
 NOT_CONVERGED = (
     "not converged: stopped by --max-epochs before early stopping, so not comparable with the papers' numbers"
@@ -104,6 +105,8 @@ def run_status(rec: Any) -> RunStatus:
         return RunStatus("converged", f"converged: patience {number}{unit} ran out ({where})")
     if kind == "closed-form":
         return RunStatus("closed-form", "closed-form fit (no training)")
+    if kind == "in progress":
+        return RunStatus("in progress", f"in progress ({where} so far)")
     return RunStatus("other", reason or "unknown")
 
 

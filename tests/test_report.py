@@ -280,7 +280,8 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"not a checkpoint")
 
-    text, _ = report_markdown(out, samples=False)
+    text, figures = report_markdown(out, samples=False)
+    assert figures["progress_toy.png"].startswith(PNG) and "(report_files/progress_toy.png)" in text
     rows = [ln for ln in text.split("## Runs in progress")[1].splitlines() if ln.startswith("| toy")]
     assert len(rows) == 1, rows  # not the finished seed 4, not the unreadable file
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
@@ -294,6 +295,13 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
         "0",
     ]
     assert cells[-1].endswith(" ago")
+    from flowbench.plots._records import runs_in_progress
+    from flowbench.status import run_status
+
+    (run,), _ = runs_in_progress(out)
+    so_far = run.record()
+    assert so_far["display_name"] == "MAF (2)" and [h["val_ll"] for h in so_far["history"]] == seen
+    assert run_status(so_far).text == f"in progress (best epoch {best_epoch} of 4 so far)"
     assert f"warning: checkpoint {bad} is truncated or not a flowbench file" in text
     assert "1 runs of 1 configurations on 1 datasets, and 1 runs in progress" in text
 

@@ -314,6 +314,35 @@ class RunInProgress:
     progress: Any
     written: float
 
+    def record(self) -> dict[str, Any]:
+        """The run so far as a record mapping, for the curves: its history and best so far, status ``in
+        progress``, and the row label its record will have."""
+        from flowbench import models  # lazy: the registry imports torch
+        from flowbench.config import OPTIONS
+
+        p = self.progress
+        try:
+            name = models.display_name(self.model, **{k: v for k, v in p.options.items() if k not in OPTIONS})
+        except (FlowbenchError, KeyError, IndexError, ValueError):  # a plug-in no longer installed, an old option
+            name = self.model
+        return {
+            "dataset": self.dataset,
+            "model": self.model,
+            "display_name": name,
+            "tag": self.tag,
+            "seed": self.seed,
+            "config": p.options,
+            "history": p.history,
+            "epochs": p.epoch,
+            "steps": p.step,
+            "best_epoch": p.best_epoch,
+            "best_step": p.best_step,
+            "best_val_ll": p.best_val_ll,
+            "status": "ok",
+            "ended": "in progress",
+            "stop_reason": "in progress",
+        }
+
 
 _CHECKPOINT = re.compile(r"seed(\d+)\.ckpt")
 

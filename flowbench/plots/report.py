@@ -216,7 +216,7 @@ def report_markdown(
         _add_table(page, records, sources, select, folder)
         _add_runs(page, records, failed)
     if running:
-        _add_in_progress(page, running)
+        _add_in_progress(page, running, sources, folder)
     if not records:
         page.add(
             "No run has finished yet: the comparison table, the curves and the samples appear once the first "
@@ -299,8 +299,8 @@ def _add_runs(page: _Page, records: list[Any], failed: list[R.FailedRun]) -> Non
     )
 
 
-def _add_in_progress(page: _Page, running: list[R.RunInProgress]) -> None:
-    """Where each run without a record stands, from its training checkpoint."""
+def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[str], folder: str) -> None:
+    """Where each run without a record stands, from its training checkpoint, and its curves so far."""
     page.add("## Runs in progress", "")
     page.add(
         "Runs with a training checkpoint and no record yet: training now, or stopped and waiting to be resumed "
@@ -347,6 +347,15 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress]) -> None:
         "checkpoint written",
     ]
     page.add(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, stralign="left"), "")
+    so_far = [r.record() for r in running]
+    page.add(
+        "Their curves so far, drawn as the finished runs' are below (the star: each seed's best evaluation so far).",
+        "",
+    )
+    for ds in dataset_order(so_far):
+        runs = [r for r in so_far if R.dataset(r) == ds]
+        png = png_bytes(plot_curves(runs, sources=sources, with_tag=True))
+        page.figure(f"progress_{_slug(ds)}.png", png, f"training curves so far on {ds}", folder)
 
 
 def _add_curves(page: _Page, shown: list[Any], sources: list[str], select: str, folder: str) -> None:
@@ -486,7 +495,7 @@ def build_report(results: str | Path = "results", out: str | Path | None = None,
     figdir = out.parent / folder
     # Figures of an earlier report of other runs would otherwise linger beside the new ones.
     for old in figdir.glob("*.png") if figdir.is_dir() else ():
-        if old.name not in figures and old.name.startswith(("curves_", "samples_")):
+        if old.name not in figures and old.name.startswith(("curves_", "progress_", "samples_")):
             old.unlink()
     for name, png in figures.items():
         with atomic_write(figdir / name, "wb") as f:

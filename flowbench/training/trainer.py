@@ -265,6 +265,7 @@ class Progress:
     train_time_s: float
     seconds_per_eval: float | None
     options: dict[str, Any]
+    history: tuple[dict[str, Any], ...] = ()
 
 
 def checkpoint_progress(path: str | Path) -> Progress:
@@ -292,6 +293,7 @@ def checkpoint_progress(path: str | Path) -> Progress:
         train_time_s=float(result.get("train_time_s") or 0.0),
         seconds_per_eval=float(np.median(secs)) if secs else None,
         options=dict(state.get("fingerprint") or {}),
+        history=tuple(dict(h) for h in history),
     )
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "write_record",
     "read_record",
     "iter_records",
+    "checkpoints_without_record",
     "system_info",
     "json_safe",
     "read_field",
@@ -422,6 +423,25 @@ def iter_records(results: str | Path) -> Iterator[RunRecord]:
         raise ConfigError(f"no run records under {root}; train something first with `flowbench run`")
     for path in sorted(root.rglob("seed*.json")):
         yield read_record(path)
+
+
+_CHECKPOINT_NAME = re.compile(r"seed\d+\.ckpt")
+
+
+def checkpoints_without_record(results: str | Path) -> list[Path]:
+    """The training checkpoints under ``<results>/runs`` with no record beside them (sorted): runs training now,
+    or stopped and waiting for ``--resume``. A checkpoint kept beside its record (``--keep-checkpoint``) is a
+    finished run's and is left out."""
+    root = Path(results) / "runs"
+    if not root.is_dir():
+        return []
+    return [
+        p
+        for p in sorted(root.rglob("seed*.ckpt"))
+        if _CHECKPOINT_NAME.fullmatch(p.name)
+        and len(p.relative_to(root).parts) in (3, 4)
+        and not p.with_suffix(".json").is_file()
+    ]
 
 
 @functools.lru_cache(maxsize=1)  # once per process, not a git process per record

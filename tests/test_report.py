@@ -305,6 +305,10 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
     assert f"warning: checkpoint {bad} is truncated or not a flowbench file" in text
     assert "1 runs of 1 configurations on 1 datasets, and 1 runs in progress" in text
 
+    assert main(["table", "--results", str(out)]) == 0
+    # counted without reading them: the unreadable checkpoint too
+    assert "note: 2 runs have a checkpoint and no record yet" in capsys.readouterr().err
+
     # The NaN rule's validations (batch-norm statistics broken by an overflow) are counted.
     ckpt = checkpoint_path(out, "toy", "maf", 3, "lr=3e-2")
     state = torch.load(ckpt, weights_only=True)

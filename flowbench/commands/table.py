@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 #: ``--out`` suffixes that choose the format when ``--format`` is not given.
@@ -61,7 +62,7 @@ def _check_out(out: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from flowbench.errors import ConfigError
-    from flowbench.results import iter_records
+    from flowbench.results import checkpoints_without_record, iter_records
     from flowbench.tables import build_table, parse_sources
     from flowbench.utils import atomic_write
 
@@ -82,4 +83,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"table written to {args.out}")
     else:
         print(text, end="")
+    running = checkpoints_without_record(args.results)
+    if running:  # on stderr: the table itself may be piped into a paper
+        print(
+            f"flowbench table: note: {len(running)} runs have a checkpoint and no record yet (in progress, or "
+            f"stopped before their end) and are not in the table; `flowbench report --results {args.results}` "
+            "shows where they stand",
+            file=sys.stderr,
+        )
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -344,23 +343,18 @@ class RunInProgress:
         }
 
 
-_CHECKPOINT = re.compile(r"seed(\d+)\.ckpt")
-
-
 def runs_in_progress(results: str | Path) -> tuple[list[RunInProgress], list[str]]:
     """The runs under ``<results>/runs`` with a checkpoint and no record (sorted by path), and the checkpoints
     that could not be read (as messages). A checkpoint beside a record (``--keep-checkpoint``) or marked
     finished belongs to a finished run and is left out."""
+    from flowbench.results import checkpoints_without_record
     from flowbench.training.trainer import checkpoint_progress  # lazy: it imports torch
 
     root = Path(results) / "runs"
     runs: list[RunInProgress] = []
     problems: list[str] = []
-    for path in sorted(root.rglob("seed*.ckpt")) if root.is_dir() else ():
-        m = _CHECKPOINT.fullmatch(path.name)
+    for path in checkpoints_without_record(results):
         parts = path.relative_to(root).parts[:-1]
-        if m is None or len(parts) not in (2, 3) or path.with_suffix(".json").is_file():
-            continue
         try:
             progress = checkpoint_progress(path)
             written = path.stat().st_mtime
@@ -370,5 +364,7 @@ def runs_in_progress(results: str | Path) -> tuple[list[RunInProgress], list[str
         if progress.finished:
             continue
         tag = parts[2] if len(parts) == 3 else None
-        runs.append(RunInProgress(parts[0], parts[1], tag, int(m.group(1)), path, progress, written))
+        runs.append(
+            RunInProgress(parts[0], parts[1], tag, int(path.stem.removeprefix("seed")), path, progress, written)
+        )
     return runs, problems

@@ -307,7 +307,8 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         "(the same `flowbench run` command with `--resume`, or the same sweep again). *Patience left*: epochs "
         "(evaluations, for a run with `--eval-every`) without a better validation LL before early stopping ends "
         "the run; each new best starts it again. *Per epoch*: the median training time of the last 20 "
-        "epochs (evaluations). The table and the curves leave these runs out until their records are written.",
+        "epochs (evaluations). The comparison table and the finished runs' curves leave these runs out until their "
+        "records are written.",
         "",
     )
     now = time.time()
@@ -349,7 +350,8 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
     page.add(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, stralign="left"), "")
     so_far = [r.record() for r in running]
     page.add(
-        "Their curves so far, drawn as the finished runs' are below (the star: each seed's best evaluation so far).",
+        "Their training curves so far, drawn as the finished runs' curves are (the star: each seed's best "
+        "evaluation so far):",
         "",
     )
     for ds in dataset_order(so_far):

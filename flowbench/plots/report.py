@@ -307,8 +307,8 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         "(the same `flowbench run` command with `--resume`, or the same sweep again). *Patience left*: epochs "
         "(evaluations, for a run with `--eval-every`) without a better validation LL before early stopping ends "
         "the run; each new best starts it again. *Per epoch*: the median training time of the last 20 "
-        "epochs (evaluations). The comparison table and the finished runs' curves leave these runs out until their "
-        "records are written.",
+        "epochs (evaluations); for a run of a stack, the whole stack's. The comparison table and the finished "
+        "runs' curves leave these runs out until their records are written.",
         "",
     )
     now = time.time()

@@ -339,3 +339,26 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
     os.utime(sweeps / "grid.json", (written + 60, written + 60))
     again = report_markdown(out, samples=False)[0]
     assert "1 failed sweep runs that left no record, and 1 runs in progress" in again
+
+
+def test_a_seed_that_stopped_inside_a_running_stack_is_listed_as_stopped(tmp_path):
+    """A stack writes its records when it ends: a seed that early stopping ended before the others has a finished
+    checkpoint and no record meanwhile. The report lists it as stopped, beside its stack mate still training."""
+    from test_stacked import Kill, run_opts, run_stacked, toy_data
+
+    def kill(info):
+        if info.epoch == 8 and info.seed == 1:
+            raise Kill
+
+    with pytest.raises(Kill):  # under patience 1 seed 0 stops at epoch 6 and seed 1 trains on (test_stacked.py)
+        runs = [run_opts(tmp_path, seed=s, patience=1, lr=1e-2, max_epochs=10) for s in (0, 1)]
+        run_stacked(runs, toy_data(), progress=False, callbacks=[kill])
+    text, _ = report_markdown(tmp_path, samples=False)
+    rows = {
+        ln.split("|")[3].strip(): [c.strip() for c in ln.split("|")[4:7]]
+        for ln in text.splitlines()
+        if ln.startswith("| toy")
+    }
+    per_epoch = -(-len(toy_data().train) // runs[0]["batch_size"])
+    assert rows["0"][0] == f"6 ({6 * per_epoch} steps)" and rows["0"][2] == "stopped"
+    assert rows["1"][0] == f"8 ({8 * per_epoch} steps)" and rows["1"][2] == "1 of 1"

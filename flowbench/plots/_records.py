@@ -345,8 +345,9 @@ class RunInProgress:
 
 def runs_in_progress(results: str | Path) -> tuple[list[RunInProgress], list[str]]:
     """The runs under ``<results>/runs`` with a checkpoint and no record (sorted by path), and the checkpoints
-    that could not be read (as messages). A checkpoint beside a record (``--keep-checkpoint``) or marked
-    finished belongs to a finished run and is left out."""
+    that could not be read (as messages). A checkpoint beside a record (``--keep-checkpoint``) belongs to a
+    finished run and is left out; one marked finished without a record is a seed of a stack that stopped before
+    the others (the stack writes the records when it ends), and is listed."""
     from flowbench.results import checkpoints_without_record
     from flowbench.training.trainer import checkpoint_progress  # lazy: it imports torch
 
@@ -360,8 +361,6 @@ def runs_in_progress(results: str | Path) -> tuple[list[RunInProgress], list[str
             written = path.stat().st_mtime
         except (FlowbenchError, OSError) as e:  # one bad file must not hide the others
             problems.append(str(e))
-            continue
-        if progress.finished:
             continue
         tag = parts[2] if len(parts) == 3 else None
         runs.append(

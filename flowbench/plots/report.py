@@ -306,9 +306,10 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         "Runs with a training checkpoint and no record yet: training now, or stopped and waiting to be resumed "
         "(the same `flowbench run` command with `--resume`, or the same sweep again). *Patience left*: epochs "
         "(evaluations, for a run with `--eval-every`) without a better validation LL before early stopping ends "
-        "the run; each new best starts it again. *Per epoch*: the median training time of the last 20 "
-        "epochs (evaluations); for a run of a stack, the whole stack's. The comparison table and the finished "
-        "runs' curves leave these runs out until their records are written.",
+        "the run; each new best starts it again; *stopped*: its training has ended (a seed of a stack that stopped "
+        "before the others: the stack writes the records when it ends). *Per epoch*: the median training time "
+        "of the last 20 epochs (evaluations); for a run of a stack, the whole stack's. The comparison table and "
+        "the finished runs' curves leave these runs out until their records are written.",
         "",
     )
     now = time.time()
@@ -328,7 +329,7 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
                 r.seed,
                 f"{p.epoch} ({p.step:,} steps)",
                 best,
-                f"{p.patience_left} of {p.patience}",
+                "stopped" if p.finished else f"{p.patience_left} of {p.patience}",
                 f"{p.nonfinite_val} of {p.evaluations}" if p.nonfinite_val else "0",
                 format_seconds(p.train_time_s),
                 format_seconds(p.seconds_per_eval) if p.seconds_per_eval is not None else "",

@@ -260,7 +260,7 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
     from flowbench.training import run_experiment
 
     data = gaussian_data(400, 100, 200)
-    o = dict(model="maf", layers=2, hidden=8, seed=3, lr=3e-2, patience=5, max_epochs=20, checkpoint_every_s=0)
+    o = dict(model="maf", layers=2, hidden=8, seed=3, lr=3e-2, patience=30, max_epochs=6, checkpoint_every_s=0)
     seen: list[float] = []
 
     def kill(info):
@@ -291,9 +291,10 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
         "3",
         "4 (16 steps)",
         f"{best:.3f} (epoch {best_epoch})",
-        f"{5 - (4 - best_epoch)} of 5",
+        f"{30 - (4 - best_epoch)} of 30",
         "0",
     ]
+    assert cells[9].startswith("2 epochs, ~")  # the cap of 6 comes before the patience runs out
     assert cells[-1].endswith(" ago")
     from flowbench.plots._records import runs_in_progress
     from flowbench.status import run_status
@@ -362,3 +363,21 @@ def test_a_seed_that_stopped_inside_a_running_stack_is_listed_as_stopped(tmp_pat
     per_epoch = -(-len(toy_data().train) // runs[0]["batch_size"])
     assert rows["0"][0] == f"6 ({6 * per_epoch} steps)" and rows["0"][2] == "stopped"
     assert rows["1"][0] == f"8 ({8 * per_epoch} steps)" and rows["1"][2] == "1 of 1"
+    assert "| 1 epochs, ~" in text  # patience 1 left comes before the cap of 10
+
+
+def test_earliest_end_is_the_first_of_patience_cap_and_budget():
+    from types import SimpleNamespace
+
+    from flowbench.plots.report import _earliest_end
+
+    def p(**kw):
+        base = dict(finished=False, patience_left=30, epoch=6, step=600, seconds_per_eval=60.0, options={})
+        return SimpleNamespace(**{**base, **kw})
+
+    assert _earliest_end(p(), False) == "30 epochs, ~30 min 00 s"
+    assert _earliest_end(p(options={"max_epochs": 10}), False) == "4 epochs, ~4 min 00 s"
+    assert _earliest_end(p(options={"max_steps": 1000}), False) == "4 epochs, ~4 min 00 s"  # 100 steps an epoch
+    by_step = p(patience_left=10, step=650, options={"max_steps": 1000, "eval_every": 100})
+    assert _earliest_end(by_step, True) == "4 evaluations, ~4 min 00 s"
+    assert _earliest_end(p(finished=True), False) == ""

@@ -308,7 +308,9 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         "(evaluations, for a run with `--eval-every`) without a better validation LL before early stopping ends "
         "the run; each new best starts it again; *stopped*: its training has ended (a seed of a stack that stopped "
         "before the others: the stack writes the records when it ends). *Per epoch*: the median training time "
-        "of the last 20 epochs (evaluations); for a run of a stack, the whole stack's. The comparison table and "
+        "of the last 20 epochs (evaluations); for a run of a stack, the whole stack's. *Earliest end*: the epochs "
+        "(evaluations) it trains at the least, and about how long: until its patience runs out, or its epoch cap "
+        "or step budget if that comes first. The comparison table and "
         "the finished runs' curves leave these runs out until their records are written.",
         "",
     )
@@ -333,6 +335,7 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
                 f"{p.nonfinite_val} of {p.evaluations}" if p.nonfinite_val else "0",
                 format_seconds(p.train_time_s),
                 format_seconds(p.seconds_per_eval) if p.seconds_per_eval is not None else "",
+                _earliest_end(p, by_step),
                 f"{format_seconds(max(0.0, now - r.written))} ago",
             ]
         )
@@ -346,6 +349,7 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         "non-finite validations",
         "training so far",
         "per epoch",
+        "earliest end",
         "checkpoint written",
     ]
     page.add(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, stralign="left"), "")
@@ -359,6 +363,23 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         runs = [r for r in so_far if R.dataset(r) == ds]
         png = png_bytes(plot_curves(runs, sources=sources, with_tag=True))
         page.figure(f"progress_{_slug(ds)}.png", png, f"training curves so far on {ds}", folder)
+
+
+def _earliest_end(p: Any, by_step: bool) -> str:
+    """How many more epochs (evaluations) the run trains at the least, and about how long: until its patience runs
+    out if no evaluation is better, or its ``--max-epochs`` cap or ``--max-steps`` budget if that comes first."""
+    if p.finished:
+        return ""
+    left = [p.patience_left]
+    unit = "evaluations" if by_step else "epochs"
+    if p.options.get("max_epochs") and not by_step:
+        left.append(int(p.options["max_epochs"]) - p.epoch)
+    per_eval = int(p.options["eval_every"]) if by_step else (p.step // p.epoch if p.epoch else 0)
+    if p.options.get("max_steps") and per_eval:
+        left.append(math.ceil((int(p.options["max_steps"]) - p.step) / per_eval))
+    n = max(0, min(left))
+    when = f", ~{format_seconds(n * p.seconds_per_eval)}" if p.seconds_per_eval is not None else ""
+    return f"{n} {unit}{when}"
 
 
 def _add_curves(page: _Page, shown: list[Any], sources: list[str], select: str, folder: str) -> None:

@@ -381,3 +381,34 @@ def test_earliest_end_is_the_first_of_patience_cap_and_budget():
     by_step = p(patience_left=10, step=650, options={"max_steps": 1000, "eval_every": 100})
     assert _earliest_end(by_step, True) == "4 evaluations, ~4 min 00 s"
     assert _earliest_end(p(finished=True), False) == ""
+
+
+def test_a_run_with_no_finite_evaluation_yet_is_reported_quietly(tmp_path):
+    """A checkpoint whose run has no finite validation yet: the row says so, its curve panel draws no level, and
+    nothing warns (numpy's mean of an empty slice used to)."""
+    import warnings
+
+    from test_train import Kill, gaussian_data, opts
+
+    from flowbench.results import checkpoint_path
+    from flowbench.training import run_experiment
+
+    def kill(info):
+        raise Kill
+
+    with pytest.raises(Kill):
+        run_experiment(
+            opts(tmp_path, model="maf", layers=1, hidden=8, checkpoint_every_s=0),
+            gaussian_data(400, 100, 200),
+            progress=False,
+            callbacks=[kill],
+        )
+    ckpt = checkpoint_path(tmp_path, "toy", "maf", 0)
+    state = torch.load(ckpt, weights_only=True)
+    state["result"]["history"] = []
+    state["early_stopping"].update(best_value=float("-inf"), best_epoch=None, bad_epochs=0)
+    torch.save(state, ckpt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text, figures = report_markdown(tmp_path, samples=False)
+    assert "| none finite yet |" in text and figures["progress_toy.png"].startswith(PNG)

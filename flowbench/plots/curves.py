@@ -18,6 +18,7 @@ says so.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,7 +175,8 @@ def _draw_configuration(
         row.has_published = True
     if not any(h.epoch.size for h in hists):
         # Closed-form fits (the Gaussian) have no epochs: their validation LL is a level, not a curve.
-        level = float(np.nanmean([R.best_val_ll(r) for r in runs]))
+        levels = [v for v in (R.best_val_ll(r) for r in runs) if np.isfinite(v)]
+        level = float(np.mean(levels)) if levels else math.nan
         if np.isfinite(level):
             ax_val.axhline(level, color=c, ls=":", lw=1.5, gid="closed-form")
             row.keep.append(level)

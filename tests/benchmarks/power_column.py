@@ -34,8 +34,8 @@ Without POWER under the data root (``DIR/power/data.npy``), exits 2 saying how t
 
 Measured (POWER rebuilt from UCI, 2 shared CPU cores, one thread, torch 2.13 CPU; ``--steps 150 --rounds 3
 --eval-fraction 0.25``, 285 s, load average 3.6-4 from other jobs, so this process had 45-50 % of a core), with
-the epochs of :data:`EPOCHS`: the 15 cells x 3 seeds to early stopping, 476 core-hours run by run and 317
-stacked by wall clock; scaled by each cell's core share, 234 and 156 core-hours on an idle core (relgrad as
+the epochs of :data:`EPOCHS`: the 15 cells x 3 seeds to early stopping, 522 core-hours run by run and 348
+stacked by wall clock; scaled by each cell's core share, 257 and 171 core-hours on an idle core (relgrad as
 shipped adds about 2). Check of that scaling: MAF (5), 1 hidden layer, stacked estimate 132 s/epoch x 50 % =
 66 s/epoch, against 68-90 s/epoch measured by the stack of 3 seeds training on the same machine (niced) for
 issue 24. Real NVP and MAF with 10 layers or 2 hidden layers are most of it; an epoch's evaluation (batch-norm
@@ -64,19 +64,19 @@ SWEEP = REPO / "configs" / "sweeps" / "maf-table1.toml"
 EPOCHS: dict[str, int] = {
     "gaussian": 0,
     "made": 60,
-    "made-mog": 107,
-    "realnvp": 327,
-    "maf": 327,
-    "maf-mog": 327,
+    "made-mog": 154,
+    "realnvp": 357,
+    "maf": 357,
+    "maf-mog": 357,
     "relgrad": 54,
 }
 WHY = {
     "made": "MADE: 60 = best near epoch 30 + patience 30 (assumed, not measured: it trains at lr 1e-3, 10x the "
     "flows', with no batch norm; no MADE run on POWER with its epoch count was found)",
-    "made-mog": "MADE MoG: 107, a lower bound: with 1 hidden layer on POWER rebuilt from UCI (3 seeds, stacked) it "
-    "still set new best validation LLs at epochs 73-77, so the stack stops at epoch 107 at the earliest",
-    "maf": "MAF / MAF MoG / Real NVP: 327, a lower bound: MAF (5) with 1 hidden layer on POWER rebuilt from UCI (3 "
-    "seeds, stacked) still set new best validation LLs at epochs 211-297, so the stack stops at epoch 327 at the "
+    "made-mog": "MADE MoG: 154, a lower bound: with 1 hidden layer on POWER rebuilt from UCI (3 seeds, stacked) it "
+    "still set new best validation LLs at epochs 83-124, so the stack stops at epoch 154 at the earliest",
+    "maf": "MAF / MAF MoG / Real NVP: 357, a lower bound: MAF (5) with 1 hidden layer on POWER rebuilt from UCI (3 "
+    "seeds, stacked) still set new best validation LLs at epochs 326-327, so the stack stops at epoch 357 at the "
     "earliest",
     "relgrad": "relgrad: its config's step budget (max-steps / steps per epoch: 30 epochs for 498,000 steps at "
     "batch 100), where every cosine-decayed run on POWER ended with its best state; without a budget, 54: the "

@@ -316,7 +316,8 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
     )
     now = time.time()
     rows = []
-    for r in sorted(running, key=lambda r: (dataset_order(running).index(r.dataset), r.model, r.tag or "", r.seed)):
+    order = {ds: i for i, ds in enumerate(dataset_order(running))}
+    for r in sorted(running, key=lambda r: (order[r.dataset], r.model, r.tag or "", r.seed)):
         p = r.progress
         by_step = p.options.get("eval_every") is not None
         if p.best_val_ll is None:

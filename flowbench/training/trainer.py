@@ -249,7 +249,7 @@ class Progress:
 
     ``epoch`` and ``step`` are those of the last checkpoint; ``best_val_ll`` is None while no evaluation was
     finite; ``patience_left`` counts epochs (evaluations with ``--eval-every``) before early stopping ends the
-    run if none is better; ``seconds_per_eval`` is the median of the last 20 evaluations' training time.
+    run if none is better; ``history`` is the run's history so far (one row per evaluation).
     """
 
     epoch: int
@@ -260,12 +260,24 @@ class Progress:
     best_step: int | None
     patience: int
     patience_left: int
-    nonfinite_val: int
-    evaluations: int
     train_time_s: float
-    seconds_per_eval: float | None
     options: dict[str, Any]
     history: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.history)
+
+    @property
+    def nonfinite_val(self) -> int:
+        """Evaluations whose validation LL was not finite (the NaN rule's)."""
+        return sum(1 for h in self.history if h.get("val_ll") is not None and not math.isfinite(h["val_ll"]))
+
+    @property
+    def seconds_per_eval(self) -> float | None:
+        """The median training time of the last 20 evaluations (None before the first)."""
+        secs = [float(h["seconds"]) for h in self.history[-20:] if h.get("seconds") is not None]
+        return float(np.median(secs)) if secs else None
 
 
 def checkpoint_progress(path: str | Path) -> Progress:
@@ -274,9 +286,6 @@ def checkpoint_progress(path: str | Path) -> Progress:
     state = _checkpoint(path)
     stop = state["early_stopping"]
     result = state["result"] or {}
-    history = result.get("history") or []
-    vals = [float(h["val_ll"]) for h in history if h.get("val_ll") is not None]
-    secs = [float(h["seconds"]) for h in history[-20:] if h.get("seconds") is not None]
     best = stop.get("best_value")
     found = best is not None and math.isfinite(best)
     return Progress(
@@ -288,12 +297,9 @@ def checkpoint_progress(path: str | Path) -> Progress:
         best_step=state.get("best_step") if found else None,
         patience=int(stop["patience"]),
         patience_left=int(stop["patience"]) - int(stop["bad_epochs"]),
-        nonfinite_val=sum(1 for v in vals if not math.isfinite(v)),
-        evaluations=len(history),
         train_time_s=float(result.get("train_time_s") or 0.0),
-        seconds_per_eval=float(np.median(secs)) if secs else None,
         options=dict(state.get("fingerprint") or {}),
-        history=tuple(dict(h) for h in history),
+        history=tuple(dict(h) for h in result.get("history") or []),
     )
 
 

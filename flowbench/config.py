@@ -47,6 +47,7 @@ __all__ = [
     "parse_match_params",
     "parse_seeds",
     "unset_value",
+    "fingerprint_model",
 ]
 
 #: The repository's ``configs/`` folder (the package is installed in editable mode from the checkout).
@@ -396,6 +397,10 @@ def hparam_declarations() -> dict[str, dict[str, Any]]:
     return out
 
 
+#: Where :meth:`RunOptions.to_dict` keeps a plugged-in model's or dataset's reference.
+_REFS = ("model_ref", "dataset_ref")
+
+
 @dataclass(frozen=True)
 class RunOptions:
     """Fully resolved options of one run. ``hparams`` holds only the model hyperparameters that were set
@@ -463,7 +468,7 @@ class RunOptions:
         """Flat ``{option: value}`` with the set hyperparameters beside the general options (records, checkpoints);
         a plugged-in model's or dataset's reference as ``model_ref``/``dataset_ref`` where there is one."""
         flat = {name: getattr(self, name) for name in OPTIONS}
-        for key in ("model_ref", "dataset_ref"):
+        for key in _REFS:
             if getattr(self, key) is not None:
                 flat[key] = getattr(self, key)
         flat.update(self.hparams)
@@ -814,6 +819,14 @@ class _Unknown:
 UNKNOWN_DEFAULT: Any = _Unknown()
 
 
+def fingerprint_model(fingerprint: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The model of a run's options as :meth:`RunOptions.to_dict` flattened them (records, checkpoints): the key
+    that resolves its spec (a plugged-in model's reference, else its name) and its set hyperparameters (the keys
+    that are neither general options nor references)."""
+    hparams = {k: v for k, v in fingerprint.items() if k not in OPTIONS and k not in _REFS}
+    return fingerprint.get("model_ref") or fingerprint["model"], hparams
+
+
 def unset_value(key: str, fingerprint: Mapping[str, Any]) -> Any:
     """The value option or hyperparameter ``key`` has in a run whose options (``fingerprint``, from
     :meth:`RunOptions.to_dict`) do not list it: a general option's declared default (the option did not exist
@@ -822,12 +835,12 @@ def unset_value(key: str, fingerprint: Mapping[str, Any]) -> Any:
     :data:`UNKNOWN_DEFAULT`, equal to nothing, for any other key or a model that no longer resolves."""
     if key in OPTIONS:
         return OPTIONS[key].default
-    if key in ("model_ref", "dataset_ref"):
+    if key in _REFS:
         return None
     from flowbench.models import get_spec
 
     try:
-        hp = get_spec(fingerprint.get("model_ref") or fingerprint["model"]).hparams.get(key)
+        hp = get_spec(fingerprint_model(fingerprint)[0]).hparams.get(key)
     except (ConfigError, KeyError, TypeError):
         return UNKNOWN_DEFAULT
     return UNKNOWN_DEFAULT if hp is None or hp.required else hp.default

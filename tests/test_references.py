@@ -599,3 +599,23 @@ def test_a_model_to_match_in_a_config_file_is_relative_to_the_config(tmp_path, m
     (tmp_path / "proj" / "run.toml").write_text('model = "maf"\nmatch-params = "myflow.py:SPEC"\n')
     monkeypatch.chdir(tmp_path)
     assert load_config("proj/run.toml")["match_params"] == f"{tmp_path / 'proj' / 'myflow.py'}:SPEC"
+
+
+def test_a_plugged_in_run_in_progress_gets_the_row_label_its_record_will_have(tmp_path, monkeypatch):
+    """The report's curves of runs in progress label them as their records will: the spec is found through the
+    checkpoint's model reference (a fresh process has not registered the plugged-in name), its hyperparameters
+    are those the checkpoint set."""
+    from flowbench.models import MODELS
+    from flowbench.plots._records import runs_in_progress
+
+    write_flow(tmp_path / "mine")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "res"
+    argv = ["run", "--model", "mine/myflow.py:SPEC", "--layers", "2", "--max-epochs", "1", "--out", str(out)]
+    assert main([*argv, "--keep-checkpoint", "--quiet"]) == 0
+    (rec,) = records(out)
+    Path(rec.path).unlink()  # the checkpoint stays: a run whose record is not written yet
+    MODELS.reset()
+    (run,), problems = runs_in_progress(out)
+    assert not problems and run.model == "userflow"
+    assert run.record()["display_name"] == rec.display_name == "User flow (2)"

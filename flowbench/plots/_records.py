@@ -317,11 +317,12 @@ class RunInProgress:
         """The run so far as a record mapping, for the curves: its history and best so far, status ``in
         progress``, and the row label its record will have."""
         from flowbench import models  # lazy: the registry imports torch
-        from flowbench.config import OPTIONS
+        from flowbench.config import fingerprint_model
 
         p = self.progress
         try:
-            name = models.display_name(self.model, **{k: v for k, v in p.options.items() if k not in OPTIONS})
+            key, hparams = fingerprint_model({"model": self.model, **p.options})
+            name = models.display_name(key, **hparams)
         except (FlowbenchError, KeyError, IndexError, ValueError):  # a plug-in no longer installed, an old option
             name = self.model
         return {

@@ -42,6 +42,11 @@ class UsageError(FlowbenchError):
     another process holds the run's lock."""
 
 
+class RunLocked(UsageError):
+    """Another live process holds the run's lock: it is training this run now. Not the run's own failure, so a
+    sweep neither retries it nor touches the run's files (its checkpoint is that process's)."""
+
+
 class DiskFullError(UsageError, OSError):
     """A write ran out of disk space (ENOSPC, EDQUOT); the file it would have replaced is intact.
 

@@ -21,7 +21,7 @@ import flowbench.models as models
 import flowbench.utils as utils
 from flowbench.cli import main
 from flowbench.data.base import Dataset
-from flowbench.errors import ConfigError, DiskFullError, UsageError
+from flowbench.errors import ConfigError, DiskFullError, RunLocked, UsageError
 from flowbench.models.spec import ModelSpec
 from flowbench.results import checkpoint_path, lock_path, model_state_path, read_record, record_path
 from flowbench.sweep import parse_sweep, run_sweep
@@ -400,6 +400,51 @@ class DriverWritesBackend:
 
     def shutdown(self, cancel=False):
         pass
+
+
+def test_a_sweep_leaves_a_run_another_process_trains_alone_checkpoint_and_all(tmp_path):
+    """A second sweep over runs a first one is training (the POWER study's twin sweeps) once retried them "from
+    scratch" after the lock refused the resume, deleting the checkpoint the first process was training from."""
+    sweep = parse_sweep(
+        {
+            "datasets": ["digits"],
+            "models": ["made"],
+            "grid": {"seed": [0, 1, 2], "hidden": 8, "max-epochs": 1, "device": "cpu"},
+        }
+    )
+    r0 = next(r for r in sweep.runs if r.seed == 0)
+    ckpt = r0.checkpoint_path(tmp_path)
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"the other process's checkpoint")
+    proc = _start_holder(lock_path(tmp_path, r0.dataset, r0.model, r0.seed, r0.tag))
+    try:
+        report = run_sweep(sweep, tmp_path, retries=2, stream=None)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert ckpt.read_bytes() == b"the other process's checkpoint"
+    failed = {s.run.seed: s for s in report.failed}
+    assert set(failed) == {0} and failed[0].attempts == 0
+    assert f"process {proc.pid} is already training this run" in failed[0].error
+    # The other seeds did not wait for it: they trained as a stack of their own.
+    recs = [read_record(r.record_path(tmp_path)) for r in sweep.runs if r.seed != 0]
+    assert [rec.stack["seeds"] for rec in recs] == [[1, 2], [1, 2]]
+
+    # The lock taken between the sweep's look and the run's own (a race): the run fails on it, once, and the
+    # checkpoint it would have resumed from stays. Retrying it afresh would delete that checkpoint.
+    calls = []
+
+    def locked_run(options):
+        calls.append(options.resume)
+        raise RunLocked("process 1 is already training this run (lock seed0.lock)")
+
+    one = parse_sweep({"datasets": ["digits"], "models": ["gaussian"], "grid": {"device": "cpu"}})
+    ckpt = one.runs[0].checkpoint_path(tmp_path)
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"theirs")
+    report = run_sweep(one, tmp_path, run_fn=locked_run, retries=2, stream=None)
+    assert calls == [True] and ckpt.read_bytes() == b"theirs"
+    assert report.failed[0].attempts == 1 and "RunLocked: process 1" in report.failed[0].error
 
 
 def test_driver_written_sweep_runs_hold_the_run_lock(tmp_path):

@@ -386,9 +386,11 @@ class _Scheduler:
             self.progress.update(*self.counts())
 
     def _lock(self, state: RunState) -> bool:
-        """Runs whose record the driver writes (Ray) train elsewhere, so the driver holds their lock from the
-        first submit to the record; local runs take it themselves, in run_experiment. False: held elsewhere."""
-        if not hasattr(self.backend, "finish") or id(state) in self.locks:
+        """False, and the run failed, if another process is training it (holds its lock). Runs whose record the
+        driver writes (Ray) train elsewhere, so the driver holds their lock from the first submit to the record;
+        local runs take it themselves, in run_experiment, and here it is only tried, so that a stack trains
+        without the run another process has (the run's own lock stays the guard against a race)."""
+        if id(state) in self.locks:
             return True
         r, stack = state.run, contextlib.ExitStack()
         path = lock_path(self.out, r.dataset, r.model, r.seed, r.tag)
@@ -396,11 +398,15 @@ class _Scheduler:
             path.parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(exclusive_lock(path))
         except LockHeld as e:
+            holder = f"process {e.pid}" if e.pid is not None else "another process"
             state.status = "failed"
-            state.error = f"UsageError: process {e.pid} is already training this run (lock {path})"
+            state.error = f"RunLocked: {holder} is already training this run (lock {path})"
             self.progress.event(f"FAILED {r.label}: {state.error}")
             return False
-        self.locks[id(state)] = stack
+        if hasattr(self.backend, "finish"):
+            self.locks[id(state)] = stack
+        else:
+            stack.close()
         return True
 
     def release(self, state: RunState) -> None:
@@ -502,7 +508,9 @@ class _Scheduler:
         if local and (state.resume_failed or stale):
             # Continuing from it failed (or would continue the replaced run): this attempt starts afresh, which
             # `run` refuses over a checkpoint.
-            ckpt.unlink(missing_ok=True)
+            _discard_checkpoint(
+                ckpt, lock_path(self.out, state.run.dataset, state.run.model, state.run.seed, state.run.tag)
+            )
         options = options.replace(resume=state.resumed)
         return options
 
@@ -528,9 +536,14 @@ class _Scheduler:
             state.status, state.error = "done", None
             self.release(state)
             self.progress.event(_done_message(state))
-        elif state.attempts <= self.retries and (outcome.get("retry", True) or state.resumed):
+        elif (
+            state.attempts <= self.retries
+            and not outcome.get("locked")
+            and (outcome.get("retry", True) or state.resumed)
+        ):
             # A flowbench error (a record in the way, a bad option) is deterministic: retrying cannot help,
-            # except from scratch when continuing a checkpoint was what failed.
+            # except from scratch when continuing a checkpoint was what failed. Another process training the run
+            # (its lock held) is neither: that run, checkpoint and all, is not ours to restart.
             state.error = outcome["error"]
             state.resume_failed = state.resume_failed or state.resumed
             self.todo.append(state)  # to the back: other runs go first, a transient cause may pass
@@ -543,6 +556,15 @@ class _Scheduler:
             if hasattr(self.backend, "save_log"):
                 self.backend.save_log(state, outcome, self.out)
             self.progress.event(f"FAILED {state.run.label} after {state.attempts} attempt(s): {outcome['error']}")
+
+
+def _discard_checkpoint(ckpt: Path, lock: Path) -> None:
+    """Remove a run's checkpoint, only under the run's lock: a checkpoint another process is training from is
+    that process's (the attempt then fails on the lock and leaves it be)."""
+    if not ckpt.is_file():
+        return
+    with contextlib.suppress(LockHeld), exclusive_lock(lock):
+        ckpt.unlink(missing_ok=True)
 
 
 def _write_report(sweep: Sweep, report: SweepReport, out: str, executor: str, started: str) -> None:

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from flowbench.errors import FlowbenchError, advice_format
+from flowbench.errors import FlowbenchError, RunLocked, advice_format
 from flowbench.sweep.artifacts import ARTIFACTS, pack_run, plant_record
 
 if TYPE_CHECKING:  # workers import this module first; keep it light
@@ -81,7 +81,8 @@ def execute_run(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train one run; returns ``{"ok": True, "record": ...}`` or ``{"ok": False, "error": ..., "traceback": ...,
-    "retry": bool}`` (``retry`` False for a FlowbenchError, which is deterministic).
+    "retry": bool, "locked": bool}`` (``retry`` False for a FlowbenchError, which is deterministic; ``locked``:
+    another process holds the run's lock, so the run's files are that process's).
 
     With ``log_path`` the run's output (progress bars, epoch lines) goes to that file instead of the
     terminal, so parallel runs don't interleave. KeyboardInterrupt is not caught: it stops the sweep.
@@ -117,6 +118,7 @@ def _failure(e: Exception, log_path: str | None) -> dict[str, Any]:
         "error": f"{type(e).__name__}: {e}",
         "traceback": tb,
         "retry": not isinstance(e, FlowbenchError),
+        "locked": isinstance(e, RunLocked),
     }
 
 

@@ -32,7 +32,7 @@ from flowbench import models, utils
 from flowbench.config import RunOptions, resolve_options
 from flowbench.data import DATASETS, load_dataset
 from flowbench.data.base import Dataset
-from flowbench.errors import ConfigError, DiskFullError, UsageError
+from flowbench.errors import ConfigError, DiskFullError, RunLocked, UsageError
 from flowbench.models.params import count_params, match_params
 from flowbench.results import (
     RunFiles,
@@ -125,7 +125,7 @@ def _hold_lock(opts: RunOptions, path: Path) -> Iterator[None]:
             yield
     except LockHeld as e:
         holder = f"process {e.pid}" if e.pid is not None else "another process"
-        raise UsageError(
+        raise RunLocked(
             f"{holder} is already training this run (lock {path}); wait for it to finish, or "
             "choose another --seed, --tag or --out"
         ) from None

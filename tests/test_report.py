@@ -287,7 +287,7 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[:7] == [
         "toy",
-        "maf [lr=3e-2]",
+        "MAF (2) [lr=3e-2]",
         "3",
         "4 (16 steps)",
         f"{best:.3f} (epoch {best_epoch})",

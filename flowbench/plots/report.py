@@ -328,7 +328,7 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         rows.append(
             [
                 r.dataset,
-                _cell(r.model + (f" [{r.tag}]" if r.tag else "")),
+                _cell(R.label(r.record(), with_tag=True)),  # as its record's row will be labelled
                 r.seed,
                 f"{p.epoch} ({p.step:,} steps)",
                 best,

@@ -514,7 +514,10 @@ class RunLoop:
     def _finish(self, i: int, train_time_s: float) -> TrainResult:
         """Run i's result, with its best state restored into its module (evaluation mode)."""
         s, res = self._states[i], self._states[i].result
-        res.train_time_s, res.epochs, res.steps = train_time_s, s.epoch, s.step
+        res.train_time_s, res.steps = train_time_s, s.step
+        # A step budget can end inside an epoch: that epoch, trained in part and evaluated, counts as run (as a
+        # failed one does), so that the best epoch is never past the epochs run.
+        res.epochs = max(s.epoch, int(res.history[-1]["epoch"])) if res.history else s.epoch
         self._before_finish(i)
         if s.stopper.restore(s.flow):
             # The best state was saved right after its prepare_for_eval; recomputing is the protocol's

@@ -234,7 +234,7 @@ def test_failing_run_is_retried_then_reported_and_the_sweep_goes_on(tmp_path):
     assert "FAILED digits/made/hidden=13/seed1 after 3 attempt(s)" in text
     assert "sweep: 4 done, 0 running, 2 failed, 0 left" in text
     saved = json.loads((tmp_path / "sweeps" / "sweep.json").read_text())
-    assert saved["counts"] == {"done": 4, "skipped": 0, "failed": 2, "pending": 0}
+    assert saved["counts"] == {"done": 4, "skipped": 0, "failed": 2, "elsewhere": 0, "pending": 0}
     assert {r["tag"] for r in saved["runs"] if r["status"] == "failed"} == {"hidden=13"}
     assert "FAILED digits/made/hidden=13/seed0 after 3 attempt(s): RuntimeError: boom" in summary(
         report, sweep, tmp_path

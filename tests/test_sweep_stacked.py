@@ -138,6 +138,51 @@ def test_a_failed_stack_retries_each_run(tmp_path):
     assert [len(u) for u in backend.units] == [3, 3]
 
 
+def test_a_stack_stopped_by_a_stack_mates_lock_sets_that_run_aside_and_goes_on_without_it(tmp_path):
+    """Another process took seed 1 between the sweep's look at the locks and the stack's own (a race): the stack
+    fails on seed 1's lock. Seed 1 is set aside; seeds 0 and 2 go again as a stack, seed 0 still from its
+    checkpoint (not afresh, which would delete it): their attempt said nothing about them."""
+    from test_faults import _start_holder
+
+    from flowbench.results import lock_path
+
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": {"seed": [0, 1, 2]}})
+    r0, r1 = sweep.runs[0], sweep.runs[1]
+    ckpt = r0.checkpoint_path(tmp_path)
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"seed 0 so far")
+    holders, resumes = [], []
+
+    class Raced(GroupingBackend):
+        def submit_stack(self, runs, options, out):
+            resumes.append({r.seed: o.resume for r, o in zip(runs, options)})
+            return super().submit_stack(runs, options, out)
+
+        def wait(self, tokens, timeout):
+            token = min(tokens)
+            if not holders:
+                holders.append(_start_holder(lock_path(tmp_path, r1.dataset, r1.model, r1.seed, r1.tag)))
+                self.pending.pop(token)
+                error = f"RunLocked: process {holders[0].pid} is already training this run"
+                return [(token, {"ok": False, "error": error, "retry": False, "locked": True})]
+            return super().wait(tokens, timeout)
+
+    backend = Raced(1)
+    try:
+        report = run_sweep(sweep, tmp_path, backend=backend, stream=None, retries=0)  # not charged an attempt
+    finally:
+        holders[0].kill()
+        holders[0].wait()
+    assert [len(u) for u in backend.units] == [3, 2]
+    assert resumes == [{0: True, 1: False, 2: False}, {0: True, 2: False}]
+    assert {s.run.seed: (s.status, s.attempts) for s in report.states} == {
+        0: ("done", 1),
+        1: ("elsewhere", 1),
+        2: ("done", 1),
+    }
+    assert report.ok and ckpt.read_bytes() == b"seed 0 so far"
+
+
 def test_memory_cap_rule():
     from flowbench.config import resolve_options
     from flowbench.training.stacked import MAX_STACK, run_memory, stack_cap

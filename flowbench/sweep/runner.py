@@ -70,7 +70,7 @@ class RunState:
     """What happened to one run in this sweep invocation."""
 
     run: SweepRun
-    status: str = "pending"  # pending | skipped | done | failed
+    status: str = "pending"  # pending | skipped | done | failed | elsewhere (another process is training it)
     attempts: int = 0
     error: str | None = None
     seconds: float = 0.0
@@ -386,7 +386,8 @@ class _Scheduler:
             self.progress.update(*self.counts())
 
     def _lock(self, state: RunState) -> bool:
-        """False, and the run failed, if another process is training it (holds its lock). Runs whose record the
+        """False, and the run set aside (``elsewhere``), if another process is training it (holds its lock): a
+        second sweep over the same runs, or ``flowbench run``; not a failure of the run. Runs whose record the
         driver writes (Ray) train elsewhere, so the driver holds their lock from the first submit to the record;
         local runs take it themselves, in run_experiment, and here it is only tried, so that a stack trains
         without the run another process has (the run's own lock stays the guard against a race)."""
@@ -399,9 +400,9 @@ class _Scheduler:
             stack.enter_context(exclusive_lock(path))
         except LockHeld as e:
             holder = f"process {e.pid}" if e.pid is not None else "another process"
-            state.status = "failed"
-            state.error = f"RunLocked: {holder} is already training this run (lock {path})"
-            self.progress.event(f"FAILED {r.label}: {state.error}")
+            state.status = "elsewhere"
+            state.error = f"{holder} is training this run (lock {path})"
+            self.progress.event(f"elsewhere {r.label}: {state.error}; its record comes from that process")
             return False
         if hasattr(self.backend, "finish"):
             self.locks[id(state)] = stack
@@ -467,6 +468,9 @@ class _Scheduler:
 
     def submit_stack(self, group: list[RunState]) -> None:
         group = [s for s in group if self._lock(s)]
+        if len(group) == 1:  # the others are set aside: it trains as a single run does
+            self.submit(group[0])
+            return
         if not group:
             return
         options = [self._attempt(s) for s in group]
@@ -536,14 +540,16 @@ class _Scheduler:
             state.status, state.error = "done", None
             self.release(state)
             self.progress.event(_done_message(state))
-        elif (
-            state.attempts <= self.retries
-            and not outcome.get("locked")
-            and (outcome.get("retry", True) or state.resumed)
-        ):
+        elif outcome.get("locked"):
+            # A lock taken by another process after our look at it (a race). Held on this run: set aside (by
+            # _lock). Free: a stack mate's lock stopped the stack, which says nothing about this run, so it goes
+            # again as it was (from its checkpoint, if any), the attempt not counted.
+            if self._lock(state):
+                state.attempts -= 1
+                self.todo.append(state)
+        elif state.attempts <= self.retries and (outcome.get("retry", True) or state.resumed):
             # A flowbench error (a record in the way, a bad option) is deterministic: retrying cannot help,
-            # except from scratch when continuing a checkpoint was what failed. Another process training the run
-            # (its lock held) is neither: that run, checkpoint and all, is not ours to restart.
+            # except from scratch when continuing a checkpoint was what failed.
             state.error = outcome["error"]
             state.resume_failed = state.resume_failed or state.resumed
             self.todo.append(state)  # to the back: other runs go first, a transient cause may pass
@@ -569,7 +575,7 @@ def _discard_checkpoint(ckpt: Path, lock: Path) -> None:
 
 def _write_report(sweep: Sweep, report: SweepReport, out: str, executor: str, started: str) -> None:
     """``<out>/sweeps/<name>.json``: every run's status, attempts and last error (a record of the sweep)."""
-    counts = {k: report.count(k) for k in ("done", "skipped", "failed", "pending")}
+    counts = {k: report.count(k) for k in ("done", "skipped", "failed", "elsewhere", "pending")}
     atomic_write_json(
         report_path(sweep.name, out),
         json_safe(
@@ -592,11 +598,20 @@ def summary(report: SweepReport, sweep: Sweep, out: str | Path) -> str:
         f"sweep {sweep.name} {'interrupted' if report.interrupted else 'finished'} in {_fmt_time(report.seconds)}: "
         f"{report.count('done')} done, {report.count('skipped')} skipped (already recorded), "
         f"{report.count('failed')} failed, {report.count('pending')} left"
+        + (f", {n} trained elsewhere" if (n := report.count("elsewhere")) else "")
     ]
     for s in report.failed:
         lines.append(f"  FAILED {s.run.label} after {s.attempts} attempt(s): {s.error}")
     if report.failed:
         lines.append("  (logs of parallel and Ray runs: <out>/sweeps/logs/; run the sweep again to retry the failures)")
+    elsewhere = [s for s in report.states if s.status == "elsewhere"]
+    for s in elsewhere:
+        lines.append(f"  elsewhere {s.run.label}: {s.error}")
+    if elsewhere:
+        lines.append(
+            "  (their records come from the processes training them; if one stops first, run the sweep again: "
+            "it resumes that run from its checkpoint)"
+        )
     if report.interrupted or report.count("pending"):
         lines.append("  run the same command again to continue: recorded runs are skipped")
     lines.append(f"report: {report_path(sweep.name, out)}")

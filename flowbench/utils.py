@@ -182,6 +182,32 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+def lock_holder(path: str | os.PathLike) -> LockHeld | None:
+    """What :func:`exclusive_lock` would raise on ``path`` now (another live process holds it), or None; a look
+    that creates, writes and removes nothing (a dry run may call it). Its shared lock lasts microseconds."""
+    path = Path(path)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file: nobody holds it (an unreadable one: the run's own lock will say why)
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = None
+            with contextlib.suppress(OSError, ValueError):
+                pid = int(os.pread(fd, 32, 0).decode().strip())
+            return LockHeld(path, pid)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _lock_disk_full(path: Path, error: OSError):
     """The DiskFullError for a lock file that could not be created or given its few bytes."""
     from flowbench.errors import DiskFullError

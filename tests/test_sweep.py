@@ -402,6 +402,34 @@ def test_scheduler_with_parallel_slots_and_records_written_by_the_driver(tmp_pat
 
 
 # ------------------------------------------------------------------- non-finite records are made again
+def test_dry_run_says_which_runs_resume_and_which_another_process_is_training(tmp_path):
+    """A long study's plan: a run with a checkpoint resumes from it (its epoch named); a run whose lock another
+    process holds is left to it. The look at the lock creates and removes nothing."""
+    from test_faults import _start_holder
+
+    from flowbench.results import lock_path
+    from flowbench.sweep.runner import dry_run_text
+    from flowbench.training import run_experiment
+
+    grid = {"seed": [0, 1, 2], "hidden": 8, "max-epochs": 2, "device": "cpu"}
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": grid})
+    r0, r1 = sweep.runs[0], sweep.runs[1]
+    run_experiment(r0.options(tmp_path).replace(keep_checkpoint=True, quiet=True), progress=False)
+    r0.record_path(tmp_path).unlink()  # as if killed after its second epoch's checkpoint
+    lock = lock_path(tmp_path, r1.dataset, r1.model, r1.seed, r1.tag)
+    proc = _start_holder(lock)
+    try:
+        before = sorted(p.name for p in lock.parent.iterdir())
+        text = dry_run_text(sweep, tmp_path)
+        assert sorted(p.name for p in lock.parent.iterdir()) == before  # nothing created or removed
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "3 to run, of which 1 resume from a checkpoint, 1 being trained by another process (elsewhere)" in text
+    actions = {ln.split()[-1]: ln.rsplit("digits", 1)[0].strip() for ln in text.splitlines() if "digits " in ln}
+    assert actions == {"0": "resume (after epoch 2)", "1": f"elsewhere (process {proc.pid} is training it)", "2": "run"}
+
+
 def mark_nonfinite(path: Path) -> None:
     """Make the record at ``path`` one whose run ended non-finite (as a diverged run leaves it)."""
     rec = json.loads(path.read_text())

@@ -41,7 +41,7 @@ from flowbench.sweep.artifacts import ARTIFACTS
 from flowbench.sweep.executors import make_backend
 from flowbench.sweep.spec import Sweep, SweepRun
 from flowbench.sweep.worker import DEFAULT_RUN_FN, RunFn
-from flowbench.utils import LockHeld, atomic_write_json, check_writable, exclusive_lock
+from flowbench.utils import LockHeld, atomic_write_json, check_writable, exclusive_lock, lock_holder
 
 __all__ = [
     "RunState",
@@ -136,27 +136,27 @@ RERUN = "rerun (non-finite record)"
 
 
 def dry_run_text(sweep: Sweep, out: str | Path) -> str:
-    """The ``--dry-run`` listing: one line per run with ``run``, ``skip`` or ``rerun (non-finite record)``, then
-    the totals. Checks every run's options (:func:`preflight`); writes nothing."""
+    """The ``--dry-run`` listing: one line per run with ``run``, ``skip``, ``rerun (non-finite record)``,
+    ``resume (after epoch N)`` or ``elsewhere`` (another process is training it), then the totals. Checks every
+    run's options (:func:`preflight`); writes nothing."""
     states = plan(sweep.runs, out)
     preflight(states, out)
-    rows = [
-        (
-            "skip" if s.status == "skipped" else RERUN if s.replaces else "run",
-            s.run.dataset,
-            s.run.model,
-            s.run.tag,
-            s.run.seed,
-        )
-        for s in states
-    ]
+    rows = [(_dry_action(s, out), s.run.dataset, s.run.model, s.run.tag, s.run.seed) for s in states]
     n_skip = sum(s.status == "skipped" for s in states)
-    n_rerun = sum(s.replaces for s in states)
-    reruns = f", of which {n_rerun} {RERUN}"
+    actions = [row[0] for row in rows]
+    of_which = [
+        f"{n} {what}"
+        for n, what in (
+            (actions.count(RERUN), RERUN),
+            (sum(a.startswith("resume") for a in actions), "resume from a checkpoint"),
+            (sum(a.startswith("elsewhere") for a in actions), "being trained by another process (elsewhere)"),
+        )
+        if n
+    ]
     lines = [
         f"sweep {sweep.name}: {len(states)} runs ({len(sweep.datasets)} datasets x {len(sweep.models)} models "
         f"x grid); {n_skip} already recorded in {out}/runs (skip), {len(states) - n_skip} to run"
-        + (reruns if n_rerun else "")
+        + (f", of which {', '.join(of_which)}" if of_which else "")
     ]
     if sweep.description:
         lines.append(sweep.description.strip())
@@ -165,6 +165,26 @@ def dry_run_text(sweep: Sweep, out: str | Path) -> str:
     for model, keys in sorted(sweep.ignored.items()):
         lines.append(f"note: {model} does not take {', '.join(keys)}; those grid values are not applied to it")
     return "\n".join(lines)
+
+
+def _dry_action(state: RunState, out: str | Path) -> str:
+    """What the sweep would do with the run now: skip, rerun, run, resume from its checkpoint, or leave it to
+    the process training it."""
+    if state.status == "skipped":
+        return "skip"
+    if state.replaces:
+        return RERUN
+    r = state.run
+    held = lock_holder(lock_path(out, r.dataset, r.model, r.seed, r.tag))
+    if held is not None:
+        return f"elsewhere ({_holder(held)} is training it)"
+    ckpt = r.checkpoint_path(out)
+    if not ckpt.is_file():
+        return "run"
+    from flowbench.training.trainer import checkpoint_epoch  # lazy: imports torch (see _Scheduler._key)
+
+    epoch = checkpoint_epoch(ckpt)
+    return f"resume (after epoch {epoch})" if epoch is not None else "run (checkpoint unreadable)"
 
 
 def preflight(states: list[RunState], out: str | Path) -> None:
@@ -395,19 +415,22 @@ class _Scheduler:
             return True
         r, stack = state.run, contextlib.ExitStack()
         path = lock_path(self.out, r.dataset, r.model, r.seed, r.tag)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(exclusive_lock(path))
-        except LockHeld as e:
-            holder = f"process {e.pid}" if e.pid is not None else "another process"
+        held = None
+        if hasattr(self.backend, "finish"):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                stack.enter_context(exclusive_lock(path))
+            except LockHeld as e:
+                held = e
+        else:
+            held = lock_holder(path)
+        if held is not None:
             state.status = "elsewhere"
-            state.error = f"{holder} is training this run (lock {path})"
+            state.error = f"{_holder(held)} is training this run (lock {path})"
             self.progress.event(f"elsewhere {r.label}: {state.error}; its record comes from that process")
             return False
         if hasattr(self.backend, "finish"):
             self.locks[id(state)] = stack
-        else:
-            stack.close()
         return True
 
     def release(self, state: RunState) -> None:
@@ -562,6 +585,10 @@ class _Scheduler:
             if hasattr(self.backend, "save_log"):
                 self.backend.save_log(state, outcome, self.out)
             self.progress.event(f"FAILED {state.run.label} after {state.attempts} attempt(s): {outcome['error']}")
+
+
+def _holder(held: LockHeld) -> str:
+    return f"process {held.pid}" if held.pid is not None else "another process"
 
 
 def _discard_checkpoint(ckpt: Path, lock: Path) -> None:

@@ -295,7 +295,19 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
         "0",
     ]
     assert cells[9].startswith("2 epochs, ~")  # the cap of 6 comes before the patience runs out
-    assert cells[-1].endswith(" ago")
+    assert cells[-2].endswith(" ago") and cells[-1] == "no"  # killed: nobody holds its lock
+    from test_faults import _start_holder
+
+    from flowbench.results import lock_path
+
+    holder = _start_holder(lock_path(out, "toy", "maf", 3, "lr=3e-2"))  # as the process training it would
+    try:
+        again, _ = report_markdown(out, samples=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    (row,) = [ln for ln in again.split("## Runs in progress")[1].splitlines() if ln.startswith("| toy")]
+    assert row.rstrip(" |").endswith(f"yes (process {holder.pid})")
     from flowbench.plots._records import runs_in_progress
     from flowbench.status import run_status
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from flowbench import status as S
 from flowbench.errors import ConfigError, FlowbenchError
-from flowbench.results import read_field
+from flowbench.results import RunFiles, read_field
+from flowbench.utils import lock_holder
 
 __all__ = [
     "FailedRun",
@@ -312,6 +313,14 @@ class RunInProgress:
     path: Path
     progress: Any
     written: float
+
+    def training_now(self) -> str:
+        """``yes (process N)`` while a process holds the run's lock (trains it), else ``no`` (waiting to be
+        resumed, or killed: a lock file a dead process left holds nothing)."""
+        held = lock_holder(RunFiles(self.path.parent, self.seed).lock)
+        if held is None:
+            return "no"
+        return f"yes (process {held.pid})" if held.pid is not None else "yes"
 
     def record(self) -> dict[str, Any]:
         """The run so far as a record mapping, for the curves: its history and best so far, status ``in

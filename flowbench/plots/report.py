@@ -310,7 +310,8 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         "before the others: the stack writes the records when it ends). *Per epoch*: the median training time "
         "of the last 20 epochs (evaluations); for a run of a stack, the whole stack's. *Earliest end*: the epochs "
         "(evaluations) it trains at the least, and about how long: until its patience runs out, or its epoch cap "
-        "or step budget if that comes first. The comparison table and "
+        "or step budget if that comes first. *Training now*: whether a process holds the run's lock (a killed run "
+        "holds none: resume it). The comparison table and "
         "the finished runs' curves leave these runs out until their records are written.",
         "",
     )
@@ -338,6 +339,7 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
                 format_seconds(p.seconds_per_eval) if p.seconds_per_eval is not None else "",
                 _earliest_end(p, by_step),
                 f"{format_seconds(max(0.0, now - r.written))} ago",
+                r.training_now(),
             ]
         )
     headers = [
@@ -352,6 +354,7 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         "per epoch",
         "earliest end",
         "checkpoint written",
+        "training now",
     ]
     page.add(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, stralign="left"), "")
     so_far = [r.record() for r in running]

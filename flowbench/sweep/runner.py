@@ -413,25 +413,26 @@ class _Scheduler:
         without the run another process has (the run's own lock stays the guard against a race)."""
         if id(state) in self.locks:
             return True
-        r, stack = state.run, contextlib.ExitStack()
+        r = state.run
         path = lock_path(self.out, r.dataset, r.model, r.seed, r.tag)
-        held = None
-        if hasattr(self.backend, "finish"):
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                stack.enter_context(exclusive_lock(path))
-            except LockHeld as e:
-                held = e
-        else:
-            held = lock_holder(path)
+        held = self._hold(state, path) if hasattr(self.backend, "finish") else lock_holder(path)
         if held is not None:
             state.status = "elsewhere"
             state.error = f"{_holder(held)} is training this run (lock {path})"
             self.progress.event(f"elsewhere {r.label}: {state.error}; its record comes from that process")
             return False
-        if hasattr(self.backend, "finish"):
-            self.locks[id(state)] = stack
         return True
+
+    def _hold(self, state: RunState, path: Path) -> LockHeld | None:
+        """Take the run's lock for the driver, until release(); the LockHeld if another process has it."""
+        stack = contextlib.ExitStack()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(exclusive_lock(path))
+        except LockHeld as e:
+            return e
+        self.locks[id(state)] = stack
+        return None
 
     def release(self, state: RunState) -> None:
         stack = self.locks.pop(id(state), None)
@@ -570,6 +571,7 @@ class _Scheduler:
             if self._lock(state):
                 state.attempts -= 1
                 self.todo.append(state)
+                self.progress.event(f"again  {state.run.label}: its stack stopped at another run's lock")
         elif state.attempts <= self.retries and (outcome.get("retry", True) or state.resumed):
             # A flowbench error (a record in the way, a bad option) is deterministic: retrying cannot help,
             # except from scratch when continuing a checkpoint was what failed.
@@ -593,7 +595,7 @@ def _holder(held: LockHeld) -> str:
 
 def _discard_checkpoint(ckpt: Path, lock: Path) -> None:
     """Remove a run's checkpoint, only under the run's lock: a checkpoint another process is training from is
-    that process's (the attempt then fails on the lock and leaves it be)."""
+    that process's (the attempt then stops at the lock, and the run is set aside)."""
     if not ckpt.is_file():
         return
     with contextlib.suppress(LockHeld), exclusive_lock(lock):

@@ -128,6 +128,11 @@ class LockHeld(Exception):
         super().__init__(f"{path} is held by process {pid}")
         self.path, self.pid = path, pid
 
+    @property
+    def holder(self) -> str:
+        """``process N``, or ``another process`` when its pid could not be read."""
+        return f"process {self.pid}" if self.pid is not None else "another process"
+
 
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:

@@ -318,9 +318,7 @@ class RunInProgress:
         """``yes (process N)`` while a process holds the run's lock (trains it), else ``no`` (waiting to be
         resumed, or killed: a lock file a dead process left holds nothing)."""
         held = lock_holder(RunFiles(self.path.parent, self.seed).lock)
-        if held is None:
-            return "no"
-        return f"yes (process {held.pid})" if held.pid is not None else "yes"
+        return "no" if held is None else f"yes ({held.holder})"
 
     def record(self) -> dict[str, Any]:
         """The run so far as a record mapping, for the curves: its history and best so far, status ``in

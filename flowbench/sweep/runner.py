@@ -177,7 +177,7 @@ def _dry_action(state: RunState, out: str | Path) -> str:
     r = state.run
     held = lock_holder(lock_path(out, r.dataset, r.model, r.seed, r.tag))
     if held is not None:
-        return f"elsewhere ({_holder(held)} is training it)"
+        return f"elsewhere ({held.holder} is training it)"
     ckpt = r.checkpoint_path(out)
     if not ckpt.is_file():
         return "run"
@@ -418,7 +418,7 @@ class _Scheduler:
         held = self._hold(state, path) if hasattr(self.backend, "finish") else lock_holder(path)
         if held is not None:
             state.status = "elsewhere"
-            state.error = f"{_holder(held)} is training this run (lock {path})"
+            state.error = f"{held.holder} is training this run (lock {path})"
             self.progress.event(f"elsewhere {r.label}: {state.error}; its record comes from that process")
             return False
         return True
@@ -587,10 +587,6 @@ class _Scheduler:
             if hasattr(self.backend, "save_log"):
                 self.backend.save_log(state, outcome, self.out)
             self.progress.event(f"FAILED {state.run.label} after {state.attempts} attempt(s): {outcome['error']}")
-
-
-def _holder(held: LockHeld) -> str:
-    return f"process {held.pid}" if held.pid is not None else "another process"
 
 
 def _discard_checkpoint(ckpt: Path, lock: Path) -> None:

@@ -124,9 +124,8 @@ def _hold_lock(opts: RunOptions, path: Path) -> Iterator[None]:
         with exclusive_lock(path):
             yield
     except LockHeld as e:
-        holder = f"process {e.pid}" if e.pid is not None else "another process"
         raise RunLocked(
-            f"{holder} is already training this run (lock {path}); wait for it to finish, or "
+            f"{e.holder} is already training this run (lock {path}); wait for it to finish, or "
             "choose another --seed, --tag or --out"
         ) from None
     except DiskFullError:

@@ -158,11 +158,9 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = None
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(os.pread(fd, 32, 0).decode().strip())
+            held = _held(fd, path)
             os.close(fd)
-            raise LockHeld(path, pid) from None
+            raise held from None
         # The holder before us may have unlinked the file after we opened it; then our lock is on a file
         # nobody else can see, and a third process could lock a new one. Retry on the path's current file.
         try:
@@ -187,6 +185,14 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+def _held(fd: int, path: Path) -> LockHeld:
+    """The LockHeld for a lock file open on ``fd`` that another process holds, with the pid it wrote there."""
+    pid = None
+    with contextlib.suppress(OSError, ValueError):
+        pid = int(os.pread(fd, 32, 0).decode().strip())
+    return LockHeld(path, pid)
+
+
 def lock_holder(path: str | os.PathLike) -> LockHeld | None:
     """What :func:`exclusive_lock` would raise on ``path`` now (another live process holds it), or None; a look
     that creates, writes and removes nothing (a dry run may call it). Its shared lock lasts microseconds."""
@@ -203,10 +209,7 @@ def lock_holder(path: str | os.PathLike) -> LockHeld | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = None
-            with contextlib.suppress(OSError, ValueError):
-                pid = int(os.pread(fd, 32, 0).decode().strip())
-            return LockHeld(path, pid)
+            return _held(fd, path)
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:

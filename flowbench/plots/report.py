@@ -318,7 +318,9 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
     now = time.time()
     rows = []
     order = {ds: i for i, ds in enumerate(dataset_order(running))}
-    for r in sorted(running, key=lambda r: (order[r.dataset], r.model, r.tag or "", r.seed)):
+    running = sorted(running, key=lambda r: (order[r.dataset], r.model, r.tag or "", r.seed))
+    so_far = [r.record() for r in running]  # once each: it resolves the model's row label
+    for r, rec in zip(running, so_far):
         p = r.progress
         by_step = p.options.get("eval_every") is not None
         if p.best_val_ll is None:
@@ -329,7 +331,7 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         rows.append(
             [
                 r.dataset,
-                _cell(R.label(r.record(), with_tag=True)),  # as its record's row will be labelled
+                _cell(R.label(rec, with_tag=True)),  # as its record's row will be labelled
                 r.seed,
                 f"{p.epoch} ({p.step:,} steps)",
                 best,
@@ -357,7 +359,6 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         "training now",
     ]
     page.add(tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, stralign="left"), "")
-    so_far = [r.record() for r in running]
     page.add(
         "Their training curves so far, drawn as the finished runs' curves are (the star: each seed's best "
         "evaluation so far):",

@@ -36,7 +36,7 @@ from tabulate import tabulate
 from flowbench import utils
 from flowbench.config import RunOptions
 from flowbench.errors import ConfigError
-from flowbench.results import RunRecord, json_safe, lock_path, replaceable
+from flowbench.results import RunRecord, json_safe, replaceable
 from flowbench.sweep.artifacts import ARTIFACTS
 from flowbench.sweep.executors import make_backend
 from flowbench.sweep.spec import Sweep, SweepRun
@@ -174,11 +174,10 @@ def _dry_action(state: RunState, out: str | Path) -> str:
         return "skip"
     if state.replaces:
         return RERUN
-    r = state.run
-    held = lock_holder(lock_path(out, r.dataset, r.model, r.seed, r.tag))
+    held = lock_holder(state.run.lock_path(out))
     if held is not None:
         return f"elsewhere ({held.holder} is training it)"
-    ckpt = r.checkpoint_path(out)
+    ckpt = state.run.checkpoint_path(out)
     if not ckpt.is_file():
         return "run"
     from flowbench.training.trainer import checkpoint_epoch  # lazy: imports torch (see _Scheduler._key)
@@ -413,13 +412,12 @@ class _Scheduler:
         without the run another process has (the run's own lock stays the guard against a race)."""
         if id(state) in self.locks:
             return True
-        r = state.run
-        path = lock_path(self.out, r.dataset, r.model, r.seed, r.tag)
+        path = state.run.lock_path(self.out)
         held = self._hold(state, path) if hasattr(self.backend, "finish") else lock_holder(path)
         if held is not None:
             state.status = "elsewhere"
             state.error = f"{held.holder} is training this run (lock {path})"
-            self.progress.event(f"elsewhere {r.label}: {state.error}; its record comes from that process")
+            self.progress.event(f"elsewhere {state.run.label}: {state.error}; its record comes from that process")
             return False
         return True
 
@@ -492,10 +490,10 @@ class _Scheduler:
 
     def submit_stack(self, group: list[RunState]) -> None:
         group = [s for s in group if self._lock(s)]
-        if len(group) == 1:  # the others are set aside: it trains as a single run does
-            self.submit(group[0])
-            return
         if not group:
+            return
+        if len(group) == 1:  # the others are set aside: it trains as a single run does
+            self._start(group[0])
             return
         options = [self._attempt(s) for s in group]
         done, running, failed, left = self.counts()
@@ -536,15 +534,16 @@ class _Scheduler:
         if local and (state.resume_failed or stale):
             # Continuing from it failed (or would continue the replaced run): this attempt starts afresh, which
             # `run` refuses over a checkpoint.
-            _discard_checkpoint(
-                ckpt, lock_path(self.out, state.run.dataset, state.run.model, state.run.seed, state.run.tag)
-            )
+            _discard_checkpoint(ckpt, state.run.lock_path(self.out))
         options = options.replace(resume=state.resumed)
         return options
 
     def submit(self, state: RunState) -> None:
-        if not self._lock(state):
-            return
+        if self._lock(state):
+            self._start(state)
+
+    def _start(self, state: RunState) -> None:
+        """Submit a run whose lock _lock has seen free (or holds, for Ray)."""
         options = self._attempt(state)
         done, running, failed, left = self.counts()
         self.progress.update(done, running + 1, failed, left)  # before submit: sequential runs inside it

@@ -32,7 +32,7 @@ from typing import Any, Iterable
 from flowbench.config import OPTIONS, UNTAGGED, RunOptions, hparam_declarations, normalize, read_toml, resolve_options
 from flowbench.errors import ConfigError
 from flowbench.plugins import is_reference, normalize_reference
-from flowbench.results import checkpoint_path, record_path
+from flowbench.results import checkpoint_path, lock_path, record_path
 
 __all__ = ["Sweep", "SweepRun", "load_sweep", "parse_sweep", "expand", "make_tag", "RESERVED", "UNTAGGED"]
 
@@ -92,6 +92,9 @@ class SweepRun:
 
     def checkpoint_path(self, out: str | Path) -> Path:
         return checkpoint_path(out, self.dataset, self.model, self.seed, self.tag)
+
+    def lock_path(self, out: str | Path) -> Path:
+        return lock_path(out, self.dataset, self.model, self.seed, self.tag)
 
 
 @dataclass

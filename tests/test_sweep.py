@@ -418,6 +418,8 @@ def test_dry_run_says_which_runs_resume_and_which_another_process_is_training(tm
     r0.record_path(tmp_path).unlink()  # as if killed after its second epoch's checkpoint
     lock = lock_path(tmp_path, r1.dataset, r1.model, r1.seed, r1.tag)
     proc = _start_holder(lock)
+    stale = lock.with_name("seed2.lock")  # left by a killed process: held by nobody, and a look must leave it
+    stale.write_text("999999\n")
     try:
         before = sorted(p.name for p in lock.parent.iterdir())
         text = dry_run_text(sweep, tmp_path)

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Iterator
 
@@ -155,12 +156,10 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
             if e.errno in _NO_SPACE:  # no room even for the directory entry
                 raise _lock_disk_full(path, e) from e
             raise
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _flock_exclusive(fcntl, fd):
             held = _held(fd, path)
             os.close(fd)
-            raise held from None
+            raise held
         # The holder before us may have unlinked the file after we opened it; then our lock is on a file
         # nobody else can see, and a third process could lock a new one. Retry on the path's current file.
         try:
@@ -185,6 +184,26 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)
 
 
+# A look (lock_holder) holds a shared lock for microseconds; a holder that trains holds it for hours. Trying
+# again for a few milliseconds tells the two apart, so a look never turns a run away.
+_LOOK_RETRIES = (0.001, 0.005, 0.02)
+
+
+def _flock_exclusive(fcntl: Any, fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` without waiting on a holder; False if another process holds it."""
+    for pause in _LOOK_RETRIES:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(pause)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 def _held(fd: int, path: Path) -> LockHeld:
     """The LockHeld for a lock file open on ``fd`` that another process holds, with the pid it wrote there."""
     pid = None
@@ -195,7 +214,9 @@ def _held(fd: int, path: Path) -> LockHeld:
 
 def lock_holder(path: str | os.PathLike) -> LockHeld | None:
     """What :func:`exclusive_lock` would raise on ``path`` now (another live process holds it), or None; a look
-    that creates, writes and removes nothing (a dry run may call it). Its shared lock lasts microseconds."""
+    that creates, writes and removes nothing (a dry run may call it). Its shared lock lasts microseconds, and
+    :func:`exclusive_lock` tries again for a few milliseconds before it gives up, so a look never turns a run
+    away."""
     path = Path(path)
     try:
         import fcntl

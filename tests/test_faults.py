@@ -142,6 +142,25 @@ def test_lock_is_exclusive_between_processes_and_released(tmp_path):
     assert not lock.exists()
 
 
+def test_a_look_at_a_lock_does_not_turn_away_the_run_that_takes_it(tmp_path):
+    # lock_holder holds a shared flock for an instant; a run taking the lock in that instant must wait it out,
+    # not report the run as held by another process. A shared lock held for 3 ms stands in for the look.
+    import fcntl
+    import threading
+
+    lock = tmp_path / "seed0.lock"
+    fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    release = threading.Timer(0.003, os.close, (fd,))  # closing the fd drops its flock
+    release.start()
+    try:
+        with exclusive_lock(lock):
+            assert lock.read_text().strip() == str(os.getpid())
+    finally:
+        release.join()
+    assert not lock.exists()
+
+
 def test_cli_second_run_exits_2_while_the_lock_is_held(tmp_path):
     # A real `flowbench run` process against a lock this process holds (flock is per open file).
     lock = lock_path(tmp_path, "digits", "gaussian", 0)

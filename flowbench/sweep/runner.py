@@ -141,15 +141,16 @@ def dry_run_text(sweep: Sweep, out: str | Path) -> str:
     run's options (:func:`preflight`); writes nothing."""
     states = plan(sweep.runs, out)
     preflight(states, out)
-    rows = [(_dry_action(s, out), s.run.dataset, s.run.model, s.run.tag, s.run.seed) for s in states]
+    actions = [_dry_action(s, out) for s in states]
+    rows = [(text, s.run.dataset, s.run.model, s.run.tag, s.run.seed) for (_, text), s in zip(actions, states)]
     n_skip = sum(s.status == "skipped" for s in states)
-    actions = [row[0] for row in rows]
+    kinds = [kind for kind, _ in actions]
     of_which = [
         f"{n} {what}"
         for n, what in (
-            (actions.count(RERUN), RERUN),
-            (sum(a.startswith("resume") for a in actions), "resume from a checkpoint"),
-            (sum(a.startswith("elsewhere") for a in actions), "being trained by another process (elsewhere)"),
+            (kinds.count("rerun"), RERUN),
+            (kinds.count("resume"), "resume from a checkpoint"),
+            (kinds.count("elsewhere"), "being trained by another process (elsewhere)"),
         )
         if n
     ]
@@ -167,23 +168,23 @@ def dry_run_text(sweep: Sweep, out: str | Path) -> str:
     return "\n".join(lines)
 
 
-def _dry_action(state: RunState, out: str | Path) -> str:
-    """What the sweep would do with the run now: skip, rerun, run, resume from its checkpoint, or leave it to
-    the process training it."""
+def _dry_action(state: RunState, out: str | Path) -> tuple[str, str]:
+    """What the sweep would do with the run now, as (kind, text): skip, rerun, run, resume from its checkpoint,
+    or leave it to the process training it (elsewhere)."""
     if state.status == "skipped":
-        return "skip"
+        return "skip", "skip"
     if state.replaces:
-        return RERUN
+        return "rerun", RERUN
     held = lock_holder(state.run.lock_path(out))
     if held is not None:
-        return f"elsewhere ({held.holder} is training it)"
+        return "elsewhere", f"elsewhere ({held.holder} is training it)"
     ckpt = state.run.checkpoint_path(out)
     if not ckpt.is_file():
-        return "run"
+        return "run", "run"
     from flowbench.training.trainer import checkpoint_epoch  # lazy: imports torch (see _Scheduler._key)
 
     epoch = checkpoint_epoch(ckpt)
-    return f"resume (after epoch {epoch})" if epoch is not None else "run (checkpoint unreadable)"
+    return ("resume", f"resume (after epoch {epoch})") if epoch is not None else ("run", "run (checkpoint unreadable)")
 
 
 def preflight(states: list[RunState], out: str | Path) -> None:

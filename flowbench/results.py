@@ -21,7 +21,7 @@ import re
 import subprocess
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from flowbench.errors import ConfigError, UsageError
 from flowbench.utils import atomic_save_npy, atomic_write_json
@@ -45,7 +45,8 @@ __all__ = [
     "write_record",
     "read_record",
     "iter_records",
-    "checkpoints_without_record",
+    "PendingRun",
+    "runs_without_record",
     "system_info",
     "json_safe",
     "read_field",
@@ -425,23 +426,44 @@ def iter_records(results: str | Path) -> Iterator[RunRecord]:
         yield read_record(path)
 
 
-_CHECKPOINT_NAME = re.compile(r"seed\d+\.ckpt")
+_CHECKPOINT_NAME = re.compile(r"seed(\d+)\.ckpt")
 
 
-def checkpoints_without_record(results: str | Path) -> list[Path]:
-    """The training checkpoints under ``<results>/runs`` with no record beside them (sorted): runs training now,
-    or stopped and waiting for ``--resume``. A checkpoint kept beside its record (``--keep-checkpoint``) is a
-    finished run's and is left out."""
+@dataclass(frozen=True)
+class PendingRun:
+    """A run under ``<results>/runs`` with a training checkpoint and no record: training now, or stopped and
+    waiting for ``--resume``. Its identity comes from where the checkpoint lies (:func:`run_dir`)."""
+
+    dataset: str
+    model: str
+    tag: str | None
+    seed: int
+    checkpoint: Path
+
+    @property
+    def files(self) -> RunFiles:
+        return RunFiles(self.checkpoint.parent, self.seed)
+
+
+def runs_without_record(
+    results: str | Path, datasets: Iterable[str] | None = None, models: Iterable[str] | None = None
+) -> list[PendingRun]:
+    """The runs under ``<results>/runs`` with a checkpoint and no record beside it (sorted by path), of the given
+    datasets and models (registry names; ``None`` keeps all). A checkpoint kept beside its record
+    (``--keep-checkpoint``) is a finished run's and is left out. Reads no checkpoint."""
     root = Path(results) / "runs"
     if not root.is_dir():
         return []
-    return [
-        p
-        for p in sorted(root.rglob("seed*.ckpt"))
-        if _CHECKPOINT_NAME.fullmatch(p.name)
-        and len(p.relative_to(root).parts) in (3, 4)
-        and not p.with_suffix(".json").is_file()
-    ]
+    datasets, models = (set(x) if x else None for x in (datasets, models))
+    runs = []
+    for path in sorted(root.rglob("seed*.ckpt")):
+        name, parts = _CHECKPOINT_NAME.fullmatch(path.name), path.relative_to(root).parts[:-1]
+        if name is None or len(parts) not in (2, 3) or path.with_suffix(".json").is_file():
+            continue
+        run = PendingRun(parts[0], parts[1], parts[2] if len(parts) == 3 else None, int(name.group(1)), path)
+        if (datasets is None or run.dataset in datasets) and (models is None or run.model in models):
+            runs.append(run)
+    return runs
 
 
 @functools.lru_cache(maxsize=1)  # once per process, not a git process per record

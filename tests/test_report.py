@@ -303,11 +303,15 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
     holder = _start_holder(lock_path(out, "toy", "maf", 3, "lr=3e-2"))  # as the process training it would
     try:
         again, _ = report_markdown(out, samples=False)
+        assert main(["table", "--results", str(out)]) == 0
     finally:
         holder.kill()
         holder.wait()
     (row,) = [ln for ln in again.split("## Runs in progress")[1].splitlines() if ln.startswith("| toy")]
     assert row.rstrip(" |").endswith(f"yes (process {holder.pid})")
+    # counted without reading them (the unreadable checkpoint too), and told apart by their locks
+    note = "note: 2 runs have a checkpoint and no record yet and are not in the table: {} training now, {} stopped"
+    assert note.format(1, 1) in capsys.readouterr().err
     from flowbench.plots._records import runs_in_progress
     from flowbench.status import run_status
 
@@ -319,8 +323,10 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
     assert "1 runs of 1 configurations on 1 datasets, and 1 runs in progress" in text
 
     assert main(["table", "--results", str(out)]) == 0
-    # counted without reading them: the unreadable checkpoint too
-    assert "note: 2 runs have a checkpoint and no record yet" in capsys.readouterr().err
+    assert note.format(0, 2) in capsys.readouterr().err
+    # A report of one model reads only that model's checkpoints: the unreadable realnvp one is not read.
+    only_maf, _ = report_markdown(out, models=["maf"], samples=False)
+    assert "MAF (2) [lr=3e-2]" in only_maf and "warning" not in only_maf
 
     # The NaN rule's validations (batch-norm statistics broken by an overflow) are counted.
     ckpt = checkpoint_path(out, "toy", "maf", 3, "lr=3e-2")

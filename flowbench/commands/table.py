@@ -62,9 +62,9 @@ def _check_out(out: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from flowbench.errors import ConfigError
-    from flowbench.results import checkpoints_without_record, iter_records
+    from flowbench.results import iter_records, runs_without_record
     from flowbench.tables import build_table, parse_sources
-    from flowbench.utils import atomic_write
+    from flowbench.utils import atomic_write, lock_holder
 
     if args.out:
         _check_out(args.out)
@@ -83,12 +83,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"table written to {args.out}")
     else:
         print(text, end="")
-    running = checkpoints_without_record(args.results)
-    if running:  # on stderr: the table itself may be piped into a paper
+    pending = runs_without_record(args.results, datasets)
+    if pending:  # on stderr: the table itself may be piped into a paper
+        now = sum(lock_holder(run.files.lock) is not None for run in pending)
         print(
-            f"flowbench table: note: {len(running)} runs have a checkpoint and no record yet (in progress, or "
-            f"stopped before their end) and are not in the table; `flowbench report --results {args.results}` "
-            "shows where they stand",
+            f"flowbench table: note: {_runs(len(pending))} a checkpoint and no record yet and are not in the "
+            f"table: {now} training now, {len(pending) - now} stopped before their end (run their command or "
+            f"sweep again to resume them); `flowbench report --results {args.results}` shows where they stand",
             file=sys.stderr,
         )
     return 0
+
+
+def _runs(n: int) -> str:
+    return "1 run has" if n == 1 else f"{n} runs have"

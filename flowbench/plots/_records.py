@@ -19,7 +19,7 @@ import numpy as np
 
 from flowbench import status as S
 from flowbench.errors import ConfigError, FlowbenchError
-from flowbench.results import RunFiles, read_field
+from flowbench.results import PendingRun, RunFiles, read_field
 from flowbench.utils import lock_holder
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "published_ll",
     "replace",
     "runs_in_progress",
+    "read_progress",
     "select_runs",
 ]
 
@@ -351,27 +352,32 @@ class RunInProgress:
         }
 
 
-def runs_in_progress(results: str | Path) -> tuple[list[RunInProgress], list[str]]:
-    """The runs under ``<results>/runs`` with a checkpoint and no record (sorted by path), and the checkpoints
-    that could not be read (as messages). A checkpoint beside a record (``--keep-checkpoint``) belongs to a
-    finished run and is left out; one marked finished without a record is a seed of a stack that stopped before
-    the others (the stack writes the records when it ends), and is listed."""
-    from flowbench.results import checkpoints_without_record
+def runs_in_progress(
+    results: str | Path, datasets: Iterable[str] | None = None, models: Iterable[str] | None = None
+) -> tuple[list[RunInProgress], list[str]]:
+    """The runs under ``<results>/runs`` with a checkpoint and no record (sorted by path), of the given datasets
+    and models (``None`` keeps all), and the checkpoints that could not be read (as messages); see
+    :func:`read_progress`."""
+    from flowbench.results import runs_without_record
+
+    return read_progress(runs_without_record(results, datasets, models))
+
+
+def read_progress(pending: Iterable[PendingRun]) -> tuple[list[RunInProgress], list[str]]:
+    """Each run's progress read from its checkpoint, and the checkpoints that could not be read (as messages).
+    A checkpoint beside a record (``--keep-checkpoint``) belongs to a finished run and is not pending; one marked
+    finished without a record is a seed of a stack that stopped before the others (the stack writes the records
+    when it ends), and is listed."""
     from flowbench.training.trainer import checkpoint_progress  # lazy: it imports torch
 
-    root = Path(results) / "runs"
     runs: list[RunInProgress] = []
     problems: list[str] = []
-    for path in checkpoints_without_record(results):
-        parts = path.relative_to(root).parts[:-1]
+    for run in pending:
         try:
-            progress = checkpoint_progress(path)
-            written = path.stat().st_mtime
+            progress = checkpoint_progress(run.checkpoint)
+            written = run.checkpoint.stat().st_mtime
         except (FlowbenchError, OSError) as e:  # one bad file must not hide the others
             problems.append(str(e))
             continue
-        tag = parts[2] if len(parts) == 3 else None
-        runs.append(
-            RunInProgress(parts[0], parts[1], tag, int(path.stem.removeprefix("seed")), path, progress, written)
-        )
+        runs.append(RunInProgress(run.dataset, run.model, run.tag, run.seed, run.checkpoint, progress, written))
     return runs, problems

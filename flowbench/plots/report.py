@@ -30,6 +30,7 @@ from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.plots import _records as R
 from flowbench.plots._mpl import png_bytes
 from flowbench.plots.curves import dataset_order, plot_curves
+from flowbench.results import PendingRun, runs_without_record
 from flowbench.tables import compute_table, render
 from flowbench.utils import atomic_write
 
@@ -193,13 +194,13 @@ def report_markdown(
     if select not in SELECT_MODES:
         raise ConfigError(f"unknown --select {select!r}; use best-val or all")
     sources = list(sources)
-    running, unread = R.runs_in_progress(results)
-    # A run still training counts as present: a folder of long runs has a report before its first record.
-    kept = R.select_runs(R.load_runs(results) + running, datasets, models)
-    records = [r for r in kept if not isinstance(r, R.RunInProgress)]
-    running = [r for r in kept if isinstance(r, R.RunInProgress)]
-    failed, problems = R.failed_runs(results)
     datasets, models = (list(x) if x else None for x in (datasets, models))
+    # A run still training counts as present: a folder of long runs has a report before its first record. Only
+    # the selected runs' checkpoints are read.
+    kept = R.select_runs(R.load_runs(results) + runs_without_record(results), datasets, models)
+    records = [r for r in kept if not isinstance(r, PendingRun)]
+    running, unread = R.read_progress(r for r in kept if isinstance(r, PendingRun))
+    failed, problems = R.failed_runs(results)
     failed = [
         f
         for f in failed

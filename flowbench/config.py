@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, FlowbenchError
 from flowbench.plugins import is_reference, normalize_reference
 
 if sys.version_info >= (3, 11):
@@ -825,6 +825,18 @@ def fingerprint_model(fingerprint: Mapping[str, Any]) -> tuple[str, dict[str, An
     that are neither general options nor references)."""
     hparams = {k: v for k, v in fingerprint.items() if k not in OPTIONS and k not in _REFS}
     return fingerprint.get("model_ref") or fingerprint["model"], hparams
+
+
+def fingerprint_display_name(fingerprint: Mapping[str, Any]) -> str | None:
+    """The row label (``MADE MoG``, ``MAF (5)``) of a run with these options (:meth:`RunOptions.to_dict`), as its
+    record will give it; None when its model no longer resolves (a plug-in not installed, an old option)."""
+    from flowbench import models  # lazy: the registry imports torch
+
+    try:
+        key, hparams = fingerprint_model(fingerprint)
+        return models.display_name(key, **hparams)
+    except (FlowbenchError, KeyError, IndexError, ValueError):
+        return None
 
 
 def unset_value(key: str, fingerprint: Mapping[str, Any]) -> Any:

@@ -236,6 +236,10 @@ def test_failing_run_is_retried_then_reported_and_the_sweep_goes_on(tmp_path):
     saved = json.loads((tmp_path / "sweeps" / "sweep.json").read_text())
     assert saved["counts"] == {"done": 4, "skipped": 0, "failed": 2, "elsewhere": 0, "pending": 0}
     assert {r["tag"] for r in saved["runs"] if r["status"] == "failed"} == {"hidden=13"}
+    assert {r["display_name"] for r in saved["runs"]} == {"MADE"}  # the label a record would have
+    from flowbench.plots._records import failed_runs
+
+    assert sorted(f.label for f in failed_runs(tmp_path)[0]) == ["MADE [hidden=13]"] * 2  # the report's rows
     assert "FAILED digits/made/hidden=13/seed0 after 3 attempt(s): RuntimeError: boom" in summary(
         report, sweep, tmp_path
     )

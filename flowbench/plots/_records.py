@@ -266,6 +266,12 @@ class FailedRun:
     error: str
     sweep: str
     reported: float = 0.0  # when the sweep report was written (its modification time)
+    display_name: str | None = None  # the label its record would have had (older sweep reports lack it)
+
+    @property
+    def label(self) -> str:
+        """Its row label with the tag, as a record's would read: ``MADE MoG [hidden-layers=2]``."""
+        return (self.display_name or self.model) + (f" [{self.tag}]" if self.tag else "")
 
 
 def failed_runs(results: str | Path) -> tuple[list[FailedRun], list[str]]:
@@ -296,6 +302,7 @@ def failed_runs(results: str | Path) -> tuple[list[FailedRun], list[str]]:
                     r.get("error") or "unknown error",
                     path.stem,
                     reported,
+                    r.get("display_name"),
                 )
             )
     return failed, problems
@@ -324,15 +331,10 @@ class RunInProgress:
     def record(self) -> dict[str, Any]:
         """The run so far as a record mapping, for the curves: its history and best so far, status ``in
         progress``, and the row label its record will have."""
-        from flowbench import models  # lazy: the registry imports torch
-        from flowbench.config import fingerprint_model
+        from flowbench.config import fingerprint_display_name
 
         p = self.progress
-        try:
-            key, hparams = fingerprint_model({"model": self.model, **p.options})
-            name = models.display_name(key, **hparams)
-        except (FlowbenchError, KeyError, IndexError, ValueError):  # a plug-in no longer installed, an old option
-            name = self.model
+        name = fingerprint_display_name({"model": self.model, **p.options}) or self.model
         return {
             "dataset": self.dataset,
             "model": self.model,

@@ -105,9 +105,8 @@ def _runs_table(records: list[Any], failed: list[R.FailedRun]) -> str:
                 ]
             )
     for f in failed:
-        tag = f" [{f.tag}]" if f.tag else ""
         rows.append(
-            [f.dataset, _cell(f.model + tag), f.seed, _cell(f"failed (sweep {f.sweep}): {f.error}"), "", "", "", "", ""]
+            [f.dataset, _cell(f.label), f.seed, _cell(f"failed (sweep {f.sweep}): {f.error}"), "", "", "", "", ""]
         )
     headers = [
         "dataset",

@@ -34,7 +34,7 @@ from typing import IO, Any, Iterable
 from tabulate import tabulate
 
 from flowbench import utils
-from flowbench.config import RunOptions
+from flowbench.config import RunOptions, fingerprint_display_name
 from flowbench.errors import ConfigError
 from flowbench.results import RunRecord, json_safe, replaceable
 from flowbench.sweep.artifacts import ARTIFACTS
@@ -92,6 +92,8 @@ class RunState:
             "error": self.error,
             "record": str(r.record_path(out)),
         }
+        if self.options is not None:  # the label its record has (and a failed run's row in the report)
+            d["display_name"] = fingerprint_display_name(self.options.to_dict())
         if self.record is not None:
             d.update({k: getattr(self.record, k) for k in ("best_val_ll", "test_ll", "test_ll_2se", "status")})
             d["record_status"] = d.pop("status")

@@ -336,14 +336,26 @@ def compute_table(
         notes.append(f"? {UNVERIFIED_NOTE}")
     cited = [s for s in sources if s in SOURCES]
     notes += [f"{SOURCES[s][0]}: {SOURCES[s][1]}" for s in cited]
-    heading = (
+    return Table(_heading(columns), columns, rows, footnotes, notes, cited)
+
+
+def _heading(columns: list[str]) -> str:
+    """The caption, saying only what the columns shown need: which are in logit space, what cond. means."""
+    bases = dict.fromkeys(c.removesuffix("-cond") for c in columns)  # MNIST cond. is MNIST's data: logit too
+    names = [A.column_title(d) if d != "digits" else d for d in bases if getattr(DATASETS.get(d), "image", None)]
+    logit = f"{', '.join(names[:-1])} and {names[-1]}" if len(names) > 1 else "".join(names)
+    return (
         "Average test log-likelihood in nats (higher is better), mean ± 2 standard errors over the test points. "
-        "(sd S, n=N): standard deviation of the test LL over N seeds. MNIST, CIFAR-10 and digits in logit space; "
-        "cond.: class-conditional models, their log p(x) under a uniform label prior. "
-        "**Bold**: best in its column, and rows of ours not significantly below our best (paired t-test). "
+        "(sd S, n=N): standard deviation of the test LL over N seeds. "
+        + (f"{logit} in logit space. " if logit else "")
+        + (
+            "cond.: class-conditional models, their log p(x) under a uniform label prior. "
+            if any(c.endswith("-cond") for c in columns)
+            else ""
+        )
+        + "**Bold**: best in its column, and rows of ours not significantly below our best (paired t-test). "
         "N/A: no result."
     )
-    return Table(heading, columns, rows, footnotes, notes, cited)
 
 
 def _columns(rows: list[_Row], ours: dict[str, _Row], datasets: list[str] | None) -> list[str]:

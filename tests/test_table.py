@@ -68,6 +68,23 @@ def test_golden_table(tmp_path):
     assert build_table(list(iter_records(tmp_path)), ["maf", "relgrad"], "best-val") == text
 
 
+def test_the_caption_explains_only_the_columns_shown(tmp_path):
+    write_fixture(tmp_path)
+    records = list(iter_records(tmp_path))
+
+    def caption(datasets):
+        return build_table(records, ["maf", "relgrad"], "best-val", datasets=datasets).split("\n")[0]
+
+    everything = caption(None)  # the published rows give every column, MNIST cond. and CIFAR10 among them
+    assert "MNIST, CIFAR10 and digits in logit space." in everything and "cond.: class-conditional" in everything
+    readme = caption(["power", "mnist", "digits"])
+    assert "MNIST and digits in logit space." in readme and "cond." not in readme and "CIFAR" not in readme
+    tabular = caption(["power", "gas"])
+    assert "logit" not in tabular and "cond." not in tabular and tabular.endswith("N/A: no result.")
+    cond = caption(["mnist-cond"])
+    assert "MNIST in logit space. cond.: class-conditional models" in cond and "digits" not in cond
+
+
 def test_selection_seeds_bold_and_na(tmp_path):
     write_fixture(tmp_path)
     text = build_table(list(iter_records(tmp_path)), [], "best-val")

@@ -455,3 +455,25 @@ def test_a_stack_of_configurations_names_each_run_in_its_epoch_lines(tmp_path, c
     run_stacked([stack_opts(tmp_path / "b", seed=s, max_epochs=1) for s in (0, 1)], toy_data(), progress=True)
     lines = [ln for ln in capsys.readouterr().err.splitlines() if " epoch    1 " in ln]
     assert [ln.split(" epoch")[0] for ln in lines] == ["seed 0", "seed 1"]  # one configuration: the seed says it
+
+
+@pytest.mark.parametrize("command", ["table", "report", "plot curves"])
+def test_a_selection_of_datasets_reads_the_same_in_every_command(command):
+    # `table --datasets power,mnist` copied to `report` was "unrecognized arguments", and `report --dataset
+    # power,mnist` looked for a dataset named "power,mnist": each spelling now means the same list everywhere.
+    from flowbench.cli import build_parser
+
+    parser = build_parser(command.split()[0])
+    dest = "datasets" if command == "table" else "dataset"
+    spellings = [
+        ["--datasets", "power,mnist"],
+        ["--dataset", "power", "mnist"],
+        ["--dataset", "power", "--datasets", "mnist"],
+        ["--datasets", "power,", "mnist"],
+    ]
+    for flags in spellings:
+        args = parser.parse_args([*command.split(), *flags])
+        assert getattr(args, dest) == ["power", "mnist"], flags
+    if command != "table":
+        args = parser.parse_args([*command.split(), "--models", "maf,made", "--model", "relgrad"])
+        assert args.model == ["maf", "made", "relgrad"]

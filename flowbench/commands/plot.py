@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flowbench.commands._lists import add_names
+
 
 def _dims(text: str) -> list[int]:
     try:
@@ -46,10 +48,8 @@ def _configure_curves(sub: argparse._SubParsersAction) -> None:
         "dashed.",
     )
     _results(p)
-    p.add_argument("--dataset", nargs="+", action="extend", metavar="D", help="datasets to draw (default all)")
-    p.add_argument(
-        "--model", nargs="+", action="extend", metavar="M", help="models to draw, registry names (default all)"
-    )
+    add_names(p, "dataset", "datasets to draw (default all)")
+    add_names(p, "model", "models to draw, registry names (default all)")
     p.add_argument("--tag", nargs="+", action="extend", metavar="T", help="only these tags")
     p.add_argument(
         "--select",

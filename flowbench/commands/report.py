@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from flowbench.commands._lists import add_names
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -16,8 +18,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="report.html (one file, images embedded) or report.md "
         "(PNGs in report_files/ beside it); default <results>/report.html",
     )
-    parser.add_argument("--dataset", nargs="+", action="extend", metavar="D", help="only these datasets")
-    parser.add_argument("--model", nargs="+", action="extend", metavar="M", help="only these models (registry names)")
+    add_names(parser, "dataset", "only these datasets")
+    add_names(parser, "model", "only these models (registry names)")
     parser.add_argument(
         "--published",
         default="maf,relgrad",

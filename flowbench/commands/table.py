@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from flowbench.commands._lists import add_names
+
 #: ``--out`` suffixes that choose the format when ``--format`` is not given.
 _SUFFIX_FORMATS = {".md": "markdown", ".tex": "latex", ".csv": "csv", ".json": "json"}
 
@@ -29,11 +31,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "mean, ± 2 SE, sd, n, source, marks in columns of their own); default: from --out's suffix "
         "(.md, .tex, .csv, .json), else markdown",
     )
-    parser.add_argument(
-        "--datasets",
-        metavar="LIST",
-        help="only these columns, comma-separated: dataset names, <dataset>-cond for a class-conditional column "
-        "(MAF Table 2), e.g. mnist,mnist-cond (default: every column with a number)",
+    add_names(
+        parser,
+        "dataset",
+        "only these columns: dataset names, <dataset>-cond for a class-conditional column (MAF Table 2), e.g. "
+        "mnist,mnist-cond (default: every column with a number)",
+        dest="datasets",
     )
     parser.add_argument(
         "--select",
@@ -70,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         _check_out(args.out)
     suffix = Path(args.out).suffix.lower() if args.out else ""
     fmt = args.format or _SUFFIX_FORMATS.get(suffix, "markdown")
-    datasets = parse_sources(args.datasets) or None  # the same comma-list parsing
+    datasets = args.datasets or None
     text = build_table(
         list(iter_records(args.results)), parse_sources(args.published), args.select, fmt=fmt, datasets=datasets
     )

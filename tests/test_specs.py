@@ -271,3 +271,37 @@ def test_conditional_specs_are_derived_from_the_unconditional_ones():
         with pytest.raises(ConfigError, match=f"use {name}"):
             models.build_model(base.name, 3, classes=3)
     assert not any(models.MODELS[n].conditional for n in NAMES if not n.endswith("-cond"))
+
+
+def test_the_readmes_models_table_lists_every_hyperparameter_with_its_choices_and_default():
+    # The README's table is the front door's account of the specs: a hyperparameter added to a spec (maf's
+    # `degrees` was missing) or a changed default must show there.
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Models\n")[1].split("\n## ")[0]
+    shown: dict[str, dict[str, tuple[str | None, str]]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        name = re.fullmatch(r"`([\w-]+)`", cells[0]) if cells else None
+        if name is None:
+            continue  # the header, its rule, and the -cond row that refers to the six above
+        text = cells[3].replace("\\|", "|")
+        base = re.match(r"as `([\w-]+)`, plus ", text)
+        params = dict(shown[base.group(1)]) if base else {}
+        for key, choices, default in re.findall(r"`(\w+)`(?: ([\w.|-]+))? \[([^\]]+)\]", text):
+            params[key] = (choices or None, default)
+        shown[name.group(1)] = params
+    assert {"gaussian", "made", "maf", "relgrad", "nsf-c"} <= set(shown)
+
+    def spelled(v):
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    for name, params in shown.items():
+        spec = models.get_spec(name)
+        assert set(params) == set(spec.hparams), name
+        for key, (choices, default) in params.items():
+            h = spec.hparams[key]
+            assert default == spelled(h.default), (name, key)
+            assert choices == ("|".join(h.choices) if h.choices else None), (name, key)

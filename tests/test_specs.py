@@ -273,27 +273,27 @@ def test_conditional_specs_are_derived_from_the_unconditional_ones():
     assert not any(models.MODELS[n].conditional for n in NAMES if not n.endswith("-cond"))
 
 
-def test_the_readmes_models_table_lists_every_hyperparameter_with_its_choices_and_default():
-    # The README's table is the front door's account of the specs: a hyperparameter added to a spec (maf's
-    # `degrees` was missing) or a changed default must show there.
+@pytest.mark.parametrize("page", ["README.md", "docs/manual/models.md"])
+def test_the_models_tables_list_every_hyperparameter_with_its_choices_and_default(page):
+    # The README's and the manual's model tables are the account of the specs a reader sees first: a
+    # hyperparameter added to a spec (maf's `degrees` was missing from both) or a changed default must show there.
     import re
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Models\n")[1].split("\n## ")[0]
+    text = (Path(__file__).resolve().parents[1] / page).read_text()
     shown: dict[str, dict[str, tuple[str | None, str]]] = {}
-    for line in section.splitlines():
+    for line in text.splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-        name = re.fullmatch(r"`([\w-]+)`", cells[0]) if cells else None
-        if name is None:
-            continue  # the header, its rule, and the -cond row that refers to the six above
-        text = cells[3].replace("\\|", "|")
-        base = re.match(r"as `([\w-]+)`, plus ", text)
+        name = re.fullmatch(r"`([\w-]+)`", cells[0]) if len(cells) >= 4 else None
+        if name is None or name.group(1) not in models.MODELS:
+            continue  # other rows, and the -cond row that refers to the six above
+        hp = cells[3].replace("\\|", "|")
+        base = re.match(r"as `([\w-]+)`, plus ", hp)
         params = dict(shown[base.group(1)]) if base else {}
-        for key, choices, default in re.findall(r"`(\w+)`(?: ([\w.|-]+))? \[([^\]]+)\]", text):
+        for key, choices, default in re.findall(r"`(\w+)`(?: ([\w.|-]+))?(?: \([^)]*\))? \[([^\]]+)\]", hp):
             params[key] = (choices or None, default)
         shown[name.group(1)] = params
-    assert {"gaussian", "made", "maf", "relgrad", "nsf-c"} <= set(shown)
+    assert {"gaussian", "made", "made-mog", "realnvp", "maf", "maf-mog", "relgrad", "nsf-ar", "nsf-c"} <= set(shown)
 
     def spelled(v):
         return str(v).lower() if isinstance(v, bool) else str(v)

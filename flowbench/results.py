@@ -419,6 +419,11 @@ def iter_records(results: str | Path) -> Iterator[RunRecord]:
     """Every record under ``<results>/runs`` in sorted path order (deterministic)."""
     if Path(results).exists() and not Path(results).is_dir():
         raise ConfigError(f"--results {results} is a file; pass the results folder that holds runs/")
+    if not Path(results).exists():
+        raise ConfigError(
+            f"--results {results}: no such folder; pass the folder your runs wrote to (flowbench run --out, "
+            "default results/)"
+        )
     root = Path(results) / "runs"
     if not root.is_dir():
         raise ConfigError(f"no run records under {root}; train something first with `flowbench run`")

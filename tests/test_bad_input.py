@@ -193,7 +193,9 @@ ROWS = [
         ["power", "flowbench download --dataset power"],
     ),
     # table
-    ("table-no-records", ["table", "--results", "{t}/res"], None, ["no run records"]),
+    ("table-no-results-folder", ["table", "--results", "{t}/res"], None, ["--results", "no such folder"]),
+    ("report-no-results-folder", ["report", "--results", "{t}/res"], None, ["--results", "no such folder"]),
+    ("table-no-records", ["table", "--results", "{t}"], None, ["no run records"]),
     ("table-results-is-a-file", ["table", "--results", "{t}/afile"], a_file, ["--results", "is a file"]),
     (
         "table-record-not-a-number",

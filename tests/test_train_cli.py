@@ -58,4 +58,7 @@ def test_cli_config_errors(tmp_path, capsys):
     assert main(["run", "--threads", "0", "--out", str(tmp_path)]) == 2
     assert "--threads must be a positive integer" in capsys.readouterr().err
     assert main(["table", "--results", str(tmp_path / "none")]) == 2
+    assert f"--results {tmp_path / 'none'}: no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["table", "--results", str(tmp_path / "empty")]) == 2  # a folder, but nothing trained into it
     assert "no run records" in capsys.readouterr().err

@@ -497,3 +497,50 @@ def test_driver_written_sweep_runs_hold_the_run_lock(tmp_path):
     assert not lock_path(tmp_path, other.dataset, other.model, other.seed, other.tag).exists()  # released
     again = run_sweep(sweep, tmp_path, backend=DriverWritesBackend(), stream=None)  # stale lock: no block
     assert again.ok and again.count("done") == 1
+
+
+def crashing_run(options):
+    """A sweep's run function (imported by the pool's workers): seed 0's worker dies (SIGKILL) on its first
+    attempt once seed 1's holds its lock; seed 1's worker, terminated by the broken pool, takes a second to die
+    (as a worker saving a checkpoint would). Second attempts write their record."""
+    import signal
+
+    from flowbench.models import display_name
+    from flowbench.results import RunRecord, write_record
+
+    out = Path(options.out)
+    first = out / f"attempted{options.seed}"
+    lock = lock_path(out, options.dataset, options.model, options.seed, options.tag)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(lock):
+        if not first.exists():
+            first.write_text("")
+            if options.seed == 1:
+                signal.signal(signal.SIGTERM, lambda *_: (time.sleep(1.0), os._exit(1)))
+                (out / "seed1-holds-its-lock").write_text("")
+                time.sleep(60)
+            while not (out / "seed1-holds-its-lock").exists():
+                time.sleep(0.01)
+            os.kill(os.getpid(), 9)
+        record = RunRecord.example(
+            dataset=options.dataset,
+            model=options.model,
+            display_name=display_name(options.model, **options.hparams),
+            seed=options.seed,
+            config=options.to_dict(),
+            test_ll=-1.0,
+        )
+        write_record(record_path(out, options.dataset, options.model, options.seed, options.tag), record)
+    return record
+
+
+def test_a_worker_that_dies_is_retried_and_its_pool_mates_are_not_set_aside(tmp_path):
+    """A worker killed (out of memory, kill -9) breaks the process pool: every run in it fails, and the pool
+    terminates the other workers. Those were looked at while they still held their runs' locks and set aside
+    as trained 'elsewhere' by processes about to die: the sweep then ended with 0 failed and exit 0, the runs
+    not trained. Both runs must be retried and trained."""
+    sweep = parse_sweep({"datasets": ["digits"], "models": ["gaussian"], "grid": {"seed": [0, 1], "device": "cpu"}})
+    report = run_sweep(sweep, tmp_path, workers=2, retries=1, run_fn="test_faults:crashing_run", stream=None)
+    assert [s.status for s in report.states] == ["done", "done"], [(s.status, s.error) for s in report.states]
+    assert [s.attempts for s in report.states] == [2, 2]
+    assert all(r.record_path(tmp_path).is_file() for r in sweep.runs)

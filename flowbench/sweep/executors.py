@@ -86,14 +86,25 @@ class ProcessExecutor:
     def wait(self, tokens: list, timeout: float) -> list[tuple[Any, dict]]:
         done, _ = wait(tokens, timeout=timeout, return_when=FIRST_COMPLETED)
         out = []
+        broken = False
         for fut in done:
             try:
                 out.append((fut, fut.result()))
             except BrokenProcessPool as e:  # the worker process died (killed, out of memory, segfault)
+                broken = True
                 out.append((fut, {"ok": False, "error": f"worker process died: {e}", "traceback": ""}))
             except Exception as e:  # noqa: BLE001 - e.g. options that cannot be pickled
                 out.append((fut, {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": ""}))
+        if broken:
+            self._replace_pool()
         return out
+
+    def _replace_pool(self) -> None:
+        """A broken pool fails every run in it and terminates its other workers; wait until they have exited
+        before the runs are retried: a worker being terminated still holds its run's lock, and its run would be
+        set aside as trained elsewhere by a process about to die."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._new_pool()
 
     def shutdown(self, cancel: bool = False) -> None:
         self._pool.shutdown(wait=not cancel, cancel_futures=cancel)

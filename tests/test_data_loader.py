@@ -215,3 +215,20 @@ def test_datasets_command_shows_labels(root: Path, capsys):
     assert "10 classes" in lines["mnist"] and "10 classes" in lines["cifar10"] and "10 classes" in lines["digits"]
     assert "–" in lines["power"] and "classes" not in lines["power"]
     assert "cifar10/ (6 files)" in lines["cifar10"] and "raw" in lines["cifar10"]
+
+
+def test_datasets_command_says_where_a_missing_dataset_outside_the_archive_comes_from(tmp_path, capsys, monkeypatch):
+    # `flowbench download` fetches MAF's archive only: for another source the note must not send the user there.
+    import dataclasses
+
+    from flowbench.data.spec import ARCHIVE
+
+    other = dataclasses.replace(DATASETS["miniboone"], name="mytable", source="my lab's share, /srv/tables")
+    other = dataclasses.replace(other, raw_files=("mytable/table.npy",))
+    monkeypatch.setitem(DATASETS, "mytable", other)
+    assert DATASETS["power"].source == ARCHIVE
+    assert cli.main(["datasets", "--root", str(tmp_path)]) == 0
+    notes = capsys.readouterr().out.split("\n\n")[-1]
+    assert "missing → `flowbench download --dataset NAME" in notes  # the archive's, all missing here
+    assert f"mytable missing → not in MAF's archive: put mytable/table.npy under {tmp_path}" in notes
+    assert "(its source: my lab's share, /srv/tables)" in notes and "raw →" not in notes

@@ -293,7 +293,10 @@ def test_the_models_tables_list_every_hyperparameter_with_its_choices_and_defaul
         for key, choices, default in re.findall(r"`(\w+)`(?: ([\w.|-]+))?(?: \([^)]*\))? \[([^\]]+)\]", hp):
             params[key] = (choices or None, default)
         shown[name.group(1)] = params
-    assert {"gaussian", "made", "made-mog", "realnvp", "maf", "maf-mog", "relgrad", "nsf-ar", "nsf-c"} <= set(shown)
+    # every built-in model has its row (the -cond ones share the row "gaussian-cond … maf-mog-cond")
+    unconditional = {n for n in _builtin_names() if not models.get_spec(n).conditional}
+    assert set(shown) == unconditional, "a row per built-in model: add the new model's row (docs/extending.md)"
+    assert "`gaussian-cond` … `maf-mog-cond`" in text
 
     def spelled(v):
         return str(v).lower() if isinstance(v, bool) else str(v)
@@ -305,3 +308,33 @@ def test_the_models_tables_list_every_hyperparameter_with_its_choices_and_defaul
             h = spec.hparams[key]
             assert default == spelled(h.default), (name, key)
             assert choices == ("|".join(h.choices) if h.choices else None), (name, key)
+
+
+def _builtin_names() -> set[str]:
+    """The names the package's own REGISTRY declares (not plug-ins, not models a test registered)."""
+    import importlib
+
+    return {
+        getattr(importlib.import_module(f"flowbench.models.{ref.split(':')[0]}"), ref.split(":")[1]).name
+        for ref in models.REGISTRY
+    }
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/manual/data.md"])
+def test_the_datasets_tables_have_a_row_per_builtin_dataset_with_its_dimension_and_sizes(page):
+    import re
+    from pathlib import Path
+
+    from flowbench.data import _MODULES, DATASETS
+
+    text = (Path(__file__).resolve().parents[1] / page).read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        name = re.fullmatch(r"`([\w-]+)`", cells[0]) if len(cells) >= 5 else None
+        if name and name.group(1) in DATASETS:
+            rows[name.group(1)] = [int(c.replace(",", "")) for c in cells[1:5]]
+    assert set(rows) == set(_MODULES), "a row per built-in dataset: add the new dataset's row (docs/extending.md)"
+    for name, (dim, *sizes) in rows.items():
+        spec = DATASETS[name]
+        assert (dim, tuple(sizes)) == (spec.dim, tuple(spec.sizes)), name

@@ -44,7 +44,8 @@ def rows(root: Path) -> list[list]:
 def main(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from flowbench.data import check_root, download_command
+    from flowbench.data import DATASETS, check_root, download_command
+    from flowbench.data.spec import ARCHIVE
 
     root = check_root(args.root)
     table = rows(root)
@@ -59,10 +60,16 @@ def main(args: argparse.Namespace) -> int:
     )
     status_col = 6
     notes = []
-    if any(r[status_col] in ("missing", "raw") for r in table):
+    missing = [r[0] for r in table if r[status_col] == "missing"]
+    if any(DATASETS[n].source == ARCHIVE for n in missing):
+        notes.append(f"missing → `{download_command('NAME', root)}` (or without --dataset for all)")
+    for name in (n for n in missing if DATASETS[n].source != ARCHIVE):  # flowbench download fetches MAF's only
         notes.append(
-            f"missing → `{download_command('NAME', root)}` (or without --dataset for all); raw → prepared on first load"
+            f"{name} missing → not in MAF's archive: put {_files_text(DATASETS[name].raw_files)} under {root} "
+            f"(its source: {DATASETS[name].source})"
         )
+    if any(r[status_col] == "raw" for r in table):
+        notes.append("raw → prepared on first load")
     if any(r[status_col].startswith("broken") for r in table):
         notes.append(
             "broken → rebuilt from the raw files on the next load or `flowbench download`, without "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -324,10 +325,33 @@ def test_nan_guard_stops_keeps_best_and_records(tmp_path, tiny_models):
     assert on_disk["status"] == "nonfinite" and on_disk["failure"] == rec.failure
 
 
+def test_a_run_that_diverges_before_its_first_validation_says_it_has_no_best_model(tmp_path, capsys, monkeypatch):
+    # "keeping the best model so far" was logged with no validated epoch at all, and the summary read
+    # "val LL nan"; the diverged model is what the test set scores, and the run says so.
+    from flowbench.training.experiment import summary_line
+
+    spec = ModelSpec(
+        name="nanearly", build=lambda dim: NaNFlow(dim, after=1), hparams={}, label="E", paper="t", lr=1e-3
+    )
+    monkeypatch.setitem(models.MODELS, "nanearly", spec)
+    rec = run_experiment(opts(tmp_path, model="nanearly", max_epochs=3), gaussian_data(500, 100, 100))
+    assert rec.status == "nonfinite" and rec.best_epoch is None and rec.epochs == 1
+    log = capsys.readouterr().err
+    assert "stopping, no epoch was validated before it, so the test set scores the diverged model" in log
+    assert "keeping the best model so far" not in log
+    assert "(no epoch validated, non-finite loss," in summary_line(rec, "r.json")
+
+
 # -- evaluation --------------------------------------------------------------------------------------------
 def test_mean_2se_matches_maf_formula():
     v = np.array([1.0, 2.0, 4.0, 7.0])
     assert mean_2se(v) == (3.5, 2 * np.std(v) / 2.0)
+    # a non-finite value: the mean says it, no error bar, and no numpy warning (a diverged model's pixel LLs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mean_2se(np.array([1.0, -np.inf])) == (-np.inf, pytest.approx(np.nan, nan_ok=True))
+        mean, err = mean_2se(np.array([np.inf, -np.inf, 1.0]))
+    assert math.isnan(mean) and math.isnan(err)
 
 
 def test_no_model_beats_the_true_density(tmp_path):

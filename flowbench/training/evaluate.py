@@ -107,11 +107,15 @@ def training_nll(flow: Flow, subsample: Tensor, batch_size: int = 2000) -> tuple
 
 
 def mean_2se(values: np.ndarray) -> tuple[float, float]:
-    """Mean and twice the standard error, ``2·std/sqrt(N)`` with numpy's ddof=0 as in the MAF code."""
+    """Mean and twice the standard error, ``2·std/sqrt(N)`` with numpy's ddof=0 as in the MAF code; with a
+    non-finite value among them, their mean (−inf, or NaN for +inf and −inf) and no error bar (NaN)."""
     values = np.asarray(values, dtype=np.float64)
     n = values.size
     if n == 0:
         return math.nan, math.nan
+    if not np.isfinite(values).all():
+        with np.errstate(invalid="ignore"):  # inf − inf in the sum: NaN, said by the value itself
+            return float(values.mean()), math.nan
     return float(values.mean()), float(2.0 * values.std() / math.sqrt(n))
 
 
@@ -182,11 +186,9 @@ def summarize_test(logp: np.ndarray, data: Dataset) -> dict[str, Any]:
     """The record's test fields from the per-point test log-likelihoods ``logp`` (see :func:`evaluate_test`)."""
     finite = np.isfinite(logp)
     n_bad = int(logp.size - finite.sum())
-    if n_bad:
-        # The protocol's mean over all points is −inf (its 2 SE undefined); the finite points' go beside it.
-        mean, err2se = float(logp.mean()), math.nan
-    else:
-        mean, err2se = mean_2se(logp)
+    # With a non-finite point the protocol's mean over all points is −inf (its 2 SE undefined); the finite
+    # points' go beside it.
+    mean, err2se = mean_2se(logp)
     out: dict[str, Any] = {"test_ll": mean, "test_ll_2se": err2se, "n_test": int(logp.size), "n_nonfinite_test": n_bad}
     if n_bad:
         out["test_ll_finite"], out["test_ll_finite_2se"] = mean_2se(logp[finite])

@@ -7,6 +7,7 @@ the record) are :mod:`flowbench.training.lifecycle`'s; the protocol is MAF's (Pa
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -84,10 +85,11 @@ def summary_line(record: RunRecord, path: Any) -> str:
     trained = (
         f"best val LL {record.best_val_ll:.3f}{given} at epoch {record.best_epoch}, {record.epochs} epochs"
         if record.best_epoch is not None
-        else f"val LL {record.best_val_ll:.3f}, {record.stop_reason}"
+        else f"no epoch validated, {record.stop_reason}"
     )
+    error = f" ± {record.test_ll_2se:.3f}" if math.isfinite(record.test_ll_2se) else ""  # none for a −inf mean
     line = (
-        f"{record.display_name} on {record.dataset}: test LL {record.test_ll:.3f} ± {record.test_ll_2se:.3f} "
+        f"{record.display_name} on {record.dataset}: test LL {record.test_ll:.3f}{error} "
         f"nats ({trained}, {record.params} params, {record.wall_time_s:.1f} s)"
     )
     if record.bits_per_pixel is not None:

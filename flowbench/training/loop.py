@@ -507,7 +507,12 @@ class RunLoop:
         res = s.result
         res.status, res.failure, res.stop_reason, res.ended = "nonfinite", failure, "non-finite loss", "nonfinite"
         s.finished = True
-        self._log(f"{s.prefix}epoch {epoch}: {failure}; stopping and keeping the best model so far")
+        kept = (
+            "keeping the best model so far"
+            if s.stopper.best_epoch is not None
+            else "no epoch was validated before it, so the test set scores the diverged model"
+        )
+        self._log(f"{s.prefix}epoch {epoch}: {failure}; stopping, {kept}")
         s.epoch = s.evaluated_epoch = epoch  # the epoch that failed counts as run
         return None
 

@@ -11,13 +11,14 @@ stacks.
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable
 
 from flowbench.config import RunOptions
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, UsageError
 from flowbench.sweep.ray_backend import RayExecutor
 from flowbench.sweep.spec import SweepRun
 from flowbench.sweep.worker import RunFn, execute_run, execute_stack, init_worker
@@ -63,9 +64,21 @@ class ProcessExecutor:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             self.capacity, mp_context=self._ctx, initializer=init_worker, initargs=(self.threads,)
         )
+        # CPython starts a spawn pool's workers one per submit and wakes its manager thread before the new
+        # worker exists, so the manager may not watch the last one: that worker dying (killed, out of memory)
+        # went unnoticed until another worker finished its run, and its run waited hours for the retry. Every
+        # worker started at once, with a no-op, and its result awaited: the manager watches them all.
+        try:
+            for started in [pool.submit(os.getpid) for _ in range(self.capacity)]:
+                started.result()
+        except BrokenProcessPool as e:
+            raise UsageError(
+                f"the sweep's worker processes could not start ({e}); run it with --workers 1 to see why"
+            ) from e
+        return pool
 
     def submit(self, run: SweepRun, options: RunOptions, out: str | Path) -> Future:
         log = str(run.log_path(out))

@@ -39,6 +39,7 @@ def fake_run(options):
     if options.hparams.get("hidden") == 7 and ATTEMPTS[label] == 1:
         raise RuntimeError("transient failure")
     val = fake_val_ll(options)
+    diverged = options.hparams.get("hidden") == 5  # trained, recorded, but not finite (a too-high lr)
     record = RunRecord.example(
         dataset=options.dataset,
         model=options.model,
@@ -53,6 +54,8 @@ def fake_run(options):
         test_ll=val - 1.0,
         test_ll_2se=0.1,
         n_test=100,
+        status="nonfinite" if diverged else "ok",
+        failure="non-finite training loss (nan) at epoch 1, batch 2 (step 2) (lower --lr)" if diverged else None,
     )
     write_record(record_path(options.out, options.dataset, options.model, options.seed, options.tag), record)
     return record
@@ -234,7 +237,7 @@ def test_failing_run_is_retried_then_reported_and_the_sweep_goes_on(tmp_path):
     assert "FAILED digits/made/hidden=13/seed1 after 3 attempt(s)" in text
     assert "sweep: 4 done, 0 running, 2 failed, 0 left" in text
     saved = json.loads((tmp_path / "sweeps" / "sweep.json").read_text())
-    assert saved["counts"] == {"done": 4, "skipped": 0, "failed": 2, "elsewhere": 0, "pending": 0}
+    assert saved["counts"] == {"done": 4, "skipped": 0, "failed": 2, "elsewhere": 0, "pending": 0, "nonfinite": 0}
     assert {r["tag"] for r in saved["runs"] if r["status"] == "failed"} == {"hidden=13"}
     assert {r["display_name"] for r in saved["runs"]} == {"MADE"}  # the label a record would have
     from flowbench.plots._records import failed_runs
@@ -247,6 +250,26 @@ def test_failing_run_is_retried_then_reported_and_the_sweep_goes_on(tmp_path):
     ATTEMPTS.clear()
     report = run_sweep(sweep, tmp_path, run_fn=fake_run, retries=0, stream=None)
     assert report.count("failed") == 2 and report.count("skipped") == 4 and ATTEMPTS["made/hidden=13/seed0"] == 1
+
+
+def test_a_run_recorded_non_finite_is_not_a_success_of_the_sweep(tmp_path):
+    # `flowbench run` exits non-zero for a diverged run; the same run in a sweep read "1 done, 0 failed", exit 0.
+    raw = small()
+    raw["models"] = ["made"]
+    raw["grid"]["hidden"] = [5, 20]  # 5 diverges
+    sweep = parse_sweep(raw)
+    report = run_sweep(sweep, tmp_path, run_fn=fake_run, stream=None)
+    assert not report.ok and not report.failed and report.count("done") == 4
+    assert {s.run.tag for s in report.nonfinite} == {"hidden=5"} and len(report.nonfinite) == 2
+    text = summary(report, sweep, tmp_path)
+    assert "4 done (2 of them non-finite), 0 skipped" in text
+    assert "NONFINITE digits/made/hidden=5/seed0: non-finite training loss (nan)" in text
+    saved = json.loads((tmp_path / "sweeps" / "sweep.json").read_text())
+    assert saved["counts"]["nonfinite"] == 2 and saved["counts"]["failed"] == 0
+    # the next sweep reruns them (their records are replaceable) and leaves the finite ones
+    CALLS.clear()
+    run_sweep(sweep, tmp_path, run_fn=fake_run, stream=None)
+    assert sorted(CALLS) == ["made/hidden=5/seed0", "made/hidden=5/seed1"]
 
 
 def test_best_validation_selection_in_the_table(tmp_path):

@@ -117,8 +117,14 @@ class SweepReport:
         return [s for s in self.states if s.status == "failed"]
 
     @property
+    def nonfinite(self) -> list[RunState]:
+        """Runs done whose record ended non-finite (training diverged): recorded, but not a result."""
+        return [s for s in self.states if s.status == "done" and s.record is not None and s.record.status != "ok"]
+
+    @property
     def ok(self) -> bool:
-        return not self.failed and not self.interrupted
+        """No run failed or ended non-finite (``flowbench run`` exits non-zero for those too), and not stopped."""
+        return not self.failed and not self.nonfinite and not self.interrupted
 
 
 def plan(runs: Iterable[SweepRun], out: str | Path) -> list[RunState]:
@@ -603,6 +609,7 @@ def _discard_checkpoint(ckpt: Path, lock: Path) -> None:
 def _write_report(sweep: Sweep, report: SweepReport, out: str, executor: str, started: str) -> None:
     """``<out>/sweeps/<name>.json``: every run's status, attempts and last error (a record of the sweep)."""
     counts = {k: report.count(k) for k in ("done", "skipped", "failed", "elsewhere", "pending")}
+    counts["nonfinite"] = len(report.nonfinite)  # of the done: recorded with status nonfinite
     atomic_write_json(
         report_path(sweep.name, out),
         json_safe(
@@ -623,7 +630,9 @@ def summary(report: SweepReport, sweep: Sweep, out: str | Path) -> str:
     """The end-of-sweep text: counts, every failure with its error, and where to look next."""
     lines = [
         f"sweep {sweep.name} {'interrupted' if report.interrupted else 'finished'} in {_fmt_time(report.seconds)}: "
-        f"{report.count('done')} done, {report.count('skipped')} skipped (already recorded), "
+        f"{report.count('done')} done"
+        + (f" ({n} of them non-finite)" if (n := len(report.nonfinite)) else "")
+        + f", {report.count('skipped')} skipped (already recorded), "
         f"{report.count('failed')} failed, {report.count('pending')} left"
         + (f", {n} trained elsewhere" if (n := report.count("elsewhere")) else "")
     ]
@@ -631,6 +640,13 @@ def summary(report: SweepReport, sweep: Sweep, out: str | Path) -> str:
         lines.append(f"  FAILED {s.run.label} after {s.attempts} attempt(s): {s.error}")
     if report.failed:
         lines.append("  (logs of parallel and Ray runs: <out>/sweeps/logs/; run the sweep again to retry the failures)")
+    for s in report.nonfinite:
+        lines.append(f"  NONFINITE {s.run.label}: {s.record.failure}")
+    if report.nonfinite:
+        lines.append(
+            "  (their records say status nonfinite; change what the message says, e.g. a lower lr in the sweep "
+            "file, and run the sweep again: it reruns them and replaces those records)"
+        )
     elsewhere = [s for s in report.states if s.status == "elsewhere"]
     for s in elsewhere:
         lines.append(f"  elsewhere {s.run.label}: {s.error}")

@@ -110,13 +110,17 @@ def run_status(rec: Any) -> RunStatus:
     return RunStatus("other", reason or "unknown")
 
 
+#: The words a legend or summary uses for each kind (the report's and figures.md's).
+KIND_WORDS = {"budget": "step budget spent", "nonfinite": "non-finite"}
+
+
 def summary(runs: Iterable[Any]) -> str:
-    """``"3 converged"``, ``"2 capped, 1 nonfinite"``: the status counts of several seeds."""
+    """``"3 converged"``, ``"2 capped, 1 non-finite"``, ``"1 step budget spent"``: the status counts of seeds."""
     counts: dict[str, int] = {}
     for r in runs:
         kind = run_status(r).kind
         counts[kind] = counts.get(kind, 0) + 1
-    return ", ".join(f"{counts[k]} {k}" for k in KINDS if k in counts)
+    return ", ".join(f"{counts[k]} {KIND_WORDS.get(k, k)}" for k in KINDS if k in counts)
 
 
 def convergence_note(runs: Iterable[Any]) -> str | None:

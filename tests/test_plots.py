@@ -174,6 +174,9 @@ def test_status_kinds_and_convergence_note():
     note = S.convergence_note([converged, capped])
     assert note.startswith(S.NOT_CONVERGED) and "seed 1: --max-epochs 3" in note
     assert S.summary([converged, capped, capped]) == "1 converged, 2 capped"
+    # the legend's words are the report's and figures.md's, not the kinds' keys ("1 budget", "1 nonfinite")
+    budget = fake_record("power", "maf", "MAF (5)", 4, [1, 2], stop="reached max_steps=200")
+    assert S.summary([nonfinite, budget, gauss]) == "1 step budget spent, 1 closed-form, 1 non-finite"
 
 
 def test_table_footnotes_only_the_capped_cell(tmp_path):

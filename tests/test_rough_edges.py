@@ -237,6 +237,16 @@ def test_a_stack_resumed_in_part_names_the_seeds_left(tmp_path):
     msg = str(info.value)
     assert "seed 1 has a record" in msg and "run the same command with --seeds 0,2,3 --resume" in msg
     assert "pass --force" not in msg
+    # The command given without --resume: the seeds left have checkpoints, so the hint needs --resume (it
+    # said "--seeds 0,2,3", which the checkpoints then refused).
+    with pytest.raises(UsageError, match=r"run the same command with --seeds 0,2,3 --resume \("):
+        run_stacked([stack_opts(tmp_path, seed=s) for s in range(4)], data, progress=False)
+    ckpt3 = checkpoint_path(tmp_path, "toy", "maf", 3)
+    saved = ckpt3.read_bytes()
+    ckpt3.unlink()  # seed 3 has none: it starts, the others go on
+    with pytest.raises(UsageError, match="with --seeds 0,2 --resume, and --seeds 3 without --resume"):
+        run_stacked([stack_opts(tmp_path, seed=s) for s in range(4)], data, progress=False)
+    ckpt3.write_bytes(saved)
     recs = run_stacked([stack_opts(tmp_path, seed=s, resume=True) for s in (0, 2, 3)], data, progress=False)
     assert all(any("resumed from the checkpoint after epoch" in n for n in r.notes) for r in recs)
 

@@ -639,11 +639,17 @@ def _check_seeds_left(runs: list[RunOptions], files: list[RunFiles]) -> None:
     recorded = [o for o, d in zip(runs, done) if d]
     left = [o for o, d in zip(runs, done) if not d]
     if recorded and left:
-        resume = " --resume" if any(o.resume for o in left) else ""
+        # a seed left with a checkpoint goes on from it (--resume); one without starts (no --resume)
+        ckpt = {o.seed for o, f in zip(runs, files) if f.checkpoint.is_file()}
+        go_on, start = [o for o in left if o.seed in ckpt], [o for o in left if o.seed not in ckpt]
+        if go_on and start:
+            how = f"--seeds {_seed_list(go_on)} --resume, and --seeds {_seed_list(start)} without --resume"
+        else:
+            how = f"--seeds {_seed_list(left)}" + (" --resume" if go_on else "")
         raise UsageError(
             f"{_seeds_have(recorded)} a record in {files[0].folder} already; the seeds left are "
-            f"{_seed_list(left)}: run the same command with --seeds {_seed_list(left)}{resume} (--force would "
-            "train every seed again and replace those records)"
+            f"{_seed_list(left)}: run the same command with {how} (--force would train every seed again and "
+            "replace those records)"
         )
     fresh = [o for o, f in zip(runs, files) if o.resume and not f.checkpoint.is_file()]
     if fresh and len(fresh) < len(runs):

@@ -611,3 +611,9 @@ def test_a_landed_ray_run_has_the_files_of_a_local_run(tmp_path, stacked):
         assert got["state"] == want["state"] and got["points"] == want["points"]  # byte for byte
         assert got["record"] == want["record"] and got["record_keys"] == want["record_keys"]
     assert not list((tmp_path / "runs").rglob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_the_manual_shows_the_shipped_example_sweep_verbatim(repo_root):
+    shipped = (repo_root / "configs" / "sweeps" / "tiny-digits.toml").read_text()
+    page = (repo_root / "docs" / "manual" / "sweeps.md").read_text()
+    assert f"```toml\n{shipped}```" in page

@@ -1,4 +1,4 @@
-"""Sphinx configuration of flowbench's documentation (docs/development.md#the-documentation says why Sphinx).
+"""Sphinx configuration of flowbench's documentation (docs/manual/development.md#the-documentation says why Sphinx).
 
 Build it as CI does, with every warning an error:
 

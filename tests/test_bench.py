@@ -345,3 +345,10 @@ def test_power_column_without_power_exits_2_saying_how_to_get_it(tmp_path, capsy
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "no POWER under the data root" in err and "flowbench download --dataset power" in err
+
+
+def test_a_mistyped_dataset_is_refused_before_any_settings_are_printed(tmp_path, capsys):
+    # It printed "settings of `flowbench run --dataset minibone …` from the defaults" and the machine line first.
+    assert cli_main(["bench", "train", "--dataset", "minibone", "--model", "maf", "--out", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "unknown dataset 'minibone'" in err and "Traceback" not in err

@@ -389,6 +389,7 @@ def run_settings(
     with (defaults < ``configs/<dataset>/<model>.toml``), with the given values overriding; plus a line saying
     where they came from. So ``bench train`` times the step that run actually takes (relgrad on MNIST: batch 10).
     """
+    get_info(dataset)  # an unknown dataset is said before any settings are printed for it
     explicit = {
         **(hparams or {}),
         **({"batch_size": batch_size} if batch_size is not None else {}),

@@ -60,7 +60,12 @@ def _configure_gradients(sub: argparse._SubParsersAction) -> None:
         help="time and memory of one exact-NLL gradient vs dimension",
         description="One gradient of the exact NLL of a dense flow by three methods plus a plain-MLP floor.",
     )
-    g.add_argument("--dims", type=_ints, default=[16, 64, 256, 784, 2048, 4096], help="comma-separated D values")
+    g.add_argument(
+        "--dims",
+        type=_ints,
+        default=[16, 64, 256, 784, 2048, 4096],
+        help="comma-separated D values (default 16,64,256,784,2048,4096)",
+    )
     g.add_argument("--batch", type=int, default=100, help="batch size B (default 100)")
     g.add_argument(
         "--layers",
@@ -71,7 +76,9 @@ def _configure_gradients(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--methods", default="relative,ordinary,autodiff,mlp", help="subset of relative,ordinary,autodiff,mlp"
     )
-    g.add_argument("--repeats", type=int, default=10, help="timed calls per method and D; the median is reported")
+    g.add_argument(
+        "--repeats", type=int, default=10, help="timed calls per method and D; the median is reported (default 10)"
+    )
     g.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2; 1 for calls over 1 s)")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     g.add_argument(
@@ -104,11 +111,13 @@ def _configure_optim(sub: argparse._SubParsersAction) -> None:
         help="relative vs ordinary gradient descent: loss vs epoch",
         description="Full-batch GD on a 2-D toy set with a two-layer relgrad flow, shared inits.",
     )
-    o.add_argument("--points", type=int, default=1000)
-    o.add_argument("--inits", type=int, default=10)
-    o.add_argument("--epochs", type=int, default=1000)
+    o.add_argument("--points", type=int, default=1000, help="points of the 2-D toy set (default 1000)")
+    o.add_argument(
+        "--inits", type=int, default=10, help="random initialisations, each trained by both methods (default 10)"
+    )
+    o.add_argument("--epochs", type=int, default=1000, help="full-batch gradient steps per run (default 1000)")
     o.add_argument("--lr", type=float, default=0.1, help="step size, the same for both methods (default 0.1)")
-    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--seed", type=int, default=0, help="seed of the data and the initialisations (default 0)")
     o.add_argument("--no-bias", action="store_true", help="dense layers without biases")
     o.add_argument(
         "--bias-logdet",

@@ -534,6 +534,7 @@ def crashing_run(options):
     return record
 
 
+@pytest.mark.slow  # fresh processes, each importing torch: seconds each
 def test_a_worker_that_dies_is_retried_and_its_pool_mates_are_not_set_aside(tmp_path):
     """A worker killed (out of memory, kill -9) breaks the process pool: every run in it fails, and the pool
     terminates the other workers. Those were looked at while they still held their runs' locks and set aside

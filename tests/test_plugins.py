@@ -101,6 +101,7 @@ def test_plugin_in_a_fresh_process_and_a_sweep_worker(tmp_path):
     ]
 
 
+@pytest.mark.slow  # fresh processes, each importing torch: seconds each
 def test_a_broken_plugin_warns_once_and_fails_only_when_asked_for(tmp_path):
     proc = flowbench(
         ["run", "--model", "gaussian", "--max-epochs", "1", "--out", "res", "--quiet"], "broken", cwd=tmp_path
@@ -116,6 +117,7 @@ def test_a_broken_plugin_warns_once_and_fails_only_when_asked_for(tmp_path):
     assert "failed to load: ImportError" in proc.stderr
 
 
+@pytest.mark.slow  # fresh processes, each importing torch: seconds each
 def test_plugin_names_that_clash_are_errors(tmp_path):
     proc = flowbench(["models"], "good", "clash", cwd=tmp_path)
     assert proc.returncode == 0

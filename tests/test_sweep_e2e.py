@@ -73,6 +73,7 @@ def test_local_sweep_writes_one_record_per_run_where_expected(sweep, local_resul
     assert len(relgrad) == 4
 
 
+@pytest.mark.slow  # fresh processes, each importing torch: seconds each
 def test_worker_processes_reproduce_the_sequential_sweep(sweep, local_results, tmp_path):
     half = seed0(sweep)
     report = run_sweep(half, tmp_path, executor="local", workers=2, stream=None, max_stack=1)
@@ -85,6 +86,7 @@ def test_worker_processes_reproduce_the_sequential_sweep(sweep, local_results, t
     )
 
 
+@pytest.mark.slow  # fresh processes, each importing torch: seconds each
 def test_ray_sweep_matches_local(sweep, local_results, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]'); CI installs it")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # offline sandbox: no usage reporting attempts
@@ -111,6 +113,7 @@ def test_ray_sweep_matches_local(sweep, local_results, tmp_path, monkeypatch):
     assert again.count("skipped") == len(sweep.runs) and not ray.is_initialized()
 
 
+@pytest.mark.slow  # fresh processes, each importing torch: seconds each
 def test_a_workers_warning_reaches_the_runs_log_as_the_cli_says_it(tmp_path):
     """A run in a worker process writes flowbench's warnings (here: patience shorter than the cosine budget) into
     its log as `flowbench sweep: warning: ...`, not as a Python source line."""

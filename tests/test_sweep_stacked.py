@@ -272,6 +272,7 @@ def test_sequential_stacked_sweep_equals_the_unstacked_one(tiny, unstacked, tmp_
     _check_same(tmp_path, unstacked, tiny, report)
 
 
+@pytest.mark.slow  # fresh processes, each importing torch: seconds each
 def test_process_and_ray_stacked_sweeps_equal_the_unstacked_one(tiny, unstacked, tmp_path, monkeypatch):
     report = run_sweep(tiny, tmp_path / "proc", executor="local", workers=2, stream=None)
     assert report.ok

@@ -444,6 +444,7 @@ print(int(on), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not __import__("platform").libc_ver()[0] == "glibc", reason="glibc's mallopt")
 def test_keep_freed_memory_stops_per_step_page_faults():
     """What the trainers set on the CPU: freed gradient-sized blocks are reused, not faulted in again (the

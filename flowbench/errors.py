@@ -72,5 +72,10 @@ class UnsafePickleError(DataIntegrityError):
     """A pickle referenced a global that the restricted unpickler does not allow."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's time limit, ``kill``), taken on the interrupt's path: a run says how to resume, a
+    sweep writes its report and stops its workers, as on Ctrl-C; ``flowbench`` then exits with status 143."""
+
+
 class InverseNotAvailable(FlowbenchError, NotImplementedError):
     """The transform has no (cheap or closed-form) inverse."""

@@ -545,3 +545,44 @@ def test_a_worker_that_dies_is_retried_and_its_pool_mates_are_not_set_aside(tmp_
     assert [s.status for s in report.states] == ["done", "done"], [(s.status, s.error) for s in report.states]
     assert [s.attempts for s in report.states] == [2, 2]
     assert all(r.record_path(tmp_path).is_file() for r in sweep.runs)
+
+
+def _terminate_after(cmd: list[str], marker: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Start a flowbench process, send it SIGTERM once ``marker`` has appeared on its stderr, and wait."""
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flowbench", *cmd], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "".join(seen) + err)
+
+
+@pytest.mark.slow  # fresh processes, each importing torch: seconds each
+def test_sigterm_stops_a_run_and_a_sweep_as_ctrl_c_does(tmp_path):
+    # A cluster's time limit sends SIGTERM: the run died without a word, and a sweep without its report. Both now
+    # take the interrupt's path (the resume hint; the sweep JSON, marked interrupted) and exit 143.
+    run = ["run", "--model", "made", "--hidden", "8", "--max-epochs", "500", "--checkpoint-every-s", "0"]
+    done = _terminate_after([*run, "--out", str(tmp_path / "a")], "epoch    2 ", tmp_path)
+    assert done.returncode == 143, done.stderr
+    assert "training interrupted; the last checkpoint" in done.stderr and "--resume to continue" in done.stderr
+    assert "flowbench run: terminated (SIGTERM)" in done.stderr and "Traceback" not in done.stderr
+    ckpt = checkpoint_path(tmp_path / "a", "digits", "made", 0)
+    assert checkpoint_epoch(ckpt) >= 1  # the last written; an interrupted atomic write leaves nothing behind
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["seed0.ckpt"]
+    sweep_file = tmp_path / "s.toml"
+    sweep_file.write_text(
+        'datasets = ["digits"]\nmodels = ["made"]\n[grid]\nseed = [0, 1]\nhidden = 8\nmax-epochs = 500\n'
+        "checkpoint-every-s = 0\n"
+    )
+    done = _terminate_after(["sweep", str(sweep_file), "--out", str(tmp_path / "b")], "epoch    2 ", tmp_path)
+    assert done.returncode == 143, done.stderr
+    saved = json.loads((tmp_path / "b" / "sweeps" / "s.json").read_text())
+    assert saved["interrupted"] is True and "run the same command again to continue" in done.stdout

@@ -128,5 +128,5 @@ def main(args: argparse.Namespace) -> int:
     )
     print(summary(report, sweep, args.out))
     if report.interrupted:
-        return 130
+        return 143 if report.terminated else 130
     return 0 if report.ok else 1

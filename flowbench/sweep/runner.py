@@ -35,7 +35,7 @@ from tabulate import tabulate
 
 from flowbench import utils
 from flowbench.config import RunOptions, fingerprint_display_name
-from flowbench.errors import ConfigError
+from flowbench.errors import ConfigError, Terminated
 from flowbench.results import RunRecord, json_safe, replaceable
 from flowbench.sweep.artifacts import ARTIFACTS
 from flowbench.sweep.executors import make_backend
@@ -108,6 +108,7 @@ class SweepReport:
     states: list[RunState]
     seconds: float
     interrupted: bool = False
+    terminated: bool = False  # the interruption was a SIGTERM (flowbench sweep exits 143, not 130)
 
     def count(self, status: str) -> int:
         return sum(s.status == status for s in self.states)
@@ -361,6 +362,7 @@ def _drive(sched: _Scheduler, sweep: Sweep, out: str, executor: str, started: st
         sched.run()
     except BaseException as e:
         sched.report.interrupted = True
+        sched.report.terminated = isinstance(e, Terminated)
         if backend is not None:
             backend.shutdown(cancel=True)
         # Ctrl-C: stop cleanly and report; running runs stay "pending" (their checkpoints let a rerun resume).

@@ -547,8 +547,8 @@ def test_a_worker_that_dies_is_retried_and_its_pool_mates_are_not_set_aside(tmp_
     assert all(r.record_path(tmp_path).is_file() for r in sweep.runs)
 
 
-def _terminate_after(cmd: list[str], marker: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Start a flowbench process, send it SIGTERM once ``marker`` has appeared on its stderr, and wait."""
+def _terminate_after(cmd: list[str], marker: str, tmp_path: Path, delay: float = 0.0) -> subprocess.CompletedProcess:
+    """Start a flowbench process, send it SIGTERM ``delay`` s after ``marker`` appeared on its stderr, and wait."""
     import signal
 
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
@@ -559,6 +559,7 @@ def _terminate_after(cmd: list[str], marker: str, tmp_path: Path) -> subprocess.
     for line in proc.stderr:
         seen.append(line)
         if marker in line:
+            time.sleep(delay)
             proc.send_signal(signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=120)
@@ -579,10 +580,16 @@ def test_sigterm_stops_a_run_and_a_sweep_as_ctrl_c_does(tmp_path):
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["seed0.ckpt"]
     sweep_file = tmp_path / "s.toml"
     sweep_file.write_text(
-        'datasets = ["digits"]\nmodels = ["made"]\n[grid]\nseed = [0, 1]\nhidden = 8\nmax-epochs = 500\n'
-        "checkpoint-every-s = 0\n"
+        'datasets = ["digits"]\nmodels = ["made"]\n[grid]\nseed = [0, 1]\nhidden = [8, 9]\nmax-epochs = 400\n'
+        "patience = 400\ncheckpoint-every-s = 0\n"
     )
-    done = _terminate_after(["sweep", str(sweep_file), "--out", str(tmp_path / "b")], "epoch    2 ", tmp_path)
-    assert done.returncode == 143, done.stderr
-    saved = json.loads((tmp_path / "b" / "sweeps" / "s.json").read_text())
-    assert saved["interrupted"] is True and "run the same command again to continue" in done.stdout
+    for workers in ("1", "2"):  # in this process, and in worker processes (which must stop too, not train on)
+        out = tmp_path / f"b{workers}"
+        cmd = ["sweep", str(sweep_file), "--out", str(out), "--workers", workers]
+        # in workers, a run logs to its file: wait for the workers to be training
+        marker, delay = ("epoch    2 ", 0.0) if workers == "1" else ("2 running", 4.0)
+        done = _terminate_after(cmd, marker, tmp_path, delay)
+        assert done.returncode == 143, done.stderr
+        saved = json.loads((out / "sweeps" / "s.json").read_text())
+        assert saved["interrupted"] is True and "run the same command again to continue" in done.stdout
+        assert not list(out.rglob("seed*.json")), "a run trained on to its record after the sweep was stopped"

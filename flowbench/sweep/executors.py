@@ -120,6 +120,16 @@ class ProcessExecutor:
         self._pool = self._new_pool()
 
     def shutdown(self, cancel: bool = False) -> None:
+        if cancel:
+            # Interrupted (Ctrl-C, a SIGTERM to this process alone): the runs in flight stop too, from their last
+            # checkpoints; left running, they would train on unwatched, and this process would wait for them at
+            # exit. The pool offers no public way before Python 3.14's terminate_workers().
+            stop = getattr(self._pool, "terminate_workers", None)
+            if stop is not None:
+                stop()
+            else:
+                for process in list(getattr(self._pool, "_processes", {}).values()):
+                    process.terminate()
         self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 import warnings
 
@@ -60,8 +61,6 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 def _catch_sigterm() -> object:
     """Install the SIGTERM handler; the previous one (None where signals cannot be set: not the main thread)."""
-    import signal
-
     try:
         return signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:
@@ -111,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         warnings.formatwarning = shown
         if previous is not None:
-            import signal
-
             signal.signal(signal.SIGTERM, previous)
 
 

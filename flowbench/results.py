@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from flowbench.errors import ConfigError, UsageError
-from flowbench.utils import atomic_save_npy, atomic_write_json
+from flowbench.utils import LockHeld, atomic_save_npy, atomic_write_json, lock_holder
 
 __all__ = [
     "FORMAT_VERSION",
@@ -417,13 +417,13 @@ def read_record(path: str | Path) -> RunRecord:
 
 def iter_records(results: str | Path) -> Iterator[RunRecord]:
     """Every record under ``<results>/runs`` in sorted path order (deterministic)."""
-    if Path(results).exists() and not Path(results).is_dir():
-        raise ConfigError(f"--results {results} is a file; pass the results folder that holds runs/")
     if not Path(results).exists():
         raise ConfigError(
             f"--results {results}: no such folder; pass the folder your runs wrote to (flowbench run --out, "
             "default results/)"
         )
+    if not Path(results).is_dir():
+        raise ConfigError(f"--results {results} is a file; pass the results folder that holds runs/")
     root = Path(results) / "runs"
     if not root.is_dir():
         raise ConfigError(f"no run records under {root}; train something first with `flowbench run`")
@@ -448,6 +448,10 @@ class PendingRun:
     @property
     def files(self) -> RunFiles:
         return RunFiles(self.checkpoint.parent, self.seed)
+
+    def holder(self) -> LockHeld | None:
+        """The process training it now (holding its lock), or None: waiting to be resumed, or killed."""
+        return lock_holder(self.files.lock)
 
 
 def runs_without_record(

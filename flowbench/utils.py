@@ -191,17 +191,16 @@ _LOOK_RETRIES = (0.001, 0.005, 0.02)
 
 def _flock_exclusive(fcntl: Any, fd: int) -> bool:
     """Take an exclusive flock on ``fd`` without waiting on a holder; False if another process holds it."""
-    for pause in _LOOK_RETRIES:
+    pauses = iter(_LOOK_RETRIES)
+    while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
+            pause = next(pauses, None)
+            if pause is None:
+                return False
             time.sleep(pause)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 def _held(fd: int, path: Path) -> LockHeld:

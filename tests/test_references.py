@@ -606,7 +606,8 @@ def test_a_plugged_in_run_in_progress_gets_the_row_label_its_record_will_have(tm
     checkpoint's model reference (a fresh process has not registered the plugged-in name), its hyperparameters
     are those the checkpoint set."""
     from flowbench.models import MODELS
-    from flowbench.plots._records import runs_in_progress
+    from flowbench.plots._records import read_progress
+    from flowbench.results import runs_without_record
 
     write_flow(tmp_path / "mine")
     monkeypatch.chdir(tmp_path)
@@ -616,6 +617,6 @@ def test_a_plugged_in_run_in_progress_gets_the_row_label_its_record_will_have(tm
     (rec,) = records(out)
     Path(rec.path).unlink()  # the checkpoint stays: a run whose record is not written yet
     MODELS.reset()
-    (run,), problems = runs_in_progress(out)
+    (run,), problems = read_progress(runs_without_record(out))
     assert not problems and run.model == "userflow"
     assert run.record()["display_name"] == rec.display_name == "User flow (2)"

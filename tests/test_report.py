@@ -312,10 +312,11 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
     # counted without reading them (the unreadable checkpoint too), and told apart by their locks
     note = "note: 2 runs have a checkpoint and no record yet and are not in the table: {} training now, {} stopped"
     assert note.format(1, 1) in capsys.readouterr().err
-    from flowbench.plots._records import runs_in_progress
+    from flowbench.plots._records import read_progress
+    from flowbench.results import runs_without_record
     from flowbench.status import run_status
 
-    (run,), _ = runs_in_progress(out)
+    (run,), _ = read_progress(runs_without_record(out))
     so_far = run.record()
     assert so_far["display_name"] == "MAF (2)" and [h["val_ll"] for h in so_far["history"]] == seen
     assert run_status(so_far).text == f"in progress (best epoch {best_epoch} of 4 so far)"

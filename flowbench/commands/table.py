@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     from flowbench.errors import ConfigError
     from flowbench.results import iter_records, runs_without_record
     from flowbench.tables import build_table, parse_sources
-    from flowbench.utils import atomic_write, lock_holder
+    from flowbench.utils import atomic_write
 
     if args.out:
         _check_out(args.out)
@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
     # a column mnist-cond holds runs on mnist: the note counts the runs of the columns' datasets
     pending = runs_without_record(args.results, [d.removesuffix("-cond") for d in datasets] if datasets else None)
     if pending:  # on stderr: the table itself may be piped into a paper
-        now = sum(lock_holder(run.files.lock) is not None for run in pending)
+        now = sum(run.holder() is not None for run in pending)
         print(
             f"flowbench table: note: {_runs(len(pending))} a checkpoint and no record yet and are not in the "
             f"table: {now} training now, {len(pending) - now} stopped before their end (run their command or "

@@ -19,8 +19,7 @@ import numpy as np
 
 from flowbench import status as S
 from flowbench.errors import ConfigError, FlowbenchError
-from flowbench.results import PendingRun, RunFiles, read_field
-from flowbench.utils import lock_holder
+from flowbench.results import PendingRun, read_field
 
 __all__ = [
     "FailedRun",
@@ -34,7 +33,6 @@ __all__ = [
     "load_runs",
     "published_ll",
     "replace",
-    "runs_in_progress",
     "read_progress",
     "select_runs",
 ]
@@ -309,23 +307,18 @@ def failed_runs(results: str | Path) -> tuple[list[FailedRun], list[str]]:
 
 
 @dataclass(frozen=True)
-class RunInProgress:
-    """A run with a training checkpoint and no record yet: training now, or stopped and waiting for
-    ``--resume`` (runs on a large dataset span sessions). ``progress`` is what its checkpoint says
-    (:class:`flowbench.training.trainer.Progress`); ``written`` is the checkpoint's modification time."""
+class RunInProgress(PendingRun):
+    """A pending run (a training checkpoint and no record yet: training now, or stopped and waiting for
+    ``--resume``; runs on a large dataset span sessions) with what its checkpoint says: ``progress``
+    (:class:`flowbench.training.trainer.Progress`) and ``written``, the checkpoint's modification time."""
 
-    dataset: str
-    model: str
-    tag: str | None
-    seed: int
-    path: Path
     progress: Any
     written: float
 
     def training_now(self) -> str:
         """``yes (process N)`` while a process holds the run's lock (trains it), else ``no`` (waiting to be
         resumed, or killed: a lock file a dead process left holds nothing)."""
-        held = lock_holder(RunFiles(self.path.parent, self.seed).lock)
+        held = self.holder()
         return "no" if held is None else f"yes ({held.holder})"
 
     def record(self) -> dict[str, Any]:
@@ -354,17 +347,6 @@ class RunInProgress:
         }
 
 
-def runs_in_progress(
-    results: str | Path, datasets: Iterable[str] | None = None, models: Iterable[str] | None = None
-) -> tuple[list[RunInProgress], list[str]]:
-    """The runs under ``<results>/runs`` with a checkpoint and no record (sorted by path), of the given datasets
-    and models (``None`` keeps all), and the checkpoints that could not be read (as messages); see
-    :func:`read_progress`."""
-    from flowbench.results import runs_without_record
-
-    return read_progress(runs_without_record(results, datasets, models))
-
-
 def read_progress(pending: Iterable[PendingRun]) -> tuple[list[RunInProgress], list[str]]:
     """Each run's progress read from its checkpoint, and the checkpoints that could not be read (as messages).
     A checkpoint beside a record (``--keep-checkpoint``) belongs to a finished run and is not pending; one marked
@@ -381,5 +363,5 @@ def read_progress(pending: Iterable[PendingRun]) -> tuple[list[RunInProgress], l
         except (FlowbenchError, OSError) as e:  # one bad file must not hide the others
             problems.append(str(e))
             continue
-        runs.append(RunInProgress(run.dataset, run.model, run.tag, run.seed, run.checkpoint, progress, written))
+        runs.append(RunInProgress(**vars(run), progress=progress, written=written))
     return runs, problems

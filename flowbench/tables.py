@@ -347,7 +347,7 @@ def _heading(columns: list[str]) -> str:
     return (
         "Average test log-likelihood in nats (higher is better), mean ± 2 standard errors over the test points. "
         "(sd S, n=N): standard deviation of the test LL over N seeds. "
-        + (f"{logit} in logit space. " if logit else "")
+        + (f"{logit[:1].upper()}{logit[1:]} in logit space. " if logit else "")  # a sentence's start: "Digits"
         + (
             "cond.: class-conditional models, their log p(x) under a uniform label prior. "
             if any(c.endswith("-cond") for c in columns)

@@ -83,6 +83,7 @@ def test_the_caption_explains_only_the_columns_shown(tmp_path):
     assert "logit" not in tabular and "cond." not in tabular and tabular.endswith("N/A: no result.")
     cond = caption(["mnist-cond"])
     assert "MNIST in logit space. cond.: class-conditional models" in cond and "digits" not in cond
+    assert "seeds. Digits in logit space." in caption(["digits"])  # a sentence starts with a capital
 
 
 def test_selection_seeds_bold_and_na(tmp_path):

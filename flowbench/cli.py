@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import signal
 import sys
 import warnings
 
-from flowbench import __version__
+from flowbench import __version__, interrupts
 from flowbench.errors import FlowbenchError, Terminated, advice_format
 
 # Explicit registry: subcommand -> (module, one-line help).
@@ -55,18 +54,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
-
-
-def _catch_sigterm() -> object:
-    """Install the SIGTERM handler; the previous one (None where signals cannot be set: not the main thread)."""
-    try:
-        return signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if not a.startswith("-")), None)
@@ -88,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     shown = warnings.formatwarning
     warnings.formatwarning = advice_format(args.command, shown)
-    previous = _catch_sigterm()
     try:
-        return int(module.main(args) or 0)
+        # Ctrl-C and SIGTERM: a training loop ends its step and writes its checkpoints there first
+        with interrupts.handling_signals():
+            return int(module.main(args) or 0)
     except FlowbenchError as e:
         print(f"flowbench {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -109,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         warnings.formatwarning = shown
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

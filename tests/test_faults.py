@@ -569,19 +569,20 @@ def _terminate_after(cmd: list[str], marker: str, tmp_path: Path, delay: float =
 @pytest.mark.slow  # fresh processes, each importing torch: seconds each
 def test_sigterm_stops_a_run_and_a_sweep_as_ctrl_c_does(tmp_path):
     # A cluster's time limit sends SIGTERM: the run died without a word, and a sweep without its report. Both now
-    # take the interrupt's path (the resume hint; the sweep JSON, marked interrupted) and exit 143.
-    run = ["run", "--model", "made", "--hidden", "8", "--max-epochs", "500", "--checkpoint-every-s", "0"]
+    # take the interrupt's path (the resume hint; the sweep JSON, marked interrupted) and exit 143, and each
+    # training run's checkpoint is written where it stopped: with no checkpoint ever due, there is one.
+    run = ["run", "--model", "made", "--hidden", "8", "--max-epochs", "500", "--checkpoint-every-s", "100000"]
     done = _terminate_after([*run, "--out", str(tmp_path / "a")], "epoch    2 ", tmp_path)
     assert done.returncode == 143, done.stderr
-    assert "training interrupted; the last checkpoint" in done.stderr and "--resume to continue" in done.stderr
+    assert "training stopped at step " in done.stderr and "--resume to continue" in done.stderr
     assert "flowbench run: terminated (SIGTERM)" in done.stderr and "Traceback" not in done.stderr
     ckpt = checkpoint_path(tmp_path / "a", "digits", "made", 0)
-    assert checkpoint_epoch(ckpt) >= 1  # the last written; an interrupted atomic write leaves nothing behind
+    assert checkpoint_epoch(ckpt) >= 2  # written at the stop; an interrupted atomic write leaves nothing behind
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["seed0.ckpt"]
     sweep_file = tmp_path / "s.toml"
     sweep_file.write_text(
         'datasets = ["digits"]\nmodels = ["made"]\n[grid]\nseed = [0, 1]\nhidden = [8, 9]\nmax-epochs = 400\n'
-        "patience = 400\ncheckpoint-every-s = 0\n"
+        "patience = 400\ncheckpoint-every-s = 100000\n"
     )
     for workers in ("1", "2"):  # in this process, and in worker processes (which must stop too, not train on)
         out = tmp_path / f"b{workers}"
@@ -593,3 +594,5 @@ def test_sigterm_stops_a_run_and_a_sweep_as_ctrl_c_does(tmp_path):
         saved = json.loads((out / "sweeps" / "s.json").read_text())
         assert saved["interrupted"] is True and "run the same command again to continue" in done.stdout
         assert not list(out.rglob("seed*.json")), "a run trained on to its record after the sweep was stopped"
+        # the stacks that were training (one in this process; one per worker) wrote their seeds' checkpoints
+        assert len(list(out.rglob("seed*.ckpt"))) == 2 * int(workers), done.stderr

@@ -26,6 +26,10 @@ KEYS = ("epoch", "step", "train_loss", "train_nll", "val_ll", "n_nonfinite_val",
 
 @pytest.fixture(scope="module")
 def digits():
+    return digits_rows()
+
+
+def digits_rows():
     data = load_dataset("digits")
     # 400 training rows in batches of 40: 10 steps an epoch
     return (

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from flowbench import interrupts
 from flowbench.errors import FlowbenchError, RunLocked, advice_format
 from flowbench.sweep.artifacts import ARTIFACTS, pack_run, plant_record
 
@@ -61,6 +62,7 @@ def init_worker(threads: int) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     warnings.formatwarning = advice_format("sweep", warnings.formatwarning)  # into the run's log, as the CLI says it
+    interrupts.stop_workers_on_sigterm()  # the driver stops its workers with SIGTERM: at a step, checkpoints written
     import torch  # lazy: after the thread variables are set, and this module stays light for workers
 
     torch.set_num_threads(threads)

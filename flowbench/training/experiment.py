@@ -141,11 +141,9 @@ def run_and_report(opts: RunOptions) -> int:
         runs = [opts.replace(seed=s, seeds=None) for s in stacked.parse_seeds(opts.seeds)]
         try:
             records = stacked.run_stacked(runs, progress=not opts.quiet)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             print(
-                f"training interrupted; each seed's last checkpoint (written at most every "
-                f"{opts.checkpoint_every_s:g} s and at the end of an epoch) is kept: run the same command with "
-                f"--resume to continue seeds {opts.seeds}",
+                f"{_stopped(e, opts, 'each seed')}: run the same command with --resume to continue seeds {opts.seeds}",
                 file=sys.stderr,
             )
             raise
@@ -155,16 +153,24 @@ def run_and_report(opts: RunOptions) -> int:
         return 0 if all(r.status == "ok" for r in records) else 1
     try:
         record = run_experiment(opts, progress=not opts.quiet)
-    except KeyboardInterrupt:
-        print(
-            f"training interrupted; the last checkpoint (written at most every {opts.checkpoint_every_s:g} s "
-            "and at the end of an epoch) is kept: run the same command with --resume to continue",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt as e:
+        print(f"{_stopped(e, opts, 'the run')}: run the same command with --resume to continue", file=sys.stderr)
         raise
     print(summary_line(record, lifecycle.run_files(opts.replace(dataset=record.dataset)).record))
     _check_finite([opts], [record])
     return 0 if record.status == "ok" else 1
+
+
+def _stopped(e: KeyboardInterrupt, opts: RunOptions, whose: str) -> str:
+    """What an interrupt kept: the checkpoints written where the loop stopped (see :mod:`flowbench.interrupts`), or,
+    stopped at once (a second Ctrl-C, or before training), the last ones written."""
+    saved = getattr(e, "saved", None)
+    if saved is not None:
+        return f"training stopped {saved}, where {whose}'s checkpoint was written"
+    return (
+        f"training interrupted; {whose}'s last checkpoint (written at most every {opts.checkpoint_every_s:g} s and at "
+        "the end of an epoch) is kept"
+    )
 
 
 def _check_finite(runs: list[RunOptions], records: list[RunRecord]) -> None:

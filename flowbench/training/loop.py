@@ -16,7 +16,13 @@ stepper provides
 - ``_validate_runs(rows)``: {run: (validation LL over the finite points, count of −inf points)};
 - ``_train_nll(i)``: run i's exact training NLL on the fixed subsample, on the state validation left ready;
 - ``_save(i)``: run i's checkpoint; ``_info(i, ...)``: what callbacks see; ``_before_finish(i)``: run i's module
-  holds its parameters.
+  holds its parameters;
+- ``_period_loss(i)`` / ``_set_period_loss(i, total, count)``: run i's running training loss since its last
+  evaluation (sum over examples, their count), which a checkpoint written between evaluations keeps.
+
+Before each optimiser step a stepper looks at :func:`flowbench.interrupts.asked` and ends its period early when a
+stop was asked for (Ctrl-C, SIGTERM); the loop then writes every training run's checkpoint at its position and
+raises the stop (:meth:`RunLoop._stop_here`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from flowbench import interrupts
 from flowbench.config import OPTIONS
 from flowbench.errors import ConfigError
 
@@ -241,7 +248,8 @@ class RunState:
             self.pos, self.perm, self.epoch_rng = 0, None, None
 
     def position_state(self) -> dict[str, Any]:
-        """The checkpoint entries of its position (format 2; format 1 had ``epoch`` and ``finished`` only)."""
+        """The checkpoint entries of its position (format 2; format 1 had ``epoch`` and ``finished`` only; a
+        stepper adds ``period_loss``)."""
         return {
             "format": 2,
             "epoch": self.epoch,
@@ -336,12 +344,14 @@ class RunLoop:
         return None
 
     def _period_steps(self, s: RunState) -> int:
-        """Steps until run s's next evaluation: the rest of the epoch, or ``eval_every``, within the budgets."""
+        """Steps until run s's next evaluation: the rest of the epoch, or ``eval_every`` after its last one (a run
+        stopped between evaluations resumes on the same schedule), within the budgets."""
         bpe = self.batches_per_epoch
         if self.eval_every is None:
             k = bpe - s.pos
         else:
-            k = self.eval_every
+            last = s.result.history[-1].get("step", s.step) if s.result.history else 0
+            k = max(self.eval_every - (s.step - last), 0)
             if s.max_epochs is not None:
                 k = min(k, (s.max_epochs - s.epoch) * bpe - s.pos)
         if self.max_steps is not None:
@@ -376,12 +386,30 @@ class RunLoop:
         start = self._t_fit = time.perf_counter()
         base = [s.result.train_time_s for s in self._states]
         clock = lambda i: base[i] + time.perf_counter() - start  # noqa: E731 - run i's training time
-        while True:
-            active = [i for i in range(len(self._states)) if self._still_training(i)]
-            if not active:
-                break
-            self._period(active, clock)
-        return [self._finish(i, clock(i)) for i in range(len(self._states))]
+        with interrupts.listening():
+            while True:
+                active = [i for i in range(len(self._states)) if self._still_training(i)]
+                if not active:
+                    break
+                if interrupts.asked():  # noted while evaluating: no step taken since
+                    self._stop_here(active, clock)
+                self._period(active, clock)
+            return [self._finish(i, clock(i)) for i in range(len(self._states))]
+
+    def _stop_here(self, active: list[int], clock: Callable[[int], float]) -> None:
+        """A stop was asked for between two steps: each training run's checkpoint written at its position (its
+        running loss and training time with it), then the stop raised with where they stand."""
+        for i in active:
+            s = self._states[i]
+            s.result.train_time_s = clock(i)
+            if s.saved_step != s.step:
+                self._save_run(i)
+        s = self._states[active[0]]
+        where = f"at step {s.step} (epoch {s.epoch + 1 if s.pos else s.epoch}, batch {s.pos or self.batches_per_epoch} "
+        where += f"of {self.batches_per_epoch})"
+        if len({self._states[i].step for i in active}) > 1:
+            where = "at each run's own step"
+        interrupts.raise_asked(where)
 
     def _still_training(self, i: int) -> bool:
         """Whether run i trains on; a run whose budget is spent leaves, its last evaluation on disk."""
@@ -409,6 +437,8 @@ class RunLoop:
                 s.next_eval = s.step + self._period_steps(s)
         k = min(self._states[i].next_eval - self._states[i].step for i in active)
         trained = dict(zip(active, self._train_runs(active, k)))
+        if interrupts.asked():
+            self._stop_here(active, clock)
         ends = [i for i in active if trained[i][1] is not None or self._states[i].step == self._states[i].next_eval]
         vals = self._validate_runs([i for i in ends if trained[i][1] is None])
         infos = []
@@ -554,6 +584,12 @@ class RunLoop:
         raise NotImplementedError
 
     def _save(self, i: int) -> None:
+        raise NotImplementedError
+
+    def _period_loss(self, i: int) -> tuple[float, int]:
+        raise NotImplementedError
+
+    def _set_period_loss(self, i: int, total: float, count: int) -> None:
         raise NotImplementedError
 
     def _info(self, i: int, *fields: Any) -> EpochInfo:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from flowbench import utils
+from flowbench import interrupts, utils
 from flowbench.config import OPTIONS, RESUME_MAY_CHANGE, UNTAGGED, RunOptions, coerce_options, parse_seeds
 from flowbench.data import get_info
 from flowbench.errors import ConfigError, UsageError
@@ -340,6 +340,7 @@ class StackedTrainer(RunLoop):
         self._sync_module(i)
         return {
             **run.state.position_state(),
+            "period_loss": self._period_loss(i),
             "model": run.flow.state_dict(),
             "optimizer": self._optimizer_state(i),
             "early_stopping": run.stopper.state_dict(),
@@ -373,6 +374,7 @@ class StackedTrainer(RunLoop):
             run.stopper.load_state_dict(state["early_stopping"])
             _set_rng_state(state["rng"], run.generator)
             run.state.load_position(state, self.batches_per_epoch, self.train_x.shape[0], torch.device("cpu"))
+            self._set_period_loss(i, *state.get("period_loss", (0.0, 0)))
 
     # -- the stepper -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -476,6 +478,8 @@ class StackedTrainer(RunLoop):
         perms = None if states[0].perm is None else torch.stack([s.perm for s in states]).to(dev)
         bar = self._bar(states[0], steps, f"stack of {len(active)}, ")
         for j in range(steps):
+            if interrupts.asked():
+                break
             if perms is None:  # a new epoch: each live run's own order (and the generator state that drew it)
                 perms = torch.stack(
                     [
@@ -500,8 +504,14 @@ class StackedTrainer(RunLoop):
         return period.close()
 
     def _period_done(self, i: int) -> None:
-        self._loss_sum[i] = 0.0
-        self._loss_count[i] = 0
+        self._set_period_loss(i, 0.0, 0)
+
+    def _period_loss(self, i: int) -> tuple[float, int]:
+        return float(self._loss_sum[i]), self._loss_count[i]
+
+    def _set_period_loss(self, i: int, total: float, count: int) -> None:
+        self._loss_sum[i] = total
+        self._loss_count[i] = int(count)
 
     def _validate(self, i: int) -> tuple[float, int]:
         """As the single-run trainer: (LL over the finite validation points, count of −inf points)."""

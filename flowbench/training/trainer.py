@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flowbench import interrupts
 from flowbench.config import OPTIONS, RESUME_MAY_CHANGE, RESUME_RAISE_ONLY, unset_value
 from flowbench.errors import ConfigError
 from flowbench.models.base import Flow
@@ -382,6 +383,8 @@ class Trainer(RunLoop):
         self.result = TrainResult()
         self._run = RunState(self.flow, self.stopper, self.generator, self.max_epochs, result=self.result)
         self._states = [self._run]
+        # the running training loss since the last evaluation (sum over examples, their count)
+        self._loss_sum, self._loss_count = self.train_x.new_zeros((), dtype=torch.float64), 0
 
     def lr_at(self, step: int) -> float:
         """The learning rate of the optimiser step taken after ``step`` steps (0-based)."""
@@ -391,6 +394,7 @@ class Trainer(RunLoop):
     def state_dict(self) -> dict[str, Any]:
         return {
             **self._run.position_state(),
+            "period_loss": self._period_loss(0),
             "model": self.flow.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "early_stopping": self.stopper.state_dict(),
@@ -416,6 +420,7 @@ class Trainer(RunLoop):
             self.stopper.load_state_dict(state["early_stopping"])
             _set_rng_state(state["rng"], self.generator)
             self._run.load_position(state, self.batches_per_epoch, self.train_x.shape[0], self.train_x.device)
+            self._set_period_loss(0, *state.get("period_loss", (0.0, 0)))
 
     # -- the stepper -----------------------------------------------------------------------------------
     def _validate(self) -> tuple[float, int]:
@@ -434,17 +439,30 @@ class Trainer(RunLoop):
     def _train_runs(self, active: list[int], steps: int) -> list[tuple[float, str | None]]:
         return [self._train_period(steps)]
 
+    def _period_loss(self, i: int) -> tuple[float, int]:
+        return float(self._loss_sum), self._loss_count
+
+    def _set_period_loss(self, i: int, total: float, count: int) -> None:
+        self._loss_sum.fill_(total)
+        self._loss_count = int(count)
+
+    def _period_done(self, i: int) -> None:
+        self._set_period_loss(i, 0.0, 0)
+
     def _train_period(self, steps: int) -> tuple[float, str | None]:
-        """``steps`` optimiser steps from the current position; returns (mean train loss, failure or None)."""
+        """Up to ``steps`` optimiser steps from the current position (fewer when a stop is asked for); returns
+        (mean train loss since the last evaluation, failure or None)."""
         self.flow.train()
         n = self.train_x.shape[0]
-        total, count = self.train_x.new_zeros((), dtype=torch.float64), 0
+        total, count = self._loss_sum, self._loss_count
         # Reading the loss on the host forces a device sync; on a GPU do it every SYNC_EVERY steps only (a
         # non-finite loss is then caught a few steps late, which is harmless: the best state is restored).
         sync_every = 1 if self.train_x.device.type == "cpu" else SYNC_EVERY
         bar = self._bar(self._run, steps)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for j in range(steps):
+            if interrupts.asked():
+                break
             s = self._run
             perm = s.perm if s.perm is not None else s.draw_perm(n, self.train_x.device)
             i = s.pos * self.batch_size
@@ -466,6 +484,7 @@ class Trainer(RunLoop):
             self._optimizer_step(loss, params)
             s.advance(end_of_epoch)
             bar.update()
+            self._loss_count = count
         bar.close()
         return total.item() / max(count, 1), None
 

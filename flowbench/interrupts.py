@@ -1,0 +1,109 @@
+"""Stopping between two optimiser steps: a signal asks, the training loop answers.
+
+A cluster's time limit sends SIGTERM (and SIGKILL a grace period later); a user presses Ctrl-C. Raised at once,
+wherever the signal lands, the interrupt lost every step since the run's last checkpoint (up to an epoch: 16,600
+steps on POWER) and could land inside an optimiser step. While a training loop listens (:func:`listening`), the
+first signal is only noted; the loop ends the step in progress, writes each run's checkpoint at that position
+(mid-epoch, with its running loss) and raises the signal's exception, so that a resumed run takes exactly the
+steps an uninterrupted one would. A second Ctrl-C stops at once (the last checkpoint stays); a repeated SIGTERM
+changes nothing. Outside a training loop a signal raises at once, as Python's own handler does.
+
+``flowbench``'s commands install the handlers (:func:`handling_signals`); code that trains through the API may do
+the same::
+
+    with flowbench.interrupts.handling_signals():
+        trainer.fit()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from typing import Iterator
+
+from flowbench.errors import Terminated
+
+__all__ = ["ask", "asked", "handling_signals", "listening", "raise_asked", "stop_workers_on_sigterm"]
+
+_listeners = 0
+_asked: type[KeyboardInterrupt] | None = None
+
+
+def ask(exc_type: type[KeyboardInterrupt]) -> None:
+    """A signal handler's part: note the stop while a loop listens, else raise ``exc_type`` at once."""
+    global _asked
+    if _listeners == 0 or (_asked is not None and exc_type is KeyboardInterrupt):  # nobody listens; a second Ctrl-C
+        raise exc_type()
+    if _asked is None:
+        _asked = exc_type
+
+
+def asked() -> bool:
+    """Whether a stop was asked for (the loop checks before each optimiser step)."""
+    return _asked is not None
+
+
+def raise_asked(saved: str) -> None:
+    """Raise the exception of the stop asked for (``saved``: where the checkpoints were written, for the hint)."""
+    global _asked
+    exc_type, _asked = _asked, None
+    if exc_type is not None:
+        e = exc_type()
+        e.saved = saved  # type: ignore[attr-defined]
+        raise e
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[None]:
+    """A training loop runs: signals are noted, not raised. A stop asked for after the loop's last step (while it
+    restores the best state) is raised when the loop ends."""
+    global _listeners, _asked
+    _listeners += 1
+    try:
+        yield
+    except BaseException:
+        _listeners -= 1
+        if _listeners == 0:
+            _asked = None
+        raise
+    _listeners -= 1
+    if _listeners == 0:
+        raise_asked("after its last step")
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    ask(Terminated if signum == signal.SIGTERM else KeyboardInterrupt)
+
+
+@contextlib.contextmanager
+def handling_signals() -> Iterator[None]:
+    """Ctrl-C and SIGTERM go through :func:`ask` within the block (the main thread only; elsewhere a no-op). A
+    signal the process was started ignoring stays ignored (a shell's background job ignores Ctrl-C)."""
+    previous = {}
+    try:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                previous[s] = signal.signal(s, _on_signal)
+    except ValueError:  # not the main thread: signals cannot be set
+        pass
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _worker_sigterm(signum: int, frame: object) -> None:
+    if _listeners == 0:  # idle, or loading data: die as by default (the last checkpoint stays)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    ask(Terminated)
+
+
+def stop_workers_on_sigterm() -> None:
+    """A sweep's worker process: Ctrl-C is the driver's (it stops the workers with SIGTERM, and a second signal
+    would stop a run before its checkpoint); SIGTERM ends the step in progress and writes the checkpoints there."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_sigterm)

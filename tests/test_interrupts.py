@@ -1,0 +1,216 @@
+"""A stop asked for by a signal (Ctrl-C, SIGTERM) is honoured between two optimiser steps: every training run's
+checkpoint is written at that position, mid-epoch and between evaluations, with its running loss, and the resumed
+run takes exactly the steps of an uninterrupted one (flowbench.interrupts, the loop's _stop_here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from test_one_loop import STEP_MODE, assert_same_run, build, digits_rows, rows
+
+from flowbench import interrupts
+from flowbench.cli import main
+from flowbench.errors import Terminated
+from flowbench.results import checkpoint_path, record_path
+from flowbench.training.loop import RunLoop, RunState
+from flowbench.training.stacked import RunSpec, StackedTrainer
+from flowbench.training.trainer import Trainer
+
+NEVER = 1e9  # checkpoint_every_s: no checkpoint comes due, so whatever is on disk was written by the stop
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_rows()
+
+
+def make(kind, data, ckpts, mode, seeds=(0, 1)):
+    """A single run (seed 0) or a stack of seeds 0 and 1: MAF on 400 digits rows, 10 steps an epoch."""
+    train_x, val_x = data
+    torch.manual_seed(99)  # other global random states each time: checkpoints must restore what matters
+    step_kw = STEP_MODE if mode == "step" else {}
+    epochs = None if mode == "step" else 3
+    if kind == "single":
+        flows = [build("maf", 0, train_x)]
+        tr = Trainer(
+            flows[0],
+            train_x,
+            val_x,
+            lr=3e-3,
+            patience=50,
+            seed=0,
+            batch_size=40,
+            max_epochs=epochs,
+            progress=False,
+            checkpoint_path=ckpts[0],
+            fingerprint={"k": 1},
+            checkpoint_every_s=NEVER,
+            **step_kw,
+        )
+        return tr, flows
+    flows = [build("maf", s, train_x) for s in seeds]
+    specs = [
+        RunSpec(f, s, 3e-3, patience=50, max_epochs=epochs, checkpoint_path=c, fingerprint={"k": 1})
+        for s, f, c in zip(seeds, flows, ckpts)
+    ]
+    return StackedTrainer(specs, *data, batch_size=40, progress=False, checkpoint_every_s=NEVER, **step_kw), flows
+
+
+def fit(tr):
+    res = tr.fit()
+    return res if isinstance(res, list) else [res]
+
+
+def load(tr):
+    if isinstance(tr, Trainer):
+        tr.load_checkpoint()
+    else:
+        for i in range(len(tr.runs)):
+            tr.load_checkpoint(i)
+
+
+def ask_at(monkeypatch, step, exc=KeyboardInterrupt, times=1):
+    """The signal handler's call, made ``times`` times right after a run's optimiser step ``step``."""
+    advance = RunState.advance
+
+    def advance_and_ask(self, end_of_epoch):
+        advance(self, end_of_epoch)
+        if self.step == step and not interrupts.asked():
+            for _ in range(times):
+                interrupts.ask(exc)
+
+    monkeypatch.setattr(RunState, "advance", advance_and_ask)
+
+
+@pytest.mark.parametrize("kind", ["single", "stack"])
+@pytest.mark.parametrize("mode", ["epoch", "step"])
+def test_a_stop_between_evaluations_resumes_exactly(digits, tmp_path, monkeypatch, kind, mode):
+    ref_tr, ref_flows = make(kind, digits, [tmp_path / f"ref{s}.ckpt" for s in (0, 1)], mode)
+    ref = fit(ref_tr)
+    ckpts = [tmp_path / f"b{s}.ckpt" for s in (0, 1)]
+    tr, _ = make(kind, digits, ckpts, mode)
+    with monkeypatch.context() as m:
+        ask_at(m, 13)  # epoch 2, batch 3; step mode: between the evaluations of steps 12 and 16
+        with pytest.raises(KeyboardInterrupt) as stop:
+            tr.fit()
+    assert stop.value.saved == "at step 13 (epoch 2, batch 3 of 10)"
+    for ckpt in ckpts[: len(ref)]:
+        state = torch.load(ckpt, weights_only=True)
+        assert (state["step"], state["pos"], state["epoch"], state["finished"]) == (13, 3, 1, False)
+        # the running loss since the last evaluation: 3 batches of 40 (epoch mode), or 1 (evaluated at step 12)
+        assert state["period_loss"][1] == (120 if mode == "epoch" else 40)
+        assert state["result"]["train_time_s"] > 0
+    tr, flows = make(kind, digits, ckpts, mode)
+    load(tr)
+    for res, want, f, g in zip(fit(tr), ref, flows, ref_flows):
+        assert rows(res) == rows(want)  # every evaluation bit for bit, the running training loss included
+        assert_same_run(res, want, f, g, atol=0)
+        for (k, a), b in zip(f.state_dict().items(), g.state_dict().values()):
+            assert torch.equal(a, b), k
+    assert not interrupts.asked()
+
+
+def test_a_stop_asked_while_evaluating_writes_the_position_before_the_next_step(digits, tmp_path):
+    ref = fit(make("single", digits, [tmp_path / "ref.ckpt"], "step")[0])[0]
+    ckpt = tmp_path / "b.ckpt"
+    tr, _ = make("single", digits, [ckpt], "step")
+    tr.callbacks.append(lambda info: info.step == 8 and interrupts.ask(Terminated))
+    with pytest.raises(Terminated) as stop:
+        tr.fit()
+    assert stop.value.saved == "at step 8 (epoch 1, batch 8 of 10)"
+    state = torch.load(ckpt, weights_only=True)
+    assert (state["step"], state["period_loss"]) == (8, (0.0, 0))
+    tr, _ = make("single", digits, [ckpt], "step")
+    load(tr)
+    assert rows(tr.fit()) == rows(ref)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_a_second_sigterm_waits(digits, tmp_path, monkeypatch):
+    ckpt = tmp_path / "a.ckpt"
+    tr, _ = make("single", digits, [ckpt], "epoch")
+    with monkeypatch.context() as m:
+        ask_at(m, 13, KeyboardInterrupt, times=2)
+        with pytest.raises(KeyboardInterrupt) as stop:
+            tr.fit()
+    assert not hasattr(stop.value, "saved") and not ckpt.exists()  # at once: nothing written since
+    assert not interrupts.asked()  # the loop left: the next one starts clean
+    tr, _ = make("single", digits, [ckpt], "epoch")
+    ask_at(monkeypatch, 13, Terminated, times=2)
+    with pytest.raises(Terminated) as stop:
+        tr.fit()
+    assert stop.value.saved.startswith("at step 13 ") and torch.load(ckpt, weights_only=True)["step"] == 13
+
+
+def test_a_stop_after_the_last_step_is_raised_when_the_loop_ends(digits, tmp_path, monkeypatch):
+    ckpt = tmp_path / "a.ckpt"
+    tr, _ = make("single", digits, [ckpt], "epoch")
+    finish = RunLoop._finish
+
+    def ask_then_finish(self, i, t):
+        interrupts.ask(KeyboardInterrupt)
+        return finish(self, i, t)
+
+    monkeypatch.setattr(RunLoop, "_finish", ask_then_finish)
+    with pytest.raises(KeyboardInterrupt) as stop:
+        tr.fit()
+    assert stop.value.saved == "after its last step"
+    assert torch.load(ckpt, weights_only=True)["step"] == 30  # the budget's end, written as it always is
+
+
+def test_outside_a_training_loop_a_signal_raises_at_once():
+    with pytest.raises(Terminated):
+        interrupts.ask(Terminated)
+    assert not interrupts.asked()
+
+
+def _record(out, model="made", seed=0):
+    return json.loads(record_path(out, "digits", model, seed).read_text())
+
+
+@pytest.mark.parametrize("seeds", [None, "0-1"])
+def test_ctrl_c_in_flowbench_run_keeps_the_epoch_in_progress(tmp_path, monkeypatch, capsys, seeds):
+    # a real SIGINT through the command's handlers, mid epoch 2, with no checkpoint due (the default 30 s cadence)
+    run = ["run", "--model", "made", "--hidden", "8", "--max-epochs", "3", "--quiet"]
+    run += ["--seeds", seeds] if seeds else []
+    assert main([*run, "--out", str(tmp_path / "ref")]) == 0
+    advance = RunState.advance
+
+    def advance_and_signal(self, end_of_epoch):
+        advance(self, end_of_epoch)
+        if self.step == 18 and not interrupts.asked():
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = str(tmp_path / "b")
+    with monkeypatch.context() as m:
+        m.setattr(RunState, "advance", advance_and_signal)
+        capsys.readouterr()
+        assert main([*run, "--out", out]) == 130
+    err = capsys.readouterr().err
+    whose = "each seed" if seeds else "the run"
+    assert f"training stopped at step 18 (epoch 2, batch 3 of 15), where {whose}'s checkpoint was written" in err
+    assert "--resume to continue" in err and "Traceback" not in err
+    for seed in (0, 1) if seeds else (0,):
+        assert torch.load(checkpoint_path(out, "digits", "made", seed), weights_only=True)["pos"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handlers are gone
+    assert main([*run, "--out", out, "--resume"]) == 0
+    for seed in (0, 1) if seeds else (0,):
+        got, want = _record(out, seed=seed), _record(tmp_path / "ref", seed=seed)
+        strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
+        assert strip(got["history"]) == strip(want["history"]) and len(got["history"]) == 3
+        assert (got["test_ll"], got["best_epoch"], got["steps"]) == (want["test_ll"], want["best_epoch"], 45)
+
+
+def test_the_commands_handlers_leave_an_ignored_signal_ignored():
+    # a shell's background job starts with Ctrl-C ignored: flowbench must not take it back
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts.handling_signals():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is interrupts._on_signal
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)

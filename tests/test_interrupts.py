@@ -196,12 +196,15 @@ def test_ctrl_c_in_flowbench_run_keeps_the_epoch_in_progress(tmp_path, monkeypat
     for seed in (0, 1) if seeds else (0,):
         assert torch.load(checkpoint_path(out, "digits", "made", seed), weights_only=True)["pos"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handlers are gone
+    assert main([*run, "--out", out]) == 2  # a forgotten --resume: refused, saying where the checkpoint stands
+    assert "has a checkpoint in epoch 2, after step 18 at " in capsys.readouterr().err
     assert main([*run, "--out", out, "--resume"]) == 0
     for seed in (0, 1) if seeds else (0,):
         got, want = _record(out, seed=seed), _record(tmp_path / "ref", seed=seed)
         strip = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]  # noqa: E731
         assert strip(got["history"]) == strip(want["history"]) and len(got["history"]) == 3
         assert (got["test_ll"], got["best_epoch"], got["steps"]) == (want["test_ll"], want["best_epoch"], 45)
+        assert "resumed from the checkpoint in epoch 2, after step 18" in got["notes"]
 
 
 def test_the_commands_handlers_leave_an_ignored_signal_ignored():

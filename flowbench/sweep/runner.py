@@ -146,8 +146,8 @@ RERUN = "rerun (non-finite record)"
 
 def dry_run_text(sweep: Sweep, out: str | Path) -> str:
     """The ``--dry-run`` listing: one line per run with ``run``, ``skip``, ``rerun (non-finite record)``,
-    ``resume (after epoch N)`` or ``elsewhere`` (another process is training it), then the totals. Checks every
-    run's options (:func:`preflight`); writes nothing."""
+    ``resume (after epoch N)`` (``resume (in epoch N, after step S)`` mid-epoch) or ``elsewhere`` (another
+    process is training it), then the totals. Checks every run's options (:func:`preflight`); writes nothing."""
     states = plan(sweep.runs, out)
     preflight(states, out)
     actions = [_dry_action(s, out) for s in states]
@@ -190,10 +190,10 @@ def _dry_action(state: RunState, out: str | Path) -> tuple[str, str]:
     ckpt = state.run.checkpoint_path(out)
     if not ckpt.is_file():
         return "run", "run"
-    from flowbench.training.trainer import checkpoint_epoch  # lazy: imports torch (see _Scheduler._key)
+    from flowbench.training.trainer import checkpoint_where  # lazy: imports torch (see _Scheduler._key)
 
-    epoch = checkpoint_epoch(ckpt)
-    return ("resume", f"resume (after epoch {epoch})") if epoch is not None else ("run", "run (checkpoint unreadable)")
+    where = checkpoint_where(ckpt)
+    return ("resume", f"resume ({where})") if where is not None else ("run", "run (checkpoint unreadable)")
 
 
 def preflight(states: list[RunState], out: str | Path) -> None:

@@ -45,7 +45,7 @@ from flowbench.results import (
 )
 from flowbench.training.evaluate import evaluate_test_points, spectral_norm_summary, validation_ll
 from flowbench.training.loop import steps_per_epoch
-from flowbench.training.trainer import EpochInfo, Trainer, TrainResult, checkpoint_epoch, save_model_state
+from flowbench.training.trainer import EpochInfo, Trainer, TrainResult, checkpoint_where, save_model_state
 from flowbench.utils import LockHeld, exclusive_lock, resolve_device, seed_everything
 
 __all__ = [
@@ -155,8 +155,7 @@ def check_before_compute(opts: RunOptions, files: RunFiles) -> None:
     if not opts.resume and not opts.force and ckpt_path.is_file():
         # Starting at epoch 1 would overwrite it at the end of the first epoch: a forgotten --resume after a
         # kill must not throw hours of training away.
-        epoch = checkpoint_epoch(ckpt_path)
-        after = f"after epoch {epoch}" if epoch is not None else "(unreadable)"
+        after = checkpoint_where(ckpt_path) or "(unreadable)"
         raise UsageError(
             f"this run has a checkpoint {after} at {ckpt_path} (an earlier run was interrupted); "
             "add --resume to continue from it, or --force to start again at epoch 1 and replace it"
@@ -418,7 +417,7 @@ def train_single(
     if opts.resume:
         trainer.load_checkpoint()
         prior = trainer.result.train_time_s
-        notes.append(f"resumed from the checkpoint after epoch {trainer.result.resumed_from_epoch}")
+        notes.append(f"resumed from the checkpoint {trainer.result.resumed_from}")
     elif ckpt_path.exists():
         notes.append("an older checkpoint was replaced (run with --resume to continue one instead)")
     return trainer.fit(), notes, prior

@@ -51,9 +51,16 @@ __all__ = [
     "RunState",
     "TrainResult",
     "loss_label",
+    "position_words",
     "scheduled_lr",
     "steps_per_epoch",
 ]
+
+
+def position_words(epoch: int, step: int, pos: int) -> str:
+    """Where a checkpoint stands, for messages: ``after epoch 3``, or, stopped mid-epoch, ``in epoch 4, after
+    step 52``."""
+    return f"after epoch {epoch}" if pos == 0 else f"in epoch {epoch + 1}, after step {step}"
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:
@@ -159,6 +166,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     train_time_s: float = 0.0
     resumed_from_epoch: int | None = None
+    resumed_from: str = ""  # where the checkpoint it resumed from stood (position_words)
     n_nonfinite_val: int = 0  # −inf validation points at the best epoch (left out of best_val_ll)
     steps: int = 0
     best_step: int | None = None
@@ -277,6 +285,7 @@ class RunState:
             gen.set_state(self.epoch_rng)
             self.perm = torch.randperm(n, generator=gen).to(device)
         self.result.resumed_from_epoch = self.evaluated_epoch = self.epoch
+        self.result.resumed_from = position_words(self.epoch, self.step, self.pos)
         self.saved_step, self.next_eval = self.step, None
 
 

@@ -713,7 +713,7 @@ def _train_stack(
         if o.resume:
             trainer.load_checkpoint(i)
             prior[i] = trainer.runs[i].result.train_time_s
-            notes[i].append(f"resumed from the checkpoint after epoch {trainer.runs[i].result.resumed_from_epoch}")
+            notes[i].append(f"resumed from the checkpoint {trainer.runs[i].result.resumed_from}")
         elif ckpt.exists():
             notes[i].append("an older checkpoint was replaced (run with --resume to continue one instead)")
     return trainer.fit(), notes, prior

@@ -59,6 +59,7 @@ from flowbench.training.loop import (  # noqa: F401 - EpochInfo, TrainResult, lo
     check_schedule_options,
     checkpoint_fits,
     loss_label,
+    position_words,
     scheduled_lr,
 )
 from flowbench.training.optim import EpochStepAdam
@@ -73,6 +74,7 @@ __all__ = [
     "checkpoint_progress",
     "save_model_state",
     "checkpoint_epoch",
+    "checkpoint_where",
 ]
 
 
@@ -215,6 +217,16 @@ def checkpoint_epoch(path: str | Path) -> int | None:
     """The number of epochs a checkpoint has completed, or None when it cannot be read."""
     try:
         return int(_checkpoint(path)["epoch"])
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
+def checkpoint_where(path: str | Path) -> str | None:
+    """Where a checkpoint stands (``after epoch 3``, ``in epoch 4, after step 52``), or None when it cannot be
+    read."""
+    try:
+        state = _checkpoint(path)
+        return position_words(int(state["epoch"]), int(state.get("step", 0)), int(state.get("pos", 0)))
     except (ConfigError, TypeError, ValueError):
         return None
 

@@ -325,6 +325,18 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
 
     assert main(["table", "--results", str(out)]) == 0
     assert note.format(0, 2) in capsys.readouterr().err
+    # a column counts its own runs: mnist-cond the conditional models' runs on mnist, mnist the others'
+    for model in ("maf", "maf-cond"):
+        fake = checkpoint_path(out, "mnist", model, 0)
+        fake.parent.mkdir(parents=True)
+        fake.write_bytes(b"")  # counted without being read
+    for columns, n in (("mnist-cond", "1 run has"), ("mnist", "1 run has"), ("mnist,mnist-cond", "2 runs have")):
+        assert main(["table", "--results", str(out), "--datasets", columns]) == 0
+        assert f"note: {n} a checkpoint" in capsys.readouterr().err, columns
+    assert main(["table", "--results", str(out), "--datasets", "toy"]) == 0
+    assert note.format(0, 2) in capsys.readouterr().err
+    for model in ("maf", "maf-cond"):
+        checkpoint_path(out, "mnist", model, 0).unlink()
     # A report of one model reads only that model's checkpoints: the unreadable realnvp one is not read.
     only_maf, _ = report_markdown(out, models=["maf"], samples=False)
     assert "MAF (2) [lr=3e-2]" in only_maf and "warning" not in only_maf

@@ -86,8 +86,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"table written to {args.out}")
     else:
         print(text, end="")
-    # a column mnist-cond holds runs on mnist: the note counts the runs of the columns' datasets
-    pending = runs_without_record(args.results, [d.removesuffix("-cond") for d in datasets] if datasets else None)
+    pending = _pending(runs_without_record(args.results), datasets)
     if pending:  # on stderr: the table itself may be piped into a paper
         now = sum(run.holder() is not None for run in pending)
         print(
@@ -97,6 +96,24 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _pending(runs: list, columns: list[str] | None) -> list:
+    """The runs in progress that belong to the columns asked for: a column ``mnist-cond`` holds the conditional
+    models' runs on mnist, ``mnist`` the others'."""
+    if not columns:
+        return runs
+    from flowbench.errors import ConfigError
+    from flowbench.models import get_spec
+
+    def conditional(model: str) -> bool:
+        try:
+            return bool(getattr(get_spec(model), "conditional", False))
+        except ConfigError:  # a model no longer registered: its name says it (conditional_spec's <name>-cond)
+            return model.endswith("-cond")
+
+    wanted = {(c.removesuffix("-cond"), c.endswith("-cond")) for c in columns}
+    return [r for r in runs if (r.dataset, conditional(r.model)) in wanted]
 
 
 def _runs(n: int) -> str:

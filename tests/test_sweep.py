@@ -217,6 +217,29 @@ def test_skips_recorded_runs_and_resumes(tmp_path):
     assert CALLS == [] and again.count("skipped") == 6
 
 
+def test_an_error_that_stops_the_sweep_is_in_its_report(tmp_path, monkeypatch):
+    # e.g. a worker pool that cannot be replaced after a worker died: the report says what stopped the sweep
+    from flowbench.errors import UsageError
+    from flowbench.sweep.executors import SequentialExecutor
+
+    wait, calls = SequentialExecutor.wait, []
+
+    def wait_then_fail(self, tokens, timeout):
+        calls.append(1)
+        if len(calls) == 2:
+            raise UsageError("the sweep's worker processes could not start (planted)")
+        return wait(self, tokens, timeout)
+
+    monkeypatch.setattr(SequentialExecutor, "wait", wait_then_fail)
+    sweep = parse_sweep(small())
+    with pytest.raises(UsageError):
+        run_sweep(sweep, tmp_path, run_fn=fake_run, stream=None)
+    saved = json.loads((tmp_path / "sweeps" / f"{sweep.name}.json").read_text())
+    assert saved["interrupted"] is True
+    assert saved["error"] == "the sweep's worker processes could not start (planted)"
+    assert saved["counts"]["done"] == 1 and saved["counts"]["pending"] == len(sweep.runs) - 1
+
+
 def test_failing_run_is_retried_then_reported_and_the_sweep_goes_on(tmp_path):
     raw = small()
     raw["models"] = ["made"]

@@ -35,7 +35,7 @@ from tabulate import tabulate
 
 from flowbench import utils
 from flowbench.config import RunOptions, fingerprint_display_name
-from flowbench.errors import ConfigError, Terminated
+from flowbench.errors import ConfigError, FlowbenchError, Terminated
 from flowbench.results import RunRecord, json_safe, replaceable
 from flowbench.sweep.artifacts import ARTIFACTS
 from flowbench.sweep.executors import make_backend
@@ -109,6 +109,7 @@ class SweepReport:
     seconds: float
     interrupted: bool = False
     terminated: bool = False  # the interruption was a SIGTERM (flowbench sweep exits 143, not 130)
+    error: str | None = None  # what stopped the sweep, when an error did (the worker pool could not be replaced)
 
     def count(self, status: str) -> int:
         return sum(s.status == status for s in self.states)
@@ -363,6 +364,8 @@ def _drive(sched: _Scheduler, sweep: Sweep, out: str, executor: str, started: st
     except BaseException as e:
         sched.report.interrupted = True
         sched.report.terminated = isinstance(e, Terminated)
+        if not isinstance(e, KeyboardInterrupt):
+            sched.report.error = str(e) if isinstance(e, FlowbenchError) else f"{type(e).__name__}: {e}"
         if backend is not None:
             backend.shutdown(cancel=True)
         # Ctrl-C: stop cleanly and report; running runs stay "pending" (their checkpoints let a rerun resume).
@@ -621,6 +624,7 @@ def _write_report(sweep: Sweep, report: SweepReport, out: str, executor: str, st
                 "started": started,
                 "seconds": round(report.seconds, 3),
                 "interrupted": report.interrupted,
+                **({"error": report.error} if report.error is not None else {}),
                 "counts": counts,
                 "runs": [s.as_dict(out) for s in report.states],
             }

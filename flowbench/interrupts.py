@@ -20,14 +20,25 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 from typing import Iterator
 
 from flowbench.errors import Terminated
 
-__all__ = ["ask", "asked", "handling_signals", "listening", "raise_asked", "stop_workers_on_sigterm"]
+__all__ = [
+    "ask",
+    "asked",
+    "handling_signals",
+    "listening",
+    "raise_asked",
+    "stop_workers_on_sigterm",
+    "worker_task",
+]
 
 _listeners = 0
 _asked: type[KeyboardInterrupt] | None = None
+_in_worker = False  # a sweep's worker process (stop_workers_on_sigterm)
+_in_task = False  # ... running a task (worker_task)
 
 
 def ask(exc_type: type[KeyboardInterrupt]) -> None:
@@ -95,15 +106,42 @@ def handling_signals() -> Iterator[None]:
 
 
 def _worker_sigterm(signum: int, frame: object) -> None:
-    if _listeners == 0:  # idle, or loading data: die as by default (the last checkpoint stays)
+    if _listeners:
+        ask(Terminated)
+    elif _in_task:  # loading data, writing a record: unwind (temporary files removed), then worker_task exits
+        raise Terminated()
+    else:  # idle: die as by default
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
-        return
-    ask(Terminated)
 
 
 def stop_workers_on_sigterm() -> None:
     """A sweep's worker process: Ctrl-C is the driver's (it stops the workers with SIGTERM, and a second signal
     would stop a run before its checkpoint); SIGTERM ends the step in progress and writes the checkpoints there."""
+    global _in_worker
+    _in_worker = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _worker_sigterm)
+
+
+@contextlib.contextmanager
+def worker_task() -> Iterator[None]:
+    """A task of a sweep's worker process: stopped by SIGTERM, the process exits (status 143) once the task has
+    unwound, instead of going back to the pool. Its pool mates, killed while they waited for a task, may have
+    died holding the pool's queue lock, which would block a worker that went back for ever (and the sweep with
+    it); a worker stopped alone is a dead worker to the sweep, which retries its run from the checkpoint. Outside
+    a worker process: nothing."""
+    global _in_task
+    if not _in_worker:
+        yield
+        return
+    _in_task = True
+    try:
+        yield
+    except KeyboardInterrupt:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(143)
+    finally:
+        _in_task = False

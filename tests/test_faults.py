@@ -581,14 +581,14 @@ def test_sigterm_stops_a_run_and_a_sweep_as_ctrl_c_does(tmp_path):
     assert sorted(p.name for p in ckpt.parent.iterdir()) == ["seed0.ckpt"]
     sweep_file = tmp_path / "s.toml"
     sweep_file.write_text(
-        'datasets = ["digits"]\nmodels = ["made"]\n[grid]\nseed = [0, 1]\nhidden = [8, 9]\nmax-epochs = 400\n'
-        "patience = 400\ncheckpoint-every-s = 100000\n"
+        'datasets = ["digits"]\nmodels = ["made"]\n[grid]\nseed = [0, 1]\nhidden = [8, 9]\nmax-epochs = 5000\n'
+        "patience = 5000\ncheckpoint-every-s = 100000\n"
     )
     for workers in ("1", "2"):  # in this process, and in worker processes (which must stop too, not train on)
         out = tmp_path / f"b{workers}"
         cmd = ["sweep", str(sweep_file), "--out", str(out), "--workers", workers]
-        # in workers, a run logs to its file: wait for the workers to be training
-        marker, delay = ("epoch    2 ", 0.0) if workers == "1" else ("2 running", 4.0)
+        # workers log no epoch lines: give both stacks time to load the data and start training
+        marker, delay = ("epoch    2 ", 0.0) if workers == "1" else ("2 running", 8.0)
         done = _terminate_after(cmd, marker, tmp_path, delay)
         assert done.returncode == 143, done.stderr
         saved = json.loads((out / "sweeps" / "s.json").read_text())
@@ -596,3 +596,21 @@ def test_sigterm_stops_a_run_and_a_sweep_as_ctrl_c_does(tmp_path):
         assert not list(out.rglob("seed*.json")), "a run trained on to its record after the sweep was stopped"
         # the stacks that were training (one in this process; one per worker) wrote their seeds' checkpoints
         assert len(list(out.rglob("seed*.ckpt"))) == 2 * int(workers), done.stderr
+
+
+@pytest.mark.slow  # spawned workers, each importing torch
+def test_a_stopped_sweep_with_an_idle_worker_exits(tmp_path):
+    # An idle worker killed by the pool's terminate() may die holding the task queue's lock: a worker that went
+    # back to the queue after its graceful stop blocked on it for ever, and the sweep with it (found by a QA pass).
+    sweep_file = tmp_path / "s.toml"
+    sweep_file.write_text(
+        'datasets = ["digits"]\nmodels = ["gaussian", "made"]\n[grid]\nhidden = [8]\nmax-epochs = 5000\n'
+        "patience = 5000\n"
+    )
+    out = tmp_path / "a"
+    cmd = ["sweep", str(sweep_file), "--out", str(out), "--workers", "2"]
+    # once gaussian is done its worker waits for a task, idle, while made's trains
+    done = _terminate_after(cmd, "digits/gaussian/default/seed0: val LL", tmp_path, 1.0)
+    assert done.returncode == 143, done.stderr
+    assert json.loads((out / "sweeps" / "s.json").read_text())["interrupted"] is True
+    assert len(list(out.rglob("seed0.ckpt"))) == 1  # made's, written where it stopped

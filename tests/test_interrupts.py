@@ -114,6 +114,30 @@ def test_a_stop_between_evaluations_resumes_exactly(digits, tmp_path, monkeypatc
     assert not interrupts.asked()
 
 
+@pytest.mark.parametrize(
+    ("mode", "step", "saved"),
+    [
+        ("epoch", 10, "at step 10 (epoch 1, batch 10 of 10)"),  # an epoch's last step: its validation first
+        ("step", 12, "at step 12 (epoch 2, batch 2 of 10)"),  # an evaluation's step: the evaluation first
+        ("epoch", 30, "after its last step"),  # the budget's last step: the run ends as it would have
+    ],
+)
+def test_a_stop_on_an_evaluations_step_evaluates_first(digits, tmp_path, monkeypatch, mode, step, saved):
+    ref = fit(make("single", digits, [tmp_path / "ref.ckpt"], mode)[0])[0]
+    ckpt = tmp_path / "b.ckpt"
+    tr, _ = make("single", digits, [ckpt], mode)
+    with monkeypatch.context() as m:
+        ask_at(m, step)
+        with pytest.raises(KeyboardInterrupt) as stop:
+            tr.fit()
+    assert stop.value.saved == saved
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == step and state["result"]["history"][-1]["step"] == step  # evaluated, then written
+    tr, _ = make("single", digits, [ckpt], mode)
+    load(tr)
+    assert rows(tr.fit()) == rows(ref)
+
+
 def test_a_stop_asked_while_evaluating_writes_the_position_before_the_next_step(digits, tmp_path):
     ref = fit(make("single", digits, [tmp_path / "ref.ckpt"], "step")[0])[0]
     ckpt = tmp_path / "b.ckpt"
@@ -159,6 +183,43 @@ def test_a_stop_after_the_last_step_is_raised_when_the_loop_ends(digits, tmp_pat
         tr.fit()
     assert stop.value.saved == "after its last step"
     assert torch.load(ckpt, weights_only=True)["step"] == 30  # the budget's end, written as it always is
+
+
+def test_an_interrupt_that_stopped_at_once_says_what_is_on_disk(tmp_path, monkeypatch, capsys):
+    from flowbench.training import lifecycle
+
+    run = ["run", "--model", "made", "--hidden", "8", "--max-epochs", "2", "--quiet", "--out", str(tmp_path)]
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # while loading the data: nothing on disk yet
+        m.setattr(lifecycle, "prepare", interrupt)
+        assert main(run) == 130
+    assert "before the run's first checkpoint: run the same command again to start it afresh" in capsys.readouterr().err
+    with monkeypatch.context() as m:  # right after the record: nothing to resume
+        write = lifecycle.write_record
+
+        def write_then_interrupt(*args, **kwargs):
+            write(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        m.setattr(lifecycle, "write_record", write_then_interrupt)
+        assert main(run) == 130
+    err = capsys.readouterr().err
+    assert "training interrupted after the record was written (" in err and "the run is done" in err
+    assert "--resume" not in err
+    # a stack: one seed recorded, one with a checkpoint, one with none (as a second Ctrl-C may leave them)
+    ckpt = checkpoint_path(tmp_path, "digits", "made", 0)
+    ckpt.rename(checkpoint_path(tmp_path, "digits", "made", 1))
+    from flowbench.config import RunOptions
+    from flowbench.training.experiment import _stopped
+
+    runs = [RunOptions(model="made", out=str(tmp_path), seed=s) for s in (0, 1, 2)]
+    assert _stopped(KeyboardInterrupt(), runs) == (
+        "training interrupted; seed 0 is recorded; seed 1 has a checkpoint: continue with --seeds 1 --resume; "
+        "seed 2 has none yet: start again with --seeds 2"
+    )
 
 
 def test_outside_a_training_loop_a_signal_raises_at_once():

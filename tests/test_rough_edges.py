@@ -276,7 +276,9 @@ def test_an_interrupted_stack_says_how_to_resume(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(stacked, "run_stacked", interrupted)
     assert main(["run", "--seeds", "0-3", "--out", str(tmp_path), "--quiet"]) == 130
     err = capsys.readouterr().err
-    assert "run the same command with --resume to continue seeds 0-3" in err and "Traceback" not in err
+    # interrupted before any checkpoint: nothing to resume (it used to say --resume, which then failed)
+    assert "before the seeds' first checkpoints: run the same command again to start afresh" in err
+    assert "--resume" not in err and "Traceback" not in err
 
 
 # -- a full disk, a foreign checkpoint ---------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def execute_run(
     terminal, so parallel runs don't interleave. KeyboardInterrupt is not caught: it stops the sweep.
     """
     t0 = time.perf_counter()
-    with _output_to(log_path):
+    with interrupts.worker_task(), _output_to(log_path):
         try:
             record = _call(resolve_run_fn(run_fn), options, progress)
         except Exception as e:  # noqa: BLE001 - any failure of one run is reported, the sweep goes on
@@ -178,7 +178,7 @@ def execute_stack(
     """
     t0 = time.perf_counter()
     first = log_paths[0] if log_paths else None
-    with _output_to(first):
+    with interrupts.worker_task(), _output_to(first):
         if first is not None:
             print(f"# a stack of {len(options)} runs (seeds {[o.seed for o in options]}): one log for all")
         try:

@@ -23,7 +23,7 @@ from flowbench.errors import ConfigError
 from flowbench.published import PUBLISHED, SOURCES
 from flowbench.results import RunRecord
 from flowbench.training import lifecycle, stacked
-from flowbench.training.trainer import EpochInfo
+from flowbench.training.trainer import EpochInfo, checkpoint_where
 from flowbench.utils import set_threads
 
 __all__ = ["run_experiment", "run_and_report", "summary_line", "SMALL_DIM"]
@@ -142,10 +142,7 @@ def run_and_report(opts: RunOptions) -> int:
         try:
             records = stacked.run_stacked(runs, progress=not opts.quiet)
         except KeyboardInterrupt as e:
-            print(
-                f"{_stopped(e, opts, 'each seed')}: run the same command with --resume to continue seeds {opts.seeds}",
-                file=sys.stderr,
-            )
+            print(_stopped(e, runs), file=sys.stderr)
             raise
         for record, run in zip(records, runs):
             print(summary_line(record, lifecycle.run_files(run.replace(dataset=record.dataset)).record))
@@ -154,23 +151,46 @@ def run_and_report(opts: RunOptions) -> int:
     try:
         record = run_experiment(opts, progress=not opts.quiet)
     except KeyboardInterrupt as e:
-        print(f"{_stopped(e, opts, 'the run')}: run the same command with --resume to continue", file=sys.stderr)
+        print(_stopped(e, [opts]), file=sys.stderr)
         raise
     print(summary_line(record, lifecycle.run_files(opts.replace(dataset=record.dataset)).record))
     _check_finite([opts], [record])
     return 0 if record.status == "ok" else 1
 
 
-def _stopped(e: KeyboardInterrupt, opts: RunOptions, whose: str) -> str:
-    """What an interrupt kept: the checkpoints written where the loop stopped (see :mod:`flowbench.interrupts`), or,
-    stopped at once (a second Ctrl-C, or before training), the last ones written."""
+def _stopped(e: KeyboardInterrupt, runs: list[RunOptions]) -> str:
+    """What an interrupt left, and the command that continues: the checkpoints written where the loop stopped
+    (see :mod:`flowbench.interrupts`), or, stopped at once (a second Ctrl-C, while loading data, while writing the
+    record), what is on disk: a record, a checkpoint, or nothing yet."""
+    stack = len(runs) > 1
+    resume = "run the same command with --resume to continue"
     saved = getattr(e, "saved", None)
     if saved is not None:
-        return f"training stopped {saved}, where {whose}'s checkpoint was written"
-    return (
-        f"training interrupted; {whose}'s last checkpoint (written at most every {opts.checkpoint_every_s:g} s and at "
-        "the end of an epoch) is kept"
-    )
+        whose = "each seed" if stack else "the run"
+        return f"training stopped {saved}, where {whose}'s checkpoint was written: {resume}"
+    files = {o.seed: lifecycle.run_files(o) for o in runs}
+    done = [o.seed for o in runs if files[o.seed].record.is_file()]
+    kept = [o.seed for o in runs if o.seed not in done and files[o.seed].checkpoint.is_file()]
+    fresh = [o.seed for o in runs if o.seed not in done and o.seed not in kept]
+    if not stack:
+        if done:
+            return f"training interrupted after the record was written ({files[runs[0].seed].record}): the run is done"
+        if kept:
+            where = checkpoint_where(files[kept[0]].checkpoint)
+            return f"training interrupted; the last checkpoint ({where}) is kept: {resume}"
+        return "training interrupted before the run's first checkpoint: run the same command again to start it afresh"
+    if len(kept) == len(runs):
+        return f"training interrupted; each seed's last checkpoint is kept: {resume}"
+    if len(fresh) == len(runs):
+        return "training interrupted before the seeds' first checkpoints: run the same command again to start afresh"
+    listed = lambda seeds: ",".join(map(str, seeds))  # noqa: E731
+    named = lambda seeds, one, many: f"seed {seeds[0]} {one}" if len(seeds) == 1 else f"seeds {listed(seeds)} {many}"  # noqa: E731
+    parts = [named(done, "is recorded", "are recorded")] if done else []
+    if kept:
+        parts.append(f"{named(kept, 'has', 'have')} a checkpoint: continue with --seeds {listed(kept)} --resume")
+    if fresh:
+        parts.append(f"{named(fresh, 'has', 'have')} none yet: start again with --seeds {listed(fresh)}")
+    return "training interrupted; " + "; ".join(parts)
 
 
 def _check_finite(runs: list[RunOptions], records: list[RunRecord]) -> None:

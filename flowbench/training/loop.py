@@ -400,7 +400,7 @@ class RunLoop:
                 active = [i for i in range(len(self._states)) if self._still_training(i)]
                 if not active:
                     break
-                if interrupts.asked():  # noted while evaluating: no step taken since
+                if interrupts.asked():  # noted while training or evaluating: the positions written, then raised
                     self._stop_here(active, clock)
                 self._period(active, clock)
             return [self._finish(i, clock(i)) for i in range(len(self._states))]
@@ -445,9 +445,9 @@ class RunLoop:
             if s.next_eval is None:
                 s.next_eval = s.step + self._period_steps(s)
         k = min(self._states[i].next_eval - self._states[i].step for i in active)
+        # A stop asked for meanwhile ended the period early: the runs that reached their evaluation are still
+        # evaluated (their epoch's validation belongs to it), the others wait at the loop's top to be saved.
         trained = dict(zip(active, self._train_runs(active, k)))
-        if interrupts.asked():
-            self._stop_here(active, clock)
         ends = [i for i in active if trained[i][1] is not None or self._states[i].step == self._states[i].next_eval]
         vals = self._validate_runs([i for i in ends if trained[i][1] is None])
         infos = []

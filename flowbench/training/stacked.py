@@ -295,6 +295,9 @@ class StackedTrainer(RunLoop):
         self.progress = progress
         self.checkpoint_every_s = checkpoint_every_s  # as the single-run Trainer's: 0 = every evaluation
         self._init_tensors(train_x.device)
+        # torch's first optimiser imports torch._dynamo (about 2 s): here, as the single-run trainer's Adam does,
+        # not in the first checkpoint, which a stop asked for by Ctrl-C or SIGTERM waits for
+        self._optimizer_state(0)
 
     def _init_tensors(self, dev: torch.device) -> None:
         # parameter k of every run: one (R, *shape) tensor (row r = run r), with its gradient and Adam moments

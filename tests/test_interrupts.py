@@ -246,17 +246,22 @@ def test_ctrl_c_in_flowbench_run_keeps_the_epoch_in_progress(tmp_path, monkeypat
             os.kill(os.getpid(), signal.SIGINT)
 
     out = str(tmp_path / "b")
-    with monkeypatch.context() as m:
-        m.setattr(RunState, "advance", advance_and_signal)
-        capsys.readouterr()
-        assert main([*run, "--out", out]) == 130
+    # as in a terminal: a test run in a shell's background job inherits SIGINT ignored, which flowbench keeps
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(RunState, "advance", advance_and_signal)
+            capsys.readouterr()
+            assert main([*run, "--out", out]) == 130
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handlers are gone
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     err = capsys.readouterr().err
     whose = "each seed" if seeds else "the run"
     assert f"training stopped at step 18 (epoch 2, batch 3 of 15), where {whose}'s checkpoint was written" in err
     assert "--resume to continue" in err and "Traceback" not in err
     for seed in (0, 1) if seeds else (0,):
         assert torch.load(checkpoint_path(out, "digits", "made", seed), weights_only=True)["pos"] == 3
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the command's handlers are gone
     assert main([*run, "--out", out]) == 2  # a forgotten --resume: refused, saying where the checkpoint stands
     assert "has a checkpoint in epoch 2, after step 18 at " in capsys.readouterr().err
     assert main([*run, "--out", out, "--resume"]) == 0

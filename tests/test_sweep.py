@@ -240,6 +240,20 @@ def test_an_error_that_stops_the_sweep_is_in_its_report(tmp_path, monkeypatch):
     assert saved["counts"]["done"] == 1 and saved["counts"]["pending"] == len(sweep.runs) - 1
 
 
+def test_a_sweep_stopped_while_its_workers_start_writes_its_report(tmp_path, monkeypatch):
+    import flowbench.sweep.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the worker pool spawns its processes (seconds: each imports torch)
+
+    monkeypatch.setattr(runner, "make_backend", interrupted)
+    sweep = parse_sweep(small())
+    report = run_sweep(sweep, tmp_path, run_fn=fake_run, stream=None)
+    saved = json.loads((tmp_path / "sweeps" / f"{sweep.name}.json").read_text())
+    assert report.interrupted and saved["interrupted"] is True and "error" not in saved
+    assert saved["counts"]["pending"] == len(sweep.runs)
+
+
 def test_failing_run_is_retried_then_reported_and_the_sweep_goes_on(tmp_path):
     raw = small()
     raw["models"] = ["made"]

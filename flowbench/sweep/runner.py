@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any, Callable, Iterable
 
 from tabulate import tabulate
 
@@ -337,12 +337,16 @@ def run_sweep(
     t0 = time.monotonic()
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     sched = _plan_scheduler(sweep, out, executor, retries, stream, live)
-    if sched.todo and backend is None:
-        backend = make_backend(executor, run_fn, workers, address, cpus_per_run, gpus_per_run, sched.progress.event)
-    sched.backend = backend
-    sched.stacking = run_fn == DEFAULT_RUN_FN and hasattr(backend, "submit_stack") and max_stack != 1
     sched.max_stack = max_stack
-    _drive(sched, sweep, out, executor, started, t0)
+
+    def start() -> Any:
+        made = backend
+        if sched.todo and made is None:
+            made = make_backend(executor, run_fn, workers, address, cpus_per_run, gpus_per_run, sched.progress.event)
+        sched.stacking = run_fn == DEFAULT_RUN_FN and hasattr(made, "submit_stack") and max_stack != 1
+        return made
+
+    _drive(sched, sweep, out, executor, started, t0, start)
     return sched.report
 
 
@@ -356,12 +360,16 @@ def _plan_scheduler(
     return _Scheduler(states, out, executor, retries, Progress(len(states), skipped, stream, live))
 
 
-def _drive(sched: _Scheduler, sweep: Sweep, out: str, executor: str, started: str, t0: float) -> None:
-    """Run the scheduler to the end (Ctrl-C: cancel and stop cleanly), shut the executor down, write the report."""
-    backend = sched.backend
+def _drive(
+    sched: _Scheduler, sweep: Sweep, out: str, executor: str, started: str, t0: float, start: Callable[[], Any]
+) -> None:
+    """Start the executor (``start``), run the scheduler to the end (Ctrl-C: cancel and stop cleanly), shut the
+    executor down, write the report: a sweep stopped while its worker pool starts is reported too."""
     try:
+        sched.backend = start()
         sched.run()
     except BaseException as e:
+        backend = sched.backend
         sched.report.interrupted = True
         sched.report.terminated = isinstance(e, Terminated)
         if not isinstance(e, KeyboardInterrupt):
@@ -372,8 +380,8 @@ def _drive(sched: _Scheduler, sweep: Sweep, out: str, executor: str, started: st
         if not isinstance(e, KeyboardInterrupt):
             raise
     else:
-        if backend is not None:
-            backend.shutdown()
+        if sched.backend is not None:
+            sched.backend.shutdown()
     finally:
         sched.release_all()
         sched.progress.close()

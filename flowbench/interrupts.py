@@ -74,11 +74,11 @@ def listening() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        _listeners -= 1
-        if _listeners == 0:
+        if _listeners == 1:  # left by an exception (the stop itself, or another): the next loop starts clean
             _asked = None
         raise
-    _listeners -= 1
+    finally:
+        _listeners -= 1
     if _listeners == 0:
         raise_asked("after its last step")
 

@@ -10,14 +10,13 @@ import signal
 
 import pytest
 import torch
-from test_one_loop import STEP_MODE, assert_same_run, build, digits_rows, rows
+from test_one_loop import STEP_MODE, assert_same_run, build, digits_rows, rows, single_run, stack
 
 from flowbench import interrupts
 from flowbench.cli import main
 from flowbench.errors import Terminated
 from flowbench.results import checkpoint_path, record_path
 from flowbench.training.loop import RunLoop, RunState
-from flowbench.training.stacked import RunSpec, StackedTrainer
 from flowbench.training.trainer import Trainer
 
 NEVER = 1e9  # checkpoint_every_s: no checkpoint comes due, so whatever is on disk was written by the stop
@@ -30,34 +29,14 @@ def digits():
 
 def make(kind, data, ckpts, mode, seeds=(0, 1)):
     """A single run (seed 0) or a stack of seeds 0 and 1: MAF on 400 digits rows, 10 steps an epoch."""
-    train_x, val_x = data
     torch.manual_seed(99)  # other global random states each time: checkpoints must restore what matters
-    step_kw = STEP_MODE if mode == "step" else {}
+    kw = dict(STEP_MODE if mode == "step" else {}, checkpoint_every_s=NEVER)
     epochs = None if mode == "step" else 3
     if kind == "single":
-        flows = [build("maf", 0, train_x)]
-        tr = Trainer(
-            flows[0],
-            train_x,
-            val_x,
-            lr=3e-3,
-            patience=50,
-            seed=0,
-            batch_size=40,
-            max_epochs=epochs,
-            progress=False,
-            checkpoint_path=ckpts[0],
-            fingerprint={"k": 1},
-            checkpoint_every_s=NEVER,
-            **step_kw,
-        )
-        return tr, flows
-    flows = [build("maf", s, train_x) for s in seeds]
-    specs = [
-        RunSpec(f, s, 3e-3, patience=50, max_epochs=epochs, checkpoint_path=c, fingerprint={"k": 1})
-        for s, f, c in zip(seeds, flows, ckpts)
-    ]
-    return StackedTrainer(specs, *data, batch_size=40, progress=False, checkpoint_every_s=NEVER, **step_kw), flows
+        flows = [build("maf", 0, data[0])]
+        return single_run(data, flows[0], 0, ckpts[0], max_epochs=epochs, **kw), flows
+    flows = [build("maf", s, data[0]) for s in seeds]
+    return stack(data, flows, ckpts, max_epochs=epochs, **kw), flows
 
 
 def fit(tr):

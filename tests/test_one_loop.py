@@ -149,6 +149,22 @@ def stack(data, flows, ckpts, callbacks=(), max_epochs=None, **kw):
     return StackedTrainer(specs, *data, batch_size=40, progress=False, callbacks=list(callbacks), **kw)
 
 
+def single_run(data, flow, seed, ckpt, **kw):
+    """The single run of :func:`stack`'s run ``seed``: its settings, checkpointing to ``ckpt``."""
+    return Trainer(
+        flow,
+        *data,
+        lr=3e-3,
+        patience=50,
+        seed=seed,
+        batch_size=40,
+        progress=False,
+        checkpoint_path=ckpt,
+        fingerprint={"k": 1},
+        **kw,
+    )
+
+
 def test_stack_killed_mid_epoch_resumes_exactly_stacked_or_alone(digits, tmp_path):
     train_x, val_x = digits
     full_flows = [build("maf", s, train_x) for s in (0, 1)]
@@ -174,19 +190,7 @@ def test_stack_killed_mid_epoch_resumes_exactly_stacked_or_alone(digits, tmp_pat
         assert_same_run(res, ref, f, g, atol=0)
     # a stacked run's mid-epoch checkpoint is a single run's: run 1 resumes alone, as the single run of seed 1
     alone_flow = build("maf", 1, train_x)
-    alone = Trainer(
-        alone_flow,
-        train_x,
-        val_x,
-        lr=3e-3,
-        patience=50,
-        seed=1,
-        batch_size=40,
-        progress=False,
-        checkpoint_path=tmp_path / "alone.ckpt",
-        fingerprint={"k": 1},
-        **STEP_MODE,
-    )
+    alone = single_run(digits, alone_flow, 1, tmp_path / "alone.ckpt", **STEP_MODE)
     alone.load_checkpoint()
     assert (alone._step, alone._pos) == (12, 2)
     assert_same_run(alone.fit(), full[1], alone_flow, full_flows[1])
@@ -218,19 +222,7 @@ def test_old_stack_checkpoints_of_format_1_still_resume(digits, tmp_path):
     for res, ref, f, g in zip(tr.fit(), full, flows, full_flows):
         assert_same_run(res, ref, f, g, atol=0)
     alone_flow = build("maf", 0, train_x)
-    alone = Trainer(
-        alone_flow,
-        train_x,
-        val_x,
-        lr=3e-3,
-        patience=50,
-        seed=0,
-        batch_size=40,
-        max_epochs=4,
-        progress=False,
-        checkpoint_path=ckpts[0],
-        fingerprint={"k": 1},
-    )
+    alone = single_run(digits, alone_flow, 0, ckpts[0], max_epochs=4)
     alone.load_checkpoint()
     assert_same_run(alone.fit(), full[0], alone_flow, full_flows[0])
 

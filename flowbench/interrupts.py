@@ -28,6 +28,7 @@ from flowbench.errors import Terminated
 __all__ = [
     "ask",
     "asked",
+    "deferred",
     "handling_signals",
     "listening",
     "raise_asked",
@@ -39,11 +40,15 @@ _listeners = 0
 _asked: type[KeyboardInterrupt] | None = None
 _in_worker = False  # a sweep's worker process (stop_workers_on_sigterm)
 _in_task = False  # ... running a task (worker_task)
+_deferring = 0  # blocks of deferred() entered
 
 
 def ask(exc_type: type[KeyboardInterrupt]) -> None:
     """A signal handler's part: note the stop while a loop listens, else raise ``exc_type`` at once."""
     global _asked
+    if _deferring:  # blocked on a lock: only noted, raised when the block ends
+        _asked = _asked or exc_type
+        return
     if _listeners == 0 or (_asked is not None and exc_type is KeyboardInterrupt):  # nobody listens; a second Ctrl-C
         raise exc_type()
     if _asked is None:
@@ -81,6 +86,27 @@ def listening() -> Iterator[None]:
         _listeners -= 1
     if _listeners == 0:
         raise_asked("after its last step")
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A sweep's driver blocked on its worker pool (a wait for results, a pool starting): every signal is only
+    noted, and the first one's exception is raised when the block ends. Raised inside the wait, it could land
+    between the release and the re-acquiring of a ``threading.Condition``'s lock, whose ``with`` then released the
+    lock a second time: "RuntimeError: release unlocked lock" replaced the interrupt, and the sweep died without
+    stopping its workers (seen once in CI)."""
+    global _deferring, _asked
+    _deferring += 1
+    try:
+        yield
+    except BaseException:
+        if _deferring == 1 and _listeners == 0:  # left by an exception: the stop goes with it
+            _asked = None
+        raise
+    finally:
+        _deferring -= 1
+    if _deferring == 0 and _listeners == 0:
+        raise_asked("")
 
 
 def _on_signal(signum: int, frame: object) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 
 import pytest
 import torch
@@ -205,6 +206,49 @@ def test_outside_a_training_loop_a_signal_raises_at_once():
     with pytest.raises(Terminated):
         interrupts.ask(Terminated)
     assert not interrupts.asked()
+
+
+def _signals_during_a_wait(signums, wait_s=0.3):
+    """Inside ``deferred()`` under the commands' handlers: the signals come from another thread while the main
+    thread waits on a future (a Condition's lock, as a sweep's driver does), and the wait runs to its end."""
+    from concurrent.futures import Future, wait
+
+    ends = []
+
+    def send():
+        for signum in signums:
+            os.kill(os.getpid(), signum)
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with interrupts.handling_signals(), interrupts.deferred():
+            threading.Timer(0.05, send).start()
+            wait([Future()], timeout=wait_s)
+            ends.append("the wait ended")
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+        assert ends == ["the wait ended"]  # nothing was raised inside the wait
+        assert not interrupts.asked()  # the stop went with its exception
+
+
+@pytest.mark.parametrize("signums, raised", [([signal.SIGTERM], Terminated), ([signal.SIGINT] * 2, KeyboardInterrupt)])
+def test_a_signal_while_the_driver_waits_is_raised_when_the_wait_ends(signums, raised):
+    # Raised inside the wait, between a Condition's release and re-acquiring of its lock, the interrupt became
+    # "RuntimeError: release unlocked lock" and a SIGTERM'd sweep died without stopping its workers (seen in CI).
+    # Deferred, the first signal's exception is raised after the wait; a second Ctrl-C does not cut in.
+    with pytest.raises(raised) as e:
+        _signals_during_a_wait(signums)
+    assert type(e.value) is raised
+
+
+def test_an_error_leaving_a_deferred_block_takes_the_stop_with_it():
+    with pytest.raises(ValueError):
+        with interrupts.deferred():
+            interrupts.ask(Terminated)
+            raise ValueError("the pool could not start")
+    assert not interrupts.asked()
+    with interrupts.deferred():  # nothing left over to raise at the next block's end
+        pass
 
 
 def _record(out, model="made", seed=0):

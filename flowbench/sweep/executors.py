@@ -17,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Callable
 
+from flowbench import interrupts
 from flowbench.config import RunOptions
 from flowbench.errors import ConfigError, UsageError
 from flowbench.sweep.ray_backend import RayExecutor
@@ -72,12 +73,16 @@ class ProcessExecutor:
         # went unnoticed until another worker finished its run, and its run waited hours for the retry. Every
         # worker started at once, with a no-op, and its result awaited: the manager watches them all.
         try:
-            for started in [pool.submit(os.getpid) for _ in range(self.capacity)]:
-                started.result()
+            with interrupts.deferred():
+                for started in [pool.submit(os.getpid) for _ in range(self.capacity)]:
+                    started.result()
         except BrokenProcessPool as e:
             raise UsageError(
                 f"the sweep's worker processes could not start ({e}); run it with --workers 1 to see why"
             ) from e
+        except BaseException:  # stopped while it started: no one else knows of its workers
+            _stop(pool)
+            raise
         return pool
 
     def submit(self, run: SweepRun, options: RunOptions, out: str | Path) -> Future:
@@ -97,7 +102,8 @@ class ProcessExecutor:
             return self._pool.submit(execute_stack, options, logs, False)
 
     def wait(self, tokens: list, timeout: float) -> list[tuple[Any, dict]]:
-        done, _ = wait(tokens, timeout=timeout, return_when=FIRST_COMPLETED)
+        with interrupts.deferred():  # a stop is raised within TICK_S, outside the futures' locks
+            done, _ = wait(tokens, timeout=timeout, return_when=FIRST_COMPLETED)
         out = []
         broken = False
         for fut in done:
@@ -116,21 +122,30 @@ class ProcessExecutor:
         """A broken pool fails every run in it and terminates its other workers; wait until they have exited
         before the runs are retried: a worker being terminated still holds its run's lock, and its run would be
         set aside as trained elsewhere by a process about to die."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with interrupts.deferred():
+            self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = self._new_pool()
 
     def shutdown(self, cancel: bool = False) -> None:
         if cancel:
             # Interrupted (Ctrl-C, a SIGTERM to this process alone): the runs in flight stop too, from their last
             # checkpoints; left running, they would train on unwatched, and this process would wait for them at
-            # exit. The pool offers no public way before Python 3.14's terminate_workers().
-            stop = getattr(self._pool, "terminate_workers", None)
-            if stop is not None:
-                stop()
-            else:
-                for process in list(getattr(self._pool, "_processes", {}).values()):
-                    process.terminate()
-        self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            # exit.
+            _stop(self._pool)
+        else:
+            self._pool.shutdown()
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's workers (SIGTERM: each running one stops at a step and writes its checkpoints) and
+    shut it down without waiting. The pool offers no public way before Python 3.14's terminate_workers()."""
+    stop = getattr(pool, "terminate_workers", None)
+    if stop is not None:
+        stop()
+    else:
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def make_backend(

@@ -137,7 +137,7 @@ def test_stacked_batchnorm_follows_rounding(digits):
             next(flow.parameters()).mul_(1 + nudge)
         return flow, Trainer(flow, train_x, val_x, lr=3e-3, seed=0, **kw).fit()
 
-    (ref, res_ref), (nudged, _) = single(0.0), single(1e-15)
+    (ref, res_ref), (nudged, res_nudged) = single(0.0), single(1e-15)
     flows = [_build("maf", s, train_x, batch_norm=True) for s in (0, 1)]
     results = StackedTrainer(
         [RunSpec(f, s, 3e-3, patience=5, max_epochs=3) for f, s in zip(flows, (0, 1))],
@@ -147,10 +147,12 @@ def test_stacked_batchnorm_follows_rounding(digits):
         progress=False,
     ).fit()
     assert results[0].epochs == res_ref.epochs == 3
-    # each run's training NLL is scored with its own whole-training-set batch-norm statistics, as a single run's
-    np.testing.assert_allclose(
-        [h["train_nll"] for h in results[0].history], [h["train_nll"] for h in res_ref.history], rtol=1e-6
-    )
+    # each run's training NLL is scored with its own whole-training-set batch-norm statistics, as a single run's:
+    # off by no more than the nudge moves it (3 epochs of rounding chaos: 5e-6 relative on an AVX2 CPU, less on
+    # AVX-512, where a fixed 1e-6 had passed); another run's statistics would be off by orders of magnitude more
+    nll = lambda res: np.array([h["train_nll"] for h in res.history])  # noqa: E731
+    chaos = np.abs(nll(res_nudged) - nll(res_ref)).max()
+    assert 0 < chaos < 1e-3 and np.abs(nll(results[0]) - nll(res_ref)).max() <= 10 * chaos
     for (k, a), b, c in zip(ref.state_dict().items(), flows[0].state_dict().values(), nudged.state_dict().values()):
         assert (a - b).abs().max() <= 10 * (a - c).abs().max() + 1e-10, k
     bn = flows[1].transform.transforms[1]

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -547,8 +548,17 @@ def test_a_worker_that_dies_is_retried_and_its_pool_mates_are_not_set_aside(tmp_
     assert all(r.record_path(tmp_path).is_file() for r in sweep.runs)
 
 
-def _terminate_after(cmd: list[str], marker: str, tmp_path: Path, delay: float = 0.0) -> subprocess.CompletedProcess:
-    """Start a flowbench process, send it SIGTERM ``delay`` s after ``marker`` appeared on its stderr, and wait."""
+def _training(logs: Path, runs: int) -> Callable[[], bool]:
+    """Whether ``runs`` sweep logs under ``logs`` (a worker's run or stack each) show a finished epoch."""
+    return lambda: sum("epoch    1 " in p.read_text() for p in logs.rglob("seed*.log")) >= runs
+
+
+def _terminate_after(
+    cmd: list[str], marker: str, tmp_path: Path, delay: float = 0.0, ready: Callable[[], bool] | None = None
+) -> subprocess.CompletedProcess:
+    """Start a flowbench process, send it SIGTERM ``delay`` s after ``marker`` appeared on its stderr (and once
+    ``ready()`` holds, polled: workers take seconds to import torch and load data, more on a busy machine), and
+    wait."""
     import signal
 
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
@@ -560,6 +570,12 @@ def _terminate_after(cmd: list[str], marker: str, tmp_path: Path, delay: float =
         seen.append(line)
         if marker in line:
             time.sleep(delay)
+            deadline = time.monotonic() + 120
+            while ready is not None and not ready():
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    pytest.fail("the sweep's workers logged no finished epoch in 120 s (their logs hold epoch lines)")
+                time.sleep(0.1)
             proc.send_signal(signal.SIGTERM)
             break
     out, err = proc.communicate(timeout=120)
@@ -587,9 +603,11 @@ def test_sigterm_stops_a_run_and_a_sweep_as_ctrl_c_does(tmp_path):
     for workers in ("1", "2"):  # in this process, and in worker processes (which must stop too, not train on)
         out = tmp_path / f"b{workers}"
         cmd = ["sweep", str(sweep_file), "--out", str(out), "--workers", workers]
-        # workers log no epoch lines: give both stacks time to load the data and start training
-        marker, delay = ("epoch    2 ", 0.0) if workers == "1" else ("2 running", 8.0)
-        done = _terminate_after(cmd, marker, tmp_path, delay)
+        # a worker's epoch lines go to its stack's log: stop once both stacks train (fixed 8 s was too short in CI)
+        if workers == "1":
+            done = _terminate_after(cmd, "epoch    2 ", tmp_path)
+        else:
+            done = _terminate_after(cmd, "4 running", tmp_path, ready=_training(out / "sweeps" / "logs", 2))
         assert done.returncode == 143, done.stderr
         saved = json.loads((out / "sweeps" / "s.json").read_text())
         assert saved["interrupted"] is True and "run the same command again to continue" in done.stdout
@@ -610,7 +628,7 @@ def test_a_stopped_sweep_with_an_idle_worker_exits(tmp_path):
     out = tmp_path / "a"
     cmd = ["sweep", str(sweep_file), "--out", str(out), "--workers", "2"]
     # once gaussian is done its worker waits for a task, idle, while made's trains
-    done = _terminate_after(cmd, "digits/gaussian/default/seed0: val LL", tmp_path, 1.0)
+    done = _terminate_after(cmd, "digits/gaussian/default/seed0: val LL", tmp_path, ready=_training(out, 1))
     assert done.returncode == 143, done.stderr
     assert json.loads((out / "sweeps" / "s.json").read_text())["interrupted"] is True
     assert len(list(out.rglob("seed0.ckpt"))) == 1  # made's, written where it stopped

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -640,7 +641,7 @@ def test_a_landed_ray_run_has_the_files_of_a_local_run(tmp_path, stacked):
     else:
         outcome = ray_execute(options[0], DEFAULT_RUN_FN, threads)
         records, packed = [outcome["record"]], [outcome[ARTIFACTS]]
-    assert outcome["ok"] and outcome["node"] and "log" in outcome
+    assert outcome["ok"] and outcome["node"] and "epoch    2 " in outcome["log"]  # the epoch lines travel
     for run, record, files in zip(runs, records, packed):
         assert land_run(run, record, files, str(tmp_path)) == run.record_path(tmp_path)
     for run, want in zip(runs, expected):
@@ -648,6 +649,23 @@ def test_a_landed_ray_run_has_the_files_of_a_local_run(tmp_path, stacked):
         assert got["state"] == want["state"] and got["points"] == want["points"]  # byte for byte
         assert got["record"] == want["record"] and got["record_keys"] == want["record_keys"]
     assert not list((tmp_path / "runs").rglob("*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_a_worker_log_keeps_every_attempt_of_its_run(tmp_path):
+    # a resumed or retried run's log was opened anew: the lines of its earlier attempts (epochs, a traceback) went
+    from flowbench.sweep.worker import execute_run
+
+    def attempt(options, progress):
+        print(f"epoch line of seed {options.seed}, progress {progress}")
+        raise RuntimeError("out of memory")
+
+    options = parse_sweep({"datasets": ["digits"], "models": ["made"]}).runs[0].options(tmp_path)
+    log = tmp_path / "logs" / "seed0.log"
+    for _ in range(2):
+        assert not execute_run(options, attempt, str(log), progress=True)["ok"]
+    text = log.read_text()
+    assert text.count("epoch line of seed 0, progress True") == 2 and text.count("RuntimeError: out of memory") == 2
+    assert len(re.findall(r"^# \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: started in process \d+$", text, re.M)) == 2
 
 
 def test_the_manual_shows_the_shipped_example_sweep_verbatim(repo_root):

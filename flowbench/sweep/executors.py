@@ -88,18 +88,18 @@ class ProcessExecutor:
     def submit(self, run: SweepRun, options: RunOptions, out: str | Path) -> Future:
         log = str(run.log_path(out))
         try:
-            return self._pool.submit(execute_run, options, self.run_fn, log, False)
+            return self._pool.submit(execute_run, options, self.run_fn, log, True)
         except BrokenProcessPool:
             self._pool = self._new_pool()  # a worker died earlier; later runs get a fresh pool
-            return self._pool.submit(execute_run, options, self.run_fn, log, False)
+            return self._pool.submit(execute_run, options, self.run_fn, log, True)
 
     def submit_stack(self, runs: list[SweepRun], options: list[RunOptions], out: str | Path) -> Future:
         logs = [str(r.log_path(out)) for r in runs]
         try:
-            return self._pool.submit(execute_stack, options, logs, False)
+            return self._pool.submit(execute_stack, options, logs, True)
         except BrokenProcessPool:
             self._pool = self._new_pool()
-            return self._pool.submit(execute_stack, options, logs, False)
+            return self._pool.submit(execute_stack, options, logs, True)
 
     def wait(self, tokens: list, timeout: float) -> list[tuple[Any, dict]]:
         with interrupts.deferred():  # a stop is raised within TICK_S, outside the futures' locks

@@ -8,6 +8,7 @@ executor reports them the same way and nothing depends on an exception surviving
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import importlib
 import inspect
 import os
@@ -86,7 +87,7 @@ def execute_run(
     "retry": bool, "locked": bool}`` (``retry`` False for a FlowbenchError, which is deterministic; ``locked``:
     another process holds the run's lock, so the run's files are that process's).
 
-    With ``log_path`` the run's output (progress bars, epoch lines) goes to that file instead of the
+    With ``log_path`` the run's output (its epoch lines) is appended to that file instead of going to the
     terminal, so parallel runs don't interleave. KeyboardInterrupt is not caught: it stops the sweep.
     """
     t0 = time.perf_counter()
@@ -100,12 +101,15 @@ def execute_run(
 
 @contextlib.contextmanager
 def _output_to(log_path: str | None) -> Iterator[None]:
-    """The run's stdout and stderr (progress bars, epoch lines) into ``log_path``, line-buffered; None: as is."""
+    """The run's stdout and stderr (epoch lines; no progress bars, as for any file) appended to ``log_path``,
+    line-buffered, after a line that dates the attempt: a resumed or retried run keeps its earlier lines.
+    None: as is."""
     if log_path is None:
         yield
         return
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "w", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        print(f"# {dt.datetime.now().isoformat(sep=' ', timespec='seconds')}: started in process {os.getpid()}")
         yield
 
 
@@ -159,7 +163,7 @@ def ray_execute(options: RunOptions, run_fn: str, threads: int, replaces: bytes 
         opts = options.replace(out=scratch, resume=False)
         plant_record(opts, replaces)
         log = os.path.join(scratch, "run.log")
-        outcome = _sign(execute_run(opts, run_fn, log_path=log, progress=False), log)
+        outcome = _sign(execute_run(opts, run_fn, log_path=log, progress=True), log)
         if outcome["ok"]:
             outcome[ARTIFACTS] = pack_run(outcome["record"], scratch, options.out)
         return outcome
@@ -203,7 +207,7 @@ def ray_execute_stack(
         for o, data in zip(opts, replaces or [None] * len(opts)):
             plant_record(o, data)
         log = os.path.join(scratch, "run.log")
-        outcome = _sign(execute_stack(opts, [log], progress=False), log)
+        outcome = _sign(execute_stack(opts, [log], progress=True), log)
         if outcome["ok"]:
             outcome[ARTIFACTS] = [pack_run(r, scratch, o.out) for o, r in zip(options, outcome["records"])]
         return outcome

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from flowbench import interrupts
 from flowbench.errors import ConfigError
 from flowbench.sweep import Progress, load_sweep, make_tag, parse_sweep, plan, run_sweep, summary
 from flowbench.sweep.runner import preflight
@@ -464,6 +465,25 @@ def test_scheduler_with_parallel_slots_and_records_written_by_the_driver(tmp_pat
     for run in sweep.runs:  # every record is in the driver's folder, describing it
         rec = json.loads(run.record_path(tmp_path / "res").read_text())
         assert rec["config"]["out"] == str(tmp_path / "res") and rec["tag"] == run.tag
+
+
+def test_a_driver_of_workers_stops_between_two_ticks_with_the_record_in_hand_written(tmp_path):
+    # A SIGTERM landing while the driver writes a worker's record (Ray) or waits in a lock (a process pool) was
+    # raised right there; the driver now finishes the tick (the record written whole) and stops before the next.
+    from flowbench.errors import Terminated
+
+    class SignalledWhileWriting(ReturningBackend):
+        def finish(self, state, outcome, out):
+            interrupts.ask(Terminated)  # what the command's SIGTERM handler does
+            super().finish(state, outcome, out)
+
+    sweep = parse_sweep(small())
+    report = run_sweep(sweep, tmp_path / "res", backend=SignalledWhileWriting(tmp_path / "scratch"), stream=None)
+    assert report.interrupted and report.terminated and not interrupts.asked()
+    assert [s.status for s in report.states].count("done") == 1  # written whole; nothing submitted after
+    assert [s.status for s in report.states].count("pending") == 3
+    done = next(s for s in report.states if s.status == "done")
+    assert json.loads(done.run.record_path(tmp_path / "res").read_text())["tag"] == done.run.tag
 
 
 # ------------------------------------------------------------------- non-finite records are made again

@@ -32,6 +32,7 @@ class SequentialExecutor:
 
     capacity = 1
     announce_start = True  # the trainer's output follows: say which run it belongs to
+    trains_here = True  # a stop is the training loop's to answer (interrupts.listening), not the driver's
 
     def __init__(self, run_fn: str | RunFn):
         self.run_fn = run_fn

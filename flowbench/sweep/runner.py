@@ -33,7 +33,7 @@ from typing import IO, Any, Callable, Iterable
 
 from tabulate import tabulate
 
-from flowbench import utils
+from flowbench import interrupts, utils
 from flowbench.config import RunOptions, fingerprint_display_name
 from flowbench.errors import ConfigError, FlowbenchError, Terminated
 from flowbench.results import RunRecord, json_safe, replaceable
@@ -411,8 +411,17 @@ class _Scheduler:
     def run(self) -> None:
         if getattr(self.backend, "announce_start", False):
             self.progress.live = False  # the trainer's own output would overwrite a live line: print lines
+        if getattr(self.backend, "trains_here", False):  # the training loop in this process answers a stop
+            self._loop(watch=False)
+        else:  # a driver of workers elsewhere takes a stop between two ticks, never in a lock or a record's write
+            with interrupts.deferred():
+                self._loop(watch=True)
+
+    def _loop(self, watch: bool) -> None:
         self.progress.update(*self.counts())
         while self.todo or self.inflight or self.stacks:
+            if watch and interrupts.asked():
+                interrupts.raise_asked("")
             while self.todo and len(self.inflight) + len(self.stacks) < self.backend.capacity:
                 group = self.take()
                 if len(group) == 1:

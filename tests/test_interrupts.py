@@ -251,6 +251,30 @@ def test_an_error_leaving_a_deferred_block_takes_the_stop_with_it():
         pass
 
 
+def test_a_signal_inside_an_import_is_noted_for_the_next_loop(tmp_path, monkeypatch):
+    # Raised inside an import, a SIGTERM once left numpy half initialised: the stop was swallowed there and the
+    # sweep died later of a RecursionError in numpy. Inside an import it is noted, and the module imports whole.
+    for name in ("signalled_a", "signalled_b"):
+        (tmp_path / f"{name}.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nwhole = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with interrupts.handling_signals():
+        try:
+            import signalled_a
+        except KeyboardInterrupt:
+            pytest.fail("the stop was raised inside the import")
+        assert signalled_a.whole and interrupts.asked()
+        with pytest.raises(Terminated):  # the next training loop takes it
+            with interrupts.listening():
+                pass
+        assert not interrupts.asked()
+        with pytest.raises(Terminated):  # outside an import: at once, as before
+            os.kill(os.getpid(), signal.SIGTERM)
+        import signalled_b
+
+        assert signalled_b.whole and interrupts.asked()
+    assert not interrupts.asked()  # no loop took it: it goes with the command, not into the next one
+
+
 def _record(out, model="made", seed=0):
     return json.loads(record_path(out, "digits", model, seed).read_text())
 

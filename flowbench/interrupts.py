@@ -6,7 +6,10 @@ steps on POWER) and could land inside an optimiser step. While a training loop l
 first signal is only noted; the loop ends the step in progress, writes each run's checkpoint at that position
 (mid-epoch, with its running loss) and raises the signal's exception, so that a resumed run takes exactly the
 steps an uninterrupted one would. A second Ctrl-C stops at once (the last checkpoint stays); a repeated SIGTERM
-changes nothing. Outside a training loop a signal raises at once, as Python's own handler does.
+changes nothing. Outside a training loop a signal raises at once, as Python's own handler does, except where
+raising could break the process: inside an import (a module left half initialised) and inside
+:func:`deferred` (a sweep's driver of workers elsewhere, whose waits hold locks); there it is noted too, and the
+next loop, the driver's next tick or the block's end raises it.
 
 ``flowbench``'s commands install the handlers (:func:`handling_signals`); code that trains through the API may do
 the same::
@@ -103,11 +106,12 @@ def listening() -> Iterator[None]:
 
 @contextlib.contextmanager
 def deferred() -> Iterator[None]:
-    """A sweep's driver blocked on its worker pool (a wait for results, a pool starting): every signal is only
-    noted, and the first one's exception is raised when the block ends. Raised inside the wait, it could land
-    between the release and the re-acquiring of a ``threading.Condition``'s lock, whose ``with`` then released the
-    lock a second time: "RuntimeError: release unlocked lock" replaced the interrupt, and the sweep died without
-    stopping its workers (seen once in CI)."""
+    """Within the block every signal is only noted; the first one's exception is raised when the block ends, or
+    where the code checks (:func:`asked`, :func:`raise_asked`). A sweep's driver of workers elsewhere runs its
+    loop in it and checks once a tick, and its pool's waits are deferred: raised inside a wait, the interrupt
+    could land between the release and the re-acquiring of a ``threading.Condition``'s lock, whose ``with`` then
+    released the lock a second time: "RuntimeError: release unlocked lock" replaced the interrupt, and the sweep
+    died without stopping its workers (seen once in CI)."""
     global _deferring, _asked
     _deferring += 1
     try:

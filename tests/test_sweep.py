@@ -686,6 +686,17 @@ def test_a_worker_log_keeps_every_attempt_of_its_run(tmp_path):
     text = log.read_text()
     assert text.count("epoch line of seed 0, progress True") == 2 and text.count("RuntimeError: out of memory") == 2
     assert len(re.findall(r"^# \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: started in process \d+$", text, re.M)) == 2
+    # a Ray task's log, which the driver writes from what the node sends back, keeps the earlier attempts too
+    from types import SimpleNamespace
+
+    from flowbench.sweep.ray_backend import RayExecutor
+
+    state = SimpleNamespace(run=parse_sweep({"datasets": ["digits"], "models": ["made"]}).runs[0])
+    for attempt in ("first", "second"):
+        RayExecutor.save_log(None, state, {"log": f"{attempt} attempt's epochs\n", "node": "n1"}, str(tmp_path / "r"))
+    assert state.run.log_path(tmp_path / "r").read_text() == (
+        "# ray node: n1\nfirst attempt's epochs\n# ray node: n1\nsecond attempt's epochs\n"
+    )
 
 
 def test_the_manual_shows_the_shipped_example_sweep_verbatim(repo_root):

@@ -135,11 +135,14 @@ class RayExecutor:
         land_run(state.run, outcome["record"], outcome.get(ARTIFACTS), out)
 
     def save_log(self, state: Any, outcome: dict, out: str) -> None:
+        """The task's log after the run's earlier attempts' (as a local worker appends to its run's log)."""
         text = outcome.get("log") or ""
         if outcome.get("traceback"):
             text += "\n" + outcome["traceback"]
-        with atomic_write(state.run.log_path(out), "w") as f:
-            f.write(f"# ray node: {outcome.get('node', '?')}\n{text}")
+        path = state.run.log_path(out)
+        earlier = path.read_text(errors="replace") if path.is_file() else ""
+        with atomic_write(path, "w") as f:
+            f.write(f"{earlier}# ray node: {outcome.get('node', '?')}\n{text}")
 
     def shutdown(self, cancel: bool = False) -> None:
         if cancel and self.ray.is_initialized():

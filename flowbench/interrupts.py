@@ -50,14 +50,18 @@ _deferring = 0  # blocks of deferred() entered
 def ask(exc_type: type[KeyboardInterrupt], frame: FrameType | None = None) -> None:
     """A signal handler's part: note the stop while a loop listens, else raise ``exc_type`` at once. ``frame``:
     where the signal landed; inside an import the stop is only noted (the next loop or sweep tick takes it)."""
-    global _asked
     if _deferring or _importing(frame):  # raised here, it could break a lock or a half-imported module
-        _asked = _asked or exc_type
-        return
-    if _listeners == 0 or (_asked is not None and exc_type is KeyboardInterrupt):  # nobody listens; a second Ctrl-C
+        _note(exc_type)
+    elif _listeners == 0 or (_asked is not None and exc_type is KeyboardInterrupt):  # nobody listens; a 2nd Ctrl-C
         raise exc_type()
-    if _asked is None:
-        _asked = exc_type
+    else:
+        _note(exc_type)
+
+
+def _note(exc_type: type[KeyboardInterrupt]) -> None:
+    """The stop asked for: the first signal's."""
+    global _asked
+    _asked = _asked or exc_type
 
 
 def _importing(frame: FrameType | None) -> bool:
@@ -108,7 +112,7 @@ def listening() -> Iterator[None]:
 def deferred() -> Iterator[None]:
     """Within the block every signal is only noted; the first one's exception is raised when the block ends, or
     where the code checks (:func:`asked`, :func:`raise_asked`). A sweep's driver of workers elsewhere runs its
-    loop in it and checks once a tick, and its pool's waits are deferred: raised inside a wait, the interrupt
+    loop in it and checks once a tick, and starts its worker pool in it: raised inside a wait, the interrupt
     could land between the release and the re-acquiring of a ``threading.Condition``'s lock, whose ``with`` then
     released the lock a second time: "RuntimeError: release unlocked lock" replaced the interrupt, and the sweep
     died without stopping its workers (seen once in CI)."""
@@ -153,7 +157,7 @@ def handling_signals() -> Iterator[None]:
 
 def _worker_sigterm(signum: int, frame: FrameType | None) -> None:
     if _listeners or (_in_task and _importing(frame)):  # a task's stop, for its loop or the task's end
-        ask(Terminated, frame)
+        _note(Terminated)
     elif _in_task:  # loading data, writing a record: unwind (temporary files removed), then worker_task exits
         raise Terminated()
     else:  # idle: die as by default

@@ -554,11 +554,10 @@ def _training(logs: Path, runs: int) -> Callable[[], bool]:
 
 
 def _terminate_after(
-    cmd: list[str], marker: str, tmp_path: Path, delay: float = 0.0, ready: Callable[[], bool] | None = None
+    cmd: list[str], marker: str, ready: Callable[[], bool] | None = None
 ) -> subprocess.CompletedProcess:
-    """Start a flowbench process, send it SIGTERM ``delay`` s after ``marker`` appeared on its stderr (and once
-    ``ready()`` holds, polled: workers take seconds to import torch and load data, more on a busy machine), and
-    wait."""
+    """Start a flowbench process, send it SIGTERM once ``marker`` appeared on its stderr (and ``ready()`` holds,
+    polled: workers take seconds to import torch and load data, more on a busy machine), and wait."""
     import signal
 
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
@@ -569,7 +568,6 @@ def _terminate_after(
     for line in proc.stderr:
         seen.append(line)
         if marker in line:
-            time.sleep(delay)
             deadline = time.monotonic() + 120
             while ready is not None and not ready():
                 if time.monotonic() > deadline:
@@ -588,7 +586,7 @@ def test_sigterm_stops_a_run_and_a_sweep_as_ctrl_c_does(tmp_path):
     # take the interrupt's path (the resume hint; the sweep JSON, marked interrupted) and exit 143, and each
     # training run's checkpoint is written where it stopped: with no checkpoint ever due, there is one.
     run = ["run", "--model", "made", "--hidden", "8", "--max-epochs", "500", "--checkpoint-every-s", "100000"]
-    done = _terminate_after([*run, "--out", str(tmp_path / "a")], "epoch    2 ", tmp_path)
+    done = _terminate_after([*run, "--out", str(tmp_path / "a")], "epoch    2 ")
     assert done.returncode == 143, done.stderr
     assert "training stopped at step " in done.stderr and "--resume to continue" in done.stderr
     assert "flowbench run: terminated (SIGTERM)" in done.stderr and "Traceback" not in done.stderr
@@ -605,9 +603,9 @@ def test_sigterm_stops_a_run_and_a_sweep_as_ctrl_c_does(tmp_path):
         cmd = ["sweep", str(sweep_file), "--out", str(out), "--workers", workers]
         # a worker's epoch lines go to its stack's log: stop once both stacks train (fixed 8 s was too short in CI)
         if workers == "1":
-            done = _terminate_after(cmd, "epoch    2 ", tmp_path)
+            done = _terminate_after(cmd, "epoch    2 ")
         else:
-            done = _terminate_after(cmd, "4 running", tmp_path, ready=_training(out / "sweeps" / "logs", 2))
+            done = _terminate_after(cmd, "4 running", ready=_training(out / "sweeps" / "logs", 2))
         assert done.returncode == 143, done.stderr
         saved = json.loads((out / "sweeps" / "s.json").read_text())
         assert saved["interrupted"] is True and "run the same command again to continue" in done.stdout
@@ -628,7 +626,7 @@ def test_a_stopped_sweep_with_an_idle_worker_exits(tmp_path):
     out = tmp_path / "a"
     cmd = ["sweep", str(sweep_file), "--out", str(out), "--workers", "2"]
     # once gaussian is done its worker waits for a task, idle, while made's trains
-    done = _terminate_after(cmd, "digits/gaussian/default/seed0: val LL", tmp_path, ready=_training(out, 1))
+    done = _terminate_after(cmd, "digits/gaussian/default/seed0: val LL", ready=_training(out, 1))
     assert done.returncode == 143, done.stderr
     assert json.loads((out / "sweeps" / "s.json").read_text())["interrupted"] is True
     assert len(list(out.rglob("seed0.ckpt"))) == 1  # made's, written where it stopped

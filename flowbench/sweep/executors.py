@@ -74,7 +74,7 @@ class ProcessExecutor:
         # went unnoticed until another worker finished its run, and its run waited hours for the retry. Every
         # worker started at once, with a no-op, and its result awaited: the manager watches them all.
         try:
-            with interrupts.deferred():
+            with interrupts.deferred():  # before the sweep's loop (which defers its own ticks): a stop waits for it
                 for started in [pool.submit(os.getpid) for _ in range(self.capacity)]:
                     started.result()
         except BrokenProcessPool as e:
@@ -103,8 +103,7 @@ class ProcessExecutor:
             return self._pool.submit(execute_stack, options, logs, True)
 
     def wait(self, tokens: list, timeout: float) -> list[tuple[Any, dict]]:
-        with interrupts.deferred():  # a stop is raised within TICK_S, outside the futures' locks
-            done, _ = wait(tokens, timeout=timeout, return_when=FIRST_COMPLETED)
+        done, _ = wait(tokens, timeout=timeout, return_when=FIRST_COMPLETED)
         out = []
         broken = False
         for fut in done:
@@ -123,8 +122,7 @@ class ProcessExecutor:
         """A broken pool fails every run in it and terminates its other workers; wait until they have exited
         before the runs are retried: a worker being terminated still holds its run's lock, and its run would be
         set aside as trained elsewhere by a process about to die."""
-        with interrupts.deferred():
-            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._pool = self._new_pool()
 
     def shutdown(self, cancel: bool = False) -> None:

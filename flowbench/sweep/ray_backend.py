@@ -13,7 +13,6 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
-from flowbench import interrupts
 from flowbench.config import RunOptions
 from flowbench.errors import ConfigError
 from flowbench.sweep.artifacts import ARTIFACTS, land_run, replaced_record
@@ -116,8 +115,7 @@ class RayExecutor:
         return ref
 
     def wait(self, tokens: list, timeout: float) -> list[tuple[Any, dict]]:
-        with interrupts.deferred():  # as the process pool's wait: a stop is raised once the wait returns
-            ready, _ = self.ray.wait(tokens, num_returns=1, timeout=timeout)
+        ready, _ = self.ray.wait(tokens, num_returns=1, timeout=timeout)
         results = []
         for ref in ready:
             self._inflight.discard(ref)

@@ -16,6 +16,7 @@ from test_one_loop import STEP_MODE, assert_same_run, build, digits_rows, rows, 
 from flowbench import interrupts
 from flowbench.cli import main
 from flowbench.errors import Terminated
+from flowbench.plots.report import report_markdown
 from flowbench.results import checkpoint_path, record_path
 from flowbench.training.loop import RunLoop, RunState
 from flowbench.training.trainer import Trainer
@@ -311,6 +312,8 @@ def test_ctrl_c_in_flowbench_run_keeps_the_epoch_in_progress(tmp_path, monkeypat
         assert torch.load(checkpoint_path(out, "digits", "made", seed), weights_only=True)["pos"] == 3
     assert main([*run, "--out", out]) == 2  # a forgotten --resume: refused, saying where the checkpoint stands
     assert "has a checkpoint in epoch 2, after step 18 at " in capsys.readouterr().err
+    progress = report_markdown(out, samples=False)[0].split("## Runs in progress")[1]
+    assert progress.count("| in epoch 2, after step 18 ") == (2 if seeds else 1)  # where --resume takes it up
     assert main([*run, "--out", out, "--resume"]) == 0
     for seed in (0, 1) if seeds else (0,):
         got, want = _record(out, seed=seed), _record(tmp_path / "ref", seed=seed)

@@ -289,7 +289,7 @@ def test_runs_in_progress_are_reported_from_their_checkpoints(tmp_path, capsys):
         "toy",
         "MAF (2) [lr=3e-2]",
         "3",
-        "4 (16 steps)",
+        "after epoch 4 (16 steps)",
         f"{best:.3f} (epoch {best_epoch})",
         f"{30 - (4 - best_epoch)} of 30",
         "0",
@@ -392,8 +392,8 @@ def test_a_seed_that_stopped_inside_a_running_stack_is_listed_as_stopped(tmp_pat
         if ln.startswith("| toy")
     }
     per_epoch = -(-len(toy_data().train) // runs[0]["batch_size"])
-    assert rows["0"][0] == f"6 ({6 * per_epoch} steps)" and rows["0"][2] == "stopped"
-    assert rows["1"][0] == f"8 ({8 * per_epoch} steps)" and rows["1"][2] == "1 of 1"
+    assert rows["0"][0] == f"after epoch 6 ({6 * per_epoch} steps)" and rows["0"][2] == "stopped"
+    assert rows["1"][0] == f"after epoch 8 ({8 * per_epoch} steps)" and rows["1"][2] == "1 of 1"
     assert "| 1 epochs, ~" in text  # patience 1 left comes before the cap of 10
 
 

@@ -304,7 +304,8 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
     page.add("## Runs in progress", "")
     page.add(
         "Runs with a training checkpoint and no record yet: training now, or stopped and waiting to be resumed "
-        "(the same `flowbench run` command with `--resume`, or the same sweep again). *Patience left*: epochs "
+        "(the same `flowbench run` command with `--resume`, or the same sweep again). *Position*: where its "
+        "checkpoint stands, and so where a resume takes up the run. *Patience left*: epochs "
         "(evaluations, for a run with `--eval-every`) without a better validation LL before early stopping ends "
         "the run; each new best starts it again; *stopped*: its training has ended (a seed of a stack that stopped "
         "before the others: the stack writes the records when it ends). *Per epoch*: the median training time "
@@ -333,7 +334,7 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
                 r.dataset,
                 _cell(R.label(rec, with_tag=True)),  # as its record's row will be labelled
                 r.seed,
-                f"{p.epoch} ({p.step:,} steps)",
+                p.where if p.pos else f"{p.where} ({p.step:,} steps)",
                 best,
                 "stopped" if p.finished else f"{p.patience_left} of {p.patience}",
                 f"{p.nonfinite_val} of {p.evaluations}" if p.nonfinite_val else "0",
@@ -348,7 +349,7 @@ def _add_in_progress(page: _Page, running: list[R.RunInProgress], sources: list[
         "dataset",
         "model",
         "seed",
-        "epoch",
+        "position",
         "best val LL",
         "patience left",
         "non-finite validations",

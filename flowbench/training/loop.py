@@ -60,7 +60,7 @@ __all__ = [
 def position_words(epoch: int, step: int, pos: int) -> str:
     """Where a checkpoint stands, for messages: ``after epoch 3``, or, stopped mid-epoch, ``in epoch 4, after
     step 52``."""
-    return f"after epoch {epoch}" if pos == 0 else f"in epoch {epoch + 1}, after step {step}"
+    return f"after epoch {epoch}" if pos == 0 else f"in epoch {epoch + 1}, after step {step:,}"
 
 
 def steps_per_epoch(n_rows: int, batch_size: int) -> int:

@@ -260,7 +260,8 @@ def best_model_state(path: str | Path) -> dict[str, Tensor]:
 class Progress:
     """How far a run has trained, as its training checkpoint says (``flowbench report``'s runs in progress).
 
-    ``epoch`` and ``step`` are those of the last checkpoint; ``best_val_ll`` is None while no evaluation was
+    ``epoch``, ``step`` and ``pos`` (batches into the next epoch; 0 at an epoch's end) are those of the last
+    checkpoint (:attr:`where` in words); ``best_val_ll`` is None while no evaluation was
     finite; ``patience_left`` counts epochs (evaluations with ``--eval-every``) before early stopping ends the
     run if none is better; ``history`` is the run's history so far (one row per evaluation).
     """
@@ -276,6 +277,12 @@ class Progress:
     train_time_s: float
     options: dict[str, Any]
     history: tuple[dict[str, Any], ...] = ()
+    pos: int = 0
+
+    @property
+    def where(self) -> str:
+        """Where the checkpoint stands, in the words of the CLI's messages (``in epoch 4, after step 52``)."""
+        return position_words(self.epoch, self.step, self.pos)
 
     @property
     def evaluations(self) -> int:
@@ -313,6 +320,7 @@ def checkpoint_progress(path: str | Path) -> Progress:
         train_time_s=float(result.get("train_time_s") or 0.0),
         options=dict(state.get("fingerprint") or {}),
         history=tuple(dict(h) for h in result.get("history") or []),
+        pos=int(state.get("pos") or 0),
     )
 
 

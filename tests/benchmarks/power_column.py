@@ -39,7 +39,9 @@ stacked by wall clock; scaled by each cell's core share, 257 and 171 core-hours 
 shipped adds about 2). Check of that scaling: MAF (5), 1 hidden layer, stacked estimate 132 s/epoch x 50 % =
 66 s/epoch, against 68-90 s/epoch measured by the stack of 3 seeds training on the same machine (niced) for
 issue 24. Real NVP and MAF with 10 layers or 2 hidden layers are most of it; an epoch's evaluation (batch-norm
-statistics over all 1.66 M training rows) is 5-15 % of an epoch for the flows.
+statistics over all 1.66 M training rows) is 5-15 % of an epoch for the flows. On a second machine (AMD EPYC,
+AVX2, 2 cores; same options, 421 s, 66-71 % of a core), with MADE MoG at its measured 202 epochs: 636 and 358
+core-hours (963 and 542 by wall clock); its flow steps take about twice as long.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ SWEEP = REPO / "configs" / "sweeps" / "maf-table1.toml"
 EPOCHS: dict[str, int] = {
     "gaussian": 0,
     "made": 60,
-    "made-mog": 159,
+    "made-mog": 202,
     "realnvp": 357,
     "maf": 357,
     "maf-mog": 357,
@@ -73,9 +75,9 @@ EPOCHS: dict[str, int] = {
 WHY = {
     "made": "MADE: 60 = best near epoch 30 + patience 30 (assumed, not measured: it trains at lr 1e-3, 10x the "
     "flows', with no batch norm; no MADE run on POWER with its epoch count was found)",
-    "made-mog": "MADE MoG: 159, a lower bound: with 1 hidden layer on POWER rebuilt from UCI (3 seeds, stacked) its "
-    "seeds stopped at epochs 113, 132 and 159 (best at 83, 102, 129), and the stack trains until the last stops; "
-    "with 2 hidden layers it had not stopped yet",
+    "made-mog": "MADE MoG: 202, measured: with 2 hidden layers (MAF's choice by validation) on POWER rebuilt from "
+    "UCI (3 seeds, stacked) its seeds stopped at epochs 181, 164 and 202 (best at 151, 134, 172), and the stack "
+    "trains until the last stops; with 1 hidden layer at 113, 132 and 159",
     "maf": "MAF / MAF MoG / Real NVP: 357, a lower bound: MAF (5) with 1 hidden layer on POWER rebuilt from UCI (3 "
     "seeds, stacked) still set new best validation LLs at epochs 326-327, so the stack stops at epoch 357 at the "
     "earliest",

@@ -190,8 +190,8 @@ OPTIONS: dict[str, Option] = {
             "compile the training objective with torch.compile (faster steps for small "
             "models after a one-off compile of ~30 s; needs a C++ compiler on CPU)",
             _TRAIN,
+            tagged=False,  # as device and threads: where and how a run computes, not what (rounding only)
             resume_may_change=True,
-            stackable=False,
         ),
         Option(
             "adam_epoch_step",

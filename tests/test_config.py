@@ -234,5 +234,5 @@ def test_protocol_and_stacking_tables_come_from_the_declarations():
     }
     assert MAF_PROTOCOL == {n: o.maf for n, o in OPTIONS.items() if o.maf is not NO_PROTOCOL_VALUE}
     # the step-budget options (NSF protocol) stack since one loop serves single runs and stacks
-    assert UNSTACKABLE == {"adam_epoch_step": False, "compile": False, "tensorboard": None}
+    assert UNSTACKABLE == {"adam_epoch_step": False, "tensorboard": None}
     assert UNSTACKABLE == {n: o.default for n, o in OPTIONS.items() if not o.stackable}

@@ -42,10 +42,13 @@ def run_stack_bench(
     out: str | Path | None = None,
     device: str = "auto",
     threads: int | None = None,
+    compile: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Samples/s of ``stack`` stacked runs and of the same runs trained sequentially, on ``device``; the ratio.
-    With ``out``, also written to ``out/bench/train-<dataset>-<model>-stack<R>.json`` (``"files"``)."""
+    ``compile``: both contenders' objectives through ``torch.compile``, as ``flowbench run --compile`` (the
+    compile happens in the untimed first round). With ``out``, also written to
+    ``out/bench/train-<dataset>-<model>-stack<R>[-compiled].json`` (``"files"``)."""
     if stack < 1 or steps < 1 or batch_size < 1 or rounds < 1:
         raise ConfigError(
             f"--stack, --steps, --batch-size and rounds must be ≥ 1; got {stack}, {steps}, {batch_size}, {rounds}"
@@ -57,7 +60,7 @@ def run_stack_bench(
     x, _, synthetic = dataset_tensor(dataset, data_root, max_rows=steps * batch_size)
     x = x[: steps * batch_size].to(dev)  # the trainers train where their data are
     hp = models.get_spec(model).resolve(hparams or {})
-    trainers, st = _contenders(model, hp, stack, x, dev, lr, batch_size)
+    trainers, st = _contenders(model, hp, stack, x, dev, lr, batch_size, compile)
     times = _time_rounds(trainers, st, stack, rounds, dev)
     res = {
         "dataset": dataset,
@@ -68,29 +71,31 @@ def run_stack_bench(
         "batch_size": batch_size,
         "synthetic": synthetic,
         "threads": torch.get_num_threads(),
+        "compile": compile,
         "samples_per_s": {k: stack * steps * batch_size / statistics.median(v) for k, v in times.items()},
     }
     res["ratio"] = res["samples_per_s"]["stacked"] / res["samples_per_s"]["sequential"]
     _log_result(res, times, x.shape[1], log)
     res["device"] = str(dev)
     if folder is not None:
-        path = folder / f"train-{get_info(dataset).name}-{models.get_spec(model).name}-stack{stack}.json"
+        suffix = "-compiled" if compile else ""
+        path = folder / f"train-{get_info(dataset).name}-{models.get_spec(model).name}-stack{stack}{suffix}.json"
         atomic_write_json(path, res)
         res["files"] = [str(path)]
     return res
 
 
 def _contenders(
-    model: str, hp: dict, stack: int, x: torch.Tensor, dev: torch.device, lr: float, batch_size: int
+    model: str, hp: dict, stack: int, x: torch.Tensor, dev: torch.device, lr: float, batch_size: int, compile: bool
 ) -> tuple[list[Trainer], StackedTrainer]:
     """One trainer per run (sequential) and one stacked trainer, each over its own build of the same flows."""
     seq_flows, st_flows = _flows(model, hp, stack, x, dev), _flows(model, hp, stack, x, dev)
     trainers = [
-        Trainer(f, x, x[:1], lr=lr, batch_size=batch_size, seed=s, progress=False) for s, f in enumerate(seq_flows)
+        Trainer(f, x, x[:1], lr=lr, batch_size=batch_size, seed=s, progress=False, compile=compile)
+        for s, f in enumerate(seq_flows)
     ]
-    st = StackedTrainer(
-        [RunSpec(f, s, lr) for s, f in enumerate(st_flows)], x, x[:1], batch_size=batch_size, progress=False
-    )
+    specs = [RunSpec(f, s, lr) for s, f in enumerate(st_flows)]
+    st = StackedTrainer(specs, x, x[:1], batch_size=batch_size, progress=False, compile=compile)
     return trainers, st
 
 
@@ -136,7 +141,7 @@ def _log_result(res: dict[str, Any], times: dict[str, list[float]], dim: int, lo
     log(
         f"{models.display_name(res['model'], **res['hparams'])} on {res['dataset']}'s shape (D = {dim}, batch "
         f"{batch_size}, {steps} steps per run, {torch.get_num_threads()} thread(s)"
-        f"{', synthetic data' if synthetic else ''}):"
+        f"{', compiled' if res['compile'] else ''}{', synthetic data' if synthetic else ''}):"
     )
     for k in ("sequential", "stacked"):
         log(

@@ -238,7 +238,16 @@ def _train_settings(args: argparse.Namespace) -> tuple:
 def _run_stack(args: argparse.Namespace, common: dict) -> dict:
     """``bench train --stack R``: stacked against one-by-one training; its result dict."""
     from flowbench.bench.stacked import run_stack_bench
+    from flowbench.errors import ConfigError
 
+    # the stack bench times flowbench's own trainers only, with their fused Adam
+    ignored = [f for f, on in (("--compare-zuko", args.compare_zuko), ("--compile-zuko", args.compile_zuko)) if on]
+    ignored += ["--adam " + args.adam] if args.adam != "fused" else []
+    if ignored:
+        raise ConfigError(
+            f"bench train --stack times flowbench's trainers (fused Adam) stacked against one by one; "
+            f"{' and '.join(ignored)} would be ignored: drop {'them' if len(ignored) > 1 else 'it'}, or drop --stack"
+        )
     batch_size, lr, hparams = _train_settings(args)
     return run_stack_bench(
         args.dataset,
@@ -249,6 +258,7 @@ def _run_stack(args: argparse.Namespace, common: dict) -> dict:
         lr=lr,
         hparams=hparams,
         data_root=args.data_root,
+        compile=args.compile,
         **common,
     )
 

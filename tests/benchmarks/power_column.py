@@ -28,7 +28,7 @@ on a busy machine they are upper bounds (the machine's load average is printed a
 ``--steps`` (e.g. 60) is enough for a step time to within ~10 %; the evaluation is timed in full.
 
     OMP_NUM_THREADS=1 python tests/benchmarks/power_column.py --data-root DIR [--device cpu|cuda]
-        [--steps 200] [--rounds 4] [--seeds 3] [--epochs maf=120] [--only maf,made] [--out FILE.json]
+        [--steps 200] [--rounds 4] [--seeds 3] [--epochs maf=120] [--only maf,made] [--compile] [--out FILE.json]
 
 Without POWER under the data root (``DIR/power/data.npy``), exits 2 saying how to get it.
 
@@ -244,6 +244,7 @@ def time_cell(
             rounds=args.rounds,
             data_root=args.data_root,
             device=str(dev),
+            compile=args.compile,
             log=lines.append,
         )
         row["wall_cpu_train_s"] = (time.perf_counter() - w0, time.process_time() - c0)
@@ -331,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="time the evaluation on this fraction of the rows and scale up (default 1: all rows)",
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="time the training steps through torch.compile, as `flowbench run --compile` and sweeps with "
+        "compile = true train (the compile happens in an untimed round)",
+    )
     p.add_argument("--only", default=None, help="comma-separated models to time (default: all)")
     p.add_argument("--out", default=None, help="write the numbers to this JSON file")
     args = p.parse_args(argv)
@@ -362,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         f"POWER from {root or os.environ.get('FLOWBENCH_DATA') or 'data'}: {train_x.shape[0]:,} train, "
         f"{val_x.shape[0]:,} validation rows (epochs counted at MAF's {n_train_maf:,} training rows); device "
         f"{dev}, {machine['threads']} thread(s), torch {machine['torch']}, load average {machine['loadavg']}"
+        + (", training steps compiled (torch.compile)" if args.compile else "")
     )
     opts = cells()
     if args.only:
@@ -440,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps,
             "rounds": args.rounds,
             "eval_fraction": args.eval_fraction,
+            "compile": args.compile,
             "epochs_assumed": {**EPOCHS, **args.epoch_map},
             "why_epochs": WHY,
             "unit": unit,

@@ -1,0 +1,98 @@
+"""``--compile``: the training objective through ``torch.compile``, for single runs and stacks.
+
+The compiled step must be the eager step up to the rounding of fused kernels, and it must really be compiled
+(dynamo's graph counter moves). Small float64 flows on toy data; each test compiles a few graphs (seconds each).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import flowbench.models as models
+from flowbench.config import resolve_options
+from flowbench.data.base import Dataset
+from flowbench.sweep.spec import make_tag
+from flowbench.training.stacked import RunSpec, StackedTrainer, run_stacked, stack_key
+from flowbench.training.trainer import Trainer
+from flowbench.utils import seed_everything
+
+pytestmark = [
+    pytest.mark.slow,
+    # torch's inductor imports torch.utils.mkldnn, which warns about its own use of torch.jit
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
+
+HP = dict(layers=2, hidden=8, batch_norm=False)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    rng = np.random.RandomState(3)
+    x = rng.randn(700, 3) @ np.array([[1.0, 0.5, 0.0], [0.0, 1.0, 0.3], [0.0, 0.0, 0.5]])
+    return torch.tensor(x[:500]), torch.tensor(x[500:])  # 500 rows in batches of 50: no short last batch
+
+
+def _flow(seed: int, train_x: torch.Tensor):
+    seed_everything(seed)
+    flow = models.build_model("maf", 3, **HP).double()
+    flow.initialize(train_x)
+    return flow
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def test_compiled_single_run_follows_the_eager_one(toy):
+    train_x, val_x = toy
+    kw = dict(lr=1e-2, batch_size=50, max_epochs=3, seed=0, progress=False)
+    eager = Trainer(_flow(0, train_x), train_x, val_x, **kw).fit()
+    before = _graphs()
+    compiled = Trainer(_flow(0, train_x), train_x, val_x, compile=True, **kw).fit()
+    assert _graphs() > before  # the compiled path was taken
+    assert compiled.epochs == eager.epochs == 3
+    np.testing.assert_allclose(
+        [h["val_ll"] for h in compiled.history], [h["val_ll"] for h in eager.history], rtol=1e-7, atol=1e-7
+    )
+
+
+def test_compiled_stack_follows_the_eager_stack_as_runs_leave_it(toy):
+    """Seed 0 stops after 2 epochs, seed 1 trains on alone: the stack's objective for the remaining row is
+    compiled once more, and both runs follow the eager stack's."""
+    train_x, val_x = toy
+
+    def fit(compile: bool):
+        specs = [RunSpec(_flow(s, train_x), s, 1e-2, max_epochs=m) for s, m in ((0, 2), (1, 4))]
+        st = StackedTrainer(specs, train_x, val_x, batch_size=50, progress=False, compile=compile)
+        return st.fit(), st
+
+    eager, _ = fit(False)
+    before = _graphs()
+    compiled, st = fit(True)
+    assert _graphs() >= before + 2  # the whole stack's graph, then seed 1's alone
+    assert sorted(st._objectives) == [(0, 1), (1,)]
+    for a, b in zip(compiled, eager):
+        assert a.epochs == b.epochs
+        np.testing.assert_allclose([h["val_ll"] for h in a.history], [h["val_ll"] for h in b.history], rtol=1e-7)
+    assert [r.epochs for r in compiled] == [2, 4]
+
+
+def test_seeds_with_compile_train_as_one_compiled_stack(tmp_path):
+    """``run --seeds 0-1 --compile`` trains a stack (it used to be refused); runs that differ in ``compile``
+    never share one."""
+    rng = np.random.RandomState(1)
+    x = rng.randn(450, 3).astype(np.float32)
+    data = Dataset("toy", x[:300], x[300:375], x[375:])
+    opts = {"out": str(tmp_path), "model": "maf", **HP, "batch_size": 50, "max_epochs": 2, "device": "cpu"}
+    before = _graphs()
+    recs = run_stacked([{**opts, "seed": s, "compile": True} for s in (0, 1)], data, progress=False)
+    assert _graphs() > before
+    assert [r.stack["size"] for r in recs] == [2, 2] and all(r.config["compile"] for r in recs)
+    with_, without = (resolve_options({"dataset": "power", "model": "maf", "compile": c}) for c in (True, False))
+    assert stack_key(with_) != stack_key(without)
+    assert stack_key(with_) == stack_key(with_.replace(seed=5))
+    # nor does it name a sweep's run: a stopped sweep resumes the same runs compiled (or not)
+    assert make_tag([("compile", True), ("hidden_layers", 2)]) == make_tag([("hidden_layers", 2)]) == "hidden-layers=2"

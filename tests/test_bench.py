@@ -205,6 +205,10 @@ POWER = ["--dataset", "power", "--model", "relgrad", "--steps", "2", "--device",
         (["gradients", "--dims", "4", "--memory-limit-gb", "-1"], "--memory-limit-gb"),
         (["gradients", "--dims", "4", "--max-call-s", "nan"], "--max-call-s"),
         (["gradients", "--dims", "4", "--warmup", "-1"], "--warmup"),
+        # flags the stack bench would ignore (it times flowbench's own trainers, fused Adam)
+        (["train", *POWER, "--stack", "2", "--compare-zuko"], "--compare-zuko would be ignored"),
+        (["train", *POWER, "--stack", "2", "--compile-zuko"], "--compile-zuko would be ignored"),
+        (["train", *POWER, "--stack", "2", "--adam", "foreach"], "--adam foreach would be ignored"),
     ],
 )
 def test_bad_numbers_are_refused_before_any_work(tmp_path, capsys, argv, flag):

@@ -320,8 +320,9 @@ class StackedTrainer(RunLoop):
         A period of only some rows evaluates them with a copy of their own buffers, refreshed from the stack's at
         every call. With ``compile``, the objective goes through ``torch.compile``, as the single-run trainer's:
         at small D a stacked step is mostly per-operation overhead too (MAF (5), 2 hidden layers, stack of 3,
-        POWER's shape, one CPU thread: 9.5 → 4.9 ms a step). It is kept per set of rows so that every period
-        reuses the compiled graph; a run leaving the stack changes the shapes, and so compiles once more.
+        POWER's shape, one CPU thread: 1.9× faster; ``tests/benchmarks/compile_steps.py``). It is kept per set of
+        rows so that every period reuses the compiled graph; a run leaving the stack changes the shapes, and so
+        compiles once more.
         """
         got = self._objectives.get(active)
         idx = torch.tensor(active, device=self.train_x.device)

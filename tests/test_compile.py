@@ -96,3 +96,23 @@ def test_seeds_with_compile_train_as_one_compiled_stack(tmp_path):
     assert stack_key(with_) == stack_key(with_.replace(seed=5))
     # nor does it name a sweep's run: a stopped sweep resumes the same runs compiled (or not)
     assert make_tag([("compile", True), ("hidden_layers", 2)]) == make_tag([("hidden_layers", 2)]) == "hidden-layers=2"
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """On a CPU, torch.compile builds C++ kernels: without a compiler the first step failed with a traceback deep
+    in inductor; now the run is refused up front, exit 2, and nothing is trained or written."""
+    import torch._inductor.config as inductor_config
+
+    from flowbench.cli import main as cli_main
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    argv = ["run", "--dataset", "digits", "--model", "made", "--max-epochs", "1", "--device", "cpu"]
+    assert cli_main([*argv, "--compile", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--compile on the CPU needs a C++ compiler" in err and "run without --compile" in err
+    assert "Traceback" not in err and not list((tmp_path / "out").rglob("*.json"))
+    bench = ["bench", "train", "--dataset", "power", "--model", "maf", "--steps", "2", "--device", "cpu"]
+    assert cli_main([*bench, "--compile", "--out", str(tmp_path / "bench")]) == 2
+    assert "needs a C++ compiler" in capsys.readouterr().err and not (tmp_path / "bench").exists()
+    # the closed-form Gaussian compiles nothing, so it is not refused
+    assert cli_main(["run", "--dataset", "digits", "--model", "gaussian", "--compile", "--out", str(tmp_path)]) == 0

@@ -225,8 +225,18 @@ def _run_optim(args: argparse.Namespace, common: dict) -> dict:
 
 
 def _train_settings(args: argparse.Namespace) -> tuple:
-    """``bench train``'s batch size, lr and hyperparameters from the run config and flags; prints where from."""
+    """``bench train``'s batch size, lr and hyperparameters from the run config and flags; prints where from.
+    Refuses ``--compile`` / ``--compile-zuko`` where torch.compile cannot work (no C++ compiler for a CPU)."""
     from flowbench.bench.train import run_settings
+
+    if args.compile or args.compile_zuko:
+        from flowbench.errors import ConfigError
+        from flowbench.training.trainer import compile_problem
+        from flowbench.utils import resolve_device
+
+        why = compile_problem(resolve_device(args.device))
+        if why is not None:
+            raise ConfigError(f"{why}: install one (e.g. g++) or point $CXX at it, or drop the compile flags")
 
     batch_size, lr, hparams, line = run_settings(
         args.dataset, args.model, args.batch_size, args.lr, hparams_from_args(args, args.model)

@@ -45,7 +45,14 @@ from flowbench.results import (
 )
 from flowbench.training.evaluate import evaluate_test_points, spectral_norm_summary, validation_ll
 from flowbench.training.loop import steps_per_epoch
-from flowbench.training.trainer import EpochInfo, Trainer, TrainResult, checkpoint_where, save_model_state
+from flowbench.training.trainer import (
+    EpochInfo,
+    Trainer,
+    TrainResult,
+    checkpoint_where,
+    compile_problem,
+    save_model_state,
+)
 from flowbench.utils import LockHeld, exclusive_lock, resolve_device, seed_everything
 
 __all__ = [
@@ -141,8 +148,13 @@ def _hold_lock(opts: RunOptions, path: Path) -> Iterator[None]:
 
 def check_before_compute(opts: RunOptions, files: RunFiles) -> None:
     """Refuse, before any compute, to overwrite a record without ``--force``, to ``--resume`` without a checkpoint,
-    or to start afresh over an interrupted run's checkpoint without ``--resume`` or ``--force``."""
+    or to start afresh over an interrupted run's checkpoint without ``--resume`` or ``--force``; and ``--compile``
+    where it cannot work."""
     check_overwrite(files.record, opts.force)
+    if opts.compile and models.get_spec(opts.model_key).trainable:
+        why = compile_problem(resolve_device(opts.device))
+        if why is not None:
+            raise ConfigError(f"{why}: install one (e.g. g++) or point $CXX at it, or run without --compile")
     ckpt_path = files.checkpoint
     if opts.resume and not ckpt_path.is_file():
         if files.model_state.is_file():

@@ -75,6 +75,7 @@ __all__ = [
     "save_model_state",
     "checkpoint_epoch",
     "checkpoint_where",
+    "compile_problem",
 ]
 
 
@@ -327,6 +328,22 @@ def checkpoint_progress(path: str | Path) -> Progress:
 def _on_run(name: str) -> property:
     """A Trainer attribute kept for its callers that is its run's :class:`RunState` field ``name``."""
     return property(lambda self: getattr(self._run, name), lambda self, v: setattr(self._run, name, v))
+
+
+def compile_problem(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot train on ``device`` here, or None: on a CPU its inductor builds C++ kernels,
+    and without a working C++ compiler the first step would fail deep inside the compile."""
+    if device.type != "cpu":
+        return None
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch's layout: its own compile says what is missing
+        return None
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # torch's InvalidCxxCompiler, or whatever this torch raises instead
+        return f"--compile on the CPU needs a C++ compiler, and none works here ({str(e).splitlines()[0]})"
+    return None
 
 
 class Trainer(RunLoop):

@@ -6,6 +6,8 @@ The compiled step must be the eager step up to the rounding of fused kernels, an
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -116,3 +118,20 @@ def test_compile_without_a_cpp_compiler_is_refused_before_training(tmp_path, mon
     assert "needs a C++ compiler" in capsys.readouterr().err and not (tmp_path / "bench").exists()
     # the closed-form Gaussian compiles nothing, so it is not refused
     assert cli_main(["run", "--dataset", "digits", "--model", "gaussian", "--compile", "--out", str(tmp_path)]) == 0
+
+
+def test_every_trainer_compiles_past_dynamos_per_code_limit(toy, monkeypatch):
+    """dynamo keeps at most ``recompile_limit`` graphs per code object and process, then runs eagerly with only a
+    warning; the trainers' objectives used to share one code object, so a process's ninth model shape (a sweep,
+    the column benchmark) trained eagerly. Ten shapes, each trainer's objective compiled (by dynamo: the limit is
+    dynamo's, so the test skips inductor's code generation)."""
+    train_x, val_x = toy
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    limit = torch._dynamo.config.recompile_limit
+    for hidden in range(4, 4 + limit + 2):
+        seed_everything(0)
+        flow = models.build_model("made", 3, hidden=hidden).double()
+        tr = Trainer(flow, train_x, val_x, lr=1e-3, batch_size=50, progress=False, compile=True)
+        before = _graphs()
+        tr._objective(train_x[:50])
+        assert _graphs() == before + 1, f"hidden={hidden}: not compiled (eager fallback)"

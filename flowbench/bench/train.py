@@ -24,6 +24,7 @@ from flowbench.errors import ConfigError, DatasetNotFoundError
 from flowbench.models import build_model, display_name, get_spec, resolve_hparams
 from flowbench.plugins import is_reference, normalize_reference
 from flowbench.training.lifecycle import label_classes
+from flowbench.training.trainer import compiled
 from flowbench.utils import atomic_write_json, check_number
 
 if TYPE_CHECKING:
@@ -80,8 +81,8 @@ def _loss_fns(
         return -zflow().log_prob(b).mean()
 
     return (
-        torch.compile(ours_loss, dynamic=False) if compile_ours else ours_loss,
-        torch.compile(zuko_loss, dynamic=False) if compile_zuko else zuko_loss,
+        compiled(ours_loss) if compile_ours else ours_loss,
+        compiled(zuko_loss) if compile_zuko else zuko_loss,
     )
 
 

@@ -64,7 +64,14 @@ from flowbench.training.loop import (
     checkpoint_fits,
     scheduled_lr,
 )
-from flowbench.training.trainer import SYNC_EVERY, _rng_state, _set_rng_state, make_adam, read_checkpoint
+from flowbench.training.trainer import (
+    SYNC_EVERY,
+    _rng_state,
+    _set_rng_state,
+    compiled,
+    make_adam,
+    read_checkpoint,
+)
 from flowbench.utils import atomic_torch_save, keep_freed_memory
 
 __all__ = ["StackedTrainer", "RunSpec", "StackedEpochInfo", "parse_seeds", "run_stacked", "stack_key", "PER_RUN"]
@@ -330,7 +337,7 @@ class StackedTrainer(RunLoop):
             whole = len(active) == len(self.runs)
             own = self.run_buffers if whole else {k: b[idx] for k, b in self.run_buffers.items()}
             obj = stacked_objective(self.template, self.buffers, run_buffers=own)
-            got = self._objectives[active] = (torch.compile(obj, dynamic=False) if self.compile else obj, own)
+            got = self._objectives[active] = (compiled(obj) if self.compile else obj, own)
         elif got[1] is not self.run_buffers:
             with torch.no_grad():
                 for k, b in got[1].items():

@@ -76,6 +76,7 @@ __all__ = [
     "checkpoint_epoch",
     "checkpoint_where",
     "compile_problem",
+    "compiled",
 ]
 
 
@@ -330,6 +331,24 @@ def _on_run(name: str) -> property:
     return property(lambda self: getattr(self._run, name), lambda self, v: setattr(self._run, name, v))
 
 
+def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``torch.compile(fn, dynamic=False)``, entered through a code object of its own.
+
+    dynamo keeps its graphs per code object, process-wide, at most ``recompile_limit`` (8) of them, and beyond that
+    runs the function eagerly with only a logged warning. Every trainer's objective is one code object
+    (``Trainer._batch_loss``, the stacked objective's lambda), so in one process the ninth model shape trained
+    eagerly: the column benchmark's compiled MAF rows, timed after eight other cells, were eager ones. A fresh code
+    object per objective gives each trainer its own count.
+    """
+    inner = fn
+
+    def objective(*args: Any) -> Any:
+        return inner(*args)
+
+    objective.__code__ = objective.__code__.replace()  # a copy: its own dynamo cache
+    return torch.compile(objective, dynamic=False)
+
+
 def compile_problem(device: torch.device) -> str | None:
     """Why ``torch.compile`` cannot train on ``device`` here, or None: on a CPU its inductor builds C++ kernels,
     and without a working C++ compiler the first step would fail deep inside the compile."""
@@ -413,7 +432,7 @@ class Trainer(RunLoop):
         # after a one-off compile of about 30 s). Off by default: the compile time dominates short runs.
         self._objective = self._batch_loss
         if compile:
-            self._objective = torch.compile(self._batch_loss, dynamic=False)
+            self._objective = compiled(self._batch_loss)
         self.stopper = EarlyStopping(patience)
         # Shuffling has its own generator so that nothing else drawing random numbers changes the batch order.
         self.generator = torch.Generator().manual_seed(seed)

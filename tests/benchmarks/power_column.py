@@ -41,7 +41,9 @@ shipped adds about 2). Check of that scaling: MAF (5), 1 hidden layer, stacked e
 issue 24. Real NVP and MAF with 10 layers or 2 hidden layers are most of it; an epoch's evaluation (batch-norm
 statistics over all 1.66 M training rows) is 5-15 % of an epoch for the flows. On a second machine (AMD EPYC,
 AVX2, 2 cores; same options, 421 s, 66-71 % of a core), with MADE MoG at its measured 202 epochs: 636 and 358
-core-hours (963 and 542 by wall clock); its flow steps take about twice as long.
+core-hours (963 and 542 by wall clock); its flow steps take about twice as long. On a third (AMD EPYC, 2
+cores, beside two niced trainings; same options), run twice in a row: eager 555 and 345 core-hours on an idle
+core (958 and 595 by wall clock, 449 s), ``--compile`` 344 and 196 (541 and 308, 806 s with the compiles).
 """
 
 from __future__ import annotations

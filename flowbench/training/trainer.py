@@ -335,10 +335,10 @@ def compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``torch.compile(fn, dynamic=False)``, entered through a code object of its own.
 
     dynamo keeps its graphs per code object, process-wide, at most ``recompile_limit`` (8) of them, and beyond that
-    runs the function eagerly with only a logged warning. Every trainer's objective is one code object
-    (``Trainer._batch_loss``, the stacked objective's lambda), so in one process the ninth model shape trained
-    eagerly: the column benchmark's compiled MAF rows, timed after eight other cells, were eager ones. A fresh code
-    object per objective gives each trainer its own count.
+    runs the function eagerly with only a logged warning. Every trainer's objective would be one code object
+    (``Trainer._batch_loss``, the stacked objective's lambda), so in a process that trains many models (a sweep, the
+    column benchmark) the ninth shape would train eagerly. A fresh code object per objective gives each its own
+    count.
     """
     inner = fn
 

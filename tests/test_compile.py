@@ -135,3 +135,34 @@ def test_every_trainer_compiles_past_dynamos_per_code_limit(toy, monkeypatch):
         before = _graphs()
         tr._objective(train_x[:50])
         assert _graphs() == before + 1, f"hidden={hidden}: not compiled (eager fallback)"
+
+
+class _Kill(Exception):
+    pass
+
+
+def test_an_eager_stack_resumed_compiled_follows_the_uninterrupted_one(tmp_path):
+    """`compile` may change at a resume (the POWER anchors did: eager for 4 epochs, compiled after): a stack killed
+    after epoch 2 and resumed with compile gives the uninterrupted eager stack's numbers up to rounding."""
+    rng = np.random.RandomState(2)
+    x = rng.randn(450, 3).astype(np.float64)
+    data = Dataset("toy", x[:300], x[300:375], x[375:])
+    opts = {**HP, "model": "maf", "batch_size": 50, "max_epochs": 4, "lr": 1e-2, "device": "cpu"}
+    opts["checkpoint_every_s"] = 0
+    full = run_stacked([{**opts, "out": str(tmp_path / "a"), "seed": s} for s in (0, 1)], data, progress=False)
+
+    def kill(info):
+        if info.epoch == 2 and info.seed == 1:
+            raise _Kill
+
+    runs = [{**opts, "out": str(tmp_path / "b"), "seed": s} for s in (0, 1)]
+    with pytest.raises(_Kill):
+        run_stacked(runs, data, progress=False, callbacks=[kill])
+    before = _graphs()
+    resumed = run_stacked([{**o, "resume": True, "compile": True} for o in runs], data, progress=False)
+    assert _graphs() > before
+    for a, b in zip(full, resumed):
+        assert any("resumed from the checkpoint after epoch 2" in n for n in b.notes) and b.config["compile"]
+        assert [h["epoch"] for h in a.history] == [h["epoch"] for h in b.history] == [1, 2, 3, 4]
+        np.testing.assert_allclose([h["val_ll"] for h in b.history], [h["val_ll"] for h in a.history], rtol=1e-5)
+        assert b.test_ll == pytest.approx(a.test_ll, abs=1e-4)

@@ -18,7 +18,7 @@ from flowbench.config import resolve_options
 from flowbench.data.base import Dataset
 from flowbench.sweep.spec import make_tag
 from flowbench.training.stacked import RunSpec, StackedTrainer, run_stacked, stack_key
-from flowbench.training.trainer import Trainer
+from flowbench.training.trainer import Trainer, compile_problem
 from flowbench.utils import seed_everything
 
 pytestmark = [
@@ -100,24 +100,26 @@ def test_seeds_with_compile_train_as_one_compiled_stack(tmp_path):
     assert make_tag([("compile", True), ("hidden_layers", 2)]) == make_tag([("hidden_layers", 2)]) == "hidden-layers=2"
 
 
-def test_compile_without_a_cpp_compiler_is_refused_before_training(tmp_path, monkeypatch, capsys):
+def test_compile_without_a_cpp_compiler_is_refused_before_training(tmp_path, capsys):
     """On a CPU, torch.compile builds C++ kernels: without a compiler the first step failed with a traceback deep
     in inductor; now the run is refused up front, exit 2, and nothing is trained or written."""
     import torch._inductor.config as inductor_config
 
     from flowbench.cli import main as cli_main
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
-    argv = ["run", "--dataset", "digits", "--model", "made", "--max-epochs", "1", "--device", "cpu"]
-    assert cli_main([*argv, "--compile", "--out", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert "--compile on the CPU needs a C++ compiler" in err and "run without --compile" in err
-    assert "Traceback" not in err and not list((tmp_path / "out").rglob("*.json"))
-    bench = ["bench", "train", "--dataset", "power", "--model", "maf", "--steps", "2", "--device", "cpu"]
-    assert cli_main([*bench, "--compile", "--out", str(tmp_path / "bench")]) == 2
-    assert "needs a C++ compiler" in capsys.readouterr().err and not (tmp_path / "bench").exists()
-    # the closed-form Gaussian compiles nothing, so it is not refused
-    assert cli_main(["run", "--dataset", "digits", "--model", "gaussian", "--compile", "--out", str(tmp_path)]) == 0
+    # inductor's own patch: monkeypatch's undo deleted the setting, which broke every later compile
+    with inductor_config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        argv = ["run", "--dataset", "digits", "--model", "made", "--max-epochs", "1", "--device", "cpu"]
+        assert cli_main([*argv, "--compile", "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert "--compile on the CPU needs a C++ compiler" in err and "run without --compile" in err
+        assert "Traceback" not in err and not list((tmp_path / "out").rglob("*.json"))
+        bench = ["bench", "train", "--dataset", "power", "--model", "maf", "--steps", "2", "--device", "cpu"]
+        assert cli_main([*bench, "--compile", "--out", str(tmp_path / "bench")]) == 2
+        assert "needs a C++ compiler" in capsys.readouterr().err and not (tmp_path / "bench").exists()
+        # the closed-form Gaussian compiles nothing, so it is not refused
+        assert cli_main(["run", "--dataset", "digits", "--model", "gaussian", "--compile", "--out", str(tmp_path)]) == 0
+    assert compile_problem(torch.device("cpu")) is None  # the setting is back for the tests after this one
 
 
 def test_every_trainer_compiles_past_dynamos_per_code_limit(toy, monkeypatch):

@@ -236,7 +236,7 @@ def _train_settings(args: argparse.Namespace) -> tuple:
 
         why = compile_problem(resolve_device(args.device))
         if why is not None:
-            raise ConfigError(f"{why}: install one (e.g. g++) or point $CXX at it, or drop the compile flags")
+            raise ConfigError(f"{why}, or drop the compile flags")
 
     batch_size, lr, hparams, line = run_settings(
         args.dataset, args.model, args.batch_size, args.lr, hparams_from_args(args, args.model)

@@ -154,7 +154,7 @@ def check_before_compute(opts: RunOptions, files: RunFiles) -> None:
     if opts.compile and models.get_spec(opts.model_key).trainable:
         why = compile_problem(resolve_device(opts.device))
         if why is not None:
-            raise ConfigError(f"{why}: install one (e.g. g++) or point $CXX at it, or run without --compile")
+            raise ConfigError(f"{why}, or run without --compile")
     ckpt_path = files.checkpoint
     if opts.resume and not ckpt_path.is_file():
         if files.model_state.is_file():

@@ -331,14 +331,14 @@ class StackedTrainer(RunLoop):
         rows so that every period reuses the compiled graph; a run leaving the stack changes the shapes, and so
         compiles once more.
         """
+        whole = len(active) == len(self.runs)
+        idx = None if whole else torch.tensor(active, device=self.train_x.device)
         got = self._objectives.get(active)
-        idx = torch.tensor(active, device=self.train_x.device)
         if got is None:
-            whole = len(active) == len(self.runs)
             own = self.run_buffers if whole else {k: b[idx] for k, b in self.run_buffers.items()}
             obj = stacked_objective(self.template, self.buffers, run_buffers=own)
             got = self._objectives[active] = (compiled(obj) if self.compile else obj, own)
-        elif got[1] is not self.run_buffers:
+        elif not whole:
             with torch.no_grad():
                 for k, b in got[1].items():
                     b.copy_(self.run_buffers[k][idx])

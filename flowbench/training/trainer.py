@@ -361,7 +361,10 @@ def compile_problem(device: torch.device) -> str | None:
     try:
         get_cpp_compiler()
     except Exception as e:  # torch's InvalidCxxCompiler, or whatever this torch raises instead
-        return f"--compile on the CPU needs a C++ compiler, and none works here ({str(e).splitlines()[0]})"
+        return (
+            f"--compile on the CPU needs a C++ compiler, and none works here ({str(e).splitlines()[0]}): "
+            "install one (e.g. g++) or point $CXX at it"
+        )
     return None
 
 

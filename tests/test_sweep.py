@@ -693,10 +693,39 @@ def test_a_worker_log_keeps_every_attempt_of_its_run(tmp_path):
 
     state = SimpleNamespace(run=parse_sweep({"datasets": ["digits"], "models": ["made"]}).runs[0])
     for attempt in ("first", "second"):
-        RayExecutor.save_log(None, state, {"log": f"{attempt} attempt's epochs\n", "node": "n1"}, str(tmp_path / "r"))
+        RayExecutor.save_log(state, {"log": f"{attempt} attempt's epochs\n", "node": "n1"}, str(tmp_path / "r"))
     assert state.run.log_path(tmp_path / "r").read_text() == (
         "# ray node: n1\nfirst attempt's epochs\n# ray node: n1\nsecond attempt's epochs\n"
     )
+
+
+def test_a_stack_adds_its_lines_to_every_run_s_log_and_keeps_their_earlier_ones(tmp_path):
+    # the stack's log was copied over the other runs' logs: a run that had trained alone, or in another stack,
+    # lost its earlier lines, and a stopped stack left the other logs without its lines
+    from flowbench.sweep.worker import execute_stack
+
+    def stack(options, progress):
+        print(f"epochs of seeds {[o.seed for o in options]}")
+        return [None] * len(options)
+
+    def stopped(options, progress):
+        print("stopped in epoch 3")
+        raise KeyboardInterrupt
+
+    runs = parse_sweep({"datasets": ["digits"], "models": ["made"], "grid": {"seed": [0, 1, 2]}}).runs
+    options = [r.options(tmp_path) for r in runs]
+    logs = [r.log_path(tmp_path) for r in runs]
+    logs[1].parent.mkdir(parents=True)
+    logs[1].write_text("seed 1 trained alone before\n")
+    assert execute_stack(options, [str(p) for p in logs], stack_fn=stack)["ok"]
+    with pytest.raises(KeyboardInterrupt):
+        execute_stack(options[1:], [str(p) for p in logs[1:]], stack_fn=stopped)
+    texts = [p.read_text() for p in logs]
+    assert texts[1].startswith("seed 1 trained alone before\n# ")
+    assert [t.count("epochs of seeds [0, 1, 2]") for t in texts] == [1, 1, 1]
+    assert [t.count("stopped in epoch 3") for t in texts] == [0, 1, 1]
+    assert texts[0].count("one log for all") == 1 and texts[1].count("one log for all") == 2
+    assert texts[1].endswith(texts[2]) and texts[2].startswith("# ")  # seed 2's log: the two stacks' lines
 
 
 def test_the_manual_shows_the_shipped_example_sweep_verbatim(repo_root):

@@ -132,7 +132,8 @@ class RayExecutor:
         self.save_log(state, outcome, out)
         land_run(state.run, outcome["record"], outcome.get(ARTIFACTS), out)
 
-    def save_log(self, state: Any, outcome: dict, out: str) -> None:
+    @staticmethod
+    def save_log(state: Any, outcome: dict, out: str) -> None:
         """The task's log after the run's earlier attempts' (as a local worker appends to its run's log)."""
         text = outcome.get("log") or ""
         if outcome.get("traceback"):

@@ -178,23 +178,47 @@ def execute_stack(
     """Train runs of one shape as one stack (:func:`flowbench.training.stacked.run_stacked`); returns
     ``{"ok": True, "records": [one per run, in order]}`` or the failure dict of :func:`execute_run`.
 
-    The stack's output goes to the first log path and is copied to the others (every run keeps its log).
+    The stack's output goes to the first log path, and what it added there is appended to the others, stopped or
+    not: every run keeps its log, with its earlier attempts' lines (a run may have trained alone or in another
+    stack before).
     """
     t0 = time.perf_counter()
     first = log_paths[0] if log_paths else None
-    with interrupts.worker_task(), _output_to(first):
-        if first is not None:
-            print(f"# a stack of {len(options)} runs (seeds {[o.seed for o in options]}): one log for all")
+    with interrupts.worker_task():
+        start = _size(first)
         try:
-            records = resolve_run_fn(stack_fn)(list(options), progress=progress)
-            outcome = {"ok": True, "records": records}
-        except Exception as e:  # noqa: BLE001 - the stack's failure is each of its runs' failure
-            outcome = _failure(e, first)
-    for other in (log_paths or [])[1:]:
-        Path(other).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(first, other)
+            with _output_to(first):
+                if first is not None:
+                    print(f"# a stack of {len(options)} runs (seeds {[o.seed for o in options]}): one log for all")
+                try:
+                    records = resolve_run_fn(stack_fn)(list(options), progress=progress)
+                    outcome = {"ok": True, "records": records}
+                except Exception as e:  # noqa: BLE001 - the stack's failure is each of its runs' failure
+                    outcome = _failure(e, first)
+        finally:
+            _append_from(first, (log_paths or [])[1:], start)
     outcome["seconds"] = time.perf_counter() - t0
     return outcome
+
+
+def _size(path: str | None) -> int:
+    try:
+        return os.path.getsize(path) if path is not None else 0
+    except OSError:
+        return 0
+
+
+def _append_from(source: str | None, targets: list[str], start: int) -> None:
+    """Append ``source`` from byte ``start`` on to each of ``targets``."""
+    if source is None or not targets:
+        return
+    with open(source, "rb") as f:
+        f.seek(start)
+        added = f.read()
+    for target in targets:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "ab") as out:
+            out.write(added)
 
 
 def ray_execute_stack(

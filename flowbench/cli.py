@@ -59,34 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
-    if command is not None:
-        hook = getattr(importlib.import_module(COMMANDS[command][0]), "prepare", None)
-        if hook is not None:  # e.g. `run` resolves a plugged-in model first, so that its flags exist
-            try:
-                hook(argv)
-            except FlowbenchError as e:
-                print(f"flowbench {command}: error: {e}", file=sys.stderr)
-                return 2
-    parser = build_parser(command)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
-    module = importlib.import_module(COMMANDS[args.command][0])
+    who = f"flowbench {command}" if command else "flowbench"
     shown = warnings.formatwarning
-    warnings.formatwarning = advice_format(args.command, shown)
     try:
-        # Ctrl-C and SIGTERM: a training loop ends its step and writes its checkpoints there first
+        # Ctrl-C and SIGTERM: a training loop ends its step and writes its checkpoints there first; from before
+        # the command's imports (torch: a second or two), which a stop must neither break nor be lost in
         with interrupts.handling_signals():
-            return int(module.main(args) or 0)
+            return _dispatch(argv, command)
     except FlowbenchError as e:
-        print(f"flowbench {args.command}: error: {e}", file=sys.stderr)
+        print(f"{who}: error: {e}", file=sys.stderr)
         return 2
     except Terminated:
-        print(f"flowbench {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        print(f"{who}: terminated (SIGTERM)", file=sys.stderr)
         return 143
     except KeyboardInterrupt:
-        print(f"flowbench {args.command}: interrupted", file=sys.stderr)
+        print(f"{who}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # Output piped into e.g. `head`, which closed early: not an error. Point stdout at devnull so the
@@ -97,6 +84,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         warnings.formatwarning = shown
+
+
+def _dispatch(argv: list[str], command: str | None) -> int:
+    """Parse ``argv`` (``command``: its subcommand, if it names one) and run the subcommand."""
+    if command is not None:
+        hook = getattr(importlib.import_module(COMMANDS[command][0]), "prepare", None)
+        if hook is not None:  # e.g. `run` resolves a plugged-in model first, so that its flags exist
+            hook(argv)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(COMMANDS[args.command][0])
+    warnings.formatwarning = advice_format(args.command, warnings.formatwarning)
+    return int(module.main(args) or 0)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ steps an uninterrupted one would. A second Ctrl-C stops at once (the last checkp
 changes nothing. Outside a training loop a signal raises at once, as Python's own handler does, except where
 raising could break the process: inside an import (a module left half initialised) and inside
 :func:`deferred` (a sweep's driver of workers elsewhere, whose waits hold locks); there it is noted too, and the
-next loop, the driver's next tick or the block's end raises it.
+next loop, the driver's next tick or the block's end raises it; a stop noted in an import with none of these
+to take it is raised as soon as the import is over.
 
 ``flowbench``'s commands install the handlers (:func:`handling_signals`); code that trains through the API may do
 the same::
@@ -49,9 +50,12 @@ _deferring = 0  # blocks of deferred() entered
 
 def ask(exc_type: type[KeyboardInterrupt], frame: FrameType | None = None) -> None:
     """A signal handler's part: note the stop while a loop listens, else raise ``exc_type`` at once. ``frame``:
-    where the signal landed; inside an import the stop is only noted (the next loop or sweep tick takes it)."""
+    where the signal landed; inside an import the stop is only noted, and raised as soon as the import is over
+    unless a loop or a deferred block takes it first."""
     if _deferring or _importing(frame):  # raised here, it could break a lock or a half-imported module
         _note(exc_type)
+        if not _deferring and _listeners == 0:
+            _raise_after_import()
     elif _listeners == 0 or (_asked is not None and exc_type is KeyboardInterrupt):  # nobody listens; a 2nd Ctrl-C
         raise exc_type()
     else:
@@ -73,6 +77,47 @@ def _importing(frame: FrameType | None) -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+#: Seconds between two looks, by a timer (SIGALRM), whether the import a stop was noted in is over.
+RETRY_S = 0.05
+_NOT_ARMED = object()
+_alarm_before: object = _NOT_ARMED  # SIGALRM's handler before the timer was armed
+
+
+def _raise_after_import() -> None:
+    """Arm the timer that raises a stop noted inside an import once the import is over. Nothing else would raise
+    it in a command that runs no training loop: Ctrl-C in the second or two a command spends importing torch
+    was dropped, and ``flowbench bench`` ran on for minutes. Where there is no such timer (Windows), the stop
+    waits for the next loop, or goes with the command."""
+    global _alarm_before
+    if not hasattr(signal, "setitimer"):
+        return
+    try:
+        before = signal.signal(signal.SIGALRM, _on_alarm)
+    except ValueError:  # not the main thread
+        return
+    if _alarm_before is _NOT_ARMED:
+        _alarm_before = before
+    signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+
+
+def _disarm() -> None:
+    global _alarm_before
+    if _alarm_before is not _NOT_ARMED:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, _alarm_before)  # type: ignore[arg-type]
+        _alarm_before = _NOT_ARMED
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    mine = _asked is not None and _listeners == 0 and not _deferring  # else taken, or a loop or block takes it
+    if mine and _importing(frame):
+        signal.setitimer(signal.ITIMER_REAL, RETRY_S)
+        return
+    _disarm()
+    if mine:
+        raise_asked("")
 
 
 def asked() -> bool:
@@ -151,6 +196,7 @@ def handling_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _disarm()
         if _listeners == 0:  # a stop noted (in an import) that no loop took: the work it asked to stop is done
             _asked = None
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -252,28 +254,61 @@ def test_an_error_leaving_a_deferred_block_takes_the_stop_with_it():
         pass
 
 
-def test_a_signal_inside_an_import_is_noted_for_the_next_loop(tmp_path, monkeypatch):
+def test_a_signal_inside_an_import_is_raised_when_the_import_is_over(tmp_path, monkeypatch):
     # Raised inside an import, a SIGTERM once left numpy half initialised: the stop was swallowed there and the
     # sweep died later of a RecursionError in numpy. Inside an import it is noted, and the module imports whole.
-    for name in ("signalled_a", "signalled_b"):
-        (tmp_path / f"{name}.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\nwhole = 1\n")
+    # With no loop to take it, it is raised once the import is over: it used to be dropped, and a Ctrl-C in the
+    # seconds a command spends importing torch did nothing (`flowbench bench` ran on for minutes).
+    for name in ("signalled_a", "signalled_b", "signalled_c"):  # the timer looks again while it sleeps
+        (tmp_path / f"{name}.py").write_text(
+            "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\nwhole = 1\n"
+        )
     monkeypatch.syspath_prepend(str(tmp_path))
+    alarm = signal.getsignal(signal.SIGALRM)
     with interrupts.handling_signals():
-        try:
-            import signalled_a
-        except KeyboardInterrupt:
-            pytest.fail("the stop was raised inside the import")
-        assert signalled_a.whole and interrupts.asked()
-        with pytest.raises(Terminated):  # the next training loop takes it
+        with pytest.raises(Terminated):
+            import signalled_a  # noqa: F401
+
+            time.sleep(10)
+        assert sys.modules["signalled_a"].whole == 1 and not interrupts.asked()
+        monkeypatch.setattr(interrupts, "RETRY_S", 60.0)
+        import signalled_b
+
+        assert signalled_b.whole and interrupts.asked()
+        with pytest.raises(Terminated):  # a training loop that starts first takes it
             with interrupts.listening():
                 pass
         assert not interrupts.asked()
         with pytest.raises(Terminated):  # outside an import: at once, as before
             os.kill(os.getpid(), signal.SIGTERM)
-        import signalled_b
+        import signalled_c
 
-        assert signalled_b.whole and interrupts.asked()
-    assert not interrupts.asked()  # no loop took it: it goes with the command, not into the next one
+        assert signalled_c.whole and interrupts.asked()
+    assert not interrupts.asked()  # the command ended first: it goes with it, not into the next one
+    assert signal.getsignal(signal.SIGALRM) is alarm and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_ctrl_c_while_a_command_imports_stops_the_command(tmp_path, monkeypatch, capsys):
+    # the command's module was imported before the handlers: Ctrl-C there gave a traceback
+    from flowbench import cli
+
+    (tmp_path / "slow_command.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "def configure(parser):\n    pass\n"
+        "def main(args):\n    time.sleep(30)\n    print('ran to its end')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "bench", ("slow_command", "a command that takes long"))
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        t0 = time.perf_counter()
+        assert cli.main(["bench"]) == 130
+        assert time.perf_counter() - t0 < 20
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    out, err = capsys.readouterr()
+    assert err == "flowbench bench: interrupted\n" and out == ""
 
 
 def _record(out, model="made", seed=0):

@@ -117,7 +117,7 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
         return
     _disarm()
     if mine:
-        raise_asked("")
+        raise_asked()
 
 
 def asked() -> bool:
@@ -125,13 +125,15 @@ def asked() -> bool:
     return _asked is not None
 
 
-def raise_asked(saved: str) -> None:
-    """Raise the exception of the stop asked for (``saved``: where the checkpoints were written, for the hint)."""
+def raise_asked(saved: str | None = None) -> None:
+    """Raise the exception of the stop asked for (``saved``: where a training loop wrote the checkpoints, for the
+    hint; None: no loop wrote any)."""
     global _asked
     exc_type, _asked = _asked, None
     if exc_type is not None:
         e = exc_type()
-        e.saved = saved  # type: ignore[attr-defined]
+        if saved is not None:
+            e.saved = saved  # type: ignore[attr-defined]
         raise e
 
 
@@ -160,7 +162,8 @@ def deferred() -> Iterator[None]:
     loop in it and checks once a tick, and starts its worker pool in it: raised inside a wait, the interrupt
     could land between the release and the re-acquiring of a ``threading.Condition``'s lock, whose ``with`` then
     released the lock a second time: "RuntimeError: release unlocked lock" replaced the interrupt, and the sweep
-    died without stopping its workers (seen once in CI)."""
+    died without stopping its workers (seen once in CI). A run's end writes its record and removes its
+    checkpoint in one, so that a stop cannot leave a finished run's checkpoint beside its record."""
     global _deferring, _asked
     _deferring += 1
     try:
@@ -172,7 +175,7 @@ def deferred() -> Iterator[None]:
     finally:
         _deferring -= 1
     if _deferring == 0 and _listeners == 0:
-        raise_asked("")
+        raise_asked()
 
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -202,7 +205,7 @@ def handling_signals() -> Iterator[None]:
 
 
 def _worker_sigterm(signum: int, frame: FrameType | None) -> None:
-    if _listeners or (_in_task and _importing(frame)):  # a task's stop, for its loop or the task's end
+    if _listeners or _deferring or (_in_task and _importing(frame)):  # for its loop, block or the task's end
         _note(Terminated)
     elif _in_task:  # loading data, writing a record: unwind (temporary files removed), then worker_task exits
         raise Terminated()

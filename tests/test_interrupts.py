@@ -180,20 +180,27 @@ def test_an_interrupt_that_stopped_at_once_says_what_is_on_disk(tmp_path, monkey
         m.setattr(lifecycle, "prepare", interrupt)
         assert main(run) == 130
     assert "before the run's first checkpoint: run the same command again to start it afresh" in capsys.readouterr().err
+    ckpt = checkpoint_path(tmp_path, "digits", "made", 0)
     with monkeypatch.context() as m:  # right after the record: nothing to resume
         write = lifecycle.write_record
 
         def write_then_interrupt(*args, **kwargs):
             write(*args, **kwargs)
-            raise KeyboardInterrupt
+            assert ckpt.is_file()
+            os.kill(os.getpid(), signal.SIGINT)
 
         m.setattr(lifecycle, "write_record", write_then_interrupt)
-        assert main(run) == 130
+        inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            assert main(run) == 130
+        finally:
+            signal.signal(signal.SIGINT, inherited)
     err = capsys.readouterr().err
     assert "training interrupted after the record was written (" in err and "the run is done" in err
     assert "--resume" not in err
+    assert not ckpt.exists()  # it went with the record, as the run's end removes it (a stop there left it)
+    torch.save({"step": 1}, ckpt)  # as an older flowbench could leave it
     # a stack: one seed recorded, one with a checkpoint, one with none (as a second Ctrl-C may leave them)
-    ckpt = checkpoint_path(tmp_path, "digits", "made", 0)
     ckpt.rename(checkpoint_path(tmp_path, "digits", "made", 1))
     from flowbench.config import RunOptions
     from flowbench.training.experiment import _stopped

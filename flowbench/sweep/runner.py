@@ -421,7 +421,7 @@ class _Scheduler:
         self.progress.update(*self.counts())
         while self.todo or self.inflight or self.stacks:
             if watch and interrupts.asked():
-                interrupts.raise_asked("")
+                interrupts.raise_asked()
             while self.todo and len(self.inflight) + len(self.stacks) < self.backend.capacity:
                 group = self.take()
                 if len(group) == 1:

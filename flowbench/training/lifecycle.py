@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from flowbench import models, utils
+from flowbench import interrupts, models, utils
 from flowbench.config import RunOptions, resolve_options
 from flowbench.data import DATASETS, load_dataset
 from flowbench.data.base import Dataset
@@ -534,7 +534,9 @@ def finish_run(
     record.model_state = files.model_state.name
     # The table's paired t-test (MAF paper's bolding rule) needs every test point's LL, not just their mean.
     record.test_points = write_per_point(files.per_point, logp, None, _test_sha256(prep.data, test_x))
-    write_record(files.record, record, force=opts.force)
-    if not opts.keep_checkpoint:  # the full checkpoint (optimizer, RNG) only serves --resume
-        files.checkpoint.unlink(missing_ok=True)
+    # A stop between the two would leave a finished run's checkpoint beside its record: held until both are done
+    with interrupts.deferred():
+        write_record(files.record, record, force=opts.force)
+        if not opts.keep_checkpoint:  # the full checkpoint (optimizer, RNG) only serves --resume
+            files.checkpoint.unlink(missing_ok=True)
     return record

@@ -148,6 +148,20 @@ def test_table_errors(tmp_path):
         record_path(tmp_path, "power", "maf", 0, tag="../evil")
 
 
+def test_a_results_folder_without_records_gives_the_published_rows_and_says_so(tmp_path, capsys):
+    from flowbench.cli import main
+
+    (tmp_path / "runs" / "power" / "relgrad").mkdir(parents=True)  # what a run refused before training leaves
+    assert main(["table", "--results", str(tmp_path), "--datasets", "power"]) == 0
+    out, err = capsys.readouterr()
+    assert "| MAF (5) " in out and "| ours " not in out
+    assert f"note: no run records under {tmp_path / 'runs'}, so the table holds the published rows only" in err
+    write_fixture(tmp_path)
+    assert main(["table", "--results", str(tmp_path), "--datasets", "power"]) == 0
+    out, err = capsys.readouterr()
+    assert "| ours " in out and "no run records" not in err
+
+
 def test_failed_runs_are_footnoted(tmp_path):
     r = fake_record("gas", "made", "MADE", 0, 1.5, 0.02, 1.4, status="nonfinite", failure="non-finite training loss")
     write_record(record_path(tmp_path, "gas", "made", 0), r)

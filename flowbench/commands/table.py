@@ -74,9 +74,8 @@ def main(args: argparse.Namespace) -> int:
     suffix = Path(args.out).suffix.lower() if args.out else ""
     fmt = args.format or _SUFFIX_FORMATS.get(suffix, "markdown")
     datasets = args.datasets or None
-    text = build_table(
-        list(iter_records(args.results)), parse_sources(args.published), args.select, fmt=fmt, datasets=datasets
-    )
+    records = list(iter_records(args.results))
+    text = build_table(records, parse_sources(args.published), args.select, fmt=fmt, datasets=datasets)
     if args.out:
         try:
             with atomic_write(args.out, "w") as f:
@@ -87,6 +86,13 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(text, end="")
     pending = _pending(runs_without_record(args.results), datasets)
+    if not records and not pending:  # a run refused before training leaves its empty folder: runs/ alone says little
+        print(
+            f"flowbench table: note: no run records under {Path(args.results) / 'runs'}, so the table holds the "
+            "published rows only; train with `flowbench run` (records go to results/, or to --out), or pass "
+            "--results DIR",
+            file=sys.stderr,
+        )
     if pending:  # on stderr: the table itself may be piped into a paper
         now = sum(run.holder() is not None for run in pending)
         print(

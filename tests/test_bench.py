@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import FUSED_CPU_ADAM
 
 from flowbench.bench import gradients as G
 from flowbench.cli import main as cli_main
@@ -142,6 +143,38 @@ def test_bench_train_synthetic_shape_and_errors(tmp_path):
     assert rc == 0
     rec = json.loads((tmp_path / "bench" / "train-power-relgrad.json").read_text())
     assert rec["hparams"]["bias"] is False  # --no-bias over the run config's hyperparameters
+
+
+def test_bench_train_times_the_trainers_adam_and_refuses_a_fused_one_torch_lacks(tmp_path, monkeypatch, capsys):
+    # `--adam fused`, the default, failed with torch's traceback where torch has no fused Adam on the device
+    # (the CPU before torch 2.4), where the trainer itself falls back to the default loop
+    from flowbench.bench.train import resolve_adam, run_train
+    from flowbench.training.trainer import make_adam
+
+    cpu = torch.device("cpu")
+    assert resolve_adam(None, cpu) == ("fused" if FUSED_CPU_ADAM else "default")
+    assert resolve_adam("foreach", cpu) == "foreach"
+    real = torch.optim.Adam
+
+    def adam_without_fused(params, *args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", adam_without_fused)
+    assert not make_adam([torch.zeros(1, requires_grad=True)], 1e-3, 0.0).defaults.get("fused")  # the trainer's
+    assert resolve_adam(None, cpu) == "default" and resolve_adam("foreach", cpu) == "foreach"
+    with pytest.raises(ConfigError, match=r"--adam fused: torch \S+ has no fused Adam on cpu .*use --adam default"):
+        resolve_adam("fused", cpu)
+    res = run_train("power", "relgrad", steps=2, warmup=0, rounds=1, batch_size=8, data_root=tmp_path, log=print)
+    assert res["adam"] == "default"
+    argv = ["bench", "train", *POWER, "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    assert cli_main([*argv, "--adam", "fused"]) == 2
+    assert "error: --adam fused: torch" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    assert cli_main(argv) == 0  # the trainer's own Adam: the file name has no -adam-<impl>, the record says which
+    assert json.loads((tmp_path / "out" / "bench" / "train-power-relgrad.json").read_text())["adam"] == "default"
+    assert cli_main([*argv, "--adam", "foreach"]) == 0
+    assert (tmp_path / "out" / "bench" / "train-power-relgrad-adam-foreach.json").is_file()
 
 
 def test_bench_train_settings_come_from_the_run_config():

@@ -25,7 +25,7 @@ from flowbench.models import build_model, display_name, get_spec, resolve_hparam
 from flowbench.plugins import is_reference, normalize_reference
 from flowbench.training.lifecycle import label_classes
 from flowbench.training.trainer import compiled
-from flowbench.utils import atomic_write_json, check_number
+from flowbench.utils import atomic_write_json, check_number, resolve_device
 
 if TYPE_CHECKING:
     from flowbench.models.base import Flow
@@ -57,6 +57,23 @@ def _label_columns(dataset: str, model: str) -> dict[str, int]:
 
 #: torch.optim.Adam implementations: the trainer's default (a per-tensor loop on CPU), foreach, fused.
 ADAM_IMPLS = ("default", "foreach", "fused")
+
+
+def resolve_adam(impl: str | None, device: torch.device) -> str:
+    """The Adam implementation to time: ``impl``, or for None the trainer's (fused where this torch has a fused
+    kernel on ``device``, else the default loop: :func:`~flowbench.training.trainer.make_adam`). ``fused`` where
+    torch has none (the CPU before torch 2.4) is a ConfigError that says what to use."""
+    try:
+        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
+        fused = True
+    except (RuntimeError, TypeError, ValueError):
+        fused = False
+    if impl == "fused" and not fused:
+        raise ConfigError(
+            f"--adam fused: torch {torch.__version__} has no fused Adam on {device.type} (torch 2.4 and later have "
+            "one for the CPU); use --adam default or foreach, or leave --adam out to time the trainer's own choice"
+        )
+    return impl or ("fused" if fused else "default")
 
 
 def _adam(params: Iterable[torch.Tensor], lr: float, impl: str) -> torch.optim.Optimizer:
@@ -144,8 +161,8 @@ ZUKO_TWINS: dict[str, Callable] = {
 Contender = tuple[torch.nn.Module, torch.optim.Optimizer, Callable, Callable]
 
 
-def _check(adam: str, steps: int, batch_size: int, lr: float, warmup: int, rounds: int) -> None:
-    if adam not in ADAM_IMPLS:
+def _check(adam: str | None, steps: int, batch_size: int, lr: float, warmup: int, rounds: int) -> None:
+    if adam is not None and adam not in ADAM_IMPLS:
         raise ConfigError(f"--adam must be one of {', '.join(ADAM_IMPLS)}; got {adam!r}")
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"--steps and --batch-size must be ≥ 1; got {steps}, {batch_size}")
@@ -253,13 +270,14 @@ def run_train(
     rounds: int = 5,
     data_root: str | Path | None = None,
     seed: int = 0,
-    adam: str = "fused",
+    adam: str | None = None,
     compile: bool = False,
     compile_zuko: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Time ``steps`` training steps (in ``rounds`` blocks, alternating with zuko when asked).
 
+    ``adam``: the Adam implementation of every contender (:func:`resolve_adam`; None: the trainer's).
     ``compile`` / ``compile_zuko`` put flowbench's / zuko's training objective through ``torch.compile``
     (the compile happens in the warm-up and is not timed).
     """
@@ -267,6 +285,7 @@ def run_train(
     if compare_zuko and model not in ZUKO_TWINS:
         raise ConfigError(f"--compare-zuko is implemented for --model {' and '.join(ZUKO_TWINS)} only")
     device = torch.device(device)
+    adam = resolve_adam(adam, device)
     torch.manual_seed(seed)
     x, dim, n_train, synthetic, label_kw = _training_rows(dataset, model, data_root, seed, device)
     hparams = dict(hparams or {})
@@ -349,7 +368,7 @@ def bench_train(
     lr: float = 1e-4,
     hparams: dict | None = None,
     compare_zuko: bool = False,
-    adam: str = "fused",
+    adam: str | None = None,
     compile: bool = False,
     compile_zuko: bool = False,
     data_root: str | Path | None = None,
@@ -358,8 +377,9 @@ def bench_train(
     log: Callable[[str], None] = print,
 ) -> dict:
     """``flowbench bench train``: :func:`run_train` written to ``out/bench/train-<dataset>-<model>[-adam-<impl>]
-    [-compiled].json``; returns the record + ``"files"``."""
+    [-compiled].json`` (``-adam-<impl>``: an Adam other than the trainer's); returns the record + ``"files"``."""
     _check(adam, steps, batch_size, lr, 0, 1)  # before the output folder and the machine line
+    trainers, adam = resolve_adam(None, resolve_device(device)), resolve_adam(adam, resolve_device(device))
     folder, dev, machine = setup(out, device, threads, log)
     res = run_train(
         dataset,
@@ -377,7 +397,7 @@ def bench_train(
         log=log,
     )
     res["machine"] = machine
-    suffix = ("" if adam == "fused" else f"-adam-{adam}") + ("-compiled" if compile else "")
+    suffix = ("" if adam == trainers else f"-adam-{adam}") + ("-compiled" if compile else "")
     path = folder / f"train-{res['dataset']}-{res['model']}{suffix}.json"
     atomic_write_json(path, res)
     return {**res, "files": [str(path)]}

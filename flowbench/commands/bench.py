@@ -152,8 +152,9 @@ def _configure_train(sub: argparse._SubParsersAction) -> None:
     t.add_argument(
         "--adam",
         choices=("default", "foreach", "fused"),
-        default="fused",
-        help="torch Adam implementation for every contender (default: fused, as the trainer uses)",
+        default=None,
+        help="torch Adam implementation for every contender (default: the trainer's, fused where this torch has "
+        "a fused kernel for the device)",
     )
     t.add_argument(
         "--compile",
@@ -252,7 +253,7 @@ def _run_stack(args: argparse.Namespace, common: dict) -> dict:
 
     # the stack bench times flowbench's own trainers only, with their fused Adam
     ignored = [f for f, on in (("--compare-zuko", args.compare_zuko), ("--compile-zuko", args.compile_zuko)) if on]
-    ignored += ["--adam " + args.adam] if args.adam != "fused" else []
+    ignored += ["--adam " + args.adam] if args.adam not in (None, "fused") else []
     if ignored:
         raise ConfigError(
             f"bench train --stack times flowbench's trainers (fused Adam) stacked against one by one; "

@@ -356,8 +356,11 @@ def compile_problem(device: torch.device) -> str | None:
         return None
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
-    except ImportError:  # another torch's layout: its own compile says what is missing
-        return None
+    except ImportError:
+        try:  # older torch (2.1.2) keeps it here
+            from torch._inductor.codecache import cpp_compiler as get_cpp_compiler
+        except ImportError:  # another torch's layout: its own compile says what is missing
+            return None
     try:
         get_cpp_compiler()
     except Exception as e:  # torch's InvalidCxxCompiler, or whatever this torch raises instead

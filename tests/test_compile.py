@@ -129,7 +129,8 @@ def test_every_trainer_compiles_past_dynamos_per_code_limit(toy, monkeypatch):
     dynamo's, so the test skips inductor's code generation)."""
     train_x, val_x = toy
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    limit = torch._dynamo.config.recompile_limit
+    config = torch._dynamo.config
+    limit = config.recompile_limit if hasattr(config, "recompile_limit") else config.cache_size_limit  # older torch
     for hidden in range(4, 4 + limit + 2):
         seed_everything(0)
         flow = models.build_model("made", 3, hidden=hidden).double()

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import needs_fused_cpu_adam
 
 from flowbench.errors import ConfigError, InputError
 from flowbench.models import build_model
@@ -257,6 +258,7 @@ def test_bias_logdet_is_a_hyperparameter_and_defaults_to_the_reference_rule():
     assert build_model("relgrad", 3, bias_logdet=True).transform.bias_logdet is True
 
 
+@needs_fused_cpu_adam
 def test_logdet_is_not_stale_after_a_fused_adam_step_in_training_mode():
     # fused Adam updates weights without bumping their version counter; the cache must not be trusted then.
     from flowbench.models import build_model

@@ -29,7 +29,13 @@ class StepLog:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.lrs: list[float] = []
         self.norms: list[float] = []
-        optimizer.register_step_pre_hook(self)
+        step = optimizer.step
+
+        def logged(*args, **kwargs):  # not a step pre-hook: torch 2.1 skips those once dynamo has been imported
+            self(optimizer, args, kwargs)
+            return step(*args, **kwargs)
+
+        optimizer.step = logged
 
     def __call__(self, opt, args, kwargs) -> None:
         self.lrs.append(opt.param_groups[0]["lr"])

@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from flowbench import __version__, interrupts
-from flowbench.errors import FlowbenchError, Terminated, advice_format
+from flowbench.errors import ConfigError, FlowbenchError, Terminated, advice_format
 
 # Explicit registry: subcommand -> (module, one-line help).
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -86,9 +86,39 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = shown
 
 
+def installed_problem() -> str | None:
+    """What in the installed packages keeps flowbench from working, or None. torch before 2.3 was built against
+    numpy 1 and cannot hand arrays to numpy 2 ("RuntimeError: Numpy is not available" at a run's first
+    evaluation, with torch 2.1.2); ``pip install -e .`` after such a torch installs numpy 2."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        torch_v, numpy_v = version("torch"), version("numpy")
+    except PackageNotFoundError:
+        return None  # the import itself will say what is missing
+    torch_mm, numpy_mm = _major_minor(torch_v), _major_minor(numpy_v)
+    if torch_mm is not None and numpy_mm is not None and torch_mm < (2, 3) and numpy_mm >= (2, 0):
+        return (
+            f"torch {torch_v} was built for numpy 1 and cannot work with the numpy {numpy_v} installed here: "
+            'install numpy 1 (pip install "numpy<2") or torch 2.3 or newer'
+        )
+    return None
+
+
+def _major_minor(v: str) -> tuple[int, int] | None:
+    parts = v.split(".")
+    try:
+        return int(parts[0]), int(parts[1].split("+")[0])
+    except (IndexError, ValueError):
+        return None
+
+
 def _dispatch(argv: list[str], command: str | None) -> int:
     """Parse ``argv`` (``command``: its subcommand, if it names one) and run the subcommand."""
     if command is not None:
+        problem = installed_problem()
+        if problem is not None:
+            raise ConfigError(problem)
         hook = getattr(importlib.import_module(COMMANDS[command][0]), "prepare", None)
         if hook is not None:  # e.g. `run` resolves a plugged-in model first, so that its flags exist
             hook(argv)

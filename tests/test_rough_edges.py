@@ -489,3 +489,25 @@ def test_a_selection_of_datasets_reads_the_same_in_every_command(command):
     if command != "table":
         args = parser.parse_args([*command.split(), "--models", "maf,made", "--model", "relgrad"])
         assert args.model == ["maf", "made", "relgrad"]
+
+
+def test_a_torch_built_for_numpy_1_beside_numpy_2_is_named_before_any_work(monkeypatch, capsys):
+    # torch 2.1.2 with numpy 2 (what `pip install -e .` after an old torch gives) trained a whole run, then failed
+    # at its first evaluation with "RuntimeError: Numpy is not available", a traceback
+    import importlib.metadata as md
+
+    from flowbench import cli
+
+    real = md.version
+    versions = {"torch": "2.1.2+cu121", "numpy": "2.4.6"}
+    monkeypatch.setattr(md, "version", lambda name: versions.get(name) or real(name))
+    assert cli.main(["run", "--max-epochs", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "flowbench run: error: torch 2.1.2+cu121 was built for numpy 1 and cannot work with the numpy 2.4.6 "
+        'installed here: install numpy 1 (pip install "numpy<2") or torch 2.3 or newer\n'
+    )
+    for torch_v, numpy_v in [("2.3.0", "2.4.6"), ("2.1.2", "1.26.4"), ("2.13.0+cpu", "2.0.0"), ("2.2", "1.26")]:
+        versions.update(torch=torch_v, numpy=numpy_v)
+        assert cli.installed_problem() is None, (torch_v, numpy_v)
+    versions.update(torch="2.2.2", numpy="2.0.0rc1")
+    assert "torch 2.2.2 was built for numpy 1" in cli.installed_problem()

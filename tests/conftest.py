@@ -9,19 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from flowbench.training.trainer import has_fused_adam
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fused_cpu_adam() -> bool:
-    try:
-        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)
-        return True
-    except RuntimeError:
-        return False
-
-
 #: Whether this torch has a fused Adam kernel for the CPU (torch 2.4 and later; the trainer falls back without it).
-FUSED_CPU_ADAM = _fused_cpu_adam()
+FUSED_CPU_ADAM = has_fused_adam(torch.device("cpu"))
 needs_fused_cpu_adam = pytest.mark.skipif(not FUSED_CPU_ADAM, reason="this torch has no fused Adam on the CPU")
 
 

@@ -24,7 +24,7 @@ from flowbench.errors import ConfigError, DatasetNotFoundError
 from flowbench.models import build_model, display_name, get_spec, resolve_hparams
 from flowbench.plugins import is_reference, normalize_reference
 from flowbench.training.lifecycle import label_classes
-from flowbench.training.trainer import compiled
+from flowbench.training.trainer import compiled, has_fused_adam
 from flowbench.utils import atomic_write_json, check_number, resolve_device
 
 if TYPE_CHECKING:
@@ -63,11 +63,7 @@ def resolve_adam(impl: str | None, device: torch.device) -> str:
     """The Adam implementation to time: ``impl``, or for None the trainer's (fused where this torch has a fused
     kernel on ``device``, else the default loop: :func:`~flowbench.training.trainer.make_adam`). ``fused`` where
     torch has none (the CPU before torch 2.4) is a ConfigError that says what to use."""
-    try:
-        torch.optim.Adam([torch.zeros(1, device=device, requires_grad=True)], fused=True)
-        fused = True
-    except (RuntimeError, TypeError, ValueError):
-        fused = False
+    fused = has_fused_adam(device)
     if impl == "fused" and not fused:
         raise ConfigError(
             f"--adam fused: torch {torch.__version__} has no fused Adam on {device.type} (torch 2.4 and later have "
@@ -379,8 +375,9 @@ def bench_train(
     """``flowbench bench train``: :func:`run_train` written to ``out/bench/train-<dataset>-<model>[-adam-<impl>]
     [-compiled].json`` (``-adam-<impl>``: an Adam other than the trainer's); returns the record + ``"files"``."""
     _check(adam, steps, batch_size, lr, 0, 1)  # before the output folder and the machine line
-    trainers, adam = resolve_adam(None, resolve_device(device)), resolve_adam(adam, resolve_device(device))
-    folder, dev, machine = setup(out, device, threads, log)
+    dev = resolve_device(device)
+    trainers, adam = resolve_adam(None, dev), resolve_adam(adam, dev)
+    folder, _, machine = setup(out, device, threads, log)
     res = run_train(
         dataset,
         model,

@@ -101,6 +101,11 @@ def make_adam(params: Iterable[Tensor], lr: float, weight_decay: float) -> torch
         return torch.optim.Adam(params, **kwargs)
 
 
+def has_fused_adam(device: torch.device) -> bool:
+    """Whether :func:`make_adam` gets torch's fused kernel on ``device`` (the CPU has one from torch 2.4)."""
+    return bool(make_adam([torch.zeros(1, device=device, requires_grad=True)], 1e-3, 0.0).defaults.get("fused"))
+
+
 def _rng_state(gen: torch.Generator) -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
